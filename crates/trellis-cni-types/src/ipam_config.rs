@@ -1,0 +1,275 @@
+//! The `ipam` section: `trellis-ipam` with host-local style `ranges` (validated into range sets),
+//! or any other IPAM plugin, which the main plugin executes from `CNI_PATH`.
+
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use trellis_ipam::{Range, RangeSet};
+
+use crate::error::CniError;
+use crate::result::{Dns, Route};
+
+/// Default parent of per-network IPAM state (`<dir>/<network>`).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/trellis/ipam";
+
+/// Trellis's own IPAM plugin type (and the name the binary answers to as IPAM plugin).
+pub const TRELLIS_IPAM: &str = "trellis-ipam";
+
+/// What the `ipam` section asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpamSection {
+    /// `trellis-ipam` with `ranges`: allocation from a local, crash-safe store.
+    Local(LocalIpamConfig),
+    /// Another IPAM plugin, run from `CNI_PATH` with the same stdin.
+    Delegate { plugin_type: String },
+}
+
+/// Validated local IPAM settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalIpamConfig {
+    /// One address is allocated from each set (dual stack: one IPv4 set and one IPv6 set).
+    pub sets: Vec<RangeSet>,
+    pub routes: Vec<Route>,
+    /// Directory holding this network's allocations: `dataDir/<network>`.
+    pub data_dir: PathBuf,
+    pub dns: Option<Dns>,
+}
+
+const IPAM_KEYS: &[&str] = &[
+    "type",
+    "ranges",
+    "subnet",
+    "rangeStart",
+    "rangeEnd",
+    "gateway",
+    "routes",
+    "dataDir",
+    "dns",
+];
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRange {
+    subnet: IpNet,
+    #[serde(default)]
+    range_start: Option<std::net::IpAddr>,
+    #[serde(default)]
+    range_end: Option<std::net::IpAddr>,
+    #[serde(default)]
+    gateway: Option<std::net::IpAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawLocal {
+    #[serde(default)]
+    ranges: Option<Vec<Vec<Value>>>,
+    #[serde(default)]
+    subnet: Option<IpNet>,
+    #[serde(default)]
+    range_start: Option<std::net::IpAddr>,
+    #[serde(default)]
+    range_end: Option<std::net::IpAddr>,
+    #[serde(default)]
+    gateway: Option<std::net::IpAddr>,
+    #[serde(default)]
+    routes: Vec<Route>,
+    #[serde(default)]
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    dns: Option<Dns>,
+}
+
+/// Rejects keys outside `allowed` with the spec's "unsupported field" error, naming key and value.
+pub fn check_keys(
+    obj: &Map<String, Value>,
+    allowed: &[&str],
+    prefix: &str,
+) -> Result<(), CniError> {
+    for (k, v) in obj {
+        if !allowed.contains(&k.as_str()) {
+            return Err(CniError::unsupported_field(&format!("{prefix}{k}"), v));
+        }
+    }
+    Ok(())
+}
+
+/// Deserialises `v` into `T`, turning errors into code 7 naming the JSON path under `prefix`.
+pub fn typed<T: serde::de::DeserializeOwned>(v: &Value, prefix: &str) -> Result<T, CniError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            prefix.trim_end_matches('.').to_string()
+        } else {
+            format!("{prefix}{path}")
+        };
+        CniError::invalid_config(&field, e.inner())
+    })
+}
+
+/// Parses the `ipam` section for network `network`.
+pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniError> {
+    let Some(v) = v else {
+        return Err(CniError::invalid_config("ipam", "is required"));
+    };
+    let Some(obj) = v.as_object() else {
+        return Err(CniError::invalid_config("ipam", "must be an object"));
+    };
+    let plugin_type = match obj.get("type") {
+        Some(Value::String(t)) if !t.is_empty() => t.clone(),
+        Some(other) => {
+            return Err(CniError::invalid_config(
+                "ipam.type",
+                format!("must be a non-empty string, got {other}"),
+            ))
+        }
+        None => return Err(CniError::invalid_config("ipam.type", "is required")),
+    };
+    if plugin_type != TRELLIS_IPAM {
+        if plugin_type.contains('/') || plugin_type.starts_with('.') {
+            return Err(CniError::invalid_config(
+                "ipam.type",
+                format!("{plugin_type:?} is not a plugin name"),
+            ));
+        }
+        return Ok(IpamSection::Delegate { plugin_type });
+    }
+    check_keys(obj, IPAM_KEYS, "ipam.")?;
+    let raw: RawLocal = typed(v, "ipam.")?;
+    let mut sets = Vec::new();
+    match (&raw.ranges, raw.subnet) {
+        (Some(_), Some(_)) => {
+            return Err(CniError::invalid_config(
+                "ipam.subnet",
+                "use either `ranges` or `subnet`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(CniError::invalid_config(
+                "ipam.ranges",
+                "is required (a list of range sets)",
+            ))
+        }
+        (None, Some(subnet)) => {
+            let range = Range::new(subnet, raw.range_start, raw.range_end, raw.gateway)
+                .map_err(|e| CniError::invalid_config("ipam.subnet", e))?;
+            sets.push(
+                RangeSet::new(vec![range])
+                    .map_err(|e| CniError::invalid_config("ipam.subnet", e))?,
+            );
+        }
+        (Some(range_sets), None) => {
+            if raw.range_start.is_some() || raw.range_end.is_some() || raw.gateway.is_some() {
+                return Err(CniError::invalid_config(
+                    "ipam.rangeStart",
+                    "top-level rangeStart/rangeEnd/gateway go with `subnet`; put them inside `ranges`",
+                ));
+            }
+            if range_sets.is_empty() {
+                return Err(CniError::invalid_config("ipam.ranges", "must not be empty"));
+            }
+            for (i, set) in range_sets.iter().enumerate() {
+                let mut ranges = Vec::new();
+                for (j, r) in set.iter().enumerate() {
+                    let prefix = format!("ipam.ranges[{i}][{j}].");
+                    if let Some(o) = r.as_object() {
+                        check_keys(o, &["subnet", "rangeStart", "rangeEnd", "gateway"], &prefix)?;
+                    }
+                    let rr: RawRange = typed(r, &prefix)?;
+                    ranges.push(
+                        Range::new(rr.subnet, rr.range_start, rr.range_end, rr.gateway).map_err(
+                            |e| CniError::invalid_config(&format!("ipam.ranges[{i}][{j}]"), e),
+                        )?,
+                    );
+                }
+                let set = RangeSet::new(ranges)
+                    .map_err(|e| CniError::invalid_config(&format!("ipam.ranges[{i}]"), e))?;
+                sets.push(set);
+            }
+        }
+    }
+    for i in 0..sets.len() {
+        for j in i + 1..sets.len() {
+            if let Some((a, b)) = sets[i].overlaps(&sets[j]) {
+                return Err(CniError::invalid_config(
+                    "ipam.ranges",
+                    format!("range sets {i} and {j} overlap ({a} and {b})"),
+                ));
+            }
+        }
+    }
+    let data_dir = raw
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+        .join(network);
+    Ok(IpamSection::Local(LocalIpamConfig {
+        sets,
+        routes: raw.routes,
+        data_dir,
+        dns: raw.dns,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codes;
+    use serde_json::json;
+
+    #[test]
+    fn ranges_dual_stack() {
+        let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]],
+                       "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "/tmp/x"});
+        let IpamSection::Local(c) = parse_ipam(Some(&v), "net1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.sets.len(), 2);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x/net1"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/33"}]]});
+        let e = parse_ipam(Some(&v), "n").unwrap_err();
+        assert_eq!(e.code, codes::INVALID_CONFIG);
+        assert!(e.msg.contains("ipam.ranges[0][0].subnet"), "{}", e.msg);
+        let v =
+            json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24", "bogus": 1}]]});
+        let e = parse_ipam(Some(&v), "n").unwrap_err();
+        assert_eq!(e.code, codes::UNSUPPORTED_FIELD);
+        assert!(e.msg.contains("ipam.ranges[0][0].bogus"), "{}", e.msg);
+        let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24"}], [{"subnet": "10.1.0.0/25"}]]});
+        assert!(parse_ipam(Some(&v), "n")
+            .unwrap_err()
+            .msg
+            .contains("overlap"));
+        let v = json!({"type": "trellis-ipam"});
+        assert!(parse_ipam(Some(&v), "n")
+            .unwrap_err()
+            .msg
+            .contains("ipam.ranges"));
+        let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24", "rangeStart": "10.2.0.1"}]]});
+        assert!(parse_ipam(Some(&v), "n")
+            .unwrap_err()
+            .msg
+            .contains("rangeStart"));
+    }
+
+    #[test]
+    fn other_types_delegate_and_legacy_subnet_works() {
+        let v = json!({"type": "host-local", "anything": true});
+        assert_eq!(
+            parse_ipam(Some(&v), "n").unwrap(),
+            IpamSection::Delegate {
+                plugin_type: "host-local".into()
+            }
+        );
+        let v = json!({"type": "trellis-ipam", "subnet": "10.9.0.0/16", "rangeStart": "10.9.1.0"});
+        let IpamSection::Local(c) = parse_ipam(Some(&v), "n").unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.sets[0].ranges()[0].start.to_string(), "10.9.1.0");
+    }
+}
