@@ -57,6 +57,8 @@ pub struct PluginConfig {
     pub prev_result: Option<CniResult>,
     pub log_level: Option<String>,
     pub log_file: Option<PathBuf>,
+    /// GC: the attachments to keep.
+    pub valid_attachments: Option<Vec<Attachment>>,
     /// The document as received, for delegation to another IPAM plugin.
     pub raw: Value,
 }
@@ -80,7 +82,32 @@ const TOP_KEYS: &[&str] = &[
     "ipMasq",
     "logLevel",
     "logFile",
+    VALID_ATTACHMENTS,
+    OLD_ATTACHMENTS,
 ];
+/// GC's list of attachments to keep (spec 1.1.0).
+pub const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+/// The same list under its name in drafts of 1.1.0, still sent by some runtimes.
+pub const OLD_ATTACHMENTS: &str = "cni.dev/attachments";
+
+/// One attachment GC must keep.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// Reads GC's keep-list from either key; `None` when neither is present.
+fn parse_attachments(v: &Value) -> Result<Option<Vec<Attachment>>, CniError> {
+    for key in [VALID_ATTACHMENTS, OLD_ATTACHMENTS] {
+        if let Some(list) = v.get(key) {
+            return typed(list, &format!("{key}.")).map(Some);
+        }
+    }
+    Ok(None)
+}
 const BRIDGE_ONLY: &[&str] = &[
     "bridge",
     "isGateway",
@@ -331,6 +358,7 @@ impl PluginConfig {
             prev_result: parse_prev_result(obj.get("prevResult"))?,
             log_level: raw.log_level,
             log_file: raw.log_file,
+            valid_attachments: parse_attachments(&v)?,
             raw: v,
         })
     }
@@ -346,6 +374,7 @@ pub struct IpamPluginConfig {
     pub runtime: RuntimeConfig,
     pub args_ips: Vec<IpAddr>,
     pub prev_result: Option<CniResult>,
+    pub valid_attachments: Option<Vec<Attachment>>,
 }
 
 impl IpamPluginConfig {
@@ -377,6 +406,7 @@ impl IpamPluginConfig {
             runtime: parse_runtime_config(v.get("runtimeConfig"), false)?,
             args_ips: parse_args_ips(v.get("args"))?,
             prev_result: parse_prev_result(v.get("prevResult"))?,
+            valid_attachments: parse_attachments(&v)?,
         })
     }
 }
@@ -448,6 +478,19 @@ mod tests {
         assert_eq!(e.code, codes::UNSUPPORTED_FIELD);
         let e = PluginConfig::parse(&conf(json!({"prevResult": {"ips": 3}}))).unwrap_err();
         assert_eq!(e.code, codes::DECODE);
+    }
+
+    #[test]
+    fn gc_attachments_both_spellings() {
+        let c = PluginConfig::parse(&conf(json!({"cniVersion": "1.1.0",
+            "cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]})))
+        .unwrap();
+        assert_eq!(c.valid_attachments.unwrap()[0].container_id, "a");
+        let c = PluginConfig::parse(&conf(json!({"cni.dev/attachments": []}))).unwrap();
+        assert_eq!(c.valid_attachments, Some(vec![]));
+        let e =
+            PluginConfig::parse(&conf(json!({"cni.dev/attachments": [{"id": 1}]}))).unwrap_err();
+        assert!(e.msg.contains("cni.dev/attachments"), "{}", e.msg);
     }
 
     #[test]

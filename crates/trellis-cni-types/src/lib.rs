@@ -11,7 +11,7 @@ pub mod result;
 pub mod version;
 
 pub use args::CniArgs;
-pub use config::{BridgeConfig, Mode, PluginConfig, RuntimeConfig};
+pub use config::{Attachment, BridgeConfig, IpamPluginConfig, Mode, PluginConfig, RuntimeConfig};
 pub use env::{CniEnv, Command};
 pub use error::{codes, CniError};
 pub use ipam_config::{IpamSection, LocalIpamConfig};

@@ -1,1 +1,155 @@
+//! Test support (tests only): network namespaces with unique names that are removed — with
+//! every process inside them — when the guard drops, on success, failure and panic alike.
+//! Never touches the root namespace.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Prefix of every namespace the tests make (CI sweeps leftovers by it).
+pub const NETNS_PREFIX: &str = "trlt-";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Panics with a clear message unless running as root (the integration tests need it).
+pub fn require_root() {
+    if !nix::unistd::Uid::effective().is_root() {
+        panic!("this integration test needs root (it creates network namespaces); run the suite as root");
+    }
+}
+
+/// A named network namespace (`/var/run/netns/NAME`), deleted on drop.
+pub struct TestNetns {
+    name: String,
+    path: PathBuf,
+}
+
+impl TestNetns {
+    /// Creates `trlt-<tag>-<pid>-<n>` with `lo` up.
+    pub fn new(tag: &str) -> TestNetns {
+        require_root();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag: String = tag
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(12)
+            .collect();
+        let name = format!("{NETNS_PREFIX}{tag}-{}-{n}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = TestNetns {
+            path: PathBuf::from(format!("/var/run/netns/{name}")),
+            name,
+        };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A `Command` that runs `program` inside this namespace (via nsenter, which keeps /sys).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path.display())).arg(program);
+        c
+    }
+
+    /// Runs a command inside the namespace and returns its output.
+    pub fn exec(&self, argv: &[&str]) -> Output {
+        let mut c = self.command(argv[0]);
+        c.args(&argv[1..]);
+        c.output().expect("run nsenter")
+    }
+
+    /// Like [`exec`](Self::exec) but panics on failure; returns stdout.
+    pub fn exec_ok(&self, argv: &[&str]) -> String {
+        let out = self.exec(argv);
+        assert!(
+            out.status.success(),
+            "{argv:?} in {} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a shell snippet inside the namespace.
+    pub fn sh(&self, script: &str) -> Output {
+        self.exec(&["sh", "-c", script])
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        kill_netns_pids(&self.name);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Kills every process living in the named namespace.
+pub fn kill_netns_pids(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A pair of namespaces joined by a veth, addressed `a_addr`/`b_addr` (CIDR notation).
+pub fn veth_between(
+    a: &TestNetns,
+    a_if: &str,
+    a_addr: &str,
+    b: &TestNetns,
+    b_if: &str,
+    b_addr: &str,
+) {
+    run_ok(Command::new("ip").args([
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]));
+    a.exec_ok(&["ip", "addr", "add", a_addr, "dev", a_if]);
+    a.exec_ok(&["ip", "link", "set", a_if, "up"]);
+    b.exec_ok(&["ip", "addr", "add", b_addr, "dev", b_if]);
+    b.exec_ok(&["ip", "link", "set", b_if, "up"]);
+}
+
+fn run_ok(c: &mut Command) {
+    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A temporary directory removed on drop.
+pub fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("trellis-{tag}-"))
+        .tempdir()
+        .expect("create temp dir")
+}

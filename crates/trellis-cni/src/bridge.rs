@@ -1,0 +1,319 @@
+//! Bridge mode (the reference bridge plugin's model, as Flannel uses it): a Linux bridge
+//! (`cni0` by default) created on demand, the gateway address on it (`isGateway`), a veth per
+//! pod enslaved to it with optional hairpin, the pod's default route via the gateway
+//! (`isDefaultGateway`) and optional masquerade (`ipMasq`). Does kernel I/O.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use trellis_cni_types::{
+    codes, BridgeConfig, CniError, CniResult, Interface, IpConfig, PluginConfig, Route,
+};
+use trellis_dataplane::{Link, Netlink, Netns, RouteSpec};
+
+use crate::error::{KernelContext, Result};
+use crate::ipam::Allocation;
+use crate::{masq, veth};
+
+/// Finds or creates the bridge and brings it up (two ADDs racing to create it both succeed).
+fn ensure_bridge(host: &mut Netlink, br: &BridgeConfig, mtu: Option<u32>) -> Result<Link> {
+    let link = match host
+        .link(&br.name)
+        .kctx(|| format!("look up bridge {}", br.name))?
+    {
+        Some(l) => l,
+        None => {
+            match host.create_bridge(&br.name, mtu) {
+                Ok(()) => {}
+                Err(e) if e.is_exists() => {}
+                Err(e) => {
+                    return Err(crate::error::PluginError::kernel(
+                        format!("create bridge {}", br.name),
+                        e,
+                    ))
+                }
+            }
+            host.link(&br.name)
+                .kctx(|| format!("read back bridge {}", br.name))?
+                .ok_or_else(|| {
+                    CniError::new(
+                        codes::KERNEL,
+                        format!("bridge {} vanished after creation", br.name),
+                    )
+                })?
+        }
+    };
+    if link.kind.as_deref() != Some("bridge") {
+        return Err(CniError::invalid_config(
+            "bridge",
+            format!(
+                "{} exists and is a {} device, not a bridge",
+                br.name,
+                link.kind.as_deref().unwrap_or("non-bridge")
+            ),
+        )
+        .into());
+    }
+    if !link.up {
+        host.set_up(link.index)
+            .kctx(|| format!("set {} up", br.name))?;
+    }
+    Ok(link)
+}
+
+/// Puts each gateway address on the bridge (once; EEXIST is fine).
+fn ensure_gateways(host: &mut Netlink, bridge: &Link, alloc: &Allocation) -> Result<()> {
+    let present = host
+        .addresses(Some(bridge.index))
+        .kctx(|| "list bridge addresses".into())?;
+    for ip in &alloc.ips {
+        let Some(gw) = ip.gateway else { continue };
+        let want = IpNet::new(gw, ip.address.prefix_len()).expect("prefix from IPAM");
+        if present.iter().any(|(_, a)| a.addr() == gw) {
+            continue;
+        }
+        match host.add_address(bridge.index, want, gw.is_ipv6()) {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {}
+            Err(e) => {
+                return Err(crate::error::PluginError::kernel(
+                    format!("add gateway {want} to {}", bridge.name),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pod_routes(br: &BridgeConfig, index: u32, alloc: &Allocation) -> Vec<RouteSpec> {
+    let mut routes = Vec::new();
+    for ip in &alloc.ips {
+        let Some(gw) = ip.gateway else { continue };
+        if br.is_default_gateway {
+            let dflt: IpNet = if gw.is_ipv4() {
+                "0.0.0.0/0".parse().unwrap()
+            } else {
+                "::/0".parse().unwrap()
+            };
+            routes.push(RouteSpec::via(dflt, gw, index));
+        }
+    }
+    for r in &alloc.routes {
+        if br.is_default_gateway && r.dst.prefix_len() == 0 && r.gw.is_none() {
+            continue; // already covered by the default route above
+        }
+        let gw = r.gw.or_else(|| {
+            alloc
+                .ips
+                .iter()
+                .find(|i| i.address.addr().is_ipv4() == r.dst.addr().is_ipv4())
+                .and_then(|i| i.gateway)
+        });
+        if let Some(gw) = gw {
+            routes.push(RouteSpec::via(r.dst, gw, index));
+        }
+    }
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
+/// ADD in bridge mode. On failure the veth and masquerade rule are removed (the bridge stays,
+/// as other pods may use it).
+pub fn add(
+    cfg: &PluginConfig,
+    br: &BridgeConfig,
+    container_id: &str,
+    ifname: &str,
+    netns: &Netns,
+    alloc: &Allocation,
+) -> Result<CniResult> {
+    let host_name = veth::host_veth_name(container_id, ifname);
+    let mut host = Netlink::open().kctx(|| "open netlink".into())?;
+    let mut pod =
+        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
+    let bridge = ensure_bridge(&mut host, br, cfg.mtu)?;
+    if br.is_gateway {
+        ensure_gateways(&mut host, &bridge, alloc)?;
+        let addrs: Vec<IpNet> = alloc.ips.iter().map(|i| i.address).collect();
+        veth::enable_forwarding(&addrs)?;
+    }
+    let pair = veth::create(
+        &mut host,
+        &mut pod,
+        netns,
+        &veth::PairRequest {
+            host_name: &host_name,
+            ifname,
+            mtu: cfg.mtu,
+            host_mac: None,
+            pod_mac: cfg.runtime.mac,
+            master: Some(bridge.index),
+        },
+    )?;
+    let addrs: Vec<IpNet> = alloc.ips.iter().map(|i| i.address).collect();
+    let configured = (|| -> Result<()> {
+        if br.hairpin_mode {
+            host.set_hairpin(pair.host.index, true)
+                .kctx(|| format!("set hairpin on {host_name}"))?;
+        }
+        host.set_up(pair.host.index)
+            .kctx(|| format!("set {host_name} up"))?;
+        veth::configure_pod(
+            &mut pod,
+            netns,
+            &pair.pod,
+            &addrs,
+            &pod_routes(br, pair.pod.index, alloc),
+        )?;
+        if br.ip_masq {
+            masq::add(&cfg.name, container_id, ifname, &addrs)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = configured {
+        let _ = host.delete_link(&host_name);
+        if br.ip_masq {
+            let _ = masq::del(&cfg.name, container_id, ifname);
+        }
+        return Err(e);
+    }
+    let bridge = host
+        .link(&br.name)
+        .kctx(|| "read bridge".into())?
+        .unwrap_or(bridge);
+    Ok(CniResult {
+        interfaces: vec![
+            Interface {
+                name: bridge.name.clone(),
+                mac: veth::mac_string(&bridge),
+                mtu: Some(bridge.mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: host_name,
+                mac: veth::mac_string(&pair.host),
+                mtu: Some(pair.host.mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: ifname.to_string(),
+                mac: veth::mac_string(&pair.pod),
+                mtu: Some(pair.pod.mtu),
+                sandbox: Some(netns.path().display().to_string()),
+            },
+        ],
+        ips: alloc
+            .ips
+            .iter()
+            .map(|i| IpConfig {
+                address: i.address,
+                gateway: if br.is_gateway { i.gateway } else { None },
+                interface: Some(2),
+            })
+            .collect(),
+        routes: pod_routes(br, pair.pod.index, alloc)
+            .iter()
+            .map(|r| Route::new(r.dst, r.gateway))
+            .collect(),
+        dns: cfg.dns.clone().or(alloc.dns.clone()).unwrap_or_default(),
+    })
+}
+
+/// DEL in bridge mode: masquerade rules, then the veth. Each step runs even if another failed.
+pub fn del(
+    cfg: &PluginConfig,
+    br: &BridgeConfig,
+    container_id: &str,
+    ifname: &str,
+    netns: Option<&Netns>,
+) -> Result<()> {
+    let mut first_err = None;
+    if br.ip_masq {
+        if let Err(e) = masq::del(&cfg.name, container_id, ifname) {
+            tracing::warn!(error = %e, "removing masquerade rules failed");
+            first_err.get_or_insert(e);
+        }
+    }
+    let host_name = veth::host_veth_name(container_id, ifname);
+    let res = (|| -> Result<()> {
+        let mut host = Netlink::open().kctx(|| "open netlink".into())?;
+        let mut pod = match netns {
+            Some(ns) => Some(
+                Netlink::open_in(ns).kctx(|| format!("open netlink in {}", ns.path().display()))?,
+            ),
+            None => None,
+        };
+        veth::delete(&mut host, &host_name, pod.as_mut().map(|p| (p, ifname)))
+    })();
+    if let Err(e) = res {
+        first_err.get_or_insert(e);
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+fn mismatch(msg: String) -> crate::error::PluginError {
+    CniError::new(codes::CHECK_MISMATCH, msg).into()
+}
+
+/// CHECK in bridge mode: pod interface and addresses, host end enslaved to the bridge.
+pub fn check(
+    br: &BridgeConfig,
+    container_id: &str,
+    ifname: &str,
+    netns: &Netns,
+    prev: &CniResult,
+) -> Result<Vec<IpAddr>> {
+    let host_name = veth::host_veth_name(container_id, ifname);
+    let mut host = Netlink::open().kctx(|| "open netlink".into())?;
+    let mut pod =
+        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
+    let pod_link = pod
+        .link(ifname)
+        .kctx(|| format!("look up {ifname}"))?
+        .ok_or_else(|| {
+            mismatch(format!(
+                "interface {ifname} is missing from {}",
+                netns.path().display()
+            ))
+        })?;
+    let pod_addrs = pod
+        .addresses(Some(pod_link.index))
+        .kctx(|| "list pod addresses".into())?;
+    let want_if = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == ifname && i.sandbox.is_some());
+    let ips: Vec<IpAddr> = prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none() || ip.interface == want_if)
+        .map(|ip| ip.address.addr())
+        .collect();
+    if ips.is_empty() {
+        return Err(mismatch(
+            "prevResult lists no addresses for the pod interface".into(),
+        ));
+    }
+    for ip in &ips {
+        if !pod_addrs.iter().any(|(_, a)| a.addr() == *ip) {
+            return Err(mismatch(format!("address {ip} is missing from {ifname}")));
+        }
+    }
+    let bridge = host
+        .link(&br.name)
+        .kctx(|| format!("look up {}", br.name))?
+        .ok_or_else(|| mismatch(format!("bridge {} is missing", br.name)))?;
+    let host_link = host
+        .link(&host_name)
+        .kctx(|| format!("look up {host_name}"))?
+        .ok_or_else(|| mismatch(format!("host interface {host_name} is missing")))?;
+    if host_link.master != Some(bridge.index) {
+        return Err(mismatch(format!(
+            "{host_name} is not attached to bridge {}",
+            br.name
+        )));
+    }
+    Ok(ips)
+}

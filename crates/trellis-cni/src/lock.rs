@@ -1,0 +1,88 @@
+//! Cross-process locks on files (`flock`): the kernel drops them when the holder dies, so a
+//! `kill -9` never leaves a lock behind. Used to serialise calls for one container and to guard
+//! the IPAM store and the nftables table.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::{PluginError, Result};
+
+/// Where per-container locks live.
+pub const LOCK_DIR: &str = "/run/trellis/cni/locks";
+
+/// An exclusive lock on a file, released on drop.
+pub struct FileLock {
+    _flock: Flock<File>,
+    path: PathBuf,
+}
+
+impl FileLock {
+    /// Blocks until the lock at `path` is held. Retries when the file was replaced or removed
+    /// while waiting, so that removing a lock file (see [`FileLock::release_and_remove`]) is safe.
+    pub fn acquire(path: &Path) -> Result<FileLock> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| PluginError::store(dir, e))?;
+        }
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| PluginError::store(path, e))?;
+            let flock = Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| PluginError::store(path, e.into()))?;
+            let held = flock.metadata().map_err(|e| PluginError::store(path, e))?;
+            match fs::metadata(path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                    return Ok(FileLock {
+                        _flock: flock,
+                        path: path.to_path_buf(),
+                    })
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Removes the lock file, then releases the lock. Waiters notice and retry on a new file.
+    pub fn release_and_remove(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// The lock that serialises every call for one container.
+pub fn container_lock(container_id: &str) -> Result<FileLock> {
+    FileLock::acquire(&Path::new(LOCK_DIR).join(format!("{container_id}.lock")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn second_holder_waits_until_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let first = FileLock::acquire(&path).unwrap();
+        let got = Arc::new(AtomicBool::new(false));
+        let got2 = got.clone();
+        let p2 = path.clone();
+        let t = std::thread::spawn(move || {
+            let l = FileLock::acquire(&p2).unwrap();
+            got2.store(true, Ordering::SeqCst);
+            drop(l);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!got.load(Ordering::SeqCst), "lock was not exclusive");
+        first.release_and_remove();
+        t.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
+    }
+}

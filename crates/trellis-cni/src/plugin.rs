@@ -1,0 +1,173 @@
+//! The main plugin (`trellis-cni`): ADD, DEL, CHECK, GC and STATUS for routed and bridge mode.
+//! Orchestrates IPAM and the mode's interface setup; serialises calls per container.
+
+use serde_json::Value;
+use trellis_cni_types::config::requested_ips;
+use trellis_cni_types::{codes, CniEnv, CniError, Command, IpamSection, Mode, PluginConfig};
+use trellis_dataplane::Netns;
+
+use crate::error::{PluginError, Result};
+use crate::lock::container_lock;
+use crate::{bridge, ipam, masq, routed};
+
+/// Checks that the configured version has the verb.
+pub fn gate_version(command: Command, version: trellis_cni_types::CniVersion) -> Result<()> {
+    let ok = match command {
+        Command::Check => version.has_check(),
+        Command::Gc | Command::Status => version.has_gc_status(),
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            codes::INCOMPATIBLE_VERSION,
+            format!(
+                "{} is not part of CNI {version} (field `cniVersion`)",
+                command.as_str()
+            ),
+        )
+        .into())
+    }
+}
+
+/// Opens `CNI_NETNS`; a missing namespace is an invalid environment.
+pub fn open_netns(env: &CniEnv) -> Result<Netns> {
+    let path = env
+        .netns
+        .as_ref()
+        .ok_or_else(|| CniError::invalid_env("CNI_NETNS", "is required"))?;
+    Netns::open(path).map_err(|e| {
+        CniError::invalid_env("CNI_NETNS", format!("cannot open {}: {e}", path.display())).into()
+    })
+}
+
+fn ids(env: &CniEnv) -> (&str, &str) {
+    (
+        env.container_id.as_deref().unwrap_or_default(),
+        env.ifname.as_deref().unwrap_or_default(),
+    )
+}
+
+/// Runs one verb; returns the JSON to print on success (nothing for DEL and GC).
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
+    let cfg = PluginConfig::parse(stdin)?;
+    gate_version(env.command, cfg.cni_version)?;
+    let span = tracing::info_span!("cni", command = env.command.as_str(), network = %cfg.name,
+        container = env.container_id.as_deref().unwrap_or(""), ifname = env.ifname.as_deref().unwrap_or(""));
+    let _enter = span.enter();
+    match env.command {
+        Command::Add => add(&cfg, env, stdin).map(Some),
+        Command::Del => del(&cfg, env, stdin).map(|_| None),
+        Command::Check => check(&cfg, env, stdin).map(|_| None),
+        Command::Gc => gc(&cfg, env, stdin).map(|_| None),
+        Command::Status => status(&cfg, env, stdin).map(|_| None),
+        Command::Version => unreachable!("VERSION is answered before config parsing"),
+    }
+}
+
+fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
+    let (cid, ifname) = ids(env);
+    let _lock = container_lock(cid)?;
+    let netns = open_netns(env)?;
+    let requested = requested_ips(&cfg.runtime, &cfg.args_ips, &env.args);
+    let alloc = ipam::add(&cfg.ipam, env, stdin, &requested)?;
+    let made = match &cfg.mode {
+        Mode::Routed => routed::add(cfg, cid, ifname, &netns, &alloc),
+        Mode::Bridge(br) => bridge::add(cfg, br, cid, ifname, &netns, &alloc),
+    };
+    match made {
+        Ok(result) => {
+            tracing::info!(ips = ?alloc.ips.iter().map(|i| i.address.to_string()).collect::<Vec<_>>(), "attached");
+            Ok(result.to_json(cfg.cni_version))
+        }
+        Err(e) => {
+            // Nothing may be left behind by a failed ADD: give the address back.
+            if let Err(rel) = ipam::del(&cfg.ipam, env, stdin) {
+                tracing::error!(error = %rel, "releasing the address after a failed ADD also failed");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn del(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
+    let (cid, ifname) = ids(env);
+    let lock = container_lock(cid)?;
+    // The namespace may be gone already; DEL then only cleans up what lives on the host.
+    let netns = env.netns.as_ref().and_then(|p| Netns::open(p).ok());
+    let mut errors: Vec<PluginError> = Vec::new();
+    let teardown = match &cfg.mode {
+        Mode::Routed => routed::del(cid, ifname, netns.as_ref()),
+        Mode::Bridge(br) => bridge::del(cfg, br, cid, ifname, netns.as_ref()),
+    };
+    if let Err(e) = teardown {
+        tracing::warn!(error = %e, "interface teardown failed");
+        errors.push(e);
+    }
+    if let Err(e) = ipam::del(&cfg.ipam, env, stdin) {
+        tracing::warn!(error = %e, "address release failed");
+        errors.push(e);
+    }
+    if errors.is_empty() {
+        lock.release_and_remove();
+        Ok(())
+    } else {
+        Err(errors.remove(0))
+    }
+}
+
+fn check(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
+    let (cid, ifname) = ids(env);
+    let _lock = container_lock(cid)?;
+    let prev = cfg
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::invalid_config("prevResult", "is required for CHECK"))?;
+    let netns = open_netns(env)?;
+    let ips = match &cfg.mode {
+        Mode::Routed => routed::check(cid, ifname, &netns, prev)?,
+        Mode::Bridge(br) => bridge::check(br, cid, ifname, &netns, prev)?,
+    };
+    ipam::check(&cfg.ipam, env, stdin, &ips)
+}
+
+fn gc(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
+    let keep = cfg.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::invalid_config(
+            trellis_cni_types::config::VALID_ATTACHMENTS,
+            "is required for GC",
+        )
+    })?;
+    let mut first_err = None;
+    if let Err(e) = ipam::gc(&cfg.ipam, env, stdin, keep) {
+        first_err.get_or_insert(e);
+    }
+    if let Mode::Bridge(br) = &cfg.mode {
+        if br.ip_masq {
+            let pairs: Vec<(String, String)> = keep
+                .iter()
+                .map(|a| (a.container_id.clone(), a.ifname.clone()))
+                .collect();
+            if let Err(e) = masq::gc(&cfg.name, &pairs) {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+fn status(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
+    if let IpamSection::Delegate { plugin_type } = &cfg.ipam {
+        crate::delegate::find_plugin(env, plugin_type)
+            .map_err(|e| CniError::new(codes::STATUS_UNAVAILABLE, e.msg))?;
+    }
+    ipam::status(&cfg.ipam, env, stdin).map_err(|e| {
+        let c = e.to_cni();
+        if c.code == codes::STATUS_UNAVAILABLE || c.code == codes::STATUS_LIMITED {
+            e
+        } else {
+            CniError::new(codes::STATUS_UNAVAILABLE, c.msg).into()
+        }
+    })
+}

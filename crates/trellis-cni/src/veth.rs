@@ -1,0 +1,201 @@
+//! The veth pair every pod gets: deterministic host-side naming, creation straight into the
+//! pod's namespace, and the pod-side addresses and routes. Does kernel I/O through
+//! [`trellis_dataplane`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use trellis_cni_types::{codes, CniError};
+use trellis_dataplane::netlink::VethSpec;
+use trellis_dataplane::types::format_mac;
+use trellis_dataplane::{sysctl, Link, Netlink, Netns, RouteSpec};
+
+use crate::error::{KernelContext, Result};
+
+/// Prefix of host-side interface names.
+pub const HOST_PREFIX: &str = "trl";
+/// MAC of every host-side veth in routed mode (as Calico's `ee:ee:ee:ee:ee:ee`).
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+/// The pod's IPv4 gateway in routed mode, answered by proxy ARP on the host side.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pod's IPv6 gateway in routed mode: the EUI-64 link-local of `HOST_MAC`.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+
+/// `trl` + 12 hex digits of SHA-256(container ID, ifname): 15 characters, stable across calls.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let digest = Sha256::digest(format!("{container_id}\0{ifname}").as_bytes());
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{HOST_PREFIX}{hex}")
+}
+
+/// Both ends after creation.
+pub struct VethPair {
+    pub host: Link,
+    pub pod: Link,
+}
+
+/// Parameters for [`create`].
+pub struct PairRequest<'a> {
+    pub host_name: &'a str,
+    pub ifname: &'a str,
+    pub mtu: Option<u32>,
+    pub host_mac: Option<[u8; 6]>,
+    pub pod_mac: Option<[u8; 6]>,
+    pub master: Option<u32>,
+}
+
+/// Creates the pair with the pod end already inside `netns`. A stale host end with the same
+/// name (left by a crashed ADD of the same attachment) is removed first; an existing interface
+/// of that name inside the pod is an error.
+pub fn create(
+    host: &mut Netlink,
+    pod: &mut Netlink,
+    netns: &Netns,
+    req: &PairRequest,
+) -> Result<VethPair> {
+    if pod
+        .link(req.ifname)
+        .kctx(|| format!("look up {} in the pod", req.ifname))?
+        .is_some()
+    {
+        return Err(CniError::invalid_env(
+            "CNI_IFNAME",
+            format!(
+                "interface {} already exists in {}",
+                req.ifname,
+                netns.path().display()
+            ),
+        )
+        .into());
+    }
+    if host
+        .delete_link(req.host_name)
+        .kctx(|| format!("remove stale {}", req.host_name))?
+    {
+        tracing::warn!(
+            host_veth = req.host_name,
+            "removed a stale host interface of this attachment"
+        );
+    }
+    host.create_veth(&VethSpec {
+        name: req.host_name.to_string(),
+        mac: req.host_mac,
+        peer_name: req.ifname.to_string(),
+        peer_mac: req.pod_mac,
+        peer_netns_fd: Some(netns.fd()),
+        mtu: req.mtu,
+        master: req.master,
+    })
+    .kctx(|| format!("create veth {} <-> {}", req.host_name, req.ifname))?;
+    let host_link = host
+        .link(req.host_name)
+        .kctx(|| format!("read back {}", req.host_name))?;
+    let pod_link = pod
+        .link(req.ifname)
+        .kctx(|| format!("read back {}", req.ifname))?;
+    match (host_link, pod_link) {
+        (Some(host), Some(pod)) => Ok(VethPair { host, pod }),
+        _ => Err(CniError::new(
+            codes::KERNEL,
+            format!("veth {} vanished right after creation", req.host_name),
+        )
+        .into()),
+    }
+}
+
+/// Pod side: addresses (no DAD for IPv6), link up, then routes in order.
+pub fn configure_pod(
+    pod: &mut Netlink,
+    netns: &Netns,
+    link: &Link,
+    addrs: &[IpNet],
+    routes: &[RouteSpec],
+) -> Result<()> {
+    if addrs.iter().any(|a| a.addr().is_ipv6()) {
+        let name = link.name.clone();
+        netns
+            .run(move || sysctl::ensure(&format!("net/ipv6/conf/{name}/disable_ipv6"), "0"))
+            .kctx(|| "enter pod namespace".into())?
+            .kctx(|| "enable IPv6 on the pod interface".into())?;
+    }
+    for a in addrs {
+        pod.add_address(link.index, *a, a.addr().is_ipv6())
+            .kctx(|| format!("add {a} to {} in the pod", link.name))?;
+    }
+    pod.set_up(link.index)
+        .kctx(|| format!("set {} up in the pod", link.name))?;
+    for r in routes {
+        pod.add_route(r, true)
+            .kctx(|| format!("add route {} in the pod", r.dst))?;
+    }
+    Ok(())
+}
+
+/// Turns on forwarding for the families in use, in the calling thread's namespace.
+pub fn enable_forwarding(addrs: &[IpNet]) -> Result<()> {
+    if addrs.iter().any(|a| a.addr().is_ipv4()) {
+        sysctl::ensure("net/ipv4/ip_forward", "1").kctx(|| "enable IPv4 forwarding".into())?;
+    }
+    if addrs.iter().any(|a| a.addr().is_ipv6()) {
+        sysctl::ensure("net/ipv6/conf/all/forwarding", "1")
+            .kctx(|| "enable IPv6 forwarding".into())?;
+    }
+    Ok(())
+}
+
+/// Deletes the host end (the kernel removes the pod end and the host routes with it). When the
+/// host end is already gone, removes a leftover pod-side veth of this name, if any.
+pub fn delete(
+    host: &mut Netlink,
+    host_name: &str,
+    pod: Option<(&mut Netlink, &str)>,
+) -> Result<()> {
+    if host
+        .delete_link(host_name)
+        .kctx(|| format!("delete {host_name}"))?
+    {
+        return Ok(());
+    }
+    if let Some((pod, ifname)) = pod {
+        if let Some(l) = pod
+            .link(ifname)
+            .kctx(|| format!("look up {ifname} in the pod"))?
+        {
+            if l.kind.as_deref() == Some("veth") {
+                pod.delete_link(ifname)
+                    .kctx(|| format!("delete {ifname} in the pod"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn mac_string(link: &Link) -> Option<String> {
+    link.mac.as_ref().map(format_mac)
+}
+
+/// Whether `ip` is IPv4.
+pub fn is_v4(ip: &IpAddr) -> bool {
+    ip.is_ipv4()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("abc123", "eth0");
+        assert_eq!(a, host_veth_name("abc123", "eth0"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("trl"));
+        assert_ne!(a, host_veth_name("abc123", "eth1"));
+        assert_ne!(a, host_veth_name("abc12", "3eth0"));
+    }
+
+    #[test]
+    fn v6_gateway_is_eui64_of_host_mac() {
+        assert_eq!(GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+}

@@ -1,0 +1,72 @@
+//! Network namespaces: opened by path (`/var/run/netns/NAME` or `/proc/PID/ns/net`) and entered
+//! per thread. `setns` only ever runs on a fresh thread made for it, never on the caller's or
+//! an async worker, so the caller's namespace never changes.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, CloneFlags};
+
+use crate::{DataplaneError, Result};
+
+/// An open handle on a network namespace.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens the namespace at `path`; ENOENT when it is gone.
+    pub fn open(path: &Path) -> Result<Netns> {
+        let file = File::open(path).map_err(|source| DataplaneError::Netns {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Netns {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current() -> Result<Netns> {
+        let path = PathBuf::from(format!("/proc/thread-self/ns/net"));
+        Netns::open(&path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Whether this handle and `other` name the same namespace (same inode).
+    pub fn same_as(&self, other: &Netns) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), other.file.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace, and returns its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    DataplaneError::Netns {
+                        path: self.path.clone(),
+                        source: std::io::Error::from(e),
+                    }
+                })?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
