@@ -239,13 +239,7 @@ pub fn del(
     let host_name = veth::host_veth_name(container_id, ifname);
     let res = (|| -> Result<()> {
         let mut host = Netlink::open().kctx(|| "open netlink".into())?;
-        let mut pod = match netns {
-            Some(ns) => Some(
-                Netlink::open_in(ns).kctx(|| format!("open netlink in {}", ns.path().display()))?,
-            ),
-            None => None,
-        };
-        veth::delete(&mut host, &host_name, pod.as_mut().map(|p| (p, ifname)))
+        veth::delete(&mut host, &host_name, netns.map(|ns| (ns, ifname)))
     })();
     if let Err(e) = res {
         first_err.get_or_insert(e);

@@ -4,6 +4,7 @@
 //! result or the error.
 
 pub mod bridge;
+pub mod deferred;
 pub mod delegate;
 pub mod error;
 pub mod ipam;
@@ -15,7 +16,7 @@ pub mod routed;
 pub mod store;
 pub mod veth;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -80,6 +81,7 @@ fn dispatch(
     stdin: &[u8],
     hint: &str,
 ) -> error::Result<Option<Value>> {
+    tracing::debug!("start");
     let env = CniEnv::from_lookup(lookup)?;
     if env.command == Command::Version {
         return Ok(Some(
@@ -127,19 +129,16 @@ pub fn main_entry() -> i32 {
     let argv0 = std::env::args().next().unwrap_or_default();
     let role = role_from_argv0(&argv0);
     let mut stdin = Vec::new();
-    let needs_stdin = std::env::var("CNI_COMMAND").is_ok();
-    if needs_stdin {
+    if std::env::var("CNI_COMMAND").is_ok() {
         let _ = std::io::stdin().read_to_end(&mut stdin);
     }
     init_logging(&stdin);
     let (out, code) = run(role, |k| std::env::var(k).ok(), &stdin);
     if !out.is_empty() {
-        println!("{out}");
-    } else if !needs_stdin {
-        eprintln!(
-            "trellis-cni {}: a CNI plugin; the container runtime runs it with CNI_COMMAND set (see the README)",
-            env!("CARGO_PKG_VERSION")
-        );
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{out}");
+        let _ = stdout.flush();
     }
+    deferred::run_detached();
     code
 }

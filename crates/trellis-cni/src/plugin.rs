@@ -72,6 +72,7 @@ fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
     let netns = open_netns(env)?;
     let requested = requested_ips(&cfg.runtime, &cfg.args_ips, &env.args);
     let alloc = ipam::add(&cfg.ipam, env, stdin, &requested)?;
+    tracing::debug!("address allocated");
     let made = match &cfg.mode {
         Mode::Routed => routed::add(cfg, cid, ifname, &netns, &alloc),
         Mode::Bridge(br) => bridge::add(cfg, br, cid, ifname, &netns, &alloc),

@@ -165,13 +165,7 @@ pub fn add(
 pub fn del(container_id: &str, ifname: &str, netns: Option<&Netns>) -> Result<()> {
     let host_name = veth::host_veth_name(container_id, ifname);
     let mut host = Netlink::open().kctx(|| "open netlink".into())?;
-    let mut pod = match netns {
-        Some(ns) => {
-            Some(Netlink::open_in(ns).kctx(|| format!("open netlink in {}", ns.path().display()))?)
-        }
-        None => None,
-    };
-    veth::delete(&mut host, &host_name, pod.as_mut().map(|p| (p, ifname)))
+    veth::delete(&mut host, &host_name, netns.map(|ns| (ns, ifname)))
 }
 
 fn mismatch(msg: String) -> crate::error::PluginError {

@@ -144,20 +144,33 @@ pub fn enable_forwarding(addrs: &[IpNet]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the host end (the kernel removes the pod end and the host routes with it). When the
-/// host end is already gone, removes a leftover pod-side veth of this name, if any.
-pub fn delete(
-    host: &mut Netlink,
-    host_name: &str,
-    pod: Option<(&mut Netlink, &str)>,
-) -> Result<()> {
-    if host
-        .delete_link(host_name)
-        .kctx(|| format!("delete {host_name}"))?
+/// Tears down the pair. The host end is taken down at once — the kernel flushes every route
+/// through it, so the pod is cut off and its address safe to reuse — and its deletion (which
+/// the pod end follows) is handed to [`crate::deferred`]: unregistering a netdev waits for an
+/// RCU grace period (~20 ms) that the runtime need not wait for. When the host end is already
+/// gone, removes a leftover pod-side veth of this name, if any.
+pub fn delete(host: &mut Netlink, host_name: &str, pod: Option<(&Netns, &str)>) -> Result<()> {
+    if let Some(link) = host
+        .link(host_name)
+        .kctx(|| format!("look up {host_name}"))?
     {
+        match host.set_down(link.index) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => {
+                return Err(crate::error::PluginError::kernel(
+                    format!("set {host_name} down"),
+                    e,
+                ))
+            }
+        }
+        crate::deferred::delete_link(link.index);
         return Ok(());
     }
-    if let Some((pod, ifname)) = pod {
+    // Only now is a socket in the pod's namespace worth its cost.
+    if let Some((ns, ifname)) = pod {
+        let mut pod =
+            Netlink::open_in(ns).kctx(|| format!("open netlink in {}", ns.path().display()))?;
         if let Some(l) = pod
             .link(ifname)
             .kctx(|| format!("look up {ifname} in the pod"))?

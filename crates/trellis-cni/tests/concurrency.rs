@@ -97,8 +97,11 @@ fn kill_nine_mid_add_never_double_allocates() {
     let allocs = node.allocations("testnet");
     let mut owners = HashSet::new();
     for (ip, owner) in &allocs {
-        let lines: Vec<&str> = owner.lines().collect();
-        assert_eq!(lines.len(), 2, "incomplete record for {ip}: {owner:?}");
+        let parts: Vec<&str> = owner.split('/').collect();
+        assert!(
+            parts.len() == 2 && parts.iter().all(|p| !p.is_empty()),
+            "incomplete record for {ip}: {owner:?}"
+        );
         assert!(
             owners.insert(owner.clone()),
             "{owner:?} holds two addresses"

@@ -29,7 +29,7 @@ fn gc_releases_everything_not_listed() {
     .ok();
     let left = node.allocations("testnet");
     assert_eq!(left.len(), 1);
-    assert!(left[0].1.starts_with("gc-1\n"), "{left:?}");
+    assert!(left[0].1 == "gc-1/eth0", "{left:?}");
     // The older key, through the IPAM role.
     let mut gc = conf.clone();
     gc["cni.dev/attachments"] = json!([]);

@@ -22,7 +22,12 @@ impl Podman {
     fn new(tag: &str, plugin_conf: serde_json::Value) -> Podman {
         for tool in ["podman", "runc", "busybox"] {
             assert!(
-                Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success(),
+                Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success(),
                 "{tool} is not installed; run scripts/setup.sh"
             );
         }
@@ -62,7 +67,12 @@ impl Podman {
         Command::new("nsenter")
             .arg(format!("--net={}", self.node.path().display()))
             .arg("podman")
-            .args(["--root", d.join("root").to_str().unwrap(), "--runroot", d.join("runroot").to_str().unwrap()])
+            .args([
+                "--root",
+                d.join("root").to_str().unwrap(),
+                "--runroot",
+                d.join("runroot").to_str().unwrap(),
+            ])
             .args(["--storage-driver", "vfs"])
             .args(args)
             .env("CONTAINERS_CONF", d.join("containers.conf"))
@@ -72,7 +82,12 @@ impl Podman {
 
     fn run_ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "podman {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -81,19 +96,49 @@ impl Podman {
     fn start(&self, name: &str) {
         let rootfs = self.dir.path().join("rootfs");
         self.run_ok(&[
-            "run", "-d", "--name", name, "--network", "trellis-e2e", "--ulimit", "nofile=1024:1024",
-            "--ulimit", "nproc=1024:1024", "--rootfs", rootfs.to_str().unwrap(), "sleep", "600",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "trellis-e2e",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "sleep",
+            "600",
         ]);
     }
 
     fn ip(&self, name: &str) -> String {
-        let out = self.run_ok(&["exec", name, "ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
-        out.split_whitespace().skip_while(|w| *w != "inet").nth(1).expect("an inet address").split('/').next().unwrap().to_string()
+        let out = self.run_ok(&[
+            "exec", name, "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+        ]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .expect("an inet address")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string()
     }
 
     fn allocations(&self) -> usize {
         std::fs::read_dir(self.dir.path().join("ipam/trellis-e2e"))
-            .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().parse::<std::net::IpAddr>().is_ok()).count())
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .parse::<std::net::IpAddr>()
+                            .is_ok()
+                    })
+                    .count()
+            })
             .unwrap_or(0)
     }
 }
@@ -105,7 +150,10 @@ impl Drop for Podman {
 }
 
 fn which(tool: &str) -> PathBuf {
-    let out = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap();
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -117,11 +165,20 @@ fn two_containers_talk(pm: &Podman) {
     assert_ne!(ip1, ip2);
     assert_eq!(pm.allocations(), 2);
     let ping = pm.run(&["exec", "c1", "ping", "-c", "2", "-W", "2", &ip2]);
-    assert!(ping.status.success(), "c1 -> c2: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "c1 -> c2: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     let ping = pm.run(&["exec", "c2", "ping", "-c", "2", "-W", "2", &ip1]);
-    assert!(ping.status.success(), "c2 -> c1: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "c2 -> c1: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     pm.run_ok(&["rm", "-f", "-t", "0", "c1", "c2"]);
     assert_eq!(pm.allocations(), 0, "removal must release the addresses");
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let links = pm.node.exec_ok(&["ip", "-o", "link"]);
     let veths: Vec<&str> = links
         .lines()
@@ -133,14 +190,20 @@ fn two_containers_talk(pm: &Podman) {
 
 #[test]
 fn podman_routed_mode() {
-    let pm = Podman::new("pmrouted", json!({"ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.90.0.0/24"}]]}}));
+    let pm = Podman::new(
+        "pmrouted",
+        json!({"ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.90.0.0/24"}]]}}),
+    );
     two_containers_talk(&pm);
 }
 
 #[test]
 fn podman_bridge_mode() {
-    let pm = Podman::new("pmbridge", json!({"mode": "bridge", "bridge": "trle2e0", "isGateway": true,
+    let pm = Podman::new(
+        "pmbridge",
+        json!({"mode": "bridge", "bridge": "trle2e0", "isGateway": true,
         "isDefaultGateway": true, "ipMasq": true,
-        "ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.91.0.0/24"}]]}}));
+        "ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.91.0.0/24"}]]}}),
+    );
     two_containers_talk(&pm);
 }

@@ -248,6 +248,28 @@ impl Netlink {
         })
     }
 
+    /// Takes a link down (the kernel flushes routes through it at once).
+    pub fn set_down(&mut self, index: u32) -> Result<()> {
+        self.set_link(&format!("set link #{index} down"), index, |m| {
+            m.header.change_mask = LinkFlags::Up;
+        })
+    }
+
+    /// Deletes the link with this index. Returns `false` when there was none.
+    pub fn delete_link_index(&mut self, index: u32) -> Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        match self.ack(
+            &format!("delete link #{index}"),
+            RouteNetlinkMessage::DelLink(msg),
+            0,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<()> {
         self.set_link(&format!("set link #{index} mtu {mtu}"), index, |m| {
             m.attributes.push(LinkAttribute::Mtu(mtu))

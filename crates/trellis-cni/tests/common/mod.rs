@@ -152,7 +152,10 @@ impl Node {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
                 if name.parse::<std::net::IpAddr>().is_ok() {
-                    out.push((name, std::fs::read_to_string(e.path()).unwrap_or_default()));
+                    let owner = std::fs::read_link(e.path())
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    out.push((name, owner));
                 }
             }
         }
@@ -185,4 +188,16 @@ pub fn ping(from: &TestNetns, to: &str) -> bool {
             .status
             .success()
     })
+}
+
+/// Waits (up to 3 s) for a link to disappear: DEL takes the host end down at once and deletes
+/// it from a detached child right after answering.
+pub fn link_gone(ns: &TestNetns, name: &str) -> bool {
+    for _ in 0..60 {
+        if !ns.exec(&["ip", "link", "show", name]).status.success() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
 }
