@@ -32,7 +32,7 @@ impl Netns {
 
     /// The namespace of the calling thread.
     pub fn current() -> Result<Netns> {
-        let path = PathBuf::from(format!("/proc/thread-self/ns/net"));
+        let path = PathBuf::from("/proc/thread-self/ns/net");
         Netns::open(&path)
     }
 

@@ -78,7 +78,9 @@ impl Node {
         c
     }
 
-    /// Starts the plugin (named `name`) inside the node namespace.
+    /// Starts the plugin (named `name`) inside the node namespace. The arguments mirror the CNI
+    /// environment one for one, hence their number.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         &self,
         name: &str,
@@ -119,6 +121,7 @@ impl Node {
         child
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn call_as(
         &self,
         name: &str,

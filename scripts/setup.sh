@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what Trellis needs to build, test and demo on Debian 12. Idempotent: installs only
+# what is missing. Needs root.
+set -euo pipefail
+
+PACKAGES=(iproute2 nftables podman runc busybox-static containernetworking-plugins
+          iputils-ping util-linux ca-certificates gcc pkg-config)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Rust: the workspace pins rust-version 1.95 (Debian's cargo is older).
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: installing the Rust toolchain with rustup"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+echo "setup: ok ($(cargo --version))"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests of the pure crates and the root-only integration tests
+# (network namespaces, the real kernel, nftables, podman + runc). Run as root on Debian 12.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "test.sh: run as root (the tests create network namespaces)"; exit 1; }
+./scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# Namespaces left by an earlier run that was killed (tests name theirs trlt-*).
+for ns in $(ip netns list | awk '{print $1}' | grep '^trlt-' || true); do ip netns del "$ns" || true; done
+
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads=2
+status=$?
+
+left=$(ip netns list | awk '{print $1}' | grep '^trlt-' || true)
+if [ -n "$left" ]; then
+  echo "test.sh: namespaces left behind by the tests: $left"
+  exit 1
+fi
+exit $status
