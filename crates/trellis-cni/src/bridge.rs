@@ -247,10 +247,6 @@ pub fn del(
     first_err.map_or(Ok(()), Err)
 }
 
-fn mismatch(msg: String) -> crate::error::PluginError {
-    CniError::new(codes::CHECK_MISMATCH, msg).into()
-}
-
 /// CHECK in bridge mode: pod interface and addresses, host end enslaved to the bridge.
 pub fn check(
     br: &BridgeConfig,
@@ -261,50 +257,17 @@ pub fn check(
 ) -> Result<Vec<IpAddr>> {
     let host_name = veth::host_veth_name(container_id, ifname);
     let mut host = Netlink::open().kctx(|| "open netlink".into())?;
-    let mut pod =
-        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
-    let pod_link = pod
-        .link(ifname)
-        .kctx(|| format!("look up {ifname}"))?
-        .ok_or_else(|| {
-            mismatch(format!(
-                "interface {ifname} is missing from {}",
-                netns.path().display()
-            ))
-        })?;
-    let pod_addrs = pod
-        .addresses(Some(pod_link.index))
-        .kctx(|| "list pod addresses".into())?;
-    let want_if = prev
-        .interfaces
-        .iter()
-        .position(|i| i.name == ifname && i.sandbox.is_some());
-    let ips: Vec<IpAddr> = prev
-        .ips
-        .iter()
-        .filter(|ip| ip.interface.is_none() || ip.interface == want_if)
-        .map(|ip| ip.address.addr())
-        .collect();
-    if ips.is_empty() {
-        return Err(mismatch(
-            "prevResult lists no addresses for the pod interface".into(),
-        ));
-    }
-    for ip in &ips {
-        if !pod_addrs.iter().any(|(_, a)| a.addr() == *ip) {
-            return Err(mismatch(format!("address {ip} is missing from {ifname}")));
-        }
-    }
+    let ips = veth::check_pod_side(netns, ifname, prev)?.ips;
     let bridge = host
         .link(&br.name)
         .kctx(|| format!("look up {}", br.name))?
-        .ok_or_else(|| mismatch(format!("bridge {} is missing", br.name)))?;
+        .ok_or_else(|| veth::mismatch(format!("bridge {} is missing", br.name)))?;
     let host_link = host
         .link(&host_name)
         .kctx(|| format!("look up {host_name}"))?
-        .ok_or_else(|| mismatch(format!("host interface {host_name} is missing")))?;
+        .ok_or_else(|| veth::mismatch(format!("host interface {host_name} is missing")))?;
     if host_link.master != Some(bridge.index) {
-        return Err(mismatch(format!(
+        return Err(veth::mismatch(format!(
             "{host_name} is not attached to bridge {}",
             br.name
         )));

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use trellis_cni_types::{codes, CniError, CniResult, Interface, IpConfig, PluginConfig, Route};
+use trellis_cni_types::{CniResult, Interface, IpConfig, PluginConfig, Route};
 use trellis_dataplane::{sysctl, Netlink, Netns, RouteSpec};
 
 use crate::error::{KernelContext, Result};
@@ -168,10 +168,6 @@ pub fn del(container_id: &str, ifname: &str, netns: Option<&Netns>) -> Result<()
     veth::delete(&mut host, &host_name, netns.map(|ns| (ns, ifname)))
 }
 
-fn mismatch(msg: String) -> crate::error::PluginError {
-    CniError::new(codes::CHECK_MISMATCH, msg).into()
-}
-
 /// CHECK in routed mode: the pod interface, its addresses and default route, the host end, and
 /// the host routes all match `prev`.
 pub fn check(
@@ -182,68 +178,26 @@ pub fn check(
 ) -> Result<Vec<IpAddr>> {
     let host_name = veth::host_veth_name(container_id, ifname);
     let mut host = Netlink::open().kctx(|| "open netlink".into())?;
-    let mut pod =
-        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
-    let pod_link = pod
-        .link(ifname)
-        .kctx(|| format!("look up {ifname}"))?
-        .ok_or_else(|| {
-            mismatch(format!(
-                "interface {ifname} is missing from {}",
-                netns.path().display()
-            ))
-        })?;
-    let want_if = prev
-        .interfaces
-        .iter()
-        .position(|i| i.name == ifname && i.sandbox.is_some());
-    if let Some(i) = want_if {
-        if let Some(mac) = &prev.interfaces[i].mac {
-            if veth::mac_string(&pod_link).as_deref() != Some(mac.as_str()) {
-                return Err(mismatch(format!(
-                    "{ifname} has MAC {:?}, prevResult says {mac}",
-                    veth::mac_string(&pod_link)
-                )));
-            }
-        }
-    }
-    let pod_addrs: Vec<IpNet> = pod
-        .addresses(Some(pod_link.index))
-        .kctx(|| "list pod addresses".into())?
-        .into_iter()
-        .map(|(_, a)| a)
-        .collect();
-    let ips: Vec<IpAddr> = prev
-        .ips
-        .iter()
-        .filter(|ip| ip.interface.is_none() || ip.interface == want_if)
-        .map(|ip| ip.address.addr())
-        .collect();
-    if ips.is_empty() {
-        return Err(mismatch(
-            "prevResult lists no addresses for the pod interface".into(),
-        ));
-    }
-    for ip in &ips {
-        if !pod_addrs.iter().any(|a| a.addr() == *ip) {
-            return Err(mismatch(format!("address {ip} is missing from {ifname}")));
-        }
-    }
+    let veth::PodSide {
+        mut pod,
+        link: pod_link,
+        ips,
+    } = veth::check_pod_side(netns, ifname, prev)?;
     let pod_routes = pod.routes().kctx(|| "list pod routes".into())?;
     for want in pod_routes_for(&ips, pod_link.index) {
         if !pod_routes.iter().any(|r| r.same_path(&want)) {
-            return Err(mismatch(format!("pod route {want} is missing")));
+            return Err(veth::mismatch(format!("pod route {want} is missing")));
         }
     }
     let host_link = host
         .link(&host_name)
         .kctx(|| format!("look up {host_name}"))?
-        .ok_or_else(|| mismatch(format!("host interface {host_name} is missing")))?;
+        .ok_or_else(|| veth::mismatch(format!("host interface {host_name} is missing")))?;
     let host_routes = host.routes().kctx(|| "list host routes".into())?;
     for ip in &ips {
         let want = RouteSpec::link_scope(host_prefix(*ip), host_link.index);
         if !host_routes.iter().any(|r| r.same_path(&want)) {
-            return Err(mismatch(format!(
+            return Err(veth::mismatch(format!(
                 "host route {ip} dev {host_name} is missing"
             )));
         }

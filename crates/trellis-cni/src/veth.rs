@@ -184,13 +184,72 @@ pub fn delete(host: &mut Netlink, host_name: &str, pod: Option<(&Netns, &str)>) 
     Ok(())
 }
 
-pub fn mac_string(link: &Link) -> Option<String> {
-    link.mac.as_ref().map(format_mac)
+/// A CHECK failure.
+pub fn mismatch(msg: String) -> crate::error::PluginError {
+    CniError::new(codes::CHECK_MISMATCH, msg).into()
 }
 
-/// Whether `ip` is IPv4.
-pub fn is_v4(ip: &IpAddr) -> bool {
-    ip.is_ipv4()
+/// What CHECK found inside the pod: the interface and the addresses `prevResult` gives it.
+pub struct PodSide {
+    pub pod: Netlink,
+    pub link: Link,
+    pub ips: Vec<IpAddr>,
+}
+
+/// CHECK, the part common to every mode: the pod interface exists with `prevResult`'s MAC and
+/// carries each of its addresses.
+pub fn check_pod_side(
+    netns: &Netns,
+    ifname: &str,
+    prev: &trellis_cni_types::CniResult,
+) -> Result<PodSide> {
+    let mut pod =
+        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
+    let link = pod
+        .link(ifname)
+        .kctx(|| format!("look up {ifname}"))?
+        .ok_or_else(|| {
+            mismatch(format!(
+                "interface {ifname} is missing from {}",
+                netns.path().display()
+            ))
+        })?;
+    let want_if = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == ifname && i.sandbox.is_some());
+    if let Some(mac) = want_if.and_then(|i| prev.interfaces[i].mac.as_ref()) {
+        if mac_string(&link).as_deref() != Some(mac.as_str()) {
+            return Err(mismatch(format!(
+                "{ifname} has MAC {:?}, prevResult says {mac}",
+                mac_string(&link)
+            )));
+        }
+    }
+    let ips: Vec<IpAddr> = prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none() || ip.interface == want_if)
+        .map(|ip| ip.address.addr())
+        .collect();
+    if ips.is_empty() {
+        return Err(mismatch(
+            "prevResult lists no addresses for the pod interface".into(),
+        ));
+    }
+    let present = pod
+        .addresses(Some(link.index))
+        .kctx(|| "list pod addresses".into())?;
+    for ip in &ips {
+        if !present.iter().any(|(_, a)| a.addr() == *ip) {
+            return Err(mismatch(format!("address {ip} is missing from {ifname}")));
+        }
+    }
+    Ok(PodSide { pod, link, ips })
+}
+
+pub fn mac_string(link: &Link) -> Option<String> {
+    link.mac.as_ref().map(format_mac)
 }
 
 #[cfg(test)]
