@@ -153,3 +153,74 @@ pub fn temp_dir(tag: &str) -> tempfile::TempDir {
         .tempdir()
         .expect("create temp dir")
 }
+
+/// A throwaway etcd (Debian's `etcd-server`) on loopback ports with a temp data dir; killed and
+/// removed on drop.
+pub struct EtcdServer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits (up to 20 s) until it answers.
+    pub fn start() -> EtcdServer {
+        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("etcd is not installed (Debian package etcd-server); run scripts/setup.sh");
+        let dir = temp_dir("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let child = Command::new(etcd)
+            .args(["--name", "trellis-test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("trellis-test=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        let server = EtcdServer {
+            child,
+            _dir: dir,
+            endpoint,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("etcd did not start listening on {}", server.endpoint);
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,203 @@
+//! The etcd v3 backend: the same semantics as the embedded store on a cluster's etcd
+//! (revisions, compare-and-swap on `mod_revision`, prefix watches from a revision, compaction
+//! reported to watchers). Does network I/O.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp as EOp, WatchOptions,
+};
+
+use crate::types::{
+    KeyValue, Listing, Precondition, TxnOp, TxnOutcome, WatchEvent, WatchEventKind,
+};
+use crate::{Datastore, Result, StoreError, Watch};
+
+/// The etcd backend.
+pub struct EtcdStore {
+    endpoints: Vec<String>,
+    client: Client,
+}
+
+impl EtcdStore {
+    /// Connects and checks that the cluster answers, so a wrong endpoint fails here, clearly.
+    pub async fn connect(endpoints: Vec<String>) -> Result<EtcdStore> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(10));
+        let joined = endpoints.join(",");
+        let unreachable = |e: etcd_client::Error| StoreError::Unreachable {
+            endpoint: joined.clone(),
+            reason: e.to_string(),
+        };
+        let mut client = Client::connect(&endpoints, Some(opts))
+            .await
+            .map_err(unreachable)?;
+        client
+            .get("/trellis/.probe", None)
+            .await
+            .map_err(unreachable)?;
+        Ok(EtcdStore { endpoints, client })
+    }
+
+    fn err(&self) -> impl Fn(etcd_client::Error) -> StoreError + '_ {
+        move |source| StoreError::Etcd {
+            endpoint: self.endpoints.join(","),
+            source,
+        }
+    }
+}
+
+fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+    }
+}
+
+#[async_trait::async_trait]
+impl Datastore for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let resp = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(self.err())?;
+        Ok(resp.kvs().first().map(to_kv))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing> {
+        let opts = if prefix.is_empty() {
+            GetOptions::new().with_all_keys()
+        } else {
+            GetOptions::new().with_prefix()
+        };
+        let resp = self
+            .client
+            .clone()
+            .get(prefix, Some(opts))
+            .await
+            .map_err(self.err())?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut items: Vec<KeyValue> = resp.kvs().iter().map(to_kv).collect();
+        items.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Listing { items, revision })
+    }
+
+    async fn txn(&self, preconditions: Vec<Precondition>, ops: Vec<TxnOp>) -> Result<TxnOutcome> {
+        let compares: Vec<Compare> = preconditions
+            .into_iter()
+            .map(|p| match p {
+                Precondition::Absent(k) => Compare::version(k, CompareOp::Equal, 0),
+                Precondition::ModRevision(k, r) => Compare::mod_revision(k, CompareOp::Equal, r),
+            })
+            .collect();
+        let ops: Vec<EOp> = ops
+            .into_iter()
+            .map(|o| match o {
+                TxnOp::Put(k, v) => EOp::put(k, v, None),
+                TxnOp::Delete(k) => EOp::delete(k, None),
+            })
+            .collect();
+        let resp = self
+            .client
+            .clone()
+            .txn(Txn::new().when(compares).and_then(ops))
+            .await
+            .map_err(self.err())?;
+        if !resp.succeeded() {
+            return Ok(TxnOutcome::Conflict);
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(TxnOutcome::Committed { revision })
+    }
+
+    async fn watch(&self, prefix: &str, from: i64) -> Result<Watch> {
+        let mut opts = WatchOptions::new().with_start_revision(from.max(1));
+        opts = if prefix.is_empty() {
+            opts.with_all_keys()
+        } else {
+            opts.with_prefix()
+        };
+        let mut stream = self
+            .client
+            .clone()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(self.err())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let endpoint = self.endpoints.join(",");
+        tokio::spawn(async move {
+            loop {
+                let msg = match stream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(source) => {
+                        let _ = tx
+                            .send(Err(StoreError::Etcd {
+                                endpoint: endpoint.clone(),
+                                source,
+                            }))
+                            .await;
+                        return;
+                    }
+                };
+                if msg.compact_revision() > 0 {
+                    let _ = tx
+                        .send(Err(StoreError::Compacted {
+                            requested: from,
+                            compacted: msg.compact_revision(),
+                        }))
+                        .await;
+                    return;
+                }
+                for ev in msg.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let kind = match ev.event_type() {
+                        etcd_client::EventType::Put => WatchEventKind::Put,
+                        etcd_client::EventType::Delete => WatchEventKind::Delete,
+                    };
+                    let event = WatchEvent {
+                        kind,
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        value: kv.value().to_vec(),
+                        revision: kv.mod_revision(),
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if msg.canceled() {
+                    return;
+                }
+            }
+        });
+        Ok(Watch::new(rx))
+    }
+
+    async fn compact(&self, revision: i64) -> Result<()> {
+        self.client
+            .clone()
+            .compact(revision, None)
+            .await
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    async fn revision(&self) -> Result<i64> {
+        let resp = self
+            .client
+            .clone()
+            .get("/trellis/.probe", None)
+            .await
+            .map_err(self.err())?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd:{}", self.endpoints.join(","))
+    }
+}

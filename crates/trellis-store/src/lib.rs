@@ -1,0 +1,156 @@
+//! The datastore every Trellis program shares: keyed byte values with revisions,
+//! compare-and-swap transactions over several keys, and prefix watches that resume from a
+//! revision and say when that revision was compacted away. Two backends behave the same:
+//!
+//! - [`sqlite::SqliteStore`] — one SQLite file in WAL mode, safe for several processes at once
+//!   (the default, `/var/lib/trellis/trellis.db`); watches poll a change log.
+//! - [`etcd::EtcdStore`] — etcd v3.
+//!
+//! [`open`] picks one from `sqlite:PATH` or `etcd:http://HOST:PORT[,HOST:PORT]`. This crate does
+//! I/O; the types in [`types`] are plain data.
+
+pub mod etcd;
+pub mod sqlite;
+pub mod types;
+
+use std::sync::Arc;
+
+pub use types::{KeyValue, Listing, Precondition, TxnOp, TxnOutcome, WatchEvent, WatchEventKind};
+
+/// Default datastore when none is given.
+pub const DEFAULT_SPEC: &str = "sqlite:/var/lib/trellis/trellis.db";
+
+/// Datastore failures. Messages name the backend endpoint or path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid datastore {spec:?}: {reason} (expected sqlite:PATH or etcd:http://HOST:PORT[,HOST:PORT])")]
+    InvalidSpec { spec: String, reason: String },
+    #[error("datastore {endpoint} is unreachable: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("sqlite datastore {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("etcd datastore {endpoint}: {source}")]
+    Etcd {
+        endpoint: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("revision {requested} has been compacted (oldest available: {compacted}); list again")]
+    Compacted { requested: i64, compacted: i64 },
+    #[error("datastore task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A stream of watch events; ends with `Err(Compacted)` when the watcher fell behind.
+pub struct Watch {
+    rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>,
+}
+
+impl Watch {
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>) -> Watch {
+        Watch { rx }
+    }
+
+    /// The next event, or `None` when the store is closed.
+    pub async fn next(&mut self) -> Option<Result<WatchEvent>> {
+        self.rx.recv().await
+    }
+}
+
+/// The datastore interface (see the crate docs).
+#[async_trait::async_trait]
+pub trait Datastore: Send + Sync {
+    /// One key.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
+    /// Every key under `prefix`, in key order, with the store revision they were read at.
+    async fn list(&self, prefix: &str) -> Result<Listing>;
+    /// Applies `ops` atomically if every precondition holds; one new revision for all of them.
+    async fn txn(&self, preconditions: Vec<Precondition>, ops: Vec<TxnOp>) -> Result<TxnOutcome>;
+    /// Changes under `prefix` from revision `from` (inclusive) on.
+    async fn watch(&self, prefix: &str, from: i64) -> Result<Watch>;
+    /// Forgets history before `revision`; watches from earlier revisions get `Compacted`.
+    async fn compact(&self, revision: i64) -> Result<()>;
+    /// The current store revision.
+    async fn revision(&self) -> Result<i64>;
+    /// A human-readable name (path or endpoints) for messages.
+    fn describe(&self) -> String;
+}
+
+/// Opens the datastore named by `spec` (`sqlite:PATH` or `etcd:http://HOST:PORT[,...]`).
+pub async fn open(spec: &str) -> Result<Arc<dyn Datastore>> {
+    if let Some(path) = spec.strip_prefix("sqlite:") {
+        if path.is_empty() {
+            return Err(StoreError::InvalidSpec {
+                spec: spec.into(),
+                reason: "empty path".into(),
+            });
+        }
+        return Ok(Arc::new(sqlite::SqliteStore::open(path).await?));
+    }
+    if let Some(endpoints) = spec.strip_prefix("etcd:") {
+        let eps: Vec<String> = endpoints
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect();
+        if eps.is_empty() {
+            return Err(StoreError::InvalidSpec {
+                spec: spec.into(),
+                reason: "no endpoints".into(),
+            });
+        }
+        for e in &eps {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(StoreError::InvalidSpec {
+                    spec: spec.into(),
+                    reason: format!("endpoint {e:?} needs http:// or https://"),
+                });
+            }
+        }
+        return Ok(Arc::new(etcd::EtcdStore::connect(eps).await?));
+    }
+    Err(StoreError::InvalidSpec {
+        spec: spec.into(),
+        reason: "unknown backend".into(),
+    })
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+pub fn prefix_end(prefix: &str) -> Option<Vec<u8>> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_last_byte() {
+        assert_eq!(prefix_end("/a/"), Some(b"/a0".to_vec()));
+        assert_eq!(prefix_end(""), None);
+    }
+
+    #[tokio::test]
+    async fn bad_specs_are_named() {
+        for spec in ["mysql:x", "sqlite:", "etcd:", "etcd:localhost:2379"] {
+            let err = open(spec).await.err().expect("must fail");
+            assert!(
+                err.to_string().contains(spec.split(':').next().unwrap()),
+                "{err}"
+            );
+        }
+    }
+}
