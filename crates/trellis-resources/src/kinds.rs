@@ -1,0 +1,258 @@
+//! The resource kinds and their specs. Field names follow Calico's where Calico has the concept,
+//! so an operator's `projectcalico.org/v3` YAML applies unchanged.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Object metadata (the Kubernetes fields Trellis keeps).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// How traffic between nodes is carried for a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encapsulation {
+    None,
+    #[serde(rename = "VXLAN")]
+    Vxlan,
+    #[serde(rename = "VXLANCrossSubnet")]
+    VxlanCrossSubnet,
+    #[serde(rename = "IPIP")]
+    Ipip,
+    #[serde(rename = "IPIPCrossSubnet")]
+    IpipCrossSubnet,
+}
+
+/// Calico's `ipipMode` / `vxlanMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TunnelMode {
+    Never,
+    Always,
+    CrossSubnet,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpPoolSpec {
+    pub cidr: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encapsulation: Option<Encapsulation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipip_mode: Option<TunnelMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_mode: Option<TunnelMode>,
+    #[serde(default)]
+    pub nat_outgoing: bool,
+    #[serde(default)]
+    pub disabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<String>,
+    #[serde(default, rename = "disableBGPExport")]
+    pub disable_bgp_export: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_uses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment_mode: Option<String>,
+}
+
+impl IpPoolSpec {
+    /// `blockSize` or its default (26 for IPv4, 122 for IPv6).
+    pub fn block_prefix(&self) -> u8 {
+        self.block_size
+            .unwrap_or(if self.cidr.addr().is_ipv4() { 26 } else { 122 })
+    }
+
+    /// The encapsulation after mapping Calico's ipipMode/vxlanMode onto it.
+    pub fn effective_encapsulation(&self) -> Encapsulation {
+        if let Some(e) = self.encapsulation {
+            return e;
+        }
+        match (self.ipip_mode, self.vxlan_mode) {
+            (_, Some(TunnelMode::Always)) => Encapsulation::Vxlan,
+            (_, Some(TunnelMode::CrossSubnet)) => Encapsulation::VxlanCrossSubnet,
+            (Some(TunnelMode::Always), _) => Encapsulation::Ipip,
+            (Some(TunnelMode::CrossSubnet), _) => Encapsulation::IpipCrossSubnet,
+            _ => Encapsulation::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeAddress {
+    pub address: String,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeBgpSpec {
+    #[serde(
+        default,
+        rename = "ipv4Address",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv4_address: Option<IpNet>,
+    #[serde(
+        default,
+        rename = "ipv6Address",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv6_address: Option<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    #[serde(
+        default,
+        rename = "routeReflectorClusterID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub route_reflector_cluster_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NodeAddress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<NodeBgpSpec>,
+    #[serde(
+        default,
+        rename = "ipv4VXLANTunnelAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv4_vxlan_tunnel_addr: Option<std::net::IpAddr>,
+    #[serde(
+        default,
+        rename = "vxlanTunnelMACAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vxlan_tunnel_mac_addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeStatus {
+    /// Unix seconds of the agent's last keep-alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<u64>,
+}
+
+/// One allocation's owner inside a block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllocationAttribute {
+    #[serde(rename = "handle_id")]
+    pub handle_id: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secondary: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpamBlockSpec {
+    pub cidr: IpNet,
+    /// `host:NODE` when the block is affine to a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// Per ordinal in the block: index into `attributes`, or null when free.
+    pub allocations: Vec<Option<usize>>,
+    pub attributes: Vec<AllocationAttribute>,
+    /// Unix seconds since when the block has been empty (for release after a grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_since: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpamHandleSpec {
+    #[serde(rename = "handleID")]
+    pub handle_id: String,
+    /// Block CIDR → number of addresses this handle holds there.
+    pub block: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AffinityState {
+    Pending,
+    Confirmed,
+    PendingDeletion,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlockAffinitySpec {
+    pub state: AffinityState,
+    pub node: String,
+    pub cidr: IpNet,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpReservationSpec {
+    #[serde(rename = "reservedCIDRs")]
+    pub reserved_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpamConfigurationSpec {
+    #[serde(default)]
+    pub strict_affinity: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_blocks_per_host: Option<u32>,
+    #[serde(default = "yes")]
+    pub auto_allocate_blocks: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadEndpointSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orchestrator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    pub node: String,
+    #[serde(
+        default,
+        rename = "containerID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_networks: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<String>,
+}

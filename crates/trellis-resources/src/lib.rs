@@ -1,0 +1,363 @@
+//! Trellis's resources: typed, validated objects read from YAML or JSON documents (Trellis's
+//! `trellis.dev/v1` and, for the kinds Calico has, `projectcalico.org/v3`), written back as
+//! canonical JSON under stable datastore keys. Pure: no I/O.
+
+pub mod kinds;
+pub mod selector;
+pub mod validate;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub use kinds::*;
+pub use selector::Selector;
+
+/// Trellis's API version.
+pub const API_VERSION: &str = "trellis.dev/v1";
+/// Calico's, accepted on input for the kinds Calico has.
+pub const CALICO_API_VERSION: &str = "projectcalico.org/v3";
+/// Root of every key Trellis stores.
+pub const KEY_ROOT: &str = "/trellis/v1";
+
+/// The kinds Trellis knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    IpPool,
+    Node,
+    IpamBlock,
+    IpamHandle,
+    BlockAffinity,
+    IpReservation,
+    IpamConfiguration,
+    WorkloadEndpoint,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::IpPool,
+        Kind::Node,
+        Kind::IpamBlock,
+        Kind::IpamHandle,
+        Kind::BlockAffinity,
+        Kind::IpReservation,
+        Kind::IpamConfiguration,
+        Kind::WorkloadEndpoint,
+    ];
+
+    /// The `kind:` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::IpPool => "IPPool",
+            Kind::Node => "Node",
+            Kind::IpamBlock => "IPAMBlock",
+            Kind::IpamHandle => "IPAMHandle",
+            Kind::BlockAffinity => "BlockAffinity",
+            Kind::IpReservation => "IPReservation",
+            Kind::IpamConfiguration => "IPAMConfiguration",
+            Kind::WorkloadEndpoint => "WorkloadEndpoint",
+        }
+    }
+
+    /// Lower-case plural: the key segment and the CLI's name for the kind.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::IpPool => "ippools",
+            Kind::Node => "nodes",
+            Kind::IpamBlock => "ipamblocks",
+            Kind::IpamHandle => "ipamhandles",
+            Kind::BlockAffinity => "blockaffinities",
+            Kind::IpReservation => "ipreservations",
+            Kind::IpamConfiguration => "ipamconfigurations",
+            Kind::WorkloadEndpoint => "workloadendpoints",
+        }
+    }
+
+    pub fn namespaced(self) -> bool {
+        self == Kind::WorkloadEndpoint
+    }
+
+    /// Whether Calico's `projectcalico.org/v3` has this kind.
+    pub fn in_calico_v3(self) -> bool {
+        matches!(
+            self,
+            Kind::IpPool
+                | Kind::Node
+                | Kind::IpReservation
+                | Kind::WorkloadEndpoint
+                | Kind::BlockAffinity
+        )
+    }
+
+    /// Parses a kind from its name, plural or singular lower-case form (`ippool`, `ippools`, `IPPool`).
+    pub fn parse(s: &str) -> Option<Kind> {
+        let l = s.to_ascii_lowercase();
+        Kind::ALL.into_iter().find(|k| {
+            k.name().to_ascii_lowercase() == l
+                || k.plural() == l
+                || k.plural().trim_end_matches('s') == l
+                || (l == "blockaffinity" && *k == Kind::BlockAffinity)
+        })
+    }
+
+    /// Key prefix of all objects of this kind.
+    pub fn prefix(self) -> String {
+        format!("{KEY_ROOT}/{}/", self.plural())
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An object of some kind: metadata plus its typed spec (and status where the kind has one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Object<S> {
+    pub metadata: Metadata,
+    pub spec: S,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<NodeStatus>,
+}
+
+/// Any resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    IpPool(Object<IpPoolSpec>),
+    Node(Object<NodeSpec>),
+    IpamBlock(Object<IpamBlockSpec>),
+    IpamHandle(Object<IpamHandleSpec>),
+    BlockAffinity(Object<BlockAffinitySpec>),
+    IpReservation(Object<IpReservationSpec>),
+    IpamConfiguration(Object<IpamConfigurationSpec>),
+    WorkloadEndpoint(Object<WorkloadEndpointSpec>),
+}
+
+/// A document that is not a valid resource: which one, and which field is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{field}: {reason}", match (doc, object) { (Some(d), Some(o)) => format!("document {d} ({o}): "), (Some(d), None) => format!("document {d}: "), (None, Some(o)) => format!("{o}: "), _ => String::new() })]
+pub struct ResourceError {
+    /// 1-based document number in the input.
+    pub doc: Option<usize>,
+    /// `Kind/name` when known.
+    pub object: Option<String>,
+    /// The offending field (`spec.blockSize`), or `document` for syntax errors.
+    pub field: String,
+    pub reason: String,
+}
+
+impl ResourceError {
+    pub fn field(field: impl Into<String>, reason: impl Into<String>) -> ResourceError {
+        ResourceError {
+            doc: None,
+            object: None,
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:expr, $o:ident => $e:expr) => {
+        match $self {
+            Resource::IpPool($o) => $e,
+            Resource::Node($o) => $e,
+            Resource::IpamBlock($o) => $e,
+            Resource::IpamHandle($o) => $e,
+            Resource::BlockAffinity($o) => $e,
+            Resource::IpReservation($o) => $e,
+            Resource::IpamConfiguration($o) => $e,
+            Resource::WorkloadEndpoint($o) => $e,
+        }
+    };
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::IpPool(_) => Kind::IpPool,
+            Resource::Node(_) => Kind::Node,
+            Resource::IpamBlock(_) => Kind::IpamBlock,
+            Resource::IpamHandle(_) => Kind::IpamHandle,
+            Resource::BlockAffinity(_) => Kind::BlockAffinity,
+            Resource::IpReservation(_) => Kind::IpReservation,
+            Resource::IpamConfiguration(_) => Kind::IpamConfiguration,
+            Resource::WorkloadEndpoint(_) => Kind::WorkloadEndpoint,
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        each!(self, o => &o.metadata)
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        each!(self, o => &mut o.metadata)
+    }
+
+    /// The datastore key.
+    pub fn key(&self) -> String {
+        key_for(
+            self.kind(),
+            self.metadata().namespace.as_deref(),
+            &self.metadata().name,
+        )
+    }
+
+    /// The canonical document (`trellis.dev/v1`), as stored and as `get -o json|yaml` prints.
+    pub fn to_value(&self) -> Value {
+        let body = each!(self, o => serde_json::to_value(o).expect("resources serialise"));
+        let mut v = json!({"apiVersion": API_VERSION, "kind": self.kind().name()});
+        for (k, val) in body.as_object().expect("object").clone() {
+            v[k] = val;
+        }
+        v
+    }
+
+    /// Checks the semantic rules of the kind (CIDRs, ranges, selectors, names).
+    pub fn validate(&self) -> Result<(), ResourceError> {
+        validate::resource(self).map_err(|mut e| {
+            e.object = Some(format!("{}/{}", self.kind(), self.metadata().name));
+            e
+        })
+    }
+
+    /// Parses and validates one document (already decoded to JSON).
+    pub fn from_value(v: &Value) -> Result<Resource, ResourceError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ResourceError::field("document", "must be a mapping"))?;
+        let kind_name = obj
+            .get("kind")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ResourceError::field("kind", "is required"))?;
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| k.name() == kind_name)
+            .ok_or_else(|| ResourceError::field("kind", format!("unknown kind {kind_name:?}")))?;
+        let api = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ResourceError::field("apiVersion", "is required"))?;
+        if !(api == API_VERSION || (api == CALICO_API_VERSION && kind.in_calico_v3())) {
+            return Err(ResourceError::field(
+                "apiVersion",
+                format!(
+                    "{api:?} is not supported for {kind_name} (use {API_VERSION}{})",
+                    if kind.in_calico_v3() {
+                        format!(" or {CALICO_API_VERSION}")
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+        }
+        let mut body = v.clone();
+        let b = body.as_object_mut().expect("object");
+        b.remove("apiVersion");
+        b.remove("kind");
+        let object = b
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .map(|n| format!("{kind_name}/{n}"));
+        let r = parse_body(kind, &body).map_err(|mut e| {
+            e.object = object.clone();
+            e
+        })?;
+        r.validate()?;
+        Ok(r)
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ResourceError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        // serde names the unknown field in its message; keep the path to where it was found.
+        ResourceError::field(
+            if path == "." {
+                "document".to_string()
+            } else {
+                path
+            },
+            msg,
+        )
+    })
+}
+
+fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
+    Ok(match kind {
+        Kind::IpPool => Resource::IpPool(typed(body)?),
+        Kind::Node => Resource::Node(typed(body)?),
+        Kind::IpamBlock => Resource::IpamBlock(typed(body)?),
+        Kind::IpamHandle => Resource::IpamHandle(typed(body)?),
+        Kind::BlockAffinity => Resource::BlockAffinity(typed(body)?),
+        Kind::IpReservation => Resource::IpReservation(typed(body)?),
+        Kind::IpamConfiguration => Resource::IpamConfiguration(typed(body)?),
+        Kind::WorkloadEndpoint => Resource::WorkloadEndpoint(typed(body)?),
+    })
+}
+
+/// The datastore key of an object.
+pub fn key_for(kind: Kind, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) if kind.namespaced() => format!("{}{ns}/{name}", kind.prefix()),
+        _ => format!("{}{name}", kind.prefix()),
+    }
+}
+
+/// Splits input into documents: JSON (an object, an array, or a `List`) or YAML (`---` separated).
+pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ResourceError> {
+    let trimmed = text.trim_start();
+    let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| ResourceError::field("document", format!("invalid JSON: {e}")))?;
+        match v {
+            Value::Array(items) => items,
+            Value::Object(ref o) if o.get("kind").and_then(Value::as_str) == Some("List") => o
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            other => vec![other],
+        }
+    } else {
+        let mut out = Vec::new();
+        for (i, d) in serde_norway::Deserializer::from_str(text).enumerate() {
+            let v = Value::deserialize(d).map_err(|e| ResourceError {
+                doc: Some(i + 1),
+                object: None,
+                field: "document".into(),
+                reason: format!("invalid YAML: {e}"),
+            })?;
+            if !v.is_null() {
+                out.push(v);
+            }
+        }
+        out
+    };
+    docs.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Resource::from_value(d).map_err(|mut e| {
+                e.doc = Some(i + 1);
+                e
+            })
+        })
+        .collect()
+}
+
+/// Renders resources as YAML documents (separated by `---`).
+pub fn to_yaml(resources: &[Resource]) -> String {
+    resources
+        .iter()
+        .map(|r| serde_norway::to_string(&r.to_value()).expect("yaml serialises"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[cfg(test)]
+mod tests;

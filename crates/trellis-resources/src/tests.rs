@@ -1,0 +1,136 @@
+use super::*;
+
+const CALICO_POOL: &str = r#"
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata:
+  name: default-ipv4-ippool
+spec:
+  blockSize: 26
+  cidr: 192.168.0.0/16
+  ipipMode: Never
+  natOutgoing: true
+  nodeSelector: all()
+  vxlanMode: CrossSubnet
+---
+apiVersion: trellis.dev/v1
+kind: IPAMConfiguration
+metadata:
+  name: default
+spec:
+  strictAffinity: true
+  maxBlocksPerHost: 4
+"#;
+
+#[test]
+fn calico_ippool_applies_unchanged() {
+    let rs = parse_documents(CALICO_POOL).unwrap();
+    assert_eq!(rs.len(), 2);
+    let Resource::IpPool(p) = &rs[0] else {
+        panic!()
+    };
+    assert_eq!(
+        p.spec.effective_encapsulation(),
+        Encapsulation::VxlanCrossSubnet
+    );
+    assert_eq!(p.spec.block_prefix(), 26);
+    assert_eq!(rs[0].key(), "/trellis/v1/ippools/default-ipv4-ippool");
+}
+
+#[test]
+fn yaml_round_trips_through_canonical_form() {
+    let rs = parse_documents(CALICO_POOL).unwrap();
+    let again = parse_documents(&to_yaml(&rs)).unwrap();
+    assert_eq!(rs, again);
+    let json =
+        serde_json::to_string(&rs.iter().map(Resource::to_value).collect::<Vec<_>>()).unwrap();
+    assert_eq!(parse_documents(&json).unwrap(), rs);
+}
+
+fn pool_err(spec: &str) -> ResourceError {
+    let doc =
+        format!("apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n{spec}");
+    parse_documents(&doc).unwrap_err()
+}
+
+#[test]
+fn bad_pools_name_the_field() {
+    let e = pool_err("  cidr: 10.0.0.0/16\n  blockSize: 40\n");
+    assert_eq!(e.field, "spec.blockSize");
+    assert!(e.to_string().contains("IPPool/p"), "{e}");
+    let e = pool_err("  cidr: 10.0.0.0/16\n  blockSize: 19\n");
+    assert_eq!(e.field, "spec.blockSize");
+    let e = pool_err("  cidr: 10.0.0.1/16\n");
+    assert_eq!(e.field, "spec.cidr");
+    let e = pool_err("  cidr: 10.0.0.0/16\n  colour: blue\n");
+    assert!(e.reason.contains("colour"), "{e}");
+    let e = pool_err("  cidr: 10.0.0.0/16\n  nodeSelector: \"zone = 'a'\"\n");
+    assert_eq!(e.field, "spec.nodeSelector");
+    let e = pool_err("  cidr: 10.0.0.0/16\n  ipipMode: Always\n  vxlanMode: Always\n");
+    assert_eq!(e.field, "spec.vxlanMode");
+    let e = pool_err("  cidr: 10.0.0.0/16\n  encapsulation: Geneve\n");
+    assert!(e.field.contains("encapsulation"), "{e}");
+}
+
+#[test]
+fn unknown_kinds_versions_and_metadata_fields_are_refused() {
+    let e =
+        parse_documents("apiVersion: trellis.dev/v1\nkind: Frob\nmetadata: {name: x}\nspec: {}\n")
+            .unwrap_err();
+    assert_eq!(e.field, "kind");
+    let e = parse_documents("apiVersion: projectcalico.org/v3\nkind: IPAMHandle\nmetadata: {name: x}\nspec: {handleID: x, block: {}}\n").unwrap_err();
+    assert_eq!(e.field, "apiVersion");
+    let e = parse_documents(
+        "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n, finalizerz: []}\nspec: {}\n",
+    )
+    .unwrap_err();
+    assert!(e.reason.contains("finalizerz"), "{e}");
+    let e = parse_documents(
+        "apiVersion: trellis.dev/v1\nkind: IPAMConfiguration\nmetadata: {name: other}\nspec: {}\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "metadata.name");
+    let e = parse_documents("{not json").unwrap_err();
+    assert_eq!(e.field, "document");
+}
+
+#[test]
+fn pool_overlap_detected() {
+    let p = |n: &str, c: &str| Object {
+        metadata: Metadata {
+            name: n.into(),
+            ..Default::default()
+        },
+        spec: IpPoolSpec {
+            cidr: c.parse().unwrap(),
+            block_size: None,
+            encapsulation: None,
+            ipip_mode: None,
+            vxlan_mode: None,
+            nat_outgoing: false,
+            disabled: false,
+            node_selector: None,
+            disable_bgp_export: false,
+            allowed_uses: vec![],
+            assignment_mode: None,
+        },
+        status: None,
+    };
+    let existing = vec![p("a", "10.0.0.0/16")];
+    assert!(validate::check_pool_overlap(&p("b", "10.0.128.0/17"), &existing).is_err());
+    assert!(validate::check_pool_overlap(&p("b", "10.1.0.0/16"), &existing).is_ok());
+    assert!(
+        validate::check_pool_overlap(&p("a", "10.0.0.0/15"), &existing).is_ok(),
+        "a pool may replace itself"
+    );
+}
+
+#[test]
+fn kinds_parse_from_cli_names() {
+    assert_eq!(Kind::parse("ippools"), Some(Kind::IpPool));
+    assert_eq!(Kind::parse("IPPool"), Some(Kind::IpPool));
+    assert_eq!(Kind::parse("ippool"), Some(Kind::IpPool));
+    assert_eq!(Kind::parse("blockaffinity"), Some(Kind::BlockAffinity));
+    assert_eq!(Kind::parse("nodes"), Some(Kind::Node));
+    assert_eq!(Kind::parse("nope"), None);
+}

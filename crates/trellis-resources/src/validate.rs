@@ -1,0 +1,253 @@
+//! Semantic validation of each kind (the serde layer already rejected unknown fields and
+//! wrong types). Pure.
+
+use ipnet::IpNet;
+
+use crate::kinds::*;
+use crate::selector::Selector;
+use crate::{Object, Resource, ResourceError};
+
+fn err(field: &str, reason: impl Into<String>) -> ResourceError {
+    ResourceError::field(field, reason)
+}
+
+/// Names: 1–253 characters of letters, digits, `.`, `_`, `-`, starting with a letter or digit;
+/// lower case for the kinds Kubernetes names must be (DNS subdomains).
+fn name(n: &str, lowercase: bool) -> Result<(), ResourceError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
+    if n.is_empty() || n.len() > 253 {
+        return Err(err(
+            "metadata.name",
+            format!("{n:?} must be 1 to 253 characters"),
+        ));
+    }
+    if !n.starts_with(|c: char| c.is_ascii_alphanumeric()) || !n.chars().all(ok_char) {
+        return Err(err("metadata.name", format!("{n:?} may hold only letters, digits, '.', '_' and '-', starting with a letter or digit")));
+    }
+    if lowercase && (n.chars().any(|c| c.is_ascii_uppercase() || c == '_')) {
+        return Err(err(
+            "metadata.name",
+            format!("{n:?} must be lower case (a DNS subdomain)"),
+        ));
+    }
+    Ok(())
+}
+
+fn cidr(field: &str, c: &IpNet) -> Result<(), ResourceError> {
+    if c.network() != c.addr() {
+        return Err(err(
+            field,
+            format!("{c} has host bits set; the network is {}", c.trunc()),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
+    match r {
+        Resource::IpPool(o) => ip_pool(o),
+        Resource::Node(o) => node(o),
+        Resource::IpamBlock(o) => {
+            name(&o.metadata.name, false)?;
+            cidr("spec.cidr", &o.spec.cidr)?;
+            let size = block_size(&o.spec.cidr);
+            if o.spec.allocations.len() as u128 != size {
+                return Err(err(
+                    "spec.allocations",
+                    format!(
+                        "has {} entries; block {} has {size} addresses",
+                        o.spec.allocations.len(),
+                        o.spec.cidr
+                    ),
+                ));
+            }
+            if let Some(bad) = o
+                .spec
+                .allocations
+                .iter()
+                .flatten()
+                .find(|i| **i >= o.spec.attributes.len())
+            {
+                return Err(err(
+                    "spec.allocations",
+                    format!(
+                        "refers to attribute {bad}, but there are {}",
+                        o.spec.attributes.len()
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Resource::IpamHandle(o) => {
+            name(&o.metadata.name, false)?;
+            if o.spec.handle_id.is_empty() {
+                return Err(err("spec.handleID", "must not be empty"));
+            }
+            Ok(())
+        }
+        Resource::BlockAffinity(o) => {
+            name(&o.metadata.name, false)?;
+            cidr("spec.cidr", &o.spec.cidr)?;
+            name(&o.spec.node, false).map_err(|e| err("spec.node", e.reason))
+        }
+        Resource::IpReservation(o) => {
+            name(&o.metadata.name, true)?;
+            for (i, c) in o.spec.reserved_cidrs.iter().enumerate() {
+                parse_cidr_or_ip(c).map_err(|e| err(&format!("spec.reservedCIDRs[{i}]"), e))?;
+            }
+            Ok(())
+        }
+        Resource::IpamConfiguration(o) => {
+            if o.metadata.name != "default" {
+                return Err(err(
+                    "metadata.name",
+                    format!(
+                        "{:?}: the IPAM configuration is a singleton named \"default\"",
+                        o.metadata.name
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Resource::WorkloadEndpoint(o) => {
+            name(&o.metadata.name, false)?;
+            match &o.metadata.namespace {
+                Some(ns) => name(ns, true).map_err(|e| err("metadata.namespace", e.reason))?,
+                None => {
+                    return Err(err(
+                        "metadata.namespace",
+                        "is required for WorkloadEndpoint",
+                    ))
+                }
+            }
+            name(&o.spec.node, false).map_err(|e| err("spec.node", e.reason))
+        }
+    }
+}
+
+/// Number of addresses in a block.
+pub fn block_size(c: &IpNet) -> u128 {
+    1u128 << (c.max_prefix_len() - c.prefix_len())
+}
+
+/// An address or CIDR (an address means its /32 or /128).
+pub fn parse_cidr_or_ip(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        if n.network() != n.addr() {
+            return Err(format!("{s} has host bits set"));
+        }
+        return Ok(n);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not an address or CIDR"))
+}
+
+fn ip_pool(o: &Object<IpPoolSpec>) -> Result<(), ResourceError> {
+    name(&o.metadata.name, true)?;
+    let s = &o.spec;
+    cidr("spec.cidr", &s.cidr)?;
+    let (lo, hi) = if s.cidr.addr().is_ipv4() {
+        (20, 32)
+    } else {
+        (116, 128)
+    };
+    let bs = s.block_prefix();
+    if !(lo..=hi).contains(&bs) {
+        return Err(err("spec.blockSize", format!("{bs} is outside {lo}–{hi}")));
+    }
+    if bs < s.cidr.prefix_len() {
+        return Err(err(
+            "spec.blockSize",
+            format!("/{bs} blocks do not fit in pool {}", s.cidr),
+        ));
+    }
+    if s.encapsulation.is_some() && (s.ipip_mode.is_some() || s.vxlan_mode.is_some()) {
+        return Err(err(
+            "spec.encapsulation",
+            "set either encapsulation or Calico's ipipMode/vxlanMode, not both",
+        ));
+    }
+    let on =
+        |m: Option<TunnelMode>| matches!(m, Some(TunnelMode::Always | TunnelMode::CrossSubnet));
+    if on(s.ipip_mode) && on(s.vxlan_mode) {
+        return Err(err(
+            "spec.vxlanMode",
+            "ipipMode and vxlanMode cannot both be enabled",
+        ));
+    }
+    if let Some(sel) = &s.node_selector {
+        Selector::parse(sel).map_err(|e| err("spec.nodeSelector", e))?;
+    }
+    for (i, u) in s.allowed_uses.iter().enumerate() {
+        if !["Workload", "Tunnel"].contains(&u.as_str()) {
+            return Err(err(
+                &format!("spec.allowedUses[{i}]"),
+                format!("{u:?} is not Workload or Tunnel"),
+            ));
+        }
+    }
+    if let Some(m) = &s.assignment_mode {
+        if !["Automatic", "Manual"].contains(&m.as_str()) {
+            return Err(err(
+                "spec.assignmentMode",
+                format!("{m:?} is not Automatic or Manual"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn node(o: &Object<NodeSpec>) -> Result<(), ResourceError> {
+    name(&o.metadata.name, true)?;
+    for (i, a) in o.spec.addresses.iter().enumerate() {
+        let addr = a.address.split('/').next().unwrap_or("");
+        addr.parse::<std::net::IpAddr>().map_err(|_| {
+            err(
+                &format!("spec.addresses[{i}].address"),
+                format!("{:?} is not an address", a.address),
+            )
+        })?;
+    }
+    if let Some(bgp) = &o.spec.bgp {
+        if bgp.as_number == Some(0) {
+            return Err(err("spec.bgp.asNumber", "0 is not a valid AS number"));
+        }
+    }
+    if let Some(mac) = &o.spec.vxlan_tunnel_mac_addr {
+        let parts: Vec<&str> = mac.split(':').collect();
+        if parts.len() != 6
+            || parts
+                .iter()
+                .any(|p| p.len() != 2 || u8::from_str_radix(p, 16).is_err())
+        {
+            return Err(err(
+                "spec.vxlanTunnelMACAddr",
+                format!("{mac:?} is not a MAC address"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Rejects a pool whose CIDR overlaps another pool's (other than its own earlier version).
+pub fn check_pool_overlap(
+    new: &Object<IpPoolSpec>,
+    existing: &[Object<IpPoolSpec>],
+) -> Result<(), ResourceError> {
+    for p in existing
+        .iter()
+        .filter(|p| p.metadata.name != new.metadata.name)
+    {
+        let (a, b) = (new.spec.cidr, p.spec.cidr);
+        if a.contains(&b.network()) || b.contains(&a.network()) {
+            return Err(ResourceError {
+                doc: None,
+                object: Some(format!("IPPool/{}", new.metadata.name)),
+                field: "spec.cidr".into(),
+                reason: format!("{a} overlaps pool {} ({b})", p.metadata.name),
+            });
+        }
+    }
+    Ok(())
+}
