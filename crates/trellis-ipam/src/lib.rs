@@ -4,6 +4,7 @@
 //! - [`range`]: validated address ranges and range sets (the host-local `ranges` schema).
 //! - [`local`]: choosing addresses for one attachment from range sets, given what is used.
 
+pub mod cluster;
 pub mod local;
 pub mod range;
 
