@@ -163,7 +163,7 @@ pub fn next_unclaimed_block(
 }
 
 /// Whether `ip` is reserved, and by which reservation.
-pub fn reserved_by<'a>(ip: IpAddr, reservations: &'a [(String, Vec<IpNet>)]) -> Option<&'a str> {
+pub fn reserved_by(ip: IpAddr, reservations: &[(String, Vec<IpNet>)]) -> Option<&str> {
     reservations
         .iter()
         .find(|(_, nets)| nets.iter().any(|n| n.contains(&ip)))
