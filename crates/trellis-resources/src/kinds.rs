@@ -189,6 +189,9 @@ pub struct IpamHandleSpec {
     pub handle_id: String,
     /// Block CIDR → number of addresses this handle holds there.
     pub block: BTreeMap<String, u32>,
+    /// Datastore key of the attachment's WorkloadEndpoint (Trellis), removed with the handle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
