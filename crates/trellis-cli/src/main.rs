@@ -1,19 +1,99 @@
-//! `trellis`: the operator's command. This first shape answers `--version` and `--help`; the
-//! datastore, agent and lab subcommands arrive with their crates.
+//! `trellis`: the operator's command and the node agent. Thin: parses flags, opens the
+//! datastore, and calls the library crates; all output formatting lives in [`table`].
 
-use clap::Parser;
+mod commands;
+mod table;
+
+use clap::{Parser, Subcommand};
 
 /// Container networking for Kubernetes-style clusters: routable pod addresses, no NAT between
 /// pods, policy on who may talk.
 #[derive(Parser, Debug)]
 #[command(name = "trellis", version, about, long_about = None)]
-struct Cli {}
+pub struct Cli {
+    /// The datastore: sqlite:PATH or etcd:http://HOST:PORT[,HOST:PORT].
+    #[arg(long, global = true, env = "TRELLIS_DATASTORE", default_value = trellis_store::DEFAULT_SPEC)]
+    pub datastore: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    println!(
-        "trellis {}: the CNI plugin is `trellis-cni`; see README.md. Run `trellis --help`.",
-        env!("CARGO_PKG_VERSION")
-    );
-    Ok(())
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create or update resources from a YAML/JSON file (`-` for stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+    },
+    /// Create resources; fails if one exists.
+    Create {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+    },
+    /// Show resources of a kind (ippools, nodes, ipamblocks, ipamhandles, blockaffinities,
+    /// ipreservations, ipamconfigurations, workloadendpoints).
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "yaml", "json"])]
+        output: String,
+    },
+    /// Delete one resource.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// IP address management.
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCommand,
+    },
+    /// Run the node agent.
+    Agent(commands::AgentArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IpamCommand {
+    /// Usage per pool and block.
+    Show,
+    /// Cross-check blocks, handles, affinities and endpoints; exits 1 when anything is wrong.
+    Check,
+    /// Release one address or everything a handle holds.
+    Release {
+        #[arg(long, conflicts_with = "handle", required_unless_present = "handle")]
+        ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        handle: Option<String>,
+    },
+    /// Release what belongs to nodes that no longer exist or to nobody; delete blocks empty for
+    /// longer than --grace seconds.
+    Gc {
+        #[arg(long, default_value_t = 300)]
+        grace: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,130 @@
+//! The agent's Unix-socket protocol: one JSON request per line, one JSON reply per line.
+//! Pure data shared by `trellis agent` (server) and `trellis-cni` (client).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/trellis/agent.sock";
+
+/// Identifies one attachment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Attachment {
+    pub network: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase", deny_unknown_fields)]
+pub enum Request {
+    /// Allocate addresses and record the workload endpoint.
+    Allocate {
+        #[serde(flatten)]
+        attachment: Attachment,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<String>,
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            rename = "hostInterface"
+        )]
+        host_interface: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ips: Vec<IpAddr>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "ipv4Pools")]
+        ipv4_pools: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "ipv6Pools")]
+        ipv6_pools: Vec<String>,
+    },
+    /// Release an attachment's addresses and endpoint (idempotent).
+    Release {
+        #[serde(flatten)]
+        attachment: Attachment,
+    },
+    /// Confirm the attachment holds exactly these addresses.
+    Check {
+        #[serde(flatten)]
+        attachment: Attachment,
+        ips: Vec<IpAddr>,
+    },
+    /// Release this node's attachments of `network` that are not listed.
+    Gc {
+        network: String,
+        keep: Vec<Attachment>,
+    },
+    /// Whether the agent can serve ADDs.
+    Status {},
+}
+
+/// An error the plugin turns into a CNI error with the same code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    pub code: u32,
+    pub msg: String,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Ok {
+    /// Allocated addresses with their block's prefix length (`10.0.0.5/26`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// The reply to any request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Reply {
+    Ok(Ok),
+    Error(ErrorReply),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_unknown_fields() {
+        let r = Request::Allocate {
+            attachment: Attachment {
+                network: "n".into(),
+                container_id: "c".into(),
+                ifname: "eth0".into(),
+            },
+            namespace: Some("default".into()),
+            pod: None,
+            host_interface: None,
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            ipv4_pools: vec![],
+            ipv6_pools: vec![],
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            line.contains("\"op\":\"allocate\"") && line.contains("containerID"),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        assert!(serde_json::from_str::<Request>("{\"op\":\"status\",\"x\":1}").is_err());
+        let reply = Reply::Error(ErrorReply {
+            code: 11,
+            msg: "m".into(),
+        });
+        assert_eq!(
+            serde_json::from_str::<Reply>(&serde_json::to_string(&reply).unwrap()).unwrap(),
+            reply
+        );
+    }
+}

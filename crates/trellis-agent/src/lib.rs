@@ -1,0 +1,151 @@
+//! `trellis agent`, first shape: registers its Node (address by autodetection) and keeps it
+//! alive, serves IPAM and endpoint registration to the CNI plugin on a Unix socket, and gives
+//! empty blocks back after a grace period. Does I/O: datastore, socket, netlink (autodetection).
+
+pub mod autodetect;
+mod server;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use trellis_cluster::ipam::NodeIpam;
+use trellis_cluster::objects;
+use trellis_resources::{Kind, Metadata, NodeAddress, NodeSpec, NodeStatus, Object, Resource};
+use trellis_store::Datastore;
+
+/// Validated agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub datastore: String,
+    pub socket: PathBuf,
+    pub ip: autodetect::Method,
+    pub labels: BTreeMap<String, String>,
+    pub heartbeat: Duration,
+    /// How long a block must stay empty before it is given back.
+    pub block_grace: Duration,
+}
+
+/// Agent failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("node address autodetection failed: {0}")]
+    Autodetect(String),
+    #[error(transparent)]
+    Cluster(#[from] trellis_cluster::ClusterError),
+    #[error(transparent)]
+    Store(#[from] trellis_store::StoreError),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The agent's shared state.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub store: Arc<dyn Datastore>,
+    pub ipam: NodeIpam,
+    pub address: IpNet,
+}
+
+/// Creates or updates this node's Node object, keeping fields others manage.
+pub async fn register_node(
+    store: &dyn Datastore,
+    name: &str,
+    address: IpNet,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), AgentError> {
+    let existing = objects::get(store, Kind::Node, None, name).await?;
+    let mut node = match existing.map(|s| s.resource) {
+        Some(Resource::Node(n)) => n,
+        _ => Object {
+            metadata: Metadata {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            spec: NodeSpec::default(),
+            status: None,
+        },
+    };
+    node.metadata.labels.extend(labels.clone());
+    node.spec.addresses = vec![NodeAddress {
+        address: address.to_string(),
+        kind: Some("InternalIP".into()),
+    }];
+    let bgp = node.spec.bgp.get_or_insert_with(Default::default);
+    if address.addr().is_ipv4() {
+        bgp.ipv4_address = Some(address);
+    }
+    node.status = Some(NodeStatus {
+        last_heartbeat: Some(trellis_cluster::now_secs()),
+    });
+    objects::apply(store, &Resource::Node(node), false).await?;
+    Ok(())
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let store = trellis_store::open(&config.datastore).await?;
+    let method = config.ip.clone();
+    let address = tokio::task::spawn_blocking(move || autodetect::detect(&method))
+        .await
+        .map_err(|e| AgentError::Autodetect(e.to_string()))?
+        .map_err(AgentError::Autodetect)?;
+    register_node(&*store, &config.node, address, &config.labels).await?;
+    tracing::info!(node = %config.node, %address, datastore = %store.describe(), "node registered");
+    let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone());
+    let agent = Arc::new(Agent {
+        config,
+        store,
+        ipam,
+        address,
+    });
+    let listener = server::bind(&agent.config.socket)?;
+    tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");
+    let housekeeping = tokio::spawn(housekeeping(agent.clone()));
+    tokio::select! {
+        r = server::serve(agent.clone(), listener) => r?,
+        _ = shutdown => tracing::info!("shutting down"),
+    }
+    housekeeping.abort();
+    let _ = std::fs::remove_file(&agent.config.socket);
+    Ok(())
+}
+
+/// Heartbeats and empty-block release.
+async fn housekeeping(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(agent.config.heartbeat);
+    loop {
+        tick.tick().await;
+        if let Err(e) = register_node(
+            &*agent.store,
+            &agent.config.node,
+            agent.address,
+            &agent.config.labels,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+        match agent
+            .ipam
+            .release_empty_blocks(agent.config.block_grace)
+            .await
+        {
+            Ok(released) if !released.is_empty() => {
+                tracing::info!(blocks = ?released, "released empty blocks")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "releasing empty blocks failed"),
+        }
+    }
+}

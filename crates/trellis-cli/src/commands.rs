@@ -1,0 +1,276 @@
+//! The subcommands: each opens the datastore, calls the library, prints.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use trellis_cluster::objects::{self, Applied};
+use trellis_cluster::{ipam, report};
+use trellis_resources::{parse_documents, Kind, Resource};
+
+use crate::table;
+use crate::{Cli, Command, IpamCommand};
+
+/// `trellis agent` flags.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// This node's name (defaults to the hostname).
+    #[arg(long, env = "NODENAME")]
+    pub node: Option<String>,
+    /// Unix socket for the CNI plugin.
+    #[arg(long, default_value = trellis_agent_api_socket())]
+    pub socket: PathBuf,
+    /// Node address: first-found, interface=REGEX, can-reach=IP, or an address.
+    #[arg(long, env = "IP_AUTODETECTION_METHOD", default_value = "first-found")]
+    pub ip: String,
+    /// Node labels (KEY=VALUE), used by pool nodeSelectors.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Seconds between heartbeats (and empty-block checks).
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat: u64,
+    /// Seconds a block must stay empty before it is released to the pool.
+    #[arg(long, default_value_t = 300)]
+    pub block_grace: u64,
+}
+
+const fn trellis_agent_api_socket() -> &'static str {
+    "/run/trellis/agent.sock"
+}
+
+fn read_input(file: &str) -> Result<String> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+    }
+}
+
+fn kind_arg(s: &str) -> Result<Kind> {
+    Kind::parse(s).with_context(|| {
+        format!(
+            "unknown kind {s:?}; one of {}",
+            Kind::ALL
+                .iter()
+                .map(|k| k.plural())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Agent(a) = cli.command {
+        return agent(&cli.datastore, a).await;
+    }
+    let store = trellis_store::open(&cli.datastore).await?;
+    let store = &*store;
+    match cli.command {
+        Command::Apply { file } => write_all(store, &file, false).await,
+        Command::Create { file } => write_all(store, &file, true).await,
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+        } => {
+            let kind = kind_arg(&kind)?;
+            let mut items: Vec<Resource> = objects::list(store, kind)
+                .await?
+                .into_iter()
+                .map(|s| s.resource)
+                .collect();
+            if let Some(ns) = &namespace {
+                items.retain(|r| r.metadata().namespace.as_deref() == Some(ns.as_str()));
+            }
+            if let Some(n) = &name {
+                items.retain(|r| &r.metadata().name == n);
+                if items.is_empty() {
+                    bail!("{kind} {n} not found");
+                }
+            }
+            match output.as_str() {
+                "yaml" => print!("{}", trellis_resources::to_yaml(&items)),
+                "json" => {
+                    let v: Vec<_> = items.iter().map(Resource::to_value).collect();
+                    let out = if name.is_some() && v.len() == 1 {
+                        v[0].clone()
+                    } else {
+                        serde_json::json!({"kind": "List", "items": v})
+                    };
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                }
+                _ => print!("{}", table::resources(kind, &items)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => {
+            let kind = kind_arg(&kind)?;
+            objects::delete(store, kind, namespace.as_deref(), &name).await?;
+            println!("{} {name} deleted", kind.name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ipam { command } => ipam_cmd(store, command).await,
+        Command::Agent(_) => unreachable!(),
+    }
+}
+
+/// Validates every document first, so a bad one changes nothing; then writes them in order.
+async fn write_all(
+    store: &dyn trellis_store::Datastore,
+    file: &str,
+    create_only: bool,
+) -> Result<ExitCode> {
+    let text = read_input(file)?;
+    let resources = parse_documents(&text)?;
+    if resources.is_empty() {
+        bail!("{file}: no resources found");
+    }
+    for r in &resources {
+        if let Resource::IpPool(p) = r {
+            let existing: Vec<_> = objects::pools(store)
+                .await?
+                .into_iter()
+                .map(|(o, _)| o)
+                .collect();
+            let others: Vec<_> = resources
+                .iter()
+                .filter_map(|o| {
+                    if let Resource::IpPool(q) = o {
+                        (q.metadata.name != p.metadata.name).then(|| q.clone())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            trellis_resources::validate::check_pool_overlap(p, &existing)?;
+            trellis_resources::validate::check_pool_overlap(p, &others)?;
+        }
+    }
+    for r in &resources {
+        let what = match objects::apply(store, r, create_only).await? {
+            Applied::Created => "created",
+            Applied::Updated => "configured",
+            Applied::Unchanged => "unchanged",
+        };
+        println!("{}/{} {what}", r.kind().name(), r.metadata().name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ipam_cmd(store: &dyn trellis_store::Datastore, command: IpamCommand) -> Result<ExitCode> {
+    match command {
+        IpamCommand::Show => {
+            let (pools, stray) = report::show(store).await?;
+            print!("{}", table::ipam_show(&pools, &stray));
+            Ok(ExitCode::SUCCESS)
+        }
+        IpamCommand::Check => {
+            let problems = report::check(store).await?;
+            if problems.is_empty() {
+                println!("IPAM is consistent: no leaks, duplicates or orphans");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for p in &problems {
+                println!("{p}");
+            }
+            println!("{} problem(s) found", problems.len());
+            Ok(ExitCode::FAILURE)
+        }
+        IpamCommand::Release { ip, handle } => {
+            if let Some(h) = handle {
+                let released = ipam::release_handle(store, &h).await?;
+                if released.is_empty() {
+                    bail!("handle {h} holds no addresses");
+                }
+                println!(
+                    "released {} from handle {h}",
+                    released
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            } else if let Some(ip) = ip {
+                match ipam::release_ip(store, ip).await? {
+                    Some(h) => println!("released {ip} (handle {h})"),
+                    None => bail!("{ip} is not allocated"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        IpamCommand::Gc { grace } => {
+            let r = report::gc(store, grace).await?;
+            println!(
+                "released {} handle(s) of missing nodes, {} leaked address(es); deleted {} block(s), {} affinit(y/ies)",
+                r.released_handles.len(),
+                r.released_leaks.len(),
+                r.deleted_blocks.len(),
+                r.deleted_affinities.len()
+            );
+            for h in &r.released_handles {
+                println!("  released handle {h}");
+            }
+            for ip in &r.released_leaks {
+                println!("  released leaked {ip}");
+            }
+            for b in &r.deleted_blocks {
+                println!("  deleted block {b}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
+    let node = match a.node {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname")?
+            .trim()
+            .to_string(),
+    };
+    let ip = trellis_agent::autodetect::Method::parse(&a.ip)
+        .map_err(|e| anyhow::anyhow!("--ip: {e}"))?;
+    let mut labels = BTreeMap::new();
+    for l in &a.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    if a.heartbeat == 0 {
+        bail!("--heartbeat must be at least 1 second");
+    }
+    let config = trellis_agent::AgentConfig {
+        node,
+        datastore: datastore.to_string(),
+        socket: a.socket,
+        ip,
+        labels,
+        heartbeat: Duration::from_secs(a.heartbeat),
+        block_grace: Duration::from_secs(a.block_grace),
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    trellis_agent::run(config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,266 @@
+//! kubectl-style aligned tables.
+
+use trellis_cluster::report::{BlockUsage, PoolUsage};
+use trellis_ipam::cluster as alloc;
+use trellis_resources::{Kind, Resource};
+
+/// Renders rows with columns padded to their widest cell.
+pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        s.join("   ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out += &line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn opt<T: ToString>(o: &Option<T>) -> String {
+    o.as_ref()
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `get KIND` as a table.
+pub fn resources(kind: Kind, items: &[Resource]) -> String {
+    if items.is_empty() {
+        return format!("No {} found.\n", kind.plural());
+    }
+    let (header, rows): (Vec<&str>, Vec<Vec<String>>) = match kind {
+        Kind::IpPool => (
+            vec![
+                "NAME",
+                "CIDR",
+                "BLOCKSIZE",
+                "ENCAPSULATION",
+                "NATOUTGOING",
+                "DISABLED",
+                "SELECTOR",
+            ],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::IpPool(p) = r {
+                        Some(vec![
+                            p.metadata.name.clone(),
+                            p.spec.cidr.to_string(),
+                            p.spec.block_prefix().to_string(),
+                            serde_json::to_value(p.spec.effective_encapsulation())
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default(),
+                            p.spec.nat_outgoing.to_string(),
+                            p.spec.disabled.to_string(),
+                            p.spec
+                                .node_selector
+                                .clone()
+                                .unwrap_or_else(|| "all()".into()),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        Kind::Node => (
+            vec!["NAME", "ADDRESS", "ASN", "LAST-HEARTBEAT"],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::Node(n) = r {
+                        Some(vec![
+                            n.metadata.name.clone(),
+                            n.spec
+                                .addresses
+                                .first()
+                                .map(|a| a.address.clone())
+                                .unwrap_or_else(|| "-".into()),
+                            opt(&n.spec.bgp.as_ref().and_then(|b| b.as_number)),
+                            opt(&n.status.as_ref().and_then(|s| s.last_heartbeat)),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        Kind::IpamBlock => (
+            vec!["NAME", "CIDR", "AFFINITY", "USED"],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::IpamBlock(b) = r {
+                        Some(vec![
+                            b.metadata.name.clone(),
+                            b.spec.cidr.to_string(),
+                            opt(&b.spec.affinity),
+                            format!("{}/{}", alloc::used(&b.spec), b.spec.allocations.len()),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        Kind::IpamHandle => (
+            vec!["NAME", "BLOCKS"],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::IpamHandle(h) = r {
+                        Some(vec![
+                            h.metadata.name.clone(),
+                            h.spec
+                                .block
+                                .iter()
+                                .map(|(b, n)| format!("{b}:{n}"))
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        Kind::BlockAffinity => (
+            vec!["NAME", "NODE", "CIDR", "STATE"],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::BlockAffinity(a) = r {
+                        Some(vec![
+                            a.metadata.name.clone(),
+                            a.spec.node.clone(),
+                            a.spec.cidr.to_string(),
+                            format!("{:?}", a.spec.state),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        Kind::IpReservation => (
+            vec!["NAME", "RESERVED"],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::IpReservation(x) = r {
+                        Some(vec![
+                            x.metadata.name.clone(),
+                            x.spec.reserved_cidrs.join(","),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        Kind::IpamConfiguration => (
+            vec![
+                "NAME",
+                "STRICTAFFINITY",
+                "MAXBLOCKSPERHOST",
+                "AUTOALLOCATEBLOCKS",
+            ],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::IpamConfiguration(c) = r {
+                        Some(vec![
+                            c.metadata.name.clone(),
+                            c.spec.strict_affinity.to_string(),
+                            opt(&c.spec.max_blocks_per_host),
+                            c.spec.auto_allocate_blocks.to_string(),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        Kind::WorkloadEndpoint => (
+            vec!["NAMESPACE", "NAME", "NODE", "POD", "INTERFACE", "NETWORKS"],
+            items
+                .iter()
+                .filter_map(|r| {
+                    if let Resource::WorkloadEndpoint(w) = r {
+                        Some(vec![
+                            opt(&w.metadata.namespace),
+                            w.metadata.name.clone(),
+                            w.spec.node.clone(),
+                            opt(&w.spec.pod),
+                            opt(&w.spec.interface_name),
+                            w.spec
+                                .ip_networks
+                                .iter()
+                                .map(|n| n.to_string())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ])
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+    };
+    render(&header, &rows)
+}
+
+/// `ipam show`.
+pub fn ipam_show(pools: &[PoolUsage], stray: &[BlockUsage]) -> String {
+    let mut rows = Vec::new();
+    for p in pools {
+        rows.push(vec![
+            format!("pool {}", p.name),
+            p.cidr.to_string(),
+            p.size.to_string(),
+            p.used.to_string(),
+            "-".into(),
+        ]);
+        for b in &p.blocks {
+            rows.push(vec![
+                "  block".into(),
+                b.cidr.to_string(),
+                b.size.to_string(),
+                b.used.to_string(),
+                opt(&b.node),
+            ]);
+        }
+    }
+    for b in stray {
+        rows.push(vec![
+            "block (no pool)".into(),
+            b.cidr.to_string(),
+            b.size.to_string(),
+            b.used.to_string(),
+            opt(&b.node),
+        ]);
+    }
+    render(&["GROUP", "CIDR", "SIZE", "USED", "AFFINITY"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_align() {
+        let t = render(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
+        assert_eq!(t, "A      LONGER\nxxxx   y\n");
+    }
+}
