@@ -15,6 +15,9 @@ pub struct CniArgs {
     pub k8s_pod_uid: Option<String>,
     /// `IP=` requested addresses (comma-separated; a prefix length is allowed and ignored).
     pub ips: Vec<IpAddr>,
+    /// `IPV4POOLS=` / `IPV6POOLS=`: pools to allocate from (comma-separated names or CIDRs).
+    pub ipv4_pools: Vec<String>,
+    pub ipv6_pools: Vec<String>,
     /// Unknown pairs kept when `IgnoreUnknown` allowed them.
     pub other: Vec<(String, String)>,
 }
@@ -60,6 +63,20 @@ impl CniArgs {
                     args.k8s_pod_infra_container_id = Some(v.to_string())
                 }
                 "K8S_POD_UID" => args.k8s_pod_uid = Some(v.to_string()),
+                "IPV4POOLS" => {
+                    args.ipv4_pools = v
+                        .split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
+                "IPV6POOLS" => {
+                    args.ipv6_pools = v
+                        .split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
                 "IP" => {
                     for part in v.split(',').filter(|p| !p.trim().is_empty()) {
                         let ip = parse_ip_maybe_prefix(part).ok_or_else(|| {

@@ -40,6 +40,9 @@ pub struct BridgeConfig {
 pub struct RuntimeConfig {
     pub ips: Vec<IpAddr>,
     pub mac: Option<[u8; 6]>,
+    /// Pools requested for this attachment (names or CIDRs).
+    pub ipv4_pools: Vec<String>,
+    pub ipv6_pools: Vec<String>,
 }
 
 /// The validated configuration of the main plugin.
@@ -82,6 +85,7 @@ const TOP_KEYS: &[&str] = &[
     "ipMasq",
     "logLevel",
     "logFile",
+    "agentSocket",
     VALID_ATTACHMENTS,
     OLD_ATTACHMENTS,
 ];
@@ -144,6 +148,8 @@ struct RawConf {
     log_level: Option<String>,
     #[serde(default)]
     log_file: Option<PathBuf>,
+    #[serde(default)]
+    agent_socket: Option<PathBuf>,
 }
 
 /// Decodes stdin into a JSON object and its version (codes 6 and 1).
@@ -240,10 +246,22 @@ fn parse_runtime_config(v: Option<&Value>, strict: bool) -> Result<RuntimeConfig
         ));
     };
     if strict {
-        check_keys(obj, &["ips", "mac"], "runtimeConfig.")?;
+        check_keys(
+            obj,
+            &["ips", "mac", "ipv4pools", "ipv6pools"],
+            "runtimeConfig.",
+        )?;
     }
     if let Some(ips) = obj.get("ips") {
         rc.ips = parse_ip_list(ips, "runtimeConfig.ips")?;
+    }
+    for (key, out) in [
+        ("ipv4pools", &mut rc.ipv4_pools),
+        ("ipv6pools", &mut rc.ipv6_pools),
+    ] {
+        if let Some(v) = obj.get(key) {
+            *out = typed(v, &format!("runtimeConfig.{key}"))?;
+        }
     }
     if let Some(mac) = obj.get("mac") {
         let s = mac
@@ -337,7 +355,10 @@ impl PluginConfig {
                 ));
             }
         }
-        let ipam = parse_ipam(obj.get("ipam"), &raw.name)?;
+        let mut ipam = parse_ipam(obj.get("ipam"), &raw.name)?;
+        if let (IpamSection::Agent(a), Some(sock)) = (&mut ipam, &raw.agent_socket) {
+            a.socket = sock.clone();
+        }
         if let (IpamSection::Local(l), Some(mtu)) = (&ipam, raw.mtu) {
             if mtu < 1280 && l.sets.iter().any(|s| !s.is_ipv4()) {
                 return Err(CniError::invalid_config(
@@ -370,7 +391,8 @@ impl PluginConfig {
 pub struct IpamPluginConfig {
     pub cni_version: CniVersion,
     pub name: String,
-    pub ipam: crate::ipam_config::LocalIpamConfig,
+    /// Local ranges or the agent (never a delegate: this is the IPAM plugin).
+    pub ipam: IpamSection,
     pub runtime: RuntimeConfig,
     pub args_ips: Vec<IpAddr>,
     pub prev_result: Option<CniResult>,
@@ -391,13 +413,13 @@ impl IpamPluginConfig {
         };
         validate_network_name(&name)?;
         let ipam = match parse_ipam(v.get("ipam"), &name)? {
-            IpamSection::Local(l) => l,
             IpamSection::Delegate { plugin_type } => {
                 return Err(CniError::invalid_config(
                     "ipam.type",
                     format!("{plugin_type:?}: this binary is the trellis-ipam plugin"),
                 ))
             }
+            local_or_agent => local_or_agent,
         };
         Ok(IpamPluginConfig {
             cni_version,
@@ -518,6 +540,9 @@ mod tests {
             "runtimeConfig": {"portMappings": []},
             "ipam": {"type": "trellis-ipam", "subnet": "10.2.0.0/24"}});
         let c = IpamPluginConfig::parse(&serde_json::to_vec(&doc).unwrap()).unwrap();
-        assert_eq!(c.ipam.sets.len(), 1);
+        let IpamSection::Local(l) = c.ipam else {
+            panic!()
+        };
+        assert_eq!(l.sets.len(), 1);
     }
 }

@@ -22,9 +22,23 @@ pub const TRELLIS_IPAM: &str = "trellis-ipam";
 pub enum IpamSection {
     /// `trellis-ipam` with `ranges`: allocation from a local, crash-safe store.
     Local(LocalIpamConfig),
+    /// `trellis-ipam` without `ranges`: cluster IPAM served by the node agent.
+    Agent(AgentIpamConfig),
     /// Another IPAM plugin, run from `CNI_PATH` with the same stdin.
     Delegate { plugin_type: String },
 }
+
+/// Cluster IPAM through the agent's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIpamConfig {
+    pub socket: PathBuf,
+    /// Pools to allocate from (names or CIDRs), like Calico's `ipv4_pools`.
+    pub ipv4_pools: Vec<String>,
+    pub ipv6_pools: Vec<String>,
+}
+
+/// Where the agent listens unless `agentSocket` says otherwise.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/trellis/agent.sock";
 
 /// Validated local IPAM settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +61,9 @@ const IPAM_KEYS: &[&str] = &[
     "routes",
     "dataDir",
     "dns",
+    "agentSocket",
+    "ipv4_pools",
+    "ipv6_pools",
 ];
 
 #[derive(Deserialize)]
@@ -80,6 +97,12 @@ struct RawLocal {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     dns: Option<Dns>,
+    #[serde(default)]
+    agent_socket: Option<PathBuf>,
+    #[serde(default, rename = "ipv4_pools")]
+    ipv4_pools: Vec<String>,
+    #[serde(default, rename = "ipv6_pools")]
+    ipv6_pools: Vec<String>,
 }
 
 /// Rejects keys outside `allowed` with the spec's "unsupported field" error, naming key and value.
@@ -139,6 +162,15 @@ pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniEr
     check_keys(obj, IPAM_KEYS, "ipam.")?;
     let raw: RawLocal = typed(v, "ipam.")?;
     let mut sets = Vec::new();
+    let local = raw.ranges.is_some() || raw.subnet.is_some();
+    if local
+        && (raw.agent_socket.is_some() || !raw.ipv4_pools.is_empty() || !raw.ipv6_pools.is_empty())
+    {
+        return Err(CniError::invalid_config(
+            "ipam.agentSocket",
+            "agentSocket and ipv4_pools/ipv6_pools go with cluster IPAM (no `ranges`)",
+        ));
+    }
     match (&raw.ranges, raw.subnet) {
         (Some(_), Some(_)) => {
             return Err(CniError::invalid_config(
@@ -147,10 +179,25 @@ pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniEr
             ))
         }
         (None, None) => {
-            return Err(CniError::invalid_config(
-                "ipam.ranges",
-                "is required (a list of range sets)",
-            ))
+            for (k, set) in [
+                ("dataDir", raw.data_dir.is_some()),
+                ("routes", !raw.routes.is_empty()),
+                ("rangeStart", raw.range_start.is_some()),
+            ] {
+                if set {
+                    return Err(CniError::invalid_config(
+                        &format!("ipam.{k}"),
+                        "applies to local ranges; without `ranges` the node agent allocates",
+                    ));
+                }
+            }
+            return Ok(IpamSection::Agent(AgentIpamConfig {
+                socket: raw
+                    .agent_socket
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET)),
+                ipv4_pools: raw.ipv4_pools,
+                ipv6_pools: raw.ipv6_pools,
+            }));
         }
         (None, Some(subnet)) => {
             let range = Range::new(subnet, raw.range_start, raw.range_end, raw.gateway)
@@ -245,16 +292,33 @@ mod tests {
             .unwrap_err()
             .msg
             .contains("overlap"));
-        let v = json!({"type": "trellis-ipam"});
+        let v = json!({"type": "trellis-ipam", "dataDir": "/x"});
         assert!(parse_ipam(Some(&v), "n")
             .unwrap_err()
             .msg
-            .contains("ipam.ranges"));
+            .contains("ipam.dataDir"));
         let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24", "rangeStart": "10.2.0.1"}]]});
         assert!(parse_ipam(Some(&v), "n")
             .unwrap_err()
             .msg
             .contains("rangeStart"));
+    }
+
+    #[test]
+    fn no_ranges_means_the_agent() {
+        let v = json!({"type": "trellis-ipam"});
+        let IpamSection::Agent(a) = parse_ipam(Some(&v), "n").unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
+        let v = json!({"type": "trellis-ipam", "agentSocket": "/tmp/a.sock", "ipv4_pools": ["p1"]});
+        let IpamSection::Agent(a) = parse_ipam(Some(&v), "n").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (a.socket, a.ipv4_pools),
+            (PathBuf::from("/tmp/a.sock"), vec!["p1".to_string()])
+        );
     }
 
     #[test]

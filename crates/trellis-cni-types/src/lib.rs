@@ -14,6 +14,6 @@ pub use args::CniArgs;
 pub use config::{Attachment, BridgeConfig, IpamPluginConfig, Mode, PluginConfig, RuntimeConfig};
 pub use env::{CniEnv, Command};
 pub use error::{codes, CniError};
-pub use ipam_config::{IpamSection, LocalIpamConfig};
+pub use ipam_config::{AgentIpamConfig, IpamSection, LocalIpamConfig};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::CniVersion;

@@ -5,15 +5,17 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use trellis_cni_types::config::Attachment;
+use trellis_agent_api::{Attachment, Request as AgentRequest};
+use trellis_cni_types::config::Attachment as GcAttachment;
 use trellis_cni_types::{
-    codes, CniEnv, CniError, CniResult, Command, Dns, IpamSection, LocalIpamConfig, Route,
+    codes, AgentIpamConfig, CniEnv, CniError, CniResult, Command, Dns, IpamSection,
+    LocalIpamConfig, Route,
 };
 use trellis_ipam::{local::free_count, plan_allocation, Owner};
 
-use crate::delegate;
 use crate::error::Result;
 use crate::store::LocalStore;
+use crate::{agent, delegate};
 
 /// An address handed to the attachment, with the range's prefix length and gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +118,7 @@ pub fn local_check(cfg: &LocalIpamConfig, owner: &Owner, expected: &[IpAddr]) ->
 }
 
 /// GC: releases every allocation not in `keep`; returns the released owners.
-pub fn local_gc(cfg: &LocalIpamConfig, keep: &[Attachment]) -> Result<Vec<Owner>> {
+pub fn local_gc(cfg: &LocalIpamConfig, keep: &[GcAttachment]) -> Result<Vec<Owner>> {
     if !cfg.data_dir.exists() {
         return Ok(Vec::new());
     }
@@ -164,15 +166,81 @@ pub fn owner_of(env: &CniEnv) -> Owner {
     }
 }
 
+/// What an ADD asks of IPAM beyond the attachment itself.
+#[derive(Debug, Clone, Default)]
+pub struct AddRequest {
+    pub network: String,
+    pub requested: Vec<IpAddr>,
+    pub ipv4_pools: Vec<String>,
+    pub ipv6_pools: Vec<String>,
+    /// The host-side interface, recorded on the workload endpoint.
+    pub host_interface: Option<String>,
+}
+
+fn attachment(network: &str, env: &CniEnv) -> Attachment {
+    let o = owner_of(env);
+    Attachment {
+        network: network.to_string(),
+        container_id: o.container_id,
+        ifname: o.ifname,
+    }
+}
+
+fn agent_add(cfg: &AgentIpamConfig, env: &CniEnv, req: &AddRequest) -> Result<Allocation> {
+    let pick = |a: &[String], b: &[String], c: &[String]| -> Vec<String> {
+        [a, b, c]
+            .into_iter()
+            .find(|l| !l.is_empty())
+            .map(|l| l.to_vec())
+            .unwrap_or_default()
+    };
+    let reply = agent::call(
+        &cfg.socket,
+        &AgentRequest::Allocate {
+            attachment: attachment(&req.network, env),
+            namespace: env.args.k8s_pod_namespace.clone(),
+            pod: env.args.k8s_pod_name.clone(),
+            host_interface: req.host_interface.clone(),
+            ips: req.requested.clone(),
+            ipv4_pools: pick(&req.ipv4_pools, &env.args.ipv4_pools, &cfg.ipv4_pools),
+            ipv6_pools: pick(&req.ipv6_pools, &env.args.ipv6_pools, &cfg.ipv6_pools),
+        },
+    )?;
+    let mut ips = Vec::new();
+    for s in &reply.ips {
+        let address: IpNet = s.parse().map_err(|_| {
+            CniError::new(
+                codes::DECODE,
+                format!("the agent returned {s:?}, not an address"),
+            )
+        })?;
+        ips.push(AllocatedIp {
+            address,
+            gateway: None,
+        });
+    }
+    if ips.is_empty() {
+        return Err(
+            CniError::new(codes::ADDRESS_UNAVAILABLE, "the agent returned no address").into(),
+        );
+    }
+    Ok(Allocation {
+        ips,
+        routes: Vec::new(),
+        dns: None,
+    })
+}
+
 /// ADD through whichever IPAM the section names.
 pub fn add(
     section: &IpamSection,
     env: &CniEnv,
     stdin: &[u8],
-    requested: &[IpAddr],
+    req: &AddRequest,
 ) -> Result<Allocation> {
     match section {
-        IpamSection::Local(cfg) => local_add(cfg, &owner_of(env), requested),
+        IpamSection::Local(cfg) => local_add(cfg, &owner_of(env), &req.requested),
+        IpamSection::Agent(cfg) => agent_add(cfg, env, req),
         IpamSection::Delegate { plugin_type } => {
             let out = delegate::exec(env, plugin_type, Command::Add, stdin)?;
             let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
@@ -206,31 +274,76 @@ pub fn add(
 }
 
 /// Runs a verb other than ADD on the delegated plugin, or the local equivalent.
-pub fn del(section: &IpamSection, env: &CniEnv, stdin: &[u8]) -> Result<()> {
+pub fn del(section: &IpamSection, network: &str, env: &CniEnv, stdin: &[u8]) -> Result<()> {
     match section {
         IpamSection::Local(cfg) => local_del(cfg, &owner_of(env)),
+        IpamSection::Agent(cfg) => agent::call(
+            &cfg.socket,
+            &AgentRequest::Release {
+                attachment: attachment(network, env),
+            },
+        )
+        .map(|_| ()),
         IpamSection::Delegate { plugin_type } => {
             delegate::exec(env, plugin_type, Command::Del, stdin).map(|_| ())
         }
     }
 }
 
-pub fn check(section: &IpamSection, env: &CniEnv, stdin: &[u8], expected: &[IpAddr]) -> Result<()> {
+pub fn check(
+    section: &IpamSection,
+    network: &str,
+    env: &CniEnv,
+    stdin: &[u8],
+    expected: &[IpAddr],
+) -> Result<()> {
     match section {
         IpamSection::Local(cfg) => local_check(cfg, &owner_of(env), expected),
+        IpamSection::Agent(cfg) => agent::call(
+            &cfg.socket,
+            &AgentRequest::Check {
+                attachment: attachment(network, env),
+                ips: expected.to_vec(),
+            },
+        )
+        .map(|_| ()),
         IpamSection::Delegate { plugin_type } => {
             delegate::exec(env, plugin_type, Command::Check, stdin).map(|_| ())
         }
     }
 }
 
-pub fn gc(section: &IpamSection, env: &CniEnv, stdin: &[u8], keep: &[Attachment]) -> Result<()> {
+pub fn gc(
+    section: &IpamSection,
+    network: &str,
+    env: &CniEnv,
+    stdin: &[u8],
+    keep: &[GcAttachment],
+) -> Result<()> {
     match section {
         IpamSection::Local(cfg) => {
             for o in local_gc(cfg, keep)? {
                 tracing::info!(container = %o.container_id, ifname = %o.ifname, "GC released address");
             }
             Ok(())
+        }
+        IpamSection::Agent(cfg) => {
+            let keep = keep
+                .iter()
+                .map(|a| Attachment {
+                    network: network.to_string(),
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
+                })
+                .collect();
+            agent::call(
+                &cfg.socket,
+                &AgentRequest::Gc {
+                    network: network.to_string(),
+                    keep,
+                },
+            )
+            .map(|_| ())
         }
         IpamSection::Delegate { plugin_type } => {
             delegate::exec(env, plugin_type, Command::Gc, stdin).map(|_| ())
@@ -241,6 +354,16 @@ pub fn gc(section: &IpamSection, env: &CniEnv, stdin: &[u8], keep: &[Attachment]
 pub fn status(section: &IpamSection, env: &CniEnv, stdin: &[u8]) -> Result<()> {
     match section {
         IpamSection::Local(cfg) => local_status(cfg),
+        IpamSection::Agent(cfg) => agent::call(&cfg.socket, &AgentRequest::Status {})
+            .map(|_| ())
+            .map_err(|e| {
+                let c = e.to_cni();
+                if c.code == codes::STATUS_UNAVAILABLE {
+                    e
+                } else {
+                    CniError::new(codes::STATUS_UNAVAILABLE, c.msg).into()
+                }
+            }),
         IpamSection::Delegate { plugin_type } => {
             delegate::exec(env, plugin_type, Command::Status, stdin).map(|_| ())
         }

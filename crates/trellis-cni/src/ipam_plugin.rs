@@ -6,7 +6,7 @@ use trellis_cni_types::config::{requested_ips, IpamPluginConfig};
 use trellis_cni_types::{codes, CniEnv, CniError, Command};
 
 use crate::error::Result;
-use crate::ipam::{self, owner_of};
+use crate::ipam;
 use crate::lock::container_lock;
 use crate::plugin::gate_version;
 
@@ -20,13 +20,19 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
     match env.command {
         Command::Add => {
             let _lock = container_lock(env.container_id.as_deref().unwrap_or_default())?;
-            let requested = requested_ips(&cfg.runtime, &cfg.args_ips, &env.args);
-            let alloc = ipam::local_add(&cfg.ipam, &owner_of(env), &requested)?;
+            let req = ipam::AddRequest {
+                network: cfg.name.clone(),
+                requested: requested_ips(&cfg.runtime, &cfg.args_ips, &env.args),
+                ipv4_pools: cfg.runtime.ipv4_pools.clone(),
+                ipv6_pools: cfg.runtime.ipv6_pools.clone(),
+                host_interface: None,
+            };
+            let alloc = ipam::add(&cfg.ipam, env, stdin, &req)?;
             Ok(Some(alloc.to_result().to_json(cfg.cni_version)))
         }
         Command::Del => {
             let _lock = container_lock(env.container_id.as_deref().unwrap_or_default())?;
-            ipam::local_del(&cfg.ipam, &owner_of(env)).map(|_| None)
+            ipam::del(&cfg.ipam, &cfg.name, env, stdin).map(|_| None)
         }
         Command::Check => {
             let prev = cfg
@@ -34,7 +40,7 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
                 .as_ref()
                 .ok_or_else(|| CniError::invalid_config("prevResult", "is required for CHECK"))?;
             let ips: Vec<_> = prev.ips.iter().map(|i| i.address.addr()).collect();
-            ipam::local_check(&cfg.ipam, &owner_of(env), &ips).map(|_| None)
+            ipam::check(&cfg.ipam, &cfg.name, env, stdin, &ips).map(|_| None)
         }
         Command::Gc => {
             let keep = cfg.valid_attachments.as_ref().ok_or_else(|| {
@@ -43,9 +49,9 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
                     "is required for GC",
                 )
             })?;
-            ipam::local_gc(&cfg.ipam, keep).map(|_| None)
+            ipam::gc(&cfg.ipam, &cfg.name, env, stdin, keep).map(|_| None)
         }
-        Command::Status => ipam::local_status(&cfg.ipam).map(|_| None),
+        Command::Status => ipam::status(&cfg.ipam, env, stdin).map(|_| None),
         Command::Version => {
             Err(CniError::new(codes::INVALID_ENV, "VERSION is answered earlier").into())
         }

@@ -3,6 +3,7 @@
 //! `trellis-ipam`, the IPAM plugin. Logs go to stderr or `logFile`; stdout carries only the
 //! result or the error.
 
+pub mod agent;
 pub mod bridge;
 pub mod deferred;
 pub mod delegate;

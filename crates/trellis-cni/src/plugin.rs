@@ -70,8 +70,14 @@ fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
     let (cid, ifname) = ids(env);
     let _lock = container_lock(cid)?;
     let netns = open_netns(env)?;
-    let requested = requested_ips(&cfg.runtime, &cfg.args_ips, &env.args);
-    let alloc = ipam::add(&cfg.ipam, env, stdin, &requested)?;
+    let req = ipam::AddRequest {
+        network: cfg.name.clone(),
+        requested: requested_ips(&cfg.runtime, &cfg.args_ips, &env.args),
+        ipv4_pools: cfg.runtime.ipv4_pools.clone(),
+        ipv6_pools: cfg.runtime.ipv6_pools.clone(),
+        host_interface: Some(crate::veth::host_veth_name(cid, ifname)),
+    };
+    let alloc = ipam::add(&cfg.ipam, env, stdin, &req)?;
     tracing::debug!("address allocated");
     let made = match &cfg.mode {
         Mode::Routed => routed::add(cfg, cid, ifname, &netns, &alloc),
@@ -84,7 +90,7 @@ fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
         }
         Err(e) => {
             // Nothing may be left behind by a failed ADD: give the address back.
-            if let Err(rel) = ipam::del(&cfg.ipam, env, stdin) {
+            if let Err(rel) = ipam::del(&cfg.ipam, &cfg.name, env, stdin) {
                 tracing::error!(error = %rel, "releasing the address after a failed ADD also failed");
             }
             Err(e)
@@ -106,7 +112,7 @@ fn del(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
         tracing::warn!(error = %e, "interface teardown failed");
         errors.push(e);
     }
-    if let Err(e) = ipam::del(&cfg.ipam, env, stdin) {
+    if let Err(e) = ipam::del(&cfg.ipam, &cfg.name, env, stdin) {
         tracing::warn!(error = %e, "address release failed");
         errors.push(e);
     }
@@ -130,7 +136,7 @@ fn check(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
         Mode::Routed => routed::check(cid, ifname, &netns, prev)?,
         Mode::Bridge(br) => bridge::check(br, cid, ifname, &netns, prev)?,
     };
-    ipam::check(&cfg.ipam, env, stdin, &ips)
+    ipam::check(&cfg.ipam, &cfg.name, env, stdin, &ips)
 }
 
 fn gc(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
@@ -141,7 +147,7 @@ fn gc(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
         )
     })?;
     let mut first_err = None;
-    if let Err(e) = ipam::gc(&cfg.ipam, env, stdin, keep) {
+    if let Err(e) = ipam::gc(&cfg.ipam, &cfg.name, env, stdin, keep) {
         first_err.get_or_insert(e);
     }
     if let Mode::Bridge(br) = &cfg.mode {
