@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(iproute2 nftables podman runc busybox-static containernetworking-plugins
           iputils-ping util-linux ca-certificates gcc pkg-config
-          etcd-server protobuf-compiler libprotobuf-dev)
+          etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

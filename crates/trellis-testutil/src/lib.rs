@@ -171,6 +171,59 @@ fn free_port() -> u16 {
 }
 
 impl EtcdServer {
+    /// Starts etcd inside `ns`, listening on `ip` (an address of that namespace), and waits until
+    /// it is healthy: for agents that live in other namespaces joined to it.
+    pub fn start_in(ns: &TestNetns, ip: &str) -> EtcdServer {
+        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("etcd is not installed (Debian package etcd-server); run scripts/setup.sh");
+        let dir = temp_dir("etcd");
+        let endpoint = format!("http://{ip}:2379");
+        let peer = format!("http://{ip}:2380");
+        let child = ns
+            .command(etcd)
+            .args(["--name", "trellis-test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("trellis-test={peer}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        let server = EtcdServer {
+            child,
+            _dir: dir,
+            endpoint,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            let probe = ns.exec(&[
+                "etcdctl",
+                "--endpoints",
+                &server.endpoint,
+                "endpoint",
+                "health",
+            ]);
+            if probe.status.success() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("etcd did not become healthy on {}", server.endpoint);
+    }
+
     /// Starts etcd and waits (up to 20 s) until it answers.
     pub fn start() -> EtcdServer {
         let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
