@@ -3,276 +3,19 @@
 //! its IPAM role; then `kill -9` of an agent mid-burst, DEL of everything, and release of the
 //! empty blocks after the grace period. Run against SQLite and against etcd.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{bin, ip_of, Cluster};
 use serde_json::{json, Value};
-use trellis_testutil::{temp_dir, EtcdServer, TestNetns};
-
-fn bin(name: &str) -> PathBuf {
-    // target/debug/deps/<test> → target/debug/<name>
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built; run cargo build --workspace first",
-        p.display()
-    );
-    p
-}
-
-struct Node {
-    name: String,
-    ns: TestNetns,
-    socket: PathBuf,
-    agent: Option<Child>,
-}
-
-struct Cluster {
-    spec: String,
-    dir: tempfile::TempDir,
-    nodes: Vec<Node>,
-    _etcd: Option<EtcdServer>,
-    /// With etcd: the namespace etcd (and the CLI) run in, bridged to every node.
-    control: Option<TestNetns>,
-}
-
-impl Cluster {
-    fn new(tag: &str, etcd: bool) -> Cluster {
-        let dir = temp_dir(tag);
-        // etcd lives in a control namespace with a bridge every node joins (loopback is per
-        // namespace, so a node could not reach an etcd on the test's own 127.0.0.1).
-        let control = etcd.then(|| {
-            let ns = TestNetns::new(&format!("{tag}ctl"));
-            ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
-            ns.exec_ok(&["ip", "addr", "add", "192.0.2.1/24", "dev", "br0"]);
-            ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
-            ns
-        });
-        let etcd_server = control
-            .as_ref()
-            .map(|ns| EtcdServer::start_in(ns, "192.0.2.1"));
-        let spec = match &etcd_server {
-            Some(e) => format!("etcd:{}", e.endpoint),
-            None => format!("sqlite:{}", dir.path().join("trellis.db").display()),
-        };
-        let mut c = Cluster {
-            spec,
-            dir,
-            nodes: Vec::new(),
-            _etcd: etcd_server,
-            control,
-        };
-        c.cli_ok(&["apply", "-f", "-"], Some("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool\nspec:\n  cidr: 10.70.0.0/16\n  blockSize: 26\n"));
-        for i in 0..4 {
-            let ns = TestNetns::new(&format!("{tag}n{i}"));
-            match &c.control {
-                Some(ctl) => {
-                    let port = format!("v{i}");
-                    let out = Command::new("ip")
-                        .args([
-                            "link",
-                            "add",
-                            "upl0",
-                            "netns",
-                            ns.name(),
-                            "type",
-                            "veth",
-                            "peer",
-                            "name",
-                            &port,
-                            "netns",
-                            ctl.name(),
-                        ])
-                        .output()
-                        .unwrap();
-                    assert!(
-                        out.status.success(),
-                        "{}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    ctl.exec_ok(&["ip", "link", "set", &port, "master", "br0", "up"]);
-                }
-                None => {
-                    ns.exec_ok(&[
-                        "ip", "link", "add", "upl0", "type", "veth", "peer", "name", "upl1",
-                    ]);
-                }
-            }
-            ns.exec_ok(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("192.0.2.{}/24", 10 + i),
-                "dev",
-                "upl0",
-            ]);
-            ns.exec_ok(&["ip", "link", "set", "upl0", "up"]);
-            let socket = c.dir.path().join(format!("node{i}.sock"));
-            c.nodes.push(Node {
-                name: format!("node{i}"),
-                ns,
-                socket,
-                agent: None,
-            });
-            c.start_agent(i);
-        }
-        c
-    }
-
-    fn start_agent(&mut self, i: usize) {
-        let n = &mut self.nodes[i];
-        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", n.name))).unwrap();
-        let child =
-            n.ns.command(bin("trellis").to_str().unwrap())
-                .args([
-                    "--datastore",
-                    &self.spec,
-                    "agent",
-                    "--node",
-                    &n.name,
-                    "--heartbeat",
-                    "1",
-                    "--block-grace",
-                    "2",
-                ])
-                .arg("--socket")
-                .arg(&n.socket)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start agent");
-        n.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !n.socket.exists() || std::os::unix::net::UnixStream::connect(&n.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent {} did not start: {}",
-                n.name,
-                std::fs::read_to_string(self.dir.path().join(format!("{}.log", n.name)))
-                    .unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill_agent(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].agent.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-
-    fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut c = match &self.control {
-            Some(ctl) => ctl.command(bin("trellis").to_str().unwrap()),
-            None => Command::new(bin("trellis")),
-        };
-        c.args(["--datastore", &self.spec])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        }
-        drop(child.stdin.take());
-        child.wait_with_output().unwrap()
-    }
-
-    fn cli_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cli(args, stdin);
-        assert!(
-            out.status.success(),
-            "trellis {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Starts the IPAM plugin (trellis-cni under its trellis-ipam name) on node `i`.
-    fn spawn_ipam(&self, i: usize, cmd: &str, cid: &str) -> Child {
-        let link = self.dir.path().join("trellis-ipam");
-        if !link.exists() {
-            let _ = std::os::unix::fs::symlink(bin("trellis-cni"), &link);
-        }
-        let n = &self.nodes[i];
-        let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni",
-            "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
-        let mut child =
-            n.ns.command(link.to_str().unwrap())
-                .env("CNI_COMMAND", cmd)
-                .env("CNI_CONTAINERID", cid)
-                .env("CNI_NETNS", n.ns.path())
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", self.dir.path())
-                .env(
-                    "CNI_ARGS",
-                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"),
-                )
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        child
-    }
-
-    /// Block CIDR → affine node, from `trellis get ipamblocks -o json`.
-    fn block_affinity(&self) -> Vec<(ipnet::IpNet, String)> {
-        let v: Value =
-            serde_json::from_str(&self.cli_ok(&["get", "ipamblocks", "-o", "json"], None)).unwrap();
-        v["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| {
-                (
-                    b["spec"]["cidr"].as_str().unwrap().parse().unwrap(),
-                    b["spec"]["affinity"]
-                        .as_str()
-                        .unwrap_or("")
-                        .trim_start_matches("host:")
-                        .to_string(),
-                )
-            })
-            .collect()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill_agent(i);
-        }
-    }
-}
-
-fn ip_of(out: &Output) -> Option<std::net::IpAddr> {
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["ips"][0]["address"]
-        .as_str()?
-        .split('/')
-        .next()?
-        .parse()
-        .ok()
-}
 
 fn burst_then_release(etcd: bool) {
     let tag = if etcd { "ipe" } else { "ips" };
-    let mut c = Cluster::new(tag, etcd);
+    let mut c = Cluster::new(tag, etcd, 4);
     // 100 ADDs started at once against each of the 4 agents.
     let started = Instant::now();
     let children: Vec<(usize, String, Child)> = (0..4)
@@ -391,7 +134,6 @@ fn burst_then_release(etcd: bool) {
         .contains("No blockaffinities"));
     let unique: HashSet<_> = seen.keys().collect();
     assert_eq!(unique.len(), seen.len());
-    let _ = Path::new("");
 }
 
 #[test]
@@ -408,7 +150,7 @@ fn four_agents_etcd() {
 /// an unreachable datastore.
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
-    let c = Cluster::new("ipbad", false);
+    let c = Cluster::new("ipbad", false, 1);
     let before = c.cli_ok(&["get", "ippools", "-o", "yaml"], None);
     for (doc, needle) in [
         ("apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata:\n  name: b\nspec:\n  cidr: 10.70.128.0/17\n", "overlaps"),
