@@ -120,6 +120,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let kind = kind_arg(&kind)?;
             objects::delete(store, kind, namespace.as_deref(), &name).await?;
             println!("{} {name} deleted", kind.name());
+            if kind == Kind::Node {
+                // A node's addresses and blocks go with it (what Calico's kube-controllers do).
+                let r = report::gc(store, u64::MAX).await?;
+                println!(
+                    "released {} attachment(s) and {} block(s) of node {name}",
+                    r.released_handles.len(),
+                    r.deleted_blocks.len()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Ipam { command } => ipam_cmd(store, command).await,

@@ -204,6 +204,7 @@ impl NodeIpam {
             return Ok(held);
         }
         let mut fresh = false;
+        let mut transient_left = 3;
         for _ in 0..MAX_ATTEMPTS {
             let settings = self.settings(&mut st, fresh).await?;
             let affine = self.affine(&mut st, fresh).await?;
@@ -216,7 +217,18 @@ impl NodeIpam {
                 }
                 Err(e) => return Err(e),
             };
-            match self.commit(req, &plans).await? {
+            let committed = match self.commit(req, &plans).await {
+                Ok(c) => c,
+                // A slow or briefly unavailable store: try again with fresh state, like a conflict.
+                Err(ClusterError::Store(e)) if transient_left > 0 => {
+                    tracing::warn!(error = %e, "datastore write failed; retrying");
+                    transient_left -= 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            match committed {
                 Some(rev) => {
                     let affine = st.affine.get_or_insert_with(BTreeMap::new);
                     for p in &plans {
