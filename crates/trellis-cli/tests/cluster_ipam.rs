@@ -35,8 +35,9 @@ fn burst_then_release(etcd: bool) {
         let out = ch.wait_with_output().unwrap();
         assert!(
             out.status.success(),
-            "ADD {cid} on node{i} failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+            "ADD {cid} on node{i} failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            c.agent_log(i)
         );
         let ip = ip_of(&out).expect("an address");
         assert!(seen.insert(ip, i).is_none(), "{ip} handed out twice");

@@ -12,6 +12,23 @@ use trellis_cni_types::{codes, CniError};
 
 use crate::error::Result;
 
+/// Connects, retrying for up to 5 s while the agent's accept queue is full (EAGAIN) — a burst of
+/// pods on one node can briefly outrun it. A missing socket or a refused connection fails at once.
+fn connect(socket: &Path) -> std::io::Result<UnixStream> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match UnixStream::connect(socket) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EAGAIN)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Sends one request and waits (up to 30 s) for the reply.
 pub fn call(socket: &Path, req: &Request) -> Result<Done> {
     let unreachable = |e: std::io::Error| {
@@ -20,7 +37,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<Done> {
             format!("the trellis agent is not reachable at {}: {e} (is `trellis agent` running on this node?)", socket.display()),
         )
     };
-    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    let mut stream = connect(socket).map_err(unreachable)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(unreachable)?;

@@ -162,6 +162,21 @@ pub struct EtcdServer {
     pub endpoint: String,
 }
 
+/// etcd's data dir: on tmpfs when there is one, so the tests measure Trellis and not the disk's
+/// fsync latency (etcd fsyncs every write; a shared CI disk can stall it for seconds).
+fn etcd_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("trellis-etcd-")
+            .tempdir_in(shm)
+        {
+            return d;
+        }
+    }
+    temp_dir("etcd")
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -178,7 +193,7 @@ impl EtcdServer {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .expect("etcd is not installed (Debian package etcd-server); run scripts/setup.sh");
-        let dir = temp_dir("etcd");
+        let dir = etcd_dir();
         let endpoint = format!("http://{ip}:2379");
         let peer = format!("http://{ip}:2380");
         let child = ns
@@ -230,7 +245,7 @@ impl EtcdServer {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .expect("etcd is not installed (Debian package etcd-server); run scripts/setup.sh");
-        let dir = temp_dir("etcd");
+        let dir = etcd_dir();
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let child = Command::new(etcd)

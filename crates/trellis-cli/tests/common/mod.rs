@@ -47,7 +47,18 @@ impl Cluster {
         // namespace, so a node could not reach an etcd on the test's own 127.0.0.1).
         let control = etcd.then(|| {
             let ns = TestNetns::new(&format!("{tag}ctl"));
-            ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+            // A fixed MAC: otherwise the bridge takes its lowest port's MAC and changes it as
+            // ports join, leaving nodes with a stale ARP entry for etcd's address.
+            ns.exec_ok(&[
+                "ip",
+                "link",
+                "add",
+                "br0",
+                "address",
+                "02:00:00:00:00:01",
+                "type",
+                "bridge",
+            ]);
             ns.exec_ok(&["ip", "addr", "add", "192.0.2.1/24", "dev", "br0"]);
             ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
             ns
@@ -157,6 +168,15 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The last lines of node `i`'s agent log.
+    pub fn agent_log(&self, i: usize) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
+                .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     pub fn kill_agent(&mut self, i: usize) {
