@@ -1,0 +1,377 @@
+//! Cross-node routing, pure. From cluster state (this node, the other nodes, who owns which
+//! block, each pool's encapsulation) [`desired`] computes what the kernel should hold — a
+//! blackhole route per local block, `BLOCK via NODE dev UPLINK` for direct pools,
+//! `BLOCK via VTEP dev vxlan.trellis onlink` plus a permanent neighbour and an FDB entry per
+//! remote VTEP for VXLAN, either by subnet for CrossSubnet — and [`plan`] diffs it against what
+//! the kernel reports into an ordered list of [`Op`]s that a netlink shell applies. Routes are
+//! marked with [`TRELLIS_PROTO`] so only Trellis's own are ever removed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use trellis_resources::Encapsulation;
+
+/// The routing protocol number on every route Trellis installs (`proto 231`).
+pub const TRELLIS_PROTO: u8 = 231;
+
+/// A route as planned: plain data, comparable with what the kernel reports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub dst: IpNet,
+    pub kind: RouteKind,
+}
+
+/// How a route forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    /// `blackhole DST`: a local block's addresses not (yet) used by a pod.
+    Blackhole,
+    /// `DST via GW dev IFINDEX [onlink]`.
+    Via {
+        gateway: IpAddr,
+        ifindex: u32,
+        onlink: bool,
+    },
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RouteKind::Blackhole => write!(f, "blackhole {}", self.dst),
+            RouteKind::Via {
+                gateway,
+                ifindex,
+                onlink,
+            } => {
+                write!(
+                    f,
+                    "{} via {gateway} dev #{ifindex}{}",
+                    self.dst,
+                    if *onlink { " onlink" } else { "" }
+                )
+            }
+        }
+    }
+}
+
+/// A permanent neighbour entry on the VTEP (remote VTEP IP → its MAC).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+}
+
+/// A VXLAN forwarding entry on the VTEP (remote VTEP MAC → the remote node's underlay address).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fdb {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub dst: IpAddr,
+}
+
+/// This node as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNode {
+    pub name: String,
+    /// Underlay address with its prefix (the node's subnet).
+    pub address: IpNet,
+    pub uplink_ifindex: u32,
+    /// The local VTEP's ifindex, when a VXLAN pool needs it.
+    pub vtep_ifindex: Option<u32>,
+}
+
+/// Another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteNode {
+    pub name: String,
+    pub address: IpAddr,
+    pub vtep_ip: Option<IpAddr>,
+    pub vtep_mac: Option<[u8; 6]>,
+}
+
+/// A pool's routing-relevant settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRouting {
+    pub cidr: IpNet,
+    pub encapsulation: Encapsulation,
+}
+
+/// What the kernel should hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub routes: BTreeSet<Route>,
+    pub neighbours: BTreeSet<Neighbour>,
+    pub fdb: BTreeSet<Fdb>,
+}
+
+/// Why a block could not be routed (reported, not fatal: the rest is still programmed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    UnknownNode {
+        block: IpNet,
+        node: String,
+    },
+    NoPool {
+        block: IpNet,
+    },
+    NotAdjacent {
+        block: IpNet,
+        node: String,
+        address: IpAddr,
+    },
+    NoVtep {
+        block: IpNet,
+        node: String,
+    },
+    NoLocalVtep {
+        block: IpNet,
+    },
+    IpipUnsupported {
+        block: IpNet,
+    },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::UnknownNode { block, node } => write!(f, "block {block} belongs to unknown node {node}"),
+            Problem::NoPool { block } => write!(f, "block {block} is in no pool"),
+            Problem::NotAdjacent { block, node, address } => {
+                write!(f, "block {block}: node {node} ({address}) is not in this node's subnet; direct routing needs L2 adjacency (use VXLANCrossSubnet or BGP)")
+            }
+            Problem::NoVtep { block, node } => write!(f, "block {block}: node {node} has not published its VTEP yet"),
+            Problem::NoLocalVtep { block } => write!(f, "block {block} needs VXLAN but this node has no VTEP"),
+            Problem::IpipUnsupported { block } => write!(f, "block {block}: IPIP pools are refused on this node (no ipip support in the kernel)"),
+        }
+    }
+}
+
+fn vxlan(
+    local: &LocalNode,
+    block: IpNet,
+    remote: &RemoteNode,
+    out: &mut Desired,
+) -> Result<(), Problem> {
+    let vtep = local.vtep_ifindex.ok_or(Problem::NoLocalVtep { block })?;
+    let (Some(ip), Some(mac)) = (remote.vtep_ip, remote.vtep_mac) else {
+        return Err(Problem::NoVtep {
+            block,
+            node: remote.name.clone(),
+        });
+    };
+    out.neighbours.insert(Neighbour {
+        ifindex: vtep,
+        ip,
+        mac,
+    });
+    out.fdb.insert(Fdb {
+        ifindex: vtep,
+        mac,
+        dst: remote.address,
+    });
+    out.routes.insert(Route {
+        dst: block,
+        kind: RouteKind::Via {
+            gateway: ip,
+            ifindex: vtep,
+            onlink: true,
+        },
+    });
+    Ok(())
+}
+
+fn direct(
+    local: &LocalNode,
+    block: IpNet,
+    remote: &RemoteNode,
+    out: &mut Desired,
+) -> Result<(), Problem> {
+    if !local.address.contains(&remote.address) {
+        return Err(Problem::NotAdjacent {
+            block,
+            node: remote.name.clone(),
+            address: remote.address,
+        });
+    }
+    out.routes.insert(Route {
+        dst: block,
+        kind: RouteKind::Via {
+            gateway: remote.address,
+            ifindex: local.uplink_ifindex,
+            onlink: false,
+        },
+    });
+    Ok(())
+}
+
+/// What the kernel should hold, and the blocks that could not be routed.
+pub fn desired(
+    local: &LocalNode,
+    remotes: &[RemoteNode],
+    blocks: &[(IpNet, String)],
+    pools: &[PoolRouting],
+) -> (Desired, Vec<Problem>) {
+    let mut out = Desired::default();
+    let mut problems = Vec::new();
+    let by_name: BTreeMap<&str, &RemoteNode> =
+        remotes.iter().map(|r| (r.name.as_str(), r)).collect();
+    for (block, node) in blocks {
+        let block = *block;
+        if *node == local.name {
+            out.routes.insert(Route {
+                dst: block,
+                kind: RouteKind::Blackhole,
+            });
+            continue;
+        }
+        let Some(pool) = pools.iter().find(|p| p.cidr.contains(&block.network())) else {
+            problems.push(Problem::NoPool { block });
+            continue;
+        };
+        let Some(remote) = by_name.get(node.as_str()) else {
+            problems.push(Problem::UnknownNode {
+                block,
+                node: node.clone(),
+            });
+            continue;
+        };
+        let same_subnet = local.address.contains(&remote.address);
+        let r = match pool.encapsulation {
+            Encapsulation::None => direct(local, block, remote, &mut out),
+            Encapsulation::Vxlan => vxlan(local, block, remote, &mut out),
+            Encapsulation::VxlanCrossSubnet if same_subnet => {
+                direct(local, block, remote, &mut out)
+            }
+            Encapsulation::VxlanCrossSubnet => vxlan(local, block, remote, &mut out),
+            Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => {
+                Err(Problem::IpipUnsupported { block })
+            }
+        };
+        if let Err(p) = r {
+            problems.push(p);
+        }
+    }
+    (out, problems)
+}
+
+/// What the kernel has of Trellis's: routes with [`TRELLIS_PROTO`], entries on the VTEP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub routes: BTreeSet<Route>,
+    pub neighbours: BTreeSet<Neighbour>,
+    pub fdb: BTreeSet<Fdb>,
+}
+
+/// One kernel change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    SetFdb(Fdb),
+    SetNeighbour(Neighbour),
+    /// Add or replace (`ip route replace`): a changed next hop never leaves a gap.
+    ReplaceRoute(Route),
+    DelRoute(Route),
+    DelNeighbour(Neighbour),
+    DelFdb(Fdb),
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mac = |m: &[u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        match self {
+            Op::SetFdb(e) => write!(
+                f,
+                "fdb append {} dst {} dev #{}",
+                mac(&e.mac),
+                e.dst,
+                e.ifindex
+            ),
+            Op::SetNeighbour(n) => write!(
+                f,
+                "neigh replace {} lladdr {} dev #{}",
+                n.ip,
+                mac(&n.mac),
+                n.ifindex
+            ),
+            Op::ReplaceRoute(r) => write!(f, "route replace {r}"),
+            Op::DelRoute(r) => write!(f, "route del {r}"),
+            Op::DelNeighbour(n) => write!(f, "neigh del {} dev #{}", n.ip, n.ifindex),
+            Op::DelFdb(e) => write!(
+                f,
+                "fdb del {} dst {} dev #{}",
+                mac(&e.mac),
+                e.dst,
+                e.ifindex
+            ),
+        }
+    }
+}
+
+/// The changes that turn `observed` into `desired`, in a safe order: forwarding entries before
+/// the routes that use them, stale routes removed before the entries they used. A route whose
+/// destination stays but whose next hop changes is replaced in place (no flap); a resync with
+/// nothing to do yields no ops.
+pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
+    let mut ops = Vec::new();
+    ops.extend(
+        desired
+            .fdb
+            .difference(&observed.fdb)
+            .cloned()
+            .map(Op::SetFdb),
+    );
+    ops.extend(
+        desired
+            .neighbours
+            .difference(&observed.neighbours)
+            .cloned()
+            .map(Op::SetNeighbour),
+    );
+    ops.extend(
+        desired
+            .routes
+            .difference(&observed.routes)
+            .cloned()
+            .map(Op::ReplaceRoute),
+    );
+    let wanted_dsts: BTreeSet<IpNet> = desired.routes.iter().map(|r| r.dst).collect();
+    ops.extend(
+        observed
+            .routes
+            .difference(&desired.routes)
+            .filter(|r| !wanted_dsts.contains(&r.dst)) // replaced above
+            .cloned()
+            .map(Op::DelRoute),
+    );
+    let wanted_neigh: BTreeSet<(u32, IpAddr)> = desired
+        .neighbours
+        .iter()
+        .map(|n| (n.ifindex, n.ip))
+        .collect();
+    ops.extend(
+        observed
+            .neighbours
+            .difference(&desired.neighbours)
+            .filter(|n| !wanted_neigh.contains(&(n.ifindex, n.ip)))
+            .cloned()
+            .map(Op::DelNeighbour),
+    );
+    ops.extend(
+        observed
+            .fdb
+            .difference(&desired.fdb)
+            .cloned()
+            .map(Op::DelFdb),
+    );
+    ops
+}
+
+#[cfg(test)]
+mod tests;

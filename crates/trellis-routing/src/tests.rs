@@ -1,0 +1,159 @@
+use super::*;
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn local() -> LocalNode {
+    LocalNode {
+        name: "n1".into(),
+        address: net("192.168.1.10/24"),
+        uplink_ifindex: 2,
+        vtep_ifindex: Some(9),
+    }
+}
+
+fn remotes() -> Vec<RemoteNode> {
+    vec![
+        RemoteNode {
+            name: "n2".into(),
+            address: ip("192.168.1.11"),
+            vtep_ip: Some(ip("10.244.1.0")),
+            vtep_mac: Some([0x66, 0, 0, 0, 0, 2]),
+        },
+        RemoteNode {
+            name: "n3".into(),
+            address: ip("192.168.2.12"),
+            vtep_ip: Some(ip("10.244.2.0")),
+            vtep_mac: Some([0x66, 0, 0, 0, 0, 3]),
+        },
+    ]
+}
+
+fn blocks() -> Vec<(IpNet, String)> {
+    vec![
+        (net("10.244.0.0/26"), "n1".into()),
+        (net("10.244.1.0/26"), "n2".into()),
+        (net("10.244.2.0/26"), "n3".into()),
+    ]
+}
+
+fn pool(enc: Encapsulation) -> Vec<PoolRouting> {
+    vec![PoolRouting {
+        cidr: net("10.244.0.0/16"),
+        encapsulation: enc,
+    }]
+}
+
+fn render(d: &Desired) -> Vec<String> {
+    plan(d, &Observed::default())
+        .iter()
+        .map(|o| o.to_string())
+        .collect()
+}
+
+/// Golden: the seeds' VXLAN shape — neighbour + FDB per remote VTEP, onlink routes via VTEP IPs.
+#[test]
+fn vxlan_golden() {
+    let (d, problems) = desired(&local(), &remotes(), &blocks(), &pool(Encapsulation::Vxlan));
+    assert!(problems.is_empty());
+    assert_eq!(
+        render(&d),
+        vec![
+            "fdb append 66:00:00:00:00:02 dst 192.168.1.11 dev #9",
+            "fdb append 66:00:00:00:00:03 dst 192.168.2.12 dev #9",
+            "neigh replace 10.244.1.0 lladdr 66:00:00:00:00:02 dev #9",
+            "neigh replace 10.244.2.0 lladdr 66:00:00:00:00:03 dev #9",
+            "route replace blackhole 10.244.0.0/26",
+            "route replace 10.244.1.0/26 via 10.244.1.0 dev #9 onlink",
+            "route replace 10.244.2.0/26 via 10.244.2.0 dev #9 onlink",
+        ]
+    );
+}
+
+/// Golden: CrossSubnet is direct inside the subnet and VXLAN across it.
+#[test]
+fn cross_subnet_golden() {
+    let (d, problems) = desired(
+        &local(),
+        &remotes(),
+        &blocks(),
+        &pool(Encapsulation::VxlanCrossSubnet),
+    );
+    assert!(problems.is_empty());
+    assert_eq!(
+        render(&d),
+        vec![
+            "fdb append 66:00:00:00:00:03 dst 192.168.2.12 dev #9",
+            "neigh replace 10.244.2.0 lladdr 66:00:00:00:00:03 dev #9",
+            "route replace blackhole 10.244.0.0/26",
+            "route replace 10.244.1.0/26 via 192.168.1.11 dev #2",
+            "route replace 10.244.2.0/26 via 10.244.2.0 dev #9 onlink",
+        ]
+    );
+}
+
+#[test]
+fn direct_needs_adjacency_and_ipip_is_refused() {
+    let (d, problems) = desired(&local(), &remotes(), &blocks(), &pool(Encapsulation::None));
+    assert_eq!(d.routes.len(), 2);
+    assert!(matches!(problems.as_slice(), [Problem::NotAdjacent { .. }]));
+    let (_, problems) = desired(&local(), &remotes(), &blocks(), &pool(Encapsulation::Ipip));
+    assert_eq!(problems.len(), 2);
+    assert!(problems[0].to_string().contains("IPIP"));
+}
+
+#[test]
+fn resync_is_a_no_op_and_changes_are_minimal() {
+    let (d, _) = desired(&local(), &remotes(), &blocks(), &pool(Encapsulation::Vxlan));
+    let observed = Observed {
+        routes: d.routes.clone(),
+        neighbours: d.neighbours.clone(),
+        fdb: d.fdb.clone(),
+    };
+    assert!(plan(&d, &observed).is_empty());
+    // n3 leaves: its route goes first, then its neighbour and FDB entry.
+    let (d2, _) = desired(
+        &local(),
+        &remotes()[..1],
+        &blocks()[..2],
+        &pool(Encapsulation::Vxlan),
+    );
+    let ops: Vec<String> = plan(&d2, &observed).iter().map(|o| o.to_string()).collect();
+    assert_eq!(
+        ops,
+        vec![
+            "route del 10.244.2.0/26 via 10.244.2.0 dev #9 onlink",
+            "neigh del 10.244.2.0 dev #9",
+            "fdb del 66:00:00:00:00:03 dst 192.168.2.12 dev #9",
+        ]
+    );
+    // A changed next hop is replaced in place, never deleted then added.
+    let (d3, _) = desired(
+        &local(),
+        &remotes(),
+        &blocks(),
+        &pool(Encapsulation::VxlanCrossSubnet),
+    );
+    let ops = plan(&d3, &observed);
+    assert!(ops
+        .iter()
+        .any(|o| matches!(o, Op::ReplaceRoute(r) if r.dst == net("10.244.1.0/26"))));
+    assert!(!ops
+        .iter()
+        .any(|o| matches!(o, Op::DelRoute(r) if r.dst == net("10.244.1.0/26"))));
+}
+
+#[test]
+fn missing_vtep_and_unknown_node_reported() {
+    let mut r = remotes();
+    r[0].vtep_mac = None;
+    let mut b = blocks();
+    b.push((net("10.244.3.0/26"), "ghost".into()));
+    let (d, problems) = desired(&local(), &r, &b, &pool(Encapsulation::Vxlan));
+    assert_eq!(d.routes.len(), 2);
+    assert_eq!(problems.len(), 2);
+}
