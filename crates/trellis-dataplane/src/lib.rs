@@ -9,6 +9,7 @@
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod routing;
 pub mod sysctl;
 pub mod types;
 

@@ -4,22 +4,22 @@
 //! uses it from its own thread without ever calling `setns` itself.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
-    LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVxlan,
+    LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
@@ -44,6 +44,18 @@ pub struct VethSpec {
     pub mtu: Option<u32>,
     /// Enslave the local end to this bridge index at creation.
     pub master: Option<u32>,
+}
+
+/// A VXLAN device to create.
+#[derive(Debug, Clone)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    pub uplink: u32,
+    pub mac: [u8; 6],
+    pub mtu: Option<u32>,
 }
 
 /// A blocking rtnetlink socket.
@@ -403,6 +415,206 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+
+    // ---- VXLAN ----
+
+    /// Creates a VXLAN device (`ip link add NAME type vxlan id VNI dstport PORT local IP dev
+    /// UPLINK nolearning`): learning off, because Trellis programs every FDB entry itself.
+    pub fn create_vxlan(&mut self, spec: &VxlanSpec) -> Result<()> {
+        let mut data = vec![
+            InfoVxlan::Id(spec.vni),
+            InfoVxlan::Port(spec.port),
+            InfoVxlan::Learning(false),
+            InfoVxlan::Link(spec.uplink),
+        ];
+        data.push(InfoVxlan::Local(spec.local));
+        let mut msg = LinkMessage::default();
+        msg.attributes
+            .push(LinkAttribute::IfName(spec.name.clone()));
+        if let Some(mtu) = spec.mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        msg.attributes
+            .push(LinkAttribute::Address(spec.mac.to_vec()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(data)),
+        ]));
+        self.ack(
+            &format!("create vxlan {}", spec.name),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Reads a VXLAN device's VNI, port, local address and uplink.
+    pub fn vxlan_info(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<(u32, u16, Option<Ipv4Addr>, Option<u32>)>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let msgs = match self.request(
+            &format!("get link {name}"),
+            RouteNetlinkMessage::GetLink(msg),
+            0,
+        ) {
+            Ok(m) => m,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for m in msgs {
+            let RouteNetlinkMessage::NewLink(l) = m else {
+                continue;
+            };
+            for a in &l.attributes {
+                let LinkAttribute::LinkInfo(infos) = a else {
+                    continue;
+                };
+                for i in infos {
+                    if let LinkInfo::Data(InfoData::Vxlan(v)) = i {
+                        let (mut vni, mut port, mut local, mut link) = (0, 0, None, None);
+                        for x in v {
+                            match x {
+                                InfoVxlan::Id(id) => vni = *id,
+                                InfoVxlan::Port(p) => port = *p,
+                                InfoVxlan::Local(ip) => local = Some(*ip),
+                                InfoVxlan::Link(l) => link = Some(*l),
+                                _ => {}
+                            }
+                        }
+                        return Ok(Some((vni, port, local, link)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn fdb_msg(ifindex: u32, mac: [u8; 6], dst: IpAddr) -> NeighbourMessage {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = ifindex;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        msg.attributes
+            .push(NeighbourAttribute::Destination(match dst {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            }));
+        msg
+    }
+
+    /// `bridge fdb append MAC dev IFINDEX dst DST self permanent` (needs `NLM_F_APPEND`: one MAC
+    /// may have several destinations).
+    pub fn fdb_append(&mut self, ifindex: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        self.ack(
+            &format!("fdb append on #{ifindex} dst {dst}"),
+            RouteNetlinkMessage::NewNeighbour(Self::fdb_msg(ifindex, mac, dst)),
+            NLM_F_CREATE | NLM_F_APPEND,
+        )
+    }
+
+    /// Removes one FDB entry; `false` when absent.
+    pub fn fdb_del(&mut self, ifindex: u32, mac: [u8; 6], dst: IpAddr) -> Result<bool> {
+        match self.ack(
+            &format!("fdb del on #{ifindex} dst {dst}"),
+            RouteNetlinkMessage::DelNeighbour(Self::fdb_msg(ifindex, mac, dst)),
+            0,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Dumps neighbour (family `Inet`/`Inet6`) or FDB (family `Bridge`) entries of one device as
+    /// (ip-or-dst, mac, permanent).
+    pub fn neighbours(
+        &mut self,
+        ifindex: u32,
+        fdb: bool,
+    ) -> Result<Vec<(Option<IpAddr>, Option<[u8; 6]>, bool)>> {
+        let mut out = Vec::new();
+        let families: &[AddressFamily] = if fdb {
+            &[AddressFamily::Bridge]
+        } else {
+            &[AddressFamily::Inet, AddressFamily::Inet6]
+        };
+        for fam in families {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = *fam;
+            let msgs = self.request(
+                "dump neighbours",
+                RouteNetlinkMessage::GetNeighbour(msg),
+                NLM_F_DUMP,
+            )?;
+            for m in msgs {
+                let RouteNetlinkMessage::NewNeighbour(n) = m else {
+                    continue;
+                };
+                if n.header.ifindex != ifindex {
+                    continue;
+                }
+                let mut ip = None;
+                let mut mac = None;
+                for a in &n.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            ip = Some(IpAddr::V4(*v4))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                            ip = Some(IpAddr::V6(*v6))
+                        }
+                        // FDB (AF_BRIDGE) messages carry the VXLAN destination as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b))
+                            if b.len() == 4 =>
+                        {
+                            ip = Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b))
+                            if b.len() == 16 =>
+                        {
+                            let mut a = [0u8; 16];
+                            a.copy_from_slice(b);
+                            ip = Some(IpAddr::V6(a.into()))
+                        }
+                        NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
+                            let mut b = [0u8; 6];
+                            b.copy_from_slice(m);
+                            mac = Some(b);
+                        }
+                        _ => {}
+                    }
+                }
+                out.push((ip, mac, n.header.state == NeighbourState::Permanent));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a neighbour entry; `false` when absent.
+    pub fn del_neighbour(&mut self, index: u32, ip: IpAddr) -> Result<bool> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family_of(ip);
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(match ip {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            }));
+        match self.ack(
+            &format!("delete neighbour {ip}"),
+            RouteNetlinkMessage::DelNeighbour(msg),
+            0,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     // ---- neighbours ----

@@ -1,0 +1,186 @@
+//! Applies [`trellis_routing`] plans to the kernel and reads back what Trellis owns there:
+//! routes with Trellis's protocol number, permanent neighbours and FDB entries on the VTEP.
+//! Never touches routes of other protocols.
+
+use trellis_routing::{Fdb, Neighbour, Observed, Op, Route, RouteKind, TRELLIS_PROTO};
+
+use crate::types::{RouteKind as KKind, RouteScope, RouteSpec, TABLE_MAIN};
+use crate::{DataplaneError, Netlink, Result};
+
+fn to_kernel(r: &Route) -> RouteSpec {
+    match &r.kind {
+        RouteKind::Blackhole => RouteSpec {
+            dst: r.dst,
+            gateway: None,
+            oif: None,
+            scope: RouteScope::Universe,
+            kind: KKind::Blackhole,
+            protocol: TRELLIS_PROTO,
+            table: TABLE_MAIN,
+            onlink: false,
+            metric: None,
+        },
+        RouteKind::Via {
+            gateway,
+            ifindex,
+            onlink,
+        } => RouteSpec {
+            onlink: *onlink,
+            protocol: TRELLIS_PROTO,
+            ..RouteSpec::via(r.dst, *gateway, *ifindex)
+        },
+    }
+}
+
+fn from_kernel(r: &RouteSpec) -> Option<Route> {
+    if r.protocol != TRELLIS_PROTO || r.table != TABLE_MAIN {
+        return None;
+    }
+    let kind = match (r.kind, r.gateway, r.oif) {
+        (KKind::Blackhole, _, _) => RouteKind::Blackhole,
+        (KKind::Unicast, Some(gateway), Some(ifindex)) => RouteKind::Via {
+            gateway,
+            ifindex,
+            onlink: r.onlink,
+        },
+        _ => return None,
+    };
+    Some(Route { dst: r.dst, kind })
+}
+
+/// What Trellis owns in the kernel now.
+pub fn observe(nl: &mut Netlink, vtep: Option<u32>) -> Result<Observed> {
+    let mut o = Observed::default();
+    o.routes = nl.routes()?.iter().filter_map(from_kernel).collect();
+    if let Some(ifindex) = vtep {
+        for (ip, mac, permanent) in nl.neighbours(ifindex, false)? {
+            if let (Some(ip), Some(mac), true) = (ip, mac, permanent) {
+                o.neighbours.insert(Neighbour { ifindex, ip, mac });
+            }
+        }
+        for (dst, mac, permanent) in nl.neighbours(ifindex, true)? {
+            if let (Some(dst), Some(mac), true) = (dst, mac, permanent) {
+                if mac != [0; 6] {
+                    o.fdb.insert(Fdb { ifindex, mac, dst });
+                }
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// Applies ops in order; returns the ones that failed (the rest still go through, and the next
+/// resync retries the failures).
+pub fn apply(nl: &mut Netlink, ops: &[Op]) -> Vec<(Op, DataplaneError)> {
+    let mut failed = Vec::new();
+    for op in ops {
+        let r = match op {
+            Op::SetFdb(e) => nl.fdb_append(e.ifindex, e.mac, e.dst).or_else(|err| {
+                if err.is_exists() {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }),
+            Op::SetNeighbour(n) => nl.set_neighbour(n.ifindex, n.ip, n.mac),
+            Op::ReplaceRoute(r) => nl.add_route(&to_kernel(r), true),
+            Op::DelRoute(r) => nl.del_route(&to_kernel(r)).map(|_| ()),
+            Op::DelNeighbour(n) => nl.del_neighbour(n.ifindex, n.ip).map(|_| ()),
+            Op::DelFdb(e) => nl.fdb_del(e.ifindex, e.mac, e.dst).map(|_| ()),
+        };
+        if let Err(e) = r {
+            failed.push((op.clone(), e));
+        }
+    }
+    failed
+}
+
+/// Turns off transmit checksum offload on a device (`ethtool -K DEV tx off`): on VXLAN devices
+/// the offload corrupts checksums of encapsulated packets on some paths (the "63-second delay"
+/// seen with kube-proxy NodePorts), so Calico and Flannel both disable it.
+pub fn disable_tx_checksum(name: &str) -> Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct Ifreq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    let mut req = Ifreq {
+        name: [0; 16],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    let bytes = name.as_bytes();
+    if bytes.len() >= 16 {
+        return Err(DataplaneError::Decode {
+            op: "ethtool".into(),
+            reason: format!("interface name {name:?} too long"),
+        });
+    }
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: a plain ioctl on a fresh socket with properly laid out, live buffers.
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            -1
+        } else {
+            let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req as *mut Ifreq);
+            libc::close(fd);
+            rc
+        }
+    };
+    if rc < 0 {
+        return Err(DataplaneError::Netlink {
+            op: format!("ethtool -K {name} tx off"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_round_trip_keeps_only_trellis_routes() {
+        let routes = [
+            Route {
+                dst: "10.1.0.0/26".parse().unwrap(),
+                kind: RouteKind::Blackhole,
+            },
+            Route {
+                dst: "10.1.1.0/26".parse().unwrap(),
+                kind: RouteKind::Via {
+                    gateway: "10.1.1.0".parse().unwrap(),
+                    ifindex: 7,
+                    onlink: true,
+                },
+            },
+        ];
+        for r in &routes {
+            assert_eq!(from_kernel(&to_kernel(r)).as_ref(), Some(r));
+        }
+        let foreign = RouteSpec::via(
+            "10.9.0.0/24".parse().unwrap(),
+            "192.0.2.1".parse().unwrap(),
+            2,
+        );
+        assert_eq!(
+            from_kernel(&foreign),
+            None,
+            "routes of other protocols are not Trellis's"
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The routing shell against the real kernel, in a namespace: a VXLAN device, a plan applied
+//! and read back (a resync is then a no-op), `bridge fdb append` semantics, foreign routes
+//! left alone, and removal in the planned order.
+
+use trellis_dataplane::netlink::VxlanSpec;
+use trellis_dataplane::{routing, Netlink, Netns};
+use trellis_resources::Encapsulation;
+use trellis_routing::{desired, plan, LocalNode, PoolRouting, RemoteNode};
+use trellis_testutil::TestNetns;
+
+#[test]
+fn vxlan_plan_applies_and_resync_is_a_no_op() {
+    let ns = TestNetns::new("route");
+    ns.exec_ok(&[
+        "ip", "link", "add", "upl0", "type", "veth", "peer", "name", "upl1",
+    ]);
+    ns.exec_ok(&["ip", "addr", "add", "192.168.1.10/24", "dev", "upl0"]);
+    ns.exec_ok(&["ip", "link", "set", "upl0", "up"]);
+    ns.exec_ok(&["ip", "link", "set", "upl1", "up"]);
+    // A route of someone else's that Trellis must never touch.
+    ns.exec_ok(&["ip", "route", "add", "10.244.9.0/24", "via", "192.168.1.1"]);
+    let handle = Netns::open(ns.path()).unwrap();
+    let mut nl = Netlink::open_in(&handle).unwrap();
+    let uplink = nl.link("upl0").unwrap().unwrap().index;
+    nl.create_vxlan(&VxlanSpec {
+        name: "vxlan.trellis".into(),
+        vni: 4096,
+        port: 4789,
+        local: "192.168.1.10".parse().unwrap(),
+        uplink,
+        mac: [0x66, 1, 2, 3, 4, 5],
+        mtu: Some(1450),
+    })
+    .unwrap();
+    let vtep = nl.link("vxlan.trellis").unwrap().unwrap();
+    nl.set_up(vtep.index).unwrap();
+    handle
+        .run(|| routing::disable_tx_checksum("vxlan.trellis"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(nl.vxlan_info("vxlan.trellis").unwrap().unwrap().0, 4096);
+
+    let local = LocalNode {
+        name: "n1".into(),
+        address: "192.168.1.10/24".parse().unwrap(),
+        uplink_ifindex: uplink,
+        vtep_ifindex: Some(vtep.index),
+    };
+    let remotes = vec![
+        RemoteNode {
+            name: "n2".into(),
+            address: "192.168.1.11".parse().unwrap(),
+            vtep_ip: Some("10.244.1.0".parse().unwrap()),
+            vtep_mac: Some([0x66, 0, 0, 0, 0, 2]),
+        },
+        RemoteNode {
+            name: "n3".into(),
+            address: "192.168.2.12".parse().unwrap(),
+            vtep_ip: Some("10.244.2.0".parse().unwrap()),
+            vtep_mac: Some([0x66, 0, 0, 0, 0, 3]),
+        },
+    ];
+    let blocks = vec![
+        ("10.244.0.0/26".parse().unwrap(), "n1".to_string()),
+        ("10.244.1.0/26".parse().unwrap(), "n2".to_string()),
+        ("10.244.2.0/26".parse().unwrap(), "n3".to_string()),
+    ];
+    let pools = vec![PoolRouting {
+        cidr: "10.244.0.0/16".parse().unwrap(),
+        encapsulation: Encapsulation::VxlanCrossSubnet,
+    }];
+    let (want, problems) = desired(&local, &remotes, &blocks, &pools);
+    assert!(problems.is_empty());
+    let ops = plan(&want, &routing::observe(&mut nl, Some(vtep.index)).unwrap());
+    assert_eq!(ops.len(), 5);
+    let failed = routing::apply(&mut nl, &ops);
+    assert!(failed.is_empty(), "{failed:?}");
+
+    let routes = ns.exec_ok(&["ip", "route"]);
+    assert!(
+        routes.contains("blackhole 10.244.0.0/26 proto 231"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.244.1.0/26 via 192.168.1.11 dev upl0 proto 231"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.244.2.0/26 via 10.244.2.0 dev vxlan.trellis proto 231 onlink"),
+        "{routes}"
+    );
+    let fdb = ns.exec_ok(&["bridge", "fdb", "show", "dev", "vxlan.trellis"]);
+    assert!(
+        fdb.contains("66:00:00:00:00:03 dst 192.168.2.12 self permanent"),
+        "{fdb}"
+    );
+    let neigh = ns.exec_ok(&["ip", "neigh", "show", "dev", "vxlan.trellis"]);
+    assert!(
+        neigh.contains("10.244.2.0 lladdr 66:00:00:00:00:03 PERMANENT"),
+        "{neigh}"
+    );
+
+    // Reading the kernel back gives exactly the plan: a resync changes nothing.
+    let observed = routing::observe(&mut nl, Some(vtep.index)).unwrap();
+    assert!(
+        plan(&want, &observed).is_empty(),
+        "{:?}",
+        plan(&want, &observed)
+    );
+
+    // A route deleted by hand is put back by the next plan.
+    ns.exec_ok(&["ip", "route", "del", "10.244.2.0/26"]);
+    let ops = plan(&want, &routing::observe(&mut nl, Some(vtep.index)).unwrap());
+    assert_eq!(ops.len(), 1);
+    assert!(routing::apply(&mut nl, &ops).is_empty());
+
+    // Everything gone from the cluster: Trellis removes its own, and only its own.
+    let ops = plan(
+        &Default::default(),
+        &routing::observe(&mut nl, Some(vtep.index)).unwrap(),
+    );
+    assert!(routing::apply(&mut nl, &ops).is_empty());
+    let routes = ns.exec_ok(&["ip", "route"]);
+    assert!(!routes.contains("proto 231"), "{routes}");
+    assert!(
+        routes.contains("10.244.9.0/24 via 192.168.1.1"),
+        "a foreign route was touched: {routes}"
+    );
+    assert!(!ns
+        .exec_ok(&["bridge", "fdb", "show", "dev", "vxlan.trellis"])
+        .contains("66:00:00:00:00:03"));
+}
