@@ -58,6 +58,23 @@ pub struct VxlanSpec {
     pub mtu: Option<u32>,
 }
 
+/// A VXLAN device's settings as the kernel reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanInfo {
+    pub vni: u32,
+    pub port: u16,
+    pub local: Option<Ipv4Addr>,
+    pub uplink: Option<u32>,
+}
+
+/// A neighbour or FDB entry: its address (the VXLAN destination for FDB), MAC and permanence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighbourEntry {
+    pub ip: Option<IpAddr>,
+    pub mac: Option<[u8; 6]>,
+    pub permanent: bool,
+}
+
 /// A blocking rtnetlink socket.
 pub struct Netlink {
     socket: Socket,
@@ -449,10 +466,7 @@ impl Netlink {
     }
 
     /// Reads a VXLAN device's VNI, port, local address and uplink.
-    pub fn vxlan_info(
-        &mut self,
-        name: &str,
-    ) -> Result<Option<(u32, u16, Option<Ipv4Addr>, Option<u32>)>> {
+    pub fn vxlan_info(&mut self, name: &str) -> Result<Option<VxlanInfo>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         let msgs = match self.request(
@@ -484,7 +498,12 @@ impl Netlink {
                                 _ => {}
                             }
                         }
-                        return Ok(Some((vni, port, local, link)));
+                        return Ok(Some(VxlanInfo {
+                            vni,
+                            port,
+                            local,
+                            uplink: link,
+                        }));
                     }
                 }
             }
@@ -533,11 +552,7 @@ impl Netlink {
 
     /// Dumps neighbour (family `Inet`/`Inet6`) or FDB (family `Bridge`) entries of one device as
     /// (ip-or-dst, mac, permanent).
-    pub fn neighbours(
-        &mut self,
-        ifindex: u32,
-        fdb: bool,
-    ) -> Result<Vec<(Option<IpAddr>, Option<[u8; 6]>, bool)>> {
+    pub fn neighbours(&mut self, ifindex: u32, fdb: bool) -> Result<Vec<NeighbourEntry>> {
         let mut out = Vec::new();
         let families: &[AddressFamily] = if fdb {
             &[AddressFamily::Bridge]
@@ -590,7 +605,11 @@ impl Netlink {
                         _ => {}
                     }
                 }
-                out.push((ip, mac, n.header.state == NeighbourState::Permanent));
+                out.push(NeighbourEntry {
+                    ip,
+                    mac,
+                    permanent: n.header.state == NeighbourState::Permanent,
+                });
             }
         }
         Ok(out)

@@ -50,16 +50,18 @@ fn from_kernel(r: &RouteSpec) -> Option<Route> {
 
 /// What Trellis owns in the kernel now.
 pub fn observe(nl: &mut Netlink, vtep: Option<u32>) -> Result<Observed> {
-    let mut o = Observed::default();
-    o.routes = nl.routes()?.iter().filter_map(from_kernel).collect();
+    let mut o = Observed {
+        routes: nl.routes()?.iter().filter_map(from_kernel).collect(),
+        ..Default::default()
+    };
     if let Some(ifindex) = vtep {
-        for (ip, mac, permanent) in nl.neighbours(ifindex, false)? {
-            if let (Some(ip), Some(mac), true) = (ip, mac, permanent) {
+        for e in nl.neighbours(ifindex, false)? {
+            if let (Some(ip), Some(mac), true) = (e.ip, e.mac, e.permanent) {
                 o.neighbours.insert(Neighbour { ifindex, ip, mac });
             }
         }
-        for (dst, mac, permanent) in nl.neighbours(ifindex, true)? {
-            if let (Some(dst), Some(mac), true) = (dst, mac, permanent) {
+        for e in nl.neighbours(ifindex, true)? {
+            if let (Some(dst), Some(mac), true) = (e.ip, e.mac, e.permanent) {
                 if mac != [0; 6] {
                     o.fdb.insert(Fdb { ifindex, mac, dst });
                 }

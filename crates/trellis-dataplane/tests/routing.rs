@@ -38,7 +38,7 @@ fn vxlan_plan_applies_and_resync_is_a_no_op() {
         .run(|| routing::disable_tx_checksum("vxlan.trellis"))
         .unwrap()
         .unwrap();
-    assert_eq!(nl.vxlan_info("vxlan.trellis").unwrap().unwrap().0, 4096);
+    assert_eq!(nl.vxlan_info("vxlan.trellis").unwrap().unwrap().vni, 4096);
 
     let local = LocalNode {
         name: "n1".into(),
