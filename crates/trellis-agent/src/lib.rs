@@ -3,6 +3,7 @@
 //! empty blocks back after a grace period. Does I/O: datastore, socket, netlink (autodetection).
 
 pub mod autodetect;
+pub mod dataplane;
 mod server;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,9 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// How long a block must stay empty before it is given back.
     pub block_grace: Duration,
+    pub vxlan: dataplane::VxlanConfig,
+    /// Seconds between dataplane resyncs (drift repair).
+    pub resync: Duration,
 }
 
 /// Agent failures.
@@ -38,6 +42,8 @@ pub enum AgentError {
     Cluster(#[from] trellis_cluster::ClusterError),
     #[error(transparent)]
     Store(#[from] trellis_store::StoreError),
+    #[error("dataplane: {0}")]
+    Dataplane(String),
     #[error("socket {path}: {source}")]
     Socket {
         path: PathBuf,
@@ -52,41 +58,57 @@ pub struct Agent {
     pub store: Arc<dyn Datastore>,
     pub ipam: NodeIpam,
     pub address: IpNet,
+    pub vxlan: dataplane::VxlanConfig,
 }
 
-/// Creates or updates this node's Node object, keeping fields others manage.
+/// Changes this node's Node object with `f`, keeping fields others manage (CAS on the revision
+/// read, so a heartbeat never undoes a VTEP update or the reverse).
+pub async fn update_node(
+    store: &dyn Datastore,
+    name: &str,
+    f: impl Fn(&mut Object<NodeSpec>),
+) -> Result<(), AgentError> {
+    objects::update(store, Kind::Node, None, name, |old| {
+        let mut node = match old {
+            Some(Resource::Node(n)) => n,
+            _ => Object {
+                metadata: Metadata {
+                    name: name.to_string(),
+                    ..Default::default()
+                },
+                spec: NodeSpec::default(),
+                status: None,
+            },
+        };
+        f(&mut node);
+        Resource::Node(node)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Creates or updates this node's Node object: address, labels, heartbeat.
 pub async fn register_node(
     store: &dyn Datastore,
     name: &str,
     address: IpNet,
     labels: &BTreeMap<String, String>,
 ) -> Result<(), AgentError> {
-    let existing = objects::get(store, Kind::Node, None, name).await?;
-    let mut node = match existing.map(|s| s.resource) {
-        Some(Resource::Node(n)) => n,
-        _ => Object {
-            metadata: Metadata {
-                name: name.to_string(),
-                ..Default::default()
-            },
-            spec: NodeSpec::default(),
-            status: None,
-        },
-    };
-    node.metadata.labels.extend(labels.clone());
-    node.spec.addresses = vec![NodeAddress {
-        address: address.to_string(),
-        kind: Some("InternalIP".into()),
-    }];
-    let bgp = node.spec.bgp.get_or_insert_with(Default::default);
-    if address.addr().is_ipv4() {
-        bgp.ipv4_address = Some(address);
-    }
-    node.status = Some(NodeStatus {
-        last_heartbeat: Some(trellis_cluster::now_secs()),
-    });
-    objects::apply(store, &Resource::Node(node), false).await?;
-    Ok(())
+    update_node(store, name, |node| {
+        node.metadata.labels.extend(labels.clone());
+        node.spec.addresses = vec![NodeAddress {
+            address: address.to_string(),
+            kind: Some("InternalIP".into()),
+        }];
+        let bgp = node.spec.bgp.get_or_insert_with(Default::default);
+        if address.addr().is_ipv4() {
+            bgp.ipv4_address = Some(address);
+        }
+        node.status = Some(NodeStatus {
+            last_heartbeat: Some(trellis_cluster::now_secs()),
+        });
+    })
+    .await
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -103,20 +125,24 @@ pub async fn run(
     register_node(&*store, &config.node, address, &config.labels).await?;
     tracing::info!(node = %config.node, %address, datastore = %store.describe(), "node registered");
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone());
+    let vxlan = config.vxlan;
     let agent = Arc::new(Agent {
         config,
         store,
         ipam,
         address,
+        vxlan,
     });
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");
     let housekeeping = tokio::spawn(housekeeping(agent.clone()));
+    let dataplane = tokio::spawn(dataplane::run(agent.clone(), agent.config.resync));
     tokio::select! {
         r = server::serve(agent.clone(), listener) => r?,
         _ = shutdown => tracing::info!("shutting down"),
     }
     housekeeping.abort();
+    dataplane.abort();
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
 }

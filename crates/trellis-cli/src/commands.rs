@@ -36,6 +36,18 @@ pub struct AgentArgs {
     /// Seconds a block must stay empty before it is released to the pool.
     #[arg(long, default_value_t = 300)]
     pub block_grace: u64,
+    /// VXLAN network identifier (4096 like Calico; 1 to mimic Flannel).
+    #[arg(long, default_value_t = 4096)]
+    pub vxlan_vni: u32,
+    /// VXLAN UDP port (4789 like Calico; 8472 to mimic Flannel).
+    #[arg(long, default_value_t = 4789)]
+    pub vxlan_port: u16,
+    /// MTU for the VTEP and pods; default: the uplink's minus the encapsulation overhead.
+    #[arg(long)]
+    pub mtu: Option<u32>,
+    /// Seconds between dataplane resyncs (drift repair).
+    #[arg(long, default_value_t = 2)]
+    pub resync: u64,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -271,7 +283,21 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
         labels,
         heartbeat: Duration::from_secs(a.heartbeat),
         block_grace: Duration::from_secs(a.block_grace),
+        vxlan: trellis_agent::dataplane::VxlanConfig {
+            vni: a.vxlan_vni,
+            port: a.vxlan_port,
+            mtu: a.mtu,
+        },
+        resync: Duration::from_secs(a.resync.max(1)),
     };
+    if !(1..=16_777_215).contains(&a.vxlan_vni) {
+        bail!("--vxlan-vni {} is outside 1..16777215", a.vxlan_vni);
+    }
+    if let Some(m) = a.mtu {
+        if !(576..=65535).contains(&m) {
+            bail!("--mtu {m} is outside 576..65535");
+        }
+    }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

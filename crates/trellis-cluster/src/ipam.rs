@@ -40,6 +40,8 @@ pub struct Request {
     /// Pools by name or CIDR (`ipv4pools`/`ipv6pools`).
     pub ipv4_pools: Vec<String>,
     pub ipv6_pools: Vec<String>,
+    /// Infrastructure addresses (the VTEP's) get no workload endpoint.
+    pub no_endpoint: bool,
 }
 
 impl Request {
@@ -469,17 +471,19 @@ impl NodeIpam {
             }
             *counts.entry(p.block.cidr.to_string()).or_default() += 1;
         }
-        let wep = self.endpoint(req, plans);
+        let wep = (!req.no_endpoint).then(|| self.endpoint(req, plans));
         let h = IpamHandleSpec {
             handle_id: handle.clone(),
             block: counts,
-            endpoint: Some(wep.key()),
+            endpoint: wep.as_ref().map(Resource::key),
         };
         ops.push(TxnOp::Put(
             handle_key(&handle),
             encode(&Resource::IpamHandle(obj(handle.clone(), h))),
         ));
-        ops.push(TxnOp::Put(wep.key(), encode(&wep)));
+        if let Some(wep) = wep {
+            ops.push(TxnOp::Put(wep.key(), encode(&wep)));
+        }
         match self.store.txn(pre, ops).await? {
             TxnOutcome::Committed { revision } => Ok(Some(revision)),
             TxnOutcome::Conflict => Ok(None),

@@ -180,3 +180,43 @@ pub async fn delete(
         }),
     }
 }
+
+/// Read-modify-write with compare-and-swap on the revision that was read: `f` gets the current
+/// object (if any) and returns the new one; retried when someone else wrote in between, so no
+/// update is lost.
+pub async fn update(
+    store: &dyn Datastore,
+    kind: Kind,
+    namespace: Option<&str>,
+    name: &str,
+    mut f: impl FnMut(Option<Resource>) -> Resource,
+) -> Result<Applied> {
+    let key = key_for(kind, namespace, name);
+    for _ in 0..20 {
+        let current = store.get(&key).await?;
+        let (pre, old, applied) = match &current {
+            Some(kv) => (
+                Precondition::ModRevision(key.clone(), kv.mod_revision),
+                Some(decode(kv)?.resource),
+                Applied::Updated,
+            ),
+            None => (Precondition::Absent(key.clone()), None, Applied::Created),
+        };
+        let new = f(old);
+        new.validate()?;
+        let bytes = encode(&new);
+        if current.as_ref().is_some_and(|kv| kv.value == bytes) {
+            return Ok(Applied::Unchanged);
+        }
+        if let TxnOutcome::Committed { .. } = store
+            .txn(vec![pre], vec![TxnOp::Put(key.clone(), bytes)])
+            .await?
+        {
+            return Ok(applied);
+        }
+    }
+    Err(ClusterError::Contention {
+        what: key,
+        attempts: 20,
+    })
+}

@@ -45,7 +45,9 @@ impl Cluster {
         let dir = temp_dir(tag);
         // etcd lives in a control namespace with a bridge every node joins (loopback is per
         // namespace, so a node could not reach an etcd on the test's own 127.0.0.1).
-        let control = etcd.then(|| {
+        // Every node joins one L2 segment (a bridge in the control namespace), as cluster nodes
+        // on one subnet are.
+        let control = Some({
             let ns = TestNetns::new(&format!("{tag}ctl"));
             // A fixed MAC: otherwise the bridge takes its lowest port's MAC and changes it as
             // ports join, leaving nodes with a stale ARP entry for etcd's address.
@@ -65,6 +67,7 @@ impl Cluster {
         });
         let etcd_server = control
             .as_ref()
+            .filter(|_| etcd)
             .map(|ns| EtcdServer::start_in(ns, "192.0.2.1"));
         let spec = match &etcd_server {
             Some(e) => format!("etcd:{}", e.endpoint),
@@ -250,6 +253,45 @@ impl Cluster {
     }
 
     /// Block CIDR → affine node, from `trellis get ipamblocks -o json`.
+    /// Creates a pod on node `i` through the real plugin (routed mode, agent IPAM); returns its
+    /// namespace and address.
+    pub fn add_pod(&self, i: usize, name: &str) -> (TestNetns, std::net::IpAddr) {
+        let pod = TestNetns::new(name);
+        let n = &self.nodes[i];
+        let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni",
+            "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
+        let mut child =
+            n.ns.command(bin("trellis-cni").to_str().unwrap())
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_CONTAINERID", name)
+                .env("CNI_NETNS", pod.path())
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", self.dir.path())
+                .env(
+                    "CNI_ARGS",
+                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+                )
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "ADD {name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let ip = ip_of(&out).unwrap();
+        (pod, ip)
+    }
+
     pub fn block_affinity(&self) -> Vec<(ipnet::IpNet, String)> {
         let v: Value =
             serde_json::from_str(&self.cli_ok(&["get", "ipamblocks", "-o", "json"], None)).unwrap();

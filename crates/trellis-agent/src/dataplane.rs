@@ -1,0 +1,392 @@
+//! The agent's dataplane loop: from the datastore (nodes, blocks, pools) to the kernel, every
+//! few seconds — so drift (a route deleted by hand) is repaired — and again on datastore
+//! changes. Pure decisions come from [`trellis_routing`]; this module does the I/O: the VTEP
+//! (`vxlan.trellis`, its tunnel address from IPAM, published on the Node), routes, neighbours,
+//! FDB entries, and natOutgoing in Trellis's own nftables table. A restart converges to the same
+//! state without removing anything first, so routes do not flap.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use trellis_cluster::ipam::Request;
+use trellis_cluster::objects;
+use trellis_dataplane::netlink::VxlanSpec;
+use trellis_dataplane::{nft, routing, sysctl, Netlink};
+use trellis_ipam::cluster as alloc;
+use trellis_resources::{Encapsulation, IpPoolSpec};
+use trellis_routing::{desired, plan, LocalNode, PoolRouting, RemoteNode};
+
+use crate::{update_node, Agent, AgentError};
+
+/// The VTEP's name (Calico: `vxlan.calico`).
+pub const VTEP: &str = "vxlan.trellis";
+/// nftables table owned by the agent.
+pub const NAT_TABLE: &str = "trellis";
+
+/// VXLAN settings (VNI 4096 / port 4789 like Calico; 1 / 8472 to mimic Flannel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanConfig {
+    pub vni: u32,
+    pub port: u16,
+    /// Explicit MTU for the VTEP (and pods); otherwise the uplink's minus 50.
+    pub mtu: Option<u32>,
+}
+
+/// A stable, locally administered unicast MAC for this node's VTEP (same after a restart).
+pub fn vtep_mac(node: &str) -> [u8; 6] {
+    let d = Sha256::digest(node.as_bytes());
+    [0x66, d[0], d[1], d[2], d[3], d[4]]
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .filter_map(|p| u8::from_str_radix(p, 16).ok())
+        .collect();
+    (v.len() == 6).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]])
+}
+
+/// What the last pass did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    pub ops: usize,
+    pub problems: Vec<String>,
+}
+
+/// Runs passes forever: every `every`, and soon after any datastore change.
+pub async fn run(agent: Arc<Agent>, every: Duration) {
+    let mut last_problems = BTreeSet::new();
+    let mut nat_applied: Option<String> = None;
+    let mut watch = match agent.store.revision().await {
+        Ok(rev) => agent.store.watch("/trellis/v1/", rev + 1).await.ok(),
+        Err(_) => None,
+    };
+    loop {
+        match pass(&agent, &mut nat_applied).await {
+            Ok(r) => {
+                if r.ops > 0 {
+                    tracing::info!(changes = r.ops, "dataplane converged");
+                }
+                let now: BTreeSet<String> = r.problems.into_iter().collect();
+                for p in now.difference(&last_problems) {
+                    tracing::warn!("{p}");
+                }
+                last_problems = now;
+            }
+            Err(e) => tracing::warn!(error = %e, "dataplane pass failed; retrying"),
+        }
+        let tick = tokio::time::sleep(every);
+        match &mut watch {
+            Some(w) => {
+                tokio::select! {
+                    _ = tick => {}
+                    ev = w.next() => if !matches!(ev, Some(Ok(_))) {
+                        watch = None; // compacted or closed: fall back to the timer
+                    } else {
+                        // Let a burst of changes settle into one pass.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    },
+                }
+            }
+            None => tick.await,
+        }
+    }
+}
+
+fn pool_routing(pools: &[(String, IpPoolSpec)]) -> Vec<PoolRouting> {
+    pools
+        .iter()
+        .map(|(_, p)| PoolRouting {
+            cidr: p.cidr,
+            encapsulation: p.effective_encapsulation(),
+        })
+        .collect()
+}
+
+/// One reconciliation pass.
+pub async fn pass(
+    agent: &Agent,
+    nat_applied: &mut Option<String>,
+) -> Result<PassReport, AgentError> {
+    let store = &*agent.store;
+    let pools: Vec<(String, IpPoolSpec)> = objects::pools(store)
+        .await?
+        .into_iter()
+        .map(|(p, _)| (p.metadata.name, p.spec))
+        .collect();
+    let mut problems = Vec::new();
+    for (name, p) in &pools {
+        if matches!(
+            p.effective_encapsulation(),
+            Encapsulation::Ipip | Encapsulation::IpipCrossSubnet
+        ) {
+            problems.push(format!(
+                "pool {name} asks for IPIP, but this kernel has no ipip support: its blocks on other nodes are not routed (use VXLAN or VXLANCrossSubnet)"
+            ));
+        }
+    }
+    let vxlan_pools: Vec<String> = pools
+        .iter()
+        .filter(|(_, p)| {
+            !p.disabled
+                && matches!(
+                    p.effective_encapsulation(),
+                    Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
+                )
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    let address = agent.address;
+    let cfg = agent.vxlan;
+    let vtep = if vxlan_pools.is_empty() {
+        None
+    } else {
+        Some(ensure_vtep(agent, &vxlan_pools).await?)
+    };
+    let nodes = objects::nodes(store).await?;
+    let remotes: Vec<RemoteNode> = nodes
+        .iter()
+        .filter(|(n, _)| n.metadata.name != agent.config.node)
+        .filter_map(|(n, _)| {
+            let a = n
+                .spec
+                .addresses
+                .first()?
+                .address
+                .split('/')
+                .next()?
+                .parse()
+                .ok()?;
+            Some(RemoteNode {
+                name: n.metadata.name.clone(),
+                address: a,
+                vtep_ip: n.spec.ipv4_vxlan_tunnel_addr,
+                vtep_mac: n.spec.vxlan_tunnel_mac_addr.as_deref().and_then(parse_mac),
+            })
+        })
+        .collect();
+    let blocks: Vec<(IpNet, String)> = objects::blocks(store)
+        .await?
+        .into_iter()
+        .filter_map(|(b, _)| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
+        .collect();
+    let routing = pool_routing(&pools);
+    let node = agent.config.node.clone();
+    let nat = nat_ruleset(&pools);
+    let nat_changed = nat_applied.as_deref() != Some(nat.to_string().as_str());
+    let (ops, more) =
+        tokio::task::spawn_blocking(move || -> Result<(usize, Vec<String>), String> {
+            let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+            let links = nl.links().map_err(|e| e.to_string())?;
+            let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
+            let uplink = addrs
+                .iter()
+                .find(|(_, a)| a.addr() == address.addr())
+                .map(|(i, _)| *i)
+                .ok_or("the node address is on no interface")?;
+            let _ = links;
+            let local = LocalNode {
+                name: node,
+                address,
+                uplink_ifindex: uplink,
+                vtep_ifindex: vtep.map(|v| v.0),
+            };
+            let (want, problems) = desired(&local, &remotes, &blocks, &routing);
+            let observed =
+                routing::observe(&mut nl, local.vtep_ifindex).map_err(|e| e.to_string())?;
+            let ops = plan(&want, &observed);
+            for op in &ops {
+                tracing::debug!(%op, "dataplane");
+            }
+            let failed = routing::apply(&mut nl, &ops);
+            let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
+            if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
+                msgs.push(format!("enabling IPv4 forwarding: {e}"));
+            }
+            let _ = cfg;
+            Ok((ops.len(), msgs))
+        })
+        .await
+        .map_err(|e| AgentError::Autodetect(e.to_string()))?
+        .map_err(AgentError::Dataplane)?;
+    problems.extend(more);
+    if nat_changed {
+        match apply_nat(&nat) {
+            Ok(()) => *nat_applied = Some(nat.to_string()),
+            Err(e) => problems.push(format!("natOutgoing: {e}")),
+        }
+    }
+    Ok(PassReport { ops, problems })
+}
+
+/// Makes sure the VTEP exists with the right settings, has its tunnel address, and is published
+/// on the Node. Returns (ifindex, tunnel address).
+async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4Addr), AgentError> {
+    let req = Request {
+        network: "trellis-tunnel".into(),
+        container_id: agent.config.node.clone(),
+        ifname: "vxlan".into(),
+        ipv4_pools: vxlan_pools.to_vec(),
+        no_endpoint: true,
+        ..Default::default()
+    };
+    let got = agent.ipam.allocate(&req).await?;
+    let Some(IpAddr::V4(tunnel)) = got.first().map(|(ip, _)| *ip) else {
+        return Err(AgentError::Dataplane(
+            "no IPv4 tunnel address for the VTEP".into(),
+        ));
+    };
+    let mac = vtep_mac(&agent.config.node);
+    let (local, cfg) = (agent.address.addr(), agent.vxlan);
+    let IpAddr::V4(local) = local else {
+        return Err(AgentError::Dataplane(
+            "VXLAN needs an IPv4 node address".into(),
+        ));
+    };
+    let ifindex = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+        let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+        let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
+        let uplink_index = addrs
+            .iter()
+            .find(|(_, a)| a.addr() == IpAddr::V4(local))
+            .map(|(i, _)| *i)
+            .ok_or("the node address is on no interface")?;
+        let uplink = nl
+            .links()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|l| l.index == uplink_index)
+            .ok_or("uplink vanished")?;
+        let mtu = cfg.mtu.unwrap_or(uplink.mtu.saturating_sub(50));
+        let current = nl.link(VTEP).map_err(|e| e.to_string())?;
+        let info = nl.vxlan_info(VTEP).map_err(|e| e.to_string())?;
+        let fits = match (&current, &info) {
+            (Some(l), Some(i)) => {
+                i.vni == cfg.vni
+                    && i.port == cfg.port
+                    && i.local == Some(local)
+                    && l.mac == Some(mac)
+                    && l.mtu == mtu
+            }
+            _ => false,
+        };
+        if current.is_some() && !fits {
+            tracing::info!("recreating {VTEP}: its settings changed");
+            nl.delete_link(VTEP).map_err(|e| e.to_string())?;
+        }
+        if !fits {
+            nl.create_vxlan(&VxlanSpec {
+                name: VTEP.into(),
+                vni: cfg.vni,
+                port: cfg.port,
+                local,
+                uplink: uplink_index,
+                mac,
+                mtu: Some(mtu),
+            })
+            .map_err(|e| e.to_string())?;
+        }
+        let vtep = nl
+            .link(VTEP)
+            .map_err(|e| e.to_string())?
+            .ok_or("VTEP vanished")?;
+        if !vtep.up {
+            nl.set_up(vtep.index).map_err(|e| e.to_string())?;
+        }
+        routing::disable_tx_checksum(VTEP).map_err(|e| e.to_string())?;
+        let want = IpNet::new(IpAddr::V4(tunnel), 32).expect("/32");
+        if !nl
+            .addresses(Some(vtep.index))
+            .map_err(|e| e.to_string())?
+            .iter()
+            .any(|(_, a)| *a == want)
+        {
+            nl.add_address(vtep.index, want, false)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(vtep.index)
+    })
+    .await
+    .map_err(|e| AgentError::Dataplane(e.to_string()))?
+    .map_err(AgentError::Dataplane)?;
+    update_node(&*agent.store, &agent.config.node, |n| {
+        n.spec.ipv4_vxlan_tunnel_addr = Some(IpAddr::V4(tunnel));
+        n.spec.vxlan_tunnel_mac_addr = Some(mac_str(&mac));
+    })
+    .await?;
+    Ok((ifindex, tunnel))
+}
+
+/// The natOutgoing table: traffic from a natOutgoing pool to anywhere outside every pool is
+/// masqueraded; pod-to-pod traffic (any pool to any pool) never is. `None` when no pool wants it.
+pub fn nat_ruleset(pools: &[(String, IpPoolSpec)]) -> Value {
+    let v4: Vec<&IpPoolSpec> = pools
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| p.cidr.addr().is_ipv4())
+        .collect();
+    let masq: Vec<&&IpPoolSpec> = v4
+        .iter()
+        .filter(|p| p.nat_outgoing && !p.disabled)
+        .collect();
+    if masq.is_empty() {
+        return Value::Null;
+    }
+    let elem = |p: &IpPoolSpec| json!({"prefix": {"addr": p.cidr.network().to_string(), "len": p.cidr.prefix_len()}});
+    let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": "ip", "table": NAT_TABLE, "name": name, "type": "ipv4_addr", "flags": ["interval"], "elem": elems}}});
+    json!([
+        {"add": {"table": {"family": "ip", "name": NAT_TABLE}}},
+        {"delete": {"table": {"family": "ip", "name": NAT_TABLE}}},
+        {"add": {"table": {"family": "ip", "name": NAT_TABLE}}},
+        set("all_pools", v4.iter().map(|p| elem(p)).collect()),
+        set("masq_pools", masq.iter().map(|p| elem(p)).collect()),
+        {"add": {"chain": {"family": "ip", "table": NAT_TABLE, "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}},
+        {"add": {"rule": {"family": "ip", "table": NAT_TABLE, "chain": "postrouting", "comment": "trellis natOutgoing",
+            "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@masq_pools"}},
+                {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@all_pools"}},
+                {"masquerade": null}
+            ]}}}
+    ])
+}
+
+/// Applies the ruleset in one atomic batch (the table is replaced whole), or removes the table.
+fn apply_nat(ruleset: &Value) -> Result<(), String> {
+    match ruleset {
+        Value::Array(cmds) => nft::apply(cmds.clone()).map_err(|e| e.to_string()),
+        _ => match nft::list_table("ip", NAT_TABLE).map_err(|e| e.to_string())? {
+            Some(_) => nft::apply(vec![
+                json!({"delete": {"table": {"family": "ip", "name": NAT_TABLE}}}),
+            ])
+            .map_err(|e| e.to_string()),
+            None => Ok(()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_mac_is_stable_local_unicast() {
+        let m = vtep_mac("node1");
+        assert_eq!(m, vtep_mac("node1"));
+        assert_ne!(m, vtep_mac("node2"));
+        assert_eq!(m[0] & 0b11, 0b10, "locally administered, unicast");
+        assert_eq!(parse_mac(&mac_str(&m)), Some(m));
+    }
+}
