@@ -82,6 +82,9 @@ pub struct Ok {
     pub released: Vec<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// MTU for the pod's interface (uplink minus encapsulation overhead, or the configured one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// The reply to any request.

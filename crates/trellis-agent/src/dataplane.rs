@@ -25,6 +25,8 @@ use crate::{update_node, Agent, AgentError};
 
 /// The VTEP's name (Calico: `vxlan.calico`).
 pub const VTEP: &str = "vxlan.trellis";
+/// Bytes VXLAN adds (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+pub const VXLAN_OVERHEAD: u32 = 50;
 /// nftables table owned by the agent.
 pub const NAT_TABLE: &str = "trellis";
 
@@ -186,8 +188,9 @@ pub async fn pass(
     let node = agent.config.node.clone();
     let nat = nat_ruleset(&pools);
     let nat_changed = nat_applied.as_deref() != Some(nat.to_string().as_str());
-    let (ops, more) =
-        tokio::task::spawn_blocking(move || -> Result<(usize, Vec<String>), String> {
+    let encapsulated = !vxlan_pools.is_empty();
+    let (ops, more, mtu) =
+        tokio::task::spawn_blocking(move || -> Result<(usize, Vec<String>, u32), String> {
             let mut nl = Netlink::open().map_err(|e| e.to_string())?;
             let links = nl.links().map_err(|e| e.to_string())?;
             let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
@@ -196,7 +199,17 @@ pub async fn pass(
                 .find(|(_, a)| a.addr() == address.addr())
                 .map(|(i, _)| *i)
                 .ok_or("the node address is on no interface")?;
-            let _ = links;
+            let uplink_mtu = links
+                .iter()
+                .find(|l| l.index == uplink)
+                .map(|l| l.mtu)
+                .unwrap_or(1500);
+            // An explicit MTU wins; otherwise leave room for the VXLAN header when a pool needs it.
+            let pod_mtu = cfg.mtu.unwrap_or(if encapsulated {
+                uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
+            } else {
+                uplink_mtu
+            });
             let local = LocalNode {
                 name: node,
                 address,
@@ -216,13 +229,15 @@ pub async fn pass(
             if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
                 msgs.push(format!("enabling IPv4 forwarding: {e}"));
             }
-            let _ = cfg;
-            Ok((ops.len(), msgs))
+            Ok((ops.len(), msgs, pod_mtu))
         })
         .await
         .map_err(|e| AgentError::Autodetect(e.to_string()))?
         .map_err(AgentError::Dataplane)?;
     problems.extend(more);
+    agent
+        .pod_mtu
+        .store(mtu, std::sync::atomic::Ordering::Relaxed);
     if nat_changed {
         match apply_nat(&nat) {
             Ok(()) => *nat_applied = Some(nat.to_string()),
@@ -270,7 +285,7 @@ async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4
             .into_iter()
             .find(|l| l.index == uplink_index)
             .ok_or("uplink vanished")?;
-        let mtu = cfg.mtu.unwrap_or(uplink.mtu.saturating_sub(50));
+        let mtu = cfg.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD));
         let current = nl.link(VTEP).map_err(|e| e.to_string())?;
         let info = nl.vxlan_info(VTEP).map_err(|e| e.to_string())?;
         let fits = match (&current, &info) {

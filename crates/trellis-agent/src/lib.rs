@@ -59,6 +59,8 @@ pub struct Agent {
     pub ipam: NodeIpam,
     pub address: IpNet,
     pub vxlan: dataplane::VxlanConfig,
+    /// MTU handed to new pods; 0 until the first dataplane pass has measured the uplink.
+    pub pod_mtu: std::sync::atomic::AtomicU32,
 }
 
 /// Changes this node's Node object with `f`, keeping fields others manage (CAS on the revision
@@ -126,12 +128,14 @@ pub async fn run(
     tracing::info!(node = %config.node, %address, datastore = %store.describe(), "node registered");
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone());
     let vxlan = config.vxlan;
+    let pod_mtu = std::sync::atomic::AtomicU32::new(0);
     let agent = Arc::new(Agent {
         config,
         store,
         ipam,
         address,
         vxlan,
+        pod_mtu,
     });
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");

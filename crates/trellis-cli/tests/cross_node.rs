@@ -92,6 +92,25 @@ fn pods_talk_across_nodes_vxlan_then_direct() {
     wait_for("the deleted route to come back", || {
         c.nodes[0].ns.exec_ok(&["ip", "route"]).contains(&dst)
     });
+    // An external host on the nodes' segment sees pod traffic from the node's address.
+    let ext = external_host(&c, "192.0.2.100/24");
+    assert_eq!(
+        peer_seen_by(&ext, &p0),
+        "192.0.2.10",
+        "natOutgoing masquerades to the node address"
+    );
+    // A restart of the agent converges without changing anything (no flap).
+    let before = c.nodes[0].ns.exec_ok(&["ip", "route"]);
+    let mut c = c;
+    c.kill_agent(0);
+    c.start_agent(0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.nodes[0].ns.exec_ok(&["ip", "route"]), before);
+    assert!(
+        !c.agent_log(0).contains("dataplane converged"),
+        "restart changed the kernel:\n{}",
+        c.agent_log(0)
+    );
     // Switch the pool to direct routing: routes move to the uplink, traffic keeps flowing.
     c.cli_ok(&["apply", "-f", "-"], Some(&pool("None", false)));
     wait_for("direct routes", || {
@@ -108,6 +127,63 @@ fn pods_talk_across_nodes_vxlan_then_direct() {
             .status
             .success()
     });
+    // With natOutgoing off the external host sees the pod's own address (it routes pods via node0).
+    ext.exec_ok(&["ip", "route", "add", "10.70.0.0/16", "via", "192.0.2.10"]);
+    assert_eq!(peer_seen_by(&ext, &p0), ip0.to_string());
+    // Removing node1 removes its routes from node0.
+    c.kill_agent(1);
+    c.cli_ok(&["delete", "node", "node1"], None);
+    wait_for("node1's routes to go", || {
+        !c.nodes[0]
+            .ns
+            .exec_ok(&["ip", "route"])
+            .contains("via 192.0.2.11")
+    });
+}
+
+/// A namespace outside the cluster on the nodes' segment.
+fn external_host(c: &Cluster, addr: &str) -> TestNetns {
+    let ext = TestNetns::new("xext");
+    let ctl = c.control.as_ref().unwrap();
+    let out = std::process::Command::new("ip")
+        .args([
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ext.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vext",
+            "netns",
+            ctl.name(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    ctl.exec_ok(&["ip", "link", "set", "vext", "master", "br0", "up"]);
+    ext.exec_ok(&["ip", "addr", "add", addr, "dev", "eth0"]);
+    ext.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    ext
+}
+
+/// Connects from `pod` to a one-shot TCP listener on `ext` and returns the peer address the
+/// listener saw. Bounded: the listener and the client each give up after a few seconds.
+fn peer_seen_by(ext: &TestNetns, pod: &TestNetns) -> String {
+    let server = "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',7070));s.listen(1);s.settimeout(8);c,a=s.accept();print(a[0]);c.close()";
+    let listener = ext
+        .command("python3")
+        .args(["-c", server])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let client = "import socket;socket.create_connection(('192.0.2.100',7070),timeout=5).close()";
+    let _ = pod.exec(&["python3", "-c", client]);
+    let out = listener.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

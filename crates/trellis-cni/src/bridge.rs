@@ -146,7 +146,7 @@ pub fn add(
         &veth::PairRequest {
             host_name: &host_name,
             ifname,
-            mtu: cfg.mtu,
+            mtu: cfg.mtu.or(alloc.mtu),
             host_mac: None,
             pod_mac: cfg.runtime.mac,
             master: Some(bridge.index),

@@ -30,6 +30,8 @@ pub struct Allocation {
     pub ips: Vec<AllocatedIp>,
     pub routes: Vec<Route>,
     pub dns: Option<Dns>,
+    /// The agent's MTU for pods (used unless the config sets `mtu`).
+    pub mtu: Option<u32>,
 }
 
 impl Allocation {
@@ -81,6 +83,7 @@ pub fn local_add(cfg: &LocalIpamConfig, owner: &Owner, requested: &[IpAddr]) -> 
             .collect(),
         routes: cfg.routes.clone(),
         dns: cfg.dns.clone(),
+        mtu: None,
     })
 }
 
@@ -228,6 +231,7 @@ fn agent_add(cfg: &AgentIpamConfig, env: &CniEnv, req: &AddRequest) -> Result<Al
         ips,
         routes: Vec::new(),
         dns: None,
+        mtu: reply.mtu,
     })
 }
 
@@ -268,6 +272,7 @@ pub fn add(
                     .collect(),
                 routes: r.routes.clone(),
                 dns: if r.dns.is_empty() { None } else { Some(r.dns) },
+                mtu: None,
             })
         }
     }

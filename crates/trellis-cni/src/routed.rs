@@ -87,7 +87,7 @@ pub fn add(
         &veth::PairRequest {
             host_name: &host_name,
             ifname,
-            mtu: cfg.mtu,
+            mtu: cfg.mtu.or(alloc.mtu),
             host_mac: Some(HOST_MAC),
             pod_mac: cfg.runtime.mac,
             master: None,

@@ -36,8 +36,9 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
     _etcd: Option<EtcdServer>,
-    /// With etcd: the namespace etcd (and the CLI) run in, bridged to every node.
-    control: Option<TestNetns>,
+    /// The namespace holding the nodes' L2 segment (bridge `br0`, 192.0.2.1/24); etcd and the
+    /// CLI run there.
+    pub control: Option<TestNetns>,
 }
 
 impl Cluster {
