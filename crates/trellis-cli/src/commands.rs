@@ -83,6 +83,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Agent(a) = cli.command {
         return agent(&cli.datastore, a).await;
     }
+    if let Command::Lab { command } = cli.command {
+        return tokio::task::spawn_blocking(move || crate::lab::run(command)).await?;
+    }
     let store = trellis_store::open(&cli.datastore).await?;
     let store = &*store;
     match cli.command {
@@ -144,7 +147,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ipam { command } => ipam_cmd(store, command).await,
-        Command::Agent(_) => unreachable!(),
+        Command::Agent(_) | Command::Lab { .. } => unreachable!(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! datastore, and calls the library crates; all output formatting lives in [`table`].
 
 mod commands;
+mod lab;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -54,6 +55,40 @@ pub enum Command {
     },
     /// Run the node agent.
     Agent(commands::AgentArgs),
+    /// A cluster built from network namespaces on this machine.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Build a lab (no file: the built-in 3-node VXLAN lab `demo`).
+    Up {
+        #[arg(short = 'f', long = "filename")]
+        file: Option<String>,
+        /// Override the topology's datastore: embedded or etcd.
+        #[arg(long, value_parser = ["embedded", "etcd"])]
+        datastore_kind: Option<String>,
+        /// Override the topology's name (run two copies side by side).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Nodes, pods, addresses, blocks and routes.
+    Status { lab: Option<String> },
+    /// Run a command in a member's namespace: trellis lab exec [LAB] MEMBER -- CMD...
+    Exec {
+        /// LAB and MEMBER, or just MEMBER when one lab is up.
+        #[arg(num_args = 1..=2)]
+        target: Vec<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Ping matrix between pods (and the topology's expectations); exit 1 if any fails.
+    Check { lab: Option<String> },
+    /// Remove every namespace, process and file the lab made.
+    Down { lab: Option<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,6 +113,9 @@ pub enum IpamCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    // Like other Unix tools: `trellis get ... | head` ends quietly instead of panicking.
+    // SAFETY: resetting a signal disposition at start-up, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -1,0 +1,286 @@
+//! The lab topology: what the YAML says, validated, with every address assigned. Pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The topology file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Topology {
+    pub name: String,
+    #[serde(default = "embedded")]
+    pub datastore: String,
+    pub pools: Vec<LabPool>,
+    pub subnets: Vec<Subnet>,
+    pub nodes: Vec<LabNode>,
+    #[serde(default)]
+    pub pods: Vec<LabPod>,
+    #[serde(default)]
+    pub external: Vec<External>,
+    /// Reachability to check; empty means every pod reaches every pod.
+    #[serde(default)]
+    pub expect: Vec<Expectation>,
+}
+
+fn embedded() -> String {
+    "embedded".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabPool {
+    pub name: String,
+    pub cidr: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u8>,
+    #[serde(default = "vxlan")]
+    pub encapsulation: String,
+    #[serde(default)]
+    pub nat_outgoing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<String>,
+}
+
+fn vxlan() -> String {
+    "VXLAN".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subnet {
+    pub name: String,
+    pub cidr: IpNet,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabNode {
+    pub name: String,
+    pub subnet: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabPod {
+    pub name: String,
+    pub node: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct External {
+    pub name: String,
+    pub subnet: String,
+}
+
+/// `from` (a pod) should (or should not) reach `to` (a pod or external host); for externals,
+/// `seenAs: node|pod` checks which source address arrives (natOutgoing on or off).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Expectation {
+    pub from: String,
+    pub to: String,
+    #[serde(default = "yes")]
+    pub reach: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_as: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The built-in topology: 3 nodes, VXLAN, 2 pods per node, the embedded store.
+pub fn demo() -> Topology {
+    let yaml =
+        include_str!("../../../examples/lab/vxlan.yaml").replace("name: vxlan", "name: demo");
+    parse(&yaml).expect("the built-in topology is valid")
+}
+
+/// Parses and validates a topology.
+pub fn parse(text: &str) -> Result<Topology, String> {
+    let t: Topology = serde_norway::from_str(text).map_err(|e| format!("topology: {e}"))?;
+    validate(&t)?;
+    Ok(t)
+}
+
+fn validate(t: &Topology) -> Result<(), String> {
+    let ok_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 20
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if !ok_name(&t.name) {
+        return Err(format!(
+            "name {:?}: 1-20 lower-case letters, digits or '-'",
+            t.name
+        ));
+    }
+    if !["embedded", "etcd"].contains(&t.datastore.as_str()) {
+        return Err(format!("datastore {:?}: embedded or etcd", t.datastore));
+    }
+    let mut names = BTreeSet::new();
+    for n in t
+        .nodes
+        .iter()
+        .map(|n| &n.name)
+        .chain(t.pods.iter().map(|p| &p.name))
+        .chain(t.external.iter().map(|e| &e.name))
+    {
+        if !ok_name(n) {
+            return Err(format!(
+                "member {n:?}: 1-20 lower-case letters, digits or '-'"
+            ));
+        }
+        if !names.insert(n.clone()) {
+            return Err(format!("member name {n:?} is used twice"));
+        }
+    }
+    let subnets: BTreeSet<&str> = t.subnets.iter().map(|s| s.name.as_str()).collect();
+    if t.subnets.is_empty() {
+        return Err("subnets: at least one is needed".into());
+    }
+    for (i, a) in t.subnets.iter().enumerate() {
+        if a.cidr.prefix_len() > 26 || !a.cidr.addr().is_ipv4() {
+            return Err(format!(
+                "subnet {}: an IPv4 /26 or larger is needed",
+                a.name
+            ));
+        }
+        for b in &t.subnets[i + 1..] {
+            if a.cidr.contains(&b.cidr.network()) || b.cidr.contains(&a.cidr.network()) {
+                return Err(format!("subnets {} and {} overlap", a.name, b.name));
+            }
+        }
+    }
+    for n in &t.nodes {
+        if !subnets.contains(n.subnet.as_str()) {
+            return Err(format!("node {}: unknown subnet {:?}", n.name, n.subnet));
+        }
+    }
+    for e in &t.external {
+        if !subnets.contains(e.subnet.as_str()) {
+            return Err(format!(
+                "external {}: unknown subnet {:?}",
+                e.name, e.subnet
+            ));
+        }
+    }
+    for p in &t.pods {
+        if !t.nodes.iter().any(|n| n.name == p.node) {
+            return Err(format!("pod {}: unknown node {:?}", p.name, p.node));
+        }
+    }
+    for x in &t.expect {
+        if !t.pods.iter().any(|p| p.name == x.from) {
+            return Err(format!("expect: {:?} is not a pod", x.from));
+        }
+        if !names.contains(&x.to) {
+            return Err(format!("expect: unknown member {:?}", x.to));
+        }
+        if let Some(s) = &x.seen_as {
+            if s != "node" && s != "pod" {
+                return Err(format!("expect: seenAs {s:?} is node or pod"));
+            }
+        }
+    }
+    if t.pools.is_empty() {
+        return Err("pools: at least one is needed".into());
+    }
+    Ok(())
+}
+
+/// Addresses in a subnet: .1 the router, .2 the control namespace, nodes from .10, externals
+/// from .100.
+pub fn host(subnet: &IpNet, n: u32) -> IpAddr {
+    match subnet {
+        IpNet::V4(s) => IpAddr::V4((u32::from(s.network()) + n).into()),
+        IpNet::V6(s) => IpAddr::V6((u128::from(s.network()) + n as u128).into()),
+    }
+}
+
+/// Every member's address (nodes and externals), in topology order.
+pub fn addresses(t: &Topology) -> BTreeMap<String, (IpNet, IpAddr)> {
+    let mut out = BTreeMap::new();
+    let mut next: BTreeMap<&str, (u32, u32)> = t
+        .subnets
+        .iter()
+        .map(|s| (s.name.as_str(), (10, 100)))
+        .collect();
+    let subnet = |name: &str| {
+        t.subnets
+            .iter()
+            .find(|s| s.name == name)
+            .expect("validated")
+            .cidr
+    };
+    for n in &t.nodes {
+        let c = next.get_mut(n.subnet.as_str()).expect("validated");
+        out.insert(
+            n.name.clone(),
+            (subnet(&n.subnet), host(&subnet(&n.subnet), c.0)),
+        );
+        c.0 += 1;
+    }
+    for e in &t.external {
+        let c = next.get_mut(e.subnet.as_str()).expect("validated");
+        out.insert(
+            e.name.clone(),
+            (subnet(&e.subnet), host(&subnet(&e.subnet), c.1)),
+        );
+        c.1 += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_is_valid_and_addressed() {
+        let t = demo();
+        assert_eq!(t.name, "demo");
+        assert_eq!(t.nodes.len(), 3);
+        assert_eq!(t.pods.len(), 6);
+        let a = addresses(&t);
+        assert_eq!(a["node1"].1.to_string(), "192.168.50.10");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let base = "name: x\npools: [{name: p, cidr: 10.0.0.0/16}]\nsubnets: [{name: s, cidr: 192.168.0.0/24}]\n";
+        assert!(
+            parse(&format!("{base}nodes: [{{name: n, subnet: nope}}]\n"))
+                .unwrap_err()
+                .contains("unknown subnet")
+        );
+        assert!(parse(&format!(
+            "{base}nodes: [{{name: n, subnet: s}}]\npods: [{{name: p, node: zz}}]\n"
+        ))
+        .unwrap_err()
+        .contains("unknown node"));
+        assert!(parse(&format!(
+            "{base}nodes: [{{name: n, subnet: s}}, {{name: n, subnet: s}}]\n"
+        ))
+        .unwrap_err()
+        .contains("twice"));
+        assert!(parse(&format!("{base}nodes: []\nbogus: 1\n"))
+            .unwrap_err()
+            .contains("bogus"));
+    }
+}
