@@ -5,7 +5,8 @@ set -euo pipefail
 
 PACKAGES=(iproute2 nftables podman runc busybox-static containernetworking-plugins
           iputils-ping util-linux ca-certificates gcc pkg-config
-          etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+          etcd-server etcd-client protobuf-compiler libprotobuf-dev
+          python3 iperf3 ethtool)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
