@@ -184,26 +184,15 @@ pub fn add(
         .kctx(|| "read bridge".into())?
         .unwrap_or(bridge);
     Ok(CniResult {
-        interfaces: vec![
-            Interface {
-                name: bridge.name.clone(),
-                mac: veth::mac_string(&bridge),
-                mtu: Some(bridge.mtu),
-                sandbox: None,
-            },
-            Interface {
-                name: host_name,
-                mac: veth::mac_string(&pair.host),
-                mtu: Some(pair.host.mtu),
-                sandbox: None,
-            },
-            Interface {
-                name: ifname.to_string(),
-                mac: veth::mac_string(&pair.pod),
-                mtu: Some(pair.pod.mtu),
-                sandbox: Some(netns.path().display().to_string()),
-            },
-        ],
+        interfaces: vec![Interface {
+            name: bridge.name.clone(),
+            mac: veth::mac_string(&bridge),
+            mtu: Some(bridge.mtu),
+            sandbox: None,
+        }]
+        .into_iter()
+        .chain(pair.interfaces(netns))
+        .collect(),
         ips: alloc
             .ips
             .iter()

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use trellis_cni_types::{CniResult, Interface, IpConfig, PluginConfig, Route};
+use trellis_cni_types::{CniResult, IpConfig, PluginConfig, Route};
 use trellis_dataplane::{sysctl, Netlink, Netns, RouteSpec};
 
 use crate::error::{KernelContext, Result};
@@ -127,20 +127,7 @@ pub fn add(
         return Err(e);
     }
     let mut result = CniResult {
-        interfaces: vec![
-            Interface {
-                name: host_name,
-                mac: veth::mac_string(&pair.host),
-                mtu: Some(pair.host.mtu),
-                sandbox: None,
-            },
-            Interface {
-                name: ifname.to_string(),
-                mac: veth::mac_string(&pair.pod),
-                mtu: Some(pair.pod.mtu),
-                sandbox: Some(netns.path().display().to_string()),
-            },
-        ],
+        interfaces: pair.interfaces(netns).to_vec(),
         ips: addrs
             .iter()
             .map(|a| IpConfig {

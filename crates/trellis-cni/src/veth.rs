@@ -35,6 +35,26 @@ pub struct VethPair {
     pub pod: Link,
 }
 
+impl VethPair {
+    /// The two result interfaces: the host end, then the pod end (with its sandbox).
+    pub fn interfaces(&self, netns: &Netns) -> [trellis_cni_types::Interface; 2] {
+        [
+            trellis_cni_types::Interface {
+                name: self.host.name.clone(),
+                mac: mac_string(&self.host),
+                mtu: Some(self.host.mtu),
+                sandbox: None,
+            },
+            trellis_cni_types::Interface {
+                name: self.pod.name.clone(),
+                mac: mac_string(&self.pod),
+                mtu: Some(self.pod.mtu),
+                sandbox: Some(netns.path().display().to_string()),
+            },
+        ]
+    }
+}
+
 /// Parameters for [`create`].
 pub struct PairRequest<'a> {
     pub host_name: &'a str,

@@ -174,6 +174,32 @@ impl Builder {
         Ok(())
     }
 
+    /// Creates a member's namespace and joins it to its subnet with its assigned address.
+    fn member_on_subnet(
+        &mut self,
+        member: &str,
+        subnet: &str,
+        addrs: &BTreeMap<String, (ipnet::IpNet, std::net::IpAddr)>,
+        port: usize,
+    ) -> Result<(String, std::net::IpAddr), String> {
+        let ns = self.ns(member)?;
+        let (cidr, a) = addrs[member];
+        let sub = self
+            .t
+            .subnets
+            .iter()
+            .position(|s| s.name == subnet)
+            .expect("validated");
+        self.attach(
+            &ns,
+            "eth0",
+            sub,
+            &format!("{a}/{}", cidr.prefix_len()),
+            port,
+        )?;
+        Ok((ns, a))
+    }
+
     fn cli(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         let trellis = sibling("trellis")?;
         let mut c = match self.state.namespaces.get("control") {
@@ -327,17 +353,8 @@ impl Builder {
         self.cli(&["apply", "-f", "-"], Some(&pools.join("---\n")))?;
         let trellis = sibling("trellis")?;
         for (i, n) in t.nodes.iter().enumerate() {
-            let ns = self.ns(&n.name)?;
-            let (cidr, a) = addrs[&n.name];
             port += 1;
-            let sub = t.subnets.iter().position(|s| s.name == n.subnet).unwrap();
-            self.attach(
-                &ns,
-                "eth0",
-                sub,
-                &format!("{a}/{}", cidr.prefix_len()),
-                port,
-            )?;
+            let (ns, a) = self.member_on_subnet(&n.name, &n.subnet, &addrs, port)?;
             if let Some(g) = gw(&n.subnet) {
                 ns_run(&ns, &["ip", "route", "add", "default", "via", &g])?;
             }
@@ -394,17 +411,8 @@ impl Builder {
             self.state.datastore
         ));
         for e in &t.external {
-            let ns = self.ns(&e.name)?;
-            let (cidr, a) = addrs[&e.name];
             port += 1;
-            let sub = t.subnets.iter().position(|s| s.name == e.subnet).unwrap();
-            self.attach(
-                &ns,
-                "eth0",
-                sub,
-                &format!("{a}/{}", cidr.prefix_len()),
-                port,
-            )?;
+            let (ns, a) = self.member_on_subnet(&e.name, &e.subnet, &addrs, port)?;
             // Pod addresses are reachable through the first node of the external's subnet.
             if let Some(n) = t.nodes.iter().find(|n| n.subnet == e.subnet) {
                 for p in &t.pools {

@@ -177,6 +177,32 @@ fn etcd_dir() -> tempfile::TempDir {
     temp_dir("etcd")
 }
 
+/// A single-member etcd on `client`/`peer` URLs with its data in `dir`.
+fn etcd_args<'a>(
+    c: &'a mut Command,
+    dir: &tempfile::TempDir,
+    client: &str,
+    peer: &str,
+) -> &'a mut Command {
+    c.args(["--name", "trellis-test", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("trellis-test={peer}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -196,25 +222,7 @@ impl EtcdServer {
         let dir = etcd_dir();
         let endpoint = format!("http://{ip}:2379");
         let peer = format!("http://{ip}:2380");
-        let child = ns
-            .command(etcd)
-            .args(["--name", "trellis-test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("trellis-test={peer}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+        let child = etcd_args(&mut ns.command(etcd), &dir, &endpoint, &peer)
             .spawn()
             .expect("start etcd");
         let server = EtcdServer {
@@ -248,26 +256,8 @@ impl EtcdServer {
         let dir = etcd_dir();
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
-        let child = Command::new(etcd)
-            .args(["--name", "trellis-test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-            ])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("trellis-test=http://127.0.0.1:{peer}"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+        let peer = format!("http://127.0.0.1:{peer}");
+        let child = etcd_args(&mut Command::new(etcd), &dir, &endpoint, &peer)
             .spawn()
             .expect("start etcd");
         let server = EtcdServer {
