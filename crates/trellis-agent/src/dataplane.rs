@@ -67,8 +67,30 @@ pub struct PassReport {
     pub problems: Vec<String>,
 }
 
-/// Runs passes forever: every `every`, and soon after any datastore change.
+/// Wakes `notify` on every kernel link/neighbour/route change (a dedicated thread: the
+/// subscription socket blocks). Ends quietly if the subscription fails; the resync timer remains.
+fn watch_kernel(notify: Arc<tokio::sync::Notify>) {
+    std::thread::spawn(move || {
+        let mut events = match trellis_dataplane::events::KernelEvents::subscribe() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to kernel events; relying on the periodic resync");
+                return;
+            }
+        };
+        while let Ok(batch) = events.wait() {
+            if !batch.is_empty() {
+                notify.notify_one();
+            }
+        }
+    });
+}
+
+/// Runs passes forever: every `every`, soon after any datastore change, and soon after any
+/// kernel change (so drift is repaired at once).
 pub async fn run(agent: Arc<Agent>, every: Duration) {
+    let kernel = Arc::new(tokio::sync::Notify::new());
+    watch_kernel(kernel.clone());
     let mut last_problems = BTreeSet::new();
     let mut nat_applied: Option<String> = None;
     let mut watch = match agent.store.revision().await {
@@ -76,6 +98,7 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
         Err(_) => None,
     };
     loop {
+        tracing::debug!("dataplane pass");
         match pass(&agent, &mut nat_applied).await {
             Ok(r) => {
                 if r.ops > 0 {
@@ -94,6 +117,10 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
             Some(w) => {
                 tokio::select! {
                     _ = tick => {}
+                    _ = kernel.notified() => {
+                        // Coalesce the burst our own changes (or a script's) produce.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     ev = w.next() => if !matches!(ev, Some(Ok(_))) {
                         watch = None; // compacted or closed: fall back to the timer
                     } else {
@@ -102,7 +129,12 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
                     },
                 }
             }
-            None => tick.await,
+            None => {
+                tokio::select! {
+                    _ = tick => {}
+                    _ = kernel.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
         }
     }
 }

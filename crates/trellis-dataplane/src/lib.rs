@@ -4,8 +4,10 @@
 //! - [`netns`]: open network namespaces and run closures on a thread inside one.
 //! - [`netlink`]: a synchronous rtnetlink socket: links, veths, bridges, addresses, routes.
 //! - [`sysctl`]: `/proc/sys` reads and writes (per the calling thread's namespace).
+//! - [`events`]: kernel change notifications (link, neighbour, route groups).
 //! - [`nft`]: nftables batches through `nft -j -f -`, one atomic transaction per call.
 
+pub mod events;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
