@@ -131,3 +131,17 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod unknown_fields {
+    use super::*;
+
+    /// Requests with fields the agent does not know are refused, not silently half-read.
+    #[test]
+    fn flattened_requests_reject_unknown_fields() {
+        let bad = r#"{"op":"release","network":"n","containerID":"c","ifname":"eth0","bogus":1}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err());
+        let good = r#"{"op":"release","network":"n","containerID":"c","ifname":"eth0"}"#;
+        assert!(serde_json::from_str::<Request>(good).is_ok());
+    }
+}
