@@ -130,9 +130,7 @@ pub fn add(
     alloc: &Allocation,
 ) -> Result<CniResult> {
     let host_name = veth::host_veth_name(container_id, ifname);
-    let mut host = Netlink::open().kctx(|| "open netlink".into())?;
-    let mut pod =
-        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
+    let (mut host, mut pod) = veth::open_sockets(netns)?;
     let bridge = ensure_bridge(&mut host, br, cfg.mtu)?;
     if br.is_gateway {
         ensure_gateways(&mut host, &bridge, alloc)?;

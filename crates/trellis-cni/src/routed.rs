@@ -77,9 +77,7 @@ pub fn add(
     alloc: &Allocation,
 ) -> Result<CniResult> {
     let host_name = veth::host_veth_name(container_id, ifname);
-    let mut host = Netlink::open().kctx(|| "open netlink".into())?;
-    let mut pod =
-        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
+    let (mut host, mut pod) = veth::open_sockets(netns)?;
     let pair = veth::create(
         &mut host,
         &mut pod,

@@ -29,6 +29,14 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("{HOST_PREFIX}{hex}")
 }
 
+/// Netlink sockets in the plugin's own namespace (the host) and in the pod's.
+pub fn open_sockets(netns: &Netns) -> Result<(Netlink, Netlink)> {
+    let host = Netlink::open().kctx(|| "open netlink".into())?;
+    let pod =
+        Netlink::open_in(netns).kctx(|| format!("open netlink in {}", netns.path().display()))?;
+    Ok((host, pod))
+}
+
 /// Both ends after creation.
 pub struct VethPair {
     pub host: Link,

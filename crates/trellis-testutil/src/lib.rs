@@ -177,6 +177,14 @@ fn etcd_dir() -> tempfile::TempDir {
     temp_dir("etcd")
 }
 
+/// Debian's etcd binary.
+fn etcd_binary() -> &'static str {
+    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("etcd is not installed (Debian package etcd-server); run scripts/setup.sh")
+}
+
 /// A single-member etcd on `client`/`peer` URLs with its data in `dir`.
 fn etcd_args<'a>(
     c: &'a mut Command,
@@ -215,10 +223,7 @@ impl EtcdServer {
     /// Starts etcd inside `ns`, listening on `ip` (an address of that namespace), and waits until
     /// it is healthy: for agents that live in other namespaces joined to it.
     pub fn start_in(ns: &TestNetns, ip: &str) -> EtcdServer {
-        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("etcd is not installed (Debian package etcd-server); run scripts/setup.sh");
+        let etcd = etcd_binary();
         let dir = etcd_dir();
         let endpoint = format!("http://{ip}:2379");
         let peer = format!("http://{ip}:2380");
@@ -249,10 +254,7 @@ impl EtcdServer {
 
     /// Starts etcd and waits (up to 20 s) until it answers.
     pub fn start() -> EtcdServer {
-        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("etcd is not installed (Debian package etcd-server); run scripts/setup.sh");
+        let etcd = etcd_binary();
         let dir = etcd_dir();
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");

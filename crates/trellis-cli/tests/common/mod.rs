@@ -225,14 +225,27 @@ impl Cluster {
         if !link.exists() {
             let _ = std::os::unix::fs::symlink(bin("trellis-cni"), &link);
         }
+        self.spawn_plugin(&link, i, cmd, cid, self.nodes[i].ns.path())
+    }
+
+    /// Runs `program` (the plugin under one of its names) inside node `i`'s namespace with the
+    /// CNI environment a runtime gives, agent IPAM in the config.
+    fn spawn_plugin(
+        &self,
+        program: &std::path::Path,
+        i: usize,
+        cmd: &str,
+        cid: &str,
+        netns: &std::path::Path,
+    ) -> Child {
         let n = &self.nodes[i];
         let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni",
             "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
         let mut child =
-            n.ns.command(link.to_str().unwrap())
+            n.ns.command(program.to_str().unwrap())
                 .env("CNI_COMMAND", cmd)
                 .env("CNI_CONTAINERID", cid)
-                .env("CNI_NETNS", n.ns.path())
+                .env("CNI_NETNS", netns)
                 .env("CNI_IFNAME", "eth0")
                 .env("CNI_PATH", self.dir.path())
                 .env(
@@ -253,36 +266,11 @@ impl Cluster {
         child
     }
 
-    /// Block CIDR → affine node, from `trellis get ipamblocks -o json`.
     /// Creates a pod on node `i` through the real plugin (routed mode, agent IPAM); returns its
     /// namespace and address.
     pub fn add_pod(&self, i: usize, name: &str) -> (TestNetns, std::net::IpAddr) {
         let pod = TestNetns::new(name);
-        let n = &self.nodes[i];
-        let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni",
-            "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
-        let mut child =
-            n.ns.command(bin("trellis-cni").to_str().unwrap())
-                .env("CNI_COMMAND", "ADD")
-                .env("CNI_CONTAINERID", name)
-                .env("CNI_NETNS", pod.path())
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", self.dir.path())
-                .env(
-                    "CNI_ARGS",
-                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
-                )
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
+        let child = self.spawn_plugin(&bin("trellis-cni"), i, "ADD", name, pod.path());
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -293,6 +281,7 @@ impl Cluster {
         (pod, ip)
     }
 
+    /// Block CIDR → affine node, from `trellis get ipamblocks -o json`.
     pub fn block_affinity(&self) -> Vec<(ipnet::IpNet, String)> {
         let v: Value =
             serde_json::from_str(&self.cli_ok(&["get", "ipamblocks", "-o", "json"], None)).unwrap();
