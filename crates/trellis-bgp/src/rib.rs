@@ -1,0 +1,523 @@
+//! The routing information bases: Adj-RIB-In (accepted paths per peer), the Loc-RIB (best path
+//! per prefix by the decision process of RFC 4271 §9.1.2), and Adj-RIB-Out (what each peer was
+//! last sent), with the export rules of RFC 4271 §9.1.3 and route reflection (RFC 4456).
+//! Graceful restart (RFC 4724): a restarting peer's paths are kept as stale until End-of-RIB.
+//! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::attrs::PathAttrs;
+use crate::message::Update;
+use crate::nlri::afi_of;
+#[cfg(test)]
+use crate::nlri::AFI_IPV4;
+
+/// A peer's handle in the RIB.
+pub type PeerId = u32;
+
+/// LOCAL_PREF assumed when none is carried (RFC 4271 §5.1.5 leaves the default to policy).
+pub const DEFAULT_LOCAL_PREF: u32 = 100;
+
+/// Our identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RibConfig {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    /// Set when this speaker is a route reflector (RFC 4456 §7).
+    pub cluster_id: Option<Ipv4Addr>,
+}
+
+/// An established peer as the RIB needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    pub address: IpAddr,
+    /// Our address on the session: the next hop we advertise as "self".
+    pub local_address: IpAddr,
+    /// A route reflector client of ours.
+    pub rr_client: bool,
+    /// Do not rewrite the next hop towards this (external) peer.
+    pub keep_next_hop: bool,
+    /// Families negotiated (AFIs).
+    pub families: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    Local,
+    Peer(PeerId),
+}
+
+#[derive(Debug, Clone)]
+struct Path {
+    source: Source,
+    attrs: Arc<PathAttrs>,
+    next_hop: IpAddr,
+    stale: bool,
+}
+
+/// Index of each (attributes, next hop) group in an [`Outbound`] being built.
+type Groups = HashMap<(usize, IpAddr), usize>;
+
+/// Announcements and withdrawals for one peer, grouped by attributes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outbound {
+    /// (attributes, next hop, prefixes).
+    pub announce: Vec<(Arc<PathAttrs>, IpAddr, Vec<IpNet>)>,
+    pub withdraw: Vec<IpNet>,
+}
+
+impl Outbound {
+    pub fn is_empty(&self) -> bool {
+        self.announce.is_empty() && self.withdraw.is_empty()
+    }
+}
+
+/// Per-peer counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub received: usize,
+    pub accepted: usize,
+    pub advertised: usize,
+}
+
+/// Why announcements were not accepted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub accepted: usize,
+    pub withdrawn: usize,
+    pub rejected: Vec<(IpNet, &'static str)>,
+}
+
+/// The RIBs.
+#[derive(Debug, Default)]
+pub struct Rib {
+    config: Option<RibConfig>,
+    peers: HashMap<PeerId, PeerInfo>,
+    paths: HashMap<IpNet, Vec<Path>>,
+    rejected: HashMap<PeerId, HashSet<IpNet>>,
+    accepted: HashMap<PeerId, usize>,
+    adj_out: HashMap<PeerId, HashMap<IpNet, (Arc<PathAttrs>, IpAddr)>>,
+    /// Best paths learned from peers: what the kernel should route (prefix → next hop).
+    installed: HashMap<IpNet, IpAddr>,
+    dirty: HashSet<IpNet>,
+}
+
+impl Rib {
+    pub fn new(config: RibConfig) -> Rib {
+        Rib {
+            config: Some(config),
+            ..Default::default()
+        }
+    }
+
+    fn cfg(&self) -> &RibConfig {
+        self.config.as_ref().expect("built with new")
+    }
+
+    /// Changes identity (e.g. becoming a route reflector); every prefix is re-exported.
+    pub fn set_config(&mut self, config: RibConfig) {
+        self.config = Some(config);
+        self.dirty.extend(self.paths.keys().copied());
+    }
+
+    /// Routes for the kernel: best paths from peers.
+    pub fn installed(&self) -> &HashMap<IpNet, IpAddr> {
+        &self.installed
+    }
+
+    pub fn counters(&self, peer: PeerId) -> Counters {
+        let accepted = self.accepted.get(&peer).copied().unwrap_or(0);
+        Counters {
+            received: accepted + self.rejected.get(&peer).map_or(0, |r| r.len()),
+            accepted,
+            advertised: self.adj_out.get(&peer).map_or(0, |o| o.len()),
+        }
+    }
+
+    /// Number of prefixes with at least one path.
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Originates (or changes) a local route.
+    pub fn originate(&mut self, prefix: IpNet, attrs: Arc<PathAttrs>, next_hop: IpAddr) {
+        self.put(
+            prefix,
+            Path {
+                source: Source::Local,
+                attrs,
+                next_hop,
+                stale: false,
+            },
+        );
+    }
+
+    /// Withdraws a local route.
+    pub fn withdraw_local(&mut self, prefix: IpNet) {
+        self.remove(prefix, Source::Local);
+    }
+
+    /// Locally originated prefixes.
+    pub fn local_prefixes(&self) -> Vec<IpNet> {
+        self.paths
+            .iter()
+            .filter(|(_, ps)| ps.iter().any(|p| p.source == Source::Local))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    fn put(&mut self, prefix: IpNet, path: Path) {
+        let ps = self.paths.entry(prefix).or_default();
+        match ps.iter_mut().find(|p| p.source == path.source) {
+            Some(p) => *p = path,
+            None => ps.push(path),
+        }
+        self.dirty.insert(prefix);
+    }
+
+    fn remove(&mut self, prefix: IpNet, source: Source) -> bool {
+        let Some(ps) = self.paths.get_mut(&prefix) else {
+            return false;
+        };
+        let before = ps.len();
+        ps.retain(|p| p.source != source);
+        let removed = ps.len() != before;
+        if ps.is_empty() {
+            self.paths.remove(&prefix);
+        }
+        if removed {
+            self.dirty.insert(prefix);
+        }
+        removed
+    }
+
+    /// A session came up: the peer gets the whole table at the next [`flush`](Rib::flush).
+    pub fn peer_up(&mut self, id: PeerId, info: PeerInfo) {
+        self.peers.insert(id, info);
+        self.adj_out.insert(id, HashMap::new());
+        self.dirty.extend(self.paths.keys().copied());
+    }
+
+    /// A session went down. With `keep_stale` (the peer restarts gracefully, RFC 4724 §4.2) its
+    /// paths stay, marked stale, until [`sweep_stale`](Rib::sweep_stale); otherwise they go now.
+    pub fn peer_down(&mut self, id: PeerId, keep_stale: bool) {
+        self.peers.remove(&id);
+        self.adj_out.remove(&id);
+        self.rejected.remove(&id);
+        if keep_stale {
+            for ps in self.paths.values_mut() {
+                for p in ps.iter_mut().filter(|p| p.source == Source::Peer(id)) {
+                    p.stale = true;
+                }
+            }
+        } else {
+            self.drop_paths(id, |_| true);
+        }
+    }
+
+    /// Removes the peer's paths still stale (End-of-RIB received, or the restart time passed).
+    pub fn sweep_stale(&mut self, id: PeerId) {
+        self.drop_paths(id, |p| p.stale);
+    }
+
+    fn drop_paths(&mut self, id: PeerId, which: impl Fn(&Path) -> bool) {
+        let src = Source::Peer(id);
+        let mut gone = 0;
+        self.paths.retain(|prefix, ps| {
+            let before = ps.len();
+            ps.retain(|p| !(p.source == src && which(p)));
+            if ps.len() != before {
+                gone += 1;
+                self.dirty.insert(*prefix);
+            }
+            !ps.is_empty()
+        });
+        if let Some(a) = self.accepted.get_mut(&id) {
+            *a = a.saturating_sub(gone);
+        }
+    }
+
+    /// The peer asked for the table again (ROUTE-REFRESH, RFC 2918): resend everything.
+    pub fn refresh(&mut self, id: PeerId) {
+        if let Some(o) = self.adj_out.get_mut(&id) {
+            o.clear();
+            self.dirty.extend(self.paths.keys().copied());
+        }
+    }
+
+    /// Applies an UPDATE from a peer (after RFC 7606 processing in the decoder).
+    pub fn apply_update(&mut self, id: PeerId, u: &Update) -> ImportReport {
+        let mut report = ImportReport::default();
+        let Some(peer) = self.peers.get(&id).cloned() else {
+            return report;
+        };
+        for p in u.withdrawals() {
+            self.rejected.entry(id).or_default().remove(p);
+            if self.remove(*p, Source::Peer(id)) {
+                report.withdrawn += 1;
+                {
+                    let a = self.accepted.entry(id).or_default();
+                    *a = a.saturating_sub(1);
+                }
+            }
+        }
+        if u.announced().next().is_none() {
+            return report;
+        }
+        let mut attrs = u.attrs.clone();
+        attrs.layout.0.clear();
+        let ibgp = peer.asn == self.cfg().asn;
+        if !ibgp {
+            attrs.local_pref = None;
+        }
+        let reason = self.loop_check(&attrs, ibgp);
+        let attrs = Arc::new(attrs);
+        let mp_nh = u.mp_reach.as_ref().and_then(|m| m.next_hop_addr());
+        let v4_nh = u.attrs.next_hop.map(IpAddr::V4);
+        let with_nh = u.nlri.iter().map(|p| (*p, v4_nh));
+        let with_mp = u
+            .mp_reach
+            .iter()
+            .flat_map(|m| m.nlri.iter())
+            .map(|p| (*p, mp_nh));
+        let announced: Vec<(IpNet, Option<IpAddr>)> = with_nh.chain(with_mp).collect();
+        for (p, nh) in announced {
+            let why = reason.or(match nh {
+                None => Some("no next hop"),
+                Some(nh) if nh == peer.local_address => Some("next hop is this node"),
+                _ => None,
+            });
+            if let Some(why) = why {
+                self.rejected.entry(id).or_default().insert(p);
+                if self.remove(p, Source::Peer(id)) {
+                    {
+                        let a = self.accepted.entry(id).or_default();
+                        *a = a.saturating_sub(1);
+                    }
+                }
+                report.rejected.push((p, why));
+                continue;
+            }
+            self.rejected.entry(id).or_default().remove(&p);
+            let fresh = !self
+                .paths
+                .get(&p)
+                .is_some_and(|ps| ps.iter().any(|x| x.source == Source::Peer(id)));
+            if fresh {
+                *self.accepted.entry(id).or_default() += 1;
+            }
+            self.put(
+                p,
+                Path {
+                    source: Source::Peer(id),
+                    attrs: attrs.clone(),
+                    next_hop: nh.expect("checked"),
+                    stale: false,
+                },
+            );
+            report.accepted += 1;
+        }
+        report
+    }
+
+    /// Loop prevention: our AS in the path (eBGP), our ID as originator or our cluster in the
+    /// cluster list (RFC 4456 §8).
+    fn loop_check(&self, a: &PathAttrs, ibgp: bool) -> Option<&'static str> {
+        let c = self.cfg();
+        if !ibgp && a.as_path.contains(c.asn) {
+            return Some("AS path contains our AS");
+        }
+        if a.originator_id == Some(c.router_id) {
+            return Some("ORIGINATOR_ID is ours");
+        }
+        if a.cluster_list
+            .contains(&c.cluster_id.unwrap_or(c.router_id))
+        {
+            return Some("CLUSTER_LIST contains our cluster");
+        }
+        None
+    }
+
+    fn better(&self, a: &Path, b: &Path) -> Ordering {
+        let info = |p: &Path| match p.source {
+            Source::Peer(id) => self.peers.get(&id),
+            Source::Local => None,
+        };
+        let (ia, ib) = (info(a), info(b));
+        let ebgp = |i: Option<&PeerInfo>| i.is_some_and(|i| i.asn != self.cfg().asn);
+        let lp = |p: &Path| p.attrs.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
+        let rid = |p: &Path, i: Option<&PeerInfo>| {
+            p.attrs
+                .originator_id
+                .or(i.map(|i| i.router_id))
+                .map(u32::from)
+                .unwrap_or(0)
+        };
+        let addr = |i: Option<&PeerInfo>| i.map(|i| i.address);
+        (b.source == Source::Local)
+            .cmp(&(a.source == Source::Local))
+            .then(a.stale.cmp(&b.stale))
+            .then(lp(b).cmp(&lp(a)))
+            .then(
+                a.attrs
+                    .as_path
+                    .decision_len()
+                    .cmp(&b.attrs.as_path.decision_len()),
+            )
+            .then(a.attrs.origin.cmp(&b.attrs.origin))
+            .then(
+                if a.attrs.as_path.first_as() == b.attrs.as_path.first_as() {
+                    a.attrs.med.unwrap_or(0).cmp(&b.attrs.med.unwrap_or(0))
+                } else {
+                    Ordering::Equal
+                },
+            )
+            .then(ebgp(ib).cmp(&ebgp(ia)))
+            .then(rid(a, ia).cmp(&rid(b, ib)))
+            .then(a.attrs.cluster_list.len().cmp(&b.attrs.cluster_list.len()))
+            .then(addr(ia).cmp(&addr(ib)))
+    }
+
+    fn best(&self, prefix: &IpNet) -> Option<&Path> {
+        self.paths
+            .get(prefix)?
+            .iter()
+            .min_by(|a, b| self.better(a, b))
+    }
+
+    /// What `best` looks like when sent to peer `to`, or `None` if it must not be sent.
+    fn export(&self, best: &Path, to: PeerId, prefix: &IpNet) -> Option<(PathAttrs, IpAddr)> {
+        let c = self.cfg();
+        let peer = self.peers.get(&to)?;
+        if !peer.families.contains(&afi_of(prefix))
+            || peer.local_address.is_ipv4() != prefix.addr().is_ipv4()
+        {
+            return None;
+        }
+        let from = match best.source {
+            Source::Peer(id) if id == to => return None,
+            Source::Peer(id) => self.peers.get(&id).map(|i| (id, i)),
+            Source::Local => None,
+        };
+        let to_ibgp = peer.asn == c.asn;
+        let from_ibgp = from.is_some_and(|(_, i)| i.asn == c.asn);
+        if to_ibgp && from_ibgp {
+            // RFC 4456 §6: only a reflector passes iBGP routes on, and only client↔any.
+            let client_src = from.is_some_and(|(_, i)| i.rr_client);
+            if c.cluster_id.is_none() || !(client_src || peer.rr_client) {
+                return None;
+            }
+        }
+        let mut a = (*best.attrs).clone();
+        a.layout.0.clear();
+        let mut nh = best.next_hop;
+        if to_ibgp {
+            a.local_pref = Some(a.local_pref.unwrap_or(DEFAULT_LOCAL_PREF));
+            if from_ibgp {
+                let (_, src) = from.expect("from_ibgp");
+                a.originator_id.get_or_insert(src.router_id);
+                a.cluster_list.insert(0, c.cluster_id.expect("reflector"));
+            } else {
+                nh = peer.local_address;
+            }
+        } else {
+            if a.as_path.contains(peer.asn) {
+                return None; // the peer would drop it as a loop
+            }
+            a.as_path = a.as_path.prepend(c.asn);
+            a.local_pref = None;
+            a.originator_id = None;
+            a.cluster_list.clear();
+            if from.is_some() {
+                a.med = None; // RFC 4271 §5.1.4: MED is not passed to other ASes
+            }
+            if !(peer.keep_next_hop && from.is_some()) {
+                nh = peer.local_address;
+            }
+        }
+        a.next_hop = match nh {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        };
+        Some((a, nh))
+    }
+
+    /// Runs the decision process for every changed prefix and returns what each peer must be
+    /// sent, plus whether the kernel routes changed.
+    pub fn flush(&mut self) -> (Vec<(PeerId, Outbound)>, bool) {
+        let dirty: Vec<IpNet> = self.dirty.drain().collect();
+        let mut kernel_changed = false;
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        let mut outs: HashMap<PeerId, (Groups, Outbound)> = HashMap::new();
+        let mut interned: HashMap<(usize, PeerId), Arc<PathAttrs>> = HashMap::new();
+        for prefix in dirty {
+            let best = self.best(&prefix).cloned();
+            let want = best.as_ref().and_then(|b| match b.source {
+                Source::Peer(_) => Some(b.next_hop),
+                Source::Local => None,
+            });
+            let had = match want {
+                Some(nh) => self.installed.insert(prefix, nh),
+                None => self.installed.remove(&prefix),
+            };
+            kernel_changed |= had != want;
+            for &to in &peers {
+                let new = best.as_ref().and_then(|b| {
+                    let (a, nh) = self.export(b, to, &prefix)?;
+                    let key = (Arc::as_ptr(&b.attrs) as usize, to);
+                    let arc = match interned.get(&key) {
+                        Some(x) if **x == a => x.clone(),
+                        _ => {
+                            let x = Arc::new(a);
+                            interned.insert(key, x.clone());
+                            x
+                        }
+                    };
+                    Some((arc, nh))
+                });
+                let out = self.adj_out.entry(to).or_default();
+                let same = match (&new, out.get(&prefix)) {
+                    (Some(n), Some(o)) => n.1 == o.1 && (Arc::ptr_eq(&n.0, &o.0) || n.0 == o.0),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if same {
+                    continue;
+                }
+                let (groups, ob) = outs.entry(to).or_default();
+                match new {
+                    Some((a, nh)) => {
+                        let g = (Arc::as_ptr(&a) as usize, nh);
+                        let i = *groups.entry(g).or_insert_with(|| {
+                            ob.announce.push((a.clone(), nh, Vec::new()));
+                            ob.announce.len() - 1
+                        });
+                        ob.announce[i].2.push(prefix);
+                        out.insert(prefix, (a, nh));
+                    }
+                    None => {
+                        out.remove(&prefix);
+                        ob.withdraw.push(prefix);
+                    }
+                }
+            }
+        }
+        let mut v: Vec<(PeerId, Outbound)> = outs.into_iter().map(|(k, (_, o))| (k, o)).collect();
+        v.sort_by_key(|(k, _)| *k);
+        (v, kernel_changed)
+    }
+}
+
+#[cfg(test)]
+mod tests;

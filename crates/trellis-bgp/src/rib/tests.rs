@@ -1,0 +1,232 @@
+use super::*;
+use crate::attrs::{AsPath, AsSegment, Origin, SegmentKind};
+
+const ASN: u32 = 64512;
+
+fn p(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn peer(asn: u32, n: u8, rr_client: bool) -> PeerInfo {
+    PeerInfo {
+        asn,
+        router_id: Ipv4Addr::new(10, 0, 0, n),
+        address: IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)),
+        local_address: ip("192.0.2.1"),
+        rr_client,
+        keep_next_hop: false,
+        families: vec![AFI_IPV4],
+    }
+}
+
+fn rib(cluster: bool) -> Rib {
+    Rib::new(RibConfig {
+        asn: ASN,
+        router_id: "10.0.0.1".parse().unwrap(),
+        cluster_id: cluster.then(|| "10.0.0.1".parse().unwrap()),
+    })
+}
+
+fn announce(prefix: &str, path: Vec<u32>, nh: &str) -> Update {
+    Update {
+        attrs: PathAttrs {
+            origin: Origin::Igp,
+            as_path: AsPath(if path.is_empty() {
+                vec![]
+            } else {
+                vec![AsSegment {
+                    kind: SegmentKind::Sequence,
+                    asns: path,
+                }]
+            }),
+            next_hop: Some(nh.parse().unwrap()),
+            ..Default::default()
+        },
+        nlri: vec![p(prefix)],
+        ..Default::default()
+    }
+}
+
+fn sent_to(outs: &[(PeerId, Outbound)], id: PeerId) -> Option<&Outbound> {
+    outs.iter().find(|(k, _)| *k == id).map(|(_, o)| o)
+}
+
+#[test]
+fn best_path_prefers_shorter_as_paths_then_lower_router_ids() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(65002, 2, false));
+    r.peer_up(3, peer(65003, 3, false));
+    r.apply_update(2, &announce("10.1.0.0/24", vec![65002, 65100], "192.0.2.2"));
+    r.apply_update(3, &announce("10.1.0.0/24", vec![65003], "192.0.2.3"));
+    let (_, changed) = r.flush();
+    assert!(changed);
+    assert_eq!(r.installed()[&p("10.1.0.0/24")], ip("192.0.2.3"));
+    // Equal paths: the lower router ID wins.
+    r.apply_update(2, &announce("10.1.0.0/24", vec![65002], "192.0.2.2"));
+    r.flush();
+    assert_eq!(r.installed()[&p("10.1.0.0/24")], ip("192.0.2.2"));
+    // Withdrawal falls back to the other path; session loss removes everything from the peer.
+    r.apply_update(
+        2,
+        &Update {
+            withdrawn: vec![p("10.1.0.0/24")],
+            ..Default::default()
+        },
+    );
+    r.flush();
+    assert_eq!(r.installed()[&p("10.1.0.0/24")], ip("192.0.2.3"));
+    r.peer_down(3, false);
+    r.flush();
+    assert!(r.installed().is_empty());
+}
+
+#[test]
+fn local_pref_and_ebgp_preference() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(ASN, 2, false));
+    r.peer_up(3, peer(65003, 3, false));
+    let mut u = announce("10.2.0.0/24", vec![], "192.0.2.2");
+    r.apply_update(2, &u);
+    r.apply_update(3, &announce("10.2.0.0/24", vec![65003], "192.0.2.3"));
+    r.flush();
+    // Same local pref (default), iBGP path shorter (0 vs 1): iBGP wins on AS path length.
+    assert_eq!(r.installed()[&p("10.2.0.0/24")], ip("192.0.2.2"));
+    u.attrs.local_pref = Some(50);
+    r.apply_update(2, &u);
+    r.flush();
+    assert_eq!(r.installed()[&p("10.2.0.0/24")], ip("192.0.2.3"));
+}
+
+#[test]
+fn loops_and_own_next_hops_are_rejected() {
+    let mut r = rib(true);
+    r.peer_up(2, peer(65002, 2, false));
+    r.peer_up(3, peer(ASN, 3, false));
+    let rep = r.apply_update(2, &announce("10.3.0.0/24", vec![65002, ASN], "192.0.2.2"));
+    assert_eq!(rep.rejected[0].1, "AS path contains our AS");
+    let mut u = announce("10.3.1.0/24", vec![], "192.0.2.3");
+    u.attrs.cluster_list = vec!["10.0.0.1".parse().unwrap()];
+    assert_eq!(r.apply_update(3, &u).rejected.len(), 1);
+    let mut u = announce("10.3.2.0/24", vec![], "192.0.2.3");
+    u.attrs.originator_id = Some("10.0.0.1".parse().unwrap());
+    assert_eq!(r.apply_update(3, &u).rejected.len(), 1);
+    assert_eq!(
+        r.apply_update(3, &announce("10.3.3.0/24", vec![], "192.0.2.1"))
+            .rejected
+            .len(),
+        1
+    );
+    assert_eq!(
+        r.counters(2),
+        Counters {
+            received: 1,
+            accepted: 0,
+            advertised: 0
+        }
+    );
+    assert_eq!(r.counters(3).received, 3);
+}
+
+#[test]
+fn local_routes_go_everywhere_with_next_hop_self() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(ASN, 2, false));
+    r.peer_up(3, peer(65003, 3, false));
+    r.originate(
+        p("10.4.0.0/26"),
+        Arc::new(PathAttrs::default()),
+        ip("192.0.2.1"),
+    );
+    let (outs, changed) = r.flush();
+    assert!(!changed, "local routes are not for the kernel");
+    let i = &sent_to(&outs, 2).unwrap().announce[0];
+    assert_eq!(
+        (i.0.local_pref, i.1, i.0.as_path.decision_len()),
+        (Some(100), ip("192.0.2.1"), 0)
+    );
+    let e = &sent_to(&outs, 3).unwrap().announce[0];
+    assert_eq!((e.0.local_pref, e.0.as_path.first_as()), (None, Some(ASN)));
+    assert_eq!(r.counters(3).advertised, 1);
+    // A flush with nothing new sends nothing; withdrawing sends a withdrawal.
+    assert!(r.flush().0.is_empty());
+    r.withdraw_local(p("10.4.0.0/26"));
+    let (outs, _) = r.flush();
+    assert_eq!(sent_to(&outs, 2).unwrap().withdraw, vec![p("10.4.0.0/26")]);
+}
+
+#[test]
+fn ibgp_routes_are_not_passed_on_without_reflection() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(ASN, 2, false));
+    r.peer_up(3, peer(ASN, 3, false));
+    r.peer_up(4, peer(65004, 4, false));
+    r.apply_update(2, &announce("10.5.0.0/24", vec![], "192.0.2.2"));
+    let (outs, _) = r.flush();
+    assert!(sent_to(&outs, 3).is_none(), "iBGP split horizon");
+    assert!(sent_to(&outs, 2).is_none(), "never back to the source");
+    let e = &sent_to(&outs, 4).unwrap().announce[0];
+    assert_eq!(e.1, ip("192.0.2.1"), "eBGP gets next hop self");
+}
+
+#[test]
+fn route_reflection_follows_rfc4456() {
+    let mut r = rib(true);
+    r.peer_up(2, peer(ASN, 2, true)); // client
+    r.peer_up(3, peer(ASN, 3, true)); // client
+    r.peer_up(4, peer(ASN, 4, false)); // non-client
+    r.apply_update(2, &announce("10.6.0.0/24", vec![], "192.0.2.2"));
+    let (outs, _) = r.flush();
+    for to in [3, 4] {
+        let a = &sent_to(&outs, to).unwrap().announce[0];
+        assert_eq!(a.1, ip("192.0.2.2"), "reflection keeps the next hop");
+        assert_eq!(a.0.originator_id, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(
+            a.0.cluster_list,
+            vec!["10.0.0.1".parse::<Ipv4Addr>().unwrap()]
+        );
+    }
+    // From a non-client: to clients only.
+    r.apply_update(4, &announce("10.6.1.0/24", vec![], "192.0.2.4"));
+    let (outs, _) = r.flush();
+    assert!(sent_to(&outs, 2).is_some() && sent_to(&outs, 3).is_some());
+    assert!(sent_to(&outs, 4).is_none());
+}
+
+#[test]
+fn graceful_restart_keeps_stale_paths_until_swept() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(65002, 2, false));
+    r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
+    r.apply_update(2, &announce("10.7.1.0/24", vec![65002], "192.0.2.2"));
+    r.flush();
+    r.peer_down(2, true);
+    r.flush();
+    assert_eq!(r.installed().len(), 2, "stale paths still forward");
+    r.peer_up(2, peer(65002, 2, false));
+    r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
+    r.sweep_stale(2);
+    r.flush();
+    assert_eq!(
+        r.installed().keys().collect::<Vec<_>>(),
+        vec![&p("10.7.0.0/24")]
+    );
+    assert_eq!(r.counters(2).accepted, 1);
+}
+
+#[test]
+fn a_hundred_thousand_prefixes_in_one_rib() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(65002, 2, false));
+    let prefixes: Vec<IpNet> = (0..100_000u32)
+        .map(|i| IpNet::new(Ipv4Addr::from(0x6400_0000 + (i << 8)).into(), 24).unwrap())
+        .collect();
+    let mut u = announce("10.0.0.0/24", vec![65002], "192.0.2.2");
+    u.nlri = prefixes;
+    assert_eq!(r.apply_update(2, &u).accepted, 100_000);
+    r.flush();
+    assert_eq!(r.installed().len(), 100_000);
+}
