@@ -259,3 +259,135 @@ pub struct WorkloadEndpointSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub profiles: Vec<String>,
 }
+
+/// A CIDR entry of BGPConfiguration's service lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrEntry {
+    pub cidr: IpNet,
+}
+
+/// A named BGP community (`aa:nn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Community {
+    pub name: String,
+    pub value: String,
+}
+
+/// Communities attached to the routes Trellis advertises within `cidr`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixAdvertisement {
+    pub cidr: IpNet,
+    /// Names from `communities`, or literal `aa:nn` values.
+    #[serde(default)]
+    pub communities: Vec<String>,
+}
+
+/// Cluster-wide BGP settings (Calico's BGPConfiguration named `default`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpConfigurationSpec {
+    /// The cluster's AS (default 64512); a Node's `bgp.asNumber` overrides it for that node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    /// Full mesh between all nodes (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_to_node_mesh_enabled: Option<bool>,
+    #[serde(default, rename = "serviceClusterIPs", skip_serializing_if = "Vec::is_empty")]
+    pub service_cluster_ips: Vec<CidrEntry>,
+    #[serde(default, rename = "serviceExternalIPs", skip_serializing_if = "Vec::is_empty")]
+    pub service_external_ips: Vec<CidrEntry>,
+    #[serde(default, rename = "serviceLoadBalancerIPs", skip_serializing_if = "Vec::is_empty")]
+    pub service_load_balancer_ips: Vec<CidrEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<Community>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix_advertisements: Vec<PrefixAdvertisement>,
+    /// TCP port the speaker listens on and connects to (default 179).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u16>,
+    /// Accepted for Calico compatibility; Trellis's log level comes from RUST_LOG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_severity_screen: Option<String>,
+    /// Graceful restart time offered on mesh sessions (`120s`, default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_mesh_max_restart_time: Option<String>,
+}
+
+/// A BGP password: inline. Calico's `secretKeyRef` form is refused with a message, since the
+/// datastore holds no Kubernetes secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BgpPassword {
+    Inline(String),
+    SecretKeyRef {
+        #[serde(rename = "secretKeyRef")]
+        secret_key_ref: BTreeMap<String, String>,
+    },
+}
+
+/// A BGP peering (Calico's BGPPeer).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpPeerSpec {
+    /// Only this node peers (node-specific peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Nodes matching this selector peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<String>,
+    /// The peer's address (`IP` or `IP:port`).
+    #[serde(default, rename = "peerIP", skip_serializing_if = "Option::is_none")]
+    pub peer_ip: Option<String>,
+    /// Peer with the nodes matching this selector instead (e.g. route reflectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    /// TCP MD5 signature password (RFC 2385).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<BgpPassword>,
+    /// Advertise routes to this eBGP peer with their original next hop.
+    #[serde(default)]
+    pub keep_original_next_hop: bool,
+    /// Graceful restart time offered to this peer (`120s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restart_time: Option<String>,
+}
+
+/// One session as the agent reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpSessionStatus {
+    pub address: String,
+    pub as_number: u32,
+    /// node-to-node mesh, global, node specific, node selector, or with "(RR client)" appended.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub state: String,
+    /// Unix seconds the session entered its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    pub received: u64,
+    pub accepted: u64,
+    pub advertised: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A node's BGP speaker, written by its agent (Trellis's analogue of CalicoNodeStatus).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpStatusSpec {
+    pub node: String,
+    #[serde(rename = "routerID")]
+    pub router_id: String,
+    pub as_number: u32,
+    #[serde(default, rename = "routeReflectorClusterID", skip_serializing_if = "Option::is_none")]
+    pub route_reflector_cluster_id: Option<String>,
+    pub peers: Vec<BgpSessionStatus>,
+    /// Unix seconds of this report.
+    pub updated: u64,
+}

@@ -32,10 +32,13 @@ pub enum Kind {
     IpReservation,
     IpamConfiguration,
     WorkloadEndpoint,
+    BgpConfiguration,
+    BgpPeer,
+    BgpStatus,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 11] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -44,6 +47,9 @@ impl Kind {
         Kind::IpReservation,
         Kind::IpamConfiguration,
         Kind::WorkloadEndpoint,
+        Kind::BgpConfiguration,
+        Kind::BgpPeer,
+        Kind::BgpStatus,
     ];
 
     /// The `kind:` field.
@@ -57,6 +63,9 @@ impl Kind {
             Kind::IpReservation => "IPReservation",
             Kind::IpamConfiguration => "IPAMConfiguration",
             Kind::WorkloadEndpoint => "WorkloadEndpoint",
+            Kind::BgpConfiguration => "BGPConfiguration",
+            Kind::BgpPeer => "BGPPeer",
+            Kind::BgpStatus => "BGPStatus",
         }
     }
 
@@ -71,6 +80,9 @@ impl Kind {
             Kind::IpReservation => "ipreservations",
             Kind::IpamConfiguration => "ipamconfigurations",
             Kind::WorkloadEndpoint => "workloadendpoints",
+            Kind::BgpConfiguration => "bgpconfigurations",
+            Kind::BgpPeer => "bgppeers",
+            Kind::BgpStatus => "bgpstatuses",
         }
     }
 
@@ -87,6 +99,8 @@ impl Kind {
                 | Kind::IpReservation
                 | Kind::WorkloadEndpoint
                 | Kind::BlockAffinity
+                | Kind::BgpConfiguration
+                | Kind::BgpPeer
         )
     }
 
@@ -98,6 +112,7 @@ impl Kind {
                 || k.plural() == l
                 || k.plural().trim_end_matches('s') == l
                 || (l == "blockaffinity" && *k == Kind::BlockAffinity)
+                || (l == "bgpstatus" && *k == Kind::BgpStatus)
         })
     }
 
@@ -134,6 +149,9 @@ pub enum Resource {
     IpReservation(Object<IpReservationSpec>),
     IpamConfiguration(Object<IpamConfigurationSpec>),
     WorkloadEndpoint(Object<WorkloadEndpointSpec>),
+    BgpConfiguration(Object<BgpConfigurationSpec>),
+    BgpPeer(Object<BgpPeerSpec>),
+    BgpStatus(Object<BgpStatusSpec>),
 }
 
 /// A document that is not a valid resource: which one, and which field is wrong.
@@ -171,6 +189,9 @@ macro_rules! each {
             Resource::IpReservation($o) => $e,
             Resource::IpamConfiguration($o) => $e,
             Resource::WorkloadEndpoint($o) => $e,
+            Resource::BgpConfiguration($o) => $e,
+            Resource::BgpPeer($o) => $e,
+            Resource::BgpStatus($o) => $e,
         }
     };
 }
@@ -186,6 +207,9 @@ impl Resource {
             Resource::IpReservation(_) => Kind::IpReservation,
             Resource::IpamConfiguration(_) => Kind::IpamConfiguration,
             Resource::WorkloadEndpoint(_) => Kind::WorkloadEndpoint,
+            Resource::BgpConfiguration(_) => Kind::BgpConfiguration,
+            Resource::BgpPeer(_) => Kind::BgpPeer,
+            Resource::BgpStatus(_) => Kind::BgpStatus,
         }
     }
 
@@ -298,6 +322,9 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::IpReservation => Resource::IpReservation(typed(body)?),
         Kind::IpamConfiguration => Resource::IpamConfiguration(typed(body)?),
         Kind::WorkloadEndpoint => Resource::WorkloadEndpoint(typed(body)?),
+        Kind::BgpConfiguration => Resource::BgpConfiguration(typed(body)?),
+        Kind::BgpPeer => Resource::BgpPeer(typed(body)?),
+        Kind::BgpStatus => Resource::BgpStatus(typed(body)?),
     })
 }
 

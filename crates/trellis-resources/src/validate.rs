@@ -122,7 +122,134 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
             }
             name(&o.spec.node, false).map_err(|e| err("spec.node", e.reason))
         }
+        Resource::BgpConfiguration(o) => bgp_configuration(o),
+        Resource::BgpPeer(o) => bgp_peer(o),
+        Resource::BgpStatus(o) => name(&o.metadata.name, false),
     }
+}
+
+/// An AS number Trellis can use: not 0 and not AS_TRANS (23456, RFC 6793).
+fn asn(field: &str, a: u32) -> Result<(), ResourceError> {
+    if a == 0 || a == 23456 {
+        return Err(err(field, format!("{a} is not a usable AS number")));
+    }
+    Ok(())
+}
+
+/// `aa:nn` (RFC 1997) as its 32-bit value.
+pub fn parse_community(s: &str) -> Result<u32, String> {
+    let (a, n) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not aa:nn"))?;
+    let a: u16 = a.parse().map_err(|_| format!("{s:?}: {a:?} is not 0-65535"))?;
+    let n: u16 = n.parse().map_err(|_| format!("{s:?}: {n:?} is not 0-65535"))?;
+    Ok((a as u32) << 16 | n as u32)
+}
+
+/// A Go-style duration in whole seconds (`120s`, `2m`).
+pub fn parse_seconds(s: &str) -> Result<u32, String> {
+    let (num, mult) = if let Some(n) = s.strip_suffix('s') {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60)
+    } else {
+        (s, 1)
+    };
+    num.parse::<u32>()
+        .ok()
+        .and_then(|v| v.checked_mul(mult))
+        .filter(|v| *v <= 4095)
+        .ok_or_else(|| format!("{s:?} is not a duration of at most 4095s (e.g. 120s)"))
+}
+
+fn bgp_configuration(o: &Object<BgpConfigurationSpec>) -> Result<(), ResourceError> {
+    if o.metadata.name != "default" {
+        return Err(err(
+            "metadata.name",
+            format!("{:?}: the BGP configuration is a singleton named \"default\"", o.metadata.name),
+        ));
+    }
+    let s = &o.spec;
+    if let Some(a) = s.as_number {
+        asn("spec.asNumber", a)?;
+    }
+    if s.listen_port == Some(0) {
+        return Err(err("spec.listenPort", "0 is not a port"));
+    }
+    if let Some(t) = &s.node_mesh_max_restart_time {
+        parse_seconds(t).map_err(|e| err("spec.nodeMeshMaxRestartTime", e))?;
+    }
+    for (i, c) in s.communities.iter().enumerate() {
+        parse_community(&c.value).map_err(|e| err(&format!("spec.communities[{i}].value"), e))?;
+    }
+    for (i, a) in s.prefix_advertisements.iter().enumerate() {
+        for (j, c) in a.communities.iter().enumerate() {
+            if !s.communities.iter().any(|n| &n.name == c) {
+                parse_community(c).map_err(|e| {
+                    err(
+                        &format!("spec.prefixAdvertisements[{i}].communities[{j}]"),
+                        format!("{e}, and no community is named {c:?}"),
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `IP` or `IP:port` (`[v6]:port`).
+pub fn parse_peer_ip(s: &str) -> Result<(std::net::IpAddr, Option<u16>), String> {
+    if let Ok(ip) = s.parse() {
+        return Ok((ip, None));
+    }
+    let sa: std::net::SocketAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address or IP:port"))?;
+    Ok((sa.ip(), Some(sa.port())))
+}
+
+fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
+    name(&o.metadata.name, true)?;
+    let s = &o.spec;
+    match (&s.peer_ip, &s.peer_selector) {
+        (Some(_), Some(_)) => return Err(err("spec.peerSelector", "give peerIP or peerSelector, not both")),
+        (None, None) => return Err(err("spec.peerIP", "peerIP or peerSelector is required")),
+        (Some(ip), None) => {
+            parse_peer_ip(ip).map_err(|e| err("spec.peerIP", e))?;
+            match s.as_number {
+                Some(a) => asn("spec.asNumber", a)?,
+                None => return Err(err("spec.asNumber", "is required with peerIP")),
+            }
+        }
+        (None, Some(sel)) => {
+            Selector::parse(sel).map_err(|e| err("spec.peerSelector", e))?;
+            if s.as_number.is_some() {
+                return Err(err("spec.asNumber", "comes from the selected nodes; leave it out with peerSelector"));
+            }
+        }
+    }
+    if s.node.is_some() && s.node_selector.is_some() {
+        return Err(err("spec.nodeSelector", "give node or nodeSelector, not both"));
+    }
+    if let Some(n) = &s.node {
+        name(n, false).map_err(|e| err("spec.node", e.reason))?;
+    }
+    if let Some(sel) = &s.node_selector {
+        Selector::parse(sel).map_err(|e| err("spec.nodeSelector", e))?;
+    }
+    match &s.password {
+        Some(BgpPassword::SecretKeyRef { .. }) => {
+            return Err(err("spec.password", "secretKeyRef needs Kubernetes secrets, which Trellis's datastore does not hold; give the password inline"))
+        }
+        Some(BgpPassword::Inline(p)) if p.is_empty() || p.len() > 80 => {
+            return Err(err("spec.password", "must be 1-80 characters (TCP MD5 key length)"))
+        }
+        _ => {}
+    }
+    if let Some(t) = &s.max_restart_time {
+        parse_seconds(t).map_err(|e| err("spec.maxRestartTime", e))?;
+    }
+    Ok(())
 }
 
 /// Number of addresses in a block.
