@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use trellis_dataplane::netlink::VxlanSpec;
 use trellis_dataplane::{nft, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{Encapsulation, IpPoolSpec};
-use trellis_routing::{desired, plan, LocalNode, PoolRouting, RemoteNode};
+use trellis_routing::{add_bgp_routes, desired, plan, LocalNode, Op, PoolRouting, RemoteNode};
 
 use crate::{update_node, Agent, AgentError};
 
@@ -121,6 +122,7 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
                         // Coalesce the burst our own changes (or a script's) produce.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
+                    _ = agent.bgp.kick.notified() => {}
                     ev = w.next() => if !matches!(ev, Some(Ok(_))) {
                         watch = None; // compacted or closed: fall back to the timer
                     } else {
@@ -133,6 +135,7 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
                 tokio::select! {
                     _ = tick => {}
                     _ = kernel.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
+                    _ = agent.bgp.kick.notified() => {}
                 }
             }
         }
@@ -221,6 +224,9 @@ pub async fn pass(
     let nat = nat_ruleset(&pools);
     let nat_changed = nat_applied.as_deref() != Some(nat.to_string().as_str());
     let encapsulated = !vxlan_pools.is_empty();
+    let bgp_active = agent.bgp.active.load(Ordering::Relaxed);
+    let bgp_converged = agent.bgp.converged.load(Ordering::Relaxed);
+    let bgp_routes = agent.bgp.routes.borrow().clone();
     let (ops, more, mtu) =
         tokio::task::spawn_blocking(move || -> Result<(usize, Vec<String>, u32), String> {
             let mut nl = Netlink::open().map_err(|e| e.to_string())?;
@@ -247,16 +253,25 @@ pub async fn pass(
                 address,
                 uplink_ifindex: uplink,
                 vtep_ifindex: vtep.map(|v| v.0),
+                bgp: bgp_active,
             };
-            let (want, problems) = desired(&local, &remotes, &blocks, &routing);
+            let (mut want, problems) = desired(&local, &remotes, &blocks, &routing);
+            let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            if bgp_active {
+                msgs.extend(add_bgp_routes(&local, &bgp_routes, &mut want));
+            }
             let observed =
                 routing::observe(&mut nl, local.vtep_ifindex).map_err(|e| e.to_string())?;
-            let ops = plan(&want, &observed);
+            let mut ops = plan(&want, &observed);
+            if bgp_active && !bgp_converged {
+                // Restarting: keep the routes found until the peers have re-sent their tables
+                // (the forwarding state preserved across a graceful restart, RFC 4724).
+                ops.retain(|op| !matches!(op, Op::DelRoute(_)));
+            }
             for op in &ops {
                 tracing::debug!(%op, "dataplane");
             }
             let failed = routing::apply(&mut nl, &ops);
-            let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
             msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
             if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
                 msgs.push(format!("enabling IPv4 forwarding: {e}"));

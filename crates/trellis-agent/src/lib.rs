@@ -3,6 +3,7 @@
 //! empty blocks back after a grace period. Does I/O: datastore, socket, netlink (autodetection).
 
 pub mod autodetect;
+pub mod bgp;
 pub mod dataplane;
 mod server;
 
@@ -31,6 +32,8 @@ pub struct AgentConfig {
     pub vxlan: dataplane::VxlanConfig,
     /// Seconds between dataplane resyncs (drift repair).
     pub resync: Duration,
+    /// Whether the BGP speaker runs.
+    pub bgp: bgp::Mode,
 }
 
 /// Agent failures.
@@ -61,6 +64,8 @@ pub struct Agent {
     pub vxlan: dataplane::VxlanConfig,
     /// MTU handed to new pods; 0 until the first dataplane pass has measured the uplink.
     pub pod_mtu: std::sync::atomic::AtomicU32,
+    /// The BGP speaker's routes and state.
+    pub bgp: Arc<bgp::Shared>,
 }
 
 /// Changes this node's Node object with `f`, keeping fields others manage (CAS on the revision
@@ -136,17 +141,20 @@ pub async fn run(
         address,
         vxlan,
         pod_mtu,
+        bgp: Arc::new(bgp::Shared::default()),
     });
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");
     let housekeeping = tokio::spawn(housekeeping(agent.clone()));
     let dataplane = tokio::spawn(dataplane::run(agent.clone(), agent.config.resync));
+    let bgp = tokio::spawn(bgp::run(agent.clone(), agent.config.bgp));
     tokio::select! {
         r = server::serve(agent.clone(), listener) => r?,
         _ = shutdown => tracing::info!("shutting down"),
     }
     housekeeping.abort();
     dataplane.abort();
+    bgp.abort();
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
 }

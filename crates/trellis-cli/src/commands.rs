@@ -48,6 +48,9 @@ pub struct AgentArgs {
     /// Seconds between dataplane resyncs (drift repair).
     #[arg(long, default_value_t = 2)]
     pub resync: u64,
+    /// BGP speaker: auto (on when the datastore has a BGPConfiguration or BGPPeer), on, off.
+    #[arg(long, env = "TRELLIS_BGP", default_value = "auto")]
+    pub bgp: String,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -292,6 +295,7 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
             mtu: a.mtu,
         },
         resync: Duration::from_secs(a.resync.max(1)),
+        bgp: a.bgp.parse().map_err(|e: String| anyhow::anyhow!(e))?,
     };
     if !(1..=16_777_215).contains(&a.vxlan_vni) {
         bail!("--vxlan-vni {} is outside 1..16777215", a.vxlan_vni);

@@ -226,7 +226,12 @@ pub fn resources(kind: Kind, items: &[Resource]) -> String {
                         c.metadata.name.clone(),
                         c.spec.as_number.unwrap_or(64512).to_string(),
                         c.spec.node_to_node_mesh_enabled.unwrap_or(true).to_string(),
-                        c.spec.service_cluster_ips.iter().map(|c| c.cidr.to_string()).collect::<Vec<_>>().join(","),
+                        c.spec
+                            .service_cluster_ips
+                            .iter()
+                            .map(|c| c.cidr.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
                     ]),
                     _ => None,
                 })
@@ -239,8 +244,21 @@ pub fn resources(kind: Kind, items: &[Resource]) -> String {
                 .filter_map(|r| match r {
                     Resource::BgpPeer(p) => Some(vec![
                         p.metadata.name.clone(),
-                        p.spec.peer_ip.clone().or_else(|| p.spec.peer_selector.clone().map(|s| format!("selector {s}"))).unwrap_or_default(),
-                        p.spec.node.clone().or_else(|| p.spec.node_selector.clone()).unwrap_or_else(|| "(global)".into()),
+                        p.spec
+                            .peer_ip
+                            .clone()
+                            .or_else(|| {
+                                p.spec
+                                    .peer_selector
+                                    .clone()
+                                    .map(|s| format!("selector {s}"))
+                            })
+                            .unwrap_or_default(),
+                        p.spec
+                            .node
+                            .clone()
+                            .or_else(|| p.spec.node_selector.clone())
+                            .unwrap_or_else(|| "(global)".into()),
                         opt(&p.spec.as_number),
                     ]),
                     _ => None,
@@ -257,7 +275,12 @@ pub fn resources(kind: Kind, items: &[Resource]) -> String {
                         b.spec.router_id.clone(),
                         b.spec.as_number.to_string(),
                         b.spec.peers.len().to_string(),
-                        b.spec.peers.iter().filter(|p| p.state == "Established").count().to_string(),
+                        b.spec
+                            .peers
+                            .iter()
+                            .filter(|p| p.state == "Established")
+                            .count()
+                            .to_string(),
                     ]),
                     _ => None,
                 })

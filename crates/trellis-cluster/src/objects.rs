@@ -78,7 +78,11 @@ macro_rules! typed_list {
 
 typed_list!(pools, IpPool, trellis_resources::IpPoolSpec);
 typed_list!(bgp_peers, BgpPeer, trellis_resources::BgpPeerSpec);
-typed_list!(bgp_configurations, BgpConfiguration, trellis_resources::BgpConfigurationSpec);
+typed_list!(
+    bgp_configurations,
+    BgpConfiguration,
+    trellis_resources::BgpConfigurationSpec
+);
 typed_list!(bgp_statuses, BgpStatus, trellis_resources::BgpStatusSpec);
 typed_list!(nodes, Node, trellis_resources::NodeSpec);
 typed_list!(blocks, IpamBlock, trellis_resources::IpamBlockSpec);

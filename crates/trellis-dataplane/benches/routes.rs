@@ -33,6 +33,7 @@ fn main() {
         address: "192.168.0.1/16".parse().unwrap(),
         uplink_ifindex: uplink,
         vtep_ifindex: None,
+        bgp: false,
     };
     let remotes: Vec<RemoteNode> = (0..100u32)
         .map(|n| RemoteNode {

@@ -45,6 +45,7 @@ fn vxlan_plan_applies_and_resync_is_a_no_op() {
         address: "192.168.1.10/24".parse().unwrap(),
         uplink_ifindex: uplink,
         vtep_ifindex: Some(vtep.index),
+        bgp: false,
     };
     let remotes = vec![
         RemoteNode {

@@ -141,8 +141,12 @@ pub fn parse_community(s: &str) -> Result<u32, String> {
     let (a, n) = s
         .split_once(':')
         .ok_or_else(|| format!("{s:?} is not aa:nn"))?;
-    let a: u16 = a.parse().map_err(|_| format!("{s:?}: {a:?} is not 0-65535"))?;
-    let n: u16 = n.parse().map_err(|_| format!("{s:?}: {n:?} is not 0-65535"))?;
+    let a: u16 = a
+        .parse()
+        .map_err(|_| format!("{s:?}: {a:?} is not 0-65535"))?;
+    let n: u16 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: {n:?} is not 0-65535"))?;
     Ok((a as u32) << 16 | n as u32)
 }
 
@@ -166,7 +170,10 @@ fn bgp_configuration(o: &Object<BgpConfigurationSpec>) -> Result<(), ResourceErr
     if o.metadata.name != "default" {
         return Err(err(
             "metadata.name",
-            format!("{:?}: the BGP configuration is a singleton named \"default\"", o.metadata.name),
+            format!(
+                "{:?}: the BGP configuration is a singleton named \"default\"",
+                o.metadata.name
+            ),
         ));
     }
     let s = &o.spec;
@@ -212,7 +219,12 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
     name(&o.metadata.name, true)?;
     let s = &o.spec;
     match (&s.peer_ip, &s.peer_selector) {
-        (Some(_), Some(_)) => return Err(err("spec.peerSelector", "give peerIP or peerSelector, not both")),
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "spec.peerSelector",
+                "give peerIP or peerSelector, not both",
+            ))
+        }
         (None, None) => return Err(err("spec.peerIP", "peerIP or peerSelector is required")),
         (Some(ip), None) => {
             parse_peer_ip(ip).map_err(|e| err("spec.peerIP", e))?;
@@ -224,12 +236,18 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
         (None, Some(sel)) => {
             Selector::parse(sel).map_err(|e| err("spec.peerSelector", e))?;
             if s.as_number.is_some() {
-                return Err(err("spec.asNumber", "comes from the selected nodes; leave it out with peerSelector"));
+                return Err(err(
+                    "spec.asNumber",
+                    "comes from the selected nodes; leave it out with peerSelector",
+                ));
             }
         }
     }
     if s.node.is_some() && s.node_selector.is_some() {
-        return Err(err("spec.nodeSelector", "give node or nodeSelector, not both"));
+        return Err(err(
+            "spec.nodeSelector",
+            "give node or nodeSelector, not both",
+        ));
     }
     if let Some(n) = &s.node {
         name(n, false).map_err(|e| err("spec.node", e.reason))?;

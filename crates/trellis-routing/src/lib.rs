@@ -81,6 +81,9 @@ pub struct LocalNode {
     pub uplink_ifindex: u32,
     /// The local VTEP's ifindex, when a VXLAN pool needs it.
     pub vtep_ifindex: Option<u32>,
+    /// BGP runs: it owns routes to nodes reached without encapsulation (pools with
+    /// encapsulation None and the same-subnet part of CrossSubnet), as in Calico's bird backend.
+    pub bgp: bool,
 }
 
 /// Another node.
@@ -239,7 +242,14 @@ pub fn desired(
             continue;
         };
         let same_subnet = local.address.contains(&remote.address);
+        let bgp_owns = local.bgp
+            && match pool.encapsulation {
+                Encapsulation::None => true,
+                Encapsulation::VxlanCrossSubnet => same_subnet,
+                _ => false,
+            };
         let r = match pool.encapsulation {
+            _ if bgp_owns => Ok(()),
             Encapsulation::None => direct(local, block, remote, &mut out),
             Encapsulation::Vxlan => vxlan(local, block, remote, &mut out),
             Encapsulation::VxlanCrossSubnet if same_subnet => {
@@ -255,6 +265,38 @@ pub fn desired(
         }
     }
     (out, problems)
+}
+
+/// Adds routes learned by BGP (prefix → next hop) for destinations nothing else routes; a next
+/// hop outside the node's subnet is reported (Trellis installs directly connected next hops).
+pub fn add_bgp_routes(
+    local: &LocalNode,
+    learned: &BTreeMap<IpNet, IpAddr>,
+    out: &mut Desired,
+) -> Vec<String> {
+    let taken: BTreeSet<IpNet> = out.routes.iter().map(|r| r.dst).collect();
+    let mut problems = Vec::new();
+    for (dst, nh) in learned {
+        if taken.contains(dst) {
+            continue;
+        }
+        if !local.address.contains(nh) {
+            problems.push(format!(
+                "BGP route {dst} via {nh}: the next hop is not on this node's subnet {}",
+                local.address.trunc()
+            ));
+            continue;
+        }
+        out.routes.insert(Route {
+            dst: *dst,
+            kind: RouteKind::Via {
+                gateway: *nh,
+                ifindex: local.uplink_ifindex,
+                onlink: false,
+            },
+        });
+    }
+    problems
 }
 
 /// What the kernel has of Trellis's: routes with [`TRELLIS_PROTO`], entries on the VTEP.

@@ -13,6 +13,7 @@ fn local() -> LocalNode {
         address: net("192.168.1.10/24"),
         uplink_ifindex: 2,
         vtep_ifindex: Some(9),
+        bgp: false,
     }
 }
 

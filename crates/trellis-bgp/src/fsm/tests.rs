@@ -154,10 +154,7 @@ fn unexpected_messages_are_fsm_errors_and_notifications_end_sessions() {
     let t = Instant::now();
     let mut f = Fsm::new(cfg());
     to_open_sent(&mut f, t);
-    let out = f.handle(
-        t,
-        Input::Message(Message::Update(Box::default())),
-    );
+    let out = f.handle(t, Input::Message(Message::Update(Box::default())));
     assert_eq!(
         sent(&out),
         vec![&Message::Notification(Notification::new(

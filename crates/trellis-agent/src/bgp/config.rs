@@ -1,0 +1,275 @@
+//! What this node's speaker should do, computed from the datastore's resources the way Calico's
+//! confd computes BIRD's configuration: its AS and router ID, whether it reflects routes, the
+//! peers (node-to-node mesh, global / node-specific / selector BGPPeers, symmetric peerSelector
+//! peerings), and the prefixes it originates. Pure.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+use trellis_resources::validate::{parse_community, parse_peer_ip, parse_seconds};
+use trellis_resources::{
+    BgpConfigurationSpec, BgpPassword, BgpPeerSpec, IpPoolSpec, NodeSpec, Object, Selector,
+};
+
+/// Calico's default AS.
+pub const DEFAULT_ASN: u32 = 64512;
+pub const DEFAULT_PORT: u16 = 179;
+pub const DEFAULT_RESTART_TIME: u16 = 120;
+
+/// How a peering came about (shown by `trellis bgp status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PeerKind {
+    Mesh,
+    Global,
+    NodeSpecific,
+}
+
+impl PeerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerKind::Mesh => "node-to-node mesh",
+            PeerKind::Global => "global",
+            PeerKind::NodeSpecific => "node specific",
+        }
+    }
+}
+
+/// One configured peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub address: IpAddr,
+    pub port: u16,
+    pub asn: u32,
+    pub kind: PeerKind,
+    /// Another Trellis node (its router ID is its address).
+    pub node: Option<String>,
+    pub password: Option<String>,
+    pub keep_next_hop: bool,
+    pub rr_client: bool,
+    pub restart_time: u16,
+}
+
+/// The speaker's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpeakerConfig {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    pub address: IpAddr,
+    /// The node's subnet (eBGP peers inside it are directly connected: TTL 1).
+    pub subnet: IpNet,
+    pub cluster_id: Option<Ipv4Addr>,
+    pub port: u16,
+    pub peers: BTreeMap<IpAddr, PeerConfig>,
+    /// Prefixes to originate, with their communities.
+    pub exports: BTreeMap<IpNet, Vec<u32>>,
+}
+
+/// The inputs, already read from the datastore.
+pub struct Inputs<'a> {
+    pub node: &'a str,
+    pub nodes: &'a [Object<NodeSpec>],
+    pub config: Option<&'a BgpConfigurationSpec>,
+    pub peers: &'a [Object<BgpPeerSpec>],
+    pub pools: &'a [IpPoolSpec],
+    /// (block, affine node).
+    pub blocks: &'a [(IpNet, String)],
+}
+
+/// A node as BGP sees it.
+struct NodeView<'a> {
+    name: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    address: Option<Ipv4Addr>,
+    subnet: Option<IpNet>,
+    asn: u32,
+    cluster_id: Option<Ipv4Addr>,
+}
+
+fn view<'a>(n: &'a Object<NodeSpec>, default_asn: u32) -> NodeView<'a> {
+    let bgp = n.spec.bgp.as_ref();
+    NodeView {
+        name: &n.metadata.name,
+        labels: &n.metadata.labels,
+        address: bgp
+            .and_then(|b| b.ipv4_address)
+            .and_then(|a| match a.addr() {
+                IpAddr::V4(v) => Some(v),
+                _ => None,
+            }),
+        subnet: bgp.and_then(|b| b.ipv4_address).map(|a| a.trunc()),
+        asn: bgp.and_then(|b| b.as_number).unwrap_or(default_asn),
+        cluster_id: bgp
+            .and_then(|b| b.route_reflector_cluster_id.as_deref())
+            .and_then(|c| c.parse().ok()),
+    }
+}
+
+fn matches(sel: &str, labels: &BTreeMap<String, String>) -> bool {
+    Selector::parse(sel).is_ok_and(|s| s.matches(labels))
+}
+
+/// Does this BGPPeer's node side (node / nodeSelector / global) include `n`?
+fn node_side(p: &BgpPeerSpec, n: &NodeView) -> bool {
+    match (&p.node, &p.node_selector) {
+        (Some(name), _) => name == n.name,
+        (None, Some(sel)) => matches(sel, n.labels),
+        (None, None) => true,
+    }
+}
+
+fn kind_of(p: &BgpPeerSpec) -> PeerKind {
+    if p.node.is_some() {
+        PeerKind::NodeSpecific
+    } else {
+        PeerKind::Global
+    }
+}
+
+/// Computes the configuration; `Err` when this node has no IPv4 BGP address yet.
+pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
+    let cfg = i.config.cloned().unwrap_or_default();
+    let default_asn = cfg.as_number.unwrap_or(DEFAULT_ASN);
+    let views: Vec<NodeView> = i.nodes.iter().map(|n| view(n, default_asn)).collect();
+    let me = views
+        .iter()
+        .find(|v| v.name == i.node)
+        .ok_or_else(|| format!("node {} is not registered", i.node))?;
+    let router_id = me
+        .address
+        .ok_or_else(|| format!("node {} has no IPv4 BGP address", i.node))?;
+    let port = cfg.listen_port.unwrap_or(DEFAULT_PORT);
+    let mesh_restart = cfg
+        .node_mesh_max_restart_time
+        .as_deref()
+        .and_then(|t| parse_seconds(t).ok())
+        .map_or(DEFAULT_RESTART_TIME, |t| t as u16);
+    let mut peers = BTreeMap::new();
+    let node_peer = |v: &NodeView, kind: PeerKind, p: Option<&BgpPeerSpec>| -> Option<PeerConfig> {
+        let a = v.address?;
+        Some(PeerConfig {
+            address: IpAddr::V4(a),
+            port,
+            asn: v.asn,
+            kind,
+            node: Some(v.name.to_string()),
+            password: p.and_then(password),
+            keep_next_hop: p.is_some_and(|p| p.keep_original_next_hop),
+            // RFC 4456: a reflector's peers outside its cluster are its clients.
+            rr_client: me.cluster_id.is_some() && v.cluster_id != me.cluster_id,
+            restart_time: p.map_or(mesh_restart, restart_time),
+        })
+    };
+    if cfg.node_to_node_mesh_enabled.unwrap_or(true) {
+        for v in views.iter().filter(|v| v.name != i.node) {
+            if let Some(pc) = node_peer(v, PeerKind::Mesh, None) {
+                peers.insert(pc.address, pc);
+            }
+        }
+    }
+    for o in i.peers {
+        let p = &o.spec;
+        if let Some(ip) = &p.peer_ip {
+            let (Ok((address, port_override)), Some(asn)) = (parse_peer_ip(ip), p.as_number) else {
+                continue; // validated on write; a bad stored object is skipped
+            };
+            if node_side(p, me) && address != IpAddr::V4(router_id) {
+                peers.insert(
+                    address,
+                    PeerConfig {
+                        address,
+                        port: port_override.unwrap_or(port),
+                        asn,
+                        kind: kind_of(p),
+                        node: None,
+                        password: password(p),
+                        keep_next_hop: p.keep_original_next_hop,
+                        rr_client: false,
+                        restart_time: restart_time(p),
+                    },
+                );
+            }
+        } else if let Some(sel) = &p.peer_selector {
+            // Symmetric, as in Calico: node side peers with the selected nodes and back.
+            let selected = |v: &NodeView| matches(sel, v.labels);
+            for v in views.iter().filter(|v| v.name != i.node) {
+                let wanted = (node_side(p, me) && selected(v)) || (selected(me) && node_side(p, v));
+                if wanted {
+                    if let Some(pc) = node_peer(v, kind_of(p), Some(p)) {
+                        peers.insert(pc.address, pc);
+                    }
+                }
+            }
+        }
+    }
+    Ok(SpeakerConfig {
+        asn: me.asn,
+        router_id,
+        address: IpAddr::V4(router_id),
+        subnet: me.subnet.unwrap_or(IpNet::from(IpAddr::V4(router_id))),
+        cluster_id: me.cluster_id,
+        port,
+        peers,
+        exports: exports(i, &cfg),
+    })
+}
+
+fn password(p: &BgpPeerSpec) -> Option<String> {
+    match &p.password {
+        Some(BgpPassword::Inline(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn restart_time(p: &BgpPeerSpec) -> u16 {
+    p.max_restart_time
+        .as_deref()
+        .and_then(|t| parse_seconds(t).ok())
+        .map_or(DEFAULT_RESTART_TIME, |t| t as u16)
+}
+
+/// This node's blocks (unless their pool has disableBGPExport) and the service ranges, each
+/// with the communities its prefixAdvertisements give it.
+fn exports(i: &Inputs, cfg: &BgpConfigurationSpec) -> BTreeMap<IpNet, Vec<u32>> {
+    let mut out = BTreeMap::new();
+    for (block, node) in i.blocks {
+        if node != i.node {
+            continue;
+        }
+        let pool = i.pools.iter().find(|p| p.cidr.contains(&block.network()));
+        if pool.is_some_and(|p| !p.disable_bgp_export) {
+            out.insert(*block, Vec::new());
+        }
+    }
+    let services = cfg
+        .service_cluster_ips
+        .iter()
+        .chain(&cfg.service_external_ips)
+        .chain(&cfg.service_load_balancer_ips);
+    for c in services {
+        out.insert(c.cidr, Vec::new());
+    }
+    for (prefix, comms) in out.iter_mut() {
+        for adv in &cfg.prefix_advertisements {
+            if !adv.cidr.contains(prefix) {
+                continue;
+            }
+            for c in &adv.communities {
+                let named = cfg
+                    .communities
+                    .iter()
+                    .find(|n| &n.name == c)
+                    .map(|n| &n.value);
+                if let Ok(v) = parse_community(named.unwrap_or(c)) {
+                    if !comms.contains(&v) {
+                        comms.push(v);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

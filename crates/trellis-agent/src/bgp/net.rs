@@ -1,0 +1,206 @@
+//! BGP transport: the listening socket, outgoing connections with TCP MD5 signatures (RFC 2385)
+//! and the right TTL (1 for directly connected eBGP, 255 for multihop), and one reader and one
+//! writer task per connection that turn bytes into decoded messages and back. Does I/O.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use trellis_bgp::message::{self, MAX_LEN};
+use trellis_bgp::{Context, DecodeError, Message};
+
+/// `struct tcp_md5sig` from <linux/tcp.h>.
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: libc::c_int,
+    key: [u8; 80],
+}
+
+/// Sets (or with `None`, removes) the MD5 key for `peer` on a socket (RFC 2385).
+pub fn set_md5(fd: &impl AsRawFd, peer: IpAddr, key: Option<&str>) -> std::io::Result<()> {
+    // SAFETY: all-zero is a valid value for this plain C struct.
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    match peer {
+        IpAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut sig.addr as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_addr.s_addr = u32::from(a).to_be();
+        }
+        IpAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut sig.addr as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = a.octets();
+        }
+    }
+    let key = key.unwrap_or("").as_bytes();
+    if key.len() > sig.key.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "MD5 key longer than 80 bytes",
+        ));
+    }
+    sig.keylen = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key);
+    // SAFETY: passes a pointer to a live struct of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MD5SIG,
+            &sig as *const _ as *const libc::c_void,
+            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        // Removing a key that is not there is success (idempotent teardown).
+        if key.is_empty() && e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn set_ttl(fd: &impl AsRawFd, ttl: u8) -> std::io::Result<()> {
+    let v: libc::c_int = ttl as libc::c_int;
+    // SAFETY: a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_TTL,
+            &v as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Binds the BGP listener on every address of the node's namespace.
+pub fn listen(port: u16) -> std::io::Result<TcpListener> {
+    let s = TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    s.bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port))?;
+    s.listen(64)
+}
+
+/// Options for one connection.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub local: IpAddr,
+    pub peer: SocketAddr,
+    pub password: Option<String>,
+    pub ttl: Option<u8>,
+}
+
+/// Opens a connection to a peer (bounded by a timeout).
+pub async fn connect(o: &ConnectOptions) -> std::io::Result<TcpStream> {
+    let s = if o.peer.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(p) = &o.password {
+        set_md5(&s, o.peer.ip(), Some(p))?;
+    }
+    if let Some(t) = o.ttl {
+        set_ttl(&s, t)?;
+    }
+    s.bind(SocketAddr::new(o.local, 0))?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), s.connect(o.peer))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Sets the TTL on an accepted connection.
+pub fn accepted(stream: &TcpStream, ttl: Option<u8>) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    if let Some(t) = ttl {
+        stream.set_ttl(t as u32)?;
+    }
+    Ok(())
+}
+
+/// What a reader reports.
+#[derive(Debug)]
+pub enum Read {
+    Message(Message),
+    Malformed(DecodeError),
+    Closed,
+}
+
+/// Splits a connection into a reader task (sending decoded messages, then `Closed`) and a
+/// writer (a channel of encoded messages; dropping it closes the connection).
+pub fn spawn_io<T: Clone + Send + 'static>(
+    stream: TcpStream,
+    ibgp: bool,
+    tag: T,
+    events: mpsc::UnboundedSender<(T, Read)>,
+) -> mpsc::UnboundedSender<Vec<u8>> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        // Until the peer's OPEN says otherwise, decode as a 4-octet session (only OPEN comes first).
+        let mut ctx = Context {
+            four_octet_as: true,
+            ibgp,
+        };
+        loop {
+            let mut start = 0;
+            loop {
+                match message::decode(&buf[start..], ctx, MAX_LEN) {
+                    Ok(Some((m, n))) => {
+                        start += n;
+                        if let Message::Open(o) = &m {
+                            ctx.four_octet_as = o
+                                .capabilities()
+                                .any(|c| matches!(c, trellis_bgp::Capability::FourOctetAs(_)));
+                        }
+                        if events.send((tag.clone(), Read::Message(m))).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = events.send((tag.clone(), Read::Malformed(e)));
+                        return;
+                    }
+                }
+            }
+            buf.drain(..start);
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    let _ = events.send((tag, Read::Closed));
+                    return;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    tx
+}

@@ -1,0 +1,795 @@
+//! The speaker: one task owning the RIB and every peer's session state machines. It feeds the
+//! pure FSMs connection events, messages and ticks, carries out their outputs (connect, send,
+//! close), resolves connection collisions (RFC 4271 §6.8), keeps a gracefully restarting
+//! peer's routes until End-of-RIB or its restart time (RFC 4724), and publishes the best routes
+//! for the dataplane loop to install. Does I/O (sockets via [`super::net`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use trellis_bgp::error::{code, subcode};
+use trellis_bgp::fsm::{keep_outgoing, DownReason};
+use trellis_bgp::message::{pack_announcements, pack_withdrawals, MAX_LEN};
+use trellis_bgp::nlri::{AFI_IPV4, AFI_IPV6};
+use trellis_bgp::{
+    Context, Fsm, Input, Message, Negotiated, Notification, Origin, Output, PathAttrs, PeerId,
+    PeerInfo, Rib, RibConfig, SessionConfig, State, Update,
+};
+use trellis_resources::{BgpSessionStatus, BgpStatusSpec};
+
+use super::config::{PeerConfig, SpeakerConfig};
+use super::net::{self, ConnectOptions, Read};
+use super::Shared;
+
+const CONNECT_RETRY: Duration = Duration::from_secs(3);
+const HOLD_TIME: u16 = 90;
+const TICK: Duration = Duration::from_millis(250);
+/// How long a restarting agent keeps the routes it finds before its peers have sent theirs.
+const STARTUP_GRACE: Duration = Duration::from_secs(30);
+
+/// Which connection of a peer an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnTag {
+    peer: IpAddr,
+    conn: u64,
+}
+
+struct Conn {
+    id: u64,
+    fsm: Fsm,
+    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    outgoing: bool,
+}
+
+struct Peer {
+    cfg: PeerConfig,
+    id: PeerId,
+    main: Conn,
+    /// A second connection during a collision (RFC 4271 §6.8).
+    second: Option<Conn>,
+    connecting: u64,
+    negotiated: Option<Negotiated>,
+    since: u64,
+    last_error: Option<String>,
+    stale_until: Option<Instant>,
+    eor_received: bool,
+}
+
+enum Event {
+    Accepted(TcpStream, SocketAddr),
+    Connected(IpAddr, u64, TcpStream),
+    ConnectFailed(IpAddr, u64, String),
+}
+
+/// The speaker's state.
+pub struct Speaker {
+    cfg: SpeakerConfig,
+    shared: Arc<Shared>,
+    rib: Rib,
+    peers: BTreeMap<IpAddr, Peer>,
+    next_peer_id: PeerId,
+    next_conn: u64,
+    started: Instant,
+    reads: mpsc::UnboundedSender<(ConnTag, Read)>,
+    events: mpsc::UnboundedSender<Event>,
+    listener_port: Option<u16>,
+    listener: Option<Arc<tokio::net::TcpListener>>,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
+    md5_keys: HashMap<IpAddr, String>,
+}
+
+fn now_secs() -> u64 {
+    trellis_cluster::now_secs()
+}
+
+fn cease(sub: u8) -> Notification {
+    Notification::new(code::CEASE, sub, vec![])
+}
+
+impl Speaker {
+    /// Runs until the configuration channel closes.
+    pub async fn run(shared: Arc<Shared>, mut config: watch::Receiver<Option<SpeakerConfig>>) {
+        let (reads_tx, mut reads) = mpsc::unbounded_channel();
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let mut sp: Option<Speaker> = None;
+        let mut tick = tokio::time::interval(TICK);
+        let mut last_status: Option<BgpStatusSpec> = None;
+        let mut last_status_write = Instant::now() - Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let want = config.borrow_and_update().clone();
+                    match (&mut sp, want) {
+                        (Some(s), Some(c)) => s.reconfigure(c),
+                        (None, Some(c)) => {
+                            let mut s = Speaker::new(c, shared.clone(), reads_tx.clone(), events_tx.clone());
+                            s.reconfigure_peers();
+                            sp = Some(s);
+                        }
+                        (Some(s), None) => {
+                            s.shutdown();
+                            sp = None;
+                            shared.publish(BTreeMap::new(), false);
+                        }
+                        (None, None) => {}
+                    }
+                }
+                Some((tag, r)) = reads.recv() => {
+                    if let Some(s) = &mut sp {
+                        s.on_read(tag, r);
+                        // Take everything already queued before deciding (batches big tables).
+                        while let Ok((tag, r)) = reads.try_recv() {
+                            s.on_read(tag, r);
+                        }
+                    }
+                }
+                Some(ev) = events.recv() => {
+                    if let Some(s) = &mut sp {
+                        s.on_event(ev);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(s) = &mut sp {
+                        s.on_tick();
+                        if last_status_write.elapsed() >= Duration::from_secs(2) {
+                            let st = s.status();
+                            if last_status.as_ref() != Some(&st) {
+                                s.shared.status.send_replace(Some(st.clone()));
+                                last_status = Some(st);
+                                last_status_write = Instant::now();
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(s) = &mut sp {
+                s.flush();
+            }
+        }
+    }
+
+    fn new(
+        cfg: SpeakerConfig,
+        shared: Arc<Shared>,
+        reads: mpsc::UnboundedSender<(ConnTag, Read)>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Speaker {
+        let rib = Rib::new(RibConfig {
+            asn: cfg.asn,
+            router_id: cfg.router_id,
+            cluster_id: cfg.cluster_id,
+        });
+        let mut s = Speaker {
+            cfg,
+            shared,
+            rib,
+            peers: BTreeMap::new(),
+            next_peer_id: 1,
+            next_conn: 1,
+            started: Instant::now(),
+            reads,
+            events,
+            listener_port: None,
+            listener: None,
+            accept_task: None,
+            md5_keys: HashMap::new(),
+        };
+        s.sync_exports();
+        s
+    }
+
+    fn session_config(&self, p: &PeerConfig) -> SessionConfig {
+        // Between two Trellis nodes only the one with the higher ID connects: no collisions.
+        let passive = p.node.is_some()
+            && matches!(p.address, IpAddr::V4(a) if u32::from(a) > u32::from(self.cfg.router_id));
+        SessionConfig {
+            local_asn: self.cfg.asn,
+            router_id: self.cfg.router_id,
+            peer_asn: p.asn,
+            hold_time: HOLD_TIME,
+            connect_retry: CONNECT_RETRY,
+            passive,
+            families: vec![if p.address.is_ipv4() {
+                AFI_IPV4
+            } else {
+                AFI_IPV6
+            }],
+            graceful_restart: Some(p.restart_time),
+        }
+    }
+
+    fn new_conn(&mut self, fsm: Fsm, outgoing: bool) -> Conn {
+        self.next_conn += 1;
+        Conn {
+            id: self.next_conn,
+            fsm,
+            tx: None,
+            outgoing,
+        }
+    }
+
+    /// Applies a new configuration; sessions whose settings did not change are left alone.
+    fn reconfigure(&mut self, cfg: SpeakerConfig) {
+        let identity = (cfg.asn, cfg.router_id, cfg.cluster_id)
+            != (self.cfg.asn, self.cfg.router_id, self.cfg.cluster_id);
+        if identity {
+            tracing::info!(asn = cfg.asn, router_id = %cfg.router_id, cluster_id = ?cfg.cluster_id, "BGP identity changed; resetting every session");
+            for addr in self.peers.keys().copied().collect::<Vec<_>>() {
+                self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE);
+            }
+            self.rib.set_config(RibConfig {
+                asn: cfg.asn,
+                router_id: cfg.router_id,
+                cluster_id: cfg.cluster_id,
+            });
+        }
+        self.cfg = cfg;
+        self.sync_exports();
+        self.reconfigure_peers();
+    }
+
+    fn reconfigure_peers(&mut self) {
+        self.ensure_listener();
+        let want = self.cfg.peers.clone();
+        for addr in self.peers.keys().copied().collect::<Vec<_>>() {
+            match want.get(&addr) {
+                None => self.remove_peer(addr, subcode::PEER_DECONFIGURED),
+                Some(c) if *c != self.peers[&addr].cfg => {
+                    self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE)
+                }
+                _ => {}
+            }
+        }
+        self.sync_md5();
+        for (addr, c) in want {
+            if self.peers.contains_key(&addr) {
+                continue;
+            }
+            let id = self.next_peer_id;
+            self.next_peer_id += 1;
+            let fsm = Fsm::new(self.session_config(&c));
+            let main = self.new_conn(fsm, true);
+            tracing::info!(peer = %addr, asn = c.asn, kind = c.kind.name(), rr_client = c.rr_client, "BGP peer configured");
+            self.peers.insert(
+                addr,
+                Peer {
+                    cfg: c,
+                    id,
+                    main,
+                    second: None,
+                    connecting: 0,
+                    negotiated: None,
+                    since: now_secs(),
+                    last_error: None,
+                    stale_until: None,
+                    eor_received: false,
+                },
+            );
+            self.drive(addr, false, Input::Start);
+        }
+    }
+
+    fn remove_peer(&mut self, addr: IpAddr, sub: u8) {
+        self.drive(addr, false, Input::Stop(cease(sub)));
+        if let Some(p) = self.peers.remove(&addr) {
+            self.rib.peer_down(p.id, false);
+            tracing::info!(peer = %addr, "BGP peer removed");
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for addr in self.peers.keys().copied().collect::<Vec<_>>() {
+            self.remove_peer(addr, subcode::ADMIN_SHUTDOWN);
+        }
+        if let Some(t) = self.accept_task.take() {
+            t.abort();
+        }
+    }
+
+    fn ensure_listener(&mut self) {
+        if self.listener_port == Some(self.cfg.port) && self.listener.is_some() {
+            return;
+        }
+        if let Some(t) = self.accept_task.take() {
+            t.abort();
+        }
+        self.listener = None;
+        match net::listen(self.cfg.port) {
+            Ok(l) => {
+                let l = Arc::new(l);
+                let events = self.events.clone();
+                let acc = l.clone();
+                self.accept_task = Some(tokio::spawn(async move {
+                    while let Ok((s, a)) = acc.accept().await {
+                        if events.send(Event::Accepted(s, a)).is_err() {
+                            return;
+                        }
+                    }
+                }));
+                self.listener = Some(l);
+                self.listener_port = Some(self.cfg.port);
+                self.md5_keys.clear();
+                tracing::info!(port = self.cfg.port, "BGP listening");
+            }
+            Err(e) => {
+                tracing::warn!(port = self.cfg.port, error = %e, "cannot listen for BGP; will retry")
+            }
+        }
+    }
+
+    /// Keeps the listener's MD5 keys equal to the configured passwords.
+    fn sync_md5(&mut self) {
+        let Some(l) = &self.listener else { return };
+        let want: HashMap<IpAddr, String> = self
+            .cfg
+            .peers
+            .values()
+            .filter_map(|p| p.password.clone().map(|k| (p.address, k)))
+            .collect();
+        for (a, _) in self.md5_keys.iter().filter(|(a, k)| want.get(a) != Some(k)) {
+            let _ = net::set_md5(&**l, *a, None);
+        }
+        for (a, k) in &want {
+            if self.md5_keys.get(a) != Some(k) {
+                if let Err(e) = net::set_md5(&**l, *a, Some(k)) {
+                    tracing::warn!(peer = %a, error = %e, "cannot set the TCP MD5 key");
+                }
+            }
+        }
+        self.md5_keys = want;
+    }
+
+    /// Originates this node's prefixes; withdraws the ones no longer configured.
+    fn sync_exports(&mut self) {
+        let have: Vec<IpNet> = self.rib.local_prefixes();
+        for p in have {
+            if !self.cfg.exports.contains_key(&p) {
+                self.rib.withdraw_local(p);
+            }
+        }
+        let mut by_comms: HashMap<Vec<u32>, Arc<PathAttrs>> = HashMap::new();
+        for (prefix, comms) in self.cfg.exports.clone() {
+            let attrs = by_comms
+                .entry(comms.clone())
+                .or_insert_with(|| {
+                    Arc::new(PathAttrs {
+                        origin: Origin::Igp,
+                        communities: comms,
+                        ..Default::default()
+                    })
+                })
+                .clone();
+            self.rib.originate(prefix, attrs, self.cfg.address);
+        }
+    }
+
+    fn ttl_for(&self, p: &PeerConfig) -> Option<u8> {
+        if p.asn == self.cfg.asn {
+            return None;
+        }
+        Some(if self.cfg.subnet.contains(&p.address) {
+            1
+        } else {
+            255
+        })
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Accepted(stream, from) => self.on_accept(stream, from.ip()),
+            Event::Connected(addr, gen, stream) => {
+                let Some(p) = self.peers.get(&addr) else {
+                    return;
+                };
+                if p.connecting != gen
+                    || !matches!(p.main.fsm.state(), State::Connect | State::Active)
+                {
+                    return; // superseded: the socket is dropped
+                }
+                self.attach(addr, stream, false);
+                self.drive(addr, false, Input::TcpConnected);
+            }
+            Event::ConnectFailed(addr, gen, error) => {
+                if let Some(p) = self.peers.get_mut(&addr) {
+                    if p.connecting == gen {
+                        p.last_error = Some(format!("connect: {error}"));
+                        self.drive(addr, false, Input::TcpFailed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_accept(&mut self, stream: TcpStream, from: IpAddr) {
+        let Some(p) = self.peers.get(&from) else {
+            tracing::debug!(%from, "BGP connection from an unconfigured address refused");
+            return;
+        };
+        let _ = net::accepted(&stream, self.ttl_for(&p.cfg));
+        match p.main.fsm.state() {
+            State::Idle | State::Connect | State::Active => {
+                let p = self.peers.get_mut(&from).expect("present");
+                p.connecting += 1; // a pending outgoing attempt is superseded
+                p.main.outgoing = false;
+                self.attach(from, stream, false);
+                self.drive(from, false, Input::TcpConnected);
+            }
+            State::OpenSent | State::OpenConfirm if p.second.is_none() => {
+                let mut sc = self.session_config(&p.cfg);
+                sc.passive = true;
+                let mut c = self.new_conn(Fsm::new(sc), false);
+                c.fsm.handle(Instant::now(), Input::Start);
+                self.peers.get_mut(&from).expect("present").second = Some(c);
+                self.attach(from, stream, true);
+                self.drive(from, true, Input::TcpConnected);
+            }
+            _ => {
+                // Established (or already two): RFC 4271 §6.8, the new connection is closed.
+                let ibgp = p.cfg.asn == self.cfg.asn;
+                let tx = net::spawn_io(
+                    stream,
+                    ibgp,
+                    ConnTag {
+                        peer: from,
+                        conn: 0,
+                    },
+                    self.reads.clone(),
+                );
+                let _ = tx.send(
+                    Message::Notification(cease(subcode::CONNECTION_COLLISION))
+                        .encode(ctx_for(None, ibgp)),
+                );
+            }
+        }
+    }
+
+    fn attach(&mut self, addr: IpAddr, stream: TcpStream, second: bool) {
+        let ibgp = self.peers[&addr].cfg.asn == self.cfg.asn;
+        let p = self.peers.get_mut(&addr).expect("present");
+        let c = if second {
+            p.second.as_mut().expect("second")
+        } else {
+            &mut p.main
+        };
+        let tag = ConnTag {
+            peer: addr,
+            conn: c.id,
+        };
+        c.tx = Some(net::spawn_io(stream, ibgp, tag, self.reads.clone()));
+    }
+
+    fn on_read(&mut self, tag: ConnTag, r: Read) {
+        let Some(p) = self.peers.get(&tag.peer) else {
+            return;
+        };
+        let second = match (&p.second, p.main.id == tag.conn) {
+            (_, true) => false,
+            (Some(s), false) if s.id == tag.conn => true,
+            _ => return, // a connection already dropped
+        };
+        let input = match r {
+            Read::Message(m) => Input::Message(m),
+            Read::Malformed(e) => {
+                tracing::warn!(peer = %tag.peer, error = %e, "malformed message from peer");
+                Input::Malformed(e)
+            }
+            Read::Closed => Input::TcpClosed,
+        };
+        self.drive(tag.peer, second, input);
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        for addr in self.peers.keys().copied().collect::<Vec<_>>() {
+            self.drive(addr, false, Input::Tick);
+            if self.peers[&addr].second.is_some() {
+                self.drive(addr, true, Input::Tick);
+            }
+            let p = self.peers.get_mut(&addr).expect("present");
+            if p.stale_until.is_some_and(|t| t <= now) {
+                tracing::info!(peer = %addr, "graceful restart time passed; removing the peer's stale routes");
+                p.stale_until = None;
+                self.rib.sweep_stale(p.id);
+            }
+        }
+        let converged = self.started.elapsed() >= STARTUP_GRACE
+            || self.peers.values().all(|p| {
+                p.eor_received
+                    || p.cfg.node.is_none() && p.negotiated.is_none() && p.last_error.is_some()
+            });
+        self.shared
+            .converged
+            .store(converged, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Feeds one input to a connection's FSM and carries out the outputs.
+    fn drive(&mut self, addr: IpAddr, second: bool, input: Input) {
+        let now = Instant::now();
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        let c = if second {
+            match p.second.as_mut() {
+                Some(c) => c,
+                None => return,
+            }
+        } else {
+            &mut p.main
+        };
+        let outs = c.fsm.handle(now, input);
+        for o in outs {
+            self.output(addr, second, o);
+        }
+        self.resolve_collision(addr);
+    }
+
+    fn output(&mut self, addr: IpAddr, second: bool, o: Output) {
+        match o {
+            Output::Established(n) => return self.established(addr, n),
+            Output::Update(u) => return self.update(addr, *u),
+            Output::Down(reason) if !second => return self.down(addr, reason),
+            _ => {}
+        }
+        let local = self.cfg.address;
+        let ibgp = self
+            .peers
+            .get(&addr)
+            .is_some_and(|p| p.cfg.asn == self.cfg.asn);
+        let ttl = self.peers.get(&addr).and_then(|p| self.ttl_for(&p.cfg));
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        let ctx = ctx_for(p.negotiated.as_ref(), ibgp);
+        if let Output::RouteRefresh { .. } = o {
+            return self.rib.refresh(p.id);
+        }
+        if let Output::Down(_) = o {
+            p.second = None;
+            return;
+        }
+        let conn = if second {
+            p.second.as_mut()
+        } else {
+            Some(&mut p.main)
+        };
+        let Some(c) = conn else { return };
+        match o {
+            Output::Connect if !second => {
+                p.connecting += 1;
+                c.outgoing = true;
+                let gen = p.connecting;
+                let opts = ConnectOptions {
+                    local,
+                    peer: SocketAddr::new(addr, p.cfg.port),
+                    password: p.cfg.password.clone(),
+                    ttl,
+                };
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let ev = match net::connect(&opts).await {
+                        Ok(s) => Event::Connected(addr, gen, s),
+                        Err(e) => Event::ConnectFailed(addr, gen, e.to_string()),
+                    };
+                    let _ = events.send(ev);
+                });
+            }
+            Output::Send(m) => {
+                if let Some(tx) = &c.tx {
+                    let _ = tx.send(m.encode(ctx));
+                }
+            }
+            Output::Close => c.tx = None,
+            _ => {}
+        }
+    }
+
+    /// RFC 4271 §6.8: with two connections and the peer's identifier known, keep the one opened
+    /// by the side with the higher identifier.
+    fn resolve_collision(&mut self, addr: IpAddr) {
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        let Some(s) = &p.second else { return };
+        if p.main.fsm.state() == State::Established {
+            self.drive(
+                addr,
+                true,
+                Input::Stop(cease(subcode::CONNECTION_COLLISION)),
+            );
+            return;
+        }
+        let Some(remote) = p.main.fsm.peer_id().or(s.fsm.peer_id()) else {
+            return;
+        };
+        let outgoing_wins = keep_outgoing(self.cfg.router_id, remote);
+        let second_wins = s.outgoing == outgoing_wins;
+        tracing::debug!(peer = %addr, second_wins, "connection collision resolved");
+        if second_wins {
+            self.drive(
+                addr,
+                false,
+                Input::Stop(cease(subcode::CONNECTION_COLLISION)),
+            );
+            let p = self.peers.get_mut(&addr).expect("present");
+            let mut s = p.second.take().expect("second");
+            s.fsm.config.passive = p.main.fsm.config.passive;
+            p.main = s;
+        } else {
+            self.drive(
+                addr,
+                true,
+                Input::Stop(cease(subcode::CONNECTION_COLLISION)),
+            );
+            if let Some(p) = self.peers.get_mut(&addr) {
+                p.second = None;
+            }
+        }
+    }
+
+    fn established(&mut self, addr: IpAddr, n: Negotiated) {
+        let local = self.cfg.address;
+        let p = self.peers.get_mut(&addr).expect("present");
+        tracing::info!(peer = %addr, asn = n.peer_asn, peer_id = %n.peer_id, hold = n.hold_time, "BGP session established");
+        p.since = now_secs();
+        p.last_error = None;
+        p.eor_received = false;
+        self.rib.peer_up(
+            p.id,
+            PeerInfo {
+                asn: n.peer_asn,
+                router_id: n.peer_id,
+                address: addr,
+                local_address: local,
+                rr_client: p.cfg.rr_client,
+                keep_next_hop: p.cfg.keep_next_hop,
+                families: n.families.clone(),
+            },
+        );
+        p.negotiated = Some(n);
+        // The initial table goes out at the next flush, then End-of-RIB (RFC 4724 §2).
+        self.flush();
+        let p = self.peers.get_mut(&addr).expect("present");
+        if let (Some(n), Some(tx)) = (&p.negotiated, &p.main.tx) {
+            for afi in &n.families {
+                let _ = tx.send(
+                    Message::Update(Box::new(Update::end_of_rib(*afi)))
+                        .encode(ctx_for(Some(n), false)),
+                );
+            }
+        }
+    }
+
+    fn update(&mut self, addr: IpAddr, u: Update) {
+        let p = self.peers.get_mut(&addr).expect("present");
+        if u.end_of_rib_afi().is_some() {
+            p.eor_received = true;
+            if p.stale_until.take().is_some() {
+                tracing::info!(peer = %addr, "End-of-RIB after restart; removing stale routes");
+            }
+            self.rib.sweep_stale(p.id);
+            return;
+        }
+        if let Some(why) = &u.treat_as_withdraw {
+            tracing::warn!(peer = %addr, reason = %why, "UPDATE treated as withdraw (RFC 7606)");
+            p.last_error = Some(format!("treat-as-withdraw: {why}"));
+        }
+        for d in &u.discarded {
+            tracing::debug!(peer = %addr, attribute = %d, "attribute discarded (RFC 7606)");
+        }
+        let r = self.rib.apply_update(p.id, &u);
+        if let Some((prefix, why)) = r.rejected.first() {
+            tracing::debug!(peer = %addr, %prefix, why, count = r.rejected.len(), "routes rejected");
+        }
+    }
+
+    fn down(&mut self, addr: IpAddr, reason: DownReason) {
+        let p = self.peers.get_mut(&addr).expect("present");
+        let was = p.negotiated.take();
+        p.since = now_secs();
+        p.last_error = Some(reason.to_string());
+        p.main.tx = None;
+        let Some(n) = was else { return };
+        // RFC 4724 §4.2: a peer that restarts gracefully keeps its routes (marked stale) for
+        // its restart time if the transport just went away; a NOTIFICATION ends them.
+        let graceful = n
+            .peer_graceful_restart
+            .as_ref()
+            .filter(|g| g.restart_time > 0)
+            .filter(|_| {
+                matches!(reason, DownReason::TransportClosed)
+                    || matches!(&reason, DownReason::Sent(x) if x.code == code::HOLD_TIMER_EXPIRED)
+            });
+        tracing::warn!(peer = %addr, %reason, graceful = graceful.is_some(), "BGP session down");
+        match graceful {
+            Some(g) => {
+                p.stale_until = Some(Instant::now() + Duration::from_secs(g.restart_time as u64));
+                self.rib.peer_down(p.id, true);
+            }
+            None => self.rib.peer_down(p.id, false),
+        }
+    }
+
+    /// Sends what the RIB decided and publishes kernel routes when they changed.
+    fn flush(&mut self) {
+        let (outs, kernel_changed) = self.rib.flush();
+        let by_id: HashMap<PeerId, IpAddr> = self.peers.iter().map(|(a, p)| (p.id, *a)).collect();
+        for (id, ob) in outs {
+            let Some(p) = by_id.get(&id).and_then(|a| self.peers.get(a)) else {
+                continue;
+            };
+            let (Some(tx), Some(n)) = (&p.main.tx, &p.negotiated) else {
+                continue;
+            };
+            let ctx = ctx_for(Some(n), p.cfg.asn == self.cfg.asn);
+            let mut bytes = Vec::new();
+            for u in pack_withdrawals(&ob.withdraw, MAX_LEN) {
+                bytes.extend(Message::Update(Box::new(u)).encode(ctx));
+            }
+            for (attrs, nh, prefixes) in &ob.announce {
+                let v6 = match nh {
+                    IpAddr::V6(a) => Some(a.octets()),
+                    _ => None,
+                };
+                for u in
+                    pack_announcements(attrs, prefixes, v6.as_ref().map(|o| &o[..]), ctx, MAX_LEN)
+                {
+                    bytes.extend(Message::Update(Box::new(u)).encode(ctx));
+                }
+            }
+            let _ = tx.send(bytes);
+        }
+        if kernel_changed {
+            let routes: BTreeMap<IpNet, IpAddr> =
+                self.rib.installed().iter().map(|(k, v)| (*k, *v)).collect();
+            self.shared.publish(routes, true);
+        }
+    }
+
+    /// The status report (`trellis bgp status`).
+    fn status(&self) -> BgpStatusSpec {
+        BgpStatusSpec {
+            node: String::new(),
+            router_id: self.cfg.router_id.to_string(),
+            as_number: self.cfg.asn,
+            route_reflector_cluster_id: self.cfg.cluster_id.map(|c| c.to_string()),
+            peers: self
+                .peers
+                .iter()
+                .map(|(a, p)| {
+                    let c = self.rib.counters(p.id);
+                    BgpSessionStatus {
+                        address: a.to_string(),
+                        as_number: p.cfg.asn,
+                        kind: format!(
+                            "{}{}",
+                            p.cfg.kind.name(),
+                            if p.cfg.rr_client { " (RR client)" } else { "" }
+                        ),
+                        state: p.main.fsm.state().name().to_string(),
+                        since: Some(p.since),
+                        received: c.received as u64,
+                        accepted: c.accepted as u64,
+                        advertised: c.advertised as u64,
+                        last_error: p.last_error.clone(),
+                    }
+                })
+                .collect(),
+            updated: 0,
+        }
+    }
+}
+
+fn ctx_for(n: Option<&Negotiated>, ibgp: bool) -> Context {
+    Context {
+        four_octet_as: n.is_none_or(|n| n.four_octet_as),
+        ibgp,
+    }
+}
