@@ -130,6 +130,34 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bgp {
+            command: crate::BgpCommand::Status { node, output },
+        } => {
+            let mut all: Vec<_> = objects::bgp_statuses(store)
+                .await?
+                .into_iter()
+                .map(|(s, _)| s.spec)
+                .collect();
+            if let Some(n) = &node {
+                all.retain(|s| &s.node == n);
+                if all.is_empty() {
+                    bail!("node {n} has no BGP status (is BGP on and its agent running?)");
+                }
+            }
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!("{}", table::bgp_status(&all, trellis_cluster::now_secs()));
+            }
+            let all_up = all
+                .iter()
+                .all(|s| s.peers.iter().all(|p| p.state == "Established"));
+            Ok(if all_up {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Delete {
             kind,
             name,

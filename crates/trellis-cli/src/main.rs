@@ -53,6 +53,11 @@ pub enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+    /// BGP: the speakers' sessions as their agents report them.
+    Bgp {
+        #[command(subcommand)]
+        command: BgpCommand,
+    },
     /// Run the node agent.
     Agent(commands::AgentArgs),
     /// A cluster built from network namespaces on this machine.
@@ -89,6 +94,18 @@ pub enum LabCommand {
     Check { lab: Option<String> },
     /// Remove every namespace, process and file the lab made.
     Down { lab: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BgpCommand {
+    /// Peers of every node (or one) with address, AS, type, state, uptime and prefix counts,
+    /// like `calicoctl node status`. Exits 1 when a configured session is not Established.
+    Status {
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -333,3 +333,65 @@ mod tests {
         assert_eq!(t, "A      LONGER\nxxxx   y\n");
     }
 }
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// `bgp status`: one block per node.
+pub fn bgp_status(nodes: &[trellis_resources::BgpStatusSpec], now: u64) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        out += &format!(
+            "node {}: AS {}, router ID {}{} (reported {} ago)\n",
+            n.node,
+            n.as_number,
+            n.router_id,
+            n.route_reflector_cluster_id
+                .as_deref()
+                .map(|c| format!(", route reflector cluster {c}"))
+                .unwrap_or_default(),
+            duration(now.saturating_sub(n.updated))
+        );
+        let rows: Vec<Vec<String>> = n
+            .peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.address.clone(),
+                    p.as_number.to_string(),
+                    p.kind.clone(),
+                    p.state.clone(),
+                    p.since
+                        .map(|s| duration(now.saturating_sub(s)))
+                        .unwrap_or_default(),
+                    p.received.to_string(),
+                    p.accepted.to_string(),
+                    p.advertised.to_string(),
+                    p.last_error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out += &render(
+            &[
+                "PEER ADDRESS",
+                "AS",
+                "TYPE",
+                "STATE",
+                "SINCE",
+                "RECEIVED",
+                "ACCEPTED",
+                "ADVERTISED",
+                "LAST ERROR",
+            ],
+            &rows,
+        );
+        out += "\n";
+    }
+    out
+}

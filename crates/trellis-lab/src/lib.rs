@@ -5,6 +5,7 @@
 //! optionally etcd in a control namespace. Everything made is recorded in a state file as it is
 //! made, so `down` works after a crash or a half-built `up`.
 
+pub mod daemons;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -351,6 +352,10 @@ impl Builder {
             })
             .collect();
         self.cli(&["apply", "-f", "-"], Some(&pools.join("---\n")))?;
+        let bgp = bgp_resources(&t, &addrs);
+        if !bgp.is_empty() {
+            self.cli(&["apply", "-f", "-"], Some(&bgp))?;
+        }
         let trellis = sibling("trellis")?;
         for (i, n) in t.nodes.iter().enumerate() {
             port += 1;
@@ -413,21 +418,61 @@ impl Builder {
         for e in &t.external {
             port += 1;
             let (ns, a) = self.member_on_subnet(&e.name, &e.subnet, &addrs, port)?;
-            // Pod addresses are reachable through the first node of the external's subnet.
-            if let Some(n) = t.nodes.iter().find(|n| n.subnet == e.subnet) {
+            if let Some(g) = gw(&e.subnet) {
+                ns_run(&ns, &["ip", "route", "add", "default", "via", &g])?;
+            }
+            // Pod addresses are reachable through `via`, else the first node of the subnet
+            // (a BGP daemon learns them instead).
+            let via = e
+                .via
+                .clone()
+                .or_else(|| {
+                    t.nodes
+                        .iter()
+                        .find(|n| n.subnet == e.subnet)
+                        .map(|n| n.name.clone())
+                })
+                .filter(|_| e.bgp.is_none());
+            if let Some(v) = via {
                 for p in &t.pools {
                     ns_run(
                         &ns,
                         &[
                             "ip",
                             "route",
-                            "add",
+                            "replace",
                             &p.cidr.to_string(),
                             "via",
-                            &addrs[&n.name].1.to_string(),
+                            &addrs[&v].1.to_string(),
                         ],
                     )?;
                 }
+            }
+            if let Some(b) = &e.bgp {
+                ns_run(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+                let conf = daemon_config(&t, &addrs, &e.name, b);
+                let (file, text) = match b.daemon.as_str() {
+                    "bird" => ("bird.conf", daemons::bird_conf(&conf)),
+                    _ => ("gobgpd.toml", daemons::gobgp_conf(&conf)),
+                };
+                std::fs::write(d.join(format!("{}.{file}", e.name)), text)
+                    .map_err(|e| e.to_string())?;
+                let argv = daemons::command(&b.daemon, &e.name, &d);
+                let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                let log = std::fs::File::create(d.join(format!("{}.{}.log", e.name, b.daemon)))
+                    .map_err(|e| e.to_string())?;
+                let child = in_ns(&ns, &argv)
+                    .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                    .stderr(log)
+                    .process_group(0)
+                    .spawn()
+                    .map_err(|err| format!("{}: {err} (install bird2 / gobgpd)", b.daemon))?;
+                self.state.pids.push(child.id() as i32);
+                self.state.save()?;
+                (self.progress)(&format!(
+                    "  {} runs {} (AS {})",
+                    e.name, b.daemon, b.as_number
+                ));
             }
             self.state
                 .external_ips
@@ -482,6 +527,108 @@ impl Builder {
             self.state.save()?;
         }
         Ok(())
+    }
+}
+
+/// The AS a node uses: its own, the lab's, or Calico's default.
+fn node_asn(t: &Topology, node: &str) -> u32 {
+    t.nodes
+        .iter()
+        .find(|n| n.name == node)
+        .and_then(|n| n.as_number)
+        .or(t.bgp.as_ref().and_then(|b| b.as_number))
+        .unwrap_or(64512)
+}
+
+type Addrs = BTreeMap<String, (ipnet::IpNet, std::net::IpAddr)>;
+
+/// BGPConfiguration, per-node AS / reflector settings, a BGPPeer per daemon–node session, and
+/// the topology's own resources.
+fn bgp_resources(t: &Topology, addrs: &Addrs) -> String {
+    let mut docs = Vec::new();
+    if let Some(b) = &t.bgp {
+        let asn = b
+            .as_number
+            .map(|a| format!("  asNumber: {a}\n"))
+            .unwrap_or_default();
+        docs.push(format!("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n{asn}  nodeToNodeMeshEnabled: {}\n", b.node_to_node_mesh));
+    }
+    for n in &t.nodes {
+        if n.as_number.is_none() && n.route_reflector_cluster_id.is_none() {
+            continue;
+        }
+        let mut y = format!(
+            "apiVersion: trellis.dev/v1\nkind: Node\nmetadata:\n  name: {}\n",
+            n.name
+        );
+        if !n.labels.is_empty() {
+            y += "  labels:\n";
+            for (k, v) in &n.labels {
+                y += &format!("    {k}: {v:?}\n");
+            }
+        }
+        y += "spec:\n  bgp:\n";
+        if let Some(a) = n.as_number {
+            y += &format!("    asNumber: {a}\n");
+        }
+        if let Some(c) = &n.route_reflector_cluster_id {
+            y += &format!("    routeReflectorClusterID: {c}\n");
+        }
+        docs.push(y);
+    }
+    for e in &t.external {
+        let Some(b) = &e.bgp else { continue };
+        for p in b
+            .peers
+            .iter()
+            .filter(|p| t.nodes.iter().any(|n| &n.name == *p))
+        {
+            docs.push(format!(
+                "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata:\n  name: lab-{}-{p}\nspec:\n  node: {p}\n  peerIP: {}\n  asNumber: {}\n",
+                e.name, addrs[&e.name].1, b.as_number
+            ));
+        }
+    }
+    if let Some(r) = &t.resources {
+        docs.push(r.clone());
+    }
+    docs.join("---\n")
+}
+
+/// What a daemon on external `name` peers with.
+fn daemon_config(
+    t: &Topology,
+    addrs: &Addrs,
+    name: &str,
+    b: &topology::DaemonSpec,
+) -> daemons::DaemonConfig {
+    let (subnet, address) = addrs[name];
+    daemons::DaemonConfig {
+        address,
+        subnet,
+        asn: b.as_number,
+        route_reflector: b.route_reflector,
+        peers: b
+            .peers
+            .iter()
+            .map(|p| {
+                let asn = match t
+                    .external
+                    .iter()
+                    .find(|e| &e.name == p)
+                    .and_then(|e| e.bgp.as_ref())
+                {
+                    Some(other) => other.as_number,
+                    None => node_asn(t, p),
+                };
+                daemons::DaemonPeer {
+                    name: p.clone(),
+                    address: addrs[p].1,
+                    asn,
+                    multihop: !subnet.contains(&addrs[p].1),
+                }
+            })
+            .collect(),
     }
 }
 

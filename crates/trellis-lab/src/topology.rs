@@ -23,6 +23,37 @@ pub struct Topology {
     /// Reachability to check; empty means every pod reaches every pod.
     #[serde(default)]
     pub expect: Vec<Expectation>,
+    /// Cluster BGP settings; present means the nodes run BGP (a BGPConfiguration is written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<LabBgp>,
+    /// More resources (YAML documents) applied before the agents start, e.g. BGPPeers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<String>,
+}
+
+/// The lab's BGPConfiguration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabBgp {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    #[serde(default = "yes")]
+    pub node_to_node_mesh: bool,
+}
+
+/// A BGP daemon an external host runs, configured by the lab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DaemonSpec {
+    /// `bird` (BIRD 2) or `gobgp` (gobgpd).
+    pub daemon: String,
+    pub as_number: u32,
+    /// Members (nodes or other BGP externals) it peers with. For nodes the lab also writes a
+    /// node-specific BGPPeer, so the session comes up from both sides.
+    pub peers: Vec<String>,
+    /// Reflect routes between its iBGP peers (RFC 4456).
+    #[serde(default)]
+    pub route_reflector: bool,
 }
 
 fn embedded() -> String {
@@ -56,12 +87,22 @@ pub struct Subnet {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabNode {
     pub name: String,
     pub subnet: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The node's own AS (Node `spec.bgp.asNumber`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    /// Makes the node a route reflector (Node `spec.bgp.routeReflectorClusterID`).
+    #[serde(
+        default,
+        rename = "routeReflectorClusterID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub route_reflector_cluster_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +125,12 @@ fn default_ns() -> String {
 pub struct External {
     pub name: String,
     pub subnet: String,
+    /// Route the pools through this member (default: the first node of the subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// Run a BGP daemon here (the host also forwards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<DaemonSpec>,
 }
 
 /// `from` (a pod) should (or should not) reach `to` (a pod or external host); for externals,
@@ -185,9 +232,43 @@ fn validate(t: &Topology) -> Result<(), String> {
             return Err(format!("pod {}: unknown node {:?}", p.name, p.node));
         }
     }
+    for e in &t.external {
+        if let Some(v) = &e.via {
+            if !names.contains(v) || *v == e.name {
+                return Err(format!(
+                    "external {}: via {v:?} is not another member",
+                    e.name
+                ));
+            }
+        }
+        if let Some(b) = &e.bgp {
+            if !["bird", "gobgp"].contains(&b.daemon.as_str()) {
+                return Err(format!(
+                    "external {}: bgp.daemon {:?}: bird or gobgp",
+                    e.name, b.daemon
+                ));
+            }
+            if b.as_number == 0 {
+                return Err(format!("external {}: bgp.asNumber 0 is not usable", e.name));
+            }
+            for p in &b.peers {
+                let known = t.nodes.iter().any(|n| &n.name == p)
+                    || t.external
+                        .iter()
+                        .any(|x| &x.name == p && x.bgp.is_some() && *p != e.name);
+                if !known {
+                    return Err(format!(
+                        "external {}: bgp peer {p:?} is not a node or another BGP external",
+                        e.name
+                    ));
+                }
+            }
+        }
+    }
     for x in &t.expect {
-        if !t.pods.iter().any(|p| p.name == x.from) {
-            return Err(format!("expect: {:?} is not a pod", x.from));
+        let from_external = t.external.iter().any(|e| e.name == x.from);
+        if !t.pods.iter().any(|p| p.name == x.from) && !from_external {
+            return Err(format!("expect: {:?} is not a pod or external", x.from));
         }
         if !names.contains(&x.to) {
             return Err(format!("expect: unknown member {:?}", x.to));

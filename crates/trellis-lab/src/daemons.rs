@@ -1,0 +1,178 @@
+//! BGP daemons on lab externals: the configuration files the lab writes for BIRD 2 and gobgpd
+//! from the topology (pure), and the commands that start them.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+
+/// One session a daemon should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonPeer {
+    pub name: String,
+    pub address: IpAddr,
+    pub asn: u32,
+    /// Not on the daemon's subnet: eBGP multihop.
+    pub multihop: bool,
+}
+
+/// Everything a daemon's configuration needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    pub address: IpAddr,
+    pub subnet: IpNet,
+    pub asn: u32,
+    pub route_reflector: bool,
+    pub peers: Vec<DaemonPeer>,
+}
+
+fn ident(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// A BIRD 2 configuration: BGP sessions importing and exporting everything, graceful restart
+/// on, learned routes exported to the kernel so the host forwards.
+pub fn bird_conf(c: &DaemonConfig) -> String {
+    let mut s = format!(
+        "router id {addr};\n\
+         protocol device {{ scan time 5; }}\n\
+         protocol kernel {{\n  ipv4 {{ import all; export all; }};\n  learn;\n  scan time 5;\n}}\n",
+        addr = c.address
+    );
+    for p in &c.peers {
+        let _ = write!(
+            s,
+            "protocol bgp {name} {{\n  local {addr} as {asn};\n  neighbor {peer} as {peer_asn};\n  connect retry time 2;\n  error wait time 1, 5;\n  graceful restart on;\n",
+            name = ident(&format!("peer_{}", p.name)),
+            addr = c.address,
+            asn = c.asn,
+            peer = p.address,
+            peer_asn = p.asn,
+        );
+        if p.multihop {
+            s.push_str("  multihop;\n");
+        }
+        if c.route_reflector && p.asn == c.asn {
+            let _ = writeln!(s, "  rr client;\n  rr cluster id {};", c.address);
+        }
+        s.push_str("  ipv4 { import all; export all; };\n}\n");
+    }
+    s
+}
+
+/// A gobgpd configuration (TOML) with the same sessions.
+pub fn gobgp_conf(c: &DaemonConfig) -> String {
+    let mut s = format!(
+        "[global.config]\n  as = {asn}\n  router-id = \"{addr}\"\n  port = 179\n  local-address-list = [\"{addr}\"]\n",
+        asn = c.asn,
+        addr = c.address
+    );
+    for p in &c.peers {
+        let _ = write!(
+            s,
+            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n  [neighbors.timers.config]\n    connect-retry = 2\n  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n",
+            p.address, p.asn
+        );
+        if p.multihop {
+            s.push_str(
+                "  [neighbors.ebgp-multihop.config]\n    enabled = true\n    multihop-ttl = 255\n",
+            );
+        }
+        if c.route_reflector && p.asn == c.asn {
+            let _ = write!(
+                s,
+                "  [neighbors.route-reflector.config]\n    route-reflector-client = true\n    route-reflector-cluster-id = \"{}\"\n",
+                c.address
+            );
+        }
+        s.push_str("  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"ipv4-unicast\"\n    [neighbors.afi-safis.mp-graceful-restart.config]\n      enabled = true\n");
+    }
+    s
+}
+
+/// The command line that runs `daemon` in the foreground with its files under `dir`.
+pub fn command(daemon: &str, name: &str, dir: &Path) -> Vec<String> {
+    let f = |ext: &str| dir.join(format!("{name}.{ext}")).display().to_string();
+    match daemon {
+        "bird" => vec![
+            "bird".into(),
+            "-f".into(),
+            "-c".into(),
+            f("bird.conf"),
+            "-s".into(),
+            f("bird.ctl"),
+            "-P".into(),
+            f("bird.pid"),
+        ],
+        _ => vec![
+            "gobgpd".into(),
+            "-f".into(),
+            f("gobgpd.toml"),
+            "-p".into(),
+            "--pprof-disable".into(),
+            "--api-hosts=127.0.0.1:50051".into(),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(rr: bool) -> DaemonConfig {
+        DaemonConfig {
+            address: "192.168.60.100".parse().unwrap(),
+            subnet: "192.168.60.0/24".parse().unwrap(),
+            asn: 65001,
+            route_reflector: rr,
+            peers: vec![
+                DaemonPeer {
+                    name: "n1".into(),
+                    address: "192.168.60.10".parse().unwrap(),
+                    asn: 65101,
+                    multihop: false,
+                },
+                DaemonPeer {
+                    name: "tor-2".into(),
+                    address: "192.168.61.100".parse().unwrap(),
+                    asn: 65002,
+                    multihop: true,
+                },
+                DaemonPeer {
+                    name: "n3".into(),
+                    address: "192.168.60.12".parse().unwrap(),
+                    asn: 65001,
+                    multihop: false,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn bird_configuration() {
+        let s = bird_conf(&cfg(true));
+        assert!(s.starts_with("router id 192.168.60.100;"));
+        assert!(s.contains("protocol bgp peer_n1 {\n  local 192.168.60.100 as 65001;\n  neighbor 192.168.60.10 as 65101;"));
+        assert!(s.contains("protocol bgp peer_tor_2 {"));
+        assert_eq!(s.matches("multihop;").count(), 1);
+        assert_eq!(
+            s.matches("rr client;").count(),
+            1,
+            "only the iBGP peer is a client"
+        );
+        assert_eq!(s.matches("graceful restart on;").count(), 3);
+    }
+
+    #[test]
+    fn gobgp_configuration() {
+        let s = gobgp_conf(&cfg(true));
+        assert!(s.contains("as = 65001\n  router-id = \"192.168.60.100\""));
+        assert_eq!(s.matches("[[neighbors]]").count(), 3);
+        assert_eq!(s.matches("route-reflector-client = true").count(), 1);
+        assert_eq!(s.matches("multihop-ttl = 255").count(), 1);
+        assert!(command("gobgp", "x", Path::new("/d")).contains(&"/d/x.gobgpd.toml".to_string()));
+    }
+}
