@@ -5,23 +5,23 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
 
-use ipnet::IpNet;
-
 /// One session a daemon should have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonPeer {
     pub name: String,
     pub address: IpAddr,
+    /// The daemon's own address towards this peer.
+    pub local: IpAddr,
     pub asn: u32,
-    /// Not on the daemon's subnet: eBGP multihop.
+    /// Not on a subnet the daemon is on: eBGP multihop.
     pub multihop: bool,
 }
 
 /// Everything a daemon's configuration needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
+    /// Router ID (the daemon's first address).
     pub address: IpAddr,
-    pub subnet: IpNet,
     pub asn: u32,
     pub route_reflector: bool,
     pub peers: Vec<DaemonPeer>,
@@ -47,7 +47,7 @@ pub fn bird_conf(c: &DaemonConfig) -> String {
             s,
             "protocol bgp {name} {{\n  local {addr} as {asn};\n  neighbor {peer} as {peer_asn};\n  connect retry time 2;\n  error wait time 1, 5;\n  graceful restart on;\n",
             name = ident(&format!("peer_{}", p.name)),
-            addr = c.address,
+            addr = p.local,
             asn = c.asn,
             peer = p.address,
             peer_asn = p.asn,
@@ -58,7 +58,17 @@ pub fn bird_conf(c: &DaemonConfig) -> String {
         if c.route_reflector && p.asn == c.asn {
             let _ = writeln!(s, "  rr client;\n  rr cluster id {};", c.address);
         }
-        s.push_str("  ipv4 { import all; export all; };\n}\n");
+        // Only BGP routes are passed on (not what the kernel protocol learned, such as the
+        // default route); towards external peers the ToR puts itself as next hop.
+        let nh = if p.asn == c.asn {
+            ""
+        } else {
+            " next hop self;"
+        };
+        let _ = writeln!(
+            s,
+            "  ipv4 {{ import all; export where source = RTS_BGP;{nh} }};\n}}"
+        );
     }
     s
 }
@@ -66,15 +76,15 @@ pub fn bird_conf(c: &DaemonConfig) -> String {
 /// A gobgpd configuration (TOML) with the same sessions.
 pub fn gobgp_conf(c: &DaemonConfig) -> String {
     let mut s = format!(
-        "[global.config]\n  as = {asn}\n  router-id = \"{addr}\"\n  port = 179\n  local-address-list = [\"{addr}\"]\n",
+        "[global.config]\n  as = {asn}\n  router-id = \"{addr}\"\n  port = 179\n",
         asn = c.asn,
         addr = c.address
     );
     for p in &c.peers {
         let _ = write!(
             s,
-            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n  [neighbors.timers.config]\n    connect-retry = 2\n  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n",
-            p.address, p.asn
+            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n  [neighbors.transport.config]\n    local-address = \"{}\"\n  [neighbors.timers.config]\n    connect-retry = 2\n  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n",
+            p.address, p.asn, p.local
         );
         if p.multihop {
             s.push_str(
@@ -125,7 +135,6 @@ mod tests {
     fn cfg(rr: bool) -> DaemonConfig {
         DaemonConfig {
             address: "192.168.60.100".parse().unwrap(),
-            subnet: "192.168.60.0/24".parse().unwrap(),
             asn: 65001,
             route_reflector: rr,
             peers: vec![

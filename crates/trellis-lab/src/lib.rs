@@ -232,6 +232,39 @@ impl Builder {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Writes a BGP daemon's configuration and starts it in `ns`.
+    fn start_daemon(
+        &mut self,
+        member: &str,
+        ns: &str,
+        b: &topology::DaemonSpec,
+    ) -> Result<(), String> {
+        let d = dir(&self.state.name);
+        let conf = daemon_config(&self.t, &addresses(&self.t), member, b);
+        let (file, text) = match b.daemon.as_str() {
+            "bird" => ("bird.conf", daemons::bird_conf(&conf)),
+            _ => ("gobgpd.toml", daemons::gobgp_conf(&conf)),
+        };
+        std::fs::write(d.join(format!("{member}.{file}")), text).map_err(|e| e.to_string())?;
+        let argv = daemons::command(&b.daemon, member, &d);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let log = std::fs::File::create(d.join(format!("{member}.{}.log", b.daemon)))
+            .map_err(|e| e.to_string())?;
+        let child = in_ns(ns, &argv)
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|err| format!("{}: {err} (install bird2 / gobgpd)", b.daemon))?;
+        self.state.pids.push(child.id() as i32);
+        self.state.save()?;
+        (self.progress)(&format!(
+            "  {member} runs {} (AS {})",
+            b.daemon, b.as_number
+        ));
+        Ok(())
+    }
+
     fn build(&mut self) -> Result<(), String> {
         let t = self.t.clone();
         let addrs = addresses(&t);
@@ -272,6 +305,9 @@ impl Builder {
             }
             ns_run(&rtr, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
             (self.progress)("  router joins the subnets");
+            if let Some(b) = t.router.as_ref().and_then(|r| r.bgp.as_ref()) {
+                self.start_daemon("router", &rtr, b)?;
+            }
         }
         let gw = |sub: &str| -> Option<String> {
             (t.subnets.len() > 1).then(|| {
@@ -450,29 +486,7 @@ impl Builder {
             }
             if let Some(b) = &e.bgp {
                 ns_run(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-                let conf = daemon_config(&t, &addrs, &e.name, b);
-                let (file, text) = match b.daemon.as_str() {
-                    "bird" => ("bird.conf", daemons::bird_conf(&conf)),
-                    _ => ("gobgpd.toml", daemons::gobgp_conf(&conf)),
-                };
-                std::fs::write(d.join(format!("{}.{file}", e.name)), text)
-                    .map_err(|e| e.to_string())?;
-                let argv = daemons::command(&b.daemon, &e.name, &d);
-                let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-                let log = std::fs::File::create(d.join(format!("{}.{}.log", e.name, b.daemon)))
-                    .map_err(|e| e.to_string())?;
-                let child = in_ns(&ns, &argv)
-                    .stdout(log.try_clone().map_err(|e| e.to_string())?)
-                    .stderr(log)
-                    .process_group(0)
-                    .spawn()
-                    .map_err(|err| format!("{}: {err} (install bird2 / gobgpd)", b.daemon))?;
-                self.state.pids.push(child.id() as i32);
-                self.state.save()?;
-                (self.progress)(&format!(
-                    "  {} runs {} (AS {})",
-                    e.name, b.daemon, b.as_number
-                ));
+                self.start_daemon(&e.name, &ns, b)?;
             }
             self.state
                 .external_ips
@@ -576,16 +590,26 @@ fn bgp_resources(t: &Topology, addrs: &Addrs) -> String {
         }
         docs.push(y);
     }
-    for e in &t.external {
-        let Some(b) = &e.bgp else { continue };
-        for p in b
+    let speakers = t
+        .external
+        .iter()
+        .filter_map(|e| e.bgp.as_ref().map(|b| (e.name.as_str(), b)))
+        .chain(
+            t.router
+                .as_ref()
+                .and_then(|r| r.bgp.as_ref())
+                .map(|b| ("router", b)),
+        );
+    for (name, b) in speakers {
+        let conf = daemon_config(t, addrs, name, b);
+        for p in conf
             .peers
             .iter()
-            .filter(|p| t.nodes.iter().any(|n| &n.name == *p))
+            .filter(|p| t.nodes.iter().any(|n| n.name == p.name))
         {
             docs.push(format!(
-                "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata:\n  name: lab-{}-{p}\nspec:\n  node: {p}\n  peerIP: {}\n  asNumber: {}\n",
-                e.name, addrs[&e.name].1, b.as_number
+                "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata:\n  name: lab-{name}-{}\nspec:\n  node: {}\n  peerIP: {}\n  asNumber: {}\n",
+                p.name, p.name, p.local, b.as_number
             ));
         }
     }
@@ -595,40 +619,65 @@ fn bgp_resources(t: &Topology, addrs: &Addrs) -> String {
     docs.join("---\n")
 }
 
-/// What a daemon on external `name` peers with.
+/// The subnets a member is on: the router is on all of them (as .1).
+fn member_nets(t: &Topology, addrs: &Addrs, member: &str) -> Vec<(ipnet::IpNet, std::net::IpAddr)> {
+    if member == "router" {
+        t.subnets
+            .iter()
+            .map(|s| (s.cidr, host(&s.cidr, 1)))
+            .collect()
+    } else {
+        vec![addrs[member]]
+    }
+}
+
+/// What a BGP daemon on `name` (an external or the router) peers with, and from which address.
 fn daemon_config(
     t: &Topology,
     addrs: &Addrs,
     name: &str,
     b: &topology::DaemonSpec,
 ) -> daemons::DaemonConfig {
-    let (subnet, address) = addrs[name];
+    let mine = member_nets(t, addrs, name);
+    let speaker_asn = |p: &str| {
+        t.external
+            .iter()
+            .find(|e| e.name == p)
+            .and_then(|e| e.bgp.as_ref())
+            .or(t
+                .router
+                .as_ref()
+                .and_then(|r| r.bgp.as_ref())
+                .filter(|_| p == "router"))
+            .map(|d| d.as_number)
+    };
+    let peers = b
+        .peers
+        .iter()
+        .map(|p| {
+            let theirs = member_nets(t, addrs, p);
+            // A shared subnet if there is one (direct session), else first addresses (multihop).
+            let shared = mine.iter().find_map(|(net, local)| {
+                theirs
+                    .iter()
+                    .find(|(_, a)| net.contains(a))
+                    .map(|(_, a)| (*local, *a))
+            });
+            let (local, address) = shared.unwrap_or((mine[0].1, theirs[0].1));
+            daemons::DaemonPeer {
+                name: p.clone(),
+                address,
+                local,
+                asn: speaker_asn(p).unwrap_or_else(|| node_asn(t, p)),
+                multihop: shared.is_none(),
+            }
+        })
+        .collect();
     daemons::DaemonConfig {
-        address,
-        subnet,
+        address: mine[0].1,
         asn: b.as_number,
         route_reflector: b.route_reflector,
-        peers: b
-            .peers
-            .iter()
-            .map(|p| {
-                let asn = match t
-                    .external
-                    .iter()
-                    .find(|e| &e.name == p)
-                    .and_then(|e| e.bgp.as_ref())
-                {
-                    Some(other) => other.as_number,
-                    None => node_asn(t, p),
-                };
-                daemons::DaemonPeer {
-                    name: p.clone(),
-                    address: addrs[p].1,
-                    asn,
-                    multihop: !subnet.contains(&addrs[p].1),
-                }
-            })
-            .collect(),
+        peers,
     }
 }
 

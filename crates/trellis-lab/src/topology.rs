@@ -26,6 +26,10 @@ pub struct Topology {
     /// Cluster BGP settings; present means the nodes run BGP (a BGPConfiguration is written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<LabBgp>,
+    /// The router joining the subnets (with two or more), optionally running a BGP daemon: a
+    /// spine for per-rack ToRs. Its member name is `router`; its address is .1 on each subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterSpec>,
     /// More resources (YAML documents) applied before the agents start, e.g. BGPPeers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<String>,
@@ -39,6 +43,14 @@ pub struct LabBgp {
     pub as_number: Option<u32>,
     #[serde(default = "yes")]
     pub node_to_node_mesh: bool,
+}
+
+/// The lab router's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouterSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<DaemonSpec>,
 }
 
 /// A BGP daemon an external host runs, configured by the lab.
@@ -241,27 +253,33 @@ fn validate(t: &Topology) -> Result<(), String> {
                 ));
             }
         }
-        if let Some(b) = &e.bgp {
-            if !["bird", "gobgp"].contains(&b.daemon.as_str()) {
+    }
+    let router_bgp = t.router.as_ref().and_then(|r| r.bgp.as_ref());
+    if router_bgp.is_some() && t.subnets.len() < 2 {
+        return Err("router.bgp: the lab has a router only with two or more subnets".into());
+    }
+    let speakers: Vec<(&str, &DaemonSpec)> = t
+        .external
+        .iter()
+        .filter_map(|e| e.bgp.as_ref().map(|b| (e.name.as_str(), b)))
+        .chain(router_bgp.map(|b| ("router", b)))
+        .collect();
+    for (name, b) in &speakers {
+        if !["bird", "gobgp"].contains(&b.daemon.as_str()) {
+            return Err(format!("{name}: bgp.daemon {:?}: bird or gobgp", b.daemon));
+        }
+        if b.as_number == 0 {
+            return Err(format!("{name}: bgp.asNumber 0 is not usable"));
+        }
+        for p in &b.peers {
+            let known = t.nodes.iter().any(|n| &n.name == p)
+                || speakers
+                    .iter()
+                    .any(|(other, _)| other == p && other != name);
+            if !known {
                 return Err(format!(
-                    "external {}: bgp.daemon {:?}: bird or gobgp",
-                    e.name, b.daemon
+                    "{name}: bgp peer {p:?} is not a node or another BGP speaker"
                 ));
-            }
-            if b.as_number == 0 {
-                return Err(format!("external {}: bgp.asNumber 0 is not usable", e.name));
-            }
-            for p in &b.peers {
-                let known = t.nodes.iter().any(|n| &n.name == p)
-                    || t.external
-                        .iter()
-                        .any(|x| &x.name == p && x.bgp.is_some() && *p != e.name);
-                if !known {
-                    return Err(format!(
-                        "external {}: bgp peer {p:?} is not a node or another BGP external",
-                        e.name
-                    ));
-                }
             }
         }
     }
