@@ -6,30 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::bin;
-
-/// Brings a lab down when the test ends, however it ends.
-struct LabGuard(String);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(bin("trellis"))
-            .args(["lab", "down", &self.0])
-            .output();
-    }
-}
-
-fn trellis(args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("trellis")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
+use common::{trellis, LabGuard};
 
 fn example(file: &str, name: &str, kind: &str) -> String {
     let path = format!(

@@ -24,6 +24,7 @@ pub struct DaemonConfig {
     pub address: IpAddr,
     pub asn: u32,
     pub route_reflector: bool,
+    pub route_server: bool,
     pub peers: Vec<DaemonPeer>,
 }
 
@@ -58,9 +59,12 @@ pub fn bird_conf(c: &DaemonConfig) -> String {
         if c.route_reflector && p.asn == c.asn {
             let _ = writeln!(s, "  rr client;\n  rr cluster id {};", c.address);
         }
+        if c.route_server && p.asn != c.asn {
+            s.push_str("  rs client;\n");
+        }
         // Only BGP routes are passed on (not what the kernel protocol learned, such as the
         // default route); towards external peers the ToR puts itself as next hop.
-        let nh = if p.asn == c.asn {
+        let nh = if p.asn == c.asn || c.route_server {
             ""
         } else {
             " next hop self;"
@@ -97,6 +101,9 @@ pub fn gobgp_conf(c: &DaemonConfig) -> String {
                 "  [neighbors.route-reflector.config]\n    route-reflector-client = true\n    route-reflector-cluster-id = \"{}\"\n",
                 c.address
             );
+        }
+        if c.route_server && p.asn != c.asn {
+            s.push_str("  [neighbors.route-server.config]\n    route-server-client = true\n");
         }
         s.push_str("  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"ipv4-unicast\"\n    [neighbors.afi-safis.mp-graceful-restart.config]\n      enabled = true\n");
     }
@@ -137,6 +144,7 @@ mod tests {
             address: "192.168.60.100".parse().unwrap(),
             asn: 65001,
             route_reflector: rr,
+            route_server: false,
             peers: vec![
                 DaemonPeer {
                     name: "n1".into(),

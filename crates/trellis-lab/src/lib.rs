@@ -677,6 +677,7 @@ fn daemon_config(
         address: mine[0].1,
         asn: b.as_number,
         route_reflector: b.route_reflector,
+        route_server: b.route_server,
         peers,
     }
 }

@@ -66,6 +66,9 @@ pub struct DaemonSpec {
     /// Reflect routes between its iBGP peers (RFC 4456).
     #[serde(default)]
     pub route_reflector: bool,
+    /// Act as a route server for its eBGP peers (RFC 7947): next hops and AS paths untouched.
+    #[serde(default)]
+    pub route_server: bool,
 }
 
 fn embedded() -> String {

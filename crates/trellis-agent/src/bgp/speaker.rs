@@ -400,7 +400,8 @@ impl Speaker {
             Event::ConnectFailed(addr, gen, error) => {
                 if let Some(p) = self.peers.get_mut(&addr) {
                     if p.connecting == gen {
-                        p.last_error = Some(format!("connect: {error}"));
+                        // A session's own error says more than the reconnect attempts after it.
+                        p.last_error.get_or_insert(format!("connect: {error}"));
                         self.drive(addr, false, Input::TcpFailed);
                     }
                 }

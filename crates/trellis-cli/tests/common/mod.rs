@@ -320,3 +320,26 @@ pub fn ip_of(out: &Output) -> Option<std::net::IpAddr> {
         .parse()
         .ok()
 }
+
+/// Brings a lab down when the test ends, however it ends.
+pub struct LabGuard(pub String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(bin("trellis"))
+            .args(["lab", "down", &self.0])
+            .output();
+    }
+}
+
+pub fn trellis(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("trellis")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

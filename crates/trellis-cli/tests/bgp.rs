@@ -1,0 +1,556 @@
+//! BGP end to end in labs: a full mesh of Trellis nodes routing pods by BGP-learned routes and
+//! switching live to a Trellis route reflector; BIRD top-of-rack routers per rack (eBGP) with an
+//! outside client reaching pods; gobgpd as route reflector and as route server; graceful restart
+//! keeping forwarding while an agent restarts; bad input from a peer answered with the right
+//! NOTIFICATION or treat-as-withdraw while other sessions stay up.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, trellis, LabGuard};
+use serde_json::Value;
+
+/// Brings up a topology given as YAML text under `name`.
+fn up(name: &str, yaml: &str) -> LabGuard {
+    let guard = LabGuard(name.to_string());
+    let path = std::env::temp_dir().join(format!("trellis-test-{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let (ok, out) = trellis(&["lab", "up", "-f", path.to_str().unwrap(), "--name", name]);
+    let _ = std::fs::remove_file(&path);
+    assert!(ok, "lab up {name}: {out}");
+    guard
+}
+
+fn example(file: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/../../examples/lab/{file}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn exec(lab: &str, member: &str, argv: &[&str]) -> (bool, String) {
+    let mut args = vec!["lab", "exec", lab, member, "--"];
+    args.extend_from_slice(argv);
+    trellis(&args)
+}
+
+fn datastore(lab: &str) -> String {
+    format!("sqlite:/run/trellis/lab/{lab}/trellis.db")
+}
+
+/// Every node's BGPStatus.
+fn status(lab: &str) -> Vec<Value> {
+    let out = Command::new(bin("trellis"))
+        .args([
+            "--datastore",
+            &datastore(lab),
+            "bgp",
+            "status",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn node_status(lab: &str, node: &str) -> Option<Value> {
+    status(lab).into_iter().find(|s| s["node"] == node)
+}
+
+/// Peer addresses of `node` in state Established.
+fn established(lab: &str, node: &str) -> Vec<String> {
+    node_status(lab, node)
+        .map(|s| {
+            s["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["state"] == "Established")
+                .map(|p| p["address"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn apply(lab: &str, yaml: &str) {
+    let mut c = Command::new(bin("trellis"))
+        .args(["--datastore", &datastore(lab), "apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn check(lab: &str) {
+    let (ok, out) = trellis(&["lab", "check", lab]);
+    assert!(ok, "lab check {lab}:\n{out}");
+}
+
+fn pod_ip(lab: &str, pod: &str) -> String {
+    let s: Value = serde_json::from_slice(
+        &std::fs::read(format!("/run/trellis/lab/{lab}/state.json")).unwrap(),
+    )
+    .unwrap();
+    s["pod_ips"][pod].as_str().unwrap().to_string()
+}
+
+fn routes(lab: &str, member: &str) -> String {
+    exec(lab, member, &["ip", "route"]).1
+}
+
+/// A bounded ping in the background: (child, count).
+fn ping(lab: &str, from: &str, to_ip: &str, count: u32) -> Child {
+    let ns = format!("/var/run/netns/tl-{lab}-{from}");
+    Command::new("nsenter")
+        .args([
+            &format!("--net={ns}"),
+            "ping",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            to_ip,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// (transmitted, received) from ping's summary.
+fn ping_result(c: Child) -> (u32, u32) {
+    let out = String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let n: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+const MESH_WITH_RR: &str = "
+name: x
+bgp: {asNumber: 64512, nodeToNodeMesh: true}
+pools:
+  - {name: pods, cidr: 10.252.0.0/16, encapsulation: None}
+subnets:
+  - {name: rack1, cidr: 192.168.74.0/24}
+nodes:
+  - {name: node1, subnet: rack1, routeReflectorClusterID: 244.0.0.1, labels: {route-reflector: 'true'}}
+  - {name: node2, subnet: rack1}
+  - {name: node3, subnet: rack1}
+  - {name: node4, subnet: rack1}
+pods:
+  - {name: a1, node: node1}
+  - {name: b1, node: node2}
+  - {name: c1, node: node3}
+  - {name: d1, node: node4}
+";
+
+#[test]
+fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
+    let lab = "tbgpm";
+    let _g = up(lab, MESH_WITH_RR);
+    for n in ["node1", "node2", "node3", "node4"] {
+        wait_for(&format!("{n}'s three mesh sessions"), 30, || {
+            established(lab, n).len() == 3
+        });
+    }
+    check(lab);
+    let r = routes(lab, "node2");
+    assert!(
+        r.contains("via 192.168.74.12 dev eth0 proto 231"),
+        "BGP-learned route to node3's block:\n{r}"
+    );
+    // Add the reflector peering, then turn the mesh off, with traffic flowing between non-reflectors.
+    let pinger = ping(lab, "b1", &pod_ip(lab, "c1"), 60);
+    std::thread::sleep(Duration::from_secs(1));
+    apply(lab, "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: to-rr}\nspec: {nodeSelector: all(), peerSelector: route-reflector == 'true'}\n");
+    wait_for("node2's session to the reflector", 30, || {
+        node_status(lab, "node2").is_some_and(|s| {
+            s["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["type"] == "global" && p["state"] == "Established")
+        })
+    });
+    apply(lab, "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512, nodeToNodeMeshEnabled: false}\n");
+    wait_for("node2 peering with the reflector only", 30, || {
+        established(lab, "node2") == vec!["192.168.74.10".to_string()]
+    });
+    let (sent, got) = ping_result(pinger);
+    assert!(
+        got + 1 >= sent,
+        "traffic broke during the switch: {got}/{sent}"
+    );
+    let rr = node_status(lab, "node1").unwrap();
+    assert!(
+        rr["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["type"] == "global (RR client)"),
+        "{rr}"
+    );
+    assert_eq!(rr["routeReflectorClusterID"], "244.0.0.1");
+    let r = routes(lab, "node2");
+    assert!(
+        r.contains("via 192.168.74.12 dev eth0 proto 231"),
+        "reflected route keeps node3 as next hop:\n{r}"
+    );
+    check(lab);
+    let (ok, out) = trellis(&[
+        "--datastore",
+        &datastore(lab),
+        "bgp",
+        "status",
+        "--node",
+        "node2",
+    ]);
+    assert!(
+        ok && out.contains("192.168.74.10") && out.contains("Established"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bird_top_of_rack_per_rack_and_an_outside_client() {
+    let lab = "tbgpt";
+    let _g = up(lab, &example("bgp-tor"));
+    for n in ["r1n1", "r1n2", "r2n1", "r2n2"] {
+        wait_for(&format!("{n}'s session to its ToR"), 30, || {
+            established(lab, n).len() == 1
+        });
+    }
+    // `check` covers pod↔pod across racks both ways and the client reaching pods without NAT.
+    check(lab);
+    let r = routes(lab, "r1n1");
+    assert!(
+        r.contains("via 192.168.71.100 dev eth0 proto 231"),
+        "routes learned from the ToR:\n{r}"
+    );
+    let (_, tor) = exec(
+        lab,
+        "tor1",
+        &[
+            "birdc",
+            "-s",
+            &format!("/run/trellis/lab/{lab}/tor1.bird.ctl"),
+            "show",
+            "route",
+            "protocol",
+            "peer_r1n1",
+        ],
+    );
+    assert!(tor.contains("10.251."), "BIRD learned r1n1's block:\n{tor}");
+}
+
+const GOBGP: &str = "
+name: x
+bgp: {nodeToNodeMesh: false}
+pools:
+  - {name: pods, cidr: 10.253.0.0/16, encapsulation: None}
+subnets:
+  - {name: rack1, cidr: 192.168.75.0/24}
+nodes:
+  - {name: n1, subnet: rack1, asNumber: ASN1}
+  - {name: n2, subnet: rack1, asNumber: ASN2}
+  - {name: n3, subnet: rack1, asNumber: ASN3}
+external:
+  - name: gobgp
+    subnet: rack1
+    bgp: {daemon: gobgp, asNumber: 64512, peers: [n1, n2, n3], MODE: true}
+pods:
+  - {name: p1, node: n1}
+  - {name: p2, node: n2}
+  - {name: p3, node: n3}
+";
+
+fn gobgp(lab: &str, mode: &str, asns: [u32; 3]) {
+    let yaml = GOBGP
+        .replace("MODE", mode)
+        .replace("ASN1", &asns[0].to_string())
+        .replace("ASN2", &asns[1].to_string())
+        .replace("ASN3", &asns[2].to_string());
+    let _g = up(lab, &yaml);
+    for n in ["n1", "n2", "n3"] {
+        wait_for(&format!("{n}'s session to gobgpd"), 30, || {
+            established(lab, n).len() == 1
+        });
+    }
+    check(lab);
+    for (i, n) in ["192.168.75.10", "192.168.75.11", "192.168.75.12"]
+        .iter()
+        .enumerate()
+    {
+        let (ok, adj) = exec(lab, "gobgp", &["gobgp", "neighbor", n, "adj-in"]);
+        assert!(
+            ok && adj.contains("10.253."),
+            "gobgpd received node {i}'s block:\n{adj}"
+        );
+    }
+    // Next hops stay the nodes' own (reflection and route serving both keep them).
+    let r = routes(lab, "n1");
+    assert!(r.contains("via 192.168.75.11 dev eth0 proto 231"), "{r}");
+    if mode != "routeReflector" {
+        return;
+    }
+    // A route injected at gobgpd reaches the nodes' kernels, and is withdrawn again.
+    let (ok, out) = exec(
+        lab,
+        "gobgp",
+        &[
+            "gobgp",
+            "global",
+            "rib",
+            "add",
+            "198.51.100.0/24",
+            "nexthop",
+            "192.168.75.100",
+        ],
+    );
+    assert!(ok, "{out}");
+    wait_for("the injected route on n1", 20, || {
+        routes(lab, "n1").contains("198.51.100.0/24 via 192.168.75.100 dev eth0 proto 231")
+    });
+    exec(
+        lab,
+        "gobgp",
+        &["gobgp", "global", "rib", "del", "198.51.100.0/24"],
+    );
+    wait_for("the withdrawal on n1", 20, || {
+        !routes(lab, "n1").contains("198.51.100.0/24")
+    });
+}
+
+#[test]
+fn gobgp_as_route_reflector_and_as_route_server() {
+    gobgp("tbgpgr", "routeReflector", [64512, 64512, 64512]);
+    gobgp("tbgpgs", "routeServer", [65301, 65302, 65303]);
+}
+
+const PAIR: &str = "
+name: x
+bgp: {asNumber: 64512}
+pools:
+  - {name: pods, cidr: 10.254.0.0/16, encapsulation: None}
+subnets:
+  - {name: rack1, cidr: 192.168.76.0/24}
+nodes:
+  - {name: n1, subnet: rack1}
+  - {name: n2, subnet: rack1}
+external:
+  - {name: peer, subnet: rack1}
+pods:
+  - {name: p1, node: n1}
+  - {name: p2, node: n2}
+";
+
+/// The agent process of a lab node, with its command line.
+fn agent_of(lab: &str, node: &str) -> (i32, Vec<String>) {
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &format!("tl-{lab}-{node}")])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let argv: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if argv.iter().any(|a| a == "agent") {
+            return (pid.parse().unwrap(), argv);
+        }
+    }
+    panic!("no agent in {node}");
+}
+
+#[test]
+fn graceful_restart_keeps_forwarding_while_an_agent_restarts() {
+    let lab = "tbgpgr2";
+    let _g = up(lab, PAIR);
+    wait_for("the mesh session", 30, || established(lab, "n1").len() == 1);
+    check(lab);
+    let p2 = pod_ip(lab, "p2");
+    let pinger = ping(lab, "p1", &p2, 50);
+    let (pid, argv) = agent_of(lab, "n2");
+    // SAFETY: kill(2) on the agent process this test's lab started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_secs(3));
+    // n1 noticed the session loss and kept n2's routes as stale.
+    wait_for("n1 to see the session down", 20, || {
+        established(lab, "n1").is_empty()
+    });
+    let r = routes(lab, "n1");
+    assert!(
+        r.contains("via 192.168.76.11 dev eth0 proto 231"),
+        "stale route kept during the restart:\n{r}"
+    );
+    let log = std::fs::File::options()
+        .append(true)
+        .open(format!("/run/trellis/lab/{lab}/n2.log"))
+        .unwrap();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/tl-{lab}-n2"))
+        .args(&argv)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let new_pid = child.id() as i32;
+    wait_for("the session back", 30, || established(lab, "n1").len() == 1);
+    let (sent, got) = ping_result(pinger);
+    // SAFETY: as above, the agent this test started.
+    unsafe { libc::kill(new_pid, libc::SIGKILL) };
+    assert!(
+        got + 1 >= sent,
+        "forwarding broke during the restart: {got}/{sent}"
+    );
+    let n1log = std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log")).unwrap();
+    assert!(
+        n1log.contains("graceful=true"),
+        "n1 treated the loss as a graceful restart"
+    );
+}
+
+/// A fake peer (Python) that sends what the test asks and prints what comes back.
+const FAKE_PEER: &str = r#"
+import socket, struct, sys
+ME = sys.argv[1]
+def msg(t, body): return b'\xff' * 16 + struct.pack('!HB', 19 + len(body), t) + body
+def cap(code, data): return bytes([code, len(data)]) + data
+def open_msg(asn, hold, caps):
+    params = b''.join(bytes([2, len(c)]) + c for c in caps)
+    return msg(1, struct.pack('!BHH4sB', 4, asn, hold, socket.inet_aton(ME), len(params)) + params)
+def recvall(c, n):
+    b = b''
+    while len(b) < n:
+        d = c.recv(n - len(b))
+        if not d: raise EOFError
+        b += d
+    return b
+def read(c):
+    h = recvall(c, 19)
+    l, t = struct.unpack('!HB', h[16:19])
+    return t, recvall(c, l - 19)
+def until(c, want):
+    while True:
+        t, b = read(c)
+        if t == want: return b
+def update(attrs, nlri): return msg(2, struct.pack('!HH', 0, len(attrs)) + attrs + nlri)
+GOOD = b'\x40\x01\x01\x00' + b'\x40\x02\x06\x02\x01' + struct.pack('!I', 65099) + b'\x40\x03\x04' + socket.inet_aton(ME)
+MP4 = cap(1, b'\x00\x01\x00\x01')
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ME, 179)); s.listen(4); s.settimeout(30)
+def session(name, o):
+    c, _ = s.accept(); c.settimeout(15)
+    until(c, 1)
+    c.sendall(o)
+    return c
+c = session('wrongas', open_msg(65098, 90, [MP4, cap(65, struct.pack('!I', 65098))]))
+b = until(c, 3); print('wrongas', b[0], b[1], flush=True); c.close()
+c = session('hold1', open_msg(65099, 1, [MP4, cap(65, struct.pack('!I', 65099))]))
+b = until(c, 3); print('hold1', b[0], b[1], flush=True); c.close()
+c = session('unknowncap', open_msg(65099, 90, [MP4, cap(65, struct.pack('!I', 65099)), cap(200, b'xyz')]))
+until(c, 4); c.sendall(msg(4, b'')); print('unknowncap established', flush=True)
+c.sendall(update(b'\x40\x01\x01\x07' + GOOD[4:], bytes([24, 203, 0, 113])))
+c.sendall(update(GOOD, bytes([24, 198, 51, 100])))
+print('updates sent', flush=True)
+sys.stdin.readline()
+c.sendall(update(GOOD + b'\x40\x63\x00', bytes([24, 192, 0, 2])))
+b = until(c, 3); print('badattr', b[0], b[1], flush=True)
+"#;
+
+#[test]
+fn bad_input_from_a_peer_gets_the_right_answer_and_other_sessions_stay_up() {
+    let lab = "tbgpbad";
+    let _g = up(lab, PAIR);
+    let peer_ip = "192.168.76.100";
+    apply(lab, &format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: fake}}\nspec: {{node: n1, peerIP: {peer_ip}, asNumber: 65099}}\n"));
+    let mut fake = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/tl-{lab}-peer"))
+        .args(["timeout", "90", "python3", "-c", FAKE_PEER, peer_ip])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(fake.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(next(), "wrongas 2 2", "OPEN with the wrong AS: bad peer AS");
+    assert_eq!(next(), "hold1 2 6", "hold time 1: unacceptable hold time");
+    assert_eq!(
+        next(),
+        "unknowncap established",
+        "unknown capabilities are ignored"
+    );
+    assert_eq!(next(), "updates sent");
+    wait_for("the good route on n1", 20, || {
+        routes(lab, "n1").contains("198.51.100.0/24 via 192.168.76.100")
+    });
+    assert!(
+        !routes(lab, "n1").contains("203.0.113.0/24"),
+        "bad ORIGIN: treat-as-withdraw"
+    );
+    let mut stdin = fake.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    assert_eq!(
+        next(),
+        "badattr 3 2",
+        "unrecognized well-known attribute: session reset"
+    );
+    let _ = fake.wait();
+    wait_for("the fake peer's route withdrawn", 20, || {
+        !routes(lab, "n1").contains("198.51.100.0/24")
+    });
+    // The mesh session never went down.
+    let n1 = node_status(lab, "n1").unwrap();
+    let mesh = n1["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["address"] == "192.168.76.11")
+        .unwrap()
+        .clone();
+    assert_eq!(mesh["state"], "Established");
+    assert!(mesh["lastError"].is_null(), "{mesh}");
+    wait_for("the fake peer's last error in the status", 20, || {
+        node_status(lab, "n1").is_some_and(|s| {
+            s["peers"].as_array().unwrap().iter().any(|p| {
+                p["address"] == peer_ip
+                    && p["lastError"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("unrecognized well-known attribute")
+            })
+        })
+    });
+    check(lab);
+}
