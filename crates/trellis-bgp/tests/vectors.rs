@@ -12,12 +12,21 @@ const CTX: Context = Context {
 };
 
 fn messages(file: &str) -> Vec<(Vec<u8>, Message)> {
-    let text = std::fs::read_to_string(format!("{}/tests/vectors/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/vectors/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
     text.lines()
         .filter(|l| !l.is_empty())
         .map(|l| {
-            let bytes: Vec<u8> = (0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap()).collect();
-            let (m, n) = decode(&bytes, CTX, MAX_LEN).unwrap_or_else(|e| panic!("{file}: {e}: {l}")).unwrap();
+            let bytes: Vec<u8> = (0..l.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+                .collect();
+            let (m, n) = decode(&bytes, CTX, MAX_LEN)
+                .unwrap_or_else(|e| panic!("{file}: {e}: {l}"))
+                .unwrap();
             assert_eq!(n, bytes.len(), "{file}: one message per line");
             assert_eq!(m.encode(CTX), bytes, "{file}: re-encoding {m:?}");
             (bytes, m)
@@ -35,22 +44,41 @@ fn updates(ms: &[(Vec<u8>, Message)]) -> Vec<&Update> {
 }
 
 fn announced(us: &[&Update]) -> Vec<String> {
-    us.iter().flat_map(|u| u.announced().map(|p| p.to_string())).collect()
+    us.iter()
+        .flat_map(|u| u.announced().map(|p| p.to_string()))
+        .collect()
 }
 
 #[test]
 fn bird_messages_round_trip() {
     let ms = messages("bird.hex");
-    let Message::Open(open) = &ms[0].1 else { panic!("first is OPEN") };
+    let Message::Open(open) = &ms[0].1 else {
+        panic!("first is OPEN")
+    };
     assert_eq!(open.asn(), 65001);
-    assert!(open.capabilities().any(|c| matches!(c, Capability::GracefulRestart(_))));
-    assert!(open.capabilities().any(|c| *c == Capability::Multiprotocol { afi: AFI_IPV6, safi: 1 }));
+    assert!(open
+        .capabilities()
+        .any(|c| matches!(c, Capability::GracefulRestart(_))));
+    assert!(open.capabilities().any(|c| *c
+        == Capability::Multiprotocol {
+            afi: AFI_IPV6,
+            safi: 1
+        }));
     let us = updates(&ms);
     let prefixes = announced(&us);
-    for p in ["10.10.0.0/26", "10.10.0.64/26", "198.51.100.0/24", "2001:db8:100::/48", "2001:db8:200::/56"] {
+    for p in [
+        "10.10.0.0/26",
+        "10.10.0.64/26",
+        "198.51.100.0/24",
+        "2001:db8:100::/48",
+        "2001:db8:200::/56",
+    ] {
         assert!(prefixes.contains(&p.to_string()), "{p} in {prefixes:?}");
     }
-    let with_comm = us.iter().find(|u| u.nlri.iter().any(|p| p.to_string() == "10.10.0.64/26")).unwrap();
+    let with_comm = us
+        .iter()
+        .find(|u| u.nlri.iter().any(|p| p.to_string() == "10.10.0.64/26"))
+        .unwrap();
     assert_eq!(with_comm.attrs.communities, vec![65000 << 16 | 100]);
     assert_eq!(with_comm.attrs.as_path.0[0].asns, vec![65001, 65010]);
     let v6 = us.iter().find_map(|u| u.mp_reach.as_ref()).unwrap();
@@ -63,17 +91,32 @@ fn bird_messages_round_trip() {
 #[test]
 fn gobgp_messages_round_trip() {
     let ms = messages("gobgp.hex");
-    let Message::Open(open) = &ms[0].1 else { panic!("first is OPEN") };
+    let Message::Open(open) = &ms[0].1 else {
+        panic!("first is OPEN")
+    };
     assert_eq!(open.asn(), 65001);
-    assert!(open.capabilities().any(|c| matches!(c, Capability::Unknown { code: 73, .. })), "FQDN capability kept as unknown");
+    assert!(
+        open.capabilities()
+            .any(|c| matches!(c, Capability::Unknown { code: 73, .. })),
+        "FQDN capability kept as unknown"
+    );
     let us = updates(&ms);
     let prefixes = announced(&us);
     for p in ["10.20.0.0/26", "10.20.0.64/26", "2001:db8:300::/48"] {
         assert!(prefixes.contains(&p.to_string()), "{p} in {prefixes:?}");
     }
-    let rich = us.iter().find(|u| u.nlri.iter().any(|p| p.to_string() == "10.20.0.64/26")).unwrap();
+    let rich = us
+        .iter()
+        .find(|u| u.nlri.iter().any(|p| p.to_string() == "10.20.0.64/26"))
+        .unwrap();
     assert_eq!(rich.attrs.med, Some(30));
-    assert_eq!(rich.attrs.communities, vec![65000 << 16 | 100, 65000 << 16 | 200]);
+    assert_eq!(
+        rich.attrs.communities,
+        vec![65000 << 16 | 100, 65000 << 16 | 200]
+    );
     assert_eq!(rich.attrs.as_path.0[0].asns, vec![65001, 65010, 65011]);
-    assert_eq!(us.iter().filter(|u| u.end_of_rib_afi().is_some()).count(), 2);
+    assert_eq!(
+        us.iter().filter(|u| u.end_of_rib_afi().is_some()).count(),
+        2
+    );
 }
