@@ -5,6 +5,7 @@
 pub mod autodetect;
 pub mod bgp;
 pub mod dataplane;
+pub mod metrics;
 mod server;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Whether the BGP speaker runs.
     pub bgp: bgp::Mode,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Agent failures.
@@ -148,6 +151,14 @@ pub async fn run(
     let housekeeping = tokio::spawn(housekeeping(agent.clone()));
     let dataplane = tokio::spawn(dataplane::run(agent.clone(), agent.config.resync));
     let bgp = tokio::spawn(bgp::run(agent.clone(), agent.config.bgp));
+    let metrics = agent.config.metrics.map(|addr| {
+        let a = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(a, addr).await {
+                tracing::warn!(%addr, error = %e, "metrics endpoint failed");
+            }
+        })
+    });
     tokio::select! {
         r = server::serve(agent.clone(), listener) => r?,
         _ = shutdown => tracing::info!("shutting down"),
@@ -155,6 +166,9 @@ pub async fn run(
     housekeeping.abort();
     dataplane.abort();
     bgp.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
 }

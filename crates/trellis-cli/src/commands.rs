@@ -51,6 +51,9 @@ pub struct AgentArgs {
     /// BGP speaker: auto (on when the datastore has a BGPConfiguration or BGPPeer), on, off.
     #[arg(long, env = "TRELLIS_BGP", default_value = "auto")]
     pub bgp: String,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9091).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -324,6 +327,7 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
         },
         resync: Duration::from_secs(a.resync.max(1)),
         bgp: a.bgp.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        metrics: a.metrics_listen,
     };
     if !(1..=16_777_215).contains(&a.vxlan_vni) {
         bail!("--vxlan-vni {} is outside 1..16777215", a.vxlan_vni);

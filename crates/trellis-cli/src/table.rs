@@ -323,17 +323,6 @@ pub fn ipam_show(pools: &[PoolUsage], stray: &[BlockUsage]) -> String {
     render(&["GROUP", "CIDR", "SIZE", "USED", "AFFINITY"], &rows)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn columns_align() {
-        let t = render(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
-        assert_eq!(t, "A      LONGER\nxxxx   y\n");
-    }
-}
-
 fn duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
@@ -394,4 +383,15 @@ pub fn bgp_status(nodes: &[trellis_resources::BgpStatusSpec], now: u64) -> Strin
         out += "\n";
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_align() {
+        let t = render(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
+        assert_eq!(t, "A      LONGER\nxxxx   y\n");
+    }
 }

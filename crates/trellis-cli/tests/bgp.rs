@@ -237,6 +237,18 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
         ok && out.contains("192.168.74.10") && out.contains("Established"),
         "{out}"
     );
+    // The reflector's metrics: one established session per client, prefix counts per peer.
+    let (ok, m) = exec(lab, "node1", &["python3", "-c", "import urllib.request;print(urllib.request.urlopen('http://192.168.74.10:9091/metrics').read().decode())"]);
+    assert!(ok, "{m}");
+    assert_eq!(
+        m.matches("type=\"global (RR client)\"} 1").count(),
+        3,
+        "{m}"
+    );
+    assert!(
+        m.contains("trellis_bgp_prefixes_accepted{peer=\"192.168.74.11\"} 1"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -417,18 +429,18 @@ fn graceful_restart_keeps_forwarding_while_an_agent_restarts() {
         .append(true)
         .open(format!("/run/trellis/lab/{lab}/n2.log"))
         .unwrap();
-    let child = Command::new("nsenter")
+    let mut child = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/tl-{lab}-n2"))
         .args(&argv)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
-    let new_pid = child.id() as i32;
     wait_for("the session back", 30, || established(lab, "n1").len() == 1);
     let (sent, got) = ping_result(pinger);
-    // SAFETY: as above, the agent this test started.
-    unsafe { libc::kill(new_pid, libc::SIGKILL) };
+    // The lab's `down` would also end it; stop it here so the test waits on its child.
+    let _ = child.kill();
+    let _ = child.wait();
     assert!(
         got + 1 >= sent,
         "forwarding broke during the restart: {got}/{sent}"

@@ -149,18 +149,21 @@ mod tests {
                 DaemonPeer {
                     name: "n1".into(),
                     address: "192.168.60.10".parse().unwrap(),
+                    local: "192.168.60.100".parse().unwrap(),
                     asn: 65101,
                     multihop: false,
                 },
                 DaemonPeer {
                     name: "tor-2".into(),
                     address: "192.168.61.100".parse().unwrap(),
+                    local: "192.168.60.100".parse().unwrap(),
                     asn: 65002,
                     multihop: true,
                 },
                 DaemonPeer {
                     name: "n3".into(),
                     address: "192.168.60.12".parse().unwrap(),
+                    local: "192.168.60.100".parse().unwrap(),
                     asn: 65001,
                     multihop: false,
                 },

@@ -413,6 +413,8 @@ impl Builder {
                 "5".into(),
                 "--resync".into(),
                 "2".into(),
+                "--metrics-listen".into(),
+                format!("{a}:9091"),
             ];
             for (k, v) in &n.labels {
                 args.push("--label".into());

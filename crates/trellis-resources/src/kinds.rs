@@ -387,6 +387,17 @@ pub struct BgpSessionStatus {
     pub advertised: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub updates_received: u64,
+    #[serde(default)]
+    pub updates_sent: u64,
+    #[serde(default)]
+    pub notifications_received: u64,
+    #[serde(default)]
+    pub notifications_sent: u64,
+    /// Times the session reached Established.
+    #[serde(default)]
+    pub established_transitions: u64,
 }
 
 /// A node's BGP speaker, written by its agent (Trellis's analogue of CalicoNodeStatus).

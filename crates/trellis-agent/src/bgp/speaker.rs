@@ -58,6 +58,17 @@ struct Peer {
     last_error: Option<String>,
     stale_until: Option<Instant>,
     eor_received: bool,
+    counters: MessageCounters,
+}
+
+/// Per-peer message counts (for status and metrics).
+#[derive(Debug, Clone, Copy, Default)]
+struct MessageCounters {
+    updates_in: u64,
+    updates_out: u64,
+    notifications_in: u64,
+    notifications_out: u64,
+    established: u64,
 }
 
 enum Event {
@@ -271,6 +282,7 @@ impl Speaker {
                     last_error: None,
                     stale_until: None,
                     eor_received: false,
+                    counters: MessageCounters::default(),
                 },
             );
             self.drive(addr, false, Input::Start);
@@ -476,6 +488,12 @@ impl Speaker {
             (Some(s), false) if s.id == tag.conn => true,
             _ => return, // a connection already dropped
         };
+        let c = &mut self.peers.get_mut(&tag.peer).expect("present").counters;
+        match &r {
+            Read::Message(Message::Update(_)) => c.updates_in += 1,
+            Read::Message(Message::Notification(_)) => c.notifications_in += 1,
+            _ => {}
+        }
         let input = match r {
             Read::Message(m) => Input::Message(m),
             Read::Malformed(e) => {
@@ -583,6 +601,9 @@ impl Speaker {
                 });
             }
             Output::Send(m) => {
+                if matches!(m, Message::Notification(_)) {
+                    p.counters.notifications_out += 1;
+                }
                 if let Some(tx) = &c.tx {
                     let _ = tx.send(m.encode(ctx));
                 }
@@ -642,6 +663,7 @@ impl Speaker {
         p.since = now_secs();
         p.last_error = None;
         p.eor_received = false;
+        p.counters.established += 1;
         self.rib.peer_up(
             p.id,
             PeerInfo {
@@ -723,7 +745,7 @@ impl Speaker {
         let (outs, kernel_changed) = self.rib.flush();
         let by_id: HashMap<PeerId, IpAddr> = self.peers.iter().map(|(a, p)| (p.id, *a)).collect();
         for (id, ob) in outs {
-            let Some(p) = by_id.get(&id).and_then(|a| self.peers.get(a)) else {
+            let Some(p) = by_id.get(&id).and_then(|a| self.peers.get_mut(a)) else {
                 continue;
             };
             let (Some(tx), Some(n)) = (&p.main.tx, &p.negotiated) else {
@@ -731,8 +753,10 @@ impl Speaker {
             };
             let ctx = ctx_for(Some(n), p.cfg.asn == self.cfg.asn);
             let mut bytes = Vec::new();
+            let mut sent = 0;
             for u in pack_withdrawals(&ob.withdraw, MAX_LEN) {
                 bytes.extend(Message::Update(Box::new(u)).encode(ctx));
+                sent += 1;
             }
             for (attrs, nh, prefixes) in &ob.announce {
                 let v6 = match nh {
@@ -743,9 +767,11 @@ impl Speaker {
                     pack_announcements(attrs, prefixes, v6.as_ref().map(|o| &o[..]), ctx, MAX_LEN)
                 {
                     bytes.extend(Message::Update(Box::new(u)).encode(ctx));
+                    sent += 1;
                 }
             }
             let _ = tx.send(bytes);
+            p.counters.updates_out += sent;
         }
         if kernel_changed {
             let routes: BTreeMap<IpNet, IpAddr> =
@@ -780,6 +806,11 @@ impl Speaker {
                         accepted: c.accepted as u64,
                         advertised: c.advertised as u64,
                         last_error: p.last_error.clone(),
+                        updates_received: p.counters.updates_in,
+                        updates_sent: p.counters.updates_out,
+                        notifications_received: p.counters.notifications_in,
+                        notifications_sent: p.counters.notifications_out,
+                        established_transitions: p.counters.established,
                     }
                 })
                 .collect(),

@@ -1,0 +1,166 @@
+//! The agent's Prometheus endpoint (`--metrics-listen`): per-peer BGP session state, prefix
+//! counts and message counters, from the speaker's latest status; and the pod MTU. Does I/O (an
+//! HTTP listener).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use trellis_resources::BgpStatusSpec;
+
+use crate::Agent;
+
+type Labels = Vec<(String, String)>;
+
+/// Renders the metrics text for a status snapshot.
+pub fn render(status: Option<&BgpStatusSpec>, pod_mtu: u32) -> String {
+    let mut reg = Registry::with_prefix("trellis");
+    let mtu = Gauge::<i64>::default();
+    mtu.set(pod_mtu as i64);
+    reg.register("pod_mtu", "MTU handed to new pods (0 until measured)", mtu);
+    let state = Family::<Labels, Gauge>::default();
+    let gauges: [(&str, &str, Family<Labels, Gauge>); 3] = [
+        (
+            "bgp_prefixes_received",
+            "Prefixes the peer announces",
+            Family::default(),
+        ),
+        (
+            "bgp_prefixes_accepted",
+            "Prefixes accepted from the peer (loop checks passed)",
+            Family::default(),
+        ),
+        (
+            "bgp_prefixes_advertised",
+            "Prefixes advertised to the peer",
+            Family::default(),
+        ),
+    ];
+    let counters: [(&str, &str, Family<Labels, Counter>); 5] = [
+        (
+            "bgp_updates_received",
+            "UPDATE messages received",
+            Family::default(),
+        ),
+        (
+            "bgp_updates_sent",
+            "UPDATE messages sent",
+            Family::default(),
+        ),
+        (
+            "bgp_notifications_received",
+            "NOTIFICATION messages received",
+            Family::default(),
+        ),
+        (
+            "bgp_notifications_sent",
+            "NOTIFICATION messages sent",
+            Family::default(),
+        ),
+        (
+            "bgp_established_transitions",
+            "Times the session reached Established",
+            Family::default(),
+        ),
+    ];
+    for p in status.map(|s| s.peers.as_slice()).unwrap_or_default() {
+        let peer: Labels = vec![("peer".into(), p.address.clone())];
+        let mut full = peer.clone();
+        full.push(("asn".into(), p.as_number.to_string()));
+        full.push(("type".into(), p.kind.clone()));
+        state
+            .get_or_create(&full)
+            .set((p.state == "Established") as i64);
+        gauges[0].2.get_or_create(&peer).set(p.received as i64);
+        gauges[1].2.get_or_create(&peer).set(p.accepted as i64);
+        gauges[2].2.get_or_create(&peer).set(p.advertised as i64);
+        let values = [
+            p.updates_received,
+            p.updates_sent,
+            p.notifications_received,
+            p.notifications_sent,
+            p.established_transitions,
+        ];
+        for ((_, _, f), v) in counters.iter().zip(values) {
+            f.get_or_create(&peer).inc_by(v);
+        }
+    }
+    reg.register(
+        "bgp_session_established",
+        "1 when the BGP session with the peer is Established",
+        state,
+    );
+    for (name, help, f) in gauges {
+        reg.register(name, help, f);
+    }
+    for (name, help, f) in counters {
+        reg.register(name, help, f);
+    }
+    let mut out = String::new();
+    encode(&mut out, &reg).expect("writing to a String");
+    out
+}
+
+/// Serves `/metrics` until the agent stops.
+pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let agent = agent.clone();
+            async move {
+                let status = agent.bgp.status.borrow().clone();
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(status.as_ref(), agent.pod_mtu.load(Ordering::Relaxed)),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_resources::BgpSessionStatus;
+
+    #[test]
+    fn per_peer_series() {
+        let s = BgpStatusSpec {
+            peers: vec![BgpSessionStatus {
+                address: "192.0.2.1".into(),
+                as_number: 65001,
+                kind: "global".into(),
+                state: "Established".into(),
+                received: 3,
+                accepted: 2,
+                advertised: 1,
+                updates_received: 7,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render(Some(&s), 1450);
+        assert!(text.contains("trellis_bgp_session_established{peer=\"192.0.2.1\",asn=\"65001\",type=\"global\"} 1"), "{text}");
+        assert!(
+            text.contains("trellis_bgp_prefixes_accepted{peer=\"192.0.2.1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_bgp_updates_received_total{peer=\"192.0.2.1\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("trellis_pod_mtu 1450"), "{text}");
+    }
+}
