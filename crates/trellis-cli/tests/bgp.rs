@@ -367,6 +367,31 @@ fn gobgp_as_route_reflector_and_as_route_server() {
     gobgp("tbgpgs", "routeServer", [65301, 65302, 65303]);
 }
 
+#[test]
+fn bird_route_reflector_with_trellis_clients() {
+    let lab = "tbgpbrr";
+    let yaml = GOBGP
+        .replace("name: gobgp", "name: rr")
+        .replace("daemon: gobgp", "daemon: bird")
+        .replace("MODE", "routeReflector")
+        .replace("ASN1", "64512")
+        .replace("ASN2", "64512")
+        .replace("ASN3", "64512");
+    let _g = up(lab, &yaml);
+    for n in ["n1", "n2", "n3"] {
+        wait_for(&format!("{n}'s session to the BIRD reflector"), 30, || {
+            established(lab, n).len() == 1
+        });
+    }
+    check(lab);
+    let r = routes(lab, "n1");
+    assert!(
+        r.contains("via 192.168.75.11 dev eth0 proto 231")
+            && r.contains("via 192.168.75.12 dev eth0 proto 231"),
+        "reflected routes keep the nodes as next hops:\n{r}"
+    );
+}
+
 const PAIR: &str = "
 name: x
 bgp: {asNumber: 64512}

@@ -252,11 +252,12 @@ impl Speaker {
         let want = self.cfg.peers.clone();
         for addr in self.peers.keys().copied().collect::<Vec<_>>() {
             match want.get(&addr) {
-                None => self.remove_peer(addr, subcode::PEER_DECONFIGURED),
-                Some(c) if *c != self.peers[&addr].cfg => {
+                Some(c) if !same_session(c, &self.peers[&addr].cfg) => {
                     self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE)
                 }
-                _ => {}
+                // Only how the peering came about changed (mesh → BGPPeer): keep the session.
+                Some(c) => self.peers.get_mut(&addr).expect("present").cfg = c.clone(),
+                None => self.remove_peer(addr, subcode::PEER_DECONFIGURED),
             }
         }
         self.sync_md5();
@@ -817,6 +818,14 @@ impl Speaker {
             updated: 0,
         }
     }
+}
+
+/// Whether two peer configurations describe the same session (everything but the label).
+fn same_session(a: &PeerConfig, b: &PeerConfig) -> bool {
+    PeerConfig {
+        kind: b.kind,
+        ..a.clone()
+    } == *b
 }
 
 fn ctx_for(n: Option<&Negotiated>, ibgp: bool) -> Context {
