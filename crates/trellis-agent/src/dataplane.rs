@@ -105,6 +105,11 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
                 if r.ops > 0 {
                     tracing::info!(changes = r.ops, "dataplane converged");
                 }
+                if r.ops >= 1000 {
+                    // A big table change leaves large transient buffers (netlink dumps, plans)
+                    // freed inside malloc's arenas; hand them back to the system.
+                    crate::release_free_memory();
+                }
                 let now: BTreeSet<String> = r.problems.into_iter().collect();
                 for p in now.difference(&last_problems) {
                     tracing::warn!("{p}");

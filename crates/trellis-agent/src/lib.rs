@@ -71,6 +71,26 @@ pub struct Agent {
     pub bgp: Arc<bgp::Shared>,
 }
 
+/// Limits malloc to two arenas: the agent's many short-lived blocking threads otherwise each get
+/// an arena that keeps freed memory (measured: 119 MB instead of 64–86 MB with a 100k-route
+/// table). glibc only.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before the runtime starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Returns free memory held by malloc to the system (glibc only).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Changes this node's Node object with `f`, keeping fields others manage (CAS on the revision
 /// read, so a heartbeat never undoes a VTEP update or the reverse).
 pub async fn update_node(

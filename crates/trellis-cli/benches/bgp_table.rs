@@ -151,6 +151,8 @@ fn main() {
     birdc(&src, dir.path(), "src", &["enable", "dut"]);
     let trellis_time = wait_count(&dut, "231", n, t0);
     let rss_full = rss_mb(agent.0.id());
+    std::thread::sleep(Duration::from_secs(5));
+    let rss_settled = rss_mb(agent.0.id());
     let t0 = Instant::now();
     birdc(&src, dir.path(), "src", &["enable", "refr"]);
     let bird_time = wait_count(&refr, "bird", n, t0);
@@ -163,8 +165,8 @@ fn main() {
         if trellis_time.as_secs_f64() <= 2.0 * bird_time.as_secs_f64() { "met" } else { "missed" }
     );
     println!(
-        "agent memory: {rss_idle:.1} MB before, {rss_full:.1} MB with the table (target <= 150 MB: {}); BIRD receiving: {bird_rss:.1} MB",
-        if rss_full <= 150.0 { "met" } else { "missed" }
+        "agent memory: {rss_idle:.1} MB before, {rss_full:.1} MB as the table lands, {rss_settled:.1} MB 5 s later (target <= 150 MB: {}); BIRD receiving: {bird_rss:.1} MB",
+        if rss_full.max(rss_settled) <= 150.0 { "met" } else { "missed" }
     );
     drop(agent);
 }

@@ -116,6 +116,20 @@ impl Netlink {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
+        let mut out = Vec::new();
+        self.request_each(op, msg, flags, |m| out.push(m))?;
+        Ok(out)
+    }
+
+    /// Sends a request and hands each reply message to `each` as it is decoded (a dump of a
+    /// large table is never held whole).
+    fn request_each(
+        &mut self,
+        op: &str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        mut each: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<()> {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         // Non-dump requests always ask for an ACK: it marks the end of the reply.
         let flags = if dump { flags } else { flags | NLM_F_ACK };
@@ -127,7 +141,6 @@ impl Netlink {
         let mut buf = vec![0u8; nl.buffer_len()];
         nl.serialize(&mut buf);
         self.socket.send(&buf, 0).map_err(|e| nl_err(op, e))?;
-        let mut out = Vec::new();
         loop {
             self.rbuf.clear();
             self.rbuf.reserve(1 << 16);
@@ -152,15 +165,15 @@ impl Netlink {
                     continue;
                 }
                 match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Done(_) => return Ok(()),
                     NetlinkPayload::Error(e) => match e.code {
                         Some(code) => {
                             return Err(nl_err(op, io::Error::from_raw_os_error(-code.get())))
                         }
-                        None if !dump => return Ok(out),
+                        None if !dump => return Ok(()),
                         None => {}
                     },
-                    NetlinkPayload::InnerMessage(m) => out.push(m),
+                    NetlinkPayload::InnerMessage(m) => each(m),
                     _ => {}
                 }
             }
@@ -695,18 +708,18 @@ impl Netlink {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
             msg.header.address_family = family;
-            let msgs = self.request(
+            self.request_each(
                 "dump routes",
                 RouteNetlinkMessage::GetRoute(msg),
                 NLM_F_DUMP,
-            )?;
-            for m in msgs {
-                if let RouteNetlinkMessage::NewRoute(r) = m {
-                    if let Some(spec) = to_route(&r) {
-                        out.push(spec);
+                |m| {
+                    if let RouteNetlinkMessage::NewRoute(r) = m {
+                        if let Some(spec) = to_route(&r) {
+                            out.push(spec);
+                        }
                     }
-                }
-            }
+                },
+            )?;
         }
         Ok(out)
     }
