@@ -18,7 +18,7 @@ fn to_kernel(r: &Route) -> RouteSpec {
             protocol: TRELLIS_PROTO,
             table: TABLE_MAIN,
             onlink: false,
-            metric: None,
+            metric: (r.metric != 0).then_some(r.metric),
         },
         RouteKind::Via {
             gateway,
@@ -27,6 +27,7 @@ fn to_kernel(r: &Route) -> RouteSpec {
         } => RouteSpec {
             onlink: *onlink,
             protocol: TRELLIS_PROTO,
+            metric: (r.metric != 0).then_some(r.metric),
             ..RouteSpec::via(r.dst, *gateway, *ifindex)
         },
     }
@@ -45,7 +46,11 @@ fn from_kernel(r: &RouteSpec) -> Option<Route> {
         },
         _ => return None,
     };
-    Some(Route { dst: r.dst, kind })
+    Some(Route {
+        dst: r.dst,
+        kind,
+        metric: r.metric.unwrap_or(0),
+    })
 }
 
 /// What Trellis owns in the kernel now.
@@ -160,10 +165,12 @@ mod tests {
         let routes = [
             Route {
                 dst: "10.1.0.0/26".parse().unwrap(),
+                metric: 0,
                 kind: RouteKind::Blackhole,
             },
             Route {
                 dst: "10.1.1.0/26".parse().unwrap(),
+                metric: 0,
                 kind: RouteKind::Via {
                     gateway: "10.1.1.0".parse().unwrap(),
                     ifindex: 7,

@@ -21,7 +21,13 @@ pub const TRELLIS_PROTO: u8 = 231;
 pub struct Route {
     pub dst: IpNet,
     pub kind: RouteKind,
+    /// Route priority: 0 for Trellis's own routes, [`BGP_METRIC`] for BGP-learned ones.
+    pub metric: u32,
 }
+
+/// The metric of BGP-learned routes (BIRD's default): a route the node already has to the same
+/// destination, such as its own default route, stays preferred and is never replaced.
+pub const BGP_METRIC: u32 = 32;
 
 /// How a route forwards.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,6 +44,9 @@ pub enum RouteKind {
 
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.metric != 0 {
+            write!(f, "[metric {}] ", self.metric)?;
+        }
         match &self.kind {
             RouteKind::Blackhole => write!(f, "blackhole {}", self.dst),
             RouteKind::Via {
@@ -177,6 +186,7 @@ fn vxlan(
     });
     out.routes.insert(Route {
         dst: block,
+        metric: 0,
         kind: RouteKind::Via {
             gateway: ip,
             ifindex: vtep,
@@ -201,6 +211,7 @@ fn direct(
     }
     out.routes.insert(Route {
         dst: block,
+        metric: 0,
         kind: RouteKind::Via {
             gateway: remote.address,
             ifindex: local.uplink_ifindex,
@@ -226,6 +237,7 @@ pub fn desired(
         if *node == local.name {
             out.routes.insert(Route {
                 dst: block,
+                metric: 0,
                 kind: RouteKind::Blackhole,
             });
             continue;
@@ -289,6 +301,7 @@ pub fn add_bgp_routes(
         }
         out.routes.insert(Route {
             dst: *dst,
+            metric: BGP_METRIC,
             kind: RouteKind::Via {
                 gateway: *nh,
                 ifindex: local.uplink_ifindex,
@@ -383,12 +396,14 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
             .cloned()
             .map(Op::ReplaceRoute),
     );
-    let wanted_dsts: BTreeSet<IpNet> = desired.routes.iter().map(|r| r.dst).collect();
+    // A route is replaced in place when only its next hop changes (same destination and metric).
+    let wanted_dsts: BTreeSet<(IpNet, u32)> =
+        desired.routes.iter().map(|r| (r.dst, r.metric)).collect();
     ops.extend(
         observed
             .routes
             .difference(&desired.routes)
-            .filter(|r| !wanted_dsts.contains(&r.dst)) // replaced above
+            .filter(|r| !wanted_dsts.contains(&(r.dst, r.metric))) // replaced above
             .cloned()
             .map(Op::DelRoute),
     );

@@ -158,3 +158,73 @@ fn missing_vtep_and_unknown_node_reported() {
     assert_eq!(d.routes.len(), 2);
     assert_eq!(problems.len(), 2);
 }
+
+#[test]
+fn bgp_owns_direct_routes_and_adds_learned_ones_at_its_metric() {
+    let mut l = local();
+    l.bgp = true;
+    // With BGP on, None pools get no direct routes from the planner (BGP supplies them); the
+    // other-subnet part of CrossSubnet stays VXLAN.
+    let (mut d, problems) = desired(&l, &remotes(), &blocks(), &pool(Encapsulation::None));
+    assert_eq!(
+        d.routes.len(),
+        1,
+        "only the local blackhole: {:?}",
+        d.routes
+    );
+    assert_eq!(
+        problems.len(),
+        0,
+        "n3 off-subnet is BGP's business, not a problem"
+    );
+    let (x, _) = desired(
+        &l,
+        &remotes(),
+        &blocks(),
+        &pool(Encapsulation::VxlanCrossSubnet),
+    );
+    assert!(x.routes.iter().any(|r| r.dst == net("10.244.2.0/26")));
+    assert!(!x.routes.iter().any(|r| r.dst == net("10.244.1.0/26")));
+    let learned: BTreeMap<IpNet, IpAddr> = [
+        (net("10.244.1.0/26"), ip("192.168.1.11")),
+        (net("10.244.0.0/26"), ip("192.168.1.11")), // our own block: the blackhole stays
+        (net("10.9.0.0/16"), ip("192.168.9.1")),    // next hop off-subnet: reported
+    ]
+    .into_iter()
+    .collect();
+    let problems = add_bgp_routes(&l, &learned, &mut d);
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].contains("10.9.0.0/16"), "{problems:?}");
+    let bgp: Vec<String> = d.routes.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        bgp,
+        vec![
+            "blackhole 10.244.0.0/26",
+            "[metric 32] 10.244.1.0/26 via 192.168.1.11 dev #2"
+        ]
+    );
+    // A direct route left from before BGP (metric 0) is removed once the BGP one (metric 32) is in.
+    let observed = Observed {
+        routes: [Route {
+            dst: net("10.244.1.0/26"),
+            metric: 0,
+            kind: RouteKind::Via {
+                gateway: ip("192.168.1.11"),
+                ifindex: 2,
+                onlink: false,
+            },
+        }]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    let ops: Vec<String> = plan(&d, &observed).iter().map(|o| o.to_string()).collect();
+    assert_eq!(
+        ops,
+        vec![
+            "route replace blackhole 10.244.0.0/26",
+            "route replace [metric 32] 10.244.1.0/26 via 192.168.1.11 dev #2",
+            "route del 10.244.1.0/26 via 192.168.1.11 dev #2",
+        ]
+    );
+}
