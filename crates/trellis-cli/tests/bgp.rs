@@ -102,6 +102,17 @@ fn apply(lab: &str, yaml: &str) {
     );
 }
 
+/// Waits until every node in `nodes` has `sessions` established sessions, then checks the lab's
+/// reachability expectations.
+fn converge(lab: &str, nodes: &[&str], sessions: usize) {
+    for n in nodes {
+        wait_for(&format!("{n}'s {sessions} session(s)"), 30, || {
+            established(lab, n).len() == sessions
+        });
+    }
+    check(lab);
+}
+
 fn check(lab: &str) {
     let (ok, out) = trellis(&["lab", "check", lab]);
     assert!(ok, "lab check {lab}:\n{out}");
@@ -176,12 +187,7 @@ pods:
 fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
     let lab = "tbgpm";
     let _g = up(lab, MESH_WITH_RR);
-    for n in ["node1", "node2", "node3", "node4"] {
-        wait_for(&format!("{n}'s three mesh sessions"), 30, || {
-            established(lab, n).len() == 3
-        });
-    }
-    check(lab);
+    converge(lab, &["node1", "node2", "node3", "node4"], 3);
     let r = routes(lab, "node2");
     assert!(
         r.contains("via 192.168.74.12 dev eth0 proto 231"),
@@ -255,13 +261,8 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
 fn bird_top_of_rack_per_rack_and_an_outside_client() {
     let lab = "tbgpt";
     let _g = up(lab, &example("bgp-tor"));
-    for n in ["r1n1", "r1n2", "r2n1", "r2n2"] {
-        wait_for(&format!("{n}'s session to its ToR"), 30, || {
-            established(lab, n).len() == 1
-        });
-    }
-    // `check` covers pod↔pod across racks both ways and the client reaching pods without NAT.
-    check(lab);
+    // The check covers pod↔pod across racks both ways and the client reaching pods without NAT.
+    converge(lab, &["r1n1", "r1n2", "r2n1", "r2n2"], 1);
     let r = routes(lab, "r1n1");
     assert!(
         r.contains("via 192.168.71.100 dev eth0 proto 231"),
@@ -311,12 +312,7 @@ fn gobgp(lab: &str, mode: &str, asns: [u32; 3]) {
         .replace("ASN2", &asns[1].to_string())
         .replace("ASN3", &asns[2].to_string());
     let _g = up(lab, &yaml);
-    for n in ["n1", "n2", "n3"] {
-        wait_for(&format!("{n}'s session to gobgpd"), 30, || {
-            established(lab, n).len() == 1
-        });
-    }
-    check(lab);
+    converge(lab, &["n1", "n2", "n3"], 1);
     for (i, n) in ["192.168.75.10", "192.168.75.11", "192.168.75.12"]
         .iter()
         .enumerate()
@@ -378,12 +374,7 @@ fn bird_route_reflector_with_trellis_clients() {
         .replace("ASN2", "64512")
         .replace("ASN3", "64512");
     let _g = up(lab, &yaml);
-    for n in ["n1", "n2", "n3"] {
-        wait_for(&format!("{n}'s session to the BIRD reflector"), 30, || {
-            established(lab, n).len() == 1
-        });
-    }
-    check(lab);
+    converge(lab, &["n1", "n2", "n3"], 1);
     let r = routes(lab, "n1");
     assert!(
         r.contains("via 192.168.75.11 dev eth0 proto 231")

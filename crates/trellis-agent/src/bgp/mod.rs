@@ -75,17 +75,17 @@ impl Shared {
     }
 }
 
+/// The objects of a typed list, without their revisions.
+fn specs<T>(list: Vec<(trellis_resources::Object<T>, i64)>) -> Vec<trellis_resources::Object<T>> {
+    list.into_iter().map(|(o, _)| o).collect()
+}
+
 /// Reads everything the speaker's configuration depends on; `None` when BGP is off.
 async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConfig>, String> {
     let store = &*agent.store;
     let e = |e: trellis_cluster::ClusterError| e.to_string();
     let configs = objects::bgp_configurations(store).await.map_err(e)?;
-    let peers: Vec<_> = objects::bgp_peers(store)
-        .await
-        .map_err(e)?
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
+    let peers: Vec<_> = specs(objects::bgp_peers(store).await.map_err(e)?);
     let on = match mode {
         Mode::On => true,
         Mode::Off => false,
@@ -94,12 +94,7 @@ async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConf
     if !on {
         return Ok(None);
     }
-    let nodes: Vec<_> = objects::nodes(store)
-        .await
-        .map_err(e)?
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let nodes: Vec<_> = specs(objects::nodes(store).await.map_err(e)?);
     let pools: Vec<_> = objects::pools(store)
         .await
         .map_err(e)?

@@ -50,43 +50,39 @@ pub fn set_md5(fd: &impl AsRawFd, peer: IpAddr, key: Option<&str>) -> std::io::R
     }
     sig.keylen = key.len() as u16;
     sig.key[..key.len()].copy_from_slice(key);
-    // SAFETY: passes a pointer to a live struct of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MD5SIG,
-            &sig as *const _ as *const libc::c_void,
-            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    let rc = setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &sig);
+    match rc {
         // Removing a key that is not there is success (idempotent teardown).
-        if key.is_empty() && e.raw_os_error() == Some(libc::ENOENT) {
-            return Ok(());
-        }
-        return Err(e);
+        Err(e) if key.is_empty() && e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
     }
-    Ok(())
 }
 
-fn set_ttl(fd: &impl AsRawFd, ttl: u8) -> std::io::Result<()> {
-    let v: libc::c_int = ttl as libc::c_int;
-    // SAFETY: a c_int option value of the right size.
+/// `setsockopt(2)` with a plain-data value.
+fn setsockopt<T>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: passes a pointer to a live value of the size given; T is plain C data.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_TTL,
-            &v as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+fn set_ttl(fd: &impl AsRawFd, ttl: u8) -> std::io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL, &(ttl as libc::c_int))
 }
 
 /// Binds the BGP listener on every address of the node's namespace.
