@@ -134,3 +134,81 @@ fn kinds_parse_from_cli_names() {
     assert_eq!(Kind::parse("nodes"), Some(Kind::Node));
     assert_eq!(Kind::parse("nope"), None);
 }
+
+const CALICO_BGP: &str = r#"
+apiVersion: projectcalico.org/v3
+kind: BGPConfiguration
+metadata:
+  name: default
+spec:
+  logSeverityScreen: Info
+  nodeToNodeMeshEnabled: false
+  asNumber: 63400
+  serviceClusterIPs:
+  - cidr: 10.96.0.0/12
+  communities:
+  - name: bgp-large-community
+    value: "63400:300"
+  prefixAdvertisements:
+  - cidr: 172.218.4.0/26
+    communities: [bgp-large-community, "63400:120"]
+---
+apiVersion: projectcalico.org/v3
+kind: BGPPeer
+metadata:
+  name: rack1-tor
+spec:
+  peerIP: 192.20.30.40
+  asNumber: 64567
+  nodeSelector: rack == 'rack-1'
+---
+apiVersion: projectcalico.org/v3
+kind: BGPPeer
+metadata:
+  name: peer-with-route-reflectors
+spec:
+  nodeSelector: all()
+  peerSelector: route-reflector == 'true'
+"#;
+
+#[test]
+fn calico_bgp_resources_apply_unchanged() {
+    let rs = parse_documents(CALICO_BGP).unwrap();
+    assert_eq!(rs.len(), 3);
+    assert_eq!(rs[0].key(), "/trellis/v1/bgpconfigurations/default");
+    assert_eq!(rs[1].key(), "/trellis/v1/bgppeers/rack1-tor");
+    let Resource::BgpConfiguration(c) = &rs[0] else {
+        panic!()
+    };
+    assert_eq!(c.spec.as_number, Some(63400));
+    assert_eq!(c.spec.node_to_node_mesh_enabled, Some(false));
+}
+
+#[test]
+fn bad_bgp_resources_name_the_field() {
+    let peer = |spec: &str| {
+        format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: p}}\nspec: {spec}\n")
+    };
+    let cases = [
+        (peer("{peerIP: 192.0.2.1}"), "spec.asNumber"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 0}"), "spec.asNumber"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 23456}"), "spec.asNumber"),
+        (peer("{peerIP: not-an-ip, asNumber: 65000}"), "spec.peerIP"),
+        (peer("{peerIP: 192.0.2.1, peerSelector: all(), asNumber: 65000}"), "spec.peerSelector"),
+        (peer("{asNumber: 65000}"), "spec.peerIP"),
+        (peer("{peerSelector: all(), asNumber: 65000}"), "spec.asNumber"),
+        (peer("{peerSelector: 'bad ==', nodeSelector: all()}"), "spec.peerSelector"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, node: n1, nodeSelector: all()}"), "spec.nodeSelector"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, password: {secretKeyRef: {name: s, key: k}}}"), "spec.password"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, maxRestartTime: forever}"), "spec.maxRestartTime"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, bogus: 1}"), "bogus"),
+        ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: other}\nspec: {}\n".into(), "metadata.name"),
+        ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {communities: [{name: c, value: '70000:1'}]}\n".into(), "spec.communities[0].value"),
+        ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {prefixAdvertisements: [{cidr: 10.0.0.0/8, communities: [nope]}]}\n".into(), "spec.prefixAdvertisements[0].communities[0]"),
+        ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {listenPort: 0}\n".into(), "spec.listenPort"),
+    ];
+    for (doc, field) in cases {
+        let e = parse_documents(&doc).unwrap_err().to_string();
+        assert!(e.contains(field), "{doc}\n→ {e} (want {field})");
+    }
+}
