@@ -25,6 +25,7 @@ pub struct DaemonConfig {
     pub asn: u32,
     pub route_reflector: bool,
     pub route_server: bool,
+    pub password: Option<String>,
     pub peers: Vec<DaemonPeer>,
 }
 
@@ -53,6 +54,9 @@ pub fn bird_conf(c: &DaemonConfig) -> String {
             peer = p.address,
             peer_asn = p.asn,
         );
+        if let Some(pw) = &c.password {
+            let _ = writeln!(s, "  password {pw:?};");
+        }
         if p.multihop {
             s.push_str("  multihop;\n");
         }
@@ -87,8 +91,11 @@ pub fn gobgp_conf(c: &DaemonConfig) -> String {
     for p in &c.peers {
         let _ = write!(
             s,
-            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n  [neighbors.transport.config]\n    local-address = \"{}\"\n  [neighbors.timers.config]\n    connect-retry = 2\n  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n",
-            p.address, p.asn, p.local
+            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n{}  [neighbors.transport.config]\n    local-address = \"{}\"\n  [neighbors.timers.config]\n    connect-retry = 2\n  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n",
+            p.address,
+            p.asn,
+            c.password.as_ref().map(|pw| format!("    auth-password = {pw:?}\n")).unwrap_or_default(),
+            p.local
         );
         if p.multihop {
             s.push_str(
@@ -145,6 +152,7 @@ mod tests {
             asn: 65001,
             route_reflector: rr,
             route_server: false,
+            password: Some("pw".into()),
             peers: vec![
                 DaemonPeer {
                     name: "n1".into(),
@@ -184,6 +192,7 @@ mod tests {
             "only the iBGP peer is a client"
         );
         assert_eq!(s.matches("graceful restart on;").count(), 3);
+        assert_eq!(s.matches("password \"pw\";").count(), 3);
     }
 
     #[test]
@@ -193,6 +202,7 @@ mod tests {
         assert_eq!(s.matches("[[neighbors]]").count(), 3);
         assert_eq!(s.matches("route-reflector-client = true").count(), 1);
         assert_eq!(s.matches("multihop-ttl = 255").count(), 1);
+        assert_eq!(s.matches("auth-password = \"pw\"").count(), 3);
         assert!(command("gobgp", "x", Path::new("/d")).contains(&"/d/x.gobgpd.toml".to_string()));
     }
 }

@@ -610,8 +610,12 @@ fn bgp_resources(t: &Topology, addrs: &Addrs) -> String {
             .filter(|p| t.nodes.iter().any(|n| n.name == p.name))
         {
             docs.push(format!(
-                "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata:\n  name: lab-{name}-{}\nspec:\n  node: {}\n  peerIP: {}\n  asNumber: {}\n",
-                p.name, p.name, p.local, b.as_number
+                "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata:\n  name: lab-{name}-{}\nspec:\n  node: {}\n  peerIP: {}\n  asNumber: {}\n{}",
+                p.name,
+                p.name,
+                p.local,
+                b.as_number,
+                b.password.as_ref().map(|pw| format!("  password: {pw:?}\n")).unwrap_or_default()
             ));
         }
     }
@@ -680,6 +684,7 @@ fn daemon_config(
         asn: b.as_number,
         route_reflector: b.route_reflector,
         route_server: b.route_server,
+        password: b.password.clone(),
         peers,
     }
 }

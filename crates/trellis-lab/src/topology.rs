@@ -69,6 +69,9 @@ pub struct DaemonSpec {
     /// Act as a route server for its eBGP peers (RFC 7947): next hops and AS paths untouched.
     #[serde(default)]
     pub route_server: bool,
+    /// TCP MD5 password on every session (also put on the nodes' BGPPeers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 fn embedded() -> String {
