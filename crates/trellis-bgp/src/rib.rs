@@ -30,6 +30,10 @@ pub struct RibConfig {
     pub router_id: Ipv4Addr,
     /// Set when this speaker is a route reflector (RFC 4456 §7).
     pub cluster_id: Option<Ipv4Addr>,
+    /// Directly connected networks: a path whose next hop is in none of them is unresolvable
+    /// (this speaker does not resolve next hops recursively) and takes no part in the decision
+    /// (RFC 4271 §9.1.2.1). Empty means every next hop resolves.
+    pub connected: Vec<IpNet>,
 }
 
 /// An established peer as the RIB needs it.
@@ -390,9 +394,16 @@ impl Rib {
     }
 
     fn best(&self, prefix: &IpNet) -> Option<&Path> {
+        let connected = &self.cfg().connected;
+        let resolvable = |p: &&Path| {
+            p.source == Source::Local
+                || connected.is_empty()
+                || connected.iter().any(|n| n.contains(&p.next_hop))
+        };
         self.paths
             .get(prefix)?
             .iter()
+            .filter(resolvable)
             .min_by(|a, b| self.better(a, b))
     }
 

@@ -260,9 +260,19 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
 #[test]
 fn bird_top_of_rack_per_rack_and_an_outside_client() {
     let lab = "tbgpt";
-    let _g = up(lab, &example("bgp-tor"));
+    // Besides its own ToR, r1n1 peers with rack 2's ToR through the router: eBGP multihop
+    // (TTL 255). That ToR's next hop is not on r1n1's subnet, so its shorter paths are
+    // unresolvable and the ones through the own ToR are used.
+    let yaml = example("bgp-tor").replace(
+        "peers: [r2n1, r2n2, router]",
+        "peers: [r2n1, r2n2, router, r1n1]",
+    );
+    let _g = up(lab, &yaml);
+    wait_for("r1n1's multihop session to tor2", 30, || {
+        established(lab, "r1n1").contains(&"192.168.72.100".to_string())
+    });
     // The check covers pod↔pod across racks both ways and the client reaching pods without NAT.
-    converge(lab, &["r1n1", "r1n2", "r2n1", "r2n2"], 1);
+    converge(lab, &["r1n2", "r2n1", "r2n2"], 1);
     let r = routes(lab, "r1n1");
     assert!(
         r.contains("via 192.168.71.100 dev eth0 proto 231"),

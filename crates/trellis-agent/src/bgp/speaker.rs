@@ -177,6 +177,7 @@ impl Speaker {
             asn: cfg.asn,
             router_id: cfg.router_id,
             cluster_id: cfg.cluster_id,
+            connected: vec![cfg.subnet],
         });
         let mut s = Speaker {
             cfg,
@@ -229,8 +230,13 @@ impl Speaker {
 
     /// Applies a new configuration; sessions whose settings did not change are left alone.
     fn reconfigure(&mut self, cfg: SpeakerConfig) {
-        let identity = (cfg.asn, cfg.router_id, cfg.cluster_id)
-            != (self.cfg.asn, self.cfg.router_id, self.cfg.cluster_id);
+        let identity = (cfg.asn, cfg.router_id, cfg.cluster_id, cfg.subnet)
+            != (
+                self.cfg.asn,
+                self.cfg.router_id,
+                self.cfg.cluster_id,
+                self.cfg.subnet,
+            );
         if identity {
             tracing::info!(asn = cfg.asn, router_id = %cfg.router_id, cluster_id = ?cfg.cluster_id, "BGP identity changed; resetting every session");
             for addr in self.peers.keys().copied().collect::<Vec<_>>() {
@@ -240,6 +246,7 @@ impl Speaker {
                 asn: cfg.asn,
                 router_id: cfg.router_id,
                 cluster_id: cfg.cluster_id,
+                connected: vec![cfg.subnet],
             });
         }
         self.cfg = cfg;

@@ -28,6 +28,7 @@ fn rib(cluster: bool) -> Rib {
         asn: ASN,
         router_id: "10.0.0.1".parse().unwrap(),
         cluster_id: cluster.then(|| "10.0.0.1".parse().unwrap()),
+        connected: vec![],
     })
 }
 
@@ -229,4 +230,21 @@ fn a_hundred_thousand_prefixes_in_one_rib() {
     assert_eq!(r.apply_update(2, &u).accepted, 100_000);
     r.flush();
     assert_eq!(r.installed().len(), 100_000);
+}
+
+#[test]
+fn unresolvable_next_hops_take_no_part_in_the_decision() {
+    let mut r = rib(false);
+    r.set_config(RibConfig {
+        connected: vec!["192.0.2.0/24".parse().unwrap()],
+        ..r.config.clone().unwrap()
+    });
+    r.peer_up(2, peer(65002, 2, false));
+    r.peer_up(3, peer(65003, 3, false));
+    // The shorter path has a next hop beyond the connected network (eBGP multihop).
+    r.apply_update(2, &announce("10.8.0.0/24", vec![65002], "198.51.100.2"));
+    r.apply_update(3, &announce("10.8.0.0/24", vec![65003, 65100], "192.0.2.3"));
+    r.flush();
+    assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.3"));
+    assert_eq!(r.counters(2).accepted, 1, "still accepted into Adj-RIB-In");
 }
