@@ -393,50 +393,6 @@ fn bird_route_reflector_with_trellis_clients() {
     );
 }
 
-const MD5: &str = "
-name: x
-bgp: {asNumber: 64512}
-pools:
-  - {name: pods, cidr: 10.249.0.0/16, encapsulation: None}
-subnets:
-  - {name: rack1, cidr: 192.168.77.0/24}
-nodes:
-  - {name: n1, subnet: rack1}
-  - {name: n2, subnet: rack1}
-external:
-  - name: tor
-    subnet: rack1
-    bgp: {daemon: bird, asNumber: 65001, peers: [n1], password: s3cret-md5}
-pods:
-  - {name: p1, node: n1}
-  - {name: p2, node: n2}
-";
-
-#[test]
-fn tcp_md5_passwords_protect_sessions() {
-    let lab = "tbgpmd5";
-    let _g = up(lab, MD5);
-    // BIRD signs and checks every segment: the session comes up only if the agent does too.
-    converge(lab, &["n1"], 2);
-    let tor_up = || established(lab, "n1").contains(&"192.168.77.100".to_string());
-    let peer = |pw: &str| {
-        format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: lab-tor-n1}}\nspec: {{node: n1, peerIP: 192.168.77.100, asNumber: 65001, password: {pw}}}\n")
-    };
-    apply(lab, &peer("wrong"));
-    wait_for("the session to drop on the password change", 20, || {
-        !tor_up()
-    });
-    std::thread::sleep(Duration::from_secs(8));
-    assert!(!tor_up(), "a wrong MD5 key must not bring the session up");
-    assert_eq!(
-        established(lab, "n1"),
-        vec!["192.168.77.11".to_string()],
-        "the mesh session is untouched"
-    );
-    apply(lab, &peer("s3cret-md5"));
-    wait_for("the session back with the right key", 30, tor_up);
-}
-
 const PAIR: &str = "
 name: x
 bgp: {asNumber: 64512}
@@ -453,6 +409,32 @@ pods:
   - {name: p1, node: n1}
   - {name: p2, node: n2}
 ";
+
+#[test]
+fn tcp_md5_passwords_protect_sessions() {
+    let lab = "tbgpmd5";
+    let tor = "  - name: tor\n    subnet: rack1\n    bgp: {daemon: bird, asNumber: 65001, peers: [n1], password: s3cret-md5}";
+    let _g = up(lab, &PAIR.replace("  - {name: peer, subnet: rack1}", tor));
+    // BIRD signs and checks every segment: the session comes up only if the agent does too.
+    converge(lab, &["n1"], 2);
+    let tor_up = || established(lab, "n1").contains(&"192.168.76.100".to_string());
+    let peer = |pw: &str| {
+        format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: lab-tor-n1}}\nspec: {{node: n1, peerIP: 192.168.76.100, asNumber: 65001, password: {pw}}}\n")
+    };
+    apply(lab, &peer("wrong"));
+    wait_for("the session to drop on the password change", 20, || {
+        !tor_up()
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(!tor_up(), "a wrong MD5 key must not bring the session up");
+    assert_eq!(
+        established(lab, "n1"),
+        vec!["192.168.76.11".to_string()],
+        "the mesh session is untouched"
+    );
+    apply(lab, &peer("s3cret-md5"));
+    wait_for("the session back with the right key", 30, tor_up);
+}
 
 /// The agent process of a lab node, with its command line.
 fn agent_of(lab: &str, node: &str) -> (i32, Vec<String>) {
