@@ -146,6 +146,16 @@ pub fn command(daemon: &str, name: &str, dir: &Path) -> Vec<String> {
 mod tests {
     use super::*;
 
+    fn peer(name: &str, address: &str, asn: u32, multihop: bool) -> DaemonPeer {
+        DaemonPeer {
+            name: name.into(),
+            address: address.parse().unwrap(),
+            local: "192.168.60.100".parse().unwrap(),
+            asn,
+            multihop,
+        }
+    }
+
     fn cfg(rr: bool) -> DaemonConfig {
         DaemonConfig {
             address: "192.168.60.100".parse().unwrap(),
@@ -154,27 +164,9 @@ mod tests {
             route_server: false,
             password: Some("pw".into()),
             peers: vec![
-                DaemonPeer {
-                    name: "n1".into(),
-                    address: "192.168.60.10".parse().unwrap(),
-                    local: "192.168.60.100".parse().unwrap(),
-                    asn: 65101,
-                    multihop: false,
-                },
-                DaemonPeer {
-                    name: "tor-2".into(),
-                    address: "192.168.61.100".parse().unwrap(),
-                    local: "192.168.60.100".parse().unwrap(),
-                    asn: 65002,
-                    multihop: true,
-                },
-                DaemonPeer {
-                    name: "n3".into(),
-                    address: "192.168.60.12".parse().unwrap(),
-                    local: "192.168.60.100".parse().unwrap(),
-                    asn: 65001,
-                    multihop: false,
-                },
+                peer("n1", "192.168.60.10", 65101, false),
+                peer("tor-2", "192.168.61.100", 65002, true),
+                peer("n3", "192.168.60.12", 65001, false),
             ],
         }
     }
