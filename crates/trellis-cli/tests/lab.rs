@@ -95,3 +95,13 @@ fn down_cleans_a_half_built_lab() {
     assert!(ok && out.contains("2 namespace(s) removed"), "{out}");
     assert!(!std::path::Path::new(&format!("/run/trellis/lab/{name}")).exists());
 }
+
+#[test]
+fn bgp_examples_embedded_and_etcd() {
+    let s = example("bgp-mesh", "tbgpme", "etcd");
+    assert!(
+        s.contains("proto 231 metric 32"),
+        "BGP-learned routes:\n{s}"
+    );
+    example("bgp-tor", "tbgpte", "embedded");
+}
