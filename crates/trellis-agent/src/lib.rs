@@ -157,6 +157,11 @@ pub async fn run(
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone());
     let vxlan = config.vxlan;
     let pod_mtu = std::sync::atomic::AtomicU32::new(0);
+    let bgp_shared = bgp::Shared::default();
+    bgp_shared.active.store(
+        bgp::starts_active(&*store, config.bgp).await,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let agent = Arc::new(Agent {
         config,
         store,
@@ -164,7 +169,7 @@ pub async fn run(
         address,
         vxlan,
         pod_mtu,
-        bgp: Arc::new(bgp::Shared::default()),
+        bgp: Arc::new(bgp_shared),
     });
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");

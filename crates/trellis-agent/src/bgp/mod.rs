@@ -122,6 +122,26 @@ async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConf
     .map(Some)
 }
 
+/// Whether BGP will run, decided before the dataplane loop's first pass so a restarting agent
+/// does not briefly program direct routes in place of its BGP-learned ones.
+pub async fn starts_active(store: &dyn trellis_store::Datastore, mode: Mode) -> bool {
+    match mode {
+        Mode::On => true,
+        Mode::Off => false,
+        Mode::Auto => {
+            let configs = objects::bgp_configurations(store)
+                .await
+                .map(|v| v.len())
+                .unwrap_or(0);
+            let peers = objects::bgp_peers(store)
+                .await
+                .map(|v| v.len())
+                .unwrap_or(0);
+            configs + peers > 0
+        }
+    }
+}
+
 /// Runs the speaker for the agent's lifetime.
 pub async fn run(agent: Arc<Agent>, mode: Mode) {
     if mode == Mode::Off {
