@@ -7,14 +7,19 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
-# Namespaces left by an earlier run that was killed (tests name theirs trlt-*).
-for ns in $(ip netns list | awk '{print $1}' | grep '^trlt-' || true); do ip netns del "$ns" || true; done
+# Namespaces left by an earlier run that was killed (tests name theirs trlt-*, and their labs
+# tl-t*), with the processes in them and the labs' state.
+for ns in $(ip netns list | awk '{print $1}' | grep -E '^(trlt-|tl-t)' || true); do
+  ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  ip netns del "$ns" || true
+done
+rm -rf /run/trellis/lab/t*
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
 status=$?
 
-left=$(ip netns list | awk '{print $1}' | grep '^trlt-' || true)
+left=$(ip netns list | awk '{print $1}' | grep -E '^(trlt-|tl-t)' || true)
 if [ -n "$left" ]; then
   echo "test.sh: namespaces left behind by the tests: $left"
   exit 1
