@@ -147,6 +147,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     bail!("node {n} has no BGP status (is BGP on and its agent running?)");
                 }
             }
+            if all.is_empty() {
+                bail!("no node has reported BGP status (is BGP on? it runs when a BGPConfiguration or BGPPeer exists, or with `trellis agent --bgp on`)");
+            }
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
