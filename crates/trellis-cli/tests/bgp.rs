@@ -294,6 +294,23 @@ fn bird_top_of_rack_per_rack_and_an_outside_client() {
     assert!(tor.contains("10.251."), "BIRD learned r1n1's block:\n{tor}");
 }
 
+#[test]
+fn gobgp_top_of_rack_per_rack_and_an_outside_client() {
+    // The ToR design again with gobgpd on the ToRs and the spine (the lab programs their
+    // kernels from gobgpd's RIB, as zebra would).
+    let lab = "tbgptg";
+    let _g = up(
+        lab,
+        &example("bgp-tor").replace("daemon: bird", "daemon: gobgp"),
+    );
+    converge(lab, &["r1n1", "r1n2", "r2n1", "r2n2"], 1);
+    let r = routes(lab, "r2n2");
+    assert!(
+        r.contains("10.251.0.0/26 via 192.168.72.100 dev eth0 proto 231"),
+        "rack 1's block through the ToR:\n{r}"
+    );
+}
+
 const GOBGP: &str = "
 name: x
 bgp: {nodeToNodeMesh: false}

@@ -117,6 +117,39 @@ pub fn gobgp_conf(c: &DaemonConfig) -> String {
     s
 }
 
+/// gobgpd does not program the kernel (deployments pair it with FRR's zebra), so a lab host
+/// running it also runs this loop: every half second it puts gobgpd's best IPv4 paths into the
+/// kernel (`proto bgp`) and removes the ones gone, so the host forwards like a BIRD one.
+pub const GOBGP_FIB_SYNC: &str = r#"
+import json, subprocess, time
+while True:
+    try:
+        out = subprocess.run(["gobgp", "-j", "global", "rib"], capture_output=True, text=True, timeout=5).stdout
+        rib = json.loads(out) if out.strip() else {}
+    except Exception:
+        time.sleep(0.5)
+        continue
+    want = {}
+    for prefix, paths in rib.items():
+        for p in paths:
+            nh = [a["nexthop"] for a in p.get("attrs", []) if a.get("type") == 3]
+            if p.get("best") and nh:
+                want[prefix] = nh[0]
+    have = {}
+    listing = subprocess.run(["ip", "-4", "route", "show", "proto", "bgp"], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        f = line.split()
+        if "via" in f:
+            have[f[0] if "/" in f[0] else f[0] + "/32"] = f[f.index("via") + 1]
+    for prefix, nh in want.items():
+        if have.get(prefix) != nh:
+            subprocess.run(["ip", "route", "replace", prefix, "via", nh, "proto", "bgp"])
+    for prefix in have:
+        if prefix not in want:
+            subprocess.run(["ip", "route", "del", prefix, "proto", "bgp"])
+    time.sleep(0.5)
+"#;
+
 /// The command line that runs `daemon` in the foreground with its files under `dir`.
 pub fn command(daemon: &str, name: &str, dir: &Path) -> Vec<String> {
     let f = |ext: &str| dir.join(format!("{name}.{ext}")).display().to_string();

@@ -262,6 +262,16 @@ impl Builder {
             "  {member} runs {} (AS {})",
             b.daemon, b.as_number
         ));
+        if b.daemon == "gobgp" {
+            let sync = in_ns(ns, &["python3", "-c", daemons::GOBGP_FIB_SYNC])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .map_err(|e| format!("gobgpd's FIB sync: {e}"))?;
+            self.state.pids.push(sync.id() as i32);
+            self.state.save()?;
+        }
         Ok(())
     }
 
