@@ -180,6 +180,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     r.released_handles.len(),
                     r.deleted_blocks.len()
                 );
+                // And its BGP status report, if BGP ran there.
+                match objects::delete(store, Kind::BgpStatus, None, &name).await {
+                    Ok(()) | Err(trellis_cluster::ClusterError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

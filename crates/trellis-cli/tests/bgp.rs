@@ -255,6 +255,30 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
         m.contains("trellis_bgp_prefixes_accepted{peer=\"192.168.74.11\"} 1"),
         "{m}"
     );
+    // Removing a node: its agent gone and its Node deleted, the reflector drops the session
+    // (stale routes included) and the other nodes lose the route to its block.
+    let (pid, _) = agent_of(lab, "node4");
+    // SAFETY: kill(2) on the agent process this test's lab started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let (ok, out) = trellis(&["--datastore", &datastore(lab), "delete", "node", "node4"]);
+    assert!(ok, "{out}");
+    let d1 = pod_ip(lab, "d1");
+    let block4 = format!("{}/26", d1);
+    wait_for("node2 to lose node4's block", 30, || {
+        !routes(lab, "node2").contains(&block4)
+    });
+    wait_for("the reflector to drop node4", 30, || {
+        node_status(lab, "node1").is_some_and(|s| s["peers"].as_array().unwrap().len() == 2)
+    });
+    let (ok, _) = trellis(&[
+        "--datastore",
+        &datastore(lab),
+        "bgp",
+        "status",
+        "--node",
+        "node4",
+    ]);
+    assert!(!ok, "node4's BGP status went with it");
 }
 
 #[test]
