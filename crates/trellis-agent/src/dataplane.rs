@@ -65,6 +65,8 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 #[derive(Debug, Default)]
 pub struct PassReport {
     pub ops: usize,
+    /// Routes Trellis wants in the kernel (the table size the pass handled).
+    pub routes: usize,
     pub problems: Vec<String>,
 }
 
@@ -105,9 +107,9 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
                 if r.ops > 0 {
                     tracing::info!(changes = r.ops, "dataplane converged");
                 }
-                if r.ops >= 1000 {
-                    // A big table change leaves large transient buffers (netlink dumps, plans)
-                    // freed inside malloc's arenas; hand them back to the system.
+                if r.ops >= 1000 || r.routes >= 10_000 {
+                    // A pass over a big table leaves large transient buffers (route dumps, sets,
+                    // plans) freed inside malloc's arenas; hand them back to the system.
                     crate::release_free_memory();
                 }
                 let now: BTreeSet<String> = r.problems.into_iter().collect();
@@ -232,8 +234,8 @@ pub async fn pass(
     let bgp_active = agent.bgp.active.load(Ordering::Relaxed);
     let bgp_converged = agent.bgp.converged.load(Ordering::Relaxed);
     let bgp_routes = agent.bgp.routes.borrow().clone();
-    let (ops, more, mtu) =
-        tokio::task::spawn_blocking(move || -> Result<(usize, Vec<String>, u32), String> {
+    let (ops, routes, more, mtu) = tokio::task::spawn_blocking(
+        move || -> Result<(usize, usize, Vec<String>, u32), String> {
             let mut nl = Netlink::open().map_err(|e| e.to_string())?;
             let links = nl.links().map_err(|e| e.to_string())?;
             let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
@@ -281,11 +283,12 @@ pub async fn pass(
             if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
                 msgs.push(format!("enabling IPv4 forwarding: {e}"));
             }
-            Ok((ops.len(), msgs, pod_mtu))
-        })
-        .await
-        .map_err(|e| AgentError::Autodetect(e.to_string()))?
-        .map_err(AgentError::Dataplane)?;
+            Ok((ops.len(), want.routes.len(), msgs, pod_mtu))
+        },
+    )
+    .await
+    .map_err(|e| AgentError::Autodetect(e.to_string()))?
+    .map_err(AgentError::Dataplane)?;
     problems.extend(more);
     agent
         .pod_mtu
@@ -296,7 +299,11 @@ pub async fn pass(
             Err(e) => problems.push(format!("natOutgoing: {e}")),
         }
     }
-    Ok(PassReport { ops, problems })
+    Ok(PassReport {
+        ops,
+        routes,
+        problems,
+    })
 }
 
 /// Makes sure the VTEP exists with the right settings, has its tunnel address, and is published
