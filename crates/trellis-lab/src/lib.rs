@@ -238,9 +238,10 @@ impl Builder {
         member: &str,
         ns: &str,
         b: &topology::DaemonSpec,
+        addrs: &Addrs,
     ) -> Result<(), String> {
         let d = dir(&self.state.name);
-        let conf = daemon_config(&self.t, &addresses(&self.t), member, b);
+        let conf = daemon_config(&self.t, addrs, member, b);
         let (file, text) = match b.daemon.as_str() {
             "bird" => ("bird.conf", daemons::bird_conf(&conf)),
             _ => ("gobgpd.toml", daemons::gobgp_conf(&conf)),
@@ -316,7 +317,7 @@ impl Builder {
             ns_run(&rtr, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
             (self.progress)("  router joins the subnets");
             if let Some(b) = t.router.as_ref().and_then(|r| r.bgp.as_ref()) {
-                self.start_daemon("router", &rtr, b)?;
+                self.start_daemon("router", &rtr, b, &addrs)?;
             }
         }
         let gw = |sub: &str| -> Option<String> {
@@ -498,7 +499,7 @@ impl Builder {
             }
             if let Some(b) = &e.bgp {
                 ns_run(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-                self.start_daemon(&e.name, &ns, b)?;
+                self.start_daemon(&e.name, &ns, b, &addrs)?;
             }
             self.state
                 .external_ips

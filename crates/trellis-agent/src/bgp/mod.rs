@@ -30,6 +30,17 @@ pub enum Mode {
     Off,
 }
 
+impl Mode {
+    /// Whether the speaker runs, given whether the datastore holds a BGPConfiguration or BGPPeer.
+    pub fn runs(self, bgp_objects_exist: bool) -> bool {
+        match self {
+            Mode::On => true,
+            Mode::Off => false,
+            Mode::Auto => bgp_objects_exist,
+        }
+    }
+}
+
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Mode, String> {
@@ -68,9 +79,9 @@ impl Default for Shared {
 }
 
 impl Shared {
-    pub(crate) fn publish(&self, routes: BTreeMap<IpNet, IpAddr>, active: bool) {
+    /// New learned routes for the dataplane loop (whether BGP runs at all is [`run`]'s call).
+    pub(crate) fn publish(&self, routes: BTreeMap<IpNet, IpAddr>) {
         self.routes.send_replace(Arc::new(routes));
-        self.active.store(active, Ordering::Relaxed);
         self.kick.notify_one();
     }
 }
@@ -86,12 +97,7 @@ async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConf
     let e = |e: trellis_cluster::ClusterError| e.to_string();
     let configs = objects::bgp_configurations(store).await.map_err(e)?;
     let peers: Vec<_> = specs(objects::bgp_peers(store).await.map_err(e)?);
-    let on = match mode {
-        Mode::On => true,
-        Mode::Off => false,
-        Mode::Auto => !configs.is_empty() || !peers.is_empty(),
-    };
-    if !on {
+    if !mode.runs(!configs.is_empty() || !peers.is_empty()) {
         return Ok(None);
     }
     let nodes: Vec<_> = specs(objects::nodes(store).await.map_err(e)?);
@@ -125,21 +131,18 @@ async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConf
 /// Whether BGP will run, decided before the dataplane loop's first pass so a restarting agent
 /// does not briefly program direct routes in place of its BGP-learned ones.
 pub async fn starts_active(store: &dyn trellis_store::Datastore, mode: Mode) -> bool {
-    match mode {
-        Mode::On => true,
-        Mode::Off => false,
-        Mode::Auto => {
-            let configs = objects::bgp_configurations(store)
-                .await
-                .map(|v| v.len())
-                .unwrap_or(0);
-            let peers = objects::bgp_peers(store)
-                .await
-                .map(|v| v.len())
-                .unwrap_or(0);
-            configs + peers > 0
-        }
+    if mode != Mode::Auto {
+        return mode.runs(false);
     }
+    let configs = objects::bgp_configurations(store)
+        .await
+        .map(|v| v.len())
+        .unwrap_or(0);
+    let peers = objects::bgp_peers(store)
+        .await
+        .map(|v| v.len())
+        .unwrap_or(0);
+    mode.runs(configs + peers > 0)
 }
 
 /// Runs the speaker for the agent's lifetime.

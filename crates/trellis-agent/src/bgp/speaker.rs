@@ -128,7 +128,7 @@ impl Speaker {
                         (Some(s), None) => {
                             s.shutdown();
                             sp = None;
-                            shared.publish(BTreeMap::new(), false);
+                            shared.publish(BTreeMap::new());
                         }
                         (None, None) => {}
                     }
@@ -784,7 +784,7 @@ impl Speaker {
         if kernel_changed {
             let routes: BTreeMap<IpNet, IpAddr> =
                 self.rib.installed().iter().map(|(k, v)| (*k, *v)).collect();
-            self.shared.publish(routes, true);
+            self.shared.publish(routes);
         }
     }
 
