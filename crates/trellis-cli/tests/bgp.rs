@@ -113,9 +113,19 @@ fn converge(lab: &str, nodes: &[&str], sessions: usize) {
     check(lab);
 }
 
+/// Checks the lab's reachability expectations. Sessions being up does not mean every hop has
+/// installed the routes yet (a chain of daemons propagates them one after another), so the check
+/// is retried for a bounded time and the last answer is reported.
 fn check(lab: &str) {
-    let (ok, out) = trellis(&["lab", "check", lab]);
-    assert!(ok, "lab check {lab}:\n{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = trellis(&["lab", "check", lab]);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "lab check {lab}:\n{out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn pod_ip(lab: &str, pod: &str) -> String {
