@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, trellis, LabGuard};
+use common::{bin, lab_check, trellis, LabGuard};
 use serde_json::Value;
 
 /// Brings up a topology given as YAML text under `name`.
@@ -113,19 +113,9 @@ fn converge(lab: &str, nodes: &[&str], sessions: usize) {
     check(lab);
 }
 
-/// Checks the lab's reachability expectations. Sessions being up does not mean every hop has
-/// installed the routes yet (a chain of daemons propagates them one after another), so the check
-/// is retried for a bounded time and the last answer is reported.
 fn check(lab: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (ok, out) = trellis(&["lab", "check", lab]);
-        if ok {
-            return;
-        }
-        assert!(Instant::now() < deadline, "lab check {lab}:\n{out}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let (ok, out) = lab_check(lab, 60);
+    assert!(ok, "lab check {lab}:\n{out}");
 }
 
 fn pod_ip(lab: &str, pod: &str) -> String {

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{trellis, LabGuard};
+use common::{lab_check, trellis, LabGuard};
 
 fn example(file: &str, name: &str, kind: &str) -> String {
     let path = format!(
@@ -25,7 +25,7 @@ fn example(file: &str, name: &str, kind: &str) -> String {
         kind,
     ]);
     assert!(ok, "lab up {file} ({kind}): {out}");
-    let (ok, check) = trellis(&["lab", "check", name]);
+    let (ok, check) = lab_check(name, 30);
     assert!(ok, "lab check {file} ({kind}):\n{check}");
     let (ok, status) = trellis(&["lab", "status", name]);
     assert!(ok, "{status}");

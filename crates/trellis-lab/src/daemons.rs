@@ -81,7 +81,8 @@ pub fn bird_conf(c: &DaemonConfig) -> String {
     s
 }
 
-/// A gobgpd configuration (TOML) with the same sessions.
+/// A gobgpd configuration (TOML) with the same sessions. Like BIRD's `error wait time 1, 5`
+/// above, a reset session retries after a second (gobgpd's default idle hold is 30 s).
 pub fn gobgp_conf(c: &DaemonConfig) -> String {
     let mut s = format!(
         "[global.config]\n  as = {asn}\n  router-id = \"{addr}\"\n  port = 179\n",
@@ -91,7 +92,7 @@ pub fn gobgp_conf(c: &DaemonConfig) -> String {
     for p in &c.peers {
         let _ = write!(
             s,
-            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n{}  [neighbors.transport.config]\n    local-address = \"{}\"\n  [neighbors.timers.config]\n    connect-retry = 2\n  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n",
+            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n{}  [neighbors.transport.config]\n    local-address = \"{}\"\n  [neighbors.timers.config]\n    connect-retry = 2\n    idle-hold-time-after-reset = 1\n  [neighbors.graceful-restart.config]\n    enabled = true\n    restart-time = 120\n",
             p.address,
             p.asn,
             c.password.as_ref().map(|pw| format!("    auth-password = {pw:?}\n")).unwrap_or_default(),

@@ -332,6 +332,20 @@ impl Drop for LabGuard {
     }
 }
 
+/// `trellis lab check NAME`, repeated until it passes or `secs` have gone by. Routes converge
+/// asynchronously after `lab up` (each BGP hop passes them on after its session comes up), so a
+/// failure is only final at the deadline; the last answer is returned.
+pub fn lab_check(lab: &str, secs: u64) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (ok, out) = trellis(&["lab", "check", lab]);
+        if ok || Instant::now() >= deadline {
+            return (ok, out);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 pub fn trellis(args: &[&str]) -> (bool, String) {
     let out = Command::new(bin("trellis")).args(args).output().unwrap();
     (
