@@ -432,6 +432,52 @@ fn bird_route_reflector_with_trellis_clients() {
             && r.contains("via 192.168.75.12 dev eth0 proto 231"),
         "reflected routes keep the nodes as next hops:\n{r}"
     );
+    // BIRD restarts gracefully (`birdc graceful restart`, then `bird -R`): its clients keep
+    // the reflected routes as stale while it is away and forwarding never stops.
+    let p2 = pod_ip(lab, "p2");
+    let pinger = ping(lab, "p1", &p2, 60);
+    let (pid, argv) = process_of(lab, "rr", "bird");
+    let ctl = format!("/run/trellis/lab/{lab}/rr.bird.ctl");
+    let (ok, out) = exec(lab, "rr", &["birdc", "-s", &ctl, "graceful", "restart"]);
+    assert!(ok, "{out}");
+    wait_for("BIRD to exit", 20, || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    wait_for("n1 to see the reflector gone", 20, || {
+        established(lab, "n1").is_empty()
+    });
+    let r = routes(lab, "n1");
+    assert!(
+        r.contains("via 192.168.75.11 dev eth0 proto 231"),
+        "stale routes kept while BIRD restarts:\n{r}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut bird = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/tl-{lab}-rr"))
+        .args(&argv)
+        .arg("-R")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    converge(lab, &["n1", "n2", "n3"], 1);
+    let (sent, got) = ping_result(pinger);
+    let _ = bird.kill();
+    let _ = bird.wait();
+    assert!(
+        got + 1 >= sent,
+        "forwarding broke while BIRD restarted: {got}/{sent}"
+    );
+    let n1log = std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log")).unwrap();
+    assert!(
+        n1log.contains("graceful=true"),
+        "n1 treated BIRD's restart as graceful"
+    );
+    let r = routes(lab, "n1");
+    assert!(
+        r.contains("via 192.168.75.11 dev eth0 proto 231"),
+        "the routes are fresh again after End-of-RIB:\n{r}"
+    );
 }
 
 const PAIR: &str = "
@@ -479,8 +525,13 @@ fn tcp_md5_passwords_protect_sessions() {
 
 /// The agent process of a lab node, with its command line.
 fn agent_of(lab: &str, node: &str) -> (i32, Vec<String>) {
+    process_of(lab, node, "agent")
+}
+
+/// The process in a lab member's namespace whose command line has the word `word`.
+fn process_of(lab: &str, member: &str, word: &str) -> (i32, Vec<String>) {
     let pids = Command::new("ip")
-        .args(["netns", "pids", &format!("tl-{lab}-{node}")])
+        .args(["netns", "pids", &format!("tl-{lab}-{member}")])
         .output()
         .unwrap();
     for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
@@ -490,11 +541,11 @@ fn agent_of(lab: &str, node: &str) -> (i32, Vec<String>) {
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if argv.iter().any(|a| a == "agent") {
+        if argv.iter().any(|a| a == word) {
             return (pid.parse().unwrap(), argv);
         }
     }
-    panic!("no agent in {node}");
+    panic!("no {word} in {member}");
 }
 
 #[test]
