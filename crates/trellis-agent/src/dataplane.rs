@@ -159,6 +159,16 @@ fn pool_routing(pools: &[(String, IpPoolSpec)]) -> Vec<PoolRouting> {
         .collect()
 }
 
+/// What the netlink part of a pass did and read.
+struct KernelPass {
+    ops: usize,
+    routes: usize,
+    problems: Vec<String>,
+    pod_mtu: u32,
+    /// The node's gateway routes, for BGP next-hop resolution.
+    igp: Vec<(IpNet, IpAddr)>,
+}
+
 /// One reconciliation pass.
 pub async fn pass(
     agent: &Agent,
@@ -234,65 +244,73 @@ pub async fn pass(
     let bgp_active = agent.bgp.active.load(Ordering::Relaxed);
     let bgp_converged = agent.bgp.converged.load(Ordering::Relaxed);
     let bgp_routes = agent.bgp.routes.borrow().clone();
-    let (ops, routes, more, mtu) = tokio::task::spawn_blocking(
-        move || -> Result<(usize, usize, Vec<String>, u32), String> {
-            let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-            let links = nl.links().map_err(|e| e.to_string())?;
-            let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
-            let uplink = addrs
-                .iter()
-                .find(|(_, a)| a.addr() == address.addr())
-                .map(|(i, _)| *i)
-                .ok_or("the node address is on no interface")?;
-            let uplink_mtu = links
-                .iter()
-                .find(|l| l.index == uplink)
-                .map(|l| l.mtu)
-                .unwrap_or(1500);
-            // An explicit MTU wins; otherwise leave room for the VXLAN header when a pool needs it.
-            let pod_mtu = cfg.mtu.unwrap_or(if encapsulated {
-                uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
-            } else {
-                uplink_mtu
-            });
-            let local = LocalNode {
-                name: node,
-                address,
-                uplink_ifindex: uplink,
-                vtep_ifindex: vtep.map(|v| v.0),
-                bgp: bgp_active,
-            };
-            let (mut want, problems) = desired(&local, &remotes, &blocks, &routing);
-            let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-            if bgp_active {
-                msgs.extend(add_bgp_routes(&local, &bgp_routes, &mut want));
-            }
-            let observed =
-                routing::observe(&mut nl, local.vtep_ifindex).map_err(|e| e.to_string())?;
-            let mut ops = plan(&want, &observed);
-            if bgp_active && !bgp_converged {
-                // Restarting: keep the routes found until the peers have re-sent their tables
-                // (the forwarding state preserved across a graceful restart, RFC 4724).
-                ops.retain(|op| !matches!(op, Op::DelRoute(_)));
-            }
-            for op in &ops {
-                tracing::debug!(%op, "dataplane");
-            }
-            let failed = routing::apply(&mut nl, &ops);
-            msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
-            if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
-                msgs.push(format!("enabling IPv4 forwarding: {e}"));
-            }
-            Ok((ops.len(), want.routes.len(), msgs, pod_mtu))
-        },
-    )
+    let k = tokio::task::spawn_blocking(move || -> Result<KernelPass, String> {
+        let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+        let links = nl.links().map_err(|e| e.to_string())?;
+        let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
+        let uplink = addrs
+            .iter()
+            .find(|(_, a)| a.addr() == address.addr())
+            .map(|(i, _)| *i)
+            .ok_or("the node address is on no interface")?;
+        let uplink_mtu = links
+            .iter()
+            .find(|l| l.index == uplink)
+            .map(|l| l.mtu)
+            .unwrap_or(1500);
+        // An explicit MTU wins; otherwise leave room for the VXLAN header when a pool needs it.
+        let pod_mtu = cfg.mtu.unwrap_or(if encapsulated {
+            uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
+        } else {
+            uplink_mtu
+        });
+        let local = LocalNode {
+            name: node,
+            address,
+            uplink_ifindex: uplink,
+            vtep_ifindex: vtep.map(|v| v.0),
+            bgp: bgp_active,
+        };
+        let (mut want, problems) = desired(&local, &remotes, &blocks, &routing);
+        let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        if bgp_active {
+            msgs.extend(add_bgp_routes(&local, &bgp_routes, &mut want));
+        }
+        let kernel = nl.routes().map_err(|e| e.to_string())?;
+        let igp = routing::gateway_routes(&kernel, uplink);
+        let observed = routing::observe_with(&mut nl, &kernel, local.vtep_ifindex)
+            .map_err(|e| e.to_string())?;
+        drop(kernel);
+        let mut ops = plan(&want, &observed);
+        if bgp_active && !bgp_converged {
+            // Restarting: keep the routes found until the peers have re-sent their tables
+            // (the forwarding state preserved across a graceful restart, RFC 4724).
+            ops.retain(|op| !matches!(op, Op::DelRoute(_)));
+        }
+        for op in &ops {
+            tracing::debug!(%op, "dataplane");
+        }
+        let failed = routing::apply(&mut nl, &ops);
+        msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
+        if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
+            msgs.push(format!("enabling IPv4 forwarding: {e}"));
+        }
+        Ok(KernelPass {
+            ops: ops.len(),
+            routes: want.routes.len(),
+            problems: msgs,
+            pod_mtu,
+            igp,
+        })
+    })
     .await
     .map_err(|e| AgentError::Autodetect(e.to_string()))?
     .map_err(AgentError::Dataplane)?;
-    problems.extend(more);
+    problems.extend(k.problems);
+    agent.bgp.set_igp(k.igp);
     agent
         .pod_mtu
-        .store(mtu, std::sync::atomic::Ordering::Relaxed);
+        .store(k.pod_mtu, std::sync::atomic::Ordering::Relaxed);
     if nat_changed {
         match apply_nat(&nat) {
             Ok(()) => *nat_applied = Some(nat.to_string()),
@@ -300,8 +318,8 @@ pub async fn pass(
         }
     }
     Ok(PassReport {
-        ops,
-        routes,
+        ops: k.ops,
+        routes: k.routes,
         problems,
     })
 }

@@ -2,10 +2,12 @@
 //! per prefix by the decision process of RFC 4271 §9.1.2), and Adj-RIB-Out (what each peer was
 //! last sent), with the export rules of RFC 4271 §9.1.3 and route reflection (RFC 4456).
 //! Graceful restart (RFC 4724): a restarting peer's paths are kept as stale until End-of-RIB.
+//! Next hops not on a connected network resolve recursively through the host's other routes
+//! ([`Rib::set_igp_routes`], RFC 4271 §5.1.3), as BIRD's `gateway recursive` does.
 //! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
 
-use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -30,9 +32,10 @@ pub struct RibConfig {
     pub router_id: Ipv4Addr,
     /// Set when this speaker is a route reflector (RFC 4456 §7).
     pub cluster_id: Option<Ipv4Addr>,
-    /// Directly connected networks: a path whose next hop is in none of them is unresolvable
-    /// (this speaker does not resolve next hops recursively) and takes no part in the decision
-    /// (RFC 4271 §9.1.2.1). Empty means every next hop resolves.
+    /// Directly connected networks: a next hop in one of them is its own immediate next hop.
+    /// One in none of them must resolve through an IGP route ([`Rib::set_igp_routes`]) or the
+    /// path is unresolvable and takes no part in the decision (RFC 4271 §9.1.2.1). Empty means
+    /// every next hop is taken as directly reachable.
     pub connected: Vec<IpNet>,
 }
 
@@ -108,9 +111,12 @@ pub struct Rib {
     rejected: HashMap<PeerId, HashSet<IpNet>>,
     accepted: HashMap<PeerId, usize>,
     adj_out: HashMap<PeerId, HashMap<IpNet, (Arc<PathAttrs>, IpAddr)>>,
-    /// Best paths learned from peers: what the kernel should route (prefix → next hop).
+    /// Best paths learned from peers: what the kernel should route (prefix → immediate next
+    /// hop).
     installed: HashMap<IpNet, IpAddr>,
     dirty: HashSet<IpNet>,
+    /// The host's routes that next hops resolve through, by prefix length (longest first).
+    igp: BTreeMap<Reverse<u8>, HashMap<IpNet, IpAddr>>,
 }
 
 impl Rib {
@@ -131,9 +137,54 @@ impl Rib {
         self.dirty.extend(self.paths.keys().copied());
     }
 
-    /// Routes for the kernel: best paths from peers.
+    /// Routes for the kernel: best paths from peers, by their immediate next hops.
     pub fn installed(&self) -> &HashMap<IpNet, IpAddr> {
         &self.installed
+    }
+
+    /// Sets the host's routes (destination → gateway, not BGP's own) through which next hops
+    /// beyond the connected networks resolve. Prefixes whose paths have such next hops are
+    /// decided again at the next [`flush`](Rib::flush) when the set changed.
+    pub fn set_igp_routes(&mut self, routes: impl IntoIterator<Item = (IpNet, IpAddr)>) {
+        let mut igp: BTreeMap<Reverse<u8>, HashMap<IpNet, IpAddr>> = BTreeMap::new();
+        for (dst, gw) in routes {
+            igp.entry(Reverse(dst.prefix_len()))
+                .or_default()
+                .insert(dst.trunc(), gw);
+        }
+        if igp == self.igp {
+            return;
+        }
+        self.igp = igp;
+        let connected = &self.cfg().connected;
+        let recursive = |p: &Path| {
+            p.source != Source::Local && !connected.iter().any(|n| n.contains(&p.next_hop))
+        };
+        let affected: Vec<IpNet> = self
+            .paths
+            .iter()
+            .filter(|(_, ps)| ps.iter().any(recursive))
+            .map(|(k, _)| *k)
+            .collect();
+        self.dirty.extend(affected);
+    }
+
+    /// The immediate next hop for a path's NEXT_HOP: itself on a connected network, otherwise
+    /// the gateway of the longest IGP route covering it (RFC 4271 §5.1.3).
+    fn resolve(&self, next_hop: IpAddr) -> Option<IpAddr> {
+        let connected = &self.cfg().connected;
+        if connected.is_empty() || connected.iter().any(|n| n.contains(&next_hop)) {
+            return Some(next_hop);
+        }
+        let host_len = if next_hop.is_ipv4() { 32 } else { 128 };
+        self.igp
+            .iter()
+            .filter(|(Reverse(len), _)| *len <= host_len)
+            .find_map(|(Reverse(len), routes)| {
+                routes
+                    .get(&IpNet::new(next_hop, *len).ok()?.trunc())
+                    .copied()
+            })
     }
 
     pub fn counters(&self, peer: PeerId) -> Counters {
@@ -394,12 +445,8 @@ impl Rib {
     }
 
     fn best(&self, prefix: &IpNet) -> Option<&Path> {
-        let connected = &self.cfg().connected;
-        let resolvable = |p: &&Path| {
-            p.source == Source::Local
-                || connected.is_empty()
-                || connected.iter().any(|n| n.contains(&p.next_hop))
-        };
+        let resolvable =
+            |p: &&Path| p.source == Source::Local || self.resolve(p.next_hop).is_some();
         self.paths
             .get(prefix)?
             .iter()
@@ -475,7 +522,7 @@ impl Rib {
         for prefix in dirty {
             let best = self.best(&prefix).cloned();
             let want = best.as_ref().and_then(|b| match b.source {
-                Source::Peer(_) => Some(b.next_hop),
+                Source::Peer(_) => self.resolve(b.next_hop),
                 Source::Local => None,
             });
             let had = match want {

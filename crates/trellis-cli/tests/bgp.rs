@@ -126,6 +126,13 @@ fn pod_ip(lab: &str, pod: &str) -> String {
     s["pod_ips"][pod].as_str().unwrap().to_string()
 }
 
+/// The /26 block (the lab's pools use the default size) a pod's address came from.
+fn block_of(lab: &str, pod: &str) -> ipnet::IpNet {
+    ipnet::IpNet::new(pod_ip(lab, pod).parse().unwrap(), 26)
+        .unwrap()
+        .trunc()
+}
+
 fn routes(lab: &str, member: &str) -> String {
     exec(lab, member, &["ip", "route"]).1
 }
@@ -262,8 +269,7 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let (ok, out) = trellis(&["--datastore", &datastore(lab), "delete", "node", "node4"]);
     assert!(ok, "{out}");
-    let d1 = pod_ip(lab, "d1");
-    let block4 = format!("{}/26", d1);
+    let block4 = block_of(lab, "d1").to_string();
     wait_for("node2 to lose node4's block", 30, || {
         !routes(lab, "node2").contains(&block4)
     });
@@ -285,8 +291,9 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
 fn bird_top_of_rack_per_rack_and_an_outside_client() {
     let lab = "tbgpt";
     // Besides its own ToR, r1n1 peers with rack 2's ToR through the router: eBGP multihop
-    // (TTL 255). That ToR's next hop is not on r1n1's subnet, so its shorter paths are
-    // unresolvable and the ones through the own ToR are used.
+    // (TTL 255). That ToR's next hop is not on r1n1's subnet; it resolves through r1n1's
+    // default route (RFC 4271 §5.1.3), so its shorter paths to rack 2 win and are installed via
+    // the router, while rack 1's block still comes from the own ToR.
     let yaml = example("bgp-tor").replace(
         "peers: [r2n1, r2n2, router]",
         "peers: [r2n1, r2n2, router, r1n1]",
@@ -298,9 +305,12 @@ fn bird_top_of_rack_per_rack_and_an_outside_client() {
     // The check covers pod↔pod across racks both ways and the client reaching pods without NAT.
     converge(lab, &["r1n2", "r2n1", "r2n2"], 1);
     let r = routes(lab, "r1n1");
+    let rack2 = |pod: &str| format!("{} via 192.168.71.1 dev eth0 proto 231", block_of(lab, pod));
     assert!(
-        r.contains("via 192.168.71.100 dev eth0 proto 231"),
-        "routes learned from the ToR:\n{r}"
+        r.contains("via 192.168.71.100 dev eth0 proto 231")
+            && r.contains(&rack2("p21"))
+            && r.contains(&rack2("p22")),
+        "rack 1 through the own ToR, rack 2 through the multihop peer resolved via the router:\n{r}"
     );
     let (_, tor) = exec(
         lab,
@@ -316,6 +326,24 @@ fn bird_top_of_rack_per_rack_and_an_outside_client() {
         ],
     );
     assert!(tor.contains("10.251."), "BIRD learned r1n1's block:\n{tor}");
+    // Without the default route that next hop no longer resolves: rack 2 falls back to the
+    // paths through the own ToR; with it back, the shorter paths return.
+    let via = |gw: &str| {
+        let r = routes(lab, "r1n1");
+        r.contains(&format!("{} via {gw} ", block_of(lab, "p21")))
+    };
+    let (ok, out) = exec(lab, "r1n1", &["ip", "route", "del", "default"]);
+    assert!(ok, "{out}");
+    wait_for("rack 2 through the own ToR", 20, || via("192.168.71.100"));
+    let (ok, out) = exec(
+        lab,
+        "r1n1",
+        &["ip", "route", "add", "default", "via", "192.168.71.1"],
+    );
+    assert!(ok, "{out}");
+    wait_for("rack 2 through the router again", 20, || {
+        via("192.168.71.1")
+    });
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! routes with Trellis's protocol number, permanent neighbours and FDB entries on the VTEP.
 //! Never touches routes of other protocols.
 
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use trellis_routing::{Fdb, Neighbour, Observed, Op, Route, RouteKind, TRELLIS_PROTO};
 
 use crate::types::{RouteKind as KKind, RouteScope, RouteSpec, TABLE_MAIN};
@@ -55,8 +58,15 @@ fn from_kernel(r: &RouteSpec) -> Option<Route> {
 
 /// What Trellis owns in the kernel now.
 pub fn observe(nl: &mut Netlink, vtep: Option<u32>) -> Result<Observed> {
+    let routes = nl.routes()?;
+    observe_with(nl, &routes, vtep)
+}
+
+/// [`observe`] from a route dump the caller already has (and uses for more, such as
+/// [`gateway_routes`]).
+pub fn observe_with(nl: &mut Netlink, routes: &[RouteSpec], vtep: Option<u32>) -> Result<Observed> {
     let mut o = Observed {
-        routes: nl.routes()?.iter().filter_map(from_kernel).collect(),
+        routes: routes.iter().filter_map(from_kernel).collect(),
         ..Default::default()
     };
     if let Some(ifindex) = vtep {
@@ -74,6 +84,22 @@ pub fn observe(nl: &mut Netlink, vtep: Option<u32>) -> Result<Observed> {
         }
     }
     Ok(o)
+}
+
+/// The main table's routes of other protocols that leave through `oif` by a gateway
+/// (destination → gateway): what BGP next hops beyond the node's subnet resolve through.
+/// Trellis's own routes are left out, so a BGP route never resolves through another.
+pub fn gateway_routes(routes: &[RouteSpec], oif: u32) -> Vec<(IpNet, IpAddr)> {
+    routes
+        .iter()
+        .filter(|r| {
+            r.protocol != TRELLIS_PROTO
+                && r.table == TABLE_MAIN
+                && r.kind == KKind::Unicast
+                && r.oif == Some(oif)
+        })
+        .filter_map(|r| Some((r.dst, r.gateway?)))
+        .collect()
 }
 
 /// Applies ops in order; returns the ones that failed (the rest still go through, and the next
@@ -190,6 +216,35 @@ mod tests {
             from_kernel(&foreign),
             None,
             "routes of other protocols are not Trellis's"
+        );
+    }
+
+    #[test]
+    fn gateway_routes_are_other_protocols_routes_through_the_uplink() {
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let gw: IpAddr = "192.0.2.1".parse().unwrap();
+        let bgp = to_kernel(&Route {
+            dst: net("10.7.0.0/24"),
+            metric: 32,
+            kind: RouteKind::Via {
+                gateway: gw,
+                ifindex: 2,
+                onlink: false,
+            },
+        });
+        let routes = [
+            RouteSpec::via(net("0.0.0.0/0"), gw, 2),
+            RouteSpec::via(net("198.51.100.0/24"), "192.0.2.9".parse().unwrap(), 2),
+            RouteSpec::via(net("203.0.113.0/24"), gw, 3),
+            RouteSpec::link_scope(net("192.0.2.0/24"), 2),
+            bgp,
+        ];
+        assert_eq!(
+            gateway_routes(&routes, 2),
+            vec![
+                (net("0.0.0.0/0"), gw),
+                (net("198.51.100.0/24"), "192.0.2.9".parse().unwrap())
+            ]
         );
     }
 }

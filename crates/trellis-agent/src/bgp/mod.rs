@@ -62,6 +62,9 @@ pub struct Shared {
     /// Every peer has sent its table (or the start-up grace passed): stale kernel routes may go.
     pub converged: AtomicBool,
     pub status: watch::Sender<Option<BgpStatusSpec>>,
+    /// The node's routes of other protocols through its uplink (destination → gateway), which
+    /// next hops beyond its subnet resolve through; kept current by the dataplane loop.
+    pub igp: watch::Sender<Arc<Vec<(IpNet, IpAddr)>>>,
     /// Wakes the dataplane loop.
     pub kick: Notify,
 }
@@ -73,6 +76,7 @@ impl Default for Shared {
             active: AtomicBool::new(false),
             converged: AtomicBool::new(false),
             status: watch::channel(None).0,
+            igp: watch::channel(Arc::new(Vec::new())).0,
             kick: Notify::new(),
         }
     }
@@ -83,6 +87,19 @@ impl Shared {
     pub(crate) fn publish(&self, routes: BTreeMap<IpNet, IpAddr>) {
         self.routes.send_replace(Arc::new(routes));
         self.kick.notify_one();
+    }
+
+    /// The host's gateway routes as the dataplane loop last read them; the speaker hears only
+    /// of real changes.
+    pub(crate) fn set_igp(&self, mut routes: Vec<(IpNet, IpAddr)>) {
+        routes.sort();
+        self.igp.send_if_modified(|have| {
+            let changed = **have != routes;
+            if changed {
+                *have = Arc::new(routes);
+            }
+            changed
+        });
     }
 }
 

@@ -102,6 +102,17 @@ fn cease(sub: u8) -> Notification {
     Notification::new(code::CEASE, sub, vec![])
 }
 
+/// The RIB's identity: next hops on the node's subnet are directly reachable, others resolve
+/// through the host's routes.
+fn rib_config(cfg: &SpeakerConfig) -> RibConfig {
+    RibConfig {
+        asn: cfg.asn,
+        router_id: cfg.router_id,
+        cluster_id: cfg.cluster_id,
+        connected: vec![cfg.subnet],
+    }
+}
+
 impl Speaker {
     /// Runs until the configuration channel closes.
     pub async fn run(shared: Arc<Shared>, mut config: watch::Receiver<Option<SpeakerConfig>>) {
@@ -111,6 +122,7 @@ impl Speaker {
         let mut tick = tokio::time::interval(TICK);
         let mut last_status: Option<BgpStatusSpec> = None;
         let mut last_status_write = Instant::now() - Duration::from_secs(60);
+        let mut igp = shared.igp.subscribe();
         loop {
             tokio::select! {
                 changed = config.changed() => {
@@ -147,6 +159,12 @@ impl Speaker {
                         s.on_event(ev);
                     }
                 }
+                Ok(()) = igp.changed() => {
+                    let routes = igp.borrow_and_update().clone();
+                    if let Some(s) = &mut sp {
+                        s.rib.set_igp_routes(routes.iter().copied());
+                    }
+                }
                 _ = tick.tick() => {
                     if let Some(s) = &mut sp {
                         s.on_tick();
@@ -173,12 +191,8 @@ impl Speaker {
         reads: mpsc::UnboundedSender<(ConnTag, Read)>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Speaker {
-        let rib = Rib::new(RibConfig {
-            asn: cfg.asn,
-            router_id: cfg.router_id,
-            cluster_id: cfg.cluster_id,
-            connected: vec![cfg.subnet],
-        });
+        let mut rib = Rib::new(rib_config(&cfg));
+        rib.set_igp_routes(shared.igp.borrow().iter().copied());
         let mut s = Speaker {
             cfg,
             shared,
@@ -242,12 +256,7 @@ impl Speaker {
             for addr in self.peers.keys().copied().collect::<Vec<_>>() {
                 self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE);
             }
-            self.rib.set_config(RibConfig {
-                asn: cfg.asn,
-                router_id: cfg.router_id,
-                cluster_id: cfg.cluster_id,
-                connected: vec![cfg.subnet],
-            });
+            self.rib.set_config(rib_config(&cfg));
         }
         self.cfg = cfg;
         self.sync_exports();

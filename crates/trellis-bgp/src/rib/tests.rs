@@ -248,3 +248,44 @@ fn unresolvable_next_hops_take_no_part_in_the_decision() {
     assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.3"));
     assert_eq!(r.counters(2).accepted, 1, "still accepted into Adj-RIB-In");
 }
+
+#[test]
+fn next_hops_beyond_the_subnet_resolve_through_the_hosts_routes() {
+    let mut r = rib(false);
+    r.set_config(RibConfig {
+        connected: vec![p("192.0.2.0/24")],
+        ..r.config.clone().unwrap()
+    });
+    r.peer_up(2, peer(65002, 2, false));
+    r.peer_up(3, peer(65003, 3, false));
+    r.apply_update(2, &announce("10.8.0.0/24", vec![65002], "198.51.100.2"));
+    r.apply_update(3, &announce("10.8.0.0/24", vec![65003, 65100], "192.0.2.3"));
+    r.flush();
+    assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.3"));
+    // A default route makes the multihop peer's next hop reachable: its shorter path wins and
+    // is installed through the default gateway (RFC 4271 §5.1.3).
+    r.set_igp_routes([(p("0.0.0.0/0"), ip("192.0.2.254"))]);
+    let (outs, changed) = r.flush();
+    assert!(changed);
+    assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.254"));
+    let to3 = sent_to(&outs, 3).expect("peer 3 hears the new best path");
+    assert_eq!(to3.announce.len(), 1);
+    // The longest covering route decides; a route through another family is ignored.
+    r.set_igp_routes([
+        (p("0.0.0.0/0"), ip("192.0.2.254")),
+        (p("198.51.100.0/24"), ip("192.0.2.100")),
+        (p("::/0"), ip("2001:db8::1")),
+    ]);
+    r.flush();
+    assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.100"));
+    // The same set again changes nothing; losing the routes falls back to the connected path.
+    r.set_igp_routes([
+        (p("::/0"), ip("2001:db8::1")),
+        (p("198.51.100.0/24"), ip("192.0.2.100")),
+        (p("0.0.0.0/0"), ip("192.0.2.254")),
+    ]);
+    assert_eq!(r.flush(), (vec![], false));
+    r.set_igp_routes([]);
+    r.flush();
+    assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.3"));
+}
