@@ -156,10 +156,7 @@ impl Rib {
             return;
         }
         self.igp = igp;
-        let connected = &self.cfg().connected;
-        let recursive = |p: &Path| {
-            p.source != Source::Local && !connected.iter().any(|n| n.contains(&p.next_hop))
-        };
+        let recursive = |p: &Path| p.source != Source::Local && !self.is_direct(p.next_hop);
         let affected: Vec<IpNet> = self
             .paths
             .iter()
@@ -169,11 +166,16 @@ impl Rib {
         self.dirty.extend(affected);
     }
 
+    /// Whether a next hop is on a connected network (or every one is taken to be).
+    fn is_direct(&self, next_hop: IpAddr) -> bool {
+        let connected = &self.cfg().connected;
+        connected.is_empty() || connected.iter().any(|n| n.contains(&next_hop))
+    }
+
     /// The immediate next hop for a path's NEXT_HOP: itself on a connected network, otherwise
     /// the gateway of the longest IGP route covering it (RFC 4271 §5.1.3).
     fn resolve(&self, next_hop: IpAddr) -> Option<IpAddr> {
-        let connected = &self.cfg().connected;
-        if connected.is_empty() || connected.iter().any(|n| n.contains(&next_hop)) {
+        if self.is_direct(next_hop) {
             return Some(next_hop);
         }
         let host_len = if next_hop.is_ipv4() { 32 } else { 128 };
