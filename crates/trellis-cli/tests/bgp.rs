@@ -137,6 +137,20 @@ fn routes(lab: &str, member: &str) -> String {
     exec(lab, member, &["ip", "route"]).1
 }
 
+/// Waits (up to 20 s: routes arrive hop by hop) until `member`'s routes contain every line
+/// fragment in `want`; the failure shows the table.
+fn wait_routes(lab: &str, member: &str, want: &[&str], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = routes(lab, member);
+        if want.iter().all(|w| r.contains(w)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{r}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A bounded ping in the background: (child, count).
 fn ping(lab: &str, from: &str, to_ip: &str, count: u32) -> Child {
     let ns = format!("/var/run/netns/tl-{lab}-{from}");
@@ -195,10 +209,11 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
     let lab = "tbgpm";
     let _g = up(lab, MESH_WITH_RR);
     converge(lab, &["node1", "node2", "node3", "node4"], 3);
-    let r = routes(lab, "node2");
-    assert!(
-        r.contains("via 192.168.74.12 dev eth0 proto 231"),
-        "BGP-learned route to node3's block:\n{r}"
+    wait_routes(
+        lab,
+        "node2",
+        &["via 192.168.74.12 dev eth0 proto 231"],
+        "BGP-learned route to node3's block",
     );
     // Add the reflector peering, then turn the mesh off, with traffic flowing between non-reflectors.
     let pinger = ping(lab, "b1", &pod_ip(lab, "c1"), 60);
@@ -232,10 +247,11 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
         "{rr}"
     );
     assert_eq!(rr["routeReflectorClusterID"], "244.0.0.1");
-    let r = routes(lab, "node2");
-    assert!(
-        r.contains("via 192.168.74.12 dev eth0 proto 231"),
-        "reflected route keeps node3 as next hop:\n{r}"
+    wait_routes(
+        lab,
+        "node2",
+        &["via 192.168.74.12 dev eth0 proto 231"],
+        "reflected route keeps node3 as next hop",
     );
     check(lab);
     let (ok, out) = trellis(&[
@@ -304,13 +320,16 @@ fn bird_top_of_rack_per_rack_and_an_outside_client() {
     });
     // The check covers pod↔pod across racks both ways and the client reaching pods without NAT.
     converge(lab, &["r1n2", "r2n1", "r2n2"], 1);
-    let r = routes(lab, "r1n1");
     let rack2 = |pod: &str| format!("{} via 192.168.71.1 dev eth0 proto 231", block_of(lab, pod));
-    assert!(
-        r.contains("via 192.168.71.100 dev eth0 proto 231")
-            && r.contains(&rack2("p21"))
-            && r.contains(&rack2("p22")),
-        "rack 1 through the own ToR, rack 2 through the multihop peer resolved via the router:\n{r}"
+    wait_routes(
+        lab,
+        "r1n1",
+        &[
+            "via 192.168.71.100 dev eth0 proto 231",
+            &rack2("p21"),
+            &rack2("p22"),
+        ],
+        "rack 1 through the own ToR, rack 2 through the multihop peer resolved via the router",
     );
     let (_, tor) = exec(
         lab,
@@ -356,11 +375,11 @@ fn gobgp_top_of_rack_per_rack_and_an_outside_client() {
         &example("bgp-tor").replace("daemon: bird", "daemon: gobgp"),
     );
     converge(lab, &["r1n1", "r1n2", "r2n1", "r2n2"], 1);
-    let r = routes(lab, "r2n2");
-    assert!(
-        r.contains("10.251.0.0/26 via 192.168.72.100 dev eth0 proto 231"),
-        "rack 1's block through the ToR:\n{r}"
+    let rack1 = format!(
+        "{} via 192.168.72.100 dev eth0 proto 231",
+        block_of(lab, "p11")
     );
+    wait_routes(lab, "r2n2", &[&rack1], "rack 1's block through the ToR");
 }
 
 const GOBGP: &str = "
@@ -403,8 +422,12 @@ fn gobgp(lab: &str, mode: &str, asns: [u32; 3]) {
         );
     }
     // Next hops stay the nodes' own (reflection and route serving both keep them).
-    let r = routes(lab, "n1");
-    assert!(r.contains("via 192.168.75.11 dev eth0 proto 231"), "{r}");
+    wait_routes(
+        lab,
+        "n1",
+        &["via 192.168.75.11 dev eth0 proto 231"],
+        "n2's block from gobgpd",
+    );
     if mode != "routeReflector" {
         return;
     }
@@ -454,11 +477,14 @@ fn bird_route_reflector_with_trellis_clients() {
         .replace("ASN3", "64512");
     let _g = up(lab, &yaml);
     converge(lab, &["n1", "n2", "n3"], 1);
-    let r = routes(lab, "n1");
-    assert!(
-        r.contains("via 192.168.75.11 dev eth0 proto 231")
-            && r.contains("via 192.168.75.12 dev eth0 proto 231"),
-        "reflected routes keep the nodes as next hops:\n{r}"
+    wait_routes(
+        lab,
+        "n1",
+        &[
+            "via 192.168.75.11 dev eth0 proto 231",
+            "via 192.168.75.12 dev eth0 proto 231",
+        ],
+        "reflected routes keep the nodes as next hops",
     );
     // BIRD restarts gracefully (`birdc graceful restart`, then `bird -R`): its clients keep
     // the reflected routes as stale while it is away and forwarding never stops.
@@ -490,8 +516,6 @@ fn bird_route_reflector_with_trellis_clients() {
         .unwrap();
     converge(lab, &["n1", "n2", "n3"], 1);
     let (sent, got) = ping_result(pinger);
-    let _ = bird.kill();
-    let _ = bird.wait();
     assert!(
         got + 1 >= sent,
         "forwarding broke while BIRD restarted: {got}/{sent}"
@@ -501,11 +525,24 @@ fn bird_route_reflector_with_trellis_clients() {
         n1log.contains("graceful=true"),
         "n1 treated BIRD's restart as graceful"
     );
-    let r = routes(lab, "n1");
-    assert!(
-        r.contains("via 192.168.75.11 dev eth0 proto 231"),
-        "the routes are fresh again after End-of-RIB:\n{r}"
+    wait_for(
+        "n1 to take BIRD's End-of-RIB and drop what stayed stale",
+        20,
+        || {
+            std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log"))
+                .unwrap()
+                .contains("End-of-RIB after restart")
+        },
     );
+    wait_routes(
+        lab,
+        "n1",
+        &["via 192.168.75.11 dev eth0 proto 231"],
+        "the reflected route, fresh again",
+    );
+    // The lab's `down` would also end it; stop it here so the test waits on its child.
+    let _ = bird.kill();
+    let _ = bird.wait();
 }
 
 const PAIR: &str = "
