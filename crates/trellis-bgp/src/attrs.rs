@@ -80,6 +80,14 @@ impl AsPath {
         self.0.iter().any(|s| s.asns.contains(&asn))
     }
 
+    /// How many times `asn` appears (in any segment).
+    pub fn count(&self, asn: u32) -> usize {
+        self.0
+            .iter()
+            .map(|s| s.asns.iter().filter(|a| **a == asn).count())
+            .sum()
+    }
+
     /// The neighbouring AS (first of the leading sequence).
     pub fn first_as(&self) -> Option<u32> {
         self.0

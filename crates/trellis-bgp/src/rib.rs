@@ -53,6 +53,9 @@ pub struct PeerInfo {
     pub keep_next_hop: bool,
     /// Families negotiated (AFIs).
     pub families: Vec<u16>,
+    /// How many times our AS may appear in a path from this (external) peer before it counts
+    /// as a loop (BIRD's `allow local as`; 0 is the RFC 4271 §9.1.2 rule).
+    pub allow_local_as: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -338,7 +341,7 @@ impl Rib {
         if !ibgp {
             attrs.local_pref = None;
         }
-        let reason = self.loop_check(&attrs, ibgp);
+        let reason = self.loop_check(&attrs, ibgp, peer.allow_local_as);
         let attrs = Arc::new(attrs);
         let mp_nh = u.mp_reach.as_ref().and_then(|m| m.next_hop_addr());
         let v4_nh = u.attrs.next_hop.map(IpAddr::V4);
@@ -390,9 +393,9 @@ impl Rib {
 
     /// Loop prevention: our AS in the path (eBGP), our ID as originator or our cluster in the
     /// cluster list (RFC 4456 §8).
-    fn loop_check(&self, a: &PathAttrs, ibgp: bool) -> Option<&'static str> {
+    fn loop_check(&self, a: &PathAttrs, ibgp: bool, allow_local_as: usize) -> Option<&'static str> {
         let c = self.cfg();
-        if !ibgp && a.as_path.contains(c.asn) {
+        if !ibgp && a.as_path.count(c.asn) > allow_local_as {
             return Some("AS path contains our AS");
         }
         if a.originator_id == Some(c.router_id) {

@@ -506,14 +506,8 @@ fn bird_route_reflector_with_trellis_clients() {
         "stale routes kept while BIRD restarts:\n{r}"
     );
     std::thread::sleep(Duration::from_secs(2));
-    let mut bird = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/tl-{lab}-rr"))
-        .args(&argv)
-        .arg("-R")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let recovering: Vec<String> = argv.into_iter().chain(["-R".to_string()]).collect();
+    let mut bird = respawn(lab, "rr", &recovering);
     converge(lab, &["n1", "n2", "n3"], 1);
     let (sent, got) = ping_result(pinger);
     assert!(
@@ -562,30 +556,149 @@ pods:
   - {name: p2, node: n2}
 ";
 
-#[test]
-fn tcp_md5_passwords_protect_sessions() {
-    let lab = "tbgpmd5";
-    let tor = "  - name: tor\n    subnet: rack1\n    bgp: {daemon: bird, asNumber: 65001, peers: [n1], password: s3cret-md5}";
-    let _g = up(lab, &PAIR.replace("  - {name: peer, subnet: rack1}", tor));
-    // BIRD signs and checks every segment: the session comes up only if the agent does too.
-    converge(lab, &["n1"], 2);
-    let tor_up = || established(lab, "n1").contains(&"192.168.76.100".to_string());
-    let peer = |pw: &str| {
-        format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: lab-tor-n1}}\nspec: {{node: n1, peerIP: 192.168.76.100, asNumber: 65001, password: {pw}}}\n")
+/// `{daemon: D, asNumber: 65001, peers: [n1]}` for a ToR, with `extra` settings (which the
+/// lab also puts on n1's BGPPeer).
+fn tor(daemon: &str, extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
     };
-    apply(lab, &peer("wrong"));
-    wait_for("the session to drop on the password change", 20, || {
-        !tor_up()
+    format!("  - name: tor\n    subnet: rack1\n    bgp: {{daemon: {daemon}, asNumber: 65001, peers: [n1]{extra}}}")
+}
+
+/// n1's BGPPeer towards the ToR with `extra` settings.
+fn tor_peer(extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
+    format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: lab-tor-n1}}\nspec: {{node: n1, peerIP: 192.168.76.100, asNumber: 65001{extra}}}\n")
+}
+
+/// A BIRD ToR with `protection` on its session with n1 (and on n1's BGPPeer): the session comes
+/// up; with n1's side changed to `bad` it drops and stays down while the mesh session is
+/// untouched. Returns the lab's guard.
+fn refused_when_misconfigured(lab: &str, protection: &str, bad: &str) -> LabGuard {
+    let g = up(
+        lab,
+        &PAIR.replace("  - {name: peer, subnet: rack1}", &tor("bird", protection)),
+    );
+    converge(lab, &["n1"], 2);
+    apply(lab, &tor_peer(bad));
+    wait_for(&format!("the session to drop on {bad}"), 20, || {
+        !tor_up(lab)
     });
     std::thread::sleep(Duration::from_secs(8));
-    assert!(!tor_up(), "a wrong MD5 key must not bring the session up");
+    assert!(!tor_up(lab), "{bad} must not bring the session up");
     assert_eq!(
         established(lab, "n1"),
         vec!["192.168.76.11".to_string()],
         "the mesh session is untouched"
     );
-    apply(lab, &peer("s3cret-md5"));
-    wait_for("the session back with the right key", 30, tor_up);
+    g
+}
+
+fn tor_up(lab: &str) -> bool {
+    established(lab, "n1").contains(&"192.168.76.100".to_string())
+}
+
+#[test]
+fn tcp_md5_passwords_protect_sessions() {
+    // BIRD signs and checks every segment: the session comes up only if the agent does too.
+    let lab = "tbgpmd5";
+    let _g = refused_when_misconfigured(lab, "password: s3cret-md5", "password: wrong");
+    apply(lab, &tor_peer("password: s3cret-md5"));
+    wait_for("the session back with the right key", 30, || tor_up(lab));
+}
+
+#[test]
+fn gtsm_interoperates_and_is_enforced() {
+    // RFC 5082 with ToRs that check it: they drop segments sent with less than TTL 255, so the
+    // sessions come up only because the agent sends 255.
+    for (lab, daemon) in [("tbgpgtb", "bird"), ("tbgpgtg", "gobgp")] {
+        let _g = up(
+            lab,
+            &PAIR.replace(
+                "  - {name: peer, subnet: rack1}",
+                &tor(daemon, "ttlSecurity: 1"),
+            ),
+        );
+        converge(lab, &["n1"], 2);
+        // The ToR's side too: a first segment can slip in before its check applies, so the
+        // agent's view alone could be one-sided.
+        wait_for(&format!("{daemon} to see the session up"), 20, || {
+            let (_, out) = match daemon {
+                "bird" => exec(
+                    lab,
+                    "tor",
+                    &[
+                        "birdc",
+                        "-s",
+                        &format!("/run/trellis/lab/{lab}/tor.bird.ctl"),
+                        "show",
+                        "protocols",
+                        "peer_n1",
+                    ],
+                ),
+                _ => exec(lab, "tor", &["gobgp", "neighbor"]),
+            };
+            out.lines().any(|l| {
+                (l.contains("peer_n1") || l.contains("192.168.76.10 ")) && l.contains("Establ")
+            })
+        });
+    }
+    // The agent's own check: a ToR without GTSM sends TTL 1 to a directly connected eBGP peer,
+    // which the agent then drops (IP_MINTTL 255). (Not restored here: a connection whose
+    // segments one side drops lingers half-open on BIRD's side until its hold timer.)
+    refused_when_misconfigured("tbgpgte", "", "ttlSecurity: 1");
+}
+
+#[test]
+fn bind_mode_node_ip_listens_on_the_node_address_only() {
+    let lab = "tbgpbind";
+    let _g = up(lab, PAIR);
+    converge(lab, &["n1"], 1);
+    let listening = || exec(lab, "n1", &["ss", "-ltnH", "sport = :179"]).1;
+    assert!(listening().contains("0.0.0.0:179"), "{}", listening());
+    apply(lab, "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512, bindMode: NodeIP}\n");
+    wait_for("the listener on the node's address", 20, || {
+        let l = listening();
+        l.contains("192.168.76.10:179") && !l.contains("0.0.0.0:179")
+    });
+    // n2 (the higher router ID) opens the mesh session: restarted, it comes in through the
+    // new listener.
+    let (pid, argv) = agent_of(lab, "n2");
+    // SAFETY: kill(2) on the agent process this test's lab started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for("n1 to see n2 gone", 20, || {
+        established(lab, "n1").is_empty()
+    });
+    let mut n2 = respawn(lab, "n2", &argv);
+    wait_for(
+        "the mesh session through the node-address listener",
+        30,
+        || established(lab, "n1").len() == 1,
+    );
+    let _ = n2.kill();
+    let _ = n2.wait();
+}
+
+/// Starts `argv` again in a lab member's namespace, its stderr appended to the member's log.
+fn respawn(lab: &str, member: &str, argv: &[String]) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(format!("/run/trellis/lab/{lab}/{member}.log"))
+        .unwrap();
+    Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/tl-{lab}-{member}"))
+        .args(argv)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// The agent process of a lab node, with its command line.
@@ -634,17 +747,7 @@ fn graceful_restart_keeps_forwarding_while_an_agent_restarts() {
         r.contains("via 192.168.76.11 dev eth0 proto 231"),
         "stale route kept during the restart:\n{r}"
     );
-    let log = std::fs::File::options()
-        .append(true)
-        .open(format!("/run/trellis/lab/{lab}/n2.log"))
-        .unwrap();
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/tl-{lab}-n2"))
-        .args(&argv)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = respawn(lab, "n2", &argv);
     wait_for("the session back", 30, || established(lab, "n1").len() == 1);
     let (sent, got) = ping_result(pinger);
     // The lab's `down` would also end it; stop it here so the test waits on its child.

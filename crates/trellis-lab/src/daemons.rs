@@ -26,6 +26,8 @@ pub struct DaemonConfig {
     pub route_reflector: bool,
     pub route_server: bool,
     pub password: Option<String>,
+    /// GTSM (RFC 5082) with peers at most this many hops away.
+    pub ttl_security: Option<u8>,
     pub peers: Vec<DaemonPeer>,
 }
 
@@ -57,8 +59,14 @@ pub fn bird_conf(c: &DaemonConfig) -> String {
         if let Some(pw) = &c.password {
             let _ = writeln!(s, "  password {pw:?};");
         }
-        if p.multihop {
-            s.push_str("  multihop;\n");
+        match (c.ttl_security, p.multihop) {
+            // BIRD sends TTL 255 and accepts 256 − hops (1 hop for a direct peer).
+            (Some(h), true) => {
+                let _ = writeln!(s, "  ttl security on;\n  multihop {h};");
+            }
+            (Some(_), false) => s.push_str("  ttl security on;\n"),
+            (None, true) => s.push_str("  multihop;\n"),
+            (None, false) => {}
         }
         if c.route_reflector && p.asn == c.asn {
             let _ = writeln!(s, "  rr client;\n  rr cluster id {};", c.address);
@@ -98,7 +106,13 @@ pub fn gobgp_conf(c: &DaemonConfig) -> String {
             c.password.as_ref().map(|pw| format!("    auth-password = {pw:?}\n")).unwrap_or_default(),
             p.local
         );
-        if p.multihop {
+        if let Some(h) = c.ttl_security {
+            let _ = write!(
+                s,
+                "  [neighbors.ttl-security.config]\n    enabled = true\n    ttl-min = {}\n",
+                256 - u16::from(h)
+            );
+        } else if p.multihop {
             s.push_str(
                 "  [neighbors.ebgp-multihop.config]\n    enabled = true\n    multihop-ttl = 255\n",
             );
@@ -197,6 +211,7 @@ mod tests {
             route_reflector: rr,
             route_server: false,
             password: Some("pw".into()),
+            ttl_security: None,
             peers: vec![
                 peer("n1", "192.168.60.10", 65101, false),
                 peer("tor-2", "192.168.61.100", 65002, true),
@@ -219,6 +234,12 @@ mod tests {
         );
         assert_eq!(s.matches("graceful restart on;").count(), 3);
         assert_eq!(s.matches("password \"pw\";").count(), 3);
+        let gtsm = bird_conf(&DaemonConfig {
+            ttl_security: Some(2),
+            ..cfg(false)
+        });
+        assert_eq!(gtsm.matches("ttl security on;").count(), 3);
+        assert_eq!(gtsm.matches("multihop 2;").count(), 1);
     }
 
     #[test]
@@ -229,6 +250,11 @@ mod tests {
         assert_eq!(s.matches("route-reflector-client = true").count(), 1);
         assert_eq!(s.matches("multihop-ttl = 255").count(), 1);
         assert_eq!(s.matches("auth-password = \"pw\"").count(), 3);
+        let gtsm = gobgp_conf(&DaemonConfig {
+            ttl_security: Some(1),
+            ..cfg(false)
+        });
+        assert_eq!(gtsm.matches("ttl-min = 255").count(), 3);
         assert!(command("gobgp", "x", Path::new("/d")).contains(&"/d/x.gobgpd.toml".to_string()));
     }
 }

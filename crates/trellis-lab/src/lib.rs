@@ -627,6 +627,7 @@ fn bgp_resources(t: &Topology, addrs: &Addrs) -> String {
                 p.local,
                 b.as_number,
                 b.password.as_ref().map(|pw| format!("  password: {pw:?}\n")).unwrap_or_default()
+                    + &b.ttl_security.map(|h| format!("  ttlSecurity: {h}\n")).unwrap_or_default()
             ));
         }
     }
@@ -696,6 +697,7 @@ fn daemon_config(
         route_reflector: b.route_reflector,
         route_server: b.route_server,
         password: b.password.clone(),
+        ttl_security: b.ttl_security,
         peers,
     }
 }

@@ -72,6 +72,10 @@ pub struct DaemonSpec {
     /// TCP MD5 password on every session (also put on the nodes' BGPPeers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// GTSM (RFC 5082) on every session, peers at most this many hops away (1-254; also put
+    /// on the nodes' BGPPeers as `ttlSecurity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_security: Option<u8>,
 }
 
 fn embedded() -> String {
@@ -277,6 +281,11 @@ fn validate(t: &Topology) -> Result<(), String> {
         if b.as_number == 0 {
             return Err(format!("{name}: bgp.asNumber 0 is not usable"));
         }
+        if matches!(b.ttl_security, Some(0 | 255)) {
+            return Err(format!(
+                "{name}: bgp.ttlSecurity: give the hops to the peers, 1-254"
+            ));
+        }
         for p in &b.peers {
             let known = t.nodes.iter().any(|n| &n.name == p)
                 || speakers
@@ -387,5 +396,28 @@ mod tests {
         assert!(parse(&format!("{base}nodes: []\nbogus: 1\n"))
             .unwrap_err()
             .contains("bogus"));
+        let tor = |bgp: &str| {
+            format!("{base}nodes: [{{name: n, subnet: s}}]\nexternal: [{{name: tor, subnet: s, bgp: {bgp}}}]\n")
+        };
+        for (bgp, want) in [
+            ("{daemon: frr, asNumber: 65001, peers: [n]}", "bgp.daemon"),
+            ("{daemon: bird, asNumber: 0, peers: [n]}", "bgp.asNumber"),
+            ("{daemon: bird, asNumber: 65001, peers: [zz]}", "\"zz\""),
+            (
+                "{daemon: bird, asNumber: 65001, peers: [n], ttlSecurity: 0}",
+                "bgp.ttlSecurity",
+            ),
+            (
+                "{daemon: bird, asNumber: 65001, peers: [n], ttlSecurity: 300}",
+                "ttlSecurity",
+            ),
+        ] {
+            let e = parse(&tor(bgp)).unwrap_err();
+            assert!(e.contains(want), "{bgp} → {e} (want {want})");
+        }
+        assert!(parse(&tor(
+            "{daemon: bird, asNumber: 65001, peers: [n], ttlSecurity: 1}"
+        ))
+        .is_ok());
     }
 }

@@ -326,6 +326,28 @@ pub struct BgpConfigurationSpec {
     /// Graceful restart time offered on mesh sessions (`120s`, default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_mesh_max_restart_time: Option<String>,
+    /// Where the speaker listens: every address (`None`, default) or only the node's BGP
+    /// address (`NodeIP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_mode: Option<BindMode>,
+}
+
+/// Calico's `bindMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BindMode {
+    None,
+    #[serde(rename = "NodeIP")]
+    NodeIp,
+}
+
+/// Calico's `sourceAddress`: which local address a session to a peer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SourceAddress {
+    /// The node's BGP address (default).
+    #[serde(rename = "UseNodeIP")]
+    UseNodeIp,
+    /// Whatever the kernel picks for the route to the peer.
+    None,
 }
 
 /// A BGP password: inline. Calico's `secretKeyRef` form is refused with a message, since the
@@ -367,6 +389,25 @@ pub struct BgpPeerSpec {
     /// Graceful restart time offered to this peer (`120s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_restart_time: Option<String>,
+    /// The local address of the session (default `UseNodeIP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<SourceAddress>,
+    /// How many times this cluster's own AS may appear in a received AS path (BIRD's
+    /// `allow local as`; it disables part of eBGP loop prevention). Default 0.
+    #[serde(
+        default,
+        rename = "numAllowedLocalASNumbers",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub num_allowed_local_as_numbers: Option<u32>,
+    /// GTSM (RFC 5082): the peer is at most this many hops away; packets are sent with TTL 255
+    /// and those arriving with a TTL below 256 − hops are dropped. 0 (Calico's default) is off.
+    #[serde(
+        default,
+        rename = "ttlSecurity",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl_security: Option<u32>,
 }
 
 /// One session as the agent reports it.

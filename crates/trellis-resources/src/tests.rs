@@ -144,6 +144,7 @@ spec:
   logSeverityScreen: Info
   nodeToNodeMeshEnabled: false
   asNumber: 63400
+  bindMode: NodeIP
   serviceClusterIPs:
   - cidr: 10.96.0.0/12
   communities:
@@ -161,6 +162,9 @@ spec:
   peerIP: 192.20.30.40
   asNumber: 64567
   nodeSelector: rack == 'rack-1'
+  sourceAddress: UseNodeIP
+  numAllowedLocalASNumbers: 1
+  ttlSecurity: 1
 ---
 apiVersion: projectcalico.org/v3
 kind: BGPPeer
@@ -182,6 +186,13 @@ fn calico_bgp_resources_apply_unchanged() {
     };
     assert_eq!(c.spec.as_number, Some(63400));
     assert_eq!(c.spec.node_to_node_mesh_enabled, Some(false));
+    assert_eq!(c.spec.bind_mode, Some(BindMode::NodeIp));
+    let Resource::BgpPeer(p) = &rs[1] else {
+        panic!()
+    };
+    assert_eq!(p.spec.source_address, Some(SourceAddress::UseNodeIp));
+    assert_eq!(p.spec.num_allowed_local_as_numbers, Some(1));
+    assert_eq!(p.spec.ttl_security, Some(1));
 }
 
 #[test]
@@ -202,6 +213,10 @@ fn bad_bgp_resources_name_the_field() {
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, password: {secretKeyRef: {name: s, key: k}}}"), "spec.password"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, maxRestartTime: forever}"), "spec.maxRestartTime"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, bogus: 1}"), "bogus"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, sourceAddress: Elsewhere}"), "sourceAddress"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, numAllowedLocalASNumbers: 300}"), "spec.numAllowedLocalASNumbers"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, ttlSecurity: 255}"), "spec.ttlSecurity"),
+        ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {bindMode: Everywhere}\n".into(), "bindMode"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: other}\nspec: {}\n".into(), "metadata.name"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {communities: [{name: c, value: '70000:1'}]}\n".into(), "spec.communities[0].value"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {prefixAdvertisements: [{cidr: 10.0.0.0/8, communities: [nope]}]}\n".into(), "spec.prefixAdvertisements[0].communities[0]"),

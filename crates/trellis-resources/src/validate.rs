@@ -267,8 +267,31 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
     if let Some(t) = &s.max_restart_time {
         parse_seconds(t).map_err(|e| err("spec.maxRestartTime", e))?;
     }
+    if let Some(n) = s.num_allowed_local_as_numbers {
+        if n > MAX_ALLOWED_LOCAL_AS {
+            return Err(err(
+                "spec.numAllowedLocalASNumbers",
+                format!("{n} is more than {MAX_ALLOWED_LOCAL_AS}"),
+            ));
+        }
+    }
+    if let Some(h) = s.ttl_security {
+        if h > MAX_TTL_SECURITY_HOPS {
+            return Err(err(
+                "spec.ttlSecurity",
+                format!(
+                    "{h}: give the peer's distance in hops, 1-{MAX_TTL_SECURITY_HOPS} (0: off)"
+                ),
+            ));
+        }
+    }
     Ok(())
 }
+
+/// Upper bound of `numAllowedLocalASNumbers` (an AS path segment holds at most 255 ASes).
+pub const MAX_ALLOWED_LOCAL_AS: u32 = 255;
+/// Upper bound of `ttlSecurity` hops (the lowest accepted TTL is then 2).
+pub const MAX_TTL_SECURITY_HOPS: u32 = 254;
 
 /// Number of addresses in a block.
 pub fn block_size(c: &IpNet) -> u128 {

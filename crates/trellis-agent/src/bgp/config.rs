@@ -9,7 +9,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 use trellis_resources::validate::{parse_community, parse_peer_ip, parse_seconds};
 use trellis_resources::{
-    BgpConfigurationSpec, BgpPassword, BgpPeerSpec, IpPoolSpec, NodeSpec, Object, Selector,
+    BgpConfigurationSpec, BgpPassword, BgpPeerSpec, BindMode, IpPoolSpec, NodeSpec, Object,
+    Selector, SourceAddress,
 };
 
 /// Calico's default AS.
@@ -48,6 +49,45 @@ pub struct PeerConfig {
     pub keep_next_hop: bool,
     pub rr_client: bool,
     pub restart_time: u16,
+    /// Bind outgoing connections to the node's address (`sourceAddress: UseNodeIP`).
+    pub bind_source: bool,
+    /// Occurrences of our AS accepted in a path from this peer (`numAllowedLocalASNumbers`).
+    pub allow_local_as: usize,
+    /// GTSM (RFC 5082) with the peer at most this many hops away (`ttlSecurity`).
+    pub ttl_security: Option<u8>,
+}
+
+/// The TTL settings of a session's socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TtlPolicy {
+    /// TTL of sent packets (`None`: the system default).
+    pub ttl: Option<u8>,
+    /// Received packets with a lower TTL are dropped (`IP_MINTTL`).
+    pub min_ttl: Option<u8>,
+}
+
+impl SpeakerConfig {
+    /// GTSM when configured (TTL 255 out, at least 256 − hops in, RFC 5082 §3); otherwise for
+    /// eBGP TTL 1 inside the node's subnet and 255 (multihop) beyond it; iBGP the default.
+    pub fn ttl_policy(&self, p: &PeerConfig) -> TtlPolicy {
+        if let Some(hops) = p.ttl_security {
+            return TtlPolicy {
+                ttl: Some(255),
+                min_ttl: Some((256 - u16::from(hops)) as u8),
+            };
+        }
+        if p.asn == self.asn {
+            return TtlPolicy::default();
+        }
+        TtlPolicy {
+            ttl: Some(if self.subnet.contains(&p.address) {
+                1
+            } else {
+                255
+            }),
+            min_ttl: None,
+        }
+    }
 }
 
 /// The speaker's whole configuration.
@@ -60,6 +100,8 @@ pub struct SpeakerConfig {
     pub subnet: IpNet,
     pub cluster_id: Option<Ipv4Addr>,
     pub port: u16,
+    /// Listen on the node's address only (`bindMode: NodeIP`), not on every address.
+    pub listen_on_node_ip: bool,
     pub peers: BTreeMap<IpAddr, PeerConfig>,
     /// Prefixes to originate, with their communities.
     pub exports: BTreeMap<IpNet, Vec<u32>>,
@@ -153,11 +195,10 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
             asn: v.asn,
             kind,
             node: Some(v.name.to_string()),
-            password: p.and_then(password),
-            keep_next_hop: p.is_some_and(|p| p.keep_original_next_hop),
             // RFC 4456: a reflector's peers outside its cluster are its clients.
             rr_client: me.cluster_id.is_some() && v.cluster_id != me.cluster_id,
             restart_time: p.map_or(mesh_restart, restart_time),
+            ..PeerConfig::options(p)
         })
     };
     if cfg.node_to_node_mesh_enabled.unwrap_or(true) {
@@ -182,10 +223,8 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
                         asn,
                         kind: kind_of(p),
                         node: None,
-                        password: password(p),
-                        keep_next_hop: p.keep_original_next_hop,
                         rr_client: false,
-                        restart_time: restart_time(p),
+                        ..PeerConfig::options(Some(p))
                     },
                 );
             }
@@ -209,9 +248,36 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
         subnet: me.subnet.unwrap_or(IpNet::from(IpAddr::V4(router_id))),
         cluster_id: me.cluster_id,
         port,
+        listen_on_node_ip: cfg.bind_mode == Some(BindMode::NodeIp),
         peers,
         exports: exports(i, &cfg),
     })
+}
+
+impl PeerConfig {
+    /// The session options a BGPPeer sets (defaults for mesh peerings), on a placeholder peer.
+    fn options(p: Option<&BgpPeerSpec>) -> PeerConfig {
+        PeerConfig {
+            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: DEFAULT_PORT,
+            asn: DEFAULT_ASN,
+            kind: PeerKind::Mesh,
+            node: None,
+            password: p.and_then(password),
+            keep_next_hop: p.is_some_and(|p| p.keep_original_next_hop),
+            rr_client: false,
+            restart_time: p.map_or(DEFAULT_RESTART_TIME, restart_time),
+            bind_source: p.and_then(|p| p.source_address) != Some(SourceAddress::None),
+            allow_local_as: p
+                .and_then(|p| p.num_allowed_local_as_numbers)
+                .map_or(0, |n| n as usize),
+            // Validated on write to 0-254; 0 (Calico's default) means off.
+            ttl_security: p
+                .and_then(|p| p.ttl_security)
+                .and_then(|h| u8::try_from(h).ok())
+                .filter(|h| *h > 0 && *h < 255),
+        }
+    }
 }
 
 fn password(p: &BgpPeerSpec) -> Option<String> {

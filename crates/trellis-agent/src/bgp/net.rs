@@ -1,6 +1,7 @@
 //! BGP transport: the listening socket, outgoing connections with TCP MD5 signatures (RFC 2385)
-//! and the right TTL (1 for directly connected eBGP, 255 for multihop), and one reader and one
-//! writer task per connection that turn bytes into decoded messages and back. Does I/O.
+//! and the TTL a [`TtlPolicy`] gives (1 for directly connected eBGP, 255 for multihop, GTSM's
+//! minimum TTL, RFC 5082), and one reader and one writer task per connection that turn bytes
+//! into decoded messages and back. Does I/O.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -11,6 +12,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use trellis_bgp::message::{self, MAX_LEN};
 use trellis_bgp::{Context, DecodeError, Message};
+
+use super::config::TtlPolicy;
 
 /// `struct tcp_md5sig` from <linux/tcp.h>.
 #[repr(C)]
@@ -81,25 +84,43 @@ fn setsockopt<T>(
     Ok(())
 }
 
-fn set_ttl(fd: &impl AsRawFd, ttl: u8) -> std::io::Result<()> {
-    setsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL, &(ttl as libc::c_int))
+/// Applies a TTL policy to an IPv4 socket (the speaker's sessions are IPv4).
+fn set_ttl(fd: &impl AsRawFd, policy: TtlPolicy) -> std::io::Result<()> {
+    if let Some(t) = policy.ttl {
+        setsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL, &(t as libc::c_int))?;
+    }
+    if let Some(t) = policy.min_ttl {
+        setsockopt(fd, libc::IPPROTO_IP, libc::IP_MINTTL, &(t as libc::c_int))?;
+    }
+    Ok(())
 }
 
-/// Binds the BGP listener on every address of the node's namespace.
-pub fn listen(port: u16) -> std::io::Result<TcpListener> {
+/// Binds the BGP listener (`at` is the unspecified address for every address of the node's
+/// namespace).
+pub fn listen(at: SocketAddr) -> std::io::Result<TcpListener> {
     let s = TcpSocket::new_v4()?;
     s.set_reuseaddr(true)?;
-    s.bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port))?;
+    // The listener answers SYNs itself: with TTL 255 its SYN-ACKs pass a GTSM peer's check
+    // (as BIRD's listener does); each accepted socket then gets its peer's policy.
+    set_ttl(
+        &s,
+        TtlPolicy {
+            ttl: Some(255),
+            min_ttl: None,
+        },
+    )?;
+    s.bind(at)?;
     s.listen(64)
 }
 
 /// Options for one connection.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    pub local: IpAddr,
+    /// Source address to bind (`None`: the kernel's choice).
+    pub local: Option<IpAddr>,
     pub peer: SocketAddr,
     pub password: Option<String>,
-    pub ttl: Option<u8>,
+    pub ttl: TtlPolicy,
 }
 
 /// Opens a connection to a peer (bounded by a timeout).
@@ -112,10 +133,10 @@ pub async fn connect(o: &ConnectOptions) -> std::io::Result<TcpStream> {
     if let Some(p) = &o.password {
         set_md5(&s, o.peer.ip(), Some(p))?;
     }
-    if let Some(t) = o.ttl {
-        set_ttl(&s, t)?;
+    set_ttl(&s, o.ttl)?;
+    if let Some(local) = o.local {
+        s.bind(SocketAddr::new(local, 0))?;
     }
-    s.bind(SocketAddr::new(o.local, 0))?;
     let stream = tokio::time::timeout(Duration::from_secs(5), s.connect(o.peer))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -123,13 +144,10 @@ pub async fn connect(o: &ConnectOptions) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Sets the TTL on an accepted connection.
-pub fn accepted(stream: &TcpStream, ttl: Option<u8>) -> std::io::Result<()> {
+/// Sets the TTL policy on an accepted connection.
+pub fn accepted(stream: &TcpStream, ttl: TtlPolicy) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    if let Some(t) = ttl {
-        stream.set_ttl(t as u32)?;
-    }
-    Ok(())
+    set_ttl(stream, ttl)
 }
 
 /// What a reader reports.

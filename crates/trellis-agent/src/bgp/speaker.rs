@@ -29,6 +29,8 @@ use super::Shared;
 const CONNECT_RETRY: Duration = Duration::from_secs(3);
 const HOLD_TIME: u16 = 90;
 const TICK: Duration = Duration::from_millis(250);
+/// How often a failed listen is retried.
+const LISTEN_RETRY: Duration = Duration::from_secs(3);
 /// How long a restarting agent keeps the routes it finds before its peers have sent theirs.
 const STARTUP_GRACE: Duration = Duration::from_secs(30);
 
@@ -88,7 +90,10 @@ pub struct Speaker {
     started: Instant,
     reads: mpsc::UnboundedSender<(ConnTag, Read)>,
     events: mpsc::UnboundedSender<Event>,
-    listener_port: Option<u16>,
+    /// Where the listener is bound.
+    listener_at: Option<SocketAddr>,
+    /// The last failed attempt to listen (retried from the tick every few seconds).
+    listen_failed_at: Option<Instant>,
     listener: Option<Arc<tokio::net::TcpListener>>,
     accept_task: Option<tokio::task::JoinHandle<()>>,
     md5_keys: HashMap<IpAddr, String>,
@@ -203,7 +208,8 @@ impl Speaker {
             started: Instant::now(),
             reads,
             events,
-            listener_port: None,
+            listener_at: None,
+            listen_failed_at: None,
             listener: None,
             accept_task: None,
             md5_keys: HashMap::new(),
@@ -324,14 +330,20 @@ impl Speaker {
     }
 
     fn ensure_listener(&mut self) {
-        if self.listener_port == Some(self.cfg.port) && self.listener.is_some() {
+        let ip = if self.cfg.listen_on_node_ip {
+            self.cfg.address
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        };
+        let at = SocketAddr::new(ip, self.cfg.port);
+        if self.listener_at == Some(at) && self.listener.is_some() {
             return;
         }
         if let Some(t) = self.accept_task.take() {
             t.abort();
         }
         self.listener = None;
-        match net::listen(self.cfg.port) {
+        match net::listen(at) {
             Ok(l) => {
                 let l = Arc::new(l);
                 let events = self.events.clone();
@@ -344,12 +356,16 @@ impl Speaker {
                     }
                 }));
                 self.listener = Some(l);
-                self.listener_port = Some(self.cfg.port);
+                self.listener_at = Some(at);
+                self.listen_failed_at = None;
                 self.md5_keys.clear();
-                tracing::info!(port = self.cfg.port, "BGP listening");
+                tracing::info!(%at, "BGP listening");
             }
             Err(e) => {
-                tracing::warn!(port = self.cfg.port, error = %e, "cannot listen for BGP; will retry")
+                // Also when rebinding elsewhere: the aborted accept task may still hold the old
+                // socket for a moment.
+                tracing::warn!(%at, error = %e, "cannot listen for BGP; will retry");
+                self.listen_failed_at = Some(Instant::now());
             }
         }
     }
@@ -400,17 +416,6 @@ impl Speaker {
         }
     }
 
-    fn ttl_for(&self, p: &PeerConfig) -> Option<u8> {
-        if p.asn == self.cfg.asn {
-            return None;
-        }
-        Some(if self.cfg.subnet.contains(&p.address) {
-            1
-        } else {
-            255
-        })
-    }
-
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Accepted(stream, from) => self.on_accept(stream, from.ip()),
@@ -443,7 +448,9 @@ impl Speaker {
             tracing::debug!(%from, "BGP connection from an unconfigured address refused");
             return;
         };
-        let _ = net::accepted(&stream, self.ttl_for(&p.cfg));
+        if let Err(e) = net::accepted(&stream, self.cfg.ttl_policy(&p.cfg)) {
+            tracing::warn!(peer = %from, error = %e, "setting the TTL on an accepted BGP connection");
+        }
         match p.main.fsm.state() {
             State::Idle | State::Connect | State::Active => {
                 let p = self.peers.get_mut(&from).expect("present");
@@ -524,6 +531,13 @@ impl Speaker {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if self
+            .listen_failed_at
+            .is_some_and(|t| now.duration_since(t) >= LISTEN_RETRY)
+        {
+            self.ensure_listener();
+            self.sync_md5();
+        }
         for addr in self.peers.keys().copied().collect::<Vec<_>>() {
             self.drive(addr, false, Input::Tick);
             if self.peers[&addr].second.is_some() {
@@ -574,15 +588,15 @@ impl Speaker {
             Output::Down(reason) if !second => return self.down(addr, reason),
             _ => {}
         }
-        let local = self.cfg.address;
         let ibgp = self
             .peers
             .get(&addr)
             .is_some_and(|p| p.cfg.asn == self.cfg.asn);
-        let ttl = self.peers.get(&addr).and_then(|p| self.ttl_for(&p.cfg));
         let Some(p) = self.peers.get_mut(&addr) else {
             return;
         };
+        let ttl = self.cfg.ttl_policy(&p.cfg);
+        let local = p.cfg.bind_source.then_some(self.cfg.address);
         let ctx = ctx_for(p.negotiated.as_ref(), ibgp);
         if let Output::RouteRefresh { .. } = o {
             return self.rib.refresh(p.id);
@@ -691,6 +705,7 @@ impl Speaker {
                 rr_client: p.cfg.rr_client,
                 keep_next_hop: p.cfg.keep_next_hop,
                 families: n.families.clone(),
+                allow_local_as: p.cfg.allow_local_as,
             },
         );
         p.negotiated = Some(n);

@@ -20,6 +20,7 @@ fn peer(asn: u32, n: u8, rr_client: bool) -> PeerInfo {
         rr_client,
         keep_next_hop: false,
         families: vec![AFI_IPV4],
+        allow_local_as: 0,
     }
 }
 
@@ -130,6 +131,30 @@ fn loops_and_own_next_hops_are_rejected() {
         }
     );
     assert_eq!(r.counters(3).received, 3);
+}
+
+#[test]
+fn allowed_local_as_numbers_relax_the_loop_check_for_that_peer_only() {
+    let mut r = rib(false);
+    r.peer_up(
+        2,
+        PeerInfo {
+            allow_local_as: 1,
+            ..peer(65002, 2, false)
+        },
+    );
+    r.peer_up(3, peer(65003, 3, false));
+    // One occurrence of our AS is allowed from peer 2 (e.g. the same AS in every rack)...
+    let once = announce("10.4.0.0/24", vec![65002, ASN, 65100], "192.0.2.2");
+    assert_eq!(r.apply_update(2, &once).accepted, 1);
+    // ...two are not, and peer 3 keeps the strict rule.
+    let twice = announce("10.4.1.0/24", vec![65002, ASN, ASN], "192.0.2.2");
+    assert_eq!(
+        r.apply_update(2, &twice).rejected[0].1,
+        "AS path contains our AS"
+    );
+    let from3 = announce("10.4.2.0/24", vec![65003, ASN], "192.0.2.3");
+    assert_eq!(r.apply_update(3, &from3).rejected.len(), 1);
 }
 
 #[test]

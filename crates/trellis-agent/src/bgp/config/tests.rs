@@ -163,3 +163,56 @@ spec: {node: n2, peerIP: 192.0.2.2, asNumber: 65002}
     assert_eq!(compute_for("n2", extra).peers.len(), 2);
     assert!(compute_for("rr", extra).peers.is_empty());
 }
+
+#[test]
+fn session_options_source_address_local_as_and_gtsm() {
+    let extra = "
+---
+kind: BGPConfiguration
+apiVersion: trellis.dev/v1
+metadata: {name: default}
+spec: {bindMode: NodeIP}
+---
+kind: BGPPeer
+apiVersion: trellis.dev/v1
+metadata: {name: direct}
+spec: {peerIP: 192.0.2.1, asNumber: 65001, sourceAddress: None, numAllowedLocalASNumbers: 2}
+---
+kind: BGPPeer
+apiVersion: trellis.dev/v1
+metadata: {name: far}
+spec: {peerIP: 198.51.100.1, asNumber: 65002}
+---
+kind: BGPPeer
+apiVersion: trellis.dev/v1
+metadata: {name: gtsm}
+spec: {peerIP: 198.51.100.2, asNumber: 65003, ttlSecurity: 2}
+---
+kind: BGPPeer
+apiVersion: trellis.dev/v1
+metadata: {name: off}
+spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0}
+";
+    let c = compute_for("n1", extra);
+    assert!(c.listen_on_node_ip);
+    assert!(!compute_for("n1", "").listen_on_node_ip);
+    let direct = &c.peers[&ip("192.0.2.1")];
+    assert_eq!((direct.bind_source, direct.allow_local_as), (false, 2));
+    let mesh = &c.peers[&ip("192.0.2.12")];
+    assert_eq!((mesh.bind_source, mesh.allow_local_as), (true, 0));
+    let policy = |a: &str| c.ttl_policy(&c.peers[&ip(a)]);
+    // iBGP: the system default; eBGP on the subnet: TTL 1; beyond it: 255 (multihop).
+    assert_eq!(policy("192.0.2.12"), TtlPolicy::default());
+    assert_eq!(policy("192.0.2.1").ttl, Some(1));
+    assert_eq!(policy("198.51.100.1").ttl, Some(255));
+    assert_eq!(policy("198.51.100.1").min_ttl, None);
+    // GTSM two hops away: send 255, accept 254 and 255 (RFC 5082 §3); 0 is off.
+    assert_eq!(
+        policy("198.51.100.2"),
+        TtlPolicy {
+            ttl: Some(255),
+            min_ttl: Some(254)
+        }
+    );
+    assert_eq!(policy("198.51.100.3").min_ttl, None);
+}
