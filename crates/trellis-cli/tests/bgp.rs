@@ -509,16 +509,7 @@ fn bird_route_reflector_with_trellis_clients() {
     let recovering: Vec<String> = argv.into_iter().chain(["-R".to_string()]).collect();
     let mut bird = respawn(lab, "rr", &recovering);
     converge(lab, &["n1", "n2", "n3"], 1);
-    let (sent, got) = ping_result(pinger);
-    assert!(
-        got + 1 >= sent,
-        "forwarding broke while BIRD restarted: {got}/{sent}"
-    );
-    let n1log = std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log")).unwrap();
-    assert!(
-        n1log.contains("graceful=true"),
-        "n1 treated BIRD's restart as graceful"
-    );
+    forwarded_through_a_graceful_restart(lab, pinger, "BIRD");
     wait_for(
         "n1 to take BIRD's End-of-RIB and drop what stayed stale",
         20,
@@ -749,18 +740,24 @@ fn graceful_restart_keeps_forwarding_while_an_agent_restarts() {
     );
     let mut child = respawn(lab, "n2", &argv);
     wait_for("the session back", 30, || established(lab, "n1").len() == 1);
-    let (sent, got) = ping_result(pinger);
+    forwarded_through_a_graceful_restart(lab, pinger, "n2's agent");
     // The lab's `down` would also end it; stop it here so the test waits on its child.
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The ping across `who`'s restart lost at most one packet, and n1 took the session loss as a
+/// graceful restart.
+fn forwarded_through_a_graceful_restart(lab: &str, pinger: Child, who: &str) {
+    let (sent, got) = ping_result(pinger);
     assert!(
         got + 1 >= sent,
-        "forwarding broke during the restart: {got}/{sent}"
+        "forwarding broke while {who} restarted: {got}/{sent}"
     );
     let n1log = std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log")).unwrap();
     assert!(
         n1log.contains("graceful=true"),
-        "n1 treated the loss as a graceful restart"
+        "n1 treated {who}'s restart as graceful"
     );
 }
 

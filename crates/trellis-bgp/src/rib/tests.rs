@@ -258,24 +258,7 @@ fn a_hundred_thousand_prefixes_in_one_rib() {
 }
 
 #[test]
-fn unresolvable_next_hops_take_no_part_in_the_decision() {
-    let mut r = rib(false);
-    r.set_config(RibConfig {
-        connected: vec!["192.0.2.0/24".parse().unwrap()],
-        ..r.config.clone().unwrap()
-    });
-    r.peer_up(2, peer(65002, 2, false));
-    r.peer_up(3, peer(65003, 3, false));
-    // The shorter path has a next hop beyond the connected network (eBGP multihop).
-    r.apply_update(2, &announce("10.8.0.0/24", vec![65002], "198.51.100.2"));
-    r.apply_update(3, &announce("10.8.0.0/24", vec![65003, 65100], "192.0.2.3"));
-    r.flush();
-    assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.3"));
-    assert_eq!(r.counters(2).accepted, 1, "still accepted into Adj-RIB-In");
-}
-
-#[test]
-fn next_hops_beyond_the_subnet_resolve_through_the_hosts_routes() {
+fn next_hops_beyond_the_subnet_resolve_through_the_hosts_routes_or_take_no_part() {
     let mut r = rib(false);
     r.set_config(RibConfig {
         connected: vec![p("192.0.2.0/24")],
@@ -283,10 +266,13 @@ fn next_hops_beyond_the_subnet_resolve_through_the_hosts_routes() {
     });
     r.peer_up(2, peer(65002, 2, false));
     r.peer_up(3, peer(65003, 3, false));
+    // The shorter path has a next hop beyond the connected network (eBGP multihop) and no
+    // route to it: unresolvable, it takes no part in the decision (RFC 4271 §9.1.2.1).
     r.apply_update(2, &announce("10.8.0.0/24", vec![65002], "198.51.100.2"));
     r.apply_update(3, &announce("10.8.0.0/24", vec![65003, 65100], "192.0.2.3"));
     r.flush();
     assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.3"));
+    assert_eq!(r.counters(2).accepted, 1, "still accepted into Adj-RIB-In");
     // A default route makes the multihop peer's next hop reachable: its shorter path wins and
     // is installed through the default gateway (RFC 4271 §5.1.3).
     r.set_igp_routes([(p("0.0.0.0/0"), ip("192.0.2.254"))]);
