@@ -5,7 +5,7 @@
 //! FDB entries, and natOutgoing in Trellis's own nftables table. A restart converges to the same
 //! state without removing anything first, so routes do not flap.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -202,8 +202,6 @@ pub async fn pass(
         })
         .map(|(n, _)| n.clone())
         .collect();
-    let address = agent.address;
-    let cfg = agent.vxlan;
     let vtep = if vxlan_pools.is_empty() {
         None
     } else {
@@ -236,76 +234,25 @@ pub async fn pass(
         .into_iter()
         .filter_map(|(b, _)| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
         .collect();
-    let routing = pool_routing(&pools);
-    let node = agent.config.node.clone();
     let nat = nat_ruleset(&pools);
     let nat_changed = nat_applied.as_deref() != Some(nat.to_string().as_str());
-    let encapsulated = !vxlan_pools.is_empty();
-    let bgp_active = agent.bgp.active.load(Ordering::Relaxed);
-    let bgp_converged = agent.bgp.converged.load(Ordering::Relaxed);
-    let bgp_routes = agent.bgp.routes.borrow().clone();
-    let k = tokio::task::spawn_blocking(move || -> Result<KernelPass, String> {
-        let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-        let links = nl.links().map_err(|e| e.to_string())?;
-        let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
-        let uplink = addrs
-            .iter()
-            .find(|(_, a)| a.addr() == address.addr())
-            .map(|(i, _)| *i)
-            .ok_or("the node address is on no interface")?;
-        let uplink_mtu = links
-            .iter()
-            .find(|l| l.index == uplink)
-            .map(|l| l.mtu)
-            .unwrap_or(1500);
-        // An explicit MTU wins; otherwise leave room for the VXLAN header when a pool needs it.
-        let pod_mtu = cfg.mtu.unwrap_or(if encapsulated {
-            uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
-        } else {
-            uplink_mtu
-        });
-        let local = LocalNode {
-            name: node,
-            address,
-            uplink_ifindex: uplink,
-            vtep_ifindex: vtep.map(|v| v.0),
-            bgp: bgp_active,
-        };
-        let (mut want, problems) = desired(&local, &remotes, &blocks, &routing);
-        let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        if bgp_active {
-            msgs.extend(add_bgp_routes(&local, &bgp_routes, &mut want));
-        }
-        let kernel = nl.routes().map_err(|e| e.to_string())?;
-        let igp = routing::gateway_routes(&kernel, uplink);
-        let observed = routing::observe_with(&mut nl, &kernel, local.vtep_ifindex)
-            .map_err(|e| e.to_string())?;
-        drop(kernel);
-        let mut ops = plan(&want, &observed);
-        if bgp_active && !bgp_converged {
-            // Restarting: keep the routes found until the peers have re-sent their tables
-            // (the forwarding state preserved across a graceful restart, RFC 4724).
-            ops.retain(|op| !matches!(op, Op::DelRoute(_)));
-        }
-        for op in &ops {
-            tracing::debug!(%op, "dataplane");
-        }
-        let failed = routing::apply(&mut nl, &ops);
-        msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
-        if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
-            msgs.push(format!("enabling IPv4 forwarding: {e}"));
-        }
-        Ok(KernelPass {
-            ops: ops.len(),
-            routes: want.routes.len(),
-            problems: msgs,
-            pod_mtu,
-            igp,
-        })
-    })
-    .await
-    .map_err(|e| AgentError::Autodetect(e.to_string()))?
-    .map_err(AgentError::Dataplane)?;
+    let input = KernelInput {
+        node: agent.config.node.clone(),
+        address: agent.address,
+        vxlan: agent.vxlan,
+        encapsulated: !vxlan_pools.is_empty(),
+        vtep: vtep.map(|v| v.0),
+        remotes,
+        blocks,
+        routing: pool_routing(&pools),
+        bgp_active: agent.bgp.active.load(Ordering::Relaxed),
+        bgp_converged: agent.bgp.converged.load(Ordering::Relaxed),
+        bgp_routes: agent.bgp.routes.borrow().clone(),
+    };
+    let k = tokio::task::spawn_blocking(move || kernel_pass(input))
+        .await
+        .map_err(|e| AgentError::Autodetect(e.to_string()))?
+        .map_err(AgentError::Dataplane)?;
     problems.extend(k.problems);
     agent.bgp.set_igp(k.igp);
     agent
@@ -321,6 +268,96 @@ pub async fn pass(
         ops: k.ops,
         routes: k.routes,
         problems,
+    })
+}
+
+/// What the netlink part of a pass works from.
+struct KernelInput {
+    node: String,
+    address: IpNet,
+    vxlan: VxlanConfig,
+    encapsulated: bool,
+    vtep: Option<u32>,
+    remotes: Vec<RemoteNode>,
+    blocks: Vec<(IpNet, String)>,
+    routing: Vec<PoolRouting>,
+    bgp_active: bool,
+    bgp_converged: bool,
+    bgp_routes: Arc<BTreeMap<IpNet, IpAddr>>,
+}
+
+/// The netlink part of a pass (blocking; runs on its own thread): plans the node's routes,
+/// neighbours and FDB entries against the kernel's and applies the difference.
+fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
+    let KernelInput {
+        node,
+        address,
+        vxlan: cfg,
+        encapsulated,
+        vtep,
+        remotes,
+        blocks,
+        routing,
+        bgp_active,
+        bgp_converged,
+        bgp_routes,
+    } = input;
+    let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+    let links = nl.links().map_err(|e| e.to_string())?;
+    let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
+    let uplink = addrs
+        .iter()
+        .find(|(_, a)| a.addr() == address.addr())
+        .map(|(i, _)| *i)
+        .ok_or("the node address is on no interface")?;
+    let uplink_mtu = links
+        .iter()
+        .find(|l| l.index == uplink)
+        .map(|l| l.mtu)
+        .unwrap_or(1500);
+    // An explicit MTU wins; otherwise leave room for the VXLAN header when a pool needs it.
+    let pod_mtu = cfg.mtu.unwrap_or(if encapsulated {
+        uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
+    } else {
+        uplink_mtu
+    });
+    let local = LocalNode {
+        name: node,
+        address,
+        uplink_ifindex: uplink,
+        vtep_ifindex: vtep,
+        bgp: bgp_active,
+    };
+    let (mut want, problems) = desired(&local, &remotes, &blocks, &routing);
+    let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    if bgp_active {
+        msgs.extend(add_bgp_routes(&local, &bgp_routes, &mut want));
+    }
+    let kernel = nl.routes().map_err(|e| e.to_string())?;
+    let igp = routing::gateway_routes(&kernel, uplink);
+    let observed =
+        routing::observe_with(&mut nl, &kernel, local.vtep_ifindex).map_err(|e| e.to_string())?;
+    drop(kernel);
+    let mut ops = plan(&want, &observed);
+    if bgp_active && !bgp_converged {
+        // Restarting: keep the routes found until the peers have re-sent their tables
+        // (the forwarding state preserved across a graceful restart, RFC 4724).
+        ops.retain(|op| !matches!(op, Op::DelRoute(_)));
+    }
+    for op in &ops {
+        tracing::debug!(%op, "dataplane");
+    }
+    let failed = routing::apply(&mut nl, &ops);
+    msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
+    if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
+        msgs.push(format!("enabling IPv4 forwarding: {e}"));
+    }
+    Ok(KernelPass {
+        ops: ops.len(),
+        routes: want.routes.len(),
+        problems: msgs,
+        pod_mtu,
+        igp,
     })
 }
 

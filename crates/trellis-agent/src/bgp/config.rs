@@ -45,9 +45,17 @@ pub struct PeerConfig {
     pub kind: PeerKind,
     /// Another Trellis node (its router ID is its address).
     pub node: Option<String>,
+    pub rr_client: bool,
+    pub options: SessionOptions,
+}
+
+/// What a BGPPeer sets on its sessions (the defaults for mesh peerings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// TCP MD5 key (RFC 2385).
     pub password: Option<String>,
     pub keep_next_hop: bool,
-    pub rr_client: bool,
+    /// Graceful restart time we offer (RFC 4724).
     pub restart_time: u16,
     /// Bind outgoing connections to the node's address (`sourceAddress: UseNodeIP`).
     pub bind_source: bool,
@@ -55,6 +63,41 @@ pub struct PeerConfig {
     pub allow_local_as: usize,
     /// GTSM (RFC 5082) with the peer at most this many hops away (`ttlSecurity`).
     pub ttl_security: Option<u8>,
+}
+
+impl SessionOptions {
+    /// From a BGPPeer, or without one the defaults with `restart_time` (the mesh's).
+    fn new(p: Option<&BgpPeerSpec>, restart_time: u16) -> SessionOptions {
+        let Some(p) = p else {
+            return SessionOptions {
+                password: None,
+                keep_next_hop: false,
+                restart_time,
+                bind_source: true,
+                allow_local_as: 0,
+                ttl_security: None,
+            };
+        };
+        SessionOptions {
+            password: match &p.password {
+                Some(BgpPassword::Inline(s)) => Some(s.clone()),
+                _ => None, // secretKeyRef is refused on write
+            },
+            keep_next_hop: p.keep_original_next_hop,
+            restart_time: p
+                .max_restart_time
+                .as_deref()
+                .and_then(|t| parse_seconds(t).ok())
+                .map_or(DEFAULT_RESTART_TIME, |t| t as u16),
+            bind_source: p.source_address != Some(SourceAddress::None),
+            allow_local_as: p.num_allowed_local_as_numbers.map_or(0, |n| n as usize),
+            // Validated on write to 0-254; 0 (Calico's default) means off.
+            ttl_security: p
+                .ttl_security
+                .and_then(|h| u8::try_from(h).ok())
+                .filter(|h| (1..=254).contains(h)),
+        }
+    }
 }
 
 /// The TTL settings of a session's socket.
@@ -70,7 +113,7 @@ impl SpeakerConfig {
     /// GTSM when configured (TTL 255 out, at least 256 − hops in, RFC 5082 §3); otherwise for
     /// eBGP TTL 1 inside the node's subnet and 255 (multihop) beyond it; iBGP the default.
     pub fn ttl_policy(&self, p: &PeerConfig) -> TtlPolicy {
-        if let Some(hops) = p.ttl_security {
+        if let Some(hops) = p.options.ttl_security {
             return TtlPolicy {
                 ttl: Some(255),
                 min_ttl: Some((256 - u16::from(hops)) as u8),
@@ -197,8 +240,7 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
             node: Some(v.name.to_string()),
             // RFC 4456: a reflector's peers outside its cluster are its clients.
             rr_client: me.cluster_id.is_some() && v.cluster_id != me.cluster_id,
-            restart_time: p.map_or(mesh_restart, restart_time),
-            ..PeerConfig::options(p)
+            options: SessionOptions::new(p, mesh_restart),
         })
     };
     if cfg.node_to_node_mesh_enabled.unwrap_or(true) {
@@ -224,7 +266,7 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
                         kind: kind_of(p),
                         node: None,
                         rr_client: false,
-                        ..PeerConfig::options(Some(p))
+                        options: SessionOptions::new(Some(p), DEFAULT_RESTART_TIME),
                     },
                 );
             }
@@ -252,46 +294,6 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
         peers,
         exports: exports(i, &cfg),
     })
-}
-
-impl PeerConfig {
-    /// The session options a BGPPeer sets (defaults for mesh peerings), on a placeholder peer.
-    fn options(p: Option<&BgpPeerSpec>) -> PeerConfig {
-        PeerConfig {
-            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            port: DEFAULT_PORT,
-            asn: DEFAULT_ASN,
-            kind: PeerKind::Mesh,
-            node: None,
-            password: p.and_then(password),
-            keep_next_hop: p.is_some_and(|p| p.keep_original_next_hop),
-            rr_client: false,
-            restart_time: p.map_or(DEFAULT_RESTART_TIME, restart_time),
-            bind_source: p.and_then(|p| p.source_address) != Some(SourceAddress::None),
-            allow_local_as: p
-                .and_then(|p| p.num_allowed_local_as_numbers)
-                .map_or(0, |n| n as usize),
-            // Validated on write to 0-254; 0 (Calico's default) means off.
-            ttl_security: p
-                .and_then(|p| p.ttl_security)
-                .and_then(|h| u8::try_from(h).ok())
-                .filter(|h| *h > 0 && *h < 255),
-        }
-    }
-}
-
-fn password(p: &BgpPeerSpec) -> Option<String> {
-    match &p.password {
-        Some(BgpPassword::Inline(s)) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn restart_time(p: &BgpPeerSpec) -> u16 {
-    p.max_restart_time
-        .as_deref()
-        .and_then(|t| parse_seconds(t).ok())
-        .map_or(DEFAULT_RESTART_TIME, |t| t as u16)
 }
 
 /// This node's blocks (unless their pool has disableBGPExport) and the service ranges, each

@@ -234,7 +234,7 @@ impl Speaker {
             } else {
                 AFI_IPV6
             }],
-            graceful_restart: Some(p.restart_time),
+            graceful_restart: Some(p.options.restart_time),
         }
     }
 
@@ -377,7 +377,7 @@ impl Speaker {
             .cfg
             .peers
             .values()
-            .filter_map(|p| p.password.clone().map(|k| (p.address, k)))
+            .filter_map(|p| p.options.password.clone().map(|k| (p.address, k)))
             .collect();
         for (a, _) in self.md5_keys.iter().filter(|(a, k)| want.get(a) != Some(k)) {
             let _ = net::set_md5(&**l, *a, None);
@@ -596,7 +596,7 @@ impl Speaker {
             return;
         };
         let ttl = self.cfg.ttl_policy(&p.cfg);
-        let local = p.cfg.bind_source.then_some(self.cfg.address);
+        let local = p.cfg.options.bind_source.then_some(self.cfg.address);
         let ctx = ctx_for(p.negotiated.as_ref(), ibgp);
         if let Output::RouteRefresh { .. } = o {
             return self.rib.refresh(p.id);
@@ -619,7 +619,7 @@ impl Speaker {
                 let opts = ConnectOptions {
                     local,
                     peer: SocketAddr::new(addr, p.cfg.port),
-                    password: p.cfg.password.clone(),
+                    password: p.cfg.options.password.clone(),
                     ttl,
                 };
                 let events = self.events.clone();
@@ -703,9 +703,9 @@ impl Speaker {
                 address: addr,
                 local_address: local,
                 rr_client: p.cfg.rr_client,
-                keep_next_hop: p.cfg.keep_next_hop,
+                keep_next_hop: p.cfg.options.keep_next_hop,
                 families: n.families.clone(),
-                allow_local_as: p.cfg.allow_local_as,
+                allow_local_as: p.cfg.options.allow_local_as,
             },
         );
         p.negotiated = Some(n);

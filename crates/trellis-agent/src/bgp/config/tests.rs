@@ -151,7 +151,7 @@ spec: {node: n2, peerIP: 192.0.2.2, asNumber: 65002}
     let n1 = compute_for("n1", extra);
     let tor = &n1.peers[&ip("192.0.2.1")];
     assert_eq!(
-        (tor.port, tor.asn, tor.password.as_deref(), tor.kind),
+        (tor.port, tor.asn, tor.options.password.as_deref(), tor.kind),
         (1179, 65001, Some("s3cret"), PeerKind::Global)
     );
     assert_eq!(n1.peers.len(), 1);
@@ -197,9 +197,15 @@ spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0}
     assert!(c.listen_on_node_ip);
     assert!(!compute_for("n1", "").listen_on_node_ip);
     let direct = &c.peers[&ip("192.0.2.1")];
-    assert_eq!((direct.bind_source, direct.allow_local_as), (false, 2));
+    assert_eq!(
+        (direct.options.bind_source, direct.options.allow_local_as),
+        (false, 2)
+    );
     let mesh = &c.peers[&ip("192.0.2.12")];
-    assert_eq!((mesh.bind_source, mesh.allow_local_as), (true, 0));
+    assert_eq!(
+        (mesh.options.bind_source, mesh.options.allow_local_as),
+        (true, 0)
+    );
     let policy = |a: &str| c.ttl_policy(&c.peers[&ip(a)]);
     // iBGP: the system default; eBGP on the subnet: TTL 1; beyond it: 255 (multihop).
     assert_eq!(policy("192.0.2.12"), TtlPolicy::default());
