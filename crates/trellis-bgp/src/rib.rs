@@ -18,6 +18,7 @@ use crate::message::Update;
 use crate::nlri::afi_of;
 #[cfg(test)]
 use crate::nlri::AFI_IPV4;
+use crate::policy::{self, Rule};
 
 /// A peer's handle in the RIB.
 pub type PeerId = u32;
@@ -56,6 +57,9 @@ pub struct PeerInfo {
     /// How many times our AS may appear in a path from this (external) peer before it counts
     /// as a loop (BIRD's `allow local as`; 0 is the RFC 4271 §9.1.2 rule).
     pub allow_local_as: usize,
+    /// Filters on what is accepted from and sent to this peer ([`policy`]).
+    pub import: Vec<Rule>,
+    pub export: Vec<Rule>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -269,6 +273,22 @@ impl Rib {
         self.dirty.extend(self.paths.keys().copied());
     }
 
+    /// New filters for an established peer: what it is sent is decided again at the next
+    /// [`flush`](Rib::flush). Returns whether the import filter changed — its paths then need
+    /// sending again (ROUTE-REFRESH, RFC 2918) to be filtered anew.
+    pub fn set_peer_filters(&mut self, id: PeerId, import: Vec<Rule>, export: Vec<Rule>) -> bool {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return false;
+        };
+        let import_changed = peer.import != import;
+        if peer.export != export {
+            peer.export = export;
+            self.dirty.extend(self.paths.keys().copied());
+        }
+        peer.import = import;
+        import_changed
+    }
+
     /// A session went down. With `keep_stale` (the peer restarts gracefully, RFC 4724 §4.2) its
     /// paths stay, marked stale, until [`sweep_stale`](Rib::sweep_stale); otherwise they go now.
     pub fn peer_down(&mut self, id: PeerId, keep_stale: bool) {
@@ -356,6 +376,7 @@ impl Rib {
             let why = reason.or(match nh {
                 None => Some("no next hop"),
                 Some(nh) if nh == peer.local_address => Some("next hop is this node"),
+                _ if !policy::accepts(&peer.import, &p, true) => Some("rejected by a BGPFilter"),
                 _ => None,
             });
             if let Some(why) = why {
@@ -473,6 +494,9 @@ impl Rib {
             Source::Peer(id) => self.peers.get(&id).map(|i| (id, i)),
             Source::Local => None,
         };
+        if !policy::accepts(&peer.export, prefix, best.source != Source::Local) {
+            return None;
+        }
         let to_ibgp = peer.asn == c.asn;
         let from_ibgp = from.is_some_and(|(_, i)| i.asn == c.asn);
         if to_ibgp && from_ibgp {

@@ -265,6 +265,22 @@ pub fn resources(kind: Kind, items: &[Resource]) -> String {
                 })
                 .collect(),
         ),
+        Kind::BgpFilter => (
+            vec!["NAME", "IMPORTV4", "EXPORTV4", "IMPORTV6", "EXPORTV6"],
+            items
+                .iter()
+                .filter_map(|r| match r {
+                    Resource::BgpFilter(f) => Some(vec![
+                        f.metadata.name.clone(),
+                        format!("{} rules", f.spec.import_v4.len()),
+                        format!("{} rules", f.spec.export_v4.len()),
+                        format!("{} rules", f.spec.import_v6.len()),
+                        format!("{} rules", f.spec.export_v6.len()),
+                    ]),
+                    _ => None,
+                })
+                .collect(),
+        ),
         Kind::BgpStatus => (
             vec!["NODE", "ROUTERID", "ASN", "PEERS", "ESTABLISHED"],
             items

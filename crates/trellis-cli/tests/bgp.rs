@@ -647,6 +647,83 @@ fn gtsm_interoperates_and_is_enforced() {
 }
 
 #[test]
+fn bgp_filters_apply_live_on_import_and_export() {
+    let lab = "tbgpflt";
+    let _g = up(
+        lab,
+        &PAIR.replace("  - {name: peer, subnet: rack1}", &tor("gobgp", "")),
+    );
+    converge(lab, &["n1"], 2);
+    let inject = |prefix: &str| {
+        let (ok, out) = exec(
+            lab,
+            "tor",
+            &[
+                "gobgp",
+                "global",
+                "rib",
+                "add",
+                prefix,
+                "nexthop",
+                "192.168.76.100",
+            ],
+        );
+        assert!(ok, "{out}");
+    };
+    inject("0.0.0.0/0");
+    inject("198.51.100.0/24");
+    let block1 = block_of(lab, "p1").to_string();
+    let tor_has_block1 = || {
+        exec(
+            lab,
+            "tor",
+            &["gobgp", "neighbor", "192.168.76.10", "adj-in"],
+        )
+        .1
+        .contains(&block1)
+    };
+    wait_routes(
+        lab,
+        "n1",
+        &[
+            "default via 192.168.76.100 dev eth0 proto 231",
+            "198.51.100.0/24 via 192.168.76.100",
+        ],
+        "gobgpd's routes, the default route included",
+    );
+    wait_for("gobgpd to learn n1's block", 20, tor_has_block1);
+    // Calico's BGPFilter: no default route from the ToR, and n1's pod block not sent to it.
+    apply(
+        lab,
+        &format!(
+            "apiVersion: projectcalico.org/v3\nkind: BGPFilter\nmetadata: {{name: tor-policy}}\nspec:\n  importV4: [{{action: Reject, matchOperator: Equal, cidr: 0.0.0.0/0}}]\n  exportV4: [{{action: Reject, matchOperator: Equal, cidr: {block1}}}]\n---\n{}",
+            tor_peer("filters: [tor-policy]")
+        ),
+    );
+    wait_for("the default route to go", 20, || {
+        !routes(lab, "n1").contains("default via 192.168.76.100 dev eth0 proto 231")
+    });
+    wait_for("gobgpd to lose n1's block", 20, || !tor_has_block1());
+    assert!(routes(lab, "n1").contains("198.51.100.0/24 via 192.168.76.100"));
+    // Applied without resetting the session (ROUTE-REFRESH for the import side).
+    let log = std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log")).unwrap();
+    assert!(
+        log.contains("BGP filters changed")
+            && !log.contains("BGP session down peer=192.168.76.100"),
+        "{log}"
+    );
+    // Without the filter, both come back.
+    apply(lab, &tor_peer(""));
+    wait_routes(
+        lab,
+        "n1",
+        &["default via 192.168.76.100 dev eth0 proto 231"],
+        "the default route back",
+    );
+    wait_for("gobgpd to learn n1's block again", 20, tor_has_block1);
+}
+
+#[test]
 fn bind_mode_node_ip_listens_on_the_node_address_only() {
     let lab = "tbgpbind";
     let _g = up(lab, PAIR);

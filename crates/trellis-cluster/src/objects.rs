@@ -78,6 +78,7 @@ macro_rules! typed_list {
 
 typed_list!(pools, IpPool, trellis_resources::IpPoolSpec);
 typed_list!(bgp_peers, BgpPeer, trellis_resources::BgpPeerSpec);
+typed_list!(bgp_filters, BgpFilter, trellis_resources::BgpFilterSpec);
 typed_list!(
     bgp_configurations,
     BgpConfiguration,

@@ -408,6 +408,77 @@ pub struct BgpPeerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl_security: Option<u32>,
+    /// BGPFilters applied to this peer's routes, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
+}
+
+/// Route filters for BGP peers (Calico's BGPFilter), named in a BGPPeer's `filters`: ordered
+/// rules per direction and family; the first rule that matches a route decides, and a route no
+/// rule matches is accepted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpFilterSpec {
+    #[serde(default, rename = "exportV4", skip_serializing_if = "Vec::is_empty")]
+    pub export_v4: Vec<BgpFilterRule>,
+    #[serde(default, rename = "importV4", skip_serializing_if = "Vec::is_empty")]
+    pub import_v4: Vec<BgpFilterRule>,
+    #[serde(default, rename = "exportV6", skip_serializing_if = "Vec::is_empty")]
+    pub export_v6: Vec<BgpFilterRule>,
+    #[serde(default, rename = "importV6", skip_serializing_if = "Vec::is_empty")]
+    pub import_v6: Vec<BgpFilterRule>,
+}
+
+/// One filter rule: with `cidr` and `matchOperator` it matches by prefix (optionally only
+/// prefix lengths in `prefixLength`), with `source: RemotePeers` only routes learned from
+/// peers (export rules), with neither every route of its family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpFilterRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_operator: Option<MatchOperator>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<PrefixLengthRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<FilterSource>,
+    pub action: FilterAction,
+}
+
+/// How a rule's `cidr` is compared with a route's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MatchOperator {
+    /// The same prefix.
+    Equal,
+    NotEqual,
+    /// Inside the CIDR (as long or longer).
+    In,
+    NotIn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilterAction {
+    Accept,
+    Reject,
+}
+
+/// Where a route came from (Calico's `source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilterSource {
+    /// Learned from a BGP peer (not originated by this node).
+    RemotePeers,
+}
+
+/// Prefix lengths an `In`/`NotIn` rule covers (default: the CIDR's length up to the family's
+/// maximum).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixLengthRange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u8>,
 }
 
 /// One session as the agent reports it.

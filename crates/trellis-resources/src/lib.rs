@@ -34,11 +34,12 @@ pub enum Kind {
     WorkloadEndpoint,
     BgpConfiguration,
     BgpPeer,
+    BgpFilter,
     BgpStatus,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -49,6 +50,7 @@ impl Kind {
         Kind::WorkloadEndpoint,
         Kind::BgpConfiguration,
         Kind::BgpPeer,
+        Kind::BgpFilter,
         Kind::BgpStatus,
     ];
 
@@ -65,6 +67,7 @@ impl Kind {
             Kind::WorkloadEndpoint => "WorkloadEndpoint",
             Kind::BgpConfiguration => "BGPConfiguration",
             Kind::BgpPeer => "BGPPeer",
+            Kind::BgpFilter => "BGPFilter",
             Kind::BgpStatus => "BGPStatus",
         }
     }
@@ -82,6 +85,7 @@ impl Kind {
             Kind::WorkloadEndpoint => "workloadendpoints",
             Kind::BgpConfiguration => "bgpconfigurations",
             Kind::BgpPeer => "bgppeers",
+            Kind::BgpFilter => "bgpfilters",
             Kind::BgpStatus => "bgpstatuses",
         }
     }
@@ -101,6 +105,7 @@ impl Kind {
                 | Kind::BlockAffinity
                 | Kind::BgpConfiguration
                 | Kind::BgpPeer
+                | Kind::BgpFilter
         )
     }
 
@@ -151,6 +156,7 @@ pub enum Resource {
     WorkloadEndpoint(Object<WorkloadEndpointSpec>),
     BgpConfiguration(Object<BgpConfigurationSpec>),
     BgpPeer(Object<BgpPeerSpec>),
+    BgpFilter(Object<BgpFilterSpec>),
     BgpStatus(Object<BgpStatusSpec>),
 }
 
@@ -191,6 +197,7 @@ macro_rules! each {
             Resource::WorkloadEndpoint($o) => $e,
             Resource::BgpConfiguration($o) => $e,
             Resource::BgpPeer($o) => $e,
+            Resource::BgpFilter($o) => $e,
             Resource::BgpStatus($o) => $e,
         }
     };
@@ -209,6 +216,7 @@ impl Resource {
             Resource::WorkloadEndpoint(_) => Kind::WorkloadEndpoint,
             Resource::BgpConfiguration(_) => Kind::BgpConfiguration,
             Resource::BgpPeer(_) => Kind::BgpPeer,
+            Resource::BgpFilter(_) => Kind::BgpFilter,
             Resource::BgpStatus(_) => Kind::BgpStatus,
         }
     }
@@ -324,6 +332,7 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::WorkloadEndpoint => Resource::WorkloadEndpoint(typed(body)?),
         Kind::BgpConfiguration => Resource::BgpConfiguration(typed(body)?),
         Kind::BgpPeer => Resource::BgpPeer(typed(body)?),
+        Kind::BgpFilter => Resource::BgpFilter(typed(body)?),
         Kind::BgpStatus => Resource::BgpStatus(typed(body)?),
     })
 }

@@ -162,6 +162,7 @@ spec:
   peerIP: 192.20.30.40
   asNumber: 64567
   nodeSelector: rack == 'rack-1'
+  filters: [my-filter]
   sourceAddress: UseNodeIP
   numAllowedLocalASNumbers: 1
   ttlSecurity: 1
@@ -173,12 +174,46 @@ metadata:
 spec:
   nodeSelector: all()
   peerSelector: route-reflector == 'true'
+---
+apiVersion: projectcalico.org/v3
+kind: BGPFilter
+metadata:
+  name: my-filter
+spec:
+  exportV4:
+    - action: Accept
+      matchOperator: In
+      cidr: 77.0.0.0/16
+      source: RemotePeers
+  importV4:
+    - action: Accept
+      matchOperator: In
+      cidr: 55.0.0.0/16
+      prefixLength:
+        min: 30
+    - action: Reject
+      matchOperator: NotIn
+      cidr: 44.0.0.0/16
+  exportV6:
+    - action: Reject
+      source: RemotePeers
+  importV6:
+    - action: Accept
+      matchOperator: Equal
+      cidr: 5000::0/64
+    - action: Reject
 "#;
 
 #[test]
 fn calico_bgp_resources_apply_unchanged() {
     let rs = parse_documents(CALICO_BGP).unwrap();
-    assert_eq!(rs.len(), 3);
+    assert_eq!(rs.len(), 4);
+    assert_eq!(rs[3].key(), "/trellis/v1/bgpfilters/my-filter");
+    let Resource::BgpFilter(f) = &rs[3] else {
+        panic!()
+    };
+    assert_eq!(f.spec.import_v4[0].prefix_length.unwrap().min, Some(30));
+    assert_eq!(f.spec.import_v6[1].action, FilterAction::Reject);
     assert_eq!(rs[0].key(), "/trellis/v1/bgpconfigurations/default");
     assert_eq!(rs[1].key(), "/trellis/v1/bgppeers/rack1-tor");
     let Resource::BgpConfiguration(c) = &rs[0] else {
@@ -193,12 +228,16 @@ fn calico_bgp_resources_apply_unchanged() {
     assert_eq!(p.spec.source_address, Some(SourceAddress::UseNodeIp));
     assert_eq!(p.spec.num_allowed_local_as_numbers, Some(1));
     assert_eq!(p.spec.ttl_security, Some(1));
+    assert_eq!(p.spec.filters, vec!["my-filter".to_string()]);
 }
 
 #[test]
 fn bad_bgp_resources_name_the_field() {
     let peer = |spec: &str| {
         format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: p}}\nspec: {spec}\n")
+    };
+    let filter = |spec: &str| {
+        format!("apiVersion: projectcalico.org/v3\nkind: BGPFilter\nmetadata: {{name: f}}\nspec: {spec}\n")
     };
     let cases = [
         (peer("{peerIP: 192.0.2.1}"), "spec.asNumber"),
@@ -217,6 +256,18 @@ fn bad_bgp_resources_name_the_field() {
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, numAllowedLocalASNumbers: 300}"), "spec.numAllowedLocalASNumbers"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, ttlSecurity: 255}"), "spec.ttlSecurity"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {bindMode: Everywhere}\n".into(), "bindMode"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, filters: ['bad name!']}"), "spec.filters[0]"),
+        (filter("{importV4: [{action: Reject, cidr: 10.0.0.0/8}]}"), "spec.importV4[0].matchOperator"),
+        (filter("{importV4: [{action: Reject, matchOperator: In}]}"), "spec.importV4[0].cidr"),
+        (filter("{importV4: [{action: Reject, matchOperator: In, cidr: '2001:db8::/32'}]}"), "spec.importV4[0].cidr"),
+        (filter("{exportV6: [{action: Reject, matchOperator: In, cidr: 10.0.0.0/8}]}"), "spec.exportV6[0].cidr"),
+        (filter("{importV4: [{action: Reject, matchOperator: In, cidr: 10.0.0.1/8}]}"), "spec.importV4[0].cidr"),
+        (filter("{importV4: [{action: Reject, matchOperator: Equal, cidr: 10.0.0.0/8, prefixLength: {min: 9}}]}"), "spec.importV4[0].prefixLength"),
+        (filter("{importV4: [{action: Reject, matchOperator: In, cidr: 10.0.0.0/8, prefixLength: {min: 4}}]}"), "spec.importV4[0].prefixLength"),
+        (filter("{importV4: [{action: Reject, matchOperator: In, cidr: 10.0.0.0/8, prefixLength: {min: 24, max: 16}}]}"), "spec.importV4[0].prefixLength"),
+        (filter("{importV4: [{action: Reject, source: RemotePeers}]}"), "spec.importV4[0].source"),
+        (filter("{exportV4: [{action: Maybe}]}"), "action"),
+        (filter("{exportV4: [{action: Reject, interface: '*.calico'}]}"), "interface"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: other}\nspec: {}\n".into(), "metadata.name"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {communities: [{name: c, value: '70000:1'}]}\n".into(), "spec.communities[0].value"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {prefixAdvertisements: [{cidr: 10.0.0.0/8, communities: [nope]}]}\n".into(), "spec.prefixAdvertisements[0].communities[0]"),

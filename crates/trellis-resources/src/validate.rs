@@ -124,6 +124,7 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
         }
         Resource::BgpConfiguration(o) => bgp_configuration(o),
         Resource::BgpPeer(o) => bgp_peer(o),
+        Resource::BgpFilter(o) => bgp_filter(o),
         Resource::BgpStatus(o) => name(&o.metadata.name, false),
     }
 }
@@ -267,6 +268,9 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
     if let Some(t) = &s.max_restart_time {
         parse_seconds(t).map_err(|e| err("spec.maxRestartTime", e))?;
     }
+    for (i, f) in s.filters.iter().enumerate() {
+        name(f, false).map_err(|e| err(&format!("spec.filters[{i}]"), e.reason))?;
+    }
     if let Some(n) = s.num_allowed_local_as_numbers {
         if n > MAX_ALLOWED_LOCAL_AS {
             return Err(err(
@@ -284,6 +288,69 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+fn bgp_filter(o: &Object<BgpFilterSpec>) -> Result<(), ResourceError> {
+    name(&o.metadata.name, false)?;
+    let s = &o.spec;
+    let lists = [
+        ("exportV4", &s.export_v4, false, true),
+        ("importV4", &s.import_v4, false, false),
+        ("exportV6", &s.export_v6, true, true),
+        ("importV6", &s.import_v6, true, false),
+    ];
+    for (list, rules, v6, export) in lists {
+        for (i, r) in rules.iter().enumerate() {
+            filter_rule(r, v6, export)
+                .map_err(|(f, why)| err(&format!("spec.{list}[{i}].{f}"), why))?;
+        }
+    }
+    Ok(())
+}
+
+/// A rule's consistency: (field, reason) of the first problem.
+fn filter_rule(r: &BgpFilterRule, v6: bool, export: bool) -> Result<(), (&'static str, String)> {
+    match (&r.cidr, r.match_operator) {
+        (Some(c), Some(_)) => {
+            if c.addr().is_ipv6() != v6 {
+                let want = if v6 { "IPv6" } else { "IPv4" };
+                return Err(("cidr", format!("{c} is not an {want} CIDR")));
+            }
+            if c.network() != c.addr() {
+                return Err(("cidr", format!("{c} has host bits set")));
+            }
+        }
+        (Some(_), None) => return Err(("matchOperator", "is required with cidr".into())),
+        (None, Some(_)) => return Err(("cidr", "is required with matchOperator".into())),
+        (None, None) => {}
+    }
+    if let Some(pl) = &r.prefix_length {
+        let (Some(c), Some(MatchOperator::In | MatchOperator::NotIn)) = (&r.cidr, r.match_operator)
+        else {
+            return Err((
+                "prefixLength",
+                "needs a cidr with matchOperator In or NotIn".into(),
+            ));
+        };
+        let (lo, hi) = (
+            pl.min.unwrap_or(c.prefix_len()),
+            pl.max.unwrap_or(c.max_prefix_len()),
+        );
+        if lo < c.prefix_len() || hi > c.max_prefix_len() || lo > hi {
+            return Err((
+                "prefixLength",
+                format!(
+                    "{lo}-{hi} is not within {}-{} or is empty",
+                    c.prefix_len(),
+                    c.max_prefix_len()
+                ),
+            ));
+        }
+    }
+    if r.source.is_some() && !export {
+        return Err(("source", "applies to export rules only".into()));
     }
     Ok(())
 }

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
+use trellis_bgp::policy::{PrefixMatch, PrefixOp, Rule};
 use trellis_resources::validate::{parse_community, parse_peer_ip, parse_seconds};
 use trellis_resources::{
-    BgpConfigurationSpec, BgpPassword, BgpPeerSpec, BindMode, IpPoolSpec, NodeSpec, Object,
-    Selector, SourceAddress,
+    BgpConfigurationSpec, BgpFilterRule, BgpFilterSpec, BgpPassword, BgpPeerSpec, BindMode,
+    FilterAction, IpPoolSpec, MatchOperator, NodeSpec, Object, Selector, SourceAddress,
 };
 
 /// Calico's default AS.
@@ -63,11 +64,17 @@ pub struct SessionOptions {
     pub allow_local_as: usize,
     /// GTSM (RFC 5082) with the peer at most this many hops away (`ttlSecurity`).
     pub ttl_security: Option<u8>,
+    /// The peer's BGPFilters, compiled (import, export).
+    pub filters: (Vec<Rule>, Vec<Rule>),
 }
 
 impl SessionOptions {
     /// From a BGPPeer, or without one the defaults with `restart_time` (the mesh's).
-    fn new(p: Option<&BgpPeerSpec>, restart_time: u16) -> SessionOptions {
+    fn new(
+        p: Option<&BgpPeerSpec>,
+        restart_time: u16,
+        filters: &[Object<BgpFilterSpec>],
+    ) -> SessionOptions {
         let Some(p) = p else {
             return SessionOptions {
                 password: None,
@@ -76,9 +83,11 @@ impl SessionOptions {
                 bind_source: true,
                 allow_local_as: 0,
                 ttl_security: None,
+                filters: (Vec::new(), Vec::new()),
             };
         };
         SessionOptions {
+            filters: compile_filters(&p.filters, filters),
             password: match &p.password {
                 Some(BgpPassword::Inline(s)) => Some(s.clone()),
                 _ => None, // secretKeyRef is refused on write
@@ -148,6 +157,8 @@ pub struct SpeakerConfig {
     pub peers: BTreeMap<IpAddr, PeerConfig>,
     /// Prefixes to originate, with their communities.
     pub exports: BTreeMap<IpNet, Vec<u32>>,
+    /// What the operator should know about this configuration (logged when it changes).
+    pub warnings: Vec<String>,
 }
 
 /// The inputs, already read from the datastore.
@@ -157,6 +168,7 @@ pub struct Inputs<'a> {
     pub config: Option<&'a BgpConfigurationSpec>,
     pub peers: &'a [Object<BgpPeerSpec>],
     pub pools: &'a [IpPoolSpec],
+    pub filters: &'a [Object<BgpFilterSpec>],
     /// (block, affine node).
     pub blocks: &'a [(IpNet, String)],
 }
@@ -240,7 +252,7 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
             node: Some(v.name.to_string()),
             // RFC 4456: a reflector's peers outside its cluster are its clients.
             rr_client: me.cluster_id.is_some() && v.cluster_id != me.cluster_id,
-            options: SessionOptions::new(p, mesh_restart),
+            options: SessionOptions::new(p, mesh_restart, i.filters),
         })
     };
     if cfg.node_to_node_mesh_enabled.unwrap_or(true) {
@@ -266,7 +278,7 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
                         kind: kind_of(p),
                         node: None,
                         rr_client: false,
-                        options: SessionOptions::new(Some(p), DEFAULT_RESTART_TIME),
+                        options: SessionOptions::new(Some(p), DEFAULT_RESTART_TIME, i.filters),
                     },
                 );
             }
@@ -293,7 +305,80 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
         listen_on_node_ip: cfg.bind_mode == Some(BindMode::NodeIp),
         peers,
         exports: exports(i, &cfg),
+        warnings: missing_filters(i.peers, i.filters)
+            .into_iter()
+            .map(|(peer, filter)| {
+                format!("BGPPeer {peer} names BGPFilter {filter}, which does not exist: it rejects every route until it does")
+            })
+            .collect(),
     })
+}
+
+/// The rules of the named BGPFilters, in order: (import, export). A filter that does not exist
+/// rejects every route it would have judged (fail closed), so a typo never opens a peering up.
+fn compile_filters(names: &[String], filters: &[Object<BgpFilterSpec>]) -> (Vec<Rule>, Vec<Rule>) {
+    let reject_all = |ipv6| Rule {
+        ipv6,
+        prefix: None,
+        learned_only: false,
+        accept: false,
+    };
+    let (mut import, mut export) = (Vec::new(), Vec::new());
+    for name in names {
+        let Some(f) = filters.iter().find(|f| &f.metadata.name == name) else {
+            for out in [&mut import, &mut export] {
+                out.extend([reject_all(false), reject_all(true)]);
+            }
+            continue;
+        };
+        let s = &f.spec;
+        import.extend(s.import_v4.iter().map(|r| rule(r, false)));
+        import.extend(s.import_v6.iter().map(|r| rule(r, true)));
+        export.extend(s.export_v4.iter().map(|r| rule(r, false)));
+        export.extend(s.export_v6.iter().map(|r| rule(r, true)));
+    }
+    (import, export)
+}
+
+/// (BGPPeer, BGPFilter) names where the filter does not exist.
+fn missing_filters<'a>(
+    peers: &'a [Object<BgpPeerSpec>],
+    filters: &[Object<BgpFilterSpec>],
+) -> Vec<(&'a str, &'a str)> {
+    peers
+        .iter()
+        .flat_map(|p| {
+            p.spec
+                .filters
+                .iter()
+                .map(move |f| (p.metadata.name.as_str(), f.as_str()))
+        })
+        .filter(|(_, f)| !filters.iter().any(|x| x.metadata.name == *f))
+        .collect()
+}
+
+fn rule(r: &BgpFilterRule, ipv6: bool) -> Rule {
+    Rule {
+        ipv6,
+        prefix: r.cidr.zip(r.match_operator).map(|(cidr, op)| {
+            let m = PrefixMatch::new(
+                cidr,
+                match op {
+                    MatchOperator::Equal => PrefixOp::Equal,
+                    MatchOperator::NotEqual => PrefixOp::NotEqual,
+                    MatchOperator::In => PrefixOp::In,
+                    MatchOperator::NotIn => PrefixOp::NotIn,
+                },
+            );
+            let pl = r.prefix_length.unwrap_or_default();
+            PrefixMatch {
+                lengths: (pl.min.unwrap_or(m.lengths.0), pl.max.unwrap_or(m.lengths.1)),
+                ..m
+            }
+        }),
+        learned_only: r.source.is_some(),
+        accept: r.action == FilterAction::Accept,
+    }
 }
 
 /// This node's blocks (unless their pool has disableBGPExport) and the service ranges, each

@@ -130,6 +130,7 @@ async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConf
         .into_iter()
         .filter_map(|(b, _)| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
         .collect();
+    let filters: Vec<_> = specs(objects::bgp_filters(store).await.map_err(e)?);
     let cfg = configs
         .iter()
         .find(|(c, _)| c.metadata.name == "default")
@@ -141,6 +142,7 @@ async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConf
         peers: &peers,
         pools: &pools,
         blocks: &blocks,
+        filters: &filters,
     })
     .map(Some)
 }
@@ -184,11 +186,20 @@ pub async fn run(agent: Arc<Agent>, mode: Mode) {
                     tracing::info!(active, "BGP speaker switched");
                     agent.bgp.kick.notify_one();
                 }
-                cfg_tx.send_if_modified(|cur| {
+                let warnings = want
+                    .as_ref()
+                    .map(|w| w.warnings.clone())
+                    .unwrap_or_default();
+                let changed = cfg_tx.send_if_modified(|cur| {
                     let changed = *cur != want;
                     *cur = want;
                     changed
                 });
+                if changed {
+                    for w in warnings {
+                        tracing::warn!("{w}");
+                    }
+                }
                 last_problem = None;
             }
             Err(e) => {

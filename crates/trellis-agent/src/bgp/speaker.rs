@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use trellis_bgp::error::{code, subcode};
 use trellis_bgp::fsm::{keep_outgoing, DownReason};
-use trellis_bgp::message::{pack_announcements, pack_withdrawals, MAX_LEN};
+use trellis_bgp::message::{pack_announcements, pack_withdrawals, RouteRefresh, MAX_LEN};
 use trellis_bgp::nlri::{AFI_IPV4, AFI_IPV6};
 use trellis_bgp::{
     Context, Fsm, Input, Message, Negotiated, Notification, Origin, Output, PathAttrs, PeerId,
@@ -277,8 +277,9 @@ impl Speaker {
                 Some(c) if !same_session(c, &self.peers[&addr].cfg) => {
                     self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE)
                 }
-                // Only how the peering came about changed (mesh → BGPPeer): keep the session.
-                Some(c) => self.peers.get_mut(&addr).expect("present").cfg = c.clone(),
+                // Only how the peering came about or its filters changed (mesh → BGPPeer):
+                // keep the session.
+                Some(c) => self.refilter(addr, c.clone()),
                 None => self.remove_peer(addr, subcode::PEER_DECONFIGURED),
             }
         }
@@ -309,6 +310,44 @@ impl Speaker {
                 },
             );
             self.drive(addr, false, Input::Start);
+        }
+    }
+
+    /// Takes a peer's new configuration, which differs at most in its label and its filters.
+    /// New filters apply without a reset: what it is sent is decided again, and when the import
+    /// filter changed it is asked to send its routes again (ROUTE-REFRESH, RFC 2918 §3) — or, if
+    /// it cannot, the session is reset.
+    fn refilter(&mut self, addr: IpAddr, c: PeerConfig) {
+        let p = self.peers.get_mut(&addr).expect("present");
+        let (import, export) = c.options.filters.clone();
+        let changed = p.cfg.options.filters != c.options.filters;
+        p.cfg = c;
+        if !changed || p.negotiated.is_none() {
+            return; // a session not up yet takes the filters when it comes up
+        }
+        tracing::info!(peer = %addr, "BGP filters changed");
+        if !self.rib.set_peer_filters(p.id, import, export) {
+            return;
+        }
+        let refresh = p.negotiated.as_ref().filter(|n| n.route_refresh).map(|n| {
+            let ctx = ctx_for(Some(n), p.cfg.asn == self.cfg.asn);
+            n.families
+                .iter()
+                .flat_map(|afi| {
+                    Message::RouteRefresh(RouteRefresh {
+                        afi: *afi,
+                        subtype: 0,
+                        safi: 1,
+                    })
+                    .encode(ctx)
+                })
+                .collect::<Vec<u8>>()
+        });
+        match (refresh, &p.main.tx) {
+            (Some(bytes), Some(tx)) => {
+                let _ = tx.send(bytes);
+            }
+            _ => self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE),
         }
     }
 
@@ -706,6 +745,8 @@ impl Speaker {
                 keep_next_hop: p.cfg.options.keep_next_hop,
                 families: n.families.clone(),
                 allow_local_as: p.cfg.options.allow_local_as,
+                import: p.cfg.options.filters.0.clone(),
+                export: p.cfg.options.filters.1.clone(),
             },
         );
         p.negotiated = Some(n);
@@ -851,12 +892,13 @@ impl Speaker {
     }
 }
 
-/// Whether two peer configurations describe the same session (everything but the label).
+/// Whether two peer configurations describe the same session (everything but the label and
+/// the filters, which change without a reset).
 fn same_session(a: &PeerConfig, b: &PeerConfig) -> bool {
-    PeerConfig {
-        kind: b.kind,
-        ..a.clone()
-    } == *b
+    let mut a = a.clone();
+    a.kind = b.kind;
+    a.options.filters = b.options.filters.clone();
+    a == *b
 }
 
 fn ctx_for(n: Option<&Negotiated>, ibgp: bool) -> Context {

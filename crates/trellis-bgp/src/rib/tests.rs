@@ -21,6 +21,8 @@ fn peer(asn: u32, n: u8, rr_client: bool) -> PeerInfo {
         keep_next_hop: false,
         families: vec![AFI_IPV4],
         allow_local_as: 0,
+        import: vec![],
+        export: vec![],
     }
 }
 
@@ -299,4 +301,65 @@ fn next_hops_beyond_the_subnet_resolve_through_the_hosts_routes_or_take_no_part(
     r.set_igp_routes([]);
     r.flush();
     assert_eq!(r.installed()[&p("10.8.0.0/24")], ip("192.0.2.3"));
+}
+
+#[test]
+fn filters_drop_imports_and_exports_per_peer_and_change_live() {
+    use crate::policy::{PrefixMatch, PrefixOp, Rule};
+    let reject = |cidr: &str, op: PrefixOp| Rule {
+        ipv6: false,
+        prefix: Some(PrefixMatch::new(p(cidr), op)),
+        learned_only: false,
+        accept: false,
+    };
+    let mut r = rib(false);
+    // Peer 2 may not give us a default route; peer 3 is not sent 10.9.0.0/16.
+    r.peer_up(
+        2,
+        PeerInfo {
+            import: vec![reject("0.0.0.0/0", PrefixOp::Equal)],
+            ..peer(65002, 2, false)
+        },
+    );
+    r.peer_up(
+        3,
+        PeerInfo {
+            export: vec![reject("10.9.0.0/16", PrefixOp::In)],
+            ..peer(65003, 3, false)
+        },
+    );
+    r.originate(
+        p("10.1.0.0/26"),
+        Arc::new(PathAttrs::default()),
+        ip("192.0.2.1"),
+    );
+    let rep = r.apply_update(2, &announce("0.0.0.0/0", vec![65002], "192.0.2.2"));
+    assert_eq!(rep.rejected[0].1, "rejected by a BGPFilter");
+    r.apply_update(2, &announce("10.9.1.0/24", vec![65002], "192.0.2.2"));
+    let (outs, _) = r.flush();
+    assert_eq!(
+        r.counters(2),
+        Counters {
+            received: 2,
+            accepted: 1,
+            advertised: 1
+        }
+    );
+    assert!(!r.installed().contains_key(&p("0.0.0.0/0")));
+    let to3 = sent_to(&outs, 3).unwrap();
+    let sent: Vec<IpNet> = to3.announce.iter().flat_map(|a| a.2.clone()).collect();
+    assert_eq!(
+        sent,
+        vec![p("10.1.0.0/26")],
+        "the filtered prefix is held back"
+    );
+    // Export filter lifted: the held-back route goes out; the import filter is unchanged.
+    assert!(!r.set_peer_filters(3, vec![], vec![]));
+    let (outs, _) = r.flush();
+    assert_eq!(
+        sent_to(&outs, 3).unwrap().announce[0].2,
+        vec![p("10.9.1.0/24")]
+    );
+    // Import filter changed: the caller must ask the peer to send its routes again.
+    assert!(r.set_peer_filters(2, vec![], vec![]));
 }

@@ -1,26 +1,29 @@
 use super::*;
 use trellis_resources::{parse_documents, Resource};
 
-/// Nodes, the BGP configuration, peers and pools parsed from YAML.
-type Parsed = (
-    Vec<Object<NodeSpec>>,
-    Option<BgpConfigurationSpec>,
-    Vec<Object<BgpPeerSpec>>,
-    Vec<IpPoolSpec>,
-);
+/// Nodes, the BGP configuration, peers, pools and filters parsed from YAML.
+#[derive(Default)]
+struct Parsed {
+    nodes: Vec<Object<NodeSpec>>,
+    cfg: Option<BgpConfigurationSpec>,
+    peers: Vec<Object<BgpPeerSpec>>,
+    pools: Vec<IpPoolSpec>,
+    filters: Vec<Object<BgpFilterSpec>>,
+}
 
 fn objects(yaml: &str) -> Parsed {
-    let (mut nodes, mut cfg, mut peers, mut pools) = (vec![], None, vec![], vec![]);
+    let mut o = Parsed::default();
     for r in parse_documents(yaml).unwrap() {
         match r {
-            Resource::Node(n) => nodes.push(n),
-            Resource::BgpConfiguration(c) => cfg = Some(c.spec),
-            Resource::BgpPeer(p) => peers.push(p),
-            Resource::IpPool(p) => pools.push(p.spec),
+            Resource::Node(n) => o.nodes.push(n),
+            Resource::BgpConfiguration(c) => o.cfg = Some(c.spec),
+            Resource::BgpPeer(p) => o.peers.push(p),
+            Resource::IpPool(p) => o.pools.push(p.spec),
+            Resource::BgpFilter(f) => o.filters.push(f),
             _ => unreachable!(),
         }
     }
-    (nodes, cfg, peers, pools)
+    o
 }
 
 const NODES: &str = "
@@ -51,7 +54,7 @@ spec: {cidr: 10.20.0.0/16, encapsulation: None, disableBGPExport: true}
 ";
 
 fn compute_for(node: &str, extra: &str) -> SpeakerConfig {
-    let (nodes, cfg, peers, pools) = objects(&format!("{NODES}{extra}"));
+    let o = objects(&format!("{NODES}{extra}"));
     let blocks = vec![
         ("10.10.1.0/26".parse().unwrap(), "n1".to_string()),
         ("10.20.1.0/26".parse().unwrap(), "n1".to_string()),
@@ -59,11 +62,12 @@ fn compute_for(node: &str, extra: &str) -> SpeakerConfig {
     ];
     compute(&Inputs {
         node,
-        nodes: &nodes,
-        config: cfg.as_ref(),
-        peers: &peers,
-        pools: &pools,
+        nodes: &o.nodes,
+        config: o.cfg.as_ref(),
+        peers: &o.peers,
+        pools: &o.pools,
         blocks: &blocks,
+        filters: &o.filters,
     })
     .unwrap()
 }
@@ -221,4 +225,39 @@ spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0}
         }
     );
     assert_eq!(policy("198.51.100.3").min_ttl, None);
+}
+
+#[test]
+fn filters_compile_in_order_and_a_missing_one_rejects_everything() {
+    let extra = "
+---
+kind: BGPFilter
+apiVersion: projectcalico.org/v3
+metadata: {name: no-default}
+spec:
+  importV4: [{action: Reject, matchOperator: Equal, cidr: 0.0.0.0/0}]
+  exportV4: [{action: Accept, matchOperator: In, cidr: 10.10.0.0/16, prefixLength: {max: 26}}, {action: Reject, source: RemotePeers}]
+---
+kind: BGPPeer
+apiVersion: trellis.dev/v1
+metadata: {name: tor}
+spec: {peerIP: 192.0.2.1, asNumber: 65001, filters: [no-default, typo]}
+";
+    let c = compute_for("n1", extra);
+    let (import, export) = &c.peers[&ip("192.0.2.1")].options.filters;
+    let p = |s: &str| -> IpNet { s.parse().unwrap() };
+    // no-default's rules first, then typo's reject-all for both families.
+    assert_eq!(import.len(), 3);
+    assert!(!trellis_bgp::policy::accepts(import, &p("0.0.0.0/0"), true));
+    assert!(!trellis_bgp::policy::accepts(
+        import,
+        &p("198.51.100.0/24"),
+        true
+    ));
+    assert_eq!(export[0].prefix.unwrap().lengths, (16, 26));
+    assert!(export[1].learned_only && !export[1].accept);
+    assert_eq!(c.warnings.len(), 1);
+    assert!(c.warnings[0].contains("typo"), "{:?}", c.warnings);
+    // The mesh peering has no filters.
+    assert_eq!(c.peers[&ip("192.0.2.12")].options.filters, (vec![], vec![]));
 }
