@@ -547,24 +547,25 @@ pods:
   - {name: p2, node: n2}
 ";
 
+/// `, FIELDS` to append to a YAML flow mapping (nothing for none).
+fn more_fields(fields: &str) -> String {
+    if fields.is_empty() {
+        String::new()
+    } else {
+        format!(", {fields}")
+    }
+}
+
 /// `{daemon: D, asNumber: 65001, peers: [n1]}` for a ToR, with `extra` settings (which the
 /// lab also puts on n1's BGPPeer).
 fn tor(daemon: &str, extra: &str) -> String {
-    let extra = if extra.is_empty() {
-        String::new()
-    } else {
-        format!(", {extra}")
-    };
+    let extra = more_fields(extra);
     format!("  - name: tor\n    subnet: rack1\n    bgp: {{daemon: {daemon}, asNumber: 65001, peers: [n1]{extra}}}")
 }
 
 /// n1's BGPPeer towards the ToR with `extra` settings.
 fn tor_peer(extra: &str) -> String {
-    let extra = if extra.is_empty() {
-        String::new()
-    } else {
-        format!(", {extra}")
-    };
+    let extra = more_fields(extra);
     format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: lab-tor-n1}}\nspec: {{node: n1, peerIP: 192.168.76.100, asNumber: 65001{extra}}}\n")
 }
 
