@@ -1,7 +1,8 @@
 //! What this node's speaker should do, computed from the datastore's resources the way Calico's
 //! confd computes BIRD's configuration: its AS and router ID, whether it reflects routes, the
 //! peers (node-to-node mesh, global / node-specific / selector BGPPeers, symmetric peerSelector
-//! peerings), and the prefixes it originates. Pure.
+//! peerings) with their session options and compiled BGPFilters, and the prefixes it
+//! originates. Pure.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
