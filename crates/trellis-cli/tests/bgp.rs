@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, lab_check, trellis, LabGuard};
+use common::{bin, lab_check, spawn_with_input, trellis, LabGuard};
 use serde_json::Value;
 
 /// Brings up a topology given as YAML text under `name`.
@@ -86,15 +86,14 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 }
 
 fn apply(lab: &str, yaml: &str) {
-    let mut c = Command::new(bin("trellis"))
-        .args(["--datastore", &datastore(lab), "apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
-    let out = c.wait_with_output().unwrap();
+    let out = spawn_with_input(
+        Command::new(bin("trellis"))
+            .args(["--datastore", &datastore(lab), "apply", "-f", "-"])
+            .stderr(Stdio::piped()),
+        yaml,
+    )
+    .wait_with_output()
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",

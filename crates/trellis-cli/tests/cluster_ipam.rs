@@ -6,11 +6,10 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, ip_of, Cluster};
+use common::{bin, ip_of, spawn_with_input, Cluster};
 use serde_json::{json, Value};
 
 /// The two bursts each start 400 processes; running them at once on a 2-core machine would
@@ -189,25 +188,18 @@ fn bad_input_is_refused_and_changes_nothing() {
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni", "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
     let link = c.dir.path().join("trellis-ipam");
     let _ = std::os::unix::fs::symlink(bin("trellis-cni"), &link);
-    let mut ch =
-        n.ns.command(link.to_str().unwrap())
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", "fixed")
-            .env("CNI_NETNS", n.ns.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", c.dir.path())
-            .env("CNI_ARGS", "IP=10.99.0.5")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-    ch.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
+    let mut plugin = n.ns.command(link.to_str().unwrap());
+    plugin
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "fixed")
+        .env("CNI_NETNS", n.ns.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", c.dir.path())
+        .env("CNI_ARGS", "IP=10.99.0.5")
+        .stderr(Stdio::null());
+    let out = spawn_with_input(&mut plugin, &conf.to_string())
+        .wait_with_output()
         .unwrap();
-    let out = ch.wait_with_output().unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["code"], 7, "{v}");
     assert!(

@@ -197,15 +197,10 @@ impl Cluster {
         };
         c.args(["--datastore", &self.spec])
             .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        if let Some(s) = stdin {
-            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        }
-        drop(child.stdin.take());
-        child.wait_with_output().unwrap()
+        spawn_with_input(&mut c, stdin.unwrap_or(""))
+            .wait_with_output()
+            .unwrap()
     }
 
     pub fn cli_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
@@ -241,29 +236,19 @@ impl Cluster {
         let n = &self.nodes[i];
         let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni",
             "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
-        let mut child =
-            n.ns.command(program.to_str().unwrap())
-                .env("CNI_COMMAND", cmd)
-                .env("CNI_CONTAINERID", cid)
-                .env("CNI_NETNS", netns)
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", self.dir.path())
-                .env(
-                    "CNI_ARGS",
-                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"),
-                )
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        child
+        let mut plugin = n.ns.command(program.to_str().unwrap());
+        plugin
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", cid)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", self.dir.path())
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"),
+            )
+            .stderr(Stdio::null());
+        spawn_with_input(&mut plugin, &conf.to_string())
     }
 
     /// Creates a pod on node `i` through the real plugin (routed mode, agent IPAM); returns its
@@ -344,6 +329,22 @@ pub fn lab_check(lab: &str, secs: u64) -> (bool, String) {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Starts `cmd` with `input` on its stdin (closed once written) and its stdout piped.
+pub fn spawn_with_input(cmd: &mut Command, input: &str) -> Child {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child
 }
 
 pub fn trellis(args: &[&str]) -> (bool, String) {
