@@ -172,18 +172,27 @@ fn external_host(c: &Cluster, addr: &str) -> TestNetns {
 /// Connects from `pod` to a one-shot TCP listener on `ext` and returns the peer address the
 /// listener saw. Bounded: the listener and the client each give up after a few seconds.
 fn peer_seen_by(ext: &TestNetns, pod: &TestNetns) -> String {
-    let server = "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',7070));s.listen(1);s.settimeout(8);c,a=s.accept();print(a[0]);c.close()";
-    let listener = ext
+    use std::io::BufRead;
+    let server = "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',7070));s.listen(1);print('listening',flush=True);s.settimeout(8);c,a=s.accept();print(a[0]);c.close()";
+    let mut listener = ext
         .command("python3")
         .args(["-c", server])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Connect only once the listener says it listens (its output ends within 8 s either way).
+    let mut lines = std::io::BufReader::new(listener.stdout.take().unwrap()).lines();
+    let ready = lines.next().and_then(Result::ok);
+    assert_eq!(
+        ready.as_deref(),
+        Some("listening"),
+        "the listener did not start"
+    );
     let client = "import socket;socket.create_connection(('192.0.2.100',7070),timeout=5).close()";
     let _ = pod.exec(&["python3", "-c", client]);
-    let out = listener.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let seen = lines.next().and_then(Result::ok).unwrap_or_default();
+    let _ = listener.wait();
+    seen.trim().to_string()
 }
 
 #[test]

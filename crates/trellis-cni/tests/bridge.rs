@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ip_of, ping, pod, Node};
+use common::{ip_of, link_gone, ping, pod, Node};
 use serde_json::json;
 
 fn bridge_conf(node: &Node, masq: bool) -> serde_json::Value {
@@ -61,11 +61,7 @@ fn bridge_add_traffic_masq_del() {
         .ns
         .exec_ok(&["nft", "list", "table", "inet", "trellis_cni_masq"]);
     assert_eq!(nft.matches("masquerade").count(), 1, "{nft}");
-    assert!(!node
-        .ns
-        .exec(&["ip", "link", "show", &host_if])
-        .status
-        .success());
+    assert!(link_gone(&node.ns, &host_if), "{host_if} still there");
     node.call("DEL", "br-2", Some(p2.path()), &conf).ok();
     assert!(
         !node

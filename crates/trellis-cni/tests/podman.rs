@@ -178,13 +178,21 @@ fn two_containers_talk(pm: &Podman) {
     );
     pm.run_ok(&["rm", "-f", "-t", "0", "c1", "c2"]);
     assert_eq!(pm.allocations(), 0, "removal must release the addresses");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let links = pm.node.exec_ok(&["ip", "-o", "link"]);
-    let veths: Vec<&str> = links
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .filter(|name| name.starts_with("trl") && name.len() >= 15)
-        .collect();
+    // DEL deletes the host ends from a detached child after answering: wait (bounded).
+    let mut veths = Vec::new();
+    for _ in 0..200 {
+        let links = pm.node.exec_ok(&["ip", "-o", "link"]);
+        veths = links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .filter(|name| name.starts_with("trl") && name.len() >= 15)
+            .map(str::to_string)
+            .collect();
+        if veths.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert!(veths.is_empty(), "host interfaces left behind: {veths:?}");
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ip_of, ping, pod, Node};
+use common::{ip_of, link_gone, ping, pod, Node};
 use serde_json::json;
 
 #[test]
@@ -110,11 +110,7 @@ fn routed_add_check_del() {
     // DEL removes the interface and releases the address; twice is fine; netns gone is fine.
     assert_eq!(node.allocations("testnet").len(), 2);
     node.call("DEL", "ctr-one", Some(p1.path()), &conf).ok();
-    assert!(!node
-        .ns
-        .exec(&["ip", "link", "show", &host_if])
-        .status
-        .success());
+    assert!(link_gone(&node.ns, &host_if), "{host_if} still there");
     assert_eq!(node.allocations("testnet").len(), 1);
     node.call("DEL", "ctr-one", Some(p1.path()), &conf).ok();
     let p2_path = p2.path().to_path_buf();

@@ -193,10 +193,10 @@ pub fn ping(from: &TestNetns, to: &str) -> bool {
     })
 }
 
-/// Waits (up to 3 s) for a link to disappear: DEL takes the host end down at once and deletes
-/// it from a detached child right after answering.
+/// Waits (up to 10 s) for a link to disappear: DEL takes the host end down at once and deletes
+/// it from a detached child right after answering, so a test must not expect it gone at once.
 pub fn link_gone(ns: &TestNetns, name: &str) -> bool {
-    for _ in 0..60 {
+    for _ in 0..200 {
         if !ns.exec(&["ip", "link", "show", name]).status.success() {
             return true;
         }
