@@ -56,30 +56,31 @@ fn pods_talk_across_nodes_vxlan_then_direct() {
             && link.contains("mtu 1450"),
         "{link}"
     );
-    let fdb = c.nodes[0]
-        .ns
-        .exec_ok(&["bridge", "fdb", "show", "dev", "vxlan.trellis"]);
-    assert!(fdb.contains("dst 192.0.2.11 self permanent"), "{fdb}");
-    assert!(
+    wait_for("the FDB entry for node1", || {
+        c.nodes[0]
+            .ns
+            .exec_ok(&["bridge", "fdb", "show", "dev", "vxlan.trellis"])
+            .contains("dst 192.0.2.11 self permanent")
+    });
+    wait_for("the local block's blackhole", || {
         c.nodes[0]
             .ns
             .exec_ok(&["ip", "route"])
-            .contains("blackhole 10.70."),
-        "local block blackholed"
-    );
+            .contains("blackhole 10.70.")
+    });
     assert!(
         ping(&p0, &ip1),
         "pod on node0 cannot reach pod on node1 over VXLAN"
     );
     assert!(ping(&p1, &ip0));
     // natOutgoing: Trellis's own table, pools excluded from masquerade.
-    let nat = c.nodes[0]
-        .ns
-        .exec_ok(&["nft", "list", "table", "ip", "trellis"]);
-    assert!(
-        nat.contains("@masq_pools") && nat.contains("@all_pools") && nat.contains("masquerade"),
-        "{nat}"
-    );
+    wait_for("the NAT table with its pool sets", || {
+        let nat = c.nodes[0]
+            .ns
+            .exec(&["nft", "list", "table", "ip", "trellis"]);
+        let nat = String::from_utf8_lossy(&nat.stdout);
+        nat.contains("@masq_pools") && nat.contains("@all_pools") && nat.contains("masquerade")
+    });
     // Drift: a route deleted by hand comes back within a few seconds.
     let routes = c.nodes[0].ns.exec_ok(&["ip", "route"]);
     let line = routes
