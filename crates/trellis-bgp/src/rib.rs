@@ -50,8 +50,8 @@ pub struct PeerInfo {
     pub local_address: IpAddr,
     /// A route reflector client of ours.
     pub rr_client: bool,
-    /// Do not rewrite the next hop towards this (external) peer.
-    pub keep_next_hop: bool,
+    /// Which next hop this peer is sent for learned routes.
+    pub next_hop: NextHopMode,
     /// Families negotiated (AFIs).
     pub families: Vec<u16>,
     /// How many times our AS may appear in a path from this (external) peer before it counts
@@ -60,6 +60,21 @@ pub struct PeerInfo {
     /// Filters on what is accepted from and sent to this peer ([`policy`]).
     pub import: Vec<Rule>,
     pub export: Vec<Rule>,
+}
+
+/// The next hop sent to a peer for routes learned from others (Calico's `nextHopMode`, BIRD's
+/// `next hop self` / `next hop keep`). Routes this speaker originates always carry its own
+/// address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NextHopMode {
+    /// RFC 4271 §5.1.3: own address towards external peers and for routes learned over eBGP;
+    /// reflected iBGP routes keep theirs (RFC 4456 §10).
+    #[default]
+    Auto,
+    /// Always our own address, reflected routes included: this speaker joins their data path.
+    SetSelf,
+    /// Never rewritten, external peers included (third-party next hop).
+    Keep,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -508,15 +523,18 @@ impl Rib {
         }
         let mut a = (*best.attrs).clone();
         a.layout.0.clear();
-        let mut nh = best.next_hop;
+        let nh = match (from, peer.next_hop) {
+            (None, _) | (Some(_), NextHopMode::SetSelf) => peer.local_address,
+            (Some(_), NextHopMode::Keep) => best.next_hop,
+            (Some(_), NextHopMode::Auto) if to_ibgp && from_ibgp => best.next_hop,
+            (Some(_), NextHopMode::Auto) => peer.local_address,
+        };
         if to_ibgp {
             a.local_pref = Some(a.local_pref.unwrap_or(DEFAULT_LOCAL_PREF));
             if from_ibgp {
                 let (_, src) = from.expect("from_ibgp");
                 a.originator_id.get_or_insert(src.router_id);
                 a.cluster_list.insert(0, c.cluster_id.expect("reflector"));
-            } else {
-                nh = peer.local_address;
             }
         } else {
             if a.as_path.contains(peer.asn) {
@@ -528,9 +546,6 @@ impl Rib {
             a.cluster_list.clear();
             if from.is_some() {
                 a.med = None; // RFC 4271 §5.1.4: MED is not passed to other ASes
-            }
-            if !(peer.keep_next_hop && from.is_some()) {
-                nh = peer.local_address;
             }
         }
         a.next_hop = match nh {

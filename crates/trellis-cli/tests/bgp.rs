@@ -277,6 +277,16 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
         m.contains("trellis_bgp_prefixes_accepted{peer=\"192.168.74.11\"} 1"),
         "{m}"
     );
+    // nextHopMode: Self on the reflector's peering puts it in the data path of reflected routes.
+    apply(lab, "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: to-rr}\nspec: {nodeSelector: all(), peerSelector: route-reflector == 'true', nextHopMode: Self}\n");
+    let block3 = block_of(lab, "c1").to_string();
+    wait_routes(
+        lab,
+        "node2",
+        &[&format!("{block3} via 192.168.74.10 dev eth0 proto 231")],
+        "node3's block via the reflector",
+    );
+    check(lab);
     // Removing a node: its agent gone and its Node deleted, the reflector drops the session
     // (stale routes included) and the other nodes lose the route to its block.
     let (pid, _) = agent_of(lab, "node4");

@@ -350,6 +350,18 @@ pub enum SourceAddress {
     None,
 }
 
+/// Calico's `nextHopMode`: the next hop sent to a peer for routes learned from others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NextHopMode {
+    /// BIRD's default: own address towards eBGP peers, reflected routes keep theirs.
+    Auto,
+    /// Always the node's own address (BIRD's `next hop self`), reflected routes included.
+    #[serde(rename = "Self")]
+    NodeSelf,
+    /// Never rewritten (BIRD's `next hop keep`); `keepOriginalNextHop: true` is the old spelling.
+    Keep,
+}
+
 /// A BGP password: inline. Calico's `secretKeyRef` form is refused with a message, since the
 /// datastore holds no Kubernetes secrets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,9 +395,12 @@ pub struct BgpPeerSpec {
     /// TCP MD5 signature password (RFC 2385).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<BgpPassword>,
-    /// Advertise routes to this eBGP peer with their original next hop.
+    /// Advertise routes to this eBGP peer with their original next hop (`nextHopMode: Keep`).
     #[serde(default)]
     pub keep_original_next_hop: bool,
+    /// The next hop sent for learned routes (default `Auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop_mode: Option<NextHopMode>,
     /// Graceful restart time offered to this peer (`120s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_restart_time: Option<String>,

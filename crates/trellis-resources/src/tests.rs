@@ -166,6 +166,7 @@ spec:
   sourceAddress: UseNodeIP
   numAllowedLocalASNumbers: 1
   ttlSecurity: 1
+  nextHopMode: Self
 ---
 apiVersion: projectcalico.org/v3
 kind: BGPPeer
@@ -228,6 +229,7 @@ fn calico_bgp_resources_apply_unchanged() {
     assert_eq!(p.spec.source_address, Some(SourceAddress::UseNodeIp));
     assert_eq!(p.spec.num_allowed_local_as_numbers, Some(1));
     assert_eq!(p.spec.ttl_security, Some(1));
+    assert_eq!(p.spec.next_hop_mode, Some(NextHopMode::NodeSelf));
     assert_eq!(p.spec.filters, vec!["my-filter".to_string()]);
 }
 
@@ -255,6 +257,8 @@ fn bad_bgp_resources_name_the_field() {
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, sourceAddress: Elsewhere}"), "sourceAddress"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, numAllowedLocalASNumbers: 300}"), "spec.numAllowedLocalASNumbers"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, ttlSecurity: 255}"), "spec.ttlSecurity"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, nextHopMode: Keep, keepOriginalNextHop: true}"), "spec.nextHopMode"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, nextHopMode: Always}"), "nextHopMode"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {bindMode: Everywhere}\n".into(), "bindMode"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, filters: ['bad name!']}"), "spec.filters[0]"),
         (filter("{importV4: [{action: Reject, cidr: 10.0.0.0/8}]}"), "spec.importV4[0].matchOperator"),

@@ -268,6 +268,12 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
     if let Some(t) = &s.max_restart_time {
         parse_seconds(t).map_err(|e| err("spec.maxRestartTime", e))?;
     }
+    if s.keep_original_next_hop && s.next_hop_mode.is_some() {
+        return Err(err(
+            "spec.nextHopMode",
+            "keepOriginalNextHop and nextHopMode cannot both be set (keepOriginalNextHop: true is nextHopMode: Keep)",
+        ));
+    }
     for (i, f) in s.filters.iter().enumerate() {
         name(f, false).map_err(|e| err(&format!("spec.filters[{i}]"), e.reason))?;
     }

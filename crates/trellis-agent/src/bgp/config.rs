@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use trellis_bgp::policy::{PrefixMatch, PrefixOp, Rule};
+use trellis_bgp::NextHopMode;
 use trellis_resources::validate::{parse_community, parse_peer_ip, parse_seconds};
 use trellis_resources::{
     BgpConfigurationSpec, BgpFilterRule, BgpFilterSpec, BgpPassword, BgpPeerSpec, BindMode,
@@ -56,7 +57,8 @@ pub struct PeerConfig {
 pub struct SessionOptions {
     /// TCP MD5 key (RFC 2385).
     pub password: Option<String>,
-    pub keep_next_hop: bool,
+    /// The next hop sent for learned routes (`nextHopMode`, `keepOriginalNextHop`).
+    pub next_hop: NextHopMode,
     /// Graceful restart time we offer (RFC 4724).
     pub restart_time: u16,
     /// Bind outgoing connections to the node's address (`sourceAddress: UseNodeIP`).
@@ -79,7 +81,7 @@ impl SessionOptions {
         let Some(p) = p else {
             return SessionOptions {
                 password: None,
-                keep_next_hop: false,
+                next_hop: NextHopMode::Auto,
                 restart_time,
                 bind_source: true,
                 allow_local_as: 0,
@@ -93,7 +95,11 @@ impl SessionOptions {
                 Some(BgpPassword::Inline(s)) => Some(s.clone()),
                 _ => None, // secretKeyRef is refused on write
             },
-            keep_next_hop: p.keep_original_next_hop,
+            next_hop: match (p.next_hop_mode, p.keep_original_next_hop) {
+                (Some(m), _) => next_hop_mode(m),
+                (None, true) => NextHopMode::Keep,
+                (None, false) => NextHopMode::Auto,
+            },
             restart_time: p
                 .max_restart_time
                 .as_deref()
@@ -107,6 +113,14 @@ impl SessionOptions {
                 .and_then(|h| u8::try_from(h).ok())
                 .filter(|h| (1..=254).contains(h)),
         }
+    }
+}
+
+fn next_hop_mode(m: trellis_resources::NextHopMode) -> NextHopMode {
+    match m {
+        trellis_resources::NextHopMode::Auto => NextHopMode::Auto,
+        trellis_resources::NextHopMode::NodeSelf => NextHopMode::SetSelf,
+        trellis_resources::NextHopMode::Keep => NextHopMode::Keep,
     }
 }
 

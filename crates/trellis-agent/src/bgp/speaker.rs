@@ -742,7 +742,7 @@ impl Speaker {
                 address: addr,
                 local_address: local,
                 rr_client: p.cfg.rr_client,
-                keep_next_hop: p.cfg.options.keep_next_hop,
+                next_hop: p.cfg.options.next_hop,
                 families: n.families.clone(),
                 allow_local_as: p.cfg.options.allow_local_as,
                 import: p.cfg.options.filters.0.clone(),

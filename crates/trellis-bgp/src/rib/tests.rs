@@ -18,7 +18,7 @@ fn peer(asn: u32, n: u8, rr_client: bool) -> PeerInfo {
         address: IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)),
         local_address: ip("192.0.2.1"),
         rr_client,
-        keep_next_hop: false,
+        next_hop: NextHopMode::Auto,
         families: vec![AFI_IPV4],
         allow_local_as: 0,
         import: vec![],
@@ -222,6 +222,59 @@ fn route_reflection_follows_rfc4456() {
     let (outs, _) = r.flush();
     assert!(sent_to(&outs, 2).is_some() && sent_to(&outs, 3).is_some());
     assert!(sent_to(&outs, 4).is_none());
+}
+
+#[test]
+fn next_hop_mode_self_and_keep() {
+    let mut r = rib(true);
+    let with_mode = |n: u8, asn: u32, client: bool, mode: NextHopMode| PeerInfo {
+        next_hop: mode,
+        ..peer(asn, n, client)
+    };
+    r.peer_up(2, with_mode(2, ASN, true, NextHopMode::Auto));
+    r.peer_up(3, with_mode(3, ASN, true, NextHopMode::SetSelf));
+    r.peer_up(4, with_mode(4, 65004, false, NextHopMode::Keep));
+    r.peer_up(5, with_mode(5, 65005, false, NextHopMode::Auto));
+    r.peer_up(6, with_mode(6, ASN, false, NextHopMode::Keep));
+    r.apply_update(2, &announce("10.7.0.0/24", vec![], "192.0.2.2"));
+    r.apply_update(5, &announce("10.7.5.0/24", vec![65005], "192.0.2.5"));
+    r.originate(
+        p("10.7.9.0/26"),
+        Arc::new(PathAttrs::default()),
+        ip("192.0.2.1"),
+    );
+    let (outs, _) = r.flush();
+    let nh = |to: PeerId, prefix: &str| {
+        sent_to(&outs, to)
+            .unwrap()
+            .announce
+            .iter()
+            .find(|a| a.2.contains(&p(prefix)))
+            .map(|a| a.1)
+            .unwrap_or_else(|| panic!("{prefix} not sent to {to}"))
+    };
+    let own = ip("192.0.2.1");
+    // A reflected route: kept by Auto and Keep, rewritten by Self.
+    assert_eq!(
+        nh(3, "10.7.0.0/24"),
+        own,
+        "Self puts the reflector in the path"
+    );
+    assert_eq!(nh(6, "10.7.0.0/24"), ip("192.0.2.2"));
+    // To an external peer: Auto rewrites, Keep does not.
+    assert_eq!(nh(5, "10.7.0.0/24"), own);
+    assert_eq!(
+        nh(4, "10.7.0.0/24"),
+        ip("192.0.2.2"),
+        "third-party next hop"
+    );
+    // Learned over eBGP, sent over iBGP: Auto rewrites, Keep does not.
+    assert_eq!(nh(2, "10.7.5.0/24"), own);
+    assert_eq!(nh(6, "10.7.5.0/24"), ip("192.0.2.5"));
+    // Our own routes carry our address whatever the mode.
+    for to in [2, 3, 4, 5, 6] {
+        assert_eq!(nh(to, "10.7.9.0/26"), own);
+    }
 }
 
 #[test]

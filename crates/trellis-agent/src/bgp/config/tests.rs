@@ -169,7 +169,7 @@ spec: {node: n2, peerIP: 192.0.2.2, asNumber: 65002}
 }
 
 #[test]
-fn session_options_source_address_local_as_and_gtsm() {
+fn session_options_source_address_local_as_next_hop_and_gtsm() {
     let extra = "
 ---
 kind: BGPConfiguration
@@ -185,17 +185,17 @@ spec: {peerIP: 192.0.2.1, asNumber: 65001, sourceAddress: None, numAllowedLocalA
 kind: BGPPeer
 apiVersion: trellis.dev/v1
 metadata: {name: far}
-spec: {peerIP: 198.51.100.1, asNumber: 65002}
+spec: {peerIP: 198.51.100.1, asNumber: 65002, keepOriginalNextHop: true}
 ---
 kind: BGPPeer
 apiVersion: trellis.dev/v1
 metadata: {name: gtsm}
-spec: {peerIP: 198.51.100.2, asNumber: 65003, ttlSecurity: 2}
+spec: {peerIP: 198.51.100.2, asNumber: 65003, ttlSecurity: 2, nextHopMode: Self}
 ---
 kind: BGPPeer
 apiVersion: trellis.dev/v1
 metadata: {name: off}
-spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0}
+spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0, nextHopMode: Keep}
 ";
     let c = compute_for("n1", extra);
     assert!(c.listen_on_node_ip);
@@ -210,6 +210,13 @@ spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0}
         (mesh.options.bind_source, mesh.options.allow_local_as),
         (true, 0)
     );
+    // Next hop: Auto by default; keepOriginalNextHop is Keep.
+    let next_hop = |a: &str| c.peers[&ip(a)].options.next_hop;
+    assert_eq!(next_hop("192.0.2.12"), NextHopMode::Auto);
+    assert_eq!(next_hop("192.0.2.1"), NextHopMode::Auto);
+    assert_eq!(next_hop("198.51.100.1"), NextHopMode::Keep);
+    assert_eq!(next_hop("198.51.100.2"), NextHopMode::SetSelf);
+    assert_eq!(next_hop("198.51.100.3"), NextHopMode::Keep);
     let policy = |a: &str| c.ttl_policy(&c.peers[&ip(a)]);
     // iBGP: the system default; eBGP on the subnet: TTL 1; beyond it: 255 (multihop).
     assert_eq!(policy("192.0.2.12"), TtlPolicy::default());
