@@ -372,6 +372,49 @@ fn bird_top_of_rack_per_rack_and_an_outside_client() {
     wait_for("rack 2 through the router again", 20, || {
         via("192.168.71.1")
     });
+    // reachableBy: a host route to tor2 through the router, which the multihop paths resolve
+    // through when the default route is gone again; the session is not reset by it.
+    let tor2_peer = |extra: &str| {
+        format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: lab-tor2-r1n1}}\nspec: {{node: r1n1, peerIP: 192.168.72.100, asNumber: 65002{extra}}}\n")
+    };
+    let since = |lab: &str| {
+        node_status(lab, "r1n1").and_then(|s| {
+            s["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["address"] == "192.168.72.100" && p["state"] == "Established")
+                .map(|p| p["since"].clone())
+        })
+    };
+    let before = since(lab).expect("the multihop session is up");
+    apply(lab, &tor2_peer(", reachableBy: 192.168.71.1"));
+    wait_routes(
+        lab,
+        "r1n1",
+        &["192.168.72.100 via 192.168.71.1 dev eth0 proto 231"],
+        "the reachableBy route to tor2",
+    );
+    let (ok, out) = exec(lab, "r1n1", &["ip", "route", "del", "default"]);
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        via("192.168.71.1"),
+        "rack 2 still through the router without a default route:\n{}",
+        routes(lab, "r1n1")
+    );
+    check(lab);
+    assert_eq!(since(lab), Some(before), "the session was not reset");
+    let (ok, out) = exec(
+        lab,
+        "r1n1",
+        &["ip", "route", "add", "default", "via", "192.168.71.1"],
+    );
+    assert!(ok, "{out}");
+    apply(lab, &tor2_peer(""));
+    wait_for("the reachableBy route to go", 20, || {
+        !routes(lab, "r1n1").contains("192.168.72.100 via")
+    });
 }
 
 #[test]

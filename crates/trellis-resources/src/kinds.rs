@@ -426,6 +426,10 @@ pub struct BgpPeerSpec {
     /// BGPFilters applied to this peer's routes, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<String>,
+    /// The gateway on the node's subnet through which `peerIP` is reached: a host route to the
+    /// peer is installed through it, so the session never depends on routes learned over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable_by: Option<String>,
 }
 
 /// Route filters for BGP peers (Calico's BGPFilter), named in a BGPPeer's `filters`: ordered

@@ -167,6 +167,7 @@ spec:
   numAllowedLocalASNumbers: 1
   ttlSecurity: 1
   nextHopMode: Self
+  reachableBy: 192.20.30.1
 ---
 apiVersion: projectcalico.org/v3
 kind: BGPPeer
@@ -230,6 +231,7 @@ fn calico_bgp_resources_apply_unchanged() {
     assert_eq!(p.spec.num_allowed_local_as_numbers, Some(1));
     assert_eq!(p.spec.ttl_security, Some(1));
     assert_eq!(p.spec.next_hop_mode, Some(NextHopMode::NodeSelf));
+    assert_eq!(p.spec.reachable_by.as_deref(), Some("192.20.30.1"));
     assert_eq!(p.spec.filters, vec!["my-filter".to_string()]);
 }
 
@@ -259,6 +261,10 @@ fn bad_bgp_resources_name_the_field() {
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, ttlSecurity: 255}"), "spec.ttlSecurity"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, nextHopMode: Keep, keepOriginalNextHop: true}"), "spec.nextHopMode"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, nextHopMode: Always}"), "nextHopMode"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, reachableBy: gateway}"), "spec.reachableBy"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, reachableBy: '2001:db8::1'}"), "spec.reachableBy"),
+        (peer("{peerIP: 192.0.2.1, asNumber: 65000, reachableBy: 192.0.2.1}"), "spec.reachableBy"),
+        (peer("{peerSelector: all(), reachableBy: 192.0.2.1}"), "spec.reachableBy"),
         ("apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {bindMode: Everywhere}\n".into(), "bindMode"),
         (peer("{peerIP: 192.0.2.1, asNumber: 65000, filters: ['bad name!']}"), "spec.filters[0]"),
         (filter("{importV4: [{action: Reject, cidr: 10.0.0.0/8}]}"), "spec.importV4[0].matchOperator"),

@@ -216,6 +216,20 @@ pub fn parse_peer_ip(s: &str) -> Result<(std::net::IpAddr, Option<u16>), String>
     Ok((sa.ip(), Some(sa.port())))
 }
 
+/// `reachableBy`: a gateway address of the peer's family, other than the peer itself.
+pub fn reachable_by(peer: std::net::IpAddr, gw: &str) -> Result<std::net::IpAddr, String> {
+    let gw: std::net::IpAddr = gw
+        .parse()
+        .map_err(|_| format!("{gw:?} is not an IP address"))?;
+    if gw.is_ipv4() != peer.is_ipv4() {
+        return Err(format!("{gw} is not of the same family as peerIP {peer}"));
+    }
+    if gw == peer || gw.is_unspecified() || gw.is_multicast() {
+        return Err(format!("{gw} cannot be the gateway to {peer}"));
+    }
+    Ok(gw)
+}
+
 fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
     name(&o.metadata.name, true)?;
     let s = &o.spec;
@@ -228,14 +242,23 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
         }
         (None, None) => return Err(err("spec.peerIP", "peerIP or peerSelector is required")),
         (Some(ip), None) => {
-            parse_peer_ip(ip).map_err(|e| err("spec.peerIP", e))?;
+            let (peer, _) = parse_peer_ip(ip).map_err(|e| err("spec.peerIP", e))?;
             match s.as_number {
                 Some(a) => asn("spec.asNumber", a)?,
                 None => return Err(err("spec.asNumber", "is required with peerIP")),
             }
+            if let Some(gw) = &s.reachable_by {
+                reachable_by(peer, gw).map_err(|e| err("spec.reachableBy", e))?;
+            }
         }
         (None, Some(sel)) => {
             Selector::parse(sel).map_err(|e| err("spec.peerSelector", e))?;
+            if s.reachable_by.is_some() {
+                return Err(err(
+                    "spec.reachableBy",
+                    "applies to a peerIP; nodes selected by peerSelector are on the mesh's paths",
+                ));
+            }
             if s.as_number.is_some() {
                 return Err(err(
                     "spec.asNumber",

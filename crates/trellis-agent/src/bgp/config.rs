@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 use trellis_bgp::policy::{PrefixMatch, PrefixOp, Rule};
 use trellis_bgp::NextHopMode;
-use trellis_resources::validate::{parse_community, parse_peer_ip, parse_seconds};
+use trellis_resources::validate::{parse_community, parse_peer_ip, parse_seconds, reachable_by};
 use trellis_resources::{
     BgpConfigurationSpec, BgpFilterRule, BgpFilterSpec, BgpPassword, BgpPeerSpec, BindMode,
     FilterAction, IpPoolSpec, MatchOperator, NodeSpec, Object, Selector, SourceAddress,
@@ -50,6 +50,8 @@ pub struct PeerConfig {
     pub node: Option<String>,
     pub rr_client: bool,
     pub options: SessionOptions,
+    /// Gateway of a host route to the peer (`reachableBy`), installed with the learned routes.
+    pub reachable_by: Option<IpAddr>,
 }
 
 /// What a BGPPeer sets on its sessions (the defaults for mesh peerings).
@@ -154,6 +156,13 @@ impl SpeakerConfig {
             }),
             min_ttl: None,
         }
+    }
+
+    /// Host routes to the peers that have a `reachableBy` gateway (peer/32 or /128 → gateway).
+    pub fn peer_routes(&self) -> impl Iterator<Item = (IpNet, IpAddr)> + '_ {
+        self.peers
+            .values()
+            .filter_map(|p| Some((IpNet::from(p.address), p.reachable_by?)))
     }
 }
 
@@ -268,6 +277,7 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
             // RFC 4456: a reflector's peers outside its cluster are its clients.
             rr_client: me.cluster_id.is_some() && v.cluster_id != me.cluster_id,
             options: SessionOptions::new(p, mesh_restart, i.filters),
+            reachable_by: None,
         })
     };
     if cfg.node_to_node_mesh_enabled.unwrap_or(true) {
@@ -294,6 +304,11 @@ pub fn compute(i: &Inputs) -> Result<SpeakerConfig, String> {
                         node: None,
                         rr_client: false,
                         options: SessionOptions::new(Some(p), DEFAULT_RESTART_TIME, i.filters),
+                        // Validated on write; a bad stored value is ignored.
+                        reachable_by: p
+                            .reachable_by
+                            .as_deref()
+                            .and_then(|gw| reachable_by(address, gw).ok()),
                     },
                 );
             }

@@ -165,9 +165,9 @@ impl Speaker {
                     }
                 }
                 Ok(()) = igp.changed() => {
-                    let routes = igp.borrow_and_update().clone();
+                    igp.borrow_and_update();
                     if let Some(s) = &mut sp {
-                        s.rib.set_igp_routes(routes.iter().copied());
+                        s.update_host_routes();
                     }
                 }
                 _ = tick.tick() => {
@@ -196,8 +196,7 @@ impl Speaker {
         reads: mpsc::UnboundedSender<(ConnTag, Read)>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Speaker {
-        let mut rib = Rib::new(rib_config(&cfg));
-        rib.set_igp_routes(shared.igp.borrow().iter().copied());
+        let rib = Rib::new(rib_config(&cfg));
         let mut s = Speaker {
             cfg,
             shared,
@@ -214,8 +213,27 @@ impl Speaker {
             accept_task: None,
             md5_keys: HashMap::new(),
         };
+        s.update_host_routes();
+        s.publish_routes(); // the reachableBy routes, before any session needs them
         s.sync_exports();
         s
+    }
+
+    /// Next hops beyond the subnet resolve through the host's gateway routes and the peers'
+    /// `reachableBy` routes (BIRD's `gateway recursive` over Calico's static peer routes).
+    fn update_host_routes(&mut self) {
+        let host = self.shared.igp.borrow().clone();
+        self.rib
+            .set_igp_routes(host.iter().copied().chain(self.cfg.peer_routes()));
+    }
+
+    /// Hands the kernel what the RIB installs plus the peers' `reachableBy` routes (which win
+    /// over a learned route to the same /32: the session must not ride on its own routes).
+    fn publish_routes(&self) {
+        let mut routes: BTreeMap<IpNet, IpAddr> =
+            self.rib.installed().iter().map(|(k, v)| (*k, *v)).collect();
+        routes.extend(self.cfg.peer_routes());
+        self.shared.publish(routes);
     }
 
     fn session_config(&self, p: &PeerConfig) -> SessionConfig {
@@ -264,9 +282,14 @@ impl Speaker {
             }
             self.rib.set_config(rib_config(&cfg));
         }
+        let peer_routes_changed = !self.cfg.peer_routes().eq(cfg.peer_routes());
         self.cfg = cfg;
         self.sync_exports();
         self.reconfigure_peers();
+        if peer_routes_changed {
+            self.update_host_routes();
+            self.publish_routes();
+        }
     }
 
     fn reconfigure_peers(&mut self) {
@@ -847,9 +870,7 @@ impl Speaker {
             p.counters.updates_out += sent;
         }
         if kernel_changed {
-            let routes: BTreeMap<IpNet, IpAddr> =
-                self.rib.installed().iter().map(|(k, v)| (*k, *v)).collect();
-            self.shared.publish(routes);
+            self.publish_routes();
         }
     }
 
@@ -892,12 +913,13 @@ impl Speaker {
     }
 }
 
-/// Whether two peer configurations describe the same session (everything but the label and
-/// the filters, which change without a reset).
+/// Whether two peer configurations describe the same session (everything but the label, the
+/// filters and the `reachableBy` route, which change without a reset).
 fn same_session(a: &PeerConfig, b: &PeerConfig) -> bool {
     let mut a = a.clone();
     a.kind = b.kind;
     a.options.filters = b.options.filters.clone();
+    a.reachable_by = b.reachable_by;
     a == *b
 }
 

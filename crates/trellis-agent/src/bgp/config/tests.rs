@@ -185,7 +185,7 @@ spec: {peerIP: 192.0.2.1, asNumber: 65001, sourceAddress: None, numAllowedLocalA
 kind: BGPPeer
 apiVersion: trellis.dev/v1
 metadata: {name: far}
-spec: {peerIP: 198.51.100.1, asNumber: 65002, keepOriginalNextHop: true}
+spec: {peerIP: 198.51.100.1, asNumber: 65002, keepOriginalNextHop: true, reachableBy: 192.0.2.254}
 ---
 kind: BGPPeer
 apiVersion: trellis.dev/v1
@@ -217,7 +217,13 @@ spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0, nextHopMode: Keep}
     assert_eq!(next_hop("198.51.100.1"), NextHopMode::Keep);
     assert_eq!(next_hop("198.51.100.2"), NextHopMode::SetSelf);
     assert_eq!(next_hop("198.51.100.3"), NextHopMode::Keep);
+    // reachableBy: one host route to that peer.
+    assert_eq!(
+        c.peer_routes().collect::<Vec<_>>(),
+        vec![("198.51.100.1/32".parse().unwrap(), ip("192.0.2.254"))]
+    );
     let policy = |a: &str| c.ttl_policy(&c.peers[&ip(a)]);
+
     // iBGP: the system default; eBGP on the subnet: TTL 1; beyond it: 255 (multihop).
     assert_eq!(policy("192.0.2.12"), TtlPolicy::default());
     assert_eq!(policy("192.0.2.1").ttl, Some(1));
