@@ -62,19 +62,20 @@ fn node_status(lab: &str, node: &str) -> Option<Value> {
     status(lab).into_iter().find(|s| s["node"] == node)
 }
 
+/// The peers in `node`'s BGP status (none while it has not reported).
+fn peers(lab: &str, node: &str) -> Vec<Value> {
+    node_status(lab, node)
+        .and_then(|s| s["peers"].as_array().cloned())
+        .unwrap_or_default()
+}
+
 /// Peer addresses of `node` in state Established.
 fn established(lab: &str, node: &str) -> Vec<String> {
-    node_status(lab, node)
-        .map(|s| {
-            s["peers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|p| p["state"] == "Established")
-                .map(|p| p["address"].as_str().unwrap().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    peers(lab, node)
+        .iter()
+        .filter(|p| p["state"] == "Established")
+        .map(|p| p["address"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -219,13 +220,9 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
     std::thread::sleep(Duration::from_secs(1));
     apply(lab, "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: to-rr}\nspec: {nodeSelector: all(), peerSelector: route-reflector == 'true'}\n");
     wait_for("node2's session to the reflector", 30, || {
-        node_status(lab, "node2").is_some_and(|s| {
-            s["peers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|p| p["type"] == "global" && p["state"] == "Established")
-        })
+        peers(lab, "node2")
+            .iter()
+            .any(|p| p["type"] == "global" && p["state"] == "Established")
     });
     apply(lab, "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512, nodeToNodeMeshEnabled: false}\n");
     wait_for("node2 peering with the reflector only", 30, || {
@@ -299,7 +296,7 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
         !routes(lab, "node2").contains(&block4)
     });
     wait_for("the reflector to drop node4", 30, || {
-        node_status(lab, "node1").is_some_and(|s| s["peers"].as_array().unwrap().len() == 2)
+        peers(lab, "node1").len() == 2
     });
     let (ok, _) = trellis(&[
         "--datastore",
@@ -378,14 +375,10 @@ fn bird_top_of_rack_per_rack_and_an_outside_client() {
         format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: lab-tor2-r1n1}}\nspec: {{node: r1n1, peerIP: 192.168.72.100, asNumber: 65002{extra}}}\n")
     };
     let since = |lab: &str| {
-        node_status(lab, "r1n1").and_then(|s| {
-            s["peers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["address"] == "192.168.72.100" && p["state"] == "Established")
-                .map(|p| p["since"].clone())
-        })
+        peers(lab, "r1n1")
+            .into_iter()
+            .find(|p| p["address"] == "192.168.72.100" && p["state"] == "Established")
+            .map(|p| p["since"].clone())
     };
     let before = since(lab).expect("the multihop session is up");
     apply(lab, &tor2_peer(", reachableBy: 192.168.71.1"));
@@ -982,25 +975,19 @@ fn bad_input_from_a_peer_gets_the_right_answer_and_other_sessions_stay_up() {
         !routes(lab, "n1").contains("198.51.100.0/24")
     });
     // The mesh session never went down.
-    let n1 = node_status(lab, "n1").unwrap();
-    let mesh = n1["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
+    let mesh = peers(lab, "n1")
+        .into_iter()
         .find(|p| p["address"] == "192.168.76.11")
-        .unwrap()
-        .clone();
+        .unwrap();
     assert_eq!(mesh["state"], "Established");
     assert!(mesh["lastError"].is_null(), "{mesh}");
     wait_for("the fake peer's last error in the status", 20, || {
-        node_status(lab, "n1").is_some_and(|s| {
-            s["peers"].as_array().unwrap().iter().any(|p| {
-                p["address"] == peer_ip
-                    && p["lastError"]
-                        .as_str()
-                        .unwrap_or("")
-                        .contains("unrecognized well-known attribute")
-            })
+        peers(lab, "n1").iter().any(|p| {
+            p["address"] == peer_ip
+                && p["lastError"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("unrecognized well-known attribute")
         })
     });
     check(lab);
