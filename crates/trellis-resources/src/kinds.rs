@@ -395,7 +395,8 @@ pub struct BgpPeerSpec {
     /// TCP MD5 signature password (RFC 2385).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<BgpPassword>,
-    /// Advertise routes to this eBGP peer with their original next hop (`nextHopMode: Keep`).
+    /// Send learned routes with their original next hop: the older spelling of
+    /// `nextHopMode: Keep`.
     #[serde(default)]
     pub keep_original_next_hop: bool,
     /// The next hop sent for learned routes (default `Auto`).

@@ -223,7 +223,6 @@ spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0, nextHopMode: Keep}
         vec![("198.51.100.1/32".parse().unwrap(), ip("192.0.2.254"))]
     );
     let policy = |a: &str| c.ttl_policy(&c.peers[&ip(a)]);
-
     // iBGP: the system default; eBGP on the subnet: TTL 1; beyond it: 255 (multihop).
     assert_eq!(policy("192.0.2.12"), TtlPolicy::default());
     assert_eq!(policy("192.0.2.1").ttl, Some(1));
