@@ -3,16 +3,15 @@
 //! (observe + plan), compared with `ip -batch` doing the same adds in the same run.
 //! Figures only; run as root: `cargo bench -p trellis-dataplane --bench routes`.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use ipnet::{IpNet, Ipv4Net};
 use trellis_dataplane::{routing, Netlink, Netns};
 use trellis_resources::Encapsulation;
 use trellis_routing::{desired, plan, LocalNode, PoolRouting, RemoteNode};
-use trellis_testutil::TestNetns;
+use trellis_testutil::{spawn_with_input, TestNetns};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -84,19 +83,8 @@ fn main() {
         ));
     }
     let t = Instant::now();
-    let mut child = ns
-        .command("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(batch.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let child = spawn_with_input(ns.command("ip").args(["-batch", "-"]), &batch);
+    assert!(child.wait_with_output().unwrap().status.success());
     let reference = t.elapsed();
     let _ = Command::new("true").status();
 

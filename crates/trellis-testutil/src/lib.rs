@@ -2,8 +2,9 @@
 //! every process inside them — when the guard drops, on success, failure and panic alike.
 //! Never touches the root namespace.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Prefix of every namespace the tests make (CI sweeps leftovers by it).
@@ -283,4 +284,20 @@ impl Drop for EtcdServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `cmd` with `input` on its stdin (closed once written) and its stdout piped.
+pub fn spawn_with_input(cmd: &mut Command, input: &str) -> Child {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child
 }

@@ -3,12 +3,12 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+pub use trellis_testutil::spawn_with_input;
 use trellis_testutil::{temp_dir, EtcdServer, TestNetns};
 
 pub fn bin(name: &str) -> PathBuf {
@@ -329,22 +329,6 @@ pub fn lab_check(lab: &str, secs: u64) -> (bool, String) {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-/// Starts `cmd` with `input` on its stdin (closed once written) and its stdout piped.
-pub fn spawn_with_input(cmd: &mut Command, input: &str) -> Child {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child
 }
 
 pub fn trellis(args: &[&str]) -> (bool, String) {
