@@ -16,8 +16,9 @@ done
 rm -rf /run/trellis/lab/t*
 
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads=2
-status=$?
+# Under `set -e` a failing command would end the script here, before the leftover check below.
+status=0
+cargo test --workspace -- --test-threads=2 || status=$?
 
 left=$(ip netns list | awk '{print $1}' | grep -E '^(trlt-|tl-t)' || true)
 if [ -n "$left" ]; then
