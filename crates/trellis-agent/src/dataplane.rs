@@ -191,17 +191,7 @@ pub async fn pass(
             ));
         }
     }
-    let vxlan_pools: Vec<String> = pools
-        .iter()
-        .filter(|(_, p)| {
-            !p.disabled
-                && matches!(
-                    p.effective_encapsulation(),
-                    Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
-                )
-        })
-        .map(|(n, _)| n.clone())
-        .collect();
+    let vxlan_pools = vxlan_pools(&pools);
     let vtep = if vxlan_pools.is_empty() {
         None
     } else {
@@ -303,24 +293,8 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
         bgp_routes,
     } = input;
     let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-    let links = nl.links().map_err(|e| e.to_string())?;
-    let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
-    let uplink = addrs
-        .iter()
-        .find(|(_, a)| a.addr() == address.addr())
-        .map(|(i, _)| *i)
-        .ok_or("the node address is on no interface")?;
-    let uplink_mtu = links
-        .iter()
-        .find(|l| l.index == uplink)
-        .map(|l| l.mtu)
-        .unwrap_or(1500);
-    // An explicit MTU wins; otherwise leave room for the VXLAN header when a pool needs it.
-    let pod_mtu = cfg.mtu.unwrap_or(if encapsulated {
-        uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
-    } else {
-        uplink_mtu
-    });
+    let (uplink, uplink_mtu) = uplink(&mut nl, address.addr())?;
+    let pod_mtu = pod_mtu(&cfg, uplink_mtu, encapsulated);
     let local = LocalNode {
         name: node,
         address,
@@ -361,6 +335,80 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
     })
 }
 
+/// The enabled pools whose traffic between nodes is VXLAN-encapsulated (always or across
+/// subnets).
+fn vxlan_pools(pools: &[(String, IpPoolSpec)]) -> Vec<String> {
+    pools
+        .iter()
+        .filter(|(_, p)| {
+            !p.disabled
+                && matches!(
+                    p.effective_encapsulation(),
+                    Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
+                )
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// The MTU pods get: the configured one, else the uplink's, less the VXLAN overhead when a pool
+/// encapsulates (a pod's packet must fit the VTEP, whose MTU is the same).
+pub fn pod_mtu(cfg: &VxlanConfig, uplink_mtu: u32, encapsulated: bool) -> u32 {
+    cfg.mtu.unwrap_or(if encapsulated {
+        uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
+    } else {
+        uplink_mtu
+    })
+}
+
+/// The uplink — the interface holding the node address — as (ifindex, MTU).
+fn uplink(nl: &mut Netlink, address: IpAddr) -> Result<(u32, u32), String> {
+    let index = nl
+        .addresses(None)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .find(|(_, a)| a.addr() == address)
+        .map(|(i, _)| *i)
+        .ok_or_else(|| format!("the node address {address} is on no interface"))?;
+    let mtu = nl
+        .links()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .find(|l| l.index == index)
+        .map(|l| l.mtu)
+        .ok_or_else(|| format!("the uplink (ifindex {index}) vanished"))?;
+    Ok((index, mtu))
+}
+
+/// The pod MTU, measured now if no pass has yet (an ADD can arrive before the first pass ends):
+/// reads the pools and the uplink's MTU, and remembers the answer for the next ADD.
+pub async fn current_pod_mtu(agent: &Agent) -> Result<u32, AgentError> {
+    let known = agent.pod_mtu.load(Ordering::Relaxed);
+    if known != 0 {
+        return Ok(known);
+    }
+    let pools: Vec<(String, IpPoolSpec)> = objects::pools(&*agent.store)
+        .await?
+        .into_iter()
+        .map(|(p, _)| (p.metadata.name, p.spec))
+        .collect();
+    let encapsulated = !vxlan_pools(&pools).is_empty();
+    let (address, cfg) = (agent.address.addr(), agent.vxlan);
+    let mtu = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+        let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+        let (_, uplink_mtu) = uplink(&mut nl, address)?;
+        Ok(pod_mtu(&cfg, uplink_mtu, encapsulated))
+    })
+    .await
+    .map_err(|e| AgentError::Dataplane(e.to_string()))?
+    .map_err(AgentError::Dataplane)?;
+    // A pass may have measured meanwhile; either answer is from the same inputs.
+    let _ = agent
+        .pod_mtu
+        .compare_exchange(0, mtu, Ordering::Relaxed, Ordering::Relaxed);
+    Ok(mtu)
+}
+
 /// Makes sure the VTEP exists with the right settings, has its tunnel address, and is published
 /// on the Node. Returns (ifindex, tunnel address).
 async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4Addr), AgentError> {
@@ -387,19 +435,8 @@ async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4
     };
     let ifindex = tokio::task::spawn_blocking(move || -> Result<u32, String> {
         let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-        let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
-        let uplink_index = addrs
-            .iter()
-            .find(|(_, a)| a.addr() == IpAddr::V4(local))
-            .map(|(i, _)| *i)
-            .ok_or("the node address is on no interface")?;
-        let uplink = nl
-            .links()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|l| l.index == uplink_index)
-            .ok_or("uplink vanished")?;
-        let mtu = cfg.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD));
+        let (uplink_index, uplink_mtu) = uplink(&mut nl, IpAddr::V4(local))?;
+        let mtu = pod_mtu(&cfg, uplink_mtu, true);
         let current = nl.link(VTEP).map_err(|e| e.to_string())?;
         let info = nl.vxlan_info(VTEP).map_err(|e| e.to_string())?;
         let fits = match (&current, &info) {
