@@ -41,11 +41,9 @@ impl Method {
         if let Ok(n) = s.parse::<IpNet>() {
             return Ok(Method::Given(n));
         }
-        s.parse::<IpAddr>()
-            .map(Method::Address)
-            .map_err(|_| {
-                format!("{s:?} is not first-found, interface=REGEX, can-reach=IP or an address")
-            })
+        s.parse::<IpAddr>().map(Method::Address).map_err(|_| {
+            format!("{s:?} is not first-found, interface=REGEX, can-reach=IP or an address")
+        })
     }
 }
 

@@ -345,29 +345,40 @@ fn kernel_has_ipip() -> Result<bool, String> {
 /// What to say about pools that ask for IPIP (pure): Trellis does not implement IPIP routes,
 /// so their blocks on other nodes are not routed — never a silent fallback — and the message
 /// says truthfully whether the kernel would have it.
-pub fn ipip_refusals(pools: &[(String, IpPoolSpec)], kernel_ipip: &Result<bool, String>) -> Vec<String> {
+pub fn ipip_refusals(
+    pools: &[(String, IpPoolSpec)],
+    kernel_ipip: &Result<bool, String>,
+) -> Vec<String> {
     let why = match kernel_ipip {
-        Ok(false) => "this kernel has no ipip support (the ipip link kind is not registered)".to_string(),
-        Ok(true) => "this kernel has ipip, but Trellis does not implement IPIP routes yet".to_string(),
-        Err(e) => format!("Trellis does not implement IPIP routes yet (probing the kernel for ipip failed: {e})"),
+        Ok(false) => {
+            "this kernel has no ipip support (the ipip link kind is not registered)".to_string()
+        }
+        Ok(true) => {
+            "this kernel has ipip, but Trellis does not implement IPIP routes yet".to_string()
+        }
+        Err(e) => format!(
+            "Trellis does not implement IPIP routes yet (probing the kernel for ipip failed: {e})"
+        ),
     };
     pools
         .iter()
-        .filter(|(_, p)| {
-            matches!(
-                p.effective_encapsulation(),
-                Encapsulation::Ipip | Encapsulation::IpipCrossSubnet
-            )
-        })
+        .filter(|(_, p)| asks_for_ipip(p))
         .map(|(name, _)| format!(
             "pool {name} asks for IPIP, but {why}: its blocks on other nodes are not routed (use VXLAN or VXLANCrossSubnet)"
         ))
         .collect()
 }
 
+fn asks_for_ipip(p: &IpPoolSpec) -> bool {
+    matches!(
+        p.effective_encapsulation(),
+        Encapsulation::Ipip | Encapsulation::IpipCrossSubnet
+    )
+}
+
 /// The IPIP refusals for `pools`, probing the kernel (once) only when a pool asks for IPIP.
 async fn ipip_problems(pools: &[(String, IpPoolSpec)]) -> Vec<String> {
-    if ipip_refusals(pools, &Ok(false)).is_empty() {
+    if !pools.iter().any(|(_, p)| asks_for_ipip(p)) {
         return Vec::new();
     }
     let probe = tokio::task::spawn_blocking(kernel_has_ipip)
@@ -553,7 +564,11 @@ fn nat_family(family: &str, pools: &[&IpPoolSpec]) -> Vec<Value> {
     if masq.is_empty() {
         return cmds;
     }
-    let addr_type = if family == "ip" { "ipv4_addr" } else { "ipv6_addr" };
+    let addr_type = if family == "ip" {
+        "ipv4_addr"
+    } else {
+        "ipv6_addr"
+    };
     let elem = |p: &IpPoolSpec| json!({"prefix": {"addr": p.cidr.network().to_string(), "len": p.cidr.prefix_len()}});
     let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": family, "table": NAT_TABLE, "name": name, "type": addr_type, "flags": ["interval"], "elem": elems}}});
     cmds.extend([
@@ -613,14 +628,20 @@ mod tests {
         ];
         let absent = ipip_refusals(&pools, &Ok(false));
         assert_eq!(absent.len(), 1);
-        assert!(absent[0].starts_with("pool i ") && absent[0].contains("no ipip support"), "{absent:?}");
+        assert!(
+            absent[0].starts_with("pool i ") && absent[0].contains("no ipip support"),
+            "{absent:?}"
+        );
         let present = ipip_refusals(&pools, &Ok(true));
         assert!(
             present[0].contains("does not implement IPIP") && !present[0].contains("no ipip"),
             "a kernel with ipip is never said to lack it: {present:?}"
         );
         let unknown = ipip_refusals(&pools, &Err("EPERM".into()));
-        assert!(unknown[0].contains("EPERM") && !unknown[0].contains("no ipip"), "{unknown:?}");
+        assert!(
+            unknown[0].contains("EPERM") && !unknown[0].contains("no ipip"),
+            "{unknown:?}"
+        );
         assert!(ipip_refusals(&pools[..1], &Ok(false)).is_empty());
     }
 
@@ -642,14 +663,28 @@ mod tests {
         ];
         let r = nat_ruleset(&pools);
         let v6 = commands_of(&r, "ip6");
-        let masq = v6.iter().find(|c| c.contains("masq_pools") && c.contains("\"set\"")).unwrap();
-        assert!(masq.contains("ipv6_addr") && masq.contains("fd00:10::") && !masq.contains("fd00:20::"), "{masq}");
-        let all = v6.iter().find(|c| c.contains("\"all_pools\"") && c.contains("\"set\"")).unwrap();
-        assert!(all.contains("fd00:10::") && all.contains("fd00:20::") && !all.contains("10.1.0.0"), "{all}");
+        let masq = v6
+            .iter()
+            .find(|c| c.contains("masq_pools") && c.contains("\"set\""))
+            .unwrap();
+        assert!(
+            masq.contains("ipv6_addr") && masq.contains("fd00:10::") && !masq.contains("fd00:20::"),
+            "{masq}"
+        );
+        let all = v6
+            .iter()
+            .find(|c| c.contains("\"all_pools\"") && c.contains("\"set\""))
+            .unwrap();
+        assert!(
+            all.contains("fd00:10::") && all.contains("fd00:20::") && !all.contains("10.1.0.0"),
+            "{all}"
+        );
         let rule = v6.iter().find(|c| c.contains("masquerade")).unwrap();
         assert!(rule.contains("\"protocol\":\"ip6\""), "{rule}");
         let v4 = commands_of(&r, "ip");
-        assert!(v4.iter().any(|c| c.contains("masquerade")) && !v4.iter().any(|c| c.contains("fd00")));
+        assert!(
+            v4.iter().any(|c| c.contains("masquerade")) && !v4.iter().any(|c| c.contains("fd00"))
+        );
         // No natOutgoing pool of a family: its table is only removed (add + delete).
         let only4 = nat_ruleset(&pools[..1]);
         let v6 = commands_of(&only4, "ip6");

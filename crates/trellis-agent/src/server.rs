@@ -102,7 +102,9 @@ enum Line {
     /// The line is longer than [`MAX_REQUEST_LINE`].
     TooLong,
     /// No whole line within [`REQUEST_DEADLINE`]; `partial` when some bytes came.
-    Late { partial: bool },
+    Late {
+        partial: bool,
+    },
 }
 
 async fn read_line(
@@ -389,6 +391,9 @@ mod tests {
             panic!("allocate failed");
         };
         assert_eq!(done.mtu, Some(lo_mtu - VXLAN_OVERHEAD));
-        assert_eq!(agent.pod_mtu.load(Ordering::Relaxed), lo_mtu - VXLAN_OVERHEAD);
+        assert_eq!(
+            agent.pod_mtu.load(Ordering::Relaxed),
+            lo_mtu - VXLAN_OVERHEAD
+        );
     }
 }

@@ -37,7 +37,8 @@ fn peer_seen_by(ext: &TestNetns, pod: &TestNetns) -> String {
         lines.next().and_then(Result::ok).as_deref(),
         Some("listening")
     );
-    let client = "import socket;socket.create_connection(('2001:db8:7::100',7070),timeout=5).close()";
+    let client =
+        "import socket;socket.create_connection(('2001:db8:7::100',7070),timeout=5).close()";
     let out = pod.exec(&["python3", "-c", client]);
     let seen = lines.next().and_then(Result::ok).unwrap_or_default();
     let _ = listener.wait();
@@ -61,10 +62,26 @@ fn ipv6_pod_traffic_leaves_as_the_node() {
     pod.exec_ok(&["ip", "addr", "add", "fd00:10::5/64", "dev", "eth0", "nodad"]);
     pod.exec_ok(&["ip", "route", "add", "default", "via", "fd00:10::1"]);
     node.exec_ok(&["ip", "addr", "add", "fd00:10::1/64", "dev", "pod0", "nodad"]);
-    node.exec_ok(&["ip", "addr", "add", "2001:db8:7::1/64", "dev", "eth1", "nodad"]);
+    node.exec_ok(&[
+        "ip",
+        "addr",
+        "add",
+        "2001:db8:7::1/64",
+        "dev",
+        "eth1",
+        "nodad",
+    ]);
     node.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     // The external host has no route back to the pool: only masqueraded traffic can return.
-    ext.exec_ok(&["ip", "addr", "add", "2001:db8:7::100/64", "dev", "eth0", "nodad"]);
+    ext.exec_ok(&[
+        "ip",
+        "addr",
+        "add",
+        "2001:db8:7::100/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
 
     let rules = nat_ruleset(&pools(
         "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: v4}\nspec: {cidr: 10.1.0.0/16, natOutgoing: true}\n---\napiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: v6}\nspec: {cidr: 'fd00:10::/64', natOutgoing: true}\n",

@@ -86,7 +86,10 @@ fn pods_get_the_vtep_mtu_and_full_size_packets_cross_nodes() {
     assert!(ok, "lab up: {out}");
     let state = State::load(name).unwrap();
     let (from, to) = ("web-1", "api-1");
-    assert_ne!(state.pod_nodes[from], state.pod_nodes[to], "pods on two nodes");
+    assert_ne!(
+        state.pod_nodes[from], state.pod_nodes[to],
+        "pods on two nodes"
+    );
     let node = state.pod_nodes[from].clone();
 
     // The VTEP leaves room for VXLAN's 50 bytes; the pod's eth0 is no bigger than the VTEP.
@@ -110,7 +113,13 @@ fn pods_get_the_vtep_mtu_and_full_size_packets_cross_nodes() {
     let sent = run_in(
         &state,
         from,
-        &["python3", "-c", SENDER, &state.pod_ips[to], &pod_mtu.to_string()],
+        &[
+            "python3",
+            "-c",
+            SENDER,
+            &state.pod_ips[to],
+            &pod_mtu.to_string(),
+        ],
     );
     let received: Vec<String> = lines.map_while(Result::ok).collect();
     let _ = receiver.wait();

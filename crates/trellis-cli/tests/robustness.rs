@@ -41,7 +41,10 @@ fn read_until_closed(s: &mut UnixStream, limit: Duration) -> (String, Duration) 
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         Err(e) => panic!("the agent did not close the connection within {limit:?}: {e}"),
     }
-    (String::from_utf8_lossy(&got).into_owned(), started.elapsed())
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
 }
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -243,7 +246,9 @@ fn a_bare_ip_takes_the_interface_prefix() {
     });
     let dst = remote_route(&c);
     c.nodes[0].ns.exec_ok(&["ip", "route", "del", &dst]);
-    wait_for("the direct route to come back", 20, || remote_route(&c) == dst);
+    wait_for("the direct route to come back", 20, || {
+        remote_route(&c) == dst
+    });
 
     // An address no interface holds is refused, naming the flag.
     let out = c.nodes[0]

@@ -57,7 +57,10 @@ impl Tracker {
     pub fn set(&mut self, kind: Kind, key: &str, invalid: Option<&Invalid>) -> Option<Change> {
         match invalid {
             Some(i) => {
-                let seen = self.bad.get(key).is_some_and(|(_, old)| old.revision == i.revision);
+                let seen = self
+                    .bad
+                    .get(key)
+                    .is_some_and(|(_, old)| old.revision == i.revision);
                 self.bad.insert(key.to_string(), (kind, i.clone()));
                 (!seen).then(|| Change::Invalid(kind, i.clone()))
             }

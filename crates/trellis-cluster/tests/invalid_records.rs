@@ -37,7 +37,10 @@ async fn a_bad_record_is_skipped_named_and_counted() {
     .await;
 
     let pools = objects::pools(&*s).await.expect("the listing survives");
-    let names: Vec<_> = pools.iter().map(|(p, _)| p.metadata.name.as_str()).collect();
+    let names: Vec<_> = pools
+        .iter()
+        .map(|(p, _)| p.metadata.name.as_str())
+        .collect();
     assert_eq!(names, ["good"]);
     assert_eq!(invalid::counts().get(&Kind::IpPool), Some(&2));
 
@@ -45,12 +48,19 @@ async fn a_bad_record_is_skipped_named_and_counted() {
     assert_eq!(l.items.len(), 1);
     let keys: Vec<_> = l.invalid.iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, [garbage.as_str(), misplaced.as_str()]);
-    assert!(l.invalid[1].reason.contains("Node n1"), "{:?}", l.invalid[1]);
+    assert!(
+        l.invalid[1].reason.contains("Node n1"),
+        "{:?}",
+        l.invalid[1]
+    );
 
     // Fixed: no longer counted after the next listing.
-    s.txn(vec![], vec![TxnOp::Delete(garbage), TxnOp::Delete(misplaced)])
-        .await
-        .unwrap();
+    s.txn(
+        vec![],
+        vec![TxnOp::Delete(garbage), TxnOp::Delete(misplaced)],
+    )
+    .await
+    .unwrap();
     assert_eq!(objects::pools(&*s).await.unwrap().len(), 1);
     assert_eq!(invalid::counts().get(&Kind::IpPool), None);
 }

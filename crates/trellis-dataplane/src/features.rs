@@ -6,8 +6,8 @@
 //! including `lo`, which has no kind — and a known one returns only links of that kind.
 //! Limitation: a kind built as a module that is not loaded yet counts as absent.
 
-use crate::{Netlink, Result};
 use crate::types::Link;
+use crate::{Netlink, Result};
 
 /// Whether a link dump filtered by `kind` came back filtered (pure). Every namespace has `lo`,
 /// so an unfiltered dump is never empty and always holds a link of another kind.
@@ -39,7 +39,10 @@ mod tests {
 
     #[test]
     fn an_unfiltered_dump_means_the_kind_is_unknown() {
-        assert!(!kind_filtered("ipip", &[link("lo", None), link("eth0", Some("veth"))]));
+        assert!(!kind_filtered(
+            "ipip",
+            &[link("lo", None), link("eth0", Some("veth"))]
+        ));
         assert!(kind_filtered("ipip", &[link("tunl0", Some("ipip"))]));
         assert!(kind_filtered("ipip", &[]), "known kind, no such links yet");
     }

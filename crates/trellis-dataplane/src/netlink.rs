@@ -208,9 +208,9 @@ impl Netlink {
     pub fn links_filtered_by_kind(&mut self, kind: &str) -> Result<Vec<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::from(
-                kind,
-            ))]));
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::from(kind),
+            )]));
         let msgs = self.request(
             &format!("dump links of kind {kind}"),
             RouteNetlinkMessage::GetLink(msg),

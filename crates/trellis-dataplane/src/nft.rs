@@ -84,7 +84,12 @@ pub fn apply(commands: Vec<Value>) -> Result<()> {
 /// [`apply`] with a given `nft` binary and deadline.
 pub fn apply_with(program: &str, commands: Vec<Value>, deadline: Duration) -> Result<()> {
     let doc = serde_json::json!({ "nftables": commands });
-    let out = run(program, &["-j", "-f", "-"], doc.to_string().as_bytes(), deadline)?;
+    let out = run(
+        program,
+        &["-j", "-f", "-"],
+        doc.to_string().as_bytes(),
+        deadline,
+    )?;
     if !out.status.success() {
         return Err(nft_err(format!(
             "nft rejected the batch: {}",

@@ -25,12 +25,18 @@ fn the_probe_agrees_with_link_creation() {
         let created = ns.exec(&argv).status.success();
         assert_eq!(probed, created, "probe of {kind} says {probed}");
         // Probing again with a link of the kind present gives the same answer.
-        assert_eq!(features::link_kind_available(&mut nl, kind).unwrap(), created);
+        assert_eq!(
+            features::link_kind_available(&mut nl, kind).unwrap(),
+            created
+        );
         seen.push(created);
     }
     assert!(
-        features::link_kind_available(&mut nl, "no-such-kind").unwrap() == false,
+        !features::link_kind_available(&mut nl, "no-such-kind").unwrap(),
         "an unknown kind is never available"
     );
-    assert!(seen.contains(&true), "no kind was available to compare with");
+    assert!(
+        seen.contains(&true),
+        "no kind was available to compare with"
+    );
 }

@@ -23,7 +23,10 @@ fn a_hung_nft_is_killed_at_the_deadline() {
         err.to_string().contains("did not finish within 0.5s"),
         "{err}"
     );
-    assert!(took < Duration::from_secs(10), "the caller was held {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the caller was held {took:?}"
+    );
 }
 
 #[test]
@@ -35,5 +38,7 @@ fn a_working_nft_applies_within_the_deadline() {
         .run(|| nft::apply_with("nft", cmds, Duration::from_secs(30)))
         .unwrap()
         .unwrap();
-    assert!(ns.exec_ok(&["nft", "list", "tables"]).contains("table ip dltest"));
+    assert!(ns
+        .exec_ok(&["nft", "list", "tables"])
+        .contains("table ip dltest"));
 }
