@@ -1,6 +1,7 @@
 //! Choosing the node's address, as Calico's `IP_AUTODETECTION_METHOD` does: `first-found`,
-//! `interface=REGEX`, `can-reach=DEST`, or a literal address. The choice is pure
-//! ([`choose`]); [`detect`] reads the kernel's interfaces and routes.
+//! `interface=REGEX`, `can-reach=DEST`, or a literal address (its prefix, when not given, is
+//! the one of the interface holding it). The choice is pure ([`choose`]); [`detect`] reads the
+//! kernel's interfaces and routes.
 
 use std::net::{IpAddr, UdpSocket};
 
@@ -13,7 +14,11 @@ pub enum Method {
     FirstFound,
     Interface(Regex),
     CanReach(IpAddr),
+    /// `ADDR/PREFIX`: taken as given.
     Given(IpNet),
+    /// `ADDR`: the interface holding it gives the prefix (a /32 would put every other node
+    /// off-subnet).
+    Address(IpAddr),
 }
 
 impl Method {
@@ -36,11 +41,9 @@ impl Method {
         if let Ok(n) = s.parse::<IpNet>() {
             return Ok(Method::Given(n));
         }
-        s.parse::<IpAddr>()
-            .map(|a| Method::Given(IpNet::from(a)))
-            .map_err(|_| {
-                format!("{s:?} is not first-found, interface=REGEX, can-reach=IP or an address")
-            })
+        s.parse::<IpAddr>().map(Method::Address).map_err(|_| {
+            format!("{s:?} is not first-found, interface=REGEX, can-reach=IP or an address")
+        })
     }
 }
 
@@ -77,6 +80,7 @@ pub fn choose(
     };
     match method {
         Method::Given(n) => Some(*n),
+        Method::Address(ip) => addrs.iter().find(|a| a.1.addr() == *ip).map(|a| a.1),
         Method::FirstFound => addrs
             .iter()
             .filter(usable)
@@ -124,8 +128,12 @@ pub fn detect(method: &Method) -> Result<IpNet, String> {
         }
         _ => None,
     };
-    choose(method, &addrs, reach_src)
-        .ok_or_else(|| format!("no address matches {method:?} among {addrs:?}"))
+    choose(method, &addrs, reach_src).ok_or_else(|| match method {
+        Method::Address(ip) => format!(
+            "--ip {ip}: no interface of this node holds this address (give ADDRESS/PREFIX to use it anyway)"
+        ),
+        _ => format!("no address matches {method:?} among {addrs:?}"),
+    })
 }
 
 #[cfg(test)]
@@ -172,6 +180,18 @@ mod tests {
                 .unwrap()
                 .to_string(),
             "10.0.0.5/24"
+        );
+        // A bare address takes its prefix from the interface that holds it.
+        assert_eq!(
+            choose(&Method::parse("198.51.100.7").unwrap(), &addrs(), None)
+                .unwrap()
+                .to_string(),
+            "198.51.100.7/24"
+        );
+        assert_eq!(
+            choose(&Method::parse("203.0.113.1").unwrap(), &addrs(), None),
+            None,
+            "an address no interface holds is not made up"
         );
         assert!(Method::parse("interface=(").is_err());
         assert!(Method::parse("bogus").is_err());

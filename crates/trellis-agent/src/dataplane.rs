@@ -2,8 +2,8 @@
 //! few seconds — so drift (a route deleted by hand) is repaired — and again on datastore
 //! changes. Pure decisions come from [`trellis_routing`]; this module does the I/O: the VTEP
 //! (`vxlan.trellis`, its tunnel address from IPAM, published on the Node), routes, neighbours,
-//! FDB entries, and natOutgoing in Trellis's own nftables table. A restart converges to the same
-//! state without removing anything first, so routes do not flap.
+//! FDB entries, and natOutgoing in Trellis's own nftables tables (`ip trellis`, `ip6 trellis`).
+//! A restart converges to the same state without removing anything first, so routes do not flap.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -28,7 +28,7 @@ use crate::{update_node, Agent, AgentError};
 pub const VTEP: &str = "vxlan.trellis";
 /// Bytes VXLAN adds (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
-/// nftables table owned by the agent.
+/// nftables tables owned by the agent (`ip trellis` and `ip6 trellis`).
 pub const NAT_TABLE: &str = "trellis";
 
 /// VXLAN settings (VNI 4096 / port 4789 like Calico; 1 / 8472 to mimic Flannel).
@@ -180,28 +180,8 @@ pub async fn pass(
         .into_iter()
         .map(|(p, _)| (p.metadata.name, p.spec))
         .collect();
-    let mut problems = Vec::new();
-    for (name, p) in &pools {
-        if matches!(
-            p.effective_encapsulation(),
-            Encapsulation::Ipip | Encapsulation::IpipCrossSubnet
-        ) {
-            problems.push(format!(
-                "pool {name} asks for IPIP, but this kernel has no ipip support: its blocks on other nodes are not routed (use VXLAN or VXLANCrossSubnet)"
-            ));
-        }
-    }
-    let vxlan_pools: Vec<String> = pools
-        .iter()
-        .filter(|(_, p)| {
-            !p.disabled
-                && matches!(
-                    p.effective_encapsulation(),
-                    Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
-                )
-        })
-        .map(|(n, _)| n.clone())
-        .collect();
+    let mut problems = ipip_problems(&pools).await;
+    let vxlan_pools = vxlan_pools(&pools);
     let vtep = if vxlan_pools.is_empty() {
         None
     } else {
@@ -235,7 +215,8 @@ pub async fn pass(
         .filter_map(|(b, _)| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
         .collect();
     let nat = nat_ruleset(&pools);
-    let nat_changed = nat_applied.as_deref() != Some(nat.to_string().as_str());
+    let nat_text = Value::from(nat.clone()).to_string();
+    let nat_changed = nat_applied.as_deref() != Some(nat_text.as_str());
     let input = KernelInput {
         node: agent.config.node.clone(),
         address: agent.address,
@@ -259,8 +240,9 @@ pub async fn pass(
         .pod_mtu
         .store(k.pod_mtu, std::sync::atomic::Ordering::Relaxed);
     if nat_changed {
-        match apply_nat(&nat) {
-            Ok(()) => *nat_applied = Some(nat.to_string()),
+        match tokio::task::spawn_blocking(move || apply_nat(&nat)).await {
+            Ok(Ok(())) => *nat_applied = Some(nat_text),
+            Ok(Err(e)) => problems.push(format!("natOutgoing: {e}")),
             Err(e) => problems.push(format!("natOutgoing: {e}")),
         }
     }
@@ -303,24 +285,8 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
         bgp_routes,
     } = input;
     let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-    let links = nl.links().map_err(|e| e.to_string())?;
-    let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
-    let uplink = addrs
-        .iter()
-        .find(|(_, a)| a.addr() == address.addr())
-        .map(|(i, _)| *i)
-        .ok_or("the node address is on no interface")?;
-    let uplink_mtu = links
-        .iter()
-        .find(|l| l.index == uplink)
-        .map(|l| l.mtu)
-        .unwrap_or(1500);
-    // An explicit MTU wins; otherwise leave room for the VXLAN header when a pool needs it.
-    let pod_mtu = cfg.mtu.unwrap_or(if encapsulated {
-        uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
-    } else {
-        uplink_mtu
-    });
+    let (uplink, uplink_mtu) = uplink(&mut nl, address.addr())?;
+    let pod_mtu = pod_mtu(&cfg, uplink_mtu, encapsulated);
     let local = LocalNode {
         name: node,
         address,
@@ -361,6 +327,140 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
     })
 }
 
+/// Whether this kernel has ipip, probed once without side effects (see
+/// [`trellis_dataplane::features`]); blocking.
+fn kernel_has_ipip() -> Result<bool, String> {
+    static PROBE: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+            let found = trellis_dataplane::features::link_kind_available(&mut nl, "ipip")
+                .map_err(|e| e.to_string())?;
+            tracing::info!(ipip = found, "probed the kernel for ipip");
+            Ok(found)
+        })
+        .clone()
+}
+
+/// What to say about pools that ask for IPIP (pure): Trellis does not implement IPIP routes,
+/// so their blocks on other nodes are not routed — never a silent fallback — and the message
+/// says truthfully whether the kernel would have it.
+pub fn ipip_refusals(
+    pools: &[(String, IpPoolSpec)],
+    kernel_ipip: &Result<bool, String>,
+) -> Vec<String> {
+    let why = match kernel_ipip {
+        Ok(false) => {
+            "this kernel has no ipip support (the ipip link kind is not registered)".to_string()
+        }
+        Ok(true) => {
+            "this kernel has ipip, but Trellis does not implement IPIP routes yet".to_string()
+        }
+        Err(e) => format!(
+            "Trellis does not implement IPIP routes yet (probing the kernel for ipip failed: {e})"
+        ),
+    };
+    pools
+        .iter()
+        .filter(|(_, p)| asks_for_ipip(p))
+        .map(|(name, _)| format!(
+            "pool {name} asks for IPIP, but {why}: its blocks on other nodes are not routed (use VXLAN or VXLANCrossSubnet)"
+        ))
+        .collect()
+}
+
+fn asks_for_ipip(p: &IpPoolSpec) -> bool {
+    matches!(
+        p.effective_encapsulation(),
+        Encapsulation::Ipip | Encapsulation::IpipCrossSubnet
+    )
+}
+
+/// The IPIP refusals for `pools`, probing the kernel (once) only when a pool asks for IPIP.
+async fn ipip_problems(pools: &[(String, IpPoolSpec)]) -> Vec<String> {
+    if !pools.iter().any(|(_, p)| asks_for_ipip(p)) {
+        return Vec::new();
+    }
+    let probe = tokio::task::spawn_blocking(kernel_has_ipip)
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    ipip_refusals(pools, &probe)
+}
+
+/// The enabled pools whose traffic between nodes is VXLAN-encapsulated (always or across
+/// subnets).
+fn vxlan_pools(pools: &[(String, IpPoolSpec)]) -> Vec<String> {
+    pools
+        .iter()
+        .filter(|(_, p)| {
+            !p.disabled
+                && matches!(
+                    p.effective_encapsulation(),
+                    Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
+                )
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// The MTU pods get: the configured one, else the uplink's, less the VXLAN overhead when a pool
+/// encapsulates (a pod's packet must fit the VTEP, whose MTU is the same).
+pub fn pod_mtu(cfg: &VxlanConfig, uplink_mtu: u32, encapsulated: bool) -> u32 {
+    cfg.mtu.unwrap_or(if encapsulated {
+        uplink_mtu.saturating_sub(VXLAN_OVERHEAD)
+    } else {
+        uplink_mtu
+    })
+}
+
+/// The uplink — the interface holding the node address — as (ifindex, MTU).
+fn uplink(nl: &mut Netlink, address: IpAddr) -> Result<(u32, u32), String> {
+    let index = nl
+        .addresses(None)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .find(|(_, a)| a.addr() == address)
+        .map(|(i, _)| *i)
+        .ok_or_else(|| format!("the node address {address} is on no interface"))?;
+    let mtu = nl
+        .links()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .find(|l| l.index == index)
+        .map(|l| l.mtu)
+        .ok_or_else(|| format!("the uplink (ifindex {index}) vanished"))?;
+    Ok((index, mtu))
+}
+
+/// The pod MTU, measured now if no pass has yet (an ADD can arrive before the first pass ends):
+/// reads the pools and the uplink's MTU, and remembers the answer for the next ADD.
+pub async fn current_pod_mtu(agent: &Agent) -> Result<u32, AgentError> {
+    let known = agent.pod_mtu.load(Ordering::Relaxed);
+    if known != 0 {
+        return Ok(known);
+    }
+    let pools: Vec<(String, IpPoolSpec)> = objects::pools(&*agent.store)
+        .await?
+        .into_iter()
+        .map(|(p, _)| (p.metadata.name, p.spec))
+        .collect();
+    let encapsulated = !vxlan_pools(&pools).is_empty();
+    let (address, cfg) = (agent.address.addr(), agent.vxlan);
+    let mtu = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+        let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+        let (_, uplink_mtu) = uplink(&mut nl, address)?;
+        Ok(pod_mtu(&cfg, uplink_mtu, encapsulated))
+    })
+    .await
+    .map_err(|e| AgentError::Dataplane(e.to_string()))?
+    .map_err(AgentError::Dataplane)?;
+    // A pass may have measured meanwhile; either answer is from the same inputs.
+    let _ = agent
+        .pod_mtu
+        .compare_exchange(0, mtu, Ordering::Relaxed, Ordering::Relaxed);
+    Ok(mtu)
+}
+
 /// Makes sure the VTEP exists with the right settings, has its tunnel address, and is published
 /// on the Node. Returns (ifindex, tunnel address).
 async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4Addr), AgentError> {
@@ -387,19 +487,8 @@ async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4
     };
     let ifindex = tokio::task::spawn_blocking(move || -> Result<u32, String> {
         let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-        let addrs = nl.addresses(None).map_err(|e| e.to_string())?;
-        let uplink_index = addrs
-            .iter()
-            .find(|(_, a)| a.addr() == IpAddr::V4(local))
-            .map(|(i, _)| *i)
-            .ok_or("the node address is on no interface")?;
-        let uplink = nl
-            .links()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|l| l.index == uplink_index)
-            .ok_or("uplink vanished")?;
-        let mtu = cfg.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD));
+        let (uplink_index, uplink_mtu) = uplink(&mut nl, IpAddr::V4(local))?;
+        let mtu = pod_mtu(&cfg, uplink_mtu, true);
         let current = nl.link(VTEP).map_err(|e| e.to_string())?;
         let info = nl.vxlan_info(VTEP).map_err(|e| e.to_string())?;
         let fits = match (&current, &info) {
@@ -459,56 +548,149 @@ async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4
     Ok((ifindex, tunnel))
 }
 
-/// The natOutgoing table: traffic from a natOutgoing pool to anywhere outside every pool is
-/// masqueraded; pod-to-pod traffic (any pool to any pool) never is. `None` when no pool wants it.
-pub fn nat_ruleset(pools: &[(String, IpPoolSpec)]) -> Value {
-    let v4: Vec<&IpPoolSpec> = pools
-        .iter()
-        .map(|(_, p)| p)
-        .filter(|p| p.cidr.addr().is_ipv4())
-        .collect();
-    let masq: Vec<&&IpPoolSpec> = v4
+/// One family's natOutgoing table: `family` is `ip` or `ip6`.
+fn nat_family(family: &str, pools: &[&IpPoolSpec]) -> Vec<Value> {
+    let table = json!({"family": family, "name": NAT_TABLE});
+    // Adding before deleting makes the delete succeed whether or not the table exists, so the
+    // batch replaces (or removes) the table whole, whatever state it finds.
+    let mut cmds = vec![
+        json!({"add": {"table": table}}),
+        json!({"delete": {"table": table}}),
+    ];
+    let masq: Vec<&&IpPoolSpec> = pools
         .iter()
         .filter(|p| p.nat_outgoing && !p.disabled)
         .collect();
     if masq.is_empty() {
-        return Value::Null;
+        return cmds;
     }
+    let addr_type = if family == "ip" {
+        "ipv4_addr"
+    } else {
+        "ipv6_addr"
+    };
     let elem = |p: &IpPoolSpec| json!({"prefix": {"addr": p.cidr.network().to_string(), "len": p.cidr.prefix_len()}});
-    let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": "ip", "table": NAT_TABLE, "name": name, "type": "ipv4_addr", "flags": ["interval"], "elem": elems}}});
-    json!([
-        {"add": {"table": {"family": "ip", "name": NAT_TABLE}}},
-        {"delete": {"table": {"family": "ip", "name": NAT_TABLE}}},
-        {"add": {"table": {"family": "ip", "name": NAT_TABLE}}},
-        set("all_pools", v4.iter().map(|p| elem(p)).collect()),
+    let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": family, "table": NAT_TABLE, "name": name, "type": addr_type, "flags": ["interval"], "elem": elems}}});
+    cmds.extend([
+        json!({"add": {"table": table}}),
+        set("all_pools", pools.iter().map(|p| elem(p)).collect()),
         set("masq_pools", masq.iter().map(|p| elem(p)).collect()),
-        {"add": {"chain": {"family": "ip", "table": NAT_TABLE, "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}},
-        {"add": {"rule": {"family": "ip", "table": NAT_TABLE, "chain": "postrouting", "comment": "trellis natOutgoing",
+        json!({"add": {"chain": {"family": family, "table": NAT_TABLE, "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
+        json!({"add": {"rule": {"family": family, "table": NAT_TABLE, "chain": "postrouting", "comment": "trellis natOutgoing",
             "expr": [
-                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@masq_pools"}},
-                {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@all_pools"}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "saddr"}}, "right": "@masq_pools"}},
+                {"match": {"op": "!=", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": "@all_pools"}},
                 {"masquerade": null}
-            ]}}}
-    ])
+            ]}}}),
+    ]);
+    cmds
 }
 
-/// Applies the ruleset in one atomic batch (the table is replaced whole), or removes the table.
-fn apply_nat(ruleset: &Value) -> Result<(), String> {
-    match ruleset {
-        Value::Array(cmds) => nft::apply(cmds.clone()).map_err(|e| e.to_string()),
-        _ => match nft::list_table("ip", NAT_TABLE).map_err(|e| e.to_string())? {
-            Some(_) => nft::apply(vec![
-                json!({"delete": {"table": {"family": "ip", "name": NAT_TABLE}}}),
-            ])
-            .map_err(|e| e.to_string()),
-            None => Ok(()),
-        },
-    }
+/// The natOutgoing tables, `ip trellis` and `ip6 trellis`: traffic from a natOutgoing pool to
+/// anywhere outside every pool of its family is masqueraded; pod-to-pod traffic (any pool to
+/// any pool) never is. A family with no natOutgoing pool has no table. One batch for both, so
+/// the change is atomic.
+pub fn nat_ruleset(pools: &[(String, IpPoolSpec)]) -> Vec<Value> {
+    let of = |v4: bool| -> Vec<&IpPoolSpec> {
+        pools
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.cidr.addr().is_ipv4() == v4)
+            .collect()
+    };
+    let mut cmds = nat_family("ip", &of(true));
+    cmds.extend(nat_family("ip6", &of(false)));
+    cmds
+}
+
+/// Applies the natOutgoing ruleset in one atomic nft batch (in the calling thread's namespace).
+pub fn apply_nat(ruleset: &[Value]) -> Result<(), String> {
+    nft::apply(ruleset.to_vec()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pool(name: &str, yaml_spec: &str) -> (String, IpPoolSpec) {
+        let doc = format!("apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {yaml_spec}\n");
+        match trellis_resources::parse_documents(&doc).unwrap().remove(0) {
+            trellis_resources::Resource::IpPool(p) => (name.to_string(), p.spec),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn ipip_refusals_tell_the_truth_about_the_kernel() {
+        let pools = [
+            pool("v", "{cidr: 10.1.0.0/16, encapsulation: VXLAN}"),
+            pool("i", "{cidr: 10.2.0.0/16, encapsulation: IPIPCrossSubnet}"),
+        ];
+        let absent = ipip_refusals(&pools, &Ok(false));
+        assert_eq!(absent.len(), 1);
+        assert!(
+            absent[0].starts_with("pool i ") && absent[0].contains("no ipip support"),
+            "{absent:?}"
+        );
+        let present = ipip_refusals(&pools, &Ok(true));
+        assert!(
+            present[0].contains("does not implement IPIP") && !present[0].contains("no ipip"),
+            "a kernel with ipip is never said to lack it: {present:?}"
+        );
+        let unknown = ipip_refusals(&pools, &Err("EPERM".into()));
+        assert!(
+            unknown[0].contains("EPERM") && !unknown[0].contains("no ipip"),
+            "{unknown:?}"
+        );
+        assert!(ipip_refusals(&pools[..1], &Ok(false)).is_empty());
+    }
+
+    /// The commands of `family`'s table in a ruleset, as one JSON text per command.
+    fn commands_of(ruleset: &[Value], family: &str) -> Vec<String> {
+        ruleset
+            .iter()
+            .filter(|c| c.to_string().contains(&format!("\"family\":\"{family}\"")))
+            .map(Value::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn nat_outgoing_covers_ipv6_pools_in_their_own_table() {
+        let pools = [
+            pool("v4", "{cidr: 10.1.0.0/16, natOutgoing: true}"),
+            pool("v6", "{cidr: 'fd00:10::/64', natOutgoing: true}"),
+            pool("v6b", "{cidr: 'fd00:20::/64'}"),
+        ];
+        let r = nat_ruleset(&pools);
+        let v6 = commands_of(&r, "ip6");
+        let masq = v6
+            .iter()
+            .find(|c| c.contains("masq_pools") && c.contains("\"set\""))
+            .unwrap();
+        assert!(
+            masq.contains("ipv6_addr") && masq.contains("fd00:10::") && !masq.contains("fd00:20::"),
+            "{masq}"
+        );
+        let all = v6
+            .iter()
+            .find(|c| c.contains("\"all_pools\"") && c.contains("\"set\""))
+            .unwrap();
+        assert!(
+            all.contains("fd00:10::") && all.contains("fd00:20::") && !all.contains("10.1.0.0"),
+            "{all}"
+        );
+        let rule = v6.iter().find(|c| c.contains("masquerade")).unwrap();
+        assert!(rule.contains("\"protocol\":\"ip6\""), "{rule}");
+        let v4 = commands_of(&r, "ip");
+        assert!(
+            v4.iter().any(|c| c.contains("masquerade")) && !v4.iter().any(|c| c.contains("fd00"))
+        );
+        // No natOutgoing pool of a family: its table is only removed (add + delete).
+        let only4 = nat_ruleset(&pools[..1]);
+        let v6 = commands_of(&only4, "ip6");
+        assert_eq!(v6.len(), 2, "{v6:?}");
+        assert!(v6[1].contains("delete"));
+    }
 
     #[test]
     fn vtep_mac_is_stable_local_unicast() {

@@ -8,6 +8,8 @@ pub mod dataplane;
 pub mod metrics;
 mod server;
 
+pub use server::{MAX_CLIENTS, MAX_REQUEST_LINE, REPLY_DEADLINE, REQUEST_DEADLINE};
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! The agent's Prometheus endpoint (`--metrics-listen`): per-peer BGP session state, prefix
-//! counts and message counters, from the speaker's latest status; and the pod MTU. Does I/O (an
-//! HTTP listener).
+//! counts and message counters, from the speaker's latest status; the pod MTU; and the stored
+//! records the agent skips because they do not decode. Does I/O (an HTTP listener).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,18 +13,34 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use trellis_resources::BgpStatusSpec;
+use trellis_resources::{BgpStatusSpec, Kind};
 
 use crate::Agent;
 
 type Labels = Vec<(String, String)>;
 
-/// Renders the metrics text for a status snapshot.
-pub fn render(status: Option<&BgpStatusSpec>, pod_mtu: u32) -> String {
+/// Renders the metrics text for a status snapshot; `invalid` counts the stored records of each
+/// kind that are currently skipped because they do not decode.
+pub fn render(
+    status: Option<&BgpStatusSpec>,
+    pod_mtu: u32,
+    invalid: &BTreeMap<Kind, usize>,
+) -> String {
     let mut reg = Registry::with_prefix("trellis");
     let mtu = Gauge::<i64>::default();
     mtu.set(pod_mtu as i64);
     reg.register("pod_mtu", "MTU handed to new pods (0 until measured)", mtu);
+    let bad = Family::<Labels, Gauge>::default();
+    for kind in Kind::ALL {
+        let n = invalid.get(&kind).copied().unwrap_or(0);
+        bad.get_or_create(&vec![("kind".into(), kind.name().into())])
+            .set(n as i64);
+    }
+    reg.register(
+        "datastore_invalid_records",
+        "Stored records skipped because they do not decode (each is logged by key)",
+        bad,
+    );
     let state = Family::<Labels, Gauge>::default();
     let gauges: [(&str, &str, Family<Labels, Gauge>); 3] = [
         (
@@ -122,7 +139,11 @@ pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
                         "content-type",
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    render(status.as_ref(), agent.pod_mtu.load(Ordering::Relaxed)),
+                    render(
+                        status.as_ref(),
+                        agent.pod_mtu.load(Ordering::Relaxed),
+                        &trellis_cluster::invalid::counts(),
+                    ),
                 )
             }
         }),
@@ -151,7 +172,8 @@ mod tests {
             }],
             ..Default::default()
         };
-        let text = render(Some(&s), 1450);
+        let invalid = BTreeMap::from([(Kind::IpPool, 2)]);
+        let text = render(Some(&s), 1450, &invalid);
         assert!(text.contains("trellis_bgp_session_established{peer=\"192.0.2.1\",asn=\"65001\",type=\"global\"} 1"), "{text}");
         assert!(
             text.contains("trellis_bgp_prefixes_accepted{peer=\"192.0.2.1\"} 2"),
@@ -162,5 +184,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("trellis_pod_mtu 1450"), "{text}");
+        assert!(
+            text.contains("trellis_datastore_invalid_records{kind=\"IPPool\"} 2")
+                && text.contains("trellis_datastore_invalid_records{kind=\"Node\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -1,18 +1,37 @@
 //! The Unix-socket server: one JSON request line in, one JSON reply line out, per connection.
-//! Errors become codes the plugin passes on: 11 when the datastore is unreachable, 100 when no
-//! address is available, 7 for requests the configuration cannot satisfy.
+//! Errors become codes the plugin passes on: 11 when the datastore is unreachable (or the agent
+//! is busy), 100 when no address is available, 7 for requests the configuration cannot satisfy.
+//!
+//! Clients are bounded so none can hold the agent: at most [`MAX_CLIENTS`] connections are
+//! served at once (more are answered "busy", code 11, and closed at once), a request line is at
+//! most [`MAX_REQUEST_LINE`] bytes and must arrive whole within [`REQUEST_DEADLINE`], and a reply
+//! that cannot be written within [`REPLY_DEADLINE`] ends the connection.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use trellis_agent_api::{Attachment, ErrorReply, Ok as Done, Reply, Request};
 use trellis_cluster::ipam::{held_addresses, release_handle, Request as IpamRequest};
 use trellis_cluster::{objects, ClusterError};
 use trellis_ipam::cluster::{handle_id, ClusterIpamError};
 
 use crate::{Agent, AgentError};
+
+/// Connections served at once. ADDs of a node rarely overlap by more than a few dozen; the
+/// bound keeps a flood of connections from exhausting memory (each may buffer a request line).
+pub const MAX_CLIENTS: usize = 128;
+/// Longest request line. The largest legitimate request is a GC listing every attachment on
+/// the node (~110 bytes each): 256 KiB holds over 2 000.
+pub const MAX_REQUEST_LINE: usize = 256 * 1024;
+/// Time a client has to send a whole request line (from connecting, or from the last reply).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Time a reply may take to be written before the client is given up.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(10);
 
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     let err = |source| AgentError::Socket {
@@ -29,40 +48,120 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     UnixListener::bind(path).map_err(err)
 }
 
+fn reply_line(reply: &Reply) -> Vec<u8> {
+    let mut out = serde_json::to_vec(reply).expect("reply serialises");
+    out.push(b'\n');
+    out
+}
+
+fn error_reply(code: u32, msg: impl Into<String>) -> Reply {
+    Reply::Error(ErrorReply {
+        code,
+        msg: msg.into(),
+    })
+}
+
 pub(crate) async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<(), AgentError> {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let busy = reply_line(&error_reply(
+        11,
+        format!("the agent is serving {MAX_CLIENTS} clients already; try again"),
+    ));
     loop {
-        let (stream, _) = listener
-            .accept()
-            .await
-            .map_err(|source| AgentError::Socket {
-                path: agent.config.socket.clone(),
-                source,
-            })?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors or a connection aborted before accept: transient.
+                // Ending here would stop the agent serving every later ADD.
+                tracing::warn!(error = %e, socket = %agent.config.socket.display(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // A fresh connection's send buffer is empty, so this short write never blocks;
+            // no task is spawned for a client that is refused.
+            let _ = stream.try_write(&busy);
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(agent, stream).await {
                 tracing::debug!(error = %e, "client connection ended");
             }
+            drop(permit);
         });
     }
 }
 
+/// How reading one request line ended.
+enum Line {
+    Request,
+    /// The client closed the connection between requests.
+    Closed,
+    /// The line is longer than [`MAX_REQUEST_LINE`].
+    TooLong,
+    /// No whole line within [`REQUEST_DEADLINE`]; `partial` when some bytes came.
+    Late {
+        partial: bool,
+    },
+}
+
+async fn read_line(
+    r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Line> {
+    buf.clear();
+    // One byte more than the limit tells a line of exactly the limit from a longer one.
+    let mut limited = r.take(MAX_REQUEST_LINE as u64 + 1);
+    match tokio::time::timeout(REQUEST_DEADLINE, limited.read_until(b'\n', buf)).await {
+        Err(_) => Ok(Line::Late {
+            partial: !buf.is_empty(),
+        }),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(0)) => Ok(Line::Closed),
+        Ok(Ok(_)) if buf.len() > MAX_REQUEST_LINE => Ok(Line::TooLong),
+        // A last line without a newline before EOF is still a request.
+        Ok(Ok(_)) => Ok(Line::Request),
+    }
+}
+
+async fn send(w: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+    tokio::time::timeout(REPLY_DEADLINE, w.write_all(&reply_line(reply)))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read its reply",
+            )
+        })?
+}
+
 async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Some(line) = lines.next_line().await? {
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(&agent, req).await,
-            Err(e) => Reply::Error(ErrorReply {
-                code: 6,
-                msg: format!("cannot decode request: {e}"),
-            }),
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        let reply = match read_line(&mut r, &mut line).await? {
+            Line::Request => match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => handle(&agent, req).await,
+                Err(e) => error_reply(6, format!("cannot decode request: {e}")),
+            },
+            Line::Closed | Line::Late { partial: false } => return Ok(()),
+            Line::TooLong => {
+                let msg = format!("request line longer than {MAX_REQUEST_LINE} bytes");
+                return send(&mut w, &error_reply(6, msg)).await;
+            }
+            Line::Late { partial: true } => {
+                let msg = format!(
+                    "request not received whole within {}s",
+                    REQUEST_DEADLINE.as_secs()
+                );
+                return send(&mut w, &error_reply(6, msg)).await;
+            }
         };
-        let mut out = serde_json::to_vec(&reply).expect("reply serialises");
-        out.push(b'\n');
-        w.write_all(&out).await?;
+        send(&mut w, &reply).await?;
     }
-    Ok(())
 }
 
 fn code_of(e: &ClusterError) -> u32 {
@@ -112,6 +211,12 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
                 ipv6_pools,
                 ..ipam_request(&attachment)
             };
+            // The MTU first: a pod must not start at the wrong MTU, and failing before the
+            // allocation leaves nothing to undo.
+            let mtu = match crate::dataplane::current_pod_mtu(agent).await {
+                Ok(m) => m,
+                Err(e) => return error_reply(11, format!("cannot measure the pod MTU: {e}")),
+            };
             match agent.ipam.allocate(&r).await {
                 Ok(got) => Reply::Ok(Done {
                     ips: got
@@ -119,6 +224,7 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
                         .map(|(ip, block)| format!("{ip}/{}", block.prefix_len()))
                         .collect(),
                     node: Some(agent.config.node.clone()),
+                    mtu: Some(mtu),
                     ..Default::default()
                 }),
                 Err(e) => failed(e),
@@ -204,4 +310,90 @@ async fn gc(
         }
     }
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use trellis_cluster::ipam::NodeIpam;
+    use trellis_resources::parse_documents;
+
+    use super::*;
+    use crate::dataplane::{VxlanConfig, VXLAN_OVERHEAD};
+    use crate::{bgp, register_node, AgentConfig};
+
+    /// An agent on loopback (only read: its MTU), with a VXLAN pool, that has not yet run a
+    /// dataplane pass.
+    async fn agent(dir: &Path) -> Agent {
+        let spec = format!("sqlite:{}", dir.join("t.db").display());
+        let store = trellis_store::open(&spec).await.unwrap();
+        let pool = "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.9.0.0/16, encapsulation: VXLAN}\n";
+        for r in parse_documents(pool).unwrap() {
+            objects::apply(&*store, &r, false).await.unwrap();
+        }
+        let address = "127.0.0.1/8".parse().unwrap();
+        register_node(&*store, "n1", address, &BTreeMap::new())
+            .await
+            .unwrap();
+        let vxlan = VxlanConfig {
+            vni: 4096,
+            port: 4789,
+            mtu: None,
+        };
+        Agent {
+            config: AgentConfig {
+                node: "n1".into(),
+                datastore: spec,
+                socket: dir.join("s.sock"),
+                ip: crate::autodetect::Method::FirstFound,
+                labels: BTreeMap::new(),
+                heartbeat: Duration::from_secs(10),
+                block_grace: Duration::from_secs(300),
+                vxlan,
+                resync: Duration::from_secs(2),
+                bgp: bgp::Mode::Off,
+                metrics: None,
+            },
+            ipam: NodeIpam::new(store.clone(), "n1", BTreeMap::new()),
+            store,
+            address,
+            vxlan,
+            pod_mtu: AtomicU32::new(0),
+            bgp: Arc::new(bgp::Shared::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_add_before_the_first_pass_still_gets_the_mtu() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path()).await;
+        let lo_mtu = std::fs::read_to_string("/sys/class/net/lo/mtu")
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap();
+        let req = Request::Allocate {
+            attachment: Attachment {
+                network: "k8s".into(),
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            },
+            namespace: None,
+            pod: None,
+            host_interface: None,
+            ips: vec![],
+            ipv4_pools: vec![],
+            ipv6_pools: vec![],
+        };
+        let Reply::Ok(done) = handle(&agent, req).await else {
+            panic!("allocate failed");
+        };
+        assert_eq!(done.mtu, Some(lo_mtu - VXLAN_OVERHEAD));
+        assert_eq!(
+            agent.pod_mtu.load(Ordering::Relaxed),
+            lo_mtu - VXLAN_OVERHEAD
+        );
+    }
 }

@@ -104,17 +104,30 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => {
             let kind = kind_arg(&kind)?;
-            let mut items: Vec<Resource> = objects::list(store, kind)
-                .await?
-                .into_iter()
-                .map(|s| s.resource)
+            let listing = objects::list_checked(store, kind).await?;
+            let mut items: Vec<Resource> = listing.items.into_iter().map(|s| s.resource).collect();
+            // Records that do not decode are shown on stderr, by key, and make the exit code 1:
+            // the valid ones are still printed, but the output is not the whole truth.
+            let bad: Vec<_> = listing
+                .invalid
+                .iter()
+                .filter(|i| {
+                    name.as_ref()
+                        .is_none_or(|n| i.key.rsplit('/').next() == Some(n.as_str()))
+                })
                 .collect();
+            for i in &bad {
+                eprintln!(
+                    "warning: stored record {} (revision {}) is invalid and not shown: {}",
+                    i.key, i.revision, i.reason
+                );
+            }
             if let Some(ns) = &namespace {
                 items.retain(|r| r.metadata().namespace.as_deref() == Some(ns.as_str()));
             }
             if let Some(n) = &name {
                 items.retain(|r| &r.metadata().name == n);
-                if items.is_empty() {
+                if items.is_empty() && bad.is_empty() {
                     bail!("{kind} {n} not found");
                 }
             }
@@ -131,7 +144,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 _ => print!("{}", table::resources(kind, &items)),
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if bad.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Bgp {
             command: crate::BgpCommand::Status { node, output },

@@ -1,11 +1,13 @@
 //! Cluster state over the datastore (I/O through [`trellis_store::Datastore`]):
 //!
 //! - [`objects`]: typed reads and compare-and-swap writes of resources, with stored content
-//!   validated on the way in (a bad record is reported by key, never trusted).
+//!   validated on the way in (a bad record is reported by key, never trusted; listings skip it).
+//! - [`invalid`]: which stored records are currently undecodable (logged once, counted).
 //! - [`ipam`]: cluster IPAM — claiming blocks, allocating and releasing addresses, GC and the
 //!   consistency check — as retrying compare-and-swap transactions around the pure allocator in
 //!   [`trellis_ipam::cluster`].
 
+pub mod invalid;
 pub mod ipam;
 pub mod objects;
 pub mod report;

@@ -4,6 +4,7 @@ use trellis_resources::validate::check_pool_overlap;
 use trellis_resources::{key_for, Kind, Object, Resource};
 use trellis_store::{Datastore, KeyValue, Precondition, TxnOp, TxnOutcome};
 
+use crate::invalid::Invalid;
 use crate::{ClusterError, Result};
 
 /// A resource with the revision it was read at (the compare-and-swap token).
@@ -13,17 +14,25 @@ pub struct Stored {
     pub revision: i64,
 }
 
-/// Decodes a stored value; anything invalid is reported with its key.
+/// Decodes a stored value; anything invalid is reported with its key. A valid resource stored
+/// under another object's key (another kind, name or namespace) is invalid too: reads and
+/// writes by name would otherwise act on a different record than the one listed.
 pub fn decode(kv: &KeyValue) -> Result<Stored> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&kv.value).map_err(|e| ClusterError::Corrupt {
-            key: kv.key.clone(),
-            reason: e.to_string(),
-        })?;
-    let resource = Resource::from_value(&v).map_err(|e| ClusterError::Corrupt {
+    let corrupt = |reason: String| ClusterError::Corrupt {
         key: kv.key.clone(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&kv.value).map_err(|e| corrupt(e.to_string()))?;
+    let resource = Resource::from_value(&v).map_err(|e| corrupt(e.to_string()))?;
+    if resource.key() != kv.key {
+        return Err(corrupt(format!(
+            "it holds {} {}, whose key is {}",
+            resource.kind(),
+            resource.metadata().name,
+            resource.key()
+        )));
+    }
     Ok(Stored {
         resource,
         revision: kv.mod_revision,
@@ -49,15 +58,39 @@ pub async fn get(
     }
 }
 
-/// Every object of a kind. A corrupt record fails the listing, naming its key.
+/// A listing: the objects that decode, and the records that do not.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub items: Vec<Stored>,
+    pub invalid: Vec<Invalid>,
+}
+
+/// Every record of a kind, sorted into valid objects and invalid records; reports nothing.
+pub async fn list_checked(store: &dyn Datastore, kind: Kind) -> Result<Listing> {
+    let mut out = Listing::default();
+    for kv in store.list(&kind.prefix()).await?.items {
+        match decode(&kv) {
+            Ok(s) => out.items.push(s),
+            Err(e) => out.invalid.push(Invalid {
+                reason: match e {
+                    ClusterError::Corrupt { reason, .. } => reason,
+                    other => other.to_string(),
+                },
+                key: kv.key,
+                revision: kv.mod_revision,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// Every valid object of a kind. A record that does not decode is skipped — one bad record
+/// must not stop every reader — and reported through [`crate::invalid`] (logged once per key
+/// and revision, counted for metrics).
 pub async fn list(store: &dyn Datastore, kind: Kind) -> Result<Vec<Stored>> {
-    store
-        .list(&kind.prefix())
-        .await?
-        .items
-        .iter()
-        .map(decode)
-        .collect()
+    let l = list_checked(store, kind).await?;
+    crate::invalid::observe_listing(kind, &l.invalid);
+    Ok(l.items)
 }
 
 macro_rules! typed_list {

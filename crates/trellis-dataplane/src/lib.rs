@@ -5,9 +5,11 @@
 //! - [`netlink`]: a synchronous rtnetlink socket: links, veths, bridges, addresses, routes.
 //! - [`sysctl`]: `/proc/sys` reads and writes (per the calling thread's namespace).
 //! - [`events`]: kernel change notifications (link, neighbour, route groups).
+//! - [`features`]: side-effect-free probes of what the kernel supports (link kinds).
 //! - [`nft`]: nftables batches through `nft -j -f -`, one atomic transaction per call.
 
 pub mod events;
+pub mod features;
 pub mod netlink;
 pub mod netns;
 pub mod nft;

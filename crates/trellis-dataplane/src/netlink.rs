@@ -202,6 +202,29 @@ impl Netlink {
             .collect())
     }
 
+    /// A dump of links asking the kernel to filter by `kind` (`IFLA_INFO_KIND`). A kernel that
+    /// does not know the kind does not filter (it returns every link), which makes this a probe
+    /// with no side effects: see [`crate::features`].
+    pub fn links_filtered_by_kind(&mut self, kind: &str) -> Result<Vec<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::from(kind),
+            )]));
+        let msgs = self.request(
+            &format!("dump links of kind {kind}"),
+            RouteNetlinkMessage::GetLink(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(to_link(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The link called `name`, or `None`.
     pub fn link(&mut self, name: &str) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();

@@ -1,73 +1,125 @@
 //! nftables through its JSON API: `nft -j -f -` applies a whole batch atomically (all or
-//! nothing), and `nft -j list` reads state back. Runs `nft` in the caller's namespace.
+//! nothing), and `nft -j list` reads state back. Runs `nft` in the caller's namespace, and
+//! never waits on it for ever: a run that outlives its deadline ([`DEADLINE`]) is killed with
+//! everything it started, and reported.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::{DataplaneError, Result};
 
+/// How long one `nft` run may take. Large rulesets load in well under a second; a run this long
+/// is stuck (a wedged netlink socket, a hung binary), and waiting longer would stall the caller
+/// (the agent's dataplane loop, a CNI ADD).
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
 fn nft_binary() -> String {
     std::env::var("TRELLIS_NFT").unwrap_or_else(|_| "nft".to_string())
 }
 
+fn nft_err(message: String) -> DataplaneError {
+    DataplaneError::Nft { message }
+}
+
+/// Runs `program args`, feeding it `input`, and collects its output; kills it (and its process
+/// group) when `deadline` passes first.
+pub fn run(program: &str, args: &[&str], input: &[u8], deadline: Duration) -> Result<Output> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a kill reaches anything it started (which could otherwise
+        // hold the output pipes open).
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            nft_err(format!(
+                "cannot run {program} (is the nftables package installed?): {e}"
+            ))
+        })?;
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stdin = child.stdin.take();
+    let input = input.to_vec();
+    let (tx, rx) = mpsc::channel();
+    // Writing and waiting happen on a helper thread: both can block on a stuck child.
+    let waiter = std::thread::spawn(move || {
+        let written = stdin.map(|mut s| s.write_all(&input)); // dropped here: EOF for the child
+        let _ = tx.send((written, child.wait_with_output()));
+    });
+    let (written, output) = match rx.recv_timeout(deadline) {
+        Ok(r) => r,
+        Err(_) => {
+            // The child is reaped only when the waiter's wait returns, so until then its pid
+            // (the group id) cannot have been reused.
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waiter.join();
+            return Err(nft_err(format!(
+                "{program} {} did not finish within {}s and was killed",
+                args.join(" "),
+                deadline.as_secs_f32()
+            )));
+        }
+    };
+    let _ = waiter.join();
+    let output = output.map_err(|e| nft_err(format!("waiting for {program}: {e}")))?;
+    if let Some(Err(e)) = written {
+        if output.status.success() {
+            return Err(nft_err(format!("writing to {program}: {e}")));
+        }
+    }
+    Ok(output)
+}
+
 /// Applies `{"nftables": [...commands]}` as one transaction.
 pub fn apply(commands: Vec<Value>) -> Result<()> {
+    apply_with(&nft_binary(), commands, DEADLINE)
+}
+
+/// [`apply`] with a given `nft` binary and deadline.
+pub fn apply_with(program: &str, commands: Vec<Value>, deadline: Duration) -> Result<()> {
     let doc = serde_json::json!({ "nftables": commands });
-    let mut child = Command::new(nft_binary())
-        .args(["-j", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| DataplaneError::Nft {
-            message: format!("cannot run nft (is the nftables package installed?): {e}"),
-        })?;
-    child
-        .stdin
-        .take()
-        .expect("stdin piped")
-        .write_all(doc.to_string().as_bytes())
-        .map_err(|e| DataplaneError::Nft {
-            message: format!("writing to nft: {e}"),
-        })?;
-    let out = child.wait_with_output().map_err(|e| DataplaneError::Nft {
-        message: format!("waiting for nft: {e}"),
-    })?;
+    let out = run(
+        program,
+        &["-j", "-f", "-"],
+        doc.to_string().as_bytes(),
+        deadline,
+    )?;
     if !out.status.success() {
-        return Err(DataplaneError::Nft {
-            message: format!(
-                "nft rejected the batch: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
+        return Err(nft_err(format!(
+            "nft rejected the batch: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(())
 }
 
 /// Lists one table; `None` when it does not exist.
 pub fn list_table(family: &str, table: &str) -> Result<Option<Value>> {
-    let out = Command::new(nft_binary())
-        .args(["-j", "list", "table", family, table])
-        .output()
-        .map_err(|e| DataplaneError::Nft {
-            message: format!("cannot run nft (is the nftables package installed?): {e}"),
-        })?;
+    let out = run(
+        &nft_binary(),
+        &["-j", "list", "table", family, table],
+        b"",
+        DEADLINE,
+    )?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("No such file or directory") {
             return Ok(None);
         }
-        return Err(DataplaneError::Nft {
-            message: format!("nft list table {family} {table}: {}", err.trim()),
-        });
+        return Err(nft_err(format!(
+            "nft list table {family} {table}: {}",
+            err.trim()
+        )));
     }
     serde_json::from_slice(&out.stdout)
         .map(Some)
-        .map_err(|e| DataplaneError::Nft {
-            message: format!("cannot parse nft JSON output: {e}"),
-        })
+        .map_err(|e| nft_err(format!("cannot parse nft JSON output: {e}")))
 }
 
 /// The rules of a listed table as `(chain, handle, comment)`.
