@@ -426,12 +426,12 @@ impl<'a> Applier<'a> {
             ))
         })?;
         if !out.status.success() {
-            return Err(Failure(format!(
-                "CNI error {}: {} {}",
-                v["code"],
-                v["msg"].as_str().unwrap_or(""),
-                v["details"].as_str().unwrap_or("")
-            )));
+            let text = ["msg", "details"]
+                .iter()
+                .filter_map(|k| v[k].as_str().filter(|s| !s.is_empty()))
+                .collect::<Vec<_>>()
+                .join(": ");
+            return Err(Failure(format!("CNI error {}: {text}", v["code"])));
         }
         let addr = v["ips"][0]["address"]
             .as_str()
