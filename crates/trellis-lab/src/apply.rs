@@ -215,31 +215,7 @@ impl<'a> Applier<'a> {
                 )?;
                 self.ns_ip(ns, &["link", "set", bridge, "up"])?;
             }
-            Step::Link {
-                member,
-                role,
-                ns,
-                ifname,
-                address,
-                fabric,
-                port,
-                bridge,
-            } => {
-                self.ip(&[
-                    "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port,
-                    "netns", fabric,
-                ])?;
-                self.ns_ip(fabric, &["link", "set", port, "master", bridge, "up"])?;
-                self.ns_ip(ns, &["addr", "add", address, "dev", ifname])?;
-                self.ns_ip(ns, &["link", "set", ifname, "up"])?;
-                let ip = address.split('/').next().unwrap_or(address).to_string();
-                match role {
-                    Role::Node => self.state.node_ips.insert(member.clone(), ip),
-                    Role::External => self.state.external_ips.insert(member.clone(), ip),
-                    _ => None,
-                };
-                self.state.save()?;
-            }
+            Step::Link { .. } => self.link(s)?,
             Step::Route { ns, to, via, .. } => {
                 self.ns_ip(ns, &["route", "replace", to, "via", via])?;
             }
@@ -267,20 +243,7 @@ impl<'a> Applier<'a> {
                 self.state.datastore = spec.clone();
                 self.state.save()?;
             }
-            Step::Apply { yaml } => {
-                let trellis = self.programs.get("trellis").to_path_buf();
-                let mut c = match self.state.namespaces.get("control") {
-                    Some(ctl) => self.in_ns(ctl, &trellis),
-                    None => Command::new(&trellis),
-                };
-                c.args(["--datastore", &self.state.datastore, "apply", "-f", "-"]);
-                let out = c.stdin(input(yaml)?).output()?;
-                if !out.status.success() {
-                    return Err(Failure(
-                        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                    ));
-                }
-            }
+            Step::Apply { yaml } => self.apply_resources(yaml)?,
             Step::WaitAgent {
                 member,
                 socket,
@@ -290,6 +253,54 @@ impl<'a> Applier<'a> {
                 std::os::unix::fs::symlink(self.programs.get("trellis-cni"), link)?;
             }
             Step::Pod { .. } => self.pod(s)?,
+        }
+        Ok(())
+    }
+
+    fn link(&mut self, s: &Step) -> Result<(), Failure> {
+        let Step::Link {
+            member,
+            role,
+            ns,
+            ifname,
+            address,
+            fabric,
+            port,
+            bridge,
+        } = s
+        else {
+            unreachable!("called for links")
+        };
+        self.ip(&[
+            "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port, "netns",
+            fabric,
+        ])?;
+        self.ns_ip(fabric, &["link", "set", port, "master", bridge, "up"])?;
+        self.ns_ip(ns, &["addr", "add", address, "dev", ifname])?;
+        self.ns_ip(ns, &["link", "set", ifname, "up"])?;
+        let ip = address.split('/').next().unwrap_or(address).to_string();
+        match role {
+            Role::Node => self.state.node_ips.insert(member.clone(), ip),
+            Role::External => self.state.external_ips.insert(member.clone(), ip),
+            _ => None,
+        };
+        self.state.save()?;
+        Ok(())
+    }
+
+    /// `trellis apply` of the lab's documents, from the control namespace when etcd runs there.
+    fn apply_resources(&self, yaml: &str) -> Result<(), Failure> {
+        let trellis = self.programs.get("trellis").to_path_buf();
+        let mut c = match self.state.namespaces.get("control") {
+            Some(ctl) => self.in_ns(ctl, &trellis),
+            None => Command::new(&trellis),
+        };
+        c.args(["--datastore", &self.state.datastore, "apply", "-f", "-"]);
+        let out = c.stdin(input(yaml)?).output()?;
+        if !out.status.success() {
+            return Err(Failure(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
         }
         Ok(())
     }
