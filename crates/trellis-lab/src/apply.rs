@@ -91,14 +91,18 @@ pub fn programs(steps: &[Step]) -> Result<Programs, LabError> {
         }
         let path = match name {
             "trellis" | "trellis-cni" => sibling(name)?,
-            _ => in_path(name).ok_or_else(|| LabError::Step {
-                member: step.member().to_string(),
-                step: step.describe(),
-                detail: format!(
-                    "{name} is not installed (not found in PATH; Debian package {})",
-                    package(name)
-                ),
-            })?,
+            // Run by name as found in PATH (argv[0] stays `bird`, as tools expect), now
+            // that it is known to be there.
+            _ => in_path(name)
+                .map(|_| PathBuf::from(name))
+                .ok_or_else(|| LabError::Step {
+                    member: step.member().to_string(),
+                    step: step.describe(),
+                    detail: format!(
+                        "{name} is not installed (not found in PATH; Debian package {})",
+                        package(name)
+                    ),
+                })?,
         };
         out.0.insert(name.to_string(), path);
         Ok(())
