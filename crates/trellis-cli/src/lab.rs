@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
-use trellis_lab::{check, down, exec_cmd, pick, topology, up, State};
+use trellis_lab::check::{matrix, member_order};
+use trellis_lab::{check, down, exec_cmd, pick, topology, up, validate, State};
 
 use crate::table::render;
 use crate::LabCommand;
@@ -16,23 +17,23 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
             datastore_kind,
             name,
         } => {
-            let mut t = match file {
+            let (mut t, source) = match file {
                 Some(f) => {
-                    topology::parse(&std::fs::read_to_string(&f).map_err(|e| anyhow!("{f}: {e}"))?)
-                        .map_err(|e| anyhow!("{f}: {e}"))?
+                    let text = std::fs::read_to_string(&f).map_err(|e| anyhow!("{f}: {e}"))?;
+                    (topology::decode(&text).map_err(|e| anyhow!("{f}: {e}"))?, f)
                 }
-                None => topology::demo(),
+                None => (topology::demo(), "the built-in topology".to_string()),
             };
             if let Some(d) = datastore_kind {
                 t.datastore = d;
             }
             if let Some(n) = name {
                 t.name = n;
-                topology::parse(&serde_norway::to_string(&t)?)
-                    .map_err(|e| anyhow!("--name: {e}"))?;
             }
+            // Everything is checked before anything is made.
+            let lab = validate(&t).map_err(|e| anyhow!("{source}: {e}"))?;
             let started = Instant::now();
-            let state = up(t, |line| eprintln!("{line}")).map_err(|e| anyhow!(e))?;
+            let state = up(&lab, &mut |line| eprintln!("{line}"))?;
             eprintln!(
                 "lab {} is up in {:.1} s; try: trellis lab check {}",
                 state.name,
@@ -42,7 +43,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Status { lab } => {
-            let state = State::load(&pick(lab).map_err(|e| anyhow!(e))?).map_err(|e| anyhow!(e))?;
+            let state = State::load(&pick(lab)?)?;
             println!("lab {}  datastore {}", state.name, state.datastore);
             let nodes: Vec<Vec<String>> = state
                 .node_ips
@@ -70,9 +71,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
                 .output()?;
             print!("\n{}", String::from_utf8_lossy(&out.stdout));
             for n in state.node_ips.keys() {
-                let routes = exec_cmd(&state, n, &["ip".into(), "route".into()])
-                    .map_err(|e| anyhow!(e))?
-                    .output()?;
+                let routes = exec_cmd(&state, n, &["ip".into(), "route".into()])?.output()?;
                 println!(
                     "\nroutes on {n}:\n{}",
                     String::from_utf8_lossy(&routes.stdout).trim_end()
@@ -82,56 +81,25 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
         }
         LabCommand::Exec { target, command } => {
             let (lab, member) = match target.as_slice() {
-                [m] => (pick(None).map_err(|e| anyhow!(e))?, m.clone()),
+                [m] => (pick(None)?, m.clone()),
                 [l, m] => (l.clone(), m.clone()),
                 _ => bail!("usage: trellis lab exec [LAB] MEMBER -- CMD"),
             };
-            let state = State::load(&lab).map_err(|e| anyhow!(e))?;
-            let status = exec_cmd(&state, &member, &command)
-                .map_err(|e| anyhow!(e))?
-                .status()?;
+            let state = State::load(&lab)?;
+            let status = exec_cmd(&state, &member, &command)?.status()?;
             Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
         }
         LabCommand::Check { lab } => {
-            let state = State::load(&pick(lab).map_err(|e| anyhow!(e))?).map_err(|e| anyhow!(e))?;
+            let state = State::load(&pick(lab)?)?;
             let outcomes = check(&state);
-            let mut froms: Vec<String> = outcomes.iter().map(|o| o.from.clone()).collect();
-            froms.sort();
-            froms.dedup();
-            let mut tos: Vec<String> = Vec::new();
-            for o in &outcomes {
-                if !tos.contains(&o.to) {
-                    tos.push(o.to.clone());
-                }
-            }
-            let rows: Vec<Vec<String>> = froms
-                .iter()
-                .map(|f| {
-                    let mut row = vec![f.clone()];
-                    for t in &tos {
-                        row.push(match outcomes.iter().find(|o| &o.from == f && &o.to == t) {
-                            None => "-".into(),
-                            Some(o) if o.got == o.want => {
-                                if o.want {
-                                    "ok".into()
-                                } else {
-                                    "blocked".into()
-                                }
-                            }
-                            Some(o) => {
-                                if o.want {
-                                    "FAIL".into()
-                                } else {
-                                    "LEAK".into()
-                                }
-                            }
-                        });
-                    }
-                    row
-                })
+            let m = matrix(&outcomes, &member_order(&state));
+            let rows: Vec<Vec<String>> = m
+                .rows
+                .into_iter()
+                .map(|(from, cells)| std::iter::once(from).chain(cells).collect())
                 .collect();
             let mut header = vec!["FROM \\ TO"];
-            header.extend(tos.iter().map(String::as_str));
+            header.extend(m.columns.iter().map(String::as_str));
             print!("{}", render(&header, &rows));
             for o in outcomes.iter().filter(|o| !o.note.is_empty()) {
                 println!("{} -> {}: {}", o.from, o.to, o.note);
@@ -149,16 +117,26 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
             })
         }
         LabCommand::Down { lab } => {
-            let name = match lab {
-                Some(l) => l,
-                None => pick(None).map_err(|e| anyhow!(e))?,
-            };
-            let removed = down(&name).map_err(|e| anyhow!(e))?;
+            let name = pick(lab)?;
+            let td = down(&name);
+            for p in &td.spared {
+                println!(
+                    "pid {} ({} {}) belongs to another process now; left alone",
+                    p.pid, p.member, p.what
+                );
+            }
             println!(
                 "lab {name} is down ({} namespace(s) removed)",
-                removed.len()
+                td.removed.len()
             );
-            Ok(ExitCode::SUCCESS)
+            for e in &td.errors {
+                eprintln!("error: {e}");
+            }
+            Ok(if td.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -1,10 +1,13 @@
-//! The lab topology: what the YAML says, validated, with every address assigned. Pure.
+//! The lab topology: what the YAML says (the raw form; [`crate::validate()`] checks it) and
+//! the addresses the lab assigns its members. Pure.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::LabError;
 
 /// The topology file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,146 +182,27 @@ pub fn demo() -> Topology {
     parse(&yaml).expect("the built-in topology is valid")
 }
 
-/// Parses and validates a topology.
-pub fn parse(text: &str) -> Result<Topology, String> {
-    let t: Topology = serde_norway::from_str(text).map_err(|e| format!("topology: {e}"))?;
-    validate(&t)?;
+/// Decodes a topology without checking it (see [`crate::validate()`]).
+pub fn decode(text: &str) -> Result<Topology, LabError> {
+    let t: Topology = serde_norway::from_str(text).map_err(|e| LabError::Decode(e.to_string()))?;
     Ok(t)
 }
 
-fn validate(t: &Topology) -> Result<(), String> {
-    let ok_name = |n: &str| {
-        !n.is_empty()
-            && n.len() <= 20
-            && n.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    };
-    if !ok_name(&t.name) {
-        return Err(format!(
-            "name {:?}: 1-20 lower-case letters, digits or '-'",
-            t.name
-        ));
-    }
-    if !["embedded", "etcd"].contains(&t.datastore.as_str()) {
-        return Err(format!("datastore {:?}: embedded or etcd", t.datastore));
-    }
-    let mut names = BTreeSet::new();
-    for n in t
-        .nodes
-        .iter()
-        .map(|n| &n.name)
-        .chain(t.pods.iter().map(|p| &p.name))
-        .chain(t.external.iter().map(|e| &e.name))
-    {
-        if !ok_name(n) {
-            return Err(format!(
-                "member {n:?}: 1-20 lower-case letters, digits or '-'"
-            ));
-        }
-        if !names.insert(n.clone()) {
-            return Err(format!("member name {n:?} is used twice"));
-        }
-    }
-    let subnets: BTreeSet<&str> = t.subnets.iter().map(|s| s.name.as_str()).collect();
-    if t.subnets.is_empty() {
-        return Err("subnets: at least one is needed".into());
-    }
-    for (i, a) in t.subnets.iter().enumerate() {
-        if a.cidr.prefix_len() > 26 || !a.cidr.addr().is_ipv4() {
-            return Err(format!(
-                "subnet {}: an IPv4 /26 or larger is needed",
-                a.name
-            ));
-        }
-        for b in &t.subnets[i + 1..] {
-            if a.cidr.contains(&b.cidr.network()) || b.cidr.contains(&a.cidr.network()) {
-                return Err(format!("subnets {} and {} overlap", a.name, b.name));
-            }
-        }
-    }
-    for n in &t.nodes {
-        if !subnets.contains(n.subnet.as_str()) {
-            return Err(format!("node {}: unknown subnet {:?}", n.name, n.subnet));
-        }
-    }
-    for e in &t.external {
-        if !subnets.contains(e.subnet.as_str()) {
-            return Err(format!(
-                "external {}: unknown subnet {:?}",
-                e.name, e.subnet
-            ));
-        }
-    }
-    for p in &t.pods {
-        if !t.nodes.iter().any(|n| n.name == p.node) {
-            return Err(format!("pod {}: unknown node {:?}", p.name, p.node));
-        }
-    }
-    for e in &t.external {
-        if let Some(v) = &e.via {
-            if !names.contains(v) || *v == e.name {
-                return Err(format!(
-                    "external {}: via {v:?} is not another member",
-                    e.name
-                ));
-            }
-        }
-    }
-    let router_bgp = t.router.as_ref().and_then(|r| r.bgp.as_ref());
-    if router_bgp.is_some() && t.subnets.len() < 2 {
-        return Err("router.bgp: the lab has a router only with two or more subnets".into());
-    }
-    let speakers: Vec<(&str, &DaemonSpec)> = t
-        .external
-        .iter()
-        .filter_map(|e| e.bgp.as_ref().map(|b| (e.name.as_str(), b)))
-        .chain(router_bgp.map(|b| ("router", b)))
-        .collect();
-    for (name, b) in &speakers {
-        if !["bird", "gobgp"].contains(&b.daemon.as_str()) {
-            return Err(format!("{name}: bgp.daemon {:?}: bird or gobgp", b.daemon));
-        }
-        if b.as_number == 0 {
-            return Err(format!("{name}: bgp.asNumber 0 is not usable"));
-        }
-        if matches!(b.ttl_security, Some(0 | 255)) {
-            return Err(format!(
-                "{name}: bgp.ttlSecurity: give the hops to the peers, 1-254"
-            ));
-        }
-        for p in &b.peers {
-            let known = t.nodes.iter().any(|n| &n.name == p)
-                || speakers
-                    .iter()
-                    .any(|(other, _)| other == p && other != name);
-            if !known {
-                return Err(format!(
-                    "{name}: bgp peer {p:?} is not a node or another BGP speaker"
-                ));
-            }
-        }
-    }
-    for x in &t.expect {
-        let from_external = t.external.iter().any(|e| e.name == x.from);
-        if !t.pods.iter().any(|p| p.name == x.from) && !from_external {
-            return Err(format!("expect: {:?} is not a pod or external", x.from));
-        }
-        if !names.contains(&x.to) {
-            return Err(format!("expect: unknown member {:?}", x.to));
-        }
-        if let Some(s) = &x.seen_as {
-            if s != "node" && s != "pod" {
-                return Err(format!("expect: seenAs {s:?} is node or pod"));
-            }
-        }
-    }
-    if t.pools.is_empty() {
-        return Err("pools: at least one is needed".into());
-    }
-    Ok(())
+/// Decodes and validates a topology.
+pub fn parse(text: &str) -> Result<Topology, LabError> {
+    let t = decode(text)?;
+    crate::validate(&t)?;
+    Ok(t)
 }
 
-/// Addresses in a subnet: .1 the router, .2 the control namespace, nodes from .10, externals
+/// Offset in a subnet of the router (on every subnet), of the control namespace (first subnet),
+/// of the first node and of the first external host.
+pub const ROUTER_HOST: u32 = 1;
+pub const CONTROL_HOST: u32 = 2;
+pub const FIRST_NODE_HOST: u32 = 10;
+pub const FIRST_EXTERNAL_HOST: u32 = 100;
+
+/// Address `n` of a subnet: .1 the router, .2 the control namespace, nodes from .10, externals
 /// from .100.
 pub fn host(subnet: &IpNet, n: u32) -> IpAddr {
     match subnet {
@@ -327,13 +211,17 @@ pub fn host(subnet: &IpNet, n: u32) -> IpAddr {
     }
 }
 
-/// Every member's address (nodes and externals), in topology order.
-pub fn addresses(t: &Topology) -> BTreeMap<String, (IpNet, IpAddr)> {
+/// Member name → (its subnet, its address).
+pub type Addrs = BTreeMap<String, (IpNet, IpAddr)>;
+
+/// Every member's address (nodes and externals), in topology order. The topology must be
+/// validated (every subnet a member names exists).
+pub fn addresses(t: &Topology) -> Addrs {
     let mut out = BTreeMap::new();
     let mut next: BTreeMap<&str, (u32, u32)> = t
         .subnets
         .iter()
-        .map(|s| (s.name.as_str(), (10, 100)))
+        .map(|s| (s.name.as_str(), (FIRST_NODE_HOST, FIRST_EXTERNAL_HOST)))
         .collect();
     let subnet = |name: &str| {
         t.subnets
@@ -378,24 +266,24 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let base = "name: x\npools: [{name: p, cidr: 10.0.0.0/16}]\nsubnets: [{name: s, cidr: 192.168.0.0/24}]\n";
-        assert!(
-            parse(&format!("{base}nodes: [{{name: n, subnet: nope}}]\n"))
-                .unwrap_err()
-                .contains("unknown subnet")
+        let err = |yaml: String| parse(&yaml).unwrap_err().to_string();
+        assert_eq!(
+            err(format!("{base}nodes: [{{name: n, subnet: nope}}]\n")),
+            "nodes[0].subnet \"nope\": no such subnet"
         );
-        assert!(parse(&format!(
-            "{base}nodes: [{{name: n, subnet: s}}]\npods: [{{name: p, node: zz}}]\n"
-        ))
-        .unwrap_err()
-        .contains("unknown node"));
-        assert!(parse(&format!(
-            "{base}nodes: [{{name: n, subnet: s}}, {{name: n, subnet: s}}]\n"
-        ))
-        .unwrap_err()
-        .contains("twice"));
-        assert!(parse(&format!("{base}nodes: []\nbogus: 1\n"))
-            .unwrap_err()
-            .contains("bogus"));
+        assert_eq!(
+            err(format!(
+                "{base}nodes: [{{name: n, subnet: s}}]\npods: [{{name: p, node: zz}}]\n"
+            )),
+            "pods[0].node \"zz\": no such node"
+        );
+        assert_eq!(
+            err(format!(
+                "{base}nodes: [{{name: n, subnet: s}}, {{name: n, subnet: s}}]\n"
+            )),
+            "nodes[1].name \"n\": already used by nodes[0]"
+        );
+        assert!(err(format!("{base}nodes: []\nbogus: 1\n")).contains("bogus"));
         let tor = |bgp: &str| {
             format!("{base}nodes: [{{name: n, subnet: s}}]\nexternal: [{{name: tor, subnet: s, bgp: {bgp}}}]\n")
         };
@@ -412,7 +300,7 @@ mod tests {
                 "ttlSecurity",
             ),
         ] {
-            let e = parse(&tor(bgp)).unwrap_err();
+            let e = parse(&tor(bgp)).unwrap_err().to_string();
             assert!(e.contains(want), "{bgp} → {e} (want {want})");
         }
         assert!(parse(&tor(
