@@ -11,7 +11,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::args::{parse_ip_maybe_prefix, CniArgs};
-use crate::env::{preview, validate_identifier, validate_ifname, MAX_NETWORK_NAME_LEN, MAX_PATH_LEN};
+use crate::env::{
+    preview, validate_identifier, validate_ifname, MAX_NETWORK_NAME_LEN, MAX_PATH_LEN,
+};
 use crate::error::{codes, CniError};
 use crate::ipam_config::{check_keys, parse_ipam, typed, IpamSection};
 use crate::result::{CniResult, Dns};
@@ -215,10 +217,7 @@ pub fn validate_path(field: &str, path: &Path, max: usize) -> Result<(), CniErro
             text.len()
         ));
     }
-    if let Some(c) = path
-        .components()
-        .find(|c| c.as_os_str().len() > NAME_MAX)
-    {
+    if let Some(c) = path.components().find(|c| c.as_os_str().len() > NAME_MAX) {
         return bad(format!(
             "a component of the path is {} bytes long; the limit is {NAME_MAX}",
             c.as_os_str().len()
@@ -335,9 +334,10 @@ fn parse_prev_result(v: Option<&Value>) -> Result<Option<CniResult>, CniError> {
 }
 
 /// Where the requested addresses of an ADD came from, to name it in errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum IpSource {
     /// `runtimeConfig.ips` (the `ips` capability).
+    #[default]
     RuntimeConfig,
     /// `args.cni.ips` (the conventions document).
     ArgsCni,
@@ -365,14 +365,18 @@ impl IpSource {
 }
 
 /// The addresses an ADD asks for, and where they came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Requested {
     pub source: IpSource,
     pub ips: Vec<IpAddr>,
 }
 
 /// Requested addresses, by precedence: `runtimeConfig.ips`, `args.cni.ips`, then `IP=` in CNI_ARGS.
-pub fn requested_ips(runtime: &RuntimeConfig, args_ips: &[IpAddr], env_args: &CniArgs) -> Requested {
+pub fn requested_ips(
+    runtime: &RuntimeConfig,
+    args_ips: &[IpAddr],
+    env_args: &CniArgs,
+) -> Requested {
     let (source, ips) = if !runtime.ips.is_empty() {
         (IpSource::RuntimeConfig, runtime.ips.clone())
     } else if !args_ips.is_empty() {
@@ -518,7 +522,10 @@ impl IpamPluginConfig {
             validate_path("logFile", p, MAX_PATH_LEN)?;
         }
         Ok(IpamPluginConfig {
-            log_level: v.get("logLevel").and_then(Value::as_str).map(str::to_string),
+            log_level: v
+                .get("logLevel")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             log_file,
             cni_version,
             name,
@@ -604,13 +611,25 @@ mod tests {
     fn names_lengths_and_paths_are_bounded_and_named() {
         let field_of = |extra: Value| PluginConfig::parse(&conf(extra)).unwrap_err();
         let e = field_of(json!({"name": "n".repeat(MAX_NETWORK_NAME_LEN + 1)}));
-        assert!(e.msg.contains("`name`") && e.msg.contains("limit"), "{}", e.msg);
-        assert!(PluginConfig::parse(&conf(json!({"name": "n".repeat(MAX_NETWORK_NAME_LEN)}))).is_ok());
+        assert!(
+            e.msg.contains("`name`") && e.msg.contains("limit"),
+            "{}",
+            e.msg
+        );
+        assert!(
+            PluginConfig::parse(&conf(json!({"name": "n".repeat(MAX_NETWORK_NAME_LEN)}))).is_ok()
+        );
         for (extra, field) in [
             (json!({"logFile": "relative.log"}), "`logFile`"),
             (json!({"logFile": "/tmp/a\0b"}), "`logFile`"),
-            (json!({"logFile": format!("/{}", "x".repeat(300))}), "`logFile`"),
-            (json!({"agentSocket": format!("/{}", "s".repeat(120))}), "`agentSocket`"),
+            (
+                json!({"logFile": format!("/{}", "x".repeat(300))}),
+                "`logFile`",
+            ),
+            (
+                json!({"agentSocket": format!("/{}", "s".repeat(120))}),
+                "`agentSocket`",
+            ),
             (
                 json!({"ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24"}]],
                     "dataDir": "/tmp/x\0y"}}),
@@ -629,9 +648,16 @@ mod tests {
 
     #[test]
     fn bridge_names_the_kernel_would_rewrite_are_refused() {
-        for name in ["fzbr%d", "all", "default", "br\0x", "a b", "waytoolongbridgename"] {
-            let e = PluginConfig::parse(&conf(json!({"mode": "bridge", "bridge": name})))
-                .unwrap_err();
+        for name in [
+            "fzbr%d",
+            "all",
+            "default",
+            "br\0x",
+            "a b",
+            "waytoolongbridgename",
+        ] {
+            let e =
+                PluginConfig::parse(&conf(json!({"mode": "bridge", "bridge": name}))).unwrap_err();
             assert_eq!(e.code, codes::INVALID_CONFIG, "{name:?}");
             assert!(e.msg.contains("`bridge`"), "{name:?}: {}", e.msg);
         }

@@ -294,8 +294,15 @@ mod tests {
         let long = "a".repeat(MAX_CONTAINER_ID_LEN + 1);
         v.extend([("CNI_CONTAINERID", long.as_str()), ("CNI_IFNAME", "eth0")]);
         let e = env(&v).unwrap_err();
-        assert!(e.msg.contains("CNI_CONTAINERID") && e.msg.contains("limit"), "{}", e.msg);
-        assert!(e.msg.len() < 300, "the message quotes a preview, not the value");
+        assert!(
+            e.msg.contains("CNI_CONTAINERID") && e.msg.contains("limit"),
+            "{}",
+            e.msg
+        );
+        assert!(
+            e.msg.len() < 300,
+            "the message quotes a preview, not the value"
+        );
         let mut v = base.to_vec();
         v.retain(|(k, _)| *k != "CNI_NETNS");
         v.extend([
@@ -319,14 +326,38 @@ mod tests {
     #[test]
     fn interface_names_the_kernel_would_rewrite_or_refuse() {
         for bad in [
-            "", ".", "..", "all", "default", "eth%d", "e%s", "%", "a/b", "a:b", "a b", "a\tb",
-            "a\nb", "a\0b", "a\x7fb", "\u{a0}x", "a\u{2003}b", "sixteen-bytes-xx",
+            "",
+            ".",
+            "..",
+            "all",
+            "default",
+            "eth%d",
+            "e%s",
+            "%",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\nb",
+            "a\0b",
+            "a\x7fb",
+            "\u{a0}x",
+            "a\u{2003}b",
+            "sixteen-bytes-xx",
         ] {
             assert!(validate_ifname(bad).is_err(), "{bad:?} accepted");
         }
         // 0xa0 as a UTF-8 continuation byte: 'à' is C3 A0.
         assert!(validate_ifname("\u{e0}").is_err());
-        for good in ["eth0", "net1", "cni0", "fifteen-bytes-x", "e.1", "all0", "défault"] {
+        for good in [
+            "eth0",
+            "net1",
+            "cni0",
+            "fifteen-bytes-x",
+            "e.1",
+            "all0",
+            "défault",
+        ] {
             assert_eq!(validate_ifname(good), Ok(()), "{good:?}");
         }
     }

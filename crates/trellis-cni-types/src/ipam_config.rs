@@ -151,7 +151,11 @@ fn validate_routes(routes: &[Route]) -> Result<(), CniError> {
         if r.dst.network() != r.dst.addr() {
             return Err(CniError::invalid_config(
                 &field("dst"),
-                format!("{} has host bits set; the network is {}", r.dst, r.dst.trunc()),
+                format!(
+                    "{} has host bits set; the network is {}",
+                    r.dst,
+                    r.dst.trunc()
+                ),
             ));
         }
         if let Some(gw) = r.gw {
@@ -165,7 +169,9 @@ fn validate_routes(routes: &[Route]) -> Result<(), CniError> {
             if gw.is_unspecified() || gw.is_loopback() || gw.is_multicast() || broadcast {
                 return Err(CniError::invalid_config(
                     &field("gw"),
-                    format!("{gw} cannot be a gateway (unspecified, loopback, multicast or broadcast)"),
+                    format!(
+                        "{gw} cannot be a gateway (unspecified, loopback, multicast or broadcast)"
+                    ),
                 ));
             }
         }
@@ -378,8 +384,14 @@ mod tests {
         assert!(e.msg.contains("`ipam.ranges[0][0].rangeEnd`"), "{}", e.msg);
         for (route, field) in [
             (json!({"dst": "10.9.0.1/16"}), "`ipam.routes[0].dst`"),
-            (json!({"dst": "10.9.0.0/16", "gw": "fd00::1"}), "`ipam.routes[0].gw`"),
-            (json!({"dst": "10.9.0.0/16", "gw": "224.0.0.1"}), "`ipam.routes[0].gw`"),
+            (
+                json!({"dst": "10.9.0.0/16", "gw": "fd00::1"}),
+                "`ipam.routes[0].gw`",
+            ),
+            (
+                json!({"dst": "10.9.0.0/16", "gw": "224.0.0.1"}),
+                "`ipam.routes[0].gw`",
+            ),
         ] {
             let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24"}]],
                 "routes": [route]});

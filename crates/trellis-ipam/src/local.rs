@@ -270,9 +270,15 @@ mod tests {
         let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.7")]);
         assert!(matches!(err, Err(IpamError::RequestedInUse { .. })));
         let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.9.0.7")]);
-        assert!(matches!(err, Err(IpamError::RequestedOutsideRanges { index: 0, .. })));
+        assert!(matches!(
+            err,
+            Err(IpamError::RequestedOutsideRanges { index: 0, .. })
+        ));
         let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.1")]);
-        assert!(matches!(err, Err(IpamError::RequestedGateway { index: 0, .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(IpamError::RequestedGateway { index: 0, .. })),
+            "{err:?}"
+        );
         let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.255")]);
         assert!(
             matches!(&err, Err(IpamError::RequestedUnallocatable { reason, .. }) if reason.contains("broadcast")),
@@ -285,7 +291,10 @@ mod tests {
             &owner("a"),
             &[ip("10.0.0.8"), ip("10.0.0.9")],
         );
-        assert!(matches!(err, Err(IpamError::TwoRequestsOneSet { index: 1, .. })));
+        assert!(matches!(
+            err,
+            Err(IpamError::TwoRequestsOneSet { index: 1, .. })
+        ));
         let ok = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.8")]).unwrap();
         assert_eq!(ok.assignments[0].ip, ip("10.0.0.8"));
     }

@@ -7,7 +7,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use trellis_resources::addr::forbidden_reason;
+/// The one predicate for addresses a pod may not hold, shared with IPPool validation.
+pub use trellis_resources::addr::{forbidden_address_reason, forbidden_reason};
 
 use crate::IpamError;
 
@@ -389,10 +390,22 @@ mod tests {
     fn unallocatable_addresses_say_why() {
         let net: IpNet = "10.0.0.0/24".parse().unwrap();
         let r = Range::new(net, None, Some(ip("10.0.0.100")), None).unwrap();
-        assert!(r.unallocatable_reason(ip("10.0.0.1")).unwrap().contains("gateway"));
-        assert!(r.unallocatable_reason(ip("10.0.0.0")).unwrap().contains("network address"));
-        assert!(r.unallocatable_reason(ip("10.0.0.255")).unwrap().contains("broadcast"));
-        assert!(r.unallocatable_reason(ip("10.0.0.150")).unwrap().contains("rangeEnd"));
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.1"))
+            .unwrap()
+            .contains("gateway"));
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.0"))
+            .unwrap()
+            .contains("network address"));
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.255"))
+            .unwrap()
+            .contains("broadcast"));
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.150"))
+            .unwrap()
+            .contains("rangeEnd"));
         assert_eq!(r.unallocatable_reason(ip("10.0.0.50")), None);
         assert_eq!(r.unallocatable_reason(ip("10.0.1.50")), None);
     }

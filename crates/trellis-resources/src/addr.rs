@@ -19,7 +19,10 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("127.0.0.0/8", "the IPv4 loopback block 127.0.0.0/8"),
     ("169.254.0.0/16", "the IPv4 link-local block 169.254.0.0/16"),
     ("224.0.0.0/4", "the IPv4 multicast block 224.0.0.0/4"),
-    ("255.255.255.255/32", "the IPv4 broadcast address 255.255.255.255"),
+    (
+        "255.255.255.255/32",
+        "the IPv4 broadcast address 255.255.255.255",
+    ),
     ("::/128", "the IPv6 unspecified address ::"),
     ("::1/128", "the IPv6 loopback address ::1"),
     ("::ffff:0:0/96", "the IPv4-mapped IPv6 block ::ffff:0:0/96"),
