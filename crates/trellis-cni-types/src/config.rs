@@ -174,7 +174,10 @@ pub fn decode_document(stdin: &[u8]) -> Result<(Value, CniVersion), CniError> {
         Some(other) => {
             return Err(CniError::new(
                 codes::INCOMPATIBLE_VERSION,
-                format!("field `cniVersion` must be a version string, got {other}"),
+                format!(
+                    "field `cniVersion` must be a version string, got {}",
+                    preview(&other.to_string())
+                ),
             ))
         }
         None => {
@@ -401,7 +404,10 @@ impl PluginConfig {
                 if let Some(k) = BRIDGE_ONLY.iter().find(|k| obj.contains_key(**k)) {
                     return Err(CniError::new(
                         codes::UNSUPPORTED_FIELD,
-                        format!("unsupported field `{k}` (value {}) in mode routed; it applies to mode bridge", obj[*k]),
+                        format!(
+                            "unsupported field `{k}` (value {}) in mode routed; it applies to mode bridge",
+                            preview(&obj[*k].to_string())
+                        ),
                     ));
                 }
                 Mode::Routed

@@ -97,6 +97,11 @@ fn dispatch(
         ));
     }
     match role {
+        Role::Main if lookup(delegate::DELEGATED).is_some() => Err(CniError::invalid_config(
+            "ipam.type",
+            "names the trellis-cni main plugin, which cannot be its own IPAM plugin (use trellis-ipam)",
+        )
+        .into()),
         Role::Main => plugin::run(&env, stdin),
         Role::Ipam => ipam_plugin::run(&env, stdin),
     }

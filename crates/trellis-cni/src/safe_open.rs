@@ -155,6 +155,8 @@ pub enum LogProblem {
     },
 }
 
+// `dev_t`/`ino_t` are not u64 on every target.
+#[allow(clippy::unnecessary_cast)]
 fn same_inode(meta: &std::fs::Metadata, st: &FileStat) -> bool {
     meta.dev() == st.st_dev as u64 && meta.ino() == st.st_ino as u64
 }

@@ -361,3 +361,60 @@ pub fn give_default_route(ns: &TestNetns) {
     ns.exec_ok(&["ip", "link", "set", "cnry1", "up"]);
     ns.exec_ok(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
 }
+
+/// A netlink view of a namespace, kept open: the same facts as [`net_state`] without running a
+/// process, for tests that compare thousands of times.
+pub struct NetView {
+    nl: trellis_dataplane::Netlink,
+}
+
+impl NetView {
+    pub fn of(ns: &TestNetns) -> NetView {
+        let handle = trellis_dataplane::Netns::open(ns.path()).expect("open namespace");
+        NetView {
+            nl: trellis_dataplane::Netlink::open_in(&handle).expect("netlink in namespace"),
+        }
+    }
+
+    /// One sorted line per link, address and route (every table), interfaces by name.
+    pub fn state(&mut self) -> String {
+        let links = self.nl.links().expect("dump links");
+        let name = |i: u32| {
+            links
+                .iter()
+                .find(|l| l.index == i)
+                .map(|l| l.name.clone())
+                .unwrap_or_else(|| format!("#{i}"))
+        };
+        let mut lines = Vec::new();
+        for l in &links {
+            lines.push(format!(
+                "link {} kind={} master={} up={}",
+                l.name,
+                l.kind.as_deref().unwrap_or("-"),
+                l.master.map(name).unwrap_or_else(|| "-".into()),
+                l.up
+            ));
+        }
+        for (i, a) in self.nl.addresses(None).expect("dump addresses") {
+            lines.push(format!("addr {} {a}", name(i)));
+        }
+        for r in self.nl.routes().expect("dump routes") {
+            lines.push(format!(
+                "route table={} {} via {} dev {} {:?} {:?} proto={} metric={:?}",
+                r.table,
+                r.dst,
+                r.gateway
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                r.oif.map(name).unwrap_or_else(|| "-".into()),
+                r.scope,
+                r.kind,
+                r.protocol,
+                r.metric
+            ));
+        }
+        lines.sort();
+        lines.join("\n")
+    }
+}
