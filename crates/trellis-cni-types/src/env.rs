@@ -198,19 +198,26 @@ impl CniEnv {
                 v => Ok(v),
             }
         };
-        let container_id = require("CNI_CONTAINERID", need_id)?;
-        if let Some(id) = &container_id {
-            validate_container_id(id).map_err(|e| CniError::invalid_env("CNI_CONTAINERID", e))?;
-        }
-        let netns = require("CNI_NETNS", need_netns)?;
-        if let Some(p) = &netns {
-            validate_netns_path(p).map_err(|e| CniError::invalid_env("CNI_NETNS", e))?;
-        }
-        let netns = netns.map(PathBuf::from);
-        let ifname = require("CNI_IFNAME", need_ifname)?;
-        if let Some(name) = &ifname {
-            validate_ifname(name).map_err(|e| CniError::invalid_env("CNI_IFNAME", e))?;
-        }
+        // Only the per-attachment verbs read these; VERSION, GC and STATUS ignore them (libcni
+        // sends `CNI_NETNS=dummy` and the like with VERSION).
+        let (container_id, netns, ifname) = if need_id {
+            let container_id = require("CNI_CONTAINERID", need_id)?;
+            if let Some(id) = &container_id {
+                validate_container_id(id)
+                    .map_err(|e| CniError::invalid_env("CNI_CONTAINERID", e))?;
+            }
+            let netns = require("CNI_NETNS", need_netns)?;
+            if let Some(p) = &netns {
+                validate_netns_path(p).map_err(|e| CniError::invalid_env("CNI_NETNS", e))?;
+            }
+            let ifname = require("CNI_IFNAME", need_ifname)?;
+            if let Some(name) = &ifname {
+                validate_ifname(name).map_err(|e| CniError::invalid_env("CNI_IFNAME", e))?;
+            }
+            (container_id, netns.map(PathBuf::from), ifname)
+        } else {
+            (None, None, None)
+        };
         let path = require("CNI_PATH", need_path)?
             .map(|p| {
                 p.split(':')
@@ -317,6 +324,16 @@ mod tests {
             .contains("FROB"));
         assert!(env(&[]).unwrap_err().msg.contains("CNI_COMMAND"));
         assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
+        // libcni asks for VERSION with placeholder values.
+        let v = env(&[
+            ("CNI_COMMAND", "VERSION"),
+            ("CNI_NETNS", "dummy"),
+            ("CNI_CONTAINERID", "dummy"),
+            ("CNI_IFNAME", "dummy"),
+            ("CNI_PATH", "dummy"),
+        ])
+        .unwrap();
+        assert_eq!(v.netns, None);
         assert!(env(&[("CNI_COMMAND", "STATUS")])
             .unwrap_err()
             .msg
