@@ -216,7 +216,7 @@ pub fn open_log(path: &Path) -> Result<LogTarget, LogProblem> {
     }
     Err(io_err(io::Error::new(
         io::ErrorKind::AlreadyExists,
-        "the file kept appearing and disappearing while opening it",
+        "it is a dangling symbolic link, or keeps appearing and disappearing",
     )))
 }
 

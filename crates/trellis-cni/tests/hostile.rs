@@ -266,6 +266,23 @@ fn errors_name_the_field_not_a_path() {
         assert_eq!(out.err_code(), code, "{extra}: {}", out.stdout);
         assert!(msg(&out).contains(needle), "{extra}: {}", out.stdout);
     }
+    // A data directory that cannot be created (under a regular file) is an I/O error naming it.
+    let blocker = node.dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "x").unwrap();
+    let out = call(
+        &node,
+        "ADD",
+        "f-1",
+        Some(&pod_path),
+        "eth0",
+        &node.conf(
+            "1.0.0",
+            json!({"ipam": {"type": "trellis-ipam",
+            "ranges": [[{"subnet": "10.77.0.0/24"}]], "dataDir": blocker.join("sub")}}),
+        ),
+    );
+    assert_eq!(out.err_code(), 5, "{}", out.stdout);
+    assert!(msg(&out).contains("`ipam.dataDir`"), "{}", out.stdout);
     // The gateway is not "outside any range".
     let out = call(
         &node,
