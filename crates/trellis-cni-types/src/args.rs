@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use crate::env::preview;
 use crate::error::CniError;
 
 /// Parsed `CNI_ARGS`.
@@ -30,11 +31,15 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Parses an address with an optional `/prefix` (the prefix is the range's business).
+/// Parses an address with an optional `/prefix` (the prefix must be valid for the family but is
+/// otherwise the range's business).
 pub fn parse_ip_maybe_prefix(s: &str) -> Option<IpAddr> {
     let s = s.trim();
-    let addr = s.split_once('/').map(|(a, _)| a).unwrap_or(s);
-    addr.parse().ok()
+    if s.contains('/') {
+        s.parse::<ipnet::IpNet>().ok().map(|n| n.addr())
+    } else {
+        s.parse().ok()
+    }
 }
 
 impl CniArgs {
@@ -45,7 +50,7 @@ impl CniArgs {
             let Some((k, v)) = pair.split_once('=') else {
                 return Err(CniError::invalid_env(
                     "CNI_ARGS",
-                    format!("{pair:?} is not KEY=VALUE"),
+                    format!("{} is not KEY=VALUE", preview(pair)),
                 ));
             };
             match k {
@@ -53,7 +58,7 @@ impl CniArgs {
                     args.ignore_unknown = parse_bool(v).ok_or_else(|| {
                         CniError::invalid_env(
                             "CNI_ARGS",
-                            format!("IgnoreUnknown={v:?} is not a boolean"),
+                            format!("IgnoreUnknown={} is not a boolean", preview(v)),
                         )
                     })?
                 }
@@ -82,7 +87,7 @@ impl CniArgs {
                         let ip = parse_ip_maybe_prefix(part).ok_or_else(|| {
                             CniError::invalid_env(
                                 "CNI_ARGS",
-                                format!("IP={part:?} is not an IP address"),
+                                format!("IP={} is not an IP address", preview(part)),
                             )
                         })?;
                         args.ips.push(ip);
@@ -97,7 +102,7 @@ impl CniArgs {
                 "CNI_ARGS",
                 format!(
                     "unknown key(s) {} (set IgnoreUnknown=1 to allow)",
-                    keys.join(", ")
+                    preview(&keys.join(", "))
                 ),
             ));
         }
@@ -130,6 +135,8 @@ mod tests {
         assert!(e.msg.contains("CNI_ARGS") && e.msg.contains("FOO"));
         let e = CniArgs::parse("IP=notanip").unwrap_err();
         assert!(e.msg.contains("notanip"));
+        assert!(CniArgs::parse("IP=10.0.0.1/99").is_err());
+        assert!(CniArgs::parse("IP=10.0.0.1/x").is_err());
         assert!(CniArgs::parse("novalue").is_err());
         assert_eq!(CniArgs::parse("").unwrap(), CniArgs::default());
     }

@@ -3,14 +3,17 @@
 //! shape the rest of the plugin sees. The IPAM role reads just its part ([`IpamPluginConfig`]).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::args::{parse_ip_maybe_prefix, CniArgs};
-use crate::env::validate_ifname;
+use crate::env::{
+    preview, validate_identifier, validate_ifname, MAX_NETWORK_NAME_LEN, MAX_PATH_LEN,
+};
 use crate::error::{codes, CniError};
 use crate::ipam_config::{check_keys, parse_ipam, typed, IpamSection};
 use crate::result::{CniResult, Dns};
@@ -171,7 +174,10 @@ pub fn decode_document(stdin: &[u8]) -> Result<(Value, CniVersion), CniError> {
         Some(other) => {
             return Err(CniError::new(
                 codes::INCOMPATIBLE_VERSION,
-                format!("field `cniVersion` must be a version string, got {other}"),
+                format!(
+                    "field `cniVersion` must be a version string, got {}",
+                    preview(&other.to_string())
+                ),
             ))
         }
         None => {
@@ -184,9 +190,43 @@ pub fn decode_document(stdin: &[u8]) -> Result<(Value, CniVersion), CniError> {
     Ok((v, version))
 }
 
-/// Network names: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$` (spec, section "Configuration format").
+/// Network names: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$` (spec, section "Configuration format"), at
+/// most [`MAX_NETWORK_NAME_LEN`] bytes.
 pub fn validate_network_name(name: &str) -> Result<(), CniError> {
-    crate::env::validate_container_id(name).map_err(|e| CniError::invalid_config("name", e))
+    validate_identifier(name, MAX_NETWORK_NAME_LEN).map_err(|e| CniError::invalid_config("name", e))
+}
+
+/// Longest `ipam.dataDir`: leaves room under PATH_MAX for `/<network>/<address>`.
+pub const MAX_DATA_DIR_LEN: usize = 1024;
+/// Longest agent socket path: `sun_path` holds 108 bytes including the terminating NUL.
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+/// Longest file name component on Linux filesystems (NAME_MAX).
+const NAME_MAX: usize = 255;
+
+/// A path from the config (`logFile`, `ipam.dataDir`, `agentSocket`): absolute (never relative
+/// to wherever the runtime runs), no NUL, at most `max` bytes, no component over NAME_MAX.
+pub fn validate_path(field: &str, path: &Path, max: usize) -> Result<(), CniError> {
+    let text = path.to_string_lossy();
+    let bad = |why: String| Err(CniError::invalid_config(field, why));
+    if !path.is_absolute() {
+        return bad(format!("{} is not an absolute path", preview(&text)));
+    }
+    if text.contains('\0') {
+        return bad(format!("{} contains a NUL byte", preview(&text)));
+    }
+    if text.len() > max {
+        return bad(format!(
+            "the path is {} bytes long; the limit is {max}",
+            text.len()
+        ));
+    }
+    if let Some(c) = path.components().find(|c| c.as_os_str().len() > NAME_MAX) {
+        return bad(format!(
+            "a component of the path is {} bytes long; the limit is {NAME_MAX}",
+            c.as_os_str().len()
+        ));
+    }
+    Ok(())
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -273,6 +313,17 @@ fn parse_runtime_config(v: Option<&Value>, strict: bool) -> Result<RuntimeConfig
 }
 
 fn parse_args_ips(v: Option<&Value>) -> Result<Vec<IpAddr>, CniError> {
+    let Some(args) = v else {
+        return Ok(Vec::new());
+    };
+    if !args.is_object() {
+        return Err(CniError::invalid_config("args", "must be an object"));
+    }
+    if let Some(cni) = args.get("cni") {
+        if !cni.is_object() {
+            return Err(CniError::invalid_config("args.cni", "must be an object"));
+        }
+    }
     match v.and_then(|a| a.get("cni")).and_then(|c| c.get("ips")) {
         Some(ips) => parse_ip_list(ips, "args.cni.ips"),
         None => Ok(Vec::new()),
@@ -285,19 +336,58 @@ fn parse_prev_result(v: Option<&Value>) -> Result<Option<CniResult>, CniError> {
         .transpose()
 }
 
+/// Where the requested addresses of an ADD came from, to name it in errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IpSource {
+    /// `runtimeConfig.ips` (the `ips` capability).
+    #[default]
+    RuntimeConfig,
+    /// `args.cni.ips` (the conventions document).
+    ArgsCni,
+    /// `IP=` in `CNI_ARGS`.
+    CniArgs,
+}
+
+impl IpSource {
+    /// The field that holds requested address number `index`.
+    pub fn field(self, index: usize) -> String {
+        match self {
+            IpSource::RuntimeConfig => format!("runtimeConfig.ips[{index}]"),
+            IpSource::ArgsCni => format!("args.cni.ips[{index}]"),
+            IpSource::CniArgs => format!("CNI_ARGS IP[{index}]"),
+        }
+    }
+
+    /// The error for requested address number `index`: code 4 for `CNI_ARGS`, 7 for the config.
+    pub fn error(self, index: usize, why: impl fmt::Display) -> CniError {
+        match self {
+            IpSource::CniArgs => CniError::invalid_env("CNI_ARGS", format!("IP[{index}]: {why}")),
+            _ => CniError::invalid_config(&self.field(index), why),
+        }
+    }
+}
+
+/// The addresses an ADD asks for, and where they came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requested {
+    pub source: IpSource,
+    pub ips: Vec<IpAddr>,
+}
+
 /// Requested addresses, by precedence: `runtimeConfig.ips`, `args.cni.ips`, then `IP=` in CNI_ARGS.
 pub fn requested_ips(
     runtime: &RuntimeConfig,
     args_ips: &[IpAddr],
     env_args: &CniArgs,
-) -> Vec<IpAddr> {
-    if !runtime.ips.is_empty() {
-        runtime.ips.clone()
+) -> Requested {
+    let (source, ips) = if !runtime.ips.is_empty() {
+        (IpSource::RuntimeConfig, runtime.ips.clone())
     } else if !args_ips.is_empty() {
-        args_ips.to_vec()
+        (IpSource::ArgsCni, args_ips.to_vec())
     } else {
-        env_args.ips.clone()
-    }
+        (IpSource::CniArgs, env_args.ips.clone())
+    };
+    Requested { source, ips }
 }
 
 impl PluginConfig {
@@ -314,7 +404,10 @@ impl PluginConfig {
                 if let Some(k) = BRIDGE_ONLY.iter().find(|k| obj.contains_key(**k)) {
                     return Err(CniError::new(
                         codes::UNSUPPORTED_FIELD,
-                        format!("unsupported field `{k}` (value {}) in mode routed; it applies to mode bridge", obj[*k]),
+                        format!(
+                            "unsupported field `{k}` (value {}) in mode routed; it applies to mode bridge",
+                            preview(&obj[*k].to_string())
+                        ),
                     ));
                 }
                 Mode::Routed
@@ -354,6 +447,12 @@ impl PluginConfig {
                     format!("{level:?} is not one of error, warn, info, debug, trace"),
                 ));
             }
+        }
+        if let Some(p) = &raw.log_file {
+            validate_path("logFile", p, MAX_PATH_LEN)?;
+        }
+        if let Some(p) = &raw.agent_socket {
+            validate_path("agentSocket", p, MAX_SOCKET_PATH_LEN)?;
         }
         let mut ipam = parse_ipam(obj.get("ipam"), &raw.name)?;
         if let (IpamSection::Agent(a), Some(sock)) = (&mut ipam, &raw.agent_socket) {
@@ -397,6 +496,9 @@ pub struct IpamPluginConfig {
     pub args_ips: Vec<IpAddr>,
     pub prev_result: Option<CniResult>,
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// `logLevel` and `logFile` when they are strings (the document may be another plugin's).
+    pub log_level: Option<String>,
+    pub log_file: Option<PathBuf>,
 }
 
 impl IpamPluginConfig {
@@ -421,7 +523,16 @@ impl IpamPluginConfig {
             }
             local_or_agent => local_or_agent,
         };
+        let log_file = v.get("logFile").and_then(Value::as_str).map(PathBuf::from);
+        if let Some(p) = &log_file {
+            validate_path("logFile", p, MAX_PATH_LEN)?;
+        }
         Ok(IpamPluginConfig {
+            log_level: v
+                .get("logLevel")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            log_file,
             cni_version,
             name,
             ipam,
@@ -503,6 +614,72 @@ mod tests {
     }
 
     #[test]
+    fn names_lengths_and_paths_are_bounded_and_named() {
+        let field_of = |extra: Value| PluginConfig::parse(&conf(extra)).unwrap_err();
+        let e = field_of(json!({"name": "n".repeat(MAX_NETWORK_NAME_LEN + 1)}));
+        assert!(
+            e.msg.contains("`name`") && e.msg.contains("limit"),
+            "{}",
+            e.msg
+        );
+        assert!(
+            PluginConfig::parse(&conf(json!({"name": "n".repeat(MAX_NETWORK_NAME_LEN)}))).is_ok()
+        );
+        for (extra, field) in [
+            (json!({"logFile": "relative.log"}), "`logFile`"),
+            (json!({"logFile": "/tmp/a\0b"}), "`logFile`"),
+            (
+                json!({"logFile": format!("/{}", "x".repeat(300))}),
+                "`logFile`",
+            ),
+            (
+                json!({"agentSocket": format!("/{}", "s".repeat(120))}),
+                "`agentSocket`",
+            ),
+            (
+                json!({"ipam": {"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24"}]],
+                    "dataDir": "/tmp/x\0y"}}),
+                "`ipam.dataDir`",
+            ),
+            (
+                json!({"ipam": {"type": "trellis-ipam", "agentSocket": "sock"}}),
+                "`ipam.agentSocket`",
+            ),
+        ] {
+            let e = field_of(extra.clone());
+            assert_eq!(e.code, codes::INVALID_CONFIG, "{extra}");
+            assert!(e.msg.contains(field), "{extra}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn bridge_names_the_kernel_would_rewrite_are_refused() {
+        for name in [
+            "fzbr%d",
+            "all",
+            "default",
+            "br\0x",
+            "a b",
+            "waytoolongbridgename",
+        ] {
+            let e =
+                PluginConfig::parse(&conf(json!({"mode": "bridge", "bridge": name}))).unwrap_err();
+            assert_eq!(e.code, codes::INVALID_CONFIG, "{name:?}");
+            assert!(e.msg.contains("`bridge`"), "{name:?}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn args_must_be_objects() {
+        let e = PluginConfig::parse(&conf(json!({"args": [1]}))).unwrap_err();
+        assert!(e.msg.contains("`args`"), "{}", e.msg);
+        let e = PluginConfig::parse(&conf(json!({"args": {"cni": 3}}))).unwrap_err();
+        assert!(e.msg.contains("`args.cni`"), "{}", e.msg);
+        let e = PluginConfig::parse(&conf(json!({"args": {"cni": {"ips": ["x"]}}}))).unwrap_err();
+        assert!(e.msg.contains("`args.cni.ips[0]`"), "{}", e.msg);
+    }
+
+    #[test]
     fn gc_attachments_both_spellings() {
         let c = PluginConfig::parse(&conf(json!({"cniVersion": "1.1.0",
             "cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]})))
@@ -524,14 +701,12 @@ mod tests {
             ips: vec!["10.1.0.7".parse().unwrap()],
             ..Default::default()
         };
-        assert_eq!(
-            requested_ips(&c.runtime, &c.args_ips, &env_args),
-            vec!["10.1.0.9".parse::<IpAddr>().unwrap()]
-        );
-        assert_eq!(
-            requested_ips(&RuntimeConfig::default(), &[], &env_args),
-            env_args.ips
-        );
+        let r = requested_ips(&c.runtime, &c.args_ips, &env_args);
+        assert_eq!(r.ips, vec!["10.1.0.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(r.source.field(0), "runtimeConfig.ips[0]");
+        let r = requested_ips(&RuntimeConfig::default(), &[], &env_args);
+        assert_eq!(r.ips, env_args.ips);
+        assert_eq!(r.source.error(0, "x").code, codes::INVALID_ENV);
     }
 
     #[test]

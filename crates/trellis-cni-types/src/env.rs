@@ -53,38 +53,117 @@ pub struct CniEnv {
     pub path: Vec<PathBuf>,
 }
 
-/// Container IDs: alphanumeric first, then alphanumerics, `_`, `.`, `-` (libcni's rule).
-pub fn validate_container_id(id: &str) -> Result<(), String> {
+/// Longest container ID accepted. libcni sets no limit; the plugin keeps a lock file named for
+/// the ID (at most 255 bytes on every Linux filesystem), and runtimes use 64 hex digits.
+pub const MAX_CONTAINER_ID_LEN: usize = 128;
+
+/// Longest network name accepted (`name`): it names the IPAM state directory and, in cluster
+/// IPAM, part of each handle.
+pub const MAX_NETWORK_NAME_LEN: usize = 128;
+
+/// Longest `CNI_NETNS` path (PATH_MAX less the terminating NUL).
+pub const MAX_PATH_LEN: usize = 4095;
+
+/// An identifier as libcni validates container IDs and network names: alphanumeric first, then
+/// alphanumerics, `_`, `.`, `-`; at most `max` bytes.
+pub fn validate_identifier(id: &str, max: usize) -> Result<(), String> {
     let mut chars = id.chars();
     match chars.next() {
         None => return Err("must not be empty".into()),
         Some(c) if !c.is_ascii_alphanumeric() => {
-            return Err(format!("{id:?} must start with a letter or digit"))
+            return Err(format!("{} must start with a letter or digit", preview(id)))
         }
         _ => {}
     }
     if let Some(bad) = chars.find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c))) {
-        return Err(format!("{id:?} contains {bad:?}"));
+        return Err(format!(
+            "{} contains {bad:?} (allowed: letters, digits, '_', '.', '-')",
+            preview(id)
+        ));
+    }
+    if id.len() > max {
+        return Err(format!(
+            "{} is {} bytes long; the limit is {max}",
+            preview(id),
+            id.len()
+        ));
     }
     Ok(())
 }
 
-/// Interface names: 1–15 bytes, not `.`/`..`, no `/`, `:` or whitespace (the kernel's rule).
+/// Container IDs: [`validate_identifier`] with [`MAX_CONTAINER_ID_LEN`].
+pub fn validate_container_id(id: &str) -> Result<(), String> {
+    validate_identifier(id, MAX_CONTAINER_ID_LEN)
+}
+
+/// A value quoted for an error message, cut to 64 characters so that hostile input cannot make
+/// the error itself huge.
+pub fn preview(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head:?}… ({} bytes)", s.len())
+    }
+}
+
+/// Bytes the kernel's `isspace` (lib/ctype.c) counts as whitespace; `dev_valid_name` refuses
+/// them. 0xa0 is there too (Latin-1 no-break space), so UTF-8 names containing that byte are
+/// refused by the kernel.
+fn kernel_space(b: u8) -> bool {
+    matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ' | 0xa0)
+}
+
+/// Interface names as the kernel accepts them verbatim: `dev_valid_name` (1–15 bytes, not `.` or
+/// `..`, no `/`, `:` or whitespace), no `%` (the kernel would treat the name as a template such as
+/// `eth%d` and pick another name), not `all` or `default` (reserved by
+/// `/proc/sys/net/ipv{4,6}/conf/`), and no NUL or other control characters. One validator for
+/// `CNI_IFNAME` and the bridge name.
 pub fn validate_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
     if name.len() > 15 {
-        return Err(format!("{name:?} is longer than 15 bytes"));
+        return Err(format!(
+            "{} is {} bytes long; interface names have at most 15",
+            preview(name),
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return Err(format!("{name:?} is not a valid interface name"));
     }
+    if name == "all" || name == "default" {
+        return Err(format!(
+            "{name:?} is reserved (/proc/sys/net/ipv4/conf/{name} configures every interface)"
+        ));
+    }
     if let Some(bad) = name
         .chars()
-        .find(|c| *c == '/' || *c == ':' || c.is_whitespace())
+        .find(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace() || c.is_control())
     {
         return Err(format!("{name:?} contains {bad:?}"));
+    }
+    if name.bytes().any(kernel_space) {
+        return Err(format!(
+            "{name:?} contains a byte the kernel reads as whitespace (0xa0)"
+        ));
+    }
+    Ok(())
+}
+
+/// `CNI_NETNS`: an absolute path of at most [`MAX_PATH_LEN`] bytes. (Whether it names a network
+/// namespace other than the plugin's own is checked when it is opened.)
+pub fn validate_netns_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{} is not an absolute path", preview(path)));
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(format!(
+            "the path is {} bytes long; the limit is {MAX_PATH_LEN}",
+            path.len()
+        ));
     }
     Ok(())
 }
@@ -119,15 +198,26 @@ impl CniEnv {
                 v => Ok(v),
             }
         };
-        let container_id = require("CNI_CONTAINERID", need_id)?;
-        if let Some(id) = &container_id {
-            validate_container_id(id).map_err(|e| CniError::invalid_env("CNI_CONTAINERID", e))?;
-        }
-        let netns = require("CNI_NETNS", need_netns)?.map(PathBuf::from);
-        let ifname = require("CNI_IFNAME", need_ifname)?;
-        if let Some(name) = &ifname {
-            validate_ifname(name).map_err(|e| CniError::invalid_env("CNI_IFNAME", e))?;
-        }
+        // Only the per-attachment verbs read these; VERSION, GC and STATUS ignore them (libcni
+        // sends `CNI_NETNS=dummy` and the like with VERSION).
+        let (container_id, netns, ifname) = if need_id {
+            let container_id = require("CNI_CONTAINERID", need_id)?;
+            if let Some(id) = &container_id {
+                validate_container_id(id)
+                    .map_err(|e| CniError::invalid_env("CNI_CONTAINERID", e))?;
+            }
+            let netns = require("CNI_NETNS", need_netns)?;
+            if let Some(p) = &netns {
+                validate_netns_path(p).map_err(|e| CniError::invalid_env("CNI_NETNS", e))?;
+            }
+            let ifname = require("CNI_IFNAME", need_ifname)?;
+            if let Some(name) = &ifname {
+                validate_ifname(name).map_err(|e| CniError::invalid_env("CNI_IFNAME", e))?;
+            }
+            (container_id, netns.map(PathBuf::from), ifname)
+        } else {
+            (None, None, None)
+        };
         let path = require("CNI_PATH", need_path)?
             .map(|p| {
                 p.split(':')
@@ -207,15 +297,85 @@ mod tests {
             ("CNI_IFNAME", "waytoolonginterfacename"),
         ]);
         assert!(env(&v).unwrap_err().msg.contains("CNI_IFNAME"));
+        let mut v = base.to_vec();
+        let long = "a".repeat(MAX_CONTAINER_ID_LEN + 1);
+        v.extend([("CNI_CONTAINERID", long.as_str()), ("CNI_IFNAME", "eth0")]);
+        let e = env(&v).unwrap_err();
+        assert!(
+            e.msg.contains("CNI_CONTAINERID") && e.msg.contains("limit"),
+            "{}",
+            e.msg
+        );
+        assert!(
+            e.msg.len() < 300,
+            "the message quotes a preview, not the value"
+        );
+        let mut v = base.to_vec();
+        v.retain(|(k, _)| *k != "CNI_NETNS");
+        v.extend([
+            ("CNI_CONTAINERID", "ok"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "relative/ns"),
+        ]);
+        assert!(env(&v).unwrap_err().msg.contains("CNI_NETNS"));
         assert!(env(&[("CNI_COMMAND", "FROB")])
             .unwrap_err()
             .msg
             .contains("FROB"));
         assert!(env(&[]).unwrap_err().msg.contains("CNI_COMMAND"));
         assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
+        // libcni asks for VERSION with placeholder values.
+        let v = env(&[
+            ("CNI_COMMAND", "VERSION"),
+            ("CNI_NETNS", "dummy"),
+            ("CNI_CONTAINERID", "dummy"),
+            ("CNI_IFNAME", "dummy"),
+            ("CNI_PATH", "dummy"),
+        ])
+        .unwrap();
+        assert_eq!(v.netns, None);
         assert!(env(&[("CNI_COMMAND", "STATUS")])
             .unwrap_err()
             .msg
             .contains("CNI_PATH"));
+    }
+
+    #[test]
+    fn interface_names_the_kernel_would_rewrite_or_refuse() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "all",
+            "default",
+            "eth%d",
+            "e%s",
+            "%",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\nb",
+            "a\0b",
+            "a\x7fb",
+            "\u{a0}x",
+            "a\u{2003}b",
+            "sixteen-bytes-xx",
+        ] {
+            assert!(validate_ifname(bad).is_err(), "{bad:?} accepted");
+        }
+        // 0xa0 as a UTF-8 continuation byte: 'à' is C3 A0.
+        assert!(validate_ifname("\u{e0}").is_err());
+        for good in [
+            "eth0",
+            "net1",
+            "cni0",
+            "fifteen-bytes-x",
+            "e.1",
+            "all0",
+            "défault",
+        ] {
+            assert_eq!(validate_ifname(good), Ok(()), "{good:?}");
+        }
     }
 }

@@ -53,17 +53,33 @@ struct Wire<'a> {
     details: &'a str,
 }
 
+/// Longest `msg` or `details`: messages quote offending values, and hostile input can be
+/// megabytes long; the runtime logs every error.
+pub const MAX_MESSAGE_LEN: usize = 1024;
+
+/// `text` cut to [`MAX_MESSAGE_LEN`] bytes (at a character boundary), saying how long it was.
+fn bounded(text: String) -> String {
+    if text.len() <= MAX_MESSAGE_LEN {
+        return text;
+    }
+    let mut end = MAX_MESSAGE_LEN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (message cut; {} bytes)", &text[..end], text.len())
+}
+
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
         CniError {
             code,
-            msg: msg.into(),
+            msg: bounded(msg.into()),
             details: String::new(),
         }
     }
 
     pub fn with_details(mut self, details: impl Into<String>) -> Self {
-        self.details = details.into();
+        self.details = bounded(details.into());
         self
     }
 
@@ -74,7 +90,14 @@ impl CniError {
         )
     }
 
+    /// Code 7 naming `field`; an empty `field` means the document as a whole.
     pub fn invalid_config(field: &str, why: impl std::fmt::Display) -> Self {
+        if field.is_empty() {
+            return Self::new(
+                codes::INVALID_CONFIG,
+                format!("invalid network config: {why}"),
+            );
+        }
         Self::new(
             codes::INVALID_CONFIG,
             format!("invalid network config field `{field}`: {why}"),
@@ -82,9 +105,22 @@ impl CniError {
     }
 
     pub fn unsupported_field(field: &str, value: impl std::fmt::Display) -> Self {
+        let value = value.to_string();
+        let value = if value.chars().count() > 64 {
+            format!(
+                "{}… ({} bytes)",
+                value.chars().take(64).collect::<String>(),
+                value.len()
+            )
+        } else {
+            value
+        };
         Self::new(
             codes::UNSUPPORTED_FIELD,
-            format!("unsupported field `{field}` in network config (value {value})"),
+            format!(
+                "unsupported field `{}` in network config (value {value})",
+                field.escape_debug()
+            ),
         )
     }
 
@@ -121,6 +157,13 @@ impl CniError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_are_bounded() {
+        let e = CniError::invalid_config("name", "é".repeat(5000));
+        assert!(e.msg.len() < MAX_MESSAGE_LEN + 64, "{}", e.msg.len());
+        assert!(e.msg.contains("`name`") && e.msg.ends_with("bytes)"));
+    }
 
     #[test]
     fn error_json_round_trip() {

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use trellis_ipam::{Range, RangeSet};
 
+use crate::config::{validate_path, MAX_DATA_DIR_LEN, MAX_SOCKET_PATH_LEN};
 use crate::error::CniError;
 use crate::result::{Dns, Route};
 
@@ -132,6 +133,52 @@ pub fn typed<T: serde::de::DeserializeOwned>(v: &Value, prefix: &str) -> Result<
     })
 }
 
+/// A range error, naming the field inside the range (`ipam.ranges[0][0].subnet`).
+fn range_error(prefix: &str, e: trellis_ipam::IpamError) -> CniError {
+    match &e {
+        trellis_ipam::IpamError::InvalidRange { field, .. } => {
+            CniError::invalid_config(&format!("{prefix}{field}"), e)
+        }
+        _ => CniError::invalid_config(prefix.trim_end_matches('.'), e),
+    }
+}
+
+/// `ipam.routes`: a destination without host bits and a gateway of the destination's family that
+/// can be a next hop — what the kernel would otherwise refuse halfway through an ADD.
+fn validate_routes(routes: &[Route]) -> Result<(), CniError> {
+    for (i, r) in routes.iter().enumerate() {
+        let field = |k: &str| format!("ipam.routes[{i}].{k}");
+        if r.dst.network() != r.dst.addr() {
+            return Err(CniError::invalid_config(
+                &field("dst"),
+                format!(
+                    "{} has host bits set; the network is {}",
+                    r.dst,
+                    r.dst.trunc()
+                ),
+            ));
+        }
+        if let Some(gw) = r.gw {
+            if gw.is_ipv4() != r.dst.addr().is_ipv4() {
+                return Err(CniError::invalid_config(
+                    &field("gw"),
+                    format!("{gw} is not of the same address family as dst {}", r.dst),
+                ));
+            }
+            let broadcast = matches!(gw, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+            if gw.is_unspecified() || gw.is_loopback() || gw.is_multicast() || broadcast {
+                return Err(CniError::invalid_config(
+                    &field("gw"),
+                    format!(
+                        "{gw} cannot be a gateway (unspecified, loopback, multicast or broadcast)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses the `ipam` section for network `network`.
 pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniError> {
     let Some(v) = v else {
@@ -161,6 +208,13 @@ pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniEr
     }
     check_keys(obj, IPAM_KEYS, "ipam.")?;
     let raw: RawLocal = typed(v, "ipam.")?;
+    if let Some(p) = &raw.data_dir {
+        validate_path("ipam.dataDir", p, MAX_DATA_DIR_LEN)?;
+    }
+    if let Some(p) = &raw.agent_socket {
+        validate_path("ipam.agentSocket", p, MAX_SOCKET_PATH_LEN)?;
+    }
+    validate_routes(&raw.routes)?;
     let mut sets = Vec::new();
     let local = raw.ranges.is_some() || raw.subnet.is_some();
     if local
@@ -201,7 +255,7 @@ pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniEr
         }
         (None, Some(subnet)) => {
             let range = Range::new(subnet, raw.range_start, raw.range_end, raw.gateway)
-                .map_err(|e| CniError::invalid_config("ipam.subnet", e))?;
+                .map_err(|e| range_error("ipam.", e))?;
             sets.push(
                 RangeSet::new(vec![range])
                     .map_err(|e| CniError::invalid_config("ipam.subnet", e))?,
@@ -226,9 +280,8 @@ pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniEr
                     }
                     let rr: RawRange = typed(r, &prefix)?;
                     ranges.push(
-                        Range::new(rr.subnet, rr.range_start, rr.range_end, rr.gateway).map_err(
-                            |e| CniError::invalid_config(&format!("ipam.ranges[{i}][{j}]"), e),
-                        )?,
+                        Range::new(rr.subnet, rr.range_start, rr.range_end, rr.gateway)
+                            .map_err(|e| range_error(&prefix, e))?,
                     );
                 }
                 let set = RangeSet::new(ranges)
@@ -302,6 +355,49 @@ mod tests {
             .unwrap_err()
             .msg
             .contains("rangeStart"));
+    }
+
+    #[test]
+    fn reserved_ranges_and_bad_routes_name_the_field() {
+        for (subnet, set) in [
+            ("127.0.0.0/8", 0),
+            ("0.0.0.0/8", 0),
+            ("224.0.0.0/4", 0),
+            ("255.255.255.255/32", 0),
+            ("::1/128", 1),
+            ("ff00::/8", 1),
+            ("::/128", 1),
+        ] {
+            let mut ranges = json!([[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]]);
+            ranges[set] = json!([{"subnet": subnet}]);
+            let v = json!({"type": "trellis-ipam", "ranges": ranges});
+            let e = parse_ipam(Some(&v), "n").unwrap_err();
+            assert_eq!(e.code, codes::INVALID_CONFIG, "{subnet}");
+            let field = format!("`ipam.ranges[{set}][0].subnet`");
+            assert!(e.msg.contains(&field), "{subnet}: {}", e.msg);
+        }
+        let v = json!({"type": "trellis-ipam", "subnet": "127.0.0.0/8"});
+        let e = parse_ipam(Some(&v), "n").unwrap_err();
+        assert!(e.msg.contains("`ipam.subnet`"), "{}", e.msg);
+        let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24", "rangeEnd": "10.2.0.1"}]]});
+        let e = parse_ipam(Some(&v), "n").unwrap_err();
+        assert!(e.msg.contains("`ipam.ranges[0][0].rangeEnd`"), "{}", e.msg);
+        for (route, field) in [
+            (json!({"dst": "10.9.0.1/16"}), "`ipam.routes[0].dst`"),
+            (
+                json!({"dst": "10.9.0.0/16", "gw": "fd00::1"}),
+                "`ipam.routes[0].gw`",
+            ),
+            (
+                json!({"dst": "10.9.0.0/16", "gw": "224.0.0.1"}),
+                "`ipam.routes[0].gw`",
+            ),
+        ] {
+            let v = json!({"type": "trellis-ipam", "ranges": [[{"subnet": "10.1.0.0/24"}]],
+                "routes": [route]});
+            let e = parse_ipam(Some(&v), "n").unwrap_err();
+            assert!(e.msg.contains(field), "{}", e.msg);
+        }
     }
 
     #[test]

@@ -42,7 +42,8 @@ impl CniVersion {
                 CniError::new(
                     codes::INCOMPATIBLE_VERSION,
                     format!(
-                        "incompatible CNI version {s:?} in field `cniVersion`; supported: {}",
+                        "incompatible CNI version {} in field `cniVersion`; supported: {}",
+                        crate::env::preview(s),
                         Self::supported().join(", ")
                     ),
                 )

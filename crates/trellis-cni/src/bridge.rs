@@ -1,7 +1,9 @@
 //! Bridge mode (the reference bridge plugin's model, as Flannel uses it): a Linux bridge
 //! (`cni0` by default) created on demand, the gateway address on it (`isGateway`), a veth per
 //! pod enslaved to it with optional hairpin, the pod's default route via the gateway
-//! (`isDefaultGateway`) and optional masquerade (`ipMasq`). Does kernel I/O.
+//! (`isDefaultGateway`) and optional masquerade (`ipMasq`). A bridge that a failed ADD created is
+//! removed again unless another pod uses it by then (ADDs attaching to a bridge hold its lock
+//! shared; removal takes it exclusively). Does kernel I/O.
 
 use std::net::IpAddr;
 
@@ -13,10 +15,17 @@ use trellis_dataplane::{Link, Netlink, Netns, RouteSpec};
 
 use crate::error::{KernelContext, Result};
 use crate::ipam::Allocation;
+use crate::lock::{bridge_lock_path, FileLock};
 use crate::{masq, veth};
 
 /// Finds or creates the bridge and brings it up (two ADDs racing to create it both succeed).
-fn ensure_bridge(host: &mut Netlink, br: &BridgeConfig, mtu: Option<u32>) -> Result<Link> {
+/// Sets `created` when this call made it.
+fn ensure_bridge(
+    host: &mut Netlink,
+    br: &BridgeConfig,
+    mtu: Option<u32>,
+    created: &mut bool,
+) -> Result<Link> {
     let link = match host
         .link(&br.name)
         .kctx(|| format!("look up bridge {}", br.name))?
@@ -24,7 +33,7 @@ fn ensure_bridge(host: &mut Netlink, br: &BridgeConfig, mtu: Option<u32>) -> Res
         Some(l) => l,
         None => {
             match host.create_bridge(&br.name, mtu) {
-                Ok(()) => {}
+                Ok(()) => *created = true,
                 Err(e) if e.is_exists() => {}
                 Err(e) => {
                     return Err(crate::error::PluginError::kernel(
@@ -68,7 +77,15 @@ fn ensure_gateways(host: &mut Netlink, bridge: &Link, alloc: &Allocation) -> Res
         .kctx(|| "list bridge addresses".into())?;
     for ip in &alloc.ips {
         let Some(gw) = ip.gateway else { continue };
-        let want = IpNet::new(gw, ip.address.prefix_len()).expect("prefix from IPAM");
+        let want = IpNet::new(gw, ip.address.prefix_len()).map_err(|_| {
+            CniError::new(
+                codes::DELEGATE,
+                format!(
+                    "IPAM gave gateway {gw} for address {}: not of the same address family",
+                    ip.address
+                ),
+            )
+        })?;
         if present.iter().any(|(_, a)| a.addr() == gw) {
             continue;
         }
@@ -119,8 +136,29 @@ fn pod_routes(br: &BridgeConfig, index: u32, alloc: &Allocation) -> Vec<RouteSpe
     routes
 }
 
-/// ADD in bridge mode. On failure the veth and masquerade rule are removed (the bridge stays,
-/// as other pods may use it).
+/// Removes bridge `index` (which this ADD created) unless a port was attached to it meanwhile.
+fn remove_if_unused(host: &mut Netlink, br: &BridgeConfig, index: u32) {
+    let removed = (|| -> Result<bool> {
+        let _exclusive = FileLock::acquire(&bridge_lock_path(&br.name))?;
+        let links = host.links().kctx(|| "list links".into())?;
+        let ours = links.iter().any(|l| l.index == index && l.name == br.name);
+        if !ours || links.iter().any(|l| l.master == Some(index)) {
+            return Ok(false);
+        }
+        host.delete_link_index(index)
+            .kctx(|| format!("remove bridge {}", br.name))
+    })();
+    match removed {
+        Ok(true) => tracing::info!(bridge = %br.name, "removed the bridge this failed ADD created"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(bridge = %br.name, error = %e, "removing the bridge this failed ADD created failed")
+        }
+    }
+}
+
+/// ADD in bridge mode. On failure the veth and masquerade rule are removed, and the bridge too
+/// if this ADD created it and no other pod has attached to it since.
 pub fn add(
     cfg: &PluginConfig,
     br: &BridgeConfig,
@@ -129,17 +167,54 @@ pub fn add(
     netns: &Netns,
     alloc: &Allocation,
 ) -> Result<CniResult> {
-    let host_name = veth::host_veth_name(container_id, ifname);
     let (mut host, mut pod) = veth::open_sockets(netns)?;
-    let bridge = ensure_bridge(&mut host, br, cfg.mtu)?;
+    let attaching = FileLock::acquire_shared(&bridge_lock_path(&br.name))?;
+    let mut created = false;
+    let mut bridge_index = None;
+    let attached = (|| -> Result<CniResult> {
+        let bridge = ensure_bridge(&mut host, br, cfg.mtu, &mut created)?;
+        bridge_index = Some(bridge.index);
+        attach(
+            cfg,
+            br,
+            container_id,
+            ifname,
+            netns,
+            alloc,
+            &mut host,
+            &mut pod,
+            bridge,
+        )
+    })();
+    drop(attaching);
+    if let (Err(_), true, Some(index)) = (&attached, created, bridge_index) {
+        remove_if_unused(&mut host, br, index);
+    }
+    attached
+}
+
+/// ADD's work once the bridge exists: gateway, veth, pod side, masquerade, result.
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    cfg: &PluginConfig,
+    br: &BridgeConfig,
+    container_id: &str,
+    ifname: &str,
+    netns: &Netns,
+    alloc: &Allocation,
+    host: &mut Netlink,
+    pod: &mut Netlink,
+    bridge: Link,
+) -> Result<CniResult> {
+    let host_name = veth::host_veth_name(container_id, ifname);
     if br.is_gateway {
-        ensure_gateways(&mut host, &bridge, alloc)?;
+        ensure_gateways(host, &bridge, alloc)?;
         let addrs: Vec<IpNet> = alloc.ips.iter().map(|i| i.address).collect();
         veth::enable_forwarding(&addrs)?;
     }
     let pair = veth::create(
-        &mut host,
-        &mut pod,
+        host,
+        pod,
         netns,
         &veth::PairRequest {
             host_name: &host_name,
@@ -159,7 +234,7 @@ pub fn add(
         host.set_up(pair.host.index)
             .kctx(|| format!("set {host_name} up"))?;
         veth::configure_pod(
-            &mut pod,
+            pod,
             netns,
             &pair.pod,
             &addrs,
@@ -177,10 +252,8 @@ pub fn add(
         }
         return Err(e);
     }
-    let bridge = host
-        .link(&br.name)
-        .kctx(|| "read bridge".into())?
-        .unwrap_or(bridge);
+    // Re-read for the MAC the bridge took from its first port; the ADD has succeeded already.
+    let bridge = host.link(&br.name).ok().flatten().unwrap_or(bridge);
     Ok(CniResult {
         interfaces: vec![Interface {
             name: bridge.name.clone(),

@@ -1,5 +1,7 @@
 //! Runs another CNI plugin (an IPAM plugin named by `ipam.type`) from `CNI_PATH`, with the same
-//! environment and stdin, as libcni's `DelegateAdd`/`DelegateDel` do.
+//! environment and stdin, as libcni's `DelegateAdd`/`DelegateDel` do. The child's environment
+//! carries [`DELEGATED`], so that an `ipam.type` naming the main plugin itself is refused rather
+//! than delegating to itself without end.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,6 +10,9 @@ use std::process::{Command as Process, Stdio};
 use trellis_cni_types::{codes, CniEnv, CniError, Command};
 
 use crate::error::Result;
+
+/// Set in a delegated plugin's environment; the main role refuses to run under it.
+pub const DELEGATED: &str = "TRELLIS_CNI_DELEGATED";
 
 /// Finds `plugin` in the `CNI_PATH` directories.
 pub fn find_plugin(env: &CniEnv, plugin: &str) -> std::result::Result<PathBuf, CniError> {
@@ -35,6 +40,7 @@ pub fn exec(env: &CniEnv, plugin: &str, command: Command, stdin: &[u8]) -> Resul
     let path = find_plugin(env, plugin)?;
     let mut p = Process::new(&path);
     p.env("CNI_COMMAND", command.as_str())
+        .env(DELEGATED, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -1,17 +1,20 @@
 //! The IPAM front end used by both roles: local allocation through [`LocalStore`] and the pure
-//! planner, or delegation to another IPAM plugin.
+//! planner, or delegation to another IPAM plugin. Addresses from the agent or a delegated plugin
+//! are checked like local ranges are: no address a pod may not hold, no gateway of the other
+//! family.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use trellis_agent_api::{Attachment, Request as AgentRequest};
-use trellis_cni_types::config::Attachment as GcAttachment;
+use trellis_cni_types::config::{Attachment as GcAttachment, Requested};
 use trellis_cni_types::{
     codes, AgentIpamConfig, CniEnv, CniError, CniResult, Command, Dns, IpamSection,
     LocalIpamConfig, Route,
 };
-use trellis_ipam::{local::free_count, plan_allocation, Owner};
+use trellis_ipam::range::forbidden_address_reason;
+use trellis_ipam::{local::free_count, plan_allocation, IpamError, Owner};
 
 use crate::error::Result;
 use crate::store::LocalStore;
@@ -54,14 +57,34 @@ impl Allocation {
     }
 }
 
+/// An error about one requested address, naming the field it came from (code 100 when the
+/// address is taken, else 7 — or 4 for `CNI_ARGS`).
+fn requested_error(requested: &Requested, e: IpamError) -> crate::error::PluginError {
+    match e.requested_index() {
+        Some(i) => {
+            let mut c = requested.source.error(i, &e);
+            if matches!(e, IpamError::RequestedInUse { .. }) {
+                c.code = codes::ADDRESS_UNAVAILABLE;
+            }
+            c.into()
+        }
+        None => e.into(),
+    }
+}
+
 /// Allocates from the local store.
-pub fn local_add(cfg: &LocalIpamConfig, owner: &Owner, requested: &[IpAddr]) -> Result<Allocation> {
+pub fn local_add(
+    cfg: &LocalIpamConfig,
+    owner: &Owner,
+    requested: &Requested,
+) -> Result<Allocation> {
     let store = LocalStore::open(&cfg.data_dir)?;
     let used = store.used()?;
     let last: Vec<Option<IpAddr>> = (0..cfg.sets.len())
         .map(|i| store.last_reserved(i))
         .collect();
-    let plan = plan_allocation(&cfg.sets, &used, &last, owner, requested)?;
+    let plan = plan_allocation(&cfg.sets, &used, &last, owner, &requested.ips)
+        .map_err(|e| requested_error(requested, e))?;
     for a in plan.assignments.iter().filter(|a| !a.existing) {
         let recorded = store
             .record(a.ip, owner)
@@ -173,7 +196,7 @@ pub fn owner_of(env: &CniEnv) -> Owner {
 #[derive(Debug, Clone, Default)]
 pub struct AddRequest {
     pub network: String,
-    pub requested: Vec<IpAddr>,
+    pub requested: Requested,
     pub ipv4_pools: Vec<String>,
     pub ipv6_pools: Vec<String>,
     /// The host-side interface, recorded on the workload endpoint.
@@ -204,7 +227,7 @@ fn agent_add(cfg: &AgentIpamConfig, env: &CniEnv, req: &AddRequest) -> Result<Al
             namespace: env.args.k8s_pod_namespace.clone(),
             pod: env.args.k8s_pod_name.clone(),
             host_interface: req.host_interface.clone(),
-            ips: req.requested.clone(),
+            ips: req.requested.ips.clone(),
             ipv4_pools: pick(&req.ipv4_pools, &env.args.ipv4_pools, &cfg.ipv4_pools),
             ipv6_pools: pick(&req.ipv6_pools, &env.args.ipv6_pools, &cfg.ipv6_pools),
         },
@@ -227,6 +250,7 @@ fn agent_add(cfg: &AgentIpamConfig, env: &CniEnv, req: &AddRequest) -> Result<Al
             CniError::new(codes::ADDRESS_UNAVAILABLE, "the agent returned no address").into(),
         );
     }
+    check_foreign_result("the trellis agent", codes::DECODE, &ips, &[])?;
     Ok(Allocation {
         ips,
         routes: Vec::new(),
@@ -261,21 +285,64 @@ pub fn add(
                 )
                 .into());
             }
+            let ips: Vec<AllocatedIp> = r
+                .ips
+                .iter()
+                .map(|ip| AllocatedIp {
+                    address: ip.address,
+                    gateway: ip.gateway,
+                })
+                .collect();
+            check_foreign_result(plugin_type, codes::DELEGATE, &ips, &r.routes)?;
             Ok(Allocation {
-                ips: r
-                    .ips
-                    .iter()
-                    .map(|ip| AllocatedIp {
-                        address: ip.address,
-                        gateway: ip.gateway,
-                    })
-                    .collect(),
+                ips,
                 routes: r.routes.clone(),
                 dns: if r.dns.is_empty() { None } else { Some(r.dns) },
                 mtu: None,
             })
         }
     }
+}
+
+/// Checks addresses that another program chose (the agent, a delegated IPAM plugin) as local
+/// ranges are checked: each one an address a pod may hold, each gateway of its address's family,
+/// each route's gateway of its destination's family. `who` and `code` go into the error.
+pub fn check_foreign_result(
+    who: &str,
+    code: u32,
+    ips: &[AllocatedIp],
+    routes: &[Route],
+) -> Result<()> {
+    let bad = |msg: String| -> crate::error::PluginError {
+        CniError::new(code, format!("{who} result: {msg}")).into()
+    };
+    for (i, ip) in ips.iter().enumerate() {
+        let addr = ip.address.addr();
+        if let Some(why) = forbidden_address_reason(addr) {
+            return Err(bad(format!(
+                "ips[{i}].address {addr} is in {why}, which no pod may hold"
+            )));
+        }
+        if let Some(gw) = ip.gateway {
+            if gw.is_ipv4() != addr.is_ipv4() {
+                return Err(bad(format!(
+                    "ips[{i}].gateway {gw} is not of the same address family as ips[{i}].address {}",
+                    ip.address
+                )));
+            }
+        }
+    }
+    for (i, r) in routes.iter().enumerate() {
+        if let Some(gw) = r.gw {
+            if gw.is_ipv4() != r.dst.addr().is_ipv4() {
+                return Err(bad(format!(
+                    "routes[{i}].gw {gw} is not of the same address family as routes[{i}].dst {}",
+                    r.dst
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs a verb other than ADD on the delegated plugin, or the local equivalent.

@@ -6,13 +6,14 @@ use trellis_cni_types::config::{requested_ips, IpamPluginConfig};
 use trellis_cni_types::{codes, CniEnv, CniError, Command};
 
 use crate::error::Result;
-use crate::ipam;
 use crate::lock::container_lock;
 use crate::plugin::gate_version;
+use crate::{ipam, logging};
 
 /// Runs one verb of the IPAM role.
 pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
     let cfg = IpamPluginConfig::parse(stdin)?;
+    logging::init(cfg.log_level.as_deref(), cfg.log_file.as_deref())?;
     gate_version(env.command, cfg.cni_version)?;
     let span = tracing::info_span!("ipam", command = env.command.as_str(), network = %cfg.name,
         container = env.container_id.as_deref().unwrap_or(""));

@@ -1,7 +1,8 @@
 //! The `trellis-cni` binary's logic: the CNI entry point (environment and stdin in, result or
 //! error JSON out), the main plugin (routed and bridge mode) and, when invoked as
 //! `trellis-ipam`, the IPAM plugin. Logs go to stderr or `logFile`; stdout carries only the
-//! result or the error.
+//! result or the error. No input can make a verb panic, hang or touch the plugin's own
+//! namespace: paths from input are opened through [`safe_open`].
 
 pub mod agent;
 pub mod bridge;
@@ -11,9 +12,11 @@ pub mod error;
 pub mod ipam;
 pub mod ipam_plugin;
 pub mod lock;
+pub mod logging;
 pub mod masq;
 pub mod plugin;
 pub mod routed;
+pub mod safe_open;
 pub mod store;
 pub mod veth;
 
@@ -40,17 +43,20 @@ pub fn role_from_argv0(argv0: &str) -> Role {
     }
 }
 
-/// The version to answer with: stdin's `cniVersion` when it is a string, else the latest.
+/// The version to answer with: stdin's `cniVersion` when it is one Trellis speaks, else the
+/// latest (an unknown string is never echoed back).
 fn version_hint(stdin: &[u8]) -> String {
     serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| {
             v.get("cniVersion")
                 .and_then(Value::as_str)
-                .map(str::to_string)
+                .map(CniVersion::parse)
         })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| CniVersion::LATEST.as_str().to_string())
+        .and_then(Result::ok)
+        .unwrap_or(CniVersion::LATEST)
+        .as_str()
+        .to_string()
 }
 
 /// Handles one invocation. Returns what to print on stdout and the exit code.
@@ -62,6 +68,7 @@ pub fn run(role: Role, lookup: impl Fn(&str) -> Option<String>, stdin: &[u8]) ->
         Ok(Ok(None)) => (String::new(), 0),
         Ok(Err(e)) => {
             let cni = e.to_cni();
+            logging::init_fallback();
             tracing::error!(code = cni.code, "{}", cni.msg);
             (cni.to_json(&hint), 1)
         }
@@ -90,39 +97,31 @@ fn dispatch(
         ));
     }
     match role {
+        Role::Main if lookup(delegate::DELEGATED).is_some() => Err(CniError::invalid_config(
+            "ipam.type",
+            "names the trellis-cni main plugin, which cannot be its own IPAM plugin (use trellis-ipam)",
+        )
+        .into()),
         Role::Main => plugin::run(&env, stdin),
         Role::Ipam => ipam_plugin::run(&env, stdin),
     }
 }
 
-/// Sets up logging: `TRELLIS_LOG` (an env-filter) or the config's `logLevel`, to the config's
-/// `logFile` or stderr. Never writes to stdout.
-fn init_logging(stdin: &[u8]) {
-    let v: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
-    let level = std::env::var("TRELLIS_LOG")
-        .ok()
-        .or_else(|| {
-            v.get("logLevel")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "warn".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false);
-    let file = v.get("logFile").and_then(Value::as_str).and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
-    let _ = match file {
-        Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
-    };
+/// The variables of the CNI environment contract.
+const CNI_VARS: [&str; 6] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_ARGS",
+    "CNI_PATH",
+];
+
+/// A CNI variable that is set but not UTF-8 (it would otherwise look unset).
+fn non_utf8_var() -> Option<&'static str> {
+    CNI_VARS
+        .into_iter()
+        .find(|k| matches!(std::env::var(k), Err(std::env::VarError::NotUnicode(_))))
 }
 
 /// The process entry point: reads the real environment and stdin, prints, returns the exit code.
@@ -133,8 +132,13 @@ pub fn main_entry() -> i32 {
     if std::env::var("CNI_COMMAND").is_ok() {
         let _ = std::io::stdin().read_to_end(&mut stdin);
     }
-    init_logging(&stdin);
-    let (out, code) = run(role, |k| std::env::var(k).ok(), &stdin);
+    let (out, code) = match non_utf8_var() {
+        Some(var) => (
+            CniError::invalid_env(var, "is not valid UTF-8").to_json(&version_hint(&stdin)),
+            1,
+        ),
+        None => run(role, |k| std::env::var(k).ok(), &stdin),
+    };
     if !out.is_empty() {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{out}");

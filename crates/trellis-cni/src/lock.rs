@@ -1,6 +1,7 @@
 //! Cross-process locks on files (`flock`): the kernel drops them when the holder dies, so a
-//! `kill -9` never leaves a lock behind. Used to serialise calls for one container and to guard
-//! the IPAM store and the nftables table.
+//! `kill -9` never leaves a lock behind. Used to serialise calls for one container, to guard the
+//! IPAM store and the nftables table, and to keep a bridge from being removed while an ADD is
+//! attaching to it.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
@@ -20,9 +21,19 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Blocks until the lock at `path` is held. Retries when the file was replaced or removed
-    /// while waiting, so that removing a lock file (see [`FileLock::release_and_remove`]) is safe.
+    /// Blocks until the lock at `path` is held exclusively. Retries when the file was replaced or
+    /// removed while waiting, so that removing a lock file (see [`FileLock::release_and_remove`])
+    /// is safe.
     pub fn acquire(path: &Path) -> Result<FileLock> {
+        Self::acquire_as(path, FlockArg::LockExclusive)
+    }
+
+    /// Like [`FileLock::acquire`], but shared: any number of shared holders, no exclusive one.
+    pub fn acquire_shared(path: &Path) -> Result<FileLock> {
+        Self::acquire_as(path, FlockArg::LockShared)
+    }
+
+    fn acquire_as(path: &Path, how: FlockArg) -> Result<FileLock> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|e| PluginError::store(dir, e))?;
         }
@@ -34,8 +45,8 @@ impl FileLock {
                 .write(true)
                 .open(path)
                 .map_err(|e| PluginError::store(path, e))?;
-            let flock = Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, e)| PluginError::store(path, e.into()))?;
+            let flock =
+                Flock::lock(file, how).map_err(|(_, e)| PluginError::store(path, e.into()))?;
             let held = flock.metadata().map_err(|e| PluginError::store(path, e))?;
             match fs::metadata(path) {
                 Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
@@ -55,9 +66,21 @@ impl FileLock {
     }
 }
 
+/// The lock file that serialises every call for one container.
+pub fn container_lock_path(container_id: &str) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("{container_id}.lock"))
+}
+
 /// The lock that serialises every call for one container.
 pub fn container_lock(container_id: &str) -> Result<FileLock> {
-    FileLock::acquire(&Path::new(LOCK_DIR).join(format!("{container_id}.lock")))
+    FileLock::acquire(&container_lock_path(container_id))
+}
+
+/// The lock file of bridge `name`: ADDs hold it shared from finding the bridge until their veth
+/// is attached; removing the bridge takes it exclusively. (`@` never occurs in container IDs,
+/// so this cannot collide with a container's lock.)
+pub fn bridge_lock_path(name: &str) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("bridge@{name}.lock"))
 }
 
 #[cfg(test)]

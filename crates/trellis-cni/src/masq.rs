@@ -18,7 +18,8 @@ use crate::lock::FileLock;
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "trellis_cni_masq";
 const CHAIN: &str = "postrouting";
-const LOCK: &str = "/run/trellis/cni/nft.lock";
+/// Serialises changes to the table across processes.
+pub const LOCK: &str = "/run/trellis/cni/nft.lock";
 
 fn short_hash(parts: &[&str]) -> String {
     let d = Sha256::digest(parts.join("\0").as_bytes());

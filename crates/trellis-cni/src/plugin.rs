@@ -1,5 +1,7 @@
 //! The main plugin (`trellis-cni`): ADD, DEL, CHECK, GC and STATUS for routed and bridge mode.
-//! Orchestrates IPAM and the mode's interface setup; serialises calls per container.
+//! Orchestrates IPAM and the mode's interface setup; serialises calls per container. The
+//! container's namespace is opened and checked (a network namespace, not the plugin's own)
+//! before anything else, lock included.
 
 use serde_json::Value;
 use trellis_cni_types::config::requested_ips;
@@ -8,7 +10,8 @@ use trellis_dataplane::Netns;
 
 use crate::error::{PluginError, Result};
 use crate::lock::container_lock;
-use crate::{bridge, ipam, masq, routed};
+use crate::safe_open::{self, NetnsProblem};
+use crate::{bridge, ipam, logging, masq, routed};
 
 /// Checks that the configured version has the verb.
 pub fn gate_version(command: Command, version: trellis_cni_types::CniVersion) -> Result<()> {
@@ -31,15 +34,31 @@ pub fn gate_version(command: Command, version: trellis_cni_types::CniVersion) ->
     }
 }
 
-/// Opens `CNI_NETNS`; a missing namespace is an invalid environment.
+/// Opens `CNI_NETNS` for ADD and CHECK: it must exist and be a network namespace other than
+/// the plugin's own (code 4 naming the variable otherwise).
 pub fn open_netns(env: &CniEnv) -> Result<Netns> {
     let path = env
         .netns
         .as_ref()
         .ok_or_else(|| CniError::invalid_env("CNI_NETNS", "is required"))?;
-    Netns::open(path).map_err(|e| {
-        CniError::invalid_env("CNI_NETNS", format!("cannot open {}: {e}", path.display())).into()
-    })
+    safe_open::open_netns(path).map_err(|e| CniError::invalid_env("CNI_NETNS", e).into())
+}
+
+/// Opens `CNI_NETNS` for DEL: a namespace that is gone (or cannot be opened) is no namespace —
+/// DEL then cleans up what lives on the host — but a path that is not a network namespace, or
+/// is the plugin's own, is refused before anything is touched.
+fn open_netns_for_del(env: &CniEnv) -> Result<Option<Netns>> {
+    let Some(path) = &env.netns else {
+        return Ok(None);
+    };
+    match safe_open::open_netns(path) {
+        Ok(ns) => Ok(Some(ns)),
+        Err(e @ (NetnsProblem::Missing { .. } | NetnsProblem::Io { .. })) => {
+            tracing::info!(error = %e, "container namespace unavailable; cleaning up the host side");
+            Ok(None)
+        }
+        Err(e) => Err(CniError::invalid_env("CNI_NETNS", e).into()),
+    }
 }
 
 fn ids(env: &CniEnv) -> (&str, &str) {
@@ -52,6 +71,7 @@ fn ids(env: &CniEnv) -> (&str, &str) {
 /// Runs one verb; returns the JSON to print on success (nothing for DEL and GC).
 pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
     let cfg = PluginConfig::parse(stdin)?;
+    logging::init(cfg.log_level.as_deref(), cfg.log_file.as_deref())?;
     gate_version(env.command, cfg.cni_version)?;
     let span = tracing::info_span!("cni", command = env.command.as_str(), network = %cfg.name,
         container = env.container_id.as_deref().unwrap_or(""), ifname = env.ifname.as_deref().unwrap_or(""));
@@ -68,8 +88,8 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
 
 fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
     let (cid, ifname) = ids(env);
-    let _lock = container_lock(cid)?;
     let netns = open_netns(env)?;
+    let lock = container_lock(cid)?;
     let req = ipam::AddRequest {
         network: cfg.name.clone(),
         requested: requested_ips(&cfg.runtime, &cfg.args_ips, &env.args),
@@ -77,7 +97,13 @@ fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
         ipv6_pools: cfg.runtime.ipv6_pools.clone(),
         host_interface: Some(crate::veth::host_veth_name(cid, ifname)),
     };
-    let alloc = ipam::add(&cfg.ipam, env, stdin, &req)?;
+    let alloc = match ipam::add(&cfg.ipam, env, stdin, &req) {
+        Ok(a) => a,
+        Err(e) => {
+            lock.release_and_remove();
+            return Err(e);
+        }
+    };
     tracing::debug!("address allocated");
     let made = match &cfg.mode {
         Mode::Routed => routed::add(cfg, cid, ifname, &netns, &alloc),
@@ -92,6 +118,8 @@ fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
             // Nothing may be left behind by a failed ADD: give the address back.
             if let Err(rel) = ipam::del(&cfg.ipam, &cfg.name, env, stdin) {
                 tracing::error!(error = %rel, "releasing the address after a failed ADD also failed");
+            } else {
+                lock.release_and_remove();
             }
             Err(e)
         }
@@ -100,9 +128,8 @@ fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
 
 fn del(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
     let (cid, ifname) = ids(env);
+    let netns = open_netns_for_del(env)?;
     let lock = container_lock(cid)?;
-    // The namespace may be gone already; DEL then only cleans up what lives on the host.
-    let netns = env.netns.as_ref().and_then(|p| Netns::open(p).ok());
     let mut errors: Vec<PluginError> = Vec::new();
     let teardown = match &cfg.mode {
         Mode::Routed => routed::del(cid, ifname, netns.as_ref()),
@@ -126,12 +153,12 @@ fn del(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
 
 fn check(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<()> {
     let (cid, ifname) = ids(env);
-    let _lock = container_lock(cid)?;
     let prev = cfg
         .prev_result
         .as_ref()
         .ok_or_else(|| CniError::invalid_config("prevResult", "is required for CHECK"))?;
     let netns = open_netns(env)?;
+    let _lock = container_lock(cid)?;
     let ips = match &cfg.mode {
         Mode::Routed => routed::check(cid, ifname, &netns, prev)?,
         Mode::Bridge(br) => bridge::check(br, cid, ifname, &netns, prev)?,

@@ -15,6 +15,7 @@ use std::io::ErrorKind;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use trellis_cni_types::{codes, CniError};
 use trellis_ipam::Owner;
 
 use crate::error::{PluginError, Result};
@@ -47,8 +48,15 @@ fn parse_owner(text: &str) -> Owner {
 impl LocalStore {
     /// Opens (creating if needed) and locks the store at `dir`.
     pub fn open(dir: &Path) -> Result<LocalStore> {
-        fs::create_dir_all(dir).map_err(|e| PluginError::store(dir, e))?;
-        let lock = FileLock::acquire(&dir.join(LOCK_FILE))?;
+        let unusable = |e: PluginError| -> PluginError {
+            CniError::new(
+                codes::IO_FAILURE,
+                format!("cannot use the IPAM state directory (field `ipam.dataDir`): {e}"),
+            )
+            .into()
+        };
+        fs::create_dir_all(dir).map_err(|e| unusable(PluginError::store(dir, e)))?;
+        let lock = FileLock::acquire(&dir.join(LOCK_FILE)).map_err(unusable)?;
         Ok(LocalStore {
             dir: dir.to_path_buf(),
             _lock: lock,

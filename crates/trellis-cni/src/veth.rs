@@ -74,14 +74,25 @@ pub struct PairRequest<'a> {
 }
 
 /// Creates the pair with the pod end already inside `netns`. A stale host end with the same
-/// name (left by a crashed ADD of the same attachment) is removed first; an existing interface
-/// of that name inside the pod is an error.
+/// name is this attachment's (the name hashes container ID and ifname), left by an ADD that was
+/// killed: it is removed first, and its pod end with it, so a retried ADD succeeds. An existing
+/// interface of that name inside the pod after that is someone else's: an error. If the pair
+/// cannot be read back, it is removed again — a failed ADD leaves no veth behind.
 pub fn create(
     host: &mut Netlink,
     pod: &mut Netlink,
     netns: &Netns,
     req: &PairRequest,
 ) -> Result<VethPair> {
+    if host
+        .delete_link(req.host_name)
+        .kctx(|| format!("remove stale {}", req.host_name))?
+    {
+        tracing::warn!(
+            host_veth = req.host_name,
+            "removed a stale host interface of this attachment"
+        );
+    }
     if pod
         .link(req.ifname)
         .kctx(|| format!("look up {} in the pod", req.ifname))?
@@ -97,15 +108,6 @@ pub fn create(
         )
         .into());
     }
-    if host
-        .delete_link(req.host_name)
-        .kctx(|| format!("remove stale {}", req.host_name))?
-    {
-        tracing::warn!(
-            host_veth = req.host_name,
-            "removed a stale host interface of this attachment"
-        );
-    }
     host.create_veth(&VethSpec {
         name: req.host_name.to_string(),
         mac: req.host_mac,
@@ -116,20 +118,34 @@ pub fn create(
         master: req.master,
     })
     .kctx(|| format!("create veth {} <-> {}", req.host_name, req.ifname))?;
-    let host_link = host
-        .link(req.host_name)
-        .kctx(|| format!("read back {}", req.host_name))?;
-    let pod_link = pod
-        .link(req.ifname)
-        .kctx(|| format!("read back {}", req.ifname))?;
-    match (host_link, pod_link) {
-        (Some(host), Some(pod)) => Ok(VethPair { host, pod }),
-        _ => Err(CniError::new(
-            codes::KERNEL,
-            format!("veth {} vanished right after creation", req.host_name),
-        )
-        .into()),
+    let read_back = (|| -> Result<VethPair> {
+        let host_link = host
+            .link(req.host_name)
+            .kctx(|| format!("read back {}", req.host_name))?;
+        let pod_link = pod
+            .link(req.ifname)
+            .kctx(|| format!("read back {}", req.ifname))?;
+        match (host_link, pod_link) {
+            (Some(host), Some(pod)) => Ok(VethPair { host, pod }),
+            (h, p) => Err(CniError::new(
+                codes::KERNEL,
+                format!(
+                    "veth {} <-> {} is not as created (host end {}, pod end {})",
+                    req.host_name,
+                    req.ifname,
+                    if h.is_some() { "present" } else { "missing" },
+                    if p.is_some() { "present" } else { "missing" },
+                ),
+            )
+            .into()),
+        }
+    })();
+    if read_back.is_err() {
+        if let Err(e) = host.delete_link(req.host_name) {
+            tracing::error!(host_veth = req.host_name, error = %e, "removing the new veth failed");
+        }
     }
+    read_back
 }
 
 /// Pod side: addresses (no DAD for IPv6), link up, then routes in order.

@@ -30,6 +30,12 @@ impl Netns {
         })
     }
 
+    /// Wraps a namespace file the caller opened and checked itself (e.g. without blocking, for a
+    /// path taken from input); `path` is what the handle is reported as.
+    pub fn from_file(file: File, path: PathBuf) -> Netns {
+        Netns { file, path }
+    }
+
     /// The namespace of the calling thread.
     pub fn current() -> Result<Netns> {
         let path = PathBuf::from("/proc/thread-self/ns/net");

@@ -28,10 +28,47 @@ pub enum IpamError {
     MixedFamilies { a: String, b: String },
     #[error("no free address left in range set {set}")]
     Exhausted { set: String },
+    /// `index` is the position of the address in the request, for naming the field.
     #[error("requested address {ip} is not inside any configured range")]
-    RequestedOutsideRanges { ip: IpAddr },
+    RequestedOutsideRanges { ip: IpAddr, index: usize },
+    #[error("requested address {ip} is the gateway of range {range}")]
+    RequestedGateway {
+        ip: IpAddr,
+        index: usize,
+        range: String,
+    },
+    #[error("requested address {ip} is inside subnet {subnet} but not allocatable: {reason}")]
+    RequestedUnallocatable {
+        ip: IpAddr,
+        index: usize,
+        subnet: String,
+        reason: String,
+    },
     #[error("requested address {ip} is already allocated to container {owner}")]
-    RequestedInUse { ip: IpAddr, owner: String },
+    RequestedInUse {
+        ip: IpAddr,
+        index: usize,
+        owner: String,
+    },
     #[error("more than one address requested from range set {set} ({ips})")]
-    TwoRequestsOneSet { set: String, ips: String },
+    TwoRequestsOneSet {
+        set: String,
+        ips: String,
+        index: usize,
+    },
+}
+
+impl IpamError {
+    /// For errors about one requested address: its position in the request (so the caller can
+    /// name the field it came from, e.g. `runtimeConfig.ips[1]`).
+    pub fn requested_index(&self) -> Option<usize> {
+        match self {
+            IpamError::RequestedOutsideRanges { index, .. }
+            | IpamError::RequestedGateway { index, .. }
+            | IpamError::RequestedUnallocatable { index, .. }
+            | IpamError::RequestedInUse { index, .. }
+            | IpamError::TwoRequestsOneSet { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
 }

@@ -54,18 +54,13 @@ pub fn plan_allocation(
     requested: &[IpAddr],
 ) -> Result<AllocationPlan, IpamError> {
     let mut chosen: Vec<Option<Assignment>> = vec![None; sets.len()];
-    for &ip in requested {
-        let Some((set, range)) = sets
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| s.range_of(ip).map(|r| (i, r)))
-        else {
-            return Err(IpamError::RequestedOutsideRanges { ip });
-        };
+    for (index, &ip) in requested.iter().enumerate() {
+        let (set, range) = requested_range(sets, ip, index)?;
         if let Some(prev) = &chosen[set] {
             return Err(IpamError::TwoRequestsOneSet {
                 set: sets[set].to_string(),
                 ips: format!("{}, {}", prev.ip, ip),
+                index,
             });
         }
         let existing = match used.get(&ip) {
@@ -73,6 +68,7 @@ pub fn plan_allocation(
             Some(o) => {
                 return Err(IpamError::RequestedInUse {
                     ip,
+                    index,
                     owner: o.to_string(),
                 })
             }
@@ -118,6 +114,37 @@ pub fn plan_allocation(
     Ok(AllocationPlan {
         assignments: chosen.into_iter().flatten().collect(),
     })
+}
+
+/// The set and range a requested address (number `index` of the request) is allocatable from,
+/// or why it is not: the gateway, the network or broadcast address, outside rangeStart..rangeEnd,
+/// or in no configured subnet at all.
+fn requested_range(
+    sets: &[RangeSet],
+    ip: IpAddr,
+    index: usize,
+) -> Result<(usize, &Range), IpamError> {
+    if let Some(found) = sets
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| s.range_of(ip).map(|r| (i, r)))
+    {
+        return Ok(found);
+    }
+    match sets.iter().find_map(|s| s.unallocatable(ip)) {
+        Some((range, _)) if Some(ip) == range.gateway => Err(IpamError::RequestedGateway {
+            ip,
+            index,
+            range: range.to_string(),
+        }),
+        Some((range, reason)) => Err(IpamError::RequestedUnallocatable {
+            ip,
+            index,
+            subnet: range.subnet.to_string(),
+            reason,
+        }),
+        None => Err(IpamError::RequestedOutsideRanges { ip, index }),
+    }
 }
 
 /// Number of free addresses in a set given the used ones.
@@ -243,7 +270,20 @@ mod tests {
         let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.7")]);
         assert!(matches!(err, Err(IpamError::RequestedInUse { .. })));
         let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.9.0.7")]);
-        assert!(matches!(err, Err(IpamError::RequestedOutsideRanges { .. })));
+        assert!(matches!(
+            err,
+            Err(IpamError::RequestedOutsideRanges { index: 0, .. })
+        ));
+        let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.1")]);
+        assert!(
+            matches!(err, Err(IpamError::RequestedGateway { index: 0, .. })),
+            "{err:?}"
+        );
+        let err = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.255")]);
+        assert!(
+            matches!(&err, Err(IpamError::RequestedUnallocatable { reason, .. }) if reason.contains("broadcast")),
+            "{err:?}"
+        );
         let err = plan_allocation(
             &sets,
             &used,
@@ -251,7 +291,10 @@ mod tests {
             &owner("a"),
             &[ip("10.0.0.8"), ip("10.0.0.9")],
         );
-        assert!(matches!(err, Err(IpamError::TwoRequestsOneSet { .. })));
+        assert!(matches!(
+            err,
+            Err(IpamError::TwoRequestsOneSet { index: 1, .. })
+        ));
         let ok = plan_allocation(&sets, &used, &[None], &owner("a"), &[ip("10.0.0.8")]).unwrap();
         assert_eq!(ok.assignments[0].ip, ip("10.0.0.8"));
     }

@@ -1,11 +1,14 @@
 //! Address ranges as the host-local IPAM schema describes them: a subnet with an optional
 //! first/last address and gateway, grouped into range sets (one address per set per attachment).
-//! Pure: validation and arithmetic only.
+//! A subnet overlapping addresses no pod may hold (loopback, multicast, ...; see
+//! [`trellis_resources::addr`]) is refused. Pure: validation and arithmetic only.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+/// The one predicate for addresses a pod may not hold, shared with IPPool validation.
+pub use trellis_resources::addr::{forbidden_address_reason, forbidden_reason};
 
 use crate::IpamError;
 
@@ -56,6 +59,13 @@ impl Range {
                 "subnet",
                 subnet,
                 format!("host bits set; the network is {}", subnet.trunc()),
+            ));
+        }
+        if let Some(why) = forbidden_reason(&subnet) {
+            return Err(invalid(
+                "subnet",
+                subnet,
+                format!("overlaps {why}, which no pod may hold"),
             ));
         }
         let v4 = subnet.addr().is_ipv4();
@@ -181,6 +191,29 @@ impl Range {
             && to_u128(ip) <= to_u128(self.end)
     }
 
+    /// Why `ip`, which lies in this range's subnet, cannot be handed out from it; `None` when it
+    /// can (or when it lies outside the subnet).
+    pub fn unallocatable_reason(&self, ip: IpAddr) -> Option<String> {
+        if ip.is_ipv4() != self.is_ipv4() || !self.subnet.contains(&ip) || self.contains(ip) {
+            return None;
+        }
+        if Some(ip) == self.gateway {
+            return Some(format!("it is the gateway of {self}"));
+        }
+        if self.is_ipv4() && self.subnet.prefix_len() < 31 {
+            if ip == self.subnet.network() {
+                return Some(format!("it is the network address of {}", self.subnet));
+            }
+            if ip == self.subnet.broadcast() {
+                return Some(format!("it is the broadcast address of {}", self.subnet));
+            }
+        }
+        Some(format!(
+            "it is outside rangeStart..rangeEnd ({}-{})",
+            self.start, self.end
+        ))
+    }
+
     fn overlaps(&self, other: &Range) -> bool {
         self.is_ipv4() == other.is_ipv4()
             && to_u128(self.start) <= to_u128(other.end)
@@ -240,6 +273,13 @@ impl RangeSet {
     /// The range an address belongs to, if any.
     pub fn range_of(&self, ip: IpAddr) -> Option<&Range> {
         self.ranges.iter().find(|r| r.contains(ip))
+    }
+
+    /// A range whose subnet holds `ip` though `ip` is not allocatable from it, and why.
+    pub fn unallocatable(&self, ip: IpAddr) -> Option<(&Range, String)> {
+        self.ranges
+            .iter()
+            .find_map(|r| r.unallocatable_reason(ip).map(|why| (r, why)))
     }
 
     pub fn overlaps(&self, other: &RangeSet) -> Option<(String, String)> {
@@ -322,6 +362,52 @@ mod tests {
             Err(IpamError::MixedFamilies { .. })
         ));
         assert!(RangeSet::new(vec![]).is_err());
+    }
+
+    #[test]
+    fn reserved_subnets_are_refused() {
+        for s in [
+            "0.0.0.0/8",
+            "0.0.0.0/0",
+            "127.0.0.0/8",
+            "224.0.0.0/4",
+            "255.255.255.255/32",
+            "::/128",
+            "::1/128",
+            "ff00::/8",
+            "::/0",
+        ] {
+            let err = Range::new(s.parse().unwrap(), None, None, None).unwrap_err();
+            assert!(
+                matches!(&err, IpamError::InvalidRange { field: "subnet", reason, .. }
+                    if reason.contains("no pod may hold")),
+                "{s}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unallocatable_addresses_say_why() {
+        let net: IpNet = "10.0.0.0/24".parse().unwrap();
+        let r = Range::new(net, None, Some(ip("10.0.0.100")), None).unwrap();
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.1"))
+            .unwrap()
+            .contains("gateway"));
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.0"))
+            .unwrap()
+            .contains("network address"));
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.255"))
+            .unwrap()
+            .contains("broadcast"));
+        assert!(r
+            .unallocatable_reason(ip("10.0.0.150"))
+            .unwrap()
+            .contains("rangeEnd"));
+        assert_eq!(r.unallocatable_reason(ip("10.0.0.50")), None);
+        assert_eq!(r.unallocatable_reason(ip("10.0.1.50")), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! `trellis.dev/v1` and, for the kinds Calico has, `projectcalico.org/v3`), written back as
 //! canonical JSON under stable datastore keys. Pure: no I/O.
 
+pub mod addr;
 pub mod kinds;
 pub mod selector;
 pub mod validate;

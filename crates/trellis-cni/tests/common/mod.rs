@@ -204,3 +204,217 @@ pub fn link_gone(ns: &TestNetns, name: &str) -> bool {
     }
     false
 }
+
+/// What a bounded run produced: the outcome, or that it had to be killed at the deadline.
+pub enum Bounded {
+    Done(Outcome),
+    Hung,
+}
+
+impl Bounded {
+    /// The outcome; panics naming `what` if the plugin hung.
+    pub fn finished(self, what: &str) -> Outcome {
+        match self {
+            Bounded::Done(o) => o,
+            Bounded::Hung => panic!("{what}: the plugin did not finish before its deadline"),
+        }
+    }
+}
+
+static RUN_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Node {
+    /// Runs the plugin (named `name`) inside the node namespace with exactly the CNI variables
+    /// in `env` (nothing inherited), `stdin` from a file and stdout/stderr to files (so no pipe
+    /// can fill up), killed at `deadline`; with `address_space` set, under that RLIMIT_AS.
+    pub fn run_bounded(
+        &self,
+        name: &str,
+        env: &[(&str, &str)],
+        stdin: &[u8],
+        deadline: std::time::Duration,
+        address_space: Option<u64>,
+    ) -> Bounded {
+        use std::os::fd::AsFd;
+        use std::os::unix::process::CommandExt;
+        let n = RUN_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let io = self.dir.path().join(format!("run-{n}"));
+        std::fs::create_dir_all(&io).unwrap();
+        std::fs::write(io.join("stdin"), stdin).unwrap();
+        let bin = self.dir.path().join("bin").join(name);
+        let mut c = std::process::Command::new(&bin);
+        for k in [
+            "CNI_COMMAND",
+            "CNI_CONTAINERID",
+            "CNI_NETNS",
+            "CNI_IFNAME",
+            "CNI_ARGS",
+            "CNI_PATH",
+            "TRELLIS_LOG",
+        ] {
+            c.env_remove(k);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.stdin(std::fs::File::open(io.join("stdin")).unwrap())
+            .stdout(std::fs::File::create(io.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(io.join("stderr")).unwrap());
+        let node_ns = std::fs::File::open(self.ns.path()).unwrap();
+        // SAFETY: between fork and exec only async-signal-safe calls (setns, setrlimit).
+        unsafe {
+            c.pre_exec(move || {
+                nix::sched::setns(node_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                if let Some(limit) = address_space {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = c.spawn().expect("spawn plugin");
+        let end = std::time::Instant::now() + deadline;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if std::time::Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        let read =
+            |f: &str| String::from_utf8_lossy(&std::fs::read(io.join(f)).unwrap()).into_owned();
+        let out = match status {
+            Some(st) => Bounded::Done(Outcome {
+                code: st.code().unwrap_or(-1),
+                stdout: read("stdout").trim().to_string(),
+                stderr: read("stderr"),
+            }),
+            None => Bounded::Hung,
+        };
+        let _ = std::fs::remove_dir_all(&io);
+        out
+    }
+
+    /// The usual CNI environment for one call, as pairs for [`Node::run_bounded`].
+    pub fn env<'a>(
+        &'a self,
+        command: &'a str,
+        cid: &'a str,
+        netns: Option<&'a str>,
+        ifname: &'a str,
+        cni_path: &'a str,
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut v = vec![
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", cid),
+            ("CNI_IFNAME", ifname),
+            ("CNI_PATH", cni_path),
+        ];
+        if let Some(n) = netns {
+            v.push(("CNI_NETNS", n));
+        }
+        v
+    }
+}
+
+/// Links, addresses and routes (all tables, both families) of a namespace, for comparing before
+/// and after.
+pub fn net_state(ns: &TestNetns) -> String {
+    // Names, addresses and routes only: flags such as carrier or DAD state settle on their own.
+    let out = ns.sh(
+        "ip -o link | awk '{print $2}'; ip -o addr | awk '{print $2, $3, $4}'; \
+         ip route show table all; ip -6 route show table all",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Gives the node a default route of its own (through a veth pair inside it), so that a test can
+/// see that no call touched it.
+pub fn give_default_route(ns: &TestNetns) {
+    ns.exec_ok(&[
+        "ip", "link", "add", "cnry0", "type", "veth", "peer", "name", "cnry1",
+    ]);
+    for dev in ["cnry0", "cnry1"] {
+        ns.exec_ok(&[
+            "sh",
+            "-c",
+            &format!("echo 1 > /proc/sys/net/ipv6/conf/{dev}/disable_ipv6"),
+        ]);
+    }
+    ns.exec_ok(&["ip", "addr", "add", "192.0.2.2/24", "dev", "cnry0"]);
+    ns.exec_ok(&["ip", "link", "set", "cnry0", "up"]);
+    ns.exec_ok(&["ip", "link", "set", "cnry1", "up"]);
+    ns.exec_ok(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
+}
+
+/// A netlink view of a namespace, kept open: the same facts as [`net_state`] without running a
+/// process, for tests that compare thousands of times.
+pub struct NetView {
+    nl: trellis_dataplane::Netlink,
+}
+
+impl NetView {
+    pub fn of(ns: &TestNetns) -> NetView {
+        let handle = trellis_dataplane::Netns::open(ns.path()).expect("open namespace");
+        NetView {
+            nl: trellis_dataplane::Netlink::open_in(&handle).expect("netlink in namespace"),
+        }
+    }
+
+    /// One sorted line per link, address and route (every table), interfaces by name.
+    pub fn state(&mut self) -> String {
+        let links = self.nl.links().expect("dump links");
+        let name = |i: u32| {
+            links
+                .iter()
+                .find(|l| l.index == i)
+                .map(|l| l.name.clone())
+                .unwrap_or_else(|| format!("#{i}"))
+        };
+        let mut lines = Vec::new();
+        for l in &links {
+            lines.push(format!(
+                "link {} kind={} master={} up={}",
+                l.name,
+                l.kind.as_deref().unwrap_or("-"),
+                l.master.map(name).unwrap_or_else(|| "-".into()),
+                l.up
+            ));
+        }
+        for (i, a) in self.nl.addresses(None).expect("dump addresses") {
+            lines.push(format!("addr {} {a}", name(i)));
+        }
+        for r in self.nl.routes().expect("dump routes") {
+            lines.push(format!(
+                "route table={} {} via {} dev {} {:?} {:?} proto={} metric={:?}",
+                r.table,
+                r.dst,
+                r.gateway
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                r.oif.map(name).unwrap_or_else(|| "-".into()),
+                r.scope,
+                r.kind,
+                r.protocol,
+                r.metric
+            ));
+        }
+        lines.sort();
+        lines.join("\n")
+    }
+}
