@@ -181,7 +181,21 @@ pub fn demo() -> Topology {
 
 /// Parses and validates a topology.
 pub fn parse(text: &str) -> Result<Topology, String> {
-    let t: Topology = serde_norway::from_str(text).map_err(|e| format!("topology: {e}"))?;
+    // Bounded like every resource file (size, depth, aliases, duplicate keys).
+    let doc = match trellis_resources::yaml::parse_values(text)
+        .map_err(|e| format!("topology: {e}"))?
+        .as_slice()
+    {
+        [doc] => doc.clone(),
+        docs => {
+            return Err(format!(
+                "topology: expected one document, found {}",
+                docs.len()
+            ))
+        }
+    };
+    let t: Topology = serde_path_to_error::deserialize(doc)
+        .map_err(|e| format!("topology: {}: {}", e.path(), e.inner()))?;
     validate(&t)?;
     Ok(t)
 }
