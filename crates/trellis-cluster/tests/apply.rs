@@ -322,3 +322,30 @@ both!(refused_inputs_change_nothing);
 both!(one_transaction);
 both!(racing_pool_creation_is_caught);
 both!(racing_write_of_a_written_key_is_caught);
+
+/// A stored pool whose selector nests 4 000 parentheses (written by an older version, or
+/// straight into the datastore) is reported as a corrupt record by key; reading it used to
+/// overflow the stack of every agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_hostile_selector_is_a_corrupt_record() {
+    let (s, _b) = sqlite().await;
+    let key = "/trellis/v1/ippools/deep";
+    let sel = format!("{}all(){}", "(".repeat(4000), ")".repeat(4000));
+    let value = serde_json::json!({
+        "apiVersion": "trellis.dev/v1", "kind": "IPPool", "metadata": {"name": "deep"},
+        "spec": {"cidr": "10.90.0.0/16", "nodeSelector": sel}
+    });
+    s.txn(
+        vec![],
+        vec![TxnOp::Put(key.into(), value.to_string().into_bytes())],
+    )
+    .await
+    .unwrap();
+    match objects::get(&*s, trellis_resources::Kind::IpPool, None, "deep").await {
+        Err(ClusterError::Corrupt { key: k, reason }) => {
+            assert_eq!(k, key);
+            assert!(reason.contains("spec.nodeSelector"), "{reason}");
+        }
+        other => panic!("expected a corrupt record, got {other:?}"),
+    }
+}
