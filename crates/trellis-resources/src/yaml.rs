@@ -338,7 +338,7 @@ mod events {
     use std::marker::PhantomData;
     use std::mem::MaybeUninit;
 
-    use unsafe_libyaml_norway as sys;
+    use unsafe_libyaml_norway as unsafe_yaml;
 
     pub enum Event {
         DocumentStart,
@@ -359,24 +359,24 @@ mod events {
 
     pub struct Events<'input> {
         /// Boxed: libyaml keeps a pointer to the parser inside the parser, so it never moves.
-        parser: Box<MaybeUninit<sys::yaml_parser_t>>,
+        parser: Box<MaybeUninit<unsafe_yaml::yaml_parser_t>>,
         done: bool,
         input: PhantomData<&'input [u8]>,
     }
 
     impl<'input> Events<'input> {
         pub fn new(input: &'input [u8]) -> Events<'input> {
-            let mut parser = Box::new(MaybeUninit::<sys::yaml_parser_t>::uninit());
+            let mut parser = Box::new(MaybeUninit::<unsafe_yaml::yaml_parser_t>::uninit());
             let p = parser.as_mut_ptr();
             // SAFETY: `p` points to memory that lives (boxed, unmoved) as long as `Events`;
             // `yaml_parser_initialize` fully initialises it before any other call. The input
             // outlives the parser (the `'input` borrow).
             unsafe {
-                if sys::yaml_parser_initialize(p).fail {
+                if unsafe_yaml::yaml_parser_initialize(p).fail {
                     panic!("libyaml could not allocate its parser");
                 }
-                sys::yaml_parser_set_encoding(p, sys::YAML_UTF8_ENCODING);
-                sys::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as u64);
+                unsafe_yaml::yaml_parser_set_encoding(p, unsafe_yaml::YAML_UTF8_ENCODING);
+                unsafe_yaml::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as u64);
             }
             Events {
                 parser,
@@ -391,13 +391,13 @@ mod events {
             if self.done {
                 return None;
             }
-            let mut event = MaybeUninit::<sys::yaml_event_t>::uninit();
+            let mut event = MaybeUninit::<unsafe_yaml::yaml_event_t>::uninit();
             // SAFETY: the parser was initialised in `new`; a successful `yaml_parser_parse`
             // initialises `event`, whose anchor pointers are NUL-terminated strings owned by
             // the event until `yaml_event_delete`, after which nothing refers to them.
             unsafe {
                 let p = self.parser.as_mut_ptr();
-                if sys::yaml_parser_parse(p, event.as_mut_ptr()).fail {
+                if unsafe_yaml::yaml_parser_parse(p, event.as_mut_ptr()).fail {
                     self.done = true;
                     return None;
                 }
@@ -407,22 +407,24 @@ mod events {
                         .then(|| std::ffi::CStr::from_ptr(ptr.cast()).to_bytes().to_vec())
                 };
                 let out = match (*e).type_ {
-                    sys::YAML_STREAM_END_EVENT => {
+                    unsafe_yaml::YAML_STREAM_END_EVENT => {
                         self.done = true;
                         Event::Other
                     }
-                    sys::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
-                    sys::YAML_ALIAS_EVENT => {
+                    unsafe_yaml::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
+                    unsafe_yaml::YAML_ALIAS_EVENT => {
                         Event::Alias(anchor((*e).data.alias.anchor).unwrap_or_default())
                     }
-                    sys::YAML_SCALAR_EVENT => Event::Scalar(anchor((*e).data.scalar.anchor)),
-                    sys::YAML_SEQUENCE_START_EVENT => {
+                    unsafe_yaml::YAML_SCALAR_EVENT => {
+                        Event::Scalar(anchor((*e).data.scalar.anchor))
+                    }
+                    unsafe_yaml::YAML_SEQUENCE_START_EVENT => {
                         Event::CollectionStart(anchor((*e).data.sequence_start.anchor))
                     }
-                    sys::YAML_MAPPING_START_EVENT => {
+                    unsafe_yaml::YAML_MAPPING_START_EVENT => {
                         Event::CollectionStart(anchor((*e).data.mapping_start.anchor))
                     }
-                    sys::YAML_SEQUENCE_END_EVENT | sys::YAML_MAPPING_END_EVENT => {
+                    unsafe_yaml::YAML_SEQUENCE_END_EVENT | unsafe_yaml::YAML_MAPPING_END_EVENT => {
                         Event::CollectionEnd
                     }
                     _ => Event::Other,
@@ -431,7 +433,7 @@ mod events {
                     line: (*e).start_mark.line,
                     column: (*e).start_mark.column,
                 };
-                sys::yaml_event_delete(e);
+                unsafe_yaml::yaml_event_delete(e);
                 Some((out, mark))
             }
         }
@@ -440,7 +442,7 @@ mod events {
     impl Drop for Events<'_> {
         fn drop(&mut self) {
             // SAFETY: initialised in `new` and deleted once, here.
-            unsafe { sys::yaml_parser_delete(self.parser.as_mut_ptr()) }
+            unsafe { unsafe_yaml::yaml_parser_delete(self.parser.as_mut_ptr()) }
         }
     }
 }
