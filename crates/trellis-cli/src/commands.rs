@@ -60,16 +60,26 @@ const fn trellis_agent_api_socket() -> &'static str {
     "/run/trellis/agent.sock"
 }
 
+/// Reads a resource file (`-`: stdin), refusing more than the parser accepts without reading
+/// the rest.
 fn read_input(file: &str) -> Result<String> {
+    let max = trellis_resources::yaml::MAX_INPUT_BYTES;
+    let mut bytes = Vec::new();
+    let limit = max as u64 + 1;
     if file == "-" {
-        let mut s = String::new();
         std::io::stdin()
-            .read_to_string(&mut s)
+            .take(limit)
+            .read_to_end(&mut bytes)
             .context("reading stdin")?;
-        Ok(s)
     } else {
-        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+        std::fs::File::open(file)
+            .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+            .with_context(|| format!("reading {file}"))?;
     }
+    if bytes.len() > max {
+        bail!("{file}: larger than {max} bytes (4 MiB), the most a resource file may hold");
+    }
+    String::from_utf8(bytes).with_context(|| format!("{file}: not UTF-8"))
 }
 
 fn kind_arg(s: &str) -> Result<Kind> {
@@ -210,40 +220,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// Validates every document first, so a bad one changes nothing; then writes them in order.
+/// Applies (or creates) every document of `file` in one transaction, or none; prints what
+/// happened to each only once it committed.
 async fn write_all(
     store: &dyn trellis_store::Datastore,
     file: &str,
     create_only: bool,
 ) -> Result<ExitCode> {
     let text = read_input(file)?;
-    let resources = parse_documents(&text)?;
+    let resources = parse_documents(&text).with_context(|| format!("{file}: nothing applied"))?;
     if resources.is_empty() {
-        bail!("{file}: no resources found");
+        println!("{file}: no resources");
+        return Ok(ExitCode::SUCCESS);
     }
-    for r in &resources {
-        if let Resource::IpPool(p) = r {
-            let existing: Vec<_> = objects::pools(store)
-                .await?
-                .into_iter()
-                .map(|(o, _)| o)
-                .collect();
-            let others: Vec<_> = resources
-                .iter()
-                .filter_map(|o| {
-                    if let Resource::IpPool(q) = o {
-                        (q.metadata.name != p.metadata.name).then(|| q.clone())
-                    } else {
-                        None
-                    }
-                })
-                .collect();
-            trellis_resources::validate::check_pool_overlap(p, &existing)?;
-            trellis_resources::validate::check_pool_overlap(p, &others)?;
-        }
-    }
-    for r in &resources {
-        let what = match objects::apply(store, r, create_only).await? {
+    let applied = objects::apply_all(store, &resources, create_only)
+        .await
+        .with_context(|| format!("{file}: nothing applied"))?;
+    for (r, a) in resources.iter().zip(applied) {
+        let what = match a {
             Applied::Created => "created",
             Applied::Updated => "configured",
             Applied::Unchanged => "unchanged",

@@ -21,7 +21,8 @@ pub enum ClusterError {
     Store(#[from] StoreError),
     #[error("stored object {key} is invalid: {reason}")]
     Corrupt { key: String, reason: String },
-    #[error("{0}")]
+    /// Transparent, so the message appears once (not again as its own source).
+    #[error(transparent)]
     Invalid(#[from] trellis_resources::ResourceError),
     #[error("{0}")]
     Ipam(#[from] trellis_ipam::cluster::ClusterIpamError),

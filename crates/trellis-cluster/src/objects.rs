@@ -1,7 +1,7 @@
 //! Typed resource access: decode-and-validate on read, compare-and-swap on write.
 
 use trellis_resources::validate::check_pool_overlap;
-use trellis_resources::{key_for, Kind, Object, Resource};
+use trellis_resources::{key_for, Kind, Object, Resource, ResourceError};
 use trellis_store::{Datastore, KeyValue, Precondition, TxnOp, TxnOutcome};
 
 use crate::invalid::Invalid;
@@ -146,51 +146,234 @@ pub enum Applied {
 }
 
 /// Creates or replaces `r` (after cross-object checks such as pool overlap). `create_only`
-/// refuses to replace. Retries on concurrent writers.
+/// refuses to replace. Retries on concurrent writers. One document of [`apply_all`].
 pub async fn apply(store: &dyn Datastore, r: &Resource, create_only: bool) -> Result<Applied> {
-    r.validate()?;
-    for _ in 0..20 {
-        if let Resource::IpPool(p) = r {
-            let others: Vec<_> = pools(store).await?.into_iter().map(|(o, _)| o).collect();
-            check_pool_overlap(p, &others)?;
-            if let Some(old) = others.iter().find(|o| o.metadata.name == p.metadata.name) {
-                if old.spec.cidr != p.spec.cidr || old.spec.block_prefix() != p.spec.block_prefix()
-                {
-                    return Err(trellis_resources::ResourceError::field(
-                        "spec.cidr",
-                        format!("cidr and blockSize of pool {} cannot change; create a new pool and disable this one", p.metadata.name),
-                    )
-                    .into());
-                }
+    let applied = apply_all(store, std::slice::from_ref(r), create_only)
+        .await
+        .map_err(|e| match e {
+            ClusterError::Invalid(mut e) => {
+                e.doc = None;
+                ClusterError::Invalid(e)
             }
+            other => other,
+        })?;
+    Ok(applied[0])
+}
+
+/// Attempts of [`apply_all`] before it reports contention.
+const APPLY_ATTEMPTS: u32 = 20;
+
+/// Writes every resource or none: validates all of them against each other and against what
+/// is stored (duplicates, `create` on existing objects, pool overlap, pool CIDR/blockSize
+/// immutability), then commits them in one transaction whose preconditions cover every key
+/// read — each document's key and, when pools are written, the whole pool listing — so a
+/// concurrent writer makes it conflict, and validation runs again on fresh reads. Errors name
+/// the document (1-based position in `resources`). The outcomes, in input order, hold once the
+/// transaction committed.
+pub async fn apply_all(
+    store: &dyn Datastore,
+    resources: &[Resource],
+    create_only: bool,
+) -> Result<Vec<Applied>> {
+    for _ in 0..APPLY_ATTEMPTS {
+        let observed = observe(store, resources).await?;
+        let plan = plan_all(resources, &observed, create_only)?;
+        if plan.puts.is_empty() {
+            // Nothing to write: every document equals what was read.
+            return Ok(plan.applied);
         }
+        if let TxnOutcome::Committed { .. } = store.txn(plan.preconditions, plan.puts).await? {
+            return Ok(plan.applied);
+        }
+    }
+    Err(ClusterError::Contention {
+        what: match resources {
+            [one] => one.key(),
+            _ => format!("{} documents", resources.len()),
+        },
+        attempts: APPLY_ATTEMPTS,
+    })
+}
+
+/// What [`apply_all`] reads before deciding.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// The stored value at each resource's key, in input order.
+    pub current: Vec<Option<KeyValue>>,
+    /// Every stored pool, when the input holds a pool.
+    pub pools: Option<trellis_store::Listing>,
+}
+
+async fn observe(store: &dyn Datastore, resources: &[Resource]) -> Result<Observed> {
+    let mut current = Vec::with_capacity(resources.len());
+    for r in resources {
+        current.push(store.get(&r.key()).await?);
+    }
+    let pools = if resources.iter().any(|r| r.kind() == Kind::IpPool) {
+        Some(store.list(&Kind::IpPool.prefix()).await?)
+    } else {
+        None
+    };
+    Ok(Observed { current, pools })
+}
+
+/// The decided write: outcomes in input order, and the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub applied: Vec<Applied>,
+    pub preconditions: Vec<Precondition>,
+    pub puts: Vec<TxnOp>,
+}
+
+/// Decides an all-or-nothing write of `resources` from what was read (pure). The first
+/// document that cannot be written fails the whole plan, named by its 1-based number.
+pub fn plan_all(resources: &[Resource], observed: &Observed, create_only: bool) -> Result<Plan> {
+    let mut plan = Plan {
+        applied: Vec::with_capacity(resources.len()),
+        preconditions: Vec::new(),
+        puts: Vec::new(),
+    };
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let keys: std::collections::HashSet<String> = resources.iter().map(Resource::key).collect();
+    let stored_pools = stored_pools(observed, &keys)?;
+    for (i, r) in resources.iter().enumerate() {
+        let doc = i + 1;
         let key = r.key();
-        let current = store.get(&key).await?;
+        let at = |field: &str, reason: String| {
+            ClusterError::Invalid(ResourceError {
+                doc: Some(doc),
+                object: Some(format!("{}/{}", r.kind(), r.metadata().name)),
+                field: field.into(),
+                reason,
+            })
+        };
+        r.validate().map_err(|mut e| {
+            e.doc = Some(doc);
+            ClusterError::Invalid(e)
+        })?;
+        if let Some(first) = seen.insert(key.clone(), doc) {
+            return Err(at(
+                "metadata.name",
+                format!("is also document {first}; give each object once"),
+            ));
+        }
+        let current = observed.current.get(i).cloned().flatten();
+        if create_only && current.is_some() {
+            return Err(at(
+                "metadata.name",
+                "already exists (create does not replace; use apply)".into(),
+            ));
+        }
+        if let Resource::IpPool(p) = r {
+            check_pool(p, current.as_ref(), &stored_pools, &resources[..i]).map_err(|mut e| {
+                e.doc = Some(doc);
+                ClusterError::Invalid(e)
+            })?;
+        }
+        let bytes = encode(r);
         let (pre, applied) = match &current {
-            Some(_) if create_only => {
-                return Err(ClusterError::AlreadyExists {
-                    kind: r.kind().to_string(),
-                    name: r.metadata().name.clone(),
-                })
-            }
-            Some(kv) if kv.value == encode(r) => return Ok(Applied::Unchanged),
+            Some(kv) if kv.value == bytes => (
+                Precondition::ModRevision(key.clone(), kv.mod_revision),
+                Applied::Unchanged,
+            ),
             Some(kv) => (
                 Precondition::ModRevision(key.clone(), kv.mod_revision),
                 Applied::Updated,
             ),
             None => (Precondition::Absent(key.clone()), Applied::Created),
         };
-        if let TxnOutcome::Committed { .. } = store
-            .txn(vec![pre], vec![TxnOp::Put(key, encode(r))])
-            .await?
-        {
-            return Ok(applied);
+        plan.preconditions.push(pre);
+        if applied != Applied::Unchanged {
+            plan.puts.push(TxnOp::Put(key, bytes));
+        }
+        plan.applied.push(applied);
+    }
+    if let Some(listing) = &observed.pools {
+        // The overlap checks read every stored pool: none may change or appear before commit.
+        for kv in &listing.items {
+            let pre = Precondition::ModRevision(kv.key.clone(), kv.mod_revision);
+            if !plan.preconditions.contains(&pre) {
+                plan.preconditions.push(pre);
+            }
+        }
+        plan.preconditions.push(Precondition::NoneNewer {
+            prefix: Kind::IpPool.prefix(),
+            revision: listing.revision,
+        });
+    }
+    Ok(plan)
+}
+
+/// The stored pools the overlap check compares with. A stored pool that does not decode is an
+/// error naming its key (its range is unknown), unless this write replaces it.
+fn stored_pools(
+    observed: &Observed,
+    written: &std::collections::HashSet<String>,
+) -> Result<Vec<Object<trellis_resources::IpPoolSpec>>> {
+    let Some(listing) = &observed.pools else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for kv in &listing.items {
+        match decode(kv) {
+            Ok(Stored {
+                resource: Resource::IpPool(p),
+                ..
+            }) => out.push(p),
+            Ok(_) => {}
+            Err(_) if written.contains(&kv.key) => {}
+            Err(e) => return Err(e),
         }
     }
-    Err(ClusterError::Contention {
-        what: r.key(),
-        attempts: 20,
-    })
+    Ok(out)
+}
+
+/// A pool against the stored one it replaces (CIDR and block size are immutable), every other
+/// stored pool and the pools written before it in the same input (no overlap).
+fn check_pool(
+    p: &Object<trellis_resources::IpPoolSpec>,
+    current: Option<&KeyValue>,
+    stored: &[Object<trellis_resources::IpPoolSpec>],
+    earlier: &[Resource],
+) -> std::result::Result<(), ResourceError> {
+    let object = || Some(format!("IPPool/{}", p.metadata.name));
+    let immutable = |field: &str, what: String| ResourceError {
+        doc: None,
+        object: object(),
+        field: field.into(),
+        reason: format!("{what} cannot change; create a new pool and disable this one"),
+    };
+    if let Some(Ok(Stored {
+        resource: Resource::IpPool(old),
+        ..
+    })) = current.map(decode)
+    {
+        if old.spec.cidr != p.spec.cidr {
+            return Err(immutable(
+                "spec.cidr",
+                format!("the cidr of pool {} ({})", p.metadata.name, old.spec.cidr),
+            ));
+        }
+        if old.spec.block_prefix() != p.spec.block_prefix() {
+            return Err(immutable(
+                "spec.blockSize",
+                format!(
+                    "the blockSize of pool {} ({})",
+                    p.metadata.name,
+                    old.spec.block_prefix()
+                ),
+            ));
+        }
+    }
+    check_pool_overlap(p, stored)?;
+    let earlier: Vec<_> = earlier
+        .iter()
+        .filter_map(|r| match r {
+            Resource::IpPool(q) => Some(q.clone()),
+            _ => None,
+        })
+        .collect();
+    check_pool_overlap(p, &earlier)
 }
 
 /// Deletes an object; `NotFound` when it is not there.

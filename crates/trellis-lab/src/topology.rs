@@ -182,9 +182,23 @@ pub fn demo() -> Topology {
     parse(&yaml).expect("the built-in topology is valid")
 }
 
-/// Decodes a topology without checking it (see [`crate::validate()`]).
+/// Decodes a topology without checking it (see [`crate::validate()`]). Bounded like every
+/// resource file (size, depth, aliases, duplicate keys).
 pub fn decode(text: &str) -> Result<Topology, LabError> {
-    let t: Topology = serde_norway::from_str(text).map_err(|e| LabError::Decode(e.to_string()))?;
+    let doc = match trellis_resources::yaml::parse_values(text)
+        .map_err(|e| LabError::Decode(e.to_string()))?
+        .as_slice()
+    {
+        [doc] => doc.clone(),
+        docs => {
+            return Err(LabError::Decode(format!(
+                "expected one document, found {}",
+                docs.len()
+            )))
+        }
+    };
+    let t: Topology = serde_path_to_error::deserialize(doc)
+        .map_err(|e| LabError::Decode(format!("{}: {}", e.path(), e.inner())))?;
     Ok(t)
 }
 

@@ -481,10 +481,13 @@ fn pools(t: &Topology) -> Result<(), LabError> {
             ));
         }
         let sel = match &p.node_selector {
-            Some(s) => Some(
-                Selector::parse(s)
-                    .map_err(|e| bad(format!("pools[{i}].nodeSelector"), format!("{s:?}"), e))?,
-            ),
+            Some(s) => Some(Selector::parse(s).map_err(|e| {
+                bad(
+                    format!("pools[{i}].nodeSelector"),
+                    format!("{s:?}"),
+                    e.to_string(),
+                )
+            })?),
             None => None,
         };
         selectors.push(sel);

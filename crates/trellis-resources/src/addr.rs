@@ -1,50 +1,91 @@
-//! Which addresses a pod may hold: one predicate shared by every place that hands out pod
-//! addresses (the CNI plugin's local ranges, IPPools, results from other IPAM plugins), so they
-//! all refuse the same things. Pure.
+//! Addresses no pod may hold: the one predicate shared by every place that hands out pod
+//! addresses (IPPool validation, the CNI plugin's local ranges, results from other IPAM
+//! plugins), so "which addresses are special" is decided in one place. Pure.
 //!
-//! Refused: the addresses the kernel or the IP architecture reserve for one host or for groups —
-//! "this network" 0.0.0.0/8 (RFC 1122 §3.2.1.3), loopback 127.0.0.0/8, link-local 169.254.0.0/16
-//! (RFC 3927; routed mode's gateway 169.254.1.1 lives there), multicast 224.0.0.0/4, the limited
-//! broadcast 255.255.255.255; IPv6 unspecified `::`, loopback `::1`, IPv4-mapped
-//! `::ffff:0:0/96`, link-local fe80::/10 and multicast ff00::/8 (RFC 4291 §2.4). Calico refuses
-//! link-local pools for the same reason.
+//! Refused (RFC 6890): "this network" 0.0.0.0/8 (RFC 1122 §3.2.1.3), loopback 127.0.0.0/8,
+//! link-local 169.254.0.0/16 (RFC 3927; routed mode's gateway 169.254.1.1 lives there, and
+//! Calico refuses link-local pools), multicast 224.0.0.0/4, the limited broadcast
+//! 255.255.255.255; IPv6 unspecified `::`, loopback `::1`, IPv4-mapped `::ffff:0:0/96`,
+//! link-local fe80::/10 and multicast ff00::/8 (RFC 4291 §2.4).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-/// The reserved networks and why no pod may hold an address in them.
-const FORBIDDEN: &[(&str, &str)] = &[
-    ("0.0.0.0/8", "the IPv4 \"this network\" block 0.0.0.0/8"),
-    ("127.0.0.0/8", "the IPv4 loopback block 127.0.0.0/8"),
-    ("169.254.0.0/16", "the IPv4 link-local block 169.254.0.0/16"),
-    ("224.0.0.0/4", "the IPv4 multicast block 224.0.0.0/4"),
+/// The special-purpose ranges (RFC 6890) an address of a pod must never fall in, with why.
+const FORBIDDEN: [(IpNet, &str); 10] = [
+    // RFC 1122 §3.2.1.3: "this host on this network"; never a valid source or destination.
     (
-        "255.255.255.255/32",
-        "the IPv4 broadcast address 255.255.255.255",
+        IpNet::V4(v4(Ipv4Addr::new(0, 0, 0, 0), 8)),
+        "unspecified (0.0.0.0/8, \"this network\")",
     ),
-    ("::/128", "the IPv6 unspecified address ::"),
-    ("::1/128", "the IPv6 loopback address ::1"),
-    ("::ffff:0:0/96", "the IPv4-mapped IPv6 block ::ffff:0:0/96"),
-    ("fe80::/10", "the IPv6 link-local block fe80::/10"),
-    ("ff00::/8", "the IPv6 multicast block ff00::/8"),
+    (
+        IpNet::V4(v4(Ipv4Addr::new(127, 0, 0, 0), 8)),
+        "loopback (127.0.0.0/8)",
+    ),
+    (
+        IpNet::V4(v4(Ipv4Addr::new(169, 254, 0, 0), 16)),
+        "link-local (169.254.0.0/16)",
+    ),
+    (
+        IpNet::V4(v4(Ipv4Addr::new(224, 0, 0, 0), 4)),
+        "multicast (224.0.0.0/4)",
+    ),
+    (
+        IpNet::V4(v4(Ipv4Addr::BROADCAST, 32)),
+        "limited broadcast (255.255.255.255)",
+    ),
+    (
+        IpNet::V6(v6(Ipv6Addr::UNSPECIFIED, 128)),
+        "unspecified (::/128)",
+    ),
+    (
+        IpNet::V6(v6(Ipv6Addr::LOCALHOST, 128)),
+        "loopback (::1/128)",
+    ),
+    (
+        IpNet::V6(v6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96)),
+        "IPv4-mapped (::ffff:0:0/96)",
+    ),
+    (
+        IpNet::V6(v6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10)),
+        "link-local (fe80::/10)",
+    ),
+    (
+        IpNet::V6(v6(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8)),
+        "multicast (ff00::/8)",
+    ),
 ];
 
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.addr().is_ipv4() == b.addr().is_ipv4()
-        && (a.contains(&b.network()) || b.contains(&a.network()))
+const fn v4(a: Ipv4Addr, len: u8) -> Ipv4Net {
+    match Ipv4Net::new(a, len) {
+        Ok(n) => n,
+        Err(_) => panic!("valid prefix length"),
+    }
 }
 
-/// Why `net` may not be used for pod addresses (it overlaps a reserved block), or `None` when it
-/// may. A network overlapping a reserved block is refused even if only part of it is reserved.
+const fn v6(a: Ipv6Addr, len: u8) -> Ipv6Net {
+    match Ipv6Net::new(a, len) {
+        Ok(n) => n,
+        Err(_) => panic!("valid prefix length"),
+    }
+}
+
+/// Whether two networks share an address (one contains the other's first address).
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Why `net` overlaps addresses no pod may hold (see the module docs), or `None` when it does
+/// not. A network overlapping a reserved block is refused even if only part of it is reserved.
 pub fn forbidden_reason(net: &IpNet) -> Option<&'static str> {
-    FORBIDDEN.iter().find_map(|(cidr, why)| {
-        let reserved: IpNet = cidr.parse().expect("constant CIDR");
-        overlaps(net, &reserved).then_some(*why)
-    })
+    FORBIDDEN
+        .iter()
+        .find(|(bad, _)| overlaps(net, bad))
+        .map(|(_, why)| *why)
 }
 
-/// Why the single address `ip` may not be a pod's, or `None` when it may.
+/// The same for one address.
 pub fn forbidden_address_reason(ip: IpAddr) -> Option<&'static str> {
     forbidden_reason(&IpNet::from(ip))
 }
@@ -53,50 +94,60 @@ pub fn forbidden_address_reason(ip: IpAddr) -> Option<&'static str> {
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
+    fn reason(s: &str) -> Option<&'static str> {
+        forbidden_reason(&s.parse().unwrap())
     }
 
     #[test]
-    fn reserved_blocks_and_their_supernets_are_refused() {
-        for s in [
-            "0.0.0.0/8",
-            "0.0.0.0/0",
-            "127.0.0.0/24",
-            "126.0.0.0/7",
-            "169.254.1.0/24",
-            "224.0.0.0/24",
-            "239.255.255.0/24",
-            "255.255.255.255/32",
-            "255.255.255.0/24",
-            "::/128",
-            "::/0",
-            "::1/128",
-            "::ffff:10.0.0.0/120",
-            "fe80::/64",
-            "ff02::/16",
+    fn special_ranges_are_named() {
+        for (net, want) in [
+            ("0.0.0.0/8", "unspecified"),
+            ("0.0.0.0/32", "unspecified"),
+            ("0.255.0.0/16", "unspecified"),
+            ("127.0.0.0/8", "loopback"),
+            ("127.0.0.1/32", "loopback"),
+            ("126.0.0.0/7", "loopback"),
+            ("224.0.0.0/4", "multicast"),
+            ("239.1.0.0/16", "multicast"),
+            ("192.0.0.0/2", "multicast"),
+            ("255.255.255.255/32", "broadcast"),
+            ("255.255.255.0/24", "broadcast"),
+            ("0.0.0.0/0", "unspecified"),
+            ("::/128", "unspecified"),
+            ("::/0", "unspecified"),
+            ("::1/128", "loopback"),
+            ("::/127", "unspecified"),
+            ("ff02::/16", "multicast"),
+            ("ff00::/8", "multicast"),
+            ("fe00::/7", "link-local"),
+            ("169.254.1.0/24", "link-local"),
+            ("169.0.0.0/8", "link-local"),
+            ("fe80::/64", "link-local"),
+            ("::ffff:10.0.0.0/120", "IPv4-mapped"),
         ] {
-            assert!(forbidden_reason(&net(s)).is_some(), "{s} accepted");
+            let got = reason(net).unwrap_or_else(|| panic!("{net} must be forbidden"));
+            assert!(got.contains(want), "{net}: {got}");
         }
     }
 
     #[test]
-    fn ordinary_pod_networks_are_fine() {
-        for s in [
+    fn ordinary_ranges_pass() {
+        for net in [
             "10.0.0.0/8",
-            "1.0.0.0/8",
-            "128.0.0.0/8",
-            "169.253.0.0/16",
             "192.168.0.0/16",
+            "1.0.0.0/8",
+            "128.0.0.0/3",
             "223.255.255.0/24",
-            "240.0.0.0/24",
-            "fd00::/64",
+            "240.0.0.0/5",
+            "255.255.255.254/32",
+            "fd00::/8",
             "2001:db8::/32",
             "::2/128",
+            "169.253.0.0/16",
         ] {
-            assert_eq!(forbidden_reason(&net(s)), None, "{s} refused");
+            assert_eq!(reason(net), None, "{net}");
         }
         assert!(forbidden_address_reason("127.0.0.1".parse().unwrap()).is_some());
-        assert!(forbidden_address_reason("10.1.2.3".parse().unwrap()).is_none());
+        assert!(forbidden_address_reason("10.0.0.1".parse().unwrap()).is_none());
     }
 }

@@ -6,6 +6,7 @@ pub mod addr;
 pub mod kinds;
 pub mod selector;
 pub mod validate;
+pub mod yaml;
 
 use std::fmt;
 
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use kinds::*;
-pub use selector::Selector;
+pub use selector::{Selector, SelectorError};
 
 /// Trellis's API version.
 pub const API_VERSION: &str = "trellis.dev/v1";
@@ -346,36 +347,36 @@ pub fn key_for(kind: Kind, namespace: Option<&str>, name: &str) -> String {
     }
 }
 
-/// Splits input into documents: JSON (an object, an array, or a `List`) or YAML (`---` separated).
+/// Reads resources from YAML (`---` separated documents) or JSON (an object or an array of
+/// objects), within the limits of [`yaml::parse_values`]. A `List` (`kind: List`, as
+/// `get -o json` prints) stands for its `items`. Documents are numbered from 1 in input order,
+/// each item of an array or `List` counting as one; errors carry that number.
 pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ResourceError> {
-    let trimmed = text.trim_start();
-    let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| ResourceError::field("document", format!("invalid JSON: {e}")))?;
+    let json = yaml::is_json(text);
+    let mut docs: Vec<Value> = Vec::new();
+    for v in yaml::parse_values(text)? {
         match v {
-            Value::Array(items) => items,
-            Value::Object(ref o) if o.get("kind").and_then(Value::as_str) == Some("List") => o
-                .get("items")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default(),
-            other => vec![other],
-        }
-    } else {
-        let mut out = Vec::new();
-        for (i, d) in serde_norway::Deserializer::from_str(text).enumerate() {
-            let v = Value::deserialize(d).map_err(|e| ResourceError {
-                doc: Some(i + 1),
-                object: None,
-                field: "document".into(),
-                reason: format!("invalid YAML: {e}"),
-            })?;
-            if !v.is_null() {
-                out.push(v);
+            Value::Array(items) if json => docs.extend(items),
+            Value::Object(mut o) if o.get("kind").and_then(Value::as_str) == Some("List") => {
+                match o.remove("items") {
+                    Some(Value::Array(items)) => docs.extend(items),
+                    None | Some(Value::Null) => {}
+                    Some(other) => {
+                        return Err(ResourceError {
+                            doc: Some(docs.len() + 1),
+                            object: Some("List".into()),
+                            field: "items".into(),
+                            reason: format!(
+                                "must be a list of resources, not {}",
+                                json_type(&other)
+                            ),
+                        })
+                    }
+                }
             }
+            other => docs.push(other),
         }
-        out
-    };
+    }
     docs.iter()
         .enumerate()
         .map(|(i, d)| {
@@ -385,6 +386,17 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ResourceError> {
             })
         })
         .collect()
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
 }
 
 /// Renders resources as YAML documents (separated by `---`).

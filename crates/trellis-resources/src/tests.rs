@@ -288,3 +288,130 @@ fn bad_bgp_resources_name_the_field() {
         assert!(e.contains(field), "{doc}\n→ {e} (want {field})");
     }
 }
+
+#[test]
+fn pools_no_pod_may_use_are_refused() {
+    for (cidr, bs, why) in [
+        ("127.0.0.0/16", 26, "loopback"),
+        ("126.0.0.0/7", 26, "loopback"),
+        ("224.0.0.0/4", 26, "multicast"),
+        ("0.0.0.0/8", 26, "unspecified"),
+        ("0.0.0.0/0", 26, "unspecified"),
+        ("255.255.255.255/32", 32, "broadcast"),
+        ("169.254.0.0/16", 26, "link-local"),
+        ("169.254.1.0/24", 26, "link-local"),
+        ("169.0.0.0/8", 26, "link-local"),
+        ("::1/128", 128, "loopback"),
+        ("::/120", 122, "unspecified"),
+        ("ff02::/16", 122, "multicast"),
+        ("fe80::/64", 122, "link-local"),
+    ] {
+        let e = pool_err(&format!("  cidr: {cidr}\n  blockSize: {bs}\n"));
+        assert_eq!(e.field, "spec.cidr", "{cidr}: {e}");
+        assert!(e.reason.contains(why), "{cidr}: {e}");
+    }
+    // Neighbours of those ranges are fine.
+    for cidr in [
+        "10.0.0.0/8",
+        "128.0.0.0/16",
+        "223.0.0.0/16",
+        "169.255.0.0/16",
+        "fd00::/64",
+    ] {
+        let bs = if cidr.contains(':') { 122 } else { 26 };
+        let doc = format!("apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: {cidr}\n  blockSize: {bs}\n");
+        parse_documents(&doc).unwrap_or_else(|e| panic!("{cidr}: {e}"));
+    }
+}
+
+#[test]
+fn non_finite_block_sizes_are_refused() {
+    for v in [".inf", ".nan", "-.inf"] {
+        let e = pool_err(&format!("  cidr: 10.0.0.0/16\n  blockSize: {v}\n"));
+        assert_eq!(e.field, "spec.blockSize", "{v}: {e}");
+        assert_eq!(e.doc, Some(1));
+    }
+}
+
+#[test]
+fn blocks_must_be_block_sized() {
+    let block = |cidr: &str, n: usize| {
+        let allocs = vec!["null"; n].join(", ");
+        format!("apiVersion: trellis.dev/v1\nkind: IPAMBlock\nmetadata: {{name: b}}\nspec: {{cidr: '{cidr}', allocations: [{allocs}], attributes: []}}\n")
+    };
+    for (cidr, n) in [
+        ("::/0", 1),
+        ("10.0.0.0/8", 1),
+        ("2001:db8::/64", 1),
+        ("127.0.0.0/26", 64),
+    ] {
+        let e = parse_documents(&block(cidr, n)).unwrap_err();
+        assert_eq!(e.field, "spec.cidr", "{cidr}: {e}");
+    }
+    parse_documents(&block("10.0.0.0/30", 4)).unwrap();
+    let affinity = "apiVersion: trellis.dev/v1\nkind: BlockAffinity\nmetadata: {name: a}\nspec: {state: confirmed, node: n, cidr: '::/0'}\n";
+    assert_eq!(parse_documents(affinity).unwrap_err().field, "spec.cidr");
+    assert_eq!(validate::block_size(&"::/0".parse().unwrap()), u128::MAX);
+}
+
+#[test]
+fn lists_must_hold_lists() {
+    let e = parse_documents(r#"{"kind": "List", "items": {"kind": "IPPool"}}"#).unwrap_err();
+    assert_eq!(e.field, "items");
+    assert!(e.reason.contains("must be a list"), "{e}");
+    assert!(parse_documents(r#"{"kind": "List", "items": []}"#)
+        .unwrap()
+        .is_empty());
+    assert!(parse_documents("kind: List\nitems: []\n")
+        .unwrap()
+        .is_empty());
+    // YAML Lists expand like JSON ones, and items are numbered as documents.
+    let rs = parse_documents(&format!(
+        "apiVersion: v1\nkind: List\nitems:\n{}",
+        CALICO_POOL
+            .split("---")
+            .map(|d| format!(
+                "- {}\n",
+                serde_json::to_string(&serde_norway::from_str::<Value>(d).unwrap()).unwrap()
+            ))
+            .collect::<String>()
+    ))
+    .unwrap();
+    assert_eq!(rs, parse_documents(CALICO_POOL).unwrap());
+    let e = parse_documents(r#"{"kind": "List", "items": [{"kind": "IPPool"}, {"kind": "Nope"}]}"#)
+        .unwrap_err();
+    assert_eq!(e.doc, Some(1));
+}
+
+#[test]
+fn duplicate_keys_in_resources_are_refused() {
+    let e = parse_documents(&format!(
+        "{CALICO_POOL}---\napiVersion: trellis.dev/v1\nkind: IPPool\nmetadata:\n  name: p\n  name: q\nspec:\n  cidr: 10.0.0.0/16\n"
+    ))
+    .unwrap_err();
+    assert_eq!((e.doc, e.field.as_str()), (Some(3), "metadata.name"), "{e}");
+    let e = parse_documents(
+        r#"{"apiVersion": "trellis.dev/v1", "kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": "10.0.0.0/16", "blockSize": 26, "blockSize": 24}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "spec.blockSize", "{e}");
+    assert!(e.reason.contains("duplicate key"), "{e}");
+}
+
+#[test]
+fn hostile_selectors_are_refused_at_the_edge() {
+    let deep = format!("{}all(){}", "(".repeat(4000), ")".repeat(4000));
+    let bangs = format!("{}all()", "!".repeat(40_000));
+    let nested = format!("{}all(){}", "(".repeat(65), ")".repeat(65));
+    for (sel, want) in [
+        (deep, "at most 1024"),
+        (bangs, "at most 1024"),
+        (nested, "deeper than 64 at offset 64"),
+    ] {
+        let e = pool_err(&format!("  cidr: 10.0.0.0/16\n  nodeSelector: \"{sel}\"\n"));
+        assert_eq!(e.field, "spec.nodeSelector");
+        assert!(e.reason.contains(want), "{e}");
+    }
+    let e = parse_documents("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: p}\nspec: {peerSelector: 'a contains', nodeSelector: all()}\n").unwrap_err();
+    assert_eq!(e.field, "spec.peerSelector", "{e}");
+}

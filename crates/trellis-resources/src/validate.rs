@@ -43,13 +43,52 @@ fn cidr(field: &str, c: &IpNet) -> Result<(), ResourceError> {
     Ok(())
 }
 
+/// Prefix lengths a block may have: a pool's `blockSize` range (20-32, 116-128; Calico's).
+pub fn block_prefix_range(v4: bool) -> std::ops::RangeInclusive<u8> {
+    if v4 {
+        20..=32
+    } else {
+        116..=128
+    }
+}
+
+/// A pool's CIDR: masked, and clear of addresses no pod may hold
+/// ([`crate::addr::forbidden_reason`]: special ranges and, as Calico refuses, link-local ones —
+/// 169.254.1.1 is the pods' gateway in routed mode).
+fn pool_cidr(c: &IpNet) -> Result<(), ResourceError> {
+    cidr("spec.cidr", c)?;
+    if let Some(why) = crate::addr::forbidden_reason(c) {
+        return Err(err(
+            "spec.cidr",
+            format!("{c} overlaps {why} addresses, which no pod may hold"),
+        ));
+    }
+    Ok(())
+}
+
+/// A block's CIDR: what a pool could have carved, masked, of a block size a pool may have.
+fn block_cidr(c: &IpNet) -> Result<(), ResourceError> {
+    let range = block_prefix_range(c.addr().is_ipv4());
+    if !range.contains(&c.prefix_len()) {
+        return Err(err(
+            "spec.cidr",
+            format!(
+                "{c}: a block's prefix length is a pool's blockSize, {}-{}",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    pool_cidr(c)
+}
+
 pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
     match r {
         Resource::IpPool(o) => ip_pool(o),
         Resource::Node(o) => node(o),
         Resource::IpamBlock(o) => {
             name(&o.metadata.name, false)?;
-            cidr("spec.cidr", &o.spec.cidr)?;
+            block_cidr(&o.spec.cidr)?;
             let size = block_size(&o.spec.cidr);
             if o.spec.allocations.len() as u128 != size {
                 return Err(err(
@@ -87,7 +126,7 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
         }
         Resource::BlockAffinity(o) => {
             name(&o.metadata.name, false)?;
-            cidr("spec.cidr", &o.spec.cidr)?;
+            block_cidr(&o.spec.cidr)?;
             name(&o.spec.node, false).map_err(|e| err("spec.node", e.reason))
         }
         Resource::IpReservation(o) => {
@@ -252,7 +291,7 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
             }
         }
         (None, Some(sel)) => {
-            Selector::parse(sel).map_err(|e| err("spec.peerSelector", e))?;
+            Selector::parse(sel).map_err(|e| err("spec.peerSelector", e.to_string()))?;
             if s.reachable_by.is_some() {
                 return Err(err(
                     "spec.reachableBy",
@@ -277,7 +316,7 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
         name(n, false).map_err(|e| err("spec.node", e.reason))?;
     }
     if let Some(sel) = &s.node_selector {
-        Selector::parse(sel).map_err(|e| err("spec.nodeSelector", e))?;
+        Selector::parse(sel).map_err(|e| err("spec.nodeSelector", e.to_string()))?;
     }
     match &s.password {
         Some(BgpPassword::SecretKeyRef { .. }) => {
@@ -389,9 +428,11 @@ pub const MAX_ALLOWED_LOCAL_AS: u32 = 255;
 /// Upper bound of `ttlSecurity` hops (the lowest accepted TTL is then 2).
 pub const MAX_TTL_SECURITY_HOPS: u32 = 254;
 
-/// Number of addresses in a block.
+/// Number of addresses in a network (saturating: `::/0` holds 2^128).
 pub fn block_size(c: &IpNet) -> u128 {
-    1u128 << (c.max_prefix_len() - c.prefix_len())
+    1u128
+        .checked_shl(u32::from(c.max_prefix_len() - c.prefix_len()))
+        .unwrap_or(u128::MAX)
 }
 
 /// An address or CIDR (an address means its /32 or /128).
@@ -410,15 +451,14 @@ pub fn parse_cidr_or_ip(s: &str) -> Result<IpNet, String> {
 fn ip_pool(o: &Object<IpPoolSpec>) -> Result<(), ResourceError> {
     name(&o.metadata.name, true)?;
     let s = &o.spec;
-    cidr("spec.cidr", &s.cidr)?;
-    let (lo, hi) = if s.cidr.addr().is_ipv4() {
-        (20, 32)
-    } else {
-        (116, 128)
-    };
+    pool_cidr(&s.cidr)?;
+    let range = block_prefix_range(s.cidr.addr().is_ipv4());
     let bs = s.block_prefix();
-    if !(lo..=hi).contains(&bs) {
-        return Err(err("spec.blockSize", format!("{bs} is outside {lo}–{hi}")));
+    if !range.contains(&bs) {
+        return Err(err(
+            "spec.blockSize",
+            format!("{bs} is outside {}–{}", range.start(), range.end()),
+        ));
     }
     if bs < s.cidr.prefix_len() {
         return Err(err(
@@ -441,7 +481,7 @@ fn ip_pool(o: &Object<IpPoolSpec>) -> Result<(), ResourceError> {
         ));
     }
     if let Some(sel) = &s.node_selector {
-        Selector::parse(sel).map_err(|e| err("spec.nodeSelector", e))?;
+        Selector::parse(sel).map_err(|e| err("spec.nodeSelector", e.to_string()))?;
     }
     for (i, u) in s.allowed_uses.iter().enumerate() {
         if !["Workload", "Tunnel"].contains(&u.as_str()) {
@@ -504,7 +544,7 @@ pub fn check_pool_overlap(
         .filter(|p| p.metadata.name != new.metadata.name)
     {
         let (a, b) = (new.spec.cidr, p.spec.cidr);
-        if a.contains(&b.network()) || b.contains(&a.network()) {
+        if crate::addr::overlaps(&a, &b) {
             return Err(ResourceError {
                 doc: None,
                 object: Some(format!("IPPool/{}", new.metadata.name)),

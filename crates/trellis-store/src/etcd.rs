@@ -93,6 +93,11 @@ impl Datastore for EtcdStore {
             .map(|p| match p {
                 Precondition::Absent(k) => Compare::version(k, CompareOp::Equal, 0),
                 Precondition::ModRevision(k, r) => Compare::mod_revision(k, CompareOp::Equal, r),
+                // Over a range, etcd requires the comparison of every key in it (and holds for
+                // an empty range).
+                Precondition::NoneNewer { prefix, revision } => {
+                    Compare::mod_revision(prefix, CompareOp::Less, revision + 1).with_prefix()
+                }
             })
             .collect();
         let ops: Vec<EOp> = ops

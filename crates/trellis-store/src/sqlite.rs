@@ -191,6 +191,18 @@ impl Datastore for SqliteStore {
                 let (key, want) = match p {
                     Precondition::Absent(k) => (k, None),
                     Precondition::ModRevision(k, r) => (k, Some(*r)),
+                    Precondition::NoneNewer { prefix, revision } => {
+                        let (clause, end) = range_clause(prefix);
+                        let newer: bool = tx.query_row(
+                            &format!("SELECT EXISTS(SELECT 1 FROM kv WHERE {clause} AND mod_rev > ?3)"),
+                            params![prefix, end, revision],
+                            |r| r.get(0),
+                        )?;
+                        if newer {
+                            return Ok(TxnOutcome::Conflict);
+                        }
+                        continue;
+                    }
                 };
                 let have: Option<i64> = tx
                     .query_row("SELECT mod_rev FROM kv WHERE key = ?1", [key], |r| r.get(0))

@@ -26,6 +26,10 @@ pub enum Precondition {
     Absent(String),
     /// The key exists with exactly this `mod_revision` (unchanged since read).
     ModRevision(String, i64),
+    /// No key under the prefix was created or changed after `revision` (every key there has
+    /// `mod_revision <= revision`): what a decision that read a whole listing (e.g. "no pool
+    /// overlaps this one") needs. Deletions are not seen; add `ModRevision` for each key read.
+    NoneNewer { prefix: String, revision: i64 },
 }
 
 /// A change a transaction makes.

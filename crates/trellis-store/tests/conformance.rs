@@ -118,6 +118,43 @@ async fn compare_and_swap(s: Arc<dyn Datastore>) {
     .await;
 }
 
+/// `NoneNewer` fails once any key under the prefix is created or changed after the revision,
+/// and holds for an empty prefix or keys outside it.
+async fn none_newer_guards_a_listing(s: Arc<dyn Datastore>) {
+    let guard = |revision| Precondition::NoneNewer {
+        prefix: "/g/".into(),
+        revision,
+    };
+    let empty = s.list("/g/").await.unwrap().revision;
+    committed(&*s, vec![guard(empty)], vec![put("/g/a", "1")]).await;
+    // A key created since the listing: conflict, nothing written.
+    assert_eq!(
+        s.txn(vec![guard(empty)], vec![put("/g/b", "1")])
+            .await
+            .unwrap(),
+        TxnOutcome::Conflict
+    );
+    assert!(s.get("/g/b").await.unwrap().is_none());
+    let listed = s.list("/g/").await.unwrap().revision;
+    // Writes elsewhere (and to a sibling prefix sharing the text) do not matter.
+    committed(
+        &*s,
+        vec![],
+        vec![put("/other", "1"), put("/g", "1"), put("/gx/a", "1")],
+    )
+    .await;
+    committed(&*s, vec![guard(listed)], vec![put("/g/b", "1")]).await;
+    // A key changed since the listing: conflict.
+    let listed = s.list("/g/").await.unwrap().revision;
+    committed(&*s, vec![], vec![put("/g/a", "2")]).await;
+    assert_eq!(
+        s.txn(vec![guard(listed)], vec![put("/g/c", "1")])
+            .await
+            .unwrap(),
+        TxnOutcome::Conflict
+    );
+}
+
 /// Writers racing on one counter with read-modify-CAS loops lose no update.
 async fn no_lost_updates(s: Arc<dyn Datastore>) {
     committed(&*s, vec![], vec![put("/n", "0")]).await;
@@ -222,6 +259,7 @@ macro_rules! both {
 
 both!(crud_and_revisions);
 both!(compare_and_swap);
+both!(none_newer_guards_a_listing);
 both!(no_lost_updates);
 both!(watch_resumes_and_reports_compaction);
 
