@@ -93,6 +93,7 @@ impl Datastore for EtcdStore {
             .map(|p| match p {
                 Precondition::Absent(k) => Compare::version(k, CompareOp::Equal, 0),
                 Precondition::ModRevision(k, r) => Compare::mod_revision(k, CompareOp::Equal, r),
+                Precondition::Exists(k) => Compare::version(k, CompareOp::Greater, 0),
             })
             .collect();
         let ops: Vec<EOp> = ops

@@ -26,6 +26,8 @@ pub enum Precondition {
     Absent(String),
     /// The key exists with exactly this `mod_revision` (unchanged since read).
     ModRevision(String, i64),
+    /// The key exists, whatever its value (a Node still registered, say).
+    Exists(String),
 }
 
 /// A change a transaction makes.

@@ -1,0 +1,285 @@
+//! IPAM garbage collection (`trellis ipam gc`, `trellis delete node`): a pure planner turns one
+//! consistent [`Snapshot`] into guarded transactions, and a thin shell commits them. Each
+//! transaction's preconditions cover everything its decision read — the blocks' revisions, the
+//! absence of a leaked address's handle, the absence of a "gone" node, the affinities'
+//! revisions — so an allocation, a release or a node registering again between the read and the
+//! commit makes the commit fail, and the decision is taken again from a fresh read. There is no
+//! lock. The report lists only what was committed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use trellis_ipam::cluster as alloc;
+use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
+
+use crate::ipam::{block_key, block_value, handle_key, node_key};
+use crate::release::delete_block_txn;
+use crate::snapshot::Snapshot;
+use crate::Result;
+
+/// Plan-and-commit rounds per run: a round's commits make follow-ups possible (a released
+/// node's block is empty next round) and conflicting decisions are taken again.
+const MAX_ROUNDS: usize = 8;
+
+/// What a GC run may touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GcScope {
+    /// Everything: leaks, every missing node, every block empty past the grace period.
+    All,
+    /// Only what belongs to this node (`trellis delete node`).
+    Node(String),
+}
+
+impl GcScope {
+    fn covers(&self, node: Option<&str>) -> bool {
+        match self {
+            GcScope::All => true,
+            GcScope::Node(n) => node == Some(n.as_str()),
+        }
+    }
+}
+
+/// What one planned transaction does, for the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GcAction {
+    /// Frees addresses of `block` whose handles do not exist.
+    ReleaseLeaks { block: IpNet, ips: Vec<IpAddr> },
+    /// Releases an attachment of a node that does not exist.
+    ReleaseHandle { handle: String, node: String },
+    /// Deletes an empty block (and its affinity).
+    DeleteBlock { cidr: IpNet },
+    /// Deletes an affinity whose block does not exist.
+    DeleteAffinity { name: String },
+}
+
+/// One guarded transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcOp {
+    pub action: GcAction,
+    pub preconditions: Vec<Precondition>,
+    pub ops: Vec<TxnOp>,
+}
+
+/// What a GC run committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub released_handles: Vec<String>,
+    pub released_leaks: Vec<IpAddr>,
+    pub deleted_blocks: Vec<IpNet>,
+    pub deleted_affinities: Vec<String>,
+    /// Decisions still conflicting with concurrent writers when the run stopped (run again).
+    pub abandoned: usize,
+}
+
+impl GcReport {
+    fn record(&mut self, action: GcAction) {
+        match action {
+            GcAction::ReleaseLeaks { ips, .. } => self.released_leaks.extend(ips),
+            GcAction::ReleaseHandle { handle, .. } => self.released_handles.push(handle),
+            GcAction::DeleteBlock { cidr } => self.deleted_blocks.push(cidr),
+            GcAction::DeleteAffinity { name } => self.deleted_affinities.push(name),
+        }
+    }
+}
+
+/// Plans GC from `snap` at `now`: frees leaked addresses, releases attachments of missing
+/// nodes, deletes empty blocks of missing nodes and blocks empty for `grace` seconds, and
+/// dangling affinities. Transactions touching one block are never planned twice in one round
+/// (the second would only conflict with the first); the next round takes them.
+pub fn plan(snap: &Snapshot, now: u64, grace: u64, scope: &GcScope) -> Vec<GcOp> {
+    let mut out = Vec::new();
+    let mut touched = BTreeSet::new();
+    leaks(snap, now, scope, &mut touched, &mut out);
+    dead_node_handles(snap, now, scope, &mut touched, &mut out);
+    empty_blocks(snap, now, grace, scope, &touched, &mut out);
+    dangling_affinities(snap, scope, &mut out);
+    out
+}
+
+fn leaks(
+    snap: &Snapshot,
+    now: u64,
+    scope: &GcScope,
+    touched: &mut BTreeSet<IpNet>,
+    out: &mut Vec<GcOp>,
+) {
+    for b in &snap.blocks {
+        let leaked: Vec<(IpAddr, String)> = alloc::allocations(&b.object.spec)
+            .into_iter()
+            .filter(|(_, a)| !snap.handles.contains_key(&a.handle_id))
+            .filter(|(_, a)| scope.covers(a.secondary.get("node").map(String::as_str)))
+            .map(|(ip, a)| (ip, a.handle_id.clone()))
+            .collect();
+        if leaked.is_empty() {
+            continue;
+        }
+        let mut spec = b.object.spec.clone();
+        let mut pre = vec![Precondition::ModRevision(b.key.clone(), b.rev)];
+        let handles: BTreeSet<&String> = leaked.iter().map(|(_, h)| h).collect();
+        pre.extend(handles.iter().map(|h| Precondition::Absent(handle_key(h))));
+        for (ip, _) in &leaked {
+            alloc::release_ip(&mut spec, *ip, now);
+        }
+        touched.insert(spec.cidr);
+        out.push(GcOp {
+            action: GcAction::ReleaseLeaks {
+                block: spec.cidr,
+                ips: leaked.iter().map(|(ip, _)| *ip).collect(),
+            },
+            preconditions: pre,
+            ops: vec![TxnOp::Put(b.key.clone(), block_value(&spec))],
+        });
+    }
+}
+
+/// Each handle's allocations as (block index, node recorded on the allocation).
+fn holdings(snap: &Snapshot) -> BTreeMap<&str, Vec<(usize, Option<&str>)>> {
+    let mut by_handle: BTreeMap<&str, Vec<(usize, Option<&str>)>> = BTreeMap::new();
+    for (i, b) in snap.blocks.iter().enumerate() {
+        for a in &b.object.spec.attributes {
+            let node = a.secondary.get("node").map(String::as_str);
+            if !alloc::held_by(&b.object.spec, &a.handle_id).is_empty() {
+                by_handle.entry(&a.handle_id).or_default().push((i, node));
+            }
+        }
+    }
+    by_handle
+}
+
+fn dead_node_handles(
+    snap: &Snapshot,
+    now: u64,
+    scope: &GcScope,
+    touched: &mut BTreeSet<IpNet>,
+    out: &mut Vec<GcOp>,
+) {
+    for (id, held) in holdings(snap) {
+        let Some(h) = snap.handles.get(id) else {
+            continue; // a leak: handled above
+        };
+        let nodes: BTreeSet<Option<&str>> = held.iter().map(|(_, n)| *n).collect();
+        let [Some(node)] = nodes.into_iter().collect::<Vec<_>>()[..] else {
+            continue; // no node recorded, or several: not this rule's to judge
+        };
+        if snap.nodes.contains(node) || !scope.covers(Some(node)) {
+            continue;
+        }
+        let blocks: BTreeSet<usize> = held.iter().map(|(i, _)| *i).collect();
+        if blocks
+            .iter()
+            .any(|i| touched.contains(&snap.blocks[*i].object.spec.cidr))
+        {
+            continue;
+        }
+        let mut pre = vec![
+            Precondition::ModRevision(h.key.clone(), h.rev),
+            Precondition::Absent(node_key(node)),
+        ];
+        let mut ops = vec![TxnOp::Delete(h.key.clone())];
+        for i in blocks {
+            let b = &snap.blocks[i];
+            let mut spec = b.object.spec.clone();
+            alloc::release_handle(&mut spec, id, now);
+            touched.insert(spec.cidr);
+            pre.push(Precondition::ModRevision(b.key.clone(), b.rev));
+            ops.push(TxnOp::Put(b.key.clone(), block_value(&spec)));
+        }
+        if let Some(ep) = h
+            .object
+            .spec
+            .endpoint
+            .as_ref()
+            .and_then(|k| snap.endpoints.get(k))
+        {
+            pre.push(Precondition::ModRevision(ep.key.clone(), ep.rev));
+            ops.push(TxnOp::Delete(ep.key.clone()));
+        }
+        out.push(GcOp {
+            action: GcAction::ReleaseHandle {
+                handle: id.to_string(),
+                node: node.to_string(),
+            },
+            preconditions: pre,
+            ops,
+        });
+    }
+}
+
+fn empty_blocks(
+    snap: &Snapshot,
+    now: u64,
+    grace: u64,
+    scope: &GcScope,
+    touched: &BTreeSet<IpNet>,
+    out: &mut Vec<GcOp>,
+) {
+    for b in &snap.blocks {
+        let spec = &b.object.spec;
+        let node = alloc::block_node(spec);
+        let node_gone = node.is_some_and(|n| !snap.nodes.contains(n));
+        if !scope.covers(node) || touched.contains(&spec.cidr) {
+            continue;
+        }
+        if alloc::used(spec) > 0 {
+            if node_gone {
+                // Borrowed addresses of live nodes remain; the block keeps its dead owner.
+                tracing::warn!(block = %spec.cidr, "block of a missing node still holds addresses of live nodes");
+            }
+            continue;
+        }
+        if !(node_gone || alloc::releasable(spec, now, grace)) {
+            continue;
+        }
+        let affinity_rev = node
+            .and_then(|n| snap.affinities.get(&alloc::affinity_name(n, &spec.cidr)))
+            .map(|a| a.rev);
+        let (preconditions, ops) = delete_block_txn(spec, b.rev, affinity_rev, node_gone);
+        out.push(GcOp {
+            action: GcAction::DeleteBlock { cidr: spec.cidr },
+            preconditions,
+            ops,
+        });
+    }
+}
+
+fn dangling_affinities(snap: &Snapshot, scope: &GcScope, out: &mut Vec<GcOp>) {
+    let blocks: BTreeSet<IpNet> = snap.blocks.iter().map(|b| b.object.spec.cidr).collect();
+    for (name, a) in &snap.affinities {
+        if blocks.contains(&a.object.spec.cidr) || !scope.covers(Some(&a.object.spec.node)) {
+            continue;
+        }
+        out.push(GcOp {
+            action: GcAction::DeleteAffinity { name: name.clone() },
+            preconditions: vec![
+                Precondition::ModRevision(a.key.clone(), a.rev),
+                Precondition::Absent(block_key(&a.object.spec.cidr)),
+            ],
+            ops: vec![TxnOp::Delete(a.key.clone())],
+        });
+    }
+}
+
+/// Runs GC at `now` (seconds since the epoch): reads a snapshot, plans, commits each planned
+/// transaction, and repeats while there is something to do (at most a few rounds). A
+/// transaction whose preconditions no longer hold changes nothing and is decided again from the
+/// next read.
+pub async fn gc(store: &dyn Datastore, now: u64, grace: u64, scope: &GcScope) -> Result<GcReport> {
+    let mut report = GcReport::default();
+    for _ in 0..MAX_ROUNDS {
+        let snap = Snapshot::read(store).await?;
+        let ops = plan(&snap, now, grace, scope);
+        if ops.is_empty() {
+            report.abandoned = 0;
+            break;
+        }
+        report.abandoned = 0;
+        for op in ops {
+            match store.txn(op.preconditions, op.ops).await? {
+                TxnOutcome::Committed { .. } => report.record(op.action),
+                TxnOutcome::Conflict => report.abandoned += 1,
+            }
+        }
+    }
+    Ok(report)
+}
