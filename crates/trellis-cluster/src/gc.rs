@@ -18,9 +18,11 @@ use crate::release::delete_block_txn;
 use crate::snapshot::Snapshot;
 use crate::Result;
 
-/// Plan-and-commit rounds per run: a round's commits make follow-ups possible (a released
-/// node's block is empty next round) and conflicting decisions are taken again.
-const MAX_ROUNDS: usize = 8;
+/// Fresh reads per run: a conflict (someone else wrote what a decision read) costs one.
+const MAX_READS: usize = 8;
+/// Plans per read: each plan's commits are applied to the snapshot and the follow-ups (the
+/// next handles of a block, a block emptied by a release) planned from the result.
+const MAX_PLANS_PER_READ: usize = 1000;
 
 /// What a GC run may touch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +47,8 @@ impl GcScope {
 pub enum GcAction {
     /// Frees addresses of `block` whose handles do not exist.
     ReleaseLeaks { block: IpNet, ips: Vec<IpAddr> },
-    /// Releases an attachment of a node that does not exist.
-    ReleaseHandle { handle: String, node: String },
+    /// Releases attachments of a node that does not exist.
+    ReleaseHandles { handles: Vec<String>, node: String },
     /// Deletes an empty block (and its affinity).
     DeleteBlock { cidr: IpNet },
     /// Deletes an affinity whose block does not exist.
@@ -70,13 +72,15 @@ pub struct GcReport {
     pub deleted_affinities: Vec<String>,
     /// Decisions still conflicting with concurrent writers when the run stopped (run again).
     pub abandoned: usize,
+    /// Commits refused because something a decision read had changed (each decided again).
+    pub conflicts: usize,
 }
 
 impl GcReport {
     fn record(&mut self, action: GcAction) {
         match action {
             GcAction::ReleaseLeaks { ips, .. } => self.released_leaks.extend(ips),
-            GcAction::ReleaseHandle { handle, .. } => self.released_handles.push(handle),
+            GcAction::ReleaseHandles { handles, .. } => self.released_handles.extend(handles),
             GcAction::DeleteBlock { cidr } => self.deleted_blocks.push(cidr),
             GcAction::DeleteAffinity { name } => self.deleted_affinities.push(name),
         }
@@ -147,6 +151,11 @@ fn holdings(snap: &Snapshot) -> BTreeMap<&str, Vec<(usize, Option<&str>)>> {
     by_handle
 }
 
+/// Handles released per transaction: each brings a handle and an endpoint deletion and up to
+/// two blocks (one per family), which keeps a transaction within etcd's default limit of 128
+/// operations.
+const HANDLES_PER_TXN: usize = 30;
+
 fn dead_node_handles(
     snap: &Snapshot,
     now: u64,
@@ -154,10 +163,12 @@ fn dead_node_handles(
     touched: &mut BTreeSet<IpNet>,
     out: &mut Vec<GcOp>,
 ) {
+    // Handles of missing nodes, by node, with the blocks holding their addresses.
+    let mut dead: BTreeMap<&str, Vec<(&str, BTreeSet<usize>)>> = BTreeMap::new();
     for (id, held) in holdings(snap) {
-        let Some(h) = snap.handles.get(id) else {
+        if !snap.handles.contains_key(id) {
             continue; // a leak: handled above
-        };
+        }
         let nodes: BTreeSet<Option<&str>> = held.iter().map(|(_, n)| *n).collect();
         let [Some(node)] = nodes.into_iter().collect::<Vec<_>>()[..] else {
             continue; // no node recorded, or several: not this rule's to judge
@@ -166,43 +177,72 @@ fn dead_node_handles(
             continue;
         }
         let blocks: BTreeSet<usize> = held.iter().map(|(i, _)| *i).collect();
-        if blocks
-            .iter()
-            .any(|i| touched.contains(&snap.blocks[*i].object.spec.cidr))
-        {
-            continue;
+        dead.entry(node).or_default().push((id, blocks));
+    }
+    for (node, handles) in dead {
+        let mut chunk: Vec<(&str, BTreeSet<usize>)> = Vec::new();
+        for (id, blocks) in handles {
+            // A block an earlier transaction of this plan writes is planned again from that
+            // transaction's result (the shell applies it to the snapshot and plans again).
+            if blocks
+                .iter()
+                .any(|i| touched.contains(&snap.blocks[*i].object.spec.cidr))
+            {
+                continue;
+            }
+            chunk.push((id, blocks));
+            if chunk.len() == HANDLES_PER_TXN {
+                out.push(release_dead(snap, now, node, &chunk, touched));
+                chunk.clear();
+            }
         }
-        let mut pre = vec![
-            Precondition::ModRevision(h.key.clone(), h.rev),
-            Precondition::Absent(node_key(node)),
-        ];
-        let mut ops = vec![TxnOp::Delete(h.key.clone())];
-        for i in blocks {
-            let b = &snap.blocks[i];
-            let mut spec = b.object.spec.clone();
-            alloc::release_handle(&mut spec, id, now);
-            touched.insert(spec.cidr);
-            pre.push(Precondition::ModRevision(b.key.clone(), b.rev));
-            ops.push(TxnOp::Put(b.key.clone(), block_value(&spec)));
+        if !chunk.is_empty() {
+            out.push(release_dead(snap, now, node, &chunk, touched));
         }
-        if let Some(ep) = h
-            .object
-            .spec
-            .endpoint
-            .as_ref()
-            .and_then(|k| snap.endpoints.get(k))
-        {
+    }
+}
+
+/// One transaction releasing `handles` of the missing `node`: handles and endpoints deleted,
+/// their addresses freed in each block (each block written once), on condition that none of
+/// it changed and the node is still absent.
+fn release_dead(
+    snap: &Snapshot,
+    now: u64,
+    node: &str,
+    handles: &[(&str, BTreeSet<usize>)],
+    touched: &mut BTreeSet<IpNet>,
+) -> GcOp {
+    let mut pre = vec![Precondition::Absent(node_key(node))];
+    let mut ops = Vec::new();
+    let mut blocks: BTreeMap<usize, trellis_resources::IpamBlockSpec> = BTreeMap::new();
+    for (id, held) in handles {
+        let h = &snap.handles[*id];
+        pre.push(Precondition::ModRevision(h.key.clone(), h.rev));
+        ops.push(TxnOp::Delete(h.key.clone()));
+        if let Some(ep) = h.object.spec.endpoint.as_ref().and_then(|k| snap.endpoints.get(k)) {
             pre.push(Precondition::ModRevision(ep.key.clone(), ep.rev));
             ops.push(TxnOp::Delete(ep.key.clone()));
         }
-        out.push(GcOp {
-            action: GcAction::ReleaseHandle {
-                handle: id.to_string(),
-                node: node.to_string(),
-            },
-            preconditions: pre,
-            ops,
-        });
+        for i in held {
+            let spec = blocks
+                .entry(*i)
+                .or_insert_with(|| snap.blocks[*i].object.spec.clone());
+            alloc::release_handle(spec, id, now);
+        }
+    }
+    for (i, spec) in blocks {
+        let b = &snap.blocks[i];
+        touched.insert(spec.cidr);
+        pre.push(Precondition::ModRevision(b.key.clone(), b.rev));
+        ops.push(TxnOp::Put(b.key.clone(), block_value(&spec)));
+    }
+    GcOp {
+        action: GcAction::ReleaseHandles {
+            handles: handles.iter().map(|(h, _)| h.to_string()).collect(),
+            node: node.to_string(),
+        },
+        preconditions: pre,
+        ops,
     }
 }
 
@@ -261,23 +301,33 @@ fn dangling_affinities(snap: &Snapshot, scope: &GcScope, out: &mut Vec<GcOp>) {
 }
 
 /// Runs GC at `now` (seconds since the epoch): reads a snapshot, plans, commits each planned
-/// transaction, and repeats while there is something to do (at most a few rounds). A
-/// transaction whose preconditions no longer hold changes nothing and is decided again from the
-/// next read.
+/// transaction and applies it to the snapshot, plans again from the result, until nothing is
+/// left to do. A transaction whose preconditions no longer hold changes nothing; its decision is
+/// taken again from a fresh read.
 pub async fn gc(store: &dyn Datastore, now: u64, grace: u64, scope: &GcScope) -> Result<GcReport> {
     let mut report = GcReport::default();
-    for _ in 0..MAX_ROUNDS {
-        let snap = Snapshot::read(store).await?;
-        let ops = plan(&snap, now, grace, scope);
-        if ops.is_empty() {
-            report.abandoned = 0;
-            break;
-        }
+    for _ in 0..MAX_READS {
+        let mut snap = Snapshot::read(store).await?;
         report.abandoned = 0;
-        for op in ops {
-            match store.txn(op.preconditions, op.ops).await? {
-                TxnOutcome::Committed { .. } => report.record(op.action),
-                TxnOutcome::Conflict => report.abandoned += 1,
+        for _ in 0..MAX_PLANS_PER_READ {
+            let ops = plan(&snap, now, grace, scope);
+            if ops.is_empty() {
+                return Ok(report);
+            }
+            for op in ops {
+                match store.txn(op.preconditions, op.ops.clone()).await? {
+                    TxnOutcome::Committed { revision } => {
+                        snap.apply(&op.ops, revision)?;
+                        report.record(op.action);
+                    }
+                    TxnOutcome::Conflict => {
+                        report.abandoned += 1;
+                        report.conflicts += 1;
+                    }
+                }
+            }
+            if report.abandoned > 0 {
+                break; // read again
             }
         }
     }

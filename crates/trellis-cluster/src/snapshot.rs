@@ -10,7 +10,7 @@ use trellis_resources::{
     BlockAffinitySpec, IpPoolSpec, IpamBlockSpec, IpamHandleSpec, Kind, Object, Resource,
     WorkloadEndpointSpec, KEY_ROOT,
 };
-use trellis_store::Datastore;
+use trellis_store::{Datastore, KeyValue, TxnOp};
 
 use crate::objects;
 use crate::Result;
@@ -48,42 +48,75 @@ impl Snapshot {
             revision: listing.revision,
             ..Default::default()
         };
-        let node_prefix = Kind::Node.prefix();
+        for kv in &listing.items {
+            snap.put(kv)?;
+        }
+        Ok(snap)
+    }
+
+    /// Takes in one record (new or replacing the one under its key).
+    fn put(&mut self, kv: &KeyValue) -> Result<()> {
+        if let Some(name) = kv.key.strip_prefix(&Kind::Node.prefix()) {
+            self.nodes.insert(name.to_string());
+            return Ok(());
+        }
         let wanted = [
             Kind::IpPool,
             Kind::IpamBlock,
             Kind::IpamHandle,
             Kind::BlockAffinity,
             Kind::WorkloadEndpoint,
-        ]
-        .map(|k| k.prefix());
-        for kv in &listing.items {
-            if let Some(name) = kv.key.strip_prefix(&node_prefix) {
-                snap.nodes.insert(name.to_string());
-                continue;
+        ];
+        if !wanted.iter().any(|k| kv.key.starts_with(&k.prefix())) {
+            return Ok(());
+        }
+        self.delete(&kv.key);
+        let (key, rev) = (kv.key.clone(), kv.mod_revision);
+        match objects::decode(kv)?.resource {
+            Resource::IpPool(object) => self.pools.push(Read { object, key, rev }),
+            Resource::IpamBlock(object) => self.blocks.push(Read { object, key, rev }),
+            Resource::IpamHandle(object) => {
+                let id = object.spec.handle_id.clone();
+                self.handles.insert(id, Read { object, key, rev });
             }
-            if !wanted.iter().any(|p| kv.key.starts_with(p.as_str())) {
-                continue;
+            Resource::BlockAffinity(object) => {
+                let name = object.metadata.name.clone();
+                self.affinities.insert(name, Read { object, key, rev });
             }
-            let (key, rev) = (kv.key.clone(), kv.mod_revision);
-            match objects::decode(kv)?.resource {
-                Resource::IpPool(object) => snap.pools.push(Read { object, key, rev }),
-                Resource::IpamBlock(object) => snap.blocks.push(Read { object, key, rev }),
-                Resource::IpamHandle(object) => {
-                    let id = object.spec.handle_id.clone();
-                    snap.handles.insert(id, Read { object, key, rev });
-                }
-                Resource::BlockAffinity(object) => {
-                    let name = object.metadata.name.clone();
-                    snap.affinities.insert(name, Read { object, key, rev });
-                }
-                Resource::WorkloadEndpoint(object) => {
-                    snap.endpoints
-                        .insert(key.clone(), Read { object, key, rev });
-                }
-                _ => {}
+            Resource::WorkloadEndpoint(object) => {
+                self.endpoints.insert(key.clone(), Read { object, key, rev });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(name) = key.strip_prefix(&Kind::Node.prefix()) {
+            self.nodes.remove(name);
+        }
+        self.pools.retain(|r| r.key != key);
+        self.blocks.retain(|r| r.key != key);
+        self.handles.retain(|_, r| r.key != key);
+        self.affinities.retain(|_, r| r.key != key);
+        self.endpoints.remove(key);
+    }
+
+    /// The snapshot after this process committed `ops` at `revision` — what a fresh read would
+    /// show if nobody else wrote (if someone did, the next guarded commit finds out).
+    pub fn apply(&mut self, ops: &[TxnOp], revision: i64) -> Result<()> {
+        for op in ops {
+            match op {
+                TxnOp::Put(key, value) => self.put(&KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    create_revision: revision,
+                    mod_revision: revision,
+                })?,
+                TxnOp::Delete(key) => self.delete(key),
             }
         }
-        Ok(snap)
+        self.revision = revision;
+        Ok(())
     }
 }
