@@ -219,7 +219,13 @@ fn release_dead(
         let h = &snap.handles[*id];
         pre.push(Precondition::ModRevision(h.key.clone(), h.rev));
         ops.push(TxnOp::Delete(h.key.clone()));
-        if let Some(ep) = h.object.spec.endpoint.as_ref().and_then(|k| snap.endpoints.get(k)) {
+        if let Some(ep) = h
+            .object
+            .spec
+            .endpoint
+            .as_ref()
+            .and_then(|k| snap.endpoints.get(k))
+        {
             pre.push(Precondition::ModRevision(ep.key.clone(), ep.rev));
             ops.push(TxnOp::Delete(ep.key.clone()));
         }

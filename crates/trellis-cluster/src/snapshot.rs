@@ -84,7 +84,8 @@ impl Snapshot {
                 self.affinities.insert(name, Read { object, key, rev });
             }
             Resource::WorkloadEndpoint(object) => {
-                self.endpoints.insert(key.clone(), Read { object, key, rev });
+                self.endpoints
+                    .insert(key.clone(), Read { object, key, rev });
             }
             _ => {}
         }

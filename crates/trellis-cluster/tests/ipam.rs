@@ -257,7 +257,7 @@ async fn foreign_blocks_stay_out_of_the_cache(s: Arc<dyn Datastore>) {
         *own.entry(cidr).or_default() += 1;
     }
     assert_eq!(own.len(), 2, "{own:?}");
-    for (cidr, _) in &own {
+    for cidr in own.keys() {
         let blocks = objects::blocks(&*s).await.unwrap();
         let (blk, _) = blocks.iter().find(|(x, _)| x.spec.cidr == *cidr).unwrap();
         assert_eq!(trellis_ipam::cluster::block_node(&blk.spec), Some("a"));
@@ -372,7 +372,6 @@ async fn attachment_identities(s: Arc<dyn Datastore>) {
     for r in [&p1, &p2, &dot1, &dot2, &long] {
         add(r).await;
     }
-    drop(add);
     assert_ne!(live[&dot1.handle()], live[&dot2.handle()]);
     assert_eq!(objects::endpoints(&*s).await.unwrap().len(), 5);
     common::verify_ledger(&*s, &live).await.unwrap();

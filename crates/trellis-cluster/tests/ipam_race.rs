@@ -25,9 +25,7 @@ use trellis_cluster::ipam::{NodeIpam, Request};
 use trellis_cluster::report::{self, GcReport, GcScope};
 use trellis_cluster::{objects, Clock, ClusterError};
 use trellis_resources::Kind;
-use trellis_store::{
-    Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch,
-};
+use trellis_store::{Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch};
 
 type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
@@ -198,7 +196,9 @@ async fn allocations_during_gc(s: Arc<dyn Datastore>, scope: GcScope) {
     // A hookless run: how many calls GC makes.
     let w = world(&s, &clock).await;
     let probe = Hooked::new(s.clone(), usize::MAX, None);
-    let r = report::gc(&probe, clock.now_secs(), 0, &scope).await.unwrap();
+    let r = report::gc(&probe, clock.now_secs(), 0, &scope)
+        .await
+        .unwrap();
     assert_eq!(r.released_handles, w.d_handles, "{r:?}");
     let total = probe.calls();
     eprintln!("{scope:?}: GC makes {total} datastore calls without interference");
@@ -214,12 +214,23 @@ async fn allocations_during_gc(s: Arc<dyn Datastore>, scope: GcScope) {
             })
         });
         let hooked = Hooked::new(s.clone(), k, Some(hook));
-        let r = report::gc(&hooked, clock.now_secs(), 0, &scope).await.unwrap();
-        let landed = hooked.log.lock().unwrap().get(k).cloned().unwrap_or_default();
+        let r = report::gc(&hooked, clock.now_secs(), 0, &scope)
+            .await
+            .unwrap();
+        let landed = hooked
+            .log
+            .lock()
+            .unwrap()
+            .get(k)
+            .cloned()
+            .unwrap_or_default();
         eprintln!("  hook before call {k} ({landed}): {}", summary(&r));
         let mut w = w.lock().await;
         for h in &r.released_handles {
-            assert!(w.d_handles.contains(h), "GC released {h}, not of the deleted node");
+            assert!(
+                w.d_handles.contains(h),
+                "GC released {h}, not of the deleted node"
+            );
         }
         if let Err(e) = verify_ledger(&*s, &w.live).await {
             panic!("hook before call {k} ({landed}): {e}");
@@ -275,14 +286,19 @@ async fn node_returns_during_gc(s: Arc<dyn Datastore>, scope: GcScope) {
     for k in 0..total {
         let mut live = setup().await;
         let s2 = s.clone();
-        let hook: Hook = Box::new(move || {
-            Box::pin(async move { apply(&*s2, &node_yaml("d")).await })
-        });
+        let hook: Hook =
+            Box::new(move || Box::pin(async move { apply(&*s2, &node_yaml("d")).await }));
         let hooked = Hooked::new(s.clone(), k, Some(hook));
         let r = report::gc(&hooked, clock.now_secs(), u64::MAX, &scope)
             .await
             .unwrap();
-        let landed = hooked.log.lock().unwrap().get(k).cloned().unwrap_or_default();
+        let landed = hooked
+            .log
+            .lock()
+            .unwrap()
+            .get(k)
+            .cloned()
+            .unwrap_or_default();
         eprintln!("  node back before call {k} ({landed}): {}", summary(&r));
         assert_eq!(
             hooked.committed_after_hook.load(Ordering::SeqCst),
