@@ -68,10 +68,9 @@ fn burst_then_release(etcd: bool) {
     // kill -9 of node0's agent right after the N-th allocation of a burst committed, for
     // several N, while the burst's ADDs are in flight. Nothing repairs the store afterwards.
     let mut killed_cids = Vec::new();
-    for (round, n) in [1usize, 8, 20].into_iter().enumerate() {
+    for (round, n) in [1usize, 5, 12, 20, 30].into_iter().enumerate() {
         let cids: Vec<String> = (0..40).map(|k| format!("k{round}x{k}")).collect();
-        let prefix = format!("/trellis/v1/ipamhandles/k8s.k{round}x");
-        let killer = kill_after_commits(&c, &prefix, n, 0);
+        let killer = kill_after_commits(&c, &format!("k8s.k{round}x"), n, 0);
         let burst: Vec<(String, Child)> = cids
             .iter()
             .map(|cid| (cid.clone(), c.spawn_ipam(0, "ADD", cid)))
@@ -103,7 +102,7 @@ fn burst_then_release(etcd: bool) {
             })
             .collect();
         eprintln!(
-            "kill after commit {n} (the watcher counted {seen_at_kill}): {} of 40 allocations committed, {} ADDs answered, {} interrupted",
+            "kill after allocation {n} (the watcher counted {seen_at_kill} in the blocks): {} of 40 allocations committed, {} ADDs answered, {} interrupted",
             committed.len(),
             answered.len(),
             40 - answered.len()
@@ -209,7 +208,7 @@ fn gc_and_delete_node_under_bursts(etcd: bool) {
     let started = Instant::now();
     let mut live: BTreeMap<String, std::net::IpAddr> = BTreeMap::new(); // cid → address
     let mut rounds = 0;
-    while rounds < 8 && started.elapsed() < Duration::from_secs(45) {
+    while rounds < 12 && started.elapsed() < Duration::from_secs(45) {
         rounds += 1;
         let adds: Vec<(String, Child)> = (0..2)
             .flat_map(|i| (0..10).map(move |k| (i, format!("r{rounds}n{i}c{k}"))))
@@ -443,9 +442,27 @@ fn recorded(c: &Cluster) -> BTreeMap<String, Vec<std::net::IpAddr>> {
     out
 }
 
+/// Addresses recorded in the blocks of a listing for handles starting with `handle_prefix`.
+fn allocations_of(items: &[trellis_store::KeyValue], handle_prefix: &str) -> usize {
+    let mut n = 0;
+    for kv in items {
+        let b: Value = serde_json::from_slice(&kv.value).unwrap();
+        let attrs = b["spec"]["attributes"].as_array().unwrap();
+        for a in b["spec"]["allocations"].as_array().unwrap() {
+            if let Some(i) = a.as_u64() {
+                let h = attrs[i as usize]["handle_id"].as_str().unwrap();
+                n += usize::from(h.starts_with(handle_prefix));
+            }
+        }
+    }
+    n
+}
+
 /// Starts a thread in the cluster's control namespace (where etcd listens) that polls the
-/// number of handles under `prefix` and SIGKILLs node `i`'s agent as soon as it reaches `n`;
-/// returns once the watcher is connected. The thread returns the count it saw.
+/// blocks and SIGKILLs node `i`'s agent as soon as `n` addresses of handles starting with
+/// `handle_prefix` are recorded in them (an address in a block without its handle — a write
+/// split in two — would be caught right there); returns once the watcher is connected. The
+/// thread returns the count it saw.
 fn kill_after_commits(
     c: &Cluster,
     prefix: &str,
@@ -471,10 +488,29 @@ fn kill_after_commits(
             .unwrap();
         rt.block_on(async move {
             let store = trellis_store::open(&spec).await.unwrap();
+            const BLOCKS: &str = "/trellis/v1/ipamblocks/";
+            let listing = store.list(BLOCKS).await.unwrap();
+            let mut per_block: BTreeMap<String, usize> = listing
+                .items
+                .iter()
+                .map(|kv| {
+                    (
+                        kv.key.clone(),
+                        allocations_of(std::slice::from_ref(kv), &prefix),
+                    )
+                })
+                .collect();
+            // etcd pushes each commit at once; the SQLite store's watch polls every 50 ms, so
+            // there the blocks are listed every 2 ms instead.
+            let mut watch = if spec.starts_with("etcd:") {
+                Some(store.watch(BLOCKS, listing.revision + 1).await.unwrap())
+            } else {
+                None
+            };
             ready_tx.send(()).unwrap();
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let count = store.list(&prefix).await.unwrap().items.len();
+                let count: usize = per_block.values().sum();
                 if count >= n {
                     // SAFETY: kill(2) of the agent this test started.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -484,7 +520,44 @@ fn kill_after_commits(
                     Instant::now() < deadline,
                     "only {count} of {n} allocations committed in 60 s"
                 );
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                match &mut watch {
+                    Some(w) => {
+                        let ev = tokio::time::timeout_at(deadline.into(), w.next())
+                            .await
+                            .expect("a block change within 60 s")
+                            .expect("watch open")
+                            .unwrap();
+                        let kv = trellis_store::KeyValue {
+                            key: ev.key.clone(),
+                            value: ev.value,
+                            create_revision: ev.revision,
+                            mod_revision: ev.revision,
+                        };
+                        let here = match ev.kind {
+                            trellis_store::WatchEventKind::Put => {
+                                allocations_of(std::slice::from_ref(&kv), &prefix)
+                            }
+                            trellis_store::WatchEventKind::Delete => 0,
+                        };
+                        per_block.insert(ev.key, here);
+                    }
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        per_block = store
+                            .list(BLOCKS)
+                            .await
+                            .unwrap()
+                            .items
+                            .iter()
+                            .map(|kv| {
+                                (
+                                    kv.key.clone(),
+                                    allocations_of(std::slice::from_ref(kv), &prefix),
+                                )
+                            })
+                            .collect();
+                    }
+                }
             }
         })
     });
