@@ -353,7 +353,9 @@ fn bad_input_is_refused_and_changes_nothing() {
     let n = &c.nodes[0];
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni", "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
     let link = c.dir.path().join("trellis-ipam");
-    let _ = std::os::unix::fs::symlink(bin("trellis-cni"), &link);
+    if !link.exists() {
+        std::os::unix::fs::symlink(bin("trellis-cni"), &link).unwrap();
+    }
     let mut plugin = n.ns.command(link.to_str().unwrap());
     plugin
         .env("CNI_COMMAND", "ADD")

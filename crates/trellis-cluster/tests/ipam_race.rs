@@ -314,7 +314,67 @@ async fn node_returns_during_gc(s: Arc<dyn Datastore>, scope: GcScope) {
     }
 }
 
+/// The agent giving back its empty block while another node takes a requested address in it:
+/// the hook allocates before the agent's k-th datastore call; the block stays if it was taken.
+async fn allocation_during_empty_block_release(s: Arc<dyn Datastore>) {
+    let clock = ManualClock::new();
+    let setup = async || {
+        wipe(&*s).await;
+        apply(&*s, &common::pool_yaml("p", "10.91.0.0/26", 29)).await;
+        apply(&*s, &node_yaml("a")).await;
+        apply(&*s, &node_yaml("b")).await;
+        let a = NodeIpam::new(s.clone(), "a", BTreeMap::new()).with_clock(clock.clone());
+        let mut live = Ledger::new();
+        add(&a, &req("a", 0), &mut live).await;
+        a.release(&req("a", 0)).await.unwrap();
+        clock.advance(10);
+    };
+    setup().await;
+    let probe = Hooked::new(s.clone(), usize::MAX, None);
+    let a = NodeIpam::new(Arc::new(probe), "a", BTreeMap::new()).with_clock(clock.clone());
+    assert_eq!(
+        a.release_empty_blocks(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    drop(a);
+    let mut total = 0;
+    for k in 0.. {
+        setup().await;
+        let live = Arc::new(tokio::sync::Mutex::new(Ledger::new()));
+        let (s2, live2, clock2) = (s.clone(), live.clone(), clock.clone());
+        let hook: Hook = Box::new(move || {
+            Box::pin(async move {
+                let b = NodeIpam::new(s2, "b", BTreeMap::new()).with_clock(clock2);
+                let mut fixed = req("b", 0);
+                fixed.requested_ips = vec!["10.91.0.3".parse().unwrap()];
+                add(&b, &fixed, &mut *live2.lock().await).await;
+            })
+        });
+        let hooked = Arc::new(Hooked::new(s.clone(), k, Some(hook)));
+        let a = NodeIpam::new(hooked.clone(), "a", BTreeMap::new()).with_clock(clock.clone());
+        let released = a
+            .release_empty_blocks(Duration::from_secs(5))
+            .await
+            .unwrap();
+        total = hooked.calls();
+        if k >= total {
+            break; // the hook never ran: every position was tried
+        }
+        let landed = hooked.log.lock().unwrap()[k].clone();
+        eprintln!("  allocation before call {k} ({landed}): released {released:?}");
+        let live = live.lock().await.clone();
+        if let Err(e) = verify_ledger(&*s, &live).await {
+            panic!("allocation before call {k} ({landed}): {e}");
+        }
+    }
+    assert!(total >= 2, "release_empty_blocks made {total} calls");
+}
+
 async fn gc_interleavings(s: Arc<dyn Datastore>) {
+    allocation_during_empty_block_release(s.clone()).await;
     allocations_during_gc(s.clone(), GcScope::All).await;
     node_returns_during_gc(s.clone(), GcScope::All).await;
     node_returns_during_gc(s, GcScope::Node("d".into())).await;
