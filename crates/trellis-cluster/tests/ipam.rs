@@ -464,12 +464,38 @@ async fn legacy_records_released_by_del(s: Arc<dyn Datastore>) {
     assert!(report::check(&*s).await.unwrap().is_empty());
 }
 
+/// `delete node` of a node with 70 pods in one block: released in one run, in transactions
+/// within etcd's 128-operation limit, each block written once per transaction.
+async fn delete_node_with_many_pods(s: Arc<dyn Datastore>) {
+    apply(&*s, &common::pool_yaml("p", "10.84.0.0/24", 25)).await;
+    apply(&*s, &node_yaml("big")).await;
+    apply(&*s, &node_yaml("other")).await;
+    let big = NodeIpam::new(s.clone(), "big", BTreeMap::new());
+    for i in 0..70 {
+        big.allocate(&req("big", i)).await.unwrap();
+    }
+    let other = NodeIpam::new(s.clone(), "other", BTreeMap::new());
+    let kept = other.allocate(&req("other", 0)).await.unwrap();
+    objects::delete(&*s, trellis_resources::Kind::Node, None, "big")
+        .await
+        .unwrap();
+    let scope = GcScope::Node("big".into());
+    let g = report::gc(&*s, 1, u64::MAX, &scope).await.unwrap();
+    assert_eq!(g.released_handles.len(), 70, "{g:?}");
+    assert_eq!(g.deleted_blocks.len(), 1, "{g:?}");
+    assert_eq!(g.conflicts, 0, "{g:?}");
+    let live = BTreeMap::from([(req("other", 0).handle(), vec![kept[0].0])]);
+    common::verify_ledger(&*s, &live).await.unwrap();
+    assert_eq!(objects::endpoints(&*s).await.unwrap().len(), 1);
+}
+
 both!(burst_four_nodes);
 both!(fixed_reserved_strict_and_node_removal);
 both!(one_address_per_family);
 both!(foreign_blocks_stay_out_of_the_cache);
 both!(attachment_identities);
 both!(legacy_records_released_by_del);
+both!(delete_node_with_many_pods);
 
 #[tokio::test]
 async fn corrupt_records_are_named() {
