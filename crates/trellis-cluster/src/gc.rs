@@ -141,11 +141,9 @@ fn leaks(
 fn holdings(snap: &Snapshot) -> BTreeMap<&str, Vec<(usize, Option<&str>)>> {
     let mut by_handle: BTreeMap<&str, Vec<(usize, Option<&str>)>> = BTreeMap::new();
     for (i, b) in snap.blocks.iter().enumerate() {
-        for a in &b.object.spec.attributes {
+        for (_, a) in alloc::allocations(&b.object.spec) {
             let node = a.secondary.get("node").map(String::as_str);
-            if !alloc::held_by(&b.object.spec, &a.handle_id).is_empty() {
-                by_handle.entry(&a.handle_id).or_default().push((i, node));
-            }
+            by_handle.entry(&a.handle_id).or_default().push((i, node));
         }
     }
     by_handle
@@ -338,4 +336,164 @@ pub async fn gc(store: &dyn Datastore, now: u64, grace: u64, scope: &GcScope) ->
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::affinity_key;
+    use crate::snapshot::Read;
+    use trellis_resources::{
+        key_for, AffinityState, BlockAffinitySpec, IpamHandleSpec, Kind, Metadata, Object,
+    };
+
+    fn read<S>(kind: Kind, name: &str, spec: S, rev: i64) -> Read<S> {
+        Read {
+            object: Object {
+                metadata: Metadata {
+                    name: name.into(),
+                    ..Default::default()
+                },
+                spec,
+                status: None,
+            },
+            key: key_for(kind, None, name),
+            rev,
+        }
+    }
+
+    /// Node `live` holds 10.0.0.1 (handle h1) in its block; node `gone` (missing) holds
+    /// 10.0.0.9 (h2) in its block; 10.0.0.2 is leaked (its handle h3 does not exist); node
+    /// `gone` has a second, empty block and an affinity without a block.
+    fn snapshot() -> Snapshot {
+        let sec = |n: &str| BTreeMap::from([("node".to_string(), n.to_string())]);
+        let mut live = alloc::new_block("10.0.0.0/29".parse().unwrap(), "live");
+        alloc::allocate_specific(&mut live, "10.0.0.1".parse().unwrap(), "h1", &sec("live"))
+            .unwrap();
+        alloc::allocate_specific(&mut live, "10.0.0.2".parse().unwrap(), "h3", &sec("live"))
+            .unwrap();
+        let mut gone = alloc::new_block("10.0.0.8/29".parse().unwrap(), "gone");
+        alloc::allocate_specific(&mut gone, "10.0.0.9".parse().unwrap(), "h2", &sec("gone"))
+            .unwrap();
+        let empty = alloc::new_block("10.0.0.16/29".parse().unwrap(), "gone");
+        let handle = |id: &str, cidr: &str| IpamHandleSpec {
+            handle_id: id.into(),
+            block: BTreeMap::from([(cidr.to_string(), 1)]),
+            endpoint: None,
+        };
+        let aff = |cidr: &str| BlockAffinitySpec {
+            state: AffinityState::Confirmed,
+            node: "gone".into(),
+            cidr: cidr.parse().unwrap(),
+        };
+        Snapshot {
+            revision: 100,
+            pools: vec![],
+            nodes: BTreeSet::from(["live".to_string()]),
+            blocks: vec![
+                read(Kind::IpamBlock, "10-0-0-0-29", live, 10),
+                read(Kind::IpamBlock, "10-0-0-8-29", gone, 11),
+                read(Kind::IpamBlock, "10-0-0-16-29", empty, 12),
+            ],
+            handles: BTreeMap::from([
+                (
+                    "h1".into(),
+                    read(Kind::IpamHandle, "h1", handle("h1", "10.0.0.0/29"), 20),
+                ),
+                (
+                    "h2".into(),
+                    read(Kind::IpamHandle, "h2", handle("h2", "10.0.0.8/29"), 21),
+                ),
+            ]),
+            affinities: BTreeMap::from([
+                (
+                    "gone-10-0-0-16-29".into(),
+                    read(
+                        Kind::BlockAffinity,
+                        "gone-10-0-0-16-29",
+                        aff("10.0.0.16/29"),
+                        30,
+                    ),
+                ),
+                (
+                    "gone-10-0-0-24-29".into(),
+                    read(
+                        Kind::BlockAffinity,
+                        "gone-10-0-0-24-29",
+                        aff("10.0.0.24/29"),
+                        31,
+                    ),
+                ),
+            ]),
+            endpoints: BTreeMap::new(),
+        }
+    }
+
+    fn op<'a>(ops: &'a [GcOp], pred: impl Fn(&GcAction) -> bool) -> &'a GcOp {
+        ops.iter().find(|o| pred(&o.action)).expect("planned")
+    }
+
+    /// Every planned transaction is guarded by everything its decision read.
+    #[test]
+    fn every_decision_is_guarded_by_what_it_read() {
+        let ops = plan(&snapshot(), 1000, u64::MAX, &GcScope::All);
+        let block = |name: &str| key_for(Kind::IpamBlock, None, name);
+        let leak = op(&ops, |a| matches!(a, GcAction::ReleaseLeaks { .. }));
+        assert_eq!(
+            leak.preconditions,
+            vec![
+                Precondition::ModRevision(block("10-0-0-0-29"), 10),
+                Precondition::Absent(handle_key("h3")),
+            ]
+        );
+        let dead = op(&ops, |a| matches!(a, GcAction::ReleaseHandles { .. }));
+        assert_eq!(
+            dead.preconditions,
+            vec![
+                Precondition::Absent(node_key("gone")),
+                Precondition::ModRevision(handle_key("h2"), 21),
+                Precondition::ModRevision(block("10-0-0-8-29"), 11),
+            ]
+        );
+        let cidr: IpNet = "10.0.0.16/29".parse().unwrap();
+        let del = op(&ops, |a| *a == GcAction::DeleteBlock { cidr });
+        assert_eq!(
+            del.preconditions,
+            vec![
+                Precondition::ModRevision(block("10-0-0-16-29"), 12),
+                Precondition::ModRevision(affinity_key("gone", &cidr), 30),
+                Precondition::Absent(node_key("gone")),
+            ]
+        );
+        let dangling = op(&ops, |a| matches!(a, GcAction::DeleteAffinity { .. }));
+        assert_eq!(
+            dangling.preconditions,
+            vec![
+                Precondition::ModRevision(
+                    key_for(Kind::BlockAffinity, None, "gone-10-0-0-24-29"),
+                    31
+                ),
+                Precondition::Absent(block("10-0-0-24-29")),
+            ]
+        );
+        // The block of the missing node still holds h2 in this plan: not deleted yet.
+        assert!(!ops.iter().any(|o| o.action
+            == GcAction::DeleteBlock {
+                cidr: "10.0.0.8/29".parse().unwrap()
+            }));
+        // The live node's handle is untouched.
+        assert!(!ops.iter().any(|o| o
+            .preconditions
+            .contains(&Precondition::ModRevision(handle_key("h1"), 20))));
+    }
+
+    /// `delete node gone` plans only what is the node's.
+    #[test]
+    fn node_scope_touches_only_that_node() {
+        let ops = plan(&snapshot(), 1000, u64::MAX, &GcScope::Node("gone".into()));
+        assert!(ops
+            .iter()
+            .all(|o| !matches!(o.action, GcAction::ReleaseLeaks { .. })));
+        assert_eq!(ops.len(), 3, "{ops:?}");
+    }
 }

@@ -49,13 +49,13 @@ impl Snapshot {
             ..Default::default()
         };
         for kv in &listing.items {
-            snap.put(kv)?;
+            snap.insert(kv)?;
         }
         Ok(snap)
     }
 
-    /// Takes in one record (new or replacing the one under its key).
-    fn put(&mut self, kv: &KeyValue) -> Result<()> {
+    /// Takes in one record whose key is not in the snapshot yet.
+    fn insert(&mut self, kv: &KeyValue) -> Result<()> {
         if let Some(name) = kv.key.strip_prefix(&Kind::Node.prefix()) {
             self.nodes.insert(name.to_string());
             return Ok(());
@@ -70,7 +70,6 @@ impl Snapshot {
         if !wanted.iter().any(|k| kv.key.starts_with(&k.prefix())) {
             return Ok(());
         }
-        self.delete(&kv.key);
         let (key, rev) = (kv.key.clone(), kv.mod_revision);
         match objects::decode(kv)?.resource {
             Resource::IpPool(object) => self.pools.push(Read { object, key, rev }),
@@ -108,12 +107,15 @@ impl Snapshot {
     pub fn apply(&mut self, ops: &[TxnOp], revision: i64) -> Result<()> {
         for op in ops {
             match op {
-                TxnOp::Put(key, value) => self.put(&KeyValue {
-                    key: key.clone(),
-                    value: value.clone(),
-                    create_revision: revision,
-                    mod_revision: revision,
-                })?,
+                TxnOp::Put(key, value) => {
+                    self.delete(key);
+                    self.insert(&KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: revision,
+                        mod_revision: revision,
+                    })?
+                }
                 TxnOp::Delete(key) => self.delete(key),
             }
         }
