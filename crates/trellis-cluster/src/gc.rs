@@ -429,7 +429,7 @@ mod tests {
         }
     }
 
-    fn op<'a>(ops: &'a [GcOp], pred: impl Fn(&GcAction) -> bool) -> &'a GcOp {
+    fn op(ops: &[GcOp], pred: impl Fn(&GcAction) -> bool) -> &GcOp {
         ops.iter().find(|o| pred(&o.action)).expect("planned")
     }
 
