@@ -455,7 +455,7 @@ async fn stress(s: Arc<dyn Datastore>) {
     let mut mine: Vec<Vec<Request>> = vec![Vec::new(); 3];
     let (mut rounds, mut adds, mut dels, mut refused, mut gc_released) = (0, 0, 0, 0, 0);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    while rounds < 25 && Instant::now() < deadline {
+    while rounds < 40 && Instant::now() < deadline {
         rounds += 1;
         // ADD/DEL bursts on n0..n2 (n3 is idle).
         let bursts: Vec<_> = (0..3)
