@@ -16,9 +16,9 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use trellis_agent_api::{Attachment, ErrorReply, Ok as Done, Reply, Request};
-use trellis_cluster::ipam::{held_addresses, release_handle, Request as IpamRequest};
-use trellis_cluster::{objects, ClusterError};
-use trellis_ipam::cluster::{handle_id, ClusterIpamError};
+use trellis_cluster::ipam::{release_unlisted, Request as IpamRequest};
+use trellis_cluster::ClusterError;
+use trellis_ipam::cluster::ClusterIpamError;
 
 use crate::{Agent, AgentError};
 
@@ -166,7 +166,9 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()
 
 fn code_of(e: &ClusterError) -> u32 {
     match e {
-        ClusterError::Store(_) | ClusterError::Contention { .. } => 11,
+        ClusterError::Store(_)
+        | ClusterError::Contention { .. }
+        | ClusterError::NodeNotRegistered { .. } => 11,
         ClusterError::Ipam(ClusterIpamError::Exhausted { .. } | ClusterIpamError::InUse { .. }) => {
             100
         }
@@ -240,12 +242,9 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             }
         }
         Request::Check { attachment, ips } => {
-            let handle = handle_id(
-                &attachment.network,
-                &attachment.container_id,
-                &attachment.ifname,
-            );
-            match held_addresses(&*agent.store, &handle).await {
+            let req = ipam_request(&attachment);
+            let handle = req.handle();
+            match agent.ipam.held(&req).await {
                 Ok(Some(held)) => {
                     let held: Vec<_> = held.into_iter().map(|(ip, _)| ip).collect();
                     match ips.iter().find(|ip| !held.contains(ip)) {
@@ -289,27 +288,26 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
     }
 }
 
-/// Releases this node's attachments of `network` that are not in `keep`.
+/// Releases this node's attachments of `network` that are not in `keep` — matched on the
+/// attachment's network, container and interface, never on a handle prefix (network `k8s`
+/// must not match `k8s.v2`).
 async fn gc(
     agent: &Agent,
     network: &str,
     keep: &[Attachment],
 ) -> Result<Vec<std::net::IpAddr>, ClusterError> {
-    let keep: Vec<String> = keep
+    let keep: Vec<(String, String, String)> = keep
         .iter()
-        .map(|a| handle_id(&a.network, &a.container_id, &a.ifname))
+        .map(|a| (a.network.clone(), a.container_id.clone(), a.ifname.clone()))
         .collect();
-    let prefix = format!("{network}.");
-    let mut released = Vec::new();
-    for (w, _) in objects::endpoints(&*agent.store).await? {
-        let Some(h) = w.metadata.annotations.get("trellis.dev/handle") else {
-            continue;
-        };
-        if w.spec.node == agent.config.node && h.starts_with(&prefix) && !keep.contains(h) {
-            released.extend(release_handle(&*agent.store, h).await?);
-        }
-    }
-    Ok(released)
+    release_unlisted(
+        &*agent.store,
+        &agent.config.node,
+        network,
+        &keep,
+        trellis_cluster::now_secs(),
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -318,6 +316,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use trellis_cluster::ipam::NodeIpam;
+    use trellis_cluster::objects;
     use trellis_resources::parse_documents;
 
     use super::*;

@@ -200,13 +200,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             objects::delete(store, kind, namespace.as_deref(), &name).await?;
             println!("{} {name} deleted", kind.name());
             if kind == Kind::Node {
-                // A node's addresses and blocks go with it (what Calico's kube-controllers do).
-                let r = report::gc(store, u64::MAX).await?;
+                // A node's addresses and blocks go with it (what Calico's kube-controllers do) —
+                // each release on condition that the node is still absent when it commits, so a
+                // node whose agent registers it again keeps its pods' addresses.
+                let scope = report::GcScope::Node(name.clone());
+                let r = report::gc(store, trellis_cluster::now_secs(), u64::MAX, &scope).await?;
                 println!(
                     "released {} attachment(s) and {} block(s) of node {name}",
                     r.released_handles.len(),
                     r.deleted_blocks.len()
                 );
+                if objects::get(store, Kind::Node, None, &name)
+                    .await?
+                    .is_some()
+                {
+                    println!("node {name} registered again (its agent is running); what it still holds stays");
+                }
                 // And its BGP status report, if BGP ran there.
                 match objects::delete(store, Kind::BgpStatus, None, &name).await {
                     Ok(()) | Err(trellis_cluster::ClusterError::NotFound { .. }) => {}
@@ -268,7 +277,7 @@ async fn ipam_cmd(store: &dyn trellis_store::Datastore, command: IpamCommand) ->
         }
         IpamCommand::Release { ip, handle } => {
             if let Some(h) = handle {
-                let released = ipam::release_handle(store, &h).await?;
+                let released = ipam::release_handle(store, &h, trellis_cluster::now_secs()).await?;
                 if released.is_empty() {
                     bail!("handle {h} holds no addresses");
                 }
@@ -281,15 +290,21 @@ async fn ipam_cmd(store: &dyn trellis_store::Datastore, command: IpamCommand) ->
                         .join(", ")
                 );
             } else if let Some(ip) = ip {
-                match ipam::release_ip(store, ip).await? {
-                    Some(h) => println!("released {ip} (handle {h})"),
+                match ipam::release_ip(store, ip, trellis_cluster::now_secs()).await? {
+                    Some(trellis_cluster::release::IpRelease::Handle(h)) => {
+                        println!("released {ip} (handle {h})")
+                    }
+                    Some(trellis_cluster::release::IpRelease::Leak(h)) => {
+                        println!("released leaked {ip} (its handle {h} did not exist)")
+                    }
                     None => bail!("{ip} is not allocated"),
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         IpamCommand::Gc { grace } => {
-            let r = report::gc(store, grace).await?;
+            let now = trellis_cluster::now_secs();
+            let r = report::gc(store, now, grace, &report::GcScope::All).await?;
             println!(
                 "released {} handle(s) of missing nodes, {} leaked address(es); deleted {} block(s), {} affinit(y/ies)",
                 r.released_handles.len(),
@@ -297,6 +312,12 @@ async fn ipam_cmd(store: &dyn trellis_store::Datastore, command: IpamCommand) ->
                 r.deleted_blocks.len(),
                 r.deleted_affinities.len()
             );
+            if r.abandoned > 0 {
+                println!(
+                    "{} decision(s) conflicted with concurrent changes and were left; run again",
+                    r.abandoned
+                );
+            }
             for h in &r.released_handles {
                 println!("  released handle {h}");
             }

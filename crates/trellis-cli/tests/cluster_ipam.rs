@@ -1,11 +1,15 @@
 //! Issue-level test of cluster IPAM: four real agents (one per network namespace) share one
 //! datastore; 100 ADDs started at once against each, through the real `trellis-cni` binary in
-//! its IPAM role; then `kill -9` of an agent mid-burst, DEL of everything, and release of the
-//! empty blocks after the grace period. Run against SQLite and against etcd.
+//! its IPAM role; then `kill -9` of an agent right after the N-th allocation of a burst
+//! committed (for several N, with the burst in flight), `ipam check` clean without repair and
+//! retried ADDs converging; DEL of everything, and release of the empty blocks after the grace
+//! period. Also `ipam gc` and `delete node` looping against ADD/DEL bursts, and one address per
+//! family through the plugin. Run against SQLite and against etcd.
 
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -61,49 +65,91 @@ fn burst_then_release(etcd: bool) {
     }
     c.cli_ok(&["ipam", "check"], None);
 
-    // kill -9 of node0's agent in the middle of a burst, then restart.
-    let burst: Vec<(String, Child)> = (0..60)
-        .map(|k| format!("k{k}"))
-        .map(|cid| {
-            let ch = c.spawn_ipam(0, "ADD", &cid);
-            (cid, ch)
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(60));
-    c.kill_agent(0);
-    let mut ok = 0;
-    for (cid, ch) in burst {
-        let out = ch.wait_with_output().unwrap();
-        if out.status.success() {
-            let ip = ip_of(&out).unwrap();
+    // kill -9 of node0's agent right after the N-th allocation of a burst committed, for
+    // several N, while the burst's ADDs are in flight. Nothing repairs the store afterwards.
+    let mut killed_cids = Vec::new();
+    for (round, n) in [1usize, 5, 12, 20, 30].into_iter().enumerate() {
+        let cids: Vec<String> = (0..40).map(|k| format!("k{round}x{k}")).collect();
+        let killer = kill_after_commits(&c, &format!("k8s.k{round}x"), n, 0);
+        let burst: Vec<(String, Child)> = cids
+            .iter()
+            .map(|cid| (cid.clone(), c.spawn_ipam(0, "ADD", cid)))
+            .collect();
+        let seen_at_kill = killer.join().expect("kill watcher");
+        let mut answered = BTreeMap::new();
+        for (cid, ch) in burst {
+            let out = ch.wait_with_output().unwrap();
+            if out.status.success() {
+                answered.insert(cid, ip_of(&out).unwrap());
+            } else {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(
+                    v["code"], 11,
+                    "an interrupted ADD is 'try again later': {v}"
+                );
+            }
+        }
+        c.kill_agent(0); // reaps it
+                         // Where the kill landed: what the store holds for this burst, now that nothing can
+                         // write it any more.
+        let held = recorded(&c);
+        let committed: BTreeMap<&str, std::net::IpAddr> = cids
+            .iter()
+            .filter_map(|cid| {
+                let h = held.get(&format!("k8s.{cid}.eth0"))?;
+                assert_eq!(h.len(), 1, "{cid} holds {h:?}");
+                Some((cid.as_str(), h[0]))
+            })
+            .collect();
+        eprintln!(
+            "kill after allocation {n} (the watcher counted {seen_at_kill} in the blocks): {} of 40 allocations committed, {} ADDs answered, {} interrupted",
+            committed.len(),
+            answered.len(),
+            40 - answered.len()
+        );
+        assert!(
+            committed.len() >= n && committed.len() < cids.len(),
+            "the kill must land mid-burst"
+        );
+        // An answered ADD is recorded with the address it answered; nothing else is half-done.
+        for (cid, ip) in &answered {
+            assert_eq!(committed.get(cid.as_str()), Some(ip), "{cid}");
             assert!(
-                seen.insert(ip, 0).is_none(),
-                "{ip} ({cid}) handed out twice across the crash"
-            );
-            ok += 1;
-        } else {
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            assert_eq!(
-                v["code"], 11,
-                "an interrupted ADD is 'try again later': {v}"
+                seen.insert(*ip, 0).is_none(),
+                "{ip} ({cid}) handed out twice"
             );
         }
-    }
-    eprintln!("{ok}/60 ADDs completed before the agent was killed");
-    c.start_agent(0);
-    let check = c.cli(&["ipam", "check"], None);
-    if !check.status.success() {
-        eprintln!(
-            "after the crash: {}",
-            String::from_utf8_lossy(&check.stdout)
-        );
-        c.cli_ok(&["ipam", "gc"], None);
         c.cli_ok(&["ipam", "check"], None);
+        // The runtime retries after the agent restarts: every ADD converges, and an attachment
+        // committed before the kill gets the address it was recorded with.
+        c.start_agent(0);
+        let retries: Vec<(String, Child)> = cids
+            .iter()
+            .map(|cid| (cid.clone(), c.spawn_ipam(0, "ADD", cid)))
+            .collect();
+        for (cid, ch) in retries {
+            let out = ch.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "retried ADD {cid}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let ip = ip_of(&out).unwrap();
+            match committed.get(cid.as_str()) {
+                Some(was) => assert_eq!(*was, ip, "{cid} came back with another address"),
+                None => assert!(
+                    seen.insert(ip, 0).is_none(),
+                    "{ip} ({cid}) handed out twice"
+                ),
+            }
+        }
+        c.cli_ok(&["ipam", "check"], None);
+        killed_cids.extend(cids);
     }
     // The runtime DELs every container it tried to start, successful or not.
     let dels: Vec<Child> = (0..4)
         .flat_map(|i| (0..100).map(move |k| (i, format!("n{i}c{k}"))))
-        .chain((0..60).map(|k| (0, format!("k{k}"))))
+        .chain(killed_cids.iter().map(|cid| (0, cid.clone())))
         .map(|(i, cid)| c.spawn_ipam(i, "DEL", &cid))
         .collect();
     for d in dels {
@@ -151,6 +197,126 @@ fn burst_then_release(etcd: bool) {
     assert_eq!(unique.len(), seen.len());
 }
 
+/// Issue 9 "done when": `trellis ipam gc` and `trellis delete node` (an idle node, and a node
+/// whose running agent registers it again) in a loop against ADD/DEL bursts through real agents
+/// and the real plugin. After every round: no address given to two live attachments, every
+/// live attachment holds exactly its address, `ipam check` clean. Bounded in rounds and time.
+fn gc_and_delete_node_under_bursts(etcd: bool) {
+    let _serial = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
+    let tag = if etcd { "gce" } else { "gcs" };
+    let c = Cluster::new(tag, etcd, 3);
+    let started = Instant::now();
+    let mut live: BTreeMap<String, std::net::IpAddr> = BTreeMap::new(); // cid → address
+    let mut rounds = 0;
+    while rounds < 12 && started.elapsed() < Duration::from_secs(45) {
+        rounds += 1;
+        let adds: Vec<(String, Child)> = (0..2)
+            .flat_map(|i| (0..10).map(move |k| (i, format!("r{rounds}n{i}c{k}"))))
+            .map(|(i, cid)| {
+                let ch = c.spawn_ipam(i, "ADD", &cid);
+                (cid, ch)
+            })
+            .collect();
+        // DEL of every other live attachment (the runtime knows each one's node).
+        let doomed: Vec<String> = live.keys().step_by(2).cloned().collect();
+        let dels: Vec<(String, Child)> = doomed
+            .iter()
+            .map(|cid| {
+                let node: usize = cid[cid.find('n').unwrap() + 1..][..1].parse().unwrap();
+                (cid.clone(), c.spawn_ipam(node, "DEL", cid))
+            })
+            .collect();
+        // Meanwhile: gc, delete of an idle node, delete of node2 (its agent re-registers it).
+        let idle = format!("idle{rounds}");
+        c.cli_ok(
+            &["apply", "-f", "-"],
+            Some(&format!(
+                "apiVersion: trellis.dev/v1\nkind: Node\nmetadata:\n  name: {idle}\nspec: {{}}\n"
+            )),
+        );
+        let ops = [
+            vec!["ipam", "gc", "--grace", "0"],
+            vec!["delete", "node", &idle],
+            vec!["delete", "node", "node2"],
+            vec!["ipam", "gc", "--grace", "0"],
+        ];
+        let mut outputs = Vec::new();
+        for op in &ops {
+            outputs.push((op.join(" "), c.cli(op, None)));
+        }
+        for (cid, ch) in adds {
+            let out = ch.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "ADD {cid}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            live.insert(cid, ip_of(&out).unwrap());
+        }
+        for (cid, ch) in dels {
+            let out = ch.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "DEL {cid}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            live.remove(&cid);
+        }
+        for (what, out) in &outputs {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "trellis {what}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if what.starts_with("delete node") {
+                assert!(
+                    text.contains("released 0 attachment(s)"),
+                    "trellis {what}: {text}"
+                );
+            }
+        }
+        // node2's agent registers it again at its next heartbeat (1 s here).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.cli(&["get", "nodes", "node2"], None).status.success() {
+            assert!(Instant::now() < deadline, "node2 was not registered again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // No address twice among live attachments; each holds exactly what it was given.
+        let held = recorded(&c);
+        let mut owners: BTreeMap<std::net::IpAddr, &str> = BTreeMap::new();
+        for (cid, ip) in &live {
+            assert!(
+                owners.insert(*ip, cid).is_none(),
+                "round {rounds}: {ip} given twice"
+            );
+            assert_eq!(
+                held.get(&format!("k8s.{cid}.eth0")),
+                Some(&vec![*ip]),
+                "round {rounds}: {cid}"
+            );
+        }
+        c.cli_ok(&["ipam", "check"], None);
+    }
+    eprintln!(
+        "{}: {rounds} rounds of ADD/DEL bursts against gc and delete node in {:?}, {} live",
+        c.spec,
+        started.elapsed(),
+        live.len()
+    );
+    assert!(rounds >= 3, "only {rounds} rounds ran");
+}
+
+#[test]
+fn gc_and_delete_node_under_bursts_sqlite() {
+    gc_and_delete_node_under_bursts(false);
+}
+
+#[test]
+fn gc_and_delete_node_under_bursts_etcd() {
+    gc_and_delete_node_under_bursts(true);
+}
+
 #[test]
 fn four_agents_sqlite() {
     burst_then_release(false);
@@ -187,7 +353,9 @@ fn bad_input_is_refused_and_changes_nothing() {
     let n = &c.nodes[0];
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni", "ipam": {"type": "trellis-ipam", "agentSocket": n.socket}});
     let link = c.dir.path().join("trellis-ipam");
-    let _ = std::os::unix::fs::symlink(bin("trellis-cni"), &link);
+    if !link.exists() {
+        std::os::unix::fs::symlink(bin("trellis-cni"), &link).unwrap();
+    }
     let mut plugin = n.ns.command(link.to_str().unwrap());
     plugin
         .env("CNI_COMMAND", "ADD")
@@ -207,6 +375,25 @@ fn bad_input_is_refused_and_changes_nothing() {
         "{v}"
     );
     c.cli_ok(&["ipam", "check"], None);
+    // Two addresses of one family (Calico allows one per family): refused, naming the field,
+    // and nothing recorded.
+    plugin
+        .env("CNI_CONTAINERID", "twoips")
+        .env("CNI_ARGS", "IP=10.70.0.5,10.70.0.6");
+    let out = spawn_with_input(&mut plugin, &conf.to_string())
+        .wait_with_output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["code"], 7, "{v}");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("ips")
+            && msg.contains("CNI_ARGS IP")
+            && msg.contains("one address per family"),
+        "{v}"
+    );
+    assert!(recorded(&c).is_empty(), "nothing recorded");
+    c.cli_ok(&["ipam", "check"], None);
     // Unreachable datastore.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -224,4 +411,158 @@ fn bad_input_is_refused_and_changes_nothing() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
+}
+
+/// Every allocation in the store: handle → addresses (from `trellis get ipamblocks -o json`).
+fn recorded(c: &Cluster) -> BTreeMap<String, Vec<std::net::IpAddr>> {
+    let v: Value =
+        serde_json::from_str(&c.cli_ok(&["get", "ipamblocks", "-o", "json"], None)).unwrap();
+    let mut out: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();
+    for b in v["items"].as_array().unwrap() {
+        let cidr: ipnet::IpNet = b["spec"]["cidr"].as_str().unwrap().parse().unwrap();
+        let attrs = b["spec"]["attributes"].as_array().unwrap();
+        for (ord, a) in b["spec"]["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            if let Some(i) = a.as_u64() {
+                let ip = match cidr {
+                    ipnet::IpNet::V4(n) => {
+                        std::net::IpAddr::V4((u32::from(n.network()) + ord as u32).into())
+                    }
+                    ipnet::IpNet::V6(n) => {
+                        std::net::IpAddr::V6((u128::from(n.network()) + ord as u128).into())
+                    }
+                };
+                let h = attrs[i as usize]["handle_id"].as_str().unwrap().to_string();
+                out.entry(h).or_default().push(ip);
+            }
+        }
+    }
+    out
+}
+
+/// Addresses recorded in the blocks of a listing for handles starting with `handle_prefix`.
+fn allocations_of(items: &[trellis_store::KeyValue], handle_prefix: &str) -> usize {
+    let mut n = 0;
+    for kv in items {
+        let b: Value = serde_json::from_slice(&kv.value).unwrap();
+        let attrs = b["spec"]["attributes"].as_array().unwrap();
+        for a in b["spec"]["allocations"].as_array().unwrap() {
+            if let Some(i) = a.as_u64() {
+                let h = attrs[i as usize]["handle_id"].as_str().unwrap();
+                n += usize::from(h.starts_with(handle_prefix));
+            }
+        }
+    }
+    n
+}
+
+/// Starts a thread in the cluster's control namespace (where etcd listens) that polls the
+/// blocks and SIGKILLs node `i`'s agent as soon as `n` addresses of handles starting with
+/// `handle_prefix` are recorded in them (an address in a block without its handle — a write
+/// split in two — would be caught right there); returns once the watcher is connected. The
+/// thread returns the count it saw.
+fn kill_after_commits(
+    c: &Cluster,
+    prefix: &str,
+    n: usize,
+    i: usize,
+) -> std::thread::JoinHandle<usize> {
+    let ns = c
+        .control
+        .as_ref()
+        .expect("control namespace")
+        .path()
+        .to_path_buf();
+    let (spec, prefix) = (c.spec.clone(), prefix.to_string());
+    let pid = c.nodes[i].agent.as_ref().expect("agent running").id() as i32;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        // SAFETY: setns on this thread only; the file descriptor is valid for the call.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let store = trellis_store::open(&spec).await.unwrap();
+            const BLOCKS: &str = "/trellis/v1/ipamblocks/";
+            let listing = store.list(BLOCKS).await.unwrap();
+            let mut per_block: BTreeMap<String, usize> = listing
+                .items
+                .iter()
+                .map(|kv| {
+                    (
+                        kv.key.clone(),
+                        allocations_of(std::slice::from_ref(kv), &prefix),
+                    )
+                })
+                .collect();
+            // etcd pushes each commit at once; the SQLite store's watch polls every 50 ms, so
+            // there the blocks are listed every 2 ms instead.
+            let mut watch = if spec.starts_with("etcd:") {
+                Some(store.watch(BLOCKS, listing.revision + 1).await.unwrap())
+            } else {
+                None
+            };
+            ready_tx.send(()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let count: usize = per_block.values().sum();
+                if count >= n {
+                    // SAFETY: kill(2) of the agent this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return count;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "only {count} of {n} allocations committed in 60 s"
+                );
+                match &mut watch {
+                    Some(w) => {
+                        let ev = tokio::time::timeout_at(deadline.into(), w.next())
+                            .await
+                            .expect("a block change within 60 s")
+                            .expect("watch open")
+                            .unwrap();
+                        let kv = trellis_store::KeyValue {
+                            key: ev.key.clone(),
+                            value: ev.value,
+                            create_revision: ev.revision,
+                            mod_revision: ev.revision,
+                        };
+                        let here = match ev.kind {
+                            trellis_store::WatchEventKind::Put => {
+                                allocations_of(std::slice::from_ref(&kv), &prefix)
+                            }
+                            trellis_store::WatchEventKind::Delete => 0,
+                        };
+                        per_block.insert(ev.key, here);
+                    }
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        per_block = store
+                            .list(BLOCKS)
+                            .await
+                            .unwrap()
+                            .items
+                            .iter()
+                            .map(|kv| {
+                                (
+                                    kv.key.clone(),
+                                    allocations_of(std::slice::from_ref(kv), &prefix),
+                                )
+                            })
+                            .collect();
+                    }
+                }
+            }
+        })
+    });
+    ready_rx.recv().expect("kill watcher connected");
+    t
 }

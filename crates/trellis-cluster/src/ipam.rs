@@ -1,13 +1,19 @@
-//! Cluster IPAM over the datastore. Every write is one compare-and-swap transaction that moves
-//! block, handle (and workload endpoint) together, retried on conflict; there is no global lock.
-//! [`NodeIpam`] is the agent's allocator: it keeps its node's affine blocks and the pool
-//! settings in memory, so an ADD normally costs one transaction. The free functions serve the
-//! CLI (release, show, check, gc).
+//! Cluster IPAM over the datastore (I/O). Every write is one compare-and-swap transaction that
+//! moves block, handle (and workload endpoint) together, retried on conflict; there is no global
+//! lock. [`NodeIpam`] is the agent's allocator: it keeps its node's own (affine) blocks and the
+//! pool settings in memory, so an ADD normally costs one transaction. Releases live in
+//! [`crate::release`]; GC in [`crate::gc`].
+//!
+//! Names: an attachment (network, container ID, interface) has the handle
+//! [`alloc::handle_id`] and, on node N, the workload endpoint [`endpoint_name`]`(N, …)` — both
+//! [`alloc::attachment_name`]s, injective and bounded, built from the full container ID.
+//! Records written under the older names are still found and released
+//! ([`crate::release::find_handle`], [`crate::release::attachment_of`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use trellis_ipam::cluster::{self as alloc, ClusterIpamError, Pool};
@@ -19,7 +25,16 @@ use trellis_resources::{
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
 use crate::objects::{self, encode};
-use crate::{now_secs, ClusterError, Result};
+use crate::release::{delete_block_txn, find_handle, release_attachment};
+use crate::{Clock, ClusterError, Result, SystemClock};
+
+pub use crate::release::{held_addresses, release_handle, release_ip, release_unlisted};
+
+/// Workload endpoint annotation naming the attachment's handle.
+pub const HANDLE_ANNOTATION: &str = "trellis.dev/handle";
+/// Workload endpoint annotation naming the attachment's network (with the endpoint's container
+/// ID and interface, the attachment's identity).
+pub const NETWORK_ANNOTATION: &str = "trellis.dev/network";
 
 /// How long pool/reservation/config settings are cached by the agent.
 const SETTINGS_TTL: Duration = Duration::from_secs(2);
@@ -110,25 +125,34 @@ fn obj<S>(name: String, spec: S) -> Object<S> {
     }
 }
 
-fn block_key(cidr: &IpNet) -> String {
+pub(crate) fn block_key(cidr: &IpNet) -> String {
     key_for(Kind::IpamBlock, None, &alloc::block_name(cidr))
 }
 
-fn handle_key(handle: &str) -> String {
+pub(crate) fn handle_key(handle: &str) -> String {
     key_for(Kind::IpamHandle, None, handle)
 }
 
-fn block_value(spec: &IpamBlockSpec) -> Vec<u8> {
+pub(crate) fn node_key(node: &str) -> String {
+    key_for(Kind::Node, None, node)
+}
+
+pub(crate) fn affinity_key(node: &str, cidr: &IpNet) -> String {
+    key_for(Kind::BlockAffinity, None, &alloc::affinity_name(node, cidr))
+}
+
+pub(crate) fn block_value(spec: &IpamBlockSpec) -> Vec<u8> {
     encode(&Resource::IpamBlock(obj(
         alloc::block_name(&spec.cidr),
         spec.clone(),
     )))
 }
 
-/// The name of an attachment's workload endpoint.
+/// The name of an attachment's workload endpoint: [`alloc::attachment_name`] of node, the full
+/// container ID and interface (`node1.0af3…e9.eth0`) — two containers whose IDs share a prefix
+/// get different endpoints; an over-long name becomes `node.SHA256`.
 pub fn endpoint_name(node: &str, req: &Request) -> String {
-    let id: String = req.container_id.chars().take(12).collect();
-    format!("{node}-{id}-{}", req.ifname).replace(['/', ':'], "-")
+    alloc::attachment_name(&[node, &req.container_id, &req.ifname])
 }
 
 /// The agent's allocator for one node.
@@ -136,22 +160,59 @@ pub struct NodeIpam {
     store: Arc<dyn Datastore>,
     node: String,
     labels: BTreeMap<String, String>,
+    clock: Arc<dyn Clock>,
     state: tokio::sync::Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    settings: Option<(Instant, Settings)>,
-    /// The node's affine blocks with their revisions.
+    settings: Option<(std::time::Instant, Settings)>,
+    /// The node's own blocks (affinity `host:NODE`) with their revisions — never a borrowed
+    /// block or another node's block that held a requested address.
     affine: Option<BTreeMap<IpNet, (IpamBlockSpec, i64)>>,
 }
 
-/// A planned write: the block after allocation, and how to guard it.
-struct Plan {
+/// One block's planned write: the block after allocation, and how to guard it.
+struct BlockPlan {
     block: IpamBlockSpec,
     guard: Precondition,
     new_affinity: bool,
-    ip: IpAddr,
+}
+
+/// An allocation's planned writes, keyed by block: a block planned twice is allocated from its
+/// planned state, never from a second read, so one transaction never writes a block twice (nor
+/// loses the first of two addresses in it).
+#[derive(Default)]
+struct Plans {
+    blocks: BTreeMap<IpNet, BlockPlan>,
+    /// The addresses, in the order planned, with their block.
+    ips: Vec<(IpAddr, IpNet)>,
+}
+
+impl Plans {
+    /// The state to allocate from in block `cidr`: planned if planned, else `read`.
+    fn base(&self, cidr: &IpNet, read: &IpamBlockSpec) -> IpamBlockSpec {
+        self.blocks
+            .get(cidr)
+            .map(|p| p.block.clone())
+            .unwrap_or_else(|| read.clone())
+    }
+
+    /// Records `ip` allocated in `block`; the guard of the block's first read is kept.
+    fn add(&mut self, ip: IpAddr, block: IpamBlockSpec, guard: Precondition, new_affinity: bool) {
+        let cidr = block.cidr;
+        match self.blocks.entry(cidr) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().block = block,
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(BlockPlan {
+                    block,
+                    guard,
+                    new_affinity,
+                });
+            }
+        }
+        self.ips.push((ip, cidr));
+    }
 }
 
 impl NodeIpam {
@@ -164,16 +225,26 @@ impl NodeIpam {
             store,
             node: node.to_string(),
             labels,
+            clock: Arc::new(SystemClock),
             state: tokio::sync::Mutex::new(State::default()),
         }
     }
 
+    /// The same allocator reading time from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> NodeIpam {
+        self.clock = clock;
+        self
+    }
+
     async fn settings(&self, st: &mut State, fresh: bool) -> Result<Settings> {
+        let now = self.clock.instant();
         match &st.settings {
-            Some((at, s)) if !fresh && at.elapsed() < SETTINGS_TTL => Ok(s.clone()),
+            Some((at, s)) if !fresh && now.saturating_duration_since(*at) < SETTINGS_TTL => {
+                Ok(s.clone())
+            }
             _ => {
                 let s = load_settings(&*self.store).await?;
-                st.settings = Some((Instant::now(), s.clone()));
+                st.settings = Some((now, s.clone()));
                 Ok(s)
             }
         }
@@ -197,12 +268,14 @@ impl NodeIpam {
         Ok(st.affine.clone().unwrap_or_default())
     }
 
-    /// Allocates one address per family that has an eligible pool (or the requested addresses).
-    /// Repeating a request for the same attachment returns what it already holds.
+    /// Allocates one address per family that has an eligible pool (or the requested addresses,
+    /// at most one per family). Repeating a request for the same attachment returns what it
+    /// already holds. The commit requires this node to be registered, so nothing is allocated
+    /// to a node that GC may be releasing as gone.
     pub async fn allocate(&self, req: &Request) -> Result<Vec<(IpAddr, IpNet)>> {
+        alloc::one_per_family(&req.requested_ips)?;
         let mut st = self.state.lock().await;
-        let handle = req.handle();
-        if let Some(held) = held_addresses(&*self.store, &handle).await? {
+        if let Some(held) = self.held(req).await? {
             return Ok(held);
         }
         let mut fresh = false;
@@ -221,7 +294,8 @@ impl NodeIpam {
             };
             let committed = match self.commit(req, &plans).await {
                 Ok(c) => c,
-                // A slow or briefly unavailable store: try again with fresh state, like a conflict.
+                // A slow or briefly unavailable store: try again with fresh state, like a conflict
+                // (the held/node checks below tell whether the write landed after all).
                 Err(ClusterError::Store(e)) if transient_left > 0 => {
                     tracing::warn!(error = %e, "datastore write failed; retrying");
                     transient_left -= 1;
@@ -230,21 +304,37 @@ impl NodeIpam {
                 }
                 Err(e) => return Err(e),
             };
-            match committed {
-                Some(rev) => {
-                    let affine = st.affine.get_or_insert_with(BTreeMap::new);
-                    for p in &plans {
-                        affine.insert(p.block.cidr, (p.block.clone(), rev));
+            if let Some(rev) = committed {
+                let own = st.affine.get_or_insert_with(BTreeMap::new);
+                for (cidr, p) in &plans.blocks {
+                    if alloc::block_node(&p.block) == Some(self.node.as_str()) {
+                        own.insert(*cidr, (p.block.clone(), rev));
                     }
-                    return Ok(plans.iter().map(|p| (p.ip, p.block.cidr)).collect());
                 }
-                None => fresh = true,
+                return Ok(plans.ips);
+            }
+            fresh = true;
+            if let Some(held) = self.held(req).await? {
+                return Ok(held);
+            }
+            if self.store.get(&node_key(&self.node)).await?.is_none() {
+                return Err(ClusterError::NodeNotRegistered {
+                    node: self.node.clone(),
+                });
             }
         }
         Err(ClusterError::Contention {
-            what: format!("allocation for {handle}"),
+            what: format!("allocation for {}", req.handle()),
             attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// The addresses `req`'s attachment holds, if it has a handle (today's or legacy).
+    pub async fn held(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
+        match find_handle(&*self.store, req).await? {
+            Some(found) => held_addresses(&*self.store, &found.id).await,
+            None => Ok(None),
+        }
     }
 
     async fn plan(
@@ -252,7 +342,7 @@ impl NodeIpam {
         req: &Request,
         s: &Settings,
         affine: &BTreeMap<IpNet, (IpamBlockSpec, i64)>,
-    ) -> Result<Vec<Plan>> {
+    ) -> Result<Plans> {
         let handle = req.handle();
         let secondary: BTreeMap<String, String> = [
             ("node".to_string(), self.node.clone()),
@@ -265,10 +355,11 @@ impl NodeIpam {
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
         .collect();
-        let mut plans = Vec::new();
+        let mut plans = Plans::default();
         if !req.requested_ips.is_empty() {
             for ip in &req.requested_ips {
-                plans.push(self.plan_fixed(*ip, &handle, &secondary, s).await?);
+                self.plan_fixed(&mut plans, *ip, &handle, &secondary, s)
+                    .await?;
             }
             return Ok(plans);
         }
@@ -299,22 +390,21 @@ impl NodeIpam {
                     }
                     Err(e) => return Err(e.into()),
                 };
-            plans.push(
-                self.plan_family(&pools, &handle, &secondary, s, affine)
-                    .await?,
-            );
+            self.plan_family(&mut plans, &pools, &handle, &secondary, s, affine)
+                .await?;
         }
         Ok(plans)
     }
 
     async fn plan_family(
         &self,
+        plans: &mut Plans,
         pools: &[&Pool],
         handle: &str,
         secondary: &BTreeMap<String, String>,
         s: &Settings,
         affine: &BTreeMap<IpNet, (IpamBlockSpec, i64)>,
-    ) -> Result<Plan> {
+    ) -> Result<()> {
         let in_pools = |c: &IpNet| pools.iter().any(|p| p.spec.cidr.contains(&c.network()));
         // 1. The node's own blocks, in pool order.
         for p in pools {
@@ -322,16 +412,17 @@ impl NodeIpam {
                 .iter()
                 .filter(|(c, _)| p.spec.cidr.contains(&c.network()))
             {
-                let mut b = spec.clone();
+                let mut b = plans.base(cidr, spec);
                 if let Some(ip) =
                     alloc::allocate_in_block(&mut b, handle, secondary, &s.reservations)
                 {
-                    return Ok(Plan {
-                        block: b,
-                        guard: Precondition::ModRevision(block_key(cidr), *rev),
-                        new_affinity: false,
+                    plans.add(
                         ip,
-                    });
+                        b,
+                        Precondition::ModRevision(block_key(cidr), *rev),
+                        false,
+                    );
+                    return Ok(());
                 }
             }
         }
@@ -347,16 +438,12 @@ impl NodeIpam {
             let reserved: Vec<IpNet> = s.reservations.iter().flat_map(|(_, n)| n.clone()).collect();
             for p in pools {
                 if let Some(cidr) = alloc::next_unclaimed_block(&p.spec, &claimed, &reserved) {
-                    let mut b = alloc::new_block(cidr, &self.node);
+                    let mut b = plans.base(&cidr, &alloc::new_block(cidr, &self.node));
                     if let Some(ip) =
                         alloc::allocate_in_block(&mut b, handle, secondary, &s.reservations)
                     {
-                        return Ok(Plan {
-                            block: b,
-                            guard: Precondition::Absent(block_key(&cidr)),
-                            new_affinity: true,
-                            ip,
-                        });
+                        plans.add(ip, b, Precondition::Absent(block_key(&cidr)), true);
+                        return Ok(());
                     }
                 }
             }
@@ -366,16 +453,13 @@ impl NodeIpam {
             for (b, rev) in all.iter().filter(|(b, _)| {
                 in_pools(&b.spec.cidr) && alloc::block_node(&b.spec) != Some(self.node.as_str())
             }) {
-                let mut spec = b.spec.clone();
+                let mut spec = plans.base(&b.spec.cidr, &b.spec);
                 if let Some(ip) =
                     alloc::allocate_in_block(&mut spec, handle, secondary, &s.reservations)
                 {
-                    return Ok(Plan {
-                        block: spec,
-                        guard: Precondition::ModRevision(block_key(&b.spec.cidr), *rev),
-                        new_affinity: false,
-                        ip,
-                    });
+                    let guard = Precondition::ModRevision(block_key(&b.spec.cidr), *rev);
+                    plans.add(ip, spec, guard, false);
+                    return Ok(());
                 }
             }
         }
@@ -393,11 +477,12 @@ impl NodeIpam {
 
     async fn plan_fixed(
         &self,
+        plans: &mut Plans,
         ip: IpAddr,
         handle: &str,
         secondary: &BTreeMap<String, String>,
         s: &Settings,
-    ) -> Result<Plan> {
+    ) -> Result<()> {
         if let Some(r) = alloc::reserved_by(ip, &s.reservations) {
             return Err(ClusterIpamError::Reserved {
                 ip,
@@ -413,7 +498,7 @@ impl NodeIpam {
         let cidr = IpNet::new(ip, pool.spec.block_prefix())
             .map(|n| n.trunc())
             .map_err(|_| ClusterIpamError::OutsidePools { ip })?;
-        match self.store.get(&block_key(&cidr)).await? {
+        let (read, guard, new_affinity) = match self.store.get(&block_key(&cidr)).await? {
             Some(kv) => {
                 let Resource::IpamBlock(b) = objects::decode(&kv)?.resource else {
                     return Err(ClusterError::Corrupt {
@@ -421,55 +506,53 @@ impl NodeIpam {
                         reason: "not an IPAMBlock".into(),
                     });
                 };
-                let mut spec = b.spec;
-                alloc::allocate_specific(&mut spec, ip, handle, secondary)?;
-                Ok(Plan {
-                    block: spec,
-                    guard: Precondition::ModRevision(kv.key, kv.mod_revision),
-                    new_affinity: false,
-                    ip,
-                })
+                (
+                    b.spec,
+                    Precondition::ModRevision(kv.key, kv.mod_revision),
+                    false,
+                )
             }
-            None => {
-                let mut spec = alloc::new_block(cidr, &self.node);
-                alloc::allocate_specific(&mut spec, ip, handle, secondary)?;
-                Ok(Plan {
-                    block: spec,
-                    guard: Precondition::Absent(block_key(&cidr)),
-                    new_affinity: true,
-                    ip,
-                })
-            }
-        }
+            None => (
+                alloc::new_block(cidr, &self.node),
+                Precondition::Absent(block_key(&cidr)),
+                true,
+            ),
+        };
+        let mut spec = plans.base(&cidr, &read);
+        alloc::allocate_specific(&mut spec, ip, handle, secondary)?;
+        plans.add(ip, spec, guard, new_affinity);
+        Ok(())
     }
 
-    /// One transaction: blocks (guarded), affinities for new blocks, the handle, the endpoint.
-    async fn commit(&self, req: &Request, plans: &[Plan]) -> Result<Option<i64>> {
+    /// One transaction: blocks (guarded, each written once), affinities for new blocks, the
+    /// handle, the endpoint — on condition that the handle is new and the node registered.
+    async fn commit(&self, req: &Request, plans: &Plans) -> Result<Option<i64>> {
         let handle = req.handle();
-        let mut pre = vec![Precondition::Absent(handle_key(&handle))];
+        let mut pre = vec![
+            Precondition::Absent(handle_key(&handle)),
+            Precondition::Exists(node_key(&self.node)),
+        ];
         let mut ops = Vec::new();
         let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-        for p in plans {
+        for (cidr, p) in &plans.blocks {
             pre.push(p.guard.clone());
-            ops.push(TxnOp::Put(block_key(&p.block.cidr), block_value(&p.block)));
+            ops.push(TxnOp::Put(block_key(cidr), block_value(&p.block)));
             if p.new_affinity {
-                let name = alloc::affinity_name(&self.node, &p.block.cidr);
+                let name = alloc::affinity_name(&self.node, cidr);
                 let aff = BlockAffinitySpec {
                     state: AffinityState::Confirmed,
                     node: self.node.clone(),
-                    cidr: p.block.cidr,
+                    cidr: *cidr,
                 };
-                pre.push(Precondition::Absent(key_for(
-                    Kind::BlockAffinity,
-                    None,
-                    &name,
-                )));
+                pre.push(Precondition::Absent(affinity_key(&self.node, cidr)));
                 ops.push(TxnOp::Put(
-                    key_for(Kind::BlockAffinity, None, &name),
+                    affinity_key(&self.node, cidr),
                     encode(&Resource::BlockAffinity(obj(name, aff))),
                 ));
             }
-            *counts.entry(p.block.cidr.to_string()).or_default() += 1;
+        }
+        for (_, cidr) in &plans.ips {
+            *counts.entry(cidr.to_string()).or_default() += 1;
         }
         let wep = (!req.no_endpoint).then(|| self.endpoint(req, plans));
         let h = IpamHandleSpec {
@@ -490,7 +573,7 @@ impl NodeIpam {
         }
     }
 
-    fn endpoint(&self, req: &Request, plans: &[Plan]) -> Resource {
+    fn endpoint(&self, req: &Request, plans: &Plans) -> Resource {
         let mut o = obj(
             endpoint_name(&self.node, req),
             WorkloadEndpointSpec {
@@ -500,7 +583,7 @@ impl NodeIpam {
                 pod: req.pod.clone(),
                 endpoint: Some(req.ifname.clone()),
                 interface_name: req.host_interface.clone(),
-                ip_networks: plans.iter().map(|p| IpNet::from(p.ip)).collect(),
+                ip_networks: plans.ips.iter().map(|(ip, _)| IpNet::from(*ip)).collect(),
                 ..Default::default()
             },
         );
@@ -512,30 +595,41 @@ impl NodeIpam {
         );
         o.metadata
             .annotations
-            .insert("trellis.dev/handle".into(), req.handle());
+            .insert(HANDLE_ANNOTATION.into(), req.handle());
+        o.metadata
+            .annotations
+            .insert(NETWORK_ANNOTATION.into(), req.network.clone());
         Resource::WorkloadEndpoint(o)
     }
 
     /// Releases an attachment's addresses (idempotent) and forgets cached copies.
     pub async fn release(&self, req: &Request) -> Result<Vec<IpAddr>> {
         let mut st = self.state.lock().await;
-        let released = release_handle(&*self.store, &req.handle()).await?;
+        let released = release_attachment(&*self.store, req, self.clock.now_secs()).await?;
         if !released.is_empty() {
             st.affine = None;
         }
         Ok(released)
     }
 
-    /// Deletes this node's blocks that have been empty for `grace`; returns their CIDRs.
+    /// Deletes this node's blocks that have been empty for `grace`; returns their CIDRs. Each
+    /// deletion is guarded by the block's and its affinity's revisions as read.
     pub async fn release_empty_blocks(&self, grace: Duration) -> Result<Vec<IpNet>> {
         let mut st = self.state.lock().await;
-        let now = now_secs();
+        let now = self.clock.now_secs();
         let mut released = Vec::new();
         for (b, rev) in objects::blocks(&*self.store).await? {
-            if alloc::block_node(&b.spec) == Some(self.node.as_str())
-                && alloc::releasable(&b.spec, now, grace.as_secs())
-                && delete_block(&*self.store, &b.spec, rev).await?
+            if alloc::block_node(&b.spec) != Some(self.node.as_str())
+                || !alloc::releasable(&b.spec, now, grace.as_secs())
             {
+                continue;
+            }
+            let aff = self
+                .store
+                .get(&affinity_key(&self.node, &b.spec.cidr))
+                .await?;
+            let (pre, ops) = delete_block_txn(&b.spec, rev, aff.map(|kv| kv.mod_revision), false);
+            if let TxnOutcome::Committed { .. } = self.store.txn(pre, ops).await? {
                 released.push(b.spec.cidr);
             }
         }
@@ -544,110 +638,4 @@ impl NodeIpam {
         }
         Ok(released)
     }
-}
-
-/// The addresses a handle already holds, if it exists.
-pub async fn held_addresses(
-    store: &dyn Datastore,
-    handle: &str,
-) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
-    let Some(kv) = store.get(&handle_key(handle)).await? else {
-        return Ok(None);
-    };
-    let Resource::IpamHandle(h) = objects::decode(&kv)?.resource else {
-        return Ok(None);
-    };
-    let mut out = Vec::new();
-    for cidr in h.spec.block.keys() {
-        let cidr: IpNet = cidr.parse().map_err(|_| ClusterError::Corrupt {
-            key: kv.key.clone(),
-            reason: format!("block {cidr:?}"),
-        })?;
-        if let Some(bkv) = store.get(&block_key(&cidr)).await? {
-            if let Resource::IpamBlock(b) = objects::decode(&bkv)?.resource {
-                out.extend(
-                    alloc::held_by(&b.spec, handle)
-                        .into_iter()
-                        .map(|ip| (ip, cidr)),
-                );
-            }
-        }
-    }
-    Ok(Some(out))
-}
-
-async fn delete_block(store: &dyn Datastore, b: &IpamBlockSpec, rev: i64) -> Result<bool> {
-    let mut ops = vec![TxnOp::Delete(block_key(&b.cidr))];
-    if let Some(node) = alloc::block_node(b) {
-        ops.push(TxnOp::Delete(key_for(
-            Kind::BlockAffinity,
-            None,
-            &alloc::affinity_name(node, &b.cidr),
-        )));
-    }
-    Ok(matches!(
-        store
-            .txn(
-                vec![Precondition::ModRevision(block_key(&b.cidr), rev)],
-                ops
-            )
-            .await?,
-        TxnOutcome::Committed { .. }
-    ))
-}
-
-/// Releases everything a handle holds and deletes the handle and its endpoint, atomically.
-/// A missing handle is success (DEL is idempotent).
-pub async fn release_handle(store: &dyn Datastore, handle: &str) -> Result<Vec<IpAddr>> {
-    for _ in 0..MAX_ATTEMPTS {
-        let Some(hkv) = store.get(&handle_key(handle)).await? else {
-            return Ok(Vec::new());
-        };
-        let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
-            return Ok(Vec::new());
-        };
-        let mut pre = vec![Precondition::ModRevision(hkv.key.clone(), hkv.mod_revision)];
-        let mut ops = vec![TxnOp::Delete(hkv.key.clone())];
-        let mut released = Vec::new();
-        for cidr in h.spec.block.keys() {
-            let Ok(cidr) = cidr.parse::<IpNet>() else {
-                continue;
-            };
-            if let Some(bkv) = store.get(&block_key(&cidr)).await? {
-                if let Resource::IpamBlock(b) = objects::decode(&bkv)?.resource {
-                    let mut spec = b.spec;
-                    released.extend(alloc::release_handle(&mut spec, handle, now_secs()));
-                    pre.push(Precondition::ModRevision(bkv.key.clone(), bkv.mod_revision));
-                    ops.push(TxnOp::Put(bkv.key, block_value(&spec)));
-                }
-            }
-        }
-        if let Some(ep) = &h.spec.endpoint {
-            ops.push(TxnOp::Delete(ep.clone()));
-        }
-        if let TxnOutcome::Committed { .. } = store.txn(pre, ops).await? {
-            return Ok(released);
-        }
-    }
-    Err(ClusterError::Contention {
-        what: format!("release of {handle}"),
-        attempts: MAX_ATTEMPTS,
-    })
-}
-
-/// Releases the handle that holds `ip`; `None` when the address is not allocated.
-pub async fn release_ip(store: &dyn Datastore, ip: IpAddr) -> Result<Option<String>> {
-    for (b, _) in objects::blocks(store).await? {
-        if b.spec.cidr.contains(&ip) {
-            let handle = alloc::allocations(&b.spec)
-                .into_iter()
-                .find(|(a, _)| *a == ip)
-                .map(|(_, attr)| attr.handle_id.clone());
-            if let Some(h) = &handle {
-                release_handle(store, h).await?;
-            }
-            return Ok(handle);
-        }
-    }
-    Ok(None)
 }

@@ -3,14 +3,23 @@
 //! - [`objects`]: typed reads and compare-and-swap writes of resources, with stored content
 //!   validated on the way in (a bad record is reported by key, never trusted; listings skip it).
 //! - [`invalid`]: which stored records are currently undecodable (logged once, counted).
-//! - [`ipam`]: cluster IPAM — claiming blocks, allocating and releasing addresses, GC and the
-//!   consistency check — as retrying compare-and-swap transactions around the pure allocator in
-//!   [`trellis_ipam::cluster`].
+//! - [`ipam`]: cluster IPAM — claiming blocks, allocating and releasing addresses — as retrying
+//!   compare-and-swap transactions around the pure allocator in [`trellis_ipam::cluster`];
+//!   [`release`] frees an attachment's addresses.
+//! - [`snapshot`], [`gc`], [`report`]: one consistent read of the IPAM records, garbage
+//!   collection planned from it as guarded transactions, and the operator reports.
+//!
+//! Time comes from a [`Clock`], so tests move it instead of sleeping.
 
+pub mod gc;
 pub mod invalid;
 pub mod ipam;
 pub mod objects;
+pub mod release;
 pub mod report;
+pub mod snapshot;
+
+use std::time::Instant;
 
 use trellis_store::StoreError;
 
@@ -32,6 +41,8 @@ pub enum ClusterError {
     AlreadyExists { kind: String, name: String },
     #[error("gave up after {attempts} conflicting attempts on {what}")]
     Contention { what: String, attempts: u32 },
+    #[error("node {node} is not registered (deleted?): no address is allocated to it until its agent registers it again")]
+    NodeNotRegistered { node: String },
 }
 
 pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
@@ -42,4 +53,25 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Wall-clock and monotonic time: the seam through which tests move time instead of sleeping.
+pub trait Clock: Send + Sync {
+    /// Seconds since the Unix epoch (what `emptySince` records).
+    fn now_secs(&self) -> u64;
+    /// Monotonic time, for the age of cached settings.
+    fn instant(&self) -> Instant;
+}
+
+/// The system's clocks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_secs(&self) -> u64 {
+        now_secs()
+    }
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
 }

@@ -1,8 +1,9 @@
-//! IPAM reports for operators: usage per pool and block (`ipam show`), a cross-check of blocks,
-//! handles, affinities and endpoints (`ipam check`), and garbage collection of what belongs to
-//! nodes that no longer exist or to nobody (`ipam gc`). Reads and CAS writes via the datastore.
+//! IPAM reports for operators: usage per pool and block (`ipam show`) and a cross-check of
+//! blocks, handles, affinities and endpoints (`ipam check`) made on one consistent snapshot, so
+//! concurrent ADDs and DELs never show up as false problems. Reads only; garbage collection is
+//! [`crate::gc`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -10,9 +11,12 @@ use trellis_ipam::cluster as alloc;
 use trellis_resources::validate::block_size;
 use trellis_store::Datastore;
 
-use crate::ipam::release_handle;
+use crate::ipam::HANDLE_ANNOTATION;
 use crate::objects;
-use crate::{now_secs, Result};
+use crate::snapshot::Snapshot;
+use crate::Result;
+
+pub use crate::gc::{gc, GcReport, GcScope};
 
 /// One block's usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,25 +105,19 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// `ipam check`: cross-checks everything; an empty list means consistent.
+/// `ipam check`: cross-checks everything as of one revision; an empty list means consistent.
 pub async fn check(store: &dyn Datastore) -> Result<Vec<Problem>> {
-    let pools = objects::pools(store).await?;
-    let blocks = objects::blocks(store).await?;
-    let handles = objects::handles(store).await?;
-    let nodes: BTreeSet<String> = objects::nodes(store)
-        .await?
-        .into_iter()
-        .map(|(n, _)| n.metadata.name)
-        .collect();
-    let affinities = objects::affinities(store).await?;
-    let endpoints = objects::endpoints(store).await?;
-    let handle_names: BTreeSet<&str> = handles
-        .iter()
-        .map(|(h, _)| h.spec.handle_id.as_str())
-        .collect();
+    Ok(problems(&Snapshot::read(store).await?))
+}
+
+/// The problems of a snapshot (pure).
+pub fn problems(snap: &Snapshot) -> Vec<Problem> {
     let mut problems = Vec::new();
-    for (i, (a, _)) in blocks.iter().enumerate() {
-        for (b, _) in &blocks[i + 1..] {
+    let blocks = &snap.blocks;
+    for (i, a) in blocks.iter().enumerate() {
+        let a = &a.object;
+        for b in &blocks[i + 1..] {
+            let b = &b.object;
             if a.spec.cidr.contains(&b.spec.cidr.network())
                 || b.spec.cidr.contains(&a.spec.cidr.network())
             {
@@ -129,14 +127,15 @@ pub async fn check(store: &dyn Datastore) -> Result<Vec<Problem>> {
                 });
             }
         }
-        if !pools
+        if !snap
+            .pools
             .iter()
-            .any(|(p, _)| p.spec.cidr.contains(&a.spec.cidr.network()))
+            .any(|p| p.object.spec.cidr.contains(&a.spec.cidr.network()))
         {
             problems.push(Problem::BlockOutsidePools { cidr: a.spec.cidr });
         }
         if let Some(n) = alloc::block_node(&a.spec) {
-            if !nodes.contains(n) {
+            if !snap.nodes.contains(n) {
                 problems.push(Problem::BlockOfMissingNode {
                     cidr: a.spec.cidr,
                     node: n.to_string(),
@@ -144,7 +143,7 @@ pub async fn check(store: &dyn Datastore) -> Result<Vec<Problem>> {
             }
         }
         for (ip, attr) in alloc::allocations(&a.spec) {
-            if !handle_names.contains(attr.handle_id.as_str()) {
+            if !snap.handles.contains_key(&attr.handle_id) {
                 problems.push(Problem::LeakedAddress {
                     ip,
                     handle: attr.handle_id.clone(),
@@ -154,190 +153,44 @@ pub async fn check(store: &dyn Datastore) -> Result<Vec<Problem>> {
     }
     let by_cidr: BTreeMap<String, &trellis_resources::IpamBlockSpec> = blocks
         .iter()
-        .map(|(b, _)| (b.spec.cidr.to_string(), &b.spec))
+        .map(|b| (b.object.spec.cidr.to_string(), &b.object.spec))
         .collect();
-    let endpoint_keys: BTreeSet<String> = endpoints
-        .iter()
-        .map(|(w, _)| {
-            trellis_resources::key_for(
-                trellis_resources::Kind::WorkloadEndpoint,
-                w.metadata.namespace.as_deref(),
-                &w.metadata.name,
-            )
-        })
-        .collect();
-    for (h, _) in &handles {
-        for (cidr, count) in &h.spec.block {
+    for (id, h) in &snap.handles {
+        for (cidr, count) in &h.object.spec.block {
             let held = by_cidr
                 .get(cidr)
-                .map(|b| alloc::held_by(b, &h.spec.handle_id).len())
+                .map(|b| alloc::held_by(b, id).len())
                 .unwrap_or(0);
             if held < *count as usize {
                 problems.push(Problem::OrphanHandle {
-                    handle: h.spec.handle_id.clone(),
+                    handle: id.clone(),
                     block: cidr.clone(),
                 });
             }
         }
-        if let Some(ep) = &h.spec.endpoint {
-            if !endpoint_keys.contains(ep) {
+        if let Some(ep) = &h.object.spec.endpoint {
+            if !snap.endpoints.contains_key(ep) {
                 problems.push(Problem::EndpointMismatch {
-                    handle: h.spec.handle_id.clone(),
+                    handle: id.clone(),
                     endpoint: ep.clone(),
                 });
             }
         }
     }
-    for (w, _) in &endpoints {
-        if let Some(h) = w.metadata.annotations.get("trellis.dev/handle") {
-            if !handle_names.contains(h.as_str()) {
+    for w in snap.endpoints.values() {
+        if let Some(h) = w.object.metadata.annotations.get(HANDLE_ANNOTATION) {
+            if !snap.handles.contains_key(h) {
                 problems.push(Problem::EndpointMismatch {
                     handle: h.clone(),
-                    endpoint: w.metadata.name.clone(),
+                    endpoint: w.object.metadata.name.clone(),
                 });
             }
         }
     }
-    for (a, _) in &affinities {
-        if !by_cidr.contains_key(&a.spec.cidr.to_string()) {
-            problems.push(Problem::DanglingAffinity {
-                name: a.metadata.name.clone(),
-            });
+    for (name, a) in &snap.affinities {
+        if !by_cidr.contains_key(&a.object.spec.cidr.to_string()) {
+            problems.push(Problem::DanglingAffinity { name: name.clone() });
         }
     }
-    Ok(problems)
-}
-
-/// What `ipam gc` did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GcReport {
-    pub released_handles: Vec<String>,
-    pub released_leaks: Vec<IpAddr>,
-    pub deleted_blocks: Vec<IpNet>,
-    pub deleted_affinities: Vec<String>,
-}
-
-/// `ipam gc`: releases attachments of nodes that no longer exist and leaked addresses, then
-/// deletes blocks of missing nodes, blocks empty for longer than `grace_secs`, and dangling
-/// affinities.
-pub async fn gc(store: &dyn Datastore, grace_secs: u64) -> Result<GcReport> {
-    let mut report = GcReport::default();
-    let nodes: BTreeSet<String> = objects::nodes(store)
-        .await?
-        .into_iter()
-        .map(|(n, _)| n.metadata.name)
-        .collect();
-    let handles: BTreeSet<String> = objects::handles(store)
-        .await?
-        .into_iter()
-        .map(|(h, _)| h.spec.handle_id)
-        .collect();
-    for (b, _) in objects::blocks(store).await? {
-        for (ip, attr) in alloc::allocations(&b.spec) {
-            let node_gone = attr
-                .secondary
-                .get("node")
-                .is_some_and(|n| !nodes.contains(n));
-            if !handles.contains(&attr.handle_id) {
-                release_leak(store, ip).await?;
-                report.released_leaks.push(ip);
-            } else if node_gone && !report.released_handles.contains(&attr.handle_id) {
-                release_handle(store, &attr.handle_id).await?;
-                report.released_handles.push(attr.handle_id.clone());
-            }
-        }
-    }
-    let now = now_secs();
-    for (b, rev) in objects::blocks(store).await? {
-        let node_gone = alloc::block_node(&b.spec).is_some_and(|n| !nodes.contains(n));
-        let empty = alloc::used(&b.spec) == 0;
-        if empty && (node_gone || alloc::releasable(&b.spec, now, grace_secs)) {
-            let mut ops = vec![trellis_store::TxnOp::Delete(trellis_resources::key_for(
-                trellis_resources::Kind::IpamBlock,
-                None,
-                &b.metadata.name,
-            ))];
-            if let Some(n) = alloc::block_node(&b.spec) {
-                ops.push(trellis_store::TxnOp::Delete(trellis_resources::key_for(
-                    trellis_resources::Kind::BlockAffinity,
-                    None,
-                    &alloc::affinity_name(n, &b.spec.cidr),
-                )));
-            }
-            let pre = vec![trellis_store::Precondition::ModRevision(
-                trellis_resources::key_for(
-                    trellis_resources::Kind::IpamBlock,
-                    None,
-                    &b.metadata.name,
-                ),
-                rev,
-            )];
-            if let trellis_store::TxnOutcome::Committed { .. } = store.txn(pre, ops).await? {
-                report.deleted_blocks.push(b.spec.cidr);
-            }
-        } else if node_gone && !empty {
-            // Borrowed addresses of live nodes remain; the block loses its dead owner.
-            tracing::warn!(block = %b.spec.cidr, "block of a missing node still holds addresses of live nodes");
-        }
-    }
-    let blocks: BTreeSet<IpNet> = objects::blocks(store)
-        .await?
-        .into_iter()
-        .map(|(b, _)| b.spec.cidr)
-        .collect();
-    for (a, rev) in objects::affinities(store).await? {
-        if !blocks.contains(&a.spec.cidr) {
-            let key = trellis_resources::key_for(
-                trellis_resources::Kind::BlockAffinity,
-                None,
-                &a.metadata.name,
-            );
-            let out = store
-                .txn(
-                    vec![trellis_store::Precondition::ModRevision(key.clone(), rev)],
-                    vec![trellis_store::TxnOp::Delete(key)],
-                )
-                .await?;
-            if let trellis_store::TxnOutcome::Committed { .. } = out {
-                report.deleted_affinities.push(a.metadata.name);
-            }
-        }
-    }
-    Ok(report)
-}
-
-/// Frees one address whose handle no longer exists.
-async fn release_leak(store: &dyn Datastore, ip: IpAddr) -> Result<()> {
-    for _ in 0..20 {
-        let Some((b, rev)) = objects::blocks(store)
-            .await?
-            .into_iter()
-            .find(|(b, _)| b.spec.cidr.contains(&ip))
-        else {
-            return Ok(());
-        };
-        let mut spec = b.spec.clone();
-        if alloc::release_ip(&mut spec, ip, now_secs()).is_none() {
-            return Ok(());
-        }
-        let key =
-            trellis_resources::key_for(trellis_resources::Kind::IpamBlock, None, &b.metadata.name);
-        let value = objects::encode(&trellis_resources::Resource::IpamBlock(
-            trellis_resources::Object {
-                metadata: b.metadata.clone(),
-                spec,
-                status: None,
-            },
-        ));
-        if let trellis_store::TxnOutcome::Committed { .. } = store
-            .txn(
-                vec![trellis_store::Precondition::ModRevision(key.clone(), rev)],
-                vec![trellis_store::TxnOp::Put(key, value)],
-            )
-            .await?
-        {
-            return Ok(());
-        }
-    }
-    Ok(())
+    problems
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use sha2::{Digest, Sha256};
 use trellis_resources::validate::block_size;
 use trellis_resources::{AllocationAttribute, IpPoolSpec, IpamBlockSpec, Selector};
 
@@ -40,6 +41,8 @@ pub enum ClusterIpamError {
         node: String,
         strict: bool,
     },
+    #[error("ips (CNI_ARGS IP, runtimeConfig.ips, args.cni.ips): {} IPv{family} addresses requested ({}); at most one address per family is allowed", ips.len(), ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    TooManyRequested { family: u8, ips: Vec<IpAddr> },
 }
 
 /// The datastore name of a block: its CIDR with `.`/`:`/`/` turned into `-`.
@@ -52,9 +55,71 @@ pub fn affinity_name(node: &str, cidr: &IpNet) -> String {
     format!("{node}-{}", block_name(cidr))
 }
 
-/// The handle of one attachment (Calico's form: `NETWORK.CONTAINERID`, plus the interface).
+/// Longest datastore name segment (Kubernetes' limit for object names).
+const MAX_NAME: usize = 253;
+
+/// Joins `parts` into one datastore name, injectively: letters, digits and `-` stay as they
+/// are, every other byte becomes `_XX` (two upper-case hex digits; `.` is `_2E`), and the parts
+/// are joined with `.`, so an encoded part never contains the separator and two different lists
+/// of parts never give the same name. Typical names (`k8s-pod-network`, hex container IDs,
+/// `eth0`) come out unchanged, so the name stays readable. A result longer than 253 characters
+/// or not starting with a letter or digit is replaced by `PREFIX.SHA256` (the first part's
+/// encoding, at most 64 characters, or `h`; then 64 hex digits of SHA-256 of the full
+/// encoding). That form has exactly one `.`; the plain form of two or more parts has at least
+/// two, so the forms cannot collide.
+pub fn attachment_name(parts: &[&str]) -> String {
+    let enc: Vec<String> = parts.iter().map(|p| escape_part(p)).collect();
+    let joined = enc.join(".");
+    if joined.len() <= MAX_NAME && joined.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return joined;
+    }
+    let digest = Sha256::digest(joined.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let first = enc.first().map(String::as_str).unwrap_or("");
+    let prefix: String = if first.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        first.chars().take(64).collect()
+    } else {
+        "h".into()
+    };
+    format!("{prefix}.{hex}")
+}
+
+fn escape_part(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The handle of one attachment: [`attachment_name`] of network, container ID and interface.
+/// (Calico's is `NETWORK.CONTAINERID`; the interface makes a second attachment of one container
+/// its own handle.)
 pub fn handle_id(network: &str, container_id: &str, ifname: &str) -> String {
+    attachment_name(&[network, container_id, ifname])
+}
+
+/// The handle written by Trellis before [`handle_id`]: the parts joined with `.` unescaped,
+/// which is ambiguous when a part contains a dot (network `k8s.v2`, container `c` and network
+/// `k8s`, container `v2.c` share it). Read only to release records written by that version,
+/// after proving from the record that it is the attachment's (see `trellis-cluster`).
+pub fn legacy_handle_id(network: &str, container_id: &str, ifname: &str) -> String {
     format!("{network}.{container_id}.{ifname}")
+}
+
+/// Calico's rule: at most one requested address per family.
+pub fn one_per_family(ips: &[IpAddr]) -> Result<(), ClusterIpamError> {
+    for (v4, family) in [(true, 4), (false, 6)] {
+        let of: Vec<IpAddr> = ips.iter().copied().filter(|i| i.is_ipv4() == v4).collect();
+        if of.len() > 1 {
+            return Err(ClusterIpamError::TooManyRequested { family, ips: of });
+        }
+    }
+    Ok(())
 }
 
 /// `host:NODE`.
@@ -396,7 +461,58 @@ mod tests {
         assert_eq!(block_name(&b.cidr), "10-0-0-0-30");
     }
 
+    #[test]
+    fn attachment_names_are_injective_valid_and_bounded() {
+        // Dots in a part no longer make two attachments share a handle.
+        assert_ne!(
+            handle_id("k8s.v2", "c", "eth0"),
+            handle_id("k8s", "v2.c", "eth0")
+        );
+        assert_eq!(
+            legacy_handle_id("k8s.v2", "c", "eth0"),
+            legacy_handle_id("k8s", "v2.c", "eth0")
+        );
+        // Typical names are unchanged (and equal to the legacy form).
+        assert_eq!(
+            handle_id("k8s-pod-network", "0af3", "eth0"),
+            "k8s-pod-network.0af3.eth0"
+        );
+        assert_eq!(handle_id("k8s.v2", "c_1", "eth0"), "k8s_2Ev2.c_5F1.eth0");
+        let long = "a".repeat(300);
+        let h = handle_id("net", &long, "eth0");
+        assert!(
+            h.len() <= 253 && h.starts_with("net.") && h.matches('.').count() == 1,
+            "{h}"
+        );
+        assert_ne!(h, handle_id("net", &"a".repeat(301), "eth0"));
+        assert!(handle_id("-x", "c", "eth0").starts_with("h."));
+    }
+
+    #[test]
+    fn one_address_per_family() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(one_per_family(&[ip("10.0.0.1"), ip("fd00::1")]).is_ok());
+        let err = one_per_family(&[ip("10.0.0.1"), ip("10.0.0.2")]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("ips ") && err.to_string().contains("IPv4"),
+            "{err}"
+        );
+    }
+
     proptest! {
+        /// Different attachments never share a name, and every name is a valid datastore name.
+        #[test]
+        fn attachment_names_never_collide(
+            a in proptest::collection::vec("[a-z0-9._-]{0,6}", 3),
+            b in proptest::collection::vec("[a-z0-9._-]{0,6}", 3),
+        ) {
+            let na = attachment_name(&a.iter().map(String::as_str).collect::<Vec<_>>());
+            let nb = attachment_name(&b.iter().map(String::as_str).collect::<Vec<_>>());
+            prop_assert_eq!(na == nb, a == b);
+            prop_assert!(na.len() <= 253);
+            prop_assert!(na.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+        }
+
         /// Any interleaving of allocations and releases keeps allocations unique and attributes
         /// consistent.
         #[test]

@@ -98,6 +98,7 @@ impl Datastore for EtcdStore {
                 Precondition::NoneNewer { prefix, revision } => {
                     Compare::mod_revision(prefix, CompareOp::Less, revision + 1).with_prefix()
                 }
+                Precondition::Exists(k) => Compare::version(k, CompareOp::Greater, 0),
             })
             .collect();
         let ops: Vec<EOp> = ops

@@ -188,9 +188,7 @@ impl Datastore for SqliteStore {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for p in &preconditions {
-                let (key, want) = match p {
-                    Precondition::Absent(k) => (k, None),
-                    Precondition::ModRevision(k, r) => (k, Some(*r)),
+                let key = match p {
                     Precondition::NoneNewer { prefix, revision } => {
                         let (clause, end) = range_clause(prefix);
                         let newer: bool = tx.query_row(
@@ -203,11 +201,20 @@ impl Datastore for SqliteStore {
                         }
                         continue;
                     }
+                    Precondition::Absent(k)
+                    | Precondition::ModRevision(k, _)
+                    | Precondition::Exists(k) => k,
                 };
                 let have: Option<i64> = tx
                     .query_row("SELECT mod_rev FROM kv WHERE key = ?1", [key], |r| r.get(0))
                     .optional()?;
-                if have != want {
+                let holds = match p {
+                    Precondition::Absent(_) => have.is_none(),
+                    Precondition::ModRevision(_, want) => have == Some(*want),
+                    Precondition::Exists(_) => have.is_some(),
+                    Precondition::NoneNewer { .. } => unreachable!("checked above"),
+                };
+                if !holds {
                     return Ok(TxnOutcome::Conflict);
                 }
             }

@@ -30,6 +30,8 @@ pub enum Precondition {
     /// `mod_revision <= revision`): what a decision that read a whole listing (e.g. "no pool
     /// overlaps this one") needs. Deletions are not seen; add `ModRevision` for each key read.
     NoneNewer { prefix: String, revision: i64 },
+    /// The key exists, whatever its value (a Node still registered, say).
+    Exists(String),
 }
 
 /// A change a transaction makes.

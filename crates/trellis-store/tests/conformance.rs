@@ -116,6 +116,23 @@ async fn compare_and_swap(s: Arc<dyn Datastore>) {
         vec![put("/c/x", "2")],
     )
     .await;
+    // Exists: holds for any revision of a present key, fails for a missing one.
+    committed(
+        &*s,
+        vec![Precondition::Exists("/c/x".into())],
+        vec![put("/c/e", "1")],
+    )
+    .await;
+    assert_eq!(
+        s.txn(
+            vec![Precondition::Exists("/c/missing".into())],
+            vec![put("/c/e", "2")]
+        )
+        .await
+        .unwrap(),
+        TxnOutcome::Conflict
+    );
+    assert_eq!(s.get("/c/e").await.unwrap().unwrap().value, b"1");
 }
 
 /// `NoneNewer` fails once any key under the prefix is created or changed after the revision,

@@ -1,0 +1,344 @@
+//! Releasing addresses over the datastore (I/O): an attachment's handle — found under today's
+//! name or, for records written before it, under the legacy name once the record proves it is
+//! this attachment's — is freed in one compare-and-swap transaction that deletes the handle and
+//! its workload endpoint and frees its addresses in every block, guarded by the revisions of
+//! everything read. Also `ipam release --ip`, the CNI GC of a node's attachments, and the
+//! guarded deletion of an empty block.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use trellis_ipam::cluster as alloc;
+use trellis_resources::{IpamBlockSpec, Object, Resource, WorkloadEndpointSpec};
+use trellis_store::{Datastore, KeyValue, Precondition, TxnOp, TxnOutcome};
+
+use crate::ipam::{
+    affinity_key, block_key, block_value, handle_key, node_key, Request, HANDLE_ANNOTATION,
+    NETWORK_ANNOTATION,
+};
+use crate::objects;
+use crate::{ClusterError, Result};
+
+const MAX_ATTEMPTS: u32 = 50;
+
+/// An attachment's handle as found in the datastore, with what proved it is the attachment's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundHandle {
+    pub id: String,
+    /// Preconditions on the records that proved ownership of a legacy handle (its endpoint).
+    pub proof: Vec<Precondition>,
+}
+
+/// The handle holding `req`'s addresses, if any. Today's name ([`alloc::handle_id`]) is
+/// injective, so a record under it is the attachment's. A record under the legacy name
+/// `network.container.ifname` (written before) is the attachment's only when its workload
+/// endpoint names the same container and interface — given those, the rest of the legacy name
+/// is the network — or, for an infrastructure handle without endpoint (the agent's VTEP
+/// address), when the request is one too (only the agent makes those, and it makes no others).
+pub async fn find_handle(store: &dyn Datastore, req: &Request) -> Result<Option<FoundHandle>> {
+    let id = req.handle();
+    if store.get(&handle_key(&id)).await?.is_some() {
+        return Ok(Some(FoundHandle {
+            id,
+            proof: Vec::new(),
+        }));
+    }
+    let legacy = alloc::legacy_handle_id(&req.network, &req.container_id, &req.ifname);
+    if legacy == id {
+        return Ok(None);
+    }
+    let Some(hkv) = store.get(&handle_key(&legacy)).await? else {
+        return Ok(None);
+    };
+    let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
+        return Ok(None);
+    };
+    let Some(ep) = &h.spec.endpoint else {
+        return Ok(req.no_endpoint.then(|| FoundHandle {
+            id: legacy,
+            proof: Vec::new(),
+        }));
+    };
+    let Some(wkv) = store.get(ep).await? else {
+        return Ok(None);
+    };
+    let Resource::WorkloadEndpoint(w) = objects::decode(&wkv)?.resource else {
+        return Ok(None);
+    };
+    let ours = w.spec.container_id.as_deref() == Some(req.container_id.as_str())
+        && w.spec.endpoint.as_deref() == Some(req.ifname.as_str())
+        && w.metadata.annotations.get(HANDLE_ANNOTATION) == Some(&legacy);
+    Ok(ours.then(|| FoundHandle {
+        id: legacy,
+        proof: vec![Precondition::ModRevision(wkv.key, wkv.mod_revision)],
+    }))
+}
+
+/// The addresses a handle holds (with their blocks), if the handle exists.
+pub async fn held_addresses(
+    store: &dyn Datastore,
+    handle: &str,
+) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
+    let Some(kv) = store.get(&handle_key(handle)).await? else {
+        return Ok(None);
+    };
+    let Resource::IpamHandle(h) = objects::decode(&kv)?.resource else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for cidr in h.spec.block.keys() {
+        let cidr: IpNet = cidr.parse().map_err(|_| ClusterError::Corrupt {
+            key: kv.key.clone(),
+            reason: format!("block {cidr:?}"),
+        })?;
+        if let Some((b, _)) = get_block(store, &cidr).await? {
+            out.extend(alloc::held_by(&b, handle).into_iter().map(|ip| (ip, cidr)));
+        }
+    }
+    Ok(Some(out))
+}
+
+async fn get_block(
+    store: &dyn Datastore,
+    cidr: &IpNet,
+) -> Result<Option<(IpamBlockSpec, KeyValue)>> {
+    let Some(kv) = store.get(&block_key(cidr)).await? else {
+        return Ok(None);
+    };
+    match objects::decode(&kv)?.resource {
+        Resource::IpamBlock(b) => Ok(Some((b.spec, kv))),
+        _ => Err(ClusterError::Corrupt {
+            key: kv.key,
+            reason: "not an IPAMBlock".into(),
+        }),
+    }
+}
+
+/// What one release attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// Committed: these addresses were freed (empty when the handle was already gone).
+    Released(Vec<IpAddr>),
+    /// The handle does not hold what the caller required (`must_hold`); nothing changed.
+    NotHeld,
+    /// Something read changed before the commit; read again.
+    Conflict,
+}
+
+/// One attempt to release `handle`: reads it and its blocks, and commits — guarded by their
+/// revisions and by `proof` — the deletion of handle and endpoint and the freed blocks. With
+/// `must_hold`, the release happens only if the handle holds that address in what was read.
+pub async fn release_handle_once(
+    store: &dyn Datastore,
+    handle: &str,
+    now: u64,
+    proof: &[Precondition],
+    must_hold: Option<IpAddr>,
+) -> Result<Attempt> {
+    let Some(hkv) = store.get(&handle_key(handle)).await? else {
+        return Ok(if must_hold.is_some() {
+            Attempt::NotHeld
+        } else {
+            Attempt::Released(Vec::new())
+        });
+    };
+    let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
+        return Ok(Attempt::NotHeld);
+    };
+    let mut pre = vec![Precondition::ModRevision(hkv.key.clone(), hkv.mod_revision)];
+    pre.extend_from_slice(proof);
+    let mut ops = vec![TxnOp::Delete(hkv.key.clone())];
+    let mut released = Vec::new();
+    for cidr in h.spec.block.keys() {
+        let Ok(cidr) = cidr.parse::<IpNet>() else {
+            continue;
+        };
+        if let Some((mut spec, bkv)) = get_block(store, &cidr).await? {
+            let freed = alloc::release_handle(&mut spec, handle, now);
+            if !freed.is_empty() {
+                released.extend(freed);
+                pre.push(Precondition::ModRevision(bkv.key.clone(), bkv.mod_revision));
+                ops.push(TxnOp::Put(bkv.key, block_value(&spec)));
+            }
+        }
+    }
+    if must_hold.is_some_and(|ip| !released.contains(&ip)) {
+        return Ok(Attempt::NotHeld);
+    }
+    if let Some(ep) = &h.spec.endpoint {
+        ops.push(TxnOp::Delete(ep.clone()));
+    }
+    Ok(match store.txn(pre, ops).await? {
+        TxnOutcome::Committed { .. } => Attempt::Released(released),
+        TxnOutcome::Conflict => Attempt::Conflict,
+    })
+}
+
+/// Releases everything a handle holds and deletes the handle and its endpoint, atomically.
+/// A missing handle is success (DEL is idempotent).
+pub async fn release_handle(store: &dyn Datastore, handle: &str, now: u64) -> Result<Vec<IpAddr>> {
+    for _ in 0..MAX_ATTEMPTS {
+        match release_handle_once(store, handle, now, &[], None).await? {
+            Attempt::Released(ips) => return Ok(ips),
+            Attempt::NotHeld => return Ok(Vec::new()),
+            Attempt::Conflict => {}
+        }
+    }
+    Err(contention(format!("release of {handle}")))
+}
+
+/// Releases an attachment (today's or legacy handle, see [`find_handle`]); idempotent.
+pub async fn release_attachment(
+    store: &dyn Datastore,
+    req: &Request,
+    now: u64,
+) -> Result<Vec<IpAddr>> {
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(found) = find_handle(store, req).await? else {
+            return Ok(Vec::new());
+        };
+        match release_handle_once(store, &found.id, now, &found.proof, None).await? {
+            Attempt::Released(ips) => return Ok(ips),
+            Attempt::NotHeld => return Ok(Vec::new()),
+            Attempt::Conflict => {}
+        }
+    }
+    Err(contention(format!("release of {}", req.handle())))
+}
+
+fn contention(what: String) -> ClusterError {
+    ClusterError::Contention {
+        what,
+        attempts: MAX_ATTEMPTS,
+    }
+}
+
+/// What `ipam release --ip` freed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpRelease {
+    /// The address's handle was released (with all its addresses).
+    Handle(String),
+    /// The address was allocated to a handle that does not exist; the address alone was freed.
+    Leak(String),
+}
+
+/// Releases the attachment holding `ip` — decided and committed together: the handle is
+/// released only if it still holds `ip` when its records are read for the commit, and a
+/// leaked address (its handle absent) is freed only while the handle stays absent and the block
+/// unchanged. `None` when the address is not allocated.
+pub async fn release_ip(store: &dyn Datastore, ip: IpAddr, now: u64) -> Result<Option<IpRelease>> {
+    for _ in 0..MAX_ATTEMPTS {
+        let Some((b, bkv)) = block_of(store, ip).await? else {
+            return Ok(None);
+        };
+        let Some(handle) = alloc::allocations(&b)
+            .into_iter()
+            .find(|(a, _)| *a == ip)
+            .map(|(_, attr)| attr.handle_id.clone())
+        else {
+            return Ok(None);
+        };
+        if store.get(&handle_key(&handle)).await?.is_some() {
+            match release_handle_once(store, &handle, now, &[], Some(ip)).await? {
+                Attempt::Released(_) => return Ok(Some(IpRelease::Handle(handle))),
+                Attempt::NotHeld | Attempt::Conflict => continue,
+            }
+        }
+        let mut spec = b.clone();
+        alloc::release_ip(&mut spec, ip, now);
+        let pre = vec![
+            Precondition::ModRevision(bkv.key.clone(), bkv.mod_revision),
+            Precondition::Absent(handle_key(&handle)),
+        ];
+        if let TxnOutcome::Committed { .. } = store
+            .txn(pre, vec![TxnOp::Put(bkv.key, block_value(&spec))])
+            .await?
+        {
+            return Ok(Some(IpRelease::Leak(handle)));
+        }
+    }
+    Err(contention(format!("release of {ip}")))
+}
+
+async fn block_of(store: &dyn Datastore, ip: IpAddr) -> Result<Option<(IpamBlockSpec, KeyValue)>> {
+    for (b, _) in objects::blocks(store).await? {
+        if b.spec.cidr.contains(&ip) {
+            return get_block(store, &b.spec.cidr).await;
+        }
+    }
+    Ok(None)
+}
+
+/// An attachment as its workload endpoint records it: (network, container ID, interface) and
+/// its handle. Endpoints written before the network annotation existed carry the legacy handle
+/// `network.container.ifname`; given the container and interface, the network is what is left.
+pub fn attachment_of(w: &Object<WorkloadEndpointSpec>) -> Option<(String, String, String, String)> {
+    let handle = w.metadata.annotations.get(HANDLE_ANNOTATION)?;
+    let cid = w.spec.container_id.as_deref()?;
+    let ifname = w.spec.endpoint.as_deref()?;
+    let network = match w.metadata.annotations.get(NETWORK_ANNOTATION) {
+        Some(n) => n.clone(),
+        None => handle
+            .strip_suffix(&format!(".{cid}.{ifname}"))?
+            .to_string(),
+    };
+    Some((network, cid.to_string(), ifname.to_string(), handle.clone()))
+}
+
+/// CNI GC: releases `node`'s attachments of `network` that `keep` (network, container,
+/// interface) does not list. Each release is guarded by the endpoint it was decided on.
+pub async fn release_unlisted(
+    store: &dyn Datastore,
+    node: &str,
+    network: &str,
+    keep: &[(String, String, String)],
+    now: u64,
+) -> Result<Vec<IpAddr>> {
+    let mut released = Vec::new();
+    for (w, rev) in objects::endpoints(store).await? {
+        if w.spec.node != node {
+            continue;
+        }
+        let Some((net, cid, ifname, handle)) = attachment_of(&w) else {
+            continue;
+        };
+        if net != network || keep.contains(&(net.clone(), cid, ifname)) {
+            continue;
+        }
+        let key = Resource::WorkloadEndpoint(w).key();
+        let proof = [Precondition::ModRevision(key, rev)];
+        // A conflict means the endpoint changed (its attachment went or came back): the next
+        // GC decides again.
+        if let Attempt::Released(ips) =
+            release_handle_once(store, &handle, now, &proof, None).await?
+        {
+            released.extend(ips);
+        }
+    }
+    Ok(released)
+}
+
+/// The transaction deleting an empty block and its affinity, guarded by what the decision read:
+/// the block's revision (so a block that gained an allocation stays), the affinity's revision
+/// when one was read (so a re-created affinity stays; none read, none deleted), and — when the
+/// decision was "its node is gone" — the node's absence (so a node registering again keeps it).
+pub fn delete_block_txn(
+    block: &IpamBlockSpec,
+    rev: i64,
+    affinity_rev: Option<i64>,
+    node_gone: bool,
+) -> (Vec<Precondition>, Vec<TxnOp>) {
+    let mut pre = vec![Precondition::ModRevision(block_key(&block.cidr), rev)];
+    let mut ops = vec![TxnOp::Delete(block_key(&block.cidr))];
+    if let Some(node) = alloc::block_node(block) {
+        if let Some(arev) = affinity_rev {
+            let key = affinity_key(node, &block.cidr);
+            pre.push(Precondition::ModRevision(key.clone(), arev));
+            ops.push(TxnOp::Delete(key));
+        }
+        if node_gone {
+            pre.push(Precondition::Absent(node_key(node)));
+        }
+    }
+    (pre, ops)
+}
