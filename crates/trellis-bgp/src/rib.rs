@@ -1,7 +1,8 @@
 //! The routing information bases: Adj-RIB-In (accepted paths per peer), the Loc-RIB (best path
 //! per prefix by the decision process of RFC 4271 §9.1.2), and Adj-RIB-Out (what each peer was
 //! last sent), with the export rules of RFC 4271 §9.1.3 and route reflection (RFC 4456).
-//! Graceful restart (RFC 4724): a restarting peer's paths are kept as stale until End-of-RIB.
+//! Graceful restart (RFC 4724): a restarting peer's paths of the families it preserves are kept
+//! as stale until End-of-RIB.
 //! Next hops not on a connected network resolve recursively through the host's other routes
 //! ([`Rib::set_igp_routes`], RFC 4271 §5.1.3), as BIRD's `gateway recursive` does.
 //! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
@@ -304,34 +305,40 @@ impl Rib {
         import_changed
     }
 
-    /// A session went down. With `keep_stale` (the peer restarts gracefully, RFC 4724 §4.2) its
-    /// paths stay, marked stale, until [`sweep_stale`](Rib::sweep_stale); otherwise they go now.
-    pub fn peer_down(&mut self, id: PeerId, keep_stale: bool) {
+    /// A session went down. The peer's paths of the families in `retain` stay, marked stale,
+    /// until [`sweep_stale`](Rib::sweep_stale) (it restarts gracefully, RFC 4724 §4.2, and
+    /// preserves forwarding for them — see [`crate::restart`]); all others go now.
+    pub fn peer_down(&mut self, id: PeerId, retain: &[u16]) {
         self.peers.remove(&id);
         self.adj_out.remove(&id);
         self.rejected.remove(&id);
-        if keep_stale {
-            for ps in self.paths.values_mut() {
+        for (prefix, ps) in self.paths.iter_mut() {
+            if retain.contains(&afi_of(prefix)) {
                 for p in ps.iter_mut().filter(|p| p.source == Source::Peer(id)) {
                     p.stale = true;
                 }
             }
-        } else {
-            self.drop_paths(id, |_| true);
         }
+        self.drop_paths(id, |prefix, _| !retain.contains(&afi_of(prefix)));
     }
 
     /// Removes the peer's paths still stale (End-of-RIB received, or the restart time passed).
     pub fn sweep_stale(&mut self, id: PeerId) {
-        self.drop_paths(id, |p| p.stale);
+        self.drop_paths(id, |_, p| p.stale);
     }
 
-    fn drop_paths(&mut self, id: PeerId, which: impl Fn(&Path) -> bool) {
+    /// Removes the peer's stale paths of one family (its End-of-RIB, or it no longer preserves
+    /// forwarding for it, RFC 4724 §4.2).
+    pub fn sweep_stale_family(&mut self, id: PeerId, afi: u16) {
+        self.drop_paths(id, |prefix, p| p.stale && afi_of(prefix) == afi);
+    }
+
+    fn drop_paths(&mut self, id: PeerId, which: impl Fn(&IpNet, &Path) -> bool) {
         let src = Source::Peer(id);
         let mut gone = 0;
         self.paths.retain(|prefix, ps| {
             let before = ps.len();
-            ps.retain(|p| !(p.source == src && which(p)));
+            ps.retain(|p| !(p.source == src && which(prefix, p)));
             if ps.len() != before {
                 gone += 1;
                 self.dirty.insert(*prefix);

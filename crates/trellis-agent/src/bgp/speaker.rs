@@ -16,6 +16,7 @@ use trellis_bgp::error::{code, subcode};
 use trellis_bgp::fsm::{keep_outgoing, DownReason};
 use trellis_bgp::message::{pack_announcements, pack_withdrawals, RouteRefresh, MAX_LEN};
 use trellis_bgp::nlri::{AFI_IPV4, AFI_IPV6};
+use trellis_bgp::restart::{self, Stale};
 use trellis_bgp::{
     Context, Fsm, Input, Message, Negotiated, Notification, Origin, Output, PathAttrs, PeerId,
     PeerInfo, Rib, RibConfig, SessionConfig, State, Update,
@@ -58,7 +59,8 @@ struct Peer {
     negotiated: Option<Negotiated>,
     since: u64,
     last_error: Option<String>,
-    stale_until: Option<Instant>,
+    /// The peer's routes kept through its graceful restart (RFC 4724 §4.2).
+    stale: Option<Stale>,
     eor_received: bool,
     counters: MessageCounters,
 }
@@ -327,7 +329,7 @@ impl Speaker {
                     negotiated: None,
                     since: now_secs(),
                     last_error: None,
-                    stale_until: None,
+                    stale: None,
                     eor_received: false,
                     counters: MessageCounters::default(),
                 },
@@ -377,7 +379,7 @@ impl Speaker {
     fn remove_peer(&mut self, addr: IpAddr, sub: u8) {
         self.drive(addr, false, Input::Stop(cease(sub)));
         if let Some(p) = self.peers.remove(&addr) {
-            self.rib.peer_down(p.id, false);
+            self.rib.peer_down(p.id, &[]);
             tracing::info!(peer = %addr, "BGP peer removed");
         }
     }
@@ -606,9 +608,9 @@ impl Speaker {
                 self.drive(addr, true, Input::Tick);
             }
             let p = self.peers.get_mut(&addr).expect("present");
-            if p.stale_until.is_some_and(|t| t <= now) {
+            if p.stale.as_ref().is_some_and(|s| s.expired(now)) {
                 tracing::info!(peer = %addr, "graceful restart time passed; removing the peer's stale routes");
-                p.stale_until = None;
+                p.stale = None;
                 self.rib.sweep_stale(p.id);
             }
         }
@@ -772,6 +774,16 @@ impl Speaker {
                 export: p.cfg.options.filters.1.clone(),
             },
         );
+        // RFC 4724 §4.2: families the peer no longer preserves lose their stale routes now.
+        if let Some(stale) = &mut p.stale {
+            for afi in stale.on_reestablished(n.peer_graceful_restart.as_ref()) {
+                tracing::info!(peer = %addr, afi, "peer did not preserve forwarding for this family; removing its stale routes");
+                self.rib.sweep_stale_family(p.id, afi);
+            }
+            if stale.is_done() {
+                p.stale = None;
+            }
+        }
         p.negotiated = Some(n);
         // The initial table goes out at the next flush, then End-of-RIB (RFC 4724 §2).
         self.flush();
@@ -788,12 +800,17 @@ impl Speaker {
 
     fn update(&mut self, addr: IpAddr, u: Update) {
         let p = self.peers.get_mut(&addr).expect("present");
-        if u.end_of_rib_afi().is_some() {
+        if let Some(afi) = u.end_of_rib_afi() {
             p.eor_received = true;
-            if p.stale_until.take().is_some() {
-                tracing::info!(peer = %addr, "End-of-RIB after restart; removing stale routes");
+            if let Some(stale) = &mut p.stale {
+                if stale.end_of_rib(afi) {
+                    tracing::info!(peer = %addr, afi, "End-of-RIB after restart; removing stale routes");
+                    self.rib.sweep_stale_family(p.id, afi);
+                }
+                if stale.is_done() {
+                    p.stale = None;
+                }
             }
-            self.rib.sweep_stale(p.id);
             return;
         }
         if let Some(why) = &u.treat_as_withdraw {
@@ -816,24 +833,13 @@ impl Speaker {
         p.last_error = Some(reason.to_string());
         p.main.tx = None;
         let Some(n) = was else { return };
-        // RFC 4724 §4.2: a peer that restarts gracefully keeps its routes (marked stale) for
-        // its restart time if the transport just went away; a NOTIFICATION ends them.
-        let graceful = n
-            .peer_graceful_restart
-            .as_ref()
-            .filter(|g| g.restart_time > 0)
-            .filter(|_| {
-                matches!(reason, DownReason::TransportClosed)
-                    || matches!(&reason, DownReason::Sent(x) if x.code == code::HOLD_TIMER_EXPIRED)
-            });
-        tracing::warn!(peer = %addr, %reason, graceful = graceful.is_some(), "BGP session down");
-        match graceful {
-            Some(g) => {
-                p.stale_until = Some(Instant::now() + Duration::from_secs(g.restart_time as u64));
-                self.rib.peer_down(p.id, true);
-            }
-            None => self.rib.peer_down(p.id, false),
-        }
+        // RFC 4724 §4.2: only the families the peer listed in its Graceful Restart capability
+        // stay (stale) for its restart time, and only if the transport just went away.
+        let stale = restart::on_session_loss(&n, &reason, Instant::now());
+        let retained = stale.as_ref().map_or(&[][..], |s| &s.families[..]);
+        tracing::warn!(peer = %addr, %reason, graceful = stale.is_some(), retained = ?retained, "BGP session down");
+        self.rib.peer_down(p.id, retained);
+        p.stale = stale;
     }
 
     /// Sends what the RIB decided and publishes kernel routes when they changed.

@@ -1,5 +1,6 @@
 use super::*;
 use crate::attrs::{AsPath, AsSegment, Origin, SegmentKind};
+use crate::nlri::AFI_IPV6;
 
 const ASN: u32 = 64512;
 
@@ -83,7 +84,7 @@ fn best_path_prefers_shorter_as_paths_then_lower_router_ids() {
     );
     r.flush();
     assert_eq!(r.installed()[&p("10.1.0.0/24")], ip("192.0.2.3"));
-    r.peer_down(3, false);
+    r.peer_down(3, &[]);
     r.flush();
     assert!(r.installed().is_empty());
 }
@@ -278,13 +279,66 @@ fn next_hop_mode_self_and_keep() {
 }
 
 #[test]
+fn graceful_restart_keeps_only_the_retained_families() {
+    let mut r = rib(false);
+    let mut info = peer(65002, 2, false);
+    info.families = vec![AFI_IPV4, AFI_IPV6];
+    r.peer_up(2, info.clone());
+    r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
+    let v6 = Update {
+        attrs: announce("10.7.0.0/24", vec![65002], "192.0.2.2").attrs,
+        mp_reach: Some(crate::attrs::MpReach {
+            afi: AFI_IPV6,
+            safi: 1,
+            next_hop: "2001:db8::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+                .to_vec(),
+            nlri: vec![p("2001:db8:7::/48")],
+        }),
+        ..Default::default()
+    };
+    r.apply_update(2, &v6);
+    r.flush();
+    assert_eq!(r.installed().len(), 2);
+    // Only IPv4 was listed in the peer's Graceful Restart capability: IPv6 goes at once.
+    r.peer_down(2, &[AFI_IPV4]);
+    r.flush();
+    assert_eq!(
+        r.installed().keys().collect::<Vec<_>>(),
+        vec![&p("10.7.0.0/24")]
+    );
+    assert_eq!(r.counters(2).accepted, 1);
+    // Back, then the IPv4 family's stale paths go by themselves (End-of-RIB, or F bit clear).
+    r.peer_up(2, info);
+    r.sweep_stale_family(2, AFI_IPV6);
+    r.flush();
+    assert_eq!(
+        r.installed().len(),
+        1,
+        "another family's sweep leaves IPv4 alone"
+    );
+    r.sweep_stale_family(2, AFI_IPV4);
+    r.flush();
+    assert!(r.installed().is_empty());
+    assert_eq!(r.counters(2).accepted, 0);
+    // Nothing retained: everything goes at once.
+    r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
+    r.flush();
+    r.peer_down(2, &[]);
+    r.flush();
+    assert!(r.installed().is_empty());
+}
+
+#[test]
 fn graceful_restart_keeps_stale_paths_until_swept() {
     let mut r = rib(false);
     r.peer_up(2, peer(65002, 2, false));
     r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
     r.apply_update(2, &announce("10.7.1.0/24", vec![65002], "192.0.2.2"));
     r.flush();
-    r.peer_down(2, true);
+    r.peer_down(2, &[AFI_IPV4]);
     r.flush();
     assert_eq!(r.installed().len(), 2, "stale paths still forward");
     r.peer_up(2, peer(65002, 2, false));
