@@ -242,23 +242,32 @@ impl Builder {
     ) -> Result<(), String> {
         let d = dir(&self.state.name);
         let conf = daemon_config(&self.t, addrs, member, b);
-        let (file, text) = match b.daemon.as_str() {
-            "bird" => ("bird.conf", daemons::bird_conf(&conf)),
-            _ => ("gobgpd.toml", daemons::gobgp_conf(&conf)),
-        };
-        std::fs::write(d.join(format!("{member}.{file}")), text).map_err(|e| e.to_string())?;
-        let argv = daemons::command(&b.daemon, member, &d);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        for (file, text) in daemons::files(&b.daemon, member, &conf) {
+            let path = d.join(file);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            std::fs::write(path, text).map_err(|e| e.to_string())?;
+        }
+        if b.daemon == "frr" {
+            // FRR drops to its own user, which writes pid files and sockets there.
+            let owner = format!("{0}:{0}", daemons::FRR_USER);
+            let frr_dir = d.join(format!("{member}.frr"));
+            run(Command::new("chown").args(["-R", &owner]).arg(&frr_dir))?;
+        }
         let log = std::fs::File::create(d.join(format!("{member}.{}.log", b.daemon)))
             .map_err(|e| e.to_string())?;
-        let child = in_ns(ns, &argv)
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(|err| format!("{}: {err} (install bird2 / gobgpd)", b.daemon))?;
-        self.state.pids.push(child.id() as i32);
-        self.state.save()?;
+        for argv in daemons::commands(&b.daemon, member, &d) {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let child = in_ns(ns, &argv)
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log.try_clone().map_err(|e| e.to_string())?)
+                .process_group(0)
+                .spawn()
+                .map_err(|err| format!("{}: {err} (install bird2 / gobgpd / frr)", b.daemon))?;
+            self.state.pids.push(child.id() as i32);
+            self.state.save()?;
+        }
         (self.progress)(&format!(
             "  {member} runs {} (AS {})",
             b.daemon, b.as_number
@@ -738,6 +747,9 @@ pub fn down(name: &str) -> Result<Vec<String>, String> {
     if let Some(s) = &state {
         for pid in &s.pids {
             kill(*pid);
+            for scratch in daemons::frr_scratch_dirs(*pid) {
+                let _ = std::fs::remove_dir_all(scratch); // absent unless it was FRR's
+            }
         }
     }
     let prefix = format!("tl-{name}-");

@@ -57,7 +57,7 @@ pub struct RouterSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DaemonSpec {
-    /// `bird` (BIRD 2) or `gobgp` (gobgpd).
+    /// `bird` (BIRD 2), `gobgp` (gobgpd) or `frr` (FRR's bgpd with zebra).
     pub daemon: String,
     pub as_number: u32,
     /// Members (nodes or other BGP externals) it peers with. For nodes the lab also writes a
@@ -275,8 +275,11 @@ fn validate(t: &Topology) -> Result<(), String> {
         .chain(router_bgp.map(|b| ("router", b)))
         .collect();
     for (name, b) in &speakers {
-        if !["bird", "gobgp"].contains(&b.daemon.as_str()) {
-            return Err(format!("{name}: bgp.daemon {:?}: bird or gobgp", b.daemon));
+        if !["bird", "gobgp", "frr"].contains(&b.daemon.as_str()) {
+            return Err(format!(
+                "{name}: bgp.daemon {:?}: bird, gobgp or frr",
+                b.daemon
+            ));
         }
         if b.as_number == 0 {
             return Err(format!("{name}: bgp.asNumber 0 is not usable"));
@@ -400,7 +403,10 @@ mod tests {
             format!("{base}nodes: [{{name: n, subnet: s}}]\nexternal: [{{name: tor, subnet: s, bgp: {bgp}}}]\n")
         };
         for (bgp, want) in [
-            ("{daemon: frr, asNumber: 65001, peers: [n]}", "bgp.daemon"),
+            (
+                "{daemon: quagga, asNumber: 65001, peers: [n]}",
+                "bgp.daemon",
+            ),
             ("{daemon: bird, asNumber: 0, peers: [n]}", "bgp.asNumber"),
             ("{daemon: bird, asNumber: 65001, peers: [zz]}", "\"zz\""),
             (

@@ -754,7 +754,19 @@ impl Speaker {
     fn established(&mut self, addr: IpAddr, n: Negotiated) {
         let local = self.cfg.address;
         let p = self.peers.get_mut(&addr).expect("present");
-        tracing::info!(peer = %addr, asn = n.peer_asn, peer_id = %n.peer_id, hold = n.hold_time, "BGP session established");
+        let peer_gr = n.peer_graceful_restart.as_ref().map_or("none".into(), |g| {
+            let fams: Vec<String> = g
+                .families
+                .iter()
+                .map(|(a, s, f)| format!("{a}/{s} F={}", u8::from(*f)))
+                .collect();
+            format!(
+                "restart {}s, families [{}]",
+                g.restart_time,
+                fams.join(", ")
+            )
+        });
+        tracing::info!(peer = %addr, asn = n.peer_asn, peer_id = %n.peer_id, hold = n.hold_time, %peer_gr, "BGP session established");
         p.since = now_secs();
         p.last_error = None;
         p.eor_received = false;
