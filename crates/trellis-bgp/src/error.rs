@@ -48,6 +48,7 @@ pub mod subcode {
     pub const CONNECTION_REJECTED: u8 = 5;
     pub const OTHER_CONFIGURATION_CHANGE: u8 = 6;
     pub const CONNECTION_COLLISION: u8 = 7;
+    pub const OUT_OF_RESOURCES: u8 = 8;
 }
 
 /// A NOTIFICATION message: what went wrong, per RFC 4271 §4.5.

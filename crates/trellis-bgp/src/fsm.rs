@@ -144,6 +144,8 @@ pub struct Fsm {
     restart_at: Option<Instant>,
     /// The peer has not taken our messages since this long ago (RFC 9687).
     send_hold_at: Option<Instant>,
+    /// After a [`Input::Reset`]: no session, incoming ones included, before this.
+    idle_until: Option<Instant>,
     negotiated: Option<Negotiated>,
     /// The peer's OPEN while in OpenConfirm (for collision detection).
     peer_open: Option<Open>,
@@ -159,9 +161,16 @@ impl Fsm {
             keepalive_at: None,
             restart_at: None,
             send_hold_at: None,
+            idle_until: None,
             negotiated: None,
             peer_open: None,
         }
+    }
+
+    /// Whether a connection the peer opens now must be refused: the session is idle after a
+    /// [`Input::Reset`] and its idle hold has not passed.
+    pub fn refuses_connections(&self, now: Instant) -> bool {
+        self.state == State::Idle && self.idle_until.is_some_and(|t| now < t)
     }
 
     pub fn state(&self) -> State {
@@ -281,6 +290,7 @@ impl Fsm {
                 if self.state != State::Idle {
                     self.fail(now, notification, &mut out);
                     self.restart_at = Some(now + idle_hold);
+                    self.idle_until = self.restart_at;
                 }
             }
         }
@@ -315,6 +325,7 @@ impl Fsm {
             return;
         }
         self.restart_at = None;
+        self.idle_until = None;
         self.connect_retry_at = Some(now + self.config.connect_retry);
         if self.config.passive {
             self.state = State::Active;

@@ -559,6 +559,9 @@ pub struct BgpSessionStatus {
     /// Times the session reached Established.
     #[serde(default)]
     pub established_transitions: u64,
+    /// Announcements of new prefixes beyond the peer's `maxPrefixes` limit.
+    #[serde(default)]
+    pub prefixes_over_limit: u64,
 }
 
 /// A node's BGP speaker, written by its agent (Trellis's analogue of CalicoNodeStatus).

@@ -2,7 +2,10 @@
 //! pure FSMs connection events, messages and ticks, carries out their outputs (connect, send,
 //! close), resolves connection collisions (RFC 4271 §6.8), keeps a gracefully restarting
 //! peer's routes until End-of-RIB or its restart time (RFC 4724), and publishes the best routes
-//! for the dataplane loop to install. Does I/O (sockets via [`super::net`]).
+//! for the dataplane loop to install. Its queues are bounded: readers wait while it is behind,
+//! a peer whose transport is behind gets no UPDATEs until it catches up (the RIB coalesces what
+//! changed meanwhile) and is reset if it takes nothing for the send hold time (RFC 9687), and a
+//! peer's `maxPrefixes` bounds what is held for it. Does I/O (sockets via [`super::net`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -18,8 +21,8 @@ use trellis_bgp::message::{pack_announcements, pack_withdrawals, RouteRefresh, M
 use trellis_bgp::nlri::{AFI_IPV4, AFI_IPV6};
 use trellis_bgp::restart::{self, Stale};
 use trellis_bgp::{
-    Context, Fsm, Input, Message, Negotiated, Notification, Origin, Output, PathAttrs, PeerId,
-    PeerInfo, Rib, RibConfig, SessionConfig, State, Update,
+    Context, Fsm, Input, LimitAction, Message, Negotiated, Notification, Origin, Output, PathAttrs,
+    PeerId, PeerInfo, Rib, RibConfig, SessionConfig, State, Update,
 };
 use trellis_resources::{BgpSessionStatus, BgpStatusSpec};
 
@@ -34,6 +37,18 @@ const TICK: Duration = Duration::from_millis(250);
 const LISTEN_RETRY: Duration = Duration::from_secs(3);
 /// How long a restarting agent keeps the routes it finds before its peers have sent theirs.
 const STARTUP_GRACE: Duration = Duration::from_secs(30);
+/// Decoded messages waiting for the speaker, from all connections together; a reader whose
+/// message does not fit waits and stops reading its socket.
+const READ_QUEUE: usize = 1024;
+/// Connection events (accepted, connected, failed) waiting for the speaker.
+const EVENT_QUEUE: usize = 64;
+/// A peer with this many bytes still queued for its socket is sent no more UPDATEs until it
+/// catches up.
+const HIGH_WATER: usize = 256 * 1024;
+/// After a reset for exceeding `maxPrefixes` (action Restart), the session waits this long
+/// before it starts again (as BIRD's `error wait time` does), so a peer that always sends too
+/// much is not reloaded every few seconds.
+const PREFIX_LIMIT_IDLE_HOLD: Duration = Duration::from_secs(60);
 
 /// Which connection of a peer an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,8 +60,21 @@ struct ConnTag {
 struct Conn {
     id: u64,
     fsm: Fsm,
-    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    tx: Option<net::Writer>,
+    /// Bytes the socket had taken at the last tick (progress for the send hold timer).
+    written_seen: u64,
     outgoing: bool,
+}
+
+impl Conn {
+    /// Queues bytes for the peer; a full queue means it stopped reading: the session is reset
+    /// (Cease / Out of Resources, RFC 4486) at the end of the current step.
+    fn send(&mut self, bytes: Vec<u8>) -> Option<Notification> {
+        match &self.tx {
+            Some(w) if !w.send(bytes) => Some(cease(subcode::OUT_OF_RESOURCES)),
+            _ => None,
+        }
+    }
 }
 
 struct Peer {
@@ -63,6 +91,10 @@ struct Peer {
     stale: Option<Stale>,
     eor_received: bool,
     counters: MessageCounters,
+    /// The peer passed its `maxPrefixes` limit in this session (logged once).
+    over_limit_logged: bool,
+    /// A reset decided while handling one input, carried out after it ([`Speaker::drive`]).
+    reset: Option<(Notification, Duration)>,
 }
 
 /// Per-peer message counts (for status and metrics).
@@ -73,6 +105,8 @@ struct MessageCounters {
     notifications_in: u64,
     notifications_out: u64,
     established: u64,
+    /// Announcements of new prefixes beyond the peer's `maxPrefixes` limit.
+    over_limit: u64,
 }
 
 enum Event {
@@ -90,8 +124,8 @@ pub struct Speaker {
     next_peer_id: PeerId,
     next_conn: u64,
     started: Instant,
-    reads: mpsc::UnboundedSender<(ConnTag, Read)>,
-    events: mpsc::UnboundedSender<Event>,
+    reads: mpsc::Sender<(ConnTag, Read)>,
+    events: mpsc::Sender<Event>,
     /// Where the listener is bound.
     listener_at: Option<SocketAddr>,
     /// The last failed attempt to listen (retried from the tick every few seconds).
@@ -123,8 +157,8 @@ fn rib_config(cfg: &SpeakerConfig) -> RibConfig {
 impl Speaker {
     /// Runs until the configuration channel closes.
     pub async fn run(shared: Arc<Shared>, mut config: watch::Receiver<Option<SpeakerConfig>>) {
-        let (reads_tx, mut reads) = mpsc::unbounded_channel();
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (reads_tx, mut reads) = mpsc::channel(READ_QUEUE);
+        let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
         let mut sp: Option<Speaker> = None;
         let mut tick = tokio::time::interval(TICK);
         let mut last_status: Option<BgpStatusSpec> = None;
@@ -155,8 +189,10 @@ impl Speaker {
                 Some((tag, r)) = reads.recv() => {
                     if let Some(s) = &mut sp {
                         s.on_read(tag, r);
-                        // Take everything already queued before deciding (batches big tables).
-                        while let Ok((tag, r)) = reads.try_recv() {
+                        // Take what is already queued before deciding (batches big tables), at
+                        // most a queue's worth so ticks are not starved while readers refill it.
+                        for _ in 0..READ_QUEUE {
+                            let Ok((tag, r)) = reads.try_recv() else { break };
                             s.on_read(tag, r);
                         }
                     }
@@ -195,8 +231,8 @@ impl Speaker {
     fn new(
         cfg: SpeakerConfig,
         shared: Arc<Shared>,
-        reads: mpsc::UnboundedSender<(ConnTag, Read)>,
-        events: mpsc::UnboundedSender<Event>,
+        reads: mpsc::Sender<(ConnTag, Read)>,
+        events: mpsc::Sender<Event>,
     ) -> Speaker {
         let rib = Rib::new(rib_config(&cfg));
         let mut s = Speaker {
@@ -264,6 +300,7 @@ impl Speaker {
             id: self.next_conn,
             fsm,
             tx: None,
+            written_seen: 0,
             outgoing,
         }
     }
@@ -332,6 +369,8 @@ impl Speaker {
                     stale: None,
                     eor_received: false,
                     counters: MessageCounters::default(),
+                    over_limit_logged: false,
+                    reset: None,
                 },
             );
             self.drive(addr, false, Input::Start);
@@ -368,9 +407,11 @@ impl Speaker {
                 })
                 .collect::<Vec<u8>>()
         });
-        match (refresh, &p.main.tx) {
-            (Some(bytes), Some(tx)) => {
-                let _ = tx.send(bytes);
+        match refresh {
+            Some(bytes) if p.main.tx.is_some() => {
+                if let Some(full) = p.main.send(bytes) {
+                    p.reset.get_or_insert((full, CONNECT_RETRY));
+                }
             }
             _ => self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE),
         }
@@ -413,8 +454,9 @@ impl Speaker {
                 let events = self.events.clone();
                 let acc = l.clone();
                 self.accept_task = Some(tokio::spawn(async move {
+                    // While the speaker is behind, connections wait in the kernel's backlog.
                     while let Ok((s, a)) = acc.accept().await {
-                        if events.send(Event::Accepted(s, a)).is_err() {
+                        if events.send(Event::Accepted(s, a)).await.is_err() {
                             return;
                         }
                     }
@@ -515,6 +557,10 @@ impl Speaker {
         if let Err(e) = net::accepted(&stream, self.cfg.ttl_policy(&p.cfg)) {
             tracing::warn!(peer = %from, error = %e, "setting the TTL on an accepted BGP connection");
         }
+        if p.main.fsm.refuses_connections(Instant::now()) {
+            tracing::debug!(peer = %from, "BGP connection refused: the session is held idle after a reset");
+            return;
+        }
         match p.main.fsm.state() {
             State::Idle | State::Connect | State::Active => {
                 let p = self.peers.get_mut(&from).expect("present");
@@ -535,7 +581,7 @@ impl Speaker {
             _ => {
                 // Established (or already two): RFC 4271 §6.8, the new connection is closed.
                 let ibgp = p.cfg.asn == self.cfg.asn;
-                let tx = net::spawn_io(
+                let w = net::spawn_io(
                     stream,
                     ibgp,
                     ConnTag {
@@ -544,10 +590,10 @@ impl Speaker {
                     },
                     self.reads.clone(),
                 );
-                let _ = tx.send(
-                    Message::Notification(cease(subcode::CONNECTION_COLLISION))
-                        .encode(ctx_for(None, ibgp)),
-                );
+                let refusal = Message::Notification(cease(subcode::CONNECTION_COLLISION));
+                if !w.send(refusal.encode(ctx_for(None, ibgp))) {
+                    tracing::debug!(peer = %from, "the refused connection is already gone");
+                }
             }
         }
     }
@@ -565,6 +611,7 @@ impl Speaker {
             conn: c.id,
         };
         c.tx = Some(net::spawn_io(stream, ibgp, tag, self.reads.clone()));
+        c.written_seen = 0;
     }
 
     fn on_read(&mut self, tag: ConnTag, r: Read) {
@@ -603,6 +650,11 @@ impl Speaker {
             self.sync_md5();
         }
         for addr in self.peers.keys().copied().collect::<Vec<_>>() {
+            for second in [false, true] {
+                if self.conn_progressed(addr, second) {
+                    self.drive(addr, second, Input::SendProgress);
+                }
+            }
             self.drive(addr, false, Input::Tick);
             if self.peers[&addr].second.is_some() {
                 self.drive(addr, true, Input::Tick);
@@ -624,6 +676,25 @@ impl Speaker {
             .store(converged, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether a connection's socket took bytes since the last tick or has nothing queued — the
+    /// send hold timer (RFC 9687) starts again.
+    fn conn_progressed(&mut self, addr: IpAddr, second: bool) -> bool {
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return false;
+        };
+        let c = if second {
+            p.second.as_mut()
+        } else {
+            Some(&mut p.main)
+        };
+        let Some(c) = c else { return false };
+        let Some(w) = &c.tx else { return false };
+        let written = w.written();
+        let progressed = w.queued() == 0 || written != c.written_seen;
+        c.written_seen = written;
+        progressed
+    }
+
     /// Feeds one input to a connection's FSM and carries out the outputs.
     fn drive(&mut self, addr: IpAddr, second: bool, input: Input) {
         let now = Instant::now();
@@ -641,6 +712,18 @@ impl Speaker {
         let outs = c.fsm.handle(now, input);
         for o in outs {
             self.output(addr, second, o);
+        }
+        if let Some((notification, idle_hold)) =
+            self.peers.get_mut(&addr).and_then(|p| p.reset.take())
+        {
+            self.drive(
+                addr,
+                false,
+                Input::Reset {
+                    notification,
+                    idle_hold,
+                },
+            );
         }
         self.resolve_collision(addr);
     }
@@ -692,15 +775,21 @@ impl Speaker {
                         Ok(s) => Event::Connected(addr, gen, s),
                         Err(e) => Event::ConnectFailed(addr, gen, e.to_string()),
                     };
-                    let _ = events.send(ev);
+                    // An error means the speaker stopped: nobody to tell.
+                    let _ = events.send(ev).await;
                 });
             }
             Output::Send(m) => {
-                if matches!(m, Message::Notification(_)) {
+                let notification = matches!(m, Message::Notification(_));
+                if notification {
                     p.counters.notifications_out += 1;
                 }
-                if let Some(tx) = &c.tx {
-                    let _ = tx.send(m.encode(ctx));
+                // A NOTIFICATION ends the session anyway; a full queue on the main connection
+                // resets it.
+                if let Some(full) = c.send(m.encode(ctx)) {
+                    if !notification && !second {
+                        p.reset.get_or_insert((full, CONNECT_RETRY));
+                    }
                 }
             }
             Output::Close => c.tx = None,
@@ -770,6 +859,7 @@ impl Speaker {
         p.since = now_secs();
         p.last_error = None;
         p.eor_received = false;
+        p.over_limit_logged = false;
         p.counters.established += 1;
         self.rib.peer_up(
             p.id,
@@ -784,6 +874,7 @@ impl Speaker {
                 allow_local_as: p.cfg.options.allow_local_as,
                 import: p.cfg.options.filters.0.clone(),
                 export: p.cfg.options.filters.1.clone(),
+                max_prefixes: p.cfg.options.max_prefixes,
             },
         );
         // RFC 4724 §4.2: families the peer no longer preserves lose their stale routes now.
@@ -800,12 +891,12 @@ impl Speaker {
         // The initial table goes out at the next flush, then End-of-RIB (RFC 4724 §2).
         self.flush();
         let p = self.peers.get_mut(&addr).expect("present");
-        if let (Some(n), Some(tx)) = (&p.negotiated, &p.main.tx) {
+        if let Some(n) = &p.negotiated {
             for afi in &n.families {
-                let _ = tx.send(
-                    Message::Update(Box::new(Update::end_of_rib(*afi)))
-                        .encode(ctx_for(Some(n), false)),
-                );
+                let eor = Message::Update(Box::new(Update::end_of_rib(*afi)));
+                if let Some(full) = p.main.send(eor.encode(ctx_for(Some(n), false))) {
+                    p.reset.get_or_insert((full, CONNECT_RETRY));
+                }
             }
         }
     }
@@ -836,6 +927,10 @@ impl Speaker {
         if let Some((prefix, why)) = r.rejected.first() {
             tracing::debug!(peer = %addr, %prefix, why, count = r.rejected.len(), "routes rejected");
         }
+        if r.over_limit > 0 {
+            p.counters.over_limit += r.over_limit as u64;
+            over_limit(addr, p, r.over_limit_afi.unwrap_or(AFI_IPV4));
+        }
     }
 
     fn down(&mut self, addr: IpAddr, reason: DownReason) {
@@ -856,13 +951,20 @@ impl Speaker {
 
     /// Sends what the RIB decided and publishes kernel routes when they changed.
     fn flush(&mut self) {
-        let (outs, kernel_changed) = self.rib.flush();
+        // A peer whose socket is behind waits; the RIB keeps what changed for it meanwhile.
+        let behind: Vec<PeerId> = self
+            .peers
+            .values()
+            .filter(|p| p.main.tx.as_ref().is_some_and(|w| w.queued() >= HIGH_WATER))
+            .map(|p| p.id)
+            .collect();
+        let (outs, kernel_changed) = self.rib.flush_when(|id| !behind.contains(&id));
         let by_id: HashMap<PeerId, IpAddr> = self.peers.iter().map(|(a, p)| (p.id, *a)).collect();
         for (id, ob) in outs {
             let Some(p) = by_id.get(&id).and_then(|a| self.peers.get_mut(a)) else {
                 continue;
             };
-            let (Some(tx), Some(n)) = (&p.main.tx, &p.negotiated) else {
+            let Some(n) = &p.negotiated else {
                 continue;
             };
             let ctx = ctx_for(Some(n), p.cfg.asn == self.cfg.asn);
@@ -884,7 +986,9 @@ impl Speaker {
                     sent += 1;
                 }
             }
-            let _ = tx.send(bytes);
+            if let Some(full) = p.main.send(bytes) {
+                p.reset.get_or_insert((full, CONNECT_RETRY));
+            }
             p.counters.updates_out += sent;
         }
         if kernel_changed {
@@ -923,11 +1027,34 @@ impl Speaker {
                         notifications_received: p.counters.notifications_in,
                         notifications_sent: p.counters.notifications_out,
                         established_transitions: p.counters.established,
+                        prefixes_over_limit: p.counters.over_limit,
                     }
                 })
                 .collect(),
             updated: 0,
         }
+    }
+}
+
+/// A peer announced new prefixes beyond its `maxPrefixes` limit (the RIB kept them only with
+/// Warn): log it once per session, or with Restart reset the session with Cease / Maximum
+/// Number of Prefixes Reached carrying the family and the limit (RFC 4486 §4).
+fn over_limit(addr: IpAddr, p: &mut Peer, afi: u16) {
+    let Some(l) = p.cfg.options.max_prefixes else {
+        return;
+    };
+    match l.action {
+        LimitAction::Restart => {
+            tracing::error!(peer = %addr, limit = l.limit, "peer exceeded its maxPrefixes limit; resetting the session");
+            let bound = u32::try_from(l.limit).unwrap_or(u32::MAX);
+            let n = Notification::max_prefixes(afi, trellis_bgp::nlri::SAFI_UNICAST, bound);
+            p.reset.get_or_insert((n, PREFIX_LIMIT_IDLE_HOLD));
+        }
+        action if !p.over_limit_logged => {
+            p.over_limit_logged = true;
+            tracing::warn!(peer = %addr, limit = l.limit, ?action, "peer exceeded its maxPrefixes limit");
+        }
+        _ => {}
     }
 }
 
