@@ -7,8 +7,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin, lab_check, spawn_with_input, trellis, LabGuard};
@@ -152,10 +152,30 @@ fn wait_routes(lab: &str, member: &str, want: &[&str], what: &str) {
     }
 }
 
-/// A bounded ping in the background: (child, count).
-fn ping(lab: &str, from: &str, to_ip: &str, count: u32) -> Child {
+/// A bounded ping (its count and per-reply timeout bound it) running in the background.
+struct Pinger {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Pinger {
+    /// Waits for the first reply: traffic is flowing.
+    fn first_reply(&mut self) {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.out.read_line(&mut line).unwrap();
+            assert!(n > 0, "ping ended without a reply");
+            if line.contains("bytes from") {
+                return;
+            }
+        }
+    }
+}
+
+fn ping(lab: &str, from: &str, to_ip: &str, count: u32) -> Pinger {
     let ns = format!("/var/run/netns/tl-{lab}-{from}");
-    Command::new("nsenter")
+    let mut child = Command::new("nsenter")
         .args([
             &format!("--net={ns}"),
             "ping",
@@ -169,12 +189,16 @@ fn ping(lab: &str, from: &str, to_ip: &str, count: u32) -> Child {
         ])
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    Pinger { child, out }
 }
 
 /// (transmitted, received) from ping's summary.
-fn ping_result(c: Child) -> (u32, u32) {
-    let out = String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap();
+fn ping_result(mut p: Pinger) -> (u32, u32) {
+    let mut out = String::new();
+    p.out.read_to_string(&mut out).unwrap();
+    p.child.wait().unwrap();
     let line = out
         .lines()
         .find(|l| l.contains("packets transmitted"))
@@ -217,8 +241,8 @@ fn full_mesh_then_live_switch_to_a_trellis_route_reflector() {
         "BGP-learned route to node3's block",
     );
     // Add the reflector peering, then turn the mesh off, with traffic flowing between non-reflectors.
-    let pinger = ping(lab, "b1", &pod_ip(lab, "c1"), 60);
-    std::thread::sleep(Duration::from_secs(1));
+    let mut pinger = ping(lab, "b1", &pod_ip(lab, "c1"), 60);
+    pinger.first_reply();
     apply(lab, "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: to-rr}\nspec: {nodeSelector: all(), peerSelector: route-reflector == 'true'}\n");
     wait_for("node2's session to the reflector", 30, || {
         peers(lab, "node2")
@@ -389,9 +413,20 @@ fn bird_top_of_rack_per_rack_and_an_outside_client() {
         &["192.168.72.100 via 192.168.71.1 dev eth0 proto 231"],
         "the reachableBy route to tor2",
     );
+    let log = || std::fs::read_to_string(format!("/run/trellis/lab/{lab}/r1n1.log")).unwrap();
+    let resolved = || {
+        log()
+            .matches("host routes changed; next hops resolve again")
+            .count()
+    };
+    let decided = resolved();
     let (ok, out) = exec(lab, "r1n1", &["ip", "route", "del", "default"]);
     assert!(ok, "{out}");
-    std::thread::sleep(Duration::from_secs(3));
+    // The agent saw the default route go and decided again...
+    wait_for("r1n1 to re-resolve without the default route", 20, || {
+        resolved() > decided
+    });
+    // ...and the paths still resolve through the reachableBy route.
     assert!(
         via("192.168.71.1"),
         "rack 2 still through the router without a default route:\n{}",
@@ -593,7 +628,9 @@ fn bird_route_reflector_with_trellis_clients() {
         r.contains("via 192.168.75.11 dev eth0 proto 231"),
         "stale routes kept while BIRD restarts:\n{r}"
     );
-    std::thread::sleep(Duration::from_secs(2));
+    // With BIRD away, pods still reach each other over the stale routes.
+    let (sent, got) = ping_result(ping(lab, "p1", &p2, 3));
+    assert_eq!(got, sent, "forwarding while BIRD is away");
     let recovering: Vec<String> = argv.into_iter().chain(["-R".to_string()]).collect();
     let mut bird = respawn(lab, "rr", &recovering);
     converge(lab, &["n1", "n2", "n3"], 1);
@@ -658,8 +695,8 @@ fn tor_peer(extra: &str) -> String {
 }
 
 /// A BIRD ToR with `protection` on its session with n1 (and on n1's BGPPeer): the session comes
-/// up; with n1's side changed to `bad` it drops and stays down while the mesh session is
-/// untouched. Returns the lab's guard.
+/// up; with n1's side changed to `bad` it drops and stays down while n1 keeps trying (its
+/// segments counted at the ToR) and the mesh session is untouched. Returns the lab's guard.
 fn refused_when_misconfigured(lab: &str, protection: &str, bad: &str) -> LabGuard {
     let g = up(
         lab,
@@ -670,7 +707,14 @@ fn refused_when_misconfigured(lab: &str, protection: &str, bad: &str) -> LabGuar
     wait_for(&format!("the session to drop on {bad}"), 20, || {
         !tor_up(lab)
     });
-    std::thread::sleep(Duration::from_secs(8));
+    count_segments_from_n1(lab);
+    // n1 keeps trying — SYNs of new attempts, or retransmissions of what the ToR's answers
+    // (dropped by n1) never acknowledged, each answered again by the ToR — and none of it
+    // brings the session up.
+    wait_for("n1 to keep trying", 60, || {
+        assert!(!tor_up(lab), "{bad} must not bring the session up");
+        segments_from_n1(lab) >= 3
+    });
     assert!(!tor_up(lab), "{bad} must not bring the session up");
     assert_eq!(
         established(lab, "n1"),
@@ -678,6 +722,37 @@ fn refused_when_misconfigured(lab: &str, protection: &str, bad: &str) -> LabGuar
         "the mesh session is untouched"
     );
     g
+}
+
+/// Counts the TCP segments n1 sends to the ToR (BGP is all they speak TCP for): an nftables
+/// counter in the ToR's namespace (which the test's lab made), from now on.
+fn count_segments_from_n1(lab: &str) {
+    let rule = "ip saddr 192.168.76.10 meta l4proto tcp counter";
+    for cmd in [
+        "add table inet trellis_test".to_string(),
+        "add chain inet trellis_test input { type filter hook input priority 0; policy accept; }"
+            .to_string(),
+        format!("add rule inet trellis_test input {rule}"),
+    ] {
+        let (ok, out) = exec(lab, "tor", &["nft", &cmd]);
+        assert!(ok, "nft {cmd}: {out}");
+    }
+}
+
+/// The segments counted since [`count_segments_from_n1`].
+fn segments_from_n1(lab: &str) -> u64 {
+    let (ok, out) = exec(
+        lab,
+        "tor",
+        &["nft", "list", "table", "inet", "trellis_test"],
+    );
+    assert!(ok, "{out}");
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "packets")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or_else(|| panic!("no counter in:\n{out}"))
 }
 
 fn tor_up(lab: &str) -> bool {
@@ -1007,10 +1082,14 @@ fn graceful_restart_keeps_forwarding_while_an_agent_restarts() {
     let (pid, argv) = agent_of(lab, "n2");
     // SAFETY: kill(2) on the agent process this test's lab started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_secs(3));
     // n1 noticed the session loss and kept n2's routes as stale.
     wait_for("n1 to see the session down", 20, || {
         established(lab, "n1").is_empty()
+    });
+    wait_for("n1 to take the loss as a graceful restart", 20, || {
+        std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log"))
+            .unwrap()
+            .contains("BGP session down peer=192.168.76.11 reason=connection closed graceful=true")
     });
     let r = routes(lab, "n1");
     assert!(
@@ -1103,7 +1182,7 @@ fn vtysh_config(lab: &str, member: &str, lines: &[&str]) {
 
 /// The ping across `who`'s restart lost at most one packet, and n1 took the session loss as a
 /// graceful restart.
-fn forwarded_through_a_graceful_restart(lab: &str, pinger: Child, who: &str) {
+fn forwarded_through_a_graceful_restart(lab: &str, pinger: Pinger, who: &str) {
     let (sent, got) = ping_result(pinger);
     assert!(
         got + 1 >= sent,

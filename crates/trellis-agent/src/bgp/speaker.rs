@@ -203,7 +203,8 @@ impl Speaker {
                     }
                 }
                 Ok(()) = igp.changed() => {
-                    igp.borrow_and_update();
+                    let routes = igp.borrow_and_update().len();
+                    tracing::info!(routes, "host routes changed; next hops resolve again");
                     if let Some(s) = &mut sp {
                         s.update_host_routes();
                     }
