@@ -30,6 +30,9 @@ use super::config::{PeerConfig, SpeakerConfig};
 use super::net::{self, ConnectOptions, Read};
 use super::Shared;
 
+mod outbound;
+mod status;
+
 const CONNECT_RETRY: Duration = Duration::from_secs(3);
 const HOLD_TIME: u16 = 90;
 const TICK: Duration = Duration::from_millis(250);
@@ -677,25 +680,6 @@ impl Speaker {
             .store(converged, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether a connection's socket took bytes since the last tick or has nothing queued — the
-    /// send hold timer (RFC 9687) starts again.
-    fn conn_progressed(&mut self, addr: IpAddr, second: bool) -> bool {
-        let Some(p) = self.peers.get_mut(&addr) else {
-            return false;
-        };
-        let c = if second {
-            p.second.as_mut()
-        } else {
-            Some(&mut p.main)
-        };
-        let Some(c) = c else { return false };
-        let Some(w) = &c.tx else { return false };
-        let written = w.written();
-        let progressed = w.queued() == 0 || written != c.written_seen;
-        c.written_seen = written;
-        progressed
-    }
-
     /// Feeds one input to a connection's FSM and carries out the outputs.
     fn drive(&mut self, addr: IpAddr, second: bool, input: Input) {
         let now = Instant::now();
@@ -948,92 +932,6 @@ impl Speaker {
         tracing::warn!(peer = %addr, %reason, graceful = stale.is_some(), retained = ?retained, "BGP session down");
         self.rib.peer_down(p.id, retained);
         p.stale = stale;
-    }
-
-    /// Sends what the RIB decided and publishes kernel routes when they changed.
-    fn flush(&mut self) {
-        // A peer whose socket is behind waits; the RIB keeps what changed for it meanwhile.
-        let behind: Vec<PeerId> = self
-            .peers
-            .values()
-            .filter(|p| p.main.tx.as_ref().is_some_and(|w| w.queued() >= HIGH_WATER))
-            .map(|p| p.id)
-            .collect();
-        let (outs, kernel_changed) = self.rib.flush_when(|id| !behind.contains(&id));
-        let by_id: HashMap<PeerId, IpAddr> = self.peers.iter().map(|(a, p)| (p.id, *a)).collect();
-        for (id, ob) in outs {
-            let Some(p) = by_id.get(&id).and_then(|a| self.peers.get_mut(a)) else {
-                continue;
-            };
-            let Some(n) = &p.negotiated else {
-                continue;
-            };
-            let ctx = ctx_for(Some(n), p.cfg.asn == self.cfg.asn);
-            let mut bytes = Vec::new();
-            let mut sent = 0;
-            for u in pack_withdrawals(&ob.withdraw, MAX_LEN) {
-                bytes.extend(Message::Update(Box::new(u)).encode(ctx));
-                sent += 1;
-            }
-            for (attrs, nh, prefixes) in &ob.announce {
-                let v6 = match nh {
-                    IpAddr::V6(a) => Some(a.octets()),
-                    _ => None,
-                };
-                for u in
-                    pack_announcements(attrs, prefixes, v6.as_ref().map(|o| &o[..]), ctx, MAX_LEN)
-                {
-                    bytes.extend(Message::Update(Box::new(u)).encode(ctx));
-                    sent += 1;
-                }
-            }
-            if let Some(full) = p.main.send(bytes) {
-                p.reset.get_or_insert((full, CONNECT_RETRY));
-            }
-            p.counters.updates_out += sent;
-        }
-        if kernel_changed {
-            self.publish_routes();
-        }
-    }
-
-    /// The status report (`trellis bgp status`).
-    fn status(&self) -> BgpStatusSpec {
-        BgpStatusSpec {
-            node: String::new(),
-            router_id: self.cfg.router_id.to_string(),
-            as_number: self.cfg.asn,
-            route_reflector_cluster_id: self.cfg.cluster_id.map(|c| c.to_string()),
-            peers: self
-                .peers
-                .iter()
-                .map(|(a, p)| {
-                    let c = self.rib.counters(p.id);
-                    BgpSessionStatus {
-                        address: a.to_string(),
-                        as_number: p.cfg.asn,
-                        kind: format!(
-                            "{}{}",
-                            p.cfg.kind.name(),
-                            if p.cfg.rr_client { " (RR client)" } else { "" }
-                        ),
-                        state: p.main.fsm.state().name().to_string(),
-                        since: Some(p.since),
-                        received: c.received as u64,
-                        accepted: c.accepted as u64,
-                        advertised: c.advertised as u64,
-                        last_error: p.last_error.clone(),
-                        updates_received: p.counters.updates_in,
-                        updates_sent: p.counters.updates_out,
-                        notifications_received: p.counters.notifications_in,
-                        notifications_sent: p.counters.notifications_out,
-                        established_transitions: p.counters.established,
-                        prefixes_over_limit: p.counters.over_limit,
-                    }
-                })
-                .collect(),
-            updated: 0,
-        }
     }
 }
 

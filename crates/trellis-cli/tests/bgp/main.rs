@@ -1,11 +1,15 @@
 //! BGP end to end in labs: a full mesh of Trellis nodes routing pods by BGP-learned routes and
 //! switching live to a Trellis route reflector; BIRD top-of-rack routers per rack (eBGP) with an
-//! outside client reaching pods, and the same with FRR; gobgpd as route reflector and as route
-//! server; graceful restart keeping forwarding while an agent restarts, and only for the address
-//! families a peer preserves (FRR's helper mode preserves none); bad input from a peer answered with the right
-//! NOTIFICATION or treat-as-withdraw while other sessions stay up.
+//! outside client reaching pods, and the same with gobgpd; gobgpd as route reflector and as
+//! route server; graceful restart keeping forwarding while an agent or BIRD restarts; TCP MD5,
+//! GTSM, BGPFilters and bindMode. The helpers live here; [`frr`] runs FRR as ToR and as a
+//! graceful restart helper, [`limits`] tests maxPrefixes, [`peer_input`] bad input from a peer.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod frr;
+mod limits;
+mod peer_input;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -463,48 +467,6 @@ fn gobgp_top_of_rack_per_rack_and_an_outside_client() {
     wait_routes(lab, "r2n2", &[&rack1], "rack 1's block through the ToR");
 }
 
-#[test]
-fn frr_top_of_rack_per_rack_and_an_outside_client() {
-    // The ToR design with FRR 8.4 (bgpd, and zebra installing its routes) on the ToRs and the
-    // spine: the check covers the client reaching pods through its FRR ToR.
-    let lab = "tbgptf";
-    let _g = up(
-        lab,
-        &example("bgp-tor").replace("daemon: bird", "daemon: frr"),
-    );
-    converge(lab, &["r1n1", "r1n2", "r2n1", "r2n2"], 1);
-    let rack1 = format!(
-        "{} via 192.168.72.100 dev eth0 proto 231",
-        block_of(lab, "p11")
-    );
-    wait_routes(lab, "r2n2", &[&rack1], "rack 1's block through the FRR ToR");
-    // zebra put what bgpd learned into the ToR's own kernel (its lines carry a nexthop ID).
-    let block = block_of(lab, "p11").to_string();
-    wait_for("r1n1's block in tor1's kernel", 20, || {
-        routes(lab, "tor1").lines().any(|l| {
-            l.starts_with(&format!("{block} "))
-                && l.contains(" via 192.168.71.10 dev eth0 proto bgp")
-        })
-    });
-    let sessions = vtysh(lab, "tor1", "show bgp summary");
-    assert!(
-        sessions.contains("192.168.71.10") && sessions.contains("192.168.71.11"),
-        "{sessions}"
-    );
-}
-
-/// Runs an FRR command (`vtysh -c`) against a lab member's own FRR instance.
-fn vtysh(lab: &str, member: &str, command: &str) -> String {
-    let sockets = format!("/run/trellis/lab/{lab}/{member}.frr");
-    let (ok, out) = exec(
-        lab,
-        member,
-        &["vtysh", "--vty_socket", &sockets, "-c", command],
-    );
-    assert!(ok, "vtysh -c {command:?}: {out}");
-    out
-}
-
 const GOBGP: &str = "
 name: x
 bgp: {nodeToNodeMesh: false}
@@ -887,119 +849,6 @@ fn bgp_filters_apply_live_on_import_and_export() {
     wait_for("gobgpd to learn n1's block again", 20, tor_has_block1);
 }
 
-/// n1's session with the ToR as n1 reports it.
-fn tor_session(lab: &str) -> Value {
-    peers(lab, "n1")
-        .into_iter()
-        .find(|p| p["address"] == "192.168.76.100")
-        .unwrap_or_default()
-}
-
-/// n1's kernel routes into 10.99.0.0/16 (where the test's ToR announces its prefixes).
-fn limited_routes(lab: &str) -> usize {
-    routes(lab, "n1")
-        .lines()
-        .filter(|l| l.starts_with("10.99."))
-        .count()
-}
-
-#[test]
-fn max_prefixes_rejects_or_resets_a_peer_that_sends_too_many() {
-    let lab = "tbgpmax";
-    let _g = up(
-        lab,
-        &PAIR.replace("  - {name: peer, subnet: rack1}", &tor("gobgp", "")),
-    );
-    converge(lab, &["n1"], 2);
-    // A changed limit resets the session: wait for it to be established again.
-    let log = || std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log")).unwrap();
-    let sessions = || {
-        log()
-            .matches("BGP session established peer=192.168.76.100 ")
-            .count()
-    };
-    let before = sessions();
-    apply(lab, &tor_peer("maxPrefixes: {limit: 5, action: Reject}"));
-    wait_for("the session back with the limit", 30, || {
-        sessions() > before && tor_up(lab)
-    });
-    // What n1 holds from the ToR already (its own block, sent back and rejected as a loop).
-    let held = tor_session(lab)["received"].as_u64().unwrap();
-    assert!(held < 5, "{}", tor_session(lab));
-    for i in 0..8 {
-        let prefix = format!("10.99.{i}.0/24");
-        let (ok, out) = exec(
-            lab,
-            "tor",
-            &[
-                "gobgp",
-                "global",
-                "rib",
-                "add",
-                &prefix,
-                "nexthop",
-                "192.168.76.100",
-            ],
-        );
-        assert!(ok, "{out}");
-    }
-    // Reject: every announcement beyond the limit is counted and ignored; the session stays.
-    let beyond = held + 8 - 5;
-    wait_for(
-        "the announcements beyond the limit to be counted",
-        20,
-        || tor_session(lab)["prefixesOverLimit"].as_u64() == Some(beyond),
-    );
-    let s = tor_session(lab);
-    assert_eq!(s["received"].as_u64(), Some(5), "{s}");
-    assert_eq!(s["state"], "Established", "{s}");
-    assert_eq!(
-        limited_routes(lab),
-        (5 - held) as usize,
-        "{}",
-        routes(lab, "n1")
-    );
-    let (ok, m) = exec(lab, "n1", &["python3", "-c", "import urllib.request;print(urllib.request.urlopen('http://192.168.76.10:9091/metrics').read().decode())"]);
-    assert!(ok, "{m}");
-    assert!(
-        m.contains(&format!(
-            "trellis_bgp_prefixes_over_limit_total{{peer=\"192.168.76.100\"}} {beyond}"
-        )),
-        "{m}"
-    );
-    assert!(
-        log().contains(
-            "peer exceeded its maxPrefixes limit peer=192.168.76.100 limit=5 action=Reject"
-        ),
-        "{}",
-        log()
-    );
-    // Restart (the default action): the session comes back, the ToR sends its table again and
-    // n1 ends the session with Cease / Maximum Number of Prefixes Reached (RFC 4486), dropping
-    // the ToR's routes; it then holds the session idle instead of reloading at once.
-    apply(lab, &tor_peer("maxPrefixes: {limit: 5}"));
-    wait_for("n1 to reset the session for too many prefixes", 30, || {
-        tor_session(lab)["lastError"]
-            .as_str()
-            .is_some_and(|e| e.contains("sent cease: maximum number of prefixes reached (6/1)"))
-    });
-    wait_for("the ToR's routes to go", 10, || limited_routes(lab) == 0);
-    // gobgpd received the NOTIFICATION with its data: AFI 1, SAFI 1, limit 5 (RFC 4486 §4).
-    let gobgp_log =
-        || std::fs::read_to_string(format!("/run/trellis/lab/{lab}/tor.gobgp.log")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let got_it = |log: String| {
-        log.lines().any(|l| {
-            l.contains("msg=\"received notification\" Code=6 Data=\"[0 1 1 0 0 0 5]\"")
-                && l.contains("Subcode=1 ")
-        })
-    };
-    while !got_it(gobgp_log()) {
-        assert!(Instant::now() < deadline, "gobgpd's log:\n{}", gobgp_log());
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn bind_mode_node_ip_listens_on_the_node_address_only() {
     let lab = "tbgpbind";
@@ -1104,82 +953,6 @@ fn graceful_restart_keeps_forwarding_while_an_agent_restarts() {
     let _ = child.wait();
 }
 
-#[test]
-fn a_killed_frr_helper_loses_its_routes_at_once() {
-    // FRR's default graceful restart is helper mode: its OPEN carries the capability with a
-    // restart time of 120 s and no address family, so it preserves no forwarding state. When
-    // its bgpd dies without a NOTIFICATION, RFC 4724 §4.2 retains nothing: the node must
-    // withdraw FRR's routes from its kernel at once, not after the restart time.
-    let lab = "tbgpfgr";
-    let _g = up(
-        lab,
-        &PAIR.replace("  - {name: peer, subnet: rack1}", &tor("frr", "")),
-    );
-    converge(lab, &["n1"], 2);
-    let neighbor = vtysh(lab, "tor", "show bgp neighbors 192.168.76.10");
-    assert!(neighbor.contains("Local GR Mode: Helper"), "{neighbor}");
-    vtysh_config(
-        lab,
-        "tor",
-        &["address-family ipv4 unicast", "network 198.51.100.0/24"],
-    );
-    wait_routes(
-        lab,
-        "n1",
-        &["198.51.100.0/24 via 192.168.76.100 dev eth0 proto 231"],
-        "FRR's route on n1",
-    );
-    let log = || std::fs::read_to_string(format!("/run/trellis/lab/{lab}/n1.log")).unwrap();
-    assert!(
-        log().contains("peer=192.168.76.100 asn=65001 peer_id=192.168.76.100 hold=90 peer_gr=restart 120s, families []"),
-        "n1 saw FRR's capability without families:\n{}",
-        log()
-    );
-    let pidfile = format!("/run/trellis/lab/{lab}/tor.frr/bgpd.pid");
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
-    assert_eq!(comm.trim(), "bgpd", "the pid file names FRR's bgpd");
-    // SAFETY: kill(2) on the bgpd this test's lab started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    wait_for("bgpd to die", 10, || {
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-    });
-    // Well within the 120 s restart time the node would otherwise keep them for.
-    wait_for("n1 to withdraw FRR's route", 10, || {
-        !routes(lab, "n1").contains("198.51.100.0/24")
-    });
-    assert!(
-        log().contains(
-            "BGP session down peer=192.168.76.100 reason=connection closed graceful=false"
-        ),
-        "the session ended without a NOTIFICATION and was not kept as a restart:\n{}",
-        log()
-    );
-}
-
-/// Enters FRR configuration lines under `router bgp 65001` on a lab member's FRR.
-fn vtysh_config(lab: &str, member: &str, lines: &[&str]) {
-    let sockets = format!("/run/trellis/lab/{lab}/{member}.frr");
-    let mut argv = vec![
-        "vtysh",
-        "--vty_socket",
-        &sockets,
-        "-c",
-        "configure terminal",
-        "-c",
-        "router bgp 65001",
-    ];
-    for l in lines {
-        argv.extend(["-c", l]);
-    }
-    let (ok, out) = exec(lab, member, &argv);
-    assert!(ok, "vtysh {lines:?}: {out}");
-}
-
 /// The ping across `who`'s restart lost at most one packet, and n1 took the session loss as a
 /// graceful restart.
 fn forwarded_through_a_graceful_restart(lab: &str, pinger: Pinger, who: &str) {
@@ -1193,113 +966,4 @@ fn forwarded_through_a_graceful_restart(lab: &str, pinger: Pinger, who: &str) {
         n1log.contains("graceful=true"),
         "n1 treated {who}'s restart as graceful"
     );
-}
-
-/// A fake peer (Python) that sends what the test asks and prints what comes back.
-const FAKE_PEER: &str = r#"
-import socket, struct, sys
-ME = sys.argv[1]
-def msg(t, body): return b'\xff' * 16 + struct.pack('!HB', 19 + len(body), t) + body
-def cap(code, data): return bytes([code, len(data)]) + data
-def open_msg(asn, hold, caps):
-    params = b''.join(bytes([2, len(c)]) + c for c in caps)
-    return msg(1, struct.pack('!BHH4sB', 4, asn, hold, socket.inet_aton(ME), len(params)) + params)
-def recvall(c, n):
-    b = b''
-    while len(b) < n:
-        d = c.recv(n - len(b))
-        if not d: raise EOFError
-        b += d
-    return b
-def read(c):
-    h = recvall(c, 19)
-    l, t = struct.unpack('!HB', h[16:19])
-    return t, recvall(c, l - 19)
-def until(c, want):
-    while True:
-        t, b = read(c)
-        if t == want: return b
-def update(attrs, nlri): return msg(2, struct.pack('!HH', 0, len(attrs)) + attrs + nlri)
-GOOD = b'\x40\x01\x01\x00' + b'\x40\x02\x06\x02\x01' + struct.pack('!I', 65099) + b'\x40\x03\x04' + socket.inet_aton(ME)
-MP4 = cap(1, b'\x00\x01\x00\x01')
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((ME, 179)); s.listen(4); s.settimeout(30)
-def session(name, o):
-    c, _ = s.accept(); c.settimeout(15)
-    until(c, 1)
-    c.sendall(o)
-    return c
-c = session('wrongas', open_msg(65098, 90, [MP4, cap(65, struct.pack('!I', 65098))]))
-b = until(c, 3); print('wrongas', b[0], b[1], flush=True); c.close()
-c = session('hold1', open_msg(65099, 1, [MP4, cap(65, struct.pack('!I', 65099))]))
-b = until(c, 3); print('hold1', b[0], b[1], flush=True); c.close()
-c = session('unknowncap', open_msg(65099, 90, [MP4, cap(65, struct.pack('!I', 65099)), cap(200, b'xyz')]))
-until(c, 4); c.sendall(msg(4, b'')); print('unknowncap established', flush=True)
-c.sendall(update(b'\x40\x01\x01\x07' + GOOD[4:], bytes([24, 203, 0, 113])))
-c.sendall(update(GOOD, bytes([24, 198, 51, 100])))
-print('updates sent', flush=True)
-sys.stdin.readline()
-c.sendall(update(GOOD + b'\x40\x63\x00', bytes([24, 192, 0, 2])))
-b = until(c, 3); print('badattr', b[0], b[1], flush=True)
-"#;
-
-#[test]
-fn bad_input_from_a_peer_gets_the_right_answer_and_other_sessions_stay_up() {
-    let lab = "tbgpbad";
-    let _g = up(lab, PAIR);
-    let peer_ip = "192.168.76.100";
-    apply(lab, &format!("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {{name: fake}}\nspec: {{node: n1, peerIP: {peer_ip}, asNumber: 65099}}\n"));
-    let mut fake = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/tl-{lab}-peer"))
-        .args(["timeout", "90", "python3", "-c", FAKE_PEER, peer_ip])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(fake.stdout.take().unwrap()).lines();
-    let mut next = || lines.next().and_then(Result::ok).unwrap_or_default();
-    assert_eq!(next(), "wrongas 2 2", "OPEN with the wrong AS: bad peer AS");
-    assert_eq!(next(), "hold1 2 6", "hold time 1: unacceptable hold time");
-    assert_eq!(
-        next(),
-        "unknowncap established",
-        "unknown capabilities are ignored"
-    );
-    assert_eq!(next(), "updates sent");
-    wait_for("the good route on n1", 20, || {
-        routes(lab, "n1").contains("198.51.100.0/24 via 192.168.76.100")
-    });
-    assert!(
-        !routes(lab, "n1").contains("203.0.113.0/24"),
-        "bad ORIGIN: treat-as-withdraw"
-    );
-    let mut stdin = fake.stdin.take().unwrap();
-    writeln!(stdin, "go").unwrap();
-    assert_eq!(
-        next(),
-        "badattr 3 2",
-        "unrecognized well-known attribute: session reset"
-    );
-    let _ = fake.wait();
-    wait_for("the fake peer's route withdrawn", 20, || {
-        !routes(lab, "n1").contains("198.51.100.0/24")
-    });
-    // The mesh session never went down.
-    let mesh = peers(lab, "n1")
-        .into_iter()
-        .find(|p| p["address"] == "192.168.76.11")
-        .unwrap();
-    assert_eq!(mesh["state"], "Established");
-    assert!(mesh["lastError"].is_null(), "{mesh}");
-    wait_for("the fake peer's last error in the status", 20, || {
-        peers(lab, "n1").iter().any(|p| {
-            p["address"] == peer_ip
-                && p["lastError"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("unrecognized well-known attribute")
-        })
-    });
-    check(lab);
 }
