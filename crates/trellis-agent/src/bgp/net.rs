@@ -288,3 +288,6 @@ async fn read_loop<T: Clone>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
