@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(iproute2 nftables podman runc busybox-static containernetworking-plugins
           iputils-ping util-linux ca-certificates gcc pkg-config
           etcd-server etcd-client protobuf-compiler libprotobuf-dev
-          python3 iperf3 ethtool bird2 gobgpd)
+          python3 iperf3 ethtool bird2 gobgpd frr)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -16,6 +16,12 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The frr package starts its service in the root namespace where systemd runs; the lab runs
+  # its own FRR instances inside lab namespaces and needs none there, so one it just installed
+  # is stopped and disabled (an frr the machine already had is left alone).
+  if [[ " ${missing[*]} " == *" frr "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now frr.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # Rust: the workspace pins rust-version 1.95 (Debian's cargo is older).

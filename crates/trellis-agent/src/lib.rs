@@ -8,7 +8,10 @@ pub mod dataplane;
 pub mod metrics;
 mod server;
 
-pub use server::{MAX_CLIENTS, MAX_REQUEST_LINE, REPLY_DEADLINE, REQUEST_DEADLINE};
+pub use server::{
+    MAX_CLIENTS, MAX_CONNECTIONS, MAX_REQUEST_LINE, QUEUE_DEADLINE, REPLY_DEADLINE,
+    REQUEST_DEADLINE,
+};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

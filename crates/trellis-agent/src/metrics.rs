@@ -59,7 +59,7 @@ pub fn render(
             Family::default(),
         ),
     ];
-    let counters: [(&str, &str, Family<Labels, Counter>); 5] = [
+    let counters: [(&str, &str, Family<Labels, Counter>); 6] = [
         (
             "bgp_updates_received",
             "UPDATE messages received",
@@ -85,6 +85,11 @@ pub fn render(
             "Times the session reached Established",
             Family::default(),
         ),
+        (
+            "bgp_prefixes_over_limit",
+            "Announcements of new prefixes beyond the peer's maxPrefixes limit",
+            Family::default(),
+        ),
     ];
     for p in status.map(|s| s.peers.as_slice()).unwrap_or_default() {
         let peer: Labels = vec![("peer".into(), p.address.clone())];
@@ -103,6 +108,7 @@ pub fn render(
             p.notifications_received,
             p.notifications_sent,
             p.established_transitions,
+            p.prefixes_over_limit,
         ];
         for ((_, _, f), v) in counters.iter().zip(values) {
             f.get_or_create(&peer).inc_by(v);

@@ -3,9 +3,12 @@
 //! is busy), 100 when no address is available, 7 for requests the configuration cannot satisfy.
 //!
 //! Clients are bounded so none can hold the agent: at most [`MAX_CLIENTS`] connections are
-//! served at once (more are answered "busy", code 11, and closed at once), a request line is at
-//! most [`MAX_REQUEST_LINE`] bytes and must arrive whole within [`REQUEST_DEADLINE`], and a reply
-//! that cannot be written within [`REPLY_DEADLINE`] ends the connection.
+//! served at once; up to [`MAX_CONNECTIONS`] in all are accepted, the others waiting (without a
+//! buffer) for a place for up to [`QUEUE_DEADLINE`] — a node's burst of ADDs and DELs queues
+//! rather than failing — and beyond that a connection is answered "busy" (code 11) and closed at
+//! once. A request line is at most [`MAX_REQUEST_LINE`] bytes and must arrive whole within
+//! [`REQUEST_DEADLINE`] once served, and a reply that cannot be written within
+//! [`REPLY_DEADLINE`] ends the connection.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,9 +25,14 @@ use trellis_ipam::cluster::ClusterIpamError;
 
 use crate::{Agent, AgentError};
 
-/// Connections served at once. ADDs of a node rarely overlap by more than a few dozen; the
-/// bound keeps a flood of connections from exhausting memory (each may buffer a request line).
+/// Connections served at once (each may buffer a request line): the bound keeps a flood of
+/// connections from exhausting memory.
 pub const MAX_CLIENTS: usize = 128;
+/// Connections accepted in all, served or waiting to be (a waiting one holds only its socket):
+/// a runtime's burst of a few hundred ADDs or DELs on one node queues instead of failing.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long an accepted connection waits for a place before it is answered "busy".
+pub const QUEUE_DEADLINE: Duration = Duration::from_secs(30);
 /// Longest request line. The largest legitimate request is a GC listing every attachment on
 /// the node (~110 bytes each): 256 KiB holds over 2 000.
 pub const MAX_REQUEST_LINE: usize = 256 * 1024;
@@ -62,10 +70,11 @@ fn error_reply(code: u32, msg: impl Into<String>) -> Reply {
 }
 
 pub(crate) async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<(), AgentError> {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let serving = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let accepted = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let busy = reply_line(&error_reply(
         11,
-        format!("the agent is serving {MAX_CLIENTS} clients already; try again"),
+        format!("the agent has {MAX_CONNECTIONS} clients already; try again"),
     ));
     loop {
         let stream = match listener.accept().await {
@@ -78,18 +87,26 @@ pub(crate) async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(place) = accepted.clone().try_acquire_owned() else {
             // A fresh connection's send buffer is empty, so this short write never blocks;
             // no task is spawned for a client that is refused.
             let _ = stream.try_write(&busy);
             continue;
         };
-        let agent = agent.clone();
+        let (agent, serving, busy) = (agent.clone(), serving.clone(), busy.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(agent, stream).await {
-                tracing::debug!(error = %e, "client connection ended");
+            match tokio::time::timeout(QUEUE_DEADLINE, serving.acquire_owned()).await {
+                Ok(Ok(slot)) => {
+                    if let Err(e) = connection(agent, stream).await {
+                        tracing::debug!(error = %e, "client connection ended");
+                    }
+                    drop(slot);
+                }
+                _ => {
+                    let _ = stream.try_write(&busy);
+                }
             }
-            drop(permit);
+            drop(place);
         });
     }
 }

@@ -11,6 +11,8 @@ pub mod code {
     pub const FSM: u8 = 5;
     pub const CEASE: u8 = 6;
     pub const ROUTE_REFRESH: u8 = 7;
+    /// RFC 9687: the peer did not take what we sent for the send hold time.
+    pub const SEND_HOLD_TIMER_EXPIRED: u8 = 8;
 }
 
 /// Subcodes (RFC 4271 §6.1–6.3, RFC 4486 for Cease, RFC 5492 for capabilities).
@@ -39,12 +41,14 @@ pub mod subcode {
     pub const INVALID_NETWORK_FIELD: u8 = 10;
     pub const MALFORMED_AS_PATH: u8 = 11;
     // Cease (RFC 4486)
+    pub const MAX_PREFIXES: u8 = 1;
     pub const ADMIN_SHUTDOWN: u8 = 2;
     pub const PEER_DECONFIGURED: u8 = 3;
     pub const ADMIN_RESET: u8 = 4;
     pub const CONNECTION_REJECTED: u8 = 5;
     pub const OTHER_CONFIGURATION_CHANGE: u8 = 6;
     pub const CONNECTION_COLLISION: u8 = 7;
+    pub const OUT_OF_RESOURCES: u8 = 8;
 }
 
 /// A NOTIFICATION message: what went wrong, per RFC 4271 §4.5.
@@ -64,6 +68,15 @@ impl Notification {
         }
     }
 
+    /// Cease / Maximum Number of Prefixes Reached with the data RFC 4486 §4 describes: the
+    /// address family (AFI, SAFI) and the upper bound.
+    pub fn max_prefixes(afi: u16, safi: u8, limit: u32) -> Notification {
+        let mut data = afi.to_be_bytes().to_vec();
+        data.push(safi);
+        data.extend(limit.to_be_bytes());
+        Notification::new(code::CEASE, subcode::MAX_PREFIXES, data)
+    }
+
     /// A short name for the code/subcode pair, as operators know them.
     pub fn describe(&self) -> String {
         let c = match self.code {
@@ -74,6 +87,7 @@ impl Notification {
             code::FSM => "finite state machine error",
             code::CEASE => "cease",
             code::ROUTE_REFRESH => "ROUTE-REFRESH message error",
+            code::SEND_HOLD_TIMER_EXPIRED => "send hold timer expired",
             _ => "unknown error code",
         };
         let s = match (self.code, self.subcode) {

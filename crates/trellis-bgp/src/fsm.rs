@@ -80,6 +80,15 @@ pub enum Input {
     Malformed(DecodeError),
     /// Time passed; timers are checked.
     Tick,
+    /// The transport took what was queued for it, or nothing is queued: the send hold timer
+    /// (RFC 9687) starts again.
+    SendProgress,
+    /// The shell ends the session for a reason of its own (e.g. a prefix limit, RFC 4486):
+    /// send this NOTIFICATION, close, and start again only after `idle_hold`.
+    Reset {
+        notification: Notification,
+        idle_hold: Duration,
+    },
 }
 
 /// Why a session ended.
@@ -120,6 +129,9 @@ pub enum Output {
 /// Large hold time while waiting for the peer's OPEN (RFC 4271 §8.2.2: "suggested 4 minutes").
 const OPEN_HOLD: Duration = Duration::from_secs(240);
 
+/// RFC 9687 §4: the send hold time is at least 8 minutes, or twice the hold time if longer.
+const MIN_SEND_HOLD: Duration = Duration::from_secs(480);
+
 /// One session.
 #[derive(Debug, Clone)]
 pub struct Fsm {
@@ -130,6 +142,10 @@ pub struct Fsm {
     keepalive_at: Option<Instant>,
     /// Automatic restart after a failure.
     restart_at: Option<Instant>,
+    /// The peer has not taken our messages since this long ago (RFC 9687).
+    send_hold_at: Option<Instant>,
+    /// After a [`Input::Reset`]: no session, incoming ones included, before this.
+    idle_until: Option<Instant>,
     negotiated: Option<Negotiated>,
     /// The peer's OPEN while in OpenConfirm (for collision detection).
     peer_open: Option<Open>,
@@ -144,9 +160,17 @@ impl Fsm {
             hold_at: None,
             keepalive_at: None,
             restart_at: None,
+            send_hold_at: None,
+            idle_until: None,
             negotiated: None,
             peer_open: None,
         }
+    }
+
+    /// Whether a connection the peer opens now must be refused: the session is idle after a
+    /// [`Input::Reset`] and its idle hold has not passed.
+    pub fn refuses_connections(&self, now: Instant) -> bool {
+        self.state == State::Idle && self.idle_until.is_some_and(|t| now < t)
     }
 
     pub fn state(&self) -> State {
@@ -169,6 +193,7 @@ impl Fsm {
             self.hold_at,
             self.keepalive_at,
             self.restart_at,
+            self.send_hold_at,
         ]
         .into_iter()
         .flatten()
@@ -238,6 +263,7 @@ impl Fsm {
                     self.restart_at = None;
                     out.push(Output::Send(Message::Open(self.open_message())));
                     self.hold_at = Some(now + OPEN_HOLD);
+                    self.send_hold_at = Some(now + self.send_hold());
                     self.state = State::OpenSent;
                 }
                 _ => out.push(Output::Close), // one transport per session object
@@ -252,8 +278,29 @@ impl Fsm {
             Input::Malformed(e) => self.fail(now, e.notification().clone(), &mut out),
             Input::Message(m) => self.message(now, m, &mut out),
             Input::Tick => self.tick(now, &mut out),
+            Input::SendProgress => {
+                if self.connected() {
+                    self.send_hold_at = Some(now + self.send_hold());
+                }
+            }
+            Input::Reset {
+                notification,
+                idle_hold,
+            } => {
+                if self.state != State::Idle {
+                    self.fail(now, notification, &mut out);
+                    self.restart_at = Some(now + idle_hold);
+                    self.idle_until = self.restart_at;
+                }
+            }
         }
         out
+    }
+
+    /// RFC 9687 §4: max(8 minutes, twice the negotiated hold time).
+    fn send_hold(&self) -> Duration {
+        let hold = self.negotiated.as_ref().map_or(0, |n| n.hold_time);
+        MIN_SEND_HOLD.max(Duration::from_secs(2 * u64::from(hold)))
     }
 
     fn connected(&self) -> bool {
@@ -268,6 +315,7 @@ impl Fsm {
         self.connect_retry_at = None;
         self.hold_at = None;
         self.keepalive_at = None;
+        self.send_hold_at = None;
         self.negotiated = None;
         self.peer_open = None;
     }
@@ -277,6 +325,7 @@ impl Fsm {
             return;
         }
         self.restart_at = None;
+        self.idle_until = None;
         self.connect_retry_at = Some(now + self.config.connect_retry);
         if self.config.passive {
             self.state = State::Active;
@@ -326,6 +375,16 @@ impl Fsm {
             self.fail(
                 now,
                 Notification::new(code::HOLD_TIMER_EXPIRED, 0, vec![]),
+                out,
+            );
+            return;
+        }
+        if due(self.send_hold_at) {
+            // RFC 9687 §4: the peer stopped taking our messages; the NOTIFICATION may not
+            // get through, the connection closes anyway.
+            self.fail(
+                now,
+                Notification::new(code::SEND_HOLD_TIMER_EXPIRED, 0, vec![]),
                 out,
             );
             return;

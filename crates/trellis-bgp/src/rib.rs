@@ -1,7 +1,9 @@
 //! The routing information bases: Adj-RIB-In (accepted paths per peer), the Loc-RIB (best path
 //! per prefix by the decision process of RFC 4271 §9.1.2), and Adj-RIB-Out (what each peer was
-//! last sent), with the export rules of RFC 4271 §9.1.3 and route reflection (RFC 4456).
-//! Graceful restart (RFC 4724): a restarting peer's paths are kept as stale until End-of-RIB.
+//! last sent; held back and coalesced for a peer whose transport is behind), with the export
+//! rules of RFC 4271 §9.1.3 and route reflection (RFC 4456), and per-peer prefix limits.
+//! Graceful restart (RFC 4724): a restarting peer's paths of the families it preserves are kept
+//! as stale until End-of-RIB.
 //! Next hops not on a connected network resolve recursively through the host's other routes
 //! ([`Rib::set_igp_routes`], RFC 4271 §5.1.3), as BIRD's `gateway recursive` does.
 //! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
@@ -60,6 +62,29 @@ pub struct PeerInfo {
     /// Filters on what is accepted from and sent to this peer ([`policy`]).
     pub import: Vec<Rule>,
     pub export: Vec<Rule>,
+    /// The most prefixes held for this peer, if limited.
+    pub max_prefixes: Option<PrefixLimit>,
+}
+
+/// A cap on the prefixes held for one peer (a BGPPeer's `maxPrefixes`): it counts every prefix
+/// the peer announced and did not withdraw, accepted or rejected, so the memory a peer can make
+/// the RIB use is bounded by it (unless the action is [`LimitAction::Warn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixLimit {
+    pub limit: usize,
+    pub action: LimitAction,
+}
+
+/// What happens to an announcement of a new prefix beyond a peer's [`PrefixLimit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitAction {
+    /// Kept anyway; reported.
+    Warn,
+    /// Not kept; the session stays (BIRD's `block`).
+    Reject,
+    /// Not kept; the shell resets the session (Cease / Maximum Number of Prefixes Reached,
+    /// RFC 4486).
+    Restart,
 }
 
 /// The next hop sent to a peer for routes learned from others (Calico's `nextHopMode`, BIRD's
@@ -122,6 +147,10 @@ pub struct ImportReport {
     pub accepted: usize,
     pub withdrawn: usize,
     pub rejected: Vec<(IpNet, &'static str)>,
+    /// Announcements of new prefixes beyond the peer's [`PrefixLimit`].
+    pub over_limit: usize,
+    /// The family (AFI) of the first of them, for the NOTIFICATION's data (RFC 4486 §4).
+    pub over_limit_afi: Option<u16>,
 }
 
 /// The RIBs.
@@ -137,6 +166,10 @@ pub struct Rib {
     /// hop).
     installed: HashMap<IpNet, IpAddr>,
     dirty: HashSet<IpNet>,
+    /// Per peer not ready to be sent more (its transport is behind): the prefixes changed since
+    /// it was last sent anything. Sending waits, and many changes to one prefix become one
+    /// UPDATE — a slow peer costs at most one entry per prefix, whatever the churn.
+    pending: HashMap<PeerId, HashSet<IpNet>>,
     /// The host's routes that next hops resolve through, by prefix length (longest first).
     igp: BTreeMap<Reverse<u8>, HashMap<IpNet, IpAddr>>,
 }
@@ -218,6 +251,20 @@ impl Rib {
             accepted,
             advertised: self.adj_out.get(&peer).map_or(0, |o| o.len()),
         }
+    }
+
+    /// Prefixes held for a peer: accepted plus rejected (what its [`PrefixLimit`] counts).
+    fn held(&self, id: PeerId) -> usize {
+        self.accepted.get(&id).copied().unwrap_or(0) + self.rejected.get(&id).map_or(0, |r| r.len())
+    }
+
+    /// Whether the peer announced `prefix` before (accepted or rejected) and not withdrawn it.
+    fn holds(&self, id: PeerId, prefix: &IpNet) -> bool {
+        self.rejected.get(&id).is_some_and(|r| r.contains(prefix))
+            || self
+                .paths
+                .get(prefix)
+                .is_some_and(|ps| ps.iter().any(|x| x.source == Source::Peer(id)))
     }
 
     /// Number of prefixes with at least one path.
@@ -304,34 +351,41 @@ impl Rib {
         import_changed
     }
 
-    /// A session went down. With `keep_stale` (the peer restarts gracefully, RFC 4724 §4.2) its
-    /// paths stay, marked stale, until [`sweep_stale`](Rib::sweep_stale); otherwise they go now.
-    pub fn peer_down(&mut self, id: PeerId, keep_stale: bool) {
+    /// A session went down. The peer's paths of the families in `retain` stay, marked stale,
+    /// until [`sweep_stale`](Rib::sweep_stale) (it restarts gracefully, RFC 4724 §4.2, and
+    /// preserves forwarding for them — see [`crate::restart`]); all others go now.
+    pub fn peer_down(&mut self, id: PeerId, retain: &[u16]) {
         self.peers.remove(&id);
         self.adj_out.remove(&id);
         self.rejected.remove(&id);
-        if keep_stale {
-            for ps in self.paths.values_mut() {
+        self.pending.remove(&id);
+        for (prefix, ps) in self.paths.iter_mut() {
+            if retain.contains(&afi_of(prefix)) {
                 for p in ps.iter_mut().filter(|p| p.source == Source::Peer(id)) {
                     p.stale = true;
                 }
             }
-        } else {
-            self.drop_paths(id, |_| true);
         }
+        self.drop_paths(id, |prefix, _| !retain.contains(&afi_of(prefix)));
     }
 
     /// Removes the peer's paths still stale (End-of-RIB received, or the restart time passed).
     pub fn sweep_stale(&mut self, id: PeerId) {
-        self.drop_paths(id, |p| p.stale);
+        self.drop_paths(id, |_, p| p.stale);
     }
 
-    fn drop_paths(&mut self, id: PeerId, which: impl Fn(&Path) -> bool) {
+    /// Removes the peer's stale paths of one family (its End-of-RIB, or it no longer preserves
+    /// forwarding for it, RFC 4724 §4.2).
+    pub fn sweep_stale_family(&mut self, id: PeerId, afi: u16) {
+        self.drop_paths(id, |prefix, p| p.stale && afi_of(prefix) == afi);
+    }
+
+    fn drop_paths(&mut self, id: PeerId, which: impl Fn(&IpNet, &Path) -> bool) {
         let src = Source::Peer(id);
         let mut gone = 0;
         self.paths.retain(|prefix, ps| {
             let before = ps.len();
-            ps.retain(|p| !(p.source == src && which(p)));
+            ps.retain(|p| !(p.source == src && which(prefix, p)));
             if ps.len() != before {
                 gone += 1;
                 self.dirty.insert(*prefix);
@@ -388,6 +442,15 @@ impl Rib {
             .map(|p| (*p, mp_nh));
         let announced: Vec<(IpNet, Option<IpAddr>)> = with_nh.chain(with_mp).collect();
         for (p, nh) in announced {
+            if let Some(l) = peer.max_prefixes {
+                if self.held(id) >= l.limit && !self.holds(id, &p) {
+                    report.over_limit += 1;
+                    report.over_limit_afi.get_or_insert(afi_of(&p));
+                    if l.action != LimitAction::Warn {
+                        continue;
+                    }
+                }
+            }
             let why = reason.or(match nh {
                 None => Some("no next hop"),
                 Some(nh) if nh == peer.local_address => Some("next hop is this node"),
@@ -558,12 +621,36 @@ impl Rib {
     /// Runs the decision process for every changed prefix and returns what each peer must be
     /// sent, plus whether the kernel routes changed.
     pub fn flush(&mut self) -> (Vec<(PeerId, Outbound)>, bool) {
-        let dirty: Vec<IpNet> = self.dirty.drain().collect();
+        self.flush_when(|_| true)
+    }
+
+    /// [`flush`](Rib::flush) for the peers `ready` names; for the others the changed prefixes
+    /// are remembered (coalesced) and sent by a later flush that finds them ready.
+    pub fn flush_when(
+        &mut self,
+        ready: impl Fn(PeerId) -> bool,
+    ) -> (Vec<(PeerId, Outbound)>, bool) {
+        let dirty: HashSet<IpNet> = self.dirty.drain().collect();
         let mut kernel_changed = false;
-        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        let (peers, waiting): (Vec<PeerId>, Vec<PeerId>) =
+            self.peers.keys().copied().partition(|id| ready(*id));
+        for id in waiting {
+            self.pending
+                .entry(id)
+                .or_default()
+                .extend(dirty.iter().copied());
+        }
+        let mut catch_up: HashMap<PeerId, HashSet<IpNet>> = HashMap::new();
+        for id in &peers {
+            if let Some(p) = self.pending.remove(id) {
+                catch_up.insert(*id, p);
+            }
+        }
+        let mut prefixes: HashSet<IpNet> = dirty.clone();
+        prefixes.extend(catch_up.values().flatten().copied());
         let mut outs: HashMap<PeerId, (Groups, Outbound)> = HashMap::new();
         let mut interned: HashMap<(usize, PeerId), Arc<PathAttrs>> = HashMap::new();
-        for prefix in dirty {
+        for prefix in prefixes {
             let best = self.best(&prefix).cloned();
             let want = best.as_ref().and_then(|b| match b.source {
                 Source::Peer(_) => self.resolve(b.next_hop),
@@ -575,6 +662,11 @@ impl Rib {
             };
             kernel_changed |= had != want;
             for &to in &peers {
+                if !dirty.contains(&prefix)
+                    && !catch_up.get(&to).is_some_and(|c| c.contains(&prefix))
+                {
+                    continue;
+                }
                 let new = best.as_ref().and_then(|b| {
                     let (a, nh) = self.export(b, to, &prefix)?;
                     let key = (Arc::as_ptr(&b.attrs) as usize, to);

@@ -97,11 +97,12 @@ fn slow_and_huge_clients_are_cut_off_while_others_are_served() {
 }
 
 #[test]
-fn a_flood_of_connections_is_turned_away_not_queued() {
+fn a_flood_of_connections_queues_then_is_turned_away() {
+    raise_fd_limit(4 * trellis_agent::MAX_CONNECTIONS as u64);
     let c = Cluster::new("rbflood", false, 1);
     let socket = c.nodes[0].socket.clone();
-    // Every slot taken by an idle client (each proven accepted: it answered a request).
-    let held: Vec<UnixStream> = (0..trellis_agent::MAX_CLIENTS)
+    // Every serving place taken by an idle client (each proven served: it answered a request).
+    let mut held: Vec<UnixStream> = (0..trellis_agent::MAX_CLIENTS)
         .map(|_| {
             let mut s = UnixStream::connect(&socket).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -112,7 +113,24 @@ fn a_flood_of_connections_is_turned_away_not_queued() {
             s
         })
         .collect();
-    // One more is answered at once: busy, try again (code 11), and closed.
+    // The next client is accepted but waits: its request is not answered while every place is
+    // taken (a burst of ADDs queues rather than failing).
+    let mut first = UnixStream::connect(&socket).unwrap();
+    first.write_all(b"{\"op\":\"status\"}\n").unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = first.read(&mut byte);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "a queued client was answered while every place was taken: {early:?}"
+    );
+    // Fill the queue to the bound; every connection beyond it is answered at once: busy, try
+    // again (code 11), and closed.
+    let queued: Vec<UnixStream> = (trellis_agent::MAX_CLIENTS + 1..trellis_agent::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
     for _ in 0..20 {
         let mut extra = UnixStream::connect(&socket).unwrap();
         let (said, _) = read_until_closed(&mut extra, Duration::from_secs(5));
@@ -121,8 +139,32 @@ fn a_flood_of_connections_is_turned_away_not_queued() {
             "{said:?}"
         );
     }
-    drop(held);
+    // A place frees: the first queued client is served.
+    held.pop();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&first).read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\""), "{line}");
+    drop((held, queued, first));
     wait_for("the agent to serve again", 10, || status_ok(&socket));
+}
+
+/// Lets this test process hold `n` descriptors (the default soft limit is often 1024).
+fn raise_fd_limit(n: u64) {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
+        if l.rlim_cur < n {
+            l.rlim_cur = n.min(l.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
+        }
+    }
 }
 
 /// Restarts node `i`'s agent with extra flags (the harness's own flags first).

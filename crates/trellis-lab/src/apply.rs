@@ -56,6 +56,8 @@ fn package(program: &str) -> &str {
         "ip" => "iproute2",
         "nsenter" => "util-linux",
         "sysctl" => "procps",
+        "chown" => "coreutils",
+        p if p.starts_with("/usr/lib/frr/") => "frr",
         other => other,
     }
 }
@@ -113,6 +115,7 @@ pub fn programs(steps: &[Step]) -> Result<Programs, LabError> {
         match s {
             Step::Forward { .. } => need("sysctl", s)?,
             Step::Spawn { argv, .. } => need(&argv[0], s)?,
+            Step::Own { .. } => need("chown", s)?,
             Step::WaitEtcd { .. } => need("etcdctl", s)?,
             Step::Apply { .. } => need("trellis", s)?,
             Step::Plugin { .. } => need("trellis-cni", s)?,
@@ -229,7 +232,16 @@ impl<'a> Applier<'a> {
                     .args(["-qw", "net.ipv4.ip_forward=1"]))?;
             }
             Step::File { path, text, .. } => {
+                if let Some(parent) = Path::new(path).parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
                 std::fs::write(path, text)?;
+            }
+            Step::Own { path, user, .. } => {
+                run(Command::new(self.programs.get("chown"))
+                    .arg("-R")
+                    .arg(format!("{user}:{user}"))
+                    .arg(path))?;
             }
             Step::Spawn {
                 member,

@@ -1,5 +1,5 @@
-//! BGP daemons on lab externals: the configuration files the lab writes for BIRD 2 and gobgpd
-//! from the topology (pure), and the commands that start them.
+//! BGP daemons on lab externals: the configuration files the lab writes for BIRD 2, gobgpd and
+//! FRR (bgpd + zebra) from the topology (pure), and the commands that start them.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -132,6 +132,83 @@ pub fn gobgp_conf(c: &DaemonConfig) -> String {
     s
 }
 
+/// FRR's bgpd configuration (FRR 8.4) with the same sessions. Graceful restart stays at FRR's
+/// default (helper mode); learned routes reach the kernel through zebra, which runs beside it.
+/// Like BIRD above, only BGP routes are advertised, with the ToR as next hop towards eBGP peers.
+pub fn frr_bgpd_conf(c: &DaemonConfig) -> String {
+    let mut s = format!(
+        "frr defaults traditional\nhostname {addr}\nlog stdout informational\n!\nrouter bgp {asn}\n bgp router-id {addr}\n no bgp ebgp-requires-policy\n no bgp network import-check\n",
+        asn = c.asn,
+        addr = c.address
+    );
+    if c.route_reflector {
+        let _ = writeln!(s, " bgp cluster-id {}", c.address);
+    }
+    for p in &c.peers {
+        let n = p.address;
+        let _ = writeln!(
+            s,
+            " neighbor {n} remote-as {}\n neighbor {n} update-source {}\n neighbor {n} timers connect 2",
+            p.asn, p.local
+        );
+        if let Some(pw) = &c.password {
+            let _ = writeln!(s, " neighbor {n} password {pw}");
+        }
+        match (c.ttl_security, p.multihop) {
+            (Some(h), _) => {
+                let _ = writeln!(s, " neighbor {n} ttl-security hops {h}");
+            }
+            (None, true) => {
+                let _ = writeln!(s, " neighbor {n} ebgp-multihop 255");
+            }
+            (None, false) => {}
+        }
+    }
+    s.push_str(" !\n address-family ipv4 unicast\n");
+    for p in &c.peers {
+        let n = p.address;
+        let _ = writeln!(s, "  neighbor {n} activate");
+        if c.route_reflector && p.asn == c.asn {
+            let _ = writeln!(s, "  neighbor {n} route-reflector-client");
+        }
+        if c.route_server && p.asn != c.asn {
+            let _ = writeln!(s, "  neighbor {n} route-server-client");
+        } else if p.asn != c.asn {
+            let _ = writeln!(s, "  neighbor {n} next-hop-self");
+        }
+    }
+    s.push_str(" exit-address-family\nexit\n!\n");
+    s
+}
+
+/// zebra's configuration: nothing but its name (it takes interfaces and addresses from the
+/// namespace's kernel and installs bgpd's routes there).
+pub fn frr_zebra_conf(c: &DaemonConfig) -> String {
+    format!("hostname {}\nlog stdout informational\n!\n", c.address)
+}
+
+/// The user FRR's daemons drop to (Debian's package; it is in the `frrvty` group FRR requires),
+/// which owns an FRR instance's directory.
+pub const FRR_USER: &str = "frr";
+
+/// The scratch directories an FRR daemon with this pid makes (FRR puts its log buffers under
+/// the fixed `/var/tmp/frr/DAEMON.PID`); `lab down` removes them with the processes it killed.
+pub fn frr_scratch_dirs(pid: i32) -> [std::path::PathBuf; 2] {
+    ["zebra", "bgpd"].map(|d| Path::new("/var/tmp/frr").join(format!("{d}.{pid}")))
+}
+
+/// The configuration files a daemon needs, named relative to the lab directory.
+pub fn files(daemon: &str, name: &str, c: &DaemonConfig) -> Vec<(String, String)> {
+    match daemon {
+        "bird" => vec![(format!("{name}.bird.conf"), bird_conf(c))],
+        "frr" => vec![
+            (format!("{name}.frr/zebra.conf"), frr_zebra_conf(c)),
+            (format!("{name}.frr/bgpd.conf"), frr_bgpd_conf(c)),
+        ],
+        _ => vec![(format!("{name}.gobgpd.toml"), gobgp_conf(c))],
+    }
+}
+
 /// gobgpd does not program the kernel (deployments pair it with FRR's zebra), so a lab host
 /// running it also runs this loop: every half second it puts gobgpd's best IPv4 paths into the
 /// kernel (`proto bgp`) and removes the ones gone, so the host forwards like a BIRD one.
@@ -165,11 +242,16 @@ while True:
     time.sleep(0.5)
 "#;
 
-/// The command line that runs `daemon` in the foreground with its files under `dir`.
-pub fn command(daemon: &str, name: &str, dir: &Path) -> Vec<String> {
+/// The command lines that run `daemon` in the foreground with its files under `dir`, in the
+/// order they start. FRR's daemons keep everything under `dir/NAME.frr/` — configuration, pid
+/// files, vty sockets (`--vty_socket`, so `vtysh --vty_socket DIR` reaches them) and the
+/// zebra API socket (`-z`) — so several instances run side by side and none reads `/etc/frr`
+/// or `/run/frr`; they run as FRR's user (the lab hands it that directory, [`FRR_USER`]) with no vty TCP
+/// port (`-P 0`).
+pub fn commands(daemon: &str, name: &str, dir: &Path) -> Vec<Vec<String>> {
     let f = |ext: &str| dir.join(format!("{name}.{ext}")).display().to_string();
     match daemon {
-        "bird" => vec![
+        "bird" => vec![vec![
             "bird".into(),
             "-f".into(),
             "-c".into(),
@@ -178,15 +260,37 @@ pub fn command(daemon: &str, name: &str, dir: &Path) -> Vec<String> {
             f("bird.ctl"),
             "-P".into(),
             f("bird.pid"),
-        ],
-        _ => vec![
+        ]],
+        "frr" => {
+            let d = dir.join(format!("{name}.frr"));
+            let at = |file: &str| d.join(file).display().to_string();
+            ["zebra", "bgpd"]
+                .into_iter()
+                .map(|daemon| {
+                    vec![
+                        format!("/usr/lib/frr/{daemon}"),
+                        "-f".into(),
+                        at(&format!("{daemon}.conf")),
+                        "-i".into(),
+                        at(&format!("{daemon}.pid")),
+                        "-z".into(),
+                        at("zserv.api"),
+                        "--vty_socket".into(),
+                        d.display().to_string(),
+                        "-P".into(),
+                        "0".into(),
+                    ]
+                })
+                .collect()
+        }
+        _ => vec![vec![
             "gobgpd".into(),
             "-f".into(),
             f("gobgpd.toml"),
             "-p".into(),
             "--pprof-disable".into(),
             "--api-hosts=127.0.0.1:50051".into(),
-        ],
+        ]],
     }
 }
 
@@ -255,6 +359,60 @@ mod tests {
             ..cfg(false)
         });
         assert_eq!(gtsm.matches("ttl-min = 255").count(), 3);
-        assert!(command("gobgp", "x", Path::new("/d")).contains(&"/d/x.gobgpd.toml".to_string()));
+        assert!(
+            commands("gobgp", "x", Path::new("/d"))[0].contains(&"/d/x.gobgpd.toml".to_string())
+        );
+    }
+
+    #[test]
+    fn frr_configuration() {
+        let s = frr_bgpd_conf(&cfg(true));
+        assert!(s.contains(
+            "router bgp 65001\n bgp router-id 192.168.60.100\n no bgp ebgp-requires-policy"
+        ));
+        assert!(s.contains(" bgp cluster-id 192.168.60.100\n"));
+        assert!(s.contains(" neighbor 192.168.60.10 remote-as 65101\n neighbor 192.168.60.10 update-source 192.168.60.100\n"));
+        assert_eq!(s.matches(" password pw\n").count(), 3);
+        assert_eq!(s.matches("ebgp-multihop 255").count(), 1);
+        assert_eq!(
+            s.matches("route-reflector-client").count(),
+            1,
+            "only the iBGP peer"
+        );
+        assert_eq!(s.matches("next-hop-self").count(), 2, "the eBGP peers");
+        assert_eq!(s.matches("activate").count(), 3);
+        assert!(
+            !s.contains("graceful-restart"),
+            "FRR's default: helper mode"
+        );
+        let gtsm = frr_bgpd_conf(&DaemonConfig {
+            ttl_security: Some(2),
+            ..cfg(false)
+        });
+        assert_eq!(gtsm.matches("ttl-security hops 2").count(), 3);
+        assert!(
+            !gtsm.contains("ebgp-multihop"),
+            "FRR refuses both on one neighbor"
+        );
+        let rs = frr_bgpd_conf(&DaemonConfig {
+            route_server: true,
+            ..cfg(false)
+        });
+        assert_eq!(rs.matches("route-server-client").count(), 2);
+        assert!(!rs.contains("next-hop-self"));
+        // Everything of an instance under its own directory, both daemons on one zserv socket.
+        let argv = commands("frr", "tor", Path::new("/run/trellis/lab/l"));
+        assert_eq!(argv.len(), 2);
+        assert_eq!(argv[0][0], "/usr/lib/frr/zebra");
+        for a in &argv {
+            assert!(a.contains(&"/run/trellis/lab/l/tor.frr/zserv.api".to_string()));
+            assert!(
+                a.contains(&"/run/trellis/lab/l/tor.frr".to_string()),
+                "vty sockets"
+            );
+            assert!(!a.iter().any(|x| x.contains("/etc/frr")));
+        }
+        let f = files("frr", "tor", &cfg(false));
+        assert_eq!(f[1].0, "tor.frr/bgpd.conf");
     }
 }

@@ -72,6 +72,12 @@ pub enum Step {
         path: String,
         text: String,
     },
+    /// A directory in the lab directory handed (recursively) to a daemon's `user`.
+    Own {
+        member: String,
+        path: String,
+        user: String,
+    },
     /// A long-running process in `member`'s namespace, stderr (and stdout) to `log`.
     Spawn {
         member: String,
@@ -120,6 +126,7 @@ impl Step {
             | Step::Route { member, .. }
             | Step::Forward { member, .. }
             | Step::File { member, .. }
+            | Step::Own { member, .. }
             | Step::Spawn { member, .. }
             | Step::WaitEtcd { member, .. }
             | Step::WaitAgent { member, .. }
@@ -145,6 +152,7 @@ impl Step {
             Step::Route { to, via, .. } => format!("route {to} via {via}"),
             Step::Forward { .. } => "turn IPv4 forwarding on".into(),
             Step::File { path, .. } => format!("write {path}"),
+            Step::Own { path, user, .. } => format!("hand {path} to user {user}"),
             Step::Spawn { what, .. } => format!("start {what}"),
             Step::WaitEtcd { endpoint, .. } => format!("wait for etcd at {endpoint}"),
             Step::Datastore { spec } => format!("use datastore {spec}"),
@@ -467,23 +475,38 @@ impl Planner<'_> {
     fn daemon(&mut self, member: &str, b: &DaemonSpec) {
         let t = self.lab.topology();
         let conf = daemon_config(t, self.lab.addresses(), member, b);
-        let (file, text) = match b.daemon.as_str() {
-            "bird" => ("bird.conf", daemons::bird_conf(&conf)),
-            _ => ("gobgpd.toml", daemons::gobgp_conf(&conf)),
-        };
         let ns = self.ns(member);
-        self.steps.push(Step::File {
-            member: member.into(),
-            path: self.path(&format!("{member}.{file}")),
-            text,
-        });
-        self.steps.push(Step::Spawn {
-            member: member.into(),
-            ns: ns.clone(),
-            what: format!("{} (AS {})", b.daemon, b.as_number),
-            argv: daemons::command(&b.daemon, member, Path::new(&self.dir)),
-            log: Some(self.path(&format!("{member}.{}.log", b.daemon))),
-        });
+        for (file, text) in daemons::files(&b.daemon, member, &conf) {
+            self.steps.push(Step::File {
+                member: member.into(),
+                path: self.path(&file),
+                text,
+            });
+        }
+        if b.daemon == "frr" {
+            // FRR drops to its own user, which writes pid files and sockets there.
+            self.steps.push(Step::Own {
+                member: member.into(),
+                path: self.path(&format!("{member}.frr")),
+                user: daemons::FRR_USER.into(),
+            });
+        }
+        let commands = daemons::commands(&b.daemon, member, Path::new(&self.dir));
+        let several = commands.len() > 1;
+        for argv in commands {
+            // One log per process: two processes appending to one file would interleave.
+            let log = match argv[0].rsplit('/').next() {
+                Some(p) if several => format!("{member}.{}.{p}.log", b.daemon),
+                _ => format!("{member}.{}.log", b.daemon),
+            };
+            self.steps.push(Step::Spawn {
+                member: member.into(),
+                ns: ns.clone(),
+                what: format!("{} (AS {})", b.daemon, b.as_number),
+                argv,
+                log: Some(self.path(&log)),
+            });
+        }
         if b.daemon == "gobgp" {
             self.steps.push(Step::Spawn {
                 member: member.into(),

@@ -102,7 +102,19 @@ pub fn down(name: &str) -> Teardown {
         };
         match kill_if(p.pid, &identity, EXIT_TIMEOUT) {
             Ok(Fate::Spared) => td.spared.push(p.clone()),
-            Ok(Fate::Killed | Fate::Gone) => {}
+            Ok(Fate::Killed | Fate::Gone) => {
+                if p.what.starts_with("frr") {
+                    // FRR's per-process scratch directories live at a fixed system path.
+                    for scratch in crate::daemons::frr_scratch_dirs(p.pid) {
+                        match std::fs::remove_dir_all(&scratch) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                td.errors.push(LabError::io(scratch, e))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
             Err(e) => td.errors.push(LabError::Teardown {
                 what: format!("kill {} {} (pid {})", p.member, p.what, p.pid),
                 detail: e.to_string(),

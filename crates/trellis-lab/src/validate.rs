@@ -33,7 +33,7 @@ pub const MAX_RESOURCES_BYTES: usize = 256 * 1024;
 /// in the lab directory (`etcd`, `etcd.log`).
 pub const RESERVED_NAMES: [&str; 4] = ["fabric", "router", "control", "etcd"];
 /// The BGP daemons the lab can run.
-pub const DAEMONS: [&str; 2] = ["bird", "gobgp"];
+pub const DAEMONS: [&str; 3] = ["bird", "gobgp", "frr"];
 
 /// A topology that passed every check, with what the lab derives from it: the members'
 /// addresses and the resources it applies. Only [`validate`] makes one.
@@ -567,7 +567,7 @@ fn speaker(
         return Err(bad(
             format!("{field}.daemon"),
             format!("{:?}", b.daemon),
-            format!("must be {}", DAEMONS.join(" or ")),
+            format!("must be {}", DAEMONS.join(", ")),
         ));
     }
     if b.as_number == 0 || b.as_number == 23456 {

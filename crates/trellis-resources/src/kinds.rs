@@ -431,6 +431,35 @@ pub struct BgpPeerSpec {
     /// peer is installed through it, so the session never depends on routes learned over it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reachable_by: Option<String>,
+    /// Trellis extension: the most prefixes kept from this peer, and what happens beyond (none
+    /// by default, as in Calico and BIRD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prefixes: Option<MaxPrefixes>,
+}
+
+/// A BGPPeer's `maxPrefixes`: `limit` counts the prefixes the peer announces and has not
+/// withdrawn, whether accepted or rejected by filters (so it bounds what the agent holds for
+/// the peer, like BIRD's `receive limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MaxPrefixes {
+    pub limit: u32,
+    /// Default `Restart`.
+    #[serde(default)]
+    pub action: PrefixLimitAction,
+}
+
+/// What a BGPPeer's `maxPrefixes` does when the peer announces one prefix too many.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrefixLimitAction {
+    /// Log and count, keep accepting (memory is not bounded).
+    Warn,
+    /// Keep the session; ignore new prefixes beyond the limit (BIRD's `block`).
+    Reject,
+    /// Reset the session with Cease "Maximum Number of Prefixes Reached" (RFC 4486) and
+    /// reconnect after a back-off.
+    #[default]
+    Restart,
 }
 
 /// Route filters for BGP peers (Calico's BGPFilter), named in a BGPPeer's `filters`: ordered
@@ -530,6 +559,9 @@ pub struct BgpSessionStatus {
     /// Times the session reached Established.
     #[serde(default)]
     pub established_transitions: u64,
+    /// Announcements of new prefixes beyond the peer's `maxPrefixes` limit.
+    #[serde(default)]
+    pub prefixes_over_limit: u64,
 }
 
 /// A node's BGP speaker, written by its agent (Trellis's analogue of CalicoNodeStatus).

@@ -347,6 +347,12 @@ fn bgp_peer(o: &Object<BgpPeerSpec>) -> Result<(), ResourceError> {
             ));
         }
     }
+    if s.max_prefixes.is_some_and(|m| m.limit == 0) {
+        return Err(err(
+            "spec.maxPrefixes.limit",
+            "0 would refuse every route; give at least 1 (leave maxPrefixes out for no limit)",
+        ));
+    }
     if let Some(h) = s.ttl_security {
         if h > MAX_TTL_SECURITY_HOPS {
             return Err(err(

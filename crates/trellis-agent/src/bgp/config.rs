@@ -9,11 +9,12 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use trellis_bgp::policy::{PrefixMatch, PrefixOp, Rule};
-use trellis_bgp::NextHopMode;
+use trellis_bgp::{LimitAction, NextHopMode, PrefixLimit};
 use trellis_resources::validate::{parse_community, parse_peer_ip, parse_seconds, reachable_by};
 use trellis_resources::{
     BgpConfigurationSpec, BgpFilterRule, BgpFilterSpec, BgpPassword, BgpPeerSpec, BindMode,
-    FilterAction, IpPoolSpec, MatchOperator, NodeSpec, Object, Selector, SourceAddress,
+    FilterAction, IpPoolSpec, MatchOperator, NodeSpec, Object, PrefixLimitAction, Selector,
+    SourceAddress,
 };
 
 /// Calico's default AS.
@@ -71,6 +72,8 @@ pub struct SessionOptions {
     pub ttl_security: Option<u8>,
     /// The peer's BGPFilters, compiled (import, export).
     pub filters: (Vec<Rule>, Vec<Rule>),
+    /// The most prefixes held for the peer (`maxPrefixes`), if limited.
+    pub max_prefixes: Option<PrefixLimit>,
 }
 
 impl SessionOptions {
@@ -89,6 +92,7 @@ impl SessionOptions {
                 allow_local_as: 0,
                 ttl_security: None,
                 filters: (Vec::new(), Vec::new()),
+                max_prefixes: None,
             };
         };
         SessionOptions {
@@ -114,6 +118,14 @@ impl SessionOptions {
                 .ttl_security
                 .and_then(|h| u8::try_from(h).ok())
                 .filter(|h| (1..=254).contains(h)),
+            max_prefixes: p.max_prefixes.map(|m| PrefixLimit {
+                limit: m.limit as usize,
+                action: match m.action {
+                    PrefixLimitAction::Warn => LimitAction::Warn,
+                    PrefixLimitAction::Reject => LimitAction::Reject,
+                    PrefixLimitAction::Restart => LimitAction::Restart,
+                },
+            }),
         }
     }
 }

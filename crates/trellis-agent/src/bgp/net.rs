@@ -1,10 +1,15 @@
 //! BGP transport: the listening socket, outgoing connections with TCP MD5 signatures (RFC 2385)
 //! and the TTL a [`TtlPolicy`] gives (1 for directly connected eBGP, 255 for multihop, GTSM's
 //! minimum TTL, RFC 5082), and one reader and one writer task per connection that turn bytes
-//! into decoded messages and back. Does I/O.
+//! into decoded messages and back. Both are bounded: the reader waits (and so stops reading the
+//! socket, letting TCP flow control slow the peer) while the speaker's queue is full, and the
+//! writer's queue holds a bounded number of batches whose size the speaker can watch
+//! ([`Writer`]). Does I/O.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -158,63 +163,131 @@ pub enum Read {
     Closed,
 }
 
-/// Splits a connection into a reader task (sending decoded messages, then `Closed`) and a
-/// writer (a channel of encoded messages; dropping it closes the connection).
+/// Encoded batches a connection's writer holds at most. The speaker stops handing a peer
+/// UPDATEs long before this fills ([`Writer::queued`]); control messages are few.
+const WRITE_QUEUE: usize = 64;
+
+/// The sending half of a connection: a bounded queue of encoded messages, with counts of the
+/// bytes queued and written, so the speaker sees a peer falling behind. Dropping it closes the
+/// connection (after what is queued).
+pub struct Writer {
+    tx: mpsc::Sender<Vec<u8>>,
+    state: Arc<WriteState>,
+}
+
+#[derive(Default)]
+struct WriteState {
+    queued: AtomicUsize,
+    written: AtomicU64,
+}
+
+impl Writer {
+    /// Queues bytes; false when the queue is full (the peer is not reading) or the connection
+    /// is gone.
+    pub fn send(&self, bytes: Vec<u8>) -> bool {
+        let n = bytes.len();
+        self.state.queued.fetch_add(n, Ordering::Relaxed);
+        if self.tx.try_send(bytes).is_err() {
+            self.state.queued.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Bytes queued and not yet taken by the socket.
+    pub fn queued(&self) -> usize {
+        self.state.queued.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the socket has taken so far.
+    pub fn written(&self) -> u64 {
+        self.state.written.load(Ordering::Relaxed)
+    }
+}
+
+/// Splits a connection into a reader task (sending decoded messages, then `Closed`, waiting
+/// while `events` is full) and a [`Writer`].
 pub fn spawn_io<T: Clone + Send + 'static>(
     stream: TcpStream,
     ibgp: bool,
     tag: T,
-    events: mpsc::UnboundedSender<(T, Read)>,
-) -> mpsc::UnboundedSender<Vec<u8>> {
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
-            if wr.write_all(&b).await.is_err() {
-                break;
+    events: mpsc::Sender<(T, Read)>,
+) -> Writer {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let state = Arc::new(WriteState::default());
+    tokio::spawn(write_loop(wr, rx, state.clone()));
+    tokio::spawn(read_loop(rd, ibgp, tag, events));
+    Writer { tx, state }
+}
+
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    state: Arc<WriteState>,
+) {
+    while let Some(b) = rx.recv().await {
+        let mut at = 0;
+        while at < b.len() {
+            match wr.write(&b[at..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    at += n;
+                    state.queued.fetch_sub(n, Ordering::Relaxed);
+                    state.written.fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
         }
-        let _ = wr.shutdown().await;
-    });
-    tokio::spawn(async move {
-        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-        let mut chunk = vec![0u8; 64 * 1024];
-        // Until the peer's OPEN says otherwise, decode as a 4-octet session (only OPEN comes first).
-        let mut ctx = Context {
-            four_octet_as: true,
-            ibgp,
-        };
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop<T: Clone>(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    ibgp: bool,
+    tag: T,
+    events: mpsc::Sender<(T, Read)>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    // Until the peer's OPEN says otherwise, decode as a 4-octet session (only OPEN comes first).
+    let mut ctx = Context {
+        four_octet_as: true,
+        ibgp,
+    };
+    loop {
+        let mut start = 0;
         loop {
-            let mut start = 0;
-            loop {
-                match message::decode(&buf[start..], ctx, MAX_LEN) {
-                    Ok(Some((m, n))) => {
-                        start += n;
-                        if let Message::Open(o) = &m {
-                            ctx.four_octet_as = o
-                                .capabilities()
-                                .any(|c| matches!(c, trellis_bgp::Capability::FourOctetAs(_)));
-                        }
-                        if events.send((tag.clone(), Read::Message(m))).is_err() {
-                            return;
-                        }
+            match message::decode(&buf[start..], ctx, MAX_LEN) {
+                Ok(Some((m, n))) => {
+                    start += n;
+                    if let Message::Open(o) = &m {
+                        ctx.four_octet_as = o
+                            .capabilities()
+                            .any(|c| matches!(c, trellis_bgp::Capability::FourOctetAs(_)));
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = events.send((tag.clone(), Read::Malformed(e)));
+                    // Waits while the speaker is behind: the socket is not read meanwhile.
+                    if events.send((tag.clone(), Read::Message(m))).await.is_err() {
                         return;
                     }
                 }
-            }
-            buf.drain(..start);
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => {
-                    let _ = events.send((tag, Read::Closed));
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = events.send((tag.clone(), Read::Malformed(e))).await;
                     return;
                 }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
-    });
-    tx
+        buf.drain(..start);
+        match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => {
+                let _ = events.send((tag, Read::Closed)).await;
+                return;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
+
+#[cfg(test)]
+mod tests;

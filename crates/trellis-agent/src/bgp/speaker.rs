@@ -2,7 +2,10 @@
 //! pure FSMs connection events, messages and ticks, carries out their outputs (connect, send,
 //! close), resolves connection collisions (RFC 4271 §6.8), keeps a gracefully restarting
 //! peer's routes until End-of-RIB or its restart time (RFC 4724), and publishes the best routes
-//! for the dataplane loop to install. Does I/O (sockets via [`super::net`]).
+//! for the dataplane loop to install. Its queues are bounded: readers wait while it is behind,
+//! a peer whose transport is behind gets no UPDATEs until it catches up (the RIB coalesces what
+//! changed meanwhile) and is reset if it takes nothing for the send hold time (RFC 9687), and a
+//! peer's `maxPrefixes` bounds what is held for it. Does I/O (sockets via [`super::net`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -16,15 +19,19 @@ use trellis_bgp::error::{code, subcode};
 use trellis_bgp::fsm::{keep_outgoing, DownReason};
 use trellis_bgp::message::{pack_announcements, pack_withdrawals, RouteRefresh, MAX_LEN};
 use trellis_bgp::nlri::{AFI_IPV4, AFI_IPV6};
+use trellis_bgp::restart::{self, Stale};
 use trellis_bgp::{
-    Context, Fsm, Input, Message, Negotiated, Notification, Origin, Output, PathAttrs, PeerId,
-    PeerInfo, Rib, RibConfig, SessionConfig, State, Update,
+    Context, Fsm, Input, LimitAction, Message, Negotiated, Notification, Origin, Output, PathAttrs,
+    PeerId, PeerInfo, Rib, RibConfig, SessionConfig, State, Update,
 };
 use trellis_resources::{BgpSessionStatus, BgpStatusSpec};
 
 use super::config::{PeerConfig, SpeakerConfig};
 use super::net::{self, ConnectOptions, Read};
 use super::Shared;
+
+mod outbound;
+mod status;
 
 const CONNECT_RETRY: Duration = Duration::from_secs(3);
 const HOLD_TIME: u16 = 90;
@@ -33,6 +40,18 @@ const TICK: Duration = Duration::from_millis(250);
 const LISTEN_RETRY: Duration = Duration::from_secs(3);
 /// How long a restarting agent keeps the routes it finds before its peers have sent theirs.
 const STARTUP_GRACE: Duration = Duration::from_secs(30);
+/// Decoded messages waiting for the speaker, from all connections together; a reader whose
+/// message does not fit waits and stops reading its socket.
+const READ_QUEUE: usize = 1024;
+/// Connection events (accepted, connected, failed) waiting for the speaker.
+const EVENT_QUEUE: usize = 64;
+/// A peer with this many bytes still queued for its socket is sent no more UPDATEs until it
+/// catches up.
+const HIGH_WATER: usize = 256 * 1024;
+/// After a reset for exceeding `maxPrefixes` (action Restart), the session waits this long
+/// before it starts again (as BIRD's `error wait time` does), so a peer that always sends too
+/// much is not reloaded every few seconds.
+const PREFIX_LIMIT_IDLE_HOLD: Duration = Duration::from_secs(60);
 
 /// Which connection of a peer an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,8 +63,21 @@ struct ConnTag {
 struct Conn {
     id: u64,
     fsm: Fsm,
-    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    tx: Option<net::Writer>,
+    /// Bytes the socket had taken at the last tick (progress for the send hold timer).
+    written_seen: u64,
     outgoing: bool,
+}
+
+impl Conn {
+    /// Queues bytes for the peer; a full queue means it stopped reading: the session is reset
+    /// (Cease / Out of Resources, RFC 4486) at the end of the current step.
+    fn send(&mut self, bytes: Vec<u8>) -> Option<Notification> {
+        match &self.tx {
+            Some(w) if !w.send(bytes) => Some(cease(subcode::OUT_OF_RESOURCES)),
+            _ => None,
+        }
+    }
 }
 
 struct Peer {
@@ -58,9 +90,14 @@ struct Peer {
     negotiated: Option<Negotiated>,
     since: u64,
     last_error: Option<String>,
-    stale_until: Option<Instant>,
+    /// The peer's routes kept through its graceful restart (RFC 4724 §4.2).
+    stale: Option<Stale>,
     eor_received: bool,
     counters: MessageCounters,
+    /// The peer passed its `maxPrefixes` limit in this session (logged once).
+    over_limit_logged: bool,
+    /// A reset decided while handling one input, carried out after it ([`Speaker::drive`]).
+    reset: Option<(Notification, Duration)>,
 }
 
 /// Per-peer message counts (for status and metrics).
@@ -71,6 +108,8 @@ struct MessageCounters {
     notifications_in: u64,
     notifications_out: u64,
     established: u64,
+    /// Announcements of new prefixes beyond the peer's `maxPrefixes` limit.
+    over_limit: u64,
 }
 
 enum Event {
@@ -88,8 +127,8 @@ pub struct Speaker {
     next_peer_id: PeerId,
     next_conn: u64,
     started: Instant,
-    reads: mpsc::UnboundedSender<(ConnTag, Read)>,
-    events: mpsc::UnboundedSender<Event>,
+    reads: mpsc::Sender<(ConnTag, Read)>,
+    events: mpsc::Sender<Event>,
     /// Where the listener is bound.
     listener_at: Option<SocketAddr>,
     /// The last failed attempt to listen (retried from the tick every few seconds).
@@ -121,8 +160,8 @@ fn rib_config(cfg: &SpeakerConfig) -> RibConfig {
 impl Speaker {
     /// Runs until the configuration channel closes.
     pub async fn run(shared: Arc<Shared>, mut config: watch::Receiver<Option<SpeakerConfig>>) {
-        let (reads_tx, mut reads) = mpsc::unbounded_channel();
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (reads_tx, mut reads) = mpsc::channel(READ_QUEUE);
+        let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
         let mut sp: Option<Speaker> = None;
         let mut tick = tokio::time::interval(TICK);
         let mut last_status: Option<BgpStatusSpec> = None;
@@ -153,8 +192,10 @@ impl Speaker {
                 Some((tag, r)) = reads.recv() => {
                     if let Some(s) = &mut sp {
                         s.on_read(tag, r);
-                        // Take everything already queued before deciding (batches big tables).
-                        while let Ok((tag, r)) = reads.try_recv() {
+                        // Take what is already queued before deciding (batches big tables), at
+                        // most a queue's worth so ticks are not starved while readers refill it.
+                        for _ in 0..READ_QUEUE {
+                            let Ok((tag, r)) = reads.try_recv() else { break };
                             s.on_read(tag, r);
                         }
                     }
@@ -165,7 +206,8 @@ impl Speaker {
                     }
                 }
                 Ok(()) = igp.changed() => {
-                    igp.borrow_and_update();
+                    let routes = igp.borrow_and_update().len();
+                    tracing::info!(routes, "host routes changed; next hops resolve again");
                     if let Some(s) = &mut sp {
                         s.update_host_routes();
                     }
@@ -193,8 +235,8 @@ impl Speaker {
     fn new(
         cfg: SpeakerConfig,
         shared: Arc<Shared>,
-        reads: mpsc::UnboundedSender<(ConnTag, Read)>,
-        events: mpsc::UnboundedSender<Event>,
+        reads: mpsc::Sender<(ConnTag, Read)>,
+        events: mpsc::Sender<Event>,
     ) -> Speaker {
         let rib = Rib::new(rib_config(&cfg));
         let mut s = Speaker {
@@ -262,6 +304,7 @@ impl Speaker {
             id: self.next_conn,
             fsm,
             tx: None,
+            written_seen: 0,
             outgoing,
         }
     }
@@ -327,9 +370,11 @@ impl Speaker {
                     negotiated: None,
                     since: now_secs(),
                     last_error: None,
-                    stale_until: None,
+                    stale: None,
                     eor_received: false,
                     counters: MessageCounters::default(),
+                    over_limit_logged: false,
+                    reset: None,
                 },
             );
             self.drive(addr, false, Input::Start);
@@ -366,9 +411,11 @@ impl Speaker {
                 })
                 .collect::<Vec<u8>>()
         });
-        match (refresh, &p.main.tx) {
-            (Some(bytes), Some(tx)) => {
-                let _ = tx.send(bytes);
+        match refresh {
+            Some(bytes) if p.main.tx.is_some() => {
+                if let Some(full) = p.main.send(bytes) {
+                    p.reset.get_or_insert((full, CONNECT_RETRY));
+                }
             }
             _ => self.remove_peer(addr, subcode::OTHER_CONFIGURATION_CHANGE),
         }
@@ -377,7 +424,7 @@ impl Speaker {
     fn remove_peer(&mut self, addr: IpAddr, sub: u8) {
         self.drive(addr, false, Input::Stop(cease(sub)));
         if let Some(p) = self.peers.remove(&addr) {
-            self.rib.peer_down(p.id, false);
+            self.rib.peer_down(p.id, &[]);
             tracing::info!(peer = %addr, "BGP peer removed");
         }
     }
@@ -411,8 +458,9 @@ impl Speaker {
                 let events = self.events.clone();
                 let acc = l.clone();
                 self.accept_task = Some(tokio::spawn(async move {
+                    // While the speaker is behind, connections wait in the kernel's backlog.
                     while let Ok((s, a)) = acc.accept().await {
-                        if events.send(Event::Accepted(s, a)).is_err() {
+                        if events.send(Event::Accepted(s, a)).await.is_err() {
                             return;
                         }
                     }
@@ -513,6 +561,10 @@ impl Speaker {
         if let Err(e) = net::accepted(&stream, self.cfg.ttl_policy(&p.cfg)) {
             tracing::warn!(peer = %from, error = %e, "setting the TTL on an accepted BGP connection");
         }
+        if p.main.fsm.refuses_connections(Instant::now()) {
+            tracing::debug!(peer = %from, "BGP connection refused: the session is held idle after a reset");
+            return;
+        }
         match p.main.fsm.state() {
             State::Idle | State::Connect | State::Active => {
                 let p = self.peers.get_mut(&from).expect("present");
@@ -533,7 +585,7 @@ impl Speaker {
             _ => {
                 // Established (or already two): RFC 4271 §6.8, the new connection is closed.
                 let ibgp = p.cfg.asn == self.cfg.asn;
-                let tx = net::spawn_io(
+                let w = net::spawn_io(
                     stream,
                     ibgp,
                     ConnTag {
@@ -542,10 +594,10 @@ impl Speaker {
                     },
                     self.reads.clone(),
                 );
-                let _ = tx.send(
-                    Message::Notification(cease(subcode::CONNECTION_COLLISION))
-                        .encode(ctx_for(None, ibgp)),
-                );
+                let refusal = Message::Notification(cease(subcode::CONNECTION_COLLISION));
+                if !w.send(refusal.encode(ctx_for(None, ibgp))) {
+                    tracing::debug!(peer = %from, "the refused connection is already gone");
+                }
             }
         }
     }
@@ -563,6 +615,7 @@ impl Speaker {
             conn: c.id,
         };
         c.tx = Some(net::spawn_io(stream, ibgp, tag, self.reads.clone()));
+        c.written_seen = 0;
     }
 
     fn on_read(&mut self, tag: ConnTag, r: Read) {
@@ -601,14 +654,19 @@ impl Speaker {
             self.sync_md5();
         }
         for addr in self.peers.keys().copied().collect::<Vec<_>>() {
+            for second in [false, true] {
+                if self.conn_progressed(addr, second) {
+                    self.drive(addr, second, Input::SendProgress);
+                }
+            }
             self.drive(addr, false, Input::Tick);
             if self.peers[&addr].second.is_some() {
                 self.drive(addr, true, Input::Tick);
             }
             let p = self.peers.get_mut(&addr).expect("present");
-            if p.stale_until.is_some_and(|t| t <= now) {
+            if p.stale.as_ref().is_some_and(|s| s.expired(now)) {
                 tracing::info!(peer = %addr, "graceful restart time passed; removing the peer's stale routes");
-                p.stale_until = None;
+                p.stale = None;
                 self.rib.sweep_stale(p.id);
             }
         }
@@ -639,6 +697,18 @@ impl Speaker {
         let outs = c.fsm.handle(now, input);
         for o in outs {
             self.output(addr, second, o);
+        }
+        if let Some((notification, idle_hold)) =
+            self.peers.get_mut(&addr).and_then(|p| p.reset.take())
+        {
+            self.drive(
+                addr,
+                false,
+                Input::Reset {
+                    notification,
+                    idle_hold,
+                },
+            );
         }
         self.resolve_collision(addr);
     }
@@ -690,15 +760,21 @@ impl Speaker {
                         Ok(s) => Event::Connected(addr, gen, s),
                         Err(e) => Event::ConnectFailed(addr, gen, e.to_string()),
                     };
-                    let _ = events.send(ev);
+                    // An error means the speaker stopped: nobody to tell.
+                    let _ = events.send(ev).await;
                 });
             }
             Output::Send(m) => {
-                if matches!(m, Message::Notification(_)) {
+                let notification = matches!(m, Message::Notification(_));
+                if notification {
                     p.counters.notifications_out += 1;
                 }
-                if let Some(tx) = &c.tx {
-                    let _ = tx.send(m.encode(ctx));
+                // A NOTIFICATION ends the session anyway; a full queue on the main connection
+                // resets it.
+                if let Some(full) = c.send(m.encode(ctx)) {
+                    if !notification && !second {
+                        p.reset.get_or_insert((full, CONNECT_RETRY));
+                    }
                 }
             }
             Output::Close => c.tx = None,
@@ -752,10 +828,23 @@ impl Speaker {
     fn established(&mut self, addr: IpAddr, n: Negotiated) {
         let local = self.cfg.address;
         let p = self.peers.get_mut(&addr).expect("present");
-        tracing::info!(peer = %addr, asn = n.peer_asn, peer_id = %n.peer_id, hold = n.hold_time, "BGP session established");
+        let peer_gr = n.peer_graceful_restart.as_ref().map_or("none".into(), |g| {
+            let fams: Vec<String> = g
+                .families
+                .iter()
+                .map(|(a, s, f)| format!("{a}/{s} F={}", u8::from(*f)))
+                .collect();
+            format!(
+                "restart {}s, families [{}]",
+                g.restart_time,
+                fams.join(", ")
+            )
+        });
+        tracing::info!(peer = %addr, asn = n.peer_asn, peer_id = %n.peer_id, hold = n.hold_time, %peer_gr, "BGP session established");
         p.since = now_secs();
         p.last_error = None;
         p.eor_received = false;
+        p.over_limit_logged = false;
         p.counters.established += 1;
         self.rib.peer_up(
             p.id,
@@ -770,30 +859,46 @@ impl Speaker {
                 allow_local_as: p.cfg.options.allow_local_as,
                 import: p.cfg.options.filters.0.clone(),
                 export: p.cfg.options.filters.1.clone(),
+                max_prefixes: p.cfg.options.max_prefixes,
             },
         );
+        // RFC 4724 §4.2: families the peer no longer preserves lose their stale routes now.
+        if let Some(stale) = &mut p.stale {
+            for afi in stale.on_reestablished(n.peer_graceful_restart.as_ref()) {
+                tracing::info!(peer = %addr, afi, "peer did not preserve forwarding for this family; removing its stale routes");
+                self.rib.sweep_stale_family(p.id, afi);
+            }
+            if stale.is_done() {
+                p.stale = None;
+            }
+        }
         p.negotiated = Some(n);
         // The initial table goes out at the next flush, then End-of-RIB (RFC 4724 §2).
         self.flush();
         let p = self.peers.get_mut(&addr).expect("present");
-        if let (Some(n), Some(tx)) = (&p.negotiated, &p.main.tx) {
+        if let Some(n) = &p.negotiated {
             for afi in &n.families {
-                let _ = tx.send(
-                    Message::Update(Box::new(Update::end_of_rib(*afi)))
-                        .encode(ctx_for(Some(n), false)),
-                );
+                let eor = Message::Update(Box::new(Update::end_of_rib(*afi)));
+                if let Some(full) = p.main.send(eor.encode(ctx_for(Some(n), false))) {
+                    p.reset.get_or_insert((full, CONNECT_RETRY));
+                }
             }
         }
     }
 
     fn update(&mut self, addr: IpAddr, u: Update) {
         let p = self.peers.get_mut(&addr).expect("present");
-        if u.end_of_rib_afi().is_some() {
+        if let Some(afi) = u.end_of_rib_afi() {
             p.eor_received = true;
-            if p.stale_until.take().is_some() {
-                tracing::info!(peer = %addr, "End-of-RIB after restart; removing stale routes");
+            if let Some(stale) = &mut p.stale {
+                if stale.end_of_rib(afi) {
+                    tracing::info!(peer = %addr, afi, "End-of-RIB after restart; removing stale routes");
+                    self.rib.sweep_stale_family(p.id, afi);
+                }
+                if stale.is_done() {
+                    p.stale = None;
+                }
             }
-            self.rib.sweep_stale(p.id);
             return;
         }
         if let Some(why) = &u.treat_as_withdraw {
@@ -807,6 +912,10 @@ impl Speaker {
         if let Some((prefix, why)) = r.rejected.first() {
             tracing::debug!(peer = %addr, %prefix, why, count = r.rejected.len(), "routes rejected");
         }
+        if r.over_limit > 0 {
+            p.counters.over_limit += r.over_limit as u64;
+            over_limit(addr, p, r.over_limit_afi.unwrap_or(AFI_IPV4));
+        }
     }
 
     fn down(&mut self, addr: IpAddr, reason: DownReason) {
@@ -816,100 +925,35 @@ impl Speaker {
         p.last_error = Some(reason.to_string());
         p.main.tx = None;
         let Some(n) = was else { return };
-        // RFC 4724 §4.2: a peer that restarts gracefully keeps its routes (marked stale) for
-        // its restart time if the transport just went away; a NOTIFICATION ends them.
-        let graceful = n
-            .peer_graceful_restart
-            .as_ref()
-            .filter(|g| g.restart_time > 0)
-            .filter(|_| {
-                matches!(reason, DownReason::TransportClosed)
-                    || matches!(&reason, DownReason::Sent(x) if x.code == code::HOLD_TIMER_EXPIRED)
-            });
-        tracing::warn!(peer = %addr, %reason, graceful = graceful.is_some(), "BGP session down");
-        match graceful {
-            Some(g) => {
-                p.stale_until = Some(Instant::now() + Duration::from_secs(g.restart_time as u64));
-                self.rib.peer_down(p.id, true);
-            }
-            None => self.rib.peer_down(p.id, false),
-        }
+        // RFC 4724 §4.2: only the families the peer listed in its Graceful Restart capability
+        // stay (stale) for its restart time, and only if the transport just went away.
+        let stale = restart::on_session_loss(&n, &reason, Instant::now());
+        let retained = stale.as_ref().map_or(&[][..], |s| &s.families[..]);
+        tracing::warn!(peer = %addr, %reason, graceful = stale.is_some(), retained = ?retained, "BGP session down");
+        self.rib.peer_down(p.id, retained);
+        p.stale = stale;
     }
+}
 
-    /// Sends what the RIB decided and publishes kernel routes when they changed.
-    fn flush(&mut self) {
-        let (outs, kernel_changed) = self.rib.flush();
-        let by_id: HashMap<PeerId, IpAddr> = self.peers.iter().map(|(a, p)| (p.id, *a)).collect();
-        for (id, ob) in outs {
-            let Some(p) = by_id.get(&id).and_then(|a| self.peers.get_mut(a)) else {
-                continue;
-            };
-            let (Some(tx), Some(n)) = (&p.main.tx, &p.negotiated) else {
-                continue;
-            };
-            let ctx = ctx_for(Some(n), p.cfg.asn == self.cfg.asn);
-            let mut bytes = Vec::new();
-            let mut sent = 0;
-            for u in pack_withdrawals(&ob.withdraw, MAX_LEN) {
-                bytes.extend(Message::Update(Box::new(u)).encode(ctx));
-                sent += 1;
-            }
-            for (attrs, nh, prefixes) in &ob.announce {
-                let v6 = match nh {
-                    IpAddr::V6(a) => Some(a.octets()),
-                    _ => None,
-                };
-                for u in
-                    pack_announcements(attrs, prefixes, v6.as_ref().map(|o| &o[..]), ctx, MAX_LEN)
-                {
-                    bytes.extend(Message::Update(Box::new(u)).encode(ctx));
-                    sent += 1;
-                }
-            }
-            let _ = tx.send(bytes);
-            p.counters.updates_out += sent;
+/// A peer announced new prefixes beyond its `maxPrefixes` limit (the RIB kept them only with
+/// Warn): log it once per session, or with Restart reset the session with Cease / Maximum
+/// Number of Prefixes Reached carrying the family and the limit (RFC 4486 §4).
+fn over_limit(addr: IpAddr, p: &mut Peer, afi: u16) {
+    let Some(l) = p.cfg.options.max_prefixes else {
+        return;
+    };
+    match l.action {
+        LimitAction::Restart => {
+            tracing::error!(peer = %addr, limit = l.limit, "peer exceeded its maxPrefixes limit; resetting the session");
+            let bound = u32::try_from(l.limit).unwrap_or(u32::MAX);
+            let n = Notification::max_prefixes(afi, trellis_bgp::nlri::SAFI_UNICAST, bound);
+            p.reset.get_or_insert((n, PREFIX_LIMIT_IDLE_HOLD));
         }
-        if kernel_changed {
-            self.publish_routes();
+        action if !p.over_limit_logged => {
+            p.over_limit_logged = true;
+            tracing::warn!(peer = %addr, limit = l.limit, ?action, "peer exceeded its maxPrefixes limit");
         }
-    }
-
-    /// The status report (`trellis bgp status`).
-    fn status(&self) -> BgpStatusSpec {
-        BgpStatusSpec {
-            node: String::new(),
-            router_id: self.cfg.router_id.to_string(),
-            as_number: self.cfg.asn,
-            route_reflector_cluster_id: self.cfg.cluster_id.map(|c| c.to_string()),
-            peers: self
-                .peers
-                .iter()
-                .map(|(a, p)| {
-                    let c = self.rib.counters(p.id);
-                    BgpSessionStatus {
-                        address: a.to_string(),
-                        as_number: p.cfg.asn,
-                        kind: format!(
-                            "{}{}",
-                            p.cfg.kind.name(),
-                            if p.cfg.rr_client { " (RR client)" } else { "" }
-                        ),
-                        state: p.main.fsm.state().name().to_string(),
-                        since: Some(p.since),
-                        received: c.received as u64,
-                        accepted: c.accepted as u64,
-                        advertised: c.advertised as u64,
-                        last_error: p.last_error.clone(),
-                        updates_received: p.counters.updates_in,
-                        updates_sent: p.counters.updates_out,
-                        notifications_received: p.counters.notifications_in,
-                        notifications_sent: p.counters.notifications_out,
-                        established_transitions: p.counters.established,
-                    }
-                })
-                .collect(),
-            updated: 0,
-        }
+        _ => {}
     }
 }
 

@@ -234,3 +234,77 @@ fn collision_keeps_the_higher_identifier_s_connection() {
         "10.0.0.2".parse().unwrap()
     ));
 }
+
+/// An established session (hold time 90 s) at `t`.
+fn established(t: Instant) -> Fsm {
+    let mut f = Fsm::new(cfg());
+    to_open_sent(&mut f, t);
+    f.handle(
+        t,
+        Input::Message(Message::Open(peer_open(64512, 90, "10.0.0.2"))),
+    );
+    let out = f.handle(t, Input::Message(Message::Keepalive));
+    assert!(matches!(out[0], Output::Established(_)));
+    f
+}
+
+#[test]
+fn a_peer_that_stops_taking_our_messages_is_reset_after_the_send_hold_time() {
+    let t0 = Instant::now();
+    let min = |m: u64| t0 + Duration::from_secs(60 * m);
+    // Progress reported each minute keeps the session, while the peer's keepalives keep the
+    // hold timer going.
+    let mut f = established(t0);
+    for m in 1..=20 {
+        f.handle(min(m), Input::Message(Message::Keepalive));
+        f.handle(min(m), Input::SendProgress);
+        let out = f.handle(min(m), Input::Tick);
+        assert!(!out.iter().any(|o| matches!(o, Output::Down(_))), "{out:?}");
+    }
+    // Without progress: RFC 9687's 8 minutes (twice 90 s is less), then 8/0 and down.
+    let mut f = established(t0);
+    for m in 1..8 {
+        f.handle(min(m), Input::Message(Message::Keepalive));
+        let out = f.handle(min(m), Input::Tick);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Down(_))),
+            "minute {m}: {out:?}"
+        );
+    }
+    f.handle(min(8), Input::Message(Message::Keepalive));
+    let out = f.handle(min(8), Input::Tick);
+    let expired = Notification::new(code::SEND_HOLD_TIMER_EXPIRED, 0, vec![]);
+    assert_eq!(sent(&out), vec![&Message::Notification(expired.clone())]);
+    assert_eq!(out.last(), Some(&Output::Down(DownReason::Sent(expired))));
+    assert_eq!(f.state(), State::Idle);
+}
+
+#[test]
+fn a_reset_by_the_shell_sends_its_notification_and_waits_the_idle_hold() {
+    let t0 = Instant::now();
+    let mut f = established(t0);
+    let n = Notification::max_prefixes(AFI_IPV4, 1, 100);
+    assert_eq!(
+        n.data,
+        vec![0, 1, 1, 0, 0, 0, 100],
+        "RFC 4486 §4: AFI, SAFI, bound"
+    );
+    let out = f.handle(
+        t0,
+        Input::Reset {
+            notification: n.clone(),
+            idle_hold: Duration::from_secs(60),
+        },
+    );
+    assert_eq!(sent(&out), vec![&Message::Notification(n.clone())]);
+    assert!(out.contains(&Output::Close));
+    assert_eq!(out.last(), Some(&Output::Down(DownReason::Sent(n))));
+    // Not after the connect-retry time (5 s), only after the idle hold.
+    assert!(f
+        .handle(t0 + Duration::from_secs(30), Input::Tick)
+        .is_empty());
+    assert_eq!(
+        f.handle(t0 + Duration::from_secs(60), Input::Tick),
+        vec![Output::Connect]
+    );
+}

@@ -1,5 +1,6 @@
 use super::*;
 use crate::attrs::{AsPath, AsSegment, Origin, SegmentKind};
+use crate::nlri::AFI_IPV6;
 
 const ASN: u32 = 64512;
 
@@ -23,6 +24,7 @@ fn peer(asn: u32, n: u8, rr_client: bool) -> PeerInfo {
         allow_local_as: 0,
         import: vec![],
         export: vec![],
+        max_prefixes: None,
     }
 }
 
@@ -83,7 +85,7 @@ fn best_path_prefers_shorter_as_paths_then_lower_router_ids() {
     );
     r.flush();
     assert_eq!(r.installed()[&p("10.1.0.0/24")], ip("192.0.2.3"));
-    r.peer_down(3, false);
+    r.peer_down(3, &[]);
     r.flush();
     assert!(r.installed().is_empty());
 }
@@ -278,13 +280,66 @@ fn next_hop_mode_self_and_keep() {
 }
 
 #[test]
+fn graceful_restart_keeps_only_the_retained_families() {
+    let mut r = rib(false);
+    let mut info = peer(65002, 2, false);
+    info.families = vec![AFI_IPV4, AFI_IPV6];
+    r.peer_up(2, info.clone());
+    r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
+    let v6 = Update {
+        attrs: announce("10.7.0.0/24", vec![65002], "192.0.2.2").attrs,
+        mp_reach: Some(crate::attrs::MpReach {
+            afi: AFI_IPV6,
+            safi: 1,
+            next_hop: "2001:db8::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+                .to_vec(),
+            nlri: vec![p("2001:db8:7::/48")],
+        }),
+        ..Default::default()
+    };
+    r.apply_update(2, &v6);
+    r.flush();
+    assert_eq!(r.installed().len(), 2);
+    // Only IPv4 was listed in the peer's Graceful Restart capability: IPv6 goes at once.
+    r.peer_down(2, &[AFI_IPV4]);
+    r.flush();
+    assert_eq!(
+        r.installed().keys().collect::<Vec<_>>(),
+        vec![&p("10.7.0.0/24")]
+    );
+    assert_eq!(r.counters(2).accepted, 1);
+    // Back, then the IPv4 family's stale paths go by themselves (End-of-RIB, or F bit clear).
+    r.peer_up(2, info);
+    r.sweep_stale_family(2, AFI_IPV6);
+    r.flush();
+    assert_eq!(
+        r.installed().len(),
+        1,
+        "another family's sweep leaves IPv4 alone"
+    );
+    r.sweep_stale_family(2, AFI_IPV4);
+    r.flush();
+    assert!(r.installed().is_empty());
+    assert_eq!(r.counters(2).accepted, 0);
+    // Nothing retained: everything goes at once.
+    r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
+    r.flush();
+    r.peer_down(2, &[]);
+    r.flush();
+    assert!(r.installed().is_empty());
+}
+
+#[test]
 fn graceful_restart_keeps_stale_paths_until_swept() {
     let mut r = rib(false);
     r.peer_up(2, peer(65002, 2, false));
     r.apply_update(2, &announce("10.7.0.0/24", vec![65002], "192.0.2.2"));
     r.apply_update(2, &announce("10.7.1.0/24", vec![65002], "192.0.2.2"));
     r.flush();
-    r.peer_down(2, true);
+    r.peer_down(2, &[AFI_IPV4]);
     r.flush();
     assert_eq!(r.installed().len(), 2, "stale paths still forward");
     r.peer_up(2, peer(65002, 2, false));
@@ -415,4 +470,121 @@ fn filters_drop_imports_and_exports_per_peer_and_change_live() {
     );
     // Import filter changed: the caller must ask the peer to send its routes again.
     assert!(r.set_peer_filters(2, vec![], vec![]));
+}
+
+fn limited(limit: usize, action: LimitAction) -> PeerInfo {
+    PeerInfo {
+        max_prefixes: Some(PrefixLimit { limit, action }),
+        import: vec![crate::policy::Rule {
+            ipv6: false,
+            prefix: Some(crate::policy::PrefixMatch::new(
+                p("10.8.9.0/24"),
+                crate::policy::PrefixOp::Equal,
+            )),
+            learned_only: false,
+            accept: false,
+        }],
+        ..peer(65002, 2, false)
+    }
+}
+
+/// Announces 10.8.N.0/24 for each N from peer 2.
+fn announce_many(r: &mut Rib, ns: std::ops::Range<u8>) -> ImportReport {
+    let mut total = ImportReport::default();
+    for n in ns {
+        let rep = r.apply_update(
+            2,
+            &announce(&format!("10.8.{n}.0/24"), vec![65002], "192.0.2.2"),
+        );
+        total.accepted += rep.accepted;
+        total.over_limit += rep.over_limit;
+        total.over_limit_afi = total.over_limit_afi.or(rep.over_limit_afi);
+    }
+    total
+}
+
+#[test]
+fn a_prefix_limit_with_reject_keeps_nothing_beyond_it() {
+    let mut r = rib(false);
+    r.peer_up(2, limited(3, LimitAction::Reject));
+    // Two accepted and one rejected by the filter: three held, the limit.
+    let rep = announce_many(&mut r, 0..2);
+    assert_eq!((rep.accepted, rep.over_limit), (2, 0));
+    announce_many(&mut r, 9..10);
+    assert_eq!(r.counters(2).received, 3);
+    let rep = announce_many(&mut r, 2..6);
+    assert_eq!((rep.accepted, rep.over_limit), (0, 4));
+    assert_eq!(rep.over_limit_afi, Some(AFI_IPV4));
+    assert_eq!(
+        r.counters(2).received,
+        3,
+        "nothing beyond the limit is held"
+    );
+    // A prefix already held may change; a withdrawal makes room for a new one.
+    assert_eq!(announce_many(&mut r, 1..2).over_limit, 0);
+    r.apply_update(
+        2,
+        &Update {
+            withdrawn: vec![p("10.8.0.0/24")],
+            ..Default::default()
+        },
+    );
+    let rep = announce_many(&mut r, 4..6);
+    assert_eq!((rep.accepted, rep.over_limit), (1, 1));
+    r.flush();
+    assert_eq!(r.installed().len(), 2);
+}
+
+#[test]
+fn a_prefix_limit_with_restart_or_warn_reports_every_announcement_beyond_it() {
+    let mut r = rib(false);
+    r.peer_up(2, limited(2, LimitAction::Restart));
+    let rep = announce_many(&mut r, 0..5);
+    assert_eq!((rep.accepted, rep.over_limit), (2, 3));
+    assert_eq!(
+        r.counters(2).received,
+        2,
+        "the shell resets the session; nothing more held"
+    );
+    let mut r = rib(false);
+    r.peer_up(2, limited(2, LimitAction::Warn));
+    let rep = announce_many(&mut r, 0..5);
+    assert_eq!((rep.accepted, rep.over_limit), (5, 3), "Warn keeps them");
+}
+
+#[test]
+fn a_peer_that_is_behind_gets_each_changed_prefix_once_when_ready() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(65002, 2, false));
+    r.peer_up(3, peer(65003, 3, false));
+    r.flush();
+    // Peer 3 is behind while peer 2's route to 10.6.0.0/24 changes three times.
+    for path in [vec![65002], vec![65002, 65100], vec![65002, 65101]] {
+        r.apply_update(2, &announce("10.6.0.0/24", path, "192.0.2.2"));
+        let (outs, _) = r.flush_when(|id| id != 3);
+        assert!(sent_to(&outs, 3).is_none(), "held back");
+    }
+    r.apply_update(2, &announce("10.6.1.0/24", vec![65002], "192.0.2.2"));
+    r.apply_update(
+        2,
+        &Update {
+            withdrawn: vec![p("10.6.1.0/24")],
+            ..Default::default()
+        },
+    );
+    let (outs, _) = r.flush_when(|id| id != 3);
+    assert!(sent_to(&outs, 3).is_none());
+    // Ready again: only the latest state, once; the prefix that came and went is not sent.
+    let (outs, _) = r.flush();
+    let o = sent_to(&outs, 3).expect("caught up");
+    assert_eq!(o.announce.len(), 1);
+    assert_eq!(o.announce[0].2, vec![p("10.6.0.0/24")]);
+    assert_eq!(
+        o.announce[0].0.as_path.decision_len(),
+        3,
+        "64512 65002 65101"
+    );
+    assert!(o.withdraw.is_empty());
+    let (outs, _) = r.flush();
+    assert!(sent_to(&outs, 3).is_none(), "nothing left pending");
 }

@@ -180,7 +180,7 @@ spec: {bindMode: NodeIP}
 kind: BGPPeer
 apiVersion: trellis.dev/v1
 metadata: {name: direct}
-spec: {peerIP: 192.0.2.1, asNumber: 65001, sourceAddress: None, numAllowedLocalASNumbers: 2}
+spec: {peerIP: 192.0.2.1, asNumber: 65001, sourceAddress: None, numAllowedLocalASNumbers: 2, maxPrefixes: {limit: 100}}
 ---
 kind: BGPPeer
 apiVersion: trellis.dev/v1
@@ -190,7 +190,7 @@ spec: {peerIP: 198.51.100.1, asNumber: 65002, keepOriginalNextHop: true, reachab
 kind: BGPPeer
 apiVersion: trellis.dev/v1
 metadata: {name: gtsm}
-spec: {peerIP: 198.51.100.2, asNumber: 65003, ttlSecurity: 2, nextHopMode: Self}
+spec: {peerIP: 198.51.100.2, asNumber: 65003, ttlSecurity: 2, nextHopMode: Self, maxPrefixes: {limit: 5, action: Reject}}
 ---
 kind: BGPPeer
 apiVersion: trellis.dev/v1
@@ -209,6 +209,24 @@ spec: {peerIP: 198.51.100.3, asNumber: 65004, ttlSecurity: 0, nextHopMode: Keep}
     assert_eq!(
         (mesh.options.bind_source, mesh.options.allow_local_as),
         (true, 0)
+    );
+    // maxPrefixes: none by default, Restart unless another action is given.
+    let limit = |a: &str| c.peers[&ip(a)].options.max_prefixes;
+    assert_eq!(limit("192.0.2.12"), None);
+    assert_eq!(limit("198.51.100.1"), None);
+    assert_eq!(
+        limit("192.0.2.1"),
+        Some(PrefixLimit {
+            limit: 100,
+            action: LimitAction::Restart
+        })
+    );
+    assert_eq!(
+        limit("198.51.100.2"),
+        Some(PrefixLimit {
+            limit: 5,
+            action: LimitAction::Reject
+        })
     );
     // Next hop: Auto by default; keepOriginalNextHop is Keep.
     let next_hop = |a: &str| c.peers[&ip(a)].options.next_hop;

@@ -1,0 +1,74 @@
+//! What the speaker sends: the RIB's UPDATEs to every peer that keeps up — a peer whose socket
+//! has [`HIGH_WATER`] bytes unsent waits while the RIB coalesces its changes — and the progress
+//! reports that keep a connection's send hold timer (RFC 9687) from expiring. Does I/O (queues
+//! bytes for the sockets).
+
+use super::*;
+
+impl Speaker {
+    /// Whether a connection's socket took bytes since the last tick or has nothing queued — the
+    /// send hold timer (RFC 9687) starts again.
+    pub(super) fn conn_progressed(&mut self, addr: IpAddr, second: bool) -> bool {
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return false;
+        };
+        let c = if second {
+            p.second.as_mut()
+        } else {
+            Some(&mut p.main)
+        };
+        let Some(c) = c else { return false };
+        let Some(w) = &c.tx else { return false };
+        let written = w.written();
+        let progressed = w.queued() == 0 || written != c.written_seen;
+        c.written_seen = written;
+        progressed
+    }
+
+    /// Sends what the RIB decided and publishes kernel routes when they changed.
+    pub(super) fn flush(&mut self) {
+        // A peer whose socket is behind waits; the RIB keeps what changed for it meanwhile.
+        let behind: Vec<PeerId> = self
+            .peers
+            .values()
+            .filter(|p| p.main.tx.as_ref().is_some_and(|w| w.queued() >= HIGH_WATER))
+            .map(|p| p.id)
+            .collect();
+        let (outs, kernel_changed) = self.rib.flush_when(|id| !behind.contains(&id));
+        let by_id: HashMap<PeerId, IpAddr> = self.peers.iter().map(|(a, p)| (p.id, *a)).collect();
+        for (id, ob) in outs {
+            let Some(p) = by_id.get(&id).and_then(|a| self.peers.get_mut(a)) else {
+                continue;
+            };
+            let Some(n) = &p.negotiated else {
+                continue;
+            };
+            let ctx = ctx_for(Some(n), p.cfg.asn == self.cfg.asn);
+            let mut bytes = Vec::new();
+            let mut sent = 0;
+            for u in pack_withdrawals(&ob.withdraw, MAX_LEN) {
+                bytes.extend(Message::Update(Box::new(u)).encode(ctx));
+                sent += 1;
+            }
+            for (attrs, nh, prefixes) in &ob.announce {
+                let v6 = match nh {
+                    IpAddr::V6(a) => Some(a.octets()),
+                    _ => None,
+                };
+                for u in
+                    pack_announcements(attrs, prefixes, v6.as_ref().map(|o| &o[..]), ctx, MAX_LEN)
+                {
+                    bytes.extend(Message::Update(Box::new(u)).encode(ctx));
+                    sent += 1;
+                }
+            }
+            if let Some(full) = p.main.send(bytes) {
+                p.reset.get_or_insert((full, CONNECT_RETRY));
+            }
+            p.counters.updates_out += sent;
+        }
+        if kernel_changed {
+            self.publish_routes();
+        }
+    }
+}
