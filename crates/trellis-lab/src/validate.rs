@@ -567,7 +567,7 @@ fn speaker(
         return Err(bad(
             format!("{field}.daemon"),
             format!("{:?}", b.daemon),
-            format!("must be {}", DAEMONS.join(", ")),
+            format!("must be one of {}", DAEMONS.join(", ")),
         ));
     }
     if b.as_number == 0 || b.as_number == 23456 {
