@@ -302,7 +302,10 @@ mod tests {
             format!("{base}nodes: [{{name: n, subnet: s}}]\nexternal: [{{name: tor, subnet: s, bgp: {bgp}}}]\n")
         };
         for (bgp, want) in [
-            ("{daemon: quagga, asNumber: 65001, peers: [n]}", "bgp.daemon"),
+            (
+                "{daemon: quagga, asNumber: 65001, peers: [n]}",
+                "bgp.daemon",
+            ),
             ("{daemon: bird, asNumber: 0, peers: [n]}", "bgp.asNumber"),
             ("{daemon: bird, asNumber: 65001, peers: [zz]}", "\"zz\""),
             (

@@ -1,0 +1,529 @@
+//! The policy model: the one internal form that Kubernetes NetworkPolicy and Calico's policy
+//! kinds translate into, and what the evaluator and the compiler both read. Pure data.
+//!
+//! Evaluation order (DESIGN.md "Policy"; Calico's semantics): tiers by `order` (lowest first,
+//! `None` last) then name; within a tier, policies by `order` then name; within a policy,
+//! rules in order. Allow and Deny end the evaluation of a direction, Pass skips to the next
+//! tier, Log records and continues. A tier in which at least one policy applies to the
+//! endpoint for the direction but no rule decided ends with the tier's default action. After
+//! the tiers, the endpoint's profiles (if it lists any) decide, ending in Deny when none of
+//! their rules matched (as Calico's profiles do). An endpoint that no policy selects for a
+//! direction, and that lists no profile, is allowed. Kubernetes NetworkPolicies live in the
+//! `default` tier at order 1000, as in Calico. Traffic between a pod and its own node is always
+//! allowed (kubelet probes).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use trellis_resources::Selector;
+
+/// Labels of an endpoint, namespace, network set or service account.
+pub type Labels = BTreeMap<String, String>;
+
+/// The tier Kubernetes NetworkPolicies and tier-less Calico policies belong to.
+pub const DEFAULT_TIER: &str = "default";
+/// Calico's order for the `default` tier (tiers without an order sort after it).
+pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
+/// The order Kubernetes NetworkPolicies get in the `default` tier (as in Calico).
+pub const KUBERNETES_POLICY_ORDER: f64 = 1000.0;
+
+/// Implicit labels every endpoint carries (Calico's names), so selectors can name them.
+pub const LABEL_NAMESPACE: &str = "projectcalico.org/namespace";
+pub const LABEL_ORCHESTRATOR: &str = "projectcalico.org/orchestrator";
+pub const LABEL_SERVICE_ACCOUNT: &str = "projectcalico.org/serviceaccount";
+/// The label Kubernetes puts on every namespace (1.21+): its own name.
+pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+
+/// A direction as seen from the endpoint a policy applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    /// Traffic to the endpoint.
+    Ingress,
+    /// Traffic from the endpoint.
+    Egress,
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Skip the rest of this tier; evaluation continues with the next tier.
+    Pass,
+    /// Record the packet and continue with the next rule.
+    Log,
+}
+
+/// What a tier does when policies in it apply to an endpoint but none decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TierDefault {
+    Deny,
+    Pass,
+}
+
+/// An IP protocol a rule can name (Calico: TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite, or 1–255).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+    Icmp,
+    Icmpv6,
+    UdpLite,
+    Number(u8),
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Icmp => 1,
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Icmpv6 => 58,
+            Protocol::Sctp => 132,
+            Protocol::UdpLite => 136,
+            Protocol::Number(n) => n,
+        }
+    }
+
+    /// Whether packets of this protocol have ports (rules with ports need one of these).
+    pub fn has_ports(self) -> bool {
+        matches!(self.number(), 6 | 17 | 132 | 136)
+    }
+}
+
+/// A destination or source port match.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PortMatch {
+    /// `first..=last` (a single port has `first == last`).
+    Range { first: u16, last: u16 },
+    /// A named port, resolved against the ports the matched endpoint declares.
+    Named(String),
+}
+
+/// An ICMP type, optionally with a code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IcmpMatch {
+    pub icmp_type: u8,
+    pub code: Option<u8>,
+}
+
+/// Which namespaces a selector in a rule (or a policy's own selector) looks in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamespaceScope {
+    /// Only this namespace (a namespaced policy's selectors without a namespaceSelector).
+    Only(String),
+    /// Namespaces whose labels match (a namespaceSelector).
+    Matching(#[serde(with = "selector_text")] Selector),
+    /// Every namespace, and global objects (a global policy's selectors).
+    Any,
+}
+
+/// Service accounts a rule matches (Calico's `serviceAccounts`: names and/or a selector over
+/// the service account's labels), in the namespaces the rule's scope allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAccountMatch {
+    pub names: Vec<String>,
+    #[serde(with = "opt_selector_text")]
+    pub selector: Option<Selector>,
+}
+
+/// The source or destination half of a rule. Every field that is set must match (AND); an
+/// empty `EntityMatch` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityMatch {
+    /// The address must be in one of these.
+    pub nets: Vec<IpNet>,
+    /// The address must be in none of these.
+    pub not_nets: Vec<IpNet>,
+    /// The address must belong to an endpoint or network set whose labels match, within
+    /// `namespaces` (`None`: the policy's own scope).
+    #[serde(with = "opt_selector_text")]
+    pub selector: Option<Selector>,
+    /// The address must not belong to an endpoint or network set whose labels match.
+    #[serde(with = "opt_selector_text")]
+    pub not_selector: Option<Selector>,
+    /// Where `selector` looks (a rule's namespaceSelector); `None` is the policy's own scope.
+    pub namespaces: Option<NamespaceScope>,
+    /// The port must be one of these (none: any port).
+    pub ports: Vec<PortMatch>,
+    /// The port must be none of these.
+    pub not_ports: Vec<PortMatch>,
+    pub service_accounts: Option<ServiceAccountMatch>,
+}
+
+impl EntityMatch {
+    /// Whether this half matches every packet.
+    pub fn is_any(&self) -> bool {
+        *self == EntityMatch::default()
+    }
+}
+
+/// A stable identity for a rule: its policy, direction and index. Names counters in the kernel
+/// and verdicts in traces and flow logs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RuleId {
+    pub policy: PolicyId,
+    pub direction: Direction,
+    pub index: usize,
+}
+
+/// One rule: a match and an action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub action: Action,
+    /// 4 or 6 (`None`: both).
+    pub ip_version: Option<u8>,
+    pub protocol: Option<Protocol>,
+    pub not_protocol: Option<Protocol>,
+    pub icmp: Option<IcmpMatch>,
+    pub not_icmp: Option<IcmpMatch>,
+    pub source: EntityMatch,
+    pub destination: EntityMatch,
+}
+
+/// Which kind of object a policy came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PolicyKind {
+    /// `networking.k8s.io/v1` NetworkPolicy (namespaced; tier `default`, order 1000).
+    Kubernetes,
+    /// Calico's (or Trellis's) namespaced NetworkPolicy.
+    Namespaced,
+    /// GlobalNetworkPolicy.
+    Global,
+}
+
+/// A policy's identity: kind, namespace (for namespaced kinds) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PolicyId {
+    pub kind: PolicyKind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for PolicyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            PolicyKind::Kubernetes => "knp",
+            PolicyKind::Namespaced => "np",
+            PolicyKind::Global => "gnp",
+        };
+        match &self.namespace {
+            Some(ns) => write!(f, "{kind}/{ns}/{}", self.name),
+            None => write!(f, "{kind}/{}", self.name),
+        }
+    }
+}
+
+/// A policy in the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub id: PolicyId,
+    pub tier: String,
+    /// Lower first; `None` sorts last (Calico treats a missing order as infinite).
+    pub order: Option<f64>,
+    /// The endpoints it applies to, within `namespaces`.
+    #[serde(with = "selector_text")]
+    pub selector: Selector,
+    /// Where `selector` looks: the policy's namespace for namespaced kinds; `Any` or a
+    /// namespaceSelector for global ones.
+    pub namespaces: NamespaceScope,
+    /// Calico's `serviceAccountSelector`: the endpoint's service account must match too.
+    #[serde(with = "opt_selector_text")]
+    pub service_account_selector: Option<Selector>,
+    /// Ingress rules; `None` when the policy does not apply to ingress (its types).
+    pub ingress: Option<Vec<Rule>>,
+    /// Egress rules; `None` when the policy does not apply to egress.
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl Policy {
+    pub fn rules(&self, d: Direction) -> Option<&[Rule]> {
+        match d {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+}
+
+/// A tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tier {
+    pub name: String,
+    pub order: Option<f64>,
+    pub default_action: TierDefault,
+}
+
+/// A profile: rules applied after the tiers to endpoints that list it, and labels it gives them
+/// (`labelsToApply`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub name: String,
+    pub labels_to_apply: Labels,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+/// A set of networks selectors can match by label: a namespaced NetworkSet
+/// (`namespace: Some`) or a GlobalNetworkSet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSet {
+    pub namespace: Option<String>,
+    pub name: String,
+    pub labels: Labels,
+    pub nets: Vec<IpNet>,
+}
+
+/// A named port an endpoint declares (Kubernetes container ports, Calico's WEP `ports`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A workload endpoint (a pod's interface) as policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub namespace: String,
+    /// The WorkloadEndpoint's name (unique within the namespace).
+    pub name: String,
+    /// The pod it belongs to, when known.
+    pub pod: Option<String>,
+    pub node: String,
+    /// The host-side interface (`trl…`) on `node`.
+    pub interface: Option<String>,
+    pub addresses: Vec<IpAddr>,
+    /// Its own labels (without the implicit ones; see [`Endpoint::effective_labels`]).
+    pub labels: Labels,
+    pub service_account: Option<String>,
+    pub ports: Vec<NamedPort>,
+    pub profiles: Vec<String>,
+}
+
+impl Endpoint {
+    /// The labels selectors see: its own, then the implicit ones (namespace, orchestrator,
+    /// service account), then — for keys it does not have — those its profiles apply.
+    pub fn effective_labels(&self, profiles: &BTreeMap<String, Profile>) -> Labels {
+        let mut l = self.labels.clone();
+        l.insert(LABEL_NAMESPACE.into(), self.namespace.clone());
+        l.entry(LABEL_ORCHESTRATOR.into())
+            .or_insert_with(|| "k8s".into());
+        if let Some(sa) = &self.service_account {
+            l.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone());
+        }
+        for p in self.profiles.iter().filter_map(|p| profiles.get(p)) {
+            for (k, v) in &p.labels_to_apply {
+                l.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        l
+    }
+}
+
+/// Everything policy decisions depend on, cluster-wide.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    /// Tiers by name (`default` is always present: see [`Model::tier`]).
+    pub tiers: BTreeMap<String, Tier>,
+    pub policies: BTreeMap<PolicyId, Policy>,
+    pub profiles: BTreeMap<String, Profile>,
+    /// Namespaces and their labels (the implicit `kubernetes.io/metadata.name` included).
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Service accounts' labels by (namespace, name).
+    pub service_accounts: BTreeMap<(String, String), Labels>,
+    pub network_sets: Vec<NetworkSet>,
+    /// Endpoints by (namespace, name).
+    pub endpoints: BTreeMap<(String, String), Endpoint>,
+}
+
+impl Model {
+    /// A tier by name; `default` exists even when no Tier object does.
+    pub fn tier(&self, name: &str) -> Option<Tier> {
+        self.tiers.get(name).cloned().or_else(|| {
+            (name == DEFAULT_TIER).then(|| Tier {
+                name: DEFAULT_TIER.into(),
+                order: Some(DEFAULT_TIER_ORDER),
+                default_action: TierDefault::Deny,
+            })
+        })
+    }
+
+    /// The tiers that hold policies, in evaluation order (order, then name).
+    pub fn ordered_tiers(&self) -> Vec<Tier> {
+        let mut names: Vec<&str> = self.policies.values().map(|p| p.tier.as_str()).collect();
+        names.sort();
+        names.dedup();
+        let mut tiers: Vec<Tier> = names.into_iter().filter_map(|n| self.tier(n)).collect();
+        tiers.sort_by(|a, b| order_key(a.order, &a.name).cmp(&order_key(b.order, &b.name)));
+        tiers
+    }
+
+    /// The policies of a tier, in evaluation order (order, then name, then kind/namespace).
+    pub fn ordered_policies(&self, tier: &str) -> Vec<&Policy> {
+        let mut ps: Vec<&Policy> = self.policies.values().filter(|p| p.tier == tier).collect();
+        ps.sort_by(|a, b| {
+            order_key(a.order, &a.id.name)
+                .cmp(&order_key(b.order, &b.id.name))
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        ps
+    }
+}
+
+/// Sort key for (order, name): `None` orders sort after every number.
+fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
+    match order {
+        Some(o) => (0, OrderedF64(o), name.to_string()),
+        None => (1, OrderedF64(0.0), name.to_string()),
+    }
+}
+
+/// A total order on the finite orders validation lets through.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct OrderedF64(f64);
+
+impl Eq for OrderedF64 {}
+
+impl PartialOrd for OrderedF64 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OrderedF64 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// Serialises a selector as its text (for golden files and traces).
+mod selector_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use trellis_resources::Selector;
+
+    pub fn serialize<S: Serializer>(s: &Selector, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(&s.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Selector, D::Error> {
+        let s = String::deserialize(de)?;
+        Selector::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_selector_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use trellis_resources::Selector;
+
+    pub fn serialize<S: Serializer>(s: &Option<Selector>, ser: S) -> Result<S::Ok, S::Error> {
+        match s {
+            Some(s) => ser.serialize_some(&s.to_string()),
+            None => ser.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Selector>, D::Error> {
+        match Option::<String>::deserialize(de)? {
+            Some(s) => Selector::parse(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(tier: &str, name: &str, order: Option<f64>) -> Policy {
+        Policy {
+            id: PolicyId {
+                kind: PolicyKind::Global,
+                namespace: None,
+                name: name.into(),
+            },
+            tier: tier.into(),
+            order,
+            selector: Selector::All,
+            namespaces: NamespaceScope::Any,
+            service_account_selector: None,
+            ingress: Some(Vec::new()),
+            egress: None,
+        }
+    }
+
+    #[test]
+    fn tiers_and_policies_sort_by_order_then_name_with_none_last() {
+        let mut m = Model::default();
+        m.tiers.insert(
+            "security".into(),
+            Tier {
+                name: "security".into(),
+                order: Some(100.0),
+                default_action: TierDefault::Deny,
+            },
+        );
+        m.tiers.insert(
+            "late".into(),
+            Tier {
+                name: "late".into(),
+                order: None,
+                default_action: TierDefault::Pass,
+            },
+        );
+        for p in [
+            policy("default", "b", Some(10.0)),
+            policy("default", "a", Some(10.0)),
+            policy("default", "z", None),
+            policy("default", "c", Some(5.0)),
+            policy("security", "s", None),
+            policy("late", "l", Some(1.0)),
+        ] {
+            m.policies.insert(p.id.clone(), p);
+        }
+        let tiers: Vec<String> = m.ordered_tiers().into_iter().map(|t| t.name).collect();
+        assert_eq!(tiers, ["security", "default", "late"]);
+        let names: Vec<&str> = m
+            .ordered_policies("default")
+            .iter()
+            .map(|p| p.id.name.as_str())
+            .collect();
+        assert_eq!(names, ["c", "a", "b", "z"]);
+    }
+
+    #[test]
+    fn implicit_labels_and_profile_labels() {
+        let mut profiles = BTreeMap::new();
+        profiles.insert(
+            "p".to_string(),
+            Profile {
+                name: "p".into(),
+                labels_to_apply: [("team".to_string(), "x".to_string())].into(),
+                ingress: Vec::new(),
+                egress: Vec::new(),
+            },
+        );
+        let ep = Endpoint {
+            namespace: "ns1".into(),
+            name: "e".into(),
+            pod: None,
+            node: "n".into(),
+            interface: None,
+            addresses: Vec::new(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            service_account: Some("sa".into()),
+            ports: Vec::new(),
+            profiles: vec!["p".into()],
+        };
+        let l = ep.effective_labels(&profiles);
+        assert_eq!(l["app"], "web");
+        assert_eq!(l[LABEL_NAMESPACE], "ns1");
+        assert_eq!(l[LABEL_SERVICE_ACCOUNT], "sa");
+        assert_eq!(l["team"], "x");
+    }
+}
