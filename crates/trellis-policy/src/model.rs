@@ -358,7 +358,7 @@ impl Model {
         names.sort();
         names.dedup();
         let mut tiers: Vec<Tier> = names.into_iter().filter_map(|n| self.tier(n)).collect();
-        tiers.sort_by(|a, b| order_key(a.order, &a.name).cmp(&order_key(b.order, &b.name)));
+        tiers.sort_by_key(|t| order_key(t.order, &t.name));
         tiers
     }
 
