@@ -25,7 +25,9 @@ use trellis_resources::{
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
 use crate::objects::{self, encode};
-use crate::release::{delete_block_txn, find_handle, release_attachment};
+use crate::release::{
+    delete_block_txn, find_handle, lookup_handle, release_attachment, HandleLookup,
+};
 use crate::{Clock, ClusterError, Result, SystemClock};
 
 pub use crate::release::{held_addresses, release_handle, release_ip, release_unlisted};
@@ -69,14 +71,21 @@ impl Request {
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub pools: Vec<Pool>,
+    /// Each pool's revision as read, by name: a new block is claimed on condition that its pool
+    /// is unchanged (not deleted, nor created again with another block size).
+    pub pool_revisions: BTreeMap<String, i64>,
     pub reservations: Vec<(String, Vec<IpNet>)>,
     pub config: IpamConfigurationSpec,
 }
 
 /// Reads pools, reservations and the IPAM configuration.
 pub async fn load_settings(store: &dyn Datastore) -> Result<Settings> {
-    let pools = objects::pools(store)
-        .await?
+    let stored = objects::pools(store).await?;
+    let pool_revisions = stored
+        .iter()
+        .map(|(o, rev)| (o.metadata.name.clone(), *rev))
+        .collect();
+    let pools = stored
         .into_iter()
         .map(|(o, _)| Pool {
             name: o.metadata.name,
@@ -109,6 +118,7 @@ pub async fn load_settings(store: &dyn Datastore) -> Result<Settings> {
     };
     Ok(Settings {
         pools,
+        pool_revisions,
         reservations,
         config,
     })
@@ -133,6 +143,10 @@ pub(crate) fn handle_key(handle: &str) -> String {
     key_for(Kind::IpamHandle, None, handle)
 }
 
+fn pool_key(pool: &str) -> String {
+    key_for(Kind::IpPool, None, pool)
+}
+
 pub(crate) fn node_key(node: &str) -> String {
     key_for(Kind::Node, None, node)
 }
@@ -146,6 +160,31 @@ pub(crate) fn block_value(spec: &IpamBlockSpec) -> Vec<u8> {
         alloc::block_name(&spec.cidr),
         spec.clone(),
     )))
+}
+
+/// Every block that decodes, with its revision, and the CIDRs every record at a block key claims
+/// — those that do not decode too (named by their key), so that no block is claimed over
+/// addresses an unreadable record may hold. Undecodable records are reported as listings do.
+pub(crate) async fn claimed_blocks(
+    store: &dyn Datastore,
+) -> Result<(Vec<(Object<IpamBlockSpec>, i64)>, HashSet<IpNet>)> {
+    let listing = objects::list_checked(store, Kind::IpamBlock).await?;
+    crate::invalid::observe_listing(Kind::IpamBlock, &listing.invalid);
+    let prefix = Kind::IpamBlock.prefix();
+    let mut claimed: HashSet<IpNet> = listing
+        .invalid
+        .iter()
+        .filter_map(|i| i.key.strip_prefix(&prefix))
+        .filter_map(alloc::block_cidr_of_name)
+        .collect();
+    let mut blocks = Vec::with_capacity(listing.items.len());
+    for st in listing.items {
+        if let Resource::IpamBlock(b) = st.resource {
+            claimed.insert(b.spec.cidr);
+            blocks.push((b, st.revision));
+        }
+    }
+    Ok((blocks, claimed))
 }
 
 /// The name of an attachment's workload endpoint: [`alloc::attachment_name`] of node, the full
@@ -187,6 +226,8 @@ struct Plans {
     blocks: BTreeMap<IpNet, BlockPlan>,
     /// The addresses, in the order planned, with their block.
     ips: Vec<(IpAddr, IpNet)>,
+    /// Guards on what else the plan read: the pools whose new blocks it claims.
+    guards: Vec<Precondition>,
 }
 
 impl Plans {
@@ -213,6 +254,25 @@ impl Plans {
         }
         self.ips.push((ip, cidr));
     }
+
+    /// Requires what `guard` says at commit (once, however often the plan relied on it).
+    fn guard(&mut self, guard: Precondition) {
+        if !self.guards.contains(&guard) {
+            self.guards.push(guard);
+        }
+    }
+}
+
+/// The guard of a decision that read pool `name` from `s`.
+fn pool_guard(s: &Settings, name: &str) -> Result<Precondition> {
+    let rev = s
+        .pool_revisions
+        .get(name)
+        .ok_or_else(|| ClusterError::NotFound {
+            kind: Kind::IpPool.to_string(),
+            name: name.to_string(),
+        })?;
+    Ok(Precondition::ModRevision(pool_key(name), *rev))
 }
 
 impl NodeIpam {
@@ -275,7 +335,7 @@ impl NodeIpam {
     pub async fn allocate(&self, req: &Request) -> Result<Vec<(IpAddr, IpNet)>> {
         alloc::one_per_family(&req.requested_ips)?;
         let mut st = self.state.lock().await;
-        if let Some(held) = self.held(req).await? {
+        if let Some(held) = self.held_or_taken(req).await? {
             return Ok(held);
         }
         let mut fresh = false;
@@ -314,7 +374,7 @@ impl NodeIpam {
                 return Ok(plans.ips);
             }
             fresh = true;
-            if let Some(held) = self.held(req).await? {
+            if let Some(held) = self.held_or_taken(req).await? {
                 return Ok(held);
             }
             if self.store.get(&node_key(&self.node)).await?.is_none() {
@@ -334,6 +394,18 @@ impl NodeIpam {
         match find_handle(&*self.store, req).await? {
             Some(found) => held_addresses(&*self.store, &found.id).await,
             None => Ok(None),
+        }
+    }
+
+    /// Like [`NodeIpam::held`], but an error when the attachment's handle name is held by
+    /// something else: its commit could never succeed, and it must not adopt that record.
+    async fn held_or_taken(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
+        match lookup_handle(&*self.store, req).await? {
+            HandleLookup::Ours(found) => held_addresses(&*self.store, &found.id).await,
+            HandleLookup::Absent => Ok(None),
+            HandleLookup::Taken { handle, holder } => {
+                Err(ClusterError::HandleTaken { handle, holder })
+            }
         }
     }
 
@@ -428,20 +500,23 @@ impl NodeIpam {
         }
         // 2. A new block, unless the node has reached its limit.
         let mine = affine.keys().filter(|c| in_pools(c)).count() as u32;
-        let all = objects::blocks(&*self.store).await?;
+        let (all, mut claimed) = claimed_blocks(&*self.store).await?;
         if s.config.auto_allocate_blocks
             && s.config
                 .max_blocks_per_host
                 .is_none_or(|m| m == 0 || mine < m)
         {
-            let claimed: HashSet<IpNet> = all.iter().map(|(b, _)| b.spec.cidr).collect();
+            // Blocks this plan claims already (the other family's) are claimed too.
+            claimed.extend(plans.blocks.keys().copied());
             let reserved: Vec<IpNet> = s.reservations.iter().flat_map(|(_, n)| n.clone()).collect();
             for p in pools {
                 if let Some(cidr) = alloc::next_unclaimed_block(&p.spec, &claimed, &reserved) {
-                    let mut b = plans.base(&cidr, &alloc::new_block(cidr, &self.node));
+                    let mut b = alloc::new_block(cidr, &self.node);
                     if let Some(ip) =
                         alloc::allocate_in_block(&mut b, handle, secondary, &s.reservations)
                     {
+                        // The key guards the block; the pool guards its size and range.
+                        plans.guard(pool_guard(s, &p.name)?);
                         plans.add(ip, b, Precondition::Absent(block_key(&cidr)), true);
                         return Ok(());
                     }
@@ -495,28 +570,33 @@ impl NodeIpam {
             .iter()
             .find(|p| p.spec.cidr.contains(&ip))
             .ok_or(ClusterIpamError::OutsidePools { ip })?;
-        let cidr = IpNet::new(ip, pool.spec.block_prefix())
-            .map(|n| n.trunc())
-            .map_err(|_| ClusterIpamError::OutsidePools { ip })?;
-        let (read, guard, new_affinity) = match self.store.get(&block_key(&cidr)).await? {
-            Some(kv) => {
-                let Resource::IpamBlock(b) = objects::decode(&kv)?.resource else {
-                    return Err(ClusterError::Corrupt {
-                        key: kv.key,
-                        reason: "not an IPAMBlock".into(),
-                    });
-                };
-                (
-                    b.spec,
-                    Precondition::ModRevision(kv.key, kv.mod_revision),
-                    false,
-                )
-            }
-            None => (
+        // The block holding the address may be of another size than the pool's (left by a pool
+        // created again with another blockSize): look among all of them.
+        let (all, mut claimed) = claimed_blocks(&*self.store).await?;
+        claimed.extend(plans.blocks.keys().copied());
+        let (cidr, exists) = alloc::block_for_ip(&pool.spec, ip, &claimed)?;
+        let (read, guard, new_affinity) = if plans.blocks.contains_key(&cidr) {
+            let p = &plans.blocks[&cidr];
+            (p.block.clone(), p.guard.clone(), p.new_affinity)
+        } else if exists {
+            let Some((b, rev)) = all.into_iter().find(|(b, _)| b.spec.cidr == cidr) else {
+                return Err(ClusterError::Corrupt {
+                    key: block_key(&cidr),
+                    reason: format!("holds {ip}'s block but does not decode"),
+                });
+            };
+            (
+                b.spec,
+                Precondition::ModRevision(block_key(&cidr), rev),
+                false,
+            )
+        } else {
+            plans.guard(pool_guard(s, &pool.name)?);
+            (
                 alloc::new_block(cidr, &self.node),
                 Precondition::Absent(block_key(&cidr)),
                 true,
-            ),
+            )
         };
         let mut spec = plans.base(&cidr, &read);
         alloc::allocate_specific(&mut spec, ip, handle, secondary)?;
@@ -532,6 +612,7 @@ impl NodeIpam {
             Precondition::Absent(handle_key(&handle)),
             Precondition::Exists(node_key(&self.node)),
         ];
+        pre.extend(plans.guards.iter().cloned());
         let mut ops = Vec::new();
         let mut counts: BTreeMap<String, u32> = BTreeMap::new();
         for (cidr, p) in &plans.blocks {

@@ -1,0 +1,265 @@
+//! Hostile review of the IPAM invariant ("an address is recorded for at most one live
+//! attachment"), on both stores: each test is a reproduction of a way it broke.
+//!
+//! - Blocks of another size: a pool deleted and created again with another `blockSize` (Calico's
+//!   documented way to change it) while its blocks still hold addresses; an undecodable block
+//!   record; an allocator whose cached pool settings are stale while another node claims a block
+//!   of the new pool — at every datastore call of the allocation.
+//! - Names: a new handle equal to another attachment's legacy handle, a legacy lookup matching
+//!   an endpoint of another network, a pod whose handle is the agent's VTEP handle.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use common::{apply, node_yaml, pool_yaml, req, verify_ledger, Armed, Hook, ManualClock};
+use ipnet::IpNet;
+use trellis_cluster::ipam::{NodeIpam, Request};
+use trellis_cluster::{objects, ClusterError};
+use trellis_ipam::cluster::ClusterIpamError;
+use trellis_resources::Kind;
+use trellis_store::{Datastore, TxnOp};
+
+type Ledger = BTreeMap<String, Vec<IpAddr>>;
+
+fn ips(got: Vec<(IpAddr, IpNet)>) -> Vec<IpAddr> {
+    got.into_iter().map(|(ip, _)| ip).collect()
+}
+
+async fn add(ipam: &NodeIpam, r: &Request, live: &mut Ledger) -> Vec<IpAddr> {
+    let got = ips(ipam.allocate(r).await.unwrap());
+    live.insert(r.handle(), got.clone());
+    got
+}
+
+fn attachment(network: &str, cid: &str) -> Request {
+    Request {
+        network: network.into(),
+        container_id: cid.into(),
+        ifname: "eth0".into(),
+        namespace: Some("default".into()),
+        ..Default::default()
+    }
+}
+
+/// A pool deleted while its blocks hold addresses, then created again over the same range with
+/// another block size: neither a new block nor a requested address may overlap the old blocks.
+async fn pool_recreated_with_another_block_size(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p1", "10.93.0.0/24", 26)).await;
+    apply(&*s, &node_yaml("a")).await;
+    apply(&*s, &node_yaml("b")).await;
+    let mut live = Ledger::new();
+    let a = NodeIpam::new(s.clone(), "a", BTreeMap::new());
+    add(&a, &req("a", 0), &mut live).await;
+    add(&a, &req("a", 1), &mut live).await;
+    objects::delete(&*s, Kind::IpPool, None, "p1")
+        .await
+        .unwrap();
+    apply(&*s, &pool_yaml("p2", "10.93.0.0/24", 28)).await;
+    let b = NodeIpam::new(s.clone(), "b", BTreeMap::new());
+    let got = add(&b, &req("b", 0), &mut live).await;
+    let old: IpNet = "10.93.0.0/26".parse().unwrap();
+    assert!(
+        !old.contains(&got[0]),
+        "b was given {got:?} inside a's block {old}"
+    );
+    verify_ledger(&*s, &live).await.unwrap();
+    // A requested address held in the old block is in use, whatever the new block size.
+    let mut fixed = req("b", 1);
+    fixed.requested_ips = vec![live[&req("a", 1).handle()][0]];
+    match b.allocate(&fixed).await {
+        Err(ClusterError::Ipam(ClusterIpamError::InUse { .. })) => {}
+        other => panic!("requested address held by a: {other:?}"),
+    }
+    // A free address of the old block is taken in the old block.
+    let mut free = req("b", 2);
+    free.requested_ips = vec!["10.93.0.9".parse().unwrap()];
+    let got = b.allocate(&free).await.unwrap();
+    assert_eq!(got[0].1, old, "{got:?}");
+    live.insert(free.handle(), ips(got));
+    verify_ledger(&*s, &live).await.unwrap();
+}
+
+/// An undecodable record at a block's key stands for that block: the allocator claims around
+/// it (no block of another size over it, and no retrying the same key until it gives up).
+async fn undecodable_block_is_claimed_around(s: Arc<dyn Datastore>) {
+    let bad = trellis_resources::key_for(Kind::IpamBlock, None, "10-96-0-0-26");
+    s.txn(
+        vec![],
+        vec![TxnOp::Put(bad, b"{\"written by\": 0}".to_vec())],
+    )
+    .await
+    .unwrap();
+    apply(&*s, &node_yaml("a")).await;
+    apply(&*s, &pool_yaml("p", "10.96.0.0/24", 26)).await;
+    let a = NodeIpam::new(s.clone(), "a", BTreeMap::new());
+    let got = a.allocate(&req("a", 0)).await.unwrap();
+    assert_eq!(got[0].1.to_string(), "10.96.0.64/26", "{got:?}");
+    objects::delete(&*s, Kind::IpPool, None, "p").await.unwrap();
+    apply(&*s, &pool_yaml("p2", "10.96.0.0/24", 28)).await;
+    let b = NodeIpam::new(s.clone(), "b", BTreeMap::new());
+    apply(&*s, &node_yaml("b")).await;
+    let got = b.allocate(&req("b", 0)).await.unwrap();
+    let bad: IpNet = "10.96.0.0/26".parse().unwrap();
+    assert!(
+        !bad.contains(&got[0].0),
+        "{got:?} inside the unreadable block {bad}"
+    );
+}
+
+/// Node `a` has cached pool `p1` (blockSize 29) and filled its block; `p1` is deleted and `p2`
+/// (blockSize 30) created over the range. Before each of `a`'s datastore calls while it claims
+/// a new block from its stale settings, node `b` claims a block of `p2`: the two must never
+/// overlap, whichever call the claim lands before.
+async fn stale_pool_settings_against_a_new_pool(s: Arc<dyn Datastore>) {
+    let clock = ManualClock::new();
+    for k in 0.. {
+        common::wipe(&*s).await;
+        apply(&*s, &pool_yaml("p1", "10.94.0.0/24", 29)).await;
+        apply(&*s, &node_yaml("a")).await;
+        apply(&*s, &node_yaml("b")).await;
+        let armed = Armed::new(s.clone());
+        let a = NodeIpam::new(armed.clone(), "a", BTreeMap::new()).with_clock(clock.clone());
+        let mut live = Ledger::new();
+        for i in 0..8 {
+            add(&a, &req("a", i), &mut live).await;
+        }
+        objects::delete(&*s, Kind::IpPool, None, "p1")
+            .await
+            .unwrap();
+        apply(&*s, &pool_yaml("p2", "10.94.0.0/24", 30)).await;
+        let live = Arc::new(tokio::sync::Mutex::new(live));
+        let (s2, live2) = (s.clone(), live.clone());
+        let hook: Hook = Box::new(move || {
+            Box::pin(async move {
+                let b = NodeIpam::new(s2, "b", BTreeMap::new());
+                add(&b, &req("b", 0), &mut *live2.lock().await).await;
+            })
+        });
+        let start = armed.calls();
+        armed.arm(k, hook).await;
+        let got = a.allocate(&req("a", 8)).await.unwrap();
+        if !armed.fired().await {
+            assert!(k > 3, "a made only {k} calls");
+            break; // every position was tried
+        }
+        let landed = armed.call(start + k);
+        eprintln!("  b's claim before a's call {k} ({landed}): a got {got:?}");
+        let mut live = live.lock().await;
+        live.insert(req("a", 8).handle(), ips(got));
+        if let Err(e) = verify_ledger(&*s, &live).await {
+            panic!("b's claim before a's call {k} ({landed}): {e}");
+        }
+    }
+}
+
+/// A new-format handle that is another attachment's legacy handle: network `k8s`, container
+/// `a.b` is `k8s.a_2Eb.eth0` today — the legacy handle of container `a_2Eb`; and network
+/// `k8s.v2`, container `c` is `k8s_2Ev2.c.eth0` — the legacy handle of network `k8s_2Ev2` with
+/// the same container and interface.
+async fn new_handle_equal_to_a_legacy_one(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p", "10.97.0.0/24", 26)).await;
+    apply(&*s, &node_yaml("n")).await;
+    let ipam = NodeIpam::new(s.clone(), "n", BTreeMap::new());
+    let mut live = Ledger::new();
+    add(&ipam, &attachment("k8s", "seed"), &mut live).await;
+    let cases = [
+        (
+            attachment("k8s", "a_2Eb"),
+            attachment("k8s", "a.b"),
+            "10.97.0.40",
+        ),
+        (
+            attachment("k8s_2Ev2", "c"),
+            attachment("k8s.v2", "c"),
+            "10.97.0.41",
+        ),
+    ];
+    for (old, _, ip) in &cases {
+        common::write_legacy(&*s, "n", old, ip).await;
+        let legacy =
+            trellis_ipam::cluster::legacy_handle_id(&old.network, &old.container_id, "eth0");
+        live.insert(legacy, vec![ip.parse().unwrap()]);
+    }
+    for (old, new, _) in &cases {
+        let legacy =
+            trellis_ipam::cluster::legacy_handle_id(&old.network, &old.container_id, "eth0");
+        assert_eq!(new.handle(), legacy, "the names collide");
+        match ipam.allocate(new).await {
+            Err(ClusterError::HandleTaken { handle, .. }) => assert_eq!(handle, legacy),
+            other => panic!("ADD of {} over the legacy handle: {other:?}", new.handle()),
+        }
+        assert_eq!(ipam.release(new).await.unwrap(), Vec::<IpAddr>::new());
+        verify_ledger(&*s, &live).await.unwrap();
+    }
+    // The legacy attachments themselves are still found and released.
+    for (old, _, _) in &cases {
+        let legacy =
+            trellis_ipam::cluster::legacy_handle_id(&old.network, &old.container_id, "eth0");
+        assert_eq!(ipam.allocate(old).await.unwrap()[0].0, live[&legacy][0]);
+        assert_eq!(
+            ipam.release(old).await.unwrap(),
+            live.remove(&legacy).unwrap()
+        );
+        verify_ledger(&*s, &live).await.unwrap();
+    }
+}
+
+/// A legacy lookup must not match a new-format record of another network: network `k8s_2Ev2`'s
+/// legacy handle is network `k8s.v2`'s handle today, with the same container and interface.
+async fn legacy_lookup_checks_the_network(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p", "10.98.0.0/24", 26)).await;
+    apply(&*s, &node_yaml("n")).await;
+    let ipam = NodeIpam::new(s.clone(), "n", BTreeMap::new());
+    let mut live = Ledger::new();
+    let w = attachment("k8s.v2", "c");
+    add(&ipam, &w, &mut live).await;
+    let r = attachment("k8s_2Ev2", "c");
+    assert_eq!(
+        trellis_ipam::cluster::legacy_handle_id(&r.network, &r.container_id, &r.ifname),
+        w.handle()
+    );
+    assert_eq!(ipam.release(&r).await.unwrap(), Vec::<IpAddr>::new());
+    verify_ledger(&*s, &live).await.unwrap();
+    let got = add(&ipam, &r, &mut live).await;
+    assert_ne!(got, live[&w.handle()]);
+    verify_ledger(&*s, &live).await.unwrap();
+}
+
+/// A pod whose attachment names the agent's tunnel address (network `trellis-tunnel`, the node
+/// name as container, interface `vxlan`) gets neither the VTEP's address nor frees it.
+async fn pod_named_like_the_vtep(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p", "10.99.0.0/24", 26)).await;
+    apply(&*s, &node_yaml("n")).await;
+    let ipam = NodeIpam::new(s.clone(), "n", BTreeMap::new());
+    let vtep = Request {
+        network: "trellis-tunnel".into(),
+        container_id: "n".into(),
+        ifname: "vxlan".into(),
+        no_endpoint: true,
+        ..Default::default()
+    };
+    let mut live = Ledger::new();
+    add(&ipam, &vtep, &mut live).await;
+    let pod = Request {
+        no_endpoint: false,
+        namespace: Some("default".into()),
+        ..vtep.clone()
+    };
+    assert_eq!(ipam.release(&pod).await.unwrap(), Vec::<IpAddr>::new());
+    verify_ledger(&*s, &live).await.unwrap();
+    match ipam.allocate(&pod).await {
+        Err(ClusterError::HandleTaken { .. }) => {}
+        other => panic!("the pod's ADD: {other:?}"),
+    }
+    verify_ledger(&*s, &live).await.unwrap();
+}
+
+both!(pool_recreated_with_another_block_size);
+both!(undecodable_block_is_claimed_around);
+both!(stale_pool_settings_against_a_new_pool);
+both!(new_handle_equal_to_a_legacy_one);
+both!(legacy_lookup_checks_the_network);
+both!(pod_named_like_the_vtep);
