@@ -170,7 +170,8 @@ fn code_of(e: &ClusterError) -> u32 {
         | ClusterError::Contention { .. }
         | ClusterError::NodeNotRegistered { .. } => 11,
         ClusterError::Ipam(ClusterIpamError::Exhausted { .. } | ClusterIpamError::InUse { .. })
-        | ClusterError::HandleTaken { .. } => 100,
+        | ClusterError::HandleTaken { .. }
+        | ClusterError::EndpointTaken { .. } => 100,
         ClusterError::Ipam(_) | ClusterError::Invalid(_) => 7,
         _ => 999,
     }

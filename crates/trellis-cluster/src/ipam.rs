@@ -194,6 +194,14 @@ pub fn endpoint_name(node: &str, req: &Request) -> String {
     alloc::attachment_name(&[node, &req.container_id, &req.ifname])
 }
 
+/// The namespace of an attachment's workload endpoint (`default` when the request names none).
+fn endpoint_namespace(req: &Request) -> String {
+    req.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
 /// The agent's allocator for one node.
 pub struct NodeIpam {
     store: Arc<dyn Datastore>,
@@ -343,7 +351,7 @@ impl NodeIpam {
         for _ in 0..MAX_ATTEMPTS {
             let settings = self.settings(&mut st, fresh).await?;
             let affine = self.affine(&mut st, fresh).await?;
-            let plans = match self.plan(req, &settings, &affine).await {
+            let mut plans = match self.plan(req, &settings, &affine).await {
                 Ok(p) => p,
                 Err(e) if !fresh => {
                     tracing::debug!(error = %e, "allocation failed on cached state; retrying fresh");
@@ -352,6 +360,9 @@ impl NodeIpam {
                 }
                 Err(e) => return Err(e),
             };
+            for g in self.endpoint_guards(req, fresh).await? {
+                plans.guard(g);
+            }
             let committed = match self.commit(req, &plans).await {
                 Ok(c) => c,
                 // A slow or briefly unavailable store: try again with fresh state, like a conflict
@@ -407,6 +418,60 @@ impl NodeIpam {
                 Err(ClusterError::HandleTaken { handle, holder })
             }
         }
+    }
+
+    /// What the commit requires of the attachment's endpoint name: that nothing is there — or,
+    /// after a conflict (`fresh`), that the record found there stays as read when it was left
+    /// by a handle that is gone or names another endpoint (it is replaced). An endpoint of
+    /// another attachment (same node, container and interface, another network) is an error:
+    /// writing over it would make its DEL delete this one's.
+    async fn endpoint_guards(&self, req: &Request, fresh: bool) -> Result<Vec<Precondition>> {
+        if req.no_endpoint {
+            return Ok(Vec::new());
+        }
+        let key = key_for(
+            Kind::WorkloadEndpoint,
+            Some(&endpoint_namespace(req)),
+            &endpoint_name(&self.node, req),
+        );
+        let found = match fresh {
+            true => self.store.get(&key).await?,
+            false => None,
+        };
+        let Some(kv) = found else {
+            return Ok(vec![Precondition::Absent(key)]);
+        };
+        let mut pre = vec![Precondition::ModRevision(key.clone(), kv.mod_revision)];
+        let holder = match objects::decode(&kv).map(|st| st.resource) {
+            Ok(Resource::WorkloadEndpoint(w)) => {
+                w.metadata.annotations.get(HANDLE_ANNOTATION).cloned()
+            }
+            _ => None,
+        };
+        let Some(h) = holder else {
+            return Ok(pre);
+        };
+        if h == req.handle() {
+            // This attachment's own, committed meanwhile: the next look finds it held.
+            return Ok(vec![Precondition::Absent(key)]);
+        }
+        match self.store.get(&handle_key(&h)).await? {
+            None => pre.push(Precondition::Absent(handle_key(&h))),
+            Some(hkv) => {
+                let names_it = matches!(
+                    objects::decode(&hkv).map(|st| st.resource),
+                    Ok(Resource::IpamHandle(o)) if o.spec.endpoint.as_deref() == Some(key.as_str())
+                );
+                if names_it {
+                    return Err(ClusterError::EndpointTaken {
+                        endpoint: key,
+                        handle: h,
+                    });
+                }
+                pre.push(Precondition::ModRevision(hkv.key, hkv.mod_revision));
+            }
+        }
+        Ok(pre)
     }
 
     async fn plan(
@@ -668,12 +733,7 @@ impl NodeIpam {
                 ..Default::default()
             },
         );
-        o.metadata.namespace = Some(
-            req.namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "default".into()),
-        );
+        o.metadata.namespace = Some(endpoint_namespace(req));
         o.metadata
             .annotations
             .insert(HANDLE_ANNOTATION.into(), req.handle());

@@ -216,7 +216,11 @@ async fn legacy_lookup_checks_the_network(s: Arc<dyn Datastore>) {
     let mut live = Ledger::new();
     let w = attachment("k8s.v2", "c");
     add(&ipam, &w, &mut live).await;
-    let r = attachment("k8s_2Ev2", "c");
+    // In another namespace, so that the endpoint names differ.
+    let r = Request {
+        namespace: Some("other".into()),
+        ..attachment("k8s_2Ev2", "c")
+    };
     assert_eq!(
         trellis_ipam::cluster::legacy_handle_id(&r.network, &r.container_id, &r.ifname),
         w.handle()
@@ -257,7 +261,55 @@ async fn pod_named_like_the_vtep(s: Arc<dyn Datastore>) {
     verify_ledger(&*s, &live).await.unwrap();
 }
 
+/// Two attachments of one container and interface on one node, in two networks, share the
+/// endpoint name (node, container, interface — as Calico's): the second ADD must not overwrite
+/// the first's endpoint (the first's DEL would then delete the second's, and the first's handle
+/// would no longer be provably its own). An endpoint left behind by a handle that is gone is
+/// replaced.
+async fn one_endpoint_name_two_networks(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p", "10.100.0.0/24", 26)).await;
+    apply(&*s, &node_yaml("n")).await;
+    let ipam = NodeIpam::new(s.clone(), "n", BTreeMap::new());
+    let mut live = Ledger::new();
+    let first = attachment("net1", "c");
+    let second = attachment("net2", "c");
+    add(&ipam, &first, &mut live).await;
+    match ipam.allocate(&second).await {
+        Err(ClusterError::EndpointTaken { handle, .. }) => assert_eq!(handle, first.handle()),
+        other => panic!("ADD of the second network: {other:?}"),
+    }
+    verify_ledger(&*s, &live).await.unwrap();
+    assert_eq!(
+        ipam.release(&first).await.unwrap(),
+        live.remove(&first.handle()).unwrap()
+    );
+    assert!(objects::endpoints(&*s).await.unwrap().is_empty());
+    verify_ledger(&*s, &live).await.unwrap();
+    // An endpoint whose handle an operator deleted, its address freed as leaked.
+    let ip = add(&ipam, &second, &mut live).await[0];
+    let hkey = trellis_resources::key_for(Kind::IpamHandle, None, &second.handle());
+    s.txn(vec![], vec![TxnOp::Delete(hkey)]).await.unwrap();
+    live.remove(&second.handle());
+    trellis_cluster::ipam::release_ip(&*s, ip, 1)
+        .await
+        .unwrap()
+        .unwrap();
+    add(&ipam, &first, &mut live).await;
+    let eps = objects::endpoints(&*s).await.unwrap();
+    assert_eq!(eps.len(), 1);
+    assert_eq!(
+        eps[0]
+            .0
+            .metadata
+            .annotations
+            .get(trellis_cluster::ipam::NETWORK_ANNOTATION),
+        Some(&"net1".to_string())
+    );
+    verify_ledger(&*s, &live).await.unwrap();
+}
+
 both!(pool_recreated_with_another_block_size);
+both!(one_endpoint_name_two_networks);
 both!(undecodable_block_is_claimed_around);
 both!(stale_pool_settings_against_a_new_pool);
 both!(new_handle_equal_to_a_legacy_one);
