@@ -308,7 +308,37 @@ async fn one_endpoint_name_two_networks(s: Arc<dyn Datastore>) {
     verify_ledger(&*s, &live).await.unwrap();
 }
 
+/// `ipam gc` of a block (blockSize 24) holding 140 leaked addresses, each of its own missing
+/// handle: each release is guarded by the absence of every handle it judged missing, and etcd
+/// takes at most 128 comparisons per transaction — GC must split the work, not fail forever.
+async fn gc_of_many_leaks_in_one_block(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p", "10.101.0.0/24", 24)).await;
+    apply(&*s, &node_yaml("n")).await;
+    let ipam = NodeIpam::new(s.clone(), "n", BTreeMap::new());
+    for i in 0..140 {
+        ipam.allocate(&req("n", i)).await.unwrap();
+    }
+    let mut doomed = Vec::new();
+    for kind in [Kind::IpamHandle, Kind::WorkloadEndpoint] {
+        let listing = s.list(&kind.prefix()).await.unwrap();
+        doomed.extend(listing.items.into_iter().map(|kv| kv.key));
+    }
+    assert_eq!(doomed.len(), 280);
+    for chunk in doomed.chunks(100) {
+        let ops = chunk.iter().map(|k| TxnOp::Delete(k.clone())).collect();
+        s.txn(vec![], ops).await.unwrap();
+    }
+    let scope = trellis_cluster::report::GcScope::All;
+    let g = trellis_cluster::report::gc(&*s, 1, u64::MAX, &scope)
+        .await
+        .unwrap();
+    assert_eq!(g.released_leaks.len(), 140, "{g:?}");
+    assert_eq!(g.conflicts, 0, "{g:?}");
+    verify_ledger(&*s, &Ledger::new()).await.unwrap();
+}
+
 both!(pool_recreated_with_another_block_size);
+both!(gc_of_many_leaks_in_one_block);
 both!(one_endpoint_name_two_networks);
 both!(undecodable_block_is_claimed_around);
 both!(stale_pool_settings_against_a_new_pool);
