@@ -561,6 +561,32 @@ mod tests {
         assert_eq!(planned, 40);
     }
 
+    /// A handle record whose `handleID` is not its name (written by hand, or by another tool):
+    /// GC judges handles by the name their key holds — what its preconditions check and what
+    /// allocations refer to — so node `live`'s record `h1` (saying `h2`) is neither taken for
+    /// the missing node's `h2` and deleted, nor its addresses for leaks.
+    #[test]
+    fn handles_are_judged_by_their_key() {
+        let mut snap = snapshot();
+        let mut h1 = snap.handles.remove("h1").unwrap();
+        h1.object.spec.handle_id = "h2".into();
+        snap.handles.remove("h2");
+        snap.insert_read_handle(h1);
+        let ops = plan(&snap, 1000, u64::MAX, &GcScope::All);
+        for op in &ops {
+            assert!(
+                !op.ops.contains(&TxnOp::Delete(handle_key("h1"))),
+                "{:?} deletes live's handle",
+                op.action
+            );
+        }
+        for op in &ops {
+            if let GcAction::ReleaseLeaks { ips, .. } = &op.action {
+                assert!(!ips.contains(&"10.0.0.1".parse().unwrap()), "{ips:?}");
+            }
+        }
+    }
+
     /// `delete node gone` plans only what is the node's.
     #[test]
     fn node_scope_touches_only_that_node() {
