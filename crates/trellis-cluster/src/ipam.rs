@@ -75,7 +75,12 @@ pub struct Settings {
     /// is unchanged (not deleted, nor created again with another block size).
     pub pool_revisions: BTreeMap<String, i64>,
     pub reservations: Vec<(String, Vec<IpNet>)>,
+    /// No reservation created or changed since they were read: every address choice read them.
+    pub reservations_read: Option<Precondition>,
     pub config: IpamConfigurationSpec,
+    /// The IPAM configuration as read (its revision, or its absence): claiming a block
+    /// (`autoAllocateBlocks`, `maxBlocksPerHost`) and borrowing (`strictAffinity`) read it.
+    pub config_read: Option<Precondition>,
 }
 
 /// Reads pools, reservations and the IPAM configuration.
@@ -92,10 +97,20 @@ pub async fn load_settings(store: &dyn Datastore) -> Result<Settings> {
             spec: o.spec,
         })
         .collect();
-    let reservations = objects::reservations(store)
-        .await?
+    let listing = objects::list_checked(store, Kind::IpReservation).await?;
+    crate::invalid::observe_listing(Kind::IpReservation, &listing.invalid);
+    let reservations_read = Some(Precondition::NoneNewer {
+        prefix: Kind::IpReservation.prefix(),
+        revision: listing.revision,
+    });
+    let reservations = listing
+        .items
         .into_iter()
-        .map(|(o, _)| {
+        .filter_map(|st| match st.resource {
+            Resource::IpReservation(o) => Some(o),
+            _ => None,
+        })
+        .map(|o| {
             (
                 o.metadata.name,
                 o.spec
@@ -106,21 +121,33 @@ pub async fn load_settings(store: &dyn Datastore) -> Result<Settings> {
             )
         })
         .collect();
-    let config = match objects::get(store, Kind::IpamConfiguration, None, "default").await? {
-        Some(s) => match s.resource {
-            Resource::IpamConfiguration(o) => o.spec,
-            _ => IpamConfigurationSpec::default(),
-        },
-        None => IpamConfigurationSpec {
-            auto_allocate_blocks: true,
-            ..Default::default()
-        },
-    };
+    let config_key = key_for(Kind::IpamConfiguration, None, "default");
+    let (config, config_read) =
+        match objects::get(store, Kind::IpamConfiguration, None, "default").await? {
+            Some(s) => match s.resource {
+                Resource::IpamConfiguration(o) => {
+                    (o.spec, Precondition::ModRevision(config_key, s.revision))
+                }
+                _ => (
+                    IpamConfigurationSpec::default(),
+                    Precondition::ModRevision(config_key, s.revision),
+                ),
+            },
+            None => (
+                IpamConfigurationSpec {
+                    auto_allocate_blocks: true,
+                    ..Default::default()
+                },
+                Precondition::Absent(config_key),
+            ),
+        };
     Ok(Settings {
         pools,
         pool_revisions,
         reservations,
+        reservations_read,
         config,
+        config_read: Some(config_read),
     })
 }
 
@@ -493,6 +520,10 @@ impl NodeIpam {
         .filter(|(_, v)| !v.is_empty())
         .collect();
         let mut plans = Plans::default();
+        // Every address choice read the reservations.
+        if let Some(g) = &s.reservations_read {
+            plans.guard(g.clone());
+        }
         if !req.requested_ips.is_empty() {
             for ip in &req.requested_ips {
                 self.plan_fixed(&mut plans, *ip, &handle, &secondary, s)
@@ -582,6 +613,9 @@ impl NodeIpam {
                     {
                         // The key guards the block; the pool guards its size and range.
                         plans.guard(pool_guard(s, &p.name)?);
+                        if let Some(g) = &s.config_read {
+                            plans.guard(g.clone());
+                        }
                         plans.add(ip, b, Precondition::Absent(block_key(&cidr)), true);
                         return Ok(());
                     }
@@ -598,6 +632,10 @@ impl NodeIpam {
                     alloc::allocate_in_block(&mut spec, handle, secondary, &s.reservations)
                 {
                     let guard = Precondition::ModRevision(block_key(&b.spec.cidr), *rev);
+                    // Borrowing read strictAffinity (and, to get here, the block limits).
+                    if let Some(g) = &s.config_read {
+                        plans.guard(g.clone());
+                    }
                     plans.add(ip, spec, guard, false);
                     return Ok(());
                 }

@@ -63,12 +63,18 @@ pub async fn get(
 pub struct Listing {
     pub items: Vec<Stored>,
     pub invalid: Vec<Invalid>,
+    /// The store revision the listing reflects.
+    pub revision: i64,
 }
 
 /// Every record of a kind, sorted into valid objects and invalid records; reports nothing.
 pub async fn list_checked(store: &dyn Datastore, kind: Kind) -> Result<Listing> {
-    let mut out = Listing::default();
-    for kv in store.list(&kind.prefix()).await?.items {
+    let listing = store.list(&kind.prefix()).await?;
+    let mut out = Listing {
+        revision: listing.revision,
+        ..Default::default()
+    };
+    for kv in listing.items {
         match decode(&kv) {
             Ok(s) => out.items.push(s),
             Err(e) => out.invalid.push(Invalid {

@@ -374,7 +374,74 @@ async fn ipam_records_are_not_written_by_hand(s: Arc<dyn Datastore>) {
     verify_ledger(&*s, &live).await.unwrap();
 }
 
+/// Settings changing while an allocation decides from them (cached up to two seconds): before
+/// each of node `b`'s datastore calls, an IPReservation of the address it would take is
+/// created — or `strictAffinity` turned on while `b` can only borrow. The commit must not take
+/// the reserved address, nor borrow once borrowing is forbidden.
+async fn settings_change_during_allocation(s: Arc<dyn Datastore>) {
+    let clock = ManualClock::new();
+    let reserve = "apiVersion: trellis.dev/v1\nkind: IPReservation\nmetadata:\n  name: r\nspec:\n  reservedCIDRs: [10.103.0.1]\n";
+    for strict in [false, true] {
+        for k in 0.. {
+            common::wipe(&*s).await;
+            // One block of four addresses: `a` claims it, `b` can only borrow.
+            apply(&*s, &pool_yaml("p", "10.103.0.0/30", 30)).await;
+            apply(&*s, &node_yaml("a")).await;
+            apply(&*s, &node_yaml("b")).await;
+            let a = NodeIpam::new(s.clone(), "a", BTreeMap::new());
+            let mut live = Ledger::new();
+            add(&a, &req("a", 0), &mut live).await;
+            let armed = Armed::new(s.clone());
+            let b = NodeIpam::new(armed.clone(), "b", BTreeMap::new()).with_clock(clock.clone());
+            // b's settings are read (and cached) before the change.
+            add(&b, &req("b", 0), &mut live).await;
+            b.release(&req("b", 0)).await.unwrap();
+            live.remove(&req("b", 0).handle());
+            let s2 = s.clone();
+            let hook: Hook = Box::new(move || {
+                Box::pin(async move {
+                    let doc = if strict {
+                        common::ipam_config_yaml(true, None)
+                    } else {
+                        reserve.to_string()
+                    };
+                    apply(&*s2, &doc).await;
+                })
+            });
+            let start = armed.calls();
+            armed.arm(k, hook).await;
+            let got = b.allocate(&req("b", 1)).await;
+            if !armed.fired().await {
+                assert!(k > 2, "b made only {k} calls");
+                break;
+            }
+            let landed = armed.call(start + k);
+            eprintln!("  strict {strict}: change before b's call {k} ({landed}): {got:?}");
+            match (strict, got) {
+                (
+                    true,
+                    Err(ClusterError::Ipam(ClusterIpamError::Exhausted { strict: true, .. })),
+                ) => {}
+                (true, other) => panic!(
+                    "borrowed after strictAffinity, change before call {k} ({landed}): {other:?}"
+                ),
+                (false, Ok(got)) => {
+                    let ip: IpAddr = "10.103.0.1".parse().unwrap();
+                    assert!(
+                        !ips(got.clone()).contains(&ip),
+                        "reserved {ip} taken, change before call {k} ({landed}): {got:?}"
+                    );
+                    live.insert(req("b", 1).handle(), ips(got));
+                }
+                (false, Err(e)) => panic!("change before call {k} ({landed}): {e}"),
+            }
+            verify_ledger(&*s, &live).await.unwrap();
+        }
+    }
+}
+
 both!(pool_recreated_with_another_block_size);
+both!(settings_change_during_allocation);
 both!(ipam_records_are_not_written_by_hand);
 both!(gc_of_many_leaks_in_one_block);
 both!(one_endpoint_name_two_networks);
