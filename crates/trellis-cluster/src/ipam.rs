@@ -30,6 +30,7 @@ use crate::release::{
 };
 use crate::{Clock, ClusterError, Result, SystemClock};
 
+use crate::release::held_by_read_handle;
 pub use crate::release::{held_addresses, release_handle, release_ip, release_unlisted};
 
 /// Workload endpoint annotation naming the attachment's handle.
@@ -430,7 +431,9 @@ impl NodeIpam {
     /// The addresses `req`'s attachment holds, if it has a handle (today's or legacy).
     pub async fn held(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
         match find_handle(&*self.store, req).await? {
-            Some(found) => held_addresses(&*self.store, &found.id).await,
+            Some(found) => held_by_read_handle(&*self.store, &found.id, &found.handle)
+                .await
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -439,7 +442,11 @@ impl NodeIpam {
     /// something else: its commit could never succeed, and it must not adopt that record.
     async fn held_or_taken(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
         match lookup_handle(&*self.store, req).await? {
-            HandleLookup::Ours(found) => held_addresses(&*self.store, &found.id).await,
+            HandleLookup::Ours(found) => {
+                held_by_read_handle(&*self.store, &found.id, &found.handle)
+                    .await
+                    .map(Some)
+            }
             HandleLookup::Absent => Ok(None),
             HandleLookup::Taken { handle, holder } => {
                 Err(ClusterError::HandleTaken { handle, holder })

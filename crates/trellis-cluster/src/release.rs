@@ -26,6 +26,8 @@ const MAX_ATTEMPTS: u32 = 50;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundHandle {
     pub id: String,
+    /// The handle record as read.
+    pub handle: IpamHandleSpec,
     /// Preconditions on the records that proved it the attachment's — the handle's revision and
     /// its endpoint's — so a release commits only while they are as judged.
     pub proof: Vec<Precondition>,
@@ -91,7 +93,11 @@ struct HandleRead(
 
 impl HandleRead {
     fn found(self, id: String) -> FoundHandle {
-        FoundHandle { id, proof: self.2 }
+        FoundHandle {
+            id,
+            handle: self.0,
+            proof: self.2,
+        }
     }
 }
 
@@ -182,17 +188,26 @@ pub async fn held_addresses(
     let Resource::IpamHandle(h) = objects::decode(&kv)?.resource else {
         return Ok(None);
     };
+    held_by_read_handle(store, handle, &h.spec).await.map(Some)
+}
+
+/// The addresses the handle record `h` (read under `handle`) holds, with their blocks.
+pub async fn held_by_read_handle(
+    store: &dyn Datastore,
+    handle: &str,
+    h: &IpamHandleSpec,
+) -> Result<Vec<(IpAddr, IpNet)>> {
     let mut out = Vec::new();
-    for cidr in h.spec.block.keys() {
+    for cidr in h.block.keys() {
         let cidr: IpNet = cidr.parse().map_err(|_| ClusterError::Corrupt {
-            key: kv.key.clone(),
+            key: handle_key(handle),
             reason: format!("block {cidr:?}"),
         })?;
         if let Some((b, _)) = get_block(store, &cidr).await? {
             out.extend(alloc::held_by(&b, handle).into_iter().map(|ip| (ip, cidr)));
         }
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 async fn get_block(
@@ -242,11 +257,24 @@ pub async fn release_handle_once(
     let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
         return Ok(Attempt::NotHeld);
     };
-    let mut pre = vec![Precondition::ModRevision(hkv.key.clone(), hkv.mod_revision)];
+    let mut pre = vec![Precondition::ModRevision(hkv.key, hkv.mod_revision)];
     pre.extend_from_slice(proof);
-    let mut ops = vec![TxnOp::Delete(hkv.key.clone())];
+    release_read_handle(store, handle, &h.spec, pre, now, must_hold).await
+}
+
+/// The rest of [`release_handle_once`] for a handle record already read: `pre` covers it (its
+/// revision as read) and whatever proved it the caller's.
+async fn release_read_handle(
+    store: &dyn Datastore,
+    handle: &str,
+    h: &IpamHandleSpec,
+    mut pre: Vec<Precondition>,
+    now: u64,
+    must_hold: Option<IpAddr>,
+) -> Result<Attempt> {
+    let mut ops = vec![TxnOp::Delete(handle_key(handle))];
     let mut released = Vec::new();
-    for cidr in h.spec.block.keys() {
+    for cidr in h.block.keys() {
         let Ok(cidr) = cidr.parse::<IpNet>() else {
             continue;
         };
@@ -262,7 +290,7 @@ pub async fn release_handle_once(
     if must_hold.is_some_and(|ip| !released.contains(&ip)) {
         return Ok(Attempt::NotHeld);
     }
-    if let Some(ep) = &h.spec.endpoint {
+    if let Some(ep) = &h.endpoint {
         ops.push(TxnOp::Delete(ep.clone()));
     }
     Ok(match store.txn(pre, ops).await? {
@@ -294,7 +322,8 @@ pub async fn release_attachment(
         let Some(found) = find_handle(store, req).await? else {
             return Ok(Vec::new());
         };
-        match release_handle_once(store, &found.id, now, &found.proof, None).await? {
+        // The proof holds the handle's revision as judged: no second read of it.
+        match release_read_handle(store, &found.id, &found.handle, found.proof, now, None).await? {
             Attempt::Released(ips) => return Ok(ips),
             Attempt::NotHeld => return Ok(Vec::new()),
             Attempt::Conflict => {}
@@ -403,23 +432,25 @@ pub async fn release_unlisted(
             continue;
         }
         let key = Resource::WorkloadEndpoint(w).key();
-        let mut proof = vec![Precondition::ModRevision(key.clone(), rev)];
         // The handle the endpoint names must name the endpoint back: a handle of that name
         // written for another attachment (a stale endpoint's legacy name) is not released.
-        if let Some(read) = read_handle(store, &handle).await? {
-            if read.0.endpoint.as_deref() != Some(key.as_str()) {
-                continue;
-            }
-            for p in read.2 {
-                if !proof.contains(&p) {
-                    proof.push(p);
-                }
-            }
+        let Some(hkv) = store.get(&handle_key(&handle)).await? else {
+            continue;
+        };
+        let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
+            continue;
+        };
+        if h.spec.endpoint.as_deref() != Some(key.as_str()) {
+            continue;
         }
+        let proof = vec![
+            Precondition::ModRevision(key, rev),
+            Precondition::ModRevision(hkv.key, hkv.mod_revision),
+        ];
         // A conflict means the endpoint changed (its attachment went or came back): the next
         // GC decides again.
         if let Attempt::Released(ips) =
-            release_handle_once(store, &handle, now, &proof, None).await?
+            release_read_handle(store, &handle, &h.spec, proof, now, None).await?
         {
             released.extend(ips);
         }
