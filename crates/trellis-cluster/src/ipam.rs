@@ -370,6 +370,11 @@ impl NodeIpam {
     /// to a node that GC may be releasing as gone.
     pub async fn allocate(&self, req: &Request) -> Result<Vec<(IpAddr, IpNet)>> {
         alloc::one_per_family(&req.requested_ips)?;
+        if !req.no_endpoint {
+            // The endpoint is built from the request (namespace, pod: the runtime's free text):
+            // what would not decode when read back is refused before anything is stored.
+            self.endpoint(req, &Plans::default()).validate()?;
+        }
         let mut st = self.state.lock().await;
         if let Some(held) = self.held_or_taken(req).await? {
             return Ok(held);

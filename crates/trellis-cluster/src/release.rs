@@ -111,10 +111,18 @@ async fn read_handle(store: &dyn Datastore, id: &str) -> Result<Option<HandleRea
     let mut proof = vec![Precondition::ModRevision(hkv.key, hkv.mod_revision)];
     let mut endpoint = None;
     if let Some(ep) = &h.spec.endpoint {
+        // An endpoint record that does not decode proves nothing either way: judged as missing
+        // (reported like a listing's bad record), so DEL does not fail on it forever.
         if let Some(wkv) = store.get(ep).await? {
-            if let Resource::WorkloadEndpoint(w) = objects::decode(&wkv)?.resource {
-                proof.push(Precondition::ModRevision(wkv.key, wkv.mod_revision));
-                endpoint = Some(w);
+            match objects::decode(&wkv).map(|st| st.resource) {
+                Ok(Resource::WorkloadEndpoint(w)) => {
+                    proof.push(Precondition::ModRevision(wkv.key, wkv.mod_revision));
+                    endpoint = Some(w);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep, error = %e, "workload endpoint record does not decode")
+                }
             }
         }
     }

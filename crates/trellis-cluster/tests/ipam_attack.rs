@@ -440,7 +440,47 @@ async fn settings_change_during_allocation(s: Arc<dyn Datastore>) {
     }
 }
 
+/// A namespace the workload endpoint cannot have (CNI_ARGS K8S_POD_NAMESPACE is the runtime's
+/// free text) is refused before anything is stored — it was written, and the record then did
+/// not decode. And an endpoint record that does not decode does not make DEL fail forever.
+async fn endpoint_records_that_do_not_decode(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p", "10.104.0.0/24", 26)).await;
+    apply(&*s, &node_yaml("n")).await;
+    let ipam = NodeIpam::new(s.clone(), "n", BTreeMap::new());
+    let mut live = Ledger::new();
+    add(&ipam, &req("n", 0), &mut live).await;
+    let bad = Request {
+        namespace: Some("Bad_NS/x".into()),
+        ..req("n", 1)
+    };
+    match ipam.allocate(&bad).await {
+        Err(ClusterError::Invalid(e)) => assert_eq!(e.field, "metadata.namespace", "{e}"),
+        other => panic!("ADD with namespace Bad_NS/x: {other:?}"),
+    }
+    verify_ledger(&*s, &live).await.unwrap();
+    assert_eq!(
+        s.list("/trellis/v1/workloadendpoints/")
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    // The endpoint of n/0 is overwritten with garbage: its DEL still releases it.
+    let ep = objects::endpoints(&*s).await.unwrap().remove(0).0;
+    let key = trellis_resources::Resource::WorkloadEndpoint(ep).key();
+    s.txn(vec![], vec![TxnOp::Put(key, b"garbage".to_vec())])
+        .await
+        .unwrap();
+    assert_eq!(
+        ipam.release(&req("n", 0)).await.unwrap(),
+        live.remove(&req("n", 0).handle()).unwrap()
+    );
+    verify_ledger(&*s, &live).await.unwrap();
+}
+
 both!(pool_recreated_with_another_block_size);
+both!(endpoint_records_that_do_not_decode);
 both!(settings_change_during_allocation);
 both!(ipam_records_are_not_written_by_hand);
 both!(gc_of_many_leaks_in_one_block);
