@@ -490,10 +490,6 @@ impl NodeIpam {
         let Some(h) = holder else {
             return Ok(pre);
         };
-        if h == req.handle() {
-            // This attachment's own, committed meanwhile: the next look finds it held.
-            return Ok(vec![Precondition::Absent(key)]);
-        }
         match self.store.get(&handle_key(&h)).await? {
             None => pre.push(Precondition::Absent(handle_key(&h))),
             Some(hkv) => {
@@ -501,6 +497,10 @@ impl NodeIpam {
                     objects::decode(&hkv).map(|st| st.resource),
                     Ok(Resource::IpamHandle(o)) if o.spec.endpoint.as_deref() == Some(key.as_str())
                 );
+                if names_it && h == req.handle() {
+                    // This attachment's own, committed meanwhile: the next look finds it held.
+                    return Ok(vec![Precondition::Absent(key)]);
+                }
                 if names_it {
                     return Err(ClusterError::EndpointTaken {
                         endpoint: key,

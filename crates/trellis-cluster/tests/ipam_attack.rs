@@ -306,6 +306,17 @@ async fn one_endpoint_name_two_networks(s: Arc<dyn Datastore>) {
         Some(&"net1".to_string())
     );
     verify_ledger(&*s, &live).await.unwrap();
+    // The same attachment's own endpoint left behind by its handle: its ADD replaces it.
+    let ip = live.remove(&first.handle()).unwrap()[0];
+    let hkey = trellis_resources::key_for(Kind::IpamHandle, None, &first.handle());
+    s.txn(vec![], vec![TxnOp::Delete(hkey)]).await.unwrap();
+    trellis_cluster::ipam::release_ip(&*s, ip, 1)
+        .await
+        .unwrap()
+        .unwrap();
+    add(&ipam, &first, &mut live).await;
+    assert_eq!(objects::endpoints(&*s).await.unwrap().len(), 1);
+    verify_ledger(&*s, &live).await.unwrap();
 }
 
 /// `ipam gc` of a block (blockSize 24) holding 140 leaked addresses, each of its own missing
