@@ -186,9 +186,9 @@ fn code_of(e: &ClusterError) -> u32 {
         ClusterError::Store(_)
         | ClusterError::Contention { .. }
         | ClusterError::NodeNotRegistered { .. } => 11,
-        ClusterError::Ipam(ClusterIpamError::Exhausted { .. } | ClusterIpamError::InUse { .. }) => {
-            100
-        }
+        ClusterError::Ipam(ClusterIpamError::Exhausted { .. } | ClusterIpamError::InUse { .. })
+        | ClusterError::HandleTaken { .. }
+        | ClusterError::EndpointTaken { .. } => 100,
         ClusterError::Ipam(_) | ClusterError::Invalid(_) => 7,
         _ => 999,
     }

@@ -109,7 +109,7 @@ fn leaks(
     out: &mut Vec<GcOp>,
 ) {
     for b in &snap.blocks {
-        let leaked: Vec<(IpAddr, String)> = alloc::allocations(&b.object.spec)
+        let mut leaked: Vec<(IpAddr, String)> = alloc::allocations(&b.object.spec)
             .into_iter()
             .filter(|(_, a)| !snap.handles.contains_key(&a.handle_id))
             .filter(|(_, a)| scope.covers(a.secondary.get("node").map(String::as_str)))
@@ -118,9 +118,16 @@ fn leaks(
         if leaked.is_empty() {
             continue;
         }
+        // One comparison per missing handle and one for the block: the addresses of the first
+        // handles that fit in a transaction now, the rest planned from its result.
+        let handles: BTreeSet<String> = leaked
+            .iter()
+            .map(|(_, h)| h.clone())
+            .take(MAX_TXN_OPS - 1)
+            .collect();
+        leaked.retain(|(_, h)| handles.contains(h));
         let mut spec = b.object.spec.clone();
         let mut pre = vec![Precondition::ModRevision(b.key.clone(), b.rev)];
-        let handles: BTreeSet<&String> = leaked.iter().map(|(_, h)| h).collect();
         pre.extend(handles.iter().map(|h| Precondition::Absent(handle_key(h))));
         for (ip, _) in &leaked {
             alloc::release_ip(&mut spec, *ip, now);
@@ -149,10 +156,9 @@ fn holdings(snap: &Snapshot) -> BTreeMap<&str, Vec<(usize, Option<&str>)>> {
     by_handle
 }
 
-/// Handles released per transaction: each brings a handle and an endpoint deletion and up to
-/// two blocks (one per family), which keeps a transaction within etcd's default limit of 128
-/// operations.
-const HANDLES_PER_TXN: usize = 30;
+/// Most comparisons, and most operations, one transaction may have: etcd's default
+/// `--max-txn-ops` (it refuses a transaction with more of either).
+const MAX_TXN_OPS: usize = 128;
 
 fn dead_node_handles(
     snap: &Snapshot,
@@ -179,20 +185,45 @@ fn dead_node_handles(
     }
     for (node, handles) in dead {
         let mut chunk: Vec<(&str, BTreeSet<usize>)> = Vec::new();
+        // Comparisons (the node's absence first) and operations of the chunk so far.
+        let mut size = (1, 0);
         for (id, blocks) in handles {
             // A block an earlier transaction of this plan writes is planned again from that
             // transaction's result (the shell applies it to the snapshot and plans again).
-            if blocks
-                .iter()
-                .any(|i| touched.contains(&snap.blocks[*i].object.spec.cidr))
-            {
+            let touches = |touched: &BTreeSet<IpNet>| {
+                blocks
+                    .iter()
+                    .any(|i| touched.contains(&snap.blocks[*i].object.spec.cidr))
+            };
+            if touches(touched) {
                 continue;
             }
-            chunk.push((id, blocks));
-            if chunk.len() == HANDLES_PER_TXN {
+            // Each handle brings its own comparison and deletion, its endpoint's, and those
+            // of its blocks no earlier handle of the chunk brought.
+            let has_ep = snap.handles[id]
+                .object
+                .spec
+                .endpoint
+                .as_ref()
+                .is_some_and(|k| snap.endpoints.contains_key(k));
+            let grows = |chunk: &[(&str, BTreeSet<usize>)]| {
+                let new_blocks = blocks
+                    .iter()
+                    .filter(|i| !chunk.iter().any(|(_, b)| b.contains(i)))
+                    .count();
+                1 + usize::from(has_ep) + new_blocks
+            };
+            if !chunk.is_empty() && size.0.max(size.1) + grows(&chunk) > MAX_TXN_OPS {
                 out.push(release_dead(snap, now, node, &chunk, touched));
                 chunk.clear();
+                size = (1, 0);
+                if touches(touched) {
+                    continue;
+                }
             }
+            let grows = grows(&chunk);
+            chunk.push((id, blocks));
+            size = (size.0 + grows, size.1 + grows);
         }
         if !chunk.is_empty() {
             out.push(release_dead(snap, now, node, &chunk, touched));
@@ -485,6 +516,75 @@ mod tests {
         assert!(!ops.iter().any(|o| o
             .preconditions
             .contains(&Precondition::ModRevision(handle_key("h1"), 20))));
+    }
+
+    /// Handles of a missing node each holding addresses in four blocks (written before one
+    /// address per family): every planned transaction stays within etcd's 128 comparisons and
+    /// 128 operations, and every handle is planned.
+    #[test]
+    fn releases_of_a_missing_node_fit_in_transactions() {
+        let sec = BTreeMap::from([("node".to_string(), "gone".to_string())]);
+        let mut snap = Snapshot::default();
+        for h in 0..40u32 {
+            let id = format!("h{h}");
+            let mut held = BTreeMap::new();
+            for j in 0..4u32 {
+                let ip = std::net::Ipv4Addr::from(0x0a00_0000 + h * 4 + j);
+                let cidr: IpNet = format!("{ip}/32").parse().unwrap();
+                let mut b = alloc::new_block(cidr, "gone");
+                alloc::allocate_specific(&mut b, ip.into(), &id, &sec).unwrap();
+                snap.blocks
+                    .push(read(Kind::IpamBlock, &alloc::block_name(&cidr), b, 1));
+                held.insert(cidr.to_string(), 1);
+            }
+            let spec = IpamHandleSpec {
+                handle_id: id.clone(),
+                block: held,
+                endpoint: None,
+            };
+            snap.handles
+                .insert(id.clone(), read(Kind::IpamHandle, &id, spec, 2));
+        }
+        let ops = plan(&snap, 1, u64::MAX, &GcScope::All);
+        let mut planned = 0;
+        for op in &ops {
+            if let GcAction::ReleaseHandles { handles, .. } = &op.action {
+                planned += handles.len();
+                assert!(
+                    op.preconditions.len() <= MAX_TXN_OPS && op.ops.len() <= MAX_TXN_OPS,
+                    "{} comparisons, {} operations",
+                    op.preconditions.len(),
+                    op.ops.len()
+                );
+            }
+        }
+        assert_eq!(planned, 40);
+    }
+
+    /// A handle record whose `handleID` is not its name (written by hand, or by another tool):
+    /// GC judges handles by the name their key holds — what its preconditions check and what
+    /// allocations refer to — so node `live`'s record `h1` (saying `h2`) is neither taken for
+    /// the missing node's `h2` and deleted, nor its addresses for leaks.
+    #[test]
+    fn handles_are_judged_by_their_key() {
+        let mut snap = snapshot();
+        let mut h1 = snap.handles.remove("h1").unwrap();
+        h1.object.spec.handle_id = "h2".into();
+        snap.handles.remove("h2");
+        snap.insert_read_handle(h1);
+        let ops = plan(&snap, 1000, u64::MAX, &GcScope::All);
+        for op in &ops {
+            assert!(
+                !op.ops.contains(&TxnOp::Delete(handle_key("h1"))),
+                "{:?} deletes live's handle",
+                op.action
+            );
+        }
+        for op in &ops {
+            if let GcAction::ReleaseLeaks { ips, .. } = &op.action {
+                assert!(!ips.contains(&"10.0.0.1".parse().unwrap()), "{ips:?}");
+            }
+        }
     }
 
     /// `delete node gone` plans only what is the node's.

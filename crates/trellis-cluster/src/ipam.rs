@@ -25,9 +25,12 @@ use trellis_resources::{
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
 use crate::objects::{self, encode};
-use crate::release::{delete_block_txn, find_handle, release_attachment};
+use crate::release::{
+    delete_block_txn, find_handle, lookup_handle, release_attachment, HandleLookup,
+};
 use crate::{Clock, ClusterError, Result, SystemClock};
 
+use crate::release::held_by_read_handle;
 pub use crate::release::{held_addresses, release_handle, release_ip, release_unlisted};
 
 /// Workload endpoint annotation naming the attachment's handle.
@@ -69,24 +72,46 @@ impl Request {
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub pools: Vec<Pool>,
+    /// Each pool's revision as read, by name: a new block is claimed on condition that its pool
+    /// is unchanged (not deleted, nor created again with another block size).
+    pub pool_revisions: BTreeMap<String, i64>,
     pub reservations: Vec<(String, Vec<IpNet>)>,
+    /// No reservation created or changed since they were read: every address choice read them.
+    pub reservations_read: Option<Precondition>,
     pub config: IpamConfigurationSpec,
+    /// The IPAM configuration as read (its revision, or its absence): claiming a block
+    /// (`autoAllocateBlocks`, `maxBlocksPerHost`) and borrowing (`strictAffinity`) read it.
+    pub config_read: Option<Precondition>,
 }
 
 /// Reads pools, reservations and the IPAM configuration.
 pub async fn load_settings(store: &dyn Datastore) -> Result<Settings> {
-    let pools = objects::pools(store)
-        .await?
+    let stored = objects::pools(store).await?;
+    let pool_revisions = stored
+        .iter()
+        .map(|(o, rev)| (o.metadata.name.clone(), *rev))
+        .collect();
+    let pools = stored
         .into_iter()
         .map(|(o, _)| Pool {
             name: o.metadata.name,
             spec: o.spec,
         })
         .collect();
-    let reservations = objects::reservations(store)
-        .await?
+    let listing = objects::list_checked(store, Kind::IpReservation).await?;
+    crate::invalid::observe_listing(Kind::IpReservation, &listing.invalid);
+    let reservations_read = Some(Precondition::NoneNewer {
+        prefix: Kind::IpReservation.prefix(),
+        revision: listing.revision,
+    });
+    let reservations = listing
+        .items
         .into_iter()
-        .map(|(o, _)| {
+        .filter_map(|st| match st.resource {
+            Resource::IpReservation(o) => Some(o),
+            _ => None,
+        })
+        .map(|o| {
             (
                 o.metadata.name,
                 o.spec
@@ -97,20 +122,33 @@ pub async fn load_settings(store: &dyn Datastore) -> Result<Settings> {
             )
         })
         .collect();
-    let config = match objects::get(store, Kind::IpamConfiguration, None, "default").await? {
-        Some(s) => match s.resource {
-            Resource::IpamConfiguration(o) => o.spec,
-            _ => IpamConfigurationSpec::default(),
-        },
-        None => IpamConfigurationSpec {
-            auto_allocate_blocks: true,
-            ..Default::default()
-        },
-    };
+    let config_key = key_for(Kind::IpamConfiguration, None, "default");
+    let (config, config_read) =
+        match objects::get(store, Kind::IpamConfiguration, None, "default").await? {
+            Some(s) => match s.resource {
+                Resource::IpamConfiguration(o) => {
+                    (o.spec, Precondition::ModRevision(config_key, s.revision))
+                }
+                _ => (
+                    IpamConfigurationSpec::default(),
+                    Precondition::ModRevision(config_key, s.revision),
+                ),
+            },
+            None => (
+                IpamConfigurationSpec {
+                    auto_allocate_blocks: true,
+                    ..Default::default()
+                },
+                Precondition::Absent(config_key),
+            ),
+        };
     Ok(Settings {
         pools,
+        pool_revisions,
         reservations,
+        reservations_read,
         config,
+        config_read: Some(config_read),
     })
 }
 
@@ -133,6 +171,10 @@ pub(crate) fn handle_key(handle: &str) -> String {
     key_for(Kind::IpamHandle, None, handle)
 }
 
+fn pool_key(pool: &str) -> String {
+    key_for(Kind::IpPool, None, pool)
+}
+
 pub(crate) fn node_key(node: &str) -> String {
     key_for(Kind::Node, None, node)
 }
@@ -148,11 +190,44 @@ pub(crate) fn block_value(spec: &IpamBlockSpec) -> Vec<u8> {
     )))
 }
 
+/// Every block that decodes, with its revision, and the CIDRs every record at a block key claims
+/// — those that do not decode too (named by their key), so that no block is claimed over
+/// addresses an unreadable record may hold. Undecodable records are reported as listings do.
+pub(crate) async fn claimed_blocks(
+    store: &dyn Datastore,
+) -> Result<(Vec<(Object<IpamBlockSpec>, i64)>, HashSet<IpNet>)> {
+    let listing = objects::list_checked(store, Kind::IpamBlock).await?;
+    crate::invalid::observe_listing(Kind::IpamBlock, &listing.invalid);
+    let prefix = Kind::IpamBlock.prefix();
+    let mut claimed: HashSet<IpNet> = listing
+        .invalid
+        .iter()
+        .filter_map(|i| i.key.strip_prefix(&prefix))
+        .filter_map(alloc::block_cidr_of_name)
+        .collect();
+    let mut blocks = Vec::with_capacity(listing.items.len());
+    for st in listing.items {
+        if let Resource::IpamBlock(b) = st.resource {
+            claimed.insert(b.spec.cidr);
+            blocks.push((b, st.revision));
+        }
+    }
+    Ok((blocks, claimed))
+}
+
 /// The name of an attachment's workload endpoint: [`alloc::attachment_name`] of node, the full
 /// container ID and interface (`node1.0af3…e9.eth0`) — two containers whose IDs share a prefix
 /// get different endpoints; an over-long name becomes `node.SHA256`.
 pub fn endpoint_name(node: &str, req: &Request) -> String {
     alloc::attachment_name(&[node, &req.container_id, &req.ifname])
+}
+
+/// The namespace of an attachment's workload endpoint (`default` when the request names none).
+fn endpoint_namespace(req: &Request) -> String {
+    req.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into())
 }
 
 /// The agent's allocator for one node.
@@ -187,6 +262,8 @@ struct Plans {
     blocks: BTreeMap<IpNet, BlockPlan>,
     /// The addresses, in the order planned, with their block.
     ips: Vec<(IpAddr, IpNet)>,
+    /// Guards on what else the plan read: the pools whose new blocks it claims.
+    guards: Vec<Precondition>,
 }
 
 impl Plans {
@@ -213,6 +290,25 @@ impl Plans {
         }
         self.ips.push((ip, cidr));
     }
+
+    /// Requires what `guard` says at commit (once, however often the plan relied on it).
+    fn guard(&mut self, guard: Precondition) {
+        if !self.guards.contains(&guard) {
+            self.guards.push(guard);
+        }
+    }
+}
+
+/// The guard of a decision that read pool `name` from `s`.
+fn pool_guard(s: &Settings, name: &str) -> Result<Precondition> {
+    let rev = s
+        .pool_revisions
+        .get(name)
+        .ok_or_else(|| ClusterError::NotFound {
+            kind: Kind::IpPool.to_string(),
+            name: name.to_string(),
+        })?;
+    Ok(Precondition::ModRevision(pool_key(name), *rev))
 }
 
 impl NodeIpam {
@@ -274,8 +370,13 @@ impl NodeIpam {
     /// to a node that GC may be releasing as gone.
     pub async fn allocate(&self, req: &Request) -> Result<Vec<(IpAddr, IpNet)>> {
         alloc::one_per_family(&req.requested_ips)?;
+        if !req.no_endpoint {
+            // The endpoint is built from the request (namespace, pod: the runtime's free text):
+            // what would not decode when read back is refused before anything is stored.
+            self.endpoint(req, &Plans::default()).validate()?;
+        }
         let mut st = self.state.lock().await;
-        if let Some(held) = self.held(req).await? {
+        if let Some(held) = self.held_or_taken(req).await? {
             return Ok(held);
         }
         let mut fresh = false;
@@ -283,7 +384,7 @@ impl NodeIpam {
         for _ in 0..MAX_ATTEMPTS {
             let settings = self.settings(&mut st, fresh).await?;
             let affine = self.affine(&mut st, fresh).await?;
-            let plans = match self.plan(req, &settings, &affine).await {
+            let mut plans = match self.plan(req, &settings, &affine).await {
                 Ok(p) => p,
                 Err(e) if !fresh => {
                     tracing::debug!(error = %e, "allocation failed on cached state; retrying fresh");
@@ -292,6 +393,9 @@ impl NodeIpam {
                 }
                 Err(e) => return Err(e),
             };
+            for g in self.endpoint_guards(req, fresh).await? {
+                plans.guard(g);
+            }
             let committed = match self.commit(req, &plans).await {
                 Ok(c) => c,
                 // A slow or briefly unavailable store: try again with fresh state, like a conflict
@@ -314,7 +418,7 @@ impl NodeIpam {
                 return Ok(plans.ips);
             }
             fresh = true;
-            if let Some(held) = self.held(req).await? {
+            if let Some(held) = self.held_or_taken(req).await? {
                 return Ok(held);
             }
             if self.store.get(&node_key(&self.node)).await?.is_none() {
@@ -332,9 +436,81 @@ impl NodeIpam {
     /// The addresses `req`'s attachment holds, if it has a handle (today's or legacy).
     pub async fn held(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
         match find_handle(&*self.store, req).await? {
-            Some(found) => held_addresses(&*self.store, &found.id).await,
+            Some(found) => held_by_read_handle(&*self.store, &found.id, &found.handle)
+                .await
+                .map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Like [`NodeIpam::held`], but an error when the attachment's handle name is held by
+    /// something else: its commit could never succeed, and it must not adopt that record.
+    async fn held_or_taken(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
+        match lookup_handle(&*self.store, req).await? {
+            HandleLookup::Ours(found) => {
+                held_by_read_handle(&*self.store, &found.id, &found.handle)
+                    .await
+                    .map(Some)
+            }
+            HandleLookup::Absent => Ok(None),
+            HandleLookup::Taken { handle, holder } => {
+                Err(ClusterError::HandleTaken { handle, holder })
+            }
+        }
+    }
+
+    /// What the commit requires of the attachment's endpoint name: that nothing is there — or,
+    /// after a conflict (`fresh`), that the record found there stays as read when it was left
+    /// by a handle that is gone or names another endpoint (it is replaced). An endpoint of
+    /// another attachment (same node, container and interface, another network) is an error:
+    /// writing over it would make its DEL delete this one's.
+    async fn endpoint_guards(&self, req: &Request, fresh: bool) -> Result<Vec<Precondition>> {
+        if req.no_endpoint {
+            return Ok(Vec::new());
+        }
+        let key = key_for(
+            Kind::WorkloadEndpoint,
+            Some(&endpoint_namespace(req)),
+            &endpoint_name(&self.node, req),
+        );
+        let found = match fresh {
+            true => self.store.get(&key).await?,
+            false => None,
+        };
+        let Some(kv) = found else {
+            return Ok(vec![Precondition::Absent(key)]);
+        };
+        let mut pre = vec![Precondition::ModRevision(key.clone(), kv.mod_revision)];
+        let holder = match objects::decode(&kv).map(|st| st.resource) {
+            Ok(Resource::WorkloadEndpoint(w)) => {
+                w.metadata.annotations.get(HANDLE_ANNOTATION).cloned()
+            }
+            _ => None,
+        };
+        let Some(h) = holder else {
+            return Ok(pre);
+        };
+        match self.store.get(&handle_key(&h)).await? {
+            None => pre.push(Precondition::Absent(handle_key(&h))),
+            Some(hkv) => {
+                let names_it = matches!(
+                    objects::decode(&hkv).map(|st| st.resource),
+                    Ok(Resource::IpamHandle(o)) if o.spec.endpoint.as_deref() == Some(key.as_str())
+                );
+                if names_it && h == req.handle() {
+                    // This attachment's own, committed meanwhile: the next look finds it held.
+                    return Ok(vec![Precondition::Absent(key)]);
+                }
+                if names_it {
+                    return Err(ClusterError::EndpointTaken {
+                        endpoint: key,
+                        handle: h,
+                    });
+                }
+                pre.push(Precondition::ModRevision(hkv.key, hkv.mod_revision));
+            }
+        }
+        Ok(pre)
     }
 
     async fn plan(
@@ -356,6 +532,10 @@ impl NodeIpam {
         .filter(|(_, v)| !v.is_empty())
         .collect();
         let mut plans = Plans::default();
+        // Every address choice read the reservations.
+        if let Some(g) = &s.reservations_read {
+            plans.guard(g.clone());
+        }
         if !req.requested_ips.is_empty() {
             for ip in &req.requested_ips {
                 self.plan_fixed(&mut plans, *ip, &handle, &secondary, s)
@@ -428,20 +608,26 @@ impl NodeIpam {
         }
         // 2. A new block, unless the node has reached its limit.
         let mine = affine.keys().filter(|c| in_pools(c)).count() as u32;
-        let all = objects::blocks(&*self.store).await?;
+        let (all, mut claimed) = claimed_blocks(&*self.store).await?;
         if s.config.auto_allocate_blocks
             && s.config
                 .max_blocks_per_host
                 .is_none_or(|m| m == 0 || mine < m)
         {
-            let claimed: HashSet<IpNet> = all.iter().map(|(b, _)| b.spec.cidr).collect();
+            // Blocks this plan claims already (the other family's) are claimed too.
+            claimed.extend(plans.blocks.keys().copied());
             let reserved: Vec<IpNet> = s.reservations.iter().flat_map(|(_, n)| n.clone()).collect();
             for p in pools {
                 if let Some(cidr) = alloc::next_unclaimed_block(&p.spec, &claimed, &reserved) {
-                    let mut b = plans.base(&cidr, &alloc::new_block(cidr, &self.node));
+                    let mut b = alloc::new_block(cidr, &self.node);
                     if let Some(ip) =
                         alloc::allocate_in_block(&mut b, handle, secondary, &s.reservations)
                     {
+                        // The key guards the block; the pool guards its size and range.
+                        plans.guard(pool_guard(s, &p.name)?);
+                        if let Some(g) = &s.config_read {
+                            plans.guard(g.clone());
+                        }
                         plans.add(ip, b, Precondition::Absent(block_key(&cidr)), true);
                         return Ok(());
                     }
@@ -458,6 +644,10 @@ impl NodeIpam {
                     alloc::allocate_in_block(&mut spec, handle, secondary, &s.reservations)
                 {
                     let guard = Precondition::ModRevision(block_key(&b.spec.cidr), *rev);
+                    // Borrowing read strictAffinity (and, to get here, the block limits).
+                    if let Some(g) = &s.config_read {
+                        plans.guard(g.clone());
+                    }
                     plans.add(ip, spec, guard, false);
                     return Ok(());
                 }
@@ -495,28 +685,33 @@ impl NodeIpam {
             .iter()
             .find(|p| p.spec.cidr.contains(&ip))
             .ok_or(ClusterIpamError::OutsidePools { ip })?;
-        let cidr = IpNet::new(ip, pool.spec.block_prefix())
-            .map(|n| n.trunc())
-            .map_err(|_| ClusterIpamError::OutsidePools { ip })?;
-        let (read, guard, new_affinity) = match self.store.get(&block_key(&cidr)).await? {
-            Some(kv) => {
-                let Resource::IpamBlock(b) = objects::decode(&kv)?.resource else {
-                    return Err(ClusterError::Corrupt {
-                        key: kv.key,
-                        reason: "not an IPAMBlock".into(),
-                    });
-                };
-                (
-                    b.spec,
-                    Precondition::ModRevision(kv.key, kv.mod_revision),
-                    false,
-                )
-            }
-            None => (
+        // The block holding the address may be of another size than the pool's (left by a pool
+        // created again with another blockSize): look among all of them.
+        let (all, mut claimed) = claimed_blocks(&*self.store).await?;
+        claimed.extend(plans.blocks.keys().copied());
+        let (cidr, exists) = alloc::block_for_ip(&pool.spec, ip, &claimed)?;
+        let (read, guard, new_affinity) = if plans.blocks.contains_key(&cidr) {
+            let p = &plans.blocks[&cidr];
+            (p.block.clone(), p.guard.clone(), p.new_affinity)
+        } else if exists {
+            let Some((b, rev)) = all.into_iter().find(|(b, _)| b.spec.cidr == cidr) else {
+                return Err(ClusterError::Corrupt {
+                    key: block_key(&cidr),
+                    reason: format!("holds {ip}'s block but does not decode"),
+                });
+            };
+            (
+                b.spec,
+                Precondition::ModRevision(block_key(&cidr), rev),
+                false,
+            )
+        } else {
+            plans.guard(pool_guard(s, &pool.name)?);
+            (
                 alloc::new_block(cidr, &self.node),
                 Precondition::Absent(block_key(&cidr)),
                 true,
-            ),
+            )
         };
         let mut spec = plans.base(&cidr, &read);
         alloc::allocate_specific(&mut spec, ip, handle, secondary)?;
@@ -532,6 +727,7 @@ impl NodeIpam {
             Precondition::Absent(handle_key(&handle)),
             Precondition::Exists(node_key(&self.node)),
         ];
+        pre.extend(plans.guards.iter().cloned());
         let mut ops = Vec::new();
         let mut counts: BTreeMap<String, u32> = BTreeMap::new();
         for (cidr, p) in &plans.blocks {
@@ -587,12 +783,7 @@ impl NodeIpam {
                 ..Default::default()
             },
         );
-        o.metadata.namespace = Some(
-            req.namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "default".into()),
-        );
+        o.metadata.namespace = Some(endpoint_namespace(req));
         o.metadata
             .annotations
             .insert(HANDLE_ANNOTATION.into(), req.handle());

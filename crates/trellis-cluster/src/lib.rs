@@ -43,6 +43,15 @@ pub enum ClusterError {
     Contention { what: String, attempts: u32 },
     #[error("node {node} is not registered (deleted?): no address is allocated to it until its agent registers it again")]
     NodeNotRegistered { node: String },
+    /// The attachment's handle name is already used by a record that is not the attachment's
+    /// (another attachment's record written under the older names, or the agent's tunnel
+    /// address): nothing is allocated, and a DEL of the attachment releases nothing.
+    #[error("handle {handle} is already held by {holder}, not by this attachment; release that one first (trellis ipam release --handle {handle})")]
+    HandleTaken { handle: String, holder: String },
+    /// The attachment's workload endpoint name (node, container, interface) is used by another
+    /// attachment of that container and interface (another network): nothing is allocated.
+    #[error("workload endpoint {endpoint} already belongs to handle {handle} (the same container and interface in another network); release that one first")]
+    EndpointTaken { endpoint: String, handle: String },
 }
 
 pub type Result<T, E = ClusterError> = std::result::Result<T, E>;

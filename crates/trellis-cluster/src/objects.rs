@@ -63,12 +63,18 @@ pub async fn get(
 pub struct Listing {
     pub items: Vec<Stored>,
     pub invalid: Vec<Invalid>,
+    /// The store revision the listing reflects.
+    pub revision: i64,
 }
 
 /// Every record of a kind, sorted into valid objects and invalid records; reports nothing.
 pub async fn list_checked(store: &dyn Datastore, kind: Kind) -> Result<Listing> {
-    let mut out = Listing::default();
-    for kv in store.list(&kind.prefix()).await?.items {
+    let listing = store.list(&kind.prefix()).await?;
+    let mut out = Listing {
+        revision: listing.revision,
+        ..Default::default()
+    };
+    for kv in listing.items {
         match decode(&kv) {
             Ok(s) => out.items.push(s),
             Err(e) => out.invalid.push(Invalid {
@@ -136,6 +142,25 @@ typed_list!(
     WorkloadEndpoint,
     trellis_resources::WorkloadEndpointSpec
 );
+
+/// Whether only IPAM writes records of `kind`: blocks, handles and affinities change only
+/// through ADD/DEL, `ipam release`, `ipam gc` and node deletion, whose transactions keep an
+/// address recorded for at most one attachment. A generic write or deletion bypasses that: a
+/// deleted handle makes its live addresses leaks that GC frees for the next ADD, a deleted block
+/// is claimed again and its addresses handed out again, an applied block read earlier drops the
+/// allocations made since.
+pub fn ipam_managed(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::IpamBlock | Kind::IpamHandle | Kind::BlockAffinity
+    )
+}
+
+fn managed_reason(kind: Kind) -> String {
+    format!(
+        "{kind} records are written only by IPAM (ADD/DEL, trellis ipam release, trellis ipam gc, deleting a node); writing or deleting one by hand could give an address to two pods"
+    )
+}
 
 /// What a write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +276,9 @@ pub fn plan_all(resources: &[Resource], observed: &Observed, create_only: bool) 
             e.doc = Some(doc);
             ClusterError::Invalid(e)
         })?;
+        if ipam_managed(r.kind()) {
+            return Err(at("kind", managed_reason(r.kind())));
+        }
         if let Some(first) = seen.insert(key.clone(), doc) {
             return Err(at(
                 "metadata.name",
@@ -376,13 +404,22 @@ fn check_pool(
     check_pool_overlap(p, &earlier)
 }
 
-/// Deletes an object; `NotFound` when it is not there.
+/// Deletes an object; `NotFound` when it is not there. Records only IPAM writes
+/// ([`ipam_managed`]) are refused.
 pub async fn delete(
     store: &dyn Datastore,
     kind: Kind,
     namespace: Option<&str>,
     name: &str,
 ) -> Result<()> {
+    if ipam_managed(kind) {
+        return Err(ClusterError::Invalid(ResourceError {
+            doc: None,
+            object: Some(format!("{kind}/{name}")),
+            field: "kind".into(),
+            reason: managed_reason(kind),
+        }));
+    }
     let key = key_for(kind, namespace, name);
     let Some(kv) = store.get(&key).await? else {
         return Err(ClusterError::NotFound {

@@ -1,6 +1,7 @@
 //! Releasing addresses over the datastore (I/O): an attachment's handle — found under today's
-//! name or, for records written before it, under the legacy name once the record proves it is
-//! this attachment's — is freed in one compare-and-swap transaction that deletes the handle and
+//! name or, for records written before it, under the legacy name, in both cases once the record
+//! and its endpoint prove it is this attachment's (neither name is another's impossible) — is
+//! freed in one compare-and-swap transaction that deletes the handle and
 //! its workload endpoint and frees its addresses in every block, guarded by the revisions of
 //! everything read. Also `ipam release --ip`, the CNI GC of a node's attachments, and the
 //! guarded deletion of an empty block.
@@ -9,7 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use trellis_ipam::cluster as alloc;
-use trellis_resources::{IpamBlockSpec, Object, Resource, WorkloadEndpointSpec};
+use trellis_resources::{IpamBlockSpec, IpamHandleSpec, Object, Resource, WorkloadEndpointSpec};
 use trellis_store::{Datastore, KeyValue, Precondition, TxnOp, TxnOutcome};
 
 use crate::ipam::{
@@ -25,53 +26,163 @@ const MAX_ATTEMPTS: u32 = 50;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundHandle {
     pub id: String,
-    /// Preconditions on the records that proved ownership of a legacy handle (its endpoint).
+    /// The handle record as read.
+    pub handle: IpamHandleSpec,
+    /// Preconditions on the records that proved it the attachment's — the handle's revision and
+    /// its endpoint's — so a release commits only while they are as judged.
     pub proof: Vec<Precondition>,
 }
 
-/// The handle holding `req`'s addresses, if any. Today's name ([`alloc::handle_id`]) is
-/// injective, so a record under it is the attachment's. A record under the legacy name
-/// `network.container.ifname` (written before) is the attachment's only when its workload
-/// endpoint names the same container and interface — given those, the rest of the legacy name
-/// is the network — or, for an infrastructure handle without endpoint (the agent's VTEP
-/// address), when the request is one too (only the agent makes those, and it makes no others).
+/// What the handle names of an attachment hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandleLookup {
+    /// The attachment's handle.
+    Ours(FoundHandle),
+    /// Neither name holds a record of this attachment, and today's name is free.
+    Absent,
+    /// Today's name holds a record of something else (see [`holder_other_than`]).
+    Taken { handle: String, holder: String },
+}
+
+/// The handle holding `req`'s addresses, if any (see [`lookup_handle`]).
 pub async fn find_handle(store: &dyn Datastore, req: &Request) -> Result<Option<FoundHandle>> {
-    let id = req.handle();
-    if store.get(&handle_key(&id)).await?.is_some() {
-        return Ok(Some(FoundHandle {
-            id,
-            proof: Vec::new(),
-        }));
+    Ok(match lookup_handle(store, req).await? {
+        HandleLookup::Ours(found) => Some(found),
+        HandleLookup::Absent | HandleLookup::Taken { .. } => None,
+    })
+}
+
+/// Looks for `req`'s handle under today's name ([`alloc::handle_id`]) and then under the legacy
+/// one (`network.container.ifname`, written before), judging each record found by
+/// [`holder_other_than`]: a record under either name may be another attachment's, because a
+/// legacy name is not injective and today's name of one attachment can be the legacy name of
+/// another (container `a.b` is `a_2Eb` escaped), and because the agent's tunnel address has a
+/// handle of the same form.
+pub async fn lookup_handle(store: &dyn Datastore, req: &Request) -> Result<HandleLookup> {
+    let today = req.handle();
+    if let Some(read) = read_handle(store, &today).await? {
+        return Ok(
+            match holder_other_than(req, &today, &read.0, read.1.as_ref()) {
+                None => HandleLookup::Ours(read.found(today)),
+                Some(holder) => HandleLookup::Taken {
+                    handle: today,
+                    holder,
+                },
+            },
+        );
     }
     let legacy = alloc::legacy_handle_id(&req.network, &req.container_id, &req.ifname);
-    if legacy == id {
-        return Ok(None);
+    if legacy == today {
+        return Ok(HandleLookup::Absent);
     }
-    let Some(hkv) = store.get(&handle_key(&legacy)).await? else {
+    Ok(match read_handle(store, &legacy).await? {
+        Some(read) if holder_other_than(req, &legacy, &read.0, read.1.as_ref()).is_none() => {
+            HandleLookup::Ours(read.found(legacy))
+        }
+        _ => HandleLookup::Absent,
+    })
+}
+
+/// A handle record with its endpoint (when it names one that exists) and the preconditions
+/// covering both as read.
+struct HandleRead(
+    IpamHandleSpec,
+    Option<Object<WorkloadEndpointSpec>>,
+    Vec<Precondition>,
+);
+
+impl HandleRead {
+    fn found(self, id: String) -> FoundHandle {
+        FoundHandle {
+            id,
+            handle: self.0,
+            proof: self.2,
+        }
+    }
+}
+
+async fn read_handle(store: &dyn Datastore, id: &str) -> Result<Option<HandleRead>> {
+    let Some(hkv) = store.get(&handle_key(id)).await? else {
         return Ok(None);
     };
     let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
         return Ok(None);
     };
-    let Some(ep) = &h.spec.endpoint else {
-        return Ok(req.no_endpoint.then(|| FoundHandle {
-            id: legacy,
-            proof: Vec::new(),
-        }));
+    let mut proof = vec![Precondition::ModRevision(hkv.key, hkv.mod_revision)];
+    let mut endpoint = None;
+    if let Some(ep) = &h.spec.endpoint {
+        // An endpoint record that does not decode proves nothing either way: judged as missing
+        // (reported like a listing's bad record), so DEL does not fail on it forever.
+        if let Some(wkv) = store.get(ep).await? {
+            match objects::decode(&wkv).map(|st| st.resource) {
+                Ok(Resource::WorkloadEndpoint(w)) => {
+                    proof.push(Precondition::ModRevision(wkv.key, wkv.mod_revision));
+                    endpoint = Some(w);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep, error = %e, "workload endpoint record does not decode")
+                }
+            }
+        }
+    }
+    Ok(Some(HandleRead(h.spec, endpoint, proof)))
+}
+
+/// Who holds the handle record `h` read under the name `id`, when it is not `req`'s attachment
+/// (`None`: it is). Pure. `endpoint` is the record's workload endpoint if it exists.
+///
+/// - An infrastructure address (no endpoint, the agent's tunnel address) is only an
+///   infrastructure request's, and an attachment with an endpoint only a workload's.
+/// - An endpoint written today carries the network annotation: the record is the attachment's
+///   when network, container and interface are the request's (and the name is today's).
+/// - An endpoint written before has no network annotation: its record was written under the
+///   writer's legacy name, so it is the attachment's when container and interface are the
+///   request's and the name is the request's legacy name (the rest of it is the network).
+/// - Without its endpoint, a record is the attachment's only under today's name when that name
+///   cannot be another attachment's legacy name (it has no `_`, so no part of it was escaped).
+pub fn holder_other_than(
+    req: &Request,
+    id: &str,
+    h: &IpamHandleSpec,
+    endpoint: Option<&Object<WorkloadEndpointSpec>>,
+) -> Option<String> {
+    let today = req.handle();
+    let legacy = alloc::legacy_handle_id(&req.network, &req.container_id, &req.ifname);
+    let Some(ep) = &h.endpoint else {
+        return (!req.no_endpoint).then(|| {
+            "an infrastructure address without workload endpoint (a node's tunnel address)"
+                .to_string()
+        });
     };
-    let Some(wkv) = store.get(ep).await? else {
-        return Ok(None);
+    if req.no_endpoint {
+        return Some(format!("the attachment of workload endpoint {ep}"));
+    }
+    let Some(w) = endpoint else {
+        let provable = id == today && !today.contains('_');
+        return (!provable)
+            .then(|| format!("an attachment whose workload endpoint {ep} is missing"));
     };
-    let Resource::WorkloadEndpoint(w) = objects::decode(&wkv)?.resource else {
-        return Ok(None);
-    };
-    let ours = w.spec.container_id.as_deref() == Some(req.container_id.as_str())
+    let network = w.metadata.annotations.get(NETWORK_ANNOTATION);
+    let same = w.spec.container_id.as_deref() == Some(req.container_id.as_str())
         && w.spec.endpoint.as_deref() == Some(req.ifname.as_str())
-        && w.metadata.annotations.get(HANDLE_ANNOTATION) == Some(&legacy);
-    Ok(ours.then(|| FoundHandle {
-        id: legacy,
-        proof: vec![Precondition::ModRevision(wkv.key, wkv.mod_revision)],
-    }))
+        && w.metadata
+            .annotations
+            .get(HANDLE_ANNOTATION)
+            .map(String::as_str)
+            == Some(id)
+        && match network {
+            Some(n) => *n == req.network && id == today,
+            None => id == legacy,
+        };
+    (!same).then(|| {
+        format!(
+            "the attachment of workload endpoint {ep} (network {}, container {}, interface {})",
+            network.map(String::as_str).unwrap_or("not recorded"),
+            w.spec.container_id.as_deref().unwrap_or("?"),
+            w.spec.endpoint.as_deref().unwrap_or("?"),
+        )
+    })
 }
 
 /// The addresses a handle holds (with their blocks), if the handle exists.
@@ -85,17 +196,26 @@ pub async fn held_addresses(
     let Resource::IpamHandle(h) = objects::decode(&kv)?.resource else {
         return Ok(None);
     };
+    held_by_read_handle(store, handle, &h.spec).await.map(Some)
+}
+
+/// The addresses the handle record `h` (read under `handle`) holds, with their blocks.
+pub async fn held_by_read_handle(
+    store: &dyn Datastore,
+    handle: &str,
+    h: &IpamHandleSpec,
+) -> Result<Vec<(IpAddr, IpNet)>> {
     let mut out = Vec::new();
-    for cidr in h.spec.block.keys() {
+    for cidr in h.block.keys() {
         let cidr: IpNet = cidr.parse().map_err(|_| ClusterError::Corrupt {
-            key: kv.key.clone(),
+            key: handle_key(handle),
             reason: format!("block {cidr:?}"),
         })?;
         if let Some((b, _)) = get_block(store, &cidr).await? {
             out.extend(alloc::held_by(&b, handle).into_iter().map(|ip| (ip, cidr)));
         }
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 async fn get_block(
@@ -145,11 +265,24 @@ pub async fn release_handle_once(
     let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
         return Ok(Attempt::NotHeld);
     };
-    let mut pre = vec![Precondition::ModRevision(hkv.key.clone(), hkv.mod_revision)];
+    let mut pre = vec![Precondition::ModRevision(hkv.key, hkv.mod_revision)];
     pre.extend_from_slice(proof);
-    let mut ops = vec![TxnOp::Delete(hkv.key.clone())];
+    release_read_handle(store, handle, &h.spec, pre, now, must_hold).await
+}
+
+/// The rest of [`release_handle_once`] for a handle record already read: `pre` covers it (its
+/// revision as read) and whatever proved it the caller's.
+async fn release_read_handle(
+    store: &dyn Datastore,
+    handle: &str,
+    h: &IpamHandleSpec,
+    mut pre: Vec<Precondition>,
+    now: u64,
+    must_hold: Option<IpAddr>,
+) -> Result<Attempt> {
+    let mut ops = vec![TxnOp::Delete(handle_key(handle))];
     let mut released = Vec::new();
-    for cidr in h.spec.block.keys() {
+    for cidr in h.block.keys() {
         let Ok(cidr) = cidr.parse::<IpNet>() else {
             continue;
         };
@@ -165,7 +298,7 @@ pub async fn release_handle_once(
     if must_hold.is_some_and(|ip| !released.contains(&ip)) {
         return Ok(Attempt::NotHeld);
     }
-    if let Some(ep) = &h.spec.endpoint {
+    if let Some(ep) = &h.endpoint {
         ops.push(TxnOp::Delete(ep.clone()));
     }
     Ok(match store.txn(pre, ops).await? {
@@ -197,7 +330,8 @@ pub async fn release_attachment(
         let Some(found) = find_handle(store, req).await? else {
             return Ok(Vec::new());
         };
-        match release_handle_once(store, &found.id, now, &found.proof, None).await? {
+        // The proof holds the handle's revision as judged: no second read of it.
+        match release_read_handle(store, &found.id, &found.handle, found.proof, now, None).await? {
             Attempt::Released(ips) => return Ok(ips),
             Attempt::NotHeld => return Ok(Vec::new()),
             Attempt::Conflict => {}
@@ -306,11 +440,25 @@ pub async fn release_unlisted(
             continue;
         }
         let key = Resource::WorkloadEndpoint(w).key();
-        let proof = [Precondition::ModRevision(key, rev)];
+        // The handle the endpoint names must name the endpoint back: a handle of that name
+        // written for another attachment (a stale endpoint's legacy name) is not released.
+        let Some(hkv) = store.get(&handle_key(&handle)).await? else {
+            continue;
+        };
+        let Resource::IpamHandle(h) = objects::decode(&hkv)?.resource else {
+            continue;
+        };
+        if h.spec.endpoint.as_deref() != Some(key.as_str()) {
+            continue;
+        }
+        let proof = vec![
+            Precondition::ModRevision(key, rev),
+            Precondition::ModRevision(hkv.key, hkv.mod_revision),
+        ];
         // A conflict means the endpoint changed (its attachment went or came back): the next
         // GC decides again.
         if let Attempt::Released(ips) =
-            release_handle_once(store, &handle, now, &proof, None).await?
+            release_read_handle(store, &handle, &h.spec, proof, now, None).await?
         {
             released.extend(ips);
         }

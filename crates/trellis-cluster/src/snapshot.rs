@@ -32,7 +32,7 @@ pub struct Snapshot {
     /// Names of the registered nodes (a node exists when its key does).
     pub nodes: BTreeSet<String>,
     pub blocks: Vec<Read<IpamBlockSpec>>,
-    /// By handle ID.
+    /// By handle name (the name in its key).
     pub handles: BTreeMap<String, Read<IpamHandleSpec>>,
     /// By name.
     pub affinities: BTreeMap<String, Read<BlockAffinitySpec>>,
@@ -75,8 +75,7 @@ impl Snapshot {
             Resource::IpPool(object) => self.pools.push(Read { object, key, rev }),
             Resource::IpamBlock(object) => self.blocks.push(Read { object, key, rev }),
             Resource::IpamHandle(object) => {
-                let id = object.spec.handle_id.clone();
-                self.handles.insert(id, Read { object, key, rev });
+                self.insert_read_handle(Read { object, key, rev });
             }
             Resource::BlockAffinity(object) => {
                 let name = object.metadata.name.clone();
@@ -89,6 +88,12 @@ impl Snapshot {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Takes in a handle record under its name — the name its key holds, which allocations
+    /// refer to and preconditions check — whatever its `handleID` says.
+    pub fn insert_read_handle(&mut self, h: Read<IpamHandleSpec>) {
+        self.handles.insert(h.object.metadata.name.clone(), h);
     }
 
     fn delete(&mut self, key: &str) {

@@ -14,7 +14,7 @@ use trellis_cluster::ipam::NodeIpam;
 use trellis_cluster::report::{self, GcScope};
 use trellis_cluster::{objects, Clock, ClusterError};
 use trellis_ipam::cluster::ClusterIpamError;
-use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
+use trellis_store::Datastore;
 
 async fn burst_four_nodes(s: Arc<dyn Datastore>) {
     apply(&*s, "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool\nspec:\n  cidr: 10.50.0.0/16\n  blockSize: 26\n").await;
@@ -268,71 +268,6 @@ async fn foreign_blocks_stay_out_of_the_cache(s: Arc<dyn Datastore>) {
     assert!(report::check(&*s).await.unwrap().is_empty());
 }
 
-/// Writes an attachment the way Trellis did before the injective names: handle
-/// `network.container.ifname`, endpoint `node-<first 12 of the ID>-ifname` without the network
-/// annotation — all in one transaction, into the node's existing block.
-async fn write_legacy(s: &dyn Datastore, node: &str, r: &trellis_cluster::ipam::Request, ip: &str) {
-    use trellis_resources::{key_for, IpamHandleSpec, Kind, Metadata, Object, Resource};
-    let ip: std::net::IpAddr = ip.parse().unwrap();
-    let handle = trellis_ipam::cluster::legacy_handle_id(&r.network, &r.container_id, &r.ifname);
-    let (mut block, rev) = objects::blocks(s)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|(b, _)| b.spec.cidr.contains(&ip))
-        .expect("a block holds the legacy address");
-    let sec = BTreeMap::from([("node".to_string(), node.to_string())]);
-    trellis_ipam::cluster::allocate_specific(&mut block.spec, ip, &handle, &sec).unwrap();
-    let short: String = r.container_id.chars().take(12).collect();
-    let mut wep = Object {
-        metadata: Metadata {
-            name: format!("{node}-{short}-{}", r.ifname),
-            namespace: Some("default".into()),
-            ..Default::default()
-        },
-        spec: trellis_resources::WorkloadEndpointSpec {
-            node: node.into(),
-            container_id: Some(r.container_id.clone()),
-            endpoint: Some(r.ifname.clone()),
-            ip_networks: vec![ip.into()],
-            ..Default::default()
-        },
-        status: None,
-    };
-    wep.metadata
-        .annotations
-        .insert("trellis.dev/handle".into(), handle.clone());
-    let wep = Resource::WorkloadEndpoint(wep);
-    let h = Resource::IpamHandle(Object {
-        metadata: Metadata {
-            name: handle.clone(),
-            ..Default::default()
-        },
-        spec: IpamHandleSpec {
-            handle_id: handle.clone(),
-            block: BTreeMap::from([(block.spec.cidr.to_string(), 1)]),
-            endpoint: Some(wep.key()),
-        },
-        status: None,
-    });
-    let bkey = key_for(Kind::IpamBlock, None, &block.metadata.name);
-    let out = s
-        .txn(
-            vec![
-                Precondition::ModRevision(bkey.clone(), rev),
-                Precondition::Absent(h.key()),
-            ],
-            vec![
-                TxnOp::Put(bkey, objects::encode(&Resource::IpamBlock(block))),
-                TxnOp::Put(h.key(), objects::encode(&h)),
-                TxnOp::Put(wep.key(), objects::encode(&wep)),
-            ],
-        )
-        .await
-        .unwrap();
-    assert!(matches!(out, TxnOutcome::Committed { .. }));
-}
-
 fn attachment(network: &str, cid: &str) -> trellis_cluster::ipam::Request {
     trellis_cluster::ipam::Request {
         network: network.into(),
@@ -395,8 +330,8 @@ async fn attachment_identities(s: Arc<dyn Datastore>) {
     // container v3.x — whose legacy handle a DEL of network k8s.v3 / container x would compute.
     let old_v2 = attachment("k8s.v2", "old");
     let old_k8s = attachment("k8s", "v3.x");
-    write_legacy(&*s, "n", &old_v2, "10.82.0.40").await;
-    write_legacy(&*s, "n", &old_k8s, "10.82.0.41").await;
+    common::write_legacy(&*s, "n", &old_v2, "10.82.0.40").await;
+    common::write_legacy(&*s, "n", &old_k8s, "10.82.0.41").await;
     let legacy = |r: &trellis_cluster::ipam::Request| {
         trellis_ipam::cluster::legacy_handle_id(&r.network, &r.container_id, &r.ifname)
     };
@@ -454,7 +389,7 @@ async fn legacy_records_released_by_del(s: Arc<dyn Datastore>) {
     let ipam = NodeIpam::new(s.clone(), "n", BTreeMap::new());
     ipam.allocate(&attachment("k8s", "seed")).await.unwrap();
     let old = attachment("net.v1", "c.1");
-    write_legacy(&*s, "n", &old, "10.83.0.9").await;
+    common::write_legacy(&*s, "n", &old, "10.83.0.9").await;
     assert_eq!(
         ipam.release(&old).await.unwrap(),
         vec!["10.83.0.9".parse::<std::net::IpAddr>().unwrap()]

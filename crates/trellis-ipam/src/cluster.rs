@@ -43,11 +43,36 @@ pub enum ClusterIpamError {
     },
     #[error("ips (CNI_ARGS IP, runtimeConfig.ips, args.cni.ips): {} IPv{family} addresses requested ({}); at most one address per family is allowed", ips.len(), ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     TooManyRequested { family: u8, ips: Vec<IpAddr> },
+    #[error("address {ip}: its block {block} would overlap block {existing}, which is of another size (left by a pool with another blockSize); release that block's addresses first")]
+    BlockOverlaps {
+        ip: IpAddr,
+        block: IpNet,
+        existing: IpNet,
+    },
 }
 
 /// The datastore name of a block: its CIDR with `.`/`:`/`/` turned into `-`.
 pub fn block_name(cidr: &IpNet) -> String {
     cidr.to_string().replace(['.', ':', '/'], "-")
+}
+
+/// The CIDR a block's datastore name stands for: the inverse of [`block_name`] (`None` when
+/// `name` is not a name [`block_name`] gives), so that a record at a block's key that does not
+/// decode still claims its range.
+pub fn block_cidr_of_name(name: &str) -> Option<IpNet> {
+    let (addr, prefix) = name.rsplit_once('-')?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let ip: IpAddr = match addr.replace('-', ".").parse() {
+        Ok(v4) => v4,
+        Err(_) => addr.replace('-', ":").parse().ok()?,
+    };
+    let cidr = IpNet::new(ip, prefix).ok()?;
+    (cidr == cidr.trunc() && block_name(&cidr) == name).then_some(cidr)
+}
+
+/// Whether two CIDRs share an address.
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// The name of a node's affinity to a block.
@@ -65,8 +90,13 @@ const MAX_NAME: usize = 253;
 /// `eth0`) come out unchanged, so the name stays readable. A result longer than 253 characters
 /// or not starting with a letter or digit is replaced by `PREFIX.SHA256` (the first part's
 /// encoding, at most 64 characters, or `h`; then 64 hex digits of SHA-256 of the full
-/// encoding). That form has exactly one `.`; the plain form of two or more parts has at least
-/// two, so the forms cannot collide.
+/// encoding). That form has exactly one `.`; the plain form of three or more parts has at least
+/// two, so the forms cannot collide. (Two parts would give one `.`: a second part spelling a
+/// digest could then equal a hashed name, so every caller passes three.)
+///
+/// The plain form is not disjoint from the legacy names (parts joined unescaped): today's name
+/// of container `a.b` is `…a_2Eb…`, the legacy name of container `a_2Eb`. Whoever finds a
+/// record under such a name must check whose it is (see `trellis-cluster`'s `lookup_handle`).
 pub fn attachment_name(parts: &[&str]) -> String {
     let enc: Vec<String> = parts.iter().map(|p| escape_part(p)).collect();
     let joined = enc.join(".");
@@ -213,18 +243,51 @@ pub fn eligible_pools<'a>(
     Ok(out)
 }
 
-/// The first block of `pool` that nobody has claimed, in address order, skipping blocks wholly
-/// inside a reservation.
+/// The first block of `pool` that overlaps no claimed block, in address order, skipping blocks
+/// wholly inside a reservation. A claimed block of another size (left by a pool deleted and
+/// created again with another `blockSize`) claims every block of this size it overlaps: the
+/// datastore key of a block names its CIDR, so a compare-and-swap on the new block's key alone
+/// would not see it.
 pub fn next_unclaimed_block(
     pool: &IpPoolSpec,
     claimed: &HashSet<IpNet>,
     reserved: &[IpNet],
 ) -> Option<IpNet> {
     let prefix = pool.block_prefix();
+    let other_sizes: Vec<&IpNet> = claimed
+        .iter()
+        .filter(|c| c.prefix_len() != prefix)
+        .collect();
     let subnets = pool.cidr.subnets(prefix).ok()?;
-    subnets
-        .into_iter()
-        .find(|b| !claimed.contains(b) && !reserved.iter().any(|r| r.contains(b)))
+    subnets.into_iter().find(|b| {
+        !claimed.contains(b)
+            && !other_sizes.iter().any(|c| overlaps(c, b))
+            && !reserved.iter().any(|r| r.contains(b))
+    })
+}
+
+/// The block to allocate the requested `ip` of `pool` in: the claimed block holding it, whatever
+/// its size (`Ok((cidr, true))`), or else the pool's block for it (`Ok((cidr, false))`), which
+/// must overlap no claimed block.
+pub fn block_for_ip(
+    pool: &IpPoolSpec,
+    ip: IpAddr,
+    claimed: &HashSet<IpNet>,
+) -> Result<(IpNet, bool), ClusterIpamError> {
+    if let Some(c) = claimed.iter().find(|c| c.contains(&ip)) {
+        return Ok((*c, true));
+    }
+    let block = IpNet::new(ip, pool.block_prefix())
+        .map(|n| n.trunc())
+        .map_err(|_| ClusterIpamError::OutsidePools { ip })?;
+    match claimed.iter().find(|c| overlaps(c, &block)) {
+        Some(existing) => Err(ClusterIpamError::BlockOverlaps {
+            ip,
+            block,
+            existing: *existing,
+        }),
+        None => Ok((block, false)),
+    }
 }
 
 /// Whether `ip` is reserved, and by which reservation.
@@ -431,6 +494,61 @@ mod tests {
         );
         let all: HashSet<IpNet> = p.cidr.subnets(26).unwrap().collect();
         assert_eq!(next_unclaimed_block(&p, &all, &[]), None);
+    }
+
+    /// A pool created again over the blocks of a deleted pool with another block size.
+    #[test]
+    fn claimed_blocks_of_another_size_claim_what_they_overlap() {
+        let p = pool("p2", "10.0.0.0/24", None).spec;
+        let p = IpPoolSpec {
+            block_size: Some(28),
+            ..p
+        };
+        let old: IpNet = "10.0.0.0/26".parse().unwrap();
+        let claimed: HashSet<IpNet> = [old, "10.0.0.64/28".parse().unwrap()].into();
+        assert_eq!(
+            next_unclaimed_block(&p, &claimed, &[]),
+            Some("10.0.0.80/28".parse().unwrap())
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(block_for_ip(&p, ip("10.0.0.9"), &claimed), Ok((old, true)));
+        assert_eq!(
+            block_for_ip(&p, ip("10.0.0.99"), &claimed),
+            Ok(("10.0.0.96/28".parse().unwrap(), false))
+        );
+        let small: HashSet<IpNet> = ["10.0.0.72/30".parse().unwrap()].into();
+        let p26 = IpPoolSpec {
+            block_size: Some(26),
+            ..p
+        };
+        assert!(matches!(
+            block_for_ip(&p26, ip("10.0.0.70"), &small),
+            Err(ClusterIpamError::BlockOverlaps { .. })
+        ));
+    }
+
+    #[test]
+    fn block_names_parse_back() {
+        for c in [
+            "10.0.0.64/26",
+            "fd00::40/122",
+            "fd00:1::40/122",
+            "fd00:1:2:3::/116",
+            "10.1.2.3/32",
+        ] {
+            let cidr: IpNet = c.parse().unwrap();
+            assert_eq!(block_cidr_of_name(&block_name(&cidr)), Some(cidr), "{c}");
+        }
+        for bad in [
+            "10-0-0-0",
+            "x-26",
+            "10-0-0-1-26",
+            "10-0-0-0-33",
+            "10-0-0-0-26-old",
+            "",
+        ] {
+            assert_eq!(block_cidr_of_name(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -4,15 +4,17 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trellis_cluster::ipam::Request;
 use trellis_cluster::{objects, report, Clock};
 use trellis_resources::parse_documents;
-use trellis_store::Datastore;
+use trellis_store::{Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch};
 use trellis_testutil::{temp_dir, EtcdServer};
 
 /// Keeps the backing store alive for the test.
@@ -159,4 +161,181 @@ macro_rules! both {
             }
         }
     };
+}
+
+/// Writes an attachment the way Trellis did before the injective names: handle
+/// `network.container.ifname`, endpoint `node-<first 12 of the ID>-ifname` without the network
+/// annotation — all in one transaction, into the node's existing block.
+pub async fn write_legacy(s: &dyn Datastore, node: &str, r: &Request, ip: &str) {
+    use trellis_resources::{key_for, IpamHandleSpec, Kind, Metadata, Object, Resource};
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let handle = trellis_ipam::cluster::legacy_handle_id(&r.network, &r.container_id, &r.ifname);
+    let (mut block, rev) = objects::blocks(s)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(b, _)| b.spec.cidr.contains(&ip))
+        .expect("a block holds the legacy address");
+    let sec = BTreeMap::from([("node".to_string(), node.to_string())]);
+    trellis_ipam::cluster::allocate_specific(&mut block.spec, ip, &handle, &sec).unwrap();
+    let short: String = r.container_id.chars().take(12).collect();
+    let mut wep = Object {
+        metadata: Metadata {
+            name: format!("{node}-{short}-{}", r.ifname),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        spec: trellis_resources::WorkloadEndpointSpec {
+            node: node.into(),
+            container_id: Some(r.container_id.clone()),
+            endpoint: Some(r.ifname.clone()),
+            ip_networks: vec![ip.into()],
+            ..Default::default()
+        },
+        status: None,
+    };
+    wep.metadata
+        .annotations
+        .insert("trellis.dev/handle".into(), handle.clone());
+    let wep = Resource::WorkloadEndpoint(wep);
+    let h = Resource::IpamHandle(Object {
+        metadata: Metadata {
+            name: handle.clone(),
+            ..Default::default()
+        },
+        spec: IpamHandleSpec {
+            handle_id: handle.clone(),
+            block: BTreeMap::from([(block.spec.cidr.to_string(), 1)]),
+            endpoint: Some(wep.key()),
+        },
+        status: None,
+    });
+    let bkey = key_for(Kind::IpamBlock, None, &block.metadata.name);
+    let out = s
+        .txn(
+            vec![
+                Precondition::ModRevision(bkey.clone(), rev),
+                Precondition::Absent(h.key()),
+            ],
+            vec![
+                TxnOp::Put(bkey, objects::encode(&Resource::IpamBlock(block))),
+                TxnOp::Put(h.key(), objects::encode(&h)),
+                TxnOp::Put(wep.key(), objects::encode(&wep)),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out, TxnOutcome::Committed { .. }));
+}
+
+/// Something to run between two datastore calls of the code under test.
+pub type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A datastore that passes every call to `inner` and, once armed, runs a hook before the k-th
+/// call from then on; it logs each call so a test can say where the hook landed.
+pub struct Armed {
+    inner: Arc<dyn Datastore>,
+    calls: AtomicUsize,
+    fire_at: AtomicUsize,
+    hook: tokio::sync::Mutex<Option<Hook>>,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl Armed {
+    pub fn new(inner: Arc<dyn Datastore>) -> Arc<Armed> {
+        Arc::new(Armed {
+            inner,
+            calls: AtomicUsize::new(0),
+            fire_at: AtomicUsize::new(usize::MAX),
+            hook: tokio::sync::Mutex::new(None),
+            log: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Runs `hook` before the `k`-th call from now (0: the next call).
+    pub async fn arm(&self, k: usize, hook: Hook) {
+        *self.hook.lock().await = Some(hook);
+        self.fire_at
+            .store(self.calls.load(Ordering::SeqCst) + k, Ordering::SeqCst);
+    }
+
+    /// Calls made so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Whether the armed hook ran (or none was armed).
+    pub async fn fired(&self) -> bool {
+        self.hook.lock().await.is_none()
+    }
+
+    /// The `n`-th call made (for messages).
+    pub fn call(&self, n: usize) -> String {
+        self.log.lock().unwrap().get(n).cloned().unwrap_or_default()
+    }
+
+    async fn enter(&self, what: String) {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.log.lock().unwrap().push(what);
+        if n == self.fire_at.load(Ordering::SeqCst) {
+            if let Some(h) = self.hook.lock().await.take() {
+                h().await;
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Datastore for Armed {
+    async fn get(&self, key: &str) -> trellis_store::Result<Option<KeyValue>> {
+        self.enter(format!("get {key}")).await;
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> trellis_store::Result<Listing> {
+        self.enter(format!("list {prefix}")).await;
+        self.inner.list(prefix).await
+    }
+    async fn txn(
+        &self,
+        pre: Vec<Precondition>,
+        ops: Vec<TxnOp>,
+    ) -> trellis_store::Result<TxnOutcome> {
+        let what: Vec<String> = ops
+            .iter()
+            .map(|o| match o {
+                TxnOp::Put(k, _) => format!("put {k}"),
+                TxnOp::Delete(k) => format!("delete {k}"),
+            })
+            .collect();
+        self.enter(format!("txn [{}]", what.join(", "))).await;
+        self.inner.txn(pre, ops).await
+    }
+    async fn watch(&self, prefix: &str, from: i64) -> trellis_store::Result<Watch> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn compact(&self, revision: i64) -> trellis_store::Result<()> {
+        self.inner.compact(revision).await
+    }
+    async fn revision(&self) -> trellis_store::Result<i64> {
+        self.inner.revision().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Deletes every Trellis key (in chunks: etcd limits operations per transaction).
+pub async fn wipe(s: &dyn Datastore) {
+    let keys: Vec<String> = s
+        .list("/trellis/")
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    for chunk in keys.chunks(100) {
+        let ops = chunk.iter().map(|k| TxnOp::Delete(k.clone())).collect();
+        s.txn(vec![], ops).await.unwrap();
+    }
 }
