@@ -565,3 +565,127 @@ fn delegated_results_with_mixed_families_never_panic() {
     )
     .ok();
 }
+
+/// Writes an executable script `name` into the node's CNI_PATH.
+fn script_plugin(node: &Node, name: &str, body: &str) {
+    let path = node.dir.path().join("bin").join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn misbehaving_delegated_ipam_plugins_never_hold_or_exhaust_the_plugin() {
+    let node = Node::new("deleg");
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("bg.pid");
+    // Answers, but leaves a process behind that holds its stdout open.
+    script_plugin(
+        &node,
+        "bg-ipam",
+        &format!(
+            "cat >/dev/null\nsleep 1000 &\necho $! > {}\necho '{{\"cniVersion\": \"1.1.0\"}}'",
+            pidfile.display()
+        ),
+    );
+    // Prints 300 MB (and fails).
+    script_plugin(
+        &node,
+        "flood-ipam",
+        "cat >/dev/null\nhead -c 300000000 /dev/zero | tr '\\0' x\nexit 1",
+    );
+    let conf = |ipam: &str| {
+        json!({"cniVersion": "1.1.0", "name": "delegnet", "type": "trellis-cni",
+            "ipam": {"type": ipam}})
+    };
+    let path = node.cni_path();
+    let env = node.env("STATUS", "", None, "", &path);
+    let env: Vec<_> = env.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    /// Kills the background process the script recorded, however the test ends.
+    struct KillRecorded(std::path::PathBuf);
+    impl Drop for KillRecorded {
+        fn drop(&mut self) {
+            if let Some(pid) = std::fs::read_to_string(&self.0)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) of the background process this test's script started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _bg = KillRecorded(pidfile.clone());
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf("bg-ipam").to_string().as_bytes(),
+            DEADLINE,
+            None,
+        )
+        .finished("STATUS with a plugin that leaves a process holding its stdout");
+    assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf("flood-ipam").to_string().as_bytes(),
+            DEADLINE,
+            Some(256 << 20),
+        )
+        .finished("STATUS with a plugin that prints 300 MB");
+    assert_eq!(out.err_code(), 50, "{} {}", out.stdout, out.stderr);
+    let m = msg(&out);
+    assert!(m.contains("ipam.type") && m.contains("more than"), "{m}");
+}
+
+#[test]
+fn an_oversized_stdin_is_refused_before_it_is_parsed() {
+    let node = Node::new("bigin");
+    let path = node.cni_path();
+    let env: Vec<_> = node
+        .env("STATUS", "", None, "", &path)
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    // A valid document of 40 MB: a prevResult with ten million addresses.
+    let mut doc = node.conf("1.1.0", json!({})).to_string();
+    doc.pop();
+    doc.push_str(",\"prevResult\":{\"ips\":[");
+    doc.push_str(&"0,".repeat(20_000_000));
+    doc.push_str("0]}}");
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            doc.as_bytes(),
+            DEADLINE,
+            Some(512 << 20),
+        )
+        .finished("STATUS with 40 MB on stdin");
+    assert!(!out.stderr.contains("memory allocation"), "{}", out.stderr);
+    assert_eq!(out.err_code(), 6, "{} {}", out.stdout, out.stderr);
+    let m = msg(&out);
+    assert!(m.contains("stdin") && m.contains("larger than"), "{m}");
+}
+
+#[test]
+fn a_plugin_name_that_is_not_utf8_does_not_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let node = Node::new("argv0");
+    let odd = node
+        .dir
+        .path()
+        .join("bin")
+        .join(std::ffi::OsStr::from_bytes(b"trellis-\xff"));
+    std::os::unix::fs::symlink(common::BIN, &odd).unwrap();
+    let out = std::process::Command::new(&odd)
+        .env("CNI_COMMAND", "VERSION")
+        .env_remove("CNI_NETNS")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["supportedVersions"].is_array(), "{v}");
+}
