@@ -143,6 +143,19 @@ fn log_file_on_stdout_is_refused_and_stdout_stays_one_document() {
             out.stdout
         );
     }
+    // A kernel control file: a log line there would be a command to the kernel. (The plugin's
+    // own `comm` is the harmless one to try: before the fix, ADD went ahead and wrote to it.)
+    for target in ["/proc/self/comm", "/proc/thread-self/comm"] {
+        let conf = node.conf("1.0.0", json!({"logFile": target, "logLevel": "debug"}));
+        let out = call(&node, "ADD", "lo-1", Some(&pod_path), "eth0", &conf);
+        assert_eq!(out.err_code(), 7, "{target}: {}", out.stdout);
+        assert!(
+            msg(&out).contains("`logFile`") && msg(&out).contains("proc"),
+            "{}",
+            out.stdout
+        );
+        assert!(node.allocations("testnet").is_empty(), "{target}");
+    }
     // stderr is a fine log target.
     let conf = node.conf(
         "1.0.0",
