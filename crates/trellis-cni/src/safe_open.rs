@@ -130,6 +130,31 @@ pub fn open_netns(path: &Path) -> Result<Netns, NetnsProblem> {
     Ok(Netns::from_file(file, path.to_path_buf()))
 }
 
+/// Opens a file in a directory named by input (the IPAM store, the lock directory) with
+/// `options`, never following a symbolic link in the last component (`ELOOP`), never blocking
+/// on a FIFO and never making a terminal the plugin's; anything but a regular file is refused.
+/// (`O_NONBLOCK` changes nothing for regular files, and `flock` ignores it.)
+pub fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    let file = options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::new(
+                io::ErrorKind::InvalidData,
+                "it is a symbolic link, which is not followed",
+            ),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("it is {}, not a regular file", kind_of(&meta)),
+        ));
+    }
+    Ok(file)
+}
+
 /// Where log lines go.
 #[derive(Debug)]
 pub enum LogTarget {

@@ -702,3 +702,73 @@ fn a_plugin_name_that_is_not_utf8_does_not_panic() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["supportedVersions"].is_array(), "{v}");
 }
+
+/// The IPAM data directory (`ipam.dataDir`) is input too: a symbolic link planted where the
+/// store writes must not make the plugin (root) write through it, and a FIFO where it reads
+/// must not hold every ADD.
+#[test]
+fn planted_entries_in_the_ipam_directory_are_never_followed_or_waited_on() {
+    let node = Node::new("plant");
+    let p = pod("plant");
+    let pod_path = p.path().display().to_string();
+    let conf = node.conf("1.1.0", json!({}));
+    let net = node.data_dir().join("testnet");
+    std::fs::create_dir_all(&net).unwrap();
+    let victim = node.dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    for planted in ["last_reserved_ip.0", ".probe", "lock"] {
+        std::os::unix::fs::symlink(&victim, net.join(planted)).unwrap();
+    }
+    let path = node.cni_path();
+    let env: Vec<_> = node
+        .env("STATUS", "", None, "", &path)
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf.to_string().as_bytes(),
+            DEADLINE,
+            None,
+        )
+        .finished("STATUS with planted symbolic links");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "precious\n",
+        "STATUS wrote through .probe"
+    );
+    assert_ne!(
+        out.code, 0,
+        "STATUS used a store whose lock is a symbolic link"
+    );
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf);
+    assert_eq!(out.err_code(), 5, "{}", out.stdout);
+    assert!(msg(&out).contains("ipam.dataDir"), "{}", out.stdout);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    // With the lock in order, a planted last_reserved_ip.N is still never written through.
+    std::fs::remove_file(net.join("lock")).unwrap();
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf);
+    assert_ne!(
+        out.code, 0,
+        "ADD wrote through last_reserved_ip.0: {}",
+        out.stdout
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        node.allocations("testnet").is_empty(),
+        "a failed ADD kept its address"
+    );
+    // A FIFO named like an allocation: an error, not a hang.
+    std::fs::remove_file(net.join("last_reserved_ip.0")).unwrap();
+    nix::unistd::mkfifo(&net.join("10.77.0.200"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf);
+    assert_eq!(out.err_code(), 5, "{}", out.stdout);
+    assert!(msg(&out).contains("FIFO"), "{}", out.stdout);
+    std::fs::remove_file(net.join("10.77.0.200")).unwrap();
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf).ok();
+    assert!(out.json()["ips"].is_array());
+    call(&node, "DEL", "plant-1", Some(&pod_path), "eth0", &conf).ok();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+}
