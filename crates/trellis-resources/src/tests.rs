@@ -125,6 +125,61 @@ fn pool_overlap_detected() {
     );
 }
 
+/// The indexed overlap check agrees with comparing every pair, on random pools of both
+/// families that nest, touch and coincide (same first address, other prefix; same name).
+#[test]
+fn pool_index_agrees_with_comparing_every_pair() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut random_pool = |i: u64| -> Object<IpPoolSpec> {
+        let cidr = if next(4) == 0 {
+            let len = 120 + next(9) as u8;
+            let a = (0xfd00u128 << 112) | (u128::from(next(256)) << (128 - len));
+            ipnet::IpNet::new(std::net::IpAddr::V6(a.into()), len).unwrap()
+        } else {
+            let len = 16 + next(13) as u8;
+            let a = (10u32 << 24) | ((next(1 << 16) as u32) << 8);
+            ipnet::IpNet::new(std::net::IpAddr::V4(a.into()), len)
+                .unwrap()
+                .trunc()
+        };
+        let v = serde_json::json!({"metadata": {"name": format!("p{}", next(40) + i)},
+            "spec": {"cidr": cidr.to_string()}});
+        serde_json::from_value(v).unwrap()
+    };
+    for round in 0..20 {
+        let existing: Vec<_> = (0..100).map(|i| random_pool(i * 1000)).collect();
+        let index = validate::PoolIndex::new(&existing);
+        for _ in 0..300 {
+            let new = random_pool(round);
+            let brute = existing.iter().any(|p| {
+                p.metadata.name != new.metadata.name && addr::overlaps(&p.spec.cidr, &new.spec.cidr)
+            });
+            let found = index.overlapping(&new);
+            assert_eq!(
+                found.is_some(),
+                brute,
+                "{} ({})",
+                new.spec.cidr,
+                new.metadata.name
+            );
+            if let Some(p) = found {
+                assert!(addr::overlaps(&p.spec.cidr, &new.spec.cidr));
+                assert_ne!(p.metadata.name, new.metadata.name);
+            }
+            assert_eq!(
+                validate::check_pool_overlap(&new, &existing).is_err(),
+                brute
+            );
+        }
+    }
+}
+
 #[test]
 fn kinds_parse_from_cli_names() {
     assert_eq!(Kind::parse("ippools"), Some(Kind::IpPool));

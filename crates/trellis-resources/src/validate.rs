@@ -1,6 +1,9 @@
 //! Semantic validation of each kind (the serde layer already rejected unknown fields and
 //! wrong types). Pure.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
 use ipnet::IpNet;
 
 use crate::kinds::*;
@@ -539,19 +542,84 @@ pub fn check_pool_overlap(
     new: &Object<IpPoolSpec>,
     existing: &[Object<IpPoolSpec>],
 ) -> Result<(), ResourceError> {
-    for p in existing
-        .iter()
-        .filter(|p| p.metadata.name != new.metadata.name)
-    {
-        let (a, b) = (new.spec.cidr, p.spec.cidr);
-        if crate::addr::overlaps(&a, &b) {
-            return Err(ResourceError {
+    PoolIndex::new(existing).check(new)
+}
+
+/// Pools indexed by network for overlap checks. Two CIDRs overlap exactly when one contains
+/// the other's first address, so a query looks up the new pool's supernets (one lookup per
+/// prefix length) and the pools whose first address lies inside it (one range): checking `n`
+/// pools against each other costs O(n log n), not O(n²) — a file of tens of thousands of pools
+/// is checked in a moment.
+#[derive(Debug, Default)]
+pub struct PoolIndex<'a> {
+    /// (IPv6?, first address, prefix length) → the pools with that network.
+    by_network: BTreeMap<(bool, u128, u8), Vec<&'a Object<IpPoolSpec>>>,
+}
+
+fn network_key(net: &IpNet) -> (bool, u128, u8) {
+    let first = match net.network() {
+        IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    };
+    (first.0, first.1, net.prefix_len())
+}
+
+impl<'a> PoolIndex<'a> {
+    pub fn new(pools: impl IntoIterator<Item = &'a Object<IpPoolSpec>>) -> PoolIndex<'a> {
+        let mut index = PoolIndex::default();
+        for p in pools {
+            index.insert(p);
+        }
+        index
+    }
+
+    pub fn insert(&mut self, pool: &'a Object<IpPoolSpec>) {
+        self.by_network
+            .entry(network_key(&pool.spec.cidr))
+            .or_default()
+            .push(pool);
+    }
+
+    /// A pool that overlaps `new`, other than one of `new`'s name (the version it replaces).
+    pub fn overlapping(&self, new: &Object<IpPoolSpec>) -> Option<&'a Object<IpPoolSpec>> {
+        let other = |pools: &Vec<&'a Object<IpPoolSpec>>| {
+            pools
+                .iter()
+                .find(|p| p.metadata.name != new.metadata.name)
+                .copied()
+        };
+        let net = new.spec.cidr;
+        // Its strict supernets; pools with its own first address are in the range below.
+        let containing = (0..net.prefix_len()).find_map(|len| {
+            let supernet = IpNet::new(net.network(), len)
+                .expect("shorter prefix")
+                .trunc();
+            self.by_network.get(&network_key(&supernet)).and_then(other)
+        });
+        if containing.is_some() {
+            return containing;
+        }
+        let (v6, first, _) = network_key(&net);
+        let (_, last, _) =
+            network_key(&IpNet::new(net.broadcast(), net.max_prefix_len()).expect("host"));
+        self.by_network
+            .range((v6, first, 0)..=(v6, last, u8::MAX))
+            .find_map(|(_, pools)| other(pools))
+    }
+
+    /// [`PoolIndex::overlapping`] as the error `apply` reports.
+    pub fn check(&self, new: &Object<IpPoolSpec>) -> Result<(), ResourceError> {
+        match self.overlapping(new) {
+            None => Ok(()),
+            Some(p) => Err(ResourceError {
                 doc: None,
                 object: Some(format!("IPPool/{}", new.metadata.name)),
                 field: "spec.cidr".into(),
-                reason: format!("{a} overlaps pool {} ({b})", p.metadata.name),
-            });
+                reason: format!(
+                    "{} overlaps pool {} ({})",
+                    new.spec.cidr, p.metadata.name, p.spec.cidr
+                ),
+            }),
         }
     }
-    Ok(())
 }
