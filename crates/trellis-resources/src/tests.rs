@@ -180,6 +180,22 @@ fn pool_index_agrees_with_comparing_every_pair() {
     }
 }
 
+/// An error quotes names and keys from the input; a terminal escape sequence among them is
+/// shown escaped, not sent to the operator's terminal.
+#[test]
+fn errors_never_carry_raw_control_characters() {
+    for doc in [
+        "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: \"a\\e[2J\\e]0;pwned\\x07\"}\nspec: {cidr: 10.0.0.0/16}\n",
+        "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.0.0.0/16, \"\\e[31mx\": 1}\n",
+        "apiVersion: trellis.dev/v1\nkind: \"\\e[8mIPPool\"\n",
+        "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: \"a\\0b\"}\nspec: {cidr: 10.0.0.0/16}\n",
+    ] {
+        let shown = parse_documents(doc).unwrap_err().to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("\\u{1b}") || shown.contains("\\u{0}"), "{shown:?}");
+    }
+}
+
 #[test]
 fn kinds_parse_from_cli_names() {
     assert_eq!(Kind::parse("ippools"), Some(Kind::IpPool));
