@@ -772,3 +772,46 @@ fn planted_entries_in_the_ipam_directory_are_never_followed_or_waited_on() {
     call(&node, "DEL", "plant-1", Some(&pod_path), "eth0", &conf).ok();
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
 }
+
+/// An agent on `path` that answers every request line with `reply` (at most 16 connections).
+fn fake_agent(path: &std::path::Path, reply: Value) {
+    use std::io::{BufRead, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(stream) = stream else { return };
+            let mut line = String::new();
+            let mut r = std::io::BufReader::new(&stream);
+            if r.read_line(&mut line).is_ok() {
+                let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+            }
+        }
+    });
+}
+
+/// The agent's MTU goes onto the pod's interface: one the kernel refuses (or that IPv6 cannot
+/// run on) is the agent's error, said as such, and leaves nothing behind.
+#[test]
+fn an_agent_mtu_no_interface_can_have_is_refused_naming_it() {
+    let node = Node::new("agmtu");
+    let p = pod("agmtu");
+    let pod_path = p.path().display().to_string();
+    for (i, (ips, mtu)) in [
+        (json!(["10.84.0.5/26"]), 0),
+        (json!(["10.84.0.5/26"]), 10_000_000),
+        (json!(["fd00:84::5/122"]), 1000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sock = node.dir.path().join(format!("agent{i}.sock"));
+        fake_agent(&sock, json!({"ok": {"ips": ips, "mtu": mtu}}));
+        let conf = json!({"cniVersion": "1.0.0", "name": "agentnet", "type": "trellis-cni",
+            "ipam": {"type": "trellis-ipam", "agentSocket": sock}});
+        let out = call(&node, "ADD", "am-1", Some(&pod_path), "eth0", &conf);
+        assert_eq!(out.err_code(), 6, "mtu {mtu}: {}", out.stdout);
+        let m = msg(&out);
+        assert!(m.contains("agent") && m.contains("mtu"), "{m}");
+        assert!(!p.exec_ok(&["ip", "link"]).contains("eth0"));
+    }
+}
