@@ -815,3 +815,32 @@ fn an_agent_mtu_no_interface_can_have_is_refused_naming_it() {
         assert!(!p.exec_ok(&["ip", "link"]).contains("eth0"));
     }
 }
+
+/// Tens of thousands of ranges (1.6 MB of config) kept every verb busy for most of a minute
+/// comparing each range with every other; the number is bounded and the field named.
+#[test]
+fn a_config_with_very_many_ranges_is_refused_at_once() {
+    let node = Node::new("ranges");
+    let ranges: Vec<Value> = (0..60_000)
+        .map(|i| json!({"subnet": format!("10.{}.{}.0/24", i / 256, i % 256)}))
+        .collect();
+    let conf = json!({"cniVersion": "1.1.0", "name": "testnet", "type": "trellis-cni",
+        "ipam": {"type": "trellis-ipam", "ranges": [ranges], "dataDir": node.data_dir()}});
+    let path = node.cni_path();
+    let env: Vec<_> = node
+        .env("STATUS", "", None, "", &path)
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf.to_string().as_bytes(),
+            DEADLINE,
+            None,
+        )
+        .finished("STATUS with 60 000 ranges");
+    assert_eq!(out.err_code(), 7, "{}", out.stdout);
+    assert!(msg(&out).contains("`ipam.ranges`"), "{}", out.stdout);
+}
