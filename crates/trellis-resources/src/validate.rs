@@ -209,6 +209,56 @@ pub fn parse_seconds(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not a duration of at most 4095s (e.g. 120s)"))
 }
 
+/// Most named communities (`spec.communities`), prefix advertisements, and community
+/// references over all prefix advertisements. A route carries the communities of every
+/// advertisement that covers it, and its attributes must fit in one 4096-byte BGP message
+/// (RFC 4271 §4.1): 256 communities are 1 KiB. (More made every agent's BGP speaker fail to
+/// pack its announcements.)
+pub const MAX_COMMUNITIES: usize = 256;
+
+/// `spec.communities` and `spec.prefixAdvertisements`: each community a value or a name
+/// defined in `spec.communities`, within [`MAX_COMMUNITIES`].
+fn advertised_communities(s: &BgpConfigurationSpec) -> Result<(), ResourceError> {
+    for (field, n) in [
+        ("spec.communities", s.communities.len()),
+        ("spec.prefixAdvertisements", s.prefix_advertisements.len()),
+    ] {
+        if n > MAX_COMMUNITIES {
+            return Err(err(
+                field,
+                format!("has {n} entries; at most {MAX_COMMUNITIES}"),
+            ));
+        }
+    }
+    let mut named: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for (i, c) in s.communities.iter().enumerate() {
+        parse_community(&c.value).map_err(|e| err(&format!("spec.communities[{i}].value"), e))?;
+        named.insert(&c.name);
+    }
+    let mut references = 0;
+    for (i, a) in s.prefix_advertisements.iter().enumerate() {
+        for (j, c) in a.communities.iter().enumerate() {
+            let field = || format!("spec.prefixAdvertisements[{i}].communities[{j}]");
+            references += 1;
+            if references > MAX_COMMUNITIES {
+                return Err(err(
+                    &field(),
+                    format!(
+                        "more than {MAX_COMMUNITIES} communities in all prefixAdvertisements: \
+                         a route carries those of every advertisement covering it, and they \
+                         must fit in one BGP message"
+                    ),
+                ));
+            }
+            if !named.contains(c.as_str()) {
+                parse_community(c)
+                    .map_err(|e| err(&field(), format!("{e}, and no community is named {c:?}")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn bgp_configuration(o: &Object<BgpConfigurationSpec>) -> Result<(), ResourceError> {
     if o.metadata.name != "default" {
         return Err(err(
@@ -229,21 +279,7 @@ fn bgp_configuration(o: &Object<BgpConfigurationSpec>) -> Result<(), ResourceErr
     if let Some(t) = &s.node_mesh_max_restart_time {
         parse_seconds(t).map_err(|e| err("spec.nodeMeshMaxRestartTime", e))?;
     }
-    for (i, c) in s.communities.iter().enumerate() {
-        parse_community(&c.value).map_err(|e| err(&format!("spec.communities[{i}].value"), e))?;
-    }
-    for (i, a) in s.prefix_advertisements.iter().enumerate() {
-        for (j, c) in a.communities.iter().enumerate() {
-            if !s.communities.iter().any(|n| &n.name == c) {
-                parse_community(c).map_err(|e| {
-                    err(
-                        &format!("spec.prefixAdvertisements[{i}].communities[{j}]"),
-                        format!("{e}, and no community is named {c:?}"),
-                    )
-                })?;
-            }
-        }
-    }
+    advertised_communities(s)?;
     Ok(())
 }
 
