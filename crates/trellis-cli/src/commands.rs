@@ -60,9 +60,9 @@ const fn trellis_agent_api_socket() -> &'static str {
     "/run/trellis/agent.sock"
 }
 
-/// Reads a resource file (`-`: stdin), refusing more than the parser accepts without reading
-/// the rest.
-fn read_input(file: &str) -> Result<String> {
+/// Reads a resource or topology file (`-`: stdin), refusing more than the parser accepts
+/// without reading the rest (so `-f /dev/zero` or a huge file cannot exhaust memory).
+pub(crate) fn read_input(file: &str) -> Result<String> {
     let max = trellis_resources::yaml::MAX_INPUT_BYTES;
     let mut bytes = Vec::new();
     let limit = max as u64 + 1;
@@ -77,7 +77,7 @@ fn read_input(file: &str) -> Result<String> {
             .with_context(|| format!("reading {file}"))?;
     }
     if bytes.len() > max {
-        bail!("{file}: larger than {max} bytes (4 MiB), the most a resource file may hold");
+        bail!("{file}: larger than {max} bytes (4 MiB), the most an input file may hold");
     }
     String::from_utf8(bytes).with_context(|| format!("{file}: not UTF-8"))
 }

@@ -19,7 +19,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
         } => {
             let (mut t, source) = match file {
                 Some(f) => {
-                    let text = std::fs::read_to_string(&f).map_err(|e| anyhow!("{f}: {e}"))?;
+                    let text = crate::commands::read_input(&f)?;
                     (topology::decode(&text).map_err(|e| anyhow!("{f}: {e}"))?, f)
                 }
                 None => (topology::demo(), "the built-in topology".to_string()),

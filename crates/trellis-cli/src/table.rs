@@ -6,6 +6,13 @@ use trellis_resources::{Kind, Resource};
 
 /// Renders rows with columns padded to their widest cell.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    // Cells show stored values (selectors, names from the datastore): control characters — a
+    // terminal's escape sequences — are printed escaped, never raw.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -25,6 +32,22 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
         out += &line(r.iter().map(String::as_str).collect());
     }
     out
+}
+
+/// `text` with its control characters escaped (`\u{1b}`).
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn opt<T: ToString>(o: &Option<T>) -> String {
@@ -409,5 +432,20 @@ mod tests {
     fn columns_align() {
         let t = render(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
         assert_eq!(t, "A      LONGER\nxxxx   y\n");
+    }
+
+    /// A stored selector holding a terminal escape sequence (set the title, clear the screen)
+    /// is shown escaped by `get`.
+    #[test]
+    fn control_characters_in_cells_are_escaped() {
+        let t = render(
+            &["A", "B"],
+            &[vec![
+                "a == \"\u{1b}]0;x\u{7}\u{1b}[2J\"".into(),
+                "\u{9b}2J".into(),
+            ]],
+        );
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(t.contains("\\u{1b}[2J") && t.contains("\\u{9b}"), "{t}");
     }
 }

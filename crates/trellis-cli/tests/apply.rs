@@ -62,9 +62,16 @@ impl Store {
 
     /// Runs the CLI on `file` with limited address space and a deadline.
     fn run(&self, verb: &str, file: &Path) -> (ExitStatus, String, String) {
+        self.run_words(&[verb], file)
+    }
+
+    /// [`Store::run`] for a verb of several words (`lab up`).
+    fn run_words(&self, verb: &[&str], file: &Path) -> (ExitStatus, String, String) {
         let (out, err) = (self.dir.path().join("out"), self.dir.path().join("err"));
         let mut cmd = Command::new(bin("trellis"));
-        cmd.args(["--datastore", &self.spec, verb, "-f"])
+        cmd.args(["--datastore", &self.spec])
+            .args(verb)
+            .arg("-f")
             .arg(file)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
@@ -92,7 +99,8 @@ impl Store {
                 child.kill().unwrap();
                 child.wait().unwrap();
                 panic!(
-                    "trellis {verb} -f {} did not finish in {CLI_DEADLINE:?}",
+                    "trellis {} -f {} did not finish in {CLI_DEADLINE:?}",
+                    verb.join(" "),
                     file.display()
                 );
             }
@@ -246,4 +254,20 @@ fn good_files_commit_once_sqlite() {
 #[test]
 fn good_files_commit_once_etcd() {
     good_files_commit_once(true);
+}
+
+/// An endless or huge input file is refused after 4 MiB, by `apply` and by `lab up` alike (the
+/// lab read its topology whole first: `-f /dev/zero` ran the CLI out of memory).
+#[test]
+fn endless_input_files_are_refused_after_the_limit() {
+    let store = Store::new(false);
+    let zero = Path::new("/dev/zero");
+    for verb in [&["apply"][..], &["create"], &["lab", "up"]] {
+        let (st, out, err) = store.run_words(verb, zero);
+        assert_eq!(st.code(), Some(1), "{verb:?}: {st} {out} {err}");
+        assert!(
+            err.contains("/dev/zero: larger than") && err.contains("4 MiB"),
+            "{verb:?}: {err}"
+        );
+    }
 }

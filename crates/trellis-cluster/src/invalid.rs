@@ -36,10 +36,14 @@ impl Tracker {
     /// A full listing of `kind` found exactly `invalid` bad: keys of that kind not in it are
     /// cleared. Returns what changed (a key seen again at the same revision is no change).
     pub fn listing(&mut self, kind: Kind, invalid: &[Invalid]) -> Vec<Change> {
+        // A set, so that a listing of many bad records (all of an older version's endpoints,
+        // say) costs O(n log n), not a comparison of every pair.
+        let listed: std::collections::HashSet<&str> =
+            invalid.iter().map(|i| i.key.as_str()).collect();
         let mut changes: Vec<Change> = self
             .bad
             .iter()
-            .filter(|(k, (kd, _))| *kd == kind && !invalid.iter().any(|i| &i.key == *k))
+            .filter(|(k, (kd, _))| *kd == kind && !listed.contains(k.as_str()))
             .map(|(k, _)| Change::Cleared(kind, k.clone()))
             .collect();
         for c in &changes {
@@ -156,5 +160,27 @@ mod tests {
         );
         assert!(t.counts().is_empty());
         assert!(t.set(Kind::Node, "/trellis/v1/nodes/n", None).is_none());
+    }
+
+    /// An agent lists every kind on every pass: 100 000 invalid records (an older version's
+    /// endpoints, say) used to cost a comparison of every pair per listing, minutes of CPU.
+    /// The deadline only catches that (it is far above what the listing takes).
+    #[test]
+    fn a_listing_of_many_invalid_records_is_not_quadratic() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut t = Tracker::default();
+            let many: Vec<Invalid> = (0..100_000)
+                .map(|i| bad(&format!("/trellis/v1/workloadendpoints/ns/e{i}"), 3))
+                .collect();
+            let first = t.listing(Kind::WorkloadEndpoint, &many).len();
+            let again = t.listing(Kind::WorkloadEndpoint, &many).len();
+            let cleared = t.listing(Kind::WorkloadEndpoint, &many[1..]).len();
+            let _ = tx.send((first, again, cleared));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("listing 100 000 invalid records twice did not finish");
+        assert_eq!(got, (100_000, 0, 1));
     }
 }

@@ -1,8 +1,8 @@
 //! Typed resource access: decode-and-validate on read, compare-and-swap on write.
 
-use trellis_resources::validate::check_pool_overlap;
+use trellis_resources::validate::PoolIndex;
 use trellis_resources::{key_for, Kind, Object, Resource, ResourceError};
-use trellis_store::{Datastore, KeyValue, Precondition, TxnOp, TxnOutcome};
+use trellis_store::{Datastore, KeyValue, Precondition, StoreError, TxnOp, TxnOutcome};
 
 use crate::invalid::Invalid;
 use crate::{ClusterError, Result};
@@ -207,8 +207,22 @@ pub async fn apply_all(
             // Nothing to write: every document equals what was read.
             return Ok(plan.applied);
         }
-        if let TxnOutcome::Committed { .. } = store.txn(plan.preconditions, plan.puts).await? {
-            return Ok(plan.applied);
+        match store.txn(plan.preconditions, plan.puts).await {
+            Ok(TxnOutcome::Committed { .. }) => return Ok(plan.applied),
+            Ok(TxnOutcome::Conflict) => {}
+            Err(StoreError::TxnTooLarge { reason, .. }) => {
+                return Err(ClusterError::Invalid(ResourceError {
+                    doc: None,
+                    object: None,
+                    field: "document".into(),
+                    reason: format!(
+                        "{} documents do not fit in one datastore transaction ({reason}); \
+                         nothing was applied — split the input",
+                        resources.len()
+                    ),
+                }))
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Err(ClusterError::Contention {
@@ -261,6 +275,9 @@ pub fn plan_all(resources: &[Resource], observed: &Observed, create_only: bool) 
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     let keys: std::collections::HashSet<String> = resources.iter().map(Resource::key).collect();
     let stored_pools = stored_pools(observed, &keys)?;
+    // Indexed, so that a file of many pools is checked in O(n log n), not O(n²).
+    let stored_index = PoolIndex::new(&stored_pools);
+    let mut earlier_pools = PoolIndex::default();
     for (i, r) in resources.iter().enumerate() {
         let doc = i + 1;
         let key = r.key();
@@ -293,10 +310,11 @@ pub fn plan_all(resources: &[Resource], observed: &Observed, create_only: bool) 
             ));
         }
         if let Resource::IpPool(p) = r {
-            check_pool(p, current.as_ref(), &stored_pools, &resources[..i]).map_err(|mut e| {
+            check_pool(p, current.as_ref(), &stored_index, &earlier_pools).map_err(|mut e| {
                 e.doc = Some(doc);
                 ClusterError::Invalid(e)
             })?;
+            earlier_pools.insert(p);
         }
         let bytes = encode(r);
         let (pre, applied) = match &current {
@@ -318,12 +336,10 @@ pub fn plan_all(resources: &[Resource], observed: &Observed, create_only: bool) 
     }
     if let Some(listing) = &observed.pools {
         // The overlap checks read every stored pool: none may change or appear before commit.
-        for kv in &listing.items {
-            let pre = Precondition::ModRevision(kv.key.clone(), kv.mod_revision);
-            if !plan.preconditions.contains(&pre) {
-                plan.preconditions.push(pre);
-            }
-        }
+        // One condition over the prefix says so; a pool deleted meanwhile only removes a
+        // possible overlap, so per-pool conditions would add nothing but size (etcd refuses a
+        // transaction of more than 128 conditions: with that many pools stored, no pool could
+        // be applied).
         plan.preconditions.push(Precondition::NoneNewer {
             prefix: Kind::IpPool.prefix(),
             revision: listing.revision,
@@ -361,8 +377,8 @@ fn stored_pools(
 fn check_pool(
     p: &Object<trellis_resources::IpPoolSpec>,
     current: Option<&KeyValue>,
-    stored: &[Object<trellis_resources::IpPoolSpec>],
-    earlier: &[Resource],
+    stored: &PoolIndex<'_>,
+    earlier: &PoolIndex<'_>,
 ) -> std::result::Result<(), ResourceError> {
     let object = || Some(format!("IPPool/{}", p.metadata.name));
     let immutable = |field: &str, what: String| ResourceError {
@@ -393,15 +409,8 @@ fn check_pool(
             ));
         }
     }
-    check_pool_overlap(p, stored)?;
-    let earlier: Vec<_> = earlier
-        .iter()
-        .filter_map(|r| match r {
-            Resource::IpPool(q) => Some(q.clone()),
-            _ => None,
-        })
-        .collect();
-    check_pool_overlap(p, &earlier)
+    stored.check(p)?;
+    earlier.check(p)
 }
 
 /// Deletes an object; `NotFound` when it is not there. Records only IPAM writes

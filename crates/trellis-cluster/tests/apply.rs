@@ -349,3 +349,106 @@ async fn a_stored_hostile_selector_is_a_corrupt_record() {
         other => panic!("expected a corrupt record, got {other:?}"),
     }
 }
+
+/// etcd refuses a transaction of more than 128 conditions or writes (`--max-txn-ops`): a file
+/// with more documents than that cannot be applied in one transaction, and says so — naming
+/// the count and that nothing was applied — instead of passing on a gRPC error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_too_large_for_one_etcd_transaction_is_refused_clearly() {
+    let (s, _b) = etcd().await;
+    let before = snapshot(&*s).await;
+    let yaml: String = (0..200).map(|i| node(&format!("n{i}"))).collect();
+    let e = invalid(
+        objects::apply_all(&*s, &docs(&yaml), false)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        e.reason.contains("200 documents") && e.reason.contains("nothing was applied"),
+        "{e}"
+    );
+    assert_eq!(snapshot(&*s).await, before);
+}
+
+/// With more pools stored than etcd allows conditions in one transaction, a pool still
+/// applies: the overlap check is guarded by one condition over the pool prefix, not one per
+/// stored pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_applies_with_many_pools_stored_on_etcd() {
+    let (s, _b) = etcd().await;
+    for batch in 0..3 {
+        let ops = (0..50)
+            .map(|i| {
+                let n = batch * 50 + i;
+                let r = &docs(&pool(&format!("p{n}"), &format!("10.{n}.0.0/16"), ""))[0];
+                TxnOp::Put(r.key(), objects::encode(r))
+            })
+            .collect();
+        s.txn(vec![], ops).await.unwrap();
+    }
+    let applied = objects::apply_all(&*s, &docs(&pool("new", "10.200.0.0/16", "")), false)
+        .await
+        .unwrap();
+    assert_eq!(applied, vec![Applied::Created]);
+    let e = invalid(
+        objects::apply_all(&*s, &docs(&pool("clash", "10.7.1.0/24", "")), false)
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.reason.contains("p7"), "{e}");
+}
+
+/// The same pools, built directly (parsing 40 000 documents would dominate the test).
+fn many_pools(prefix: &str, n: usize, second_octet: usize) -> Vec<Resource> {
+    (0..n)
+        .map(|i| {
+            let v = serde_json::json!({"apiVersion": "trellis.dev/v1", "kind": "IPPool",
+                "metadata": {"name": format!("{prefix}{i}")},
+                "spec": {"cidr": format!("10.{}.{}.{}/26", second_octet + i / 1024, (i / 4) % 256, (i % 4) * 64)}});
+            Resource::from_value(&v).unwrap()
+        })
+        .collect()
+}
+
+/// Checking every pool of a file against the others and against every stored pool used to
+/// compare each pair (and clone every earlier pool for each one): 40 000 pools took many
+/// minutes. Now it is O(n log n). The deadline only catches the quadratic behaviour (it is
+/// orders of magnitude above the time the check takes); it is not a speed target.
+#[test]
+fn many_pools_are_checked_without_comparing_every_pair() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let stored = many_pools("old", 20_000, 0);
+        let listing = Listing {
+            items: stored
+                .iter()
+                .enumerate()
+                .map(|(i, r)| KeyValue {
+                    key: r.key(),
+                    value: objects::encode(r),
+                    create_revision: i as i64 + 1,
+                    mod_revision: i as i64 + 1,
+                })
+                .collect(),
+            revision: 20_000,
+        };
+        let input = many_pools("new", 40_000, 100);
+        let observed = objects::Observed {
+            current: vec![None; input.len()],
+            pools: Some(listing),
+        };
+        let plan = objects::plan_all(&input, &observed, false).map(|p| p.puts.len());
+        // And one overlap at the very end is still found, naming its document.
+        let mut clash = input;
+        clash.extend(many_pools("late", 1, 0));
+        let late = objects::plan_all(&clash, &observed, false).map(|p| p.puts.len());
+        let _ = tx.send((plan, late));
+    });
+    let (plan, late) = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("checking 40 000 pools against 20 000 stored ones did not finish");
+    assert_eq!(plan.unwrap(), 40_000);
+    let e = invalid(late.unwrap_err());
+    assert_eq!(e.doc, Some(40_001), "{e}");
+    assert!(e.reason.contains("old0"), "{e}");
+}

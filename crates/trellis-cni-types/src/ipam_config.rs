@@ -12,6 +12,10 @@ use crate::config::{validate_path, MAX_DATA_DIR_LEN, MAX_SOCKET_PATH_LEN};
 use crate::error::CniError;
 use crate::result::{Dns, Route};
 
+/// Most ranges in `ipam.ranges`, over all its sets: real configurations have a few, and every
+/// check and allocation compares ranges with each other.
+pub const MAX_RANGES: usize = 1024;
+
 /// Default parent of per-network IPAM state (`<dir>/<network>`).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/trellis/ipam";
 
@@ -271,6 +275,13 @@ pub fn parse_ipam(v: Option<&Value>, network: &str) -> Result<IpamSection, CniEr
             if range_sets.is_empty() {
                 return Err(CniError::invalid_config("ipam.ranges", "must not be empty"));
             }
+            let total: usize = range_sets.iter().map(Vec::len).sum();
+            if total > MAX_RANGES {
+                return Err(CniError::invalid_config(
+                    "ipam.ranges",
+                    format!("holds {total} ranges; at most {MAX_RANGES} are accepted"),
+                ));
+            }
             for (i, set) in range_sets.iter().enumerate() {
                 let mut ranges = Vec::new();
                 for (j, r) in set.iter().enumerate() {
@@ -398,6 +409,28 @@ mod tests {
             let e = parse_ipam(Some(&v), "n").unwrap_err();
             assert!(e.msg.contains(field), "{}", e.msg);
         }
+    }
+
+    /// Every range is compared with every other (overlaps), so their number is bounded: 60 000
+    /// ranges kept STATUS busy for most of a minute.
+    #[test]
+    fn the_number_of_ranges_is_bounded_naming_the_field() {
+        let ranges = |n: usize| -> Vec<Value> {
+            (0..n)
+                .map(|i| json!({"subnet": format!("10.{}.{}.0/24", i / 256, i % 256)}))
+                .collect()
+        };
+        let v = json!({"type": "trellis-ipam", "ranges": [ranges(MAX_RANGES)]});
+        assert!(parse_ipam(Some(&v), "n").is_ok());
+        let v = json!({"type": "trellis-ipam",
+            "ranges": [ranges(MAX_RANGES), [{"subnet": "fd00::/64"}]]});
+        let e = parse_ipam(Some(&v), "n").unwrap_err();
+        assert_eq!(e.code, codes::INVALID_CONFIG);
+        assert!(
+            e.msg.contains("`ipam.ranges`") && e.msg.contains("1025 ranges"),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]

@@ -251,6 +251,21 @@ fn agent_add(cfg: &AgentIpamConfig, env: &CniEnv, req: &AddRequest) -> Result<Al
         );
     }
     check_foreign_result("the trellis agent", codes::DECODE, &ips, &[])?;
+    if let Some(mtu) = reply.mtu {
+        // What the kernel takes for a veth carrying these families (IPv6 needs 1280).
+        let min = if ips.iter().any(|i| i.address.addr().is_ipv6()) {
+            1280
+        } else {
+            68
+        };
+        if !(min..=65535).contains(&mtu) {
+            return Err(CniError::new(
+                codes::DECODE,
+                format!("the trellis agent result: mtu {mtu} is outside {min}..65535"),
+            )
+            .into());
+        }
+    }
     Ok(Allocation {
         ips,
         routes: Vec::new(),

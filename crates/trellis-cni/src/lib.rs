@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod bridge;
+pub mod child;
 pub mod deferred;
 pub mod delegate;
 pub mod error;
@@ -124,20 +125,51 @@ fn non_utf8_var() -> Option<&'static str> {
         .find(|k| matches!(std::env::var(k), Err(std::env::VarError::NotUnicode(_))))
 }
 
+/// The most stdin read: a network configuration (with its `prevResult`) is a few kilobytes;
+/// a larger one is refused before it is parsed, so that no input can exhaust memory.
+pub const MAX_STDIN: usize = 4 * 1024 * 1024;
+
+/// Reads stdin, at most [`MAX_STDIN`] bytes; `Err` with what was read when there is more.
+fn read_stdin(input: impl Read) -> Result<Vec<u8>, Vec<u8>> {
+    let mut bytes = Vec::new();
+    let _ = input.take(MAX_STDIN as u64 + 1).read_to_end(&mut bytes);
+    if bytes.len() > MAX_STDIN {
+        Err(bytes)
+    } else {
+        Ok(bytes)
+    }
+}
+
 /// The process entry point: reads the real environment and stdin, prints, returns the exit code.
 pub fn main_entry() -> i32 {
-    let argv0 = std::env::args().next().unwrap_or_default();
+    // argv[0] as bytes: `std::env::args` panics on a name that is not UTF-8.
+    let argv0 = std::env::args_os()
+        .next()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let role = role_from_argv0(&argv0);
-    let mut stdin = Vec::new();
-    if std::env::var("CNI_COMMAND").is_ok() {
-        let _ = std::io::stdin().read_to_end(&mut stdin);
-    }
-    let (out, code) = match non_utf8_var() {
-        Some(var) => (
+    let stdin = if std::env::var_os("CNI_COMMAND").is_some() {
+        read_stdin(std::io::stdin().lock())
+    } else {
+        Ok(Vec::new())
+    };
+    let (out, code) = match (non_utf8_var(), stdin) {
+        // The version is not looked for in a document that is refused for its size.
+        (_, Err(_)) => (
+            CniError::new(
+                codes::DECODE,
+                format!(
+                    "the network configuration on stdin is larger than {MAX_STDIN} bytes (4 MiB)"
+                ),
+            )
+            .to_json(CniVersion::LATEST.as_str()),
+            1,
+        ),
+        (Some(var), Ok(stdin)) => (
             CniError::invalid_env(var, "is not valid UTF-8").to_json(&version_hint(&stdin)),
             1,
         ),
-        None => run(role, |k| std::env::var(k).ok(), &stdin),
+        (None, Ok(stdin)) => run(role, |k| std::env::var(k).ok(), &stdin),
     };
     if !out.is_empty() {
         let mut stdout = std::io::stdout().lock();

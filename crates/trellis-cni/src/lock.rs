@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{PluginError, Result};
+use crate::safe_open::open_regular;
 
 /// Where per-container locks live.
 pub const LOCK_DIR: &str = "/run/trellis/cni/locks";
@@ -23,7 +24,8 @@ pub struct FileLock {
 impl FileLock {
     /// Blocks until the lock at `path` is held exclusively. Retries when the file was replaced or
     /// removed while waiting, so that removing a lock file (see [`FileLock::release_and_remove`])
-    /// is safe.
+    /// is safe. A lock file that is not a regular file (a planted symbolic link, a FIFO) is an
+    /// error, never opened through.
     pub fn acquire(path: &Path) -> Result<FileLock> {
         Self::acquire_as(path, FlockArg::LockExclusive)
     }
@@ -38,13 +40,15 @@ impl FileLock {
             fs::create_dir_all(dir).map_err(|e| PluginError::store(dir, e))?;
         }
         loop {
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| PluginError::store(path, e))?;
+            let file = open_regular(
+                path,
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true),
+            )
+            .map_err(|e| PluginError::store(path, e))?;
             let flock =
                 Flock::lock(file, how).map_err(|(_, e)| PluginError::store(path, e.into()))?;
             let held = flock.metadata().map_err(|e| PluginError::store(path, e))?;

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use nix::sys::stat::{fstat, FileStat};
-use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
+use nix::sys::statfs::{self as sfs, fstatfs, FsType, NSFS_MAGIC};
 use trellis_dataplane::Netns;
 
 /// Why a `CNI_NETNS` path cannot be used.
@@ -130,6 +130,31 @@ pub fn open_netns(path: &Path) -> Result<Netns, NetnsProblem> {
     Ok(Netns::from_file(file, path.to_path_buf()))
 }
 
+/// Opens a file in a directory named by input (the IPAM store, the lock directory) with
+/// `options`, never following a symbolic link in the last component (`ELOOP`), never blocking
+/// on a FIFO and never making a terminal the plugin's; anything but a regular file is refused.
+/// (`O_NONBLOCK` changes nothing for regular files, and `flock` ignores it.)
+pub fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    let file = options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::new(
+                io::ErrorKind::InvalidData,
+                "it is a symbolic link, which is not followed",
+            ),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("it is {}, not a regular file", kind_of(&meta)),
+        ));
+    }
+    Ok(file)
+}
+
 /// Where log lines go.
 #[derive(Debug)]
 pub enum LogTarget {
@@ -166,9 +191,45 @@ fn is_dev_null(meta: &std::fs::Metadata) -> bool {
     meta.file_type().is_char_device() && meta.rdev() == libc::makedev(1, 3)
 }
 
+/// Filesystems whose regular files are the kernel's controls, not storage: a log line appended
+/// to one (`/proc/sys/...`, `/proc/sysrq-trigger`, `/sys/class/net/*/...`, a cgroup's
+/// `cgroup.procs`, a binfmt_misc `register`) would change the node. With their names, for the
+/// error.
+fn kernel_interface_fs(t: FsType) -> Option<&'static str> {
+    const CONFIGFS_MAGIC: FsType = FsType(0x6265_6570);
+    const EFIVARFS_MAGIC: FsType = FsType(0xde5e_81e4);
+    const PSTOREFS_MAGIC: FsType = FsType(0x6165_676c);
+    const FUSECTL_SUPER_MAGIC: FsType = FsType(0x6573_5543);
+    const BINFMTFS_MAGIC: FsType = FsType(0x4249_4e4d);
+    [
+        (sfs::PROC_SUPER_MAGIC, "proc"),
+        (sfs::SYSFS_MAGIC, "sysfs"),
+        (sfs::CGROUP_SUPER_MAGIC, "cgroup"),
+        (sfs::CGROUP2_SUPER_MAGIC, "cgroup2"),
+        (sfs::DEBUGFS_MAGIC, "debugfs"),
+        (sfs::TRACEFS_MAGIC, "tracefs"),
+        (sfs::SECURITYFS_MAGIC, "securityfs"),
+        (sfs::SELINUX_MAGIC, "selinuxfs"),
+        (sfs::SMACK_MAGIC, "smackfs"),
+        (sfs::BPF_FS_MAGIC, "bpf"),
+        (sfs::RDTGROUP_SUPER_MAGIC, "resctrl"),
+        (sfs::XENFS_SUPER_MAGIC, "xenfs"),
+        (sfs::USBDEVICE_SUPER_MAGIC, "usbdevfs"),
+        (sfs::OPENPROM_SUPER_MAGIC, "openpromfs"),
+        (CONFIGFS_MAGIC, "configfs"),
+        (EFIVARFS_MAGIC, "efivarfs"),
+        (PSTOREFS_MAGIC, "pstore"),
+        (FUSECTL_SUPER_MAGIC, "fusectl"),
+        (BINFMTFS_MAGIC, "binfmt_misc"),
+    ]
+    .into_iter()
+    .find_map(|(magic, name)| (magic == t).then_some(name))
+}
+
 /// Opens `logFile` for appending: an existing regular file, or a new one (created exclusively,
 /// mode 0640). Refused: the plugin's stdout (it carries only the result), FIFOs, sockets,
-/// directories and devices other than `/dev/null`.
+/// directories, devices other than `/dev/null`, and files of the kernel's interface
+/// filesystems (`/proc`, `/sys`, cgroups, ...), where a log line would be a command.
 pub fn open_log(path: &Path) -> Result<LogTarget, LogProblem> {
     let shown = path.display().to_string();
     let io_err = |source: io::Error| LogProblem::Io {
@@ -210,6 +271,13 @@ pub fn open_log(path: &Path) -> Result<LogTarget, LogProblem> {
             return Err(LogProblem::Refused(format!(
                 "{shown} is {}; logFile must be a regular file",
                 kind_of(&meta)
+            )));
+        }
+        let fs = fstatfs(handle.as_fd()).map_err(|e| io_err(e.into()))?;
+        if let Some(name) = kernel_interface_fs(fs.filesystem_type()) {
+            return Err(LogProblem::Refused(format!(
+                "{shown} is a file of the kernel's {name} filesystem, where writing changes \
+                 the node; logFile must be a file on ordinary storage"
             )));
         }
         return reopen(&handle, true).map(LogTarget::File).map_err(io_err);
@@ -278,5 +346,27 @@ mod tests {
             open_log(&dir.path().join("missing/dir.log")),
             Err(LogProblem::Io { .. })
         ));
+    }
+
+    /// Regular files of /proc and /sys are the kernel's controls: a log line appended to
+    /// `/proc/sys/...` or `/sys/class/net/*/ifalias` would change the node. (Only opened here,
+    /// never written.)
+    #[test]
+    fn log_files_on_kernel_interface_filesystems_are_refused() {
+        for (path, fs) in [
+            ("/proc/self/comm", "proc"),
+            ("/proc/sys/net/ipv4/ip_forward", "proc"),
+            ("/sys/class/net/lo/ifalias", "sysfs"),
+        ] {
+            match open_log(Path::new(path)) {
+                Err(LogProblem::Refused(m)) => assert!(m.contains(fs), "{path}: {m}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        // Through a symbolic link elsewhere too: the file is checked, not its name.
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("innocent.log");
+        std::os::unix::fs::symlink("/proc/sys/net/ipv4/ip_forward", &link).unwrap();
+        assert!(matches!(open_log(&link), Err(LogProblem::Refused(_))));
     }
 }

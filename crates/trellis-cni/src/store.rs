@@ -8,10 +8,14 @@
 //! ADD cheap on a node with many pods.) `last_reserved_ip.N` only steers where the round-robin
 //! search starts; a torn write there is harmless. Regular files holding `containerID\nifname`
 //! are read too.
+//!
+//! The directory comes from input (`ipam.dataDir`), so nothing in it is trusted: files are
+//! opened without following a symbolic link or blocking on a FIFO
+//! ([`crate::safe_open::open_regular`]), and records are read at most 4 KiB at a time.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::ErrorKind;
+use std::fs::{self, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +24,7 @@ use trellis_ipam::Owner;
 
 use crate::error::{PluginError, Result};
 use crate::lock::FileLock;
+use crate::safe_open::open_regular;
 
 const LOCK_FILE: &str = "lock";
 const LAST_PREFIX: &str = "last_reserved_ip.";
@@ -43,6 +48,27 @@ fn parse_owner(text: &str) -> Owner {
         container_id,
         ifname,
     }
+}
+
+/// A store error naming the field whose directory it is.
+fn store_error(path: &Path, e: std::io::Error) -> PluginError {
+    CniError::new(
+        codes::IO_FAILURE,
+        format!("IPAM state {} (field `ipam.dataDir`): {e}", path.display()),
+    )
+    .into()
+}
+
+/// The most read of a record or hint file (an owner is under 300 bytes).
+const MAX_RECORD: u64 = 4096;
+
+/// Reads a small regular file of the store without following a link or blocking on a FIFO.
+fn read_small(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    open_regular(path, OpenOptions::new().read(true))?
+        .take(MAX_RECORD)
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 impl LocalStore {
@@ -75,9 +101,7 @@ impl LocalStore {
             };
             let content = match fs::read_link(e.path()) {
                 Ok(target) => Ok(target.to_string_lossy().into_owned()),
-                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
-                    fs::read_to_string(e.path())
-                }
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => read_small(&e.path()),
                 Err(err) => Err(err),
             };
             match content {
@@ -85,15 +109,16 @@ impl LocalStore {
                     out.insert(ip, parse_owner(&text));
                 }
                 Err(err) if err.kind() == ErrorKind::NotFound => {}
-                Err(err) => return Err(PluginError::store(e.path(), err)),
+                Err(err) => return Err(store_error(&e.path(), err)),
             }
         }
         Ok(out)
     }
 
-    /// The last address handed out from range set `set`.
+    /// The last address handed out from range set `set` (only a hint: anything unreadable is
+    /// no hint).
     pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
-        fs::read_to_string(self.dir.join(format!("{LAST_PREFIX}{set}")))
+        read_small(&self.dir.join(format!("{LAST_PREFIX}{set}")))
             .ok()
             .and_then(|s| s.trim().parse().ok())
     }
@@ -107,7 +132,15 @@ impl LocalStore {
 
     pub fn set_last_reserved(&self, set: usize, ip: IpAddr) -> Result<()> {
         let path = self.dir.join(format!("{LAST_PREFIX}{set}"));
-        fs::write(&path, ip.to_string()).map_err(|e| PluginError::store(&path, e))
+        open_regular(
+            &path,
+            OpenOptions::new().write(true).create(true).truncate(false),
+        )
+        .and_then(|mut f| {
+            f.set_len(0)?;
+            f.write_all(ip.to_string().as_bytes())
+        })
+        .map_err(|e| store_error(&path, e))
     }
 
     /// Releases every address whose owner fails `keep`; returns what was released.
@@ -139,7 +172,13 @@ impl LocalStore {
     /// Whether the store's directory accepts writes (for STATUS).
     pub fn writable(&self) -> Result<()> {
         let probe = self.dir.join(".probe");
-        fs::write(&probe, "").map_err(|e| PluginError::store(&probe, e))?;
+        // A leftover (or planted) entry is removed, never written through.
+        match fs::remove_file(&probe) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(store_error(&probe, e)),
+            _ => {}
+        }
+        open_regular(&probe, OpenOptions::new().write(true).create_new(true))
+            .map_err(|e| store_error(&probe, e))?;
         let _ = fs::remove_file(&probe);
         Ok(())
     }

@@ -95,6 +95,8 @@ fn hostile_values(f: &Fixture) -> Vec<Value> {
         json!("/proc/self/ns/net"),
         json!("/dev/stdout"),
         json!("/proc/self/fd/1"),
+        // A kernel control file (this one names only the plugin's own thread).
+        json!("/proc/self/comm"),
         json!(fifo),
         json!("relative/path"),
         json!("127.0.0.1"),

@@ -143,6 +143,19 @@ fn log_file_on_stdout_is_refused_and_stdout_stays_one_document() {
             out.stdout
         );
     }
+    // A kernel control file: a log line there would be a command to the kernel. (The plugin's
+    // own `comm` is the harmless one to try: before the fix, ADD went ahead and wrote to it.)
+    for target in ["/proc/self/comm", "/proc/thread-self/comm"] {
+        let conf = node.conf("1.0.0", json!({"logFile": target, "logLevel": "debug"}));
+        let out = call(&node, "ADD", "lo-1", Some(&pod_path), "eth0", &conf);
+        assert_eq!(out.err_code(), 7, "{target}: {}", out.stdout);
+        assert!(
+            msg(&out).contains("`logFile`") && msg(&out).contains("proc"),
+            "{}",
+            out.stdout
+        );
+        assert!(node.allocations("testnet").is_empty(), "{target}");
+    }
     // stderr is a fine log target.
     let conf = node.conf(
         "1.0.0",
@@ -564,4 +577,270 @@ fn delegated_results_with_mixed_families_never_panic() {
         &bridge("dual"),
     )
     .ok();
+}
+
+/// Writes an executable script `name` into the node's CNI_PATH.
+fn script_plugin(node: &Node, name: &str, body: &str) {
+    let path = node.dir.path().join("bin").join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn misbehaving_delegated_ipam_plugins_never_hold_or_exhaust_the_plugin() {
+    let node = Node::new("deleg");
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("bg.pid");
+    // Answers, but leaves a process behind that holds its stdout open.
+    script_plugin(
+        &node,
+        "bg-ipam",
+        &format!(
+            "cat >/dev/null\nsleep 1000 &\necho $! > {}\necho '{{\"cniVersion\": \"1.1.0\"}}'",
+            pidfile.display()
+        ),
+    );
+    // Prints 300 MB (and fails).
+    script_plugin(
+        &node,
+        "flood-ipam",
+        "cat >/dev/null\nhead -c 300000000 /dev/zero | tr '\\0' x\nexit 1",
+    );
+    let conf = |ipam: &str| {
+        json!({"cniVersion": "1.1.0", "name": "delegnet", "type": "trellis-cni",
+            "ipam": {"type": ipam}})
+    };
+    let path = node.cni_path();
+    let env = node.env("STATUS", "", None, "", &path);
+    let env: Vec<_> = env.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    /// Kills the background process the script recorded, however the test ends.
+    struct KillRecorded(std::path::PathBuf);
+    impl Drop for KillRecorded {
+        fn drop(&mut self) {
+            if let Some(pid) = std::fs::read_to_string(&self.0)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) of the background process this test's script started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _bg = KillRecorded(pidfile.clone());
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf("bg-ipam").to_string().as_bytes(),
+            DEADLINE,
+            None,
+        )
+        .finished("STATUS with a plugin that leaves a process holding its stdout");
+    assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf("flood-ipam").to_string().as_bytes(),
+            DEADLINE,
+            Some(256 << 20),
+        )
+        .finished("STATUS with a plugin that prints 300 MB");
+    assert_eq!(out.err_code(), 50, "{} {}", out.stdout, out.stderr);
+    let m = msg(&out);
+    assert!(m.contains("ipam.type") && m.contains("more than"), "{m}");
+}
+
+#[test]
+fn an_oversized_stdin_is_refused_before_it_is_parsed() {
+    let node = Node::new("bigin");
+    let path = node.cni_path();
+    let env: Vec<_> = node
+        .env("STATUS", "", None, "", &path)
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    // A valid document of 40 MB: a prevResult with ten million addresses.
+    let mut doc = node.conf("1.1.0", json!({})).to_string();
+    doc.pop();
+    doc.push_str(",\"prevResult\":{\"ips\":[");
+    doc.push_str(&"0,".repeat(20_000_000));
+    doc.push_str("0]}}");
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            doc.as_bytes(),
+            DEADLINE,
+            Some(512 << 20),
+        )
+        .finished("STATUS with 40 MB on stdin");
+    assert!(!out.stderr.contains("memory allocation"), "{}", out.stderr);
+    assert_eq!(out.err_code(), 6, "{} {}", out.stdout, out.stderr);
+    let m = msg(&out);
+    assert!(m.contains("stdin") && m.contains("larger than"), "{m}");
+}
+
+#[test]
+fn a_plugin_name_that_is_not_utf8_does_not_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let node = Node::new("argv0");
+    let odd = node
+        .dir
+        .path()
+        .join("bin")
+        .join(std::ffi::OsStr::from_bytes(b"trellis-\xff"));
+    std::os::unix::fs::symlink(common::BIN, &odd).unwrap();
+    let out = std::process::Command::new(&odd)
+        .env("CNI_COMMAND", "VERSION")
+        .env_remove("CNI_NETNS")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["supportedVersions"].is_array(), "{v}");
+}
+
+/// The IPAM data directory (`ipam.dataDir`) is input too: a symbolic link planted where the
+/// store writes must not make the plugin (root) write through it, and a FIFO where it reads
+/// must not hold every ADD.
+#[test]
+fn planted_entries_in_the_ipam_directory_are_never_followed_or_waited_on() {
+    let node = Node::new("plant");
+    let p = pod("plant");
+    let pod_path = p.path().display().to_string();
+    let conf = node.conf("1.1.0", json!({}));
+    let net = node.data_dir().join("testnet");
+    std::fs::create_dir_all(&net).unwrap();
+    let victim = node.dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    for planted in ["last_reserved_ip.0", ".probe", "lock"] {
+        std::os::unix::fs::symlink(&victim, net.join(planted)).unwrap();
+    }
+    let path = node.cni_path();
+    let env: Vec<_> = node
+        .env("STATUS", "", None, "", &path)
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf.to_string().as_bytes(),
+            DEADLINE,
+            None,
+        )
+        .finished("STATUS with planted symbolic links");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "precious\n",
+        "STATUS wrote through .probe"
+    );
+    assert_ne!(
+        out.code, 0,
+        "STATUS used a store whose lock is a symbolic link"
+    );
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf);
+    assert_eq!(out.err_code(), 5, "{}", out.stdout);
+    assert!(msg(&out).contains("ipam.dataDir"), "{}", out.stdout);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    // With the lock in order, a planted last_reserved_ip.N is still never written through.
+    std::fs::remove_file(net.join("lock")).unwrap();
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf);
+    assert_ne!(
+        out.code, 0,
+        "ADD wrote through last_reserved_ip.0: {}",
+        out.stdout
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        node.allocations("testnet").is_empty(),
+        "a failed ADD kept its address"
+    );
+    // A FIFO named like an allocation: an error, not a hang.
+    std::fs::remove_file(net.join("last_reserved_ip.0")).unwrap();
+    nix::unistd::mkfifo(&net.join("10.77.0.200"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf);
+    assert_eq!(out.err_code(), 5, "{}", out.stdout);
+    assert!(msg(&out).contains("FIFO"), "{}", out.stdout);
+    std::fs::remove_file(net.join("10.77.0.200")).unwrap();
+    let out = call(&node, "ADD", "plant-1", Some(&pod_path), "eth0", &conf).ok();
+    assert!(out.json()["ips"].is_array());
+    call(&node, "DEL", "plant-1", Some(&pod_path), "eth0", &conf).ok();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+}
+
+/// An agent on `path` that answers every request line with `reply` (at most 16 connections).
+fn fake_agent(path: &std::path::Path, reply: Value) {
+    use std::io::{BufRead, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(stream) = stream else { return };
+            let mut line = String::new();
+            let mut r = std::io::BufReader::new(&stream);
+            if r.read_line(&mut line).is_ok() {
+                let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+            }
+        }
+    });
+}
+
+/// The agent's MTU goes onto the pod's interface: one the kernel refuses (or that IPv6 cannot
+/// run on) is the agent's error, said as such, and leaves nothing behind.
+#[test]
+fn an_agent_mtu_no_interface_can_have_is_refused_naming_it() {
+    let node = Node::new("agmtu");
+    let p = pod("agmtu");
+    let pod_path = p.path().display().to_string();
+    for (i, (ips, mtu)) in [
+        (json!(["10.84.0.5/26"]), 0),
+        (json!(["10.84.0.5/26"]), 10_000_000),
+        (json!(["fd00:84::5/122"]), 1000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sock = node.dir.path().join(format!("agent{i}.sock"));
+        fake_agent(&sock, json!({"ok": {"ips": ips, "mtu": mtu}}));
+        let conf = json!({"cniVersion": "1.0.0", "name": "agentnet", "type": "trellis-cni",
+            "ipam": {"type": "trellis-ipam", "agentSocket": sock}});
+        let out = call(&node, "ADD", "am-1", Some(&pod_path), "eth0", &conf);
+        assert_eq!(out.err_code(), 6, "mtu {mtu}: {}", out.stdout);
+        let m = msg(&out);
+        assert!(m.contains("agent") && m.contains("mtu"), "{m}");
+        assert!(!p.exec_ok(&["ip", "link"]).contains("eth0"));
+    }
+}
+
+/// Tens of thousands of ranges (1.6 MB of config) kept every verb busy for most of a minute
+/// comparing each range with every other; the number is bounded and the field named.
+#[test]
+fn a_config_with_very_many_ranges_is_refused_at_once() {
+    let node = Node::new("ranges");
+    let ranges: Vec<Value> = (0..60_000)
+        .map(|i| json!({"subnet": format!("10.{}.{}.0/24", i / 256, i % 256)}))
+        .collect();
+    let conf = json!({"cniVersion": "1.1.0", "name": "testnet", "type": "trellis-cni",
+        "ipam": {"type": "trellis-ipam", "ranges": [ranges], "dataDir": node.data_dir()}});
+    let path = node.cni_path();
+    let env: Vec<_> = node
+        .env("STATUS", "", None, "", &path)
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let out = node
+        .run_bounded(
+            "trellis-cni",
+            &env,
+            conf.to_string().as_bytes(),
+            DEADLINE,
+            None,
+        )
+        .finished("STATUS with 60 000 ranges");
+    assert_eq!(out.err_code(), 7, "{}", out.stdout);
+    assert!(msg(&out).contains("`ipam.ranges`"), "{}", out.stdout);
 }

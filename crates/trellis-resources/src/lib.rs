@@ -164,7 +164,6 @@ pub enum Resource {
 
 /// A document that is not a valid resource: which one, and which field is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{field}: {reason}", match (doc, object) { (Some(d), Some(o)) => format!("document {d} ({o}): "), (Some(d), None) => format!("document {d}: "), (None, Some(o)) => format!("{o}: "), _ => String::new() })]
 pub struct ResourceError {
     /// 1-based document number in the input.
     pub doc: Option<usize>,
@@ -173,6 +172,28 @@ pub struct ResourceError {
     /// The offending field (`spec.blockSize`), or `document` for syntax errors.
     pub field: String,
     pub reason: String,
+}
+
+impl fmt::Display for ResourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        let text = match (self.doc, &self.object) {
+            (Some(d), Some(o)) => format!("document {d} ({o}): "),
+            (Some(d), None) => format!("document {d}: "),
+            (None, Some(o)) => format!("{o}: "),
+            (None, None) => String::new(),
+        } + &format!("{}: {}", self.field, self.reason);
+        // Names, keys and values quoted here come from the input: control characters (NUL, a
+        // terminal's escape sequences) are shown escaped, never sent to a terminal raw.
+        for c in text.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ResourceError {

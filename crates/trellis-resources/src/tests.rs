@@ -125,6 +125,118 @@ fn pool_overlap_detected() {
     );
 }
 
+/// The indexed overlap check agrees with comparing every pair, on random pools of both
+/// families that nest, touch and coincide (same first address, other prefix; same name).
+#[test]
+fn pool_index_agrees_with_comparing_every_pair() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut random_pool = |i: u64| -> Object<IpPoolSpec> {
+        let cidr = if next(4) == 0 {
+            let len = 120 + next(9) as u8;
+            let a = (0xfd00u128 << 112) | (u128::from(next(256)) << (128 - len));
+            ipnet::IpNet::new(std::net::IpAddr::V6(a.into()), len).unwrap()
+        } else {
+            let len = 16 + next(13) as u8;
+            let a = (10u32 << 24) | ((next(1 << 16) as u32) << 8);
+            ipnet::IpNet::new(std::net::IpAddr::V4(a.into()), len)
+                .unwrap()
+                .trunc()
+        };
+        let v = serde_json::json!({"metadata": {"name": format!("p{}", next(40) + i)},
+            "spec": {"cidr": cidr.to_string()}});
+        serde_json::from_value(v).unwrap()
+    };
+    for round in 0..20 {
+        let existing: Vec<_> = (0..100).map(|i| random_pool(i * 1000)).collect();
+        let index = validate::PoolIndex::new(&existing);
+        for _ in 0..300 {
+            let new = random_pool(round);
+            let brute = existing.iter().any(|p| {
+                p.metadata.name != new.metadata.name && addr::overlaps(&p.spec.cidr, &new.spec.cidr)
+            });
+            let found = index.overlapping(&new);
+            assert_eq!(
+                found.is_some(),
+                brute,
+                "{} ({})",
+                new.spec.cidr,
+                new.metadata.name
+            );
+            if let Some(p) = found {
+                assert!(addr::overlaps(&p.spec.cidr, &new.spec.cidr));
+                assert_ne!(p.metadata.name, new.metadata.name);
+            }
+            assert_eq!(
+                validate::check_pool_overlap(&new, &existing).is_err(),
+                brute
+            );
+        }
+    }
+}
+
+/// An error quotes names and keys from the input; a terminal escape sequence among them is
+/// shown escaped, not sent to the operator's terminal.
+#[test]
+fn errors_never_carry_raw_control_characters() {
+    for doc in [
+        "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: \"a\\e[2J\\e]0;pwned\\x07\"}\nspec: {cidr: 10.0.0.0/16}\n",
+        "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.0.0.0/16, \"\\e[31mx\": 1}\n",
+        "apiVersion: trellis.dev/v1\nkind: \"\\e[8mIPPool\"\n",
+        "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: \"a\\0b\"}\nspec: {cidr: 10.0.0.0/16}\n",
+    ] {
+        let shown = parse_documents(doc).unwrap_err().to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("\\u{1b}") || shown.contains("\\u{0}"), "{shown:?}");
+    }
+}
+
+fn bgp_configuration(communities: usize, references: usize) -> String {
+    let defs: Vec<String> = (0..communities)
+        .map(|i| format!("{{name: c{i}, value: \"65000:{i}\"}}"))
+        .collect();
+    let refs: Vec<String> = (0..references).map(|i| format!("\"65001:{i}\"")).collect();
+    format!(
+        "apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {{name: default}}\n\
+         spec:\n  communities: [{}]\n  prefixAdvertisements:\n  - cidr: 10.0.0.0/8\n    \
+         communities: [{}]\n",
+        defs.join(", "),
+        refs.join(", ")
+    )
+}
+
+/// A route carries the communities of the advertisements covering it, in one BGP message of
+/// at most 4096 bytes: 1 100 of them made every agent's speaker fail to pack its UPDATEs
+/// (an arithmetic overflow in debug builds, an oversized message in release). And checking
+/// each reference against every named community took minutes for a 2 MB file.
+#[test]
+fn bgp_communities_are_bounded_by_what_one_message_holds() {
+    assert!(parse_documents(&bgp_configuration(256, 256)).is_ok());
+    let e = parse_documents(&bgp_configuration(0, 1100)).unwrap_err();
+    assert_eq!(
+        e.field, "spec.prefixAdvertisements[0].communities[256]",
+        "{e}"
+    );
+    assert!(e.reason.contains("one BGP message"), "{e}");
+    let e = parse_documents(&bgp_configuration(257, 0)).unwrap_err();
+    assert_eq!(e.field, "spec.communities", "{e}");
+    // The 2 MB file (40 000 names, 150 000 references) is refused at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(parse_documents(&bgp_configuration(40_000, 150_000)).map(|_| ()));
+    });
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("validation did not finish")
+        .unwrap_err();
+    assert_eq!(e.field, "spec.communities", "{e}");
+}
+
 #[test]
 fn kinds_parse_from_cli_names() {
     assert_eq!(Kind::parse("ippools"), Some(Kind::IpPool));

@@ -31,9 +31,16 @@ pub const MAX_DEPTH: usize = 64;
 /// Most values in one input, aliases expanded (about 50 bytes of memory each once built).
 pub const MAX_NODES: usize = 1 << 20;
 
+/// The input without a leading byte order mark (U+FEFF, which some editors write first): it is
+/// not content, and libyaml — its encoding preset, as `serde_norway` presets it — would count
+/// it as a column and misread the indentation of the first line.
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Whether the input is JSON (an object or an array) rather than YAML.
 pub fn is_json(text: &str) -> bool {
-    let t = text.trim_start();
+    let t = without_bom(text).trim_start();
     t.starts_with('{') || t.starts_with('[')
 }
 
@@ -50,6 +57,7 @@ pub fn parse_values(text: &str) -> Result<Vec<Value>, ResourceError> {
             ),
         ));
     }
+    let text = without_bom(text);
     let ctx = Ctx::default();
     if is_json(text) {
         let mut de = serde_json::Deserializer::from_str(text);

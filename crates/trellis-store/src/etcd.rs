@@ -108,12 +108,28 @@ impl Datastore for EtcdStore {
                 TxnOp::Delete(k) => EOp::delete(k, None),
             })
             .collect();
+        let (conditions, writes) = (compares.len(), ops.len());
         let resp = self
             .client
             .clone()
             .txn(Txn::new().when(compares).and_then(ops))
             .await
-            .map_err(self.err())?;
+            .map_err(|e| match &e {
+                // etcd's ErrTooManyOps and ErrRequestTooLarge: a limit of the server, not a
+                // failure — say so, with the transaction's size.
+                etcd_client::Error::GRpcStatus(s)
+                    if s.message().contains("too many operations in txn request")
+                        || s.message().contains("request is too large") =>
+                {
+                    StoreError::TxnTooLarge {
+                        endpoint: self.endpoints.join(","),
+                        conditions,
+                        writes,
+                        reason: s.message().to_string(),
+                    }
+                }
+                _ => self.err()(e),
+            })?;
         if !resp.succeeded() {
             return Ok(TxnOutcome::Conflict);
         }

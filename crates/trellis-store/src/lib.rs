@@ -39,6 +39,15 @@ pub enum StoreError {
         #[source]
         source: etcd_client::Error,
     },
+    /// The datastore refuses a transaction this large (etcd's `--max-txn-ops`, 128 by default,
+    /// or its request size limit): nothing of it was written.
+    #[error("datastore {endpoint} refuses a transaction of {conditions} conditions and {writes} writes as too large: {reason}")]
+    TxnTooLarge {
+        endpoint: String,
+        conditions: usize,
+        writes: usize,
+        reason: String,
+    },
     #[error("revision {requested} has been compacted (oldest available: {compacted}); list again")]
     Compacted { requested: i64, compacted: i64 },
     #[error("datastore task failed: {0}")]

@@ -35,6 +35,31 @@ fn plain_documents_parse() {
     assert!(parse_values("").unwrap().is_empty());
 }
 
+/// A byte order mark (what Windows editors put first) is not content: the documents read as
+/// without it. (libyaml, with its encoding preset, read it as a column and then reported a
+/// "document 2" the file does not have.)
+#[test]
+fn a_byte_order_mark_is_ignored() {
+    for text in [
+        "a: 1\nb: 2\n",
+        "---\na: 1\nb: 2\n",
+        "a: 1\r\nb: 2\r\n",
+        r#"{"a": 1, "b": 2}"#,
+    ] {
+        let plain = parse_values(text).unwrap();
+        assert_eq!(plain, vec![json!({"a": 1, "b": 2})], "{text:?}");
+        let marked = format!("\u{feff}{text}");
+        assert_eq!(parse_values(&marked).unwrap(), plain, "{text:?} with a BOM");
+        assert_eq!(is_json(&marked), is_json(text));
+    }
+    let docs = crate::parse_documents(
+        "\u{feff}[{\"apiVersion\": \"trellis.dev/v1\", \"kind\": \"IPPool\", \
+         \"metadata\": {\"name\": \"a\"}, \"spec\": {\"cidr\": \"10.1.0.0/16\"}}]",
+    )
+    .unwrap();
+    assert_eq!(docs.len(), 1);
+}
+
 #[test]
 fn input_size_is_bounded() {
     let text = format!("a: '{}'\n", "x".repeat(MAX_INPUT_BYTES));
