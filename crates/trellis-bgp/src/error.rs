@@ -167,3 +167,12 @@ impl DecodeError {
         }
     }
 }
+
+/// Why routes could not be packed into UPDATE messages for sending.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The path attributes alone leave no room for a prefix within the message size (a path
+    /// with thousands of communities, say): these routes cannot be announced to this peer.
+    #[error("path attributes of {attrs_len} bytes leave no room for a prefix in a {max_len}-byte UPDATE")]
+    AttributesTooLarge { attrs_len: usize, max_len: usize },
+}

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use ipnet::IpNet;
 
 use crate::attrs::{self, Context, MpReach, MpUnreach, PathAttrs};
-use crate::error::{code, subcode, DecodeError, Notification};
+use crate::error::{code, subcode, DecodeError, EncodeError, Notification};
 use crate::nlri::{decode_prefixes, encode_prefix, encoded_len, AFI_IPV4, AFI_IPV6, SAFI_UNICAST};
 
 pub const HEADER_LEN: usize = 19;
@@ -480,7 +480,9 @@ fn encode_update_body(u: &Update, ctx: Context) -> Vec<u8> {
     b
 }
 
-/// UPDATEs announcing `prefixes` (one family) with `attrs`, each within `max_len` bytes.
+/// UPDATEs announcing `prefixes` (one family) with `attrs`, each within `max_len` bytes; an
+/// error when the attributes alone leave no room for a prefix (never a short or oversized
+/// message).
 /// IPv4 uses the NLRI field and NEXT_HOP; IPv6 uses MP_REACH with `v6_next_hop`.
 pub fn pack_announcements(
     attrs: &PathAttrs,
@@ -488,24 +490,33 @@ pub fn pack_announcements(
     v6_next_hop: Option<&[u8]>,
     ctx: Context,
     max_len: usize,
-) -> Vec<Update> {
+) -> Result<Vec<Update>, EncodeError> {
     let (v4, v6): (Vec<IpNet>, Vec<IpNet>) =
         prefixes.iter().partition(|p| matches!(p, IpNet::V4(_)));
+    // Room left for NLRI once the header, the two length fields and the attributes are in;
+    // the longest prefix takes 17 bytes, so less than that cannot carry every prefix.
+    let room = |attrs_len: usize| {
+        max_len
+            .checked_sub(HEADER_LEN + 4 + attrs_len)
+            .filter(|r| *r >= 17)
+            .ok_or(EncodeError::AttributesTooLarge { attrs_len, max_len })
+    };
     let mut out = Vec::new();
-    let base = attrs::encode(attrs, None, None, ctx).len();
-    let room = max_len - HEADER_LEN - 4 - base;
-    for chunk in chunks_within(&v4, room) {
-        out.push(Update {
-            attrs: attrs.clone(),
-            nlri: chunk,
-            ..Default::default()
-        });
+    if !v4.is_empty() {
+        let base = attrs::encode(attrs, None, None, ctx).len();
+        for chunk in chunks_within(&v4, room(base)?) {
+            out.push(Update {
+                attrs: attrs.clone(),
+                nlri: chunk,
+                ..Default::default()
+            });
+        }
     }
-    if let Some(nh) = v6_next_hop {
+    if let (Some(nh), false) = (v6_next_hop, v6.is_empty()) {
         let mut a6 = attrs.clone();
         a6.next_hop = None;
         let base6 = attrs::encode(&a6, None, None, ctx).len() + 4 + 5 + nh.len();
-        for chunk in chunks_within(&v6, max_len - HEADER_LEN - 4 - base6) {
+        for chunk in chunks_within(&v6, room(base6)?) {
             out.push(Update {
                 attrs: a6.clone(),
                 mp_reach: Some(MpReach {
@@ -518,7 +529,7 @@ pub fn pack_announcements(
             });
         }
     }
-    out
+    Ok(out)
 }
 
 /// UPDATEs withdrawing `prefixes`, each within `max_len` bytes.

@@ -121,7 +121,8 @@ fn ipv6_via_mp_reach_and_two_octet_sessions() {
         ),
         CTX,
         MAX_LEN,
-    );
+    )
+    .unwrap();
     assert_eq!(ups.len(), 1);
     let Message::Update(back) = round_trip(&Message::Update(Box::new(ups[0].clone())), CTX) else {
         panic!()
@@ -156,7 +157,7 @@ fn packing_respects_the_message_size() {
     let prefixes: Vec<IpNet> = (0..5000u32)
         .map(|i| IpNet::new(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8)).into(), 24).unwrap())
         .collect();
-    let ups = pack_announcements(&attrs(), &prefixes, None, CTX, MAX_LEN);
+    let ups = pack_announcements(&attrs(), &prefixes, None, CTX, MAX_LEN).unwrap();
     assert!(ups.len() > 1);
     let mut seen = 0;
     for u in &ups {
@@ -170,6 +171,31 @@ fn packing_respects_the_message_size() {
         .iter()
         .all(|u| Message::Update(Box::new(u.clone())).encode(CTX).len() <= MAX_LEN));
     assert_eq!(ws.iter().map(|u| u.withdrawn.len()).sum::<usize>(), 5000);
+}
+
+#[test]
+fn attributes_too_large_for_one_message_are_an_error_not_an_overflow() {
+    let mut big = attrs();
+    big.communities = (0..1100).collect();
+    let p4 = [p("10.0.0.0/24")];
+    let err = pack_announcements(&big, &p4, None, CTX, MAX_LEN).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EncodeError::AttributesTooLarge {
+                max_len: MAX_LEN,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The same attributes fit in an extended message (RFC 8654).
+    let ups = pack_announcements(&big, &p4, None, CTX, 65535).unwrap();
+    assert_eq!(ups.len(), 1);
+    // Nothing to announce needs no room at all.
+    assert!(pack_announcements(&big, &[], None, CTX, MAX_LEN)
+        .unwrap()
+        .is_empty());
 }
 
 fn update_with(attr_bytes: &[u8], nlri: &[u8]) -> Vec<u8> {

@@ -55,11 +55,18 @@ impl Speaker {
                     IpAddr::V6(a) => Some(a.octets()),
                     _ => None,
                 };
-                for u in
-                    pack_announcements(attrs, prefixes, v6.as_ref().map(|o| &o[..]), ctx, MAX_LEN)
-                {
-                    bytes.extend(Message::Update(Box::new(u)).encode(ctx));
-                    sent += 1;
+                let v6 = v6.as_ref().map(|o| &o[..]);
+                match pack_announcements(attrs, prefixes, v6, ctx, MAX_LEN) {
+                    Ok(updates) => {
+                        for u in updates {
+                            bytes.extend(Message::Update(Box::new(u)).encode(ctx));
+                            sent += 1;
+                        }
+                    }
+                    // Only these routes are held back; the session and other routes go on.
+                    Err(e) => {
+                        tracing::error!(peer = %p.cfg.address, prefixes = prefixes.len(), error = %e, "routes not announced")
+                    }
                 }
             }
             if let Some(full) = p.main.send(bytes) {
