@@ -15,6 +15,7 @@ pub mod types;
 
 use std::sync::Arc;
 
+pub use sqlite::Retention;
 pub use types::{KeyValue, Listing, Precondition, TxnOp, TxnOutcome, WatchEvent, WatchEventKind};
 
 /// Default datastore when none is given.
@@ -61,6 +62,37 @@ impl Watch {
     pub async fn next(&mut self) -> Option<Result<WatchEvent>> {
         self.rx.recv().await
     }
+
+    /// One stream from several: each is forwarded until it ends or the merged watch is
+    /// dropped; the first error (or the end of any of them) ends the merged stream.
+    pub fn merge(watches: Vec<Watch>) -> Watch {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+        for mut w in watches {
+            let tx = tx.clone();
+            let (stop_tx, mut stop) = (stop_tx.clone(), stop_tx.subscribe());
+            tokio::spawn(async move {
+                loop {
+                    let ev = tokio::select! {
+                        ev = w.next() => ev,
+                        _ = tx.closed() => return,
+                        _ = stop.recv() => return,
+                    };
+                    let ended = !matches!(ev, Some(Ok(_)));
+                    let sent = match ev {
+                        Some(ev) => tx.send(ev).await.is_ok(),
+                        None => false,
+                    };
+                    if ended || !sent {
+                        // Ends the others too: the merged stream closes once every sender is gone.
+                        let _ = stop_tx.send(());
+                        return;
+                    }
+                }
+            });
+        }
+        Watch::new(rx)
+    }
 }
 
 /// The datastore interface (see the crate docs).
@@ -74,6 +106,19 @@ pub trait Datastore: Send + Sync {
     async fn txn(&self, preconditions: Vec<Precondition>, ops: Vec<TxnOp>) -> Result<TxnOutcome>;
     /// Changes under `prefix` from revision `from` (inclusive) on.
     async fn watch(&self, prefix: &str, from: i64) -> Result<Watch>;
+    /// Changes under any of `prefixes` from revision `from` on, in one stream (one watch for the
+    /// several kinds a loop follows). Events of one prefix arrive in revision order; events of
+    /// different prefixes may interleave out of order, so a broken stream is resumed by listing
+    /// again, not from the last revision seen. The stream ends at the first error of any prefix.
+    /// Backends override this to share one poll or one server stream; this default merges
+    /// separate watches.
+    async fn watch_prefixes(&self, prefixes: &[String], from: i64) -> Result<Watch> {
+        let mut inner = Vec::new();
+        for p in prefixes {
+            inner.push(self.watch(p, from).await?);
+        }
+        Ok(Watch::merge(inner))
+    }
     /// Forgets history before `revision`; watches from earlier revisions get `Compacted`.
     async fn compact(&self, revision: i64) -> Result<()>;
     /// The current store revision.

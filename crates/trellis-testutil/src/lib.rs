@@ -161,6 +161,8 @@ pub struct EtcdServer {
     child: std::process::Child,
     _dir: tempfile::TempDir,
     pub endpoint: String,
+    /// Peer URL and extra flags, to start it again (loopback servers).
+    relaunch: Option<(String, Vec<String>)>,
 }
 
 /// etcd's data dir: on tmpfs when there is one, so the tests measure Trellis and not the disk's
@@ -235,6 +237,7 @@ impl EtcdServer {
             child,
             _dir: dir,
             endpoint,
+            relaunch: None,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
@@ -255,28 +258,69 @@ impl EtcdServer {
 
     /// Starts etcd and waits (up to 20 s) until it answers.
     pub fn start() -> EtcdServer {
-        let etcd = etcd_binary();
+        EtcdServer::start_with(&[])
+    }
+
+    /// Starts etcd with `extra` flags (e.g. `--auto-compaction-retention`) on loopback.
+    pub fn start_with(extra: &[&str]) -> EtcdServer {
         let dir = etcd_dir();
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer = format!("http://127.0.0.1:{peer}");
-        let child = etcd_args(&mut Command::new(etcd), &dir, &endpoint, &peer)
-            .spawn()
-            .expect("start etcd");
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = spawn_loopback_etcd(&dir, &endpoint, &peer, &extra);
         let server = EtcdServer {
             child,
             _dir: dir,
             endpoint,
+            relaunch: Some((peer, extra)),
         };
+        server.wait_listening();
+        server
+    }
+
+    /// Kills etcd and starts it again on the same ports and data (loopback servers only): for
+    /// tests of clients that must survive a restart.
+    pub fn restart(&mut self) {
+        let (peer, extra) = self
+            .relaunch
+            .clone()
+            .expect("restart needs EtcdServer::start");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_loopback_etcd(&self._dir, &self.endpoint, &peer, &extra);
+        self.wait_listening();
+    }
+
+    /// Stops etcd (until [`EtcdServer::restart`]).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_listening(&self) {
+        let port: u16 = self.endpoint.rsplit(':').next().unwrap().parse().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
-                return server;
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        panic!("etcd did not start listening on {}", server.endpoint);
+        panic!("etcd did not start listening on {}", self.endpoint);
     }
+}
+
+fn spawn_loopback_etcd(
+    dir: &tempfile::TempDir,
+    endpoint: &str,
+    peer: &str,
+    extra: &[String],
+) -> std::process::Child {
+    etcd_args(&mut Command::new(etcd_binary()), dir, endpoint, peer)
+        .args(extra)
+        .spawn()
+        .expect("start etcd")
 }
 
 impl Drop for EtcdServer {
