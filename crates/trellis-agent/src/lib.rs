@@ -7,6 +7,7 @@ pub mod bgp;
 pub mod dataplane;
 pub mod metrics;
 mod server;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -69,6 +70,10 @@ pub struct Agent {
     pub pod_mtu: std::sync::atomic::AtomicU32,
     /// The BGP speaker's routes and state.
     pub bgp: Arc<bgp::Shared>,
+    /// The cluster as the dataplane and BGP loops see it, kept current by one watch.
+    pub view: Arc<view::SharedView>,
+    /// Dataplane passes completed (each read the kernel and applied the difference).
+    pub dataplane_passes: std::sync::atomic::AtomicU64,
 }
 
 /// Limits malloc to two arenas: the agent's many short-lived blocking threads otherwise each get
@@ -157,9 +162,12 @@ pub async fn run(
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone());
     let vxlan = config.vxlan;
     let pod_mtu = std::sync::atomic::AtomicU32::new(0);
+    // The loops start from a complete view; from here on one watch keeps it current.
+    let cluster = view::SharedView::new();
+    view::load(&*store, &cluster).await?;
     let bgp_shared = bgp::Shared::default();
     bgp_shared.active.store(
-        bgp::starts_active(&*store, config.bgp).await,
+        bgp::starts_active(&cluster.read(), config.bgp),
         std::sync::atomic::Ordering::Relaxed,
     );
     let agent = Arc::new(Agent {
@@ -170,9 +178,12 @@ pub async fn run(
         vxlan,
         pod_mtu,
         bgp: Arc::new(bgp_shared),
+        view: cluster,
+        dataplane_passes: std::sync::atomic::AtomicU64::new(0),
     });
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");
+    let follower = tokio::spawn(view::follow(agent.store.clone(), agent.view.clone()));
     let housekeeping = tokio::spawn(housekeeping(agent.clone()));
     let dataplane = tokio::spawn(dataplane::run(agent.clone(), agent.config.resync));
     let bgp = tokio::spawn(bgp::run(agent.clone(), agent.config.bgp));
@@ -188,6 +199,7 @@ pub async fn run(
         r = server::serve(agent.clone(), listener) => r?,
         _ = shutdown => tracing::info!("shutting down"),
     }
+    follower.abort();
     housekeeping.abort();
     dataplane.abort();
     bgp.abort();
@@ -201,6 +213,9 @@ pub async fn run(
 /// Heartbeats and empty-block release.
 async fn housekeeping(agent: Arc<Agent>) {
     let mut tick = tokio::time::interval(agent.config.heartbeat);
+    // After a stall (an unreachable datastore) beat once, not once per missed period: each
+    // beat is a write every agent's view receives.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if let Err(e) = register_node(

@@ -5,10 +5,13 @@
 //! - [`ipam`]: cluster IPAM — claiming blocks, allocating and releasing addresses, GC and the
 //!   consistency check — as retrying compare-and-swap transactions around the pure allocator in
 //!   [`trellis_ipam::cluster`].
+//! - [`view`]: an in-memory copy of some kinds, built from listings and kept current by watch
+//!   events (pure; the agent does the listing and watching).
 
 pub mod ipam;
 pub mod objects;
 pub mod report;
+pub mod view;
 
 use trellis_store::StoreError;
 

@@ -54,13 +54,19 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>) -> Watch {
+    /// A watch fed by `rx` (backends, and wrappers that filter or inject events).
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>) -> Watch {
         Watch { rx }
     }
 
     /// The next event, or `None` when the store is closed.
     pub async fn next(&mut self) -> Option<Result<WatchEvent>> {
         self.rx.recv().await
+    }
+
+    /// An event already received, without waiting (to take a burst in one go).
+    pub fn try_next(&mut self) -> Option<Result<WatchEvent>> {
+        self.rx.try_recv().ok()
     }
 
     /// One stream from several: each is forwarded until it ends or the merged watch is
