@@ -209,6 +209,12 @@ async fn an_etcd_restart_is_survived() {
     let shared = SharedView::new();
     load(&*store, &shared).await.unwrap();
     tokio::spawn(follow(store.clone(), shared.clone()));
+    // A change seen through the watch: it is established before etcd goes.
+    objects::apply(&*store, &pool("a2", "10.4.0.0/16"), false)
+        .await
+        .unwrap();
+    until("pool a2", Duration::from_secs(5), || has_pool(&shared, "a2")).await;
+    assert_eq!(shared.lists.load(Ordering::Relaxed), 1);
     server.stop();
     until("the follower to notice", Duration::from_secs(10), || {
         shared.failures.load(Ordering::Relaxed) >= 1
@@ -229,6 +235,7 @@ async fn an_etcd_restart_is_survived() {
         has_pool(&shared, "b")
     })
     .await;
+    assert!(shared.lists.load(Ordering::Relaxed) >= 2, "listed again");
     let written = tokio::time::Instant::now();
     objects::apply(&*store, &pool("c", "10.3.0.0/16"), false)
         .await
