@@ -210,6 +210,21 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether the view shows a block of `node` that has been empty for `grace` at `now`: only then
+/// is the datastore asked to release (a listing of every block per heartbeat would make the
+/// cluster's read load grow with nodes × blocks).
+fn release_due(
+    view: &trellis_cluster::view::ClusterView,
+    node: &str,
+    now: u64,
+    grace: u64,
+) -> bool {
+    view.blocks().any(|b| {
+        trellis_ipam::cluster::block_node(&b.spec) == Some(node)
+            && trellis_ipam::cluster::releasable(&b.spec, now, grace)
+    })
+}
+
 /// Heartbeats and empty-block release.
 async fn housekeeping(agent: Arc<Agent>) {
     let mut tick = tokio::time::interval(agent.config.heartbeat);
@@ -228,6 +243,15 @@ async fn housekeeping(agent: Arc<Agent>) {
         {
             tracing::warn!(error = %e, "heartbeat failed");
         }
+        let due = release_due(
+            &agent.view.read(),
+            &agent.config.node,
+            trellis_cluster::now_secs(),
+            agent.config.block_grace.as_secs(),
+        );
+        if !due {
+            continue;
+        }
         match agent
             .ipam
             .release_empty_blocks(agent.config.block_grace)
@@ -239,5 +263,46 @@ async fn housekeeping(agent: Arc<Agent>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "releasing empty blocks failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_cluster::view::ClusterView;
+    use trellis_store::{KeyValue, Listing};
+
+    fn block(cidr: &str, node: &str, empty_since: Option<u64>) -> KeyValue {
+        let mut spec = trellis_ipam::cluster::new_block(cidr.parse().unwrap(), node);
+        spec.empty_since = empty_since;
+        let r = Resource::IpamBlock(Object {
+            metadata: Metadata {
+                name: cidr.replace(['.', '/'], "-"),
+                ..Default::default()
+            },
+            spec,
+            status: None,
+        });
+        KeyValue {
+            key: r.key(),
+            value: trellis_cluster::objects::encode(&r),
+            create_revision: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn release_is_due_only_for_own_blocks_empty_long_enough() {
+        let mut view = ClusterView::new(&[Kind::IpamBlock]);
+        let items = vec![
+            block("10.1.0.0/26", "other", Some(0)),
+            block("10.1.0.64/26", "me", Some(100)),
+            block("10.1.0.128/26", "me", None),
+        ];
+        let (_, errors) = view.load(Kind::IpamBlock, &Listing { items, revision: 1 });
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!release_due(&view, "me", 150, 300), "empty for 50 s only");
+        assert!(release_due(&view, "me", 400, 300));
+        assert!(!release_due(&view, "nobody", 400, 300));
     }
 }

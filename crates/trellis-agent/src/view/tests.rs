@@ -213,7 +213,10 @@ async fn an_etcd_restart_is_survived() {
     objects::apply(&*store, &pool("a2", "10.4.0.0/16"), false)
         .await
         .unwrap();
-    until("pool a2", Duration::from_secs(5), || has_pool(&shared, "a2")).await;
+    until("pool a2", Duration::from_secs(5), || {
+        has_pool(&shared, "a2")
+    })
+    .await;
     assert_eq!(shared.lists.load(Ordering::Relaxed), 1);
     server.stop();
     until("the follower to notice", Duration::from_secs(10), || {
