@@ -104,11 +104,7 @@ pub async fn load(store: &dyn Datastore, shared: &SharedView) -> Result<(), Stor
 
 /// Applies a burst of events (the first, then whatever is already queued) under one lock and
 /// wakes the loops once. Returns the error that ended the stream, if one came.
-fn apply_burst(
-    shared: &SharedView,
-    first: WatchEvent,
-    watch: &mut Watch,
-) -> Option<Option<StoreError>> {
+fn apply_burst(shared: &SharedView, first: WatchEvent, watch: &mut Watch) -> Option<StoreError> {
     let mut changed = false;
     let mut end = None;
     {
@@ -125,7 +121,7 @@ fn apply_burst(
                     }
                 }
                 Err(e) => {
-                    end = Some(Some(e));
+                    end = Some(e);
                     break;
                 }
             }
@@ -181,8 +177,8 @@ pub async fn follow(store: Arc<dyn Datastore>, shared: Arc<SharedView>) {
                 Ok(ev) => ev,
                 Err(e) => break Some(e),
             };
-            if let Some(end) = apply_burst(&shared, first, &mut w) {
-                break end;
+            if let Some(e) = apply_burst(&shared, first, &mut w) {
+                break Some(e);
             }
         };
         broken = true;
