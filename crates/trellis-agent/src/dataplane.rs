@@ -595,8 +595,77 @@ fn apply_nat(ruleset: &Value) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use trellis_resources::{Metadata, NodeAddress, NodeSpec, NodeStatus, Object, Resource};
+
+    pub(crate) fn node(name: &str, addr: &str, heartbeat: u64) -> Resource {
+        Resource::Node(Object {
+            metadata: Metadata {
+                name: name.into(),
+                ..Default::default()
+            },
+            spec: NodeSpec {
+                addresses: vec![NodeAddress {
+                    address: addr.into(),
+                    kind: None,
+                }],
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                last_heartbeat: Some(heartbeat),
+            }),
+        })
+    }
+
+    pub(crate) fn block(cidr: &str, node: &str, pods: &[&str]) -> Resource {
+        let cidr: IpNet = cidr.parse().unwrap();
+        let mut spec = alloc::new_block(cidr, node);
+        for pod in pods {
+            alloc::allocate_in_block(&mut spec, pod, &Default::default(), &[]).unwrap();
+        }
+        Resource::IpamBlock(Object {
+            metadata: Metadata {
+                name: alloc::block_name(&cidr),
+                ..Default::default()
+            },
+            spec,
+            status: None,
+        })
+    }
+
+    /// A pass's inputs ignore heartbeats and pods in other nodes' blocks (so neither wakes the
+    /// loop) but not a node's address or a block's owner.
+    #[test]
+    fn pass_inputs_ignore_heartbeats_and_remote_pods() {
+        let pool = trellis_resources::parse_documents(
+            "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.1.0.0/16\n",
+        )
+        .unwrap()
+        .remove(0);
+        let world = |beat: u64, pods: &[&str], addr: &str, owner: &str| {
+            crate::view::view_of(&[
+                pool.clone(),
+                node("me", "192.0.2.1/24", beat),
+                node("other", addr, beat),
+                block("10.1.0.0/26", owner, pods),
+            ])
+        };
+        let read = |v: &ClusterView| ViewInputs::read(v, "me");
+        let base = read(&world(1, &[], "192.0.2.2/24", "other"));
+        assert_eq!(base, read(&world(99, &[], "192.0.2.2/24", "other")));
+        assert_eq!(
+            base,
+            read(&world(1, &["pod-a", "pod-b"], "192.0.2.2/24", "other"))
+        );
+        assert_ne!(base, read(&world(1, &[], "192.0.2.3/24", "other")));
+        assert_ne!(base, read(&world(1, &[], "192.0.2.2/24", "me")));
+        // This node's tunnel address comes from the view once IPAM holds it.
+        assert_eq!(base.tunnel, None);
+        let handle = tunnel_request("me", &[]).handle();
+        let with_tunnel = read(&world(1, &[handle.as_str()], "192.0.2.2/24", "me"));
+        assert_eq!(with_tunnel.tunnel, Some(Ipv4Addr::new(10, 1, 0, 0)));
+    }
 
     #[test]
     fn vtep_mac_is_stable_local_unicast() {

@@ -207,5 +207,26 @@ pub async fn follow(store: Arc<dyn Datastore>, shared: Arc<SharedView>) {
     }
 }
 
+/// A loaded view holding `resources` (for tests of what the loops derive from it).
+#[cfg(test)]
+pub(crate) fn view_of(resources: &[trellis_resources::Resource]) -> ClusterView {
+    let mut view = ClusterView::new(&KINDS);
+    for kind in KINDS {
+        let items = resources
+            .iter()
+            .filter(|r| r.kind() == kind)
+            .map(|r| trellis_store::KeyValue {
+                key: r.key(),
+                value: trellis_cluster::objects::encode(r),
+                create_revision: 1,
+                mod_revision: 1,
+            })
+            .collect();
+        let (_, errors) = view.load(kind, &trellis_store::Listing { items, revision: 1 });
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+    view
+}
+
 #[cfg(test)]
 mod tests;

@@ -248,3 +248,34 @@ async fn publish_status(agent: Arc<Agent>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::tests::{block, node};
+
+    /// The speaker's inputs ignore heartbeats and pod addresses, so neither recomputes its
+    /// configuration; a node's labels (peer selectors) and block ownership do count.
+    #[test]
+    fn bgp_inputs_ignore_heartbeats_and_pods() {
+        let labelled = |beat: u64, rack: &str| {
+            let mut n = node("n2", "192.0.2.2/24", beat);
+            if let Resource::Node(o) = &mut n {
+                o.metadata.labels.insert("rack".into(), rack.into());
+            }
+            n
+        };
+        let world = |beat: u64, pods: &[&str], rack: &str, owner: &str| {
+            crate::view::view_of(&[
+                node("n1", "192.0.2.1/24", beat),
+                labelled(beat, rack),
+                block("10.1.0.0/26", owner, pods),
+            ])
+        };
+        let base = Inputs::read(&world(1, &[], "r1", "n2"));
+        assert_eq!(base, Inputs::read(&world(7, &[], "r1", "n2")));
+        assert_eq!(base, Inputs::read(&world(1, &["pod"], "r1", "n2")));
+        assert_ne!(base, Inputs::read(&world(1, &[], "r2", "n2")));
+        assert_ne!(base, Inputs::read(&world(1, &[], "r1", "n1")));
+    }
+}
