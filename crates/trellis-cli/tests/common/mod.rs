@@ -189,6 +189,11 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Stops etcd (etcd clusters only), until [`Cluster::restart_etcd`].
+    pub fn stop_etcd(&mut self) {
+        self._etcd.as_mut().expect("an etcd cluster").stop();
+    }
+
     /// Kills etcd and starts it again on the same address and data (etcd clusters only).
     pub fn restart_etcd(&mut self) {
         self._etcd.as_mut().expect("an etcd cluster").restart();
