@@ -155,7 +155,7 @@ fn auto_compact(
     let horizon = now_ms.saturating_sub(retention.age.as_millis() as i64);
     let by_age: i64 = tx
         .query_row(
-            "SELECT rev FROM log WHERE ts >= ?1 ORDER BY id LIMIT 1",
+            "SELECT rev FROM log WHERE ts > ?1 ORDER BY id LIMIT 1",
             [horizon],
             |r| r.get(0),
         )
