@@ -194,6 +194,44 @@ mod tests {
         assert_eq!(prefix_end(""), None);
     }
 
+    fn ev(key: &str, revision: i64) -> Result<WatchEvent> {
+        Ok(WatchEvent {
+            kind: WatchEventKind::Put,
+            key: key.into(),
+            value: Vec::new(),
+            revision,
+        })
+    }
+
+    /// The default `watch_prefixes` merges watches; the first error ends the merged stream.
+    #[tokio::test]
+    async fn merged_watches_forward_events_and_end_at_the_first_error() {
+        let (a_tx, a_rx) = tokio::sync::mpsc::channel(8);
+        let (b_tx, b_rx) = tokio::sync::mpsc::channel(8);
+        let mut w = Watch::merge(vec![Watch::new(a_rx), Watch::new(b_rx)]);
+        a_tx.send(ev("/a/1", 1)).await.unwrap();
+        b_tx.send(ev("/b/1", 2)).await.unwrap();
+        let mut keys = vec![
+            w.next().await.unwrap().unwrap().key,
+            w.next().await.unwrap().unwrap().key,
+        ];
+        keys.sort();
+        assert_eq!(keys, ["/a/1", "/b/1"]);
+        b_tx.send(Err(StoreError::Compacted {
+            requested: 1,
+            compacted: 5,
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(
+            w.next().await,
+            Some(Err(StoreError::Compacted { .. }))
+        ));
+        // The other watch is dropped too, and the merged stream ends.
+        assert!(w.next().await.is_none());
+        a_tx.closed().await;
+    }
+
     #[tokio::test]
     async fn bad_specs_are_named() {
         for spec in ["mysql:x", "sqlite:", "etcd:", "etcd:localhost:2379"] {
