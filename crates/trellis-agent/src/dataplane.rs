@@ -1,6 +1,7 @@
-//! The agent's dataplane loop: from the datastore (nodes, blocks, pools) to the kernel, every
-//! few seconds — so drift (a route deleted by hand) is repaired — and again on datastore
-//! changes. Pure decisions come from [`trellis_routing`]; this module does the I/O: the VTEP
+//! The agent's dataplane loop: from the agent's view of the cluster (nodes, blocks, pools; see
+//! [`crate::view`]) to the kernel, every few seconds — so drift (a route deleted by hand) is
+//! repaired, from the last view even while the datastore is unreachable — and again when the
+//! view changes what a pass reads. Pure decisions come from [`trellis_routing`]; this module does the I/O: the VTEP
 //! (`vxlan.trellis`, its tunnel address from IPAM, published on the Node), routes, neighbours,
 //! FDB entries, and natOutgoing in Trellis's own nftables tables (`ip trellis`, `ip6 trellis`).
 //! A restart converges to the same state without removing anything first, so routes do not flap.
@@ -15,7 +16,7 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use trellis_cluster::ipam::Request;
-use trellis_cluster::objects;
+use trellis_cluster::view::ClusterView;
 use trellis_dataplane::netlink::VxlanSpec;
 use trellis_dataplane::{nft, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
@@ -89,60 +90,170 @@ fn watch_kernel(notify: Arc<tokio::sync::Notify>) {
     });
 }
 
-/// Runs passes forever: every `every`, soon after any datastore change, and soon after any
-/// kernel change (so drift is repaired at once).
+/// What a pass reads from the agent's view of the cluster. A view change that leaves this
+/// equal (a heartbeat, a pod's address in a remote block) needs no pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewInputs {
+    pools: Vec<(String, IpPoolSpec)>,
+    remotes: Vec<RemoteNode>,
+    /// (block, affine node).
+    blocks: Vec<(IpNet, String)>,
+    /// This node's VTEP address as IPAM records it (held by its tunnel handle), if allocated.
+    tunnel: Option<Ipv4Addr>,
+    /// The VTEP address and MAC this node's Node object publishes.
+    published: (Option<IpAddr>, Option<String>),
+}
+
+/// The IPAM request for this node's VTEP address.
+fn tunnel_request(node: &str, vxlan_pools: &[String]) -> Request {
+    Request {
+        network: "trellis-tunnel".into(),
+        container_id: node.to_string(),
+        ifname: "vxlan".into(),
+        ipv4_pools: vxlan_pools.to_vec(),
+        no_endpoint: true,
+        ..Default::default()
+    }
+}
+
+impl ViewInputs {
+    /// Reads the pass's inputs for `node` from the view.
+    pub fn read(view: &ClusterView, node: &str) -> ViewInputs {
+        let pools: Vec<(String, IpPoolSpec)> = view
+            .pools()
+            .map(|p| (p.metadata.name.clone(), p.spec.clone()))
+            .collect();
+        let remotes = view
+            .nodes()
+            .filter(|n| n.metadata.name != node)
+            .filter_map(|n| {
+                let a = n
+                    .spec
+                    .addresses
+                    .first()?
+                    .address
+                    .split('/')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some(RemoteNode {
+                    name: n.metadata.name.clone(),
+                    address: a,
+                    vtep_ip: n.spec.ipv4_vxlan_tunnel_addr,
+                    vtep_mac: n.spec.vxlan_tunnel_mac_addr.as_deref().and_then(parse_mac),
+                })
+            })
+            .collect();
+        let blocks = view
+            .blocks()
+            .filter_map(|b| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
+            .collect();
+        let handle = tunnel_request(node, &[]).handle();
+        let tunnel = view
+            .blocks()
+            .flat_map(|b| alloc::held_by(&b.spec, &handle))
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            });
+        let published = view
+            .nodes()
+            .find(|n| n.metadata.name == node)
+            .map(|n| {
+                (
+                    n.spec.ipv4_vxlan_tunnel_addr,
+                    n.spec.vxlan_tunnel_mac_addr.clone(),
+                )
+            })
+            .unwrap_or_default();
+        ViewInputs {
+            pools,
+            remotes,
+            blocks,
+            tunnel,
+            published,
+        }
+    }
+}
+
+/// Runs passes forever: every `every` (the kernel may have drifted), soon after any kernel
+/// change (so drift is repaired at once), and soon after a view change that alters what a pass
+/// reads. Passes use the last view even while the datastore is unreachable. Never runs a pass
+/// before the view was first loaded (an empty view would remove every route).
 pub async fn run(agent: Arc<Agent>, every: Duration) {
     let kernel = Arc::new(tokio::sync::Notify::new());
     watch_kernel(kernel.clone());
     let mut last_problems = BTreeSet::new();
     let mut nat_applied: Option<String> = None;
-    let mut watch = match agent.store.revision().await {
-        Ok(rev) => agent.store.watch("/trellis/v1/", rev + 1).await.ok(),
-        Err(_) => None,
-    };
+    let mut changes = agent.view.subscribe();
     loop {
-        tracing::debug!("dataplane pass");
-        match pass(&agent, &mut nat_applied).await {
-            Ok(r) => {
-                if r.ops > 0 {
-                    tracing::info!(changes = r.ops, "dataplane converged");
-                }
-                if r.ops >= 1000 || r.routes >= 10_000 {
-                    // A pass over a big table leaves large transient buffers (route dumps, sets,
-                    // plans) freed inside malloc's arenas; hand them back to the system.
-                    crate::release_free_memory();
-                }
-                let now: BTreeSet<String> = r.problems.into_iter().collect();
-                for p in now.difference(&last_problems) {
-                    tracing::warn!("{p}");
-                }
-                last_problems = now;
-            }
-            Err(e) => tracing::warn!(error = %e, "dataplane pass failed; retrying"),
-        }
-        let tick = tokio::time::sleep(every);
-        match &mut watch {
-            Some(w) => {
-                tokio::select! {
-                    _ = tick => {}
-                    _ = kernel.notified() => {
-                        // Coalesce the burst our own changes (or a script's) produce.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+        let inputs = {
+            let view = agent.view.read();
+            view.loaded()
+                .then(|| ViewInputs::read(&view, &agent.config.node))
+        };
+        if let Some(inputs) = &inputs {
+            tracing::debug!("dataplane pass");
+            match pass(&agent, inputs, &mut nat_applied).await {
+                Ok(r) => {
+                    let passes = agent.dataplane_passes.fetch_add(1, Ordering::Relaxed) + 1;
+                    if r.ops > 0 {
+                        tracing::info!(changes = r.ops, "dataplane converged");
                     }
-                    _ = agent.bgp.kick.notified() => {}
-                    ev = w.next() => if !matches!(ev, Some(Ok(_))) {
-                        watch = None; // compacted or closed: fall back to the timer
+                    if passes == 1 {
+                        // Tests and operators wait for this after a (re)start.
+                        tracing::info!(passes, changes = r.ops, "dataplane pass complete");
                     } else {
-                        // Let a burst of changes settle into one pass.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    },
+                        tracing::debug!(passes, changes = r.ops, "dataplane pass complete");
+                    }
+                    if r.ops >= 1000 || r.routes >= 10_000 {
+                        // A pass over a big table leaves large transient buffers (route dumps,
+                        // sets, plans) freed inside malloc's arenas; hand them back to the system.
+                        crate::release_free_memory();
+                    }
+                    let now: BTreeSet<String> = r.problems.into_iter().collect();
+                    for p in now.difference(&last_problems) {
+                        tracing::warn!("{p}");
+                    }
+                    last_problems = now;
                 }
+                Err(e) => tracing::warn!(error = %e, "dataplane pass failed; retrying"),
             }
-            None => {
-                tokio::select! {
-                    _ = tick => {}
-                    _ = kernel.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
-                    _ = agent.bgp.kick.notified() => {}
+        }
+        wait_for_work(&agent, every, &kernel, &mut changes, inputs.as_ref()).await;
+    }
+}
+
+/// Waits until a pass is due: the resync period passed, the kernel changed, BGP's routes
+/// changed, or the view changed what a pass reads (other view changes are absorbed here).
+async fn wait_for_work(
+    agent: &Agent,
+    every: Duration,
+    kernel: &tokio::sync::Notify,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    last: Option<&ViewInputs>,
+) {
+    let tick = tokio::time::sleep(every);
+    tokio::pin!(tick);
+    loop {
+        tokio::select! {
+            _ = &mut tick => return,
+            _ = kernel.notified() => {
+                // Coalesce the burst our own changes (or a script's) produce.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+            _ = agent.bgp.kick.notified() => return,
+            Ok(()) = changes.changed() => {
+                // Let a burst of changes settle into one pass.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                changes.borrow_and_update();
+                let view = agent.view.read();
+                if !view.loaded() {
+                    continue;
+                }
+                if last != Some(&ViewInputs::read(&view, &agent.config.node)) {
+                    return;
                 }
             }
         }
@@ -169,51 +280,23 @@ struct KernelPass {
     igp: Vec<(IpNet, IpAddr)>,
 }
 
-/// One reconciliation pass.
+/// One reconciliation pass over `inputs` (read from the view): reads and writes the datastore
+/// only when this node's VTEP address or its publication is missing from them.
 pub async fn pass(
     agent: &Agent,
+    inputs: &ViewInputs,
     nat_applied: &mut Option<String>,
 ) -> Result<PassReport, AgentError> {
-    let store = &*agent.store;
-    let pools: Vec<(String, IpPoolSpec)> = objects::pools(store)
-        .await?
-        .into_iter()
-        .map(|(p, _)| (p.metadata.name, p.spec))
-        .collect();
+    let pools = inputs.pools.clone();
     let mut problems = ipip_problems(&pools).await;
     let vxlan_pools = vxlan_pools(&pools);
     let vtep = if vxlan_pools.is_empty() {
         None
     } else {
-        Some(ensure_vtep(agent, &vxlan_pools).await?)
+        Some(ensure_vtep(agent, &vxlan_pools, inputs).await?)
     };
-    let nodes = objects::nodes(store).await?;
-    let remotes: Vec<RemoteNode> = nodes
-        .iter()
-        .filter(|(n, _)| n.metadata.name != agent.config.node)
-        .filter_map(|(n, _)| {
-            let a = n
-                .spec
-                .addresses
-                .first()?
-                .address
-                .split('/')
-                .next()?
-                .parse()
-                .ok()?;
-            Some(RemoteNode {
-                name: n.metadata.name.clone(),
-                address: a,
-                vtep_ip: n.spec.ipv4_vxlan_tunnel_addr,
-                vtep_mac: n.spec.vxlan_tunnel_mac_addr.as_deref().and_then(parse_mac),
-            })
-        })
-        .collect();
-    let blocks: Vec<(IpNet, String)> = objects::blocks(store)
-        .await?
-        .into_iter()
-        .filter_map(|(b, _)| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
-        .collect();
+    let remotes = inputs.remotes.clone();
+    let blocks = inputs.blocks.clone();
     let nat = nat_ruleset(&pools);
     let nat_text = Value::from(nat.clone()).to_string();
     let nat_changed = nat_applied.as_deref() != Some(nat_text.as_str());
@@ -439,7 +522,7 @@ pub async fn current_pod_mtu(agent: &Agent) -> Result<u32, AgentError> {
     if known != 0 {
         return Ok(known);
     }
-    let pools: Vec<(String, IpPoolSpec)> = objects::pools(&*agent.store)
+    let pools: Vec<(String, IpPoolSpec)> = trellis_cluster::objects::pools(&*agent.store)
         .await?
         .into_iter()
         .map(|(p, _)| (p.metadata.name, p.spec))
@@ -463,20 +546,23 @@ pub async fn current_pod_mtu(agent: &Agent) -> Result<u32, AgentError> {
 
 /// Makes sure the VTEP exists with the right settings, has its tunnel address, and is published
 /// on the Node. Returns (ifindex, tunnel address).
-async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4Addr), AgentError> {
-    let req = Request {
-        network: "trellis-tunnel".into(),
-        container_id: agent.config.node.clone(),
-        ifname: "vxlan".into(),
-        ipv4_pools: vxlan_pools.to_vec(),
-        no_endpoint: true,
-        ..Default::default()
-    };
-    let got = agent.ipam.allocate(&req).await?;
-    let Some(IpAddr::V4(tunnel)) = got.first().map(|(ip, _)| *ip) else {
-        return Err(AgentError::Dataplane(
-            "no IPv4 tunnel address for the VTEP".into(),
-        ));
+async fn ensure_vtep(
+    agent: &Agent,
+    vxlan_pools: &[String],
+    inputs: &ViewInputs,
+) -> Result<(u32, Ipv4Addr), AgentError> {
+    let tunnel = match inputs.tunnel {
+        Some(t) => t,
+        None => {
+            let req = tunnel_request(&agent.config.node, vxlan_pools);
+            let got = agent.ipam.allocate(&req).await?;
+            let Some(IpAddr::V4(tunnel)) = got.first().map(|(ip, _)| *ip) else {
+                return Err(AgentError::Dataplane(
+                    "no IPv4 tunnel address for the VTEP".into(),
+                ));
+            };
+            tunnel
+        }
     };
     let mac = vtep_mac(&agent.config.node);
     let (local, cfg) = (agent.address.addr(), agent.vxlan);
@@ -540,11 +626,13 @@ async fn ensure_vtep(agent: &Agent, vxlan_pools: &[String]) -> Result<(u32, Ipv4
     .await
     .map_err(|e| AgentError::Dataplane(e.to_string()))?
     .map_err(AgentError::Dataplane)?;
-    update_node(&*agent.store, &agent.config.node, |n| {
-        n.spec.ipv4_vxlan_tunnel_addr = Some(IpAddr::V4(tunnel));
-        n.spec.vxlan_tunnel_mac_addr = Some(mac_str(&mac));
-    })
-    .await?;
+    if inputs.published != (Some(IpAddr::V4(tunnel)), Some(mac_str(&mac))) {
+        update_node(&*agent.store, &agent.config.node, |n| {
+            n.spec.ipv4_vxlan_tunnel_addr = Some(IpAddr::V4(tunnel));
+            n.spec.vxlan_tunnel_mac_addr = Some(mac_str(&mac));
+        })
+        .await?;
+    }
     Ok((ifindex, tunnel))
 }
 
@@ -609,8 +697,77 @@ pub fn apply_nat(ruleset: &[Value]) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use trellis_resources::{Metadata, NodeAddress, NodeSpec, NodeStatus, Object, Resource};
+
+    pub(crate) fn node(name: &str, addr: &str, heartbeat: u64) -> Resource {
+        Resource::Node(Object {
+            metadata: Metadata {
+                name: name.into(),
+                ..Default::default()
+            },
+            spec: NodeSpec {
+                addresses: vec![NodeAddress {
+                    address: addr.into(),
+                    kind: None,
+                }],
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                last_heartbeat: Some(heartbeat),
+            }),
+        })
+    }
+
+    pub(crate) fn block(cidr: &str, node: &str, pods: &[&str]) -> Resource {
+        let cidr: IpNet = cidr.parse().unwrap();
+        let mut spec = alloc::new_block(cidr, node);
+        for pod in pods {
+            alloc::allocate_in_block(&mut spec, pod, &Default::default(), &[]).unwrap();
+        }
+        Resource::IpamBlock(Object {
+            metadata: Metadata {
+                name: alloc::block_name(&cidr),
+                ..Default::default()
+            },
+            spec,
+            status: None,
+        })
+    }
+
+    /// A pass's inputs ignore heartbeats and pods in other nodes' blocks (so neither wakes the
+    /// loop) but not a node's address or a block's owner.
+    #[test]
+    fn pass_inputs_ignore_heartbeats_and_remote_pods() {
+        let pool = trellis_resources::parse_documents(
+            "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.1.0.0/16\n",
+        )
+        .unwrap()
+        .remove(0);
+        let world = |beat: u64, pods: &[&str], addr: &str, owner: &str| {
+            crate::view::view_of(&[
+                pool.clone(),
+                node("me", "192.0.2.1/24", beat),
+                node("other", addr, beat),
+                block("10.1.0.0/26", owner, pods),
+            ])
+        };
+        let read = |v: &ClusterView| ViewInputs::read(v, "me");
+        let base = read(&world(1, &[], "192.0.2.2/24", "other"));
+        assert_eq!(base, read(&world(99, &[], "192.0.2.2/24", "other")));
+        assert_eq!(
+            base,
+            read(&world(1, &["pod-a", "pod-b"], "192.0.2.2/24", "other"))
+        );
+        assert_ne!(base, read(&world(1, &[], "192.0.2.3/24", "other")));
+        assert_ne!(base, read(&world(1, &[], "192.0.2.2/24", "me")));
+        // This node's tunnel address comes from the view once IPAM holds it.
+        assert_eq!(base.tunnel, None);
+        let handle = tunnel_request("me", &[]).handle();
+        let with_tunnel = read(&world(1, &[handle.as_str()], "192.0.2.2/24", "me"));
+        assert_eq!(with_tunnel.tunnel, Some(Ipv4Addr::new(10, 1, 0, 0)));
+    }
 
     fn pool(name: &str, yaml_spec: &str) -> (String, IpPoolSpec) {
         let doc = format!("apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {yaml_spec}\n");

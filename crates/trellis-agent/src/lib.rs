@@ -7,6 +7,7 @@ pub mod bgp;
 pub mod dataplane;
 pub mod metrics;
 mod server;
+pub mod view;
 
 pub use server::{
     MAX_CLIENTS, MAX_CONNECTIONS, MAX_REQUEST_LINE, QUEUE_DEADLINE, REPLY_DEADLINE,
@@ -74,6 +75,10 @@ pub struct Agent {
     pub pod_mtu: std::sync::atomic::AtomicU32,
     /// The BGP speaker's routes and state.
     pub bgp: Arc<bgp::Shared>,
+    /// The cluster as the dataplane and BGP loops see it, kept current by one watch.
+    pub view: Arc<view::SharedView>,
+    /// Dataplane passes completed (each read the kernel and applied the difference).
+    pub dataplane_passes: std::sync::atomic::AtomicU64,
 }
 
 /// Limits malloc to two arenas: the agent's many short-lived blocking threads otherwise each get
@@ -162,9 +167,12 @@ pub async fn run(
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone());
     let vxlan = config.vxlan;
     let pod_mtu = std::sync::atomic::AtomicU32::new(0);
+    // The loops start from a complete view; from here on one watch keeps it current.
+    let cluster = view::SharedView::new();
+    view::load(&*store, &cluster).await?;
     let bgp_shared = bgp::Shared::default();
     bgp_shared.active.store(
-        bgp::starts_active(&*store, config.bgp).await,
+        bgp::starts_active(&cluster.read(), config.bgp),
         std::sync::atomic::Ordering::Relaxed,
     );
     let agent = Arc::new(Agent {
@@ -175,9 +183,12 @@ pub async fn run(
         vxlan,
         pod_mtu,
         bgp: Arc::new(bgp_shared),
+        view: cluster,
+        dataplane_passes: std::sync::atomic::AtomicU64::new(0),
     });
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");
+    let follower = tokio::spawn(view::follow(agent.store.clone(), agent.view.clone()));
     let housekeeping = tokio::spawn(housekeeping(agent.clone()));
     let dataplane = tokio::spawn(dataplane::run(agent.clone(), agent.config.resync));
     let bgp = tokio::spawn(bgp::run(agent.clone(), agent.config.bgp));
@@ -193,6 +204,7 @@ pub async fn run(
         r = server::serve(agent.clone(), listener) => r?,
         _ = shutdown => tracing::info!("shutting down"),
     }
+    follower.abort();
     housekeeping.abort();
     dataplane.abort();
     bgp.abort();
@@ -203,9 +215,27 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether the view shows a block of `node` that has been empty for `grace` at `now`: only then
+/// is the datastore asked to release (a listing of every block per heartbeat would make the
+/// cluster's read load grow with nodes × blocks).
+fn release_due(
+    view: &trellis_cluster::view::ClusterView,
+    node: &str,
+    now: u64,
+    grace: u64,
+) -> bool {
+    view.blocks().any(|b| {
+        trellis_ipam::cluster::block_node(&b.spec) == Some(node)
+            && trellis_ipam::cluster::releasable(&b.spec, now, grace)
+    })
+}
+
 /// Heartbeats and empty-block release.
 async fn housekeeping(agent: Arc<Agent>) {
     let mut tick = tokio::time::interval(agent.config.heartbeat);
+    // After a stall (an unreachable datastore) beat once, not once per missed period: each
+    // beat is a write every agent's view receives.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if let Err(e) = register_node(
@@ -218,6 +248,15 @@ async fn housekeeping(agent: Arc<Agent>) {
         {
             tracing::warn!(error = %e, "heartbeat failed");
         }
+        let due = release_due(
+            &agent.view.read(),
+            &agent.config.node,
+            trellis_cluster::now_secs(),
+            agent.config.block_grace.as_secs(),
+        );
+        if !due {
+            continue;
+        }
         match agent
             .ipam
             .release_empty_blocks(agent.config.block_grace)
@@ -229,5 +268,46 @@ async fn housekeeping(agent: Arc<Agent>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "releasing empty blocks failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_cluster::view::ClusterView;
+    use trellis_store::{KeyValue, Listing};
+
+    fn block(cidr: &str, node: &str, empty_since: Option<u64>) -> KeyValue {
+        let mut spec = trellis_ipam::cluster::new_block(cidr.parse().unwrap(), node);
+        spec.empty_since = empty_since;
+        let r = Resource::IpamBlock(Object {
+            metadata: Metadata {
+                name: cidr.replace(['.', '/'], "-"),
+                ..Default::default()
+            },
+            spec,
+            status: None,
+        });
+        KeyValue {
+            key: r.key(),
+            value: trellis_cluster::objects::encode(&r),
+            create_revision: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn release_is_due_only_for_own_blocks_empty_long_enough() {
+        let mut view = ClusterView::new(&[Kind::IpamBlock]);
+        let items = vec![
+            block("10.1.0.0/26", "other", Some(0)),
+            block("10.1.0.64/26", "me", Some(100)),
+            block("10.1.0.128/26", "me", None),
+        ];
+        let (_, errors) = view.load(Kind::IpamBlock, &Listing { items, revision: 1 });
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!release_due(&view, "me", 150, 300), "empty for 50 s only");
+        assert!(release_due(&view, "me", 400, 300));
+        assert!(!release_due(&view, "nobody", 400, 300));
     }
 }

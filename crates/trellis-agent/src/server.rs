@@ -378,6 +378,8 @@ mod tests {
             vxlan,
             pod_mtu: AtomicU32::new(0),
             bgp: Arc::new(bgp::Shared::default()),
+            view: crate::view::SharedView::new(),
+            dataplane_passes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

@@ -30,9 +30,10 @@ pub struct AgentArgs {
     /// Node labels (KEY=VALUE), used by pool nodeSelectors.
     #[arg(long = "label")]
     pub labels: Vec<String>,
-    /// Seconds between heartbeats (and empty-block checks).
-    #[arg(long, default_value_t = 10)]
-    pub heartbeat: u64,
+    /// Seconds between heartbeats (and empty-block checks); fractions allowed (benchmarks run
+    /// agents at 100x speed).
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat: f64,
     /// Seconds a block must stay empty before it is released to the pool.
     #[arg(long, default_value_t = 300)]
     pub block_grace: u64,
@@ -349,8 +350,8 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
             .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
         labels.insert(k.to_string(), v.to_string());
     }
-    if a.heartbeat == 0 {
-        bail!("--heartbeat must be at least 1 second");
+    if !(a.heartbeat.is_finite() && a.heartbeat >= 0.01) {
+        bail!("--heartbeat {} must be at least 0.01 seconds", a.heartbeat);
     }
     let config = trellis_agent::AgentConfig {
         node,
@@ -358,7 +359,7 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
         socket: a.socket,
         ip,
         labels,
-        heartbeat: Duration::from_secs(a.heartbeat),
+        heartbeat: Duration::from_secs_f64(a.heartbeat),
         block_grace: Duration::from_secs(a.block_grace),
         vxlan: trellis_agent::dataplane::VxlanConfig {
             vni: a.vxlan_vni,

@@ -8,6 +8,8 @@
 //!   [`release`] frees an attachment's addresses.
 //! - [`snapshot`], [`gc`], [`report`]: one consistent read of the IPAM records, garbage
 //!   collection planned from it as guarded transactions, and the operator reports.
+//! - [`view`]: an in-memory copy of some kinds, built from listings and kept current by watch
+//!   events (pure; the agent does the listing and watching).
 //!
 //! Time comes from a [`Clock`], so tests move it instead of sleeping.
 
@@ -18,6 +20,7 @@ pub mod objects;
 pub mod release;
 pub mod report;
 pub mod snapshot;
+pub mod view;
 
 use std::time::Instant;
 

@@ -1,6 +1,11 @@
 //! The etcd v3 backend: the same semantics as the embedded store on a cluster's etcd
 //! (revisions, compare-and-swap on `mod_revision`, prefix watches from a revision, compaction
 //! reported to watchers). Does network I/O.
+//!
+//! History is compacted by etcd itself: run it with `--auto-compaction-mode=periodic
+//! --auto-compaction-retention=5m` (or `revision` mode with a revision count), as Kubernetes
+//! does. A watcher that falls behind gets [`StoreError::Compacted`], exactly as with the
+//! embedded store's automatic compaction, and lists again.
 
 use std::time::Duration;
 
@@ -138,23 +143,44 @@ impl Datastore for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<Watch> {
-        let mut opts = WatchOptions::new().with_start_revision(from.max(1));
-        opts = if prefix.is_empty() {
-            opts.with_all_keys()
-        } else {
-            opts.with_prefix()
+        self.watch_prefixes(&[prefix.to_string()], from).await
+    }
+
+    /// One gRPC watch stream carrying one etcd watch per prefix (etcd groups their events by
+    /// watch ID on the stream).
+    async fn watch_prefixes(&self, prefixes: &[String], from: i64) -> Result<Watch> {
+        let opts = |prefix: &str| {
+            let opts = WatchOptions::new().with_start_revision(from.max(1));
+            if prefix.is_empty() {
+                opts.with_all_keys()
+            } else {
+                opts.with_prefix()
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let Some((first, rest)) = prefixes.split_first() else {
+            return Ok(Watch::new(rx)); // nothing to watch: a stream that ends at once
         };
         let mut stream = self
             .client
             .clone()
-            .watch(prefix, Some(opts))
+            .watch(first.as_str(), Some(opts(first)))
             .await
             .map_err(self.err())?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        for p in rest {
+            stream
+                .watch(p.as_str(), Some(opts(p)))
+                .await
+                .map_err(self.err())?;
+        }
         let endpoint = self.endpoints.join(",");
         tokio::spawn(async move {
             loop {
-                let msg = match stream.message().await {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    _ = tx.closed() => return, // the watcher went away
+                };
+                let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => return,
                     Err(source) => {
@@ -193,6 +219,9 @@ impl Datastore for EtcdStore {
                     }
                 }
                 if msg.canceled() {
+                    // One prefix's watch ended (etcd gave a reason); the stream as a whole is
+                    // incomplete from here on, so end it and let the watcher list again.
+                    tracing::warn!(reason = msg.cancel_reason(), "etcd cancelled a watch");
                     return;
                 }
             }

@@ -15,6 +15,7 @@ pub mod types;
 
 use std::sync::Arc;
 
+pub use sqlite::Retention;
 pub use types::{KeyValue, Listing, Precondition, TxnOp, TxnOutcome, WatchEvent, WatchEventKind};
 
 /// Default datastore when none is given.
@@ -62,13 +63,50 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>) -> Watch {
+    /// A watch fed by `rx` (backends, and wrappers that filter or inject events).
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>) -> Watch {
         Watch { rx }
     }
 
     /// The next event, or `None` when the store is closed.
     pub async fn next(&mut self) -> Option<Result<WatchEvent>> {
         self.rx.recv().await
+    }
+
+    /// An event already received, without waiting (to take a burst in one go).
+    pub fn try_next(&mut self) -> Option<Result<WatchEvent>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// One stream from several: each is forwarded until it ends or the merged watch is
+    /// dropped; the first error (or the end of any of them) ends the merged stream.
+    pub fn merge(watches: Vec<Watch>) -> Watch {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+        for mut w in watches {
+            let tx = tx.clone();
+            let (stop_tx, mut stop) = (stop_tx.clone(), stop_tx.subscribe());
+            tokio::spawn(async move {
+                loop {
+                    let ev = tokio::select! {
+                        ev = w.next() => ev,
+                        _ = tx.closed() => return,
+                        _ = stop.recv() => return,
+                    };
+                    let ended = !matches!(ev, Some(Ok(_)));
+                    let sent = match ev {
+                        Some(ev) => tx.send(ev).await.is_ok(),
+                        None => false,
+                    };
+                    if ended || !sent {
+                        // Ends the others too: the merged stream closes once every sender is gone.
+                        let _ = stop_tx.send(());
+                        return;
+                    }
+                }
+            });
+        }
+        Watch::new(rx)
     }
 }
 
@@ -83,6 +121,19 @@ pub trait Datastore: Send + Sync {
     async fn txn(&self, preconditions: Vec<Precondition>, ops: Vec<TxnOp>) -> Result<TxnOutcome>;
     /// Changes under `prefix` from revision `from` (inclusive) on.
     async fn watch(&self, prefix: &str, from: i64) -> Result<Watch>;
+    /// Changes under any of `prefixes` from revision `from` on, in one stream (one watch for the
+    /// several kinds a loop follows). Events of one prefix arrive in revision order; events of
+    /// different prefixes may interleave out of order, so a broken stream is resumed by listing
+    /// again, not from the last revision seen. The stream ends at the first error of any prefix.
+    /// Backends override this to share one poll or one server stream; this default merges
+    /// separate watches.
+    async fn watch_prefixes(&self, prefixes: &[String], from: i64) -> Result<Watch> {
+        let mut inner = Vec::new();
+        for p in prefixes {
+            inner.push(self.watch(p, from).await?);
+        }
+        Ok(Watch::merge(inner))
+    }
     /// Forgets history before `revision`; watches from earlier revisions get `Compacted`.
     async fn compact(&self, revision: i64) -> Result<()>;
     /// The current store revision.
@@ -150,6 +201,44 @@ mod tests {
     fn prefix_end_increments_last_byte() {
         assert_eq!(prefix_end("/a/"), Some(b"/a0".to_vec()));
         assert_eq!(prefix_end(""), None);
+    }
+
+    fn ev(key: &str, revision: i64) -> Result<WatchEvent> {
+        Ok(WatchEvent {
+            kind: WatchEventKind::Put,
+            key: key.into(),
+            value: Vec::new(),
+            revision,
+        })
+    }
+
+    /// The default `watch_prefixes` merges watches; the first error ends the merged stream.
+    #[tokio::test]
+    async fn merged_watches_forward_events_and_end_at_the_first_error() {
+        let (a_tx, a_rx) = tokio::sync::mpsc::channel(8);
+        let (b_tx, b_rx) = tokio::sync::mpsc::channel(8);
+        let mut w = Watch::merge(vec![Watch::new(a_rx), Watch::new(b_rx)]);
+        a_tx.send(ev("/a/1", 1)).await.unwrap();
+        b_tx.send(ev("/b/1", 2)).await.unwrap();
+        let mut keys = vec![
+            w.next().await.unwrap().unwrap().key,
+            w.next().await.unwrap().unwrap().key,
+        ];
+        keys.sort();
+        assert_eq!(keys, ["/a/1", "/b/1"]);
+        b_tx.send(Err(StoreError::Compacted {
+            requested: 1,
+            compacted: 5,
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(
+            w.next().await,
+            Some(Err(StoreError::Compacted { .. }))
+        ));
+        // The other watch is dropped too, and the merged stream ends.
+        assert!(w.next().await.is_none());
+        a_tx.closed().await;
     }
 
     #[tokio::test]

@@ -2,12 +2,19 @@
 //! (agents, CLI, plugin). Revisions are global: each committed transaction takes the next one and
 //! appends its changes to a log table, which watches poll. Writers serialise on SQLite's write
 //! lock (`BEGIN IMMEDIATE`, with a busy timeout). Does file I/O on blocking threads.
+//!
+//! The log is compacted automatically, like etcd's `--auto-compaction-retention`: every
+//! [`COMPACT_EVERY`]th revision, the writer that takes it drops the log entries older than its
+//! [`Retention`] inside its own write transaction (so several processes sharing the file never
+//! race, and the cost is proportional to what is dropped). Freed pages are reused by later writes
+//! and the WAL is truncated after checkpoints (`journal_size_limit`), so the file stays flat.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::types::{
     KeyValue, Listing, Precondition, TxnOp, TxnOutcome, WatchEvent, WatchEventKind,
@@ -16,6 +23,32 @@ use crate::{prefix_end, Datastore, Result, StoreError, Watch};
 
 /// How often a watch looks for new log entries.
 const POLL: Duration = Duration::from_millis(50);
+
+/// Writers check the retention every this many revisions.
+pub const COMPACT_EVERY: i64 = 64;
+
+/// Largest WAL file kept after a checkpoint (SQLite's `journal_size_limit`); without it the WAL
+/// keeps the size of its biggest burst forever.
+const WAL_LIMIT_BYTES: i64 = 4 << 20;
+
+/// How much change history the store keeps for watchers that resume from a revision: the last
+/// `revisions` revisions or everything younger than `age`, whichever retains more. A watcher
+/// further behind gets [`StoreError::Compacted`] and lists again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub revisions: i64,
+    pub age: Duration,
+}
+
+impl Default for Retention {
+    /// 1000 revisions or 5 minutes (kube-apiserver compacts etcd every 5 minutes).
+    fn default() -> Retention {
+        Retention {
+            revisions: 1000,
+            age: Duration::from_secs(300),
+        }
+    }
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS kv (
@@ -29,7 +62,8 @@ CREATE TABLE IF NOT EXISTS log (
   rev INTEGER NOT NULL,
   key TEXT NOT NULL,
   value BLOB,
-  deleted INTEGER NOT NULL
+  deleted INTEGER NOT NULL,
+  ts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS log_rev ON log(rev);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
@@ -40,6 +74,8 @@ INSERT OR IGNORE INTO meta(name, value) VALUES ('revision', 0), ('compacted', 0)
 pub struct SqliteStore {
     path: String,
     conn: Arc<Mutex<Connection>>,
+    /// `None`: the log is only compacted by explicit [`Datastore::compact`] calls.
+    retention: Option<Retention>,
 }
 
 fn sql_err(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -58,15 +94,74 @@ fn connect(path: &str) -> Result<Connection> {
             })?;
         }
     }
-    let conn = Connection::open(path).map_err(sql_err(path))?;
+    let mut conn = Connection::open(path).map_err(sql_err(path))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(sql_err(path))?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql_err(path))?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql_err(path))?;
+    conn.pragma_update(None, "journal_size_limit", WAL_LIMIT_BYTES)
+        .map_err(sql_err(path))?;
     conn.execute_batch(SCHEMA).map_err(sql_err(path))?;
+    add_log_timestamps(&mut conn).map_err(sql_err(path))?;
     Ok(conn)
+}
+
+/// Files written before automatic compaction have no `log.ts`; their entries count as old. Under
+/// the write lock, so two processes opening the file at once do not both add it.
+fn add_log_timestamps(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let has: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('log') WHERE name = 'ts'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        tx.execute_batch("ALTER TABLE log ADD COLUMN ts INTEGER NOT NULL DEFAULT 0")?;
+    }
+    tx.commit()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Drops log entries older than revision `cut` and records it as the compaction point.
+fn compact_to(tx: &Connection, cut: i64) -> rusqlite::Result<()> {
+    if cut > meta(tx, "compacted")? {
+        tx.execute("DELETE FROM log WHERE rev < ?1", [cut])?;
+        tx.execute(
+            "UPDATE meta SET value = MAX(value, ?1) WHERE name = 'compacted'",
+            [cut],
+        )?;
+    }
+    Ok(())
+}
+
+/// Applies `retention` after `revision` was written: keeps the last `revisions` revisions or
+/// those younger than `age`, whichever is more. The age scan walks the log from its oldest
+/// entry and stops at the first young one, so it reads only what it drops.
+fn auto_compact(
+    tx: &Connection,
+    revision: i64,
+    now_ms: i64,
+    retention: &Retention,
+) -> rusqlite::Result<()> {
+    let by_count = revision + 1 - retention.revisions.max(1);
+    let horizon = now_ms.saturating_sub(retention.age.as_millis() as i64);
+    let by_age: i64 = tx
+        .query_row(
+            "SELECT rev FROM log WHERE ts > ?1 ORDER BY id LIMIT 1",
+            [horizon],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(revision + 1);
+    compact_to(tx, by_count.min(by_age))
 }
 
 fn meta(tx: &Connection, name: &str) -> rusqlite::Result<i64> {
@@ -83,8 +178,14 @@ fn range_clause(prefix: &str) -> (String, Vec<u8>) {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`, with the default [`Retention`].
     pub async fn open(path: &str) -> Result<SqliteStore> {
+        SqliteStore::open_with(path, Some(Retention::default())).await
+    }
+
+    /// Opens the database with its own retention; `None` never compacts on its own (what every
+    /// version before automatic compaction did).
+    pub async fn open_with(path: &str, retention: Option<Retention>) -> Result<SqliteStore> {
         let p = path.to_string();
         let conn = tokio::task::spawn_blocking(move || connect(&p))
             .await
@@ -92,6 +193,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             path: path.to_string(),
             conn: Arc::new(Mutex::new(conn)),
+            retention,
         })
     }
 
@@ -120,34 +222,78 @@ fn row_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
     })
 }
 
-fn poll_log(
-    conn: &Connection,
-    prefix: &str,
-    from: i64,
-) -> rusqlite::Result<std::result::Result<Vec<WatchEvent>, i64>> {
-    let compacted = meta(conn, "compacted")?;
-    if from < compacted {
-        return Ok(Err(compacted));
+/// `(k1 OR k2 ...)`: keys under any of `prefixes`, with its parameters.
+fn prefixes_clause(prefixes: &[String]) -> (String, Vec<Value>) {
+    let mut parts = Vec::new();
+    let mut values = Vec::new();
+    for p in prefixes {
+        values.push(Value::Text(p.clone()));
+        let at = values.len();
+        match prefix_end(p) {
+            Some(end) => {
+                values.push(Value::Blob(end));
+                parts.push(format!(
+                    "(key >= ?{at} AND key < CAST(?{} AS TEXT))",
+                    at + 1
+                ));
+            }
+            None => parts.push(format!("key >= ?{at}")),
+        }
     }
-    let (clause, end) = range_clause(prefix);
+    if parts.is_empty() {
+        parts.push("0".into());
+    }
+    (format!("({})", parts.join(" OR ")), values)
+}
+
+/// What one look at the log found.
+#[derive(Debug)]
+enum Polled {
+    /// Events under the prefixes from the revision asked for, and the revision to ask for next:
+    /// past everything the store had, whether it matched or not, so a quiet watcher neither
+    /// rescans other keys' entries nor is reported compacted for history it never needed.
+    Events(Vec<WatchEvent>, i64),
+    /// The revision asked for is gone; the oldest kept.
+    Compacted(i64),
+}
+
+/// Reads the log from revision `from` in one snapshot (a read transaction, so the store
+/// revision and the entries agree).
+fn poll_log(conn: &mut Connection, prefixes: &[String], from: i64) -> rusqlite::Result<Polled> {
+    let tx = conn.transaction()?;
+    let compacted = meta(&tx, "compacted")?;
+    if from < compacted {
+        return Ok(Polled::Compacted(compacted));
+    }
+    let current = meta(&tx, "revision")?;
+    if current < from {
+        return Ok(Polled::Events(Vec::new(), from));
+    }
+    let (clause, mut values) = prefixes_clause(prefixes);
+    values.push(Value::Integer(from));
     let sql = format!(
-        "SELECT rev, key, value, deleted FROM log WHERE rev >= ?3 AND {clause} ORDER BY id"
+        "SELECT rev, key, value, deleted FROM log WHERE rev >= ?{} AND {clause} ORDER BY id",
+        values.len()
     );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![prefix, end, from], |r| {
-        let deleted: i64 = r.get(3)?;
-        Ok(WatchEvent {
-            kind: if deleted != 0 {
-                WatchEventKind::Delete
-            } else {
-                WatchEventKind::Put
-            },
-            key: r.get(1)?,
-            value: r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
-            revision: r.get(0)?,
-        })
-    })?;
-    Ok(Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?))
+    let events = {
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(values), |r| {
+            let deleted: i64 = r.get(3)?;
+            Ok(WatchEvent {
+                kind: if deleted != 0 {
+                    WatchEventKind::Delete
+                } else {
+                    WatchEventKind::Put
+                },
+                key: r.get(1)?,
+                value: r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+                revision: r.get(0)?,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    tx.commit()?;
+    Ok(Polled::Events(events, current + 1))
 }
 
 #[async_trait::async_trait]
@@ -185,6 +331,7 @@ impl Datastore for SqliteStore {
     }
 
     async fn txn(&self, preconditions: Vec<Precondition>, ops: Vec<TxnOp>) -> Result<TxnOutcome> {
+        let retention = self.retention;
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for p in &preconditions {
@@ -220,6 +367,7 @@ impl Datastore for SqliteStore {
             }
             let current = meta(&tx, "revision")?;
             let revision = current + 1;
+            let now = now_ms();
             let mut changed = false;
             for op in &ops {
                 match op {
@@ -230,12 +378,12 @@ impl Datastore for SqliteStore {
                             params![k, v, revision],
                         )?;
                         changed = true;
-                        tx.execute("INSERT INTO log(rev, key, value, deleted) VALUES (?1, ?2, ?3, 0)", params![revision, k, v])?;
+                        tx.execute("INSERT INTO log(rev, key, value, deleted, ts) VALUES (?1, ?2, ?3, 0, ?4)", params![revision, k, v, now])?;
                     }
                     TxnOp::Delete(k) => {
                         if tx.execute("DELETE FROM kv WHERE key = ?1", [k])? > 0 {
                             changed = true;
-                            tx.execute("INSERT INTO log(rev, key, value, deleted) VALUES (?1, ?2, NULL, 1)", params![revision, k])?;
+                            tx.execute("INSERT INTO log(rev, key, value, deleted, ts) VALUES (?1, ?2, NULL, 1, ?3)", params![revision, k, now])?;
                         }
                     }
                 }
@@ -245,6 +393,11 @@ impl Datastore for SqliteStore {
                 return Ok(TxnOutcome::Committed { revision: current });
             }
             tx.execute("UPDATE meta SET value = ?1 WHERE name = 'revision'", [revision])?;
+            if let Some(r) = &retention {
+                if revision % COMPACT_EVERY == 0 {
+                    auto_compact(&tx, revision, now, r)?;
+                }
+            }
             tx.commit()?;
             Ok(TxnOutcome::Committed { revision })
         })
@@ -252,7 +405,12 @@ impl Datastore for SqliteStore {
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<Watch> {
-        // A connection of its own, so polling never waits behind this handle's writers.
+        self.watch_prefixes(&[prefix.to_string()], from).await
+    }
+
+    async fn watch_prefixes(&self, prefixes: &[String], from: i64) -> Result<Watch> {
+        // A connection of its own, so polling never waits behind this handle's writers; one
+        // poll covers every prefix.
         let path = self.path.clone();
         let conn = {
             let p = path.clone();
@@ -262,19 +420,22 @@ impl Datastore for SqliteStore {
         };
         let conn = Arc::new(Mutex::new(conn));
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let prefix = prefix.to_string();
+        let prefixes = prefixes.to_vec();
         tokio::spawn(async move {
             let mut next = from;
             loop {
-                let (c, p) = (conn.clone(), prefix.clone());
+                let (c, p) = (conn.clone(), prefixes.clone());
                 let polled = tokio::task::spawn_blocking(move || {
-                    let c = c.lock().unwrap_or_else(|e| e.into_inner());
-                    poll_log(&c, &p, next)
+                    let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+                    poll_log(&mut c, &p, next)
                 })
                 .await;
                 let batch = match polled {
-                    Ok(Ok(Ok(events))) => events,
-                    Ok(Ok(Err(compacted))) => {
+                    Ok(Ok(Polled::Events(events, after))) => {
+                        next = after;
+                        events
+                    }
+                    Ok(Ok(Polled::Compacted(compacted))) => {
                         let _ = tx
                             .send(Err(StoreError::Compacted {
                                 requested: next,
@@ -298,7 +459,6 @@ impl Datastore for SqliteStore {
                     }
                 };
                 for ev in batch {
-                    next = ev.revision + 1;
                     if tx.send(Ok(ev)).await.is_err() {
                         return; // the watcher went away
                     }
@@ -315,11 +475,7 @@ impl Datastore for SqliteStore {
     async fn compact(&self, revision: i64) -> Result<()> {
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute("DELETE FROM log WHERE rev < ?1", [revision])?;
-            tx.execute(
-                "UPDATE meta SET value = MAX(value, ?1) WHERE name = 'compacted'",
-                [revision],
-            )?;
+            compact_to(&tx, revision)?;
             tx.commit()
         })
         .await
@@ -331,5 +487,65 @@ impl Datastore for SqliteStore {
 
     fn describe(&self) -> String {
         format!("sqlite:{}", self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watcher whose prefixes saw no change still moves past everything the store had, so it
+    /// neither rescans other keys' entries on every poll nor falls behind a compaction.
+    #[tokio::test]
+    async fn a_quiet_poll_moves_past_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let path = path.to_str().unwrap();
+        let s = SqliteStore::open_with(path, None).await.unwrap();
+        for n in 0..5 {
+            let op = TxnOp::Put(format!("/other/{n}"), b"x".to_vec());
+            s.txn(vec![], vec![op]).await.unwrap();
+        }
+        let mut c = connect(path).unwrap();
+        let quiet = ["/quiet/".to_string()];
+        match poll_log(&mut c, &quiet, 1).unwrap() {
+            Polled::Events(events, next) => {
+                assert!(events.is_empty());
+                assert_eq!(next, 6, "past the five revisions of other keys");
+            }
+            other => panic!("{other:?}"),
+        }
+        s.compact(6).await.unwrap();
+        assert!(matches!(
+            poll_log(&mut c, &quiet, 6).unwrap(),
+            Polled::Events(_, 6)
+        ));
+        assert!(matches!(
+            poll_log(&mut c, &quiet, 5).unwrap(),
+            Polled::Compacted(6)
+        ));
+    }
+
+    /// Automatic compaction runs in the writer's transaction every COMPACT_EVERY revisions.
+    #[tokio::test]
+    async fn writers_compact_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let path = path.to_str().unwrap();
+        let retention = Retention {
+            revisions: 3,
+            age: Duration::ZERO,
+        };
+        let s = SqliteStore::open_with(path, Some(retention)).await.unwrap();
+        for n in 0..COMPACT_EVERY {
+            let op = TxnOp::Put("/k".into(), n.to_string().into_bytes());
+            s.txn(vec![], vec![op]).await.unwrap();
+        }
+        let c = connect(path).unwrap();
+        let rows: i64 = c
+            .query_row("SELECT COUNT(*) FROM log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3);
+        assert_eq!(meta(&c, "compacted").unwrap(), COMPACT_EVERY - 2);
     }
 }

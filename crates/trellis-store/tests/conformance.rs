@@ -279,6 +279,169 @@ both!(compare_and_swap);
 both!(none_newer_guards_a_listing);
 both!(no_lost_updates);
 both!(watch_resumes_and_reports_compaction);
+both!(one_watch_for_several_prefixes);
+
+/// `watch_prefixes`: events of the prefixes asked for, in revision order per prefix, and none of
+/// the others.
+async fn one_watch_for_several_prefixes(s: Arc<dyn Datastore>) {
+    let start = s.revision().await.unwrap() + 1;
+    committed(&*s, vec![], vec![put("/m/a/1", "1")]).await;
+    committed(&*s, vec![], vec![put("/m/c/1", "not watched")]).await;
+    committed(&*s, vec![], vec![put("/m/b/1", "2"), put("/m/a/2", "3")]).await;
+    let mut w = s
+        .watch_prefixes(&["/m/a/".to_string(), "/m/b/".to_string()], start)
+        .await
+        .unwrap();
+    committed(&*s, vec![], vec![TxnOp::Delete("/m/a/1".into())]).await;
+    committed(&*s, vec![], vec![put("/m/c/2", "not watched")]).await;
+    committed(&*s, vec![], vec![put("/m/b/1", "4")]).await;
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("watch event in time")
+            .unwrap()
+            .unwrap();
+        seen.push((ev.key, ev.revision));
+    }
+    assert!(
+        seen.iter().all(|(k, _)| !k.starts_with("/m/c/")),
+        "{seen:?}"
+    );
+    for prefix in ["/m/a/", "/m/b/"] {
+        let revs: Vec<i64> = seen
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, r)| *r)
+            .collect();
+        assert!(revs.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    }
+    let mut keys: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["/m/a/1", "/m/a/1", "/m/a/2", "/m/b/1", "/m/b/1"]);
+}
+
+/// Writes single-key revisions under `/g/` until a watch from revision 1 reports `Compacted`
+/// (the store compacted on its own), or the deadline passes.
+async fn write_until_compacted(s: &dyn Datastore, deadline: Duration) -> i64 {
+    let end = tokio::time::Instant::now() + deadline;
+    let mut n = 0;
+    loop {
+        for _ in 0..20 {
+            committed(
+                s,
+                vec![],
+                vec![put(&format!("/g/{}", n % 7), &n.to_string())],
+            )
+            .await;
+            n += 1;
+        }
+        let mut w = s.watch("/g/", 1).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+            Ok(Some(Err(StoreError::Compacted { compacted, .. }))) => return compacted,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("unexpected watch result {other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no automatic compaction after {n} writes"
+        );
+    }
+}
+
+/// The embedded store compacts its change log by itself, keeping the last N revisions or the
+/// last T, whichever retains more; a recent watch is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_compacts_automatically() {
+    let dir = temp_dir("autocompact");
+    let path = dir.path().join("a.db");
+    let path = path.to_str().unwrap();
+    // Count-bound: nothing is young enough to keep beyond the last 10 revisions.
+    let s = trellis_store::sqlite::SqliteStore::open_with(
+        path,
+        Some(trellis_store::Retention {
+            revisions: 10,
+            age: Duration::ZERO,
+        }),
+    )
+    .await
+    .unwrap();
+    let compacted = write_until_compacted(&s, Duration::from_secs(30)).await;
+    let now = s.revision().await.unwrap();
+    assert!(
+        compacted > now - 10 - trellis_store::sqlite::COMPACT_EVERY,
+        "compacted at {compacted}, store at {now}: keeps about 10 revisions"
+    );
+    let mut w = s.watch("/g/", now - 5).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a recent revision is still there");
+    assert_eq!(ev.revision, now - 5);
+    // Age-bound: young history is kept even though it is more than 10 revisions.
+    let dir2 = temp_dir("autocompact-age");
+    let path2 = dir2.path().join("b.db");
+    let s2 = trellis_store::sqlite::SqliteStore::open_with(
+        path2.to_str().unwrap(),
+        Some(trellis_store::Retention {
+            revisions: 10,
+            age: Duration::from_secs(3600),
+        }),
+    )
+    .await
+    .unwrap();
+    for n in 0..(3 * trellis_store::sqlite::COMPACT_EVERY) {
+        committed(&s2, vec![], vec![put("/g/k", &n.to_string())]).await;
+    }
+    let mut w = s2.watch("/g/", 1).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("young history is kept");
+    assert_eq!(ev.revision, 1);
+}
+
+/// Entries older than the retention's age go once there are more than its revision count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_compacts_by_age() {
+    let dir = temp_dir("autocompact-old");
+    let path = dir.path().join("c.db");
+    let s = trellis_store::sqlite::SqliteStore::open_with(
+        path.to_str().unwrap(),
+        Some(trellis_store::Retention {
+            revisions: 10,
+            age: Duration::from_millis(300),
+        }),
+    )
+    .await
+    .unwrap();
+    write_until_compacted(&s, Duration::from_secs(30)).await;
+}
+
+/// etcd compacts by itself when started with `--auto-compaction-retention`; the backend reports
+/// it to watchers as `Compacted`, the same as the embedded store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_auto_compaction_reaches_watchers() {
+    let server = EtcdServer::start_with(&[
+        "--auto-compaction-mode",
+        "periodic",
+        "--auto-compaction-retention",
+        "1s",
+    ]);
+    let spec = format!("etcd:{}", server.endpoint);
+    let mut s = None;
+    for _ in 0..100 {
+        if let Ok(st) = trellis_store::open(&spec).await {
+            s = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = s.expect("etcd answers");
+    write_until_compacted(&*s, Duration::from_secs(60)).await;
+}
 
 /// Two handles on one SQLite file (as two processes would have) see each other's writes,
 /// and a watch on one sees the other's transactions.

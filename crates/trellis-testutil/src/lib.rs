@@ -161,6 +161,7 @@ pub struct EtcdServer {
     child: std::process::Child,
     _dir: tempfile::TempDir,
     pub endpoint: String,
+    how: Launch,
 }
 
 /// etcd's data dir: on tmpfs when there is one, so the tests measure Trellis and not the disk's
@@ -224,58 +225,113 @@ impl EtcdServer {
     /// Starts etcd inside `ns`, listening on `ip` (an address of that namespace), and waits until
     /// it is healthy: for agents that live in other namespaces joined to it.
     pub fn start_in(ns: &TestNetns, ip: &str) -> EtcdServer {
-        let etcd = etcd_binary();
-        let dir = etcd_dir();
-        let endpoint = format!("http://{ip}:2379");
-        let peer = format!("http://{ip}:2380");
-        let child = etcd_args(&mut ns.command(etcd), &dir, &endpoint, &peer)
-            .spawn()
-            .expect("start etcd");
-        let server = EtcdServer {
-            child,
-            _dir: dir,
-            endpoint,
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            let probe = ns.exec(&[
-                "etcdctl",
-                "--endpoints",
-                &server.endpoint,
-                "endpoint",
-                "health",
-            ]);
-            if probe.status.success() {
-                return server;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("etcd did not become healthy on {}", server.endpoint);
+        EtcdServer::launch(
+            Launch {
+                netns: Some(ns.path().to_path_buf()),
+                peer: format!("http://{ip}:2380"),
+                extra: Vec::new(),
+            },
+            format!("http://{ip}:2379"),
+        )
     }
 
     /// Starts etcd and waits (up to 20 s) until it answers.
     pub fn start() -> EtcdServer {
-        let etcd = etcd_binary();
-        let dir = etcd_dir();
+        EtcdServer::start_with(&[])
+    }
+
+    /// Starts etcd on loopback with `extra` flags (e.g. `--auto-compaction-retention`).
+    pub fn start_with(extra: &[&str]) -> EtcdServer {
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer = format!("http://127.0.0.1:{peer}");
-        let child = etcd_args(&mut Command::new(etcd), &dir, &endpoint, &peer)
-            .spawn()
-            .expect("start etcd");
+        EtcdServer::launch(
+            Launch {
+                netns: None,
+                peer: format!("http://127.0.0.1:{peer}"),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
+            },
+            format!("http://127.0.0.1:{client}"),
+        )
+    }
+
+    fn launch(how: Launch, endpoint: String) -> EtcdServer {
+        let dir = etcd_dir();
+        let child = how.spawn(&dir, &endpoint);
         let server = EtcdServer {
             child,
             _dir: dir,
             endpoint,
+            how,
         };
+        server.wait_ready();
+        server
+    }
+
+    /// Kills etcd and starts it again on the same addresses and data: for tests of clients
+    /// that must survive a restart.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = self.how.spawn(&self._dir, &self.endpoint);
+        self.wait_ready();
+    }
+
+    /// Stops etcd (until [`EtcdServer::restart`]).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (up to 20 s): for a loopback server until it listens, inside a namespace until
+    /// `etcdctl endpoint health` passes there.
+    fn wait_ready(&self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
-                return server;
+            let ready = match &self.how.netns {
+                Some(ns) => Command::new("nsenter")
+                    .arg(format!("--net={}", ns.display()))
+                    .args([
+                        "etcdctl",
+                        "--endpoints",
+                        &self.endpoint,
+                        "endpoint",
+                        "health",
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success()),
+                None => {
+                    let port: u16 = self.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                }
+            };
+            if ready {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        panic!("etcd did not start listening on {}", server.endpoint);
+        panic!("etcd did not become ready on {}", self.endpoint);
+    }
+}
+
+/// How an [`EtcdServer`] was started, to start it again.
+struct Launch {
+    netns: Option<PathBuf>,
+    peer: String,
+    extra: Vec<String>,
+}
+
+impl Launch {
+    fn spawn(&self, dir: &tempfile::TempDir, endpoint: &str) -> std::process::Child {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(etcd_binary());
+                c
+            }
+            None => Command::new(etcd_binary()),
+        };
+        etcd_args(&mut c, dir, endpoint, &self.peer)
+            .args(&self.extra)
+            .spawn()
+            .expect("start etcd")
     }
 }
 

@@ -1,8 +1,9 @@
 //! The agent's BGP speaker: [`config`] decides (pure) what to run from the datastore's
 //! BGPConfiguration, BGPPeer and Node objects; [`speaker`] runs the sessions around the pure
 //! core in `trellis-bgp`; [`net`] owns the sockets. Learned routes reach the kernel through the
-//! dataplane loop, which reads [`Shared::routes`]. This module's task re-reads the datastore on
-//! every change and publishes the node's BGPStatus. Does I/O.
+//! dataplane loop, which reads [`Shared::routes`]. This module's task computes the speaker's
+//! configuration from the agent's view of the cluster ([`crate::view`]) whenever an input of
+//! it changed, and publishes the node's BGPStatus. Does I/O.
 
 pub mod config;
 pub mod net;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::sync::{watch, Notify};
 use trellis_cluster::objects;
+use trellis_cluster::view::ClusterView;
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{BgpStatusSpec, Metadata, Object, Resource};
 
@@ -103,68 +105,72 @@ impl Shared {
     }
 }
 
-/// The objects of a typed list, without their revisions.
-fn specs<T>(list: Vec<(trellis_resources::Object<T>, i64)>) -> Vec<trellis_resources::Object<T>> {
-    list.into_iter().map(|(o, _)| o).collect()
+/// What the speaker's configuration is computed from, copied out of the view: every object
+/// the computation reads, Nodes without their status (heartbeats change nothing here), blocks
+/// as (block, affine node). Two equal `Inputs` give the same configuration, so a view change
+/// that leaves them equal (a pod's address in some block) costs no recomputation.
+#[derive(Debug, Clone, PartialEq)]
+struct Inputs {
+    configs: Vec<Object<trellis_resources::BgpConfigurationSpec>>,
+    peers: Vec<Object<trellis_resources::BgpPeerSpec>>,
+    nodes: Vec<Object<trellis_resources::NodeSpec>>,
+    pools: Vec<trellis_resources::IpPoolSpec>,
+    blocks: Vec<(IpNet, String)>,
+    filters: Vec<Object<trellis_resources::BgpFilterSpec>>,
 }
 
-/// Reads everything the speaker's configuration depends on; `None` when BGP is off.
-async fn desired(agent: &Agent, mode: Mode) -> Result<Option<config::SpeakerConfig>, String> {
-    let store = &*agent.store;
-    let e = |e: trellis_cluster::ClusterError| e.to_string();
-    let configs = objects::bgp_configurations(store).await.map_err(e)?;
-    let peers: Vec<_> = specs(objects::bgp_peers(store).await.map_err(e)?);
-    if !mode.runs(!configs.is_empty() || !peers.is_empty()) {
+impl Inputs {
+    fn read(view: &ClusterView) -> Inputs {
+        Inputs {
+            configs: view.bgp_configurations().cloned().collect(),
+            peers: view.bgp_peers().cloned().collect(),
+            nodes: view
+                .nodes()
+                .map(|n| Object {
+                    status: None,
+                    ..n.clone()
+                })
+                .collect(),
+            pools: view.pools().map(|p| p.spec.clone()).collect(),
+            blocks: view
+                .blocks()
+                .filter_map(|b| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
+                .collect(),
+            filters: view.bgp_filters().cloned().collect(),
+        }
+    }
+}
+
+/// The speaker's configuration from its inputs; `None` when BGP is off.
+fn desired(node: &str, i: &Inputs, mode: Mode) -> Result<Option<config::SpeakerConfig>, String> {
+    if !mode.runs(!i.configs.is_empty() || !i.peers.is_empty()) {
         return Ok(None);
     }
-    let nodes: Vec<_> = specs(objects::nodes(store).await.map_err(e)?);
-    let pools: Vec<_> = objects::pools(store)
-        .await
-        .map_err(e)?
-        .into_iter()
-        .map(|(p, _)| p.spec)
-        .collect();
-    let blocks: Vec<(IpNet, String)> = objects::blocks(store)
-        .await
-        .map_err(e)?
-        .into_iter()
-        .filter_map(|(b, _)| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
-        .collect();
-    let filters: Vec<_> = specs(objects::bgp_filters(store).await.map_err(e)?);
-    let cfg = configs
+    let cfg = i
+        .configs
         .iter()
-        .find(|(c, _)| c.metadata.name == "default")
-        .map(|(c, _)| &c.spec);
+        .find(|c| c.metadata.name == "default")
+        .map(|c| &c.spec);
     config::compute(&config::Inputs {
-        node: &agent.config.node,
-        nodes: &nodes,
+        node,
+        nodes: &i.nodes,
         config: cfg,
-        peers: &peers,
-        pools: &pools,
-        blocks: &blocks,
-        filters: &filters,
+        peers: &i.peers,
+        pools: &i.pools,
+        blocks: &i.blocks,
+        filters: &i.filters,
     })
     .map(Some)
 }
 
-/// Whether BGP will run, decided before the dataplane loop's first pass so a restarting agent
-/// does not briefly program direct routes in place of its BGP-learned ones.
-pub async fn starts_active(store: &dyn trellis_store::Datastore, mode: Mode) -> bool {
-    if mode != Mode::Auto {
-        return mode.runs(false);
-    }
-    let configs = objects::bgp_configurations(store)
-        .await
-        .map(|v| v.len())
-        .unwrap_or(0);
-    let peers = objects::bgp_peers(store)
-        .await
-        .map(|v| v.len())
-        .unwrap_or(0);
-    mode.runs(configs + peers > 0)
+/// Whether BGP will run, decided from the loaded view before the dataplane loop's first pass so
+/// a restarting agent does not briefly program direct routes in place of its BGP-learned ones.
+pub fn starts_active(view: &ClusterView, mode: Mode) -> bool {
+    mode.runs(view.bgp_configurations().next().is_some() || view.bgp_peers().next().is_some())
 }
 
-/// Runs the speaker for the agent's lifetime.
+/// Runs the speaker for the agent's lifetime; its configuration is recomputed from the agent's
+/// view when, and only when, something it is computed from changed.
 pub async fn run(agent: Arc<Agent>, mode: Mode) {
     if mode == Mode::Off {
         tracing::info!("BGP is off (--bgp=off)");
@@ -173,52 +179,50 @@ pub async fn run(agent: Arc<Agent>, mode: Mode) {
     let (cfg_tx, cfg_rx) = watch::channel(None);
     tokio::spawn(speaker::Speaker::run(agent.bgp.clone(), cfg_rx));
     tokio::spawn(publish_status(agent.clone()));
-    let mut watch = match agent.store.revision().await {
-        Ok(rev) => agent.store.watch("/trellis/v1/", rev + 1).await.ok(),
-        Err(_) => None,
-    };
+    let mut changes = agent.view.subscribe();
+    let mut last_inputs: Option<Inputs> = None;
     let mut last_problem = None;
     loop {
-        match desired(&agent, mode).await {
-            Ok(want) => {
-                let active = want.is_some();
-                if agent.bgp.active.swap(active, Ordering::Relaxed) != active {
-                    tracing::info!(active, "BGP speaker switched");
-                    agent.bgp.kick.notify_one();
-                }
-                let warnings = want
-                    .as_ref()
-                    .map(|w| w.warnings.clone())
-                    .unwrap_or_default();
-                let changed = cfg_tx.send_if_modified(|cur| {
-                    let changed = *cur != want;
-                    *cur = want;
-                    changed
-                });
-                if changed {
-                    for w in warnings {
-                        tracing::warn!("{w}");
+        let inputs = Inputs::read(&agent.view.read());
+        if last_inputs.as_ref() != Some(&inputs) {
+            match desired(&agent.config.node, &inputs, mode) {
+                Ok(want) => {
+                    let active = want.is_some();
+                    if agent.bgp.active.swap(active, Ordering::Relaxed) != active {
+                        tracing::info!(active, "BGP speaker switched");
+                        agent.bgp.kick.notify_one();
                     }
+                    let warnings = want
+                        .as_ref()
+                        .map(|w| w.warnings.clone())
+                        .unwrap_or_default();
+                    let changed = cfg_tx.send_if_modified(|cur| {
+                        let changed = *cur != want;
+                        *cur = want;
+                        changed
+                    });
+                    if changed {
+                        for w in warnings {
+                            tracing::warn!("{w}");
+                        }
+                    }
+                    last_problem = None;
                 }
-                last_problem = None;
-            }
-            Err(e) => {
-                if last_problem.as_ref() != Some(&e) {
-                    tracing::warn!(error = %e, "BGP configuration not usable yet");
+                Err(e) => {
+                    if last_problem.as_ref() != Some(&e) {
+                        tracing::warn!(error = %e, "BGP configuration not usable yet");
+                    }
+                    last_problem = Some(e);
                 }
-                last_problem = Some(e);
             }
+            last_inputs = Some(inputs);
         }
-        let tick = tokio::time::sleep(Duration::from_secs(2));
-        match &mut watch {
-            Some(w) => tokio::select! {
-                _ = tick => {}
-                ev = w.next() => if !matches!(ev, Some(Ok(_))) { watch = None } else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                },
-            },
-            None => tick.await,
+        if changes.changed().await.is_err() {
+            return; // the agent is stopping
         }
+        // Let a burst of changes settle into one computation.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        changes.borrow_and_update();
     }
 }
 
@@ -242,5 +246,36 @@ async fn publish_status(agent: Arc<Agent>) {
         if let Err(e) = objects::apply(&*agent.store, &obj, false).await {
             tracing::warn!(error = %e, "writing BGP status failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::tests::{block, node};
+
+    /// The speaker's inputs ignore heartbeats and pod addresses, so neither recomputes its
+    /// configuration; a node's labels (peer selectors) and block ownership do count.
+    #[test]
+    fn bgp_inputs_ignore_heartbeats_and_pods() {
+        let labelled = |beat: u64, rack: &str| {
+            let mut n = node("n2", "192.0.2.2/24", beat);
+            if let Resource::Node(o) = &mut n {
+                o.metadata.labels.insert("rack".into(), rack.into());
+            }
+            n
+        };
+        let world = |beat: u64, pods: &[&str], rack: &str, owner: &str| {
+            crate::view::view_of(&[
+                node("n1", "192.0.2.1/24", beat),
+                labelled(beat, rack),
+                block("10.1.0.0/26", owner, pods),
+            ])
+        };
+        let base = Inputs::read(&world(1, &[], "r1", "n2"));
+        assert_eq!(base, Inputs::read(&world(7, &[], "r1", "n2")));
+        assert_eq!(base, Inputs::read(&world(1, &["pod"], "r1", "n2")));
+        assert_ne!(base, Inputs::read(&world(1, &[], "r2", "n2")));
+        assert_ne!(base, Inputs::read(&world(1, &[], "r1", "n1")));
     }
 }

@@ -39,10 +39,17 @@ pub struct Cluster {
     /// The namespace holding the nodes' L2 segment (bridge `br0`, 192.0.2.1/24); etcd and the
     /// CLI run there.
     pub control: Option<TestNetns>,
+    /// Extra `trellis agent` flags for every node.
+    pub agent_args: Vec<String>,
 }
 
 impl Cluster {
     pub fn new(tag: &str, etcd: bool, nodes: usize) -> Cluster {
+        Cluster::new_with(tag, etcd, nodes, &[])
+    }
+
+    /// A cluster whose agents run with `agent_args` added.
+    pub fn new_with(tag: &str, etcd: bool, nodes: usize, agent_args: &[&str]) -> Cluster {
         let dir = temp_dir(tag);
         // etcd lives in a control namespace with a bridge every node joins (loopback is per
         // namespace, so a node could not reach an etcd on the test's own 127.0.0.1).
@@ -80,6 +87,7 @@ impl Cluster {
             nodes: Vec::new(),
             _etcd: etcd_server,
             control,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         c.cli_ok(&["apply", "-f", "-"], Some("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool\nspec:\n  cidr: 10.70.0.0/16\n  blockSize: 26\n"));
         for i in 0..nodes {
@@ -156,6 +164,7 @@ impl Cluster {
                 ])
                 .arg("--socket")
                 .arg(&n.socket)
+                .args(&self.agent_args)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -172,6 +181,22 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Node `i`'s whole agent log (since its last start).
+    pub fn agent_log_all(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
+            .unwrap_or_default()
+    }
+
+    /// Stops etcd (etcd clusters only), until [`Cluster::restart_etcd`].
+    pub fn stop_etcd(&mut self) {
+        self._etcd.as_mut().expect("an etcd cluster").stop();
+    }
+
+    /// Kills etcd and starts it again on the same address and data (etcd clusters only).
+    pub fn restart_etcd(&mut self) {
+        self._etcd.as_mut().expect("an etcd cluster").restart();
     }
 
     /// The last lines of node `i`'s agent log.

@@ -1,0 +1,232 @@
+//! The agent's view of the cluster: the kinds its dataplane and BGP loops read ([`KINDS`]) are
+//! listed once and then followed by one watch for all of them, applied to a [`ClusterView`]
+//! the loops read from memory. The loops are woken only by changes they can see (a heartbeat is
+//! not one), so the cost of an event is the event, not a relist of the cluster.
+//!
+//! A watch that fails, ends or falls behind a compaction is re-established by listing again
+//! and watching from there, with backoff, and logged. Until then the loops keep the last view,
+//! so kernel drift is still repaired while the datastore is unreachable.
+//!
+//! One view serves both loops rather than one each: they follow the same kinds but BGP's three,
+//! so sharing halves the listings and watches every node puts on the datastore. Does datastore
+//! I/O.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use trellis_cluster::view::ClusterView;
+use trellis_resources::Kind;
+use trellis_store::{Datastore, StoreError, Watch, WatchEvent};
+
+/// What the agent's loops read: the dataplane pools, nodes and blocks; BGP also its
+/// configurations, peers and filters.
+pub const KINDS: [Kind; 6] = [
+    Kind::IpPool,
+    Kind::Node,
+    Kind::IpamBlock,
+    Kind::BgpConfiguration,
+    Kind::BgpPeer,
+    Kind::BgpFilter,
+];
+
+/// First wait before listing again after a failure; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A watch that lived this long counts as healthy: its failure starts the backoff afresh.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+/// The view and the means to hear of its changes, shared by the follower task and the loops.
+pub struct SharedView {
+    view: RwLock<ClusterView>,
+    /// Counts visible changes; loops wait on it.
+    changes: watch::Sender<u64>,
+    /// Full listings done (the first and one per re-established watch).
+    pub lists: AtomicU64,
+    /// Watch events received (visible or not).
+    pub events: AtomicU64,
+    /// Watches that broke and listings that failed.
+    pub failures: AtomicU64,
+}
+
+impl SharedView {
+    /// An empty view of [`KINDS`].
+    pub fn new() -> Arc<SharedView> {
+        Arc::new(SharedView {
+            view: RwLock::new(ClusterView::new(&KINDS)),
+            changes: watch::channel(0).0,
+            lists: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// The current view; hold it briefly (the follower waits to write).
+    pub fn read(&self) -> RwLockReadGuard<'_, ClusterView> {
+        self.view.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes on every visible change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+}
+
+/// Lists every kind and replaces the view's objects with the listings (one lock, so a loop never
+/// sees half a relist). Records that do not decode are skipped and logged with their key.
+pub async fn load(store: &dyn Datastore, shared: &SharedView) -> Result<(), StoreError> {
+    let mut listings = Vec::new();
+    for kind in KINDS {
+        listings.push((kind, store.list(&kind.prefix()).await?));
+    }
+    shared.lists.fetch_add(1, Ordering::Relaxed);
+    let mut changed = false;
+    {
+        let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
+        for (kind, listing) in &listings {
+            let (c, errors) = view.load(*kind, listing);
+            changed |= c;
+            for e in errors {
+                tracing::error!(error = %e, "skipping a stored object that does not decode");
+            }
+        }
+    }
+    if changed {
+        shared.changed();
+    }
+    Ok(())
+}
+
+/// Applies a burst of events (the first, then whatever is already queued) under one lock and
+/// wakes the loops once. Returns the error that ended the stream, if one came.
+fn apply_burst(shared: &SharedView, first: WatchEvent, watch: &mut Watch) -> Option<StoreError> {
+    let mut changed = false;
+    let mut end = None;
+    {
+        let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = Some(Ok(first));
+        while let Some(item) = next {
+            match item {
+                Ok(ev) => {
+                    shared.events.fetch_add(1, Ordering::Relaxed);
+                    let applied = view.apply(&ev);
+                    changed |= applied.changed.is_some();
+                    if let Some(e) = applied.error {
+                        tracing::error!(error = %e, "dropping an object whose new value does not decode");
+                    }
+                }
+                Err(e) => {
+                    end = Some(e);
+                    break;
+                }
+            }
+            next = watch.try_next();
+        }
+    }
+    if changed {
+        shared.changed();
+    }
+    end
+}
+
+/// Follows the datastore forever: watches from where the view's listings end, applies events,
+/// and on any failure lists again and re-watches, with backoff.
+pub async fn follow(store: Arc<dyn Datastore>, shared: Arc<SharedView>) {
+    let prefixes: Vec<String> = KINDS.iter().map(|k| k.prefix()).collect();
+    let mut need_list = !shared.read().loaded();
+    let mut delay = BACKOFF_MIN;
+    let mut broken = false;
+    loop {
+        if need_list {
+            if let Err(e) = load(&*store, &shared).await {
+                shared.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?delay, "listing the cluster failed; the loops keep the last view");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        }
+        // However this watch ends, the next one starts from a fresh listing: events of
+        // different kinds may arrive out of revision order, so there is no safe resume point.
+        need_list = true;
+        let from = shared.read().watch_from();
+        let mut w = match store.watch_prefixes(&prefixes, from).await {
+            Ok(w) => w,
+            Err(e) => {
+                shared.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?delay, "watching the cluster failed; listing again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if broken {
+            tracing::info!(from, "datastore watch re-established");
+        }
+        let started = Instant::now();
+        let end = loop {
+            let Some(item) = w.next().await else {
+                break None;
+            };
+            let first = match item {
+                Ok(ev) => ev,
+                Err(e) => break Some(e),
+            };
+            if let Some(e) = apply_burst(&shared, first, &mut w) {
+                break Some(e);
+            }
+        };
+        broken = true;
+        shared.failures.fetch_add(1, Ordering::Relaxed);
+        if started.elapsed() >= HEALTHY_AFTER {
+            delay = BACKOFF_MIN;
+        }
+        match end {
+            Some(StoreError::Compacted {
+                requested,
+                compacted,
+            }) => tracing::info!(
+                requested,
+                compacted,
+                "the datastore watch fell behind a compaction; listing again"
+            ),
+            Some(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "the datastore watch failed; listing again")
+            }
+            None => {
+                tracing::warn!(retry_in = ?delay, "the datastore watch ended; listing again")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A loaded view holding `resources` (for tests of what the loops derive from it).
+#[cfg(test)]
+pub(crate) fn view_of(resources: &[trellis_resources::Resource]) -> ClusterView {
+    let mut view = ClusterView::new(&KINDS);
+    for kind in KINDS {
+        let items = resources
+            .iter()
+            .filter(|r| r.kind() == kind)
+            .map(|r| trellis_store::KeyValue {
+                key: r.key(),
+                value: trellis_cluster::objects::encode(r),
+                create_revision: 1,
+                mod_revision: 1,
+            })
+            .collect();
+        let (_, errors) = view.load(kind, &trellis_store::Listing { items, revision: 1 });
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+    view
+}
+
+#[cfg(test)]
+mod tests;
