@@ -356,6 +356,12 @@ impl Planner<'_> {
             &peer,
             "--initial-cluster",
             &format!("lab={peer}"),
+            // Bounded history, as the README asks of any etcd Trellis uses (agents relist when
+            // a watch falls behind the compaction).
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "5m",
         ];
         self.steps.push(Step::Spawn {
             member: "control".into(),
