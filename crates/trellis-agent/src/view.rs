@@ -16,9 +16,11 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use trellis_cluster::invalid::{self, Invalid};
 use trellis_cluster::view::ClusterView;
+use trellis_cluster::ClusterError;
 use trellis_resources::Kind;
-use trellis_store::{Datastore, StoreError, Watch, WatchEvent};
+use trellis_store::{Datastore, Listing, StoreError, Watch, WatchEvent};
 
 /// What the agent's loops read: the dataplane pools, nodes and blocks; BGP also its
 /// configurations, peers and filters.
@@ -91,15 +93,33 @@ pub async fn load(store: &dyn Datastore, shared: &SharedView) -> Result<(), Stor
         for (kind, listing) in &listings {
             let (c, errors) = view.load(*kind, listing);
             changed |= c;
-            for e in errors {
-                tracing::error!(error = %e, "skipping a stored object that does not decode");
-            }
+            // Logged once per key and revision, and counted for metrics.
+            let invalid: Vec<Invalid> = errors.iter().map(|e| invalid_record(e, listing)).collect();
+            invalid::observe_listing(*kind, &invalid);
         }
     }
     if changed {
         shared.changed();
     }
     Ok(())
+}
+
+/// A listed record that did not decode, as the invalid-records tracker takes it.
+fn invalid_record(e: &ClusterError, listing: &Listing) -> Invalid {
+    let key = match e {
+        ClusterError::Corrupt { key, .. } => key.clone(),
+        other => other.to_string(),
+    };
+    let revision = listing
+        .items
+        .iter()
+        .find(|kv| kv.key == key)
+        .map_or(listing.revision, |kv| kv.mod_revision);
+    Invalid {
+        key,
+        revision,
+        reason: e.to_string(),
+    }
 }
 
 /// Applies a burst of events (the first, then whatever is already queued) under one lock and
@@ -116,8 +136,13 @@ fn apply_burst(shared: &SharedView, first: WatchEvent, watch: &mut Watch) -> Opt
                     shared.events.fetch_add(1, Ordering::Relaxed);
                     let applied = view.apply(&ev);
                     changed |= applied.changed.is_some();
-                    if let Some(e) = applied.error {
-                        tracing::error!(error = %e, "dropping an object whose new value does not decode");
+                    if let Some(kind) = applied.kind {
+                        let bad = applied.error.as_ref().map(|e| Invalid {
+                            key: ev.key.clone(),
+                            revision: ev.revision,
+                            reason: e.to_string(),
+                        });
+                        invalid::observe_key(kind, &ev.key, bad.as_ref());
                     }
                 }
                 Err(e) => {

@@ -37,6 +37,9 @@ pub struct Applied {
     /// The kind whose objects changed in a way users see; `None` when the event changed
     /// nothing visible (a heartbeat, a replay of something already listed, an unknown key).
     pub changed: Option<Kind>,
+    /// The kind of the event's key when the view holds that kind and the event was new to it
+    /// (so callers can track which records are currently invalid).
+    pub kind: Option<Kind>,
     /// The event's value did not decode; the object was dropped.
     pub error: Option<ClusterError>,
 }
@@ -182,6 +185,7 @@ impl ClusterView {
         }
         Applied {
             changed: changed.then_some(kind),
+            kind: Some(kind),
             error,
         }
     }
