@@ -168,12 +168,19 @@ mod tests {
     use super::*;
 
     fn m(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn keys_and_values_follow_kubernetes() {
-        for ok in ["app", "a.b_c-d", "example.com/app", "kubernetes.io/metadata.name"] {
+        for ok in [
+            "app",
+            "a.b_c-d",
+            "example.com/app",
+            "kubernetes.io/metadata.name",
+        ] {
             assert!(key(ok).is_ok(), "{ok}");
         }
         for bad in ["", "-a", "a-", "Ex.com/a", "a/b/c", &"x".repeat(64), "a b"] {
@@ -200,7 +207,10 @@ mod tests {
         // Removal, of a present and an absent key.
         let r = apply(
             &cur,
-            &[LabelChange::Remove("b".into()), LabelChange::Remove("z".into())],
+            &[
+                LabelChange::Remove("b".into()),
+                LabelChange::Remove("z".into()),
+            ],
             false,
             &[],
         )
@@ -208,7 +218,13 @@ mod tests {
         assert_eq!(r.labels, m(&[("a", "1")]));
         assert_eq!(r.not_found, ["z"]);
         // Set and remove the same key: refused.
-        assert!(apply(&cur, &[set("a", "1"), LabelChange::Remove("a".into())], true, &[]).is_err());
+        assert!(apply(
+            &cur,
+            &[set("a", "1"), LabelChange::Remove("a".into())],
+            true,
+            &[]
+        )
+        .is_err());
         // A protected key.
         let p = [("kubernetes.io/metadata.name", "x")];
         assert!(apply(&cur, &[set("kubernetes.io/metadata.name", "y")], true, &p).is_err());

@@ -138,10 +138,7 @@ impl Kind {
 
     /// The kind a document's `apiVersion` and `kind` name, if Trellis knows it.
     pub fn from_api(api_version: &str, kind: &str) -> Result<Kind, ResourceError> {
-        let candidates: Vec<Kind> = Kind::ALL
-            .into_iter()
-            .filter(|k| k.name() == kind)
-            .collect();
+        let candidates: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.name() == kind).collect();
         if candidates.is_empty() {
             return Err(ResourceError::field(
                 "kind",
@@ -150,7 +147,10 @@ impl Kind {
         }
         let accepts = |k: Kind| match k {
             k if k.is_kubernetes() => api_version == k.api_version(),
-            k => api_version == API_VERSION || (api_version == CALICO_API_VERSION && k.in_calico_v3()),
+            k => {
+                api_version == API_VERSION
+                    || (api_version == CALICO_API_VERSION && k.in_calico_v3())
+            }
         };
         if let Some(k) = candidates.iter().copied().find(|k| accepts(*k)) {
             return Ok(k);
@@ -490,7 +490,11 @@ fn normalise_body(kind: Kind, b: &mut serde_json::Map<String, Value>) {
         b.remove("status");
     }
     if kind == Kind::ServiceAccount {
-        for k in ["secrets", "imagePullSecrets", "automountServiceAccountToken"] {
+        for k in [
+            "secrets",
+            "imagePullSecrets",
+            "automountServiceAccountToken",
+        ] {
             b.remove(k);
         }
     }

@@ -87,10 +87,7 @@ impl RuleProtocol {
 
     /// Parses a name (any case) or a number 1-255.
     pub fn parse(s: &str) -> Option<RuleProtocol> {
-        if let Some((_, p)) = Self::NAMES
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(s))
-        {
+        if let Some((_, p)) = Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)) {
             return Some(*p);
         }
         s.parse::<u8>()
@@ -136,9 +133,7 @@ impl<'de> Deserialize<'de> for RuleProtocol {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<RuleProtocol, E> {
                 match u8::try_from(v) {
                     Ok(n) if n > 0 => Ok(RuleProtocol::Number(n)),
-                    _ => Err(E::custom(format!(
-                        "{v} is not a protocol number (1-255)"
-                    ))),
+                    _ => Err(E::custom(format!("{v} is not a protocol number (1-255)"))),
                 }
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<RuleProtocol, E> {

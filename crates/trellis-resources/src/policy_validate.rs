@@ -202,7 +202,9 @@ pub fn rule(f: &str, r: &RuleSpec) -> Result {
         }
     }
     let has_ports = |e: &EntityRule| !e.ports.is_empty() || !e.not_ports.is_empty();
-    if (r.icmp.is_some() || r.not_icmp.is_some()) && (has_ports(&r.source) || has_ports(&r.destination)) {
+    if (r.icmp.is_some() || r.not_icmp.is_some())
+        && (has_ports(&r.source) || has_ports(&r.destination))
+    {
         let which = if r.icmp.is_some() { "icmp" } else { "notICMP" };
         return Err(err(
             format!("{f}.{which}"),
@@ -212,13 +214,13 @@ pub fn rule(f: &str, r: &RuleSpec) -> Result {
     for (name, icmp) in [("icmp", &r.icmp), ("notICMP", &r.not_icmp)] {
         let Some(icmp) = icmp else { continue };
         if !r.protocol.is_some_and(RuleProtocol::is_icmp) {
-            return Err(err(
-                format!("{f}.{name}"),
-                "needs protocol ICMP or ICMPv6",
-            ));
+            return Err(err(format!("{f}.{name}"), "needs protocol ICMP or ICMPv6"));
         }
         if icmp.icmp_type == Some(255) {
-            return Err(err(format!("{f}.{name}.type"), "255 is not an ICMP type (0-254)"));
+            return Err(err(
+                format!("{f}.{name}.type"),
+                "255 is not an ICMP type (0-254)",
+            ));
         }
         if icmp.code.is_some() && icmp.icmp_type.is_none() {
             return Err(err(format!("{f}.{name}.code"), "needs a type"));
@@ -287,14 +289,18 @@ fn entity(f: &str, e: &EntityRule, protocol: Option<RuleProtocol>) -> Result {
     }
     if let Some(sa) = &e.service_accounts {
         for (i, n) in sa.names.iter().enumerate() {
-            subdomain_name(n).map_err(|x| err(format!("{f}.serviceAccounts.names[{i}]"), x.reason))?;
+            subdomain_name(n)
+                .map_err(|x| err(format!("{f}.serviceAccounts.names[{i}]"), x.reason))?;
         }
         endpoint_selector(&format!("{f}.serviceAccounts.selector"), &sa.selector)?;
     }
     for (name, ports) in [("ports", &e.ports), ("notPorts", &e.not_ports)] {
         let field = format!("{f}.{name}");
         if ports.len() > MAX_PORTS {
-            return Err(err(field, format!("has {} ports; at most {MAX_PORTS}", ports.len())));
+            return Err(err(
+                field,
+                format!("has {} ports; at most {MAX_PORTS}", ports.len()),
+            ));
         }
         if ports.is_empty() {
             continue;
@@ -338,7 +344,10 @@ pub fn global_network_policy(o: &Object<GlobalNetworkPolicySpec>) -> Result {
     endpoint_selector("spec.serviceAccountSelector", &s.service_account_selector)?;
     types("spec.types", &s.types)?;
     hints(&s.performance_hints)?;
-    for (field, v) in [("spec.doNotTrack", s.do_not_track), ("spec.preDNAT", s.pre_dnat)] {
+    for (field, v) in [
+        ("spec.doNotTrack", s.do_not_track),
+        ("spec.preDNAT", s.pre_dnat),
+    ] {
         if v == Some(true) {
             return Err(err(field, "Trellis polices forwarded pod traffic only; host-endpoint policy (doNotTrack, preDNAT) is not supported"));
         }
@@ -350,7 +359,10 @@ pub fn global_network_policy(o: &Object<GlobalNetworkPolicySpec>) -> Result {
 fn hints(h: &[String]) -> Result {
     for (i, x) in h.iter().enumerate() {
         if x != "AssumeNeededOnEveryNode" {
-            return Err(err(format!("spec.performanceHints[{i}]"), format!("{x:?} is not AssumeNeededOnEveryNode")));
+            return Err(err(
+                format!("spec.performanceHints[{i}]"),
+                format!("{x:?} is not AssumeNeededOnEveryNode"),
+            ));
         }
     }
     Ok(())
@@ -362,10 +374,16 @@ pub fn tier(o: &Object<TierSpec>) -> Result {
     order("spec.order", o.spec.order)?;
     if o.metadata.name == DEFAULT_TIER {
         if o.spec.order != Some(DEFAULT_TIER_ORDER) {
-            return Err(err("spec.order", format!("the default tier's order is {DEFAULT_TIER_ORDER}")));
+            return Err(err(
+                "spec.order",
+                format!("the default tier's order is {DEFAULT_TIER_ORDER}"),
+            ));
         }
         if o.spec.default_action != Some(TierAction::Deny) {
-            return Err(err("spec.defaultAction", "the default tier's default action is Deny"));
+            return Err(err(
+                "spec.defaultAction",
+                "the default tier's default action is Deny",
+            ));
         }
     }
     Ok(())
@@ -376,7 +394,10 @@ fn set_labels(meta: &crate::Metadata) -> Result {
     if meta.labels.contains_key(crate::LABEL_NAMESPACE) {
         return Err(err(
             "metadata.labels",
-            format!("{} is set by the system, not in the object", crate::LABEL_NAMESPACE),
+            format!(
+                "{} is set by the system, not in the object",
+                crate::LABEL_NAMESPACE
+            ),
         ));
     }
     Ok(())
@@ -428,15 +449,29 @@ pub fn endpoint_policy_fields(o: &Object<WorkloadEndpointSpec>) -> Result {
         PortSpec::parse(&p.name)
             .ok()
             .filter(PortSpec::is_named)
-            .ok_or_else(|| err(format!("{f}.name"), format!("{:?} is not a port name", p.name)))?;
+            .ok_or_else(|| {
+                err(
+                    format!("{f}.name"),
+                    format!("{:?} is not a port name", p.name),
+                )
+            })?;
         if p.port == 0 {
             return Err(err(format!("{f}.port"), "0 is not a port"));
         }
         if !p.protocol.has_ports() {
-            return Err(err(format!("{f}.protocol"), format!("{} has no ports", p.protocol)));
+            return Err(err(
+                format!("{f}.protocol"),
+                format!("{} has no ports", p.protocol),
+            ));
         }
-        if o.spec.ports[..i].iter().any(|q| q.name == p.name && q.protocol == p.protocol) {
-            return Err(err(format!("{f}.name"), format!("{} {} is declared twice", p.protocol, p.name)));
+        if o.spec.ports[..i]
+            .iter()
+            .any(|q| q.name == p.name && q.protocol == p.protocol)
+        {
+            return Err(err(
+                format!("{f}.name"),
+                format!("{} {} is declared twice", p.protocol, p.name),
+            ));
         }
     }
     for (i, p) in o.spec.profiles.iter().enumerate() {
@@ -452,10 +487,16 @@ fn label_selector(f: &str, s: &LabelSelector) -> Result {
         labels::key(&r.key).map_err(|e| err(format!("{f}.key"), e))?;
         match r.operator {
             SelectorOperator::In | SelectorOperator::NotIn if r.values.is_empty() => {
-                return Err(err(format!("{f}.values"), "must be non-empty for In and NotIn"))
+                return Err(err(
+                    format!("{f}.values"),
+                    "must be non-empty for In and NotIn",
+                ))
             }
             SelectorOperator::Exists | SelectorOperator::DoesNotExist if !r.values.is_empty() => {
-                return Err(err(format!("{f}.values"), "must be empty for Exists and DoesNotExist"))
+                return Err(err(
+                    format!("{f}.values"),
+                    "must be empty for Exists and DoesNotExist",
+                ))
             }
             _ => {}
         }
@@ -470,20 +511,36 @@ fn peer(f: &str, p: &NetworkPolicyPeer) -> Result {
     let selects = p.pod_selector.is_some() || p.namespace_selector.is_some();
     match (&p.ip_block, selects) {
         (Some(_), true) => {
-            return Err(err(f, "give ipBlock or podSelector/namespaceSelector, not both"))
+            return Err(err(
+                f,
+                "give ipBlock or podSelector/namespaceSelector, not both",
+            ))
         }
-        (None, false) => return Err(err(f, "must give podSelector, namespaceSelector or ipBlock")),
+        (None, false) => {
+            return Err(err(
+                f,
+                "must give podSelector, namespaceSelector or ipBlock",
+            ))
+        }
         (Some(b), false) => {
-            let cidr: IpNet = b
-                .cidr
-                .parse()
-                .map_err(|_| err(format!("{f}.ipBlock.cidr"), format!("{:?} is not a CIDR", b.cidr)))?;
+            let cidr: IpNet = b.cidr.parse().map_err(|_| {
+                err(
+                    format!("{f}.ipBlock.cidr"),
+                    format!("{:?} is not a CIDR", b.cidr),
+                )
+            })?;
             for (i, x) in b.except.iter().enumerate() {
                 let fx = format!("{f}.ipBlock.except[{i}]");
-                let e: IpNet = x.parse().map_err(|_| err(&fx, format!("{x:?} is not a CIDR")))?;
-                let strict = cidr.trunc().contains(&e.trunc()) && e.prefix_len() > cidr.prefix_len();
+                let e: IpNet = x
+                    .parse()
+                    .map_err(|_| err(&fx, format!("{x:?} is not a CIDR")))?;
+                let strict =
+                    cidr.trunc().contains(&e.trunc()) && e.prefix_len() > cidr.prefix_len();
                 if !strict {
-                    return Err(err(fx, format!("{x} must be a strict subset of cidr {}", b.cidr)));
+                    return Err(err(
+                        fx,
+                        format!("{x} must be a strict subset of cidr {}", b.cidr),
+                    ));
                 }
             }
         }
@@ -501,7 +558,10 @@ fn peer(f: &str, p: &NetworkPolicyPeer) -> Result {
 fn kube_port(f: &str, p: &NetworkPolicyPort) -> Result {
     match &p.port {
         Some(IntOrString::Int(n)) if !(1..=65535).contains(n) => {
-            return Err(err(format!("{f}.port"), format!("{n} is not a port number (1-65535)")))
+            return Err(err(
+                format!("{f}.port"),
+                format!("{n} is not a port number (1-65535)"),
+            ))
         }
         Some(IntOrString::String(s)) => {
             valid_port_name(s).map_err(|e| err(format!("{f}.port"), e))?;
@@ -512,7 +572,10 @@ fn kube_port(f: &str, p: &NetworkPolicyPort) -> Result {
         match &p.port {
             Some(IntOrString::Int(start)) if end >= *start && end <= 65535 => {}
             Some(IntOrString::Int(start)) => {
-                return Err(err(format!("{f}.endPort"), format!("{end} must be between port {start} and 65535")))
+                return Err(err(
+                    format!("{f}.endPort"),
+                    format!("{end} must be between port {start} and 65535"),
+                ))
             }
             Some(IntOrString::String(_)) => {
                 return Err(err(format!("{f}.endPort"), "may not go with a named port"))

@@ -96,11 +96,19 @@ fn kubernetes_defaulting_as_the_api_server_does() {
     let s = knp_spec("  podSelector: {}\n  egress:\n  - ports: [{port: 53, protocol: UDP}]\n");
     assert_eq!(s.policy_types, [Ingress, Egress]);
     // An empty egress list is no egress rule.
-    assert_eq!(knp_spec("  podSelector: {}\n  egress: []\n").policy_types, [Ingress]);
+    assert_eq!(
+        knp_spec("  podSelector: {}\n  egress: []\n").policy_types,
+        [Ingress]
+    );
     // Given types are kept.
-    assert_eq!(knp_spec("  podSelector: {}\n  policyTypes: [Egress]\n").policy_types, [Egress]);
+    assert_eq!(
+        knp_spec("  podSelector: {}\n  policyTypes: [Egress]\n").policy_types,
+        [Egress]
+    );
     // A port's protocol defaults to TCP.
-    let s = knp_spec("  podSelector: {}\n  ingress:\n  - ports: [{port: 80}, {port: http, protocol: UDP}]\n");
+    let s = knp_spec(
+        "  podSelector: {}\n  ingress:\n  - ports: [{port: 80}, {port: http, protocol: UDP}]\n",
+    );
     assert_eq!(s.ingress[0].ports[0].protocol, Some(KubeProtocol::Tcp));
     assert_eq!(s.ingress[0].ports[1].protocol, Some(KubeProtocol::Udp));
     // Without a namespace, `default`.
@@ -146,7 +154,9 @@ fn bad_kubernetes_policies_name_the_field() {
     // Unknown fields and values serde refuses, by path.
     let e = refused(&knp("  podSelector: {}\n  ingres: []\n"));
     assert!(e.reason.contains("ingres"), "{e}");
-    let e = refused(&knp("  podSelector: {}\n  ingress:\n  - ports: [{protocol: ICMP}]\n"));
+    let e = refused(&knp(
+        "  podSelector: {}\n  ingress:\n  - ports: [{protocol: ICMP}]\n",
+    ));
     assert!(e.field.contains("protocol"), "{e}");
     let e = refused(&knp("  ingress: []\n"));
     assert!(e.reason.contains("podSelector"), "{e}");
@@ -299,11 +309,20 @@ fn bad_calico_policies_name_the_field() {
         assert!(e.field.starts_with(path), "{spec}: {e}");
     }
     // Named ports may go without a protocol.
-    one(&np("  ingress:\n  - action: Allow\n    destination: {ports: [http]}\n"));
+    one(&np(
+        "  ingress:\n  - action: Allow\n    destination: {ports: [http]}\n",
+    ));
     // A range written without quotes is a range, not YAML 1.1's base-60 number.
-    let r = one(&np("  ingress:\n  - action: Allow\n    protocol: UDP\n    destination:\n      ports: [1:2]\n"));
-    let Resource::NetworkPolicy(p) = r else { panic!() };
-    assert_eq!(p.spec.ingress[0].destination.ports[0], PortSpec::Range { first: 1, last: 2 });
+    let r = one(&np(
+        "  ingress:\n  - action: Allow\n    protocol: UDP\n    destination:\n      ports: [1:2]\n",
+    ));
+    let Resource::NetworkPolicy(p) = r else {
+        panic!()
+    };
+    assert_eq!(
+        p.spec.ingress[0].destination.ports[0],
+        PortSpec::Range { first: 1, last: 2 }
+    );
 }
 
 #[test]
@@ -369,7 +388,10 @@ fn workload_endpoint_policy_fields() {
     assert_eq!(w.spec.ports[1].protocol, RuleProtocol::Udp);
     let e = refused(&wep.replace("protocol: UDP", "protocol: ICMP"));
     assert_eq!(e.field, "spec.ports[1].protocol");
-    let e = refused(&wep.replace("name: dns", "name: http, protocol: TCP, port: 81}\n  - {name: x"));
+    let e = refused(&wep.replace(
+        "name: dns",
+        "name: http, protocol: TCP, port: 81}\n  - {name: x",
+    ));
     assert_eq!(e.field, "spec.ports[1].name");
     let e = refused(&wep.replace("app: web", "'app x': web"));
     assert_eq!(e.field, "metadata.labels");
@@ -388,7 +410,10 @@ fn kinds_parse_from_cli_names() {
     assert_eq!(Kind::parse("gnp"), Some(Kind::GlobalNetworkPolicy));
     assert_eq!(Kind::parse("tiers"), Some(Kind::Tier));
     assert_eq!(Kind::parse("namespace"), Some(Kind::Namespace));
-    assert_eq!(Kind::parse("globalnetworksets"), Some(Kind::GlobalNetworkSet));
+    assert_eq!(
+        Kind::parse("globalnetworksets"),
+        Some(Kind::GlobalNetworkSet)
+    );
     assert_eq!(Kind::parse("profiles"), Some(Kind::Profile));
     assert_eq!(Kind::parse("serviceaccounts"), Some(Kind::ServiceAccount));
     // Every plural is a distinct key segment.
