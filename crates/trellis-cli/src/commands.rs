@@ -134,9 +134,8 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
                 bail!("{} are not namespaced; leave out -n", kind.plural());
             }
             let in_ns = |key: &str| {
-                ns.as_ref().is_none_or(|ns| {
-                    key.split('/').rev().nth(1) == Some(ns.as_str())
-                })
+                ns.as_ref()
+                    .is_none_or(|ns| key.split('/').rev().nth(1) == Some(ns.as_str()))
             };
             // Records that do not decode are shown on stderr, by key, and make the exit code 1:
             // the valid ones are still printed, but the output is not the whole truth.
@@ -170,9 +169,7 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
                 }
             }
             if items.is_empty() && name.is_none() && elsewhere > 0 && output == "table" {
-                eprintln!(
-                    "({elsewhere} in other namespaces; -A shows every namespace)"
-                );
+                eprintln!("({elsewhere} in other namespaces; -A shows every namespace)");
             }
             match output.as_str() {
                 "yaml" => print!("{}", trellis_resources::to_yaml(&items)),
@@ -233,7 +230,10 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
             if let Some(file) = file {
                 return delete_file(store, &file).await;
             }
-            let (kind, name) = (kind.expect("clap requires it"), name.expect("clap requires it"));
+            let (kind, name) = (
+                kind.expect("clap requires it"),
+                name.expect("clap requires it"),
+            );
             let kind = kind_arg(&kind)?;
             let namespace = match (kind.namespaced(), namespace) {
                 (true, ns) => Some(ns.unwrap_or_else(|| "default".into())),
@@ -416,7 +416,10 @@ async fn label(
         println!("label {k:?} not found.");
     }
     for (object, changed) in &out.objects {
-        println!("{object} {}", if *changed { "labeled" } else { "not labeled" });
+        println!(
+            "{object} {}",
+            if *changed { "labeled" } else { "not labeled" }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -35,13 +35,19 @@ pub async fn load(store: &dyn Datastore) -> Result<(Model, BTreeMap<String, Vec<
     for k in POLICY_KINDS {
         let l = objects::list_checked(store, k).await?;
         for i in &l.invalid {
-            eprintln!("warning: stored record {} is invalid and left out: {}", i.key, i.reason);
+            eprintln!(
+                "warning: stored record {} is invalid and left out: {}",
+                i.key, i.reason
+            );
         }
         all.extend(l.items.into_iter().map(|s| s.resource));
     }
     let t = trellis_policy::translate::translate(&all);
     for s in &t.skipped {
-        eprintln!("warning: {} is left out of the policy model: {}", s.object, s.reason);
+        eprintln!(
+            "warning: {} is left out of the policy model: {}",
+            s.object, s.reason
+        );
     }
     let mut nodes = BTreeMap::new();
     for (n, _) in objects::nodes(store).await? {
@@ -52,7 +58,12 @@ pub async fn load(store: &dyn Datastore) -> Result<(Model, BTreeMap<String, Vec<
             .filter_map(|a| a.address.split('/').next()?.parse().ok())
             .collect();
         if let Some(b) = &n.spec.bgp {
-            addrs.extend(b.ipv4_address.iter().chain(&b.ipv6_address).map(|n| n.addr()));
+            addrs.extend(
+                b.ipv4_address
+                    .iter()
+                    .chain(&b.ipv6_address)
+                    .map(|n| n.addr()),
+            );
         }
         addrs.extend(n.spec.ipv4_vxlan_tunnel_addr);
         nodes.insert(n.metadata.name, addrs);
@@ -106,7 +117,11 @@ pub struct TraceArgs {
 }
 
 /// Builds the flow a trace asks about; the text names it.
-fn flow(model: &Model, nodes: &BTreeMap<String, Vec<IpAddr>>, a: &TraceArgs) -> Result<(Flow, String)> {
+fn flow(
+    model: &Model,
+    nodes: &BTreeMap<String, Vec<IpAddr>>,
+    a: &TraceArgs,
+) -> Result<(Flow, String)> {
     let protocol = match a.protocol.as_str() {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
@@ -125,7 +140,9 @@ fn flow(model: &Model, nodes: &BTreeMap<String, Vec<IpAddr>>, a: &TraceArgs) -> 
         bail!("--port is required for --protocol {}", a.protocol);
     }
     let icmp_match = icmp.then(|| IcmpMatch {
-        icmp_type: a.icmp_type.unwrap_or(if protocol == Protocol::Icmp { 8 } else { 128 }),
+        icmp_type: a
+            .icmp_type
+            .unwrap_or(if protocol == Protocol::Icmp { 8 } else { 128 }),
         code: Some(a.icmp_code.unwrap_or(0)),
     });
     let what = match (&icmp_match, a.port) {
@@ -173,16 +190,26 @@ pub async fn trace_cmd(store: &dyn Datastore, a: TraceArgs) -> Result<ExitCode> 
 pub async fn show_cmd(store: &dyn Datastore, pod: &str, output: &str) -> Result<ExitCode> {
     let (model, _) = load(store).await?;
     let e = pod_endpoint(&model, pod)?;
-    let dirs: Vec<(&str, Vec<_>)> = [("ingress", Direction::Ingress), ("egress", Direction::Egress)]
-        .into_iter()
-        .map(|(n, d)| {
-            let tiers: Vec<_> = eval::applying(&model, e, d)
-                .into_iter()
-                .map(|(t, ps)| (t, ps.into_iter().map(|p| (p.id.clone(), p.order)).collect::<Vec<_>>()))
-                .collect();
-            (n, tiers)
-        })
-        .collect();
+    let dirs: Vec<(&str, Vec<_>)> = [
+        ("ingress", Direction::Ingress),
+        ("egress", Direction::Egress),
+    ]
+    .into_iter()
+    .map(|(n, d)| {
+        let tiers: Vec<_> = eval::applying(&model, e, d)
+            .into_iter()
+            .map(|(t, ps)| {
+                (
+                    t,
+                    ps.into_iter()
+                        .map(|p| (p.id.clone(), p.order))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        (n, tiers)
+    })
+    .collect();
     if output == "json" {
         let j: serde_json::Map<String, serde_json::Value> = dirs
             .iter()
@@ -208,13 +235,20 @@ pub async fn show_cmd(store: &dyn Datastore, pod: &str, output: &str) -> Result<
         e.pod.as_deref().unwrap_or(&e.name),
         e.name,
         e.node,
-        if addrs.is_empty() { "no address".into() } else { addrs.join(", ") }
+        if addrs.is_empty() {
+            "no address".into()
+        } else {
+            addrs.join(", ")
+        }
     );
     for (n, tiers) in &dirs {
         trace::applying(&mut out, n, tiers);
     }
     if !e.profiles.is_empty() {
-        out.push_str(&format!("profiles, after the tiers: {}\n", e.profiles.join(", ")));
+        out.push_str(&format!(
+            "profiles, after the tiers: {}\n",
+            e.profiles.join(", ")
+        ));
     }
     print!("{out}");
     Ok(ExitCode::SUCCESS)

@@ -41,7 +41,15 @@ pub fn rows(kind: Kind, items: &[Resource]) -> Option<(Vec<&'static str>, Vec<Ve
     let map = |f: &dyn Fn(&Resource) -> Option<Vec<String>>| items.iter().filter_map(f).collect();
     Some(match kind {
         Kind::NetworkPolicy | Kind::KubernetesNetworkPolicy => (
-            vec!["NAMESPACE", "NAME", "API", "TIER", "ORDER", "SELECTOR", "TYPES"],
+            vec![
+                "NAMESPACE",
+                "NAME",
+                "API",
+                "TIER",
+                "ORDER",
+                "SELECTOR",
+                "TYPES",
+            ],
             map(&|r| match r {
                 Resource::NetworkPolicy(p) => Some(vec![
                     ns(r),
@@ -65,7 +73,14 @@ pub fn rows(kind: Kind, items: &[Resource]) -> Option<(Vec<&'static str>, Vec<Ve
             }),
         ),
         Kind::GlobalNetworkPolicy => (
-            vec!["NAME", "TIER", "ORDER", "SELECTOR", "NAMESPACESELECTOR", "TYPES"],
+            vec![
+                "NAME",
+                "TIER",
+                "ORDER",
+                "SELECTOR",
+                "NAMESPACESELECTOR",
+                "TYPES",
+            ],
             map(&|r| match r {
                 Resource::GlobalNetworkPolicy(p) => Some(vec![
                     p.metadata.name.clone(),

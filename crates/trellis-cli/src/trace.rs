@@ -113,7 +113,11 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
             default_action(t.default_action)
         ));
         for p in &t.policies {
-            out.push_str(&format!("    policy {} (order {})\n", p.policy, order(p.order)));
+            out.push_str(&format!(
+                "    policy {} (order {})\n",
+                p.policy,
+                order(p.order)
+            ));
             if p.rules.is_empty() {
                 out.push_str("      no rules\n");
             }
@@ -122,7 +126,11 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
                     None => "matched".to_string(),
                     Some(m) => format!("no match: {}: {}", m.field, m.reason),
                 };
-                out.push_str(&format!("      rule {} {}: {what}\n", r.index, action(r.action)));
+                out.push_str(&format!(
+                    "      rule {} {}: {what}\n",
+                    r.index,
+                    action(r.action)
+                ));
             }
         }
         match &t.passed {
@@ -141,7 +149,10 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
     }
     for p in &d.profiles {
         if p.missing {
-            out.push_str(&format!("  profile {} (listed, but it does not exist)\n", p.profile));
+            out.push_str(&format!(
+                "  profile {} (listed, but it does not exist)\n",
+                p.profile
+            ));
             continue;
         }
         out.push_str(&format!("  profile {}\n", p.profile));
@@ -150,7 +161,11 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
                 None => "matched".to_string(),
                 Some(m) => format!("no match: {}: {}", m.field, m.reason),
             };
-            out.push_str(&format!("    rule {} {}: {what}\n", r.index, action(r.action)));
+            out.push_str(&format!(
+                "    rule {} {}: {what}\n",
+                r.index,
+                action(r.action)
+            ));
         }
     }
     out.push_str(&format!("  => {}\n", verdict(&d.verdict, d.direction)));
@@ -163,7 +178,11 @@ pub fn render(t: &Trace, what: &str) -> String {
         peer(&t.source),
         peer(&t.destination)
     );
-    direction(&mut out, &format!("egress from {}", peer(&t.source)), &t.egress);
+    direction(
+        &mut out,
+        &format!("egress from {}", peer(&t.source)),
+        &t.egress,
+    );
     out.push('\n');
     direction(
         &mut out,
