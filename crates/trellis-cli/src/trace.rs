@@ -202,8 +202,11 @@ pub fn render(t: &Trace, what: &str) -> String {
     out
 }
 
+/// A tier and the policies of it that apply (id, order), as `policy show` lists them.
+pub type Applying = (Tier, Vec<(PolicyId, Option<f64>)>);
+
 /// `policy show`: one direction's applying tiers and policies.
-pub fn applying(out: &mut String, d: &str, tiers: &[(Tier, Vec<(PolicyId, Option<f64>)>)]) {
+pub fn applying(out: &mut String, d: &str, tiers: &[Applying]) {
     out.push_str(&format!("{d}:\n"));
     if tiers.is_empty() {
         out.push_str("  no policy applies\n");

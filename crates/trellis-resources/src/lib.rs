@@ -246,6 +246,7 @@ impl Kind {
             ("kubernetesnetworkpolicy", Kind::KubernetesNetworkPolicy),
             ("ns", Kind::Namespace),
             ("sa", Kind::ServiceAccount),
+            ("wep", Kind::WorkloadEndpoint),
         ];
         if let Some((_, k)) = aliases.iter().find(|(a, _)| *a == l) {
             return Some(*k);
