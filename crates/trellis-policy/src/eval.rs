@@ -351,13 +351,18 @@ pub fn network_set_labels(s: &NetworkSet) -> Labels {
     l
 }
 
-/// Labels of a namespace (only the implicit one when the model has no Namespace for it).
+/// The label Calico gives namespaces and service accounts as selectors see them: the name.
+pub const LABEL_NAME: &str = "projectcalico.org/name";
+
+/// Labels of a namespace as namespace selectors see them: its own (with Kubernetes'
+/// `kubernetes.io/metadata.name`, also when the model has no Namespace object) and Calico's
+/// `projectcalico.org/name`.
 pub fn namespace_labels(model: &Model, ns: &str) -> Labels {
-    model
-        .namespaces
-        .get(ns)
-        .cloned()
-        .unwrap_or_else(|| [(LABEL_NAMESPACE_NAME.to_string(), ns.to_string())].into())
+    let mut l = model.namespaces.get(ns).cloned().unwrap_or_default();
+    l.entry(LABEL_NAMESPACE_NAME.into())
+        .or_insert_with(|| ns.to_string());
+    l.entry(LABEL_NAME.into()).or_insert_with(|| ns.to_string());
+    l
 }
 
 /// Whether an object in `namespace` (`None`: global) is in `scope`.
@@ -373,18 +378,19 @@ pub fn in_scope(model: &Model, scope: &NamespaceScope, namespace: Option<&str>) 
     }
 }
 
-/// Labels of an endpoint's service account (empty when it has none or the model does not
-/// know it).
-fn service_account_labels(model: &Model, e: &Endpoint) -> Labels {
-    e.service_account
-        .as_ref()
-        .and_then(|sa| {
-            model
-                .service_accounts
-                .get(&(e.namespace.clone(), sa.clone()))
-        })
+/// Labels of an endpoint's service account as service account selectors see them: its own and
+/// Calico's `projectcalico.org/name` (empty when the endpoint has no service account).
+pub fn service_account_labels(model: &Model, e: &Endpoint) -> Labels {
+    let Some(sa) = &e.service_account else {
+        return Labels::new();
+    };
+    let mut l = model
+        .service_accounts
+        .get(&(e.namespace.clone(), sa.clone()))
         .cloned()
-        .unwrap_or_default()
+        .unwrap_or_default();
+    l.entry(LABEL_NAME.into()).or_insert_with(|| sa.clone());
+    l
 }
 
 /// Whether a policy applies to an endpoint (either direction): its namespace scope, selector

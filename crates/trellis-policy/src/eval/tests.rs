@@ -425,6 +425,12 @@ fn namespace_scopes() {
             ("198.51.100.9 -> x/a tcp/80", false),
         ],
     );
+    // Namespaces by Calico's name label too.
+    let m = model(&np("x", "p", "  selector: app == 'a'\n  ingress:\n  - {action: Allow, source: {namespaceSelector: projectcalico.org/name == 'y'}}\n"));
+    table(
+        &m,
+        &[("y/d -> x/a tcp/80", true), ("x/b -> x/a tcp/80", false)],
+    );
     // global(): only global network sets.
     let m = model(&np("x", "p", "  selector: app == 'a'\n  ingress:\n  - {action: Allow, source: {namespaceSelector: global(), selector: role == 'world'}}\n"));
     table(
@@ -534,15 +540,18 @@ fn service_accounts() {
             &[("x/a -> y/c tcp/80", a_ok), ("x/b -> y/c tcp/80", false)],
         );
     }
-    // Policy: serviceAccountSelector picks the endpoints it applies to.
-    let m = model(&gnp(
-        "deny",
-        "  serviceAccountSelector: tier == 'backend'\n",
-    ));
-    table(
-        &m,
-        &[("y/c -> x/a tcp/80", false), ("y/c -> x/b tcp/80", true)],
-    );
+    // Policy: serviceAccountSelector picks the endpoints it applies to, by the account's labels
+    // or Calico's name label.
+    for sel in ["tier == 'backend'", "projectcalico.org/name == 'api'"] {
+        let m = model(&gnp(
+            "deny",
+            &format!("  serviceAccountSelector: \"{sel}\"\n"),
+        ));
+        table(
+            &m,
+            &[("y/c -> x/a tcp/80", false), ("y/c -> x/b tcp/80", true)],
+        );
+    }
 }
 
 #[test]
