@@ -41,8 +41,26 @@ pub struct Translation {
 pub struct Skipped {
     /// `Kind/namespace/name`.
     pub object: String,
-    pub reason: String,
+    pub reason: TranslateError,
 }
+
+/// Why an object cannot be part of the model. Stored objects were validated when written, so
+/// only a tier deleted behind the datastore's back or a record written by hand gets here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    #[error("its tier {tier:?} does not exist")]
+    MissingTier { tier: String },
+    #[error("{field} {value:?}: {source}")]
+    Selector {
+        field: &'static str,
+        value: String,
+        source: trellis_resources::SelectorError,
+    },
+    #[error("{reason}")]
+    Net { reason: String },
+}
+
+type Result<T, E = TranslateError> = std::result::Result<T, E>;
 
 /// Builds the model from every stored object that concerns policy (others are ignored).
 pub fn translate(resources: &[Resource]) -> Translation {
@@ -151,10 +169,10 @@ pub fn translate(resources: &[Resource]) -> Translation {
 }
 
 /// Adds a policy whose tier exists (the `default` tier always does).
-fn add(m: &mut Model, p: Result<Policy, String>) -> Result<(), String> {
+fn add(m: &mut Model, p: Result<Policy>) -> Result<()> {
     let p = p?;
     if m.tier(&p.tier).is_none() {
-        return Err(format!("its tier {:?} does not exist", p.tier));
+        return Err(TranslateError::MissingTier { tier: p.tier });
     }
     m.policies.insert(p.id.clone(), p);
     Ok(())
@@ -179,11 +197,15 @@ fn namespace(md: &trellis_resources::Metadata) -> String {
     md.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
-fn parse(field: &str, s: &str) -> Result<Selector, String> {
-    Selector::parse(s).map_err(|e| format!("{field} {s:?}: {e}"))
+fn parse(field: &'static str, s: &str) -> Result<Selector> {
+    Selector::parse(s).map_err(|source| TranslateError::Selector {
+        field,
+        value: s.to_string(),
+        source,
+    })
 }
 
-fn opt_parse(field: &str, s: &Option<String>) -> Result<Option<Selector>, String> {
+fn opt_parse(field: &'static str, s: &Option<String>) -> Result<Option<Selector>> {
     s.as_deref().map(|s| parse(field, s)).transpose()
 }
 
@@ -218,11 +240,15 @@ fn icmp(f: &Option<IcmpFields>) -> Option<IcmpMatch> {
     })
 }
 
-fn nets(list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
-    list.iter().map(|n| parse_net(n)).collect()
+fn net(n: &str) -> Result<ipnet::IpNet> {
+    parse_net(n).map_err(|reason| TranslateError::Net { reason })
 }
 
-fn entity(e: &EntityRule) -> Result<EntityMatch, String> {
+fn nets(list: &[String]) -> Result<Vec<ipnet::IpNet>> {
+    list.iter().map(|n| net(n)).collect()
+}
+
+fn entity(e: &EntityRule) -> Result<EntityMatch> {
     Ok(EntityMatch {
         nets: nets(&e.nets)?,
         not_nets: nets(&e.not_nets)?,
@@ -243,7 +269,7 @@ fn entity(e: &EntityRule) -> Result<EntityMatch, String> {
 }
 
 /// A Calico rule.
-pub fn rule(r: &RuleSpec) -> Result<Rule, String> {
+pub fn rule(r: &RuleSpec) -> Result<Rule> {
     Ok(Rule {
         action: match r.action {
             RuleAction::Allow => Action::Allow,
@@ -261,7 +287,7 @@ pub fn rule(r: &RuleSpec) -> Result<Rule, String> {
     })
 }
 
-fn rules(list: &[RuleSpec]) -> Result<Vec<Rule>, String> {
+fn rules(list: &[RuleSpec]) -> Result<Vec<Rule>> {
     list.iter().map(rule).collect()
 }
 
@@ -277,7 +303,7 @@ fn calico_policy(
     ingress: &[RuleSpec],
     egress: &[RuleSpec],
     scope: NamespaceScope,
-) -> Result<Policy, String> {
+) -> Result<Policy> {
     // Types as stored are defaulted; defaulting again covers objects written without them.
     let types = if types.is_empty() {
         trellis_resources::policy::default_types(ingress, egress)
@@ -308,7 +334,7 @@ fn calico_policy(
     })
 }
 
-fn profile(o: &Object<trellis_resources::ProfileSpec>) -> Result<Profile, String> {
+fn profile(o: &Object<trellis_resources::ProfileSpec>) -> Result<Profile> {
     Ok(Profile {
         name: o.metadata.name.clone(),
         labels_to_apply: o.spec.labels_to_apply.clone(),
@@ -320,7 +346,7 @@ fn profile(o: &Object<trellis_resources::ProfileSpec>) -> Result<Profile, String
 fn network_set(
     namespaced: bool,
     o: &Object<trellis_resources::NetworkSetSpec>,
-) -> Result<NetworkSet, String> {
+) -> Result<NetworkSet> {
     Ok(NetworkSet {
         namespace: namespaced.then(|| namespace(&o.metadata)),
         name: o.metadata.name.clone(),
@@ -416,13 +442,13 @@ fn ports_by_protocol(ports: &[NetworkPolicyPort]) -> Option<BTreeMap<Protocol, V
 }
 
 /// A peer as the far end of a rule (`None`: any).
-fn peer(p: Option<&NetworkPolicyPeer>) -> Result<EntityMatch, String> {
+fn peer(p: Option<&NetworkPolicyPeer>) -> Result<EntityMatch> {
     let Some(p) = p else {
         return Ok(EntityMatch::default());
     };
     if let Some(b) = &p.ip_block {
         return Ok(EntityMatch {
-            nets: vec![parse_net(&b.cidr)?],
+            nets: vec![net(&b.cidr)?],
             not_nets: nets(&b.except)?,
             ..Default::default()
         });
@@ -448,7 +474,7 @@ fn kubernetes_rules(
     peers: &[NetworkPolicyPeer],
     ports: &[NetworkPolicyPort],
     ingress: bool,
-) -> Result<Vec<Rule>, String> {
+) -> Result<Vec<Rule>> {
     let peers: Vec<Option<&NetworkPolicyPeer>> = if peers.is_empty() {
         vec![None]
     } else {
@@ -485,7 +511,7 @@ fn kubernetes_rules(
     Ok(out)
 }
 
-fn kubernetes_policy(o: &Object<KubernetesNetworkPolicySpec>) -> Result<Policy, String> {
+fn kubernetes_policy(o: &Object<KubernetesNetworkPolicySpec>) -> Result<Policy> {
     let ns = namespace(&o.metadata);
     let mut spec: KubernetesNetworkPolicySpec = o.spec.clone();
     spec.apply_defaults();
