@@ -96,14 +96,14 @@ fn kind_arg(s: &str) -> Result<Kind> {
     })
 }
 
-pub async fn run(cli: Cli) -> Result<ExitCode> {
+pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
     if let Command::Agent(a) = cli.command {
-        return agent(&cli.datastore, a).await;
+        return agent(&datastore, a).await;
     }
     if let Command::Lab { command } = cli.command {
         return tokio::task::spawn_blocking(move || crate::lab::run(command)).await?;
     }
-    let store = trellis_store::open(&cli.datastore).await?;
+    let store = trellis_store::open(&datastore).await?;
     let store = &*store;
     match cli.command {
         Command::Apply { file } => write_all(store, &file, false).await,
@@ -112,19 +112,41 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             kind,
             name,
             namespace,
+            all_namespaces,
             output,
         } => {
             let kind = kind_arg(&kind)?;
-            let listing = objects::list_checked(store, kind).await?;
-            let mut items: Vec<Resource> = listing.items.into_iter().map(|s| s.resource).collect();
+            // `networkpolicies` shows Calico's and Kubernetes' NetworkPolicies together.
+            let kinds: &[Kind] = match kind {
+                Kind::NetworkPolicy => &[Kind::NetworkPolicy, Kind::KubernetesNetworkPolicy],
+                _ => std::slice::from_ref(&kind),
+            };
+            let mut items: Vec<Resource> = Vec::new();
+            let mut invalid = Vec::new();
+            for k in kinds {
+                let listing = objects::list_checked(store, *k).await?;
+                items.extend(listing.items.into_iter().map(|s| s.resource));
+                invalid.extend(listing.invalid);
+            }
+            // Namespaced kinds: one namespace (`default` unless -n), or all with -A.
+            let ns = (kind.namespaced() && !all_namespaces)
+                .then(|| namespace.clone().unwrap_or_else(|| "default".into()));
+            if !kind.namespaced() && namespace.is_some() {
+                bail!("{} are not namespaced; leave out -n", kind.plural());
+            }
+            let in_ns = |key: &str| {
+                ns.as_ref()
+                    .is_none_or(|ns| key.split('/').rev().nth(1) == Some(ns.as_str()))
+            };
             // Records that do not decode are shown on stderr, by key, and make the exit code 1:
             // the valid ones are still printed, but the output is not the whole truth.
-            let bad: Vec<_> = listing
-                .invalid
+            let bad: Vec<_> = invalid
                 .iter()
                 .filter(|i| {
-                    name.as_ref()
-                        .is_none_or(|n| i.key.rsplit('/').next() == Some(n.as_str()))
+                    in_ns(&i.key)
+                        && name
+                            .as_ref()
+                            .is_none_or(|n| i.key.rsplit('/').next() == Some(n.as_str()))
                 })
                 .collect();
             for i in &bad {
@@ -133,14 +155,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     i.key, i.revision, i.reason
                 );
             }
-            if let Some(ns) = &namespace {
+            let elsewhere = items.len();
+            if let Some(ns) = &ns {
                 items.retain(|r| r.metadata().namespace.as_deref() == Some(ns.as_str()));
             }
+            let elsewhere = elsewhere - items.len();
             if let Some(n) = &name {
                 items.retain(|r| &r.metadata().name == n);
                 if items.is_empty() && bad.is_empty() {
-                    bail!("{kind} {n} not found");
+                    match &ns {
+                        Some(ns) => bail!("{kind} {n} not found in namespace {ns}"),
+                        None => bail!("{kind} {n} not found"),
+                    }
                 }
+            }
+            if items.is_empty() && name.is_none() && elsewhere > 0 && output == "table" {
+                eprintln!("({elsewhere} in other namespaces; -A shows every namespace)");
             }
             match output.as_str() {
                 "yaml" => print!("{}", trellis_resources::to_yaml(&items)),
@@ -196,10 +226,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             kind,
             name,
             namespace,
+            file,
         } => {
+            if let Some(file) = file {
+                return delete_file(store, &file).await;
+            }
+            let (kind, name) = (
+                kind.expect("clap requires it"),
+                name.expect("clap requires it"),
+            );
             let kind = kind_arg(&kind)?;
+            let namespace = match (kind.namespaced(), namespace) {
+                (true, ns) => Some(ns.unwrap_or_else(|| "default".into())),
+                (false, Some(_)) => bail!("{} are not namespaced; leave out -n", kind.plural()),
+                (false, None) => None,
+            };
+            let kind = network_policy_kind(store, kind, namespace.as_deref(), &name).await?;
             objects::delete(store, kind, namespace.as_deref(), &name).await?;
-            println!("{} {name} deleted", kind.name());
+            println!("{kind} {name} deleted");
             if kind == Kind::Node {
                 // A node's addresses and blocks go with it (what Calico's kube-controllers do) —
                 // each release on condition that the node is still absent when it commits, so a
@@ -226,6 +270,40 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ipam { command } => ipam_cmd(store, command).await,
+        Command::Label {
+            kind,
+            name,
+            labels,
+            namespace,
+            overwrite,
+        } => label(store, &kind, &name, namespace, &labels, overwrite).await,
+        Command::Policy { command } => match command {
+            crate::PolicyCommand::Trace {
+                src,
+                dst,
+                port,
+                protocol,
+                source_port,
+                icmp_type,
+                icmp_code,
+                output,
+            } => {
+                let a = crate::policy::TraceArgs {
+                    src,
+                    dst,
+                    port,
+                    protocol,
+                    source_port,
+                    icmp_type,
+                    icmp_code,
+                    output,
+                };
+                crate::policy::trace_cmd(store, a).await
+            }
+            crate::PolicyCommand::Show { pod, output } => {
+                crate::policy::show_cmd(store, &pod, &output).await
+            }
+        },
         Command::Agent(_) | Command::Lab { .. } => unreachable!(),
     }
 }
@@ -252,7 +330,97 @@ async fn write_all(
             Applied::Updated => "configured",
             Applied::Unchanged => "unchanged",
         };
-        println!("{}/{} {what}", r.kind().name(), r.metadata().name);
+        println!("{}/{} {what}", r.kind(), r.metadata().name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `delete networkpolicy NAME`: Calico's kind, or Kubernetes' when only a Kubernetes
+/// NetworkPolicy has that name (`kubernetesnetworkpolicy` always names Kubernetes').
+async fn network_policy_kind(
+    store: &dyn trellis_store::Datastore,
+    kind: Kind,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Kind> {
+    if kind != Kind::NetworkPolicy
+        || objects::get(store, Kind::NetworkPolicy, namespace, name)
+            .await?
+            .is_some()
+    {
+        return Ok(kind);
+    }
+    let k8s = objects::get(store, Kind::KubernetesNetworkPolicy, namespace, name).await?;
+    Ok(if k8s.is_some() {
+        Kind::KubernetesNetworkPolicy
+    } else {
+        kind
+    })
+}
+
+/// `delete -f`: every object of the file that exists, in one transaction; those that do not
+/// are reported and make the exit code 1 (as kubectl does).
+async fn delete_file(store: &dyn trellis_store::Datastore, file: &str) -> Result<ExitCode> {
+    let text = read_input(file)?;
+    let resources = parse_documents(&text).with_context(|| format!("{file}: nothing deleted"))?;
+    let targets: Vec<objects::Target> = resources.iter().map(objects::Target::of).collect();
+    let existed = objects::delete_all(store, &targets)
+        .await
+        .with_context(|| format!("{file}: nothing deleted"))?;
+    let mut missing = 0;
+    for (t, e) in targets.iter().zip(existed) {
+        let what = match &t.namespace {
+            Some(ns) => format!("{}/{} (namespace {ns})", t.kind, t.name),
+            None => format!("{}/{}", t.kind, t.name),
+        };
+        if e {
+            println!("{what} deleted");
+        } else {
+            missing += 1;
+            eprintln!("{what} not found");
+        }
+    }
+    Ok(if missing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `label pod|namespace NAME k=v k2- [--overwrite]`.
+async fn label(
+    store: &dyn trellis_store::Datastore,
+    kind: &str,
+    name: &str,
+    namespace: Option<String>,
+    args: &[String],
+    overwrite: bool,
+) -> Result<ExitCode> {
+    use trellis_cluster::label::LabelTarget;
+    let changes = args
+        .iter()
+        .map(|a| trellis_resources::labels::LabelChange::parse(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target = if kind.starts_with('p') {
+        LabelTarget::Pod {
+            namespace: namespace.unwrap_or_else(|| "default".into()),
+            pod: name.to_string(),
+        }
+    } else {
+        if namespace.is_some() {
+            bail!("namespaces are not namespaced; leave out -n");
+        }
+        LabelTarget::Namespace(name.to_string())
+    };
+    let out = trellis_cluster::label::label(store, &target, &changes, overwrite).await?;
+    for k in &out.not_found {
+        println!("label {k:?} not found.");
+    }
+    for (object, changed) in &out.objects {
+        println!(
+            "{object} {}",
+            if *changed { "labeled" } else { "not labeled" }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

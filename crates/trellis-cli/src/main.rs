@@ -3,18 +3,27 @@
 
 mod commands;
 mod lab;
+mod policy;
+mod policy_table;
 mod table;
+mod target;
+mod trace;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Container networking for Kubernetes-style clusters: routable pod addresses, no NAT between
 /// pods, policy on who may talk.
 #[derive(Parser, Debug)]
 #[command(name = "trellis", version, about, long_about = None)]
 pub struct Cli {
-    /// The datastore: sqlite:PATH or etcd:http://HOST:PORT[,HOST:PORT].
-    #[arg(long, global = true, env = "TRELLIS_DATASTORE", default_value = trellis_store::DEFAULT_SPEC)]
-    pub datastore: String,
+    /// The datastore: sqlite:PATH or etcd:http://HOST:PORT[,HOST:PORT] (default
+    /// sqlite:/var/lib/trellis/trellis.db).
+    #[arg(long, global = true, env = "TRELLIS_DATASTORE")]
+    pub datastore: Option<String>,
+    /// Use the datastore of this running lab (`trellis lab up`), in place of --datastore; an
+    /// etcd lab's commands run inside its control namespace.
+    #[arg(long, global = true, env = "TRELLIS_LAB")]
+    pub lab: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -32,21 +41,51 @@ pub enum Command {
         file: String,
     },
     /// Show resources of a kind (ippools, nodes, ipamblocks, ipamhandles, blockaffinities,
-    /// ipreservations, ipamconfigurations, workloadendpoints).
+    /// ipreservations, ipamconfigurations, workloadendpoints, networkpolicies (Calico's and
+    /// Kubernetes'), globalnetworkpolicies, tiers, networksets, globalnetworksets, profiles,
+    /// namespaces, serviceaccounts, ...). Namespaced kinds: namespace `default` unless -n or -A.
     Get {
         kind: String,
         name: Option<String>,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "yaml", "json"])]
         output: String,
     },
-    /// Delete one resource.
+    /// Delete one resource (KIND NAME), or every resource of a file (-f) in one transaction.
     Delete {
-        kind: String,
-        name: String,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        kind: Option<String>,
+        #[arg(required_unless_present = "file")]
+        name: Option<String>,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        #[arg(short = 'f', long = "filename")]
+        file: Option<String>,
+    },
+    /// Set (k=v) or remove (k-) labels of a pod's endpoints or of a namespace, like kubectl.
+    Label {
+        /// `pod` or `namespace`.
+        #[arg(value_parser = ["pod", "pods", "po", "namespace", "namespaces", "ns"])]
+        kind: String,
+        name: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(required = true)]
+        labels: Vec<String>,
+        /// The pod's namespace (default `default`).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Allow changing a label that already has another value.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Network policy: why a connection is allowed or denied, and which policies apply.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// IP address management.
     Ipam {
@@ -97,6 +136,38 @@ pub enum LabCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Evaluate a connection against the policy model: egress from SRC, then ingress to DST,
+    /// each tier, policy and rule considered, and the verdict. SRC/DST: NS/POD, a pod's
+    /// address, a node's address or any address. Exit 0 when allowed, 1 when denied.
+    Trace {
+        src: String,
+        dst: String,
+        /// Destination port (TCP, UDP, SCTP).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp", "icmp", "icmpv6"])]
+        protocol: String,
+        /// The source port, for rules that match source ports (unknown otherwise).
+        #[arg(long)]
+        source_port: Option<u16>,
+        /// ICMP type (default 8, echo request) and code.
+        #[arg(long)]
+        icmp_type: Option<u8>,
+        #[arg(long)]
+        icmp_code: Option<u8>,
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
+    /// The policies that apply to a pod (NS/POD), per direction, in evaluation order.
+    Show {
+        pod: String,
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum BgpCommand {
     /// Peers of every node (or one) with address, AS, type, state, uptime and prefix counts,
     /// like `calicoctl node status`. Exits 1 when a configured session is not Established.
@@ -133,7 +204,11 @@ fn main() -> std::process::ExitCode {
     // Like other Unix tools: `trellis get ... | head` ends quietly instead of panicking.
     // SAFETY: resetting a signal disposition at start-up, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -144,11 +219,20 @@ fn main() -> std::process::ExitCode {
     if matches!(cli.command, Command::Agent(_)) {
         trellis_agent::limit_malloc_arenas();
     }
+    // Which datastore; for an etcd lab, the command runs again inside its control namespace.
+    let datastore = match target::resolve(&cli, &matches) {
+        Ok(target::Resolved::Datastore(d)) => d,
+        Ok(target::Resolved::Reexec(code)) => return code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(commands::run(cli)) {
+    match rt.block_on(commands::run(cli, datastore)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

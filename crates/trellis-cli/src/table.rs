@@ -58,6 +58,12 @@ fn opt<T: ToString>(o: &Option<T>) -> String {
 
 /// `get KIND` as a table.
 pub fn resources(kind: Kind, items: &[Resource]) -> String {
+    if let Some((header, rows)) = crate::policy_table::rows(kind, items) {
+        if rows.is_empty() {
+            return format!("No {} found.\n", kind.plural());
+        }
+        return render(&header, &rows);
+    }
     if items.is_empty() {
         return format!("No {} found.\n", kind.plural());
     }
@@ -216,7 +222,15 @@ pub fn resources(kind: Kind, items: &[Resource]) -> String {
                 .collect(),
         ),
         Kind::WorkloadEndpoint => (
-            vec!["NAMESPACE", "NAME", "NODE", "POD", "INTERFACE", "NETWORKS"],
+            vec![
+                "NAMESPACE",
+                "NAME",
+                "NODE",
+                "POD",
+                "INTERFACE",
+                "NETWORKS",
+                "LABELS",
+            ],
             items
                 .iter()
                 .filter_map(|r| {
@@ -233,6 +247,7 @@ pub fn resources(kind: Kind, items: &[Resource]) -> String {
                                 .map(|n| n.to_string())
                                 .collect::<Vec<_>>()
                                 .join(","),
+                            crate::policy_table::label_column(&w.metadata.labels),
                         ])
                     } else {
                         None
@@ -323,6 +338,14 @@ pub fn resources(kind: Kind, items: &[Resource]) -> String {
                     ]),
                     _ => None,
                 })
+                .collect(),
+        ),
+        // The policy kinds are rendered by `policy_table` above.
+        _ => (
+            vec!["NAME"],
+            items
+                .iter()
+                .map(|r| vec![r.metadata().name.clone()])
                 .collect(),
         ),
     };

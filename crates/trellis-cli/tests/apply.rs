@@ -125,6 +125,10 @@ fn pool(name: &str, cidr: &str, extra: &str) -> String {
     format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  cidr: {cidr}\n{extra}---\n")
 }
 
+fn calico_np(name: &str, spec: &str) -> String {
+    format!("apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n{spec}")
+}
+
 fn node(name: &str) -> String {
     format!("apiVersion: trellis.dev/v1\nkind: Node\nmetadata:\n  name: {name}\nspec: {{}}\n---\n")
 }
@@ -172,6 +176,13 @@ fn hostile_files() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("apply", selector(&format!("{}all(){}", "(".repeat(4000), ")".repeat(4000))), vec!["document 1", "spec.nodeSelector", "at most 1024"]),
         ("apply", selector(&format!("{}all()", "!".repeat(40_000))), vec!["document 1", "spec.nodeSelector", "at most 1024"]),
         ("apply", selector(&format!("{}all(){}", "(".repeat(100), ")".repeat(100))), vec!["spec.nodeSelector", "deeper than 64 at offset 64"]),
+        // Issue 10: policy documents refused with the field (and a selector's position).
+        ("apply", three(calico_np("p", "  selector: app == 'a' &&\n")), vec!["document 3 (NetworkPolicy/p)", "spec.selector", "offset 13"]),
+        ("apply", three("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: g}\nspec:\n  ingres: []\n".into()), vec!["document 3 (GlobalNetworkPolicy/g)", "unknown field `ingres`"]),
+        ("apply", three(calico_np("p", "  ingress:\n  - action: Allow\n    protocol: ICMP\n    icmp: {type: 8}\n    destination: {ports: [80]}\n")), vec!["document 3 (NetworkPolicy/p)", "spec.ingress[0].icmp", "both ports and ICMP"]),
+        ("apply", three(calico_np("p", "  tier: security\n")), vec!["document 3 (NetworkPolicy/p)", "spec.tier", "\"security\" does not exist"]),
+        ("apply", three("apiVersion: projectcalico.org/v3\nkind: NetworkSet\nmetadata: {name: s, namespace: x}\nspec: {nets: [10.0.0.0/8, 10.300.0.0/16]}\n".into()), vec!["document 3 (NetworkSet/s)", "spec.nets[1]", "not a CIDR"]),
+        ("apply", three("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: k, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]\n".into()), vec!["document 3 (NetworkPolicy.networking.k8s.io/k)", "spec.ingress[0].from[0].ipBlock.except[0]", "strict subset"]),
         // Issue 15.8: YAML bombs.
         ("apply", alias_bomb, vec!["document 1", "aliases expanded"]),
         ("apply", format!("{}{}", node("n3"), "[".repeat(100_000)), vec!["document 2", "nested deeper than 64"]),
@@ -184,6 +195,11 @@ fn refused_files_change_nothing(etcd: bool) {
     let s = Store::new(etcd);
     let out = s.apply_ok(&format!("{}{}", pool("p", "10.80.0.0/16", ""), node("n1")));
     assert_eq!(out, "IPPool/p created\nNode/n1 created\n");
+    // Policy objects too, so a refused policy file is seen not to touch them.
+    s.apply_ok(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: other}}\n---\n{}",
+        calico_np("q", "  tier: other\n  ingress: [{action: Deny}]\n")
+    ));
     let before = s.snapshot();
     for (i, (verb, text, wants)) in hostile_files().into_iter().enumerate() {
         let f = s.file(&format!("bad{i}.yaml"), &text);

@@ -2,6 +2,8 @@
 //!
 //! - [`objects`]: typed reads and compare-and-swap writes of resources, with stored content
 //!   validated on the way in (a bad record is reported by key, never trusted; listings skip it).
+//! - [`label`]: `trellis label` — kubectl-style label edits of a pod's endpoints or a
+//!   namespace, one guarded transaction.
 //! - [`invalid`]: which stored records are currently undecodable (logged once, counted).
 //! - [`ipam`]: cluster IPAM — claiming blocks, allocating and releasing addresses — as retrying
 //!   compare-and-swap transactions around the pure allocator in [`trellis_ipam::cluster`];
@@ -16,6 +18,7 @@
 pub mod gc;
 pub mod invalid;
 pub mod ipam;
+pub mod label;
 pub mod objects;
 pub mod release;
 pub mod report;

@@ -241,6 +241,9 @@ pub struct Observed {
     pub current: Vec<Option<KeyValue>>,
     /// Every stored pool, when the input holds a pool.
     pub pools: Option<trellis_store::Listing>,
+    /// The stored Tier of each tier the input's policies name (other than `default` and the
+    /// tiers the input writes itself).
+    pub tiers: std::collections::BTreeMap<String, Option<KeyValue>>,
 }
 
 async fn observe(store: &dyn Datastore, resources: &[Resource]) -> Result<Observed> {
@@ -253,7 +256,41 @@ async fn observe(store: &dyn Datastore, resources: &[Resource]) -> Result<Observ
     } else {
         None
     };
-    Ok(Observed { current, pools })
+    let mut tiers = std::collections::BTreeMap::new();
+    for t in tiers_needed(resources) {
+        let kv = store.get(&key_for(Kind::Tier, None, &t)).await?;
+        tiers.insert(t, kv);
+    }
+    Ok(Observed {
+        current,
+        pools,
+        tiers,
+    })
+}
+
+/// The tier a Calico policy belongs to (`None` for other kinds).
+fn policy_tier(r: &Resource) -> Option<&str> {
+    match r {
+        Resource::NetworkPolicy(p) => Some(p.spec.tier_name()),
+        Resource::GlobalNetworkPolicy(p) => Some(p.spec.tier_name()),
+        _ => None,
+    }
+}
+
+/// Tiers the input's policies name that must already be stored: not `default` (implicit) and
+/// not written by the input itself.
+fn tiers_needed(resources: &[Resource]) -> std::collections::BTreeSet<String> {
+    let written: std::collections::BTreeSet<&str> = resources
+        .iter()
+        .filter(|r| r.kind() == Kind::Tier)
+        .map(|r| r.metadata().name.as_str())
+        .collect();
+    resources
+        .iter()
+        .filter_map(policy_tier)
+        .filter(|t| *t != trellis_resources::policy::DEFAULT_TIER && !written.contains(t))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The decided write: outcomes in input order, and the transaction.
@@ -278,6 +315,7 @@ pub fn plan_all(resources: &[Resource], observed: &Observed, create_only: bool) 
     // Indexed, so that a file of many pools is checked in O(n log n), not O(n²).
     let stored_index = PoolIndex::new(&stored_pools);
     let mut earlier_pools = PoolIndex::default();
+    let needed_tiers = tiers_needed(resources);
     for (i, r) in resources.iter().enumerate() {
         let doc = i + 1;
         let key = r.key();
@@ -315,6 +353,24 @@ pub fn plan_all(resources: &[Resource], observed: &Observed, create_only: bool) 
                 ClusterError::Invalid(e)
             })?;
             earlier_pools.insert(p);
+        }
+        if let Some(tier) = policy_tier(r).filter(|t| needed_tiers.contains(*t)) {
+            // Calico refuses a policy in a tier that does not exist; the tier must stay until
+            // the write commits.
+            let stored = observed.tiers.get(tier).and_then(Option::as_ref);
+            let Some(kv) = stored else {
+                return Err(at(
+                    "spec.tier",
+                    format!(
+                        "tier {tier:?} does not exist; create the Tier first (or in the same file)"
+                    ),
+                ));
+            };
+            decode(kv)?;
+            let pre = Precondition::ModRevision(kv.key.clone(), kv.mod_revision);
+            if !plan.preconditions.contains(&pre) {
+                plan.preconditions.push(pre);
+            }
         }
         let bytes = encode(r);
         let (pre, applied) = match &current {
@@ -429,26 +485,158 @@ pub async fn delete(
             reason: managed_reason(kind),
         }));
     }
-    let key = key_for(kind, namespace, name);
-    let Some(kv) = store.get(&key).await? else {
-        return Err(ClusterError::NotFound {
+    let target = Target {
+        kind,
+        namespace: namespace.map(str::to_string),
+        name: name.to_string(),
+    };
+    match delete_all(store, std::slice::from_ref(&target)).await?[0] {
+        true => Ok(()),
+        false => Err(ClusterError::NotFound {
             kind: kind.to_string(),
             name: name.to_string(),
-        });
-    };
-    match store
-        .txn(
-            vec![Precondition::ModRevision(key.clone(), kv.mod_revision)],
-            vec![TxnOp::Delete(key)],
-        )
-        .await?
-    {
-        TxnOutcome::Committed { .. } => Ok(()),
-        TxnOutcome::Conflict => Err(ClusterError::Contention {
-            what: format!("{kind} {name}"),
-            attempts: 1,
         }),
     }
+}
+
+/// An object to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub kind: Kind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl Target {
+    pub fn of(r: &Resource) -> Target {
+        Target {
+            kind: r.kind(),
+            namespace: r.metadata().namespace.clone(),
+            name: r.metadata().name.clone(),
+        }
+    }
+
+    pub fn key(&self) -> String {
+        key_for(self.kind, self.namespace.as_deref(), &self.name)
+    }
+}
+
+/// What [`delete_all`] reads before deciding.
+#[derive(Debug, Clone, Default)]
+pub struct DeleteObserved {
+    /// The stored value at each target's key, in input order.
+    pub current: Vec<Option<KeyValue>>,
+    /// Every stored Calico policy, namespaced and global (in [`TIER_USERS`] order), when a
+    /// Tier is deleted.
+    pub policies: Vec<trellis_store::Listing>,
+}
+
+/// The kinds whose objects name a tier.
+pub const TIER_USERS: [Kind; 2] = [Kind::NetworkPolicy, Kind::GlobalNetworkPolicy];
+
+/// Deletes every target that exists, in one transaction; returns, in input order, whether
+/// each existed. A Tier that a policy not deleted with it still names is refused (as Calico
+/// does), on condition that no policy appears or changes before the commit. Retries on
+/// concurrent writers.
+pub async fn delete_all(store: &dyn Datastore, targets: &[Target]) -> Result<Vec<bool>> {
+    if let Some(t) = targets.iter().find(|t| ipam_managed(t.kind)) {
+        return Err(ClusterError::Invalid(ResourceError {
+            doc: None,
+            object: Some(format!("{}/{}", t.kind, t.name)),
+            field: "kind".into(),
+            reason: managed_reason(t.kind),
+        }));
+    }
+    for _ in 0..APPLY_ATTEMPTS {
+        let mut observed = DeleteObserved::default();
+        for t in targets {
+            observed.current.push(store.get(&t.key()).await?);
+        }
+        if targets.iter().any(|t| t.kind == Kind::Tier) {
+            for k in TIER_USERS {
+                observed.policies.push(store.list(&k.prefix()).await?);
+            }
+        }
+        let (pre, ops, existed) = plan_delete(targets, &observed)?;
+        if ops.is_empty() {
+            return Ok(existed);
+        }
+        if let TxnOutcome::Committed { .. } = store.txn(pre, ops).await? {
+            return Ok(existed);
+        }
+    }
+    Err(ClusterError::Contention {
+        what: match targets {
+            [one] => one.key(),
+            _ => format!("{} objects", targets.len()),
+        },
+        attempts: APPLY_ATTEMPTS,
+    })
+}
+
+/// Decides [`delete_all`]'s transaction from what was read (pure).
+pub fn plan_delete(
+    targets: &[Target],
+    observed: &DeleteObserved,
+) -> Result<(Vec<Precondition>, Vec<TxnOp>, Vec<bool>)> {
+    let mut pre = Vec::new();
+    let mut ops = Vec::new();
+    let mut existed = Vec::with_capacity(targets.len());
+    let deleted: std::collections::HashSet<String> = targets.iter().map(Target::key).collect();
+    for (i, t) in targets.iter().enumerate() {
+        let Some(kv) = observed.current.get(i).cloned().flatten() else {
+            existed.push(false);
+            continue;
+        };
+        if t.kind == Kind::Tier {
+            if let Some(user) = tier_user(&t.name, &observed.policies, &deleted) {
+                return Err(ClusterError::Invalid(ResourceError {
+                    doc: None,
+                    object: Some(format!("Tier/{}", t.name)),
+                    field: "metadata.name".into(),
+                    reason: format!("is still used by {user}; delete its policies first"),
+                }));
+            }
+        }
+        let p = Precondition::ModRevision(kv.key.clone(), kv.mod_revision);
+        if !pre.contains(&p) {
+            pre.push(p);
+            ops.push(TxnOp::Delete(kv.key));
+        }
+        existed.push(true);
+    }
+    if !ops.is_empty() {
+        // The "no policy uses this tier" decision read these listings.
+        for (k, l) in TIER_USERS.iter().zip(&observed.policies) {
+            pre.push(Precondition::NoneNewer {
+                prefix: k.prefix(),
+                revision: l.revision,
+            });
+        }
+    }
+    Ok((pre, ops, existed))
+}
+
+/// The first stored policy (not being deleted) in `tier`; policies that do not decode are
+/// skipped (they are reported wherever they are read).
+fn tier_user(
+    tier: &str,
+    listings: &[trellis_store::Listing],
+    deleted: &std::collections::HashSet<String>,
+) -> Option<String> {
+    listings
+        .iter()
+        .flat_map(|l| &l.items)
+        .filter(|kv| !deleted.contains(&kv.key))
+        .filter_map(|kv| decode(kv).ok())
+        .find(|s| policy_tier(&s.resource) == Some(tier))
+        .map(|s| {
+            let r = &s.resource;
+            match &r.metadata().namespace {
+                Some(ns) => format!("{} {ns}/{}", r.kind(), r.metadata().name),
+                None => format!("{} {}", r.kind(), r.metadata().name),
+            }
+        })
 }
 
 /// Read-modify-write with compare-and-swap on the revision that was read: `f` gets the current

@@ -436,6 +436,7 @@ fn many_pools_are_checked_without_comparing_every_pair() {
         let observed = objects::Observed {
             current: vec![None; input.len()],
             pools: Some(listing),
+            tiers: Default::default(),
         };
         let plan = objects::plan_all(&input, &observed, false).map(|p| p.puts.len());
         // And one overlap at the very end is still found, naming its document.

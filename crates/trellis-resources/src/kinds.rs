@@ -258,6 +258,26 @@ pub struct WorkloadEndpointSpec {
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub profiles: Vec<String>,
+    /// The pod's service account (policy's `serviceAccountSelector` and `serviceAccounts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// The pod's named ports, which rules' named ports resolve against.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EndpointPort>,
+}
+
+/// A named port a workload declares (Calico's WorkloadEndpoint `ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: crate::policy::RuleProtocol,
+    pub port: u16,
+    /// Kept for Calico compatibility; Trellis does not map host ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default, rename = "hostIP", skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
 }
 
 /// A CIDR entry of BGPConfiguration's service lists.

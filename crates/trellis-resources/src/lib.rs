@@ -3,7 +3,11 @@
 //! canonical JSON under stable datastore keys. Pure: no I/O.
 
 pub mod addr;
+pub mod k8s;
 pub mod kinds;
+pub mod labels;
+pub mod policy;
+pub mod policy_validate;
 pub mod selector;
 pub mod validate;
 pub mod yaml;
@@ -13,7 +17,14 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub use k8s::{
+    KubernetesNetworkPolicySpec, LabelSelector, NamespaceSpec, ServiceAccountSpec,
+    CORE_API_VERSION, NETWORKING_API_VERSION,
+};
 pub use kinds::*;
+pub use policy::{
+    GlobalNetworkPolicySpec, NetworkPolicySpec, NetworkSetSpec, ProfileSpec, RuleSpec, TierSpec,
+};
 pub use selector::{Selector, SelectorError};
 
 /// Trellis's API version.
@@ -22,6 +33,10 @@ pub const API_VERSION: &str = "trellis.dev/v1";
 pub const CALICO_API_VERSION: &str = "projectcalico.org/v3";
 /// Root of every key Trellis stores.
 pub const KEY_ROOT: &str = "/trellis/v1";
+/// The label Calico gives every namespaced endpoint and network set: its namespace.
+pub const LABEL_NAMESPACE: &str = "projectcalico.org/namespace";
+/// The label Kubernetes gives every namespace: its own name.
+pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
 
 /// The kinds Trellis knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,10 +53,23 @@ pub enum Kind {
     BgpPeer,
     BgpFilter,
     BgpStatus,
+    /// `networking.k8s.io/v1` NetworkPolicy.
+    KubernetesNetworkPolicy,
+    /// Calico's (and Trellis's) namespaced NetworkPolicy.
+    NetworkPolicy,
+    GlobalNetworkPolicy,
+    Tier,
+    NetworkSet,
+    GlobalNetworkSet,
+    Profile,
+    /// `v1` Namespace.
+    Namespace,
+    /// `v1` ServiceAccount.
+    ServiceAccount,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 21] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -54,6 +82,15 @@ impl Kind {
         Kind::BgpPeer,
         Kind::BgpFilter,
         Kind::BgpStatus,
+        Kind::KubernetesNetworkPolicy,
+        Kind::NetworkPolicy,
+        Kind::GlobalNetworkPolicy,
+        Kind::Tier,
+        Kind::NetworkSet,
+        Kind::GlobalNetworkSet,
+        Kind::Profile,
+        Kind::Namespace,
+        Kind::ServiceAccount,
     ];
 
     /// The `kind:` field.
@@ -71,7 +108,71 @@ impl Kind {
             Kind::BgpPeer => "BGPPeer",
             Kind::BgpFilter => "BGPFilter",
             Kind::BgpStatus => "BGPStatus",
+            Kind::KubernetesNetworkPolicy | Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            Kind::Tier => "Tier",
+            Kind::NetworkSet => "NetworkSet",
+            Kind::GlobalNetworkSet => "GlobalNetworkSet",
+            Kind::Profile => "Profile",
+            Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
         }
+    }
+
+    /// The `apiVersion` objects of this kind are stored and printed with.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::KubernetesNetworkPolicy => NETWORKING_API_VERSION,
+            Kind::Namespace | Kind::ServiceAccount => CORE_API_VERSION,
+            _ => API_VERSION,
+        }
+    }
+
+    /// Whether this kind is one of Kubernetes' own (stored as Kubernetes writes them).
+    pub fn is_kubernetes(self) -> bool {
+        matches!(
+            self,
+            Kind::KubernetesNetworkPolicy | Kind::Namespace | Kind::ServiceAccount
+        )
+    }
+
+    /// The kind a document's `apiVersion` and `kind` name, if Trellis knows it.
+    pub fn from_api(api_version: &str, kind: &str) -> Result<Kind, ResourceError> {
+        let candidates: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.name() == kind).collect();
+        if candidates.is_empty() {
+            return Err(ResourceError::field(
+                "kind",
+                format!("unknown kind {kind:?}"),
+            ));
+        }
+        let accepts = |k: Kind| match k {
+            k if k.is_kubernetes() => api_version == k.api_version(),
+            k => {
+                api_version == API_VERSION
+                    || (api_version == CALICO_API_VERSION && k.in_calico_v3())
+            }
+        };
+        if let Some(k) = candidates.iter().copied().find(|k| accepts(*k)) {
+            return Ok(k);
+        }
+        let mut versions: Vec<&str> = Vec::new();
+        for k in &candidates {
+            if k.is_kubernetes() {
+                versions.push(k.api_version());
+            } else {
+                versions.push(API_VERSION);
+                if k.in_calico_v3() {
+                    versions.push(CALICO_API_VERSION);
+                }
+            }
+        }
+        Err(ResourceError::field(
+            "apiVersion",
+            format!(
+                "{api_version:?} is not supported for {kind} (use {})",
+                versions.join(" or ")
+            ),
+        ))
     }
 
     /// Lower-case plural: the key segment and the CLI's name for the kind.
@@ -89,11 +190,27 @@ impl Kind {
             Kind::BgpPeer => "bgppeers",
             Kind::BgpFilter => "bgpfilters",
             Kind::BgpStatus => "bgpstatuses",
+            Kind::KubernetesNetworkPolicy => "kubernetesnetworkpolicies",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::GlobalNetworkPolicy => "globalnetworkpolicies",
+            Kind::Tier => "tiers",
+            Kind::NetworkSet => "networksets",
+            Kind::GlobalNetworkSet => "globalnetworksets",
+            Kind::Profile => "profiles",
+            Kind::Namespace => "namespaces",
+            Kind::ServiceAccount => "serviceaccounts",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        self == Kind::WorkloadEndpoint
+        matches!(
+            self,
+            Kind::WorkloadEndpoint
+                | Kind::KubernetesNetworkPolicy
+                | Kind::NetworkPolicy
+                | Kind::NetworkSet
+                | Kind::ServiceAccount
+        )
     }
 
     /// Whether Calico's `projectcalico.org/v3` has this kind.
@@ -108,18 +225,37 @@ impl Kind {
                 | Kind::BgpConfiguration
                 | Kind::BgpPeer
                 | Kind::BgpFilter
+                | Kind::NetworkPolicy
+                | Kind::GlobalNetworkPolicy
+                | Kind::Tier
+                | Kind::NetworkSet
+                | Kind::GlobalNetworkSet
+                | Kind::Profile
         )
     }
 
     /// Parses a kind from its name, plural or singular lower-case form (`ippool`, `ippools`, `IPPool`).
     pub fn parse(s: &str) -> Option<Kind> {
         let l = s.to_ascii_lowercase();
+        let aliases = [
+            ("blockaffinity", Kind::BlockAffinity),
+            ("bgpstatus", Kind::BgpStatus),
+            ("globalnetworkpolicy", Kind::GlobalNetworkPolicy),
+            ("gnp", Kind::GlobalNetworkPolicy),
+            ("knp", Kind::KubernetesNetworkPolicy),
+            ("kubernetesnetworkpolicy", Kind::KubernetesNetworkPolicy),
+            ("ns", Kind::Namespace),
+            ("sa", Kind::ServiceAccount),
+            ("wep", Kind::WorkloadEndpoint),
+        ];
+        if let Some((_, k)) = aliases.iter().find(|(a, _)| *a == l) {
+            return Some(*k);
+        }
         Kind::ALL.into_iter().find(|k| {
-            k.name().to_ascii_lowercase() == l
+            // `NetworkPolicy` names Calico's kind here; Kubernetes' is `kubernetesnetworkpolicies`.
+            (k.name().to_ascii_lowercase() == l && *k != Kind::KubernetesNetworkPolicy)
                 || k.plural() == l
                 || k.plural().trim_end_matches('s') == l
-                || (l == "blockaffinity" && *k == Kind::BlockAffinity)
-                || (l == "bgpstatus" && *k == Kind::BgpStatus)
         })
     }
 
@@ -131,7 +267,11 @@ impl Kind {
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            // As kubectl names it, apart from Calico's NetworkPolicy.
+            Kind::KubernetesNetworkPolicy => f.write_str("NetworkPolicy.networking.k8s.io"),
+            k => f.write_str(k.name()),
+        }
     }
 }
 
@@ -160,6 +300,15 @@ pub enum Resource {
     BgpPeer(Object<BgpPeerSpec>),
     BgpFilter(Object<BgpFilterSpec>),
     BgpStatus(Object<BgpStatusSpec>),
+    KubernetesNetworkPolicy(Object<KubernetesNetworkPolicySpec>),
+    NetworkPolicy(Object<NetworkPolicySpec>),
+    GlobalNetworkPolicy(Object<GlobalNetworkPolicySpec>),
+    Tier(Object<TierSpec>),
+    NetworkSet(Object<NetworkSetSpec>),
+    GlobalNetworkSet(Object<NetworkSetSpec>),
+    Profile(Object<ProfileSpec>),
+    Namespace(Object<NamespaceSpec>),
+    ServiceAccount(Object<ServiceAccountSpec>),
 }
 
 /// A document that is not a valid resource: which one, and which field is wrong.
@@ -222,6 +371,15 @@ macro_rules! each {
             Resource::BgpPeer($o) => $e,
             Resource::BgpFilter($o) => $e,
             Resource::BgpStatus($o) => $e,
+            Resource::KubernetesNetworkPolicy($o) => $e,
+            Resource::NetworkPolicy($o) => $e,
+            Resource::GlobalNetworkPolicy($o) => $e,
+            Resource::Tier($o) => $e,
+            Resource::NetworkSet($o) => $e,
+            Resource::GlobalNetworkSet($o) => $e,
+            Resource::Profile($o) => $e,
+            Resource::Namespace($o) => $e,
+            Resource::ServiceAccount($o) => $e,
         }
     };
 }
@@ -241,6 +399,15 @@ impl Resource {
             Resource::BgpPeer(_) => Kind::BgpPeer,
             Resource::BgpFilter(_) => Kind::BgpFilter,
             Resource::BgpStatus(_) => Kind::BgpStatus,
+            Resource::KubernetesNetworkPolicy(_) => Kind::KubernetesNetworkPolicy,
+            Resource::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Resource::GlobalNetworkPolicy(_) => Kind::GlobalNetworkPolicy,
+            Resource::Tier(_) => Kind::Tier,
+            Resource::NetworkSet(_) => Kind::NetworkSet,
+            Resource::GlobalNetworkSet(_) => Kind::GlobalNetworkSet,
+            Resource::Profile(_) => Kind::Profile,
+            Resource::Namespace(_) => Kind::Namespace,
+            Resource::ServiceAccount(_) => Kind::ServiceAccount,
         }
     }
 
@@ -261,10 +428,11 @@ impl Resource {
         )
     }
 
-    /// The canonical document (`trellis.dev/v1`), as stored and as `get -o json|yaml` prints.
+    /// The canonical document (`trellis.dev/v1`, or Kubernetes' own version for its kinds), as
+    /// stored and as `get -o json|yaml` prints.
     pub fn to_value(&self) -> Value {
         let body = each!(self, o => serde_json::to_value(o).expect("resources serialise"));
-        let mut v = json!({"apiVersion": API_VERSION, "kind": self.kind().name()});
+        let mut v = json!({"apiVersion": self.kind().api_version(), "kind": self.kind().name()});
         for (k, val) in body.as_object().expect("object").clone() {
             v[k] = val;
         }
@@ -288,42 +456,81 @@ impl Resource {
             .get("kind")
             .and_then(Value::as_str)
             .ok_or_else(|| ResourceError::field("kind", "is required"))?;
-        let kind = Kind::ALL
-            .into_iter()
-            .find(|k| k.name() == kind_name)
-            .ok_or_else(|| ResourceError::field("kind", format!("unknown kind {kind_name:?}")))?;
         let api = obj
             .get("apiVersion")
             .and_then(Value::as_str)
             .ok_or_else(|| ResourceError::field("apiVersion", "is required"))?;
-        if !(api == API_VERSION || (api == CALICO_API_VERSION && kind.in_calico_v3())) {
-            return Err(ResourceError::field(
-                "apiVersion",
-                format!(
-                    "{api:?} is not supported for {kind_name} (use {API_VERSION}{})",
-                    if kind.in_calico_v3() {
-                        format!(" or {CALICO_API_VERSION}")
-                    } else {
-                        String::new()
-                    }
-                ),
-            ));
-        }
+        let kind = Kind::from_api(api, kind_name)?;
         let mut body = v.clone();
         let b = body.as_object_mut().expect("object");
         b.remove("apiVersion");
         b.remove("kind");
+        normalise_body(kind, b);
         let object = b
             .get("metadata")
             .and_then(|m| m.get("name"))
             .and_then(Value::as_str)
             .map(|n| format!("{kind_name}/{n}"));
-        let r = parse_body(kind, &body).map_err(|mut e| {
+        let mut r = parse_body(kind, &body).map_err(|mut e| {
             e.object = object.clone();
             e
         })?;
+        r.apply_defaults();
         r.validate()?;
         Ok(r)
+    }
+
+    /// What the API servers fill in (Kubernetes' and Calico's): a namespaced policy kind's
+    /// namespace (`default`), policy types, port protocols, tiers, a Namespace's
+    /// `kubernetes.io/metadata.name` label. Idempotent, so stored objects read back unchanged.
+    fn apply_defaults(&mut self) {
+        let kind = self.kind();
+        let meta = self.metadata_mut();
+        if kind.namespaced() && kind != Kind::WorkloadEndpoint && meta.namespace.is_none() {
+            meta.namespace = Some("default".into());
+        }
+        match self {
+            Resource::KubernetesNetworkPolicy(o) => o.spec.apply_defaults(),
+            Resource::NetworkPolicy(o) => o.spec.apply_defaults(),
+            Resource::GlobalNetworkPolicy(o) => o.spec.apply_defaults(),
+            Resource::Tier(o) => o.spec.apply_defaults(&o.metadata.name),
+            Resource::Namespace(o) => {
+                let name = o.metadata.name.clone();
+                o.metadata.labels.insert(LABEL_NAMESPACE_NAME.into(), name);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Documents as users write them: a kind whose spec is all optional (Tier, NetworkSet,
+/// GlobalNetworkSet, Profile, Namespace, ServiceAccount) may leave `spec` out. For Kubernetes'
+/// kinds, `status` is the server's and is dropped, as the API server does on create, and a
+/// ServiceAccount's token fields (meaningless to networking) are dropped too.
+fn normalise_body(kind: Kind, b: &mut serde_json::Map<String, Value>) {
+    if kind.is_kubernetes() {
+        b.remove("status");
+    }
+    if kind == Kind::ServiceAccount {
+        for k in [
+            "secrets",
+            "imagePullSecrets",
+            "automountServiceAccountToken",
+        ] {
+            b.remove(k);
+        }
+    }
+    let optional_spec = matches!(
+        kind,
+        Kind::Tier
+            | Kind::NetworkSet
+            | Kind::GlobalNetworkSet
+            | Kind::Profile
+            | Kind::Namespace
+            | Kind::ServiceAccount
+    );
+    if optional_spec && matches!(b.get("spec"), None | Some(Value::Null)) {
+        b.insert("spec".into(), json!({}));
     }
 }
 
@@ -357,6 +564,15 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::BgpPeer => Resource::BgpPeer(typed(body)?),
         Kind::BgpFilter => Resource::BgpFilter(typed(body)?),
         Kind::BgpStatus => Resource::BgpStatus(typed(body)?),
+        Kind::KubernetesNetworkPolicy => Resource::KubernetesNetworkPolicy(typed(body)?),
+        Kind::NetworkPolicy => Resource::NetworkPolicy(typed(body)?),
+        Kind::GlobalNetworkPolicy => Resource::GlobalNetworkPolicy(typed(body)?),
+        Kind::Tier => Resource::Tier(typed(body)?),
+        Kind::NetworkSet => Resource::NetworkSet(typed(body)?),
+        Kind::GlobalNetworkSet => Resource::GlobalNetworkSet(typed(body)?),
+        Kind::Profile => Resource::Profile(typed(body)?),
+        Kind::Namespace => Resource::Namespace(typed(body)?),
+        Kind::ServiceAccount => Resource::ServiceAccount(typed(body)?),
     })
 }
 

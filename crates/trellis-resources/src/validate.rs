@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::kinds::*;
+use crate::policy_validate as pv;
 use crate::selector::Selector;
 use crate::{Object, Resource, ResourceError};
 
@@ -162,12 +163,22 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
                     ))
                 }
             }
-            name(&o.spec.node, false).map_err(|e| err("spec.node", e.reason))
+            name(&o.spec.node, false).map_err(|e| err("spec.node", e.reason))?;
+            crate::policy_validate::endpoint_policy_fields(o)
         }
         Resource::BgpConfiguration(o) => bgp_configuration(o),
         Resource::BgpPeer(o) => bgp_peer(o),
         Resource::BgpFilter(o) => bgp_filter(o),
         Resource::BgpStatus(o) => name(&o.metadata.name, false),
+        Resource::KubernetesNetworkPolicy(o) => pv::kubernetes_network_policy(o),
+        Resource::NetworkPolicy(o) => pv::network_policy(o),
+        Resource::GlobalNetworkPolicy(o) => pv::global_network_policy(o),
+        Resource::Tier(o) => pv::tier(o),
+        Resource::NetworkSet(o) => pv::network_set(o),
+        Resource::GlobalNetworkSet(o) => pv::global_network_set(o),
+        Resource::Profile(o) => pv::profile(o),
+        Resource::Namespace(o) => pv::namespace(o),
+        Resource::ServiceAccount(o) => pv::service_account(o),
     }
 }
 

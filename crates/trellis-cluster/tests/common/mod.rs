@@ -339,3 +339,56 @@ pub async fn wipe(s: &dyn Datastore) {
         s.txn(vec![], ops).await.unwrap();
     }
 }
+
+/// A datastore that, just before the first transaction it is asked to commit, commits another
+/// writer's change: the race lands exactly between a decision's reads and its commit.
+pub struct Racing {
+    pub inner: Arc<dyn Datastore>,
+    pub race: std::sync::Mutex<Option<Vec<trellis_store::TxnOp>>>,
+    pub txns: std::sync::atomic::AtomicUsize,
+}
+
+impl Racing {
+    pub fn new(inner: Arc<dyn Datastore>, race: Vec<trellis_store::TxnOp>) -> Racing {
+        Racing {
+            inner,
+            race: std::sync::Mutex::new(Some(race)),
+            txns: Default::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Datastore for Racing {
+    async fn get(&self, key: &str) -> trellis_store::Result<Option<trellis_store::KeyValue>> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> trellis_store::Result<trellis_store::Listing> {
+        self.inner.list(prefix).await
+    }
+    async fn txn(
+        &self,
+        pre: Vec<trellis_store::Precondition>,
+        ops: Vec<trellis_store::TxnOp>,
+    ) -> trellis_store::Result<trellis_store::TxnOutcome> {
+        self.txns.fetch_add(1, Ordering::SeqCst);
+        let race = self.race.lock().unwrap().take();
+        if let Some(race) = race {
+            let out = self.inner.txn(vec![], race).await?;
+            assert!(matches!(out, trellis_store::TxnOutcome::Committed { .. }));
+        }
+        self.inner.txn(pre, ops).await
+    }
+    async fn watch(&self, prefix: &str, from: i64) -> trellis_store::Result<trellis_store::Watch> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn compact(&self, revision: i64) -> trellis_store::Result<()> {
+        self.inner.compact(revision).await
+    }
+    async fn revision(&self) -> trellis_store::Result<i64> {
+        self.inner.revision().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
