@@ -8,7 +8,9 @@
 //!   Profile all translate into it.
 //! - `eval` (to come): given the model and a flow, the verdict and the path that decided it;
 //!   `trellis policy trace` prints that path.
-//! - `compile` (to come): the model and a node's endpoints → Trellis's nftables table as data,
-//!   plus incremental updates; the agent's applier (a shell) carries it out atomically.
+//! - [`compile`]: the model and a node's name → Trellis's nftables table as data
+//!   ([`compile::Ruleset`]), plus an incremental engine ([`compile::PolicyEngine`]) whose
+//!   changes are small nft batches; the agent's applier (a shell) carries them out atomically.
 
+pub mod compile;
 pub mod model;
