@@ -18,6 +18,7 @@ fn addr(first: &std::net::IpAddr, last: &std::net::IpAddr) -> String {
 
 fn expr(e: &Expr) -> String {
     match e {
+        Expr::Meta(k @ ("iifname" | "oifname")) => k.to_string(),
         Expr::Meta(k) => format!("meta {k}"),
         Expr::Payload(p, f) => format!("{p} {f}"),
         Expr::CtState => "ct state".into(),
@@ -98,12 +99,12 @@ impl Display for Ruleset {
         }
         for (name, s) in &self.sets {
             let (ty, flags) = match s.kind {
-                SetKind::Addresses(fam) => (fam.addr_type().to_string(), "\t\tflags interval\n"),
+                SetKind::Addresses(fam) => (fam.addr_type().to_string(), "\n\t\tflags interval"),
                 SetKind::NamedPorts(fam) => {
                     (format!("{} . inet_proto . inet_service", fam.addr_type()), "")
                 }
             };
-            writeln!(f, "\tset {name} {{\n\t\ttype {ty}\n{flags}", )?;
+            writeln!(f, "\tset {name} {{\n\t\ttype {ty}{flags}")?;
             if !s.elements.is_empty() {
                 let elems: Vec<String> = s.elements.iter().map(element).collect();
                 writeln!(f, "\t\telements = {{ {} }}", elems.join(",\n\t\t\t     "))?;
@@ -122,7 +123,10 @@ impl Display for Ruleset {
             }
             writeln!(f, "\t}}\n")?;
         }
-        for (name, c) in &self.chains {
+        for (n, (name, c)) in self.chains.iter().enumerate() {
+            if n > 0 {
+                writeln!(f)?;
+            }
             writeln!(f, "\tchain {name} {{")?;
             if c.base {
                 writeln!(f, "\t\ttype filter hook forward priority filter; policy accept;")?;
@@ -130,7 +134,7 @@ impl Display for Ruleset {
             for r in &c.rules {
                 writeln!(f, "\t\t{}", rule_text(r))?;
             }
-            writeln!(f, "\t}}\n")?;
+            writeln!(f, "\t}}")?;
         }
         writeln!(f, "}}")
     }

@@ -133,7 +133,7 @@ impl PolicyEngine {
         };
         let old = self.shared.remove(s).expect("present");
         let state = self.install_shared(tx, s, cc, users);
-        self.release(old);
+        self.release(tx, old);
         self.shared.insert(s.clone(), state);
     }
 
@@ -172,7 +172,7 @@ impl PolicyEngine {
     }
 
     /// Drops a shared chain's references (its sets go at the end of the change if unused).
-    fn release(&mut self, st: SharedState) {
+    fn release(&mut self, tx: &mut Tx, st: SharedState) {
         for k in &st.specs {
             self.specs.get_mut(k).expect("referenced").refs -= 1;
         }
@@ -181,6 +181,7 @@ impl PolicyEngine {
             *n -= 1;
             if *n == 0 {
                 self.counters.remove(c);
+                tx.counters.entry(c.clone()).or_insert(true);
                 self.ruleset.counters.remove(c);
             }
         }
@@ -295,7 +296,7 @@ impl PolicyEngine {
         for s in dead {
             let st = self.shared.remove(&s).expect("present");
             self.set_chain(tx, &s.chain_name(), None);
-            self.release(st);
+            self.release(tx, st);
         }
         let dead: Vec<String> = self
             .specs
