@@ -313,15 +313,22 @@ fn allows_family(r: &Rule, f: Family) -> bool {
     version_ok && proto_ok
 }
 
-/// The payload protocol of port matches: the rule's protocol when it has ports, else `th`.
-fn port_proto(r: &Rule) -> &'static str {
-    match r.protocol {
-        Some(Protocol::Tcp) => "tcp",
-        Some(Protocol::Udp) => "udp",
-        Some(Protocol::Sctp) => "sctp",
-        Some(Protocol::UdpLite) => "udplite",
+/// The payload protocol of port matches: the protocol when it has ports, else `th`.
+fn port_proto(p: Option<Protocol>) -> &'static str {
+    match p.map(Protocol::number) {
+        Some(6) => "tcp",
+        Some(17) => "udp",
+        Some(132) => "sctp",
+        Some(136) => "udplite",
         _ => "th",
     }
+}
+
+/// A rule with port matches but a protocol without ports (ICMP, ...) matches nothing
+/// (validation refuses it, as Calico does; nft would read another header field).
+fn ports_without_ports(r: &Rule) -> bool {
+    let has = |e: &EntityMatch| !e.ports.is_empty() || !e.not_ports.is_empty();
+    r.protocol.is_some_and(|p| !p.has_ports()) && (has(&r.source) || has(&r.destination))
 }
 
 /// One side of one variant.
@@ -332,7 +339,6 @@ struct SideOut {
     ip_payload: bool,
     /// Whether any port match (numeric or named) reads the port payload.
     ports: bool,
-    numeric_ports: bool,
 }
 
 fn compile_rule(
@@ -343,7 +349,10 @@ fn compile_rule(
     fams: Families,
     out: &mut CompiledChain,
 ) {
-    let variants: Vec<Option<Family>> = if family_specific(r) {
+    if ports_without_ports(r) {
+        return;
+    }
+    let families: Vec<Option<Family>> = if family_specific(r) {
         fams.list()
             .filter(|f| allows_family(r, *f))
             .map(Some)
@@ -351,69 +360,161 @@ fn compile_rule(
     } else {
         vec![None]
     };
-    for fam in variants {
-        let Some(src) = side(r, &r.source, true, fam, scope, out) else {
-            continue;
+    // Numeric ports without a protocol: one variant per protocol with ports, so every port
+    // compare names its protocol (nft cannot list merged `th` compares back).
+    let numeric = |e: &EntityMatch| {
+        e.ports
+            .iter()
+            .chain(&e.not_ports)
+            .any(|p| matches!(p, PortMatch::Range { .. }))
+    };
+    let protocols: Vec<Option<Protocol>> =
+        if r.protocol.is_none() && (numeric(&r.source) || numeric(&r.destination)) {
+            [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::UdpLite]
+                .into_iter()
+                .filter(|p| r.not_protocol != Some(*p))
+                .map(Some)
+                .collect()
+        } else {
+            vec![r.protocol]
         };
-        let Some(dst) = side(r, &r.destination, false, fam, scope, out) else {
-            continue;
-        };
-        let (icmp_base, icmp_alts) = icmp_stmts(r, fam);
-        let icmp_payload = !icmp_base.is_empty() || r.not_icmp.is_some();
-        let mut prelude = Vec::new();
-        if let Some(f) = fam {
-            if !src.ip_payload && !dst.ip_payload && !icmp_payload {
-                prelude.push(Stmt::matches(
-                    Expr::Meta("nfproto"),
-                    Op::Eq,
-                    Expr::Num(f.nfproto()),
-                ));
+    for fam in families {
+        for proto in &protocols {
+            compile_variant(r, *proto, fam, label, scope, cfg, out);
+        }
+    }
+}
+
+/// One family (or none) and one port protocol of a rule.
+fn compile_variant(
+    r: &Rule,
+    proto: Option<Protocol>,
+    fam: Option<Family>,
+    label: &str,
+    scope: &NamespaceScope,
+    cfg: &CompileConfig,
+    out: &mut CompiledChain,
+) {
+    let pp = port_proto(proto);
+    let Some(src) = side(r, &r.source, true, fam, scope, pp, out) else {
+        return;
+    };
+    let Some(dst) = side(r, &r.destination, false, fam, scope, pp, out) else {
+        return;
+    };
+    let Some((icmp_base, icmp_alts)) = icmp_stmts(r, fam) else {
+        return;
+    };
+    let icmp_payload = !icmp_base.is_empty() || r.not_icmp.is_some();
+    let mut prelude = Vec::new();
+    if let Some(f) = fam {
+        if !src.ip_payload && !dst.ip_payload && !icmp_payload {
+            prelude.push(Stmt::matches(
+                Expr::Meta("nfproto"),
+                Op::Eq,
+                Expr::Num(f.nfproto()),
+            ));
+        }
+    }
+    if let Some(p) = proto {
+        let implied = (pp != "th" && (src.ports || dst.ports))
+            || (icmp_payload && matches!(p, Protocol::Icmp | Protocol::Icmpv6));
+        if !implied {
+            prelude.push(l4proto(Op::Eq, p.number()));
+        }
+    }
+    let mut tail = Vec::new();
+    if let Some(p) = r.not_protocol {
+        tail.push(l4proto(Op::Ne, p.number()));
+    }
+    tail.push(Stmt::Counter(label.to_string()));
+    tail.extend(action(r.action, label, cfg));
+    for sp in &src.alts {
+        for dp in &dst.alts {
+            for ia in &icmp_alts {
+                // Addresses, then ports: nft merges equality matches on adjacent header
+                // fields and lists them in header order, which this order already is.
+                let mut stmts = prelude.clone();
+                stmts.extend(src.addr.iter().cloned());
+                stmts.extend(dst.addr.iter().cloned());
+                stmts.extend(sp.iter().cloned());
+                stmts.extend(dp.iter().cloned());
+                stmts.extend(icmp_base.iter().cloned());
+                stmts.extend(ia.iter().cloned());
+                avoid_ne_merges(&mut stmts);
+                stmts.extend(tail.iter().cloned());
+                out.chain.rules.push(NftRule {
+                    stmts,
+                    comment: Some(label.to_string()),
+                });
             }
         }
-        let pp = port_proto(r);
-        let any_ports = src.ports || dst.ports;
-        match r.protocol {
-            Some(p) => {
-                let implied = (pp != "th" && any_ports)
-                    || (icmp_payload && matches!(p, Protocol::Icmp | Protocol::Icmpv6));
-                if !implied {
-                    prelude.push(l4proto(Op::Eq, p.number()));
+    }
+}
+
+/// nft (1.0.6) merges `!=` compares of a value on adjacent header fields into one wide `!=`,
+/// which matches when *either* field differs — not what two `!=` mean. When a rule has such a
+/// pair, the second becomes `==` the complement of its value: a set lookup, never merged.
+fn avoid_ne_merges(stmts: &mut [Stmt]) {
+    let ne_field = |s: &Stmt| match s {
+        Stmt::Match {
+            left: Expr::Payload(p, f),
+            op: Op::Ne,
+            right,
+        } if matches!(right, Expr::Num(_)) || matches!(right, Expr::Addr { first, last } if first == last) => {
+            Some((*p, *f))
+        }
+        _ => None,
+    };
+    let fields: Vec<(usize, (&str, &str))> = stmts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| ne_field(s).map(|f| (i, f)))
+        .collect();
+    for (_, (pa, fa)) in &fields {
+        for (j, (pb, fb)) in &fields {
+            let next = matches!(
+                (*fa, *fb),
+                ("saddr", "daddr") | ("sport", "dport") | ("type", "code")
+            );
+            if pa == pb && next {
+                if let Stmt::Match { op, right, .. } = &mut stmts[*j] {
+                    *op = Op::Eq;
+                    *right = complement(fb, right);
                 }
             }
-            None if src.numeric_ports || dst.numeric_ports => {
-                let any = [6u64, 17, 132, 136].into_iter().map(Expr::Num).collect();
-                prelude.push(Stmt::matches(
-                    Expr::Meta("l4proto"),
-                    Op::Eq,
-                    Expr::AnonSet(any),
-                ));
-            }
-            None => {}
         }
-        let mut tail = Vec::new();
-        if let Some(p) = r.not_protocol {
-            tail.push(l4proto(Op::Ne, p.number()));
+    }
+}
+
+/// Every value of the field but this one (ports are 16 bits, ICMP codes 8; addresses carry
+/// their family).
+fn complement(field: &str, v: &Expr) -> Expr {
+    let parts = |v: u128, max: u128| {
+        let mut p = Vec::new();
+        if v > 0 {
+            p.push((0, v - 1));
         }
-        tail.push(Stmt::Counter(label.to_string()));
-        tail.extend(action(r.action, label, cfg));
-        for sp in &src.alts {
-            for dp in &dst.alts {
-                for ia in &icmp_alts {
-                    let mut stmts = prelude.clone();
-                    stmts.extend(src.addr.iter().cloned());
-                    stmts.extend(sp.iter().cloned());
-                    stmts.extend(dst.addr.iter().cloned());
-                    stmts.extend(dp.iter().cloned());
-                    stmts.extend(icmp_base.iter().cloned());
-                    stmts.extend(ia.iter().cloned());
-                    stmts.extend(tail.iter().cloned());
-                    out.chain.rules.push(NftRule {
-                        stmts,
-                        comment: Some(label.to_string()),
-                    });
-                }
-            }
+        if v < max {
+            p.push((v + 1, max));
         }
+        p
+    };
+    match v {
+        Expr::Num(n) => {
+            let max = if field == "code" { 255 } else { 65535 };
+            let ranges: Vec<(u16, u16)> = parts(*n as u128, max)
+                .into_iter()
+                .map(|(a, b)| (a as u16, b as u16))
+                .collect();
+            anon_ports(&ranges)
+        }
+        Expr::Addr { first, .. } => {
+            let f = Family::of(first);
+            let max = intervals::addr_bits(&super::ruleset::max_addr(f));
+            anon_addrs(f, parts(intervals::addr_bits(first), max))
+        }
+        other => other.clone(),
     }
 }
 
@@ -441,6 +542,7 @@ fn side(
     source: bool,
     fam: Option<Family>,
     scope: &NamespaceScope,
+    pp: &'static str,
     out: &mut CompiledChain,
 ) -> Option<SideOut> {
     let (addr_field, port_field) = if source {
@@ -477,7 +579,6 @@ fn side(
             }
         }
     }
-    let pp = port_proto(r);
     let (nums, named) = split_ports(&e.ports);
     let (not_nums, not_named) = split_ports(&e.not_ports);
     let port_key = Expr::Payload(pp, port_field);
@@ -521,7 +622,6 @@ fn side(
         addr,
         alts,
         ports: has_named || !nums.is_empty() || !not_nums.is_empty(),
-        numeric_ports: !nums.is_empty() || !not_nums.is_empty(),
     })
 }
 
@@ -538,8 +638,10 @@ fn split_ports(ports: &[PortMatch]) -> (Vec<(u16, u16)>, Vec<String>) {
 }
 
 /// ICMP matches: statements every alternative has, and the alternatives (`notICMP` with a code
-/// is `type != T` OR `type == T && code != C`).
-fn icmp_stmts(r: &Rule, fam: Option<Family>) -> (Vec<Stmt>, Vec<Vec<Stmt>>) {
+/// is `type != T` OR `type == T && code != C`); `None` when they cannot match. Alternatives that
+/// contradict `icmp` are dropped and parts it implies left out, so no field is compared twice
+/// (nft merges adjacent equality matches and would list them in another order).
+fn icmp_stmts(r: &Rule, fam: Option<Family>) -> Option<(Vec<Stmt>, Vec<Vec<Stmt>>)> {
     let proto = match fam {
         Some(Family::V6) => "icmpv6",
         _ => "icmp",
@@ -552,21 +654,33 @@ fn icmp_stmts(r: &Rule, fam: Option<Family>) -> (Vec<Stmt>, Vec<Vec<Stmt>>) {
             base.push(m("code", Op::Eq, c));
         }
     }
-    let alts = match r.not_icmp {
-        None => vec![vec![]],
-        Some(IcmpMatch {
-            icmp_type,
-            code: None,
-        }) => vec![vec![m("type", Op::Ne, icmp_type)]],
-        Some(IcmpMatch {
-            icmp_type,
-            code: Some(c),
-        }) => vec![
-            vec![m("type", Op::Ne, icmp_type)],
-            vec![m("type", Op::Eq, icmp_type), m("code", Op::Ne, c)],
-        ],
+    let Some(not) = r.not_icmp else {
+        return Some((base, vec![vec![]]));
     };
-    (base, alts)
+    let (t, c) = (not.icmp_type, not.code);
+    let alts: Vec<Vec<Stmt>> = match r.icmp {
+        None => {
+            let mut alts = vec![vec![m("type", Op::Ne, t)]];
+            if let Some(c) = c {
+                alts.push(vec![m("type", Op::Eq, t), m("code", Op::Ne, c)]);
+            }
+            alts
+        }
+        // The type is known: `type != t` is true or false, and so on.
+        Some(IcmpMatch { icmp_type, code }) => {
+            if icmp_type != t {
+                vec![vec![]]
+            } else {
+                match (c, code) {
+                    (None, _) => vec![],
+                    (Some(c), Some(code)) if c == code => vec![],
+                    (Some(_), Some(_)) => vec![vec![]],
+                    (Some(c), None) => vec![vec![m("code", Op::Ne, c)]],
+                }
+            }
+        }
+    };
+    (!alts.is_empty()).then_some((base, alts))
 }
 
 /// A value or an anonymous set of one or more values (nft lists a lone value bare).

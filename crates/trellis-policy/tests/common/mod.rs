@@ -250,6 +250,21 @@ pub fn rich_model() -> Model {
             },
             ..rule(Action::Deny)
         },
+        // Two `!=` on adjacent fields (addresses, then ports): nft would merge each pair.
+        Rule {
+            protocol: Some(Protocol::Tcp),
+            source: EntityMatch {
+                not_nets: nets(&["10.9.9.9/32"]),
+                not_ports: ports(&[(81, 81)]),
+                ..Default::default()
+            },
+            destination: EntityMatch {
+                not_nets: nets(&["10.9.9.8/32"]),
+                not_ports: ports(&[(80, 80)]),
+                ..Default::default()
+            },
+            ..rule(Action::Log)
+        },
     ]);
     sec.egress = Some(vec![
         Rule {
