@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use trellis_dataplane::{nft, Netns};
-use trellis_policy::compile::{Change, Ops, PolicyEngine};
+use trellis_policy::compile::{drift, ruleset::TABLE, Change, Ops, PolicyEngine};
 use trellis_policy::model::*;
 use trellis_testutil::{veth_between, TestNetns};
 
@@ -135,6 +135,10 @@ fn default_deny_selector_allow_pass_and_named_ports_hold_for_real_packets() {
     let by_selector = allow_from_a("allow-a", DEFAULT_TIER, Action::Allow, ports(&[(80, 80)]));
     lab.change(Change::PolicyUpsert(by_selector.clone()));
     lab.expect("allow from app == 'a' to 80", true, false);
+    // The allowing rule counted the connection's first packet (the rest is established).
+    let listing = lab.node.run(|| nft::list_table_numeric("inet", TABLE)).unwrap().unwrap();
+    let counters = drift::rule_counters(&listing.unwrap());
+    assert!(counters["knp/x/allow-a/in/0"].packets >= 1, "{counters:?}");
     lab.change(Change::PolicyRemove(by_selector.id));
     lab.expect("the allow removed", false, false);
 

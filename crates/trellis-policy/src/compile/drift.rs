@@ -2,7 +2,7 @@
 //! [`Ruleset`]. The listing must be numeric JSON (`nft -j -n list table inet trellis_policy`,
 //! `trellis_dataplane::nft::list_table_numeric`): the compiler emits exactly that form, so the
 //! comparison only drops what the kernel adds (handles, counter values, the table's own entry)
-//! and sorts set elements. Anything else in the table — a rule deleted or added by hand, a
+//! and sorts set elements. [`rule_counters`] reads the per-rule counters from the same listing. Anything else in the table — a rule deleted or added by hand, a
 //! chain, set element or object that should not be there — is a difference.
 
 use std::collections::BTreeMap;
@@ -59,6 +59,32 @@ pub fn differences(listing: Option<&Value>, expected: &Ruleset) -> Vec<String> {
     out
 }
 
+/// Packets and bytes a rule label's counters counted (summed over the label's nft rules: one
+/// model rule can be several nft rules, per family or alternative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The counters of every commented rule in a listing, by rule label.
+pub fn rule_counters(listing: &Value) -> BTreeMap<String, RuleCounter> {
+    let mut out: BTreeMap<String, RuleCounter> = BTreeMap::new();
+    let items = listing.get("nftables").and_then(Value::as_array);
+    for rule in items.into_iter().flatten().filter_map(|i| i.get("rule")) {
+        let Some(label) = rule.get("comment").and_then(Value::as_str) else {
+            continue;
+        };
+        let exprs = rule.get("expr").and_then(Value::as_array);
+        for c in exprs.into_iter().flatten().filter_map(|e| e.get("counter")) {
+            let n = out.entry(label.to_string()).or_default();
+            n.packets += c.get("packets").and_then(Value::as_u64).unwrap_or(0);
+            n.bytes += c.get("bytes").and_then(Value::as_u64).unwrap_or(0);
+        }
+    }
+    out
+}
+
 /// A table reduced to what is compared: objects by `KIND NAME`, rules by chain in order.
 #[derive(Debug, Default, PartialEq)]
 struct Normal {
@@ -69,9 +95,6 @@ struct Normal {
 impl Normal {
     fn from_ruleset(rs: &Ruleset) -> Normal {
         let mut n = Normal::default();
-        for c in &rs.counters {
-            n.object("counter", serde_json::json!({ "name": c }));
-        }
         for (name, s) in &rs.sets {
             n.object("set", set_fields(name, s));
         }
@@ -102,6 +125,12 @@ impl Normal {
             match kind.as_str() {
                 "metainfo" | "table" => {}
                 "rule" => {
+                    // Counter values are the kernel's, not configuration.
+                    if let Some(exprs) = body.get_mut("expr").and_then(Value::as_array_mut) {
+                        for e in exprs.iter_mut().filter(|e| e.get("counter").is_some()) {
+                            *e = serde_json::json!({ "counter": null });
+                        }
+                    }
                     let chain = body["chain"].as_str().unwrap_or_default().to_string();
                     n.rules.entry(chain).or_default().push(without_chain(body));
                 }

@@ -29,7 +29,8 @@
 //! - [`drift::differs`]`(listing, &ruleset)`: whether the kernel's table (`nft -j -n list table
 //!   inet trellis_policy`, i.e. `trellis_dataplane::nft::list_table_numeric`) differs from the
 //!   expected ruleset; [`drift::differences`] says how.
-//! - [`names::rule_label`]: the comment, named counter and log prefix of a rule.
+//! - [`names::rule_label`]: the comment and log prefix of a rule; [`drift::rule_counters`] sums
+//!   the kernel's per-rule counters by it (metrics, `policy trace --kernel`).
 //!
 //! # Layout (POLICY.md "nftables layout")
 //!
@@ -42,7 +43,7 @@
 //! maps. A tier chain jumps each applying policy's chain `pol_<hash>_<dir>` (shared by every
 //! endpoint) and returns once a bit is set; then the tier's default. Policy rules set the allow
 //! or pass bit and return, drop, or log and continue; each carries a named counter and comment
-//! with its rule label. Selectors become interval sets `sel_<hash>_v4|v6` holding the addresses
+//! with its rule label (the `counter` in each rule is anonymous, identified by that comment). Selectors become interval sets `sel_<hash>_v4|v6` holding the addresses
 //! of matching endpoints cluster-wide and matching NetworkSets' nets; named ports become
 //! `np_<hash>_v4|v6` sets of `addr . proto . port`.
 //!
@@ -206,9 +207,6 @@ pub fn compile_with(model: &Model, node: &str, cfg: &CompileConfig) -> Ruleset {
         let Some(cc) = s.compile(model, cfg, fams) else {
             continue;
         };
-        for r in &cc.chain.rules {
-            rs.counters.extend(r.counter_refs().map(str::to_string));
-        }
         for spec in cc.specs {
             specs.entry(spec.key.clone()).or_insert(spec);
         }

@@ -52,9 +52,9 @@ pub fn profile_chain(name: &str, d: Direction) -> String {
     format!("pro_{}_{}", short_hash(name), dir_tag(d))
 }
 
-/// The label of a policy rule: its comment, counter name and log prefix in the kernel
-/// (`knp/NS/NAME/in/0`, `gnp/NAME/out/2`, ...). Metrics and `policy trace --kernel` read
-/// counters by it.
+/// The label of a policy rule: its comment and log prefix in the kernel (`knp/NS/NAME/in/0`,
+/// `gnp/NAME/out/2`, ...). Metrics and `policy trace --kernel` read its counters by it
+/// (`drift::rule_counters`).
 pub fn rule_label(id: &RuleId) -> String {
     bounded(format!(
         "{}/{}/{}",

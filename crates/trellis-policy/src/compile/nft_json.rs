@@ -74,7 +74,7 @@ fn stmt_value(s: &Stmt) -> Value {
             };
             json!({"match": {"op": op, "left": expr_value(left), "right": expr_value(right)}})
         }
-        Stmt::Counter(n) => json!({"counter": n}),
+        Stmt::Counter => json!({ "counter": null }),
         Stmt::Log(p) => json!({"log": {"prefix": p}}),
         Stmt::MarkAnd(m) => mark_value("&", *m),
         Stmt::MarkOr(m) => mark_value("|", *m),
@@ -163,9 +163,6 @@ impl Ruleset {
         cmds.push(json!({"add": {"table": table}}));
         cmds.push(json!({"delete": {"table": table}}));
         cmds.push(json!({"add": {"table": table}}));
-        for c in &self.counters {
-            cmds.push(json!({"add": {"counter": named(c)}}));
-        }
         for (n, s) in &self.sets {
             cmds.push(json!({"add": {"set": obj(set_fields(n, s))}}));
         }
@@ -202,8 +199,6 @@ fn elements(set: &str, elems: Vec<Value>) -> Value {
 fn op_json(op: &NftOp, cmds: &mut Vec<Value>) {
     let cmd = match op {
         NftOp::Replace(r) => return r.push_replace(cmds),
-        NftOp::AddCounter(n) => json!({"add": {"counter": named(n)}}),
-        NftOp::DeleteCounter(n) => json!({"delete": {"counter": named(n)}}),
         NftOp::AddSet { name, kind } => {
             let s = Set {
                 kind: *kind,

@@ -427,7 +427,7 @@ fn compile_variant(
     if let Some(p) = r.not_protocol {
         tail.push(l4proto(Op::Ne, p.number()));
     }
-    tail.push(Stmt::Counter(label.to_string()));
+    tail.push(Stmt::Counter);
     tail.extend(action(r.action, label, cfg));
     for sp in &src.alts {
         for dp in &dst.alts {

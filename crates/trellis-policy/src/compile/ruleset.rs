@@ -1,5 +1,6 @@
-//! The nftables ruleset as plain data (no I/O): table `inet trellis_policy` with its counters,
-//! named sets, verdict maps and chains of rules, and the incremental operations ([`NftOp`]) that
+//! The nftables ruleset as plain data (no I/O): table `inet trellis_policy` with its named
+//! sets, verdict maps and chains of rules (each policy rule with a `counter`, identified by the
+//! rule's comment), and the incremental operations ([`NftOp`]) that
 //! turn one ruleset into another. [`Ruleset::apply`] carries operations out on the data with
 //! the kernel's strictness (and a little more: adding what exists or deleting what is missing or
 //! still referenced is an error), which is how the engine's output is checked without a kernel.
@@ -77,8 +78,6 @@ impl Family {
 /// The whole table as data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
-    /// Named counters (one per rule id).
-    pub counters: BTreeSet<String>,
     pub sets: BTreeMap<String, Set>,
     pub maps: BTreeMap<String, VerdictMap>,
     pub chains: BTreeMap<String, Chain>,
@@ -133,8 +132,9 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stmt {
     Match { left: Expr, op: Op, right: Expr },
-    /// `counter name "NAME"`.
-    Counter(String),
+    /// `counter` (anonymous: the rule's comment names it; named counter objects would make
+    /// every nft run fetch them all).
+    Counter,
     /// `log prefix "PREFIX"`.
     Log(String),
     /// `meta mark set meta mark & MASK`.
@@ -216,13 +216,6 @@ impl Rule {
             _ => None,
         })
     }
-
-    pub fn counter_refs(&self) -> impl Iterator<Item = &str> {
-        self.stmts.iter().filter_map(|s| match s {
-            Stmt::Counter(n) => Some(n.as_str()),
-            _ => None,
-        })
-    }
 }
 
 impl Stmt {
@@ -236,8 +229,6 @@ impl Stmt {
 pub enum NftOp {
     /// Replace the whole table (add table, delete table, add table with everything): atomic.
     Replace(Box<Ruleset>),
-    AddCounter(String),
-    DeleteCounter(String),
     AddSet { name: String, kind: SetKind },
     DeleteSet(String),
     AddElements { set: String, elements: Vec<Element> },
@@ -322,17 +313,6 @@ impl Ruleset {
     fn apply_one(&mut self, op: &NftOp) -> Result<(), ApplyError> {
         match op {
             NftOp::Replace(r) => *self = (**r).clone(),
-            NftOp::AddCounter(n) => {
-                if !self.counters.insert(n.clone()) {
-                    return Err(exists("counter", n));
-                }
-            }
-            NftOp::DeleteCounter(n) => {
-                self.check_unused("counter", n, |r| r.counter_refs().any(|c| c == n))?;
-                if !self.counters.remove(n) {
-                    return Err(missing("counter", n));
-                }
-            }
             NftOp::AddSet { name, kind } => {
                 if self.sets.contains_key(name) || self.maps.contains_key(name) {
                     return Err(exists("set", name));
@@ -431,11 +411,6 @@ impl Ruleset {
         for s in rule.set_refs() {
             if !self.sets.contains_key(s) && !self.maps.contains_key(s) {
                 return Err(missing("set", s));
-            }
-        }
-        for c in rule.counter_refs() {
-            if !self.counters.contains(c) {
-                return Err(missing("counter", c));
             }
         }
         self.chains

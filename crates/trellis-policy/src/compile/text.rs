@@ -45,7 +45,7 @@ fn stmt(s: &Stmt) -> String {
             Op::Ne => format!("{} != {}", expr(left), expr(right)),
             Op::Eq | Op::In => format!("{} {}", expr(left), expr(right)),
         },
-        Stmt::Counter(n) => format!("counter name {n:?}"),
+        Stmt::Counter => "counter".into(),
         Stmt::Log(p) => format!("log prefix {p:?}"),
         Stmt::MarkAnd(m) => format!("meta mark set meta mark & {m:#010x}"),
         Stmt::MarkOr(m) => format!("meta mark set meta mark | {m:#010x}"),
@@ -94,9 +94,6 @@ fn element(e: &Element) -> String {
 impl Display for Ruleset {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         writeln!(f, "table {FAMILY} {TABLE} {{")?;
-        for c in &self.counters {
-            writeln!(f, "\tcounter {c:?} {{\n\t}}\n")?;
-        }
         for (name, s) in &self.sets {
             let (ty, flags) = match s.kind {
                 SetKind::Addresses(fam) => (fam.addr_type().to_string(), "\n\t\tflags interval"),

@@ -77,7 +77,6 @@ struct Programmed {
 struct SharedState {
     users: usize,
     specs: Vec<String>,
-    counters: Vec<String>,
 }
 
 /// An active set spec and its contents (per family).
@@ -96,7 +95,6 @@ struct Tx {
     chains: BTreeMap<String, Option<Chain>>,
     maps: BTreeMap<(&'static str, String), Option<String>>,
     sets: BTreeMap<String, SetTouch>,
-    counters: BTreeMap<String, bool>,
 }
 
 #[derive(Debug)]
@@ -122,7 +120,6 @@ pub struct PolicyEngine {
     fam_counts: [usize; 2],
     shared: BTreeMap<Shared, SharedState>,
     specs: HashMap<String, SpecState>,
-    counters: HashMap<String, usize>,
     ruleset: Ruleset,
 }
 
@@ -152,7 +149,6 @@ impl PolicyEngine {
             fam_counts: [0, 0],
             shared: BTreeMap::new(),
             specs: HashMap::new(),
-            counters: HashMap::new(),
             ruleset: rules::skeleton(),
         }
     }

@@ -1,5 +1,5 @@
 //! The engine's bookkeeping (pure): programming local endpoints, reference-counted shared
-//! chains, sets and counters, set membership, and the final diff of one change into ordered
+//! chains and sets, set membership, and the final diff of one change into ordered
 //! operations.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -109,7 +109,7 @@ impl PolicyEngine {
         }
     }
 
-    // ---- shared chains, sets and counters ------------------------------------------------
+    // ---- shared chains and sets -----------------------------------------------------------
 
     fn use_shared(&mut self, tx: &mut Tx, s: &Shared) {
         if let Some(st) = self.shared.get_mut(s) {
@@ -133,11 +133,11 @@ impl PolicyEngine {
         };
         let old = self.shared.remove(s).expect("present");
         let state = self.install_shared(tx, s, cc, users);
-        self.release(tx, old);
+        self.release(old);
         self.shared.insert(s.clone(), state);
     }
 
-    /// Puts a shared chain into the table, referencing its sets and counters.
+    /// Puts a shared chain into the table, referencing its sets.
     fn install_shared(
         &mut self,
         tx: &mut Tx,
@@ -145,54 +145,19 @@ impl PolicyEngine {
         cc: CompiledChain,
         users: usize,
     ) -> SharedState {
-        let counters: Vec<String> = {
-            let mut c: Vec<String> = cc
-                .chain
-                .rules
-                .iter()
-                .flat_map(|r| r.counter_refs().map(str::to_string))
-                .collect();
-            c.sort();
-            c.dedup();
-            c
-        };
-        for c in &counters {
-            self.ref_counter(tx, c);
-        }
         let specs = cc.specs.iter().map(|s| s.key.clone()).collect();
         for spec in cc.specs {
             self.ref_spec(tx, spec);
         }
         self.set_chain(tx, &s.chain_name(), Some(cc.chain));
-        SharedState {
-            users,
-            specs,
-            counters,
-        }
+        SharedState { users, specs }
     }
 
     /// Drops a shared chain's references (its sets go at the end of the change if unused).
-    fn release(&mut self, tx: &mut Tx, st: SharedState) {
+    fn release(&mut self, st: SharedState) {
         for k in &st.specs {
             self.specs.get_mut(k).expect("referenced").refs -= 1;
         }
-        for c in &st.counters {
-            let n = self.counters.get_mut(c).expect("referenced");
-            *n -= 1;
-            if *n == 0 {
-                self.counters.remove(c);
-                tx.counters.entry(c.clone()).or_insert(true);
-                self.ruleset.counters.remove(c);
-            }
-        }
-    }
-
-    fn ref_counter(&mut self, tx: &mut Tx, c: &str) {
-        tx.counters
-            .entry(c.to_string())
-            .or_insert_with(|| self.ruleset.counters.contains(c));
-        *self.counters.entry(c.to_string()).or_insert(0) += 1;
-        self.ruleset.counters.insert(c.to_string());
     }
 
     fn ref_spec(&mut self, tx: &mut Tx, spec: SetSpec) {
@@ -296,7 +261,7 @@ impl PolicyEngine {
         for s in dead {
             let st = self.shared.remove(&s).expect("present");
             self.set_chain(tx, &s.chain_name(), None);
-            self.release(tx, st);
+            self.release(st);
         }
         let dead: Vec<String> = self
             .specs
@@ -320,11 +285,6 @@ impl PolicyEngine {
     pub(super) fn finish(&self, tx: Tx) -> Ops {
         let rs = &self.ruleset;
         let mut ops = Vec::new();
-        for (n, existed) in &tx.counters {
-            if !existed && rs.counters.contains(n) {
-                ops.push(NftOp::AddCounter(n.clone()));
-            }
-        }
         for (n, t) in &tx.sets {
             let Some(set) = rs.sets.get(n) else { continue };
             let add = |elements: Vec<Element>, ops: &mut Vec<NftOp>| {
@@ -397,11 +357,6 @@ impl PolicyEngine {
         for (n, t) in &tx.sets {
             if t.existed && !rs.sets.contains_key(n) {
                 ops.push(NftOp::DeleteSet(n.clone()));
-            }
-        }
-        for (n, existed) in &tx.counters {
-            if *existed && !rs.counters.contains(n) {
-                ops.push(NftOp::DeleteCounter(n.clone()));
             }
         }
         Ops { ops }
