@@ -70,7 +70,7 @@ pub use ruleset::{
 };
 
 use crate::model::{Direction, Endpoint, Model, PolicyId};
-use rules::{CompiledChain, SetSpec};
+use rules::{CompiledChain, Gen, SetSpec};
 use ruleset::{FROM_ENDPOINT, TO_ENDPOINT};
 
 /// Settings of the compiled table.
@@ -112,21 +112,16 @@ impl Shared {
     }
 
     /// Its chain; `None` when the policy or profile no longer exists.
-    pub(crate) fn compile(
-        &self,
-        model: &Model,
-        cfg: &CompileConfig,
-        fams: Families,
-    ) -> Option<CompiledChain> {
+    pub(crate) fn compile(&self, model: &Model, gen: &Gen) -> Option<CompiledChain> {
         match self {
             Shared::Policy(id, d) => model
                 .policies
                 .get(id)
-                .map(|p| rules::policy_chain(p, *d, cfg, fams)),
+                .map(|p| rules::policy_chain(p, *d, gen)),
             Shared::Profile(name, d) => model
                 .profiles
                 .get(name)
-                .map(|p| rules::profile_chain(p, *d, cfg, fams)),
+                .map(|p| rules::profile_chain(p, *d, gen)),
         }
     }
 }
@@ -202,33 +197,63 @@ pub fn compile_with(model: &Model, node: &str, cfg: &CompileConfig) -> Ruleset {
                 .insert(iface.to_string(), names::endpoint_chain(&id, d));
         }
     }
+    // Which sets the shared chains look up (their names wait for the contents: a set that
+    // holds nets is an interval set with another name).
+    let no_nets = |_: &str, _: Family| false;
+    let gen = Gen {
+        cfg,
+        fams,
+        nets: &no_nets,
+    };
     let mut specs: BTreeMap<String, SetSpec> = BTreeMap::new();
     for s in &shared {
-        let Some(cc) = s.compile(model, cfg, fams) else {
-            continue;
-        };
-        for spec in cc.specs {
+        for spec in s.compile(model, &gen).map(|cc| cc.specs).unwrap_or_default() {
             specs.entry(spec.key.clone()).or_insert(spec);
         }
-        rs.chains.insert(s.chain_name(), cc.chain);
     }
     let labelled: Vec<_> = model
         .endpoints
         .values()
         .map(|e| (e, e.effective_labels(&model.profiles)))
         .collect();
+    let mut with_nets: BTreeMap<&str, Families> = BTreeMap::new();
+    let mut contents = Vec::new();
     for spec in specs.values() {
         let mut pieces = Vec::new();
         for (ep, labels) in &labelled {
             pieces.extend(spec.endpoint_pieces(model, ep, labels, fams));
         }
         for set in &model.network_sets {
-            pieces.extend(spec.network_set_pieces(model, set, fams));
+            let nets = spec.network_set_pieces(model, set, fams);
+            let f = with_nets.entry(spec.key.as_str()).or_default();
+            for p in &nets {
+                match p {
+                    rules::Piece::Addr(Family::V4, _) => f.v4 = true,
+                    rules::Piece::Addr(Family::V6, _) => f.v6 = true,
+                    rules::Piece::Port(..) => {}
+                }
+            }
+            pieces.extend(nets);
         }
+        contents.push((spec, pieces));
+    }
+    let has_nets = |k: &str, f: Family| with_nets.get(k).is_some_and(|n| n.contains(f));
+    for (spec, pieces) in contents {
         for f in fams.list() {
-            let kind = spec.kind(f);
+            let nets = has_nets(&spec.key, f);
+            let kind = spec.kind(f, nets);
             let elements = rules::elements_of(kind, &pieces);
-            rs.sets.insert(spec.name(f), Set { kind, elements });
+            rs.sets.insert(spec.name(f, nets), Set { kind, elements });
+        }
+    }
+    let gen = Gen {
+        cfg,
+        fams,
+        nets: &has_nets,
+    };
+    for s in &shared {
+        if let Some(cc) = s.compile(model, &gen) {
+            rs.chains.insert(s.chain_name(), cc.chain);
         }
     }
     rs

@@ -115,7 +115,10 @@ pub(crate) fn rule_fields(chain: &str, r: &Rule) -> Value {
 /// A set's fields as listed (`elem` only when it has elements).
 pub(crate) fn set_fields(name: &str, s: &Set) -> Value {
     let mut v = match s.kind {
-        SetKind::Addresses(f) => json!({"name": name, "type": f.addr_type(), "flags": ["interval"]}),
+        SetKind::Addresses(f) => json!({"name": name, "type": f.addr_type()}),
+        SetKind::Networks(f) => {
+            json!({"name": name, "type": f.addr_type(), "flags": ["interval"]})
+        }
         SetKind::NamedPorts(f) => {
             json!({"name": name, "type": [f.addr_type(), "inet_proto", "inet_service"]})
         }

@@ -57,12 +57,20 @@ impl Families {
     }
 }
 
+/// What generating a shared chain needs besides the model: settings, the node's families, and
+/// which address sets hold nets (those are interval sets with another name).
+pub struct Gen<'a> {
+    pub cfg: &'a CompileConfig,
+    pub fams: Families,
+    /// Whether the set of this spec key holds nets in this family.
+    pub nets: &'a dyn Fn(&str, Family) -> bool,
+}
+
 /// A named set a rule looks up, identified by its canonical key.
 #[derive(Debug, Clone)]
 pub struct SetSpec {
     pub key: String,
-    /// `sel_<hash>` / `np_<hash>`; the set names add `_v4` / `_v6`.
-    pub base: String,
+    hash: String,
     pub what: SpecKind,
 }
 
@@ -90,7 +98,7 @@ impl SetSpec {
     pub fn addresses(sel: Selection) -> SetSpec {
         let key = format!("addr {sel}");
         SetSpec {
-            base: format!("sel_{}", names::short_hash(&key)),
+            hash: names::short_hash(&key),
             key,
             what: SpecKind::Addresses(sel),
         }
@@ -106,7 +114,7 @@ impl SetSpec {
         let sel = selection.as_ref().map(|s| s.to_string());
         let key = format!("ports {port_names:?} {protocol:?} of {sel:?}");
         SetSpec {
-            base: format!("np_{}", names::short_hash(&key)),
+            hash: names::short_hash(&key),
             key,
             what: SpecKind::NamedPorts {
                 selection,
@@ -116,14 +124,22 @@ impl SetSpec {
         }
     }
 
-    pub fn name(&self, f: Family) -> String {
-        format!("{}_{}", self.base, f.suffix())
+    /// The set's name for a family: `sel_<hash>_v4` (addresses), `seln_<hash>_v4` (addresses
+    /// and nets), `np_<hash>_v4` (named ports).
+    pub fn name(&self, f: Family, nets: bool) -> String {
+        let prefix = match (&self.what, nets) {
+            (SpecKind::Addresses(_), false) => "sel",
+            (SpecKind::Addresses(_), true) => "seln",
+            (SpecKind::NamedPorts { .. }, _) => "np",
+        };
+        format!("{prefix}_{}_{}", self.hash, f.suffix())
     }
 
-    pub fn kind(&self, f: Family) -> SetKind {
-        match self.what {
-            SpecKind::Addresses(_) => SetKind::Addresses(f),
-            SpecKind::NamedPorts { .. } => SetKind::NamedPorts(f),
+    pub fn kind(&self, f: Family, nets: bool) -> SetKind {
+        match (&self.what, nets) {
+            (SpecKind::Addresses(_), false) => SetKind::Addresses(f),
+            (SpecKind::Addresses(_), true) => SetKind::Networks(f),
+            (SpecKind::NamedPorts { .. }, _) => SetKind::NamedPorts(f),
         }
     }
 
@@ -197,7 +213,7 @@ impl SetSpec {
 /// Turns pieces into the elements of the `f` set (batch: overlap components).
 pub fn elements_of(kind: SetKind, pieces: &[Piece]) -> std::collections::BTreeSet<Element> {
     match kind {
-        SetKind::Addresses(f) => {
+        SetKind::Addresses(f) | SetKind::Networks(f) => {
             let ivs = pieces
                 .iter()
                 .filter_map(|p| match p {
@@ -232,21 +248,18 @@ pub struct CompiledChain {
 }
 
 impl CompiledChain {
-    fn spec(&mut self, s: SetSpec) -> String {
+    /// Records that the chain looks up `s`'s set of family `f`, and returns its name.
+    fn spec(&mut self, s: SetSpec, f: Family, gen: &Gen) -> String {
+        let name = s.name(f, (gen.nets)(&s.key, f));
         if !self.specs.iter().any(|x| x.key == s.key) {
-            self.specs.push(s.clone());
+            self.specs.push(s);
         }
-        s.base
+        name
     }
 }
 
 /// The chain of `policy` for direction `d`.
-pub fn policy_chain(
-    policy: &Policy,
-    d: Direction,
-    cfg: &CompileConfig,
-    fams: Families,
-) -> CompiledChain {
+pub fn policy_chain(policy: &Policy, d: Direction, gen: &Gen) -> CompiledChain {
     let scope = policy.rule_scope();
     let mut out = CompiledChain::default();
     for (index, r) in policy.rules(d).unwrap_or(&[]).iter().enumerate() {
@@ -255,18 +268,13 @@ pub fn policy_chain(
             direction: d,
             index,
         });
-        compile_rule(r, &label, &scope, cfg, fams, &mut out);
+        compile_rule(r, &label, &scope, gen, &mut out);
     }
     out
 }
 
 /// The chain of `profile` for direction `d` (its selectors look everywhere).
-pub fn profile_chain(
-    profile: &Profile,
-    d: Direction,
-    cfg: &CompileConfig,
-    fams: Families,
-) -> CompiledChain {
+pub fn profile_chain(profile: &Profile, d: Direction, gen: &Gen) -> CompiledChain {
     let rules = match d {
         Direction::Ingress => &profile.ingress,
         Direction::Egress => &profile.egress,
@@ -274,7 +282,7 @@ pub fn profile_chain(
     let mut out = CompiledChain::default();
     for (index, r) in rules.iter().enumerate() {
         let label = names::profile_rule_label(&profile.name, d, index);
-        compile_rule(r, &label, &NamespaceScope::Any, cfg, fams, &mut out);
+        compile_rule(r, &label, &NamespaceScope::Any, gen, &mut out);
     }
     out
 }
@@ -331,6 +339,17 @@ fn ports_without_ports(r: &Rule) -> bool {
     r.protocol.is_some_and(|p| !p.has_ports()) && (has(&r.source) || has(&r.destination))
 }
 
+/// What one variant of a rule is compiled for.
+#[derive(Clone, Copy)]
+struct Variant<'a> {
+    r: &'a Rule,
+    fam: Option<Family>,
+    scope: &'a NamespaceScope,
+    /// The payload protocol of port matches.
+    pp: &'static str,
+    gen: &'a Gen<'a>,
+}
+
 /// One side of one variant.
 struct SideOut {
     addr: Vec<Stmt>,
@@ -345,15 +364,15 @@ fn compile_rule(
     r: &Rule,
     label: &str,
     scope: &NamespaceScope,
-    cfg: &CompileConfig,
-    fams: Families,
+    gen: &Gen,
     out: &mut CompiledChain,
 ) {
     if ports_without_ports(r) {
         return;
     }
     let families: Vec<Option<Family>> = if family_specific(r) {
-        fams.list()
+        gen.fams
+            .list()
             .filter(|f| allows_family(r, *f))
             .map(Some)
             .collect()
@@ -380,7 +399,7 @@ fn compile_rule(
         };
     for fam in families {
         for proto in &protocols {
-            compile_variant(r, *proto, fam, label, scope, cfg, out);
+            compile_variant(r, *proto, fam, label, scope, gen, out);
         }
     }
 }
@@ -392,14 +411,21 @@ fn compile_variant(
     fam: Option<Family>,
     label: &str,
     scope: &NamespaceScope,
-    cfg: &CompileConfig,
+    gen: &Gen,
     out: &mut CompiledChain,
 ) {
     let pp = port_proto(proto);
-    let Some(src) = side(r, &r.source, true, fam, scope, pp, out) else {
+    let v = Variant {
+        r,
+        fam,
+        scope,
+        pp,
+        gen,
+    };
+    let Some(src) = side(&v, &r.source, true, out) else {
         return;
     };
-    let Some(dst) = side(r, &r.destination, false, fam, scope, pp, out) else {
+    let Some(dst) = side(&v, &r.destination, false, out) else {
         return;
     };
     let Some((icmp_base, icmp_alts)) = icmp_stmts(r, fam) else {
@@ -428,7 +454,7 @@ fn compile_variant(
         tail.push(l4proto(Op::Ne, p.number()));
     }
     tail.push(Stmt::Counter);
-    tail.extend(action(r.action, label, cfg));
+    tail.extend(action(r.action, label, gen.cfg));
     for sp in &src.alts {
         for dp in &dst.alts {
             for ia in &icmp_alts {
@@ -536,15 +562,14 @@ fn action(a: Action, label: &str, cfg: &CompileConfig) -> Vec<Stmt> {
 
 /// Address and port matches of one side; `None` when the side cannot match in this family
 /// (it lists nets, none of them of this family).
-fn side(
-    r: &Rule,
-    e: &EntityMatch,
-    source: bool,
-    fam: Option<Family>,
-    scope: &NamespaceScope,
-    pp: &'static str,
-    out: &mut CompiledChain,
-) -> Option<SideOut> {
+fn side(v: &Variant, e: &EntityMatch, source: bool, out: &mut CompiledChain) -> Option<SideOut> {
+    let Variant {
+        r,
+        fam,
+        scope,
+        pp,
+        gen,
+    } = *v;
     let (addr_field, port_field) = if source {
         ("saddr", "sport")
     } else {
@@ -573,8 +598,7 @@ fn side(
         }
         for (sel, op) in [(e.selection(scope), Op::Eq), (e.not_selection(scope), Op::Ne)] {
             if let Some(sel) = sel {
-                let base = out.spec(SetSpec::addresses(sel));
-                let name = format!("{base}_{}", f.suffix());
+                let name = out.spec(SetSpec::addresses(sel), f, gen);
                 addr.push(Stmt::matches(key.clone(), op, Expr::SetRef(name)));
             }
         }
@@ -585,7 +609,7 @@ fn side(
     let named_match = |names: Vec<String>, op: Op, out: &mut CompiledChain| {
         let f = fam.expect("named ports make a rule family-specific");
         let spec = SetSpec::named_ports(e.selection(scope), names, r.protocol);
-        let name = format!("{}_{}", out.spec(spec), f.suffix());
+        let name = out.spec(spec, f, gen);
         let key = Expr::Concat(vec![
             Expr::Payload(f.ip(), addr_field),
             Expr::Meta("l4proto"),

@@ -93,8 +93,12 @@ pub struct Set {
 /// What a set holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetKind {
-    /// Addresses and networks (`flags interval`): disjoint intervals.
+    /// Single addresses (a hash set: nft fetches no elements of it to change another).
     Addresses(Family),
+    /// Addresses and networks (`flags interval`): disjoint intervals. Only sets that hold a
+    /// NetworkSet's nets are interval sets: while a table has any, every nft run fetches all
+    /// their elements.
+    Networks(Family),
     /// `addr . inet_proto . inet_service` (named ports).
     NamedPorts(Family),
 }
@@ -462,6 +466,9 @@ impl Set {
     fn insert(&mut self, name: &str, e: &Element) -> Result<(), ApplyError> {
         let ok = match (self.kind, e) {
             (SetKind::Addresses(f), Element::Addr { first, last }) => {
+                Family::of(first) == f && first == last
+            }
+            (SetKind::Networks(f), Element::Addr { first, last }) => {
                 Family::of(first) == f && Family::of(last) == f && first <= last
             }
             (SetKind::NamedPorts(f), Element::NamedPort { addr, .. }) => Family::of(addr) == f,

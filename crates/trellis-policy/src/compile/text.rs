@@ -96,7 +96,8 @@ impl Display for Ruleset {
         writeln!(f, "table {FAMILY} {TABLE} {{")?;
         for (name, s) in &self.sets {
             let (ty, flags) = match s.kind {
-                SetKind::Addresses(fam) => (fam.addr_type().to_string(), "\n\t\tflags interval"),
+                SetKind::Addresses(fam) => (fam.addr_type().to_string(), ""),
+                SetKind::Networks(fam) => (fam.addr_type().to_string(), "\n\t\tflags interval"),
                 SetKind::NamedPorts(fam) => {
                     (format!("{} . inet_proto . inet_service", fam.addr_type()), "")
                 }

@@ -79,12 +79,27 @@ struct SharedState {
     specs: Vec<String>,
 }
 
+impl SpecState {
+    /// Whether network sets contribute to the family's set (then it is an interval set).
+    fn has_nets(&self, f: Family) -> bool {
+        self.nets[fam_index(f)] > 0
+    }
+
+    fn set_name(&self, f: Family) -> String {
+        self.spec.name(f, self.has_nets(f))
+    }
+}
+
 /// An active set spec and its contents (per family).
 #[derive(Debug)]
 struct SpecState {
     spec: SetSpec,
     refs: usize,
     members: HashMap<Contributor, Vec<Piece>>,
+    /// Network sets contributing to each family.
+    nets: [usize; 2],
+    /// The shared chains that look this set up.
+    referrers: BTreeSet<Shared>,
     addrs: [IntervalSet; 2],
     ports: [BTreeMap<(IpAddr, u8, u16), u32>; 2],
 }
@@ -95,6 +110,8 @@ struct Tx {
     chains: BTreeMap<String, Option<Chain>>,
     maps: BTreeMap<(&'static str, String), Option<String>>,
     sets: BTreeMap<String, SetTouch>,
+    /// Specs whose sets changed between hash and interval (their referrers are rewritten).
+    flipped: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -184,6 +201,7 @@ impl PolicyEngine {
     pub fn handle(&mut self, change: Change) -> Ops {
         let mut tx = Tx::default();
         self.apply_change(&mut tx, change);
+        self.rewrite_flipped(&mut tx);
         let now = Families {
             v4: self.fam_counts[0] > 0,
             v6: self.fam_counts[1] > 0,
@@ -309,6 +327,7 @@ impl PolicyEngine {
         for key in &owners {
             self.program_full(&mut tx, key);
         }
+        self.rewrite_flipped(&mut tx);
         self.gc(&mut tx);
         Ops::replace(self.ruleset.clone())
     }

@@ -9,7 +9,7 @@ use super::{
     Tx,
 };
 use crate::compile::intervals::{self, Delta};
-use crate::compile::rules::{CompiledChain, Families, Piece, SetSpec};
+use crate::compile::rules::{CompiledChain, Families, Gen, Piece, SetSpec};
 use crate::compile::ruleset::{
     Chain, Element, Family, NftOp, Ops, Ruleset, Set, FROM_ENDPOINT, TO_ENDPOINT,
 };
@@ -111,14 +111,24 @@ impl PolicyEngine {
 
     // ---- shared chains and sets -----------------------------------------------------------
 
+    /// A shared chain as it should be now (set names follow the sets' current kinds).
+    fn compile_shared(&self, s: &Shared) -> Option<CompiledChain> {
+        let specs = &self.specs;
+        let nets = |k: &str, f: Family| specs.get(k).is_some_and(|st| st.has_nets(f));
+        let gen = Gen {
+            cfg: &self.cfg,
+            fams: self.fams,
+            nets: &nets,
+        };
+        s.compile(&self.model, &gen)
+    }
+
     fn use_shared(&mut self, tx: &mut Tx, s: &Shared) {
         if let Some(st) = self.shared.get_mut(s) {
             st.users += 1;
             return;
         }
-        let cc = s
-            .compile(&self.model, &self.cfg, self.fams)
-            .unwrap_or_default();
+        let cc = self.compile_shared(s).unwrap_or_default();
         let state = self.install_shared(tx, s, cc, 1);
         self.shared.insert(s.clone(), state);
     }
@@ -128,13 +138,30 @@ impl PolicyEngine {
         let Some(users) = self.shared.get(s).map(|st| st.users).filter(|u| *u > 0) else {
             return;
         };
-        let Some(cc) = s.compile(&self.model, &self.cfg, self.fams) else {
+        let Some(cc) = self.compile_shared(s) else {
             return; // gone: its users are going too, and the GC removes it
         };
+        // Release first: the sets stay (collection waits for the end of the change), and the
+        // new chain's references, referrers included, are the ones that remain.
         let old = self.shared.remove(s).expect("present");
+        self.release(s, old);
         let state = self.install_shared(tx, s, cc, users);
-        self.release(old);
         self.shared.insert(s.clone(), state);
+    }
+
+    /// Rewrites the shared chains that look up sets which changed between hash and interval
+    /// (a NetworkSet began or stopped contributing nets).
+    pub(super) fn rewrite_flipped(&mut self, tx: &mut Tx) {
+        while let Some(key) = tx.flipped.pop_first() {
+            let referrers: Vec<Shared> = self
+                .specs
+                .get(&key)
+                .map(|st| st.referrers.iter().cloned().collect())
+                .unwrap_or_default();
+            for s in referrers {
+                self.refresh_shared(tx, &s);
+            }
+        }
     }
 
     /// Puts a shared chain into the table, referencing its sets.
@@ -145,18 +172,33 @@ impl PolicyEngine {
         cc: CompiledChain,
         users: usize,
     ) -> SharedState {
-        let specs = cc.specs.iter().map(|s| s.key.clone()).collect();
+        let specs: Vec<String> = cc.specs.iter().map(|s| s.key.clone()).collect();
         for spec in cc.specs {
             self.ref_spec(tx, spec);
         }
-        self.set_chain(tx, &s.chain_name(), Some(cc.chain));
+        for k in &specs {
+            let st = self.specs.get_mut(k).expect("just referenced");
+            st.referrers.insert(s.clone());
+        }
+        // A set created just now may hold nets: then the chain names its interval set.
+        let nets = specs.iter().any(|k| {
+            let st = &self.specs[k];
+            Family::BOTH.into_iter().any(|f| st.has_nets(f))
+        });
+        let chain = match nets {
+            true => self.compile_shared(s).expect("compiled a moment ago").chain,
+            false => cc.chain,
+        };
+        self.set_chain(tx, &s.chain_name(), Some(chain));
         SharedState { users, specs }
     }
 
     /// Drops a shared chain's references (its sets go at the end of the change if unused).
-    fn release(&mut self, st: SharedState) {
+    fn release(&mut self, s: &Shared, st: SharedState) {
         for k in &st.specs {
-            self.specs.get_mut(k).expect("referenced").refs -= 1;
+            let spec = self.specs.get_mut(k).expect("referenced");
+            spec.refs -= 1;
+            spec.referrers.remove(s);
         }
     }
 
@@ -170,14 +212,16 @@ impl PolicyEngine {
             spec,
             refs: 1,
             members: HashMap::new(),
+            nets: [0, 0],
+            referrers: BTreeSet::new(),
             addrs: Default::default(),
             ports: Default::default(),
         };
         for f in self.fams.list() {
-            let name = st.spec.name(f);
+            let name = st.set_name(f);
             touch_set(tx, &self.ruleset, &name);
             let set = Set {
-                kind: st.spec.kind(f),
+                kind: st.spec.kind(f, false),
                 elements: BTreeSet::new(),
             };
             self.ruleset.sets.insert(name, set);
@@ -261,7 +305,7 @@ impl PolicyEngine {
         for s in dead {
             let st = self.shared.remove(&s).expect("present");
             self.set_chain(tx, &s.chain_name(), None);
-            self.release(st);
+            self.release(&s, st);
         }
         let dead: Vec<String> = self
             .specs
@@ -272,7 +316,7 @@ impl PolicyEngine {
         for k in dead {
             let st = self.specs.remove(&k).expect("present");
             for f in self.fams.list() {
-                let name = st.spec.name(f);
+                let name = st.set_name(f);
                 touch_set(tx, &self.ruleset, &name);
                 self.ruleset.sets.remove(&name);
             }
@@ -382,12 +426,47 @@ impl SpecState {
             for p in &old {
                 self.piece(p, false, rs, tx);
             }
+            if matches!(c, Contributor::NetworkSet(..)) {
+                self.count_nets(&old, &pieces, rs, tx);
+            }
             for p in &pieces {
                 self.piece(p, true, rs, tx);
             }
         }
         if !pieces.is_empty() {
             self.members.insert(c, pieces);
+        }
+    }
+
+    /// Counts a network set's families; when a family's set starts or stops holding nets, it
+    /// moves between a hash set and an interval set (another name) with the same elements.
+    fn count_nets(&mut self, old: &[Piece], new: &[Piece], rs: &mut Ruleset, tx: &mut Tx) {
+        let has = |ps: &[Piece], f: Family| ps.iter().any(|p| matches!(p, Piece::Addr(pf, _) if *pf == f));
+        for f in Family::BOTH {
+            let before = self.has_nets(f);
+            let n = &mut self.nets[fam_index(f)];
+            match (has(old, f), has(new, f)) {
+                (false, true) => *n += 1,
+                (true, false) => *n -= 1,
+                _ => continue,
+            }
+            let after = self.has_nets(f);
+            let (from, to) = (self.spec.name(f, before), self.spec.name(f, after));
+            if before == after || !rs.sets.contains_key(&from) {
+                continue;
+            }
+            // Recorded as element changes too, so a set that goes and comes back within one
+            // change ends with the right difference.
+            let elements: Vec<Element> = rs.sets[&from].elements.iter().cloned().collect();
+            touch_set(tx, rs, &from);
+            record(tx, rs, &from, elements.clone(), Vec::new());
+            rs.sets.remove(&from);
+            touch_set(tx, rs, &to);
+            let kind = self.spec.kind(f, after);
+            let empty = BTreeSet::new();
+            rs.sets.insert(to.clone(), Set { kind, elements: empty });
+            record(tx, rs, &to, Vec::new(), elements);
+            tx.flipped.insert(self.spec.key.clone());
         }
     }
 
@@ -419,7 +498,7 @@ impl SpecState {
                 }
             }
         };
-        record(tx, rs, &self.spec.name(f), removed, added);
+        record(tx, rs, &self.set_name(f), removed, added);
     }
 }
 
