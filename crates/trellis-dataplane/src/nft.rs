@@ -83,7 +83,11 @@ pub fn apply(commands: Vec<Value>) -> Result<()> {
 
 /// [`apply`] with a given `nft` binary and deadline.
 pub fn apply_with(program: &str, commands: Vec<Value>, deadline: Duration) -> Result<()> {
-    apply_document_with(program, &serde_json::json!({ "nftables": commands }), deadline)
+    apply_document_with(
+        program,
+        &serde_json::json!({ "nftables": commands }),
+        deadline,
+    )
 }
 
 /// Applies a whole nft JSON document (`{"nftables": [...]}`, e.g. a policy batch) as one
@@ -93,7 +97,12 @@ pub fn apply_document(doc: &Value) -> Result<()> {
 }
 
 fn apply_document_with(program: &str, doc: &Value, deadline: Duration) -> Result<()> {
-    let out = run(program, &["-j", "-f", "-"], doc.to_string().as_bytes(), deadline)?;
+    let out = run(
+        program,
+        &["-j", "-f", "-"],
+        doc.to_string().as_bytes(),
+        deadline,
+    )?;
     if !out.status.success() {
         return Err(nft_err(format!(
             "nft rejected the batch: {}",

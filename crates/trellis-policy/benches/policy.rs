@@ -42,7 +42,8 @@ fn model() -> Model {
     let mut m = Model::default();
     for n in 0..NAMESPACES {
         let ns = format!("ns{n}");
-        m.namespaces.insert(ns.clone(), ns_labels(&ns, &[("team", &format!("t{n}"))]));
+        m.namespaces
+            .insert(ns.clone(), ns_labels(&ns, &[("team", &format!("t{n}"))]));
         for j in 0..PODS_PER_NS {
             let local = j < LOCAL_PER_NS;
             let node = if local { NODE } else { "remote" };
@@ -56,7 +57,13 @@ fn model() -> Model {
         }
         for i in 0..POLICIES_PER_NS {
             let sel_text = format!("role == 'r{}'", i % LOCAL_PER_NS);
-            let mut p = policy(PolicyKind::Namespaced, Some(&ns), &format!("p{i}"), DEFAULT_TIER, &sel_text);
+            let mut p = policy(
+                PolicyKind::Namespaced,
+                Some(&ns),
+                &format!("p{i}"),
+                DEFAULT_TIER,
+                &sel_text,
+            );
             p.order = Some(i as f64);
             let tcp = |port: u16| Rule {
                 protocol: Some(Protocol::Tcp),
@@ -123,7 +130,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// Alternating label changes of one pod (so every change really changes something).
 fn relabel(m: &Model, ns: &str, name: &str, i: usize) -> Change {
     let mut e = m.endpoints[&(ns.to_string(), name.to_string())].clone();
-    e.labels.insert("app".into(), format!("app{}", if i % 2 == 0 { 13 } else { 3 }));
+    e.labels.insert(
+        "app".into(),
+        format!("app{}", if i.is_multiple_of(2) { 13 } else { 3 }),
+    );
     Change::EndpointUpsert(e)
 }
 
@@ -200,13 +210,21 @@ fn kernel(rs: &compile::Ruleset, m: &Model, batches: Vec<(&str, Ops)>) {
     let full = rs.to_nft_json();
     let ours = apply(&full);
     assert!(!compile::drift::differs(
-        handle.run(|| nft::list_table_numeric("inet", TABLE)).unwrap().unwrap().as_ref(),
+        handle
+            .run(|| nft::list_table_numeric("inet", TABLE))
+            .unwrap()
+            .unwrap()
+            .as_ref(),
         rs
     ));
 
     if std::env::var_os("POL_BENCH_DUMP").is_some() {
         std::fs::write("/tmp/pol_full.json", full.to_string()).unwrap();
-        std::fs::write("/tmp/pol_batch.json", batches[0].1.to_nft_json().to_string()).unwrap();
+        std::fs::write(
+            "/tmp/pol_batch.json",
+            batches[0].1.to_nft_json().to_string(),
+        )
+        .unwrap();
     }
     // (a) the label changes against the loaded table.
     let empty = serde_json::json!({"nftables": []});
@@ -229,11 +247,17 @@ fn kernel(rs: &compile::Ruleset, m: &Model, batches: Vec<(&str, Ops)>) {
     let small = TestNetns::new("polbenchs");
     let small_handle = Netns::open(small.path()).unwrap();
     let skeleton = PolicyEngine::new(NODE).full().to_nft_json();
-    small_handle.run(|| nft::apply_document(&skeleton)).unwrap().unwrap();
+    small_handle
+        .run(|| nft::apply_document(&skeleton))
+        .unwrap()
+        .unwrap();
     let idle_small: Vec<Duration> = (0..10)
         .map(|_| {
             let t = Instant::now();
-            small_handle.run(|| nft::apply_document(&empty)).unwrap().unwrap();
+            small_handle
+                .run(|| nft::apply_document(&empty))
+                .unwrap()
+                .unwrap();
             t.elapsed()
         })
         .collect();
@@ -251,7 +275,11 @@ fn kernel(rs: &compile::Ruleset, m: &Model, batches: Vec<(&str, Ops)>) {
     let out = reference.exec(&["nft", "-f", path.to_str().unwrap()]);
     let linear = t.elapsed();
     let _ = std::fs::remove_file(&path);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!(
         "(b) full program: ours {} vs nft -f of the same {} rules written linearly {}: ratio {:.2} (target ≤ 0.5)",
         ms(ours),
@@ -272,7 +300,11 @@ fn linear_text(m: &Model) -> String {
         .collect();
     for (ep, labels) in all.iter().filter(|(e, _)| e.node == NODE) {
         let ifc = ep.interface.as_deref().unwrap();
-        for p in m.policies.values().filter(|p| m.policy_applies(p, ep, labels)) {
+        for p in m
+            .policies
+            .values()
+            .filter(|p| m.policy_applies(p, ep, labels))
+        {
             for (dir, rules) in [("oifname", &p.ingress), ("iifname", &p.egress)] {
                 for r in rules.iter().flatten() {
                     let mut line = format!("  {dir} \"{ifc}\"");
@@ -299,7 +331,11 @@ fn linear_text(m: &Model) -> String {
                             let _ = write!(line, " {proto} dport {first}");
                         }
                     }
-                    let verdict = if r.action == Action::Deny { "drop" } else { "accept" };
+                    let verdict = if r.action == Action::Deny {
+                        "drop"
+                    } else {
+                        "accept"
+                    };
                     let _ = writeln!(line, " counter {verdict}");
                     out.push_str(&line);
                 }

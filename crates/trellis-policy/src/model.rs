@@ -442,12 +442,14 @@ impl Selection {
 impl EntityMatch {
     /// The positive selection of this side, if it selects (see the matching notes above).
     pub fn selection(&self, default_scope: &NamespaceScope) -> Option<Selection> {
-        if self.selector.is_none() && self.namespaces.is_none() && self.service_accounts.is_none()
-        {
+        if self.selector.is_none() && self.namespaces.is_none() && self.service_accounts.is_none() {
             return None;
         }
         Some(Selection {
-            scope: self.namespaces.clone().unwrap_or_else(|| default_scope.clone()),
+            scope: self
+                .namespaces
+                .clone()
+                .unwrap_or_else(|| default_scope.clone()),
             selector: self.selector.clone().unwrap_or(Selector::All),
             service_accounts: self.service_accounts.clone(),
         })
@@ -457,7 +459,10 @@ impl EntityMatch {
     pub fn not_selection(&self, default_scope: &NamespaceScope) -> Option<Selection> {
         let not = self.not_selector.clone()?;
         Some(Selection {
-            scope: self.namespaces.clone().unwrap_or_else(|| default_scope.clone()),
+            scope: self
+                .namespaces
+                .clone()
+                .unwrap_or_else(|| default_scope.clone()),
             selector: not,
             service_accounts: None,
         })
@@ -491,9 +496,9 @@ impl Model {
     pub fn namespace_labels(&self, ns: &str) -> std::borrow::Cow<'_, Labels> {
         match self.namespaces.get(ns) {
             Some(l) => std::borrow::Cow::Borrowed(l),
-            None => std::borrow::Cow::Owned(
-                [(LABEL_NAMESPACE_NAME.to_string(), ns.to_string())].into(),
-            ),
+            None => {
+                std::borrow::Cow::Owned([(LABEL_NAMESPACE_NAME.to_string(), ns.to_string())].into())
+            }
         }
     }
 

@@ -43,17 +43,29 @@ fn diff(got: &compile::Ruleset, want: &compile::Ruleset) -> String {
     };
     for k in keys(got.sets.keys().collect(), want.sets.keys().collect()) {
         if got.sets.get(&k) != want.sets.get(&k) {
-            out += &format!("set {k}: got {:?}\nwant {:?}\n", got.sets.get(&k), want.sets.get(&k));
+            out += &format!(
+                "set {k}: got {:?}\nwant {:?}\n",
+                got.sets.get(&k),
+                want.sets.get(&k)
+            );
         }
     }
     for k in keys(got.maps.keys().collect(), want.maps.keys().collect()) {
         if got.maps.get(&k) != want.maps.get(&k) {
-            out += &format!("map {k}: got {:?}\nwant {:?}\n", got.maps.get(&k), want.maps.get(&k));
+            out += &format!(
+                "map {k}: got {:?}\nwant {:?}\n",
+                got.maps.get(&k),
+                want.maps.get(&k)
+            );
         }
     }
     for k in keys(got.chains.keys().collect(), want.chains.keys().collect()) {
         if got.chains.get(&k) != want.chains.get(&k) {
-            out += &format!("chain {k}: got {:?}\nwant {:?}\n", got.chains.get(&k), want.chains.get(&k));
+            out += &format!(
+                "chain {k}: got {:?}\nwant {:?}\n",
+                got.chains.get(&k),
+                want.chains.get(&k)
+            );
         }
     }
     out
@@ -145,8 +157,8 @@ fn a_policy_rule_change_rebuilds_only_that_policys_chain() {
     let ops = engine.handle(Change::PolicyUpsert(p));
     let chain = compile::names::policy_chain(&id, Direction::Egress);
     for op in &ops.ops {
-        let ok = matches!(op, NftOp::FlushChain(c) | NftOp::AddRule { chain: c, .. } if *c == chain);
+        let ok =
+            matches!(op, NftOp::FlushChain(c) | NftOp::AddRule { chain: c, .. } if *c == chain);
         assert!(ok, "unexpected op: {op:?}");
     }
 }
-

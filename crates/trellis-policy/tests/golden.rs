@@ -15,7 +15,10 @@ fn rich_model_compiles_to_the_golden_ruleset() {
         std::fs::write(path, &got).unwrap();
     }
     let want = std::fs::read_to_string(path).unwrap();
-    assert!(got == want, "the ruleset changed; diff golden/rich.nft:\n{got}");
+    assert!(
+        got == want,
+        "the ruleset changed; diff golden/rich.nft:\n{got}"
+    );
 }
 
 /// The engine built from the model equals the batch compiler's output.

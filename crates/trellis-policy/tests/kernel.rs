@@ -37,7 +37,11 @@ impl Node {
     /// Asserts the kernel's table is exactly `want`.
     fn assert_table(&self, want: &Ruleset, when: &str) {
         let diffs = drift::differences(self.listing().as_ref(), want);
-        assert!(diffs.is_empty(), "{when}: the kernel's table differs:\n{}", diffs.join("\n"));
+        assert!(
+            diffs.is_empty(),
+            "{when}: the kernel's table differs:\n{}",
+            diffs.join("\n")
+        );
     }
 }
 
@@ -52,7 +56,6 @@ fn every_feature_loads_and_lists_back_as_compiled() {
     node.assert_table(&rs, "after a second full load");
 }
 
-
 /// Incremental batches in the kernel: after each change (scripted ones on the rich model, then
 /// random ones), the kernel's table is exactly `compile(model)`.
 #[test]
@@ -61,8 +64,12 @@ fn incremental_batches_keep_the_kernel_equal_to_compile() {
     let mut engine = PolicyEngine::with_model(common::NODE, common::rich_model());
     node.apply(&engine.full().to_nft_json()).unwrap();
     let mut changes = scripted_changes(engine.model());
-    let mut r = common::random::Rng::new(std::env::var("POL_SEED").map_or(42, |s| s.parse().unwrap()));
-    changes.extend((0..std::env::var("POL_STEPS").map_or(80, |s| s.parse().unwrap())).map(|_| common::random::random_change(r.next())));
+    let mut r =
+        common::random::Rng::new(std::env::var("POL_SEED").map_or(42, |s| s.parse().unwrap()));
+    changes.extend(
+        (0..std::env::var("POL_STEPS").map_or(80, |s| s.parse().unwrap()))
+            .map(|_| common::random::random_change(r.next())),
+    );
     for (step, change) in changes.into_iter().enumerate() {
         let ops = engine.handle(change.clone());
         if !ops.is_empty() {
@@ -104,7 +111,11 @@ fn scripted_changes(m: &Model) -> Vec<Change> {
         name: "x".into(),
         labels: common::ns_labels("x", &[("team", "data")]),
     });
-    out.push(Change::TierUpsert(common::tier("security", Some(2_000_000.0), TierDefault::Deny)));
+    out.push(Change::TierUpsert(common::tier(
+        "security",
+        Some(2_000_000.0),
+        TierDefault::Deny,
+    )));
     out.push(Change::TierRemove {
         name: "late".into(),
     });
@@ -139,7 +150,8 @@ fn a_failing_batch_leaves_the_previous_ruleset_in_force() {
     a.labels = common::labels(&[("app", "q")]);
     let mut ops = engine.handle(Change::EndpointUpsert(a));
     assert!(ops.len() > 1, "{ops:#?}");
-    ops.ops.push(compile::NftOp::DeleteChain("no-such-chain".into()));
+    ops.ops
+        .push(compile::NftOp::DeleteChain("no-such-chain".into()));
     let err = node.apply(&ops.to_nft_json()).unwrap_err();
     assert!(err.to_string().contains("rejected"), "{err}");
     node.assert_table(&before, "after the refused batch");
@@ -174,7 +186,11 @@ fn drift_is_detected_and_repaired() {
     node.apply(&want.to_nft_json()).unwrap();
     assert!(!drift::differs(node.listing().as_ref(), want));
 
-    let set = want.sets.keys().find(|s| s.ends_with("_v4") && s.starts_with("sel_")).unwrap();
+    let set = want
+        .sets
+        .keys()
+        .find(|s| s.ends_with("_v4") && s.starts_with("sel_"))
+        .unwrap();
     node.ns
         .run(|| {
             let doc = serde_json::json!({"nftables": [{"add": {"element": {
@@ -184,7 +200,15 @@ fn drift_is_detected_and_repaired() {
         .unwrap()
         .unwrap();
     assert!(drift::differs(node.listing().as_ref(), want));
-    node.ns.run(|| nft::apply_document(&serde_json::json!({"nftables": [
-        {"delete": {"table": {"family": "inet", "name": TABLE}}}]}))).unwrap().unwrap();
-    assert!(drift::differs(node.listing().as_ref(), want), "a missing table is drift");
+    node.ns
+        .run(|| {
+            nft::apply_document(&serde_json::json!({"nftables": [
+        {"delete": {"table": {"family": "inet", "name": TABLE}}}]}))
+        })
+        .unwrap()
+        .unwrap();
+    assert!(
+        drift::differs(node.listing().as_ref(), want),
+        "a missing table is drift"
+    );
 }

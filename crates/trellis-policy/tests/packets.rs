@@ -41,7 +41,11 @@ impl Lab {
         node.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let b_ns = Netns::open(b.path()).unwrap();
         let listeners = [80, 81]
-            .map(|p| b_ns.run(|| TcpListener::bind(("10.70.2.2", p))).unwrap().unwrap())
+            .map(|p| {
+                b_ns.run(|| TcpListener::bind(("10.70.2.2", p)))
+                    .unwrap()
+                    .unwrap()
+            })
             .into();
         let lab = Lab {
             node: Netns::open(node.path()).unwrap(),
@@ -68,7 +72,11 @@ impl Lab {
     /// Connects from pod a to pod b's `port`.
     fn connects(&self, port: u16, expect: bool) -> bool {
         let to = SocketAddr::from(([10, 70, 2, 2], port));
-        let wait = if expect { ALLOWED_WITHIN } else { BLOCKED_AFTER };
+        let wait = if expect {
+            ALLOWED_WITHIN
+        } else {
+            BLOCKED_AFTER
+        };
         self.a
             .run(|| TcpStream::connect_timeout(&to, wait).is_ok())
             .unwrap()
@@ -87,7 +95,13 @@ fn pod(name: &str, iface: &str, addr: &str, app: &str) -> Endpoint {
 }
 
 fn deny_ingress_to_b() -> Policy {
-    let mut p = policy(PolicyKind::Kubernetes, Some("x"), "deny-b", DEFAULT_TIER, "app == 'b'");
+    let mut p = policy(
+        PolicyKind::Kubernetes,
+        Some("x"),
+        "deny-b",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
     p.order = Some(KUBERNETES_POLICY_ORDER);
     p.ingress = Some(vec![]);
     p
@@ -119,13 +133,21 @@ fn allow_from_a(name: &str, tier: &str, action: Action, dst_ports: Vec<PortMatch
 #[test]
 fn default_deny_selector_allow_pass_and_named_ports_hold_for_real_packets() {
     let mut lab = Lab::new();
-    lab.expect("nothing programmed: trl* interfaces are closed", false, false);
+    lab.expect(
+        "nothing programmed: trl* interfaces are closed",
+        false,
+        false,
+    );
 
     let a = pod("a", "trlpkta", "10.70.1.2", "a");
     let mut b = pod("b", "trlpktb", "10.70.2.2", "b");
     b.ports = vec![port("http", Protocol::Tcp, 80)];
     lab.change(Change::EndpointUpsert(a.clone()));
-    lab.expect("only a programmed: b's interface is still closed", false, false);
+    lab.expect(
+        "only a programmed: b's interface is still closed",
+        false,
+        false,
+    );
     lab.change(Change::EndpointUpsert(b));
     lab.expect("both programmed, no policy: allowed", true, true);
 
@@ -136,7 +158,11 @@ fn default_deny_selector_allow_pass_and_named_ports_hold_for_real_packets() {
     lab.change(Change::PolicyUpsert(by_selector.clone()));
     lab.expect("allow from app == 'a' to 80", true, false);
     // The allowing rule counted the connection's first packet (the rest is established).
-    let listing = lab.node.run(|| nft::list_table_numeric("inet", TABLE)).unwrap().unwrap();
+    let listing = lab
+        .node
+        .run(|| nft::list_table_numeric("inet", TABLE))
+        .unwrap()
+        .unwrap();
     let counters = drift::rule_counters(&listing.unwrap());
     assert!(counters["knp/x/allow-a/in/0"].packets >= 1, "{counters:?}");
     lab.change(Change::PolicyRemove(by_selector.id));
@@ -144,7 +170,11 @@ fn default_deny_selector_allow_pass_and_named_ports_hold_for_real_packets() {
 
     // A security tier (before default) that denies by default; a Pass sends a's traffic on to
     // the default tier, which allows the named port `http` (80) and denies the rest.
-    lab.change(Change::TierUpsert(tier("security", Some(10.0), TierDefault::Deny)));
+    lab.change(Change::TierUpsert(tier(
+        "security",
+        Some(10.0),
+        TierDefault::Deny,
+    )));
     let pass = allow_from_a("pass-a", "security", Action::Pass, vec![]);
     lab.change(Change::PolicyUpsert(pass));
     let named = allow_from_a(
@@ -154,12 +184,20 @@ fn default_deny_selector_allow_pass_and_named_ports_hold_for_real_packets() {
         vec![PortMatch::Named("http".into())],
     );
     lab.change(Change::PolicyUpsert(named));
-    lab.expect("Pass to the default tier, which allows the named port", true, false);
+    lab.expect(
+        "Pass to the default tier, which allows the named port",
+        true,
+        false,
+    );
 
     // a's label changes: the Pass no longer matches it, so the security tier's default denies
     // (set elements only).
     let mut relabelled = a;
     relabelled.labels = labels(&[("app", "z")]);
     lab.change(Change::EndpointUpsert(relabelled));
-    lab.expect("a relabelled: no Pass, the security tier denies", false, false);
+    lab.expect(
+        "a relabelled: no Pass, the security tier denies",
+        false,
+        false,
+    );
 }

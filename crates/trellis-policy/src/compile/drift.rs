@@ -46,7 +46,11 @@ pub fn differences(listing: Option<&Value>, expected: &Ruleset) -> Vec<String> {
             want.rules.get(c).unwrap_or(&none),
         );
         if h != w {
-            let at = h.iter().zip(w).position(|(a, b)| a != b).unwrap_or(h.len().min(w.len()));
+            let at = h
+                .iter()
+                .zip(w)
+                .position(|(a, b)| a != b)
+                .unwrap_or(h.len().min(w.len()));
             out.push(format!(
                 "chain {c}: {} rules, want {}; first difference at rule {at}: have {}, want {}",
                 h.len(),

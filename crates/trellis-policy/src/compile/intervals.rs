@@ -188,7 +188,10 @@ mod tests {
         assert_eq!(prefix_len(&a("10.0.0.3"), &a("10.0.0.9")), None);
         assert_eq!(prefix_len(&a("10.0.0.2"), &a("10.0.0.5")), None);
         assert_eq!(prefix_len(&a("0.0.0.0"), &a("255.255.255.255")), Some(0));
-        assert_eq!(prefix_len(&a("::"), &a("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")), Some(0));
+        assert_eq!(
+            prefix_len(&a("::"), &a("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")),
+            Some(0)
+        );
     }
 
     #[test]

@@ -65,8 +65,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub use engine::{Change, PolicyEngine};
 pub use rules::Families;
 pub use ruleset::{
-    ApplyError, Chain, Element, Expr, Family, NftOp, Op, Ops, Rule, Ruleset, Set, SetKind,
-    Stmt, Verdict, VerdictMap,
+    ApplyError, Chain, Element, Expr, Family, NftOp, Op, Ops, Rule, Ruleset, Set, SetKind, Stmt,
+    Verdict, VerdictMap,
 };
 
 use crate::model::{Direction, Endpoint, Model, PolicyId};
@@ -134,7 +134,11 @@ pub(crate) fn programmed<'a>(model: &'a Model, node: &str) -> BTreeMap<&'a str, 
         if ep.node != node {
             continue;
         }
-        if let Some(i) = ep.interface.as_deref().filter(|i| names::valid_interface(i)) {
+        if let Some(i) = ep
+            .interface
+            .as_deref()
+            .filter(|i| names::valid_interface(i))
+        {
             out.entry(i).or_insert(ep);
         }
     }
@@ -191,7 +195,10 @@ pub fn compile_with(model: &Model, node: &str, cfg: &CompileConfig) -> Ruleset {
         rs.chains.extend(chains);
         shared.extend(uses);
         let id = names::endpoint_id(&ep.namespace, &ep.name);
-        for (map, d) in [(FROM_ENDPOINT, Direction::Egress), (TO_ENDPOINT, Direction::Ingress)] {
+        for (map, d) in [
+            (FROM_ENDPOINT, Direction::Egress),
+            (TO_ENDPOINT, Direction::Ingress),
+        ] {
             let m = rs.maps.get_mut(map).expect("skeleton map");
             m.elements
                 .insert(iface.to_string(), names::endpoint_chain(&id, d));
@@ -207,7 +214,11 @@ pub fn compile_with(model: &Model, node: &str, cfg: &CompileConfig) -> Ruleset {
     };
     let mut specs: BTreeMap<String, SetSpec> = BTreeMap::new();
     for s in &shared {
-        for spec in s.compile(model, &gen).map(|cc| cc.specs).unwrap_or_default() {
+        for spec in s
+            .compile(model, &gen)
+            .map(|cc| cc.specs)
+            .unwrap_or_default()
+        {
             specs.entry(spec.key.clone()).or_insert(spec);
         }
     }

@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 
 use super::intervals::prefix_len;
 use super::ruleset::{
-    Chain, Element, Expr, NftOp, Op, Ops, Rule, Ruleset, Set, SetKind, Stmt, Verdict,
-    VerdictMap, FAMILY, TABLE,
+    Chain, Element, Expr, NftOp, Op, Ops, Rule, Ruleset, Set, SetKind, Stmt, Verdict, VerdictMap,
+    FAMILY, TABLE,
 };
 
 fn addr_value(first: &IpAddr, last: &IpAddr) -> Value {

@@ -17,12 +17,12 @@ use ipnet::IpNet;
 use super::intervals::{self, Interval};
 use super::names;
 use super::ruleset::{
-    Chain, Element, Expr, Family, Op, Rule as NftRule, Ruleset, SetKind, Stmt, Verdict,
-    VerdictMap, DISPATCH_IN, ENDPOINT_IFACE_WILDCARD, FORWARD, FROM_ENDPOINT, TO_ENDPOINT,
+    Chain, Element, Expr, Family, Op, Rule as NftRule, Ruleset, SetKind, Stmt, Verdict, VerdictMap,
+    DISPATCH_IN, ENDPOINT_IFACE_WILDCARD, FORWARD, FROM_ENDPOINT, TO_ENDPOINT,
 };
 use super::CompileConfig;
 use crate::model::{
-    order_key, Action, Direction, EntityMatch, Endpoint, IcmpMatch, Model, NamespaceScope,
+    order_key, Action, Direction, Endpoint, EntityMatch, IcmpMatch, Model, NamespaceScope,
     NetworkSet, Policy, PortMatch, Profile, Protocol, Rule, RuleId, Selection, Tier,
 };
 
@@ -296,7 +296,10 @@ fn family_specific(r: &Rule) -> bool {
             || e.not_selector.is_some()
             || e.namespaces.is_some()
             || e.service_accounts.is_some()
-            || e.ports.iter().chain(&e.not_ports).any(|p| matches!(p, PortMatch::Named(_)))
+            || e.ports
+                .iter()
+                .chain(&e.not_ports)
+                .any(|p| matches!(p, PortMatch::Named(_)))
     };
     r.ip_version.is_some()
         || r.icmp.is_some()
@@ -360,13 +363,7 @@ struct SideOut {
     ports: bool,
 }
 
-fn compile_rule(
-    r: &Rule,
-    label: &str,
-    scope: &NamespaceScope,
-    gen: &Gen,
-    out: &mut CompiledChain,
-) {
+fn compile_rule(r: &Rule, label: &str, scope: &NamespaceScope, gen: &Gen, out: &mut CompiledChain) {
     if ports_without_ports(r) {
         return;
     }
@@ -389,11 +386,16 @@ fn compile_rule(
     };
     let protocols: Vec<Option<Protocol>> =
         if r.protocol.is_none() && (numeric(&r.source) || numeric(&r.destination)) {
-            [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::UdpLite]
-                .into_iter()
-                .filter(|p| r.not_protocol != Some(*p))
-                .map(Some)
-                .collect()
+            [
+                Protocol::Tcp,
+                Protocol::Udp,
+                Protocol::Sctp,
+                Protocol::UdpLite,
+            ]
+            .into_iter()
+            .filter(|p| r.not_protocol != Some(*p))
+            .map(Some)
+            .collect()
         } else {
             vec![r.protocol]
         };
@@ -487,7 +489,9 @@ fn avoid_ne_merges(stmts: &mut [Stmt]) {
             left: Expr::Payload(p, f),
             op: Op::Ne,
             right,
-        } if matches!(right, Expr::Num(_)) || matches!(right, Expr::Addr { first, last } if first == last) => {
+        } if matches!(right, Expr::Num(_))
+            || matches!(right, Expr::Addr { first, last } if first == last) =>
+        {
             Some((*p, *f))
         }
         _ => None,
@@ -550,10 +554,7 @@ fn l4proto(op: Op, n: u8) -> Stmt {
 
 fn action(a: Action, label: &str, cfg: &CompileConfig) -> Vec<Stmt> {
     match a {
-        Action::Allow => vec![
-            Stmt::MarkOr(cfg.allow_mark),
-            Stmt::Verdict(Verdict::Return),
-        ],
+        Action::Allow => vec![Stmt::MarkOr(cfg.allow_mark), Stmt::Verdict(Verdict::Return)],
         Action::Deny => vec![Stmt::Verdict(Verdict::Drop)],
         Action::Pass => vec![Stmt::MarkOr(cfg.pass_mark), Stmt::Verdict(Verdict::Return)],
         Action::Log => vec![Stmt::Log(format!("trellis {label} "))],
@@ -596,7 +597,10 @@ fn side(v: &Variant, e: &EntityMatch, source: bool, out: &mut CompiledChain) -> 
         if !not_nets.is_empty() {
             addr.push(Stmt::matches(key.clone(), Op::Ne, anon_addrs(f, not_nets)));
         }
-        for (sel, op) in [(e.selection(scope), Op::Eq), (e.not_selection(scope), Op::Ne)] {
+        for (sel, op) in [
+            (e.selection(scope), Op::Eq),
+            (e.not_selection(scope), Op::Ne),
+        ] {
             if let Some(sel) = sel {
                 let name = out.spec(SetSpec::addresses(sel), f, gen);
                 addr.push(Stmt::matches(key.clone(), op, Expr::SetRef(name)));
@@ -761,7 +765,7 @@ pub fn group_by_tier<'a>(
         .into_iter()
         .filter_map(|(t, ps)| model.tier(t).map(|t| (t, ps)))
         .collect();
-    out.sort_by(|a, b| order_key(a.0.order, &a.0.name).cmp(&order_key(b.0.order, &b.0.name)));
+    out.sort_by_key(|a| order_key(a.0.order, &a.0.name));
     for (_, ps) in &mut out {
         ps.sort_by(|a, b| {
             order_key(a.order, &a.id.name)

@@ -107,8 +107,15 @@ pub enum SetKind {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Element {
     /// `first..=last` (a single address has `first == last`).
-    Addr { first: IpAddr, last: IpAddr },
-    NamedPort { addr: IpAddr, proto: u8, port: u16 },
+    Addr {
+        first: IpAddr,
+        last: IpAddr,
+    },
+    NamedPort {
+        addr: IpAddr,
+        proto: u8,
+        port: u16,
+    },
 }
 
 /// A verdict map `ifname : verdict` whose verdicts are all `goto CHAIN`.
@@ -135,7 +142,11 @@ pub struct Rule {
 /// A statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stmt {
-    Match { left: Expr, op: Op, right: Expr },
+    Match {
+        left: Expr,
+        op: Op,
+        right: Expr,
+    },
     /// `counter` (anonymous: the rule's comment names it; named counter objects would make
     /// every nft run fetch them all).
     Counter,
@@ -146,7 +157,10 @@ pub enum Stmt {
     /// `meta mark set meta mark | BITS`.
     MarkOr(u32),
     /// `KEY vmap @MAP`.
-    Vmap { key: Expr, map: String },
+    Vmap {
+        key: Expr,
+        map: String,
+    },
     Verdict(Verdict),
 }
 
@@ -173,7 +187,10 @@ pub enum Expr {
     Num(u64),
     Str(String),
     /// An address or a range/prefix of addresses.
-    Addr { first: IpAddr, last: IpAddr },
+    Addr {
+        first: IpAddr,
+        last: IpAddr,
+    },
     /// A range of numbers (ports).
     Range(u64, u64),
     /// An anonymous set of values (two or more).
@@ -233,20 +250,35 @@ impl Stmt {
 pub enum NftOp {
     /// Replace the whole table (add table, delete table, add table with everything): atomic.
     Replace(Box<Ruleset>),
-    AddSet { name: String, kind: SetKind },
+    AddSet {
+        name: String,
+        kind: SetKind,
+    },
     DeleteSet(String),
-    AddElements { set: String, elements: Vec<Element> },
-    DeleteElements { set: String, elements: Vec<Element> },
+    AddElements {
+        set: String,
+        elements: Vec<Element>,
+    },
+    DeleteElements {
+        set: String,
+        elements: Vec<Element>,
+    },
     AddChain(String),
     FlushChain(String),
     DeleteChain(String),
-    AddRule { chain: String, rule: Rule },
+    AddRule {
+        chain: String,
+        rule: Rule,
+    },
     /// Map `key → goto chain` entries.
     AddMapElements {
         map: String,
         elements: Vec<(String, String)>,
     },
-    DeleteMapElements { map: String, keys: Vec<String> },
+    DeleteMapElements {
+        map: String,
+        keys: Vec<String>,
+    },
 }
 
 /// A batch of operations: one nftables transaction (see `Ops::to_nft_json`).

@@ -28,9 +28,16 @@ fn expr(e: &Expr) -> String {
         Expr::Str(s) => format!("{s:?}"),
         Expr::Addr { first, last } => addr(first, last),
         Expr::Range(a, b) => format!("{a}-{b}"),
-        Expr::AnonSet(v) => format!("{{ {} }}", v.iter().map(expr).collect::<Vec<_>>().join(", ")),
+        Expr::AnonSet(v) => format!(
+            "{{ {} }}",
+            v.iter().map(expr).collect::<Vec<_>>().join(", ")
+        ),
         Expr::SetRef(n) => format!("@{n}"),
-        Expr::Flags(v) => v.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(","),
+        Expr::Flags(v) => v
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }
 
@@ -98,9 +105,10 @@ impl Display for Ruleset {
             let (ty, flags) = match s.kind {
                 SetKind::Addresses(fam) => (fam.addr_type().to_string(), ""),
                 SetKind::Networks(fam) => (fam.addr_type().to_string(), "\n\t\tflags interval"),
-                SetKind::NamedPorts(fam) => {
-                    (format!("{} . inet_proto . inet_service", fam.addr_type()), "")
-                }
+                SetKind::NamedPorts(fam) => (
+                    format!("{} . inet_proto . inet_service", fam.addr_type()),
+                    "",
+                ),
             };
             writeln!(f, "\tset {name} {{\n\t\ttype {ty}{flags}")?;
             if !s.elements.is_empty() {
@@ -127,7 +135,10 @@ impl Display for Ruleset {
             }
             writeln!(f, "\tchain {name} {{")?;
             if c.base {
-                writeln!(f, "\t\ttype filter hook forward priority filter; policy accept;")?;
+                writeln!(
+                    f,
+                    "\t\ttype filter hook forward priority filter; policy accept;"
+                )?;
             }
             for r in &c.rules {
                 writeln!(f, "\t\t{}", rule_text(r))?;

@@ -81,7 +81,13 @@ pub fn policy_id(kind: PolicyKind, ns: Option<&str>, name: &str) -> PolicyId {
 
 /// A policy with no rules in either direction, selecting `selector` in its own namespace (or
 /// everywhere for a global one).
-pub fn policy(kind: PolicyKind, ns: Option<&str>, name: &str, tier: &str, selector: &str) -> Policy {
+pub fn policy(
+    kind: PolicyKind,
+    ns: Option<&str>,
+    name: &str,
+    tier: &str,
+    selector: &str,
+) -> Policy {
     Policy {
         id: policy_id(kind, ns, name),
         tier: tier.into(),
@@ -121,14 +127,20 @@ pub const NODE: &str = "n1";
 /// conflicting, IPv4 and IPv6.
 pub fn rich_model() -> Model {
     let mut m = Model::default();
-    m.namespaces.insert("x".into(), ns_labels("x", &[("team", "web")]));
-    m.namespaces.insert("y".into(), ns_labels("y", &[("team", "data")]));
+    m.namespaces
+        .insert("x".into(), ns_labels("x", &[("team", "web")]));
+    m.namespaces
+        .insert("y".into(), ns_labels("y", &[("team", "data")]));
     m.service_accounts.insert(
         ("x".into(), "sa-web".into()),
         labels(&[("tier", "frontend")]),
     );
-    m.tiers.insert("security".into(), tier("security", Some(10.0), TierDefault::Pass));
-    m.tiers.insert("late".into(), tier("late", None, TierDefault::Deny));
+    m.tiers.insert(
+        "security".into(),
+        tier("security", Some(10.0), TierDefault::Pass),
+    );
+    m.tiers
+        .insert("late".into(), tier("late", None, TierDefault::Deny));
     m.profiles.insert(
         "kns.x".into(),
         Profile {
@@ -148,7 +160,10 @@ pub fn rich_model() -> Model {
     let mut a = endpoint("x", "a", NODE, Some("trla"), &["10.0.1.2", "fd00::1:2"]);
     a.labels = labels(&[("app", "a")]);
     a.service_account = Some("sa-web".into());
-    a.ports = vec![port("http", Protocol::Tcp, 80), port("dns", Protocol::Udp, 53)];
+    a.ports = vec![
+        port("http", Protocol::Tcp, 80),
+        port("dns", Protocol::Udp, 53),
+    ];
     let mut b = endpoint("x", "b", NODE, Some("trlb"), &["10.0.1.3", "fd00::1:3"]);
     b.labels = labels(&[("app", "b"), ("role", "db")]);
     b.ports = vec![port("http", Protocol::Tcp, 8080)];
@@ -180,11 +195,23 @@ pub fn rich_model() -> Model {
     });
 
     // Kubernetes: default deny ingress in x; b admits a on its named port and y on 80/8000-8080.
-    let mut deny = policy(PolicyKind::Kubernetes, Some("x"), "default-deny", DEFAULT_TIER, "all()");
+    let mut deny = policy(
+        PolicyKind::Kubernetes,
+        Some("x"),
+        "default-deny",
+        DEFAULT_TIER,
+        "all()",
+    );
     deny.order = Some(KUBERNETES_POLICY_ORDER);
     deny.ingress = Some(vec![]);
     add_policy(&mut m, deny);
-    let mut allow = policy(PolicyKind::Kubernetes, Some("x"), "allow-to-b", DEFAULT_TIER, "app == 'b'");
+    let mut allow = policy(
+        PolicyKind::Kubernetes,
+        Some("x"),
+        "allow-to-b",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
     allow.order = Some(KUBERNETES_POLICY_ORDER);
     allow.ingress = Some(vec![
         Rule {
@@ -307,7 +334,13 @@ pub fn rich_model() -> Model {
     add_policy(&mut m, sec);
 
     // A namespaced Calico policy for pods running as a frontend service account.
-    let mut web = policy(PolicyKind::Namespaced, Some("x"), "web-sa", DEFAULT_TIER, "all()");
+    let mut web = policy(
+        PolicyKind::Namespaced,
+        Some("x"),
+        "web-sa",
+        DEFAULT_TIER,
+        "all()",
+    );
     web.order = Some(500.0);
     web.service_account_selector = Some(sel("tier == 'frontend'"));
     web.egress = Some(vec![
@@ -369,7 +402,13 @@ pub fn rich_model() -> Model {
     let mut ghost = policy(PolicyKind::Global, None, "ghost", "ghost", "all()");
     ghost.ingress = Some(vec![rule(Action::Deny)]);
     add_policy(&mut m, ghost);
-    let mut remote = policy(PolicyKind::Global, None, "remote-only", DEFAULT_TIER, "app == 'c'");
+    let mut remote = policy(
+        PolicyKind::Global,
+        None,
+        "remote-only",
+        DEFAULT_TIER,
+        "app == 'c'",
+    );
     remote.ingress = Some(vec![rule(Action::Allow)]);
     add_policy(&mut m, remote);
     m

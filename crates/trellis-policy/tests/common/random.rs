@@ -47,7 +47,13 @@ const SELECTORS: [&str; 8] = [
     "profile == 'p0'",
 ];
 const V4: [&str; 8] = [
-    "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.1",
+    "10.0.0.1",
+    "10.0.0.2",
+    "10.0.0.3",
+    "10.0.0.4",
+    "10.0.0.5",
+    "10.0.0.6",
+    "10.0.1.1",
     "192.168.0.7",
 ];
 const NETS: [&str; 7] = [
@@ -59,6 +65,11 @@ const NETS: [&str; 7] = [
     "172.16.0.0/16",
     "fd00::/120",
 ];
+
+fn random_selector(r: &mut Rng) -> trellis_resources::Selector {
+    let text: &&str = r.pick(&SELECTORS);
+    sel(text)
+}
 
 fn scope(r: &mut Rng) -> Option<NamespaceScope> {
     match r.below(6) {
@@ -72,12 +83,18 @@ fn scope(r: &mut Rng) -> Option<NamespaceScope> {
 
 fn port_matches(r: &mut Rng) -> Vec<PortMatch> {
     let pool = [
-        PortMatch::Range { first: 80, last: 80 },
+        PortMatch::Range {
+            first: 80,
+            last: 80,
+        },
         PortMatch::Range {
             first: 8000,
             last: 8080,
         },
-        PortMatch::Range { first: 81, last: 81 },
+        PortMatch::Range {
+            first: 81,
+            last: 81,
+        },
         PortMatch::Named("http".into()),
         PortMatch::Named("dns".into()),
     ];
@@ -87,16 +104,18 @@ fn port_matches(r: &mut Rng) -> Vec<PortMatch> {
 fn entity(r: &mut Rng) -> EntityMatch {
     let mut e = EntityMatch::default();
     if r.one_in(4) {
-        e.nets = (0..1 + r.below(2)).map(|_| r.pick(&NETS).parse().unwrap()).collect();
+        e.nets = (0..1 + r.below(2))
+            .map(|_| r.pick(&NETS).parse().unwrap())
+            .collect();
     }
     if r.one_in(6) {
         e.not_nets = vec![r.pick(&NETS).parse().unwrap()];
     }
     if r.one_in(2) {
-        e.selector = Some(sel(*r.pick(&SELECTORS)));
+        e.selector = Some(random_selector(r));
     }
     if r.one_in(5) {
-        e.not_selector = Some(sel(*r.pick(&SELECTORS)));
+        e.not_selector = Some(random_selector(r));
     }
     if r.one_in(3) {
         e.namespaces = scope(r);
@@ -109,7 +128,11 @@ fn entity(r: &mut Rng) -> EntityMatch {
     }
     if r.one_in(8) {
         e.service_accounts = Some(ServiceAccountMatch {
-            names: if r.one_in(2) { vec!["sa0".into()] } else { vec![] },
+            names: if r.one_in(2) {
+                vec!["sa0".into()]
+            } else {
+                vec![]
+            },
             selector: r.one_in(2).then(|| sel("tier == 'front'")),
         });
     }
@@ -164,7 +187,7 @@ fn random_policy(r: &mut Rng) -> Policy {
         (PolicyKind::Global, None, "g2"),
     ]);
     let t = *r.pick(&["default", "default", "security", "late", "ghost"]);
-    let mut p = policy(kind, ns, name, t, *r.pick(&SELECTORS));
+    let mut p = policy(kind, ns, name, t, &random_selector(r).to_string());
     p.order = *r.pick(&[None, Some(1.0), Some(10.0), Some(1000.0)]);
     if kind == PolicyKind::Global && r.one_in(3) {
         p.namespaces = NamespaceScope::Matching(sel("team == 'web'"));
@@ -193,7 +216,9 @@ fn random_endpoint(r: &mut Rng) -> Endpoint {
     if r.one_in(2) {
         e.labels.insert("role".into(), "db".into());
     }
-    e.service_account = r.pick(&[None, Some("sa0"), Some("sa1")]).map(str::to_string);
+    e.service_account = r
+        .pick(&[None, Some("sa0"), Some("sa1")])
+        .map(str::to_string);
     let pool = [
         port("http", Protocol::Tcp, 80),
         port("http", Protocol::Tcp, 8080),
@@ -228,7 +253,7 @@ pub fn random_change(seed: u64) -> Change {
             }
         }
         14 => {
-            let (namespace, name) = r.pick(&[(Some("x"), "office"), (None, "global")]).clone();
+            let (namespace, name) = *r.pick(&[(Some("x"), "office"), (None, "global")]);
             if r.one_in(3) {
                 Change::NetworkSetRemove {
                     namespace: namespace.map(str::to_string),
@@ -240,7 +265,9 @@ pub fn random_change(seed: u64) -> Change {
                     namespace: namespace.map(str::to_string),
                     name: name.into(),
                     labels: labels(&[("kind", kind)]),
-                    nets: (0..r.below(3)).map(|_| r.pick(&NETS).parse().unwrap()).collect(),
+                    nets: (0..r.below(3))
+                        .map(|_| r.pick(&NETS).parse().unwrap())
+                        .collect(),
                 })
             }
         }
@@ -271,7 +298,7 @@ pub fn random_change(seed: u64) -> Change {
             }
         }
         _ => {
-            let (namespace, name) = r.pick(&[("x", "sa0"), ("y", "sa1"), ("z", "sa0")]).clone();
+            let (namespace, name) = *r.pick(&[("x", "sa0"), ("y", "sa1"), ("z", "sa0")]);
             let (namespace, name) = (namespace.to_string(), name.to_string());
             if r.one_in(3) {
                 Change::ServiceAccountRemove { namespace, name }

@@ -34,24 +34,42 @@ use crate::model::{
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     EndpointUpsert(Endpoint),
-    EndpointRemove { namespace: String, name: String },
+    EndpointRemove {
+        namespace: String,
+        name: String,
+    },
     /// A namespace's labels (the implicit `kubernetes.io/metadata.name` included).
-    NamespaceUpsert { name: String, labels: Labels },
-    NamespaceRemove { name: String },
+    NamespaceUpsert {
+        name: String,
+        labels: Labels,
+    },
+    NamespaceRemove {
+        name: String,
+    },
     PolicyUpsert(Policy),
     PolicyRemove(PolicyId),
     TierUpsert(Tier),
-    TierRemove { name: String },
+    TierRemove {
+        name: String,
+    },
     NetworkSetUpsert(NetworkSet),
-    NetworkSetRemove { namespace: Option<String>, name: String },
+    NetworkSetRemove {
+        namespace: Option<String>,
+        name: String,
+    },
     ProfileUpsert(Profile),
-    ProfileRemove { name: String },
+    ProfileRemove {
+        name: String,
+    },
     ServiceAccountUpsert {
         namespace: String,
         name: String,
         labels: Labels,
     },
-    ServiceAccountRemove { namespace: String, name: String },
+    ServiceAccountRemove {
+        namespace: String,
+        name: String,
+    },
 }
 
 type EpKey = (String, String);
@@ -337,7 +355,9 @@ impl PolicyEngine {
     fn endpoint_changed(&mut self, tx: &mut Tx, key: &EpKey, old: Option<&Endpoint>) {
         self.relabel(key);
         self.refresh_member(tx, &Contributor::Endpoint(key.clone()));
-        let old_iface = old.and_then(|o| local_iface(&self.node, o)).map(str::to_string);
+        let old_iface = old
+            .and_then(|o| local_iface(&self.node, o))
+            .map(str::to_string);
         let new_iface = self
             .model
             .endpoints
@@ -353,7 +373,10 @@ impl PolicyEngine {
             }
         }
         if let Some(i) = &new_iface {
-            self.claims.entry(i.clone()).or_default().insert(key.clone());
+            self.claims
+                .entry(i.clone())
+                .or_default()
+                .insert(key.clone());
         }
         let ifaces: BTreeSet<String> = old_iface.into_iter().chain(new_iface).collect();
         for i in &ifaces {
@@ -491,4 +514,3 @@ fn local_iface<'a>(node: &str, ep: &'a Endpoint) -> Option<&'a str> {
         .as_deref()
         .filter(|i| names::valid_interface(i))
 }
-

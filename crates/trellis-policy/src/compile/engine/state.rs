@@ -5,8 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    fam_index, Contributor, EpKey, PolicyEngine, Programmed, SetTouch, SharedState, SpecState,
-    Tx,
+    fam_index, Contributor, EpKey, PolicyEngine, Programmed, SetTouch, SharedState, SpecState, Tx,
 };
 use crate::compile::intervals::{self, Delta};
 use crate::compile::rules::{CompiledChain, Families, Gen, Piece, SetSpec};
@@ -69,8 +68,18 @@ impl PolicyEngine {
             }
         }
         self.count_families(families, true);
-        self.set_map(tx, FROM_ENDPOINT, &iface, Some(names::endpoint_chain(&id, Direction::Egress)));
-        self.set_map(tx, TO_ENDPOINT, &iface, Some(names::endpoint_chain(&id, Direction::Ingress)));
+        self.set_map(
+            tx,
+            FROM_ENDPOINT,
+            &iface,
+            Some(names::endpoint_chain(&id, Direction::Egress)),
+        );
+        self.set_map(
+            tx,
+            TO_ENDPOINT,
+            &iface,
+            Some(names::endpoint_chain(&id, Direction::Ingress)),
+        );
         self.by_iface.insert(iface.clone(), key.clone());
         let p = Programmed {
             iface,
@@ -283,7 +292,12 @@ impl PolicyEngine {
     }
 
     fn set_map(&mut self, tx: &mut Tx, map: &'static str, key: &str, target: Option<String>) {
-        let m = &mut self.ruleset.maps.get_mut(map).expect("skeleton map").elements;
+        let m = &mut self
+            .ruleset
+            .maps
+            .get_mut(map)
+            .expect("skeleton map")
+            .elements;
         tx.maps
             .entry((map, key.to_string()))
             .or_insert_with(|| m.get(key).cloned());
@@ -340,7 +354,10 @@ impl PolicyEngine {
             if t.existed {
                 if !t.dels.is_empty() {
                     let elements = t.dels.iter().cloned().collect();
-                    ops.push(NftOp::DeleteElements { set: n.clone(), elements });
+                    ops.push(NftOp::DeleteElements {
+                        set: n.clone(),
+                        elements,
+                    });
                 }
                 add(t.adds.iter().cloned().collect(), &mut ops);
             } else {
@@ -368,11 +385,16 @@ impl PolicyEngine {
                 dels.entry(mk.0).or_default().push(mk.1.clone());
             }
             if let Some(t) = now {
-                adds.entry(mk.0).or_default().push((mk.1.clone(), t.clone()));
+                adds.entry(mk.0)
+                    .or_default()
+                    .push((mk.1.clone(), t.clone()));
             }
         }
         for (map, keys) in dels {
-            ops.push(NftOp::DeleteMapElements { map: map.into(), keys });
+            ops.push(NftOp::DeleteMapElements {
+                map: map.into(),
+                keys,
+            });
         }
         for (n, old) in &tx.chains {
             if old.is_some() && old.as_ref() != rs.chains.get(n) {
@@ -391,7 +413,10 @@ impl PolicyEngine {
             }
         }
         for (map, elements) in adds {
-            ops.push(NftOp::AddMapElements { map: map.into(), elements });
+            ops.push(NftOp::AddMapElements {
+                map: map.into(),
+                elements,
+            });
         }
         for (n, old) in &tx.chains {
             if old.is_some() && !rs.chains.contains_key(n) {
@@ -409,13 +434,11 @@ impl PolicyEngine {
 
 /// Records that a set is touched (and whether it existed before the change).
 fn touch_set<'a>(tx: &'a mut Tx, rs: &Ruleset, name: &str) -> &'a mut SetTouch {
-    tx.sets
-        .entry(name.to_string())
-        .or_insert_with(|| SetTouch {
-            existed: rs.sets.contains_key(name),
-            adds: BTreeSet::new(),
-            dels: BTreeSet::new(),
-        })
+    tx.sets.entry(name.to_string()).or_insert_with(|| SetTouch {
+        existed: rs.sets.contains_key(name),
+        adds: BTreeSet::new(),
+        dels: BTreeSet::new(),
+    })
 }
 
 impl SpecState {
@@ -441,7 +464,10 @@ impl SpecState {
     /// Counts a network set's families; when a family's set starts or stops holding nets, it
     /// moves between a hash set and an interval set (another name) with the same elements.
     fn count_nets(&mut self, old: &[Piece], new: &[Piece], rs: &mut Ruleset, tx: &mut Tx) {
-        let has = |ps: &[Piece], f: Family| ps.iter().any(|p| matches!(p, Piece::Addr(pf, _) if *pf == f));
+        let has = |ps: &[Piece], f: Family| {
+            ps.iter()
+                .any(|p| matches!(p, Piece::Addr(pf, _) if *pf == f))
+        };
         for f in Family::BOTH {
             let before = self.has_nets(f);
             let n = &mut self.nets[fam_index(f)];
@@ -464,7 +490,13 @@ impl SpecState {
             touch_set(tx, rs, &to);
             let kind = self.spec.kind(f, after);
             let empty = BTreeSet::new();
-            rs.sets.insert(to.clone(), Set { kind, elements: empty });
+            rs.sets.insert(
+                to.clone(),
+                Set {
+                    kind,
+                    elements: empty,
+                },
+            );
             record(tx, rs, &to, Vec::new(), elements);
             tx.flipped.insert(self.spec.key.clone());
         }
@@ -480,7 +512,9 @@ impl SpecState {
             }
             Piece::Port(a, proto, port) => {
                 let f = Family::of(a);
-                let n = self.ports[fam_index(f)].entry((*a, *proto, *port)).or_insert(0);
+                let n = self.ports[fam_index(f)]
+                    .entry((*a, *proto, *port))
+                    .or_insert(0);
                 let before = *n;
                 *n = if add { *n + 1 } else { *n - 1 };
                 let e = vec![Element::NamedPort {
