@@ -83,7 +83,20 @@ pub fn apply(commands: Vec<Value>) -> Result<()> {
 
 /// [`apply`] with a given `nft` binary and deadline.
 pub fn apply_with(program: &str, commands: Vec<Value>, deadline: Duration) -> Result<()> {
-    let doc = serde_json::json!({ "nftables": commands });
+    apply_document_with(
+        program,
+        &serde_json::json!({ "nftables": commands }),
+        deadline,
+    )
+}
+
+/// Applies a whole nft JSON document (`{"nftables": [...]}`, e.g. a policy batch) as one
+/// transaction: all of it or, when nft refuses any command, none of it.
+pub fn apply_document(doc: &Value) -> Result<()> {
+    apply_document_with(&nft_binary(), doc, DEADLINE)
+}
+
+fn apply_document_with(program: &str, doc: &Value, deadline: Duration) -> Result<()> {
     let out = run(
         program,
         &["-j", "-f", "-"],
@@ -101,12 +114,20 @@ pub fn apply_with(program: &str, commands: Vec<Value>, deadline: Duration) -> Re
 
 /// Lists one table; `None` when it does not exist.
 pub fn list_table(family: &str, table: &str) -> Result<Option<Value>> {
-    let out = run(
-        &nft_binary(),
-        &["-j", "list", "table", family, table],
-        b"",
-        DEADLINE,
-    )?;
+    list_table_with(family, table, &["-j"])
+}
+
+/// Lists one table with numbers instead of names (`nft -j -n`): protocols, ports, ICMP types
+/// and conntrack states print as numbers, independent of the host's /etc files — the form the
+/// policy compiler emits and compares with (drift detection).
+pub fn list_table_numeric(family: &str, table: &str) -> Result<Option<Value>> {
+    list_table_with(family, table, &["-j", "-n"])
+}
+
+fn list_table_with(family: &str, table: &str, flags: &[&str]) -> Result<Option<Value>> {
+    let mut args = flags.to_vec();
+    args.extend(["list", "table", family, table]);
+    let out = run(&nft_binary(), &args, b"", DEADLINE)?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("No such file or directory") {

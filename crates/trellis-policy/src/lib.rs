@@ -10,9 +10,11 @@
 //!   Calico's kinds, namespaces, service accounts, workload endpoints) → the model.
 //! - [`eval`]: given the model and a flow, the verdict and the path that decided it;
 //!   `trellis policy trace` prints that path.
-//! - `compile` (to come): the model and a node's endpoints → Trellis's nftables table as data,
-//!   plus incremental updates; the agent's applier (a shell) carries it out atomically.
+//! - [`compile`]: the model and a node's name → Trellis's nftables table as data
+//!   ([`compile::Ruleset`]), plus an incremental engine ([`compile::PolicyEngine`]) whose
+//!   changes are small nft batches; the agent's applier (a shell) carries them out atomically.
 
+pub mod compile;
 pub mod eval;
 pub mod model;
 pub mod translate;

@@ -374,8 +374,183 @@ impl Model {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Matching: which endpoints and network sets a policy or one side of a rule covers. The
+// compiler turns these into nftables sets; the evaluator can answer the same questions directly.
+//
+// - A policy applies to an endpoint when the endpoint's namespace is in the policy's
+//   `namespaces`, its effective labels match `selector`, and — with a `serviceAccountSelector` —
+//   it has a service account whose labels match.
+// - A rule side without `namespaces` looks in the policy's own scope: its namespace for
+//   namespaced kinds, every namespace (and global network sets) for global policies and
+//   profiles ([`Policy::rule_scope`]).
+// - A side *selects* (has a positive selection) when it sets `selector`, `namespaces` or
+//   `serviceAccounts`; a missing `selector` then means `all()`. It covers endpoints in scope
+//   whose labels match (and whose service account matches), and — without `serviceAccounts` —
+//   network sets in scope whose labels match.
+// - `notSelector` covers what the same scope and that selector would; the address must be in
+//   none of it.
+// - A named port resolves against the endpoints the side selects, or every endpoint when the
+//   side does not select (Kubernetes: an egress rule's named port matches any pod declaring it).
+// ---------------------------------------------------------------------------------------------
+
+/// What one side of a rule selects by label: a scope, a selector within it and optionally a
+/// service-account match. Its [`Display`](std::fmt::Display) text is canonical (equal
+/// selections print equal), so it can key a set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    pub scope: NamespaceScope,
+    pub selector: Selector,
+    pub service_accounts: Option<ServiceAccountMatch>,
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.scope {
+            NamespaceScope::Only(ns) => write!(f, "ns={ns:?}")?,
+            NamespaceScope::Matching(s) => write!(f, "nssel={:?}", s.to_string())?,
+            NamespaceScope::Any => write!(f, "any")?,
+        }
+        write!(f, " sel={:?}", self.selector.to_string())?;
+        if let Some(sa) = &self.service_accounts {
+            let sel = sa.selector.as_ref().map(|s| s.to_string());
+            write!(f, " sa={:?}/{:?}", sa.names, sel)?;
+        }
+        Ok(())
+    }
+}
+
+impl Selection {
+    /// Whether the selection covers an endpoint, given its effective labels.
+    pub fn matches_endpoint(&self, model: &Model, ep: &Endpoint, labels: &Labels) -> bool {
+        model.scope_covers(&self.scope, Some(&ep.namespace))
+            && self.selector.matches(labels)
+            && self
+                .service_accounts
+                .as_ref()
+                .is_none_or(|sa| model.service_account_matches(sa, ep))
+    }
+
+    /// Whether the selection covers a network set (never with a service-account match).
+    pub fn matches_network_set(&self, model: &Model, set: &NetworkSet) -> bool {
+        self.service_accounts.is_none()
+            && model.scope_covers(&self.scope, set.namespace.as_deref())
+            && self.selector.matches(&set.effective_labels())
+    }
+}
+
+impl EntityMatch {
+    /// The positive selection of this side, if it selects (see the matching notes above).
+    pub fn selection(&self, default_scope: &NamespaceScope) -> Option<Selection> {
+        if self.selector.is_none() && self.namespaces.is_none() && self.service_accounts.is_none() {
+            return None;
+        }
+        Some(Selection {
+            scope: self
+                .namespaces
+                .clone()
+                .unwrap_or_else(|| default_scope.clone()),
+            selector: self.selector.clone().unwrap_or(Selector::All),
+            service_accounts: self.service_accounts.clone(),
+        })
+    }
+
+    /// What `notSelector` covers, if set.
+    pub fn not_selection(&self, default_scope: &NamespaceScope) -> Option<Selection> {
+        let not = self.not_selector.clone()?;
+        Some(Selection {
+            scope: self
+                .namespaces
+                .clone()
+                .unwrap_or_else(|| default_scope.clone()),
+            selector: not,
+            service_accounts: None,
+        })
+    }
+}
+
+impl Policy {
+    /// Where rule selectors without a namespaceSelector look: the policy's namespace for
+    /// namespaced kinds, everywhere for global ones.
+    pub fn rule_scope(&self) -> NamespaceScope {
+        match (&self.id.kind, &self.id.namespace) {
+            (PolicyKind::Global, _) | (_, None) => NamespaceScope::Any,
+            (_, Some(ns)) => NamespaceScope::Only(ns.clone()),
+        }
+    }
+}
+
+impl NetworkSet {
+    /// Its labels plus, for a namespaced set, the implicit namespace label.
+    pub fn effective_labels(&self) -> Labels {
+        let mut l = self.labels.clone();
+        if let Some(ns) = &self.namespace {
+            l.insert(LABEL_NAMESPACE.into(), ns.clone());
+        }
+        l
+    }
+}
+
+impl Model {
+    /// A namespace's labels; an unknown namespace has just the implicit name label.
+    pub fn namespace_labels(&self, ns: &str) -> std::borrow::Cow<'_, Labels> {
+        match self.namespaces.get(ns) {
+            Some(l) => std::borrow::Cow::Borrowed(l),
+            None => {
+                std::borrow::Cow::Owned([(LABEL_NAMESPACE_NAME.to_string(), ns.to_string())].into())
+            }
+        }
+    }
+
+    /// Whether `scope` covers an object in namespace `ns` (`None`: a global object). Calico's
+    /// `namespaceSelector: global()` covers only global objects.
+    pub fn scope_covers(&self, scope: &NamespaceScope, ns: Option<&str>) -> bool {
+        match (scope, ns) {
+            (NamespaceScope::Any, _) => true,
+            (NamespaceScope::Only(only), Some(ns)) => only == ns,
+            (NamespaceScope::Only(_), None) => false,
+            (NamespaceScope::Matching(Selector::Global), ns) => ns.is_none(),
+            (NamespaceScope::Matching(_), None) => false,
+            (NamespaceScope::Matching(sel), Some(ns)) => sel.matches(&self.namespace_labels(ns)),
+        }
+    }
+
+    /// Whether an endpoint's service account satisfies `sa` (names and/or labels).
+    pub fn service_account_matches(&self, sa: &ServiceAccountMatch, ep: &Endpoint) -> bool {
+        let Some(name) = &ep.service_account else {
+            return false;
+        };
+        (sa.names.is_empty() || sa.names.contains(name))
+            && sa
+                .selector
+                .as_ref()
+                .is_none_or(|sel| self.service_account_labels_match(sel, ep))
+    }
+
+    /// Whether the endpoint has a service account whose labels match `sel`.
+    fn service_account_labels_match(&self, sel: &Selector, ep: &Endpoint) -> bool {
+        let Some(name) = &ep.service_account else {
+            return false;
+        };
+        let empty = Labels::new();
+        let key = (ep.namespace.clone(), name.clone());
+        sel.matches(self.service_accounts.get(&key).unwrap_or(&empty))
+    }
+
+    /// Whether `policy` applies to `ep` (whose effective labels are `labels`), in either
+    /// direction (see [`Policy::rules`] for which directions it has).
+    pub fn policy_applies(&self, policy: &Policy, ep: &Endpoint, labels: &Labels) -> bool {
+        self.scope_covers(&policy.namespaces, Some(&ep.namespace))
+            && policy.selector.matches(labels)
+            && policy
+                .service_account_selector
+                .as_ref()
+                .is_none_or(|sel| self.service_account_labels_match(sel, ep))
+    }
+}
+
 /// Sort key for (order, name): `None` orders sort after every number.
-fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
+pub(crate) fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
     match order {
         Some(o) => (0, OrderedF64(o), name.to_string()),
         None => (1, OrderedF64(0.0), name.to_string()),
@@ -384,7 +559,7 @@ fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
 
 /// A total order on the finite orders validation lets through.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct OrderedF64(f64);
+pub(crate) struct OrderedF64(f64);
 
 impl Eq for OrderedF64 {}
 
