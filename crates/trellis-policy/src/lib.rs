@@ -10,5 +10,8 @@
 //!   `trellis policy trace` prints that path.
 //! - `compile` (to come): the model and a node's endpoints → Trellis's nftables table as data,
 //!   plus incremental updates; the agent's applier (a shell) carries it out atomically.
+//! - [`conformance`]: the conformance suites as data (Kubernetes' e2e cases and Calico-model
+//!   cases), their expectations expanded into truth tables.
 
+pub mod conformance;
 pub mod model;
