@@ -92,7 +92,11 @@ pub enum ConformanceError {
     Table { line: usize, reason: String },
 }
 
-fn invalid(field: impl Into<String>, value: impl fmt::Debug, reason: impl Into<String>) -> ConformanceError {
+fn invalid(
+    field: impl Into<String>,
+    value: impl fmt::Debug,
+    reason: impl Into<String>,
+) -> ConformanceError {
     ConformanceError::Invalid {
         field: field.into(),
         value: format!("{value:?}"),
@@ -277,7 +281,11 @@ impl Expectation {
         for rule in &self.peers {
             for from in pods.iter().filter(|p| rule.from.matches(p)) {
                 for to in pods.iter().filter(|p| rule.to.matches(p)) {
-                    t.set(&from.to_string(), &to.to_string(), Cell::from_bool(rule.reach));
+                    t.set(
+                        &from.to_string(),
+                        &to.to_string(),
+                        Cell::from_bool(rule.reach),
+                    );
                 }
             }
         }
@@ -398,12 +406,17 @@ pub struct Suite {
 /// Parses and checks a suite: bounded like every resource file, unknown fields refused, every
 /// namespace, pod and placeholder a case names is one of the model's, every document parsed.
 pub fn parse(text: &str) -> Result<Suite, ConformanceError> {
-    let docs = trellis_resources::yaml::parse_values(text).map_err(|e| ConformanceError::Syntax {
-        field: e.field.clone(),
-        reason: e.to_string(),
-    })?;
+    let docs =
+        trellis_resources::yaml::parse_values(text).map_err(|e| ConformanceError::Syntax {
+            field: e.field.clone(),
+            reason: e.to_string(),
+        })?;
     let [doc] = docs.as_slice() else {
-        return Err(invalid("document", docs.len(), "a suite is one YAML document"));
+        return Err(invalid(
+            "document",
+            docs.len(),
+            "a suite is one YAML document",
+        ));
     };
     let raw: RawSuite =
         serde_path_to_error::deserialize(doc).map_err(|e| ConformanceError::Syntax {
@@ -412,13 +425,21 @@ pub fn parse(text: &str) -> Result<Suite, ConformanceError> {
         })?;
     check_model(&raw.model)?;
     if raw.cases.len() > MAX_CASES {
-        return Err(invalid("cases", raw.cases.len(), format!("at most {MAX_CASES}")));
+        return Err(invalid(
+            "cases",
+            raw.cases.len(),
+            format!("at most {MAX_CASES}"),
+        ));
     }
     let mut cases: Vec<Case> = Vec::with_capacity(raw.cases.len());
     for (i, c) in raw.cases.into_iter().enumerate() {
         let field = format!("cases[{i}]");
         if cases.iter().any(|d| d.name == c.name) {
-            return Err(invalid(format!("{field}.name"), &c.name, "used by an earlier case"));
+            return Err(invalid(
+                format!("{field}.name"),
+                &c.name,
+                "used by an earlier case",
+            ));
         }
         cases.push(check_case(&raw.model, &field, c)?);
     }
@@ -430,20 +451,36 @@ pub fn parse(text: &str) -> Result<Suite, ConformanceError> {
 
 fn check_model(m: &ConformanceModel) -> Result<(), ConformanceError> {
     if m.namespaces.is_empty() || m.namespaces.len() > MAX_NAMESPACES {
-        return Err(invalid("model.namespaces", m.namespaces.len(), format!("1 to {MAX_NAMESPACES}")));
+        return Err(invalid(
+            "model.namespaces",
+            m.namespaces.len(),
+            format!("1 to {MAX_NAMESPACES}"),
+        ));
     }
     if m.pods.is_empty() || m.pods.len() > MAX_PODS {
-        return Err(invalid("model.pods", m.pods.len(), format!("1 to {MAX_PODS}")));
+        return Err(invalid(
+            "model.pods",
+            m.pods.len(),
+            format!("1 to {MAX_PODS}"),
+        ));
     }
     for (i, n) in m.namespaces.iter().enumerate() {
         if m.namespaces[..i].iter().any(|o| o.name == n.name) {
-            return Err(invalid(format!("model.namespaces[{i}].name"), &n.name, "listed twice"));
+            return Err(invalid(
+                format!("model.namespaces[{i}].name"),
+                &n.name,
+                "listed twice",
+            ));
         }
         name(&format!("model.namespaces[{i}].name"), &n.name)?;
     }
     for (i, p) in m.pods.iter().enumerate() {
         if m.pods[..i].iter().any(|o| o.name == p.name) {
-            return Err(invalid(format!("model.pods[{i}].name"), &p.name, "listed twice"));
+            return Err(invalid(
+                format!("model.pods[{i}].name"),
+                &p.name,
+                "listed twice",
+            ));
         }
         name(&format!("model.pods[{i}].name"), &p.name)?;
     }
@@ -456,31 +493,49 @@ fn check_model(m: &ConformanceModel) -> Result<(), ConformanceError> {
 /// A namespace or pod name: a DNS label (it is also part of `x/a` and of placeholders).
 fn name(field: &str, n: &str) -> Result<(), ConformanceError> {
     let ok = (1..=63).contains(&n.len())
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !n.starts_with('-')
         && !n.ends_with('-');
     if ok {
         Ok(())
     } else {
-        Err(invalid(field, n, "must be a DNS label (1-63 lower-case letters, digits, '-')"))
+        Err(invalid(
+            field,
+            n,
+            "must be a DNS label (1-63 lower-case letters, digits, '-')",
+        ))
     }
 }
 
 fn check_case(m: &ConformanceModel, field: &str, c: RawCase) -> Result<Case, ConformanceError> {
     if c.name.trim().is_empty() {
-        return Err(invalid(format!("{field}.name"), &c.name, "must not be empty"));
+        return Err(invalid(
+            format!("{field}.name"),
+            &c.name,
+            "must not be empty",
+        ));
     }
     if c.steps.is_empty() && c.skip.is_none() {
-        return Err(invalid(format!("{field}.steps"), 0, "a case that is not skipped has steps"));
+        return Err(invalid(
+            format!("{field}.steps"),
+            0,
+            "a case that is not skipped has steps",
+        ));
     }
     if c.steps.len() > MAX_STEPS {
-        return Err(invalid(format!("{field}.steps"), c.steps.len(), format!("at most {MAX_STEPS}")));
+        return Err(invalid(
+            format!("{field}.steps"),
+            c.steps.len(),
+            format!("at most {MAX_STEPS}"),
+        ));
     }
+    let skipped = c.skip.is_some();
     let steps = c
         .steps
         .into_iter()
         .enumerate()
-        .map(|(j, s)| check_step(m, &format!("{field}.steps[{j}]"), s))
+        .map(|(j, s)| check_step(m, &format!("{field}.steps[{j}]"), s, skipped))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Case {
         name: c.name,
@@ -490,16 +545,24 @@ fn check_case(m: &ConformanceModel, field: &str, c: RawCase) -> Result<Case, Con
     })
 }
 
-fn check_step(m: &ConformanceModel, field: &str, s: RawStep) -> Result<Step, ConformanceError> {
+/// `skipped`: the case is listed but not replayed, so its probes may use a protocol the model's
+/// pods do not serve (the e2e SCTP cases).
+fn check_step(
+    m: &ConformanceModel,
+    field: &str,
+    s: RawStep,
+    skipped: bool,
+) -> Result<Step, ConformanceError> {
     let docs = |what: &str, text: &Option<String>| -> Result<Vec<Value>, ConformanceError> {
-        let Some(text) = text else { return Ok(Vec::new()) };
+        let Some(text) = text else {
+            return Ok(Vec::new());
+        };
         let f = format!("{field}.{what}");
-        let docs = trellis_resources::yaml::parse_values(text).map_err(|e| {
-            ConformanceError::Syntax {
+        let docs =
+            trellis_resources::yaml::parse_values(text).map_err(|e| ConformanceError::Syntax {
                 field: f.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         for (k, d) in docs.iter().enumerate() {
             let f = format!("{f} document {}", k + 1);
             doc_key(&f, d)?;
@@ -517,7 +580,11 @@ fn check_step(m: &ConformanceModel, field: &str, s: RawStep) -> Result<Step, Con
     };
     if let Some(l) = &step.label_namespace {
         if !m.namespaces.iter().any(|n| n.name == l.name) {
-            return Err(invalid(format!("{field}.labelNamespace.name"), &l.name, "not a model namespace"));
+            return Err(invalid(
+                format!("{field}.labelNamespace.name"),
+                &l.name,
+                "not a model namespace",
+            ));
         }
     }
     let pod = |what: &str, ns: &str, n: &str| {
@@ -525,7 +592,11 @@ fn check_step(m: &ConformanceModel, field: &str, s: RawStep) -> Result<Step, Con
         if m.has_pod(&p) {
             Ok(())
         } else {
-            Err(invalid(format!("{field}.{what}"), p.to_string(), "not a model pod"))
+            Err(invalid(
+                format!("{field}.{what}"),
+                p.to_string(),
+                "not a model pod",
+            ))
         }
     };
     if let Some(l) = &step.label_pod {
@@ -535,25 +606,42 @@ fn check_step(m: &ConformanceModel, field: &str, s: RawStep) -> Result<Step, Con
         pod("profilePod", &l.namespace, &l.name)?;
     }
     if step.probes.len() > MAX_PROBES {
-        return Err(invalid(format!("{field}.probes"), step.probes.len(), format!("at most {MAX_PROBES}")));
+        return Err(invalid(
+            format!("{field}.probes"),
+            step.probes.len(),
+            format!("at most {MAX_PROBES}"),
+        ));
     }
     for (k, p) in step.probes.iter().enumerate() {
-        check_probe(m, &format!("{field}.probes[{k}]"), p)?;
+        check_probe(m, &format!("{field}.probes[{k}]"), p, skipped)?;
     }
     Ok(step)
 }
 
-fn check_probe(m: &ConformanceModel, field: &str, p: &Probe) -> Result<(), ConformanceError> {
+fn check_probe(
+    m: &ConformanceModel,
+    field: &str,
+    p: &Probe,
+    skipped: bool,
+) -> Result<(), ConformanceError> {
     match (p.protocol, p.port) {
         (ProbeProtocol::Icmp, Some(port)) => {
-            return Err(invalid(format!("{field}.port"), port, "an ICMP probe has no port"))
+            return Err(invalid(
+                format!("{field}.port"),
+                port,
+                "an ICMP probe has no port",
+            ))
         }
         (ProbeProtocol::Icmp, None) => {}
         (proto, None) => {
-            return Err(invalid(format!("{field}.port"), "", format!("a {proto} probe needs a port")))
+            return Err(invalid(
+                format!("{field}.port"),
+                "",
+                format!("a {proto} probe needs a port"),
+            ))
         }
         (proto, Some(port)) => {
-            if !m.ports.contains(&port) || !m.protocols.contains(&proto) {
+            if !m.ports.contains(&port) || !(skipped || m.protocols.contains(&proto)) {
                 return Err(invalid(
                     format!("{field}.port"),
                     port,
@@ -567,7 +655,11 @@ fn check_probe(m: &ConformanceModel, field: &str, p: &Probe) -> Result<(), Confo
             let f = format!("{field}.expect.peers[{k}].{side}");
             if let Some(ns) = &peer.namespace {
                 if !m.namespaces.iter().any(|n| &n.name == ns) {
-                    return Err(invalid(format!("{f}.namespace"), ns, "not a model namespace"));
+                    return Err(invalid(
+                        format!("{f}.namespace"),
+                        ns,
+                        "not a model namespace",
+                    ));
                 }
             }
             if let Some(pod) = &peer.pod {
@@ -593,7 +685,11 @@ pub fn doc_key(field: &str, d: &Value) -> Result<DocKey, ConformanceError> {
     let name = s(meta.and_then(|m| m.get("name")));
     match (api, kind, name) {
         (Some(a), Some(k), Some(n)) => Ok((a, k, s(meta.and_then(|m| m.get("namespace"))), n)),
-        _ => Err(invalid(field, "", "a document needs apiVersion, kind and metadata.name")),
+        _ => Err(invalid(
+            field,
+            "",
+            "a document needs apiVersion, kind and metadata.name",
+        )),
     }
 }
 
@@ -644,7 +740,11 @@ fn placeholders(s: &str) -> Result<Vec<(std::ops::Range<usize>, Placeholder)>, S
                 }
                 _ => return Err(format!("$({inner}): expected $(cidr NS/POD[/LEN])")),
             },
-            _ => return Err(format!("$({inner}): expected $(ip NS/POD) or $(cidr NS/POD[/LEN])")),
+            _ => {
+                return Err(format!(
+                    "$({inner}): expected $(ip NS/POD) or $(cidr NS/POD[/LEN])"
+                ))
+            }
         };
         out.push((start..end, ph));
         from = end;
@@ -653,7 +753,10 @@ fn placeholders(s: &str) -> Result<Vec<(std::ops::Range<usize>, Placeholder)>, S
 }
 
 /// Every string of `v`, mutably, in document order.
-fn strings_mut(v: &mut Value, f: &mut dyn FnMut(&mut String) -> Result<(), ConformanceError>) -> Result<(), ConformanceError> {
+fn strings_mut(
+    v: &mut Value,
+    f: &mut dyn FnMut(&mut String) -> Result<(), ConformanceError>,
+) -> Result<(), ConformanceError> {
     match v {
         Value::String(s) => f(s),
         Value::Array(a) => a.iter_mut().try_for_each(|x| strings_mut(x, f)),
@@ -662,12 +765,20 @@ fn strings_mut(v: &mut Value, f: &mut dyn FnMut(&mut String) -> Result<(), Confo
     }
 }
 
-fn check_placeholders(m: &ConformanceModel, field: &str, d: &Value) -> Result<(), ConformanceError> {
+fn check_placeholders(
+    m: &ConformanceModel,
+    field: &str,
+    d: &Value,
+) -> Result<(), ConformanceError> {
     let mut d = d.clone();
     strings_mut(&mut d, &mut |s| {
         for (_, ph) in placeholders(s).map_err(|e| invalid(field, s.as_str(), e))? {
             if !m.has_pod(&ph.pod) {
-                return Err(invalid(field, s.as_str(), format!("{} is not a model pod", ph.pod)));
+                return Err(invalid(
+                    field,
+                    s.as_str(),
+                    format!("{} is not a model pod", ph.pod),
+                ));
             }
         }
         Ok(())
@@ -681,16 +792,24 @@ pub fn resolve(docs: &[Value], addrs: &Addresses) -> Result<Vec<Value>, Conforma
         strings_mut(d, &mut |s| {
             let found = placeholders(s).map_err(|e| invalid("document", s.as_str(), e))?;
             for (range, ph) in found.into_iter().rev() {
-                let ip = *addrs.get(&ph.pod).ok_or_else(|| ConformanceError::NoAddress {
-                    pod: ph.pod.to_string(),
-                })?;
+                let ip = *addrs
+                    .get(&ph.pod)
+                    .ok_or_else(|| ConformanceError::NoAddress {
+                        pod: ph.pod.to_string(),
+                    })?;
                 let text = match ph.what {
                     "ip" => ip.to_string(),
                     _ => {
                         let host = if ip.is_ipv4() { 32 } else { 128 };
                         let len = ph.prefix.unwrap_or(host);
                         IpNet::new(ip, len)
-                            .map_err(|_| invalid("document", s.as_str(), format!("/{len} is too long for {ip}")))?
+                            .map_err(|_| {
+                                invalid(
+                                    "document",
+                                    s.as_str(),
+                                    format!("/{len} is too long for {ip}"),
+                                )
+                            })?
                             .trunc()
                             .to_string()
                     }
@@ -774,7 +893,11 @@ impl World {
     }
 
     /// Carries out a step's changes on the world; returns them, resolved, in order.
-    pub fn step(&mut self, step: &Step, addrs: &Addresses) -> Result<Vec<Change>, ConformanceError> {
+    pub fn step(
+        &mut self,
+        step: &Step,
+        addrs: &Addresses,
+    ) -> Result<Vec<Change>, ConformanceError> {
         let mut out = Vec::new();
         for d in resolve(&step.delete, addrs)? {
             let key = doc_key("delete", &d)?;

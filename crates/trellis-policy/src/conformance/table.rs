@@ -168,9 +168,12 @@ impl TruthTable {
             .enumerate()
             .map(|(i, l)| (i + 1, l.trim()))
             .skip_while(|(_, l)| l.is_empty() || l.starts_with('#'));
-        let (n, header) = lines
-            .next()
-            .ok_or_else(|| bad(1, "no table (expected a line starting with FROM \\ TO)".into()))?;
+        let (n, header) = lines.next().ok_or_else(|| {
+            bad(
+                1,
+                "no table (expected a line starting with FROM \\ TO)".into(),
+            )
+        })?;
         let columns: Vec<String> = header
             .strip_prefix(CORNER)
             .ok_or_else(|| bad(n, format!("the header must start with {CORNER:?}")))?
@@ -186,9 +189,8 @@ impl TruthTable {
             let row = words.next().expect("not blank").to_string();
             let cells = words
                 .map(|w| {
-                    Cell::parse(w).ok_or_else(|| {
-                        bad(n, format!("{w:?} is not a cell (ok, ., -, ERR)"))
-                    })
+                    Cell::parse(w)
+                        .ok_or_else(|| bad(n, format!("{w:?} is not a cell (ok, ., -, ERR)")))
                 })
                 .collect::<Result<Vec<Cell>, _>>()?;
             if cells.len() != t.columns.len() {

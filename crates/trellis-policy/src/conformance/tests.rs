@@ -93,7 +93,11 @@ fn a_later_override_wins_and_expect_all_ingress_egress_are_peer_rules() {
     assert_eq!(t.get("x/c", "x/a"), Some(Cell::Blocked));
     assert_eq!(t.get("y/a", "x/a"), Some(Cell::Blocked));
     assert_eq!(t.get("x/a", "y/a"), Some(Cell::Reach));
-    assert_eq!(t.get("x/a", "x/a"), Some(Cell::Skip), "a pod to itself is never compared");
+    assert_eq!(
+        t.get("x/a", "x/a"),
+        Some(Cell::Skip),
+        "a pod to itself is never compared"
+    );
     // The same overrides the other way round: the blanket one, last, wins everywhere.
     let e = Expectation {
         default: true,
@@ -120,7 +124,10 @@ fn tables_render_parse_and_compare_without_the_diagonal() {
     .table(&pods);
     let text = want.render();
     assert!(text.starts_with("FROM \\ TO   x/a   x/b"), "{text}");
-    assert!(text.contains("\ny/a         .     .     .     -     ok"), "{text}");
+    assert!(
+        text.contains("\ny/a         .     .     .     -     ok"),
+        "{text}"
+    );
     assert_eq!(TruthTable::parse(&text).unwrap(), want);
     // A saved probe output: notes after a blank line are not part of the table.
     assert_eq!(
@@ -132,7 +139,11 @@ fn tables_render_parse_and_compare_without_the_diagonal() {
     assert!(want.differences(&got).is_empty());
     got.set("y/a", "x/b", Cell::Reach);
     got.set("z/c", "y/a", Cell::Error);
-    let diffs: Vec<String> = want.differences(&got).iter().map(|d| d.to_string()).collect();
+    let diffs: Vec<String> = want
+        .differences(&got)
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
     assert_eq!(
         diffs,
         [
@@ -170,14 +181,19 @@ fn addrs() -> Addresses {
 
 #[test]
 fn placeholders_become_addresses_and_cidrs() {
-    let docs = vec![serde_json::json!({"apiVersion": "v1", "kind": "K", "metadata": {"name": "n"},
+    let docs = vec![
+        serde_json::json!({"apiVersion": "v1", "kind": "K", "metadata": {"name": "n"},
         "spec": {"a": "$(ip x/b)", "b": ["$(cidr y/a)", "$(cidr x/b/4)", "$(cidr z/c/24)"],
-                 "c": "from $(ip x/a) to $(ip x/c)!"}})];
+                 "c": "from $(ip x/a) to $(ip x/c)!"}}),
+    ];
     let got = resolve(&docs, &addrs()).unwrap();
     let s = &got[0]["spec"];
     assert_eq!(s["a"], "10.244.1.11");
     assert_eq!(s["b"][0], "10.244.1.13/32");
-    assert_eq!(s["b"][1], "0.0.0.0/4", "host bits cleared, as makeLargeCIDRForIP does");
+    assert_eq!(
+        s["b"][1], "0.0.0.0/4",
+        "host bits cleared, as makeLargeCIDRForIP does"
+    );
     assert_eq!(s["b"][2], "10.244.1.0/24");
     assert_eq!(s["c"], "from 10.244.1.10 to 10.244.1.12!");
     let mut v6 = addrs();
@@ -241,10 +257,12 @@ fn suites_parse_and_errors_name_the_field() {
         let e = err(&body);
         assert!(e.contains(want), "{body}\n→ {e}\n(want {want})");
     }
-    assert!(parse("model: {namespaces: [], pods: [{name: a}], ports: [80]}\ncases: []\n")
-        .unwrap_err()
-        .to_string()
-        .starts_with("model.namespaces 0: "));
+    assert!(
+        parse("model: {namespaces: [], pods: [{name: a}], ports: [80]}\ncases: []\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("model.namespaces 0: ")
+    );
 }
 
 #[test]
@@ -272,10 +290,21 @@ fn a_world_tracks_documents_and_labels_and_undo_restores_the_model() {
     assert_eq!(
         undo,
         vec![
-            Change::Delete(serde_json::json!({"apiVersion": "v1", "kind": "K", "metadata": {"name": "p", "namespace": "x"}, "spec": {"n": 2}})),
-            Change::NamespaceLabels { name: "y".into(), labels: Labels::new() },
-            Change::PodProfiles { pod: PodRef::new("x", "a"), profiles: vec![] },
-            Change::PodLabels { pod: PodRef::new("y", "b"), labels: Labels::new() },
+            Change::Delete(
+                serde_json::json!({"apiVersion": "v1", "kind": "K", "metadata": {"name": "p", "namespace": "x"}, "spec": {"n": 2}})
+            ),
+            Change::NamespaceLabels {
+                name: "y".into(),
+                labels: Labels::new()
+            },
+            Change::PodProfiles {
+                pod: PodRef::new("x", "a"),
+                profiles: vec![]
+            },
+            Change::PodLabels {
+                pod: PodRef::new("y", "b"),
+                labels: Labels::new()
+            },
         ]
     );
     assert_eq!(w, World::new(&suite.model));
@@ -291,11 +320,7 @@ fn the_shipped_suites_parse_and_resolve() {
     let calico = parse(include_str!("../../conformance/calico.yaml")).unwrap();
     assert_eq!(k8s.cases.len(), 48);
     assert_eq!(calico.cases.len(), k8s.cases.len());
-    let skipped: Vec<&str> = k8s
-        .cases
-        .iter()
-        .filter_map(|c| c.skip.as_deref())
-        .collect();
+    let skipped: Vec<&str> = k8s.cases.iter().filter_map(|c| c.skip.as_deref()).collect();
     assert_eq!(skipped.len(), 3);
     assert!(skipped.iter().all(|s| s.contains("SCTP")));
     assert!(calico.cases.iter().all(|c| c.skip.is_none()));
@@ -313,7 +338,8 @@ fn the_shipped_suites_parse_and_resolve() {
             assert!(c.source.is_some(), "{}: no source", c.name);
             let mut w = World::new(&suite.model);
             for s in &c.steps {
-                w.step(s, &addrs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+                w.step(s, &addrs)
+                    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
                 for p in &s.probes {
                     p.expect.table(&suite.model.pods());
                 }
@@ -325,4 +351,32 @@ fn the_shipped_suites_parse_and_resolve() {
             );
         }
     }
+}
+
+/// The transcription of the one e2e case that prints its expected table reproduces that table.
+#[test]
+fn the_transcribed_client_side_egress_case_gives_the_e2e_table() {
+    let k8s = parse(include_str!("../../conformance/kubernetes.yaml")).unwrap();
+    let case = k8s
+        .cases
+        .iter()
+        .find(|c| {
+            c.name
+                .starts_with("should support denying of egress traffic on the client side")
+        })
+        .unwrap();
+    let got = case.steps[0].probes[0].expect.table(&k8s.model.pods());
+    let want = e2e_table(
+        "
+        xa	X	X	X	.	*X*	X	X	X	X
+        xb	.	.	.	X	X	.	.	.	.
+        xc	.	.	.	X	X	.	.	.	.
+        ya	.	.	.	X	X	.	.	.	.
+        yb	.	.	.	X	X	.	.	.	.
+        yc	.	.	.	X	X	.	.	.	.
+        za	.	.	.	X	X	.	.	.	.
+        zb	.	.	.	X	X	.	.	.	.
+        zc	.	.	.	X	X	.	.	.	.",
+    );
+    assert_eq!(got, want, "\n{}", got.render());
 }
