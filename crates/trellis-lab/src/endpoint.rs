@@ -82,7 +82,9 @@ pub fn update(state: &State, member: &str, change: &EndpointChange) -> Result<()
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async {
-            let store = trellis_store::open(&spec).await.map_err(|e| e.to_string())?;
+            let store = trellis_store::open(&spec)
+                .await
+                .map_err(|e| e.to_string())?;
             write(store, &namespace, &container_id, &change).await
         })
     })
@@ -137,10 +139,7 @@ async fn write(
 
 /// Runs `f` on a thread in network namespace `ns` (`None`: this one). setns(2) changes only
 /// the calling thread, so the rest of the process stays where it is.
-fn in_netns<T: Send>(
-    ns: Option<&str>,
-    f: impl FnOnce() -> T + Send,
-) -> Result<T, std::io::Error> {
+fn in_netns<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> Result<T, std::io::Error> {
     std::thread::scope(|s| {
         s.spawn(|| {
             if let Some(ns) = ns {

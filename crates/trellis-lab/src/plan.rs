@@ -187,7 +187,9 @@ impl Step {
             Step::WaitAgent { .. } => "wait for the agent".into(),
             Step::Plugin { link } => format!("link the CNI plugin as {link}"),
             Step::Pod { node, .. } => format!("add the pod on {node} through CNI"),
-            Step::Endpoint { .. } => "write labels, ports and service account on its endpoint".into(),
+            Step::Endpoint { .. } => {
+                "write labels, ports and service account on its endpoint".into()
+            }
             Step::WaitServer { .. } => "wait for its server".into(),
             Step::Policies { .. } => "apply the policies".into(),
         }

@@ -168,7 +168,10 @@ fn record(
                 Cell::Error
             }
             None => {
-                notes.push(format!("{} -> {}: the client did not report it", source.label, t.label));
+                notes.push(format!(
+                    "{} -> {}: the client did not report it",
+                    source.label, t.label
+                ));
                 Cell::Error
             }
         };
@@ -272,16 +275,31 @@ mod tests {
             &targets,
             Ok(vec![
                 ("x/b".into(), Reply::Reached),
-                ("y/a".into(), Reply::Error("answered by \"y/b\", not y/a".into())),
+                (
+                    "y/a".into(),
+                    Reply::Error("answered by \"y/b\", not y/a".into()),
+                ),
             ]),
         );
         assert_eq!(t.get("x/a", "x/a"), Some(Cell::Skip));
         assert_eq!(t.get("x/a", "x/b"), Some(Cell::Reach));
         assert_eq!(t.get("x/a", "y/a"), Some(Cell::Error));
-        record(&mut t, &mut notes, &targets[1], &targets, Ok(vec![("x/a".into(), Reply::Blocked)]));
+        record(
+            &mut t,
+            &mut notes,
+            &targets[1],
+            &targets,
+            Ok(vec![("x/a".into(), Reply::Blocked)]),
+        );
         assert_eq!(t.get("x/b", "x/a"), Some(Cell::Blocked));
         assert_eq!(t.get("x/b", "y/a"), Some(Cell::Error), "not reported");
-        record(&mut t, &mut notes, &targets[2], &targets, Err("the client failed".into()));
+        record(
+            &mut t,
+            &mut notes,
+            &targets[2],
+            &targets,
+            Err("the client failed".into()),
+        );
         assert_eq!(t.get("y/a", "x/a"), Some(Cell::Error));
         assert_eq!(t.get("y/a", "y/a"), Some(Cell::Skip));
         assert_eq!(

@@ -36,9 +36,13 @@ impl std::str::FromStr for Target {
         let (a, n) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?}: expected ADDRESS=NAME"))?;
-        let address = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+        let address = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
         if n.is_empty() || n.len() > ANSWER_MAX || n.contains(char::is_whitespace) {
-            return Err(format!("{n:?} is not a name (1-{ANSWER_MAX} characters, no spaces)"));
+            return Err(format!(
+                "{n:?} is not a name (1-{ANSWER_MAX} characters, no spaces)"
+            ));
         }
         Ok(Target {
             address,
@@ -84,7 +88,11 @@ pub fn parse_report_line(line: &str) -> Option<(String, Reply)> {
 /// has IPv6, else IPv4 alone.
 fn bound(at: Option<IpAddr>, port: u16, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
     if let Some(a) = at {
-        let s = Socket::new(Domain::for_address(SocketAddr::new(a, port)), ty, Some(proto))?;
+        let s = Socket::new(
+            Domain::for_address(SocketAddr::new(a, port)),
+            ty,
+            Some(proto),
+        )?;
         s.set_reuse_address(true)?;
         s.bind(&SocketAddr::new(a, port).into())?;
         return Ok(s);
@@ -188,7 +196,10 @@ pub fn connect(
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Reply::Error("client thread panicked".into())))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Reply::Error("client thread panicked".into()))
+                })
                 .collect()
         });
         out.extend(replies);
@@ -196,7 +207,13 @@ pub fn connect(
     out
 }
 
-fn try_one(protocol: ProbeProtocol, port: Option<u16>, timeout: Duration, t: &Target, seq: u16) -> Reply {
+fn try_one(
+    protocol: ProbeProtocol,
+    port: Option<u16>,
+    timeout: Duration,
+    t: &Target,
+    seq: u16,
+) -> Reply {
     match (protocol, port) {
         (ProbeProtocol::Tcp, Some(p)) => tcp(SocketAddr::new(t.address, p), timeout, &t.name),
         (ProbeProtocol::Udp, Some(p)) => udp(SocketAddr::new(t.address, p), timeout, &t.name),
@@ -393,7 +410,8 @@ mod tests {
     fn the_client_tells_the_right_pod_from_a_wrong_one() {
         let free = |ty| {
             let s = Socket::new(Domain::IPV4, ty, None).unwrap();
-            s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+            s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+                .unwrap();
             s.local_addr().unwrap().as_socket().unwrap().port()
         };
         let (tp, up, closed_port) = (free(Type::STREAM), free(Type::DGRAM), free(Type::STREAM));
@@ -422,6 +440,9 @@ mod tests {
         }
         let closed = connect(ProbeProtocol::Tcp, Some(closed_port), second, &[t("x/a")]);
         assert!(matches!(&closed[0], Reply::Error(_)), "{closed:?}");
-        assert_eq!(connect(ProbeProtocol::Icmp, None, second, &[t("x/a")]), [Reply::Reached]);
+        assert_eq!(
+            connect(ProbeProtocol::Icmp, None, second, &[t("x/a")]),
+            [Reply::Reached]
+        );
     }
 }

@@ -64,7 +64,8 @@ pub(super) fn pods(t: &Topology) -> Result<(), LabError> {
             ));
         }
         if let Some(sa) = &p.service_account {
-            subdomain(sa).map_err(|r| bad(format!("pods[{i}].serviceAccount"), format!("{sa:?}"), r))?;
+            subdomain(sa)
+                .map_err(|r| bad(format!("pods[{i}].serviceAccount"), format!("{sa:?}"), r))?;
         }
         ports(i, p)?;
     }
