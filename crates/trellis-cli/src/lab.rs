@@ -127,7 +127,6 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
             externals,
             timeout_ms,
         } => {
-            let state = State::load(&pick(lab)?)?;
             let want = match &expect {
                 Some(f) => {
                     let text = std::fs::read_to_string(f).map_err(|e| anyhow!("{f}: {e}"))?;
@@ -135,6 +134,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
                 }
                 None => None,
             };
+            let state = State::load(&pick(lab)?)?;
             let spec = ProbeSpec {
                 protocol: protocol_of(&protocol)?,
                 port,
