@@ -158,10 +158,14 @@ pub fn serve_at(
 
 fn serve_tcp(l: &TcpListener, answer: &[u8]) {
     for conn in l.incoming() {
-        // A client that went away is its own business; the server goes on.
-        if let Ok(mut c) = conn {
-            let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = c.write_all(answer);
+        match conn {
+            Ok(mut c) => {
+                // A client that went away is its own business; the server goes on.
+                let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = c.write_all(answer);
+            }
+            // Out of descriptors, say: wait instead of spinning on the error.
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }
@@ -169,8 +173,11 @@ fn serve_tcp(l: &TcpListener, answer: &[u8]) {
 fn serve_udp(u: &UdpSocket, answer: &[u8]) {
     let mut buf = [0u8; 512];
     loop {
-        if let Ok((_, from)) = u.recv_from(&mut buf) {
-            let _ = u.send_to(answer, from);
+        match u.recv_from(&mut buf) {
+            Ok((_, from)) => {
+                let _ = u.send_to(answer, from);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }

@@ -484,7 +484,7 @@ fn check_model(m: &ConformanceModel) -> Result<(), ConformanceError> {
         }
         name(&format!("model.pods[{i}].name"), &p.name)?;
     }
-    if m.ports.iter().any(|p| *p == 0) {
+    if m.ports.contains(&0) {
         return Err(invalid("model.ports", &m.ports, "ports are 1-65535"));
     }
     Ok(())
