@@ -453,18 +453,23 @@ fn policy_example(name: &str, with_policies: bool) -> std::path::PathBuf {
     file
 }
 
-/// The all-reachable table over the example's nine pods.
-fn all_reachable() -> String {
-    let pods: Vec<trellis_policy::conformance::PodRef> = ["x", "y", "z"]
+/// The all-reachable table over the example's nine pods, from `extra` sources too.
+fn all_reachable(extra: &[&str]) -> String {
+    use trellis_policy::conformance::{Cell, TruthTable};
+    let pods: Vec<String> = ["x", "y", "z"]
         .iter()
-        .flat_map(|ns| ["a", "b", "c"].map(|p| trellis_policy::conformance::PodRef::new(ns, p)))
+        .flat_map(|ns| ["a", "b", "c"].map(|p| format!("{ns}/{p}")))
         .collect();
-    trellis_policy::conformance::Expectation {
-        default: true,
-        peers: vec![],
+    let rows = pods
+        .iter()
+        .cloned()
+        .chain(extra.iter().map(|e| e.to_string()))
+        .collect();
+    let mut t = TruthTable::new(rows, pods.clone(), Cell::Reach);
+    for p in &pods {
+        t.set(p, p, Cell::Skip);
     }
-    .table(&pods)
-    .render()
+    t.render()
 }
 
 /// `trellis lab probe`, repeated until it matches `expect` or `secs` have gone by (routes across
@@ -516,7 +521,7 @@ fn policy_example_serves_and_probes() {
         .unwrap_or_else(|| panic!("no endpoint for y/a: {weps}"));
     assert_eq!(ya["metadata"]["labels"]["pod"], "a", "{ya}");
 
-    let all = all_reachable();
+    let all = all_reachable(&[]);
     for args in [
         &["--port", "80"][..],
         &["--port", "81", "--protocol", "udp"][..],
@@ -527,6 +532,14 @@ fn policy_example_serves_and_probes() {
         columns_follow_rows(&out);
         assert!(out.contains("the table matches"), "{out}");
     }
+    // The external host as an extra source.
+    let (ok, out) = probe_until(
+        name,
+        &["--port", "81", "--externals"],
+        &all_reachable(&["outside"]),
+        10,
+    );
+    assert!(ok && out.contains("\noutside     ok    ok"), "{out}");
 
     // TCP 80 dropped inside x/b (its own namespace): x/b's column is blocked, nothing else.
     for cmd in [
@@ -638,4 +651,53 @@ fn probe_refuses_bad_input() {
         !ok && out.contains("truth table line 2: 1 cells for 2 columns"),
         "{out}"
     );
+}
+
+/// With etcd (in the lab's control namespace) the endpoints get their labels too — the lab
+/// writes them from a thread inside that namespace — and every pair is reached.
+#[test]
+fn policy_example_on_etcd() {
+    let name = "tpolicye";
+    let _guard = LabGuard(name.into());
+    let file = policy_example(name, false);
+    let (ok, out) = trellis(&[
+        "lab",
+        "up",
+        "-f",
+        file.to_str().unwrap(),
+        "--datastore-kind",
+        "etcd",
+    ]);
+    std::fs::remove_file(&file).unwrap();
+    assert!(ok, "{out}");
+    let state = trellis_lab::State::load(name).unwrap();
+    assert!(state.datastore.starts_with("etcd:"), "{}", state.datastore);
+    let (ok, weps) = trellis(&[
+        "lab",
+        "exec",
+        name,
+        "control",
+        "--",
+        common::bin("trellis").to_str().unwrap(),
+        "--datastore",
+        &state.datastore,
+        "get",
+        "workloadendpoints",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{weps}");
+    let weps: serde_json::Value = serde_json::from_str(&weps).unwrap();
+    let labelled = weps["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["metadata"]["labels"]["pod"] == w["spec"]["pod"])
+        .count();
+    assert_eq!(labelled, 9, "{weps}");
+    let (ok, out) = probe_until(name, &["--port", "80"], &all_reachable(&[]), 30);
+    assert!(ok, "{out}");
+    let (ok, out) = trellis(&["lab", "down", name]);
+    assert!(ok, "{out}");
+    assert_nothing_left(name);
 }
