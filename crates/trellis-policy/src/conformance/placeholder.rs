@@ -7,13 +7,20 @@ use serde_json::Value;
 
 use super::{invalid, Addresses, ConformanceError, ConformanceModel, PodRef};
 
-/// A placeholder: `ip` or `cidr`, the pod, and the prefix length (`cidr` without one: the
-/// address's host length).
+/// What a placeholder stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// The address.
+    Ip,
+    /// The network of this prefix length holding the address (`None`: the host length).
+    Cidr(Option<u8>),
+}
+
+/// A placeholder: the form and the pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placeholder {
-    what: &'static str,
+    form: Form,
     pod: PodRef,
-    prefix: Option<u8>,
 }
 
 /// The placeholders of a string, with their byte ranges.
@@ -29,15 +36,13 @@ fn placeholders(s: &str) -> Result<Vec<(std::ops::Range<usize>, Placeholder)>, S
         let inner = &s[start + 2..end - 1];
         let ph = match inner.split_once(' ') {
             Some(("ip", p)) => Placeholder {
-                what: "ip",
+                form: Form::Ip,
                 pod: p.parse()?,
-                prefix: None,
             },
             Some(("cidr", p)) => match p.matches('/').count() {
                 1 => Placeholder {
-                    what: "cidr",
+                    form: Form::Cidr(None),
                     pod: p.parse()?,
-                    prefix: None,
                 },
                 2 => {
                     let (pod, len) = p.rsplit_once('/').expect("two slashes");
@@ -47,9 +52,8 @@ fn placeholders(s: &str) -> Result<Vec<(std::ops::Range<usize>, Placeholder)>, S
                         .filter(|l| *l <= 128)
                         .ok_or_else(|| format!("{len:?} is not a prefix length"))?;
                     Placeholder {
-                        what: "cidr",
+                        form: Form::Cidr(Some(prefix)),
                         pod: pod.parse()?,
-                        prefix: Some(prefix),
                     }
                 }
                 _ => return Err(format!("$({inner}): expected $(cidr NS/POD[/LEN])")),
@@ -111,11 +115,11 @@ pub fn resolve(docs: &[Value], addrs: &Addresses) -> Result<Vec<Value>, Conforma
                     .ok_or_else(|| ConformanceError::NoAddress {
                         pod: ph.pod.to_string(),
                     })?;
-                let text = match ph.what {
-                    "ip" => ip.to_string(),
-                    _ => {
+                let text = match ph.form {
+                    Form::Ip => ip.to_string(),
+                    Form::Cidr(prefix) => {
                         let host = if ip.is_ipv4() { 32 } else { 128 };
-                        let len = ph.prefix.unwrap_or(host);
+                        let len = prefix.unwrap_or(host);
                         IpNet::new(ip, len)
                             .map_err(|_| {
                                 invalid(
