@@ -453,6 +453,19 @@ fn policy_example(name: &str, with_policies: bool) -> std::path::PathBuf {
     file
 }
 
+/// The WorkloadEndpoints of the example's namespaces x, y and z, read with `trellis get` run
+/// by `cli`.
+fn example_endpoints(cli: impl Fn(&[&str]) -> (bool, String)) -> Vec<serde_json::Value> {
+    let mut all = Vec::new();
+    for ns in ["x", "y", "z"] {
+        let (ok, out) = cli(&["get", "workloadendpoints", "-n", ns, "-o", "json"]);
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        all.extend(v["items"].as_array().unwrap().iter().cloned());
+    }
+    all
+}
+
 /// The all-reachable table over the example's nine pods, from `extra` sources too.
 fn all_reachable(extra: &[&str]) -> String {
     use trellis_policy::conformance::{Cell, TruthTable};
@@ -510,15 +523,16 @@ fn policy_example_serves_and_probes() {
 
     // What the lab wrote on the endpoints: namespace and pod from CNI, labels after ADD.
     let db = format!("sqlite:/run/trellis/lab/{name}/trellis.db");
-    let (ok, weps) = trellis(&["--datastore", &db, "get", "workloadendpoints", "-o", "json"]);
-    assert!(ok, "{weps}");
-    let weps: serde_json::Value = serde_json::from_str(&weps).unwrap();
-    let items = weps["items"].as_array().unwrap();
-    assert_eq!(items.len(), 9, "{weps}");
+    let items = example_endpoints(|args| {
+        let mut argv = vec!["--datastore", db.as_str()];
+        argv.extend_from_slice(args);
+        trellis(&argv)
+    });
+    assert_eq!(items.len(), 9, "{items:?}");
     let ya = items
         .iter()
         .find(|w| w["metadata"]["namespace"] == "y" && w["spec"]["pod"] == "a")
-        .unwrap_or_else(|| panic!("no endpoint for y/a: {weps}"));
+        .unwrap_or_else(|| panic!("no endpoint for y/a: {items:?}"));
     assert_eq!(ya["metadata"]["labels"]["pod"], "a", "{ya}");
 
     let all = all_reachable(&[]);
@@ -672,29 +686,26 @@ fn policy_example_on_etcd() {
     assert!(ok, "{out}");
     let state = trellis_lab::State::load(name).unwrap();
     assert!(state.datastore.starts_with("etcd:"), "{}", state.datastore);
-    let (ok, weps) = trellis(&[
-        "lab",
-        "exec",
-        name,
-        "control",
-        "--",
-        common::bin("trellis").to_str().unwrap(),
-        "--datastore",
-        &state.datastore,
-        "get",
-        "workloadendpoints",
-        "-o",
-        "json",
-    ]);
-    assert!(ok, "{weps}");
-    let weps: serde_json::Value = serde_json::from_str(&weps).unwrap();
-    let labelled = weps["items"]
-        .as_array()
-        .unwrap()
+    let trellis_bin = common::bin("trellis");
+    let items = example_endpoints(|args| {
+        let mut argv = vec![
+            "lab",
+            "exec",
+            name,
+            "control",
+            "--",
+            trellis_bin.to_str().unwrap(),
+            "--datastore",
+            &state.datastore,
+        ];
+        argv.extend_from_slice(args);
+        trellis(&argv)
+    });
+    let labelled = items
         .iter()
         .filter(|w| w["metadata"]["labels"]["pod"] == w["spec"]["pod"])
         .count();
-    assert_eq!(labelled, 9, "{weps}");
+    assert_eq!(labelled, 9, "{items:?}");
     let (ok, out) = probe_until(name, &["--port", "80"], &all_reachable(&[]), 30);
     assert!(ok, "{out}");
     let (ok, out) = trellis(&["lab", "down", name]);

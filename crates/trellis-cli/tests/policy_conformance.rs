@@ -156,7 +156,9 @@ impl Replay {
 
     fn cli(&self, args: &[&str], input: &str) -> Result<String, String> {
         let mut c = Command::new(bin("trellis"));
-        c.args(["--datastore", &self.state.datastore]).args(args);
+        c.args(["--datastore", &self.state.datastore])
+            .args(args)
+            .stderr(std::process::Stdio::piped());
         let out = common::spawn_with_input(&mut c, input)
             .wait_with_output()
             .unwrap();
@@ -381,7 +383,10 @@ fn replay_case(
 fn pod_changes_reach_the_endpoint(lab: &Replay, model: &ConformanceModel) {
     let endpoint = |p: &PodRef| -> Value {
         let out = lab
-            .cli(&["get", "workloadendpoints", "-o", "json"], "")
+            .cli(
+                &["get", "workloadendpoints", "-n", &p.namespace, "-o", "json"],
+                "",
+            )
             .unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         v["items"]

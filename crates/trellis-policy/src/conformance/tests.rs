@@ -287,8 +287,15 @@ fn a_world_tracks_documents_and_labels_and_undo_restores_the_model() {
     assert_eq!(docs[0]["spec"]["n"], 2);
     assert_eq!(w.pods[&PodRef::new("y", "b")].labels["new"], "1");
     assert_eq!(w.pods[&PodRef::new("x", "a")].profiles, ["pr"]);
-    w.step(&steps[2], &addrs).unwrap();
+    let changes = w.step(&steps[2], &addrs).unwrap();
     assert_eq!(w.documents().count(), 1);
+    assert_eq!(
+        changes[0],
+        Change::Delete(
+            serde_json::json!({"apiVersion": "v1", "kind": "K", "metadata": {"name": "q", "namespace": "x"}, "spec": {"ip": "10.0.0.7"}})
+        ),
+        "a delete carries the document as applied"
+    );
     assert_eq!(w.namespaces["y"]["extra"], "1");
     let undo = w.undo();
     assert_eq!(

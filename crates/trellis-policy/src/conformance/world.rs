@@ -21,7 +21,7 @@ pub struct PodState {
 /// One change a replay makes, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// Delete this document (resolved).
+    /// Delete this document (resolved; the whole document as applied when the world has it).
     Delete(Value),
     /// Apply (create or replace) this document (resolved).
     Apply(Value),
@@ -88,9 +88,15 @@ impl World {
     ) -> Result<Vec<Change>, ConformanceError> {
         let mut out = Vec::new();
         for d in resolve(&step.delete, addrs)? {
+            // The document as it was applied: a delete names an object by key, but whoever
+            // carries the change out may need the whole document (`trellis delete -f`
+            // validates what it reads).
             let key = doc_key("delete", &d)?;
-            self.documents.retain(|(k, _)| *k != key);
-            out.push(Change::Delete(d));
+            let full = match self.documents.iter().position(|(k, _)| *k == key) {
+                Some(i) => self.documents.remove(i).1,
+                None => d,
+            };
+            out.push(Change::Delete(full));
         }
         for d in resolve(&step.apply, addrs)? {
             let key = doc_key("apply", &d)?;
