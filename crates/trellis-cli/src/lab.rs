@@ -1,11 +1,14 @@
 //! `trellis lab` subcommands: thin wrappers around [`trellis_lab`] that print.
 
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use trellis_lab::check::{matrix, member_order};
+use trellis_lab::probe::{probe, ProbeSpec};
+use trellis_lab::traffic::{connect, report_line, serve, Target, MAX_TARGETS};
 use trellis_lab::{check, down, exec_cmd, pick, topology, up, validate, State};
+use trellis_policy::conformance::{ProbeProtocol, TruthTable};
 
 use crate::table::render;
 use crate::LabCommand;
@@ -116,6 +119,60 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        LabCommand::Probe {
+            lab,
+            port,
+            protocol,
+            expect,
+            externals,
+            timeout_ms,
+        } => {
+            let want = match &expect {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f).map_err(|e| anyhow!("{f}: {e}"))?;
+                    Some(TruthTable::parse(&text).map_err(|e| anyhow!("{f}: {e}"))?)
+                }
+                None => None,
+            };
+            let state = State::load(&pick(lab)?)?;
+            let spec = ProbeSpec {
+                protocol: protocol_of(&protocol)?,
+                port,
+                timeout: Duration::from_millis(timeout_ms),
+                externals,
+                trellis: std::env::current_exe()?,
+            };
+            let got = probe(&state, &spec)?;
+            print!("{}", got.table.render());
+            if !got.notes.is_empty() {
+                println!();
+                for n in &got.notes {
+                    println!("{n}");
+                }
+            }
+            let Some(want) = want else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            let diffs = want.differences(&got.table);
+            println!();
+            for d in &diffs {
+                println!("{d}");
+            }
+            if diffs.is_empty() {
+                println!("the table matches {}", expect.unwrap_or_default());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "{} cell(s) differ from {}",
+                    diffs.len(),
+                    expect.unwrap_or_default()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        LabCommand::Serve { .. } | LabCommand::Connect { .. } => {
+            unreachable!("run before the runtime starts (run_traffic)")
+        }
         LabCommand::Down { lab } => {
             let name = pick(lab)?;
             let td = down(&name);
@@ -139,4 +196,67 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
             })
         }
     }
+}
+
+fn protocol_of(p: &str) -> Result<ProbeProtocol> {
+    Ok(match p {
+        "tcp" => ProbeProtocol::Tcp,
+        "udp" => ProbeProtocol::Udp,
+        "icmp" => ProbeProtocol::Icmp,
+        other => bail!("--protocol {other:?}: must be tcp, udp or icmp"),
+    })
+}
+
+/// The lab's traffic subcommands (`serve`, `connect`), which need no async runtime; `None` for
+/// every other lab subcommand.
+pub fn run_traffic(cmd: &LabCommand) -> Option<ExitCode> {
+    let result = match cmd {
+        LabCommand::Serve {
+            name,
+            tcp,
+            udp,
+            ready,
+        } => serve(name, tcp, udp, ready.as_deref().map(std::path::Path::new))
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| anyhow!("serve {name}: {e}")),
+        LabCommand::Connect {
+            protocol,
+            port,
+            timeout_ms,
+            targets,
+        } => run_connect(protocol, *port, *timeout_ms, targets),
+        _ => return None,
+    };
+    Some(result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    }))
+}
+
+fn run_connect(
+    protocol: &str,
+    port: Option<u16>,
+    timeout_ms: u64,
+    targets: &[String],
+) -> Result<ExitCode> {
+    if targets.len() > MAX_TARGETS {
+        bail!("{} targets; at most {MAX_TARGETS}", targets.len());
+    }
+    if !(1..=10_000).contains(&timeout_ms) {
+        bail!("--timeout-ms {timeout_ms}: must be 1-10000");
+    }
+    let targets: Vec<Target> = targets
+        .iter()
+        .map(|t| t.parse().map_err(|e: String| anyhow!(e)))
+        .collect::<Result<_>>()?;
+    let replies = connect(
+        protocol_of(protocol)?,
+        port,
+        Duration::from_millis(timeout_ms),
+        &targets,
+    );
+    for (t, r) in targets.iter().zip(&replies) {
+        println!("{}", report_line(t, r));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -131,6 +131,49 @@ pub enum LabCommand {
     },
     /// Ping matrix between pods (and the topology's expectations); exit 1 if any fails.
     Check { lab: Option<String> },
+    /// Truth table of every ordered pair of pods on a port (`.` blocked, `ok` reached by the
+    /// right pod); with --expect, exit 1 unless it matches that table.
+    Probe {
+        lab: Option<String>,
+        /// Destination port (not for ICMP).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "icmp"])]
+        protocol: String,
+        /// A truth table file (as `lab probe` prints) the result must match.
+        #[arg(long)]
+        expect: Option<String>,
+        /// External hosts probe the pods too (extra rows).
+        #[arg(long)]
+        externals: bool,
+        /// How long each destination gets to answer.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// A pod's server: answers with NAME on the TCP and UDP ports (run by `lab up`).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+        /// Written once every port is bound.
+        #[arg(long)]
+        ready: Option<String>,
+    },
+    /// The probe client: tries ADDRESS=NAME targets, one report line each (run by `lab probe`).
+    #[command(hide = true)]
+    Connect {
+        #[arg(long, value_parser = ["tcp", "udp", "icmp"])]
+        protocol: String,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        targets: Vec<String>,
+    },
     /// Remove every namespace, process and file the lab made.
     Down { lab: Option<String> },
 }
@@ -218,6 +261,12 @@ fn main() -> std::process::ExitCode {
         .try_init();
     if matches!(cli.command, Command::Agent(_)) {
         trellis_agent::limit_malloc_arenas();
+    }
+    // The lab's pod servers and probe clients are plain threads: no runtime, no datastore.
+    if let Command::Lab { command } = &cli.command {
+        if let Some(code) = lab::run_traffic(command) {
+            return code;
+        }
     }
     // Which datastore; for an etcd lab, the command runs again inside its control namespace.
     let datastore = match target::resolve(&cli, &matches) {

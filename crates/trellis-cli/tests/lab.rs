@@ -425,3 +425,290 @@ fn down_spares_a_process_that_reuses_a_recorded_pid() {
     );
     assert_nothing_left(name);
 }
+
+/// Whether `trellis_resources` knows the policy kinds yet (issue 10's resources work adds
+/// them); until then a topology's `policies:` cannot validate.
+fn policy_kinds_known() -> bool {
+    trellis_resources::parse_documents(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {}}\n",
+    )
+    .is_ok()
+}
+
+/// `examples/lab/policy.yaml` under another name; without its policies while the policy kinds
+/// do not exist, and with none when `with_policies` is false.
+fn policy_example(name: &str, with_policies: bool) -> std::path::PathBuf {
+    let path = format!(
+        "{}/../../examples/lab/policy.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut t = trellis_lab::topology::decode(&std::fs::read_to_string(path).unwrap()).unwrap();
+    t.name = name.to_string();
+    if !with_policies || !policy_kinds_known() {
+        eprintln!("examples/lab/policy.yaml: brought up without its policies");
+        t.policies = None;
+    }
+    let file = std::env::temp_dir().join(format!("trellis-test-{name}.yaml"));
+    std::fs::write(&file, serde_norway::to_string(&t).unwrap()).unwrap();
+    file
+}
+
+/// The WorkloadEndpoints of the example's namespaces x, y and z, read with `trellis get` run
+/// by `cli`.
+fn example_endpoints(cli: impl Fn(&[&str]) -> (bool, String)) -> Vec<serde_json::Value> {
+    let mut all = Vec::new();
+    for ns in ["x", "y", "z"] {
+        let (ok, out) = cli(&["get", "workloadendpoints", "-n", ns, "-o", "json"]);
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        all.extend(v["items"].as_array().unwrap().iter().cloned());
+    }
+    all
+}
+
+/// The all-reachable table over the example's nine pods, from `extra` sources too.
+fn all_reachable(extra: &[&str]) -> String {
+    use trellis_policy::conformance::{Cell, TruthTable};
+    let pods: Vec<String> = ["x", "y", "z"]
+        .iter()
+        .flat_map(|ns| ["a", "b", "c"].map(|p| format!("{ns}/{p}")))
+        .collect();
+    let rows = pods
+        .iter()
+        .cloned()
+        .chain(extra.iter().map(|e| e.to_string()))
+        .collect();
+    let mut t = TruthTable::new(rows, pods.clone(), Cell::Reach);
+    for p in &pods {
+        t.set(p, p, Cell::Skip);
+    }
+    t.render()
+}
+
+/// `trellis lab probe`, repeated until it matches `expect` or `secs` have gone by (routes across
+/// nodes converge asynchronously after `up`); the last answer.
+fn probe_until(lab: &str, args: &[&str], expect: &str, secs: u64) -> (bool, String) {
+    let file =
+        std::env::temp_dir().join(format!("trellis-test-{lab}-{}.expect", std::process::id()));
+    std::fs::write(&file, expect).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut argv = vec!["lab", "probe", lab, "--expect", file.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let result = loop {
+        let (ok, out) = trellis(&argv);
+        if ok || Instant::now() >= deadline {
+            break (ok, out);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    std::fs::remove_file(&file).unwrap();
+    result
+}
+
+/// The policy example: pods in namespaces x, y, z (the Kubernetes e2e model) with their labels
+/// on their WorkloadEndpoints, a server per pod answering with its name on TCP and UDP 80 and
+/// 81, and `lab probe`'s truth table: every pair reached (no policy is enforced yet) on TCP,
+/// UDP and ICMP; a port dropped inside one pod shows as `.` in its column; `--expect` fails on
+/// a difference and names the cell; a wrong pod answering is an error, not a reached pod;
+/// `down` stops the servers.
+#[test]
+fn policy_example_serves_and_probes() {
+    let name = "tpolicy";
+    let _guard = LabGuard(name.into());
+    let file = policy_example(name, true);
+    let (ok, out) = trellis(&["lab", "up", "-f", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("x-a: server started"), "{out}");
+
+    // What the lab wrote on the endpoints: namespace and pod from CNI, labels after ADD.
+    let db = format!("sqlite:/run/trellis/lab/{name}/trellis.db");
+    let items = example_endpoints(|args| {
+        let mut argv = vec!["--datastore", db.as_str()];
+        argv.extend_from_slice(args);
+        trellis(&argv)
+    });
+    assert_eq!(items.len(), 9, "{items:?}");
+    let ya = items
+        .iter()
+        .find(|w| w["metadata"]["namespace"] == "y" && w["spec"]["pod"] == "a")
+        .unwrap_or_else(|| panic!("no endpoint for y/a: {items:?}"));
+    assert_eq!(ya["metadata"]["labels"]["pod"], "a", "{ya}");
+
+    let all = all_reachable(&[]);
+    for args in [
+        &["--port", "80"][..],
+        &["--port", "81", "--protocol", "udp"][..],
+        &["--protocol", "icmp"][..],
+    ] {
+        let (ok, out) = probe_until(name, args, &all, 30);
+        assert!(ok, "probe {args:?}:\n{out}");
+        columns_follow_rows(&out);
+        assert!(out.contains("the table matches"), "{out}");
+    }
+    // The external host as an extra source.
+    let (ok, out) = probe_until(
+        name,
+        &["--port", "81", "--externals"],
+        &all_reachable(&["outside"]),
+        10,
+    );
+    assert!(ok && out.contains("\noutside     ok    ok"), "{out}");
+
+    // TCP 80 dropped inside x/b (its own namespace): x/b's column is blocked, nothing else.
+    for cmd in [
+        "add table inet tdrop",
+        "add chain inet tdrop in { type filter hook input priority 0 ; }",
+        "add rule inet tdrop in tcp dport 80 drop",
+    ] {
+        let (ok, out) = trellis(&["lab", "exec", name, "x-b", "--", "nft", cmd]);
+        assert!(ok, "nft {cmd}: {out}");
+    }
+    let (ok, out) = trellis(&["lab", "probe", name, "--port", "80", "--timeout-ms", "500"]);
+    assert!(ok, "without --expect a probe exits 0: {out}");
+    let table = trellis_policy::conformance::TruthTable::parse(&out).unwrap();
+    for (from, to, cell) in table.cells() {
+        let want = match (from == to, to == "x/b") {
+            (true, _) => trellis_policy::conformance::Cell::Skip,
+            (false, true) => trellis_policy::conformance::Cell::Blocked,
+            (false, false) => trellis_policy::conformance::Cell::Reach,
+        };
+        assert_eq!(cell, want, "{from} -> {to}:\n{out}");
+    }
+    let (ok, out) = probe_until(name, &["--port", "80", "--timeout-ms", "500"], &all, 0);
+    assert!(!ok, "--expect must fail on a difference:\n{out}");
+    assert!(
+        out.contains("x/a -> x/b: expected ok, got .") && out.contains("8 cell(s) differ"),
+        "{out}"
+    );
+    // UDP on the same port still passes: the drop is TCP only.
+    let (ok, out) = probe_until(name, &["--port", "80", "--protocol", "udp"], &all, 0);
+    assert!(ok, "{out}");
+
+    // A wrong pod answering (x/c's address given as y/a's) is an error, not a reached pod.
+    let state = trellis_lab::State::load(name).unwrap();
+    let target = format!("{}=y/a", state.pod_ips["x-c"]);
+    let (ok, out) = trellis(&[
+        "lab",
+        "exec",
+        name,
+        "x-a",
+        "--",
+        common::bin("trellis").to_str().unwrap(),
+        "lab",
+        "connect",
+        "--protocol",
+        "tcp",
+        "--port",
+        "81",
+        &target,
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "y/a\terror\tanswered by \"x/c\", not y/a");
+
+    let (ok, out) = trellis(&["lab", "down", name]);
+    assert!(ok, "{out}");
+    assert_nothing_left(name);
+}
+
+/// Probe input is checked before anything is sent.
+#[test]
+fn probe_refuses_bad_input() {
+    for (args, want) in [
+        (
+            &["lab", "probe", "tnolab", "--port", "80"][..],
+            "lab \"tnolab\" is not up",
+        ),
+        (
+            &[
+                "lab",
+                "connect",
+                "--protocol",
+                "tcp",
+                "--port",
+                "80",
+                "10.0.0.1",
+            ][..],
+            "expected ADDRESS=NAME",
+        ),
+        (
+            &[
+                "lab",
+                "connect",
+                "--protocol",
+                "tcp",
+                "--port",
+                "80",
+                "--timeout-ms",
+                "0",
+                "10.0.0.1=a",
+            ][..],
+            "--timeout-ms 0: must be 1-10000",
+        ),
+    ] {
+        let (ok, out) = trellis(args);
+        assert!(!ok && out.contains(want), "{args:?}: {out}");
+    }
+    let bad = std::env::temp_dir().join("trellis-test-bad.expect");
+    std::fs::write(&bad, "FROM \\ TO a b\na ok\n").unwrap();
+    let (ok, out) = trellis(&[
+        "lab",
+        "probe",
+        "tnolab",
+        "--port",
+        "80",
+        "--expect",
+        bad.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&bad).unwrap();
+    assert!(
+        !ok && out.contains("truth table line 2: 1 cells for 2 columns"),
+        "{out}"
+    );
+}
+
+/// With etcd (in the lab's control namespace) the endpoints get their labels too — the lab
+/// writes them from a thread inside that namespace — and every pair is reached.
+#[test]
+fn policy_example_on_etcd() {
+    let name = "tpolicye";
+    let _guard = LabGuard(name.into());
+    let file = policy_example(name, false);
+    let (ok, out) = trellis(&[
+        "lab",
+        "up",
+        "-f",
+        file.to_str().unwrap(),
+        "--datastore-kind",
+        "etcd",
+    ]);
+    std::fs::remove_file(&file).unwrap();
+    assert!(ok, "{out}");
+    let state = trellis_lab::State::load(name).unwrap();
+    assert!(state.datastore.starts_with("etcd:"), "{}", state.datastore);
+    let trellis_bin = common::bin("trellis");
+    let items = example_endpoints(|args| {
+        let mut argv = vec![
+            "lab",
+            "exec",
+            name,
+            "control",
+            "--",
+            trellis_bin.to_str().unwrap(),
+            "--datastore",
+            &state.datastore,
+        ];
+        argv.extend_from_slice(args);
+        trellis(&argv)
+    });
+    let labelled = items
+        .iter()
+        .filter(|w| w["metadata"]["labels"]["pod"] == w["spec"]["pod"])
+        .count();
+    assert_eq!(labelled, 9, "{items:?}");
+    let (ok, out) = probe_until(name, &["--port", "80"], &all_reachable(&[]), 30);
+    assert!(ok, "{out}");
+    let (ok, out) = trellis(&["lab", "down", name]);
+    assert!(ok, "{out}");
+    assert_nothing_left(name);
+}

@@ -117,7 +117,7 @@ pub fn programs(steps: &[Step]) -> Result<Programs, LabError> {
             Step::Spawn { argv, .. } => need(&argv[0], s)?,
             Step::Own { .. } => need("chown", s)?,
             Step::WaitEtcd { .. } => need("etcdctl", s)?,
-            Step::Apply { .. } => need("trellis", s)?,
+            Step::Apply { .. } | Step::Policies { .. } => need("trellis", s)?,
             Step::Plugin { .. } => need("trellis-cni", s)?,
             _ => {}
         }
@@ -269,6 +269,40 @@ impl<'a> Applier<'a> {
                 std::os::unix::fs::symlink(self.programs.get("trellis-cni"), link)?;
             }
             Step::Pod { .. } => self.pod(s)?,
+            Step::Endpoint {
+                member,
+                labels,
+                ports,
+                service_account,
+                ..
+            } => {
+                let change = crate::endpoint::EndpointChange::Pod {
+                    labels: labels.clone(),
+                    ports: ports.clone(),
+                    service_account: service_account.clone(),
+                };
+                crate::endpoint::update(&self.state, member, &change)?;
+            }
+            Step::WaitServer { member, ready, log } => self.wait_server(member, ready, log)?,
+            Step::Policies { yaml } => {
+                self.apply_resources(yaml)?;
+                (self.progress)("  policies applied");
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_server(&mut self, member: &str, ready: &str, log: &str) -> Result<(), Failure> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !Path::new(ready).exists() {
+            self.still_running(member, "server", log)?;
+            if Instant::now() > deadline {
+                return Err(Failure(format!(
+                    "not serving within {} s; see {log}",
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
@@ -426,6 +460,7 @@ impl<'a> Applier<'a> {
             node_ns,
             ns,
             namespace,
+            pod,
             container_id,
             socket,
             cni_path,
@@ -435,7 +470,7 @@ impl<'a> Applier<'a> {
         };
         let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
             "type": "trellis-cni", "ipam": {"type": "trellis-ipam", "agentSocket": socket}});
-        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={member}");
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}");
         let out = self
             .in_ns(node_ns, self.programs.get("trellis-cni"))
             .env("CNI_COMMAND", "ADD")

@@ -60,6 +60,12 @@ pub enum LabError {
     },
     #[error("{}: {reason}", path.display())]
     BadState { path: PathBuf, reason: String },
+    /// A pod's WorkloadEndpoint could not be updated.
+    #[error("pod {pod}: its WorkloadEndpoint: {detail}")]
+    Endpoint { pod: String, detail: String },
+    /// A probe could not run (not the reachability it measures: that is its result).
+    #[error("probe: {0}")]
+    Probe(String),
     #[error("{} not found next to {} (build the workspace)", binary.display(), exe.display())]
     MissingBinary { binary: PathBuf, exe: PathBuf },
 }

@@ -12,13 +12,16 @@
 pub mod apply;
 pub mod check;
 pub mod daemons;
+pub mod endpoint;
 mod error;
 pub mod plan;
+pub mod probe;
 pub mod process;
 pub mod resources;
 pub mod state;
 pub mod teardown;
 pub mod topology;
+pub mod traffic;
 pub mod validate;
 
 use std::process::Command;

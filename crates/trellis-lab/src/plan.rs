@@ -1,8 +1,10 @@
 //! The build plan: a validated topology (and what already exists under the lab's name) in, the
 //! ordered list of plain-data steps that build it out — namespaces, bridges, veths with their
-//! addresses, routes, files, processes, the resources to apply, pods through CNI. Pure; the
-//! steps are golden-tested, and [`crate::apply`] carries them out.
+//! addresses, routes, files, processes, the resources to apply, pods through CNI, what the lab
+//! writes on their WorkloadEndpoints, their servers, and the policies. Pure; the steps are
+//! golden-tested, and [`crate::apply`] carries them out.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -11,7 +13,7 @@ use serde::Serialize;
 use crate::daemons;
 use crate::resources::daemon_config;
 use crate::state::lab_dir;
-use crate::topology::{host, DaemonSpec, CONTROL_HOST, ROUTER_HOST};
+use crate::topology::{host, DaemonSpec, LabPod, LabPort, PortProtocol, CONTROL_HOST, ROUTER_HOST};
 use crate::validate::Lab;
 use crate::LabError;
 
@@ -104,17 +106,37 @@ pub enum Step {
     },
     /// The CNI plugin under its own name in the lab directory (the pods' `CNI_PATH`).
     Plugin { link: String },
-    /// CNI ADD for a pod, run in its node's namespace as a runtime would.
+    /// CNI ADD for a pod, run in its node's namespace as a runtime would (`namespace` and
+    /// `pod` go to K8S_POD_NAMESPACE and K8S_POD_NAME).
     Pod {
         member: String,
         node: String,
         node_ns: String,
         ns: String,
         namespace: String,
+        pod: String,
         container_id: String,
         socket: String,
         cni_path: String,
     },
+    /// Writes what a runtime does not pass onto the pod's WorkloadEndpoint (after ADD): its
+    /// labels, named ports and service account.
+    Endpoint {
+        member: String,
+        namespace: String,
+        container_id: String,
+        labels: BTreeMap<String, String>,
+        ports: Vec<LabPort>,
+        service_account: Option<String>,
+    },
+    /// Waits until a pod's server has bound its ports (it writes `ready` then).
+    WaitServer {
+        member: String,
+        ready: String,
+        log: String,
+    },
+    /// `trellis apply` of the policy documents, once every pod serves.
+    Policies { yaml: String },
 }
 
 impl Step {
@@ -130,9 +152,14 @@ impl Step {
             | Step::Spawn { member, .. }
             | Step::WaitEtcd { member, .. }
             | Step::WaitAgent { member, .. }
-            | Step::Pod { member, .. } => member,
+            | Step::Pod { member, .. }
+            | Step::Endpoint { member, .. }
+            | Step::WaitServer { member, .. } => member,
             Step::Bridge { .. } => "fabric",
-            Step::Datastore { .. } | Step::Apply { .. } | Step::Plugin { .. } => "lab",
+            Step::Datastore { .. }
+            | Step::Apply { .. }
+            | Step::Plugin { .. }
+            | Step::Policies { .. } => "lab",
         }
     }
 
@@ -160,6 +187,11 @@ impl Step {
             Step::WaitAgent { .. } => "wait for the agent".into(),
             Step::Plugin { link } => format!("link the CNI plugin as {link}"),
             Step::Pod { node, .. } => format!("add the pod on {node} through CNI"),
+            Step::Endpoint { .. } => {
+                "write labels, ports and service account on its endpoint".into()
+            }
+            Step::WaitServer { .. } => "wait for its server".into(),
+            Step::Policies { .. } => "apply the policies".into(),
         }
     }
 }
@@ -176,6 +208,11 @@ pub struct Observed {
 /// Namespace of a lab member.
 pub fn ns_name(lab: &str, member: &str) -> String {
     format!("tl-{lab}-{member}")
+}
+
+/// The container ID a lab pod is added with.
+pub fn container_id(lab: &str, member: &str) -> String {
+    format!("{lab}-{member}")
 }
 
 /// Whether lab `a`'s namespace prefix (`tl-a-`) also matches lab `b`'s namespaces.
@@ -228,6 +265,11 @@ pub fn plan(lab: &Lab, observed: &Observed) -> Result<Vec<Step>, LabError> {
     p.nodes();
     p.externals();
     p.pods();
+    if !lab.policies().is_empty() {
+        p.steps.push(Step::Policies {
+            yaml: trellis_resources::to_yaml(lab.policies()),
+        });
+    }
     Ok(p.steps)
 }
 
@@ -541,13 +583,61 @@ impl Planner<'_> {
                 member: p.name.clone(),
                 node: p.node.clone(),
                 node_ns: self.ns(&p.node),
-                ns,
+                ns: ns.clone(),
                 namespace: p.namespace.clone(),
-                container_id: format!("{}-{}", t.name, p.name),
+                pod: p.pod_name().to_string(),
+                container_id: container_id(&t.name, &p.name),
                 socket: self.path(&format!("{}.sock", p.node)),
                 cni_path: self.dir.clone(),
             });
+            if !p.labels.is_empty() || !p.ports.is_empty() || p.service_account.is_some() {
+                self.steps.push(Step::Endpoint {
+                    member: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    container_id: container_id(&t.name, &p.name),
+                    labels: p.labels.clone(),
+                    ports: p.ports.clone(),
+                    service_account: p.service_account.clone(),
+                });
+            }
+            self.server(p, ns);
         }
+        for p in t.pods.iter().filter(|p| !p.ports.is_empty()) {
+            self.steps.push(Step::WaitServer {
+                member: p.name.clone(),
+                ready: self.path(&format!("{}.server.ready", p.name)),
+                log: self.path(&format!("{}.server.log", p.name)),
+            });
+        }
+    }
+
+    /// The pod's server for its declared ports, answering with `namespace/pod`.
+    fn server(&mut self, p: &LabPod, ns: String) {
+        if p.ports.is_empty() {
+            return;
+        }
+        let mut argv: Vec<String> = ["trellis", "lab", "serve", "--name"]
+            .map(String::from)
+            .to_vec();
+        argv.push(p.qualified());
+        for port in &p.ports {
+            let flag = match port.protocol {
+                PortProtocol::Tcp => "--tcp",
+                PortProtocol::Udp => "--udp",
+            };
+            argv.extend([flag.to_string(), port.port.to_string()]);
+        }
+        argv.extend([
+            "--ready".to_string(),
+            self.path(&format!("{}.server.ready", p.name)),
+        ]);
+        self.steps.push(Step::Spawn {
+            member: p.name.clone(),
+            ns,
+            what: "server".into(),
+            argv,
+            log: Some(self.path(&format!("{}.server.log", p.name))),
+        });
     }
 }
 

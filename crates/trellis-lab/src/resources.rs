@@ -1,7 +1,8 @@
 //! What the lab writes for a topology: the resources it applies (IPPools, the BGPConfiguration,
-//! Nodes with BGP settings, a BGPPeer per daemon–node session, the topology's own documents),
-//! built as typed `trellis_resources` values and validated as `trellis apply` would validate
-//! them, and the configuration its BGP daemons get. Pure.
+//! Nodes with BGP settings, a BGPPeer per daemon–node session, Namespaces, the topology's own
+//! documents) and the policies it applies once the pods serve, built as typed
+//! `trellis_resources` values and validated as `trellis apply` would validate them, and the
+//! configuration its BGP daemons get. Pure.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +13,7 @@ use trellis_resources::{
 };
 
 use crate::daemons::{DaemonConfig, DaemonPeer};
-use crate::topology::{host, Addrs, DaemonSpec, Topology, ROUTER_HOST};
+use crate::topology::{host, Addrs, DaemonSpec, LabNamespace, Topology, ROUTER_HOST};
 use crate::LabError;
 
 /// Calico's default AS, used by nodes without one of their own or the lab's.
@@ -73,20 +74,10 @@ pub fn build(t: &Topology, addrs: &Addrs) -> Result<Vec<Resource>, LabError> {
             });
         }
     }
-    let mut keys: BTreeMap<String, &str> = BTreeMap::new();
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
     let mut pools: Vec<Object<IpPoolSpec>> = Vec::new();
     for m in &made {
-        if let Some(first) = keys.insert(m.resource.key(), &m.origin) {
-            return Err(LabError::invalid(
-                m.origin.clone(),
-                "",
-                format!(
-                    "{}/{} is already made by {first}",
-                    m.resource.kind(),
-                    m.resource.metadata().name
-                ),
-            ));
-        }
+        claim_key(&mut keys, m)?;
         if let Resource::IpPool(p) = &m.resource {
             check_pool_overlap(p, &pools).map_err(|e| from_resource(&m.origin, e))?;
             pools.push(p.clone());
@@ -95,9 +86,70 @@ pub fn build(t: &Topology, addrs: &Addrs) -> Result<Vec<Resource>, LabError> {
     Ok(made.into_iter().map(|m| m.resource).collect())
 }
 
+/// Records a resource's datastore key; a second object with the same key is an error naming
+/// both origins.
+fn claim_key(keys: &mut BTreeMap<String, String>, m: &Made) -> Result<(), LabError> {
+    if let Some(first) = keys.insert(m.resource.key(), m.origin.clone()) {
+        return Err(LabError::invalid(
+            m.origin.clone(),
+            "",
+            format!(
+                "{}/{} is already made by {first}",
+                m.resource.kind(),
+                m.resource.metadata().name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The topology's `policies:` documents, each validated as `trellis apply` would, none with the
+/// key of a resource the lab makes.
+pub fn policies(t: &Topology, resources: &[Resource]) -> Result<Vec<Resource>, LabError> {
+    let Some(text) = &t.policies else {
+        return Ok(Vec::new());
+    };
+    let docs = trellis_resources::parse_documents(text)
+        .map_err(|e| LabError::invalid("policies", "", e.to_string()))?;
+    let mut keys: BTreeMap<String, String> = resources
+        .iter()
+        .map(|r| (r.key(), "the lab's resources".to_string()))
+        .collect();
+    for (i, r) in docs.iter().enumerate() {
+        claim_key(
+            &mut keys,
+            &Made {
+                origin: format!("policies document {}", i + 1),
+                resource: r.clone(),
+            },
+        )?;
+    }
+    Ok(docs)
+}
+
+/// The `v1` Namespace object for a lab namespace (its labels; the implicit
+/// `kubernetes.io/metadata.name` is the translator's to add).
+///
+/// Staged: `trellis_resources` has no Namespace kind yet (issue 10's resources work adds it),
+/// so this makes nothing and the lab applies no Namespace objects. When the kind lands, the
+/// body becomes one typed value like the pools':
+/// `Some(Resource::Namespace(object(&ns.name, ns.labels.clone(), NamespaceSpec::default())))`.
+pub fn namespace_resource(ns: &LabNamespace) -> Option<Resource> {
+    let _ = ns;
+    None
+}
+
 /// The resources the topology asks for (not yet validated).
 fn generated(t: &Topology, addrs: &Addrs) -> Result<Vec<Made>, LabError> {
     let mut out = Vec::new();
+    for (i, n) in t.namespaces.iter().enumerate() {
+        if let Some(resource) = namespace_resource(n) {
+            out.push(Made {
+                origin: format!("namespaces[{i}]"),
+                resource,
+            });
+        }
+    }
     for (i, p) in t.pools.iter().enumerate() {
         let enc = encapsulation(&p.encapsulation).ok_or_else(|| {
             LabError::invalid(

@@ -36,6 +36,22 @@ pub struct Topology {
     /// More resources (YAML documents) applied before the agents start, e.g. BGPPeers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<String>,
+    /// Kubernetes namespaces and their labels (applied as `v1` Namespace objects). When any are
+    /// listed, every pod's namespace must be one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<LabNamespace>,
+    /// Policy documents (YAML) applied once every pod is up and serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<String>,
+}
+
+/// A Kubernetes namespace of the lab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabNamespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The lab's BGPConfiguration.
@@ -130,15 +146,68 @@ pub struct LabNode {
     pub route_reflector_cluster_id: Option<String>,
 }
 
+/// A pod. `name` is the lab member (unique in the lab: it names the pod's network namespace);
+/// `podName` is the Kubernetes pod name in its namespace (default: `name`), so `x/a` and `y/a`
+/// can both exist.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabPod {
     pub name: String,
     pub node: String,
     #[serde(default = "default_ns")]
     pub namespace: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Ports the pod declares (named ports) and the lab's server answers on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<LabPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+impl LabPod {
+    /// The Kubernetes pod name (`K8S_POD_NAME`).
+    pub fn pod_name(&self) -> &str {
+        self.pod_name.as_deref().unwrap_or(&self.name)
+    }
+
+    /// `namespace/pod`: how probes, traces and the pod's server name it.
+    pub fn qualified(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod_name())
+    }
+}
+
+/// A port a pod declares and serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabPort {
+    /// The named port (an IANA service name), for policies that name ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: PortProtocol,
+}
+
+/// What a pod's server speaks on a port (the kernel here has no SCTP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PortProtocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl PortProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "TCP",
+            PortProtocol::Udp => "UDP",
+        }
+    }
 }
 
 fn default_ns() -> String {

@@ -27,7 +27,7 @@ pub const MAX_POOLS: usize = 16;
 pub const MAX_EXPECT: usize = 1000;
 pub const MAX_PEERS: usize = 64;
 pub const MAX_LABELS: usize = 32;
-/// Largest `resources:` text.
+/// Largest `resources:` (and `policies:`) text.
 pub const MAX_RESOURCES_BYTES: usize = 256 * 1024;
 /// Member names the lab uses itself: its namespaces (`fabric`, `router`, `control`) and files
 /// in the lab directory (`etcd`, `etcd.log`).
@@ -42,6 +42,7 @@ pub struct Lab {
     topology: Topology,
     addresses: Addrs,
     resources: Vec<Resource>,
+    policies: Vec<Resource>,
 }
 
 impl Lab {
@@ -56,6 +57,11 @@ impl Lab {
     /// The resources `up` applies, in order.
     pub fn resources(&self) -> &[Resource] {
         &self.resources
+    }
+
+    /// The policy documents `up` applies once the pods serve, in order.
+    pub fn policies(&self) -> &[Resource] {
+        &self.policies
     }
 }
 
@@ -73,24 +79,30 @@ pub fn validate(t: &Topology) -> Result<Lab, LabError> {
     externals(t)?;
     subnet_room(t)?;
     pods(t)?;
+    workloads::namespaces(t)?;
+    workloads::pods(t)?;
     pools(t)?;
     bgp(t)?;
     expectations(t)?;
-    if let Some(r) = &t.resources {
-        if r.len() > MAX_RESOURCES_BYTES {
-            return Err(bad(
-                "resources",
-                "",
-                format!("{} bytes; at most {MAX_RESOURCES_BYTES}", r.len()),
-            ));
+    for (field, text) in [("resources", &t.resources), ("policies", &t.policies)] {
+        if let Some(r) = text {
+            if r.len() > MAX_RESOURCES_BYTES {
+                return Err(bad(
+                    field,
+                    "",
+                    format!("{} bytes; at most {MAX_RESOURCES_BYTES}", r.len()),
+                ));
+            }
         }
     }
     let addresses = addresses(t);
     let resources = resources::build(t, &addresses)?;
+    let policies = resources::policies(t, &resources)?;
     Ok(Lab {
         topology: t.clone(),
         addresses,
         resources,
+        policies,
     })
 }
 
@@ -660,3 +672,4 @@ fn expectations(t: &Topology) -> Result<(), LabError> {
 
 #[cfg(test)]
 mod tests;
+mod workloads;

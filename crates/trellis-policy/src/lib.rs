@@ -13,8 +13,11 @@
 //! - [`compile`]: the model and a node's name → Trellis's nftables table as data
 //!   ([`compile::Ruleset`]), plus an incremental engine ([`compile::PolicyEngine`]) whose
 //!   changes are small nft batches; the agent's applier (a shell) carries them out atomically.
+//! - [`conformance`]: the conformance suites as data (Kubernetes' e2e cases and Calico-model
+//!   cases), their expectations expanded into truth tables.
 
 pub mod compile;
+pub mod conformance;
 pub mod eval;
 pub mod model;
 pub mod translate;

@@ -62,3 +62,45 @@ fn nothing_is_built_over_what_exists() {
     })
     .contains("trellis lab down vxlan-2"));
 }
+
+/// A pod with Kubernetes metadata gets its endpoint written after ADD and a server on its
+/// ports, waited for after all pods; the policies come last, after every pod serves.
+#[test]
+fn pods_get_endpoints_and_servers_and_policies_come_last() {
+    let yaml = "name: pl\npools: [{name: p, cidr: 10.0.0.0/16}]\nsubnets: [{name: s, cidr: 192.168.0.0/24}]\nnodes: [{name: n, subnet: s}]\nnamespaces: [{name: x, labels: {ns: x}}]\npods: [{name: x-a, podName: a, namespace: x, node: n, labels: {pod: a}, ports: [{name: web, port: 80}, {port: 53, protocol: UDP}]}, {name: x-b, podName: b, namespace: x, node: n}]\npolicies: \"apiVersion: trellis.dev/v1\\nkind: BGPPeer\\nmetadata: {name: q}\\nspec: {peerIP: 192.168.0.50, asNumber: 65001}\\n\"\n";
+    let lab = crate::validate(&decode(yaml).unwrap()).unwrap();
+    let steps = plan(&lab, &Observed::default()).unwrap();
+    let ops: Vec<String> = steps
+        .iter()
+        .skip_while(|s| !matches!(s, Step::Plugin { .. }))
+        .map(|s| format!("{} {}", s.member(), s.describe()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            "lab link the CNI plugin as /run/trellis/lab/pl/trellis-cni",
+            "x-a create namespace tl-pl-x-a",
+            "x-a add the pod on n through CNI",
+            "x-a write labels, ports and service account on its endpoint",
+            "x-a start server",
+            "x-b create namespace tl-pl-x-b",
+            "x-b add the pod on n through CNI",
+            "x-a wait for its server",
+            "lab apply the policies",
+        ]
+    );
+    let serve = steps
+        .iter()
+        .find_map(|s| match s {
+            Step::Spawn { argv, what, .. } if what == "server" => Some(argv.join(" ")),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        serve,
+        "trellis lab serve --name x/a --tcp 80 --udp 53 --ready /run/trellis/lab/pl/x-a.server.ready"
+    );
+    assert!(steps
+        .iter()
+        .any(|s| matches!(s, Step::Pod { pod, namespace, .. } if pod == "b" && namespace == "x")));
+}

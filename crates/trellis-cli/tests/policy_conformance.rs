@@ -1,0 +1,490 @@
+//! The conformance suites (`crates/trellis-policy/conformance/`: Kubernetes' e2e cases and the
+//! Calico-model cases) replayed with real traffic in one lab: the e2e model — namespaces x, y, z
+//! with pods a, b, c each, spread over three nodes, every pod serving 80 and 81 on TCP and UDP.
+//!
+//! Always: the all-reachable baseline holds on every port, protocol and ICMP (which proves the
+//! servers, the clients and the truth tables), and the replay's pod changes (labels, profiles)
+//! reach the WorkloadEndpoints and are undone.
+//!
+//! Once the agents enforce policy — each node's metrics say `trellis_policy_enforced 1` — every
+//! case is replayed: each step's changes applied through the CLI (`apply -f`, `delete -f`, a
+//! Namespace document for namespace labels) and the lab (pod labels and profiles on the
+//! WorkloadEndpoint), then a wait until every agent's `trellis_policy_synced_revision` has
+//! reached the datastore's revision after the change, then each probe against its expected
+//! table; then the case is undone the same way. Until then the replay is skipped with a
+//! message saying so (the baseline above still runs).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{bin, trellis, LabGuard};
+use serde_json::Value;
+use trellis_lab::endpoint::{update, EndpointChange};
+use trellis_lab::topology::{
+    LabNamespace, LabNode, LabPod, LabPool, LabPort, PortProtocol, Subnet, Topology,
+};
+use trellis_lab::State;
+use trellis_policy::conformance::{
+    parse, Addresses, Change, ConformanceModel, Expectation, PodRef, Probe, ProbeProtocol, Suite,
+    World,
+};
+
+const LAB: &str = "tconf";
+/// The whole replay, both suites.
+const REPLAY_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// How long the agents get to program a change.
+const SYNC_LIMIT: Duration = Duration::from_secs(15);
+/// Per-destination timeout of the probes.
+const PROBE_TIMEOUT_MS: &str = "1000";
+
+fn suites() -> Vec<(&'static str, Suite)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../trellis-policy/conformance");
+    ["kubernetes.yaml", "calico.yaml"]
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+            (f, parse(&text).unwrap_or_else(|e| panic!("{f}: {e}")))
+        })
+        .collect()
+}
+
+/// The lab member of a model pod.
+fn member(p: &PodRef) -> String {
+    format!("{}-{}", p.namespace, p.name)
+}
+
+/// The model as a lab: three nodes, pods spread over them so both same-node and cross-node
+/// pairs exist, each pod serving the model's named ports.
+fn topology(m: &ConformanceModel) -> Topology {
+    let ports: Vec<LabPort> = m
+        .named_ports()
+        .into_iter()
+        .map(|(name, proto, port)| LabPort {
+            name: Some(name),
+            port,
+            protocol: match proto {
+                ProbeProtocol::Udp => PortProtocol::Udp,
+                _ => PortProtocol::Tcp,
+            },
+        })
+        .collect();
+    let nodes: Vec<LabNode> = (1..=3)
+        .map(|i| LabNode {
+            name: format!("node{i}"),
+            subnet: "rack1".into(),
+            labels: BTreeMap::new(),
+            as_number: None,
+            route_reflector_cluster_id: None,
+        })
+        .collect();
+    let pods = m
+        .pods()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let spec = m.pods.iter().find(|q| q.name == p.name).unwrap();
+            LabPod {
+                name: member(p),
+                node: nodes[i % nodes.len()].name.clone(),
+                namespace: p.namespace.clone(),
+                pod_name: Some(p.name.clone()),
+                labels: spec.labels.clone(),
+                ports: ports.clone(),
+                service_account: spec.service_account.clone(),
+            }
+        })
+        .collect();
+    Topology {
+        name: LAB.into(),
+        datastore: "embedded".into(),
+        pools: vec![LabPool {
+            name: "pods".into(),
+            cidr: "10.247.0.0/16".parse().unwrap(),
+            block_size: Some(26),
+            encapsulation: "VXLAN".into(),
+            nat_outgoing: false,
+            node_selector: None,
+        }],
+        subnets: vec![Subnet {
+            name: "rack1".into(),
+            cidr: "192.168.61.0/24".parse().unwrap(),
+        }],
+        nodes,
+        pods,
+        external: Vec::new(),
+        expect: Vec::new(),
+        bgp: None,
+        router: None,
+        resources: None,
+        namespaces: m
+            .namespaces
+            .iter()
+            .map(|n| LabNamespace {
+                name: n.name.clone(),
+                labels: n.labels.clone(),
+            })
+            .collect(),
+        policies: None,
+    }
+}
+
+/// The running lab and what the replay needs of it.
+struct Replay {
+    state: State,
+    pods: Vec<PodRef>,
+    addrs: Addresses,
+}
+
+impl Replay {
+    fn up(model: &ConformanceModel) -> Replay {
+        let file = std::env::temp_dir().join(format!("trellis-test-{LAB}.yaml"));
+        std::fs::write(&file, serde_norway::to_string(&topology(model)).unwrap()).unwrap();
+        let (ok, out) = trellis(&["lab", "up", "-f", file.to_str().unwrap()]);
+        std::fs::remove_file(&file).unwrap();
+        assert!(ok, "{out}");
+        let state = State::load(LAB).unwrap();
+        let pods = model.pods();
+        let addrs = pods
+            .iter()
+            .map(|p| (p.clone(), state.pod_ips[&member(p)].parse().unwrap()))
+            .collect();
+        Replay { state, pods, addrs }
+    }
+
+    fn cli(&self, args: &[&str], input: &str) -> Result<String, String> {
+        let mut c = Command::new(bin("trellis"));
+        c.args(["--datastore", &self.state.datastore])
+            .args(args)
+            .stderr(std::process::Stdio::piped());
+        let out = common::spawn_with_input(&mut c, input)
+            .wait_with_output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("trellis {args:?}: {text}"))
+        }
+    }
+
+    /// Carries out a replay's changes in order: documents through the CLI (consecutive ones in
+    /// one call), namespace labels as a Namespace document, pod labels and profiles on the
+    /// pod's WorkloadEndpoint.
+    fn apply(&self, changes: &[Change]) -> Result<(), String> {
+        let mut i = 0;
+        while i < changes.len() {
+            let verb = match &changes[i] {
+                Change::Apply(_) | Change::NamespaceLabels { .. } => "apply",
+                Change::Delete(_) => "delete",
+                Change::PodLabels { pod, labels } => {
+                    update(
+                        &self.state,
+                        &member(pod),
+                        &EndpointChange::Labels(labels.clone()),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    i += 1;
+                    continue;
+                }
+                Change::PodProfiles { pod, profiles } => {
+                    update(
+                        &self.state,
+                        &member(pod),
+                        &EndpointChange::Profiles(profiles.clone()),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    i += 1;
+                    continue;
+                }
+            };
+            let mut docs = Vec::new();
+            while let Some(c) = changes.get(i) {
+                let doc = match (verb, c) {
+                    ("apply", Change::Apply(d)) | ("delete", Change::Delete(d)) => d.clone(),
+                    ("apply", Change::NamespaceLabels { name, labels }) => serde_json::json!({
+                        "apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": name, "labels": labels}}),
+                    _ => break,
+                };
+                docs.push(doc);
+                i += 1;
+            }
+            self.cli(&[verb, "-f", "-"], &Value::Array(docs).to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Runs one probe against its expected table.
+    fn probe(&self, p: &Probe) -> Result<(), String> {
+        let expect = p.expect.table(&self.pods).render();
+        let file =
+            std::env::temp_dir().join(format!("trellis-test-{LAB}-{}.expect", std::process::id()));
+        std::fs::write(&file, expect).unwrap();
+        let mut args = vec![
+            "lab".to_string(),
+            "probe".into(),
+            LAB.into(),
+            "--protocol".into(),
+            p.protocol.as_str().into(),
+            "--timeout-ms".into(),
+            PROBE_TIMEOUT_MS.into(),
+            "--expect".into(),
+            file.display().to_string(),
+        ];
+        if let Some(port) = p.port {
+            args.extend(["--port".to_string(), port.to_string()]);
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out) = trellis(&argv);
+        std::fs::remove_file(&file).unwrap();
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("{} {:?}:\n{out}", p.protocol, p.port))
+        }
+    }
+
+    /// A node's agent metrics.
+    fn metrics(&self, node: &str) -> String {
+        let url = format!("http://{}:9091/metrics", self.state.node_ips[node]);
+        let fetch = format!(
+            "import urllib.request;print(urllib.request.urlopen('{url}',timeout=5).read().decode())"
+        );
+        let out = Command::new("nsenter")
+            .arg(format!(
+                "--net=/var/run/netns/{}",
+                self.state.namespaces[node]
+            ))
+            .args(["python3", "-c", &fetch])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A metric's value on a node, if it reports it (`name value` at the start of a line).
+    fn metric(&self, node: &str, name: &str) -> Option<f64> {
+        self.metrics(node).lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// Whether every agent reports that it enforces policy.
+    fn enforced(&self) -> bool {
+        self.state
+            .node_ips
+            .keys()
+            .all(|n| self.metric(n, "trellis_policy_enforced") == Some(1.0))
+    }
+
+    /// Waits until every agent has programmed the datastore as it is now.
+    fn synced(&self) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let revision = rt.block_on(async {
+            let store = trellis_store::open(&self.state.datastore).await.unwrap();
+            store.revision().await.unwrap()
+        }) as f64;
+        let deadline = Instant::now() + SYNC_LIMIT;
+        for node in self.state.node_ips.keys() {
+            loop {
+                let got = self.metric(node, "trellis_policy_synced_revision");
+                if got.is_some_and(|r| r >= revision) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{node} did not program revision {revision} within {} s (it reports {got:?})",
+                        SYNC_LIMIT.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every pair reached on every port and protocol the model serves, and by ICMP; the first
+/// probe is retried while routes converge after `up`.
+fn baseline(lab: &Replay, model: &ConformanceModel, settle: Duration) {
+    let all = Expectation {
+        default: true,
+        peers: vec![],
+    };
+    let mut probes: Vec<Probe> = model
+        .named_ports()
+        .into_iter()
+        .map(|(_, protocol, port)| Probe {
+            port: Some(port),
+            protocol,
+            expect: all.clone(),
+        })
+        .collect();
+    probes.push(Probe {
+        port: None,
+        protocol: ProbeProtocol::Icmp,
+        expect: all.clone(),
+    });
+    let deadline = Instant::now() + settle;
+    for p in &probes {
+        loop {
+            match lab.probe(p) {
+                Ok(()) => break,
+                Err(e) if Instant::now() > deadline => panic!("baseline: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    }
+}
+
+/// Replays one case: each step's changes, a wait until the agents programmed them, its probes;
+/// then the case undone. Returns what went wrong (empty: the case passed).
+fn replay_case(
+    lab: &Replay,
+    model: &ConformanceModel,
+    case: &trellis_policy::conformance::Case,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut world = World::new(model);
+    for (i, step) in case.steps.iter().enumerate() {
+        let done = world
+            .step(step, &lab.addrs)
+            .map_err(|e| e.to_string())
+            .and_then(|changes| lab.apply(&changes))
+            .and_then(|()| lab.synced());
+        if let Err(e) = done {
+            failures.push(format!("{}: step {}: {e}", case.name, i + 1));
+            break;
+        }
+        for p in &step.probes {
+            if let Err(e) = lab.probe(p) {
+                failures.push(format!("{}: step {}: {e}", case.name, i + 1));
+            }
+        }
+    }
+    if let Err(e) = lab.apply(&world.undo()).and_then(|()| lab.synced()) {
+        failures.push(format!("{}: undo: {e}", case.name));
+    }
+    failures
+}
+
+/// The replay's pod changes reach the WorkloadEndpoint, and its undo restores it.
+fn pod_changes_reach_the_endpoint(lab: &Replay, model: &ConformanceModel) {
+    let endpoint = |p: &PodRef| -> Value {
+        let out = lab
+            .cli(
+                &["get", "workloadendpoints", "-n", &p.namespace, "-o", "json"],
+                "",
+            )
+            .unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| {
+                w["metadata"]["namespace"] == p.namespace.as_str()
+                    && w["spec"]["pod"] == p.name.as_str()
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no endpoint for {p}: {out}"))
+    };
+    let xb = PodRef::new("x", "b");
+    let mut world = World::new(model);
+    let step = trellis_policy::conformance::Step {
+        delete: vec![],
+        apply: vec![],
+        label_namespace: None,
+        label_pod: Some(trellis_policy::conformance::PodLabels {
+            namespace: "x".into(),
+            name: "b".into(),
+            labels: [
+                ("pod".to_string(), "b".to_string()),
+                ("pod2".to_string(), "updated".to_string()),
+            ]
+            .into(),
+        }),
+        profile_pod: Some(trellis_policy::conformance::PodProfiles {
+            namespace: "x".into(),
+            name: "b".into(),
+            profiles: vec!["p1".into()],
+        }),
+        probes: vec![],
+    };
+    lab.apply(&world.step(&step, &lab.addrs).unwrap()).unwrap();
+    let w = endpoint(&xb);
+    assert_eq!(w["metadata"]["labels"]["pod2"], "updated", "{w}");
+    assert_eq!(w["spec"]["profiles"], serde_json::json!(["p1"]), "{w}");
+    lab.apply(&world.undo()).unwrap();
+    let w = endpoint(&xb);
+    assert_eq!(
+        w["metadata"]["labels"],
+        serde_json::json!({"pod": "b"}),
+        "{w}"
+    );
+    assert!(w["spec"].get("profiles").is_none(), "{w}");
+}
+
+#[test]
+fn conformance_replay() {
+    let suites = suites();
+    let model = suites[0].1.model.clone();
+    assert!(
+        suites.iter().all(|(_, s)| s.model == model),
+        "one lab replays both suites"
+    );
+    let _guard = LabGuard(LAB.into());
+    let lab = Replay::up(&model);
+    baseline(&lab, &model, Duration::from_secs(30));
+    pod_changes_reach_the_endpoint(&lab, &model);
+
+    if !lab.enforced() {
+        let cases: usize = suites
+            .iter()
+            .map(|(_, s)| s.cases.iter().filter(|c| c.skip.is_none()).count())
+            .sum();
+        eprintln!(
+            "the agents do not report trellis_policy_enforced 1: the all-reachable baseline held; \
+             the {cases} conformance cases wait for enforcement"
+        );
+    } else {
+        let deadline = Instant::now() + REPLAY_LIMIT;
+        let mut failures = Vec::new();
+        for (file, suite) in &suites {
+            for case in suite.cases.iter().filter(|c| c.skip.is_none()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the replay took longer than {} min; failures so far:\n{}",
+                    REPLAY_LIMIT.as_secs() / 60,
+                    failures.join("\n")
+                );
+                failures.extend(
+                    replay_case(&lab, &suite.model, case)
+                        .into_iter()
+                        .map(|f| format!("{file}: {f}")),
+                );
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failure(s):\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
+        // Every case undone: back to everyone reaching everyone.
+        baseline(&lab, &model, Duration::ZERO);
+    }
+    let (ok, out) = trellis(&["lab", "down", LAB]);
+    assert!(ok, "{out}");
+}
