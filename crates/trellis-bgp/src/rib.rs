@@ -170,6 +170,10 @@ pub struct Rib {
     /// it was last sent anything. Sending waits, and many changes to one prefix become one
     /// UPDATE — a slow peer costs at most one entry per prefix, whatever the churn.
     pending: HashMap<PeerId, HashSet<IpNet>>,
+    /// Per peer that asked for the table again (ROUTE-REFRESH): the prefixes it was sent, to be
+    /// announced again even though unchanged. Its Adj-RIB-Out stays as it was, so a prefix
+    /// withdrawn before the resend is still withdrawn from it.
+    resend: HashMap<PeerId, HashSet<IpNet>>,
     /// The host's routes that next hops resolve through, by prefix length (longest first).
     igp: BTreeMap<Reverse<u8>, HashMap<IpNet, IpAddr>>,
 }
@@ -332,6 +336,7 @@ impl Rib {
     pub fn peer_up(&mut self, id: PeerId, info: PeerInfo) {
         self.peers.insert(id, info);
         self.adj_out.insert(id, HashMap::new());
+        self.resend.remove(&id);
         self.dirty.extend(self.paths.keys().copied());
     }
 
@@ -359,6 +364,7 @@ impl Rib {
         self.adj_out.remove(&id);
         self.rejected.remove(&id);
         self.pending.remove(&id);
+        self.resend.remove(&id);
         for (prefix, ps) in self.paths.iter_mut() {
             if retain.contains(&afi_of(prefix)) {
                 for p in ps.iter_mut().filter(|p| p.source == Source::Peer(id)) {
@@ -397,11 +403,13 @@ impl Rib {
         }
     }
 
-    /// The peer asked for the table again (ROUTE-REFRESH, RFC 2918): resend everything.
+    /// The peer asked for the table again (ROUTE-REFRESH, RFC 2918): everything it was sent
+    /// goes again at the next flush that finds it ready. The peer keeps what it holds until
+    /// then, so its Adj-RIB-Out is kept too: a prefix withdrawn meanwhile is withdrawn from it
+    /// (forgetting what it was sent would leave that route with the peer for good).
     pub fn refresh(&mut self, id: PeerId) {
-        if let Some(o) = self.adj_out.get_mut(&id) {
-            o.clear();
-            self.dirty.extend(self.paths.keys().copied());
+        if let Some(o) = self.adj_out.get(&id) {
+            self.resend.entry(id).or_default().extend(o.keys().copied());
         }
     }
 
@@ -641,13 +649,18 @@ impl Rib {
                 .extend(dirty.iter().copied());
         }
         let mut catch_up: HashMap<PeerId, HashSet<IpNet>> = HashMap::new();
+        let mut forced: HashMap<PeerId, HashSet<IpNet>> = HashMap::new();
         for id in &peers {
             if let Some(p) = self.pending.remove(id) {
                 catch_up.insert(*id, p);
             }
+            if let Some(p) = self.resend.remove(id) {
+                forced.insert(*id, p);
+            }
         }
         let mut prefixes: HashSet<IpNet> = dirty.clone();
         prefixes.extend(catch_up.values().flatten().copied());
+        prefixes.extend(forced.values().flatten().copied());
         let mut outs: HashMap<PeerId, (Groups, Outbound)> = HashMap::new();
         let mut interned: HashMap<(usize, PeerId), Arc<PathAttrs>> = HashMap::new();
         for prefix in prefixes {
@@ -662,7 +675,9 @@ impl Rib {
             };
             kernel_changed |= had != want;
             for &to in &peers {
-                if !dirty.contains(&prefix)
+                let force = forced.get(&to).is_some_and(|f| f.contains(&prefix));
+                if !force
+                    && !dirty.contains(&prefix)
                     && !catch_up.get(&to).is_some_and(|c| c.contains(&prefix))
                 {
                     continue;
@@ -682,7 +697,9 @@ impl Rib {
                 });
                 let out = self.adj_out.entry(to).or_default();
                 let same = match (&new, out.get(&prefix)) {
-                    (Some(n), Some(o)) => n.1 == o.1 && (Arc::ptr_eq(&n.0, &o.0) || n.0 == o.0),
+                    (Some(n), Some(o)) => {
+                        !force && n.1 == o.1 && (Arc::ptr_eq(&n.0, &o.0) || n.0 == o.0)
+                    }
                     (None, None) => true,
                     _ => false,
                 };

@@ -588,3 +588,49 @@ fn a_peer_that_is_behind_gets_each_changed_prefix_once_when_ready() {
     let (outs, _) = r.flush();
     assert!(sent_to(&outs, 3).is_none(), "nothing left pending");
 }
+
+/// ROUTE-REFRESH (RFC 2918) asks for the Adj-RIB-Out again; the peer keeps what it holds
+/// meanwhile. A prefix withdrawn between the request and the resend must still be withdrawn —
+/// also when the peer is behind and the resend waits — or the peer keeps it forever.
+#[test]
+fn a_route_refresh_still_withdraws_what_went_before_the_resend() {
+    for behind in [false, true] {
+        let mut r = rib(false);
+        r.peer_up(2, peer(65002, 2, false));
+        r.peer_up(3, peer(65003, 3, false));
+        r.apply_update(2, &announce("10.6.0.0/24", vec![65002], "192.0.2.2"));
+        r.apply_update(2, &announce("10.6.1.0/24", vec![65002], "192.0.2.2"));
+        let (outs, _) = r.flush();
+        let sent = |o: &Outbound| -> Vec<IpNet> {
+            let mut v: Vec<IpNet> = o.announce.iter().flat_map(|a| a.2.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(sent(sent_to(&outs, 3).unwrap()).len(), 2);
+        // Peer 3 asks for a refresh; before its resend, one of the routes goes.
+        r.refresh(3);
+        r.apply_update(
+            2,
+            &Update {
+                withdrawn: vec![p("10.6.1.0/24")],
+                ..Default::default()
+            },
+        );
+        if behind {
+            let (outs, _) = r.flush_when(|id| id != 3);
+            assert!(sent_to(&outs, 3).is_none(), "held back");
+        }
+        let (outs, _) = r.flush();
+        let o = sent_to(&outs, 3).expect("the resend");
+        assert_eq!(sent(o), vec![p("10.6.0.0/24")], "behind: {behind}");
+        assert_eq!(o.withdraw, vec![p("10.6.1.0/24")], "behind: {behind}");
+        // A refresh with nothing changed sends the table again, and nothing after that.
+        r.refresh(3);
+        let (outs, _) = r.flush();
+        let o = sent_to(&outs, 3).expect("the resend");
+        assert_eq!(sent(o), vec![p("10.6.0.0/24")]);
+        assert!(o.withdraw.is_empty());
+        let (outs, _) = r.flush();
+        assert!(sent_to(&outs, 3).is_none());
+    }
+}
