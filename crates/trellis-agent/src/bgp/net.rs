@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use trellis_bgp::message::{self, MAX_LEN};
 use trellis_bgp::{Context, DecodeError, Message};
 
@@ -167,12 +167,21 @@ pub enum Read {
 /// UPDATEs long before this fills ([`Writer::queued`]); control messages are few.
 const WRITE_QUEUE: usize = 64;
 
+/// How long a dropped connection's writer may still flush what was queued (a NOTIFICATION
+/// above all) before the socket is closed regardless: a peer that does not read cannot hold
+/// the task, nor the connection, for longer.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
 /// The sending half of a connection: a bounded queue of encoded messages, with counts of the
-/// bytes queued and written, so the speaker sees a peer falling behind. Dropping it closes the
-/// connection (after what is queued).
+/// bytes queued and written, so the speaker sees a peer falling behind. Dropping it ends the
+/// connection: the reader forwards nothing more from that moment (what the peer sends after
+/// the speaker gave the connection up must never reach a later session), and the writer
+/// flushes what is queued for at most [`CLOSE_LINGER`], then closes the socket.
 pub struct Writer {
     tx: mpsc::Sender<Vec<u8>>,
     state: Arc<WriteState>,
+    /// Dropped with the writer: its receivers (the reader and the writer task) see it closed.
+    _alive: watch::Sender<()>,
 }
 
 #[derive(Default)]
@@ -206,7 +215,8 @@ impl Writer {
 }
 
 /// Splits a connection into a reader task (sending decoded messages, then `Closed`, waiting
-/// while `events` is full) and a [`Writer`].
+/// while `events` is full; it ends without a word once the [`Writer`] is dropped) and a
+/// [`Writer`].
 pub fn spawn_io<T: Clone + Send + 'static>(
     stream: TcpStream,
     ibgp: bool,
@@ -215,31 +225,59 @@ pub fn spawn_io<T: Clone + Send + 'static>(
 ) -> Writer {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let (alive, alive_rx) = watch::channel(());
     let state = Arc::new(WriteState::default());
-    tokio::spawn(write_loop(wr, rx, state.clone()));
-    tokio::spawn(read_loop(rd, ibgp, tag, events));
-    Writer { tx, state }
+    tokio::spawn(write_loop(wr, rx, state.clone(), alive_rx.clone()));
+    tokio::spawn(async move {
+        let mut alive = alive_rx.clone();
+        tokio::select! {
+            // `changed` fails only when the writer is gone (nothing ever sends on it).
+            _ = alive.changed() => {}
+            () = read_loop(rd, ibgp, tag, events, alive_rx) => {}
+        }
+    });
+    Writer {
+        tx,
+        state,
+        _alive: alive,
+    }
 }
 
 async fn write_loop(
     mut wr: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::Receiver<Vec<u8>>,
     state: Arc<WriteState>,
+    mut alive: watch::Receiver<()>,
 ) {
-    while let Some(b) = rx.recv().await {
-        let mut at = 0;
-        while at < b.len() {
-            match wr.write(&b[at..]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    at += n;
-                    state.queued.fetch_sub(n, Ordering::Relaxed);
-                    state.written.fetch_add(n as u64, Ordering::Relaxed);
+    let finished = {
+        let drain = async {
+            while let Some(b) = rx.recv().await {
+                let mut at = 0;
+                while at < b.len() {
+                    match wr.write(&b[at..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => {
+                            at += n;
+                            state.queued.fetch_sub(n, Ordering::Relaxed);
+                            state.written.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
+            true
+        };
+        tokio::pin!(drain);
+        tokio::select! {
+            done = &mut drain => done,
+            // The writer was dropped: what is queued gets the linger, no more.
+            _ = alive.changed() => tokio::time::timeout(CLOSE_LINGER, &mut drain)
+                .await
+                .unwrap_or(false),
         }
+    };
+    if finished {
+        let _ = wr.shutdown().await;
     }
-    let _ = wr.shutdown().await;
 }
 
 async fn read_loop<T: Clone>(
@@ -247,6 +285,7 @@ async fn read_loop<T: Clone>(
     ibgp: bool,
     tag: T,
     events: mpsc::Sender<(T, Read)>,
+    alive: watch::Receiver<()>,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -255,6 +294,8 @@ async fn read_loop<T: Clone>(
         four_octet_as: true,
         ibgp,
     };
+    // A message decoded in the same read as the drop must not slip through either.
+    let gone = || alive.has_changed().is_err();
     loop {
         let mut start = 0;
         loop {
@@ -267,13 +308,15 @@ async fn read_loop<T: Clone>(
                             .any(|c| matches!(c, trellis_bgp::Capability::FourOctetAs(_)));
                     }
                     // Waits while the speaker is behind: the socket is not read meanwhile.
-                    if events.send((tag.clone(), Read::Message(m))).await.is_err() {
+                    if gone() || events.send((tag.clone(), Read::Message(m))).await.is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = events.send((tag.clone(), Read::Malformed(e))).await;
+                    if !gone() {
+                        let _ = events.send((tag.clone(), Read::Malformed(e))).await;
+                    }
                     return;
                 }
             }
@@ -281,7 +324,9 @@ async fn read_loop<T: Clone>(
         buf.drain(..start);
         match rd.read(&mut chunk).await {
             Ok(0) | Err(_) => {
-                let _ = events.send((tag, Read::Closed)).await;
+                if !gone() {
+                    let _ = events.send((tag, Read::Closed)).await;
+                }
                 return;
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),

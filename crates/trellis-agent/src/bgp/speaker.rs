@@ -604,12 +604,17 @@ impl Speaker {
 
     fn attach(&mut self, addr: IpAddr, stream: TcpStream, second: bool) {
         let ibgp = self.peers[&addr].cfg.asn == self.cfg.asn;
+        // Every stream gets its own id: reads of an earlier stream on this slot still queued
+        // for the speaker are then told apart and dropped (`on_read`).
+        self.next_conn += 1;
+        let id = self.next_conn;
         let p = self.peers.get_mut(&addr).expect("present");
         let c = if second {
             p.second.as_mut().expect("second")
         } else {
             &mut p.main
         };
+        c.id = id;
         let tag = ConnTag {
             peer: addr,
             conn: c.id,

@@ -79,3 +79,48 @@ async fn the_writer_queue_is_bounded_and_counts_its_bytes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+fn keepalive() -> Vec<u8> {
+    Message::Keepalive.encode(Context {
+        four_octet_as: true,
+        ibgp: false,
+    })
+}
+
+/// Once the speaker dropped a connection, nothing more of it is forwarded — what the peer sends
+/// after the drop must never reach a later session — and the reader ends, within the linger,
+/// though the peer keeps its end open.
+#[tokio::test]
+async fn a_dropped_connection_forwards_nothing_more_and_its_reader_ends() {
+    let (ours, mut theirs) = pair().await;
+    let (events, mut rx) = mpsc::channel::<((), Read)>(4);
+    let w = spawn_io(ours, false, (), events);
+    theirs.write_all(&keepalive()).unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert!(
+        matches!(first, Ok(Some(((), Read::Message(Message::Keepalive))))),
+        "{first:?}"
+    );
+    drop(w);
+    theirs.write_all(&keepalive()).unwrap();
+    // The only sender of `events` is the reader's: `None` means the reader ended.
+    let end = tokio::time::timeout(CLOSE_LINGER + Duration::from_secs(5), rx.recv()).await;
+    assert!(matches!(end, Ok(None)), "after the drop: {end:?}");
+}
+
+/// A peer that stops reading cannot hold the writer: once the speaker dropped the connection
+/// (a send hold timer expiry, a full queue), the writer task gives up within the linger.
+#[tokio::test]
+async fn a_dropped_connection_to_a_peer_that_does_not_read_is_given_up() {
+    let (ours, _theirs) = pair().await; // the peer never reads nor closes
+    let (events, _rx) = mpsc::channel::<((), Read)>(4);
+    let w = spawn_io(ours, false, (), events);
+    let state = w.state.clone();
+    while w.send(vec![0u8; 64 * 1024]) {}
+    drop(w);
+    let deadline = Instant::now() + CLOSE_LINGER + Duration::from_secs(5);
+    while Arc::strong_count(&state) > 1 {
+        assert!(Instant::now() < deadline, "the writer task still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
