@@ -1,7 +1,6 @@
 //! An `nft` that never finishes cannot hold its caller: the run is killed at its deadline,
 //! with whatever it started, and the error says so. A working `nft` still applies within it.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use trellis_dataplane::nft;
@@ -13,8 +12,16 @@ fn a_hung_nft_is_killed_at_the_deadline() {
     // Not `exec sleep`: the sleeping grandchild keeps the output pipes open, so only killing
     // the whole process group ends the run.
     let hang = dir.path().join("nft");
-    std::fs::write(&hang, "#!/bin/sh\nsleep 60\necho never\n").unwrap();
-    std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Written by a child process: a file this process held open for writing could be
+    // inherited by a fork in a concurrent test, and exec'ing it would then fail (ETXTBSY).
+    let wrote = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"printf '#!/bin/sh\nsleep 60\necho never\n' > "$1" && chmod 755 "$1""#)
+        .arg("sh")
+        .arg(&hang)
+        .status()
+        .unwrap();
+    assert!(wrote.success());
     let started = Instant::now();
     let err = nft::apply_with(hang.to_str().unwrap(), vec![], Duration::from_millis(500))
         .expect_err("a hung nft must fail");
