@@ -469,15 +469,12 @@ fn agent_with_a_full_accept_queue_is_try_again_later() {
 /// A fake IPAM plugin that prints `result` for ADD and nothing otherwise.
 fn fake_ipam(node: &Node, name: &str, result: &Value) {
     let path = node.dir.path().join("bin").join(name);
-    std::fs::write(
+    trellis_testutil::write_executable(
         &path,
-        format!(
+        &format!(
             "#!/bin/sh\ncat >/dev/null\nif [ \"$CNI_COMMAND\" = ADD ]; then echo '{result}'; fi\n"
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
 }
 
 #[test]
@@ -582,9 +579,7 @@ fn delegated_results_with_mixed_families_never_panic() {
 /// Writes an executable script `name` into the node's CNI_PATH.
 fn script_plugin(node: &Node, name: &str, body: &str) {
     let path = node.dir.path().join("bin").join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    trellis_testutil::write_executable(&path, &format!("#!/bin/sh\n{body}\n"));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use trellis_dataplane::nft;
-use trellis_testutil::{temp_dir, TestNetns};
+use trellis_testutil::{temp_dir, write_executable, TestNetns};
 
 #[test]
 fn a_hung_nft_is_killed_at_the_deadline() {
@@ -12,16 +12,7 @@ fn a_hung_nft_is_killed_at_the_deadline() {
     // Not `exec sleep`: the sleeping grandchild keeps the output pipes open, so only killing
     // the whole process group ends the run.
     let hang = dir.path().join("nft");
-    // Written by a child process: a file this process held open for writing could be
-    // inherited by a fork in a concurrent test, and exec'ing it would then fail (ETXTBSY).
-    let wrote = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"printf '#!/bin/sh\nsleep 60\necho never\n' > "$1" && chmod 755 "$1""#)
-        .arg("sh")
-        .arg(&hang)
-        .status()
-        .unwrap();
-    assert!(wrote.success());
+    write_executable(&hang, "#!/bin/sh\nsleep 60\necho never\n");
     let started = Instant::now();
     let err = nft::apply_with(hang.to_str().unwrap(), vec![], Duration::from_millis(500))
         .expect_err("a hung nft must fail");

@@ -155,6 +155,29 @@ pub fn temp_dir(tag: &str) -> tempfile::TempDir {
         .expect("create temp dir")
 }
 
+/// Writes an executable file (mode 0755) with `content`. The file is written by a child
+/// process (`sh`), never held open for writing by this one: a test in another thread that
+/// forks meanwhile would inherit the write descriptor, and exec'ing the file would then fail
+/// with ETXTBSY ("Text file busy").
+pub fn write_executable(path: &std::path::Path, content: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"cat > "$1" && chmod 755 "$1""#)
+        .arg("sh")
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(content.as_bytes())
+        .expect("write the script");
+    assert!(child.wait().expect("wait sh").success(), "writing {path:?}");
+}
+
 /// A throwaway etcd (Debian's `etcd-server`) on loopback ports with a temp data dir; killed and
 /// removed on drop.
 pub struct EtcdServer {
