@@ -18,7 +18,8 @@ rm -rf /run/trellis/lab/t*
 cargo build --workspace --all-targets
 # Under `set -e` a failing command would end the script here, before the leftover check below.
 status=0
-cargo test --workspace -- --test-threads=2 || status=$?
+# Every test binary runs, so one failure does not hide the others.
+cargo test --workspace --no-fail-fast -- --test-threads=2 || status=$?
 
 left=$(ip netns list | awk '{print $1}' | grep -E '^(trlt-|tl-t)' || true)
 if [ -n "$left" ]; then
