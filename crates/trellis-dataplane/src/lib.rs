@@ -7,12 +7,15 @@
 //! - [`events`]: kernel change notifications (link, neighbour, route groups).
 //! - [`features`]: side-effect-free probes of what the kernel supports (link kinds).
 //! - [`nft`]: nftables batches through `nft -j -f -`, one atomic transaction per call.
+//! - [`nft_elements`]: set element changes straight over netlink, one transaction per call
+//!   (the fast path that skips `nft`'s cache fetch).
 
 pub mod events;
 pub mod features;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod nft_elements;
 pub mod routing;
 pub mod sysctl;
 pub mod types;

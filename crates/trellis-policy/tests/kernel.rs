@@ -5,7 +5,9 @@
 mod common;
 
 use serde_json::Value;
+use trellis_dataplane::nft_elements::{ElementChange, ElementSocket, NFPROTO_INET};
 use trellis_dataplane::{nft, Netns};
+use trellis_policy::compile::elements::SetKeys;
 use trellis_policy::compile::{self, drift, ruleset::TABLE, Change, PolicyEngine, Ruleset};
 use trellis_policy::model::*;
 use trellis_testutil::TestNetns;
@@ -14,17 +16,40 @@ use trellis_testutil::TestNetns;
 struct Node {
     _guard: TestNetns,
     ns: Netns,
+    /// Kept like the agent keeps it (opened in the namespace on first use).
+    sock: std::cell::RefCell<Option<ElementSocket>>,
 }
 
 impl Node {
     fn new(tag: &str) -> Node {
         let guard = TestNetns::new(tag);
         let ns = Netns::open(guard.path()).unwrap();
-        Node { _guard: guard, ns }
+        Node {
+            _guard: guard,
+            ns,
+            sock: Default::default(),
+        }
     }
 
     fn apply(&self, doc: &Value) -> Result<(), trellis_dataplane::DataplaneError> {
         self.ns.run(|| nft::apply_document(doc)).unwrap()
+    }
+
+    /// Element-only batches as the agent sends them: over netlink, without `nft`.
+    fn apply_keys(&self, keys: &[SetKeys]) -> Result<(), trellis_dataplane::DataplaneError> {
+        let changes: Vec<ElementChange> = keys
+            .iter()
+            .map(|k| ElementChange {
+                add: k.add,
+                set: k.set.clone(),
+                keys: k.keys.clone(),
+            })
+            .collect();
+        let mut sock = self.sock.borrow_mut();
+        if sock.is_none() {
+            *sock = Some(self.ns.run(ElementSocket::open).unwrap()?);
+        }
+        sock.as_mut().unwrap().apply(NFPROTO_INET, TABLE, &changes)
     }
 
     fn listing(&self) -> Option<Value> {
@@ -70,16 +95,23 @@ fn incremental_batches_keep_the_kernel_equal_to_compile() {
         (0..std::env::var("POL_STEPS").map_or(80, |s| s.parse().unwrap()))
             .map(|_| common::random::random_change(r.next())),
     );
+    let mut fast = 0;
     for (step, change) in changes.into_iter().enumerate() {
         let ops = engine.handle(change.clone());
-        if !ops.is_empty() {
-            if let Err(e) = node.apply(&ops.to_nft_json()) {
-                panic!("step {step}: {change:?}: nft refused {ops:#?}: {e}");
+        if ops.is_empty() {
+        } else if let Some(keys) = ops.element_keys(&engine.full().sets) {
+            // The agent's fast path: element-only batches straight over netlink.
+            fast += 1;
+            if let Err(e) = node.apply_keys(&keys) {
+                panic!("step {step}: {change:?}: the kernel refused {keys:#?}: {e}");
             }
+        } else if let Err(e) = node.apply(&ops.to_nft_json()) {
+            panic!("step {step}: {change:?}: nft refused {ops:#?}: {e}");
         }
         let want = compile::compile(engine.model(), common::NODE);
         node.assert_table(&want, &format!("step {step} ({change:?})"));
     }
+    assert!(fast >= 5, "only {fast} batches took the netlink path");
 }
 
 /// Changes that touch every kind of object, with set elements merging and splitting.

@@ -26,6 +26,9 @@
 //!   for `nft -j -f -` (`trellis_dataplane::nft::apply_document`). nft applies a batch
 //!   atomically: if it fails, the previous ruleset stays fully in force, and the engine's state is
 //!   already the desired one — replace the table with `engine.full()` to converge.
+//! - [`Ops::element_keys`] ([`elements`]): a batch that only changes hash-set elements, as the
+//!   key bytes `trellis_dataplane::nft_elements::apply_elements` sends over netlink (no `nft`
+//!   run, no cache fetch): the fast path for label changes and remote pods.
 //! - [`drift::differs`]`(listing, &ruleset)`: whether the kernel's table (`nft -j -n list table
 //!   inet trellis_policy`, i.e. `trellis_dataplane::nft::list_table_numeric`) differs from the
 //!   expected ruleset; [`drift::differences`] says how.
@@ -52,6 +55,7 @@
 //! owns it. Rules and sets exist for the IP families the programmed endpoints have addresses in.
 
 pub mod drift;
+pub mod elements;
 mod engine;
 pub mod intervals;
 pub mod names;

@@ -1,0 +1,311 @@
+//! Set element changes sent straight to nf_tables over netlink: the fast path for batches that
+//! only add or remove elements of hash sets (a pod's labels changed, a remote pod came or
+//! went). `nft` fetches its cache of the table before any command — about 20 ms against a
+//! table of 19 000 rules and 1 000 sets, most of a label change's cost — while the kernel needs
+//! only the table, the set's name and the key bytes. Every change goes in one nfnetlink batch
+//! (`NFNL_MSG_BATCH_BEGIN` … `NFNL_MSG_BATCH_END`), which nf_tables commits as one transaction:
+//! all or nothing, exactly like `nft -f` (linux `net/netfilter/nfnetlink.c`,
+//! `nfnetlink_rcv_batch`). Does I/O: a `NETLINK_NETFILTER` socket in the calling thread's
+//! network namespace, with a receive timeout so a wedged kernel cannot hold the caller.
+
+use std::time::Duration;
+
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+use crate::{DataplaneError, Result};
+
+/// `NFPROTO_INET`: the family of `table inet …`.
+pub const NFPROTO_INET: u8 = 1;
+
+// From <linux/netfilter/nfnetlink.h> and <linux/netfilter/nf_tables.h>.
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 0x2;
+
+/// How long the kernel may take to answer the batch.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Elements to add to or delete from one set. A key is the element's bytes as nf_tables
+/// stores them: an IPv4 address is 4 bytes, IPv6 16, and each field of a concatenation is
+/// padded to a multiple of 4 bytes (so `ipv4_addr . inet_proto . inet_service` is 12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementChange {
+    pub add: bool,
+    pub set: String,
+    pub keys: Vec<Vec<u8>>,
+}
+
+fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn nested(kind: u16, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut inner = Vec::new();
+    fill(&mut inner);
+    let mut buf = Vec::with_capacity(inner.len() + 4);
+    put_attr(&mut buf, kind | NLA_F_NESTED, &inner);
+    buf
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// One netlink message: header, `nfgenmsg` (family, version 0, resource id), attributes.
+fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) -> Vec<u8> {
+    let len = 16 + 4 + attrs.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.push(family);
+    m.push(0);
+    m.extend_from_slice(&res_id.to_be_bytes());
+    m.extend_from_slice(attrs);
+    m
+}
+
+/// The whole batch as bytes (pure), and how many messages in it ask for an acknowledgement.
+fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec<u8>, usize) {
+    let mut out = message(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq0,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    let mut seq = seq0;
+    let mut acked = 0;
+    for c in changes.iter().filter(|c| !c.keys.is_empty()) {
+        let mut attrs = Vec::new();
+        put_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+        put_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(&c.set));
+        attrs.extend(nested(NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+            for k in &c.keys {
+                list.extend(nested(NFTA_LIST_ELEM, |elem| {
+                    elem.extend(nested(NFTA_SET_ELEM_KEY, |key| {
+                        put_attr(key, NFTA_DATA_VALUE, k)
+                    }))
+                }));
+            }
+        }));
+        let (kind, flags) = if c.add {
+            // `add element`: an element already present is no error (no NLM_F_EXCL).
+            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+        } else {
+            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+        };
+        seq += 1;
+        acked += 1;
+        out.extend(message(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            flags,
+            seq,
+            family,
+            0,
+            &attrs,
+        ));
+    }
+    seq += 1;
+    out.extend(message(
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        seq,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    ));
+    (out, acked)
+}
+
+fn nl_err(op: &str, source: std::io::Error) -> DataplaneError {
+    DataplaneError::Netlink {
+        op: op.to_string(),
+        source,
+    }
+}
+
+/// A `NETLINK_NETFILTER` socket for element batches, kept for the caller's lifetime in the
+/// namespace it was opened in. Kept, not opened per batch: closing a netfilter socket makes
+/// nf_tables flush its pending destroy work, which waits for an RCU grace period after any
+/// deleted element — 8–16 ms measured, where the batch itself takes 0.05 ms.
+pub struct ElementSocket {
+    sock: Socket,
+    seq: u32,
+}
+
+impl ElementSocket {
+    /// Opens the socket in the calling thread's network namespace.
+    pub fn open() -> Result<ElementSocket> {
+        const OP: &str = "open an nf_tables netlink socket";
+        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(|e| nl_err(OP, e))?;
+        sock.bind_auto().map_err(|e| nl_err(OP, e))?;
+        set_recv_timeout(&sock).map_err(|e| nl_err(OP, e))?;
+        Ok(ElementSocket { sock, seq: 0 })
+    }
+
+    /// Applies `changes` to sets of `table` (of `family`, e.g. [`NFPROTO_INET`]) in one
+    /// transaction: every change is made, or — when the kernel refuses any (a missing set, an
+    /// element to delete that is not there, a key of the wrong size) — none is, and the first
+    /// refusal is returned.
+    pub fn apply(&mut self, family: u8, table: &str, changes: &[ElementChange]) -> Result<()> {
+        const OP: &str = "nf_tables set element batch";
+        let first = self.seq.wrapping_add(1);
+        let (batch, count) = encode(family, table, changes, first);
+        self.seq = first.wrapping_add(count as u32 + 1);
+        if count == 0 {
+            return Ok(());
+        }
+        self.sock
+            .send_to(&batch, &SocketAddr::new(0, 0), 0)
+            .map_err(|e| nl_err(OP, e))?;
+        // One NLMSG_ERROR per acknowledged message (sequence numbers first+1 ..= first+count):
+        // error 0 is an ack. On a refusal the kernel aborts the whole batch and still answers
+        // every message; all are read, so none is left to be taken for a later batch's answer.
+        let wanted = first.wrapping_add(1)..=first.wrapping_add(count as u32);
+        let mut pending = count;
+        let mut refusal = None;
+        let mut buf = vec![0u8; 64 * 1024];
+        while pending > 0 {
+            let n = self
+                .sock
+                .recv(&mut &mut buf[..], 0)
+                .map_err(|e| nl_err(OP, e))?;
+            for (seq, code) in replies(&buf[..n]).map_err(|reason| DataplaneError::Decode {
+                op: OP.into(),
+                reason,
+            })? {
+                if !wanted.contains(&seq) {
+                    continue; // an answer to an earlier batch that timed out
+                }
+                pending -= 1;
+                if code != 0 && refusal.is_none() {
+                    refusal = Some(std::io::Error::from_raw_os_error(-code));
+                }
+            }
+        }
+        match refusal {
+            None => Ok(()),
+            Some(e) => Err(nl_err(OP, e)),
+        }
+    }
+}
+
+/// The `(sequence number, error code)` of each NLMSG_ERROR in one datagram (pure).
+fn replies(buf: &[u8]) -> std::result::Result<Vec<(u32, i32)>, String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+        let len = word(at) as usize;
+        let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+        if len < 16 || at + len > buf.len() {
+            return Err(format!(
+                "a reply of {len} bytes at offset {at} of {}",
+                buf.len()
+            ));
+        }
+        if kind == NLMSG_ERROR && len >= 20 {
+            out.push((word(at + 8), word(at + 16) as i32));
+        }
+        at += len.next_multiple_of(4);
+    }
+    Ok(out)
+}
+
+fn set_recv_timeout(sock: &Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid socket descriptor and a timeval of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout nf_tables parses: begin, one NEWSETELEM with table, set and a nested list of
+    /// keys, end; empty changes are left out.
+    #[test]
+    fn a_batch_is_laid_out_as_the_kernel_reads_it() {
+        let changes = vec![
+            ElementChange {
+                add: true,
+                set: "s".into(),
+                keys: vec![vec![10, 0, 0, 1]],
+            },
+            ElementChange {
+                add: false,
+                set: "t".into(),
+                keys: vec![],
+            },
+        ];
+        let (b, acked) = encode(NFPROTO_INET, "tb", &changes, 7);
+        assert_eq!(acked, 1);
+        // begin (20) + message + end (20)
+        let begin_len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
+        assert_eq!(begin_len, 20);
+        assert_eq!(
+            &b[18..20],
+            &10u16.to_be_bytes(),
+            "res_id: the nftables subsystem"
+        );
+        let m = &b[20..];
+        let len = u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize;
+        assert_eq!(
+            u16::from_ne_bytes(m[4..6].try_into().unwrap()),
+            (10 << 8) | 12
+        );
+        assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 8, "seq");
+        assert_eq!(m[16], NFPROTO_INET);
+        // table "tb\0" padded to 4, set "s\0" padded, list → elem → key → value (4 bytes)
+        let attrs = &m[20..len];
+        assert_eq!(&attrs[0..4], &[7, 0, 1, 0]);
+        assert_eq!(&attrs[4..7], b"tb\0");
+        assert_eq!(&attrs[8..12], &[6, 0, 2, 0]);
+        assert_eq!(&attrs[12..14], b"s\0");
+        assert_eq!(&attrs[16..20], &[20, 0, 3, 0x80], "elements: nested");
+        assert_eq!(&attrs[20..24], &[16, 0, 1, 0x80], "one element: nested");
+        assert_eq!(&attrs[24..28], &[12, 0, 1, 0x80], "its key: nested");
+        assert_eq!(&attrs[28..36], &[8, 0, 1, 0, 10, 0, 0, 1], "the value");
+        assert_eq!(len, 20 + 36);
+        assert_eq!(b.len(), 20 + len + 20);
+    }
+}
