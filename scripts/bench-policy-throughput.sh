@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Pod-to-pod TCP throughput (iperf3) across two lab nodes (direct routing) with no policy, then
+# with 1 000 GlobalNetworkPolicies that all apply to both pods — 999 whose rules never match
+# (a Deny from an address no pod has, on both directions) and a last one that allows — so the
+# first packet of a connection walks all of them on egress and on ingress. Same lab, same run;
+# prints Gbit/s and the ratio (target >= 0.9). Run as root after
+# `cargo build --release --workspace`. Only the lab's private namespaces are touched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=./target/release/trellis
+[ -x "$T" ] || { echo "build first: cargo build --release --workspace"; exit 1; }
+command -v iperf3 >/dev/null || { echo "install iperf3"; exit 1; }
+DUR=${DUR:-5}
+RUNS=${RUNS:-3}
+LAB=btpol
+work=$(mktemp -d)
+trap '$T lab down $LAB >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+
+gbps() { python3 -c 'import json,sys
+d=json.load(sys.stdin)
+if "error" in d: sys.exit("iperf3: " + d["error"])
+print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))'; }
+
+measure() { # the median of RUNS iperf3 runs from a to b
+  for _ in $(seq "$RUNS"); do
+    nsenter --net=/var/run/netns/tl-$LAB-b iperf3 -s -1 -D
+    for _ in $(seq 50); do nsenter --net=/var/run/netns/tl-$LAB-b ss -ltn | grep -q ':5201' && break; sleep 0.1; done
+    nsenter --net=/var/run/netns/tl-$LAB-a timeout 30 iperf3 -c "$bip" -t "$DUR" -J | gbps
+  done | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"
+}
+
+cat > "$work/lab.yaml" <<Y
+name: $LAB
+pools: [{name: pods, cidr: 10.235.0.0/16, encapsulation: None}]
+subnets: [{name: s, cidr: 192.168.79.0/24}]
+nodes: [{name: n1, subnet: s}, {name: n2, subnet: s}]
+namespaces: [{name: x, labels: {ns: x}}]
+pods: [{name: a, namespace: x, node: n1, labels: {app: client}}, {name: b, namespace: x, node: n2, labels: {app: server}}]
+Y
+$T lab up -f "$work/lab.yaml" >/dev/null
+$T lab check $LAB >/dev/null
+bip=$($T lab exec $LAB b -- ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1)
+none=$(measure)
+
+python3 - "$work/policies.yaml" <<'P'
+import sys
+docs = []
+for i in range(999):
+    net = f"198.18.{i // 250}.{i % 250 + 1}/32"
+    docs.append(f"""apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: never-{i:04d}}}
+spec:
+  order: {i}
+  selector: all()
+  types: [Ingress, Egress]
+  ingress: [{{action: Deny, protocol: TCP, source: {{nets: [{net}]}}}}]
+  egress: [{{action: Deny, protocol: TCP, destination: {{nets: [{net}]}}}}]
+""")
+docs.append("""apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-all}
+spec:
+  order: 5000
+  selector: all()
+  types: [Ingress, Egress]
+  ingress: [{action: Allow}]
+  egress: [{action: Allow}]
+""")
+open(sys.argv[1], "w").write("---\n".join(docs))
+P
+$T --lab $LAB apply -f "$work/policies.yaml" >/dev/null
+# Until both nodes have a chain for every policy and direction (2 000), at most 120 s.
+for node in n1 n2; do
+  for i in $(seq 1200); do
+    n=$(nsenter --net=/var/run/netns/tl-$LAB-$node nft list chains inet trellis_policy 2>/dev/null | grep -c 'chain pol_' || true)
+    [ "$n" -ge 2000 ] && break
+    [ "$i" = 1200 ] && { echo "$node programmed only $n policy chains"; exit 1; }
+    sleep 0.1
+  done
+done
+with=$(measure)
+printf "%-28s %8s\n" "policies" "Gbit/s"
+printf "%-28s %8s\n" "none" "$none"
+printf "%-28s %8s\n" "1000 applying to both pods" "$with"
+python3 -c "print('ratio %.2f (target >= 0.9)' % ($with / $none))"
