@@ -21,7 +21,9 @@ use trellis_dataplane::netlink::VxlanSpec;
 use trellis_dataplane::{nft, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{Encapsulation, IpPoolSpec};
-use trellis_routing::{add_bgp_routes, desired, plan, LocalNode, Op, PoolRouting, RemoteNode};
+use trellis_routing::{
+    add_bgp_routes, desired, foreign_conflicts, plan, LocalNode, Op, PoolRouting, RemoteNode,
+};
 
 use crate::{update_node, Agent, AgentError};
 
@@ -387,6 +389,12 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
     let observed =
         routing::observe_with(&mut nl, &kernel, local.vtep_ifindex).map_err(|e| e.to_string())?;
     drop(kernel);
+    msgs.extend(foreign_conflicts(&want, &observed).into_iter().map(|r| {
+        format!(
+            "route {r} not installed: the kernel already routes {} by a route Trellis does not own, which it never replaces",
+            r.dst
+        )
+    }));
     let mut ops = plan(&want, &observed);
     if bgp_active && !bgp_converged {
         // Restarting: keep the routes found until the peers have re-sent their tables
