@@ -665,12 +665,20 @@ fn nat_family(family: &str, pools: &[&IpPoolSpec]) -> Vec<Value> {
     } else {
         "ipv6_addr"
     };
-    let elem = |p: &IpPoolSpec| json!({"prefix": {"addr": p.cidr.network().to_string(), "len": p.cidr.prefix_len()}});
+    // An interval set refuses overlapping elements ("conflicting intervals"), which would fail
+    // the whole batch: one stored pool overlapping another (written by an older version or
+    // directly) turned natOutgoing off for every pool. The CIDRs are merged first.
+    let elems = |cidrs: Vec<IpNet>| -> Vec<Value> {
+        IpNet::aggregate(&cidrs)
+            .iter()
+            .map(|c| json!({"prefix": {"addr": c.network().to_string(), "len": c.prefix_len()}}))
+            .collect()
+    };
     let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": family, "table": NAT_TABLE, "name": name, "type": addr_type, "flags": ["interval"], "elem": elems}}});
     cmds.extend([
         json!({"add": {"table": table}}),
-        set("all_pools", pools.iter().map(|p| elem(p)).collect()),
-        set("masq_pools", masq.iter().map(|p| elem(p)).collect()),
+        set("all_pools", elems(pools.iter().map(|p| p.cidr).collect())),
+        set("masq_pools", elems(masq.iter().map(|p| p.cidr).collect())),
         json!({"add": {"chain": {"family": family, "table": NAT_TABLE, "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
         json!({"add": {"rule": {"family": family, "table": NAT_TABLE, "chain": "postrouting", "comment": "trellis natOutgoing",
             "expr": [
