@@ -71,11 +71,14 @@ pub struct PassReport {
     /// Routes Trellis wants in the kernel (the table size the pass handled).
     pub routes: usize,
     pub problems: Vec<String>,
+    /// The VTEP's ifindex, when a pool needs one (its neighbour changes wake the loop).
+    pub vtep: Option<u32>,
 }
 
-/// Wakes `notify` on every kernel link/neighbour/route change (a dedicated thread: the
-/// subscription socket blocks). Ends quietly if the subscription fails; the resync timer remains.
-fn watch_kernel(notify: Arc<tokio::sync::Notify>) {
+/// Wakes `notify` on every kernel change that concerns Trellis: links, routes, and neighbour or
+/// FDB entries of the VTEP whose ifindex `vtep` holds (0: none) — a dedicated thread, as the
+/// subscription socket blocks. Ends quietly if the subscription fails; the resync timer remains.
+fn watch_kernel(notify: Arc<tokio::sync::Notify>, vtep: Arc<std::sync::atomic::AtomicU32>) {
     std::thread::spawn(move || {
         let mut events = match trellis_dataplane::events::KernelEvents::subscribe() {
             Ok(e) => e,
@@ -85,7 +88,8 @@ fn watch_kernel(notify: Arc<tokio::sync::Notify>) {
             }
         };
         while let Ok(batch) = events.wait() {
-            if !batch.is_empty() {
+            let vtep = Some(vtep.load(Ordering::Relaxed)).filter(|i| *i != 0);
+            if batch.iter().any(|e| e.concerns_trellis(vtep)) {
                 notify.notify_one();
             }
         }
@@ -184,7 +188,8 @@ impl ViewInputs {
 /// before the view was first loaded (an empty view would remove every route).
 pub async fn run(agent: Arc<Agent>, every: Duration) {
     let kernel = Arc::new(tokio::sync::Notify::new());
-    watch_kernel(kernel.clone());
+    let vtep_index = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    watch_kernel(kernel.clone(), vtep_index.clone());
     let mut last_problems = BTreeSet::new();
     let mut nat_applied: Option<String> = None;
     let mut changes = agent.view.subscribe();
@@ -198,6 +203,7 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
             tracing::debug!("dataplane pass");
             match pass(&agent, inputs, &mut nat_applied).await {
                 Ok(r) => {
+                    vtep_index.store(r.vtep.unwrap_or(0), Ordering::Relaxed);
                     let passes = agent.dataplane_passes.fetch_add(1, Ordering::Relaxed) + 1;
                     if r.ops > 0 {
                         tracing::info!(changes = r.ops, "dataplane converged");
@@ -335,6 +341,7 @@ pub async fn pass(
         ops: k.ops,
         routes: k.routes,
         problems,
+        vtep: vtep.map(|v| v.0),
     })
 }
 
