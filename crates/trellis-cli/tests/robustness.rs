@@ -272,6 +272,82 @@ fn garbage_records_are_skipped_counted_and_logged_once() {
     assert!(stderr.contains("/trellis/v1/ippools/garbage"), "{stderr}");
 }
 
+/// Clients of the metrics port (reachable from pods) that connect and never send cannot take
+/// the agent's file descriptors: with the agent limited to 200, another node holds 300 such
+/// connections while the CNI socket must still answer and a pod still be added. Unbounded, the
+/// metrics server accepted them all, and the agent then had no descriptor left to accept the
+/// plugin's connections (nor to open its datastore).
+#[test]
+fn idle_metrics_clients_cannot_starve_the_socket() {
+    let mut c = Cluster::new("rbmet", false, 2);
+    c.cli_ok(&["apply", "-f", "-"], Some(POOL_NONE));
+    restart_agent_with(&mut c, 0, &["--metrics-listen", "192.0.2.10:9092"]);
+    let pid = c.nodes[0].agent.as_ref().unwrap().id().to_string();
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=200:200"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // As many as connect, up to 300 (the bounded agent leaves the rest in its listen queue, and
+    // once that is full connects time out); then up to 40 s for the agent to close 16 of them
+    // (its connection deadline); then held until our end of its stdin closes, or 90 s.
+    let hold = "import socket,sys,select,time
+ss=[];fails=0
+while len(ss)<300 and fails<3:
+  try: ss.append(socket.create_connection(('192.0.2.10',9092),timeout=2))
+  except OSError: fails+=1
+print('held',len(ss),flush=True)
+closed=set();end=time.time()+40
+while len(closed)<16 and time.time()<end:
+  r,_,_=select.select([s for s in ss if s not in closed],[],[],max(0,end-time.time()))
+  for s in r:
+    try: d=s.recv(1)
+    except OSError: d=b''
+    if not d: closed.add(s)
+print('closed',len(closed),flush=True)
+select.select([sys.stdin],[],[],90)
+";
+    let mut holder = c.nodes[1]
+        .ns
+        .command("python3")
+        .args(["-c", hold])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert!(line.starts_with("held"), "{line}");
+    eprintln!("metrics clients {}", line.trim());
+    let socket = c.nodes[0].socket.clone();
+    wait_for(
+        "the CNI socket to answer while 300 metrics clients are held",
+        30,
+        || status_ok(&socket),
+    );
+    let _pod = c.add_pod(0, "rbmetp0");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds < 150, "the agent holds {fds} descriptors");
+    // The connections the agent took are closed at their deadline, idle as they are.
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    let closed: usize = line
+        .trim()
+        .strip_prefix("closed ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        closed >= trellis_agent::metrics::MAX_CONNECTIONS,
+        "{closed} idle metrics connections closed in 40 s"
+    );
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+}
+
 #[test]
 fn a_bare_ip_takes_the_interface_prefix() {
     let mut c = Cluster::new("rbip", false, 2);
