@@ -92,6 +92,34 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as Go's runtime does, and
+/// returns the limit in force. A service manager's default soft limit (1024) is below what the
+/// agent may hold by design — up to [`MAX_CONNECTIONS`] socket clients besides its datastore,
+/// netlink and metrics descriptors — so a flood of socket clients left it none for anything
+/// else: passes could not open netlink, watches could not reconnect.
+pub fn raise_fd_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 1024;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l = raised;
+            }
+        }
+    }
+    l.rlim_cur
+}
+
 /// Returns free memory held by malloc to the system (glibc only).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -204,6 +232,13 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let files = raise_fd_limit();
+    if files < (MAX_CONNECTIONS + server::RESERVED_FILES) as u64 {
+        tracing::warn!(
+            limit = files,
+            "the open-files limit is low: the socket accepts fewer clients to keep descriptors for the rest"
+        );
+    }
     let store = trellis_store::open(&config.datastore).await?;
     let method = config.ip.clone();
     let address = tokio::task::spawn_blocking(move || autodetect::detect(&method))
@@ -249,7 +284,7 @@ pub async fn run(
         })
     });
     tokio::select! {
-        r = server::serve(agent.clone(), listener) => r?,
+        r = server::serve(agent.clone(), listener, files) => r?,
         _ = shutdown => tracing::info!("shutting down"),
     }
     follower.abort();

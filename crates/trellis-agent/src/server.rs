@@ -73,12 +73,30 @@ fn error_reply(code: u32, msg: impl Into<String>) -> Reply {
     })
 }
 
-pub(crate) async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<(), AgentError> {
-    let serving = Arc::new(Semaphore::new(MAX_CLIENTS));
-    let accepted = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// Descriptors kept for everything but socket clients (datastore, netlink, nft, metrics).
+pub(crate) const RESERVED_FILES: usize = 256;
+
+/// How many connections to accept in all with `files` descriptors allowed: [`MAX_CONNECTIONS`],
+/// or fewer when the limit would not leave [`RESERVED_FILES`] for the rest.
+fn connection_bound(files: u64) -> usize {
+    let spare = usize::try_from(files)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(RESERVED_FILES);
+    MAX_CONNECTIONS.min(spare).max(1)
+}
+
+/// Serves the socket; `files` is the process's limit on open descriptors.
+pub(crate) async fn serve(
+    agent: Arc<Agent>,
+    listener: UnixListener,
+    files: u64,
+) -> Result<(), AgentError> {
+    let bound = connection_bound(files);
+    let serving = Arc::new(Semaphore::new(MAX_CLIENTS.min(bound)));
+    let accepted = Arc::new(Semaphore::new(bound));
     let busy = reply_line(&error_reply(
         11,
-        format!("the agent has {MAX_CONNECTIONS} clients already; try again"),
+        format!("the agent has {bound} clients already; try again"),
     ));
     loop {
         let stream = match listener.accept().await {
@@ -431,7 +449,7 @@ mod tests {
         let agent = Arc::new(agent(dir.path()).await);
         let socket = agent.config.socket.clone();
         let listener = bind(&socket).unwrap();
-        tokio::spawn(serve(agent.clone(), listener));
+        tokio::spawn(serve(agent.clone(), listener, crate::raise_fd_limit()));
         let ask = |stream: UnixStream, line: &'static [u8]| async move {
             let (r, mut w) = stream.into_split();
             let mut r = BufReader::new(r);
@@ -478,5 +496,12 @@ mod tests {
         for h in holders {
             h.abort();
         }
+    }
+
+    #[test]
+    fn the_connection_bound_leaves_descriptors_for_the_rest() {
+        assert_eq!(connection_bound(1 << 20), MAX_CONNECTIONS);
+        assert_eq!(connection_bound(1024), 1024 - RESERVED_FILES);
+        assert_eq!(connection_bound(100), 1);
     }
 }

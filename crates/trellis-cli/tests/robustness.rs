@@ -151,6 +151,91 @@ fn a_flood_of_connections_queues_then_is_turned_away() {
     wait_for("the agent to serve again", 10, || status_ok(&socket));
 }
 
+/// An agent started with a service manager's default soft limit on open files (1024, with a
+/// higher hard limit), under a flood of socket clients kept at the accepted bound (each one the
+/// agent closes is opened again): it still repairs its routes, which needs new descriptors
+/// (netlink). The bound alone (1024 connections) used every descriptor the soft limit allowed.
+#[test]
+fn a_socket_flood_leaves_descriptors_for_the_dataplane() {
+    raise_fd_limit(4 * trellis_agent::MAX_CONNECTIONS as u64);
+    let mut c = Cluster::new("rbfds", false, 2);
+    c.cli_ok(&["apply", "-f", "-"], Some(POOL_NONE));
+    let _p1 = c.add_pod(1, "rbfdsp1");
+    c.kill_agent(0);
+    let n = &c.nodes[0];
+    let log = std::fs::File::create(c.dir.path().join("node0.log")).unwrap();
+    let child =
+        n.ns.command("prlimit")
+            .arg("--nofile=1024:8192")
+            .arg(bin("trellis"))
+            .args(["--datastore", &c.spec, "agent", "--node", &n.name])
+            .args(["--heartbeat", "1", "--block-grace", "2", "--socket"])
+            .arg(&n.socket)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+    c.nodes[0].agent = Some(child);
+    let socket = c.nodes[0].socket.clone();
+    wait_for("the agent to start", 20, || status_ok(&socket));
+    wait_for("node1's block routed on node0", 20, || {
+        !remote_route(&c).is_empty()
+    });
+    // The flood: MAX_CONNECTIONS + 50 connections, each reopened when the agent closes it,
+    // for at most 60 s (or until the test is done).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (socket, stop) = (socket.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut held: Vec<UnixStream> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                // Drop the connections the agent closed (a busy reply comes first).
+                held.retain(|s| {
+                    let mut b = [0u8; 256];
+                    match (&*s).read(&mut b) {
+                        Ok(0) => false,
+                        Ok(_) => true,
+                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    }
+                });
+                while held.len() < trellis_agent::MAX_CONNECTIONS + 50 {
+                    match UnixStream::connect(&socket) {
+                        Ok(s) => {
+                            s.set_nonblocking(true).unwrap();
+                            held.push(s);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            held.len()
+        })
+    };
+    // Kept at the bound for a while (each of the agent's places is taken).
+    wait_for("the flood to reach the bound", 20, || {
+        std::fs::read_dir(format!(
+            "/proc/{}/fd",
+            c.nodes[0].agent.as_ref().unwrap().id()
+        ))
+        .map(|d| d.count() >= trellis_agent::MAX_CONNECTIONS / 2)
+        .unwrap_or(false)
+    });
+    let dst = remote_route(&c);
+    c.nodes[0].ns.exec_ok(&["ip", "route", "del", &dst]);
+    wait_for(
+        "the deleted route to come back during the flood",
+        20,
+        || remote_route(&c) == dst,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    wait_for("the agent to serve again", 40, || status_ok(&socket));
+}
+
 /// Lets this test process hold `n` descriptors (the default soft limit is often 1024).
 fn raise_fd_limit(n: u64) {
     let mut l = libc::rlimit {
