@@ -21,7 +21,9 @@ use trellis_dataplane::netlink::VxlanSpec;
 use trellis_dataplane::{nft, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{Encapsulation, IpPoolSpec};
-use trellis_routing::{add_bgp_routes, desired, plan, LocalNode, Op, PoolRouting, RemoteNode};
+use trellis_routing::{
+    add_bgp_routes, desired, foreign_conflicts, plan, LocalNode, Op, PoolRouting, RemoteNode,
+};
 
 use crate::{update_node, Agent, AgentError};
 
@@ -69,11 +71,14 @@ pub struct PassReport {
     /// Routes Trellis wants in the kernel (the table size the pass handled).
     pub routes: usize,
     pub problems: Vec<String>,
+    /// The VTEP's ifindex, when a pool needs one (its neighbour changes wake the loop).
+    pub vtep: Option<u32>,
 }
 
-/// Wakes `notify` on every kernel link/neighbour/route change (a dedicated thread: the
-/// subscription socket blocks). Ends quietly if the subscription fails; the resync timer remains.
-fn watch_kernel(notify: Arc<tokio::sync::Notify>) {
+/// Wakes `notify` on every kernel change that concerns Trellis: links, routes, and neighbour or
+/// FDB entries of the VTEP whose ifindex `vtep` holds (0: none) — a dedicated thread, as the
+/// subscription socket blocks. Ends quietly if the subscription fails; the resync timer remains.
+fn watch_kernel(notify: Arc<tokio::sync::Notify>, vtep: Arc<std::sync::atomic::AtomicU32>) {
     std::thread::spawn(move || {
         let mut events = match trellis_dataplane::events::KernelEvents::subscribe() {
             Ok(e) => e,
@@ -83,7 +88,8 @@ fn watch_kernel(notify: Arc<tokio::sync::Notify>) {
             }
         };
         while let Ok(batch) = events.wait() {
-            if !batch.is_empty() {
+            let vtep = Some(vtep.load(Ordering::Relaxed)).filter(|i| *i != 0);
+            if batch.iter().any(|e| e.concerns_trellis(vtep)) {
                 notify.notify_one();
             }
         }
@@ -182,7 +188,8 @@ impl ViewInputs {
 /// before the view was first loaded (an empty view would remove every route).
 pub async fn run(agent: Arc<Agent>, every: Duration) {
     let kernel = Arc::new(tokio::sync::Notify::new());
-    watch_kernel(kernel.clone());
+    let vtep_index = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    watch_kernel(kernel.clone(), vtep_index.clone());
     let mut last_problems = BTreeSet::new();
     let mut nat_applied: Option<String> = None;
     let mut changes = agent.view.subscribe();
@@ -196,6 +203,7 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
             tracing::debug!("dataplane pass");
             match pass(&agent, inputs, &mut nat_applied).await {
                 Ok(r) => {
+                    vtep_index.store(r.vtep.unwrap_or(0), Ordering::Relaxed);
                     let passes = agent.dataplane_passes.fetch_add(1, Ordering::Relaxed) + 1;
                     if r.ops > 0 {
                         tracing::info!(changes = r.ops, "dataplane converged");
@@ -333,6 +341,7 @@ pub async fn pass(
         ops: k.ops,
         routes: k.routes,
         problems,
+        vtep: vtep.map(|v| v.0),
     })
 }
 
@@ -387,6 +396,12 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
     let observed =
         routing::observe_with(&mut nl, &kernel, local.vtep_ifindex).map_err(|e| e.to_string())?;
     drop(kernel);
+    msgs.extend(foreign_conflicts(&want, &observed).into_iter().map(|r| {
+        format!(
+            "route {r} not installed: the kernel already routes {} by a route Trellis does not own, which it never replaces",
+            r.dst
+        )
+    }));
     let mut ops = plan(&want, &observed);
     if bgp_active && !bgp_converged {
         // Restarting: keep the routes found until the peers have re-sent their tables
@@ -657,12 +672,20 @@ fn nat_family(family: &str, pools: &[&IpPoolSpec]) -> Vec<Value> {
     } else {
         "ipv6_addr"
     };
-    let elem = |p: &IpPoolSpec| json!({"prefix": {"addr": p.cidr.network().to_string(), "len": p.cidr.prefix_len()}});
+    // An interval set refuses overlapping elements ("conflicting intervals"), which would fail
+    // the whole batch: one stored pool overlapping another (written by an older version or
+    // directly) turned natOutgoing off for every pool. The CIDRs are merged first.
+    let elems = |cidrs: Vec<IpNet>| -> Vec<Value> {
+        IpNet::aggregate(&cidrs)
+            .iter()
+            .map(|c| json!({"prefix": {"addr": c.network().to_string(), "len": c.prefix_len()}}))
+            .collect()
+    };
     let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": family, "table": NAT_TABLE, "name": name, "type": addr_type, "flags": ["interval"], "elem": elems}}});
     cmds.extend([
         json!({"add": {"table": table}}),
-        set("all_pools", pools.iter().map(|p| elem(p)).collect()),
-        set("masq_pools", masq.iter().map(|p| elem(p)).collect()),
+        set("all_pools", elems(pools.iter().map(|p| p.cidr).collect())),
+        set("masq_pools", elems(masq.iter().map(|p| p.cidr).collect())),
         json!({"add": {"chain": {"family": family, "table": NAT_TABLE, "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
         json!({"add": {"rule": {"family": family, "table": NAT_TABLE, "chain": "postrouting", "comment": "trellis natOutgoing",
             "expr": [

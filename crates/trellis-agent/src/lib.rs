@@ -92,6 +92,34 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as Go's runtime does, and
+/// returns the limit in force. A service manager's default soft limit (1024) is below what the
+/// agent may hold by design — up to [`MAX_CONNECTIONS`] socket clients besides its datastore,
+/// netlink and metrics descriptors — so a flood of socket clients left it none for anything
+/// else: passes could not open netlink, watches could not reconnect.
+pub fn raise_fd_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 1024;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l = raised;
+            }
+        }
+    }
+    l.rlim_cur
+}
+
 /// Returns free memory held by malloc to the system (glibc only).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -103,12 +131,17 @@ pub fn release_free_memory() {
 
 /// Changes this node's Node object with `f`, keeping fields others manage (CAS on the revision
 /// read, so a heartbeat never undoes a VTEP update or the reverse).
+///
+/// A stored Node of this name that does not decode (garbage, or a version this agent cannot
+/// read) is this node's own record, unusable by every reader: it is logged and replaced by one
+/// built afresh, with a precondition on the bad revision. Failing on it instead kept the agent
+/// from ever starting (registration is its first step) or heartbeating again.
 pub async fn update_node(
     store: &dyn Datastore,
     name: &str,
     f: impl Fn(&mut Object<NodeSpec>),
 ) -> Result<(), AgentError> {
-    objects::update(store, Kind::Node, None, name, |old| {
+    let build = |old: Option<Resource>| {
         let mut node = match old {
             Some(Resource::Node(n)) => n,
             _ => Object {
@@ -122,9 +155,52 @@ pub async fn update_node(
         };
         f(&mut node);
         Resource::Node(node)
-    })
-    .await?;
-    Ok(())
+    };
+    for _ in 0..20 {
+        match objects::update(store, Kind::Node, None, name, &build).await {
+            Err(trellis_cluster::ClusterError::Corrupt { key, reason }) => {
+                if replace_invalid(store, &key, &reason, build(None)).await? {
+                    return Ok(());
+                }
+                // Rewritten meanwhile: read it again.
+            }
+            r => {
+                r?;
+                return Ok(());
+            }
+        }
+    }
+    Err(trellis_cluster::ClusterError::Contention {
+        what: trellis_resources::key_for(Kind::Node, None, name),
+        attempts: 20,
+    }
+    .into())
+}
+
+/// Replaces the record at `key` with `fresh` if it still does not decode (a precondition on
+/// the revision read). Returns whether it was replaced.
+async fn replace_invalid(
+    store: &dyn Datastore,
+    key: &str,
+    reason: &str,
+    fresh: Resource,
+) -> Result<bool, AgentError> {
+    let Some(kv) = store.get(key).await? else {
+        return Ok(false);
+    };
+    if objects::decode(&kv).is_ok() {
+        return Ok(false);
+    }
+    tracing::error!(%key, revision = kv.mod_revision, "this node's own record does not decode ({reason}); replacing it");
+    fresh
+        .validate()
+        .map_err(trellis_cluster::ClusterError::from)?;
+    let put = trellis_store::TxnOp::Put(key.to_string(), objects::encode(&fresh));
+    let pre = trellis_store::Precondition::ModRevision(key.to_string(), kv.mod_revision);
+    Ok(matches!(
+        store.txn(vec![pre], vec![put]).await?,
+        trellis_store::TxnOutcome::Committed { .. }
+    ))
 }
 
 /// Creates or updates this node's Node object: address, labels, heartbeat.
@@ -156,6 +232,13 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let files = raise_fd_limit();
+    if files < (MAX_CONNECTIONS + server::RESERVED_FILES) as u64 {
+        tracing::warn!(
+            limit = files,
+            "the open-files limit is low: the socket accepts fewer clients to keep descriptors for the rest"
+        );
+    }
     let store = trellis_store::open(&config.datastore).await?;
     let method = config.ip.clone();
     let address = tokio::task::spawn_blocking(move || autodetect::detect(&method))
@@ -201,7 +284,7 @@ pub async fn run(
         })
     });
     tokio::select! {
-        r = server::serve(agent.clone(), listener) => r?,
+        r = server::serve(agent.clone(), listener, files) => r?,
         _ = shutdown => tracing::info!("shutting down"),
     }
     follower.abort();
@@ -294,6 +377,45 @@ mod tests {
             create_revision: 1,
             mod_revision: 1,
         }
+    }
+
+    /// This node's own Node record no longer decodes (garbage, or a format this version cannot
+    /// read): registration replaces it instead of failing, which kept the agent from starting.
+    /// Another node's bad record is not touched.
+    #[tokio::test]
+    async fn an_undecodable_own_node_record_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = format!("sqlite:{}", dir.path().join("t.db").display());
+        let store = trellis_store::open(&spec).await.unwrap();
+        let mine = trellis_resources::key_for(Kind::Node, None, "n1");
+        let other = trellis_resources::key_for(Kind::Node, None, "n2");
+        let garbage = |k: &str| trellis_store::TxnOp::Put(k.to_string(), b"{not json".to_vec());
+        store
+            .txn(vec![], vec![garbage(&mine), garbage(&other)])
+            .await
+            .unwrap();
+        let address = "192.0.2.5/24".parse().unwrap();
+        register_node(&*store, "n1", address, &BTreeMap::new())
+            .await
+            .expect("registered over the bad record");
+        let stored = objects::get(&*store, Kind::Node, None, "n1")
+            .await
+            .unwrap()
+            .unwrap();
+        let Resource::Node(node) = stored.resource else {
+            panic!("not a node");
+        };
+        assert_eq!(node.spec.addresses[0].address, "192.0.2.5/24");
+        assert!(node.status.unwrap().last_heartbeat.is_some());
+        // A heartbeat afterwards is an ordinary update.
+        register_node(&*store, "n1", address, &BTreeMap::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(&other).await.unwrap().unwrap().value,
+            b"{not json",
+            "another node's record was touched"
+        );
     }
 
     #[test]

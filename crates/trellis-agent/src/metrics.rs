@@ -1,11 +1,21 @@
 //! The agent's Prometheus endpoint (`--metrics-listen`): per-peer BGP session state, prefix
 //! counts and message counters, from the speaker's latest status; the pod MTU; and the stored
 //! records the agent skips because they do not decode. Does I/O (an HTTP listener).
+//!
+//! The listener is usually reachable from pods, so its clients are bounded: at most
+//! [`MAX_CONNECTIONS`] are open at once (the rest wait in the kernel's accept queue, holding
+//! none of the agent's file descriptors), and each is closed [`CONNECTION_DEADLINE`] after it
+//! was accepted. Unbounded, idle connections held one descriptor each for good: enough of them
+//! left the agent none to accept the CNI plugin's connections or open its datastore.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
@@ -13,6 +23,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trellis_resources::{BgpStatusSpec, Kind};
 
 use crate::Agent;
@@ -131,9 +144,110 @@ pub fn render(
 }
 
 /// Serves `/metrics` until the agent stops.
+/// Metrics connections open at once (a Prometheus server needs one).
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a metrics connection stays open (a scrape takes milliseconds).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A listener that accepts only while fewer than [`MAX_CONNECTIONS`] are open.
+struct Bounded {
+    inner: TcpListener,
+    places: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Limited;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Limited, SocketAddr) {
+        let place = self
+            .places
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let deadline = Box::pin(tokio::time::sleep(CONNECTION_DEADLINE));
+        (
+            Limited {
+                io,
+                deadline,
+                _place: place,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection: frees its place when dropped, and fails its reads and writes once
+/// its deadline has passed (so the server closes it, idle or not).
+struct Limited {
+    io: TcpStream,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    _place: OwnedSemaphorePermit,
+}
+
+impl Limited {
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        self.deadline.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "metrics connection open too long",
+            )
+        })
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 pub async fn serve(agent: Arc<Agent>, addr: SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving metrics");
+    serve_on(agent, listener).await
+}
+
+/// Serves metrics on a bound listener (see the module docs for the bounds).
+async fn serve_on(agent: Arc<Agent>, listener: TcpListener) -> std::io::Result<()> {
+    let listener = Bounded {
+        inner: listener,
+        places: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    };
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {

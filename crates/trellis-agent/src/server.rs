@@ -6,9 +6,11 @@
 //! served at once; up to [`MAX_CONNECTIONS`] in all are accepted, the others waiting (without a
 //! buffer) for a place for up to [`QUEUE_DEADLINE`] — a node's burst of ADDs and DELs queues
 //! rather than failing — and beyond that a connection is answered "busy" (code 11) and closed at
-//! once. A request line is at most [`MAX_REQUEST_LINE`] bytes and must arrive whole within
-//! [`REQUEST_DEADLINE`] once served, and a reply that cannot be written within
-//! [`REPLY_DEADLINE`] ends the connection.
+//! once. A request line is at most [`MAX_REQUEST_LINE`] bytes; a served connection's requests
+//! must all arrive within [`REQUEST_DEADLINE`] of its being served (one deadline for the
+//! connection, not one per line: a client that keeps asking must not keep its place while
+//! others wait), and a reply that cannot be written within [`REPLY_DEADLINE`] ends the
+//! connection.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,7 +38,9 @@ pub const QUEUE_DEADLINE: Duration = Duration::from_secs(30);
 /// Longest request line. The largest legitimate request is a GC listing every attachment on
 /// the node (~110 bytes each): 256 KiB holds over 2 000.
 pub const MAX_REQUEST_LINE: usize = 256 * 1024;
-/// Time a client has to send a whole request line (from connecting, or from the last reply).
+/// Time a served client has to send its request lines, counted once from when it was given its
+/// place (the plugin sends one request per connection; a client that sends a line every few
+/// seconds would otherwise hold its place forever, and [`MAX_CLIENTS`] such clients every place).
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// Time a reply may take to be written before the client is given up.
 pub const REPLY_DEADLINE: Duration = Duration::from_secs(10);
@@ -69,12 +73,30 @@ fn error_reply(code: u32, msg: impl Into<String>) -> Reply {
     })
 }
 
-pub(crate) async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<(), AgentError> {
-    let serving = Arc::new(Semaphore::new(MAX_CLIENTS));
-    let accepted = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// Descriptors kept for everything but socket clients (datastore, netlink, nft, metrics).
+pub(crate) const RESERVED_FILES: usize = 256;
+
+/// How many connections to accept in all with `files` descriptors allowed: [`MAX_CONNECTIONS`],
+/// or fewer when the limit would not leave [`RESERVED_FILES`] for the rest.
+fn connection_bound(files: u64) -> usize {
+    let spare = usize::try_from(files)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(RESERVED_FILES);
+    MAX_CONNECTIONS.min(spare).max(1)
+}
+
+/// Serves the socket; `files` is the process's limit on open descriptors.
+pub(crate) async fn serve(
+    agent: Arc<Agent>,
+    listener: UnixListener,
+    files: u64,
+) -> Result<(), AgentError> {
+    let bound = connection_bound(files);
+    let serving = Arc::new(Semaphore::new(MAX_CLIENTS.min(bound)));
+    let accepted = Arc::new(Semaphore::new(bound));
     let busy = reply_line(&error_reply(
         11,
-        format!("the agent has {MAX_CONNECTIONS} clients already; try again"),
+        format!("the agent has {bound} clients already; try again"),
     ));
     loop {
         let stream = match listener.accept().await {
@@ -118,7 +140,7 @@ enum Line {
     Closed,
     /// The line is longer than [`MAX_REQUEST_LINE`].
     TooLong,
-    /// No whole line within [`REQUEST_DEADLINE`]; `partial` when some bytes came.
+    /// No whole line before the connection's deadline; `partial` when some bytes came.
     Late {
         partial: bool,
     },
@@ -127,11 +149,12 @@ enum Line {
 async fn read_line(
     r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
     buf: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
 ) -> std::io::Result<Line> {
     buf.clear();
     // One byte more than the limit tells a line of exactly the limit from a longer one.
     let mut limited = r.take(MAX_REQUEST_LINE as u64 + 1);
-    match tokio::time::timeout(REQUEST_DEADLINE, limited.read_until(b'\n', buf)).await {
+    match tokio::time::timeout_at(deadline, limited.read_until(b'\n', buf)).await {
         Err(_) => Ok(Line::Late {
             partial: !buf.is_empty(),
         }),
@@ -158,8 +181,9 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
+    let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
     loop {
-        let reply = match read_line(&mut r, &mut line).await? {
+        let reply = match read_line(&mut r, &mut line, deadline).await? {
             Line::Request => match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => handle(&agent, req).await,
                 Err(e) => error_reply(6, format!("cannot decode request: {e}")),
@@ -413,5 +437,71 @@ mod tests {
             agent.pod_mtu.load(Ordering::Relaxed),
             lo_mtu - VXLAN_OVERHEAD
         );
+    }
+
+    /// A client that keeps asking (here an empty line, answered with an error, every second —
+    /// well inside the per-request deadline) does not keep its place: with every place held
+    /// by such clients, a waiting ADD is served once their connections' deadline passes, not
+    /// turned away as busy when its own queue deadline passes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_that_keep_asking_do_not_keep_their_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Arc::new(agent(dir.path()).await);
+        let socket = agent.config.socket.clone();
+        let listener = bind(&socket).unwrap();
+        tokio::spawn(serve(agent.clone(), listener, crate::raise_fd_limit()));
+        let ask = |stream: UnixStream, line: &'static [u8]| async move {
+            let (r, mut w) = stream.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(line).await.unwrap();
+            let mut reply = String::new();
+            r.read_line(&mut reply).await.unwrap();
+            (r, w, reply)
+        };
+        // Every place taken, each holder proven served (it was answered).
+        let mut holders = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            let s = UnixStream::connect(&socket).await.unwrap();
+            let (r, w, reply) = ask(s, b"\n").await;
+            assert!(reply.contains("\"code\":6"), "{reply}");
+            holders.push(tokio::spawn(async move {
+                let (mut r, mut w) = (r, w);
+                // Asks again every second until the agent hangs up (bounded: 2 minutes).
+                for _ in 0..120 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if w.write_all(b"\n").await.is_err() {
+                        return;
+                    }
+                    let mut reply = String::new();
+                    match r.read_line(&mut reply).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    }
+                }
+            }));
+        }
+        let s = UnixStream::connect(&socket).await.unwrap();
+        let waited = tokio::time::Instant::now();
+        let (_, _, reply) = tokio::time::timeout(
+            QUEUE_DEADLINE + Duration::from_secs(30),
+            ask(s, b"{\"op\":\"status\"}\n"),
+        )
+        .await
+        .expect("the waiting client got an answer");
+        assert!(
+            reply.contains("\"ok\""),
+            "a waiting client was turned away after {:?} while others kept their places: {reply}",
+            waited.elapsed()
+        );
+        for h in holders {
+            h.abort();
+        }
+    }
+
+    #[test]
+    fn the_connection_bound_leaves_descriptors_for_the_rest() {
+        assert_eq!(connection_bound(1 << 20), MAX_CONNECTIONS);
+        assert_eq!(connection_bound(1024), 1024 - RESERVED_FILES);
+        assert_eq!(connection_bound(100), 1);
     }
 }

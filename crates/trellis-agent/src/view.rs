@@ -94,8 +94,7 @@ pub async fn load(store: &dyn Datastore, shared: &SharedView) -> Result<(), Stor
             let (c, errors) = view.load(*kind, listing);
             changed |= c;
             // Logged once per key and revision, and counted for metrics.
-            let invalid: Vec<Invalid> = errors.iter().map(|e| invalid_record(e, listing)).collect();
-            invalid::observe_listing(*kind, &invalid);
+            invalid::observe_listing(*kind, &invalid_records(&errors, listing));
         }
     }
     if changed {
@@ -104,22 +103,37 @@ pub async fn load(store: &dyn Datastore, shared: &SharedView) -> Result<(), Stor
     Ok(())
 }
 
-/// A listed record that did not decode, as the invalid-records tracker takes it.
-fn invalid_record(e: &ClusterError, listing: &Listing) -> Invalid {
-    let key = match e {
-        ClusterError::Corrupt { key, .. } => key.clone(),
-        other => other.to_string(),
-    };
-    let revision = listing
+/// The listed records that did not decode, as the invalid-records tracker takes them, each with
+/// its own revision. The revisions are looked up in one index of the listing: a search of the
+/// listing per bad record made a listing of many bad records quadratic, and it runs under the
+/// view's write lock (so every loop waited) and before the agent serves its socket.
+fn invalid_records(errors: &[ClusterError], listing: &Listing) -> Vec<Invalid> {
+    if errors.is_empty() {
+        return Vec::new();
+    }
+    let revisions: std::collections::HashMap<&str, i64> = listing
         .items
         .iter()
-        .find(|kv| kv.key == key)
-        .map_or(listing.revision, |kv| kv.mod_revision);
-    Invalid {
-        key,
-        revision,
-        reason: e.to_string(),
-    }
+        .map(|kv| (kv.key.as_str(), kv.mod_revision))
+        .collect();
+    errors
+        .iter()
+        .map(|e| {
+            let key = match e {
+                ClusterError::Corrupt { key, .. } => key.clone(),
+                other => other.to_string(),
+            };
+            let revision = revisions
+                .get(key.as_str())
+                .copied()
+                .unwrap_or(listing.revision);
+            Invalid {
+                key,
+                revision,
+                reason: e.to_string(),
+            }
+        })
+        .collect()
 }
 
 /// Applies a burst of events (the first, then whatever is already queued) under one lock and

@@ -105,3 +105,26 @@ fn ipv6_pod_traffic_leaves_as_the_node() {
     ext.exec_ok(&["ip", "route", "add", "fd00:10::/64", "via", "2001:db8:7::1"]);
     assert_eq!(peer_seen_by(&ext, &pod), "fd00:10::5");
 }
+
+/// Pools whose CIDRs overlap (a stored pool written by an older version or directly; `apply`
+/// refuses them) still get one valid ruleset: nft refuses overlapping elements in an interval
+/// set, and the failed batch left natOutgoing off for every pool.
+#[test]
+fn overlapping_pools_do_not_turn_nat_off() {
+    let node = TestNetns::new("natovl");
+    let rules = nat_ruleset(&pools(
+        "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.1.0.0/16, natOutgoing: true}\n---\napiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: b}\nspec: {cidr: 10.1.0.0/24, natOutgoing: true}\n---\napiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: c}\nspec: {cidr: 10.2.0.0/16}\n",
+    ));
+    let handle = Netns::open(node.path()).unwrap();
+    handle
+        .run(|| apply_nat(&rules))
+        .unwrap()
+        .expect("the ruleset applies");
+    let masq = node.exec_ok(&["nft", "list", "set", "ip", "trellis", "masq_pools"]);
+    assert!(masq.contains("10.1.0.0/16"), "{masq}");
+    let all = node.exec_ok(&["nft", "list", "set", "ip", "trellis", "all_pools"]);
+    assert!(
+        all.contains("10.1.0.0/16") && all.contains("10.2.0.0/16"),
+        "{all}"
+    );
+}

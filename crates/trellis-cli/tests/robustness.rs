@@ -151,6 +151,91 @@ fn a_flood_of_connections_queues_then_is_turned_away() {
     wait_for("the agent to serve again", 10, || status_ok(&socket));
 }
 
+/// An agent started with a service manager's default soft limit on open files (1024, with a
+/// higher hard limit), under a flood of socket clients kept at the accepted bound (each one the
+/// agent closes is opened again): it still repairs its routes, which needs new descriptors
+/// (netlink). The bound alone (1024 connections) used every descriptor the soft limit allowed.
+#[test]
+fn a_socket_flood_leaves_descriptors_for_the_dataplane() {
+    raise_fd_limit(4 * trellis_agent::MAX_CONNECTIONS as u64);
+    let mut c = Cluster::new("rbfds", false, 2);
+    c.cli_ok(&["apply", "-f", "-"], Some(POOL_NONE));
+    let _p1 = c.add_pod(1, "rbfdsp1");
+    c.kill_agent(0);
+    let n = &c.nodes[0];
+    let log = std::fs::File::create(c.dir.path().join("node0.log")).unwrap();
+    let child =
+        n.ns.command("prlimit")
+            .arg("--nofile=1024:8192")
+            .arg(bin("trellis"))
+            .args(["--datastore", &c.spec, "agent", "--node", &n.name])
+            .args(["--heartbeat", "1", "--block-grace", "2", "--socket"])
+            .arg(&n.socket)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+    c.nodes[0].agent = Some(child);
+    let socket = c.nodes[0].socket.clone();
+    wait_for("the agent to start", 20, || status_ok(&socket));
+    wait_for("node1's block routed on node0", 20, || {
+        !remote_route(&c).is_empty()
+    });
+    // The flood: MAX_CONNECTIONS + 50 connections, each reopened when the agent closes it,
+    // for at most 60 s (or until the test is done).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (socket, stop) = (socket.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut held: Vec<UnixStream> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                // Drop the connections the agent closed (a busy reply comes first).
+                held.retain(|s| {
+                    let mut b = [0u8; 256];
+                    match (&*s).read(&mut b) {
+                        Ok(0) => false,
+                        Ok(_) => true,
+                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    }
+                });
+                while held.len() < trellis_agent::MAX_CONNECTIONS + 50 {
+                    match UnixStream::connect(&socket) {
+                        Ok(s) => {
+                            s.set_nonblocking(true).unwrap();
+                            held.push(s);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            held.len()
+        })
+    };
+    // Kept at the bound for a while (each of the agent's places is taken).
+    wait_for("the flood to reach the bound", 20, || {
+        std::fs::read_dir(format!(
+            "/proc/{}/fd",
+            c.nodes[0].agent.as_ref().unwrap().id()
+        ))
+        .map(|d| d.count() >= trellis_agent::MAX_CONNECTIONS / 2)
+        .unwrap_or(false)
+    });
+    let dst = remote_route(&c);
+    c.nodes[0].ns.exec_ok(&["ip", "route", "del", &dst]);
+    wait_for(
+        "the deleted route to come back during the flood",
+        20,
+        || remote_route(&c) == dst,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    wait_for("the agent to serve again", 40, || status_ok(&socket));
+}
+
 /// Lets this test process hold `n` descriptors (the default soft limit is often 1024).
 fn raise_fd_limit(n: u64) {
     let mut l = libc::rlimit {
@@ -270,6 +355,82 @@ fn garbage_records_are_skipped_counted_and_logged_once() {
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stdout.contains("10.70.0.0/16"), "{stdout}");
     assert!(stderr.contains("/trellis/v1/ippools/garbage"), "{stderr}");
+}
+
+/// Clients of the metrics port (reachable from pods) that connect and never send cannot take
+/// the agent's file descriptors: with the agent limited to 200, another node holds 300 such
+/// connections while the CNI socket must still answer and a pod still be added. Unbounded, the
+/// metrics server accepted them all, and the agent then had no descriptor left to accept the
+/// plugin's connections (nor to open its datastore).
+#[test]
+fn idle_metrics_clients_cannot_starve_the_socket() {
+    let mut c = Cluster::new("rbmet", false, 2);
+    c.cli_ok(&["apply", "-f", "-"], Some(POOL_NONE));
+    restart_agent_with(&mut c, 0, &["--metrics-listen", "192.0.2.10:9092"]);
+    let pid = c.nodes[0].agent.as_ref().unwrap().id().to_string();
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=200:200"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // As many as connect, up to 300 (the bounded agent leaves the rest in its listen queue, and
+    // once that is full connects time out); then up to 40 s for the agent to close 16 of them
+    // (its connection deadline); then held until our end of its stdin closes, or 90 s.
+    let hold = "import socket,sys,select,time
+ss=[];fails=0
+while len(ss)<300 and fails<3:
+  try: ss.append(socket.create_connection(('192.0.2.10',9092),timeout=2))
+  except OSError: fails+=1
+print('held',len(ss),flush=True)
+closed=set();end=time.time()+40
+while len(closed)<16 and time.time()<end:
+  r,_,_=select.select([s for s in ss if s not in closed],[],[],max(0,end-time.time()))
+  for s in r:
+    try: d=s.recv(1)
+    except OSError: d=b''
+    if not d: closed.add(s)
+print('closed',len(closed),flush=True)
+select.select([sys.stdin],[],[],90)
+";
+    let mut holder = c.nodes[1]
+        .ns
+        .command("python3")
+        .args(["-c", hold])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert!(line.starts_with("held"), "{line}");
+    eprintln!("metrics clients {}", line.trim());
+    let socket = c.nodes[0].socket.clone();
+    wait_for(
+        "the CNI socket to answer while 300 metrics clients are held",
+        30,
+        || status_ok(&socket),
+    );
+    let _pod = c.add_pod(0, "rbmetp0");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds < 150, "the agent holds {fds} descriptors");
+    // The connections the agent took are closed at their deadline, idle as they are.
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    let closed: usize = line
+        .trim()
+        .strip_prefix("closed ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        closed >= trellis_agent::metrics::MAX_CONNECTIONS,
+        "{closed} idle metrics connections closed in 40 s"
+    );
+    drop(holder.stdin.take());
+    let _ = holder.wait();
 }
 
 #[test]

@@ -16,7 +16,8 @@ pub struct Stored {
 
 /// Decodes a stored value; anything invalid is reported with its key. A valid resource stored
 /// under another object's key (another kind, name or namespace) is invalid too: reads and
-/// writes by name would otherwise act on a different record than the one listed.
+/// writes by name would otherwise act on a different record than the one listed — and so is a
+/// block whose name is not the one its CIDR gives.
 pub fn decode(kv: &KeyValue) -> Result<Stored> {
     let corrupt = |reason: String| ClusterError::Corrupt {
         key: kv.key.clone(),
@@ -32,6 +33,18 @@ pub fn decode(kv: &KeyValue) -> Result<Stored> {
             resource.metadata().name,
             resource.key()
         )));
+    }
+    // IPAM writes a block only at the key its CIDR names. One at another block's key (written
+    // by hand) read as a second copy of that block: allocations planned on it were committed
+    // against the real block's key and never succeeded, stopping the node's ADDs.
+    if let Resource::IpamBlock(b) = &resource {
+        let named = trellis_ipam::cluster::block_name(&b.spec.cidr);
+        if b.metadata.name != named {
+            return Err(corrupt(format!(
+                "it holds block {}, whose name is {named}",
+                b.spec.cidr
+            )));
+        }
     }
     Ok(Stored {
         resource,

@@ -491,6 +491,7 @@ async fn endpoint_records_that_do_not_decode(s: Arc<dyn Datastore>) {
 }
 
 both!(pool_recreated_with_another_block_size);
+both!(block_record_at_another_blocks_key);
 both!(endpoint_records_that_do_not_decode);
 both!(settings_change_during_allocation);
 both!(ipam_records_are_not_written_by_hand);
@@ -501,3 +502,48 @@ both!(stale_pool_settings_against_a_new_pool);
 both!(new_handle_equal_to_a_legacy_one);
 both!(legacy_lookup_checks_the_network);
 both!(pod_named_like_the_vtep);
+
+/// A block record whose CIDR is not the one its key names (written directly, never by IPAM:
+/// `10-97-0-64-26` holding 10.97.0.0/26, affine to `b`, empty) is as bad as one that does not
+/// decode: it is skipped and named, and it stands for the block its key names. Read as a block
+/// it was a second, empty copy of `a`'s block: `b` allocated from it against the real block's
+/// key and could never commit (or, on a matching revision, overwrote `a`'s allocations).
+async fn block_record_at_another_blocks_key(s: Arc<dyn Datastore>) {
+    apply(&*s, &pool_yaml("p", "10.97.0.0/24", 26)).await;
+    apply(&*s, &node_yaml("a")).await;
+    apply(&*s, &node_yaml("b")).await;
+    let mut live = Ledger::new();
+    let a = NodeIpam::new(s.clone(), "a", BTreeMap::new());
+    add(&a, &req("a", 0), &mut live).await;
+    let (mut copy, _) = objects::blocks(&*s).await.unwrap().remove(0);
+    assert_eq!(copy.metadata.name, "10-97-0-0-26");
+    copy.metadata.name = "10-97-0-64-26".into();
+    copy.spec.affinity = Some("host:b".into());
+    copy.spec.allocations.iter_mut().for_each(|a| *a = None);
+    copy.spec.attributes.clear();
+    let copy = trellis_resources::Resource::IpamBlock(copy);
+    s.txn(vec![], vec![TxnOp::Put(copy.key(), objects::encode(&copy))])
+        .await
+        .unwrap();
+    let b = NodeIpam::new(s.clone(), "b", BTreeMap::new());
+    let got = add(&b, &req("b", 0), &mut live).await;
+    for taken in ["10.97.0.0/26", "10.97.0.64/26"] {
+        let net: IpNet = taken.parse().unwrap();
+        assert!(!net.contains(&got[0]), "b was given {got:?} inside {net}");
+    }
+    match objects::list_checked(&*s, Kind::IpamBlock).await {
+        Ok(l) => assert!(
+            l.invalid.iter().any(|i| i.key == copy.key()),
+            "the record is not reported: {:?}",
+            l.invalid
+        ),
+        Err(e) => panic!("{e}"),
+    }
+    add(&a, &req("a", 1), &mut live).await;
+    // The ledger check refuses any unreadable block record: with the bad one gone, every live
+    // attachment holds exactly its addresses.
+    s.txn(vec![], vec![TxnOp::Delete(copy.key())])
+        .await
+        .unwrap();
+    verify_ledger(&*s, &live).await.unwrap();
+}

@@ -1,7 +1,8 @@
 //! Kernel change notifications: a netlink socket subscribed to the link, neighbour and route
-//! multicast groups of the calling thread's namespace. The agent wakes its reconcile loop on any
-//! event, so a route or FDB entry removed by hand is put back at once rather than at the next
-//! periodic resync. Blocking I/O: run it on a dedicated thread.
+//! multicast groups of the calling thread's namespace. The agent wakes its reconcile loop on the
+//! events that concern Trellis ([`KernelEvent::concerns_trellis`]), so a route or FDB entry
+//! removed by hand is put back at once rather than at the next periodic resync. Blocking I/O:
+//! run it on a dedicated thread.
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -19,8 +20,26 @@ const RTNLGRP_IPV6_ROUTE: u32 = 11;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelEvent {
     Link,
-    Neighbour,
+    /// A neighbour (ARP/ND) or FDB entry of the device `ifindex`.
+    Neighbour {
+        ifindex: u32,
+    },
     Route,
+}
+
+impl KernelEvent {
+    /// Whether the change can touch what Trellis programs, given its VTEP's ifindex (`None`
+    /// without one): any link or route change (one of its routes removed, a foreign route at a
+    /// block's destination, the uplink's MTU), but a neighbour change only on the VTEP, the one
+    /// device where Trellis keeps neighbour and FDB entries. Elsewhere neighbours change state
+    /// all the time (ARP/ND of every pod and peer going reachable, stale, probed), and each such
+    /// change woke a full pass: route and neighbour dumps several times a second on a busy node.
+    pub fn concerns_trellis(&self, vtep: Option<u32>) -> bool {
+        match self {
+            KernelEvent::Neighbour { ifindex } => vtep == Some(*ifindex),
+            KernelEvent::Link | KernelEvent::Route => true,
+        }
+    }
 }
 
 /// A subscription to kernel changes.
@@ -87,8 +106,10 @@ impl KernelEvents {
                     RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_) => {
                         KernelEvent::Link
                     }
-                    RouteNetlinkMessage::NewNeighbour(_) | RouteNetlinkMessage::DelNeighbour(_) => {
-                        KernelEvent::Neighbour
+                    RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+                        KernelEvent::Neighbour {
+                            ifindex: n.header.ifindex,
+                        }
                     }
                     RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => {
                         KernelEvent::Route

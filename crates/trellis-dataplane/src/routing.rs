@@ -1,5 +1,6 @@
 //! Applies [`trellis_routing`] plans to the kernel and reads back what Trellis owns there:
-//! routes with Trellis's protocol number, permanent neighbours and FDB entries on the VTEP.
+//! routes with Trellis's protocol number, permanent neighbours and FDB entries on the VTEP,
+//! and the destinations other protocols' routes hold (which a plan never replaces).
 //! Never touches routes of other protocols.
 
 use std::net::IpAddr;
@@ -36,6 +37,20 @@ fn to_kernel(r: &Route) -> RouteSpec {
     }
 }
 
+/// The metric the kernel gives an IPv6 route added without one (`IP6_RT_PRIO_USER`).
+const IPV6_DEFAULT_METRIC: u32 = 1024;
+
+/// A route's metric as planned: Trellis adds its own routes without a metric, which IPv4 keeps
+/// as 0 but IPv6 reports as 1024; read as 0, so an IPv6 route reads back as it was planned
+/// (otherwise every pass replaced it and then deleted it as stale — a blackhole for a local
+/// IPv6 block never stayed, and each removal woke the next pass).
+fn planned_metric(r: &RouteSpec) -> u32 {
+    match r.metric {
+        Some(IPV6_DEFAULT_METRIC) if r.dst.addr().is_ipv6() => 0,
+        m => m.unwrap_or(0),
+    }
+}
+
 fn from_kernel(r: &RouteSpec) -> Option<Route> {
     if r.protocol != TRELLIS_PROTO || r.table != TABLE_MAIN {
         return None;
@@ -52,8 +67,17 @@ fn from_kernel(r: &RouteSpec) -> Option<Route> {
     Some(Route {
         dst: r.dst,
         kind,
-        metric: r.metric.unwrap_or(0),
+        metric: planned_metric(r),
     })
+}
+
+/// The main table's destinations (with metric) held by routes of other protocols.
+fn foreign(routes: &[RouteSpec]) -> std::collections::BTreeSet<(IpNet, u32)> {
+    routes
+        .iter()
+        .filter(|r| r.protocol != TRELLIS_PROTO && r.table == TABLE_MAIN)
+        .map(|r| (r.dst, planned_metric(r)))
+        .collect()
 }
 
 /// What Trellis owns in the kernel now.
@@ -67,6 +91,7 @@ pub fn observe(nl: &mut Netlink, vtep: Option<u32>) -> Result<Observed> {
 pub fn observe_with(nl: &mut Netlink, routes: &[RouteSpec], vtep: Option<u32>) -> Result<Observed> {
     let mut o = Observed {
         routes: routes.iter().filter_map(from_kernel).collect(),
+        foreign: foreign(routes),
         ..Default::default()
     };
     if let Some(ifindex) = vtep {

@@ -131,3 +131,124 @@ fn vxlan_plan_applies_and_resync_is_a_no_op() {
         .exec_ok(&["bridge", "fdb", "show", "dev", "vxlan.trellis"])
         .contains("66:00:00:00:00:03"));
 }
+
+/// A namespace with an uplink `upl0` (192.168.1.10/24, its peer `upl1`), and netlink in it.
+fn uplink_ns(tag: &str) -> (TestNetns, Netlink, u32) {
+    let ns = TestNetns::new(tag);
+    ns.exec_ok(&[
+        "ip", "link", "add", "upl0", "type", "veth", "peer", "name", "upl1",
+    ]);
+    ns.exec_ok(&["ip", "addr", "add", "192.168.1.10/24", "dev", "upl0"]);
+    ns.exec_ok(&["ip", "link", "set", "upl0", "up"]);
+    ns.exec_ok(&["ip", "link", "set", "upl1", "up"]);
+    let handle = Netns::open(ns.path()).unwrap();
+    let mut nl = Netlink::open_in(&handle).unwrap();
+    let uplink = nl.link("upl0").unwrap().unwrap().index;
+    (ns, nl, uplink)
+}
+
+fn local_node(uplink: u32) -> LocalNode {
+    LocalNode {
+        name: "n1".into(),
+        address: "192.168.1.10/24".parse().unwrap(),
+        uplink_ifindex: uplink,
+        vtep_ifindex: None,
+        bgp: false,
+    }
+}
+
+/// A local IPv6 block's blackhole stays, and a resync changes nothing: the kernel reports an
+/// IPv6 route added without a metric at metric 1024, which used to read back as another route
+/// than the one planned — every pass replaced it and then deleted it as stale, and the removal
+/// woke the next pass.
+#[test]
+fn an_ipv6_block_blackhole_converges() {
+    let (ns, mut nl, uplink) = uplink_ns("route6");
+    let blocks = vec![
+        ("fd00:10::/122".parse().unwrap(), "n1".to_string()),
+        ("10.244.0.0/26".parse().unwrap(), "n1".to_string()),
+    ];
+    let (want, problems) = desired(&local_node(uplink), &[], &blocks, &[]);
+    assert!(problems.is_empty(), "{problems:?}");
+    let ops = plan(&want, &routing::observe(&mut nl, None).unwrap());
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    let failed = routing::apply(&mut nl, &ops);
+    assert!(failed.is_empty(), "{failed:?}");
+    let again = plan(&want, &routing::observe(&mut nl, None).unwrap());
+    assert!(again.is_empty(), "a resync changes something: {again:?}");
+    let failed = routing::apply(&mut nl, &again);
+    assert!(failed.is_empty(), "{failed:?}");
+    let routes = ns.exec_ok(&["ip", "-6", "route", "show", "proto", "231"]);
+    assert!(routes.contains("blackhole fd00:10::/122"), "{routes}");
+    // Gone from the cluster: removed.
+    let ops = plan(
+        &Default::default(),
+        &routing::observe(&mut nl, None).unwrap(),
+    );
+    assert!(routing::apply(&mut nl, &ops).is_empty());
+    let routes = ns.exec_ok(&["ip", "-6", "route", "show", "proto", "231"]);
+    assert!(routes.trim().is_empty(), "{routes}");
+}
+
+/// A route of another protocol to the same destination and metric as one Trellis wants is
+/// never replaced (`ip route replace` would, whatever its protocol): a pod's host route for a
+/// /32 block (blockSize 32) stays — it was replaced by the block's blackhole, cutting the pod
+/// off — and an operator's route to a remote block stays, reported as a conflict.
+#[test]
+fn foreign_routes_to_a_block_are_never_replaced() {
+    let (ns, mut nl, uplink) = uplink_ns("routefrgn");
+    // The CNI plugin's host route to a pod (proto boot), and an operator's static route.
+    ns.exec_ok(&["ip", "route", "add", "10.244.0.5/32", "dev", "upl0"]);
+    ns.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.1.0/26",
+        "via",
+        "192.168.1.1",
+        "proto",
+        "static",
+    ]);
+    let remotes = vec![RemoteNode {
+        name: "n2".into(),
+        address: "192.168.1.11".parse().unwrap(),
+        vtep_ip: None,
+        vtep_mac: None,
+    }];
+    let blocks = vec![
+        ("10.244.0.5/32".parse().unwrap(), "n1".to_string()),
+        ("10.244.1.0/26".parse().unwrap(), "n2".to_string()),
+        ("10.244.2.0/26".parse().unwrap(), "n2".to_string()),
+    ];
+    let pools = vec![PoolRouting {
+        cidr: "10.244.0.0/16".parse().unwrap(),
+        encapsulation: Encapsulation::None,
+    }];
+    let (want, problems) = desired(&local_node(uplink), &remotes, &blocks, &pools);
+    assert!(problems.is_empty(), "{problems:?}");
+    for _ in 0..2 {
+        let observed = routing::observe(&mut nl, None).unwrap();
+        let failed = routing::apply(&mut nl, &plan(&want, &observed));
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+    let routes = ns.exec_ok(&["ip", "route"]);
+    assert!(
+        routes.contains("10.244.0.5 dev upl0 scope link"),
+        "the pod's route was replaced: {routes}"
+    );
+    assert!(
+        routes.contains("10.244.1.0/26 via 192.168.1.1 dev upl0 proto static"),
+        "the operator's route was replaced: {routes}"
+    );
+    assert!(
+        routes.contains("10.244.2.0/26 via 192.168.1.11 dev upl0 proto 231"),
+        "the rest is still programmed: {routes}"
+    );
+    // The remote block's route that was not installed is reported; the blackhole yields quietly.
+    let observed = routing::observe(&mut nl, None).unwrap();
+    let conflicts: Vec<String> = trellis_routing::foreign_conflicts(&want, &observed)
+        .iter()
+        .map(|r| r.dst.to_string())
+        .collect();
+    assert_eq!(conflicts, ["10.244.1.0/26"]);
+}

@@ -144,6 +144,14 @@ pub enum Problem {
     IpipUnsupported {
         block: IpNet,
     },
+    /// Another node (first by name) already publishes this VTEP address or MAC: a stale or
+    /// hostile Node record. The kernel holds one neighbour per address, so planning both made
+    /// every pass flip it, each flip a kernel event that woke the next pass.
+    VtepTaken {
+        block: IpNet,
+        node: String,
+        by: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -157,7 +165,39 @@ impl fmt::Display for Problem {
             Problem::NoVtep { block, node } => write!(f, "block {block}: node {node} has not published its VTEP yet"),
             Problem::NoLocalVtep { block } => write!(f, "block {block} needs VXLAN but this node has no VTEP"),
             Problem::IpipUnsupported { block } => write!(f, "block {block}: IPIP pools are refused on this node (no ipip support in the kernel)"),
+            Problem::VtepTaken { block, node, by } => write!(f, "block {block}: node {node} publishes the VTEP address or MAC of node {by}; not routed"),
         }
+    }
+}
+
+/// Which node each VTEP address and MAC belongs to: the first by name that publishes it.
+#[derive(Default)]
+struct VtepClaims<'a> {
+    ips: BTreeMap<IpAddr, &'a str>,
+    macs: BTreeMap<[u8; 6], &'a str>,
+}
+
+impl<'a> VtepClaims<'a> {
+    fn of(remotes: &'a [RemoteNode]) -> VtepClaims<'a> {
+        let mut by_name: Vec<&RemoteNode> = remotes.iter().collect();
+        by_name.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut claims = VtepClaims::default();
+        for r in by_name {
+            if let (Some(ip), Some(mac)) = (r.vtep_ip, r.vtep_mac) {
+                claims.ips.entry(ip).or_insert(&r.name);
+                claims.macs.entry(mac).or_insert(&r.name);
+            }
+        }
+        claims
+    }
+
+    /// The node that holds `remote`'s VTEP address or MAC, if not `remote` itself.
+    fn taken(&self, remote: &RemoteNode, ip: IpAddr, mac: [u8; 6]) -> Option<&'a str> {
+        [self.ips.get(&ip), self.macs.get(&mac)]
+            .into_iter()
+            .flatten()
+            .copied()
+            .find(|owner| *owner != remote.name)
     }
 }
 
@@ -165,6 +205,7 @@ fn vxlan(
     local: &LocalNode,
     block: IpNet,
     remote: &RemoteNode,
+    claims: &VtepClaims<'_>,
     out: &mut Desired,
 ) -> Result<(), Problem> {
     let vtep = local.vtep_ifindex.ok_or(Problem::NoLocalVtep { block })?;
@@ -174,6 +215,13 @@ fn vxlan(
             node: remote.name.clone(),
         });
     };
+    if let Some(by) = claims.taken(remote, ip, mac) {
+        return Err(Problem::VtepTaken {
+            block,
+            node: remote.name.clone(),
+            by: by.to_string(),
+        });
+    }
     out.neighbours.insert(Neighbour {
         ifindex: vtep,
         ip,
@@ -232,6 +280,7 @@ pub fn desired(
     let mut problems = Vec::new();
     let by_name: BTreeMap<&str, &RemoteNode> =
         remotes.iter().map(|r| (r.name.as_str(), r)).collect();
+    let claims = VtepClaims::of(remotes);
     for (block, node) in blocks {
         let block = *block;
         if *node == local.name {
@@ -263,11 +312,11 @@ pub fn desired(
         let r = match pool.encapsulation {
             _ if bgp_owns => Ok(()),
             Encapsulation::None => direct(local, block, remote, &mut out),
-            Encapsulation::Vxlan => vxlan(local, block, remote, &mut out),
+            Encapsulation::Vxlan => vxlan(local, block, remote, &claims, &mut out),
             Encapsulation::VxlanCrossSubnet if same_subnet => {
                 direct(local, block, remote, &mut out)
             }
-            Encapsulation::VxlanCrossSubnet => vxlan(local, block, remote, &mut out),
+            Encapsulation::VxlanCrossSubnet => vxlan(local, block, remote, &claims, &mut out),
             Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => {
                 Err(Problem::IpipUnsupported { block })
             }
@@ -312,12 +361,30 @@ pub fn add_bgp_routes(
     problems
 }
 
-/// What the kernel has of Trellis's: routes with [`TRELLIS_PROTO`], entries on the VTEP.
+/// What the kernel has of Trellis's: routes with [`TRELLIS_PROTO`], entries on the VTEP; and
+/// where the main table already routes by a route Trellis does not own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
     pub routes: BTreeSet<Route>,
     pub neighbours: BTreeSet<Neighbour>,
     pub fdb: BTreeSet<Fdb>,
+    /// (destination, metric) of the main table's routes of other protocols: a pod's host route
+    /// (`POD/32 dev cali…`, the same destination as a /32 block), the node's subnet, an
+    /// operator's static route. `ip route replace` replaces the route of the same destination
+    /// and metric whatever its protocol, so Trellis never plans a route into one of these.
+    pub foreign: BTreeSet<(IpNet, u32)>,
+}
+
+/// The routes of `desired` that [`plan`] leaves out because a route Trellis does not own holds
+/// their destination and metric ([`Observed::foreign`]), for reporting. A local block's
+/// blackhole is not among them: it only catches what nothing else routes, so yielding to
+/// another route to the same destination is what it is for.
+pub fn foreign_conflicts<'a>(desired: &'a Desired, observed: &Observed) -> Vec<&'a Route> {
+    desired
+        .routes
+        .iter()
+        .filter(|r| r.kind != RouteKind::Blackhole && observed.foreign.contains(&(r.dst, r.metric)))
+        .collect()
 }
 
 /// One kernel change.
@@ -371,8 +438,9 @@ impl fmt::Display for Op {
 
 /// The changes that turn `observed` into `desired`, in a safe order: forwarding entries before
 /// the routes that use them, stale routes removed before the entries they used. A route whose
-/// destination stays but whose next hop changes is replaced in place (no flap); a resync with
-/// nothing to do yields no ops.
+/// destination stays but whose next hop changes is replaced in place (no flap); a route whose
+/// destination and metric a foreign route holds is left out (see [`Observed::foreign`]); a
+/// resync with nothing to do yields no ops.
 pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     let mut ops = Vec::new();
     ops.extend(
@@ -393,6 +461,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
         desired
             .routes
             .difference(&observed.routes)
+            .filter(|r| !observed.foreign.contains(&(r.dst, r.metric)))
             .cloned()
             .map(Op::ReplaceRoute),
     );

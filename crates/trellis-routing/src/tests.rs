@@ -114,6 +114,7 @@ fn resync_is_a_no_op_and_changes_are_minimal() {
         routes: d.routes.clone(),
         neighbours: d.neighbours.clone(),
         fdb: d.fdb.clone(),
+        ..Default::default()
     };
     assert!(plan(&d, &observed).is_empty());
     // n3 leaves: its route goes first, then its neighbour and FDB entry.
@@ -226,5 +227,84 @@ fn bgp_owns_direct_routes_and_adds_learned_ones_at_its_metric() {
             "route replace [metric 32] 10.244.1.0/26 via 192.168.1.11 dev #2",
             "route del 10.244.1.0/26 via 192.168.1.11 dev #2",
         ]
+    );
+}
+
+/// What a kernel holds after `ops`: one route per destination and metric, one neighbour per
+/// device and address (`neigh replace`), FDB entries as a set (`fdb append`).
+fn kernel_after(observed: &Observed, ops: &[Op]) -> Observed {
+    let mut routes: BTreeMap<(IpNet, u32), Route> = observed
+        .routes
+        .iter()
+        .map(|r| ((r.dst, r.metric), r.clone()))
+        .collect();
+    let mut neigh: BTreeMap<(u32, IpAddr), Neighbour> = observed
+        .neighbours
+        .iter()
+        .map(|n| ((n.ifindex, n.ip), n.clone()))
+        .collect();
+    let mut fdb = observed.fdb.clone();
+    for op in ops {
+        match op {
+            Op::SetFdb(e) => {
+                fdb.insert(e.clone());
+            }
+            Op::DelFdb(e) => {
+                fdb.remove(e);
+            }
+            Op::SetNeighbour(n) => {
+                neigh.insert((n.ifindex, n.ip), n.clone());
+            }
+            Op::DelNeighbour(n) => {
+                neigh.remove(&(n.ifindex, n.ip));
+            }
+            Op::ReplaceRoute(r) => {
+                routes.insert((r.dst, r.metric), r.clone());
+            }
+            Op::DelRoute(r) => {
+                routes.remove(&(r.dst, r.metric));
+            }
+        }
+    }
+    Observed {
+        routes: routes.into_values().collect(),
+        neighbours: neigh.into_values().collect(),
+        fdb,
+        ..Default::default()
+    }
+}
+
+/// A Node record that publishes another node's VTEP address (stale, or hostile): the first by
+/// name keeps it, the other is reported and not routed, and a resync is a no-op. Planning both
+/// made every pass flip the kernel's one neighbour for that address (and each flip, a kernel
+/// event, woke the next pass: a busy loop with traffic to the address alternating).
+#[test]
+fn a_vtep_published_twice_is_used_once_and_converges() {
+    let mut r = remotes();
+    r.push(RemoteNode {
+        name: "n4".into(),
+        address: ip("192.168.1.14"),
+        vtep_ip: Some(ip("10.244.1.0")),
+        vtep_mac: Some([0x66, 0, 0, 0, 0, 4]),
+    });
+    let mut b = blocks();
+    b.push((net("10.244.4.0/26"), "n4".into()));
+    let (d, problems) = desired(&local(), &r, &b, &pool(Encapsulation::Vxlan));
+    let mut kernel = Observed::default();
+    for pass in 0..3 {
+        let ops = plan(&d, &kernel);
+        assert!(pass == 0 || ops.is_empty(), "pass {pass} changes {ops:?}");
+        kernel = kernel_after(&kernel, &ops);
+    }
+    assert!(
+        kernel.routes.iter().any(|r| r.dst == net("10.244.1.0/26")),
+        "{kernel:?}"
+    );
+    assert!(!kernel.routes.iter().any(|r| r.dst == net("10.244.4.0/26")));
+    assert!(
+        problems.iter().any(
+            |p| matches!(p, Problem::VtepTaken { node, by, .. } if node == "n4" && by == "n2")
+        ),
+        "{problems:?}"
     );
 }

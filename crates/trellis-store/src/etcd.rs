@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp as EOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, Txn, TxnOp as EOp,
+    WatchClient, WatchOptions,
 };
 
 use crate::types::{
@@ -18,10 +19,28 @@ use crate::types::{
 };
 use crate::{Datastore, Result, StoreError, Watch};
 
+/// Largest gRPC message the client accepts: a listing, or a watch response carrying a batch of
+/// events, is one message. gRPC's default (4 MiB) is reached by a few thousand blocks, or by
+/// three values of etcd's own 1.5 MiB request limit under one prefix: every listing of that kind
+/// then failed, so an agent could never load its view (nor IPAM list blocks). Kubernetes gives
+/// its etcd client `math.MaxInt32` for the same reason.
+pub const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+
+/// HTTP/2 pings while a call is open (a watch), and how long an answer may take: a watch on a
+/// connection whose server stopped answering (a host that died without closing it, a
+/// partition, a frozen process) otherwise waits forever for its next event — the request
+/// timeout does not cover a stream — and the agent's view silently stops changing. etcd refuses
+/// pings more often than every 5 s (`--grpc-keepalive-min-time`), and pings with no call open at
+/// all (it closes such a connection with `too_many_pings`), so idle connections do not ping.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The etcd backend.
 pub struct EtcdStore {
     endpoints: Vec<String>,
     client: Client,
+    kv: KvClient,
+    watcher: WatchClient,
 }
 
 impl EtcdStore {
@@ -29,20 +48,30 @@ impl EtcdStore {
     pub async fn connect(endpoints: Vec<String>) -> Result<EtcdStore> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(10));
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(false);
         let joined = endpoints.join(",");
         let unreachable = |e: etcd_client::Error| StoreError::Unreachable {
             endpoint: joined.clone(),
             reason: e.to_string(),
         };
-        let mut client = Client::connect(&endpoints, Some(opts))
+        let client = Client::connect(&endpoints, Some(opts))
             .await
             .map_err(unreachable)?;
-        client
-            .get("/trellis/.probe", None)
-            .await
-            .map_err(unreachable)?;
-        Ok(EtcdStore { endpoints, client })
+        let mut kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let watcher = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        kv.get("/trellis/.probe", None).await.map_err(unreachable)?;
+        Ok(EtcdStore {
+            endpoints,
+            client,
+            kv,
+            watcher,
+        })
     }
 
     fn err(&self) -> impl Fn(etcd_client::Error) -> StoreError + '_ {
@@ -65,12 +94,7 @@ fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
 #[async_trait::async_trait]
 impl Datastore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let resp = self
-            .client
-            .clone()
-            .get(key, None)
-            .await
-            .map_err(self.err())?;
+        let resp = self.kv.clone().get(key, None).await.map_err(self.err())?;
         Ok(resp.kvs().first().map(to_kv))
     }
 
@@ -81,7 +105,7 @@ impl Datastore for EtcdStore {
             GetOptions::new().with_prefix()
         };
         let resp = self
-            .client
+            .kv
             .clone()
             .get(prefix, Some(opts))
             .await
@@ -115,7 +139,7 @@ impl Datastore for EtcdStore {
             .collect();
         let (conditions, writes) = (compares.len(), ops.len());
         let resp = self
-            .client
+            .kv
             .clone()
             .txn(Txn::new().when(compares).and_then(ops))
             .await
@@ -162,7 +186,7 @@ impl Datastore for EtcdStore {
             return Ok(Watch::new(rx)); // nothing to watch: a stream that ends at once
         };
         let mut stream = self
-            .client
+            .watcher
             .clone()
             .watch(first.as_str(), Some(opts(first)))
             .await
@@ -240,7 +264,7 @@ impl Datastore for EtcdStore {
 
     async fn revision(&self) -> Result<i64> {
         let resp = self
-            .client
+            .kv
             .clone()
             .get("/trellis/.probe", None)
             .await

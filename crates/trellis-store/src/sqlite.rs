@@ -24,6 +24,12 @@ use crate::{prefix_end, Datastore, Result, StoreError, Watch};
 /// How often a watch looks for new log entries.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Most log entries one poll reads: a watcher far behind (a slow reader, or a watch from an
+/// old revision) catches up in batches of this size rather than reading everything retained
+/// (up to the retention's five minutes of a busy cluster) into memory at once. A revision is
+/// never split across polls; one with more entries is read whole.
+pub const POLL_BATCH: usize = 1024;
+
 /// Writers check the retention every this many revisions.
 pub const COMPACT_EVERY: i64 = 64;
 
@@ -249,9 +255,10 @@ fn prefixes_clause(prefixes: &[String]) -> (String, Vec<Value>) {
 /// What one look at the log found.
 #[derive(Debug)]
 enum Polled {
-    /// Events under the prefixes from the revision asked for, and the revision to ask for next:
-    /// past everything the store had, whether it matched or not, so a quiet watcher neither
-    /// rescans other keys' entries nor is reported compacted for history it never needed.
+    /// Events under the prefixes from the revision asked for (at most a batch, whole revisions),
+    /// and the revision to ask for next: past everything the store had when the batch was not
+    /// full, whether it matched or not, so a quiet watcher neither rescans other keys' entries
+    /// nor is reported compacted for history it never needed.
     Events(Vec<WatchEvent>, i64),
     /// The revision asked for is gone; the oldest kept.
     Compacted(i64),
@@ -269,10 +276,40 @@ fn poll_log(conn: &mut Connection, prefixes: &[String], from: i64) -> rusqlite::
     if current < from {
         return Ok(Polled::Events(Vec::new(), from));
     }
-    let (clause, mut values) = prefixes_clause(prefixes);
-    values.push(Value::Integer(from));
+    let (clause, values) = prefixes_clause(prefixes);
+    // One more than a batch tells whether the batch ends inside a revision.
+    let mut events = read_log(&tx, &clause, &values, ">=", from, Some(POLL_BATCH + 1))?;
+    let mut next = current + 1;
+    if events.len() > POLL_BATCH {
+        let cut = events[POLL_BATCH].revision;
+        events.retain(|e| e.revision < cut);
+        if events.is_empty() {
+            // One revision with more entries than a batch: read it whole.
+            events = read_log(&tx, &clause, &values, "=", cut, None)?;
+            next = cut + 1;
+        } else {
+            next = cut;
+        }
+    }
+    tx.commit()?;
+    Ok(Polled::Events(events, next))
+}
+
+/// The log entries under `clause` whose revision compares (`op`: `>=` or `=`) with `rev`, in
+/// order, at most `limit`.
+fn read_log(
+    tx: &Connection,
+    clause: &str,
+    values: &[Value],
+    op: &str,
+    rev: i64,
+    limit: Option<usize>,
+) -> rusqlite::Result<Vec<WatchEvent>> {
+    let mut values = values.to_vec();
+    values.push(Value::Integer(rev));
+    let limit = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
     let sql = format!(
-        "SELECT rev, key, value, deleted FROM log WHERE rev >= ?{} AND {clause} ORDER BY id",
+        "SELECT rev, key, value, deleted FROM log WHERE rev {op} ?{} AND {clause} ORDER BY id{limit}",
         values.len()
     );
     let events = {
@@ -292,8 +329,7 @@ fn poll_log(conn: &mut Connection, prefixes: &[String], from: i64) -> rusqlite::
         })?;
         rows.collect::<rusqlite::Result<Vec<_>>>()?
     };
-    tx.commit()?;
-    Ok(Polled::Events(events, current + 1))
+    Ok(events)
 }
 
 #[async_trait::async_trait]
@@ -547,5 +583,51 @@ mod tests {
             .unwrap();
         assert_eq!(rows, 3);
         assert_eq!(meta(&c, "compacted").unwrap(), COMPACT_EVERY - 2);
+    }
+
+    /// A watcher far behind reads the log in batches of at most POLL_BATCH entries, whole
+    /// revisions each, and gets every event once, in order; a revision larger than a batch
+    /// comes whole. It used to read everything retained in one go.
+    #[tokio::test]
+    async fn a_poll_reads_a_bounded_batch_of_whole_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let path = path.to_str().unwrap();
+        let s = SqliteStore::open_with(path, None).await.unwrap();
+        let put = |k: String| TxnOp::Put(k, b"x".to_vec());
+        // Revisions 1..=1500 of one entry, one of 3 entries, one of 2000.
+        let ops: Vec<Vec<TxnOp>> = (0..1500)
+            .map(|n| vec![put(format!("/w/{n}"))])
+            .chain([
+                (0..3).map(|n| put(format!("/w/three/{n}"))).collect(),
+                (0..2000).map(|n| put(format!("/w/big/{n}"))).collect(),
+            ])
+            .collect();
+        for txn in ops {
+            s.txn(vec![], txn).await.unwrap();
+        }
+        let mut c = connect(path).unwrap();
+        let prefixes = ["/w/".to_string()];
+        let (mut from, mut seen, mut polls) = (1, Vec::new(), 0);
+        while from <= 1502 {
+            let Polled::Events(events, next) = poll_log(&mut c, &prefixes, from).unwrap() else {
+                panic!("compacted");
+            };
+            let whole = events.iter().all(|e| e.revision == 1502);
+            assert!(
+                events.len() <= POLL_BATCH || whole,
+                "{} events",
+                events.len()
+            );
+            assert!(next > from);
+            seen.extend(events.into_iter().map(|e| e.revision));
+            from = next;
+            polls += 1;
+            assert!(polls < 10);
+        }
+        let mut want: Vec<i64> = (1..=1500).collect();
+        want.extend([1501; 3]);
+        want.extend([1502; 2000]);
+        assert_eq!(seen, want);
     }
 }

@@ -280,6 +280,63 @@ both!(none_newer_guards_a_listing);
 both!(no_lost_updates);
 both!(watch_resumes_and_reports_compaction);
 both!(one_watch_for_several_prefixes);
+both!(messages_larger_than_grpc_default);
+
+/// A listing, and a watch response catching up on several revisions, can each be larger than
+/// gRPC's default message limit (4 MiB): six values of 1 MiB (under etcd's 1.5 MiB request
+/// limit each) under one prefix. Past that limit etcd's listings of the prefix failed every
+/// time, so one kind of object (a few thousand blocks, or three large records) stopped every
+/// agent from loading its view.
+async fn messages_larger_than_grpc_default(s: Arc<dyn Datastore>) {
+    let start = s.revision().await.unwrap() + 1;
+    let big = vec![b'x'; 1 << 20];
+    for i in 0..6 {
+        let op = TxnOp::Put(format!("/big/{i}"), big.clone());
+        committed(&*s, vec![], vec![op]).await;
+    }
+    let listing = s.list("/big/").await.expect("a 6 MiB listing");
+    assert_eq!(listing.items.len(), 6);
+    assert!(listing.items.iter().all(|kv| kv.value.len() == 1 << 20));
+    let mut w = s.watch("/big/", start).await.unwrap();
+    for i in 0..6 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("watch event in time")
+            .expect("the watch goes on")
+            .expect("a 6 MiB catch-up is delivered");
+        assert_eq!(ev.key, format!("/big/{i}"));
+    }
+}
+
+/// A watch on an etcd that stops answering without closing its connection (frozen here; a host
+/// that died, a partition) ends with an error within the keep-alive bounds, so the watcher lists
+/// again (and can fail over) instead of waiting forever for its next event with a view that has
+/// silently stopped changing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_an_unresponsive_etcd_ends() {
+    let (s, backing) = etcd().await;
+    let Backing::Etcd(server) = &backing else {
+        unreachable!()
+    };
+    let mut w = s.watch("/h/", 1).await.unwrap();
+    committed(&*s, vec![], vec![put("/h/a", "1")]).await;
+    let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("the watch is established")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.key, "/h/a");
+    server.pause();
+    // Keep-alive pings every 10 s, answered within 5 s; the rest is slack for a loaded machine.
+    let bound = Duration::from_secs(40);
+    let end = tokio::time::timeout(bound, w.next()).await;
+    server.resume();
+    match end {
+        Ok(Some(Err(_)) | None) => {}
+        Ok(Some(Ok(ev))) => panic!("an event from a frozen server: {ev:?}"),
+        Err(_) => panic!("the watch still waits {bound:?} after etcd stopped answering"),
+    }
+}
 
 /// `watch_prefixes`: events of the prefixes asked for, in revision order per prefix, and none of
 /// the others.

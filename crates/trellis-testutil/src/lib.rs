@@ -297,6 +297,23 @@ impl EtcdServer {
         self.wait_ready();
     }
 
+    /// Freezes etcd (SIGSTOP) with its connections open: a server that stops answering without
+    /// closing anything, as a dead host or a partition looks to its clients. Dropping the
+    /// server still kills it.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused etcd run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal etcd");
+    }
+
     /// Stops etcd (until [`EtcdServer::restart`]).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
