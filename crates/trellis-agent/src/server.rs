@@ -380,6 +380,7 @@ mod tests {
             bgp: Arc::new(bgp::Shared::default()),
             view: crate::view::SharedView::new(),
             dataplane_passes: std::sync::atomic::AtomicU64::new(0),
+            policy: Default::default(),
         }
     }
 
