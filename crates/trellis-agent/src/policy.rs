@@ -182,8 +182,19 @@ impl Applier {
     }
 
     /// The keys of [`POLICY_KINDS`] whose revision moved since the last call. Scans only the
-    /// kinds whose generation moved, comparing revisions; clones only what changed.
+    /// kinds whose generation moved, comparing revisions; clones only what changed. Tiers come
+    /// first and deleted tiers last, so a tier written or deleted together with its policies
+    /// (one `apply -f`) never leaves them waiting for it in between.
     pub fn deltas(&mut self, view: &ClusterView) -> Vec<Delta> {
+        let mut out = self.scan(view);
+        let (last, mut first): (Vec<Delta>, Vec<Delta>) = out
+            .drain(..)
+            .partition(|d| d.kind == Kind::Tier && d.object.is_none());
+        first.extend(last);
+        first
+    }
+
+    fn scan(&mut self, view: &ClusterView) -> Vec<Delta> {
         let mut out = Vec::new();
         for kind in POLICY_KINDS {
             let g = view.generation(kind);
@@ -215,25 +226,32 @@ impl Applier {
                 object: None,
             }));
         }
+        for d in &out {
+            match &d.object {
+                Some(_) => self.seen.insert(d.key.clone(), (d.kind, d.revision)),
+                None => self.seen.remove(&d.key),
+            };
+        }
         out
     }
 
-    /// Feeds the deltas to the engine: the ops of all of them, in order (one transaction),
+    /// Feeds the deltas (of [`Applier::deltas`], each exactly once) to the engine: the ops of all of them, in order (one transaction),
     /// and the keys whose standing changed (`Some`: left out of the model, and why).
     pub fn feed(&mut self, deltas: Vec<Delta>) -> (Ops, Vec<(Delta, Option<String>)>) {
         let mut ops = Ops::default();
         let mut reports = Vec::new();
         for d in deltas {
             let up = self.sync.update(&d.key, d.object.as_ref());
-            match &d.object {
-                Some(_) => self.seen.insert(d.key.clone(), (d.kind, d.revision)),
-                None => self.seen.remove(&d.key),
-            };
             for c in up.changes {
                 ops.ops.extend(self.engine.handle(c).ops);
             }
             for (key, why) in up.reports {
-                let (kind, revision) = self.seen.get(&key).copied().unwrap_or((d.kind, d.revision));
+                let (kind, revision) = self
+                    .seen
+                    .get(&key)
+                    .copied()
+                    .or_else(|| Some((kind_of(&key)?, d.revision)))
+                    .unwrap_or((d.kind, d.revision));
                 let delta = Delta {
                     kind,
                     key,
@@ -264,6 +282,11 @@ impl Applier {
             })
             .collect()
     }
+}
+
+/// The policy kind a key belongs to.
+fn kind_of(key: &str) -> Option<Kind> {
+    POLICY_KINDS.into_iter().find(|k| key.starts_with(&k.prefix()))
 }
 
 /// Records what the translation left out (and what it takes back) in the invalid-records
