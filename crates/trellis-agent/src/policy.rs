@@ -114,11 +114,17 @@ impl Default for Status {
 impl Status {
     /// Waits until `interface`'s policy is in the kernel, at most `limit`; at once when policy
     /// is not enforced (then nothing closes the interface either).
-    pub async fn wait_programmed(&self, interface: &str, limit: Duration) -> Result<(), PolicyError> {
+    pub async fn wait_programmed(
+        &self,
+        interface: &str,
+        limit: Duration,
+    ) -> Result<(), PolicyError> {
         let mut rx = self.programmed.subscribe();
         let wait = async {
             loop {
-                if !self.enforced.load(Ordering::Acquire) || rx.borrow_and_update().contains(interface) {
+                if !self.enforced.load(Ordering::Acquire)
+                    || rx.borrow_and_update().contains(interface)
+                {
                     return;
                 }
                 if rx.changed().await.is_err() {
@@ -286,7 +292,9 @@ impl Applier {
 
 /// The policy kind a key belongs to.
 fn kind_of(key: &str) -> Option<Kind> {
-    POLICY_KINDS.into_iter().find(|k| key.starts_with(&k.prefix()))
+    POLICY_KINDS
+        .into_iter()
+        .find(|k| key.starts_with(&k.prefix()))
 }
 
 /// Records what the translation left out (and what it takes back) in the invalid-records
@@ -367,7 +375,9 @@ impl Loop {
         match applied {
             Ok(did) => {
                 self.status.publish(self.applier.engine().full());
-                self.status.synced_revision.fetch_max(revision, Ordering::Release);
+                self.status
+                    .synced_revision
+                    .fetch_max(revision, Ordering::Release);
                 if did {
                     if let Some(t) = since {
                         self.status.programming.observe(t.elapsed().as_secs_f64());
@@ -406,7 +416,11 @@ impl Loop {
             }
         };
         if let Some(l) = &listing {
-            *self.status.counters.lock().unwrap_or_else(|e| e.into_inner()) = drift::rule_counters(l);
+            *self
+                .status
+                .counters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = drift::rule_counters(l);
         }
         let diff = drift::differences(listing.as_ref(), self.applier.engine().full());
         if diff.is_empty() {

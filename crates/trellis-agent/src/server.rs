@@ -320,7 +320,10 @@ async fn endpoint_ready(agent: &Agent, attachment: &Attachment, host_interface: 
         }),
         Err(e) => {
             tracing::warn!(container = %attachment.container_id, ifname = %attachment.ifname, error = %e, "endpoint not ready");
-            error_reply(11, format!("{e}; the pod stays closed until it is (try again later)"))
+            error_reply(
+                11,
+                format!("{e}; the pod stays closed until it is (try again later)"),
+            )
         }
     }
 }

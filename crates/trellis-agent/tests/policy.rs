@@ -37,7 +37,10 @@ impl Kernel for InNetns {
     }
 
     fn list(&self) -> Result<Option<Value>, PolicyError> {
-        Ok(self.ns.run(|| nft::list_table_numeric("inet", "trellis_policy")).unwrap()?)
+        Ok(self
+            .ns
+            .run(|| nft::list_table_numeric("inet", "trellis_policy"))
+            .unwrap()?)
     }
 }
 
@@ -70,7 +73,11 @@ impl World {
     async fn new(tag: &str) -> World {
         let dir = temp_dir(tag);
         let spec = format!("sqlite:{}", dir.path().join("store.db").display());
-        let store = trellis_store::open(&spec).await.unwrap();
+        World::on(tag, &spec, dir).await
+    }
+
+    async fn on(tag: &str, spec: &str, dir: tempfile::TempDir) -> World {
+        let store = trellis_store::open(spec).await.unwrap();
         let ns = TestNetns::new(tag);
         let kernel = Arc::new(InNetns {
             ns: Netns::open(ns.path()).unwrap(),
@@ -89,8 +96,10 @@ impl World {
 
     async fn start(&mut self) {
         view::load(&*self.store, &self.view).await.unwrap();
-        self.tasks
-            .push(tokio::spawn(view::follow(self.store.clone(), self.view.clone())));
+        self.tasks.push(tokio::spawn(view::follow(
+            self.store.clone(),
+            self.view.clone(),
+        )));
         self.start_applier();
     }
 
@@ -114,7 +123,13 @@ impl World {
     async fn expected(&self) -> Ruleset {
         let mut all = Vec::new();
         for kind in view::POLICY_KINDS {
-            all.extend(objects::list(&*self.store, kind).await.unwrap().into_iter().map(|s| s.resource));
+            all.extend(
+                objects::list(&*self.store, kind)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|s| s.resource),
+            );
         }
         compile(&translate(&all).model, NODE)
     }
@@ -160,7 +175,10 @@ impl Drop for World {
 /// Whether a batch replaces the whole table (`add table; delete table; add table`).
 fn is_replace(batch: &Value) -> bool {
     let cmds = batch["nftables"].as_array().unwrap();
-    cmds.len() >= 3 && cmds[1].get("delete").is_some_and(|d| d.get("table").is_some())
+    cmds.len() >= 3
+        && cmds[1]
+            .get("delete")
+            .is_some_and(|d| d.get("table").is_some())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +204,10 @@ async fn the_kernel_follows_the_datastore_change_by_change() {
     assert_eq!(batches.len(), 2, "one transaction for the change");
     let cmds = batches[1]["nftables"].as_array().unwrap();
     assert!(
-        cmds.iter().all(|c| c.get("add").or(c.get("delete")).is_some_and(|x| x.get("element").is_some())),
+        cmds.iter().all(|c| c
+            .get("add")
+            .or(c.get("delete"))
+            .is_some_and(|x| x.get("element").is_some())),
         "a relabel changes set elements only: {cmds:?}"
     );
 
@@ -206,23 +227,41 @@ async fn the_kernel_follows_the_datastore_change_by_change() {
     .remove(0);
     let put = TxnOp::Put(orphan.key(), objects::encode(&orphan));
     w.store.txn(vec![], vec![put]).await.unwrap();
-    w.apply(&wep("b", NODE, "10.0.0.2", "role: web, extra: '1'")).await;
+    w.apply(&wep("b", NODE, "10.0.0.2", "role: web, extra: '1'"))
+        .await;
     w.converged("after an untranslatable record").await;
     let deadline = Instant::now() + LIMIT;
     while trellis_cluster::invalid::counts().get(&Kind::GlobalNetworkPolicy) != Some(&1) {
-        assert!(Instant::now() < deadline, "the orphan policy was not reported");
+        assert!(
+            Instant::now() < deadline,
+            "the orphan policy was not reported"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// A rule deleted by hand in the node's namespace comes back on the next resync, counted.
+/// The resync reads the rules' counters, and a rule deleted by hand in the node's namespace comes
+/// back on the next resync, counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_deleted_by_hand_comes_back() {
     trellis_testutil::require_root();
     let mut w = World::new("poldrift").await;
-    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY)).await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
     w.start().await;
     w.converged("startup").await;
+    // The resync reads the per-rule counters (the metrics' source) from the same listing.
+    let deadline = Instant::now() + LIMIT;
+    while !w
+        .status
+        .counters
+        .lock()
+        .unwrap()
+        .contains_key("knp/x/web/in/0")
+    {
+        assert!(Instant::now() < deadline, "the rule's counter was not read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = w.status.drift_repairs.get();
     let listing = w.kernel.list().unwrap().unwrap();
     let handle = nft::rules(&listing)
@@ -230,9 +269,20 @@ async fn a_rule_deleted_by_hand_comes_back() {
         .find(|(chain, _, _)| chain == "forward")
         .map(|(_, h, _)| h)
         .expect("a forward rule");
-    w._ns
-        .exec_ok(&["nft", "delete", "rule", "inet", "trellis_policy", "forward", "handle", &handle.to_string()]);
-    assert!(!w.differences(&w.expected().await).is_empty(), "the deletion took");
+    w._ns.exec_ok(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "trellis_policy",
+        "forward",
+        "handle",
+        &handle.to_string(),
+    ]);
+    assert!(
+        !w.differences(&w.expected().await).is_empty(),
+        "the deletion took"
+    );
     let deadline = Instant::now() + LIMIT;
     while w.status.drift_repairs.get() == before || !w.differences(&w.expected().await).is_empty() {
         assert!(Instant::now() < deadline, "the rule did not come back");
@@ -246,11 +296,20 @@ async fn a_rule_deleted_by_hand_comes_back() {
 async fn a_restarted_applier_adopts_the_table_in_one_transaction() {
     trellis_testutil::require_root();
     let mut w = World::new("poladopt").await;
-    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY)).await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
     w.start().await;
     w.converged("first applier").await;
     w.tasks.pop().unwrap().abort();
-    w._ns.exec_ok(&["nft", "add", "rule", "inet", "trellis_policy", "forward", "accept"]);
+    w._ns.exec_ok(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "trellis_policy",
+        "forward",
+        "accept",
+    ]);
     w.kernel.batches.lock().unwrap().clear();
     w.status = Arc::new(Status::default());
     w.start_applier();
@@ -258,4 +317,54 @@ async fn a_restarted_applier_adopts_the_table_in_one_transaction() {
     let batches = w.batches();
     assert_eq!(batches.len(), 1, "{batches:?}");
     assert!(is_replace(&batches[0]));
+}
+
+/// With the datastore gone (etcd stopped) the table stays and is still repaired from the
+/// view's last state; once etcd is back, changes flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforcement_survives_an_unreachable_datastore() {
+    trellis_testutil::require_root();
+    let mut etcd = trellis_testutil::EtcdServer::start();
+    let spec = format!("etcd:{}", etcd.endpoint);
+    let mut w = World::on("poletcd", &spec, temp_dir("poletcd")).await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
+    w.start().await;
+    w.converged("startup").await;
+    let want = w.expected().await;
+    etcd.stop();
+    // The watch broke and a listing failed: the view has met the outage.
+    let deadline = Instant::now() + LIMIT;
+    while w.view.failures.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the view did not notice etcd stopping"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = w.status.drift_repairs.get();
+    let listing = w.kernel.list().unwrap().unwrap();
+    let (_, handle, _) = nft::rules(&listing)
+        .into_iter()
+        .find(|(chain, _, _)| chain == "forward")
+        .expect("a forward rule");
+    w._ns.exec_ok(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "trellis_policy",
+        "forward",
+        "handle",
+        &handle.to_string(),
+    ]);
+    let deadline = Instant::now() + LIMIT;
+    while w.status.drift_repairs.get() == before || !w.differences(&want).is_empty() {
+        assert!(Instant::now() < deadline, "not repaired while etcd is down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(w.status.enforced.load(Ordering::Acquire));
+    etcd.restart();
+    w.apply(&wep("b", NODE, "10.0.0.2", "role: web")).await;
+    w.converged("after etcd came back").await;
 }

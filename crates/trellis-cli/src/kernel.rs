@@ -104,7 +104,9 @@ pub fn read(trace: &Trace, lab: Option<&str>) -> Result<Vec<KernelRule>> {
 pub fn render(rules: &[KernelRule]) -> String {
     let mut s = String::from("\nkernel counters:\n");
     if rules.is_empty() {
-        s.push_str("  no rule decided (a default decided, or no policy applies): nothing to count\n");
+        s.push_str(
+            "  no rule decided (a default decided, or no policy applies): nothing to count\n",
+        );
     }
     for r in rules {
         match (r.packets, r.bytes) {

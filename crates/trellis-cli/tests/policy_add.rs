@@ -105,7 +105,10 @@ fn add_returns_once_the_pods_policy_is_in_force() {
         .status
         .success()
     {
-        assert!(Instant::now() < deadline, "the agent did not program its policy table");
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not program its policy table"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -122,9 +125,17 @@ fn add_returns_once_the_pods_policy_is_in_force() {
     let s1 = TestNetns::new("poladds1");
     let _srv1 = serve(&s1, "s1", c.dir.path());
     let out = c.spawn_add(0, "poladds1", &s1).wait_with_output().unwrap();
-    assert!(out.status.success(), "ADD s1: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "ADD s1: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let s1_ip = ip_of(&out).unwrap().to_string();
-    assert_eq!(reach(&client, &s1_ip, "s1"), "s1\tok", "right after ADD returned");
+    assert_eq!(
+        reach(&client, &s1_ip, "s1"),
+        "s1\tok",
+        "right after ADD returned"
+    );
 
     // The agent cannot program: ADD waits, the pod stays closed meanwhile, then ADD fails.
     std::fs::write(&flag, "").unwrap();
@@ -134,20 +145,40 @@ fn add_returns_once_the_pods_policy_is_in_force() {
     let mut tries = 0;
     let started = Instant::now();
     while add.try_wait().unwrap().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(40), "ADD did not end");
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "ADD did not end"
+        );
         if let Some(ip) = endpoint_ip(&c, "poladds2") {
-            assert_eq!(reach(&client, &ip, "s2"), "s2\tblocked", "reached before its policy was programmed");
+            assert_eq!(
+                reach(&client, &ip, "s2"),
+                "s2\tblocked",
+                "reached before its policy was programmed"
+            );
             tries += 1;
         }
     }
     assert!(tries > 0, "the closed pod was never probed");
     let out = add.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "ADD succeeded without its policy: {text}");
+    assert!(
+        !out.status.success(),
+        "ADD succeeded without its policy: {text}"
+    );
     let err: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(err["code"], 11, "{text}");
-    assert!(err["msg"].as_str().unwrap().contains("not programmed within"), "{text}");
-    assert_eq!(endpoint_ip(&c, "poladds2"), None, "the failed ADD left its endpoint");
+    assert!(
+        err["msg"]
+            .as_str()
+            .unwrap()
+            .contains("not programmed within"),
+        "{text}"
+    );
+    assert_eq!(
+        endpoint_ip(&c, "poladds2"),
+        None,
+        "the failed ADD left its endpoint"
+    );
     assert_eq!(trl_links(&c), 2, "the failed ADD left its interface");
 
     // Programming works again: the next pod is reachable right after its ADD.
@@ -155,7 +186,15 @@ fn add_returns_once_the_pods_policy_is_in_force() {
     let s3 = TestNetns::new("poladds3");
     let _srv3 = serve(&s3, "s3", c.dir.path());
     let out = c.spawn_add(0, "poladds3", &s3).wait_with_output().unwrap();
-    assert!(out.status.success(), "ADD s3: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "ADD s3: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let s3_ip = ip_of(&out).unwrap().to_string();
-    assert_eq!(reach(&client, &s3_ip, "s3"), "s3\tok", "right after ADD returned");
+    assert_eq!(
+        reach(&client, &s3_ip, "s3"),
+        "s3\tok",
+        "right after ADD returned"
+    );
 }

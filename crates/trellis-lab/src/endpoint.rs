@@ -213,7 +213,12 @@ mod tests {
         );
         assert_eq!(w.metadata.labels, labels);
         assert_eq!(w.spec.service_account_name.as_deref(), Some("sa"));
-        let ports: Vec<(&str, u16)> = w.spec.ports.iter().map(|p| (p.name.as_str(), p.port)).collect();
+        let ports: Vec<(&str, u16)> = w
+            .spec
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port))
+            .collect();
         assert_eq!(ports, [("web", 80)], "only named ports are recorded");
         assert_eq!(w.spec.profiles, ["p"]);
         apply_change(&mut w, &EndpointChange::Profiles(vec![]));

@@ -201,7 +201,8 @@ impl ModelSync {
             .insert(key.to_string());
         let id = Id::Policy(p.id.clone());
         if self.tier_exists(&tier) {
-            self.held.insert(key.to_string(), held(id, Some(p.clone()), true));
+            self.held
+                .insert(key.to_string(), held(id, Some(p.clone()), true));
             up.changes.push(Change::PolicyUpsert(p));
             self.report(key, None, up);
         } else {
@@ -212,7 +213,13 @@ impl ModelSync {
 
     /// A tier now exists: its waiting policies come in.
     fn tier_arrived(&mut self, tier: &str, up: &mut Update) {
-        let keys: Vec<String> = self.by_tier.get(tier).into_iter().flatten().cloned().collect();
+        let keys: Vec<String> = self
+            .by_tier
+            .get(tier)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         for k in keys {
             let Some(h) = self.held.get_mut(&k).filter(|h| !h.active) else {
                 continue;
@@ -227,7 +234,13 @@ impl ModelSync {
 
     /// A tier no longer exists: its policies go out (before the tier) and wait for it.
     fn tier_gone(&mut self, tier: &str, up: &mut Update) {
-        let keys: Vec<String> = self.by_tier.get(tier).into_iter().flatten().cloned().collect();
+        let keys: Vec<String> = self
+            .by_tier
+            .get(tier)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         for k in keys {
             let Some(h) = self.held.get_mut(&k).filter(|h| h.active) else {
                 continue;

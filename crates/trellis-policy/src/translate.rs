@@ -107,9 +107,10 @@ pub fn item(r: &Resource) -> Result<Option<Item>> {
             name: o.metadata.name.clone(),
             labels: o.metadata.labels.clone(),
         },
-        Resource::NetworkSet(o) | Resource::GlobalNetworkSet(o) => Item::NetworkSet(
-            network_set(r.kind() == trellis_resources::Kind::NetworkSet, o)?,
-        ),
+        Resource::NetworkSet(o) | Resource::GlobalNetworkSet(o) => Item::NetworkSet(network_set(
+            r.kind() == trellis_resources::Kind::NetworkSet,
+            o,
+        )?),
         Resource::Profile(o) => Item::Profile(profile(o)?),
         Resource::WorkloadEndpoint(o) => Item::Endpoint(endpoint(o)),
         Resource::KubernetesNetworkPolicy(o) => Item::Policy(kubernetes_policy(o)?),

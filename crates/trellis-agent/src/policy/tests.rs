@@ -18,7 +18,13 @@ fn view<'v>(v: &'v mut ClusterView, objects: &[(Resource, i64)]) -> &'v ClusterV
                 mod_revision: *rev,
             })
             .collect();
-        let (_, errors) = v.load(kind, &Listing { items, revision: 100 });
+        let (_, errors) = v.load(
+            kind,
+            &Listing {
+                items,
+                revision: 100,
+            },
+        );
         assert!(errors.is_empty(), "{errors:?}");
     }
     v
@@ -45,8 +51,10 @@ fn tier() -> Resource {
 }
 
 fn policy() -> Resource {
-    doc("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\n\
-         spec: {tier: sec, selector: all(), types: [Ingress], ingress: [{action: Deny}]}\n")
+    doc(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\n\
+         spec: {tier: sec, selector: all(), types: [Ingress], ingress: [{action: Deny}]}\n",
+    )
 }
 
 #[test]
@@ -67,7 +75,10 @@ fn only_keys_whose_revision_moved_are_fed() {
     // A deletion is fed as one gone key.
     objects.remove(0);
     let d = a.deltas(view(&mut v, &objects));
-    assert!(matches!(d.as_slice(), [Delta { object: None, .. }]), "{d:?}");
+    assert!(
+        matches!(d.as_slice(), [Delta { object: None, .. }]),
+        "{d:?}"
+    );
 }
 
 #[test]

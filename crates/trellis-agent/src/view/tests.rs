@@ -283,7 +283,10 @@ async fn the_view_revision_follows_the_store_through_unwatched_writes() {
             shared.revision() >= want
         })
         .await;
-        assert!(has_pool(&shared, "r"), "revision {want} reached before its event was applied");
+        assert!(
+            has_pool(&shared, "r"),
+            "revision {want} reached before its event was applied"
+        );
         follower.abort();
     }
 }

@@ -49,12 +49,29 @@ fn versions() -> Vec<Vec<Option<Resource>>> {
     };
     vec![
         vec![None, tier("t1", "Deny"), tier("t1", "Pass")],
-        vec![None, gnp("p1", "t1", "all()"), gnp("p1", "default", "app == 'db'"), gnp("p1", "t1", "has(app)")],
-        vec![None, gnp("p2", "t1", "role == 'web'"), gnp("p2", "t2", "all()")],
+        vec![
+            None,
+            gnp("p1", "t1", "all()"),
+            gnp("p1", "default", "app == 'db'"),
+            gnp("p1", "t1", "has(app)"),
+        ],
+        vec![
+            None,
+            gnp("p2", "t1", "role == 'web'"),
+            gnp("p2", "t2", "all()"),
+        ],
         vec![None, tier("t2", "Deny")],
         vec![None, knp("app: db"), knp("")],
-        vec![None, wep("a", "x", "10.0.0.1", "trla", "app: db"), wep("a", "x", "10.0.0.1", "trla", "role: web")],
-        vec![None, wep("b", "y", "10.0.0.2", "trlb", "role: web"), wep("b", "y", "10.0.0.2", "trlb", "app: db")],
+        vec![
+            None,
+            wep("a", "x", "10.0.0.1", "trla", "app: db"),
+            wep("a", "x", "10.0.0.1", "trla", "role: web"),
+        ],
+        vec![
+            None,
+            wep("b", "y", "10.0.0.2", "trlb", "role: web"),
+            wep("b", "y", "10.0.0.2", "trlb", "app: db"),
+        ],
         vec![None, ns("team: a"), ns("team: b")],
         vec![None, gns("192.0.2.0/24"), gns("198.51.100.0/24")],
     ]
