@@ -80,8 +80,12 @@ impl Kernel for Nft {
 pub struct Status {
     /// The table is in the kernel and follows the view.
     pub enforced: AtomicBool,
-    /// The datastore revision the kernel's table reflects (0: none yet).
+    /// The datastore revision the kernel's table reflects (0: none yet): everything written
+    /// up to it is in the kernel.
     pub synced_revision: AtomicI64,
+    /// The newest object revision the kernel holds (it may be ahead of `synced_revision`,
+    /// which waits for the watch's progress report): when a given write is in the kernel.
+    pub newest_revision: AtomicI64,
     pub drift_repairs: Counter,
     /// Batches nft refused (each followed by a whole-table replace).
     pub refused: Counter,
@@ -102,6 +106,7 @@ impl Default for Status {
         Status {
             enforced: AtomicBool::new(false),
             synced_revision: AtomicI64::new(0),
+            newest_revision: AtomicI64::new(0),
             drift_repairs: Counter::default(),
             refused: Counter::default(),
             programming: Histogram::new(buckets),
@@ -346,9 +351,10 @@ impl Loop {
         let since = self.view.take_policy_changed_at();
         // Read before the view: what it holds is then at least this recent.
         let revision = self.view.revision();
-        let ops = {
+        let (ops, newest) = {
             let v = self.view.read();
             let deltas = self.applier.deltas(&v);
+            let newest = deltas.iter().map(|d| d.revision).max().unwrap_or(0);
             let (ops, mut reports) = self.applier.feed(deltas);
             let lists = self.view.lists.load(Ordering::Relaxed);
             if lists != self.lists {
@@ -356,7 +362,7 @@ impl Loop {
                 reports.extend(self.applier.bad());
             }
             report(reports, &v);
-            ops
+            (ops, newest)
         };
         let applied = if self.need_full {
             self.replace().await
@@ -378,6 +384,9 @@ impl Loop {
                 self.status
                     .synced_revision
                     .fetch_max(revision, Ordering::Release);
+                self.status
+                    .newest_revision
+                    .fetch_max(newest, Ordering::Release);
                 if did {
                     if let Some(t) = since {
                         self.status.programming.observe(t.elapsed().as_secs_f64());
