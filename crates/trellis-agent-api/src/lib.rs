@@ -61,7 +61,22 @@ pub enum Request {
     },
     /// Whether the agent can serve ADDs.
     Status {},
+    /// The routed-mode veth exists: reply once the endpoint's policy is in the kernel (at once
+    /// when the agent does not enforce policy), or with code 11 after
+    /// [`ENDPOINT_READY_DEADLINE`]. Until then the `trl*` interface is closed by the policy
+    /// table. An agent older than this request answers code 6 (unknown variant); the plugin
+    /// then goes on without waiting.
+    EndpointReady {
+        #[serde(flatten)]
+        attachment: Attachment,
+        #[serde(rename = "hostInterface")]
+        host_interface: String,
+    },
 }
+
+/// How long the agent waits for an endpoint's policy before answering `EndpointReady` with an
+/// error (below the plugin's reply timeout, so the error is the agent's, with its reason).
+pub const ENDPOINT_READY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An error the plugin turns into a CNI error with the same code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +136,11 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
         assert!(serde_json::from_str::<Request>("{\"op\":\"status\",\"x\":1}").is_err());
+        let ready = r#"{"op":"endpointReady","network":"n","containerID":"c","ifname":"eth0","hostInterface":"trl0"}"#;
+        match serde_json::from_str::<Request>(ready).unwrap() {
+            Request::EndpointReady { host_interface, .. } => assert_eq!(host_interface, "trl0"),
+            other => panic!("{other:?}"),
+        }
         let reply = Reply::Error(ErrorReply {
             code: 11,
             msg: "m".into(),

@@ -6,6 +6,7 @@ pub mod autodetect;
 pub mod bgp;
 pub mod dataplane;
 pub mod metrics;
+pub mod policy;
 mod server;
 pub mod view;
 
@@ -79,6 +80,8 @@ pub struct Agent {
     pub view: Arc<view::SharedView>,
     /// Dataplane passes completed (each read the kernel and applied the difference).
     pub dataplane_passes: std::sync::atomic::AtomicU64,
+    /// The policy applier's state (enforcement, synced revision, programmed interfaces).
+    pub policy: Arc<policy::Status>,
 }
 
 /// Limits malloc to two arenas: the agent's many short-lived blocking threads otherwise each get
@@ -268,6 +271,7 @@ pub async fn run(
         bgp: Arc::new(bgp_shared),
         view: cluster,
         dataplane_passes: std::sync::atomic::AtomicU64::new(0),
+        policy: Arc::new(policy::Status::default()),
     });
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");
@@ -275,6 +279,13 @@ pub async fn run(
     let housekeeping = tokio::spawn(housekeeping(agent.clone()));
     let dataplane = tokio::spawn(dataplane::run(agent.clone(), agent.config.resync));
     let bgp = tokio::spawn(bgp::run(agent.clone(), agent.config.bgp));
+    let policy = tokio::spawn(policy::run(
+        agent.config.node.clone(),
+        agent.view.clone(),
+        agent.policy.clone(),
+        Arc::new(policy::Nft),
+        agent.config.resync,
+    ));
     let metrics = agent.config.metrics.map(|addr| {
         let a = agent.clone();
         tokio::spawn(async move {
@@ -291,6 +302,7 @@ pub async fn run(
     housekeeping.abort();
     dataplane.abort();
     bgp.abort();
+    policy.abort();
     if let Some(m) = metrics {
         m.abort();
     }

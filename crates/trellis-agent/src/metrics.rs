@@ -38,8 +38,10 @@ pub fn render(
     status: Option<&BgpStatusSpec>,
     pod_mtu: u32,
     invalid: &BTreeMap<Kind, usize>,
+    policy: &crate::policy::Status,
 ) -> String {
     let mut reg = Registry::with_prefix("trellis");
+    register_policy(&mut reg, policy);
     let mtu = Gauge::<i64>::default();
     mtu.set(pod_mtu as i64);
     reg.register("pod_mtu", "MTU handed to new pods (0 until measured)", mtu);
@@ -141,6 +143,72 @@ pub fn render(
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String");
     out
+}
+
+/// The policy applier's series: enforcement, synced revision, repairs, programming latency,
+/// and each rule's packets and bytes (labels: policy, direction, rule index).
+fn register_policy(reg: &mut Registry, p: &crate::policy::Status) {
+    let enforced = Gauge::<i64>::default();
+    enforced.set(p.enforced.load(Ordering::Acquire) as i64);
+    reg.register(
+        "policy_enforced",
+        "1 once the policy table is in the kernel and follows the datastore",
+        enforced,
+    );
+    let synced = Gauge::<i64>::default();
+    synced.set(p.synced_revision.load(Ordering::Acquire));
+    reg.register(
+        "policy_synced_revision",
+        "The datastore revision the kernel's policy table reflects",
+        synced,
+    );
+    reg.register(
+        "policy_drift_repairs",
+        "Times the kernel's policy table differed from the expected one and was replaced",
+        p.drift_repairs.clone(),
+    );
+    reg.register(
+        "policy_refused_batches",
+        "Policy batches nft refused (each followed by a whole-table replace)",
+        p.refused.clone(),
+    );
+    reg.register(
+        "policy_programming_seconds",
+        "From a policy-relevant change reaching the agent to the kernel holding it",
+        p.programming.clone(),
+    );
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let counters = p.counters.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (label, c) in &counters {
+        let l = rule_labels(label);
+        packets.get_or_create(&l).inc_by(c.packets);
+        bytes.get_or_create(&l).inc_by(c.bytes);
+    }
+    reg.register(
+        "policy_rule_packets",
+        "Packets a policy rule matched (read from nft at each resync)",
+        packets,
+    );
+    reg.register(
+        "policy_rule_bytes",
+        "Bytes a policy rule matched (read from nft at each resync)",
+        bytes,
+    );
+}
+
+/// `policy`, `direction` and `rule` of a rule label (`knp/NS/NAME/in/0`).
+fn rule_labels(label: &str) -> Labels {
+    let mut parts = label.rsplitn(3, '/');
+    let (rule, dir, policy) = (parts.next(), parts.next(), parts.next());
+    match (policy, dir, rule) {
+        (Some(p), Some(d), Some(r)) => vec![
+            ("policy".into(), p.into()),
+            ("direction".into(), d.into()),
+            ("rule".into(), r.into()),
+        ],
+        _ => vec![("policy".into(), label.into())],
+    }
 }
 
 /// Serves `/metrics` until the agent stops.
@@ -263,6 +331,7 @@ async fn serve_on(agent: Arc<Agent>, listener: TcpListener) -> std::io::Result<(
                         status.as_ref(),
                         agent.pod_mtu.load(Ordering::Relaxed),
                         &trellis_cluster::invalid::counts(),
+                        &agent.policy,
                     ),
                 )
             }
@@ -293,7 +362,28 @@ mod tests {
             ..Default::default()
         };
         let invalid = BTreeMap::from([(Kind::IpPool, 2)]);
-        let text = render(Some(&s), 1450, &invalid);
+        let policy = crate::policy::Status::default();
+        policy.enforced.store(true, Ordering::Relaxed);
+        policy.synced_revision.store(42, Ordering::Relaxed);
+        policy.drift_repairs.inc();
+        policy.counters.lock().unwrap().insert(
+            "knp/x/np/in/0".into(),
+            trellis_policy::compile::drift::RuleCounter {
+                packets: 3,
+                bytes: 180,
+            },
+        );
+        let text = render(Some(&s), 1450, &invalid, &policy);
+        for line in [
+            "trellis_policy_enforced 1",
+            "trellis_policy_synced_revision 42",
+            "trellis_policy_drift_repairs_total 1",
+            "trellis_policy_rule_packets_total{policy=\"knp/x/np\",direction=\"in\",rule=\"0\"} 3",
+            "trellis_policy_rule_bytes_total{policy=\"knp/x/np\",direction=\"in\",rule=\"0\"} 180",
+            "trellis_policy_programming_seconds_count 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
         assert!(text.contains("trellis_bgp_session_established{peer=\"192.0.2.1\",asn=\"65001\",type=\"global\"} 1"), "{text}");
         assert!(
             text.contains("trellis_bgp_prefixes_accepted{peer=\"192.0.2.1\"} 2"),

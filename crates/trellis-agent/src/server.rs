@@ -305,6 +305,10 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
                 Err(e) => failed(e),
             }
         }
+        Request::EndpointReady {
+            attachment,
+            host_interface,
+        } => endpoint_ready(agent, &attachment, &host_interface).await,
         Request::Gc { network, keep } => match gc(agent, &network, &keep).await {
             Ok(released) => Reply::Ok(Done {
                 released,
@@ -326,6 +330,25 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
                 msg: format!("datastore unusable: {e}"),
             }),
         },
+    }
+}
+
+/// Answers once the endpoint's policy is in the kernel (at once when policy is not enforced);
+/// code 11 when it is not within [`ENDPOINT_READY_DEADLINE`].
+async fn endpoint_ready(agent: &Agent, attachment: &Attachment, host_interface: &str) -> Reply {
+    let limit = trellis_agent_api::ENDPOINT_READY_DEADLINE;
+    match agent.policy.wait_programmed(host_interface, limit).await {
+        Ok(()) => Reply::Ok(Done {
+            node: Some(agent.config.node.clone()),
+            ..Default::default()
+        }),
+        Err(e) => {
+            tracing::warn!(container = %attachment.container_id, ifname = %attachment.ifname, error = %e, "endpoint not ready");
+            error_reply(
+                11,
+                format!("{e}; the pod stays closed until it is (try again later)"),
+            )
+        }
     }
 }
 
@@ -404,6 +427,7 @@ mod tests {
             bgp: Arc::new(bgp::Shared::default()),
             view: crate::view::SharedView::new(),
             dataplane_passes: std::sync::atomic::AtomicU64::new(0),
+            policy: Default::default(),
         }
     }
 

@@ -1,6 +1,8 @@
-//! The agent's view of the cluster: the kinds its dataplane and BGP loops read ([`KINDS`]) are
-//! listed once and then followed by one watch for all of them, applied to a [`ClusterView`]
-//! the loops read from memory. The loops are woken only by changes they can see (a heartbeat is
+//! The agent's view of the cluster: the kinds its dataplane, BGP and policy loops read
+//! ([`KINDS`]) are listed once and then followed by one watch for all of them, applied to a
+//! [`ClusterView`] the loops read from memory. The view also knows the store revision it is
+//! complete up to ([`SharedView::revision`], from the watch's progress), so the policy applier
+//! can say which datastore revision its kernel table reflects. The loops are woken only by changes they can see (a heartbeat is
 //! not one), so the cost of an event is the event, not a relist of the cluster.
 //!
 //! A watch that fails, ends or falls behind a compaction is re-established by listing again
@@ -12,7 +14,7 @@
 //! I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -22,9 +24,9 @@ use trellis_cluster::ClusterError;
 use trellis_resources::Kind;
 use trellis_store::{Datastore, Listing, StoreError, Watch, WatchEvent};
 
-/// What the agent's loops read: the dataplane pools, nodes and blocks; BGP also its
+/// What the dataplane and BGP loops read: the dataplane pools, nodes and blocks; BGP also its
 /// configurations, peers and filters.
-pub const KINDS: [Kind; 6] = [
+pub const LOOP_KINDS: [Kind; 6] = [
     Kind::IpPool,
     Kind::Node,
     Kind::IpamBlock,
@@ -33,17 +35,61 @@ pub const KINDS: [Kind; 6] = [
     Kind::BgpFilter,
 ];
 
+/// What the policy applier reads (`trellis_policy::translate`'s inputs).
+pub const POLICY_KINDS: [Kind; 10] = [
+    Kind::Tier,
+    Kind::KubernetesNetworkPolicy,
+    Kind::NetworkPolicy,
+    Kind::GlobalNetworkPolicy,
+    Kind::NetworkSet,
+    Kind::GlobalNetworkSet,
+    Kind::Profile,
+    Kind::Namespace,
+    Kind::ServiceAccount,
+    Kind::WorkloadEndpoint,
+];
+
+/// Every kind the view follows.
+pub const KINDS: [Kind; 16] = [
+    Kind::IpPool,
+    Kind::Node,
+    Kind::IpamBlock,
+    Kind::BgpConfiguration,
+    Kind::BgpPeer,
+    Kind::BgpFilter,
+    Kind::Tier,
+    Kind::KubernetesNetworkPolicy,
+    Kind::NetworkPolicy,
+    Kind::GlobalNetworkPolicy,
+    Kind::NetworkSet,
+    Kind::GlobalNetworkSet,
+    Kind::Profile,
+    Kind::Namespace,
+    Kind::ServiceAccount,
+    Kind::WorkloadEndpoint,
+];
+
 /// First wait before listing again after a failure; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often a quiet watch's progress is carried into the view's revision.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// A watch that lived this long counts as healthy: its failure starts the backoff afresh.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 /// The view and the means to hear of its changes, shared by the follower task and the loops.
 pub struct SharedView {
     view: RwLock<ClusterView>,
-    /// Counts visible changes; loops wait on it.
+    /// Counts visible changes of [`LOOP_KINDS`]; the dataplane and BGP loops wait on it.
     changes: watch::Sender<u64>,
+    /// Counts visible changes of [`POLICY_KINDS`]; the policy applier waits on it (a pod's
+    /// label change wakes no route loop).
+    policy_changes: watch::Sender<u64>,
+    /// The store revision the view is complete up to (every change at or before it is in):
+    /// the listings' revision, then the watch's progress. Written under the view's lock.
+    revision: watch::Sender<i64>,
+    /// When the oldest policy change the applier has not taken yet reached the agent.
+    policy_changed_at: Mutex<Option<Instant>>,
     /// Full listings done (the first and one per re-established watch).
     pub lists: AtomicU64,
     /// Watch events received (visible or not).
@@ -58,6 +104,9 @@ impl SharedView {
         Arc::new(SharedView {
             view: RwLock::new(ClusterView::new(&KINDS)),
             changes: watch::channel(0).0,
+            policy_changes: watch::channel(0).0,
+            revision: watch::channel(0).0,
+            policy_changed_at: Mutex::new(None),
             lists: AtomicU64::new(0),
             events: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -69,13 +118,69 @@ impl SharedView {
         self.view.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wakes on every visible change.
+    /// Wakes on every visible change of [`LOOP_KINDS`].
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
-    fn changed(&self) {
-        self.changes.send_modify(|n| *n += 1);
+    /// Wakes on every visible change of [`POLICY_KINDS`].
+    pub fn subscribe_policy(&self) -> watch::Receiver<u64> {
+        self.policy_changes.subscribe()
+    }
+
+    /// Wakes when [`SharedView::revision`] moves.
+    pub fn subscribe_revision(&self) -> watch::Receiver<i64> {
+        self.revision.subscribe()
+    }
+
+    /// The store revision the view is complete up to. Read it before [`SharedView::read`]:
+    /// what the view then holds is at least that recent.
+    pub fn revision(&self) -> i64 {
+        *self.revision.borrow()
+    }
+
+    fn changed(&self, kinds: Touched) {
+        if kinds.loops {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        if kinds.policy {
+            self.policy_changed_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(Instant::now);
+            self.policy_changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// When the oldest policy change not taken yet reached the agent (and takes it).
+    pub fn take_policy_changed_at(&self) -> Option<Instant> {
+        self.policy_changed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Moves the complete-up-to revision forward (never back).
+    fn reached(&self, revision: i64) {
+        self.revision.send_if_modified(|r| {
+            let moved = revision > *r;
+            *r = (*r).max(revision);
+            moved
+        });
+    }
+}
+
+/// Which groups of loops a burst of changes concerns.
+#[derive(Debug, Default, Clone, Copy)]
+struct Touched {
+    loops: bool,
+    policy: bool,
+}
+
+impl Touched {
+    fn add(&mut self, kind: Kind) {
+        self.loops |= LOOP_KINDS.contains(&kind);
+        self.policy |= POLICY_KINDS.contains(&kind);
     }
 }
 
@@ -87,19 +192,22 @@ pub async fn load(store: &dyn Datastore, shared: &SharedView) -> Result<(), Stor
         listings.push((kind, store.list(&kind.prefix()).await?));
     }
     shared.lists.fetch_add(1, Ordering::Relaxed);
-    let mut changed = false;
+    let mut changed = Touched::default();
     {
         let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
         for (kind, listing) in &listings {
             let (c, errors) = view.load(*kind, listing);
-            changed |= c;
+            if c {
+                changed.add(*kind);
+            }
             // Logged once per key and revision, and counted for metrics.
             invalid::observe_listing(*kind, &invalid_records(&errors, listing));
         }
+        // Each listing is complete as of its own revision; the view as of the oldest.
+        let complete = listings.iter().map(|(_, l)| l.revision).min().unwrap_or(0);
+        shared.reached(complete);
     }
-    if changed {
-        shared.changed();
-    }
+    shared.changed(changed);
     Ok(())
 }
 
@@ -138,18 +246,26 @@ fn invalid_records(errors: &[ClusterError], listing: &Listing) -> Vec<Invalid> {
 
 /// Applies a burst of events (the first, then whatever is already queued) under one lock and
 /// wakes the loops once. Returns the error that ended the stream, if one came.
-fn apply_burst(shared: &SharedView, first: WatchEvent, watch: &mut Watch) -> Option<StoreError> {
-    let mut changed = false;
+fn apply_burst(
+    shared: &SharedView,
+    first: Option<WatchEvent>,
+    watch: &mut Watch,
+) -> Option<StoreError> {
+    let mut changed = Touched::default();
     let mut end = None;
     {
+        // Read before draining: every event up to it is then in the channel.
+        let progress = watch.progress();
         let mut view = shared.view.write().unwrap_or_else(|e| e.into_inner());
-        let mut next = Some(Ok(first));
+        let mut next = first.map(Ok).or_else(|| watch.try_next());
         while let Some(item) = next {
             match item {
                 Ok(ev) => {
                     shared.events.fetch_add(1, Ordering::Relaxed);
                     let applied = view.apply(&ev);
-                    changed |= applied.changed.is_some();
+                    if let Some(k) = applied.changed {
+                        changed.add(k);
+                    }
                     if let Some(kind) = applied.kind {
                         let bad = applied.error.as_ref().map(|e| Invalid {
                             key: ev.key.clone(),
@@ -166,10 +282,11 @@ fn apply_burst(shared: &SharedView, first: WatchEvent, watch: &mut Watch) -> Opt
             }
             next = watch.try_next();
         }
+        if let (Some(p), None) = (progress, &end) {
+            shared.reached(p);
+        }
     }
-    if changed {
-        shared.changed();
-    }
+    shared.changed(changed);
     end
 }
 
@@ -208,15 +325,28 @@ pub async fn follow(store: Arc<dyn Datastore>, shared: Arc<SharedView>) {
             tracing::info!(from, "datastore watch re-established");
         }
         let started = Instant::now();
+        // A quiet watch still moves the view's revision (other kinds' writes move the store's).
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
         let end = loop {
-            let Some(item) = w.next().await else {
+            let item = tokio::select! {
+                item = w.next() => item,
+                _ = progress.tick() => {
+                    if w.progress().is_some_and(|p| p > shared.revision()) {
+                        if let Some(e) = apply_burst(&shared, None, &mut w) {
+                            break Some(e);
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Some(item) = item else {
                 break None;
             };
             let first = match item {
                 Ok(ev) => ev,
                 Err(e) => break Some(e),
             };
-            if let Some(e) = apply_burst(&shared, first, &mut w) {
+            if let Some(e) = apply_burst(&shared, Some(first), &mut w) {
                 break Some(e);
             }
         };

@@ -105,6 +105,7 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
     }
     let store = trellis_store::open(&datastore).await?;
     let store = &*store;
+    let lab = cli.lab.clone();
     match cli.command {
         Command::Apply { file } => write_all(store, &file, false).await,
         Command::Create { file } => write_all(store, &file, true).await,
@@ -287,6 +288,7 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
                 icmp_type,
                 icmp_code,
                 output,
+                kernel,
             } => {
                 let a = crate::policy::TraceArgs {
                     src,
@@ -297,6 +299,7 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
                     icmp_type,
                     icmp_code,
                     output,
+                    kernel: kernel.then(|| lab.clone()),
                 };
                 crate::policy::trace_cmd(store, a).await
             }

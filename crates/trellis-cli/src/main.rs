@@ -2,6 +2,7 @@
 //! datastore, and calls the library crates; all output formatting lives in [`table`].
 
 mod commands;
+mod kernel;
 mod lab;
 mod policy;
 mod policy_table;
@@ -201,6 +202,10 @@ pub enum PolicyCommand {
         icmp_code: Option<u8>,
         #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
+        /// Also read the deciding rules' packet and byte counters from the node's kernel
+        /// (the lab node's namespace with --lab, else this host when it is that node).
+        #[arg(long)]
+        kernel: bool,
     },
     /// The policies that apply to a pod (NS/POD), per direction, in evaluation order.
     Show {

@@ -114,6 +114,8 @@ pub struct TraceArgs {
     pub icmp_type: Option<u8>,
     pub icmp_code: Option<u8>,
     pub output: String,
+    /// `--kernel`: read the deciding rules' counters (`Some(lab)` when a lab is targeted).
+    pub kernel: Option<Option<String>>,
 }
 
 /// Builds the flow a trace asks about; the text names it.
@@ -171,13 +173,21 @@ pub async fn trace_cmd(store: &dyn Datastore, a: TraceArgs) -> Result<ExitCode> 
     let (model, nodes) = load(store).await?;
     let (f, what) = flow(&model, &nodes, &a)?;
     let t = eval::evaluate(&model, &f);
+    let kernel = match &a.kernel {
+        Some(lab) => Some(crate::kernel::read(&t, lab.as_deref())?),
+        None => None,
+    };
     if a.output == "json" {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"flow": f, "trace": t}))?
-        );
+        let mut out = serde_json::json!({"flow": f, "trace": t});
+        if let Some(k) = &kernel {
+            out["kernel"] = serde_json::to_value(k)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print!("{}", trace::render(&t, &what));
+        if let Some(k) = &kernel {
+            print!("{}", crate::kernel::render(k));
+        }
     }
     Ok(if t.allowed {
         ExitCode::SUCCESS

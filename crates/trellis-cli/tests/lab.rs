@@ -507,7 +507,7 @@ fn probe_until(lab: &str, args: &[&str], expect: &str, secs: u64) -> (bool, Stri
 
 /// The policy example: pods in namespaces x, y, z (the Kubernetes e2e model) with their labels
 /// on their WorkloadEndpoints, a server per pod answering with its name on TCP and UDP 80 and
-/// 81, and `lab probe`'s truth table: every pair reached (no policy is enforced yet) on TCP,
+/// 81, and `lab probe`'s truth table: every pair reached (brought up without its policies) on TCP,
 /// UDP and ICMP; a port dropped inside one pod shows as `.` in its column; `--expect` fails on
 /// a difference and names the cell; a wrong pod answering is an error, not a reached pod;
 /// `down` stops the servers.
@@ -515,7 +515,7 @@ fn probe_until(lab: &str, args: &[&str], expect: &str, secs: u64) -> (bool, Stri
 fn policy_example_serves_and_probes() {
     let name = "tpolicy";
     let _guard = LabGuard(name.into());
-    let file = policy_example(name, true);
+    let file = policy_example(name, false);
     let (ok, out) = trellis(&["lab", "up", "-f", file.to_str().unwrap()]);
     std::fs::remove_file(&file).unwrap();
     assert!(ok, "{out}");
@@ -665,6 +665,34 @@ fn probe_refuses_bad_input() {
         !ok && out.contains("truth table line 2: 1 cells for 2 columns"),
         "{out}"
     );
+}
+
+/// The example with its policies: the agents enforce them, and `lab probe` shows the README's
+/// table (x isolated except x/a from y on the named port, the c pods kept out of y).
+#[test]
+fn policy_example_enforces_its_policies() {
+    let name = "tpolicyp";
+    let _guard = LabGuard(name.into());
+    let file = policy_example(name, true);
+    let (ok, out) = trellis(&["lab", "up", "-f", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    assert!(ok, "{out}");
+    let want = "FROM \\ TO   x/a   x/b   x/c   y/a   y/b   y/c   z/a   z/b   z/c
+x/a         -     .     .     ok    ok    ok    ok    ok    ok
+x/b         .     -     .     ok    ok    ok    ok    ok    ok
+x/c         .     .     -     .     .     .     ok    ok    ok
+y/a         ok    .     .     -     ok    ok    ok    ok    ok
+y/b         ok    .     .     ok    -     ok    ok    ok    ok
+y/c         ok    .     .     .     .     -     ok    ok    ok
+z/a         .     .     .     ok    ok    ok    -     ok    ok
+z/b         .     .     .     ok    ok    ok    ok    -     ok
+z/c         .     .     .     .     .     .     ok    ok    -
+";
+    let (ok, out) = probe_until(name, &["--port", "80"], want, 30);
+    assert!(ok, "{out}");
+    let (ok, out) = trellis(&["lab", "down", name]);
+    assert!(ok, "{out}");
+    assert_nothing_left(name);
 }
 
 /// With etcd (in the lab's control namespace) the endpoints get their labels too — the lab

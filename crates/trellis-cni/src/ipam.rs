@@ -274,6 +274,31 @@ fn agent_add(cfg: &AgentIpamConfig, env: &CniEnv, req: &AddRequest) -> Result<Al
     })
 }
 
+/// Waits until the agent has the endpoint's policy in the kernel (agent IPAM only; routed
+/// mode). An agent that does not know the request (older than it: code 6) is not waited for.
+pub fn endpoint_ready(
+    section: &IpamSection,
+    network: &str,
+    env: &CniEnv,
+    host_interface: &str,
+) -> Result<()> {
+    let IpamSection::Agent(cfg) = section else {
+        return Ok(());
+    };
+    let req = AgentRequest::EndpointReady {
+        attachment: attachment(network, env),
+        host_interface: host_interface.to_string(),
+    };
+    match agent::call(&cfg.socket, &req) {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_cni().code == codes::DECODE && e.to_string().contains("unknown variant") => {
+            tracing::warn!(error = %e, "the agent does not confirm programmed policy (older agent); not waiting");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// ADD through whichever IPAM the section names.
 pub fn add(
     section: &IpamSection,

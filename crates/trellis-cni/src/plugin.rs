@@ -106,7 +106,20 @@ fn add(cfg: &PluginConfig, env: &CniEnv, stdin: &[u8]) -> Result<Value> {
     };
     tracing::debug!("address allocated");
     let made = match &cfg.mode {
-        Mode::Routed => routed::add(cfg, cid, ifname, &netns, &alloc),
+        // Routed: the new `trl*` interface is closed by the policy table until the agent has
+        // programmed the pod's policy; ADD returns once it has.
+        Mode::Routed => routed::add(cfg, cid, ifname, &netns, &alloc).and_then(|r| {
+            let host = crate::veth::host_veth_name(cid, ifname);
+            match ipam::endpoint_ready(&cfg.ipam, &cfg.name, env, &host) {
+                Ok(()) => Ok(r),
+                Err(e) => {
+                    if let Err(d) = routed::del(cid, ifname, Some(&netns)) {
+                        tracing::error!(error = %d, "removing the interface after a failed ADD also failed");
+                    }
+                    Err(e)
+                }
+            }
+        }),
         Mode::Bridge(br) => bridge::add(cfg, br, cid, ifname, &netns, &alloc),
     };
     match made {

@@ -11,11 +11,12 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use trellis_cluster::objects;
+use trellis_resources::policy::RuleProtocol;
 use trellis_resources::{Object, Resource, WorkloadEndpointSpec};
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
 use crate::state::State;
-use crate::topology::LabPort;
+use crate::topology::{LabPort, PortProtocol};
 use crate::LabError;
 
 /// Attempts before a change that keeps meeting concurrent writers gives up.
@@ -36,12 +37,9 @@ pub enum EndpointChange {
     Profiles(Vec<String>),
 }
 
-/// Applies `change` to an endpoint object (pure).
-///
-/// Staged: `WorkloadEndpointSpec` has no `ports` or `serviceAccountName` yet (issue 10's
-/// resources work adds Calico's fields); until then a pod's ports and service account are not
-/// recorded. When they land, the `Pod` arm sets them too:
-/// `w.spec.ports = ports.iter().map(..).collect(); w.spec.service_account_name = sa.clone();`
+/// Applies `change` to an endpoint object (pure). A pod's named ports (those with a name)
+/// and service account are recorded as Calico's WorkloadEndpoint `ports` and
+/// `serviceAccountName`, for policies that name ports or select service accounts.
 pub fn apply_change(w: &mut Object<WorkloadEndpointSpec>, change: &EndpointChange) {
     match change {
         EndpointChange::Pod {
@@ -50,7 +48,22 @@ pub fn apply_change(w: &mut Object<WorkloadEndpointSpec>, change: &EndpointChang
             service_account,
         } => {
             w.metadata.labels = labels.clone();
-            let _ = (ports, service_account);
+            w.spec.ports = ports
+                .iter()
+                .filter_map(|p| {
+                    Some(trellis_resources::EndpointPort {
+                        name: p.name.clone()?,
+                        protocol: match p.protocol {
+                            PortProtocol::Tcp => RuleProtocol::Tcp,
+                            PortProtocol::Udp => RuleProtocol::Udp,
+                        },
+                        port: p.port,
+                        host_port: None,
+                        host_ip: None,
+                    })
+                })
+                .collect();
+            w.spec.service_account_name = service_account.clone();
         }
         EndpointChange::Labels(labels) => w.metadata.labels = labels.clone(),
         EndpointChange::Profiles(p) => w.spec.profiles = p.clone(),
@@ -183,11 +196,30 @@ mod tests {
             &mut w,
             &EndpointChange::Pod {
                 labels: labels.clone(),
-                ports: Vec::new(),
+                ports: vec![
+                    LabPort {
+                        name: Some("web".into()),
+                        port: 80,
+                        protocol: PortProtocol::Tcp,
+                    },
+                    LabPort {
+                        name: None,
+                        port: 81,
+                        protocol: PortProtocol::Udp,
+                    },
+                ],
                 service_account: Some("sa".into()),
             },
         );
         assert_eq!(w.metadata.labels, labels);
+        assert_eq!(w.spec.service_account_name.as_deref(), Some("sa"));
+        let ports: Vec<(&str, u16)> = w
+            .spec
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port))
+            .collect();
+        assert_eq!(ports, [("web", 80)], "only named ports are recorded");
         assert_eq!(w.spec.profiles, ["p"]);
         apply_change(&mut w, &EndpointChange::Profiles(vec![]));
         assert!(w.spec.profiles.is_empty());

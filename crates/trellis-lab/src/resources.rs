@@ -128,15 +128,14 @@ pub fn policies(t: &Topology, resources: &[Resource]) -> Result<Vec<Resource>, L
 }
 
 /// The `v1` Namespace object for a lab namespace (its labels; the implicit
-/// `kubernetes.io/metadata.name` is the translator's to add).
-///
-/// Staged: `trellis_resources` has no Namespace kind yet (issue 10's resources work adds it),
-/// so this makes nothing and the lab applies no Namespace objects. When the kind lands, the
-/// body becomes one typed value like the pools':
-/// `Some(Resource::Namespace(object(&ns.name, ns.labels.clone(), NamespaceSpec::default())))`.
+/// `kubernetes.io/metadata.name` is the translator's to add), so namespace selectors see the
+/// labels the topology gives.
 pub fn namespace_resource(ns: &LabNamespace) -> Option<Resource> {
-    let _ = ns;
-    None
+    Some(Resource::Namespace(object(
+        &ns.name,
+        ns.labels.clone(),
+        trellis_resources::k8s::NamespaceSpec::default(),
+    )))
 }
 
 /// The resources the topology asks for (not yet validated).

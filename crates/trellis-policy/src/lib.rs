@@ -13,6 +13,7 @@
 //! - [`compile`]: the model and a node's name → Trellis's nftables table as data
 //!   ([`compile::Ruleset`]), plus an incremental engine ([`compile::PolicyEngine`]) whose
 //!   changes are small nft batches; the agent's applier (a shell) carries them out atomically.
+//! - [`sync`]: stored objects key by key → the engine's changes (the agent's feed).
 //! - [`conformance`]: the conformance suites as data (Kubernetes' e2e cases and Calico-model
 //!   cases), their expectations expanded into truth tables.
 
@@ -20,4 +21,5 @@ pub mod compile;
 pub mod conformance;
 pub mod eval;
 pub mod model;
+pub mod sync;
 pub mod translate;

@@ -62,106 +62,157 @@ pub enum TranslateError {
 
 type Result<T, E = TranslateError> = std::result::Result<T, E>;
 
+/// One stored object as the model holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Tier(Tier),
+    /// A namespace's labels, the implicit `kubernetes.io/metadata.name` included.
+    Namespace {
+        name: String,
+        labels: Labels,
+    },
+    ServiceAccount {
+        namespace: String,
+        name: String,
+        labels: Labels,
+    },
+    NetworkSet(NetworkSet),
+    Profile(Profile),
+    Endpoint(Endpoint),
+    /// A policy; whether its tier exists is for the caller to check ([`Model::tier`]).
+    Policy(Policy),
+}
+
+/// Translates one stored object (`None`: a kind policy does not read).
+pub fn item(r: &Resource) -> Result<Option<Item>> {
+    let item = match r {
+        Resource::Tier(o) => Item::Tier(Tier {
+            name: o.metadata.name.clone(),
+            order: o.spec.order,
+            default_action: match o.spec.default_action.unwrap_or_default() {
+                TierAction::Deny => TierDefault::Deny,
+                TierAction::Pass => TierDefault::Pass,
+            },
+        }),
+        Resource::Namespace(o) => {
+            let mut labels = o.metadata.labels.clone();
+            labels.insert(LABEL_NAMESPACE_NAME.into(), o.metadata.name.clone());
+            Item::Namespace {
+                name: o.metadata.name.clone(),
+                labels,
+            }
+        }
+        Resource::ServiceAccount(o) => Item::ServiceAccount {
+            namespace: namespace(&o.metadata),
+            name: o.metadata.name.clone(),
+            labels: o.metadata.labels.clone(),
+        },
+        Resource::NetworkSet(o) | Resource::GlobalNetworkSet(o) => Item::NetworkSet(network_set(
+            r.kind() == trellis_resources::Kind::NetworkSet,
+            o,
+        )?),
+        Resource::Profile(o) => Item::Profile(profile(o)?),
+        Resource::WorkloadEndpoint(o) => Item::Endpoint(endpoint(o)),
+        Resource::KubernetesNetworkPolicy(o) => Item::Policy(kubernetes_policy(o)?),
+        Resource::NetworkPolicy(o) => {
+            let id = PolicyId {
+                kind: PolicyKind::Namespaced,
+                namespace: Some(namespace(&o.metadata)),
+                name: o.metadata.name.clone(),
+            };
+            let s = &o.spec;
+            let scope = NamespaceScope::Only(namespace(&o.metadata));
+            Item::Policy(calico_policy(
+                id,
+                s.tier_name(),
+                s.order,
+                &s.selector,
+                None,
+                &s.service_account_selector,
+                &s.types,
+                &s.ingress,
+                &s.egress,
+                scope,
+            )?)
+        }
+        Resource::GlobalNetworkPolicy(o) => {
+            let id = PolicyId {
+                kind: PolicyKind::Global,
+                namespace: None,
+                name: o.metadata.name.clone(),
+            };
+            let s = &o.spec;
+            Item::Policy(calico_policy(
+                id,
+                s.tier_name(),
+                s.order,
+                &s.selector,
+                s.namespace_selector.as_deref(),
+                &s.service_account_selector,
+                &s.types,
+                &s.ingress,
+                &s.egress,
+                NamespaceScope::Any,
+            )?)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(item))
+}
+
+/// `Kind/namespace/name` of an object, as [`Skipped`] names it.
+pub fn object_name(r: &Resource) -> String {
+    let md = r.metadata();
+    match &md.namespace {
+        Some(ns) => format!("{}/{ns}/{}", r.kind(), md.name),
+        None => format!("{}/{}", r.kind(), md.name),
+    }
+}
+
 /// Builds the model from every stored object that concerns policy (others are ignored).
 pub fn translate(resources: &[Resource]) -> Translation {
     let mut t = Translation::default();
     let m = &mut t.model;
     // Tiers first: policies are checked against them.
     for r in resources {
-        if let Resource::Tier(o) = r {
-            m.tiers.insert(
-                o.metadata.name.clone(),
-                Tier {
-                    name: o.metadata.name.clone(),
-                    order: o.spec.order,
-                    default_action: match o.spec.default_action.unwrap_or_default() {
-                        TierAction::Deny => TierDefault::Deny,
-                        TierAction::Pass => TierDefault::Pass,
-                    },
-                },
-            );
+        if let Ok(Some(Item::Tier(tier))) = item(r) {
+            m.tiers.insert(tier.name.clone(), tier);
         }
     }
     for r in resources {
-        let result = match r {
-            Resource::Namespace(o) => {
-                let mut labels = o.metadata.labels.clone();
-                labels.insert(LABEL_NAMESPACE_NAME.into(), o.metadata.name.clone());
-                m.namespaces.insert(o.metadata.name.clone(), labels);
+        let result = item(r).and_then(|i| match i {
+            None | Some(Item::Tier(_)) => Ok(()),
+            Some(Item::Namespace { name, labels }) => {
+                m.namespaces.insert(name, labels);
                 Ok(())
             }
-            Resource::ServiceAccount(o) => {
-                let ns = namespace(&o.metadata);
-                m.service_accounts
-                    .insert((ns, o.metadata.name.clone()), o.metadata.labels.clone());
+            Some(Item::ServiceAccount {
+                namespace,
+                name,
+                labels,
+            }) => {
+                m.service_accounts.insert((namespace, name), labels);
                 Ok(())
             }
-            Resource::NetworkSet(o) | Resource::GlobalNetworkSet(o) => {
-                network_set(r.kind() == trellis_resources::Kind::NetworkSet, o).map(|s| {
-                    m.network_sets.push(s);
-                })
+            Some(Item::NetworkSet(s)) => {
+                m.network_sets.push(s);
+                Ok(())
             }
-            Resource::Profile(o) => profile(o).map(|p| {
+            Some(Item::Profile(p)) => {
                 m.profiles.insert(p.name.clone(), p);
-            }),
-            Resource::WorkloadEndpoint(o) => {
-                let e = endpoint(o);
+                Ok(())
+            }
+            Some(Item::Endpoint(e)) => {
                 m.endpoints.insert((e.namespace.clone(), e.name.clone()), e);
                 Ok(())
             }
-            Resource::KubernetesNetworkPolicy(o) => add(m, kubernetes_policy(o)),
-            Resource::NetworkPolicy(o) => {
-                let id = PolicyId {
-                    kind: PolicyKind::Namespaced,
-                    namespace: Some(namespace(&o.metadata)),
-                    name: o.metadata.name.clone(),
-                };
-                let s = &o.spec;
-                let scope = NamespaceScope::Only(namespace(&o.metadata));
-                calico_policy(
-                    id,
-                    s.tier_name(),
-                    s.order,
-                    &s.selector,
-                    None,
-                    &s.service_account_selector,
-                    &s.types,
-                    &s.ingress,
-                    &s.egress,
-                    scope,
-                )
-                .and_then(|p| add(m, Ok(p)))
-            }
-            Resource::GlobalNetworkPolicy(o) => {
-                let id = PolicyId {
-                    kind: PolicyKind::Global,
-                    namespace: None,
-                    name: o.metadata.name.clone(),
-                };
-                let s = &o.spec;
-                calico_policy(
-                    id,
-                    s.tier_name(),
-                    s.order,
-                    &s.selector,
-                    s.namespace_selector.as_deref(),
-                    &s.service_account_selector,
-                    &s.types,
-                    &s.ingress,
-                    &s.egress,
-                    NamespaceScope::Any,
-                )
-                .and_then(|p| add(m, Ok(p)))
-            }
-            _ => Ok(()),
-        };
+            Some(Item::Policy(p)) => add(m, Ok(p)),
+        });
         if let Err(reason) = result {
-            let md = r.metadata();
-            let object = match &md.namespace {
-                Some(ns) => format!("{}/{ns}/{}", r.kind(), md.name),
-                None => format!("{}/{}", r.kind(), md.name),
-            };
-            t.skipped.push(Skipped { object, reason });
+            t.skipped.push(Skipped {
+                object: object_name(r),
+                reason,
+            });
         }
     }
     implicit_namespaces(m);

@@ -91,6 +91,14 @@ fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
     }
 }
 
+/// How often a watch asks etcd for a progress report ([`Watch::progress`]).
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// A progress report: no events, not a creation, cancellation or compaction notice.
+fn is_progress(msg: &etcd_client::WatchResponse) -> bool {
+    msg.events().is_empty() && !msg.created() && !msg.canceled() && msg.compact_revision() == 0
+}
+
 #[async_trait::async_trait]
 impl Datastore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
@@ -198,11 +206,19 @@ impl Datastore for EtcdStore {
                 .map_err(self.err())?;
         }
         let endpoint = self.endpoints.join(",");
+        let progress = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let reached = progress.clone();
         tokio::spawn(async move {
+            let mut ask = tokio::time::interval(PROGRESS_EVERY);
             loop {
                 let msg = tokio::select! {
                     m = stream.message() => m,
                     _ = tx.closed() => return, // the watcher went away
+                    _ = ask.tick() => {
+                        // etcd answers once every watcher on the stream is synced (3.4+).
+                        let _ = stream.request_progress().await;
+                        continue;
+                    }
                 };
                 let msg = match msg {
                     Ok(Some(m)) => m,
@@ -225,6 +241,12 @@ impl Datastore for EtcdStore {
                         }))
                         .await;
                     return;
+                }
+                if is_progress(&msg) {
+                    // Every event up to the header's revision was sent before this response.
+                    let r = msg.header().map(|h| h.revision()).unwrap_or(0);
+                    reached.fetch_max(r, std::sync::atomic::Ordering::Release);
+                    continue;
                 }
                 for ev in msg.events() {
                     let Some(kv) = ev.kv() else { continue };
@@ -250,7 +272,7 @@ impl Datastore for EtcdStore {
                 }
             }
         });
-        Ok(Watch::new(rx))
+        Ok(Watch::with_progress(rx, progress))
     }
 
     async fn compact(&self, revision: i64) -> Result<()> {

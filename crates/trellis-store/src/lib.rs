@@ -60,12 +60,36 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// A stream of watch events; ends with `Err(Compacted)` when the watcher fell behind.
 pub struct Watch {
     rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>,
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicI64>>,
 }
 
 impl Watch {
     /// A watch fed by `rx` (backends, and wrappers that filter or inject events).
     pub fn new(rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>) -> Watch {
-        Watch { rx }
+        Watch { rx, progress: None }
+    }
+
+    /// A watch whose backend reports progress: it stores a revision into `progress` only
+    /// after every matching event at or before it is in `rx`.
+    pub fn with_progress(
+        rx: tokio::sync::mpsc::Receiver<Result<WatchEvent>>,
+        progress: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    ) -> Watch {
+        Watch {
+            rx,
+            progress: Some(progress),
+        }
+    }
+
+    /// A revision such that every matching event at or before it has been received or is
+    /// waiting in this stream (read it, then drain with [`Watch::try_next`], and the events up
+    /// to it are all in). `None` when the backend does not say; 0 until it first does. Lets a
+    /// follower tell that it has seen the store as of a revision even when nothing it watches
+    /// changed (heartbeats of other kinds move the store revision too).
+    pub fn progress(&self) -> Option<i64> {
+        self.progress
+            .as_ref()
+            .map(|p| p.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// The next event, or `None` when the store is closed.

@@ -457,6 +457,8 @@ impl Datastore for SqliteStore {
         let conn = Arc::new(Mutex::new(conn));
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let prefixes = prefixes.to_vec();
+        let progress = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let reached = progress.clone();
         tokio::spawn(async move {
             let mut next = from;
             loop {
@@ -499,13 +501,16 @@ impl Datastore for SqliteStore {
                         return; // the watcher went away
                     }
                 }
+                // The poll read the log up to `next - 1` in one snapshot, and its events are
+                // all in the channel now.
+                reached.store(next - 1, std::sync::atomic::Ordering::Release);
                 if tx.is_closed() {
                     return;
                 }
                 tokio::time::sleep(POLL).await;
             }
         });
-        Ok(Watch::new(rx))
+        Ok(Watch::with_progress(rx, progress))
     }
 
     async fn compact(&self, revision: i64) -> Result<()> {

@@ -289,3 +289,42 @@ fn a_listing_of_many_bad_records_is_not_quadratic() {
     assert_eq!(shared.read().bgp_filters().count(), 0);
     drop(dir);
 }
+
+/// The view's revision reaches the store's even when only kinds it does not follow changed
+/// (an IPAM handle here), on both stores: the policy applier reports it as synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_revision_follows_the_store_through_unwatched_writes() {
+    let etcd = EtcdServer::start();
+    let (sqlite, _dir) = sqlite().await;
+    let etcd_store = trellis_store::open(&format!("etcd:{}", etcd.endpoint))
+        .await
+        .unwrap();
+    for store in [sqlite, etcd_store] {
+        let shared = SharedView::new();
+        load(&*store, &shared).await.unwrap();
+        let follower = tokio::spawn(follow(store.clone(), shared.clone()));
+        for i in 0..3 {
+            let put = TxnOp::Put(format!("/trellis/v1/ipamhandles/h{i}"), b"{}".to_vec());
+            store.txn(vec![], vec![put]).await.unwrap();
+            let want = store.revision().await.unwrap();
+            until("the view's revision", Duration::from_secs(10), || {
+                shared.revision() >= want
+            })
+            .await;
+        }
+        // A watched change is in the view once its revision is reached.
+        objects::apply(&*store, &pool("r", "10.9.0.0/16"), false)
+            .await
+            .unwrap();
+        let want = store.revision().await.unwrap();
+        until("the pool's revision", Duration::from_secs(10), || {
+            shared.revision() >= want
+        })
+        .await;
+        assert!(
+            has_pool(&shared, "r"),
+            "revision {want} reached before its event was applied"
+        );
+        follower.abort();
+    }
+}

@@ -41,6 +41,8 @@ pub struct Cluster {
     pub control: Option<TestNetns>,
     /// Extra `trellis agent` flags for every node.
     pub agent_args: Vec<String>,
+    /// Extra environment of agents started from now on.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -88,6 +90,7 @@ impl Cluster {
             _etcd: etcd_server,
             control,
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            agent_env: Vec::new(),
         };
         c.cli_ok(&["apply", "-f", "-"], Some("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: pool\nspec:\n  cidr: 10.70.0.0/16\n  blockSize: 26\n"));
         for i in 0..nodes {
@@ -165,6 +168,7 @@ impl Cluster {
                 .arg("--socket")
                 .arg(&n.socket)
                 .args(&self.agent_args)
+                .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -289,6 +293,12 @@ impl Cluster {
         );
         let ip = ip_of(&out).unwrap();
         (pod, ip)
+    }
+
+    /// Starts ADD for a pod whose namespace the caller made (servers may already listen
+    /// there), stdout piped.
+    pub fn spawn_add(&self, i: usize, name: &str, pod: &TestNetns) -> Child {
+        self.spawn_plugin(&bin("trellis-cni"), i, "ADD", name, pod.path())
     }
 
     /// Block CIDR → affine node, from `trellis get ipamblocks -o json`.

@@ -38,9 +38,11 @@
 //! # Layout (POLICY.md "nftables layout")
 //!
 //! Table `inet trellis_policy`. Base chain `forward`: `ct state established,related accept`,
-//! `ct state invalid drop`, `iifname vmap @from_endpoint`, `iifname "trl*" drop`,
-//! `goto dispatch_in`; `dispatch_in`: `oifname vmap @to_endpoint`, `oifname "trl*" drop`,
-//! `accept`. Per programmed local endpoint: `ep_out_<id>` / `ep_in_<id>` (clear the mark bits;
+//! `iifname "trl*" ct state invalid drop`, `iifname vmap @from_endpoint`, `iifname "trl*" drop`,
+//! `goto dispatch_in`; `dispatch_in`: `oifname "trl*" ct state invalid drop`, `oifname vmap
+//! @to_endpoint`, `oifname "trl*" drop`, `accept`. Invalid packets are dropped only from and to
+//! endpoints: a node that merely routes (an asymmetric return path) sees mid-flow packets
+//! conntrack calls invalid, and they are not policy's business. Per programmed local endpoint: `ep_out_<id>` / `ep_in_<id>` (clear the mark bits;
 //! jump each applying tier's chain `ep_<id>_<dir>_t<n>` and leave when the allow bit is set;
 //! then profiles; then allowed, or drop when it lists profiles), entered by `goto` from the
 //! maps. A tier chain jumps each applying policy's chain `pol_<hash>_<dir>` (shared by every

@@ -859,7 +859,10 @@ pub fn skeleton() -> Ruleset {
             Stmt::matches(Expr::CtState, Op::In, Expr::Flags(vec![2, 4])),
             Stmt::Verdict(Verdict::Accept),
         ]),
+        // Invalid packets are dropped from and to endpoints only: a node that merely routes
+        // (an asymmetric return path through it) sees mid-flow packets conntrack calls invalid.
         rule(vec![
+            iface("iifname"),
             Stmt::matches(Expr::CtState, Op::In, Expr::Num(1)),
             Stmt::Verdict(Verdict::Drop),
         ]),
@@ -871,6 +874,11 @@ pub fn skeleton() -> Ruleset {
         rule(vec![Stmt::Verdict(Verdict::Goto(DISPATCH_IN.into()))]),
     ];
     let dispatch = vec![
+        rule(vec![
+            iface("oifname"),
+            Stmt::matches(Expr::CtState, Op::In, Expr::Num(1)),
+            Stmt::Verdict(Verdict::Drop),
+        ]),
         rule(vec![Stmt::Vmap {
             key: Expr::Meta("oifname"),
             map: TO_ENDPOINT.into(),

@@ -1,0 +1,370 @@
+//! The policy applier against the real kernel, inside a test namespace (never the root one):
+//! a datastore (SQLite in a temp dir) followed by the agent's view, the applier programming
+//! `inet trellis_policy` in the namespace. Checks that the kernel's table is always
+//! `compile(translate(datastore))` after each change, that a change is one small transaction
+//! (not a reload), that a rule deleted by hand comes back (drift repair, counted), that a
+//! restarted applier adopts the table with a single replacing transaction, and that a record
+//! that does not translate is reported without stopping anything. Needs root.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use trellis_agent::policy::{self, Kernel, PolicyError, Status};
+use trellis_agent::view::{self, SharedView};
+use trellis_cluster::objects;
+use trellis_dataplane::{nft, Netns};
+use trellis_policy::compile::{compile, drift, Ruleset};
+use trellis_policy::translate::translate;
+use trellis_resources::{parse_documents, Kind, Resource};
+use trellis_store::{Datastore, TxnOp};
+use trellis_testutil::{temp_dir, TestNetns};
+
+const NODE: &str = "n1";
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// nft inside the test namespace, recording every batch it applies.
+struct InNetns {
+    ns: Netns,
+    batches: Mutex<Vec<Value>>,
+}
+
+impl Kernel for InNetns {
+    fn apply(&self, doc: &Value) -> Result<(), PolicyError> {
+        self.batches.lock().unwrap().push(doc.clone());
+        Ok(self.ns.run(|| nft::apply_document(doc)).unwrap()?)
+    }
+
+    fn list(&self) -> Result<Option<Value>, PolicyError> {
+        Ok(self
+            .ns
+            .run(|| nft::list_table_numeric("inet", "trellis_policy"))
+            .unwrap()?)
+    }
+}
+
+fn docs(yaml: &str) -> Vec<Resource> {
+    parse_documents(yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn wep(name: &str, node: &str, ip: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {{name: {name}, namespace: x, labels: {{{labels}}}}}\n\
+         spec: {{node: {node}, pod: {name}, interfaceName: trl{name}, ipNetworks: [{ip}/32]}}\n---\n"
+    )
+}
+
+const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\n\
+spec: {podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {matchLabels: {role: web}}}]}]}\n";
+
+/// The test's world: a namespace, a store, a view and an applier.
+struct World {
+    _dir: tempfile::TempDir,
+    _ns: TestNetns,
+    store: Arc<dyn Datastore>,
+    view: Arc<SharedView>,
+    status: Arc<Status>,
+    kernel: Arc<InNetns>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl World {
+    async fn new(tag: &str) -> World {
+        let dir = temp_dir(tag);
+        let spec = format!("sqlite:{}", dir.path().join("store.db").display());
+        World::on(tag, &spec, dir).await
+    }
+
+    async fn on(tag: &str, spec: &str, dir: tempfile::TempDir) -> World {
+        let store = trellis_store::open(spec).await.unwrap();
+        let ns = TestNetns::new(tag);
+        let kernel = Arc::new(InNetns {
+            ns: Netns::open(ns.path()).unwrap(),
+            batches: Mutex::new(Vec::new()),
+        });
+        World {
+            _dir: dir,
+            _ns: ns,
+            store,
+            view: SharedView::new(),
+            status: Arc::new(Status::default()),
+            kernel,
+            tasks: Vec::new(),
+        }
+    }
+
+    async fn start(&mut self) {
+        view::load(&*self.store, &self.view).await.unwrap();
+        self.tasks.push(tokio::spawn(view::follow(
+            self.store.clone(),
+            self.view.clone(),
+        )));
+        self.start_applier();
+    }
+
+    fn start_applier(&mut self) {
+        self.tasks.push(tokio::spawn(policy::run(
+            NODE.into(),
+            self.view.clone(),
+            self.status.clone(),
+            self.kernel.clone(),
+            Duration::from_millis(200),
+        )));
+    }
+
+    async fn apply(&self, yaml: &str) {
+        for r in docs(yaml) {
+            objects::apply(&*self.store, &r, false).await.unwrap();
+        }
+    }
+
+    /// What the table must be: the compiler's output for everything stored.
+    async fn expected(&self) -> Ruleset {
+        let mut all = Vec::new();
+        for kind in view::POLICY_KINDS {
+            all.extend(
+                objects::list(&*self.store, kind)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|s| s.resource),
+            );
+        }
+        compile(&translate(&all).model, NODE)
+    }
+
+    fn differences(&self, want: &Ruleset) -> Vec<String> {
+        drift::differences(self.kernel.list().unwrap().as_ref(), want)
+    }
+
+    /// Waits until the kernel holds what the store says and the applier reports the store's
+    /// revision as synced.
+    async fn converged(&self, what: &str) {
+        let want = self.expected().await;
+        let revision = self.store.revision().await.unwrap();
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let synced = self.status.synced_revision.load(Ordering::Acquire);
+            let diff = self.differences(&want);
+            if synced >= revision && diff.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not converged within {LIMIT:?} (synced {synced}, store {revision}):\n{}",
+                diff.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn batches(&self) -> Vec<Value> {
+        self.kernel.batches.lock().unwrap().clone()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Whether a batch replaces the whole table (`add table; delete table; add table`).
+fn is_replace(batch: &Value) -> bool {
+    let cmds = batch["nftables"].as_array().unwrap();
+    cmds.len() >= 3
+        && cmds[1]
+            .get("delete")
+            .is_some_and(|d| d.get("table").is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_follows_the_datastore_change_by_change() {
+    trellis_testutil::require_root();
+    let mut w = World::new("polapl").await;
+    let mut yaml = String::new();
+    yaml += &wep("a", NODE, "10.0.0.1", "app: db");
+    yaml += &wep("b", NODE, "10.0.0.2", "role: web");
+    yaml += &wep("c", "n2", "10.0.1.3", "role: other");
+    yaml += POLICY;
+    w.apply(&yaml).await;
+    w.start().await;
+    w.converged("startup").await;
+    assert!(w.status.enforced.load(Ordering::Acquire));
+    assert_eq!(w.batches().len(), 1, "startup is one transaction");
+    assert!(is_replace(&w.batches()[0]));
+
+    // A remote pod's label change: one small batch of set elements.
+    w.apply(&wep("c", "n2", "10.0.1.3", "role: web")).await;
+    w.converged("remote relabel").await;
+    let batches = w.batches();
+    assert_eq!(batches.len(), 2, "one transaction for the change");
+    let cmds = batches[1]["nftables"].as_array().unwrap();
+    assert!(
+        cmds.iter().all(|c| c
+            .get("add")
+            .or(c.get("delete"))
+            .is_some_and(|x| x.get("element").is_some())),
+        "a relabel changes set elements only: {cmds:?}"
+    );
+
+    // The policy goes: the pod is open again.
+    objects::delete(&*w.store, Kind::KubernetesNetworkPolicy, Some("x"), "web")
+        .await
+        .unwrap();
+    w.converged("policy deleted").await;
+    assert!(!is_replace(w.batches().last().unwrap()));
+
+    // A policy in a tier that does not exist (written around the validating edge, as a tier
+    // deleted behind the store's back leaves it) is left out and reported; nothing stops.
+    let orphan = docs(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: orphan}\n\
+         spec: {tier: missing, selector: all(), types: [Ingress]}\n",
+    )
+    .remove(0);
+    let put = TxnOp::Put(orphan.key(), objects::encode(&orphan));
+    w.store.txn(vec![], vec![put]).await.unwrap();
+    w.apply(&wep("b", NODE, "10.0.0.2", "role: web, extra: '1'"))
+        .await;
+    w.converged("after an untranslatable record").await;
+    let deadline = Instant::now() + LIMIT;
+    while trellis_cluster::invalid::counts().get(&Kind::GlobalNetworkPolicy) != Some(&1) {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan policy was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The resync reads the rules' counters, and a rule deleted by hand in the node's namespace comes
+/// back on the next resync, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_deleted_by_hand_comes_back() {
+    trellis_testutil::require_root();
+    let mut w = World::new("poldrift").await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
+    w.start().await;
+    w.converged("startup").await;
+    // The resync reads the per-rule counters (the metrics' source) from the same listing.
+    let deadline = Instant::now() + LIMIT;
+    while !w
+        .status
+        .counters
+        .lock()
+        .unwrap()
+        .contains_key("knp/x/web/in/0")
+    {
+        assert!(Instant::now() < deadline, "the rule's counter was not read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = w.status.drift_repairs.get();
+    let listing = w.kernel.list().unwrap().unwrap();
+    let handle = nft::rules(&listing)
+        .into_iter()
+        .find(|(chain, _, _)| chain == "forward")
+        .map(|(_, h, _)| h)
+        .expect("a forward rule");
+    w._ns.exec_ok(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "trellis_policy",
+        "forward",
+        "handle",
+        &handle.to_string(),
+    ]);
+    assert!(
+        !w.differences(&w.expected().await).is_empty(),
+        "the deletion took"
+    );
+    let deadline = Instant::now() + LIMIT;
+    while w.status.drift_repairs.get() == before || !w.differences(&w.expected().await).is_empty() {
+        assert!(Instant::now() < deadline, "the rule did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A restarted applier finds the previous one's table (with a stray rule) and replaces it in
+/// one transaction: the table is never deleted on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_applier_adopts_the_table_in_one_transaction() {
+    trellis_testutil::require_root();
+    let mut w = World::new("poladopt").await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
+    w.start().await;
+    w.converged("first applier").await;
+    w.tasks.pop().unwrap().abort();
+    w._ns.exec_ok(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "trellis_policy",
+        "forward",
+        "accept",
+    ]);
+    w.kernel.batches.lock().unwrap().clear();
+    w.status = Arc::new(Status::default());
+    w.start_applier();
+    w.converged("second applier").await;
+    let batches = w.batches();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert!(is_replace(&batches[0]));
+}
+
+/// With the datastore gone (etcd stopped) the table stays and is still repaired from the
+/// view's last state; once etcd is back, changes flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforcement_survives_an_unreachable_datastore() {
+    trellis_testutil::require_root();
+    let mut etcd = trellis_testutil::EtcdServer::start();
+    let spec = format!("etcd:{}", etcd.endpoint);
+    let mut w = World::on("poletcd", &spec, temp_dir("poletcd")).await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
+    w.start().await;
+    w.converged("startup").await;
+    let want = w.expected().await;
+    etcd.stop();
+    // The watch broke and a listing failed: the view has met the outage.
+    let deadline = Instant::now() + LIMIT;
+    while w.view.failures.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the view did not notice etcd stopping"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = w.status.drift_repairs.get();
+    let listing = w.kernel.list().unwrap().unwrap();
+    let (_, handle, _) = nft::rules(&listing)
+        .into_iter()
+        .find(|(chain, _, _)| chain == "forward")
+        .expect("a forward rule");
+    w._ns.exec_ok(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "trellis_policy",
+        "forward",
+        "handle",
+        &handle.to_string(),
+    ]);
+    let deadline = Instant::now() + LIMIT;
+    while w.status.drift_repairs.get() == before || !w.differences(&want).is_empty() {
+        assert!(Instant::now() < deadline, "not repaired while etcd is down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(w.status.enforced.load(Ordering::Acquire));
+    etcd.restart();
+    w.apply(&wep("b", NODE, "10.0.0.2", "role: web")).await;
+    w.converged("after etcd came back").await;
+}
