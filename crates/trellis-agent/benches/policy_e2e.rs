@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trellis_agent::policy::{self, Kernel, PolicyError, Status};
+use trellis_agent::policy::{self, ElementPath, Kernel, PolicyError, Status};
 use trellis_agent::view::{self, SharedView};
 use trellis_cluster::objects;
 use trellis_dataplane::{nft, Netns};
+use trellis_policy::compile::elements::SetKeys;
 use trellis_resources::{parse_documents, Resource};
 use trellis_store::{Datastore, TxnOp, TxnOutcome};
 use trellis_testutil::{temp_dir, EtcdServer, TestNetns};
@@ -29,11 +30,16 @@ const LOCAL_PER_NS: usize = 5;
 const POLICIES_PER_NS: usize = 100;
 const ROUNDS: usize = 30;
 
-struct InNetns(Netns);
+/// The agent's kernel paths, run in the test namespace (the element socket opens there on
+/// first use and stays there).
+struct InNetns(Netns, ElementPath);
 
 impl Kernel for InNetns {
     fn apply(&self, doc: &Value) -> Result<(), PolicyError> {
         Ok(self.0.run(|| nft::apply_document(doc)).unwrap()?)
+    }
+    fn apply_elements(&self, keys: &[SetKeys]) -> Result<(), PolicyError> {
+        self.0.run(|| self.1.apply(keys)).unwrap()
     }
     fn list(&self) -> Result<Option<Value>, PolicyError> {
         Ok(self
@@ -130,7 +136,10 @@ async fn run(label: &str, store: Arc<dyn Datastore>, ns: &TestNetns) {
     let shared = SharedView::new();
     view::load(&*store, &shared).await.unwrap();
     let status = Arc::new(Status::default());
-    let kernel: Arc<InNetns> = Arc::new(InNetns(Netns::open(ns.path()).unwrap()));
+    let kernel: Arc<InNetns> = Arc::new(InNetns(
+        Netns::open(ns.path()).unwrap(),
+        ElementPath::default(),
+    ));
     let follower = tokio::spawn(view::follow(store.clone(), shared.clone()));
     let t = Instant::now();
     let applier = tokio::spawn(policy::run(

@@ -283,7 +283,7 @@ pub async fn run(
         agent.config.node.clone(),
         agent.view.clone(),
         agent.policy.clone(),
-        Arc::new(policy::Nft),
+        Arc::new(policy::Nft::default()),
         agent.config.resync,
     ));
     let metrics = agent.config.metrics.map(|addr| {

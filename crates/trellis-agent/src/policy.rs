@@ -33,7 +33,9 @@ use serde_json::Value;
 use tokio::sync::watch;
 use trellis_cluster::invalid::{self, Invalid};
 use trellis_cluster::view::ClusterView;
+use trellis_dataplane::nft_elements::{ElementChange, ElementSocket, NFPROTO_INET};
 use trellis_policy::compile::drift::{self, RuleCounter};
+use trellis_policy::compile::elements::SetKeys;
 use trellis_policy::compile::ruleset::FROM_ENDPOINT;
 use trellis_policy::compile::{Ops, PolicyEngine, Ruleset};
 use trellis_policy::sync::ModelSync;
@@ -56,19 +58,55 @@ pub enum PolicyError {
     NotProgrammed { interface: String, waited: Duration },
 }
 
-/// The kernel side: one atomic nft batch, and the table's numeric listing.
+/// The kernel side: one atomic nft batch, one atomic element-only batch, and the table's
+/// numeric listing.
 pub trait Kernel: Send + Sync {
     fn apply(&self, doc: &Value) -> Result<(), PolicyError>;
+    /// A batch that only adds or removes elements of hash sets (a pod's labels changed, a pod
+    /// on another node came or went), as one transaction without running `nft`.
+    fn apply_elements(&self, keys: &[SetKeys]) -> Result<(), PolicyError>;
     /// `None` when the table does not exist.
     fn list(&self) -> Result<Option<Value>, PolicyError>;
 }
 
-/// `nft` in the agent's own network namespace.
-pub struct Nft;
+/// Element-only batches over one netlink socket, opened on first use in the calling thread's
+/// network namespace and kept: closing it would make nf_tables wait for an RCU grace period
+/// after every deleted element (see `trellis_dataplane::nft_elements`).
+#[derive(Default)]
+pub struct ElementPath(Mutex<Option<ElementSocket>>);
+
+impl ElementPath {
+    pub fn apply(&self, keys: &[SetKeys]) -> Result<(), PolicyError> {
+        let changes: Vec<ElementChange> = keys
+            .iter()
+            .map(|k| ElementChange {
+                add: k.add,
+                set: k.set.clone(),
+                keys: k.keys.clone(),
+            })
+            .collect();
+        let mut sock = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if sock.is_none() {
+            *sock = Some(ElementSocket::open()?);
+        }
+        let sock = sock.as_mut().expect("opened above");
+        Ok(sock.apply(NFPROTO_INET, TABLE, &changes)?)
+    }
+}
+
+/// `nft` and the element path in the agent's own network namespace.
+#[derive(Default)]
+pub struct Nft {
+    elements: ElementPath,
+}
 
 impl Kernel for Nft {
     fn apply(&self, doc: &Value) -> Result<(), PolicyError> {
         Ok(trellis_dataplane::nft::apply_document(doc)?)
+    }
+
+    fn apply_elements(&self, keys: &[SetKeys]) -> Result<(), PolicyError> {
+        self.elements.apply(keys)
     }
 
     fn list(&self) -> Result<Option<Value>, PolicyError> {
@@ -369,7 +407,12 @@ impl Loop {
         } else if ops.is_empty() {
             Ok(false)
         } else {
-            match kernel_call(&self.kernel, move |k| k.apply(&ops.to_nft_json())).await {
+            // Element-only batches (the common case: labels, remote pods) skip `nft`.
+            let batch = match ops.element_keys(&self.applier.engine().full().sets) {
+                Some(keys) => kernel_call(&self.kernel, move |k| k.apply_elements(&keys)).await,
+                None => kernel_call(&self.kernel, move |k| k.apply(&ops.to_nft_json())).await,
+            };
+            match batch {
                 Ok(()) => Ok(true),
                 Err(e) => {
                     self.status.refused.inc();
