@@ -702,16 +702,20 @@ fn entity_matches(
         } else {
             Vec::new()
         };
+    // A named port resolves against the endpoints the side selects (all of the address's
+    // when it does not select): not against an endpoint that only shares its address with a
+    // matching network set.
+    let mut selected: Vec<&Entity> = ents.iter().collect();
     if positive {
         let sel = m.selector.as_ref().unwrap_or(&Selector::All);
-        let ok = ents.iter().any(|e| {
+        selected.retain(|e| {
             in_scope(model, scope, e.namespace())
                 && sel.matches(&e.labels(model))
                 && m.service_accounts
                     .as_ref()
                     .is_none_or(|sa| sa_matches(model, sa, e))
         });
-        if !ok {
+        if selected.is_empty() {
             let field = if m.selector.is_some() {
                 "selector"
             } else if m.service_accounts.is_some() {
@@ -737,7 +741,10 @@ fn entity_matches(
     if !m.ports.is_empty() {
         match port {
             None => return miss(&f("ports"), "the flow's port is unknown or it has none"),
-            Some(p) if m.ports.iter().any(|pm| port_matches(pm, p, proto, &ents)) => {}
+            Some(p)
+                if m.ports
+                    .iter()
+                    .any(|pm| port_matches(pm, p, proto, &selected)) => {}
             Some(p) => {
                 return miss(
                     &f("ports"),
@@ -750,7 +757,7 @@ fn entity_matches(
         if let Some(pm) = m
             .not_ports
             .iter()
-            .find(|pm| port_matches(pm, p, proto, &ents))
+            .find(|pm| port_matches(pm, p, proto, &selected))
         {
             return miss(
                 &f("notPorts"),
@@ -816,7 +823,7 @@ fn describe(ents: &[Entity], keep: impl Fn(&Entity) -> bool) -> String {
     names.join(", ")
 }
 
-fn port_matches(pm: &PortMatch, p: u16, proto: Protocol, ents: &[Entity]) -> bool {
+fn port_matches(pm: &PortMatch, p: u16, proto: Protocol, ents: &[&Entity]) -> bool {
     match pm {
         PortMatch::Range { first, last } => (*first..=*last).contains(&p),
         PortMatch::Named(n) => ents.iter().any(|e| match e {

@@ -672,3 +672,36 @@ fn service_account_and_namespace_labels_are_read_alike() {
         assert_eq!(first_divergence(&m), None, "case {i}");
     }
 }
+
+/// A named port resolves against the endpoints the rule's selector selects: an endpoint that
+/// does not match, at an address a matching NetworkSet contains, does not lend it its named
+/// ports (the evaluator once resolved them against every endpoint at the address).
+#[test]
+fn a_named_port_resolves_only_against_selected_endpoints() {
+    let mut m = Model::default();
+    let mut a = common::endpoint("x", "a", common::NODE, Some("trla"), &["10.0.1.2"]);
+    a.labels = common::labels(&[("app", "a")]);
+    a.ports = vec![common::port("dns", Protocol::Udp, 53)];
+    common::add_endpoint(&mut m, a);
+    common::add_endpoint(
+        &mut m,
+        common::endpoint("y", "f", common::NODE, Some("trlf"), &["10.0.1.11"]),
+    );
+    m.network_sets.push(NetworkSet {
+        namespace: None,
+        name: "office".into(),
+        labels: common::labels(&[("kind", "office")]),
+        nets: common::nets(&["10.0.1.0/30"]),
+    });
+    let mut p = common::policy(PolicyKind::Global, None, "g0", DEFAULT_TIER, "all()");
+    p.ingress = Some(vec![Rule {
+        destination: EntityMatch {
+            selector: Some(common::sel("!has(app)")),
+            not_ports: vec![PortMatch::Named("dns".into())],
+            ..Default::default()
+        },
+        ..common::rule(Action::Allow)
+    }]);
+    common::add_policy(&mut m, p);
+    assert_eq!(first_divergence(&m), None);
+}
