@@ -201,3 +201,82 @@ fn default_deny_selector_allow_pass_and_named_ports_hold_for_real_packets() {
         false,
     );
 }
+
+/// On a dual-stack node (b has an IPv6 address too) a rule whose notNets are all IPv4 and whose
+/// ports mix a named port with a number compiles to IPv4 and IPv6 variants; the IPv6 one must
+/// not match IPv4 packets (its numeric alternative once had no family match, so a in the
+/// excluded net reached port 81).
+#[test]
+fn an_ipv6_rule_variant_does_not_match_ipv4_packets() {
+    let mut lab = Lab::new();
+    let a = pod("a", "trlpkta", "10.70.1.2", "a");
+    let mut b = pod("b", "trlpktb", "10.70.2.2", "b");
+    b.addresses.push("fd00:70:2::2".parse().unwrap());
+    b.ports = vec![port("http", Protocol::Tcp, 80)];
+    lab.change(Change::EndpointUpsert(a));
+    lab.change(Change::EndpointUpsert(b));
+    let mut p = policy(
+        PolicyKind::Namespaced,
+        Some("x"),
+        "not-from-a",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
+    p.ingress = Some(vec![Rule {
+        protocol: Some(Protocol::Tcp),
+        source: EntityMatch {
+            not_nets: nets(&["10.70.1.0/24"]),
+            ..Default::default()
+        },
+        destination: EntityMatch {
+            ports: vec![
+                PortMatch::Named("http".into()),
+                PortMatch::Range {
+                    first: 81,
+                    last: 81,
+                },
+            ],
+            ..Default::default()
+        },
+        ..rule(Action::Allow)
+    }]);
+    lab.change(Change::PolicyUpsert(p));
+    lab.expect(
+        "a is in the excluded net: blocked on 80 and 81",
+        false,
+        false,
+    );
+}
+
+/// A namespaced policy's rule with only a notSelector allows from its own namespace only
+/// (Calico namespaces the rule's selector): a in namespace y stays blocked (the compiled rule
+/// once had no namespace match at all).
+#[test]
+fn a_not_selector_rule_does_not_open_other_namespaces() {
+    let mut lab = Lab::new();
+    let mut a = endpoint("y", "a", NODE, Some("trlpkta"), &["10.70.1.2"]);
+    a.labels = labels(&[("app", "a")]);
+    lab.change(Change::EndpointUpsert(a));
+    lab.change(Change::EndpointUpsert(pod(
+        "b",
+        "trlpktb",
+        "10.70.2.2",
+        "b",
+    )));
+    let mut p = policy(
+        PolicyKind::Namespaced,
+        Some("x"),
+        "not-z",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
+    p.ingress = Some(vec![Rule {
+        source: EntityMatch {
+            not_selector: Some(sel("app == 'z'")),
+            ..Default::default()
+        },
+        ..rule(Action::Allow)
+    }]);
+    lab.change(Change::PolicyUpsert(p));
+    lab.expect("a is in another namespace: blocked", false, false);
+}
