@@ -705,3 +705,32 @@ fn a_named_port_resolves_only_against_selected_endpoints() {
     common::add_policy(&mut m, p);
     assert_eq!(first_divergence(&m), None);
 }
+
+/// A rule naming TCP by number (`protocol: 6`, as Calico allows) resolves named ports of TCP
+/// endpoints: a Deny of the named port once compiled to an empty set (it compared
+/// `Number(6)` with `Tcp`) and denied nothing.
+#[test]
+fn a_protocol_given_by_number_resolves_named_ports() {
+    let mut m = Model::default();
+    let mut b = common::endpoint("x", "b", common::NODE, Some("trlb"), &["10.0.1.3"]);
+    b.ports = vec![common::port("http", Protocol::Tcp, 8080)];
+    common::add_endpoint(&mut m, b);
+    common::add_endpoint(
+        &mut m,
+        common::endpoint("x", "a", "n2", Some("trla"), &["10.0.1.2"]),
+    );
+    let mut p = common::policy(PolicyKind::Global, None, "g", DEFAULT_TIER, "all()");
+    p.ingress = Some(vec![
+        Rule {
+            protocol: Some(Protocol::Number(6)),
+            destination: EntityMatch {
+                ports: vec![PortMatch::Named("http".into())],
+                ..Default::default()
+            },
+            ..common::rule(Action::Deny)
+        },
+        common::rule(Action::Allow),
+    ]);
+    common::add_policy(&mut m, p);
+    assert_eq!(first_divergence(&m), None);
+}

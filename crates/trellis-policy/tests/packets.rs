@@ -280,3 +280,86 @@ fn a_not_selector_rule_does_not_open_other_namespaces() {
     lab.change(Change::PolicyUpsert(p));
     lab.expect("a is in another namespace: blocked", false, false);
 }
+
+/// A pod cannot borrow another pod's address: a's datagram with c's source address (c may
+/// reach b, a may not) is dropped on a's interface; from its own address, once allowed, it
+/// arrives (the socket and the path work).
+#[test]
+fn a_pod_sending_with_another_pods_address_is_dropped() {
+    let mut lab = Lab::new();
+    let b_ns = Netns::open(lab._guards[2].path()).unwrap();
+    let rx = b_ns
+        .run(|| std::net::UdpSocket::bind(("10.70.2.2", 5353)))
+        .unwrap()
+        .unwrap();
+    rx.set_read_timeout(Some(BLOCKED_AFTER)).unwrap();
+    lab._guards[1].exec_ok(&["ip", "addr", "add", "10.70.3.2/32", "dev", "eth0"]);
+    lab.change(Change::EndpointUpsert(pod(
+        "a",
+        "trlpkta",
+        "10.70.1.2",
+        "a",
+    )));
+    lab.change(Change::EndpointUpsert(pod(
+        "b",
+        "trlpktb",
+        "10.70.2.2",
+        "b",
+    )));
+    // c runs on another node; only its address matters here.
+    let mut c = endpoint("x", "c", "n2", None, &["10.70.3.2"]);
+    c.labels = labels(&[("app", "c")]);
+    lab.change(Change::EndpointUpsert(c));
+    let mut only_c = policy(
+        PolicyKind::Kubernetes,
+        Some("x"),
+        "only-c",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
+    only_c.ingress = Some(vec![Rule {
+        source: EntityMatch {
+            selector: Some(sel("app in {'c', 'a2'}")),
+            ..Default::default()
+        },
+        ..rule(Action::Allow)
+    }]);
+    lab.change(Change::PolicyUpsert(only_c));
+    let mut buf = [0u8; 16];
+    send(&lab.a, "10.70.3.2", b"spoofed");
+    let got = rx.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec());
+    assert!(
+        got.is_err(),
+        "a's datagram with c's address arrived: {got:?}"
+    );
+
+    // a is allowed now (labelled a2): from its own address it arrives, within a deadline.
+    let mut a2 = pod("a", "trlpkta", "10.70.1.2", "a2");
+    a2.labels = labels(&[("app", "a2")]);
+    lab.change(Change::EndpointUpsert(a2));
+    rx.set_read_timeout(Some(ALLOWED_WITHIN)).unwrap();
+    send(&lab.a, "10.70.1.2", b"own");
+    let (n, from) = rx.recv_from(&mut buf).expect("a's own datagram arrives");
+    assert_eq!(
+        (&buf[..n], from.ip().to_string().as_str()),
+        (&b"own"[..], "10.70.1.2")
+    );
+    // The guards (`ip saddr != …`, `meta nfproto 10` for a pod without IPv6) list back as
+    // compiled.
+    let listing = lab
+        .node
+        .run(|| nft::list_table_numeric("inet", TABLE))
+        .unwrap()
+        .unwrap();
+    let diff = drift::differences(listing.as_ref(), lab.engine.full());
+    assert!(diff.is_empty(), "{diff:?}");
+}
+
+/// Sends one datagram from `from` (an address of pod a) to b's port 5353.
+fn send(a: &Netns, from: &str, what: &[u8]) {
+    a.run(|| {
+        let s = std::net::UdpSocket::bind((from, 0)).unwrap();
+        s.send_to(what, ("10.70.2.2", 5353)).unwrap();
+    })
+    .unwrap()
+}

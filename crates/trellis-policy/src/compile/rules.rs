@@ -182,7 +182,8 @@ impl SetSpec {
                     .ports
                     .iter()
                     .filter(|p| names.contains(&p.name))
-                    .filter(|p| protocol.is_none_or(|want| want == p.protocol))
+                    // By number: a rule may name TCP as `6` (Protocol::Number(6)).
+                    .filter(|p| protocol.is_none_or(|want| want.number() == p.protocol.number()))
                     .collect();
                 addrs
                     .flat_map(|a| {
@@ -860,6 +861,33 @@ pub fn endpoint_chains(
         },
     ));
     chains
+}
+
+/// The first rules of an endpoint's egress chain: a packet whose source is not one of the
+/// endpoint's addresses is dropped (anti-spoofing, as Calico's from-workload chain does): the
+/// ingress policies of other pods judge the source by its address, so a pod sending with
+/// another pod's address would otherwise get what that pod is allowed. A family the endpoint
+/// has no address in is closed.
+pub fn source_guard(addresses: &[IpAddr]) -> Vec<NftRule> {
+    Family::BOTH
+        .into_iter()
+        .map(|f| {
+            let own: Vec<Interval> = addresses
+                .iter()
+                .filter(|a| Family::of(a) == f)
+                .map(|a| {
+                    let v = intervals::addr_bits(a);
+                    (v, v)
+                })
+                .collect();
+            let m = if own.is_empty() {
+                Stmt::matches(Expr::Meta("nfproto"), Op::Eq, Expr::Num(f.nfproto()))
+            } else {
+                Stmt::matches(Expr::Payload(f.ip(), "saddr"), Op::Ne, anon_addrs(f, own))
+            };
+            NftRule::new(vec![m, Stmt::Verdict(Verdict::Drop)])
+        })
+        .collect()
 }
 
 /// The table with nothing programmed: conntrack, dispatch, closed endpoint interfaces.
