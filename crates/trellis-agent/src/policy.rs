@@ -155,8 +155,10 @@ impl Default for Status {
 }
 
 impl Status {
-    /// Waits until `interface`'s policy is in the kernel, at most `limit`; at once when policy
-    /// is not enforced (then nothing closes the interface either).
+    /// Waits until `interface`'s policy is in the kernel, at most `limit`. Before the applier's
+    /// first table is in the kernel (startup; every transaction refused) nothing closes the
+    /// interface — on a fresh node there is no table at all — so it is not ready then either:
+    /// the CNI ADD fails closed rather than leave an unpoliced pod.
     pub async fn wait_programmed(
         &self,
         interface: &str,
@@ -165,9 +167,8 @@ impl Status {
         let mut rx = self.programmed.subscribe();
         let wait = async {
             loop {
-                if !self.enforced.load(Ordering::Acquire)
-                    || rx.borrow_and_update().contains(interface)
-                {
+                let programmed = rx.borrow_and_update().contains(interface);
+                if programmed && self.enforced.load(Ordering::Acquire) {
                     return;
                 }
                 if rx.changed().await.is_err() {

@@ -333,7 +333,7 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
     }
 }
 
-/// Answers once the endpoint's policy is in the kernel (at once when policy is not enforced);
+/// Answers once the endpoint's policy is in the kernel (never before the applier's first table is);
 /// code 11 when it is not within [`ENDPOINT_READY_DEADLINE`].
 async fn endpoint_ready(agent: &Agent, attachment: &Attachment, host_interface: &str) -> Reply {
     let limit = trellis_agent_api::ENDPOINT_READY_DEADLINE;

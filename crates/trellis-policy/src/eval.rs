@@ -351,56 +351,25 @@ pub fn network_set_labels(s: &NetworkSet) -> Labels {
     l
 }
 
-/// The label Calico gives namespaces and service accounts as selectors see them: the name.
-pub const LABEL_NAME: &str = "projectcalico.org/name";
-
-/// Labels of a namespace as namespace selectors see them: its own (with Kubernetes'
-/// `kubernetes.io/metadata.name`, also when the model has no Namespace object) and Calico's
-/// `projectcalico.org/name`.
+/// Labels of a namespace as namespace selectors see them ([`Model::namespace_labels`]).
 pub fn namespace_labels(model: &Model, ns: &str) -> Labels {
-    let mut l = model.namespaces.get(ns).cloned().unwrap_or_default();
-    l.entry(LABEL_NAMESPACE_NAME.into())
-        .or_insert_with(|| ns.to_string());
-    l.entry(LABEL_NAME.into()).or_insert_with(|| ns.to_string());
-    l
+    model.namespace_labels(ns)
 }
 
-/// Whether an object in `namespace` (`None`: global) is in `scope`.
+/// Whether an object in `namespace` (`None`: global) is in `scope` ([`Model::scope_covers`]).
 pub fn in_scope(model: &Model, scope: &NamespaceScope, namespace: Option<&str>) -> bool {
-    match (scope, namespace) {
-        (NamespaceScope::Any, _) => true,
-        (NamespaceScope::Only(ns), Some(n)) => ns == n,
-        (NamespaceScope::Only(_), None) => false,
-        // `global()`: only objects that are not namespaced.
-        (NamespaceScope::Matching(Selector::Global), n) => n.is_none(),
-        (NamespaceScope::Matching(s), Some(n)) => s.matches(&namespace_labels(model, n)),
-        (NamespaceScope::Matching(_), None) => false,
-    }
+    model.scope_covers(scope, namespace)
 }
 
-/// Labels of an endpoint's service account as service account selectors see them: its own and
-/// Calico's `projectcalico.org/name` (empty when the endpoint has no service account).
+/// Labels of an endpoint's service account ([`Model::service_account_labels`]).
 pub fn service_account_labels(model: &Model, e: &Endpoint) -> Labels {
-    let Some(sa) = &e.service_account else {
-        return Labels::new();
-    };
-    let mut l = model
-        .service_accounts
-        .get(&(e.namespace.clone(), sa.clone()))
-        .cloned()
-        .unwrap_or_default();
-    l.entry(LABEL_NAME.into()).or_insert_with(|| sa.clone());
-    l
+    model.service_account_labels(e)
 }
 
 /// Whether a policy applies to an endpoint (either direction): its namespace scope, selector
 /// and service account selector.
 pub fn applies(model: &Model, p: &Policy, e: &Endpoint) -> bool {
-    in_scope(model, &p.namespaces, Some(&e.namespace))
-        && p.selector.matches(&e.effective_labels(&model.profiles))
-        && p.service_account_selector
-            .as_ref()
-            .is_none_or(|s| s.matches(&service_account_labels(model, e)))
+    model.policy_applies(p, e, &e.effective_labels(&model.profiles))
 }
 
 /// The tiers with policies that apply to an endpoint for a direction, each with those
@@ -696,17 +665,10 @@ fn entities<'m>(model: &'m Model, side: &Side<'m>) -> Vec<Entity<'m>> {
 }
 
 fn sa_matches(model: &Model, m: &ServiceAccountMatch, e: &Entity) -> bool {
-    let Entity::Endpoint(e) = e else {
-        return false;
-    };
-    let named = m.names.is_empty()
-        || e.service_account
-            .as_ref()
-            .is_some_and(|sa| m.names.contains(sa));
-    named
-        && m.selector
-            .as_ref()
-            .is_none_or(|s| s.matches(&service_account_labels(model, e)))
+    match e {
+        Entity::Endpoint(e) => model.service_account_matches(m, e),
+        Entity::Set(_) => false,
+    }
 }
 
 fn entity_matches(
@@ -740,16 +702,20 @@ fn entity_matches(
         } else {
             Vec::new()
         };
+    // A named port resolves against the endpoints the side selects (all of the address's
+    // when it does not select): not against an endpoint that only shares its address with a
+    // matching network set.
+    let mut selected: Vec<&Entity> = ents.iter().collect();
     if positive {
         let sel = m.selector.as_ref().unwrap_or(&Selector::All);
-        let ok = ents.iter().any(|e| {
+        selected.retain(|e| {
             in_scope(model, scope, e.namespace())
                 && sel.matches(&e.labels(model))
                 && m.service_accounts
                     .as_ref()
                     .is_none_or(|sa| sa_matches(model, sa, e))
         });
-        if !ok {
+        if selected.is_empty() {
             let field = if m.selector.is_some() {
                 "selector"
             } else if m.service_accounts.is_some() {
@@ -775,7 +741,10 @@ fn entity_matches(
     if !m.ports.is_empty() {
         match port {
             None => return miss(&f("ports"), "the flow's port is unknown or it has none"),
-            Some(p) if m.ports.iter().any(|pm| port_matches(pm, p, proto, &ents)) => {}
+            Some(p)
+                if m.ports
+                    .iter()
+                    .any(|pm| port_matches(pm, p, proto, &selected)) => {}
             Some(p) => {
                 return miss(
                     &f("ports"),
@@ -788,7 +757,7 @@ fn entity_matches(
         if let Some(pm) = m
             .not_ports
             .iter()
-            .find(|pm| port_matches(pm, p, proto, &ents))
+            .find(|pm| port_matches(pm, p, proto, &selected))
         {
             return miss(
                 &f("notPorts"),
@@ -854,7 +823,7 @@ fn describe(ents: &[Entity], keep: impl Fn(&Entity) -> bool) -> String {
     names.join(", ")
 }
 
-fn port_matches(pm: &PortMatch, p: u16, proto: Protocol, ents: &[Entity]) -> bool {
+fn port_matches(pm: &PortMatch, p: u16, proto: Protocol, ents: &[&Entity]) -> bool {
     match pm {
         PortMatch::Range { first, last } => (*first..=*last).contains(&p),
         PortMatch::Named(n) => ents.iter().any(|e| match e {

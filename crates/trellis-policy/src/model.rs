@@ -35,6 +35,8 @@ pub const LABEL_ORCHESTRATOR: &str = "projectcalico.org/orchestrator";
 pub const LABEL_SERVICE_ACCOUNT: &str = "projectcalico.org/serviceaccount";
 /// The label Kubernetes puts on every namespace (1.21+): its own name.
 pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+/// The label Calico gives namespaces and service accounts as selectors see them: the name.
+pub const LABEL_NAME: &str = "projectcalico.org/name";
 
 /// A direction as seen from the endpoint a policy applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -384,12 +386,14 @@ impl Model {
 // - A rule side without `namespaces` looks in the policy's own scope: its namespace for
 //   namespaced kinds, every namespace (and global network sets) for global policies and
 //   profiles ([`Policy::rule_scope`]).
-// - A side *selects* (has a positive selection) when it sets `selector`, `namespaces` or
-//   `serviceAccounts`; a missing `selector` then means `all()`. It covers endpoints in scope
-//   whose labels match (and whose service account matches), and — without `serviceAccounts` —
-//   network sets in scope whose labels match.
-// - `notSelector` covers what the same scope and that selector would; the address must be in
-//   none of it.
+// - A side *selects* (has a positive selection) when it sets `selector` or `serviceAccounts`,
+//   or — when its scope is not `Any` — `namespaces` or `notSelector` (Calico namespaces the
+//   rule's selector whenever a namespaced policy's rule sets selector or notSelector, or a
+//   rule sets namespaceSelector: libcalico-go `RuleAPIV2ToBackend`); a missing `selector` then
+//   means `all()`. It covers endpoints in scope whose labels match (and whose service account
+//   matches), and — without `serviceAccounts` — network sets in scope whose labels match.
+// - `notSelector` is not scoped (Calico keeps `NotSrcSelector` as written): it covers every
+//   endpoint and network set whose labels match; the address must be in none of it.
 // - A named port resolves against the endpoints the side selects, or every endpoint when the
 //   side does not select (Kubernetes: an egress rule's named port matches any pod declaring it).
 // ---------------------------------------------------------------------------------------------
@@ -442,27 +446,28 @@ impl Selection {
 impl EntityMatch {
     /// The positive selection of this side, if it selects (see the matching notes above).
     pub fn selection(&self, default_scope: &NamespaceScope) -> Option<Selection> {
-        if self.selector.is_none() && self.namespaces.is_none() && self.service_accounts.is_none() {
+        let scope = self
+            .namespaces
+            .clone()
+            .unwrap_or_else(|| default_scope.clone());
+        let scoped = scope != NamespaceScope::Any
+            && (self.namespaces.is_some() || self.not_selector.is_some());
+        if self.selector.is_none() && self.service_accounts.is_none() && !scoped {
             return None;
         }
         Some(Selection {
-            scope: self
-                .namespaces
-                .clone()
-                .unwrap_or_else(|| default_scope.clone()),
+            scope,
             selector: self.selector.clone().unwrap_or(Selector::All),
             service_accounts: self.service_accounts.clone(),
         })
     }
 
-    /// What `notSelector` covers, if set.
-    pub fn not_selection(&self, default_scope: &NamespaceScope) -> Option<Selection> {
+    /// What `notSelector` covers, if set: everything whose labels match, in every namespace
+    /// and globally (see the matching notes above).
+    pub fn not_selection(&self, _default_scope: &NamespaceScope) -> Option<Selection> {
         let not = self.not_selector.clone()?;
         Some(Selection {
-            scope: self
-                .namespaces
-                .clone()
-                .unwrap_or_else(|| default_scope.clone()),
+            scope: NamespaceScope::Any,
             selector: not,
             service_accounts: None,
         })
@@ -492,14 +497,15 @@ impl NetworkSet {
 }
 
 impl Model {
-    /// A namespace's labels; an unknown namespace has just the implicit name label.
-    pub fn namespace_labels(&self, ns: &str) -> std::borrow::Cow<'_, Labels> {
-        match self.namespaces.get(ns) {
-            Some(l) => std::borrow::Cow::Borrowed(l),
-            None => {
-                std::borrow::Cow::Owned([(LABEL_NAMESPACE_NAME.to_string(), ns.to_string())].into())
-            }
-        }
+    /// A namespace's labels as namespace selectors see them: its own (with Kubernetes'
+    /// `kubernetes.io/metadata.name`, also when the model has no Namespace object) and
+    /// Calico's `projectcalico.org/name`.
+    pub fn namespace_labels(&self, ns: &str) -> Labels {
+        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
+        l.entry(LABEL_NAMESPACE_NAME.into())
+            .or_insert_with(|| ns.to_string());
+        l.entry(LABEL_NAME.into()).or_insert_with(|| ns.to_string());
+        l
     }
 
     /// Whether `scope` covers an object in namespace `ns` (`None`: a global object). Calico's
@@ -515,26 +521,36 @@ impl Model {
         }
     }
 
-    /// Whether an endpoint's service account satisfies `sa` (names and/or labels).
-    pub fn service_account_matches(&self, sa: &ServiceAccountMatch, ep: &Endpoint) -> bool {
-        let Some(name) = &ep.service_account else {
-            return false;
+    /// Labels of an endpoint's service account as service-account selectors see them: its own
+    /// and Calico's `projectcalico.org/name`; none when the endpoint has no service account
+    /// (Calico matches the selector against the endpoint's `pcsa.` labels, which it then
+    /// lacks, so `!has(k)` matches it).
+    pub fn service_account_labels(&self, ep: &Endpoint) -> Labels {
+        let Some(sa) = &ep.service_account else {
+            return Labels::new();
         };
-        (sa.names.is_empty() || sa.names.contains(name))
+        let mut l = self
+            .service_accounts
+            .get(&(ep.namespace.clone(), sa.clone()))
+            .cloned()
+            .unwrap_or_default();
+        l.entry(LABEL_NAME.into()).or_insert_with(|| sa.clone());
+        l
+    }
+
+    /// Whether an endpoint's service account satisfies `sa`: its name is one of `names` (any,
+    /// when none are given) and its labels match `selector` (when given).
+    pub fn service_account_matches(&self, sa: &ServiceAccountMatch, ep: &Endpoint) -> bool {
+        let named = sa.names.is_empty()
+            || ep
+                .service_account
+                .as_ref()
+                .is_some_and(|n| sa.names.contains(n));
+        named
             && sa
                 .selector
                 .as_ref()
-                .is_none_or(|sel| self.service_account_labels_match(sel, ep))
-    }
-
-    /// Whether the endpoint has a service account whose labels match `sel`.
-    fn service_account_labels_match(&self, sel: &Selector, ep: &Endpoint) -> bool {
-        let Some(name) = &ep.service_account else {
-            return false;
-        };
-        let empty = Labels::new();
-        let key = (ep.namespace.clone(), name.clone());
-        sel.matches(self.service_accounts.get(&key).unwrap_or(&empty))
+                .is_none_or(|sel| sel.matches(&self.service_account_labels(ep)))
     }
 
     /// Whether `policy` applies to `ep` (whose effective labels are `labels`), in either
@@ -545,7 +561,7 @@ impl Model {
             && policy
                 .service_account_selector
                 .as_ref()
-                .is_none_or(|sel| self.service_account_labels_match(sel, ep))
+                .is_none_or(|sel| sel.matches(&self.service_account_labels(ep)))
     }
 }
 

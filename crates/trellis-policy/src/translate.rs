@@ -16,7 +16,7 @@
 //! at least Kubernetes' implicit `kubernetes.io/metadata.name` label. Objects that cannot be
 //! translated (a policy in a tier that does not exist) are left out and reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use trellis_resources::k8s::{
     IntOrString, KubeProtocol, KubernetesNetworkPolicySpec, NetworkPolicyPeer, NetworkPolicyPort,
@@ -459,6 +459,9 @@ fn ports_by_protocol(ports: &[NetworkPolicyPort]) -> Option<BTreeMap<Protocol, V
         return None;
     }
     let mut by: BTreeMap<Protocol, Option<Vec<PortMatch>>> = BTreeMap::new();
+    // What each list already holds: Kubernetes bounds neither the ports of a rule nor the
+    // rules (only the object's size does), so no step here may look through a list.
+    let mut seen: BTreeSet<(Protocol, PortMatch)> = BTreeSet::new();
     for p in ports {
         let entry = by
             .entry(kube_protocol(p.protocol))
@@ -480,7 +483,7 @@ fn ports_by_protocol(ports: &[NetworkPolicyPort]) -> Option<BTreeMap<Protocol, V
             Some(IntOrString::String(name)) => PortMatch::Named(name.clone()),
         };
         if let Some(list) = entry {
-            if !list.contains(&m) {
+            if seen.insert((kube_protocol(p.protocol), m.clone())) {
                 list.push(m);
             }
         }

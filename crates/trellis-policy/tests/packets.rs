@@ -201,3 +201,165 @@ fn default_deny_selector_allow_pass_and_named_ports_hold_for_real_packets() {
         false,
     );
 }
+
+/// On a dual-stack node (b has an IPv6 address too) a rule whose notNets are all IPv4 and whose
+/// ports mix a named port with a number compiles to IPv4 and IPv6 variants; the IPv6 one must
+/// not match IPv4 packets (its numeric alternative once had no family match, so a in the
+/// excluded net reached port 81).
+#[test]
+fn an_ipv6_rule_variant_does_not_match_ipv4_packets() {
+    let mut lab = Lab::new();
+    let a = pod("a", "trlpkta", "10.70.1.2", "a");
+    let mut b = pod("b", "trlpktb", "10.70.2.2", "b");
+    b.addresses.push("fd00:70:2::2".parse().unwrap());
+    b.ports = vec![port("http", Protocol::Tcp, 80)];
+    lab.change(Change::EndpointUpsert(a));
+    lab.change(Change::EndpointUpsert(b));
+    let mut p = policy(
+        PolicyKind::Namespaced,
+        Some("x"),
+        "not-from-a",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
+    p.ingress = Some(vec![Rule {
+        protocol: Some(Protocol::Tcp),
+        source: EntityMatch {
+            not_nets: nets(&["10.70.1.0/24"]),
+            ..Default::default()
+        },
+        destination: EntityMatch {
+            ports: vec![
+                PortMatch::Named("http".into()),
+                PortMatch::Range {
+                    first: 81,
+                    last: 81,
+                },
+            ],
+            ..Default::default()
+        },
+        ..rule(Action::Allow)
+    }]);
+    lab.change(Change::PolicyUpsert(p));
+    lab.expect(
+        "a is in the excluded net: blocked on 80 and 81",
+        false,
+        false,
+    );
+}
+
+/// A namespaced policy's rule with only a notSelector allows from its own namespace only
+/// (Calico namespaces the rule's selector): a in namespace y stays blocked (the compiled rule
+/// once had no namespace match at all).
+#[test]
+fn a_not_selector_rule_does_not_open_other_namespaces() {
+    let mut lab = Lab::new();
+    let mut a = endpoint("y", "a", NODE, Some("trlpkta"), &["10.70.1.2"]);
+    a.labels = labels(&[("app", "a")]);
+    lab.change(Change::EndpointUpsert(a));
+    lab.change(Change::EndpointUpsert(pod(
+        "b",
+        "trlpktb",
+        "10.70.2.2",
+        "b",
+    )));
+    let mut p = policy(
+        PolicyKind::Namespaced,
+        Some("x"),
+        "not-z",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
+    p.ingress = Some(vec![Rule {
+        source: EntityMatch {
+            not_selector: Some(sel("app == 'z'")),
+            ..Default::default()
+        },
+        ..rule(Action::Allow)
+    }]);
+    lab.change(Change::PolicyUpsert(p));
+    lab.expect("a is in another namespace: blocked", false, false);
+}
+
+/// A pod cannot borrow another pod's address: a's datagram with c's source address (c may
+/// reach b, a may not) is dropped on a's interface; from its own address, once allowed, it
+/// arrives (the socket and the path work).
+#[test]
+fn a_pod_sending_with_another_pods_address_is_dropped() {
+    let mut lab = Lab::new();
+    let b_ns = Netns::open(lab._guards[2].path()).unwrap();
+    let rx = b_ns
+        .run(|| std::net::UdpSocket::bind(("10.70.2.2", 5353)))
+        .unwrap()
+        .unwrap();
+    rx.set_read_timeout(Some(BLOCKED_AFTER)).unwrap();
+    lab._guards[1].exec_ok(&["ip", "addr", "add", "10.70.3.2/32", "dev", "eth0"]);
+    lab.change(Change::EndpointUpsert(pod(
+        "a",
+        "trlpkta",
+        "10.70.1.2",
+        "a",
+    )));
+    lab.change(Change::EndpointUpsert(pod(
+        "b",
+        "trlpktb",
+        "10.70.2.2",
+        "b",
+    )));
+    // c runs on another node; only its address matters here.
+    let mut c = endpoint("x", "c", "n2", None, &["10.70.3.2"]);
+    c.labels = labels(&[("app", "c")]);
+    lab.change(Change::EndpointUpsert(c));
+    let mut only_c = policy(
+        PolicyKind::Kubernetes,
+        Some("x"),
+        "only-c",
+        DEFAULT_TIER,
+        "app == 'b'",
+    );
+    only_c.ingress = Some(vec![Rule {
+        source: EntityMatch {
+            selector: Some(sel("app in {'c', 'a2'}")),
+            ..Default::default()
+        },
+        ..rule(Action::Allow)
+    }]);
+    lab.change(Change::PolicyUpsert(only_c));
+    let mut buf = [0u8; 16];
+    send(&lab.a, "10.70.3.2", b"spoofed");
+    let got = rx.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec());
+    assert!(
+        got.is_err(),
+        "a's datagram with c's address arrived: {got:?}"
+    );
+
+    // a is allowed now (labelled a2): from its own address it arrives, within a deadline.
+    let mut a2 = pod("a", "trlpkta", "10.70.1.2", "a2");
+    a2.labels = labels(&[("app", "a2")]);
+    lab.change(Change::EndpointUpsert(a2));
+    rx.set_read_timeout(Some(ALLOWED_WITHIN)).unwrap();
+    send(&lab.a, "10.70.1.2", b"own");
+    let (n, from) = rx.recv_from(&mut buf).expect("a's own datagram arrives");
+    assert_eq!(
+        (&buf[..n], from.ip().to_string().as_str()),
+        (&b"own"[..], "10.70.1.2")
+    );
+    // The guards (`ip saddr != …`, `meta nfproto 10` for a pod without IPv6) list back as
+    // compiled.
+    let listing = lab
+        .node
+        .run(|| nft::list_table_numeric("inet", TABLE))
+        .unwrap()
+        .unwrap();
+    let diff = drift::differences(listing.as_ref(), lab.engine.full());
+    assert!(diff.is_empty(), "{diff:?}");
+}
+
+/// Sends one datagram from `from` (an address of pod a) to b's port 5353.
+fn send(a: &Netns, from: &str, what: &[u8]) {
+    a.run(|| {
+        let s = std::net::UdpSocket::bind((from, 0)).unwrap();
+        s.send_to(what, ("10.70.2.2", 5353)).unwrap();
+    })
+    .unwrap()
+}

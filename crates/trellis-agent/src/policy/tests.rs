@@ -95,3 +95,29 @@ fn a_tier_deleted_or_created_with_its_policies_reports_nothing() {
     assert!(reports.is_empty(), "{reports:?}");
     assert!(a.engine().model().policies.is_empty());
 }
+
+/// Before the applier's first table is in the kernel (a fresh node has none: nothing closes
+/// the interface), endpointReady does not answer "ready"; once the table holding the
+/// interface is in, it does.
+#[tokio::test]
+async fn an_interface_is_not_ready_before_the_first_table_is_in_the_kernel() {
+    let status = Status::default();
+    let limit = Duration::from_millis(50);
+    let r = status.wait_programmed("trla", limit).await;
+    assert!(
+        matches!(r, Err(PolicyError::NotProgrammed { .. })),
+        "ready before any table was programmed: {r:?}"
+    );
+    let mut v = new_view();
+    let mut applier = Applier::new("n1");
+    let deltas = applier.deltas(view(&mut v, &[(wep("a", "app: a"), 1)]));
+    applier.feed(deltas);
+    status.publish(applier.engine().full());
+    let r = status.wait_programmed("trla", limit).await;
+    assert!(r.is_err(), "ready before the table was applied: {r:?}");
+    status.enforced.store(true, Ordering::Release);
+    status
+        .wait_programmed("trla", Duration::from_secs(5))
+        .await
+        .expect("programmed and enforced");
+}

@@ -177,9 +177,14 @@ pub(crate) fn endpoint_program(
         }
         shared.extend(profiles.iter().map(|p| Shared::Profile(p.to_string(), d)));
         let lists = !ep.profiles.is_empty();
-        chains.extend(rules::endpoint_chains(
-            &id, d, &tiers, &profiles, lists, cfg,
-        ));
+        let mut ep_chains = rules::endpoint_chains(&id, d, &tiers, &profiles, lists, cfg);
+        if d == Direction::Egress {
+            let main = names::endpoint_chain(&id, d);
+            if let Some((_, c)) = ep_chains.iter_mut().find(|(n, _)| *n == main) {
+                c.rules.splice(0..0, rules::source_guard(&ep.addresses));
+            }
+        }
+        chains.extend(ep_chains);
     }
     (chains, shared)
 }

@@ -182,7 +182,8 @@ impl SetSpec {
                     .ports
                     .iter()
                     .filter(|p| names.contains(&p.name))
-                    .filter(|p| protocol.is_none_or(|want| want == p.protocol))
+                    // By number: a rule may name TCP as `6` (Protocol::Number(6)).
+                    .filter(|p| protocol.is_none_or(|want| want.number() == p.protocol.number()))
                     .collect();
                 addrs
                     .flat_map(|a| {
@@ -358,7 +359,6 @@ struct SideOut {
     addr: Vec<Stmt>,
     /// Port alternatives (at least one, possibly empty).
     alts: Vec<Vec<Stmt>>,
-    ip_payload: bool,
     /// Whether any port match (numeric or named) reads the port payload.
     ports: bool,
 }
@@ -435,15 +435,6 @@ fn compile_variant(
     };
     let icmp_payload = !icmp_base.is_empty() || r.not_icmp.is_some();
     let mut prelude = Vec::new();
-    if let Some(f) = fam {
-        if !src.ip_payload && !dst.ip_payload && !icmp_payload {
-            prelude.push(Stmt::matches(
-                Expr::Meta("nfproto"),
-                Op::Eq,
-                Expr::Num(f.nfproto()),
-            ));
-        }
-    }
     if let Some(p) = proto {
         let implied = (pp != "th" && (src.ports || dst.ports))
             || (icmp_payload && matches!(p, Protocol::Icmp | Protocol::Icmpv6));
@@ -462,7 +453,23 @@ fn compile_variant(
             for ia in &icmp_alts {
                 // Addresses, then ports: nft merges equality matches on adjacent header
                 // fields and lists them in header order, which this order already is.
-                let mut stmts = prelude.clone();
+                // A family variant reads that family's header or says `meta nfproto`: per
+                // alternative, as one side's port alternatives differ (numeric ports read
+                // no address, named ones do).
+                let mut stmts = Vec::new();
+                if let Some(f) = fam {
+                    let reads = [&src.addr, &dst.addr, sp, dp, &icmp_base, ia]
+                        .iter()
+                        .any(|ss| ss.iter().any(reads_family_header));
+                    if !reads {
+                        stmts.push(Stmt::matches(
+                            Expr::Meta("nfproto"),
+                            Op::Eq,
+                            Expr::Num(f.nfproto()),
+                        ));
+                    }
+                }
+                stmts.extend(prelude.iter().cloned());
                 stmts.extend(src.addr.iter().cloned());
                 stmts.extend(dst.addr.iter().cloned());
                 stmts.extend(sp.iter().cloned());
@@ -478,6 +485,19 @@ fn compile_variant(
             }
         }
     }
+}
+
+/// Whether a statement reads an IP or ICMP header field (nft then adds the family dependency
+/// itself).
+fn reads_family_header(s: &Stmt) -> bool {
+    fn reads(e: &Expr) -> bool {
+        match e {
+            Expr::Payload(p, _) => matches!(*p, "ip" | "ip6" | "icmp" | "icmpv6"),
+            Expr::Concat(parts) => parts.iter().any(reads),
+            _ => false,
+        }
+    }
+    matches!(s, Stmt::Match { left, .. } if reads(left))
 }
 
 /// nft (1.0.6) merges `!=` compares of a value on adjacent header fields into one wide `!=`,
@@ -646,7 +666,6 @@ fn side(v: &Variant, e: &EntityMatch, source: bool, out: &mut CompiledChain) -> 
     };
     let has_named = !named.is_empty() || !not_named.is_empty();
     Some(SideOut {
-        ip_payload: !addr.is_empty() || has_named,
         addr,
         alts,
         ports: has_named || !nums.is_empty() || !not_nums.is_empty(),
@@ -842,6 +861,33 @@ pub fn endpoint_chains(
         },
     ));
     chains
+}
+
+/// The first rules of an endpoint's egress chain: a packet whose source is not one of the
+/// endpoint's addresses is dropped (anti-spoofing, as Calico's from-workload chain does): the
+/// ingress policies of other pods judge the source by its address, so a pod sending with
+/// another pod's address would otherwise get what that pod is allowed. A family the endpoint
+/// has no address in is closed.
+pub fn source_guard(addresses: &[IpAddr]) -> Vec<NftRule> {
+    Family::BOTH
+        .into_iter()
+        .map(|f| {
+            let own: Vec<Interval> = addresses
+                .iter()
+                .filter(|a| Family::of(a) == f)
+                .map(|a| {
+                    let v = intervals::addr_bits(a);
+                    (v, v)
+                })
+                .collect();
+            let m = if own.is_empty() {
+                Stmt::matches(Expr::Meta("nfproto"), Op::Eq, Expr::Num(f.nfproto()))
+            } else {
+                Stmt::matches(Expr::Payload(f.ip(), "saddr"), Op::Ne, anon_addrs(f, own))
+            };
+            NftRule::new(vec![m, Stmt::Verdict(Verdict::Drop)])
+        })
+        .collect()
 }
 
 /// The table with nothing programmed: conntrack, dispatch, closed endpoint interfaces.

@@ -151,6 +151,9 @@ fn random_rule(r: &mut Rng) -> Rule {
         Some(Protocol::Icmp),
         Some(Protocol::Icmpv6),
         Some(Protocol::Sctp),
+        Some(Protocol::UdpLite),
+        Some(Protocol::Number(47)),
+        Some(Protocol::Number(6)),
     ]);
     if matches!(rule.protocol, Some(Protocol::Icmp | Protocol::Icmpv6)) {
         if r.one_in(2) {
@@ -167,7 +170,7 @@ fn random_rule(r: &mut Rng) -> Rule {
         }
     }
     if r.one_in(8) {
-        rule.not_protocol = Some(Protocol::Udp);
+        rule.not_protocol = Some(*r.pick(&[Protocol::Udp, Protocol::Tcp, Protocol::Icmp]));
     }
     rule.source = entity(r);
     rule.destination = entity(r);
