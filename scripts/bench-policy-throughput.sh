@@ -7,7 +7,7 @@
 # `cargo build --release --workspace`. Only the lab's private namespaces are touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=./target/release/trellis
+T=${CARGO_TARGET_DIR:-./target}/release/trellis
 [ -x "$T" ] || { echo "build first: cargo build --release --workspace"; exit 1; }
 command -v iperf3 >/dev/null || { echo "install iperf3"; exit 1; }
 DUR=${DUR:-5}
