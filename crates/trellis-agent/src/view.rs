@@ -36,18 +36,7 @@ pub const LOOP_KINDS: [Kind; 6] = [
 ];
 
 /// What the policy applier reads (`trellis_policy::translate`'s inputs).
-pub const POLICY_KINDS: [Kind; 10] = [
-    Kind::Tier,
-    Kind::KubernetesNetworkPolicy,
-    Kind::NetworkPolicy,
-    Kind::GlobalNetworkPolicy,
-    Kind::NetworkSet,
-    Kind::GlobalNetworkSet,
-    Kind::Profile,
-    Kind::Namespace,
-    Kind::ServiceAccount,
-    Kind::WorkloadEndpoint,
-];
+pub const POLICY_KINDS: [Kind; 10] = trellis_policy::translate::INPUT_KINDS;
 
 /// Every kind the view follows.
 pub const KINDS: [Kind; 16] = [

@@ -15,18 +15,7 @@ use trellis_store::Datastore;
 use crate::trace;
 
 /// The kinds the model is built from.
-const POLICY_KINDS: [Kind; 10] = [
-    Kind::Tier,
-    Kind::KubernetesNetworkPolicy,
-    Kind::NetworkPolicy,
-    Kind::GlobalNetworkPolicy,
-    Kind::NetworkSet,
-    Kind::GlobalNetworkSet,
-    Kind::Profile,
-    Kind::Namespace,
-    Kind::ServiceAccount,
-    Kind::WorkloadEndpoint,
-];
+const POLICY_KINDS: [Kind; 10] = trellis_policy::translate::INPUT_KINDS;
 
 /// The model, and every node's addresses (to tell host traffic apart). Records that do not
 /// decode, and objects the model leaves out, are reported on stderr.

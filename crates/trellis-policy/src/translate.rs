@@ -169,6 +169,20 @@ pub fn object_name(r: &Resource) -> String {
     }
 }
 
+/// The kinds the model is built from: every stored object `translate` and `item` read.
+pub const INPUT_KINDS: [trellis_resources::Kind; 10] = [
+    trellis_resources::Kind::Tier,
+    trellis_resources::Kind::KubernetesNetworkPolicy,
+    trellis_resources::Kind::NetworkPolicy,
+    trellis_resources::Kind::GlobalNetworkPolicy,
+    trellis_resources::Kind::NetworkSet,
+    trellis_resources::Kind::GlobalNetworkSet,
+    trellis_resources::Kind::Profile,
+    trellis_resources::Kind::Namespace,
+    trellis_resources::Kind::ServiceAccount,
+    trellis_resources::Kind::WorkloadEndpoint,
+];
+
 /// Builds the model from every stored object that concerns policy (others are ignored).
 pub fn translate(resources: &[Resource]) -> Translation {
     let mut t = Translation::default();
