@@ -177,6 +177,11 @@ fn register_policy(reg: &mut Registry, p: &crate::policy::Status) {
         "From a policy-relevant change reaching the agent to the kernel holding it",
         p.programming.clone(),
     );
+    reg.register(
+        "policy_endpoint_ready_seconds",
+        "How long CNI ADDs (endpointReady) waited for their pod's policy to be in the kernel",
+        p.endpoint_ready.clone(),
+    );
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     let counters = p.counters.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -381,6 +386,7 @@ mod tests {
             "trellis_policy_rule_packets_total{policy=\"knp/x/np\",direction=\"in\",rule=\"0\"} 3",
             "trellis_policy_rule_bytes_total{policy=\"knp/x/np\",direction=\"in\",rule=\"0\"} 180",
             "trellis_policy_programming_seconds_count 0",
+            "trellis_policy_endpoint_ready_seconds_count 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }

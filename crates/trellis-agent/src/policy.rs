@@ -129,6 +129,9 @@ pub struct Status {
     pub refused: Counter,
     /// Seconds from a change reaching the agent to the kernel holding it.
     pub programming: Histogram,
+    /// Seconds `endpointReady` requests (the CNI ADD) waited for their pod's policy: what
+    /// enforcement adds to an ADD.
+    pub endpoint_ready: Histogram,
     /// Per-rule counters by rule label, as of the last resync.
     pub counters: Mutex<BTreeMap<String, RuleCounter>>,
     /// Interfaces whose endpoint chains are in the kernel.
@@ -148,6 +151,7 @@ impl Default for Status {
             drift_repairs: Counter::default(),
             refused: Counter::default(),
             programming: Histogram::new(buckets),
+            endpoint_ready: Histogram::new(buckets),
             counters: Mutex::new(BTreeMap::new()),
             programmed: watch::channel(BTreeSet::new()).0,
         }
@@ -176,12 +180,13 @@ impl Status {
                 }
             }
         };
-        tokio::time::timeout(limit, wait)
-            .await
-            .map_err(|_| PolicyError::NotProgrammed {
-                interface: interface.to_string(),
-                waited: limit,
-            })
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(limit, wait).await;
+        self.endpoint_ready.observe(started.elapsed().as_secs_f64());
+        r.map_err(|_| PolicyError::NotProgrammed {
+            interface: interface.to_string(),
+            waited: limit,
+        })
     }
 
     fn publish(&self, rs: &Ruleset) {
@@ -288,13 +293,11 @@ impl Applier {
     /// Feeds the deltas (of [`Applier::deltas`], each exactly once) to the engine: the ops of all of them, in order (one transaction),
     /// and the keys whose standing changed (`Some`: left out of the model, and why).
     pub fn feed(&mut self, deltas: Vec<Delta>) -> (Ops, Vec<(Delta, Option<String>)>) {
-        let mut ops = Ops::default();
+        let mut changes = Vec::new();
         let mut reports = Vec::new();
         for d in deltas {
             let up = self.sync.update(&d.key, d.object.as_ref());
-            for c in up.changes {
-                ops.ops.extend(self.engine.handle(c).ops);
-            }
+            changes.extend(up.changes);
             for (key, why) in up.reports {
                 let (kind, revision) = self
                     .seen
@@ -311,7 +314,7 @@ impl Applier {
                 reports.push((delta, why.map(|e| e.to_string())));
             }
         }
-        (ops, reports)
+        (self.engine.handle_all(changes), reports)
     }
 
     /// Every key currently left out of the model, for the invalid-records tracker again (a

@@ -11,24 +11,31 @@ use trellis_policy::model::*;
 
 use common::random::random_change;
 
-fn check_sequence(mut engine: PolicyEngine, seeds: &[u64]) -> Result<(), TestCaseError> {
+fn check_sequence(engine: PolicyEngine, seeds: &[u64]) -> Result<(), TestCaseError> {
+    let batches: Vec<Vec<u64>> = seeds.iter().map(|s| vec![*s]).collect();
+    check_batches(engine, &batches)
+}
+
+/// Each batch through `handle_all` (one transaction, as the agent feeds a pass's changes).
+fn check_batches(mut engine: PolicyEngine, batches: &[Vec<u64>]) -> Result<(), TestCaseError> {
     let mut applied = engine.full().clone();
-    for (step, seed) in seeds.iter().enumerate() {
-        let change = random_change(*seed);
-        let ops = engine.handle(change.clone());
+    for (step, seeds) in batches.iter().enumerate() {
+        let changes: Vec<Change> = seeds.iter().map(|s| random_change(*s)).collect();
+        let ops = engine.handle_all(changes.clone());
         if let Err(e) = applied.apply(&ops) {
             return Err(TestCaseError::fail(format!(
-                "step {step}: {change:?}\nops {ops:#?}\ncannot be applied: {e}"
+                "step {step}: {changes:?}\nops {ops:#?}\ncannot be applied: {e}"
             )));
         }
         let want = compile::compile(engine.model(), common::NODE);
         prop_assert!(
             engine.full() == &want,
-            "step {step}: the engine's state differs from compile after {change:?}"
+            "step {step}: the engine's state differs from compile after {changes:?}\n{}",
+            diff(engine.full(), &want)
         );
         prop_assert!(
             applied == want,
-            "step {step}: the ops of {change:?} did not carry the ruleset to compile's:\nops {ops:#?}\n{}",
+            "step {step}: the ops of {changes:?} did not carry the ruleset to compile's:\nops {ops:#?}\n{}",
             diff(&applied, &want)
         );
     }
@@ -86,6 +93,20 @@ proptest! {
         seeds in prop::collection::vec(any::<u64>(), 1..25)
     ) {
         check_sequence(PolicyEngine::with_model(common::NODE, common::rich_model()), &seeds)?;
+    }
+
+    #[test]
+    fn batches_of_changes_reach_the_compiled_ruleset_from_empty(
+        batches in prop::collection::vec(prop::collection::vec(any::<u64>(), 1..12), 1..10)
+    ) {
+        check_batches(PolicyEngine::new(common::NODE), &batches)?;
+    }
+
+    #[test]
+    fn batches_of_changes_reach_the_compiled_ruleset_from_a_rich_model(
+        batches in prop::collection::vec(prop::collection::vec(any::<u64>(), 1..12), 1..8)
+    ) {
+        check_batches(PolicyEngine::with_model(common::NODE, common::rich_model()), &batches)?;
     }
 }
 

@@ -130,6 +130,10 @@ struct Tx {
     sets: BTreeMap<String, SetTouch>,
     /// Specs whose sets changed between hash and interval (their referrers are rewritten).
     flipped: BTreeSet<String>,
+    /// Programmed endpoints whose applying policies changed, programmed once at the end of
+    /// the batch (so a batch of policies rebuilds each endpoint's chains once, not once per
+    /// policy).
+    pending: BTreeMap<EpKey, BTreeSet<PolicyId>>,
 }
 
 #[derive(Debug)]
@@ -217,8 +221,18 @@ impl PolicyEngine {
     /// Applies one change to the model and returns the operations that bring the previous
     /// table to the new one (empty when nothing in this node's table changes).
     pub fn handle(&mut self, change: Change) -> Ops {
+        self.handle_all([change])
+    }
+
+    /// Applies changes in order as one batch and returns the operations that bring the table
+    /// before the first to the table after the last (one transaction). Each endpoint's chains
+    /// are rebuilt once per batch, so a batch costs what it touches, not changes × endpoints.
+    pub fn handle_all(&mut self, changes: impl IntoIterator<Item = Change>) -> Ops {
         let mut tx = Tx::default();
-        self.apply_change(&mut tx, change);
+        for change in changes {
+            self.apply_change(&mut tx, change);
+        }
+        self.program_pending(&mut tx);
         self.rewrite_flipped(&mut tx);
         let now = Families {
             v4: self.fam_counts[0] > 0,
@@ -429,19 +443,20 @@ impl PolicyEngine {
     fn policy_changed(&mut self, tx: &mut Tx, id: &PolicyId) {
         let keys: Vec<EpKey> = self.programmed.keys().cloned().collect();
         for key in keys {
-            let was = self.programmed[&key].applying.contains(id);
+            let was = self.applying(tx, &key).contains(id);
             let now = self.model.policies.get(id).is_some_and(|p| {
                 self.model
                     .policy_applies(p, &self.model.endpoints[&key], &self.labels[&key])
             });
+            // Also when it applied before and after: its tier or order may have moved.
             if was || now {
-                let mut applying = self.programmed[&key].applying.clone();
+                let mut applying = self.applying(tx, &key).clone();
                 if now {
                     applying.insert(id.clone());
                 } else {
                     applying.remove(id);
                 }
-                self.program(tx, &key, applying);
+                tx.pending.insert(key, applying);
             }
         }
         for d in [Direction::Ingress, Direction::Egress] {
@@ -450,20 +465,32 @@ impl PolicyEngine {
     }
 
     fn tier_changed(&mut self, tx: &mut Tx, tier: &str) {
-        let in_tier = |p: &Programmed| {
-            p.applying
-                .iter()
-                .any(|id| self.model.policies.get(id).is_some_and(|p| p.tier == tier))
-        };
-        let keys: Vec<EpKey> = self
-            .programmed
-            .iter()
-            .filter(|(_, p)| in_tier(p))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys: Vec<EpKey> = self.programmed.keys().cloned().collect();
         for key in keys {
-            let applying = self.programmed[&key].applying.clone();
-            self.program(tx, &key, applying);
+            let applying = self.applying(tx, &key);
+            let in_tier = applying
+                .iter()
+                .any(|id| self.model.policies.get(id).is_some_and(|p| p.tier == tier));
+            if in_tier {
+                let applying = applying.clone();
+                tx.pending.insert(key, applying);
+            }
+        }
+    }
+
+    /// The policies that apply to a programmed endpoint as of the batch so far.
+    fn applying<'a>(&'a self, tx: &'a Tx, key: &EpKey) -> &'a BTreeSet<PolicyId> {
+        tx.pending
+            .get(key)
+            .unwrap_or_else(|| &self.programmed[key].applying)
+    }
+
+    /// Programs the endpoints whose applying policies changed in the batch.
+    fn program_pending(&mut self, tx: &mut Tx) {
+        while let Some((key, applying)) = tx.pending.pop_first() {
+            if self.programmed.contains_key(&key) {
+                self.program(tx, &key, applying);
+            }
         }
     }
 

@@ -43,6 +43,8 @@ impl PolicyEngine {
         let iface = ep.interface.clone().expect("programmed endpoints have one");
         let id = names::endpoint_id(&ep.namespace, &ep.name);
         let families = Families::of(&ep.addresses);
+        // Programmed now from the current model: whatever the batch had pending is superseded.
+        tx.pending.remove(key);
         let old = self.programmed.remove(key);
         let names: BTreeSet<String> = chains.iter().map(|(n, _)| n.clone()).collect();
         for (n, c) in chains {
@@ -92,6 +94,7 @@ impl PolicyEngine {
     }
 
     pub(super) fn unprogram(&mut self, tx: &mut Tx, key: &EpKey) {
+        tx.pending.remove(key);
         let Some(p) = self.programmed.remove(key) else {
             return;
         };
@@ -144,9 +147,17 @@ impl PolicyEngine {
 
     /// Rebuilds a shared chain whose policy or profile changed (if it is in use).
     pub(super) fn refresh_shared(&mut self, tx: &mut Tx, s: &Shared) {
-        let Some(users) = self.shared.get(s).map(|st| st.users).filter(|u| *u > 0) else {
+        let Some(users) = self.shared.get(s).map(|st| st.users) else {
             return;
         };
+        if users == 0 {
+            // Unused since earlier in the batch: drop it now, so a user later in the batch
+            // compiles it afresh instead of taking the stale chain.
+            let st = self.shared.remove(s).expect("present");
+            self.set_chain(tx, &s.chain_name(), None);
+            self.release(s, st);
+            return;
+        }
         let Some(cc) = self.compile_shared(s) else {
             return; // gone: its users are going too, and the GC removes it
         };
