@@ -250,12 +250,14 @@ pub async fn run(
         .map_err(AgentError::Autodetect)?;
     register_node(&*store, &config.node, address, &config.labels).await?;
     tracing::info!(node = %config.node, %address, datastore = %store.describe(), "node registered");
-    let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone());
     let vxlan = config.vxlan;
     let pod_mtu = std::sync::atomic::AtomicU32::new(0);
-    // The loops start from a complete view; from here on one watch keeps it current.
+    // The loops start from a complete view; from here on one watch keeps it current, and the
+    // allocator's own writes go in as they commit.
     let cluster = view::SharedView::new();
     view::load(&*store, &cluster).await?;
+    let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone())
+        .with_observer(cluster.clone());
     let bgp_shared = bgp::Shared::default();
     bgp_shared.active.store(
         bgp::starts_active(&cluster.read(), config.bgp),

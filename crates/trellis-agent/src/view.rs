@@ -159,6 +159,24 @@ impl SharedView {
     }
 }
 
+/// The allocator's own writes go into the view as they commit (see
+/// [`ClusterView::apply_own`]): a new pod's endpoint reaches the policy applier without the
+/// watch's delay, which on SQLite is its change-log poll.
+impl trellis_cluster::ipam::CommitObserver for SharedView {
+    fn committed(&self, revision: i64, writes: &[trellis_store::TxnOp]) {
+        let mut changed = Touched::default();
+        {
+            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+            for a in view.apply_own(revision, writes) {
+                if let Some(k) = a.changed {
+                    changed.add(k);
+                }
+            }
+        }
+        self.changed(changed);
+    }
+}
+
 /// Which groups of loops a burst of changes concerns.
 #[derive(Debug, Default, Clone, Copy)]
 struct Touched {

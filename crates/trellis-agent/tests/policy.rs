@@ -382,3 +382,46 @@ async fn enforcement_survives_an_unreachable_datastore() {
     w.apply(&wep("b", NODE, "10.0.0.2", "role: web")).await;
     w.converged("after etcd came back").await;
 }
+
+/// A pod allocated by the node's own IPAM is programmed from the allocator's write, not from
+/// the watch: here nothing follows the datastore after the first listing, yet the new pod's
+/// interface is confirmed programmed (the agent's `endpointReady`) and its chains are in the
+/// kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_own_allocation_is_programmed_without_the_watch() {
+    use trellis_cluster::ipam::{NodeIpam, Request};
+    trellis_testutil::require_root();
+    let mut w = World::new("polown").await;
+    w.apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: pool}}\n\
+         spec: {{cidr: 10.81.0.0/16, blockSize: 26}}\n---\n\
+         apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{}}\n---\n{POLICY}"
+    ))
+    .await;
+    view::load(&*w.store, &w.view).await.unwrap();
+    w.start_applier();
+    let ipam =
+        NodeIpam::new(w.store.clone(), NODE, Default::default()).with_observer(w.view.clone());
+    let req = Request {
+        network: "k8s".into(),
+        container_id: "c0ffee".into(),
+        ifname: "eth0".into(),
+        namespace: Some("x".into()),
+        pod: Some("p".into()),
+        host_interface: Some("trlown0".into()),
+        requested_ips: vec![],
+        ipv4_pools: vec![],
+        ipv6_pools: vec![],
+        no_endpoint: false,
+    };
+    ipam.allocate(&req).await.unwrap();
+    w.status
+        .wait_programmed("trlown0", LIMIT)
+        .await
+        .expect("programmed from the own write");
+    let table = w.kernel.list().unwrap().expect("a table");
+    assert!(
+        table.to_string().contains("trlown0"),
+        "the pod's interface is in the kernel's maps"
+    );
+}

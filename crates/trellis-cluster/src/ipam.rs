@@ -237,6 +237,14 @@ pub struct NodeIpam {
     labels: BTreeMap<String, String>,
     clock: Arc<dyn Clock>,
     state: tokio::sync::Mutex<State>,
+    observer: Option<Arc<dyn CommitObserver>>,
+}
+
+/// Told of each allocation transaction as it commits, with its writes: the agent applies
+/// them to its view at once, so its policy applier programs a new pod without waiting for the
+/// datastore's watch to bring the pod's endpoint back (SQLite's change log is polled).
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, revision: i64, writes: &[TxnOp]);
 }
 
 #[derive(Default)]
@@ -323,7 +331,14 @@ impl NodeIpam {
             labels,
             clock: Arc::new(SystemClock),
             state: tokio::sync::Mutex::new(State::default()),
+            observer: None,
         }
+    }
+
+    /// The same allocator telling `observer` of each allocation it commits.
+    pub fn with_observer(mut self, observer: Arc<dyn CommitObserver>) -> NodeIpam {
+        self.observer = Some(observer);
+        self
     }
 
     /// The same allocator reading time from `clock`.
@@ -763,8 +778,14 @@ impl NodeIpam {
         if let Some(wep) = wep {
             ops.push(TxnOp::Put(wep.key(), encode(&wep)));
         }
+        let writes = self.observer.as_ref().map(|_| ops.clone());
         match self.store.txn(pre, ops).await? {
-            TxnOutcome::Committed { revision } => Ok(Some(revision)),
+            TxnOutcome::Committed { revision } => {
+                if let (Some(o), Some(w)) = (&self.observer, writes) {
+                    o.committed(revision, &w);
+                }
+                Ok(Some(revision))
+            }
             TxnOutcome::Conflict => Ok(None),
         }
     }

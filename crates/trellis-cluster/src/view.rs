@@ -14,7 +14,7 @@ use trellis_resources::{
     BgpConfigurationSpec, BgpFilterSpec, BgpPeerSpec, IpPoolSpec, IpamBlockSpec, Kind, NodeSpec,
     Object, Resource,
 };
-use trellis_store::{KeyValue, Listing, WatchEvent, WatchEventKind};
+use trellis_store::{KeyValue, Listing, TxnOp, WatchEvent, WatchEventKind};
 
 use crate::objects::{decode, Stored};
 use crate::ClusterError;
@@ -29,6 +29,9 @@ pub struct ClusterView {
     /// Per kind, counts visible changes (a loop recomputes what it derives from a kind only
     /// when this moved).
     generation: BTreeMap<Kind, u64>,
+    /// The newest revision anything in the view came from (listings and events): an own write
+    /// older than it may already be superseded, so it waits for the watch.
+    newest: i64,
 }
 
 /// What one event did to the view.
@@ -91,6 +94,7 @@ impl ClusterView {
             listed_at: BTreeMap::new(),
             objects: BTreeMap::new(),
             generation: BTreeMap::new(),
+            newest: 0,
         }
     }
 
@@ -139,6 +143,7 @@ impl ClusterView {
         };
         self.objects.insert(kind, fresh);
         self.listed_at.insert(kind, listing.revision);
+        self.newest = self.newest.max(listing.revision);
         if changed {
             *self.generation.entry(kind).or_default() += 1;
         }
@@ -159,6 +164,14 @@ impl ClusterView {
             return Applied::default(); // the listing already has it
         }
         let objects = self.objects.entry(kind).or_default();
+        if objects
+            .get(&ev.key)
+            .is_some_and(|o| o.revision >= ev.revision)
+        {
+            // Already this version or a newer one (an own write applied ahead of its event).
+            return Applied::default();
+        }
+        self.newest = self.newest.max(ev.revision);
         let (changed, error) = match ev.kind {
             WatchEventKind::Delete => (objects.remove(&ev.key).is_some(), None),
             WatchEventKind::Put => {
@@ -188,6 +201,32 @@ impl ClusterView {
             kind: Some(kind),
             error,
         }
+    }
+
+    /// Applies the writes of a transaction this process committed at `revision`, ahead of their
+    /// watch events, so its own loops see them without waiting for the watch (read your
+    /// writes). Only when nothing newer is in the view yet: then no later change to these keys
+    /// can have been applied, and their events, when they come, change nothing. Returns what
+    /// each write did (nothing at all when the view is already past `revision`).
+    pub fn apply_own(&mut self, revision: i64, writes: &[TxnOp]) -> Vec<Applied> {
+        if revision <= self.newest {
+            return Vec::new();
+        }
+        writes
+            .iter()
+            .map(|w| {
+                let (kind, key, value) = match w {
+                    TxnOp::Put(k, v) => (WatchEventKind::Put, k, v.clone()),
+                    TxnOp::Delete(k) => (WatchEventKind::Delete, k, Vec::new()),
+                };
+                self.apply(&WatchEvent {
+                    kind,
+                    key: key.clone(),
+                    value,
+                    revision,
+                })
+            })
+            .collect()
     }
 
     /// One kind's objects with their revisions, in key order.
@@ -276,6 +315,72 @@ mod tests {
             assert!(errors.is_empty());
         }
         v
+    }
+
+    fn names(v: &ClusterView) -> Vec<String> {
+        v.nodes().map(|n| n.metadata.name.clone()).collect()
+    }
+
+    #[test]
+    fn own_writes_are_seen_before_their_events_and_their_events_change_nothing() {
+        let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
+        let b = node("b", "192.0.2.2/24", 1);
+        let applied = v.apply_own(8, &[TxnOp::Put(b.key(), encode(&b))]);
+        assert_eq!(applied[0].changed, Some(Kind::Node));
+        assert_eq!(names(&v), ["a", "b"]);
+        // Earlier events of other keys still come in; the write's own event is a no-op.
+        assert!(v
+            .apply(&put(&pool("p", "10.1.0.0/16"), 7))
+            .changed
+            .is_some());
+        assert!(v.apply(&put(&b, 8)).changed.is_none());
+        // An older version of the key arriving late does not roll it back.
+        let b_old = node("b", "192.0.2.9/24", 1);
+        assert!(v.apply(&put(&b_old, 6)).changed.is_none());
+        let addr = |v: &ClusterView| {
+            v.nodes()
+                .find(|n| n.metadata.name == "b")
+                .unwrap()
+                .spec
+                .addresses[0]
+                .address
+                .clone()
+        };
+        assert_eq!(addr(&v), "192.0.2.2/24");
+        // A delete after it applies.
+        let del = WatchEvent {
+            kind: WatchEventKind::Delete,
+            key: b.key(),
+            value: Vec::new(),
+            revision: 9,
+        };
+        assert_eq!(v.apply(&del).changed, Some(Kind::Node));
+        assert_eq!(names(&v), ["a"]);
+    }
+
+    #[test]
+    fn own_writes_older_than_the_view_wait_for_the_watch() {
+        let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
+        let b = node("b", "192.0.2.2/24", 1);
+        // The key was written at 8 and deleted at 9, and the watch brought both already: the
+        // write at 8 must not come back.
+        v.apply(&put(&b, 8));
+        v.apply(&WatchEvent {
+            kind: WatchEventKind::Delete,
+            key: b.key(),
+            value: Vec::new(),
+            revision: 9,
+        });
+        assert!(v
+            .apply_own(8, &[TxnOp::Put(b.key(), encode(&b))])
+            .is_empty());
+        assert_eq!(names(&v), ["a"]);
+        // Not newer than the listing either.
+        let mut v = loaded(vec![], 5);
+        assert!(v
+            .apply_own(5, &[TxnOp::Put(b.key(), encode(&b))])
+            .is_empty());
+        assert!(names(&v).is_empty());
     }
 
     #[test]
