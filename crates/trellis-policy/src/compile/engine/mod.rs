@@ -160,6 +160,8 @@ pub struct PolicyEngine {
     shared: BTreeMap<Shared, SharedState>,
     specs: HashMap<String, SpecState>,
     ruleset: Ruleset,
+    /// Times a local endpoint's chains were compiled (the engine's unit of work per change).
+    endpoint_programs: u64,
 }
 
 fn fam_index(f: Family) -> usize {
@@ -189,6 +191,7 @@ impl PolicyEngine {
             shared: BTreeMap::new(),
             specs: HashMap::new(),
             ruleset: rules::skeleton(),
+            endpoint_programs: 0,
         }
     }
 
@@ -216,6 +219,12 @@ impl PolicyEngine {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// How many times a local endpoint's chains have been compiled so far: a batch compiles
+    /// each endpoint it touches once, however many of its changes concern that endpoint.
+    pub fn endpoint_programs(&self) -> u64 {
+        self.endpoint_programs
     }
 
     /// Applies one change to the model and returns the operations that bring the previous

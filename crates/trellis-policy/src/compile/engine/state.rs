@@ -45,6 +45,7 @@ impl PolicyEngine {
         let families = Families::of(&ep.addresses);
         // Programmed now from the current model: whatever the batch had pending is superseded.
         tx.pending.remove(key);
+        self.endpoint_programs += 1;
         let old = self.programmed.remove(key);
         let names: BTreeSet<String> = chains.iter().map(|(n, _)| n.clone()).collect();
         for (n, c) in chains {
