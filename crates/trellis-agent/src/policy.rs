@@ -98,11 +98,13 @@ impl ElementPath {
 #[derive(Default)]
 pub struct Nft {
     elements: ElementPath,
+    /// Batches through an `nft` started ahead of need (a new pod's ADD waits for its batch).
+    batches: trellis_dataplane::nft::WarmApply,
 }
 
 impl Kernel for Nft {
     fn apply(&self, doc: &Value) -> Result<(), PolicyError> {
-        Ok(trellis_dataplane::nft::apply_document(doc)?)
+        Ok(self.batches.apply(doc)?)
     }
 
     fn apply_elements(&self, keys: &[SetKeys]) -> Result<(), PolicyError> {
