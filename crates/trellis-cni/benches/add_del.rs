@@ -6,15 +6,12 @@
 //! Run: `cargo bench -p trellis-cni --bench add_del` (as root).
 
 use std::collections::HashSet;
-use std::io::Write;
-use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use trellis_testutil::{temp_dir, TestNetns};
+use trellis_testutil::{temp_dir, timed_in_netns, TestNetns};
 
 const N: usize = 100;
 
@@ -26,32 +23,13 @@ struct Plugin {
 }
 
 fn invoke(node: &Path, p: &Plugin, cmd: &str, cid: &str, netns: &Path) -> (Duration, Value) {
-    let node_ns = std::fs::File::open(node).unwrap();
     let mut c = Command::new(&p.bin);
     c.env("CNI_COMMAND", cmd)
         .env("CNI_CONTAINERID", cid)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", &p.cni_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // Enter the node namespace between fork and exec, so no helper process is timed.
-    unsafe {
-        c.pre_exec(move || {
-            nix::sched::setns(node_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let start = Instant::now();
-    let mut child = c.spawn().expect("spawn plugin");
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(p.conf.to_string().as_bytes());
-    let out = child.wait_with_output().unwrap();
-    let took = start.elapsed();
+        .env("CNI_PATH", &p.cni_path);
+    let (took, out) = timed_in_netns(node, &mut c, p.conf.to_string().as_bytes());
     if p.label == "floor" {
         return (took, Value::Null);
     }
