@@ -44,6 +44,25 @@ fn invoke(node: &Path, p: &Plugin, cmd: &str, cid: &str, netns: &Path) -> (Durat
     (took, v)
 }
 
+/// Waits (at most 60 s) until the node namespace holds no pod veth: Trellis's DEL deletes the
+/// pair from a detached child after answering, and those deletions (each holding the kernel's
+/// rtnl lock over RCU grace periods) must not run into the next plugin's series.
+fn settle(node: &TestNetns) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let is_pod_veth = |l: &str| {
+        l.split(": ")
+            .nth(1)
+            .is_some_and(|n| n.starts_with("trl") && !n.starts_with("trlbench"))
+    };
+    while Instant::now() < deadline {
+        if !node.exec_ok(&["ip", "-o", "link"]).lines().any(is_pod_veth) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("pod veths still present in the node namespace after 60 s");
+}
+
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -162,6 +181,7 @@ fn main() {
     );
     let mut results = Vec::new();
     for p in [&refp, &routed, &bridge] {
+        settle(&node);
         let r = series(&node, &pods, p);
         println!(
             "{:<30} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
@@ -193,6 +213,7 @@ fn main() {
     }
 
     // Burst: 100 ADDs started at once.
+    settle(&node);
     let start = Instant::now();
     let children: Vec<_> = pods
         .iter()
