@@ -6,15 +6,12 @@
 //! Run: `cargo bench -p trellis-cni --bench add_del` (as root).
 
 use std::collections::HashSet;
-use std::io::Write;
-use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use trellis_testutil::{temp_dir, TestNetns};
+use trellis_testutil::{temp_dir, timed_in_netns, TestNetns};
 
 const N: usize = 100;
 
@@ -26,32 +23,13 @@ struct Plugin {
 }
 
 fn invoke(node: &Path, p: &Plugin, cmd: &str, cid: &str, netns: &Path) -> (Duration, Value) {
-    let node_ns = std::fs::File::open(node).unwrap();
     let mut c = Command::new(&p.bin);
     c.env("CNI_COMMAND", cmd)
         .env("CNI_CONTAINERID", cid)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", &p.cni_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // Enter the node namespace between fork and exec, so no helper process is timed.
-    unsafe {
-        c.pre_exec(move || {
-            nix::sched::setns(node_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let start = Instant::now();
-    let mut child = c.spawn().expect("spawn plugin");
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(p.conf.to_string().as_bytes());
-    let out = child.wait_with_output().unwrap();
-    let took = start.elapsed();
+        .env("CNI_PATH", &p.cni_path);
+    let (took, out) = timed_in_netns(node, &mut c, p.conf.to_string().as_bytes());
     if p.label == "floor" {
         return (took, Value::Null);
     }
@@ -64,6 +42,25 @@ fn invoke(node: &Path, p: &Plugin, cmd: &str, cid: &str, netns: &Path) -> (Durat
     );
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (took, v)
+}
+
+/// Waits (at most 60 s) until the node namespace holds no pod veth: Trellis's DEL deletes the
+/// pair from a detached child after answering, and those deletions (each holding the kernel's
+/// rtnl lock over RCU grace periods) must not run into the next plugin's series.
+fn settle(node: &TestNetns) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let is_pod_veth = |l: &str| {
+        l.split(": ")
+            .nth(1)
+            .is_some_and(|n| n.starts_with("trl") && !n.starts_with("trlbench"))
+    };
+    while Instant::now() < deadline {
+        if !node.exec_ok(&["ip", "-o", "link"]).lines().any(is_pod_veth) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("pod veths still present in the node namespace after 60 s");
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -80,9 +77,12 @@ fn series(
     pods: &[TestNetns],
     p: &Plugin,
 ) -> (Duration, Duration, Duration, Duration) {
-    // Warm-up (page cache, bridge creation) outside the figures.
-    invoke(node.path(), p, "ADD", "warm", pods[0].path());
-    invoke(node.path(), p, "DEL", "warm", pods[0].path());
+    // Warm-up (page cache, bridge creation) outside the figures, in a namespace of its own:
+    // Trellis's DEL deletes the pair from a detached child after answering, so an ADD into the
+    // same namespace right after could still find the old `eth0` there.
+    let warm = TestNetns::new("bwarm");
+    invoke(node.path(), p, "ADD", "warm", warm.path());
+    invoke(node.path(), p, "DEL", "warm", warm.path());
     let mut add = Vec::new();
     let mut del = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
@@ -181,6 +181,7 @@ fn main() {
     );
     let mut results = Vec::new();
     for p in [&refp, &routed, &bridge] {
+        settle(&node);
         let r = series(&node, &pods, p);
         println!(
             "{:<30} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
@@ -212,6 +213,7 @@ fn main() {
     }
 
     // Burst: 100 ADDs started at once.
+    settle(&node);
     let start = Instant::now();
     let children: Vec<_> = pods
         .iter()

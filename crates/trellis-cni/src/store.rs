@@ -15,8 +15,9 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::IpAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use trellis_cni_types::{codes, CniError};
@@ -130,15 +131,23 @@ impl LocalStore {
             .map_err(|e| PluginError::store(&path, e))
     }
 
+    /// Records the round-robin hint. The file is overwritten in place and then cut to the new
+    /// length, never emptied first: on ext4 truncating a file to zero frees its data block,
+    /// which on a filesystem mounted with `discard` waits for the device (a few hundred
+    /// microseconds to milliseconds per ADD); a cut inside the block frees nothing.
     pub fn set_last_reserved(&self, set: usize, ip: IpAddr) -> Result<()> {
         let path = self.dir.join(format!("{LAST_PREFIX}{set}"));
+        let text = ip.to_string();
         open_regular(
             &path,
             OpenOptions::new().write(true).create(true).truncate(false),
         )
-        .and_then(|mut f| {
-            f.set_len(0)?;
-            f.write_all(ip.to_string().as_bytes())
+        .and_then(|f| {
+            f.write_all_at(text.as_bytes(), 0)?;
+            if f.metadata()?.len() > text.len() as u64 {
+                f.set_len(text.len() as u64)?;
+            }
+            Ok(())
         })
         .map_err(|e| store_error(&path, e))
     }
@@ -211,6 +220,22 @@ mod tests {
         s.set_last_reserved(0, a).unwrap();
         assert_eq!(s.last_reserved(0), Some(a));
         assert_eq!(s.last_reserved(1), None);
+    }
+
+    /// The hint is rewritten in place: a shorter address leaves nothing of a longer one behind
+    /// (10.0.0.9 over 10.0.0.10 must not read back as 10.0.0.90), and the file holds exactly
+    /// the address, as host-local writes it.
+    #[test]
+    fn last_reserved_is_replaced_whole_by_a_shorter_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        for text in ["fd00::1234:5678", "10.0.0.10", "10.0.0.9", "10.0.0.200"] {
+            let ip: IpAddr = text.parse().unwrap();
+            s.set_last_reserved(0, ip).unwrap();
+            assert_eq!(s.last_reserved(0), Some(ip));
+            let on_disk = fs::read_to_string(dir.path().join(format!("{LAST_PREFIX}0"))).unwrap();
+            assert_eq!(on_disk, text);
+        }
     }
 
     #[test]

@@ -78,12 +78,50 @@ pub struct PairRequest<'a> {
 /// killed: it is removed first, and its pod end with it, so a retried ADD succeeds. An existing
 /// interface of that name inside the pod after that is someone else's: an error. If the pair
 /// cannot be read back, it is removed again — a failed ADD leaves no veth behind.
+///
+/// The pair is created first and those checks run only when the kernel refuses it because a
+/// name is taken (EEXIST), so the usual ADD makes one request instead of three.
 pub fn create(
     host: &mut Netlink,
     pod: &mut Netlink,
     netns: &Netns,
     req: &PairRequest,
 ) -> Result<VethPair> {
+    let spec = VethSpec {
+        name: req.host_name.to_string(),
+        mac: req.host_mac,
+        peer_name: req.ifname.to_string(),
+        peer_mac: req.pod_mac,
+        peer_netns_fd: Some(netns.fd()),
+        mtu: req.mtu,
+        master: req.master,
+        queues: Some(1),
+    };
+    match host.create_veth(&spec) {
+        Ok(()) => {}
+        Err(e) if e.is_exists() => {
+            clear_names(host, pod, netns, req)?;
+            host.create_veth(&spec)
+                .kctx(|| format!("create veth {} <-> {}", req.host_name, req.ifname))?;
+        }
+        Err(e) => {
+            return Err(crate::error::PluginError::kernel(
+                format!("create veth {} <-> {}", req.host_name, req.ifname),
+                e,
+            ))
+        }
+    }
+    read_back(host, pod, req)
+}
+
+/// After a refused creation: removes a stale host end of this attachment (and its pod end with
+/// it); an interface of the pod's name that is still there is someone else's, an error.
+fn clear_names(
+    host: &mut Netlink,
+    pod: &mut Netlink,
+    netns: &Netns,
+    req: &PairRequest,
+) -> Result<()> {
     if host
         .delete_link(req.host_name)
         .kctx(|| format!("remove stale {}", req.host_name))?
@@ -108,16 +146,11 @@ pub fn create(
         )
         .into());
     }
-    host.create_veth(&VethSpec {
-        name: req.host_name.to_string(),
-        mac: req.host_mac,
-        peer_name: req.ifname.to_string(),
-        peer_mac: req.pod_mac,
-        peer_netns_fd: Some(netns.fd()),
-        mtu: req.mtu,
-        master: req.master,
-    })
-    .kctx(|| format!("create veth {} <-> {}", req.host_name, req.ifname))?;
+    Ok(())
+}
+
+/// Reads both ends of the new pair; removes it again if that fails.
+fn read_back(host: &mut Netlink, pod: &mut Netlink, req: &PairRequest) -> Result<VethPair> {
     let read_back = (|| -> Result<VethPair> {
         let host_link = host
             .link(req.host_name)
@@ -159,7 +192,7 @@ pub fn configure_pod(
     if addrs.iter().any(|a| a.addr().is_ipv6()) {
         let name = link.name.clone();
         netns
-            .run(move || sysctl::ensure(&format!("net/ipv6/conf/{name}/disable_ipv6"), "0"))
+            .enter_with(move || sysctl::ensure(&format!("net/ipv6/conf/{name}/disable_ipv6"), "0"))
             .kctx(|| "enter pod namespace".into())?
             .kctx(|| "enable IPv6 on the pod interface".into())?;
     }

@@ -212,3 +212,53 @@ fn requested_ip_and_mac() {
     assert_eq!(node.allocations("testnet").len(), 1);
     node.call("DEL", "req-1", Some(p.path()), &conf).ok();
 }
+
+/// A host end left by an ADD that was killed after creating the pair (same container ID and
+/// ifname, so the same `trl` name, its peer `eth0` still in the pod) is replaced by the retried
+/// ADD: the pair is created first and the stale one removed only when the kernel refuses the
+/// names, so this path is the one that must still work.
+#[test]
+fn stale_pair_of_the_same_attachment_is_replaced() {
+    let node = Node::new("stale");
+    let p = pod("stl");
+    let host_if = trellis_cni::veth::host_veth_name("stale-1", "eth0");
+    let pod_ns = p.path().display().to_string();
+    node.ns.exec_ok(&[
+        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns,
+    ]);
+    let conf = node.conf("1.0.0", json!({}));
+    let r = node
+        .call("ADD", "stale-1", Some(p.path()), &conf)
+        .ok()
+        .json();
+    assert_eq!(r["interfaces"][0]["name"], host_if.as_str());
+    let ip = ip_of(&r, 0);
+    let addr = p.exec_ok(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains(&format!("{ip}/32")), "{addr}");
+    let host_routes = node.ns.exec_ok(&["ip", "-4", "route"]);
+    assert!(
+        host_routes.contains(&format!("{ip} dev {host_if} scope link")),
+        "{host_routes}"
+    );
+    node.call("DEL", "stale-1", Some(p.path()), &conf).ok();
+    assert!(link_gone(&node.ns, &host_if), "{host_if} still there");
+}
+
+/// Both ends are created with one transmit and one receive queue (what veth uses anyway):
+/// left to the kernel they get one per CPU and are trimmed after registration, which costs an
+/// RCU grace period per end and per ADD.
+#[test]
+fn veth_ends_have_one_queue() {
+    let node = Node::new("queues");
+    let p = pod("que");
+    let conf = node.conf("1.0.0", json!({}));
+    let r = node.call("ADD", "que-1", Some(p.path()), &conf).ok().json();
+    let host_if = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+    for detail in [
+        node.ns.exec_ok(&["ip", "-d", "link", "show", &host_if]),
+        p.exec_ok(&["ip", "-d", "link", "show", "eth0"]),
+    ] {
+        assert!(detail.contains("numtxqueues 1 numrxqueues 1"), "{detail}");
+    }
+    node.call("DEL", "que-1", Some(p.path()), &conf).ok();
+}

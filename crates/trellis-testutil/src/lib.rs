@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// Prefix of every namespace the tests make (CI sweeps leftovers by it).
 pub const NETNS_PREFIX: &str = "trlt-";
@@ -396,4 +397,30 @@ pub fn spawn_with_input(cmd: &mut Command, input: &str) -> Child {
         .write_all(input.as_bytes())
         .unwrap();
     child
+}
+
+/// Runs `cmd` the way a container runtime runs a CNI plugin from inside a node namespace:
+/// forked, entered into the network namespace at `netns` between fork and exec (so no helper
+/// process such as `nsenter` is timed), `input` on its stdin, stdout and stderr captured.
+/// Returns the time from spawn to exit with the output. For benchmarks.
+pub fn timed_in_netns(netns: &Path, cmd: &mut Command, input: &[u8]) -> (Duration, Output) {
+    use std::os::fd::AsFd;
+    use std::os::unix::process::CommandExt;
+    let ns = std::fs::File::open(netns).expect("open the namespace");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setns(2) is async-signal-safe; the closure touches only the namespace file.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    // A program that exits without reading its stdin (the spawn floor's /bin/true) is fine.
+    let _ = child.stdin.take().unwrap().write_all(input);
+    let out = child.wait_with_output().unwrap();
+    (start.elapsed(), out)
 }
