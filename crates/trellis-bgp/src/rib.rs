@@ -9,6 +9,7 @@
 //! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
 
 use std::cmp::{Ordering, Reverse};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -21,6 +22,9 @@ use crate::nlri::afi_of;
 #[cfg(test)]
 use crate::nlri::AFI_IPV4;
 use crate::policy::{self, Rule};
+
+mod paths;
+use paths::{Path, PathInfo, Paths, Source};
 
 /// A peer's handle in the RIB.
 pub type PeerId = u32;
@@ -102,20 +106,6 @@ pub enum NextHopMode {
     Keep,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
-    Local,
-    Peer(PeerId),
-}
-
-#[derive(Debug, Clone)]
-struct Path {
-    source: Source,
-    attrs: Arc<PathAttrs>,
-    next_hop: IpAddr,
-    stale: bool,
-}
-
 /// Index of each (attributes, next hop) group in an [`Outbound`] being built.
 type Groups = HashMap<(usize, IpAddr), usize>;
 
@@ -158,7 +148,7 @@ pub struct ImportReport {
 pub struct Rib {
     config: Option<RibConfig>,
     peers: HashMap<PeerId, PeerInfo>,
-    paths: HashMap<IpNet, Vec<Path>>,
+    paths: HashMap<IpNet, Paths>,
     rejected: HashMap<PeerId, HashSet<IpNet>>,
     accepted: HashMap<PeerId, usize>,
     adj_out: HashMap<PeerId, HashMap<IpNet, (Arc<PathAttrs>, IpAddr)>>,
@@ -284,12 +274,12 @@ impl Rib {
     pub fn originate(&mut self, prefix: IpNet, attrs: Arc<PathAttrs>, next_hop: IpAddr) {
         self.put(
             prefix,
-            Path {
+            Path::new(PathInfo {
                 source: Source::Local,
                 attrs,
                 next_hop,
                 stale: false,
-            },
+            }),
         );
     }
 
@@ -308,10 +298,11 @@ impl Rib {
     }
 
     fn put(&mut self, prefix: IpNet, path: Path) {
-        let ps = self.paths.entry(prefix).or_default();
-        match ps.iter_mut().find(|p| p.source == path.source) {
-            Some(p) => *p = path,
-            None => ps.push(path),
+        match self.paths.entry(prefix) {
+            Entry::Occupied(mut e) => e.get_mut().put(path),
+            Entry::Vacant(e) => {
+                e.insert(Paths::One(path));
+            }
         }
         self.dirty.insert(prefix);
     }
@@ -320,16 +311,14 @@ impl Rib {
         let Some(ps) = self.paths.get_mut(&prefix) else {
             return false;
         };
-        let before = ps.len();
-        ps.retain(|p| p.source != source);
-        let removed = ps.len() != before;
-        if ps.is_empty() {
+        let (removed, left) = ps.retain(|p| p.source != source);
+        if !left {
             self.paths.remove(&prefix);
         }
-        if removed {
+        if removed > 0 {
             self.dirty.insert(prefix);
         }
-        removed
+        removed > 0
     }
 
     /// A session came up: the peer gets the whole table at the next [`flush`](Rib::flush).
@@ -365,11 +354,10 @@ impl Rib {
         self.rejected.remove(&id);
         self.pending.remove(&id);
         self.resend.remove(&id);
+        let mut stale = HashMap::new();
         for (prefix, ps) in self.paths.iter_mut() {
             if retain.contains(&afi_of(prefix)) {
-                for p in ps.iter_mut().filter(|p| p.source == Source::Peer(id)) {
-                    p.stale = true;
-                }
+                ps.mark_stale(|p| p.source == Source::Peer(id), &mut stale);
             }
         }
         self.drop_paths(id, |prefix, _| !retain.contains(&afi_of(prefix)));
@@ -390,13 +378,12 @@ impl Rib {
         let src = Source::Peer(id);
         let mut gone = 0;
         self.paths.retain(|prefix, ps| {
-            let before = ps.len();
-            ps.retain(|p| !(p.source == src && which(prefix, p)));
-            if ps.len() != before {
+            let (removed, left) = ps.retain(|p| !(p.source == src && which(prefix, p)));
+            if removed > 0 {
                 gone += 1;
                 self.dirty.insert(*prefix);
             }
-            !ps.is_empty()
+            left
         });
         if let Some(a) = self.accepted.get_mut(&id) {
             *a = a.saturating_sub(gone);
@@ -440,16 +427,26 @@ impl Rib {
         }
         let reason = self.loop_check(&attrs, ibgp, peer.allow_local_as);
         let attrs = Arc::new(attrs);
-        let mp_nh = u.mp_reach.as_ref().and_then(|m| m.next_hop_addr());
-        let v4_nh = u.attrs.next_hop.map(IpAddr::V4);
-        let with_nh = u.nlri.iter().map(|p| (*p, v4_nh));
+        // One shared path per next hop: every prefix of the UPDATE points at it.
+        let path_via = |nh: Option<IpAddr>| {
+            nh.map(|next_hop| {
+                Path::new(PathInfo {
+                    source: Source::Peer(id),
+                    attrs: attrs.clone(),
+                    next_hop,
+                    stale: false,
+                })
+            })
+        };
+        let v4_path = path_via(u.attrs.next_hop.map(IpAddr::V4));
+        let mp_path = path_via(u.mp_reach.as_ref().and_then(|m| m.next_hop_addr()));
+        let with_nh = u.nlri.iter().map(|p| (*p, &v4_path));
         let with_mp = u
             .mp_reach
             .iter()
             .flat_map(|m| m.nlri.iter())
-            .map(|p| (*p, mp_nh));
-        let announced: Vec<(IpNet, Option<IpAddr>)> = with_nh.chain(with_mp).collect();
-        for (p, nh) in announced {
+            .map(|p| (*p, &mp_path));
+        for (p, path) in with_nh.chain(with_mp) {
             if let Some(l) = peer.max_prefixes {
                 if self.held(id) >= l.limit && !self.holds(id, &p) {
                     report.over_limit += 1;
@@ -459,9 +456,9 @@ impl Rib {
                     }
                 }
             }
-            let why = reason.or(match nh {
+            let why = reason.or(match path {
                 None => Some("no next hop"),
-                Some(nh) if nh == peer.local_address => Some("next hop is this node"),
+                Some(x) if x.next_hop == peer.local_address => Some("next hop is this node"),
                 _ if !policy::accepts(&peer.import, &p, true) => Some("rejected by a BGPFilter"),
                 _ => None,
             });
@@ -484,15 +481,7 @@ impl Rib {
             if fresh {
                 *self.accepted.entry(id).or_default() += 1;
             }
-            self.put(
-                p,
-                Path {
-                    source: Source::Peer(id),
-                    attrs: attrs.clone(),
-                    next_hop: nh.expect("checked"),
-                    stale: false,
-                },
-            );
+            self.put(p, path.clone().expect("checked"));
             report.accepted += 1;
         }
         report
@@ -638,7 +627,7 @@ impl Rib {
         &mut self,
         ready: impl Fn(PeerId) -> bool,
     ) -> (Vec<(PeerId, Outbound)>, bool) {
-        let dirty: HashSet<IpNet> = self.dirty.drain().collect();
+        let dirty = std::mem::take(&mut self.dirty);
         let mut kernel_changed = false;
         let (peers, waiting): (Vec<PeerId>, Vec<PeerId>) =
             self.peers.keys().copied().partition(|id| ready(*id));
@@ -658,12 +647,18 @@ impl Rib {
                 forced.insert(*id, p);
             }
         }
-        let mut prefixes: HashSet<IpNet> = dirty.clone();
-        prefixes.extend(catch_up.values().flatten().copied());
-        prefixes.extend(forced.values().flatten().copied());
+        // The changed prefixes and, not among them, those a peer is owed: each decided once
+        // (a full table is dirty at once when it arrives; no copy of the set is made).
+        let owed: HashSet<IpNet> = catch_up
+            .values()
+            .chain(forced.values())
+            .flatten()
+            .filter(|p| !dirty.contains(p))
+            .copied()
+            .collect();
         let mut outs: HashMap<PeerId, (Groups, Outbound)> = HashMap::new();
         let mut interned: HashMap<(usize, PeerId), Arc<PathAttrs>> = HashMap::new();
-        for prefix in prefixes {
+        for &prefix in dirty.iter().chain(owed.iter()) {
             let best = self.best(&prefix).cloned();
             let want = best.as_ref().and_then(|b| match b.source {
                 Source::Peer(_) => self.resolve(b.next_hop),
