@@ -291,6 +291,24 @@ mod tests {
     use super::*;
     use crate::dataplane::tests::{block, node};
 
+    /// A pass gets the learned routes from whoever holds the receiving end (the speaker), and
+    /// an empty table, not a wait, once the speaker is gone.
+    #[tokio::test]
+    async fn learned_routes_come_from_the_speaker_and_go_with_it() {
+        let shared = Shared::default();
+        let mut rx = shared.table_receiver.lock().unwrap().take().unwrap();
+        let table = vec![("10.8.0.0/24".parse().unwrap(), "192.0.2.1".parse().unwrap())];
+        let answer = table.clone();
+        let speaker = tokio::spawn(async move {
+            let reply = rx.recv().await.unwrap();
+            reply.send(Arc::new(answer)).unwrap();
+            rx // gone after one answer
+        });
+        assert_eq!(*shared.learned_routes().await.unwrap(), table);
+        drop(speaker.await.unwrap());
+        assert!(shared.learned_routes().await.unwrap().is_empty());
+    }
+
     /// The speaker's inputs ignore heartbeats and pod addresses, so neither recomputes its
     /// configuration; a node's labels (peer selectors) and block ownership do count.
     #[test]
