@@ -22,7 +22,8 @@ use trellis_dataplane::{nft, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{Encapsulation, IpPoolSpec};
 use trellis_routing::{
-    desired, foreign_conflicts, merge_ops, plan, LearnedPlanner, LocalNode, Op, PoolRouting, RemoteNode,
+    desired, foreign_conflicts, merge_ops, plan, LearnedPlanner, LocalNode, Op, PoolRouting,
+    RemoteNode,
 };
 
 use crate::{update_node, Agent, AgentError};
@@ -398,13 +399,15 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
     // its dump is read: neither is copied (a full table is 100 000 routes and more). Without
     // BGP the table is empty and every learned route left in the kernel goes.
     let no_routes = Vec::new();
-    let table = if bgp_active { &bgp_routes[..] } else { &no_routes[..] };
+    let table = if bgp_active {
+        &bgp_routes[..]
+    } else {
+        &no_routes[..]
+    };
     let mut learned = LearnedPlanner::new(&local, table, &want);
     let (observed, igp) =
-        routing::observe_learned_apart(&mut nl, local.vtep_ifindex, uplink, |r| {
-            learned.observe(r)
-        })
-        .map_err(|e| e.to_string())?;
+        routing::observe_learned_apart(&mut nl, local.vtep_ifindex, uplink, |r| learned.observe(r))
+            .map_err(|e| e.to_string())?;
     let learned = learned.finish(&observed.foreign);
     msgs.extend(learned.off_subnet.iter().map(|(dst, nh)| {
         format!(

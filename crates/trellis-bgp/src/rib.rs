@@ -24,7 +24,7 @@ use crate::nlri::AFI_IPV4;
 use crate::policy::{self, Rule};
 
 mod paths;
-use paths::{Path, PathInfo, Paths, Source};
+use paths::{NextHops, NhId, Path, PathInfo, Paths, Source, NOT_INSTALLED};
 
 /// A peer's handle in the RIB.
 pub type PeerId = u32;
@@ -148,13 +148,15 @@ pub struct ImportReport {
 pub struct Rib {
     config: Option<RibConfig>,
     peers: HashMap<PeerId, PeerInfo>,
+    /// Per prefix: its paths and the next hop of its kernel route, if it has one (the best path
+    /// learned from a peer, by its immediate next hop: what the kernel should route).
     paths: HashMap<IpNet, Paths>,
+    next_hops: NextHops,
+    /// Prefixes with a kernel route.
+    installed: usize,
     rejected: HashMap<PeerId, HashSet<IpNet>>,
     accepted: HashMap<PeerId, usize>,
     adj_out: HashMap<PeerId, HashMap<IpNet, (Arc<PathAttrs>, IpAddr)>>,
-    /// Best paths learned from peers: what the kernel should route (prefix → immediate next
-    /// hop).
-    installed: HashMap<IpNet, IpAddr>,
     dirty: HashSet<IpNet>,
     /// Per peer not ready to be sent more (its transport is behind): the prefixes changed since
     /// it was last sent anything. Sending waits, and many changes to one prefix become one
@@ -187,8 +189,8 @@ impl Rib {
     }
 
     /// Routes for the kernel: best paths from peers, by their immediate next hops.
-    pub fn installed(&self) -> &HashMap<IpNet, IpAddr> {
-        &self.installed
+    pub fn installed(&self) -> Installed<'_> {
+        Installed { rib: self }
     }
 
     /// Sets the host's routes (destination → gateway, not BGP's own) through which next hops
@@ -263,11 +265,14 @@ impl Rib {
 
     /// Number of prefixes with at least one path.
     pub fn len(&self) -> usize {
-        self.paths.len()
+        self.paths
+            .values()
+            .filter(|ps| ps.iter().next().is_some())
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
+        self.len() == 0
     }
 
     /// Originates (or changes) a local route.
@@ -301,7 +306,7 @@ impl Rib {
         match self.paths.entry(prefix) {
             Entry::Occupied(mut e) => e.get_mut().put(path),
             Entry::Vacant(e) => {
-                e.insert(Paths::One(path));
+                e.insert(Paths::new(path));
             }
         }
         self.dirty.insert(prefix);
@@ -311,8 +316,8 @@ impl Rib {
         let Some(ps) = self.paths.get_mut(&prefix) else {
             return false;
         };
-        let (removed, left) = ps.retain(|p| p.source != source);
-        if !left {
+        let removed = ps.retain(|p| p.source != source);
+        if ps.is_dead() {
             self.paths.remove(&prefix);
         }
         if removed > 0 {
@@ -378,12 +383,12 @@ impl Rib {
         let src = Source::Peer(id);
         let mut gone = 0;
         self.paths.retain(|prefix, ps| {
-            let (removed, left) = ps.retain(|p| !(p.source == src && which(prefix, p)));
+            let removed = ps.retain(|p| !(p.source == src && which(prefix, p)));
             if removed > 0 {
                 gone += 1;
                 self.dirty.insert(*prefix);
             }
-            left
+            !ps.is_dead()
         });
         if let Some(a) = self.accepted.get_mut(&id) {
             *a = a.saturating_sub(gone);
@@ -615,6 +620,27 @@ impl Rib {
         Some((a, nh))
     }
 
+    /// Records `prefix`'s kernel route (its immediate next hop, or none); whether it changed. A
+    /// prefix left with neither paths nor a kernel route goes.
+    fn install(&mut self, prefix: IpNet, want: Option<IpAddr>) -> bool {
+        let Some(ps) = self.paths.get_mut(&prefix) else {
+            return false; // no paths, so nothing wanted, and nothing was installed
+        };
+        let old: NhId = ps.installed();
+        if self.next_hops.get(old).copied() == want {
+            return false;
+        }
+        let new = want.map_or(NOT_INSTALLED, |nh| self.next_hops.acquire(nh));
+        self.next_hops.release(old);
+        ps.set_installed(new);
+        self.installed += usize::from(new != NOT_INSTALLED);
+        self.installed -= usize::from(old != NOT_INSTALLED);
+        if ps.is_dead() {
+            self.paths.remove(&prefix);
+        }
+        true
+    }
+
     /// Runs the decision process for every changed prefix and returns what each peer must be
     /// sent, plus whether the kernel routes changed.
     pub fn flush(&mut self) -> (Vec<(PeerId, Outbound)>, bool) {
@@ -664,11 +690,7 @@ impl Rib {
                 Source::Peer(_) => self.resolve(b.next_hop),
                 Source::Local => None,
             });
-            let had = match want {
-                Some(nh) => self.installed.insert(prefix, nh),
-                None => self.installed.remove(&prefix),
-            };
-            kernel_changed |= had != want;
+            kernel_changed |= self.install(prefix, want);
             for &to in &peers {
                 let force = forced.get(&to).is_some_and(|f| f.contains(&prefix));
                 if !force
@@ -722,6 +744,63 @@ impl Rib {
         let mut v: Vec<(PeerId, Outbound)> = outs.into_iter().map(|(k, (_, o))| (k, o)).collect();
         v.sort_by_key(|(k, _)| *k);
         (v, kernel_changed)
+    }
+}
+
+/// The kernel routes a [`Rib`] decided at its last flush (prefix → immediate next hop), read in
+/// place.
+#[derive(Debug, Clone, Copy)]
+pub struct Installed<'a> {
+    rib: &'a Rib,
+}
+
+impl<'a> Installed<'a> {
+    pub fn len(&self) -> usize {
+        self.rib.installed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rib.installed == 0
+    }
+
+    pub fn get(&self, prefix: &IpNet) -> Option<IpAddr> {
+        let ps = self.rib.paths.get(prefix)?;
+        self.rib.next_hops.get(ps.installed()).copied()
+    }
+
+    pub fn contains_key(&self, prefix: &IpNet) -> bool {
+        self.get(prefix).is_some()
+    }
+
+    /// In no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (IpNet, IpAddr)> + 'a {
+        let rib = self.rib;
+        rib.paths
+            .iter()
+            .filter_map(|(k, ps)| Some((*k, *rib.next_hops.get(ps.installed())?)))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &'a IpNet> + 'a {
+        let rib = self.rib;
+        rib.paths
+            .iter()
+            .filter(|(_, ps)| ps.installed() != NOT_INSTALLED)
+            .map(|(k, _)| k)
+    }
+}
+
+impl std::ops::Index<&IpNet> for Installed<'_> {
+    type Output = IpAddr;
+    fn index(&self, prefix: &IpNet) -> &IpAddr {
+        let id = self
+            .rib
+            .paths
+            .get(prefix)
+            .map_or(NOT_INSTALLED, Paths::installed);
+        self.rib
+            .next_hops
+            .get(id)
+            .expect("no kernel route for this prefix")
     }
 }
 

@@ -7,9 +7,7 @@ use std::borrow::Borrow;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use trellis_routing::{
-    Fdb, Neighbour, Observed, Op, Route, RouteKind, BGP_METRIC, TRELLIS_PROTO,
-};
+use trellis_routing::{Fdb, Neighbour, Observed, Op, Route, RouteKind, BGP_METRIC, TRELLIS_PROTO};
 
 use crate::types::{RouteKind as KKind, RouteScope, RouteSpec, TABLE_MAIN};
 use crate::{DataplaneError, Netlink, Result};

@@ -187,7 +187,7 @@ fn bgp_owns_direct_routes_and_adds_learned_ones_at_its_metric() {
     assert!(x.routes.iter().any(|r| r.dst == net("10.244.2.0/26")));
     assert!(!x.routes.iter().any(|r| r.dst == net("10.244.1.0/26")));
     let learned = vec![
-        (net("10.9.0.0/16"), ip("192.168.9.1")),    // next hop off-subnet: reported
+        (net("10.9.0.0/16"), ip("192.168.9.1")), // next hop off-subnet: reported
         (net("10.244.0.0/26"), ip("192.168.1.11")), // our own block: the blackhole stays
         (net("10.244.1.0/26"), ip("192.168.1.11")),
     ];
@@ -290,7 +290,10 @@ fn learned_routes_are_diffed_against_the_kernel_in_place() {
             "route del [metric 32] 10.7.0.0/24 via 192.168.1.11 dev #2",
         ]
     );
-    assert_eq!(plan.conflicts, vec![bgp_route("10.8.3.0/24", "192.168.1.11")]);
+    assert_eq!(
+        plan.conflicts,
+        vec![bgp_route("10.8.3.0/24", "192.168.1.11")]
+    );
 }
 
 /// What a kernel holds after `ops`: one route per destination and metric, one neighbour per

@@ -295,8 +295,7 @@ impl Speaker {
         routes.extend(
             installed
                 .iter()
-                .filter(|(k, _)| !peer_routes.contains_key(k))
-                .map(|(k, v)| (*k, *v)),
+                .filter(|(k, _)| !peer_routes.contains_key(k)),
         );
         routes.extend(peer_routes);
         routes.sort_unstable_by_key(|(k, _)| *k);
