@@ -9,7 +9,6 @@
 //! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -24,7 +23,9 @@ use crate::nlri::AFI_IPV4;
 use crate::policy::{self, Rule};
 
 mod paths;
+mod prefix_map;
 use paths::{NextHops, NhId, Path, PathInfo, Paths, Source, NOT_INSTALLED};
+use prefix_map::PrefixMap;
 
 /// A peer's handle in the RIB.
 pub type PeerId = u32;
@@ -150,7 +151,7 @@ pub struct Rib {
     peers: HashMap<PeerId, PeerInfo>,
     /// Per prefix: its paths and the next hop of its kernel route, if it has one (the best path
     /// learned from a peer, by its immediate next hop: what the kernel should route).
-    paths: HashMap<IpNet, Paths>,
+    paths: PrefixMap<Paths>,
     next_hops: NextHops,
     /// Prefixes with a kernel route.
     installed: usize,
@@ -185,7 +186,7 @@ impl Rib {
     /// Changes identity (e.g. becoming a route reflector); every prefix is re-exported.
     pub fn set_config(&mut self, config: RibConfig) {
         self.config = Some(config);
-        self.dirty.extend(self.paths.keys().copied());
+        self.dirty.extend(self.paths.keys());
     }
 
     /// Routes for the kernel: best paths from peers, by their immediate next hops.
@@ -212,7 +213,7 @@ impl Rib {
             .paths
             .iter()
             .filter(|(_, ps)| ps.iter().any(recursive))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         self.dirty.extend(affected);
     }
@@ -298,15 +299,15 @@ impl Rib {
         self.paths
             .iter()
             .filter(|(_, ps)| ps.iter().any(|p| p.source == Source::Local))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect()
     }
 
     fn put(&mut self, prefix: IpNet, path: Path) {
-        match self.paths.entry(prefix) {
-            Entry::Occupied(mut e) => e.get_mut().put(path),
-            Entry::Vacant(e) => {
-                e.insert(Paths::new(path));
+        match self.paths.get_mut(&prefix) {
+            Some(ps) => ps.put(path),
+            None => {
+                self.paths.insert(prefix, Paths::new(path));
             }
         }
         self.dirty.insert(prefix);
@@ -331,7 +332,7 @@ impl Rib {
         self.peers.insert(id, info);
         self.adj_out.insert(id, HashMap::new());
         self.resend.remove(&id);
-        self.dirty.extend(self.paths.keys().copied());
+        self.dirty.extend(self.paths.keys());
     }
 
     /// New filters for an established peer: what it is sent is decided again at the next
@@ -344,7 +345,7 @@ impl Rib {
         let import_changed = peer.import != import;
         if peer.export != export {
             peer.export = export;
-            self.dirty.extend(self.paths.keys().copied());
+            self.dirty.extend(self.paths.keys());
         }
         peer.import = import;
         import_changed
@@ -361,7 +362,7 @@ impl Rib {
         self.resend.remove(&id);
         let mut stale = HashMap::new();
         for (prefix, ps) in self.paths.iter_mut() {
-            if retain.contains(&afi_of(prefix)) {
+            if retain.contains(&afi_of(&prefix)) {
                 ps.mark_stale(|p| p.source == Source::Peer(id), &mut stale);
             }
         }
@@ -383,10 +384,10 @@ impl Rib {
         let src = Source::Peer(id);
         let mut gone = 0;
         self.paths.retain(|prefix, ps| {
-            let removed = ps.retain(|p| !(p.source == src && which(prefix, p)));
+            let removed = ps.retain(|p| !(p.source == src && which(&prefix, p)));
             if removed > 0 {
                 gone += 1;
-                self.dirty.insert(*prefix);
+                self.dirty.insert(prefix);
             }
             !ps.is_dead()
         });
@@ -777,10 +778,10 @@ impl<'a> Installed<'a> {
         let rib = self.rib;
         rib.paths
             .iter()
-            .filter_map(|(k, ps)| Some((*k, *rib.next_hops.get(ps.installed())?)))
+            .filter_map(|(k, ps)| Some((k, *rib.next_hops.get(ps.installed())?)))
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &'a IpNet> + 'a {
+    pub fn keys(&self) -> impl Iterator<Item = IpNet> + 'a {
         let rib = self.rib;
         rib.paths
             .iter()

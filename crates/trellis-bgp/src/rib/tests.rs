@@ -308,7 +308,7 @@ fn graceful_restart_keeps_only_the_retained_families() {
     r.flush();
     assert_eq!(
         r.installed().keys().collect::<Vec<_>>(),
-        vec![&p("10.7.0.0/24")]
+        vec![p("10.7.0.0/24")]
     );
     assert_eq!(r.counters(2).accepted, 1);
     // Back, then the IPv4 family's stale paths go by themselves (End-of-RIB, or F bit clear).
@@ -348,7 +348,7 @@ fn graceful_restart_keeps_stale_paths_until_swept() {
     r.flush();
     assert_eq!(
         r.installed().keys().collect::<Vec<_>>(),
-        vec![&p("10.7.0.0/24")]
+        vec![p("10.7.0.0/24")]
     );
     assert_eq!(r.counters(2).accepted, 1);
 }
