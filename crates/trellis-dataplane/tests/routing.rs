@@ -291,7 +291,7 @@ fn foreign_routes_to_a_block_are_never_replaced() {
     assert!(problems.is_empty(), "{problems:?}");
     for _ in 0..2 {
         let observed = routing::observe(&mut nl, None).unwrap();
-        let failed = routing::apply(&mut nl, &plan(&want, &observed));
+        let failed = routing::apply(&mut nl, plan(&want, &observed));
         assert!(failed.is_empty(), "{failed:?}");
     }
     let routes = ns.exec_ok(&["ip", "route"]);

@@ -120,6 +120,9 @@ impl NextHops {
 /// A prefix's paths, at most one per source, and its kernel route's next hop. An entry with
 /// no path stays only until the next flush takes its kernel route away ([`Paths::is_dead`]
 /// once it has none either: the caller removes it).
+// `Many` boxes its `Vec` (a thin pointer) so every entry stays 16 bytes: the rare prefix with
+// several paths pays an allocation more, the 100 000 with one pay 8 bytes less.
+#[allow(clippy::box_collection)]
 #[derive(Debug, Clone)]
 pub(super) enum Paths {
     Gone {
