@@ -280,28 +280,6 @@ impl Speaker {
             .set_igp_routes(host.iter().copied().chain(self.cfg.peer_routes()));
     }
 
-    /// Tells the dataplane loop the routes for the kernel changed.
-    fn publish_routes(&self) {
-        self.shared.routes_changed();
-    }
-
-    /// What the kernel should route: what the RIB installs plus the peers' `reachableBy` routes
-    /// (which win over a learned route to the same /32: the session must not ride on its own
-    /// routes); sorted by prefix, one route per prefix.
-    fn learned_routes(&self) -> Vec<(IpNet, IpAddr)> {
-        let peer_routes: BTreeMap<IpNet, IpAddr> = self.cfg.peer_routes().collect();
-        let installed = self.rib.installed();
-        let mut routes = Vec::with_capacity(installed.len() + peer_routes.len());
-        routes.extend(
-            installed
-                .iter()
-                .filter(|(k, _)| !peer_routes.contains_key(k)),
-        );
-        routes.extend(peer_routes);
-        routes.sort_unstable_by_key(|(k, _)| *k);
-        routes
-    }
-
     fn session_config(&self, p: &PeerConfig) -> SessionConfig {
         // Between two Trellis nodes only the one with the higher ID connects: no collisions.
         let passive = p.node.is_some()
