@@ -6,6 +6,9 @@
 //! as stale until End-of-RIB.
 //! Next hops not on a connected network resolve recursively through the host's other routes
 //! ([`Rib::set_igp_routes`], RFC 4271 §5.1.3), as BIRD's `gateway recursive` does.
+//! A full table is held compactly: a prefix is a packed key and one pointer to the path its
+//! UPDATE shared with the rest ([`paths`], [`prefix_map`]), and its kernel route is an index
+//! into the few distinct next hops, read in place through [`Rib::installed`].
 //! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
 
 use std::cmp::{Ordering, Reverse};
