@@ -28,7 +28,7 @@ use crate::policy::{self, Rule};
 mod paths;
 mod prefix_map;
 use paths::{NextHops, NhId, Path, PathInfo, Paths, Source, NOT_INSTALLED};
-use prefix_map::PrefixMap;
+use prefix_map::{PrefixMap, PrefixSet};
 
 /// A peer's handle in the RIB.
 pub type PeerId = u32;
@@ -161,7 +161,7 @@ pub struct Rib {
     rejected: HashMap<PeerId, HashSet<IpNet>>,
     accepted: HashMap<PeerId, usize>,
     adj_out: HashMap<PeerId, HashMap<IpNet, (Arc<PathAttrs>, IpAddr)>>,
-    dirty: HashSet<IpNet>,
+    dirty: PrefixSet,
     /// Per peer not ready to be sent more (its transport is behind): the prefixes changed since
     /// it was last sent anything. Sending waits, and many changes to one prefix become one
     /// UPDATE — a slow peer costs at most one entry per prefix, whatever the churn.
@@ -313,7 +313,7 @@ impl Rib {
                 self.paths.insert(prefix, Paths::new(path));
             }
         }
-        self.dirty.insert(prefix);
+        self.dirty.add(prefix);
     }
 
     fn remove(&mut self, prefix: IpNet, source: Source) -> bool {
@@ -325,7 +325,7 @@ impl Rib {
             self.paths.remove(&prefix);
         }
         if removed > 0 {
-            self.dirty.insert(prefix);
+            self.dirty.add(prefix);
         }
         removed > 0
     }
@@ -390,7 +390,7 @@ impl Rib {
             let removed = ps.retain(|p| !(p.source == src && which(&prefix, p)));
             if removed > 0 {
                 gone += 1;
-                self.dirty.insert(prefix);
+                self.dirty.add(prefix);
             }
             !ps.is_dead()
         });
@@ -662,10 +662,7 @@ impl Rib {
         let (peers, waiting): (Vec<PeerId>, Vec<PeerId>) =
             self.peers.keys().copied().partition(|id| ready(*id));
         for id in waiting {
-            self.pending
-                .entry(id)
-                .or_default()
-                .extend(dirty.iter().copied());
+            self.pending.entry(id).or_default().extend(dirty.keys());
         }
         let mut catch_up: HashMap<PeerId, HashSet<IpNet>> = HashMap::new();
         let mut forced: HashMap<PeerId, HashSet<IpNet>> = HashMap::new();
@@ -688,7 +685,7 @@ impl Rib {
             .collect();
         let mut outs: HashMap<PeerId, (Groups, Outbound)> = HashMap::new();
         let mut interned: HashMap<(usize, PeerId), Arc<PathAttrs>> = HashMap::new();
-        for &prefix in dirty.iter().chain(owed.iter()) {
+        for prefix in dirty.keys().chain(owed.iter().copied()) {
             let best = self.best(&prefix).cloned();
             let want = best.as_ref().and_then(|b| match b.source {
                 Source::Peer(_) => self.resolve(b.next_hop),

@@ -1,6 +1,7 @@
 //! A map keyed by prefix that stores an IPv4 prefix in 8 bytes (address and length in one
 //! `u64`) instead of an [`IpNet`]'s 18 padded to 24: the RIB's table is mostly IPv4, and its key
-//! is a third of each entry. IPv6 prefixes get a map of their own. Pure.
+//! is a third of each entry. IPv6 prefixes get a map of their own; [`PrefixSet`] is the set.
+//! Pure.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -93,6 +94,28 @@ impl<V> PrefixMap<V> {
     pub fn retain(&mut self, mut keep: impl FnMut(IpNet, &mut V) -> bool) {
         self.v4.retain(|k, v| keep(v4(*k), v));
         self.v6.retain(|k, v| keep(v6(k), v));
+    }
+}
+
+/// A set of prefixes, as compact as [`PrefixMap`]'s keys (a full table is changed at once
+/// when it arrives).
+pub(super) type PrefixSet = PrefixMap<()>;
+
+impl PrefixSet {
+    pub fn add(&mut self, p: IpNet) {
+        self.insert(p, ());
+    }
+
+    pub fn contains(&self, p: &IpNet) -> bool {
+        self.get(p).is_some()
+    }
+}
+
+impl Extend<IpNet> for PrefixSet {
+    fn extend<I: IntoIterator<Item = IpNet>>(&mut self, ps: I) {
+        for p in ps {
+            self.add(p);
+        }
     }
 }
 
