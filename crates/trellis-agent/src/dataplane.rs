@@ -6,7 +6,7 @@
 //! FDB entries, and natOutgoing in Trellis's own nftables tables (`ip trellis`, `ip6 trellis`).
 //! A restart converges to the same state without removing anything first, so routes do not flap.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,7 +22,8 @@ use trellis_dataplane::{nft, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{Encapsulation, IpPoolSpec};
 use trellis_routing::{
-    add_bgp_routes, desired, foreign_conflicts, plan, LocalNode, Op, PoolRouting, RemoteNode,
+    desired, foreign_conflicts, merge_ops, plan, LearnedPlanner, LocalNode, Op, PoolRouting,
+    RemoteNode,
 };
 
 use crate::{update_node, Agent, AgentError};
@@ -308,6 +309,7 @@ pub async fn pass(
     let nat = nat_ruleset(&pools);
     let nat_text = Value::from(nat.clone()).to_string();
     let nat_changed = nat_applied.as_deref() != Some(nat_text.as_str());
+    let bgp_active = agent.bgp.active.load(Ordering::Relaxed);
     let input = KernelInput {
         node: agent.config.node.clone(),
         address: agent.address,
@@ -317,9 +319,14 @@ pub async fn pass(
         remotes,
         blocks,
         routing: pool_routing(&pools),
-        bgp_active: agent.bgp.active.load(Ordering::Relaxed),
+        bgp_active,
         bgp_converged: agent.bgp.converged.load(Ordering::Relaxed),
-        bgp_routes: agent.bgp.routes.borrow().clone(),
+        // Asked for after the previous pass let go of its copy: one table at a time.
+        bgp_routes: if bgp_active {
+            agent.bgp.learned_routes().await?
+        } else {
+            Arc::default()
+        },
     };
     let k = tokio::task::spawn_blocking(move || kernel_pass(input))
         .await
@@ -357,7 +364,7 @@ struct KernelInput {
     routing: Vec<PoolRouting>,
     bgp_active: bool,
     bgp_converged: bool,
-    bgp_routes: Arc<BTreeMap<IpNet, IpAddr>>,
+    bgp_routes: crate::bgp::LearnedRoutes,
 }
 
 /// The netlink part of a pass (blocking; runs on its own thread): plans the node's routes,
@@ -386,39 +393,54 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
         vtep_ifindex: vtep,
         bgp: bgp_active,
     };
-    let (mut want, problems) = desired(&local, &remotes, &blocks, &routing);
+    let (want, problems) = desired(&local, &remotes, &blocks, &routing);
     let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-    if bgp_active {
-        msgs.extend(add_bgp_routes(&local, &bgp_routes, &mut want));
-    }
-    let kernel = nl.routes().map_err(|e| e.to_string())?;
-    let igp = routing::gateway_routes(&kernel, uplink);
-    let observed =
-        routing::observe_with(&mut nl, &kernel, local.vtep_ifindex).map_err(|e| e.to_string())?;
-    drop(kernel);
-    msgs.extend(foreign_conflicts(&want, &observed).into_iter().map(|r| {
+    // The learned routes are planned against the speaker's table in place and the kernel's as
+    // its dump is read: neither is copied (a full table is 100 000 routes and more). Without
+    // BGP the table is empty and every learned route left in the kernel goes.
+    let no_routes = Vec::new();
+    let table = if bgp_active {
+        &bgp_routes[..]
+    } else {
+        &no_routes[..]
+    };
+    let mut learned = LearnedPlanner::new(&local, table, &want);
+    let (observed, igp) =
+        routing::observe_learned_apart(&mut nl, local.vtep_ifindex, uplink, |r| learned.observe(r))
+            .map_err(|e| e.to_string())?;
+    let learned = learned.finish(&observed.foreign);
+    msgs.extend(learned.off_subnet.iter().map(|(dst, nh)| {
+        format!(
+            "BGP route {dst} via {nh}: the next hop is not on this node's subnet {}",
+            local.address.trunc()
+        )
+    }));
+    let conflicts = foreign_conflicts(&want, &observed).into_iter();
+    msgs.extend(conflicts.chain(&learned.conflicts).map(|r| {
         format!(
             "route {r} not installed: the kernel already routes {} by a route Trellis does not own, which it never replaces",
             r.dst
         )
     }));
-    let mut ops = plan(&want, &observed);
-    if bgp_active && !bgp_converged {
-        // Restarting: keep the routes found until the peers have re-sent their tables
-        // (the forwarding state preserved across a graceful restart, RFC 4724).
-        ops.retain(|op| !matches!(op, Op::DelRoute(_)));
-    }
-    for op in &ops {
-        tracing::debug!(%op, "dataplane");
-    }
-    let failed = routing::apply(&mut nl, &ops);
+    // Restarting: keep the routes found until the peers have re-sent their tables (the
+    // forwarding state preserved across a graceful restart, RFC 4724).
+    let keep_routes = bgp_active && !bgp_converged;
+    let node_ops = plan(&want, &observed);
+    let mut count = 0;
+    let ops = merge_ops(&node_ops, &learned)
+        .filter(|op| !(keep_routes && matches!(op, Op::DelRoute(_))))
+        .inspect(|op| {
+            count += 1;
+            tracing::debug!(%op, "dataplane");
+        });
+    let failed = routing::apply(&mut nl, ops);
     msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
     if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
         msgs.push(format!("enabling IPv4 forwarding: {e}"));
     }
     Ok(KernelPass {
-        ops: ops.len(),
-        routes: want.routes.len(),
+        ops: count,
+        routes: want.routes.len() + table.len(),
         problems: msgs,
         pod_mtu,
         igp,

@@ -16,4 +16,6 @@ pub use attrs::{AsPath, AsSegment, Context, Origin, PathAttrs, SegmentKind};
 pub use error::{DecodeError, Notification};
 pub use fsm::{Fsm, Input, Negotiated, Output, SessionConfig, State};
 pub use message::{Capability, Message, Open, Update};
-pub use rib::{LimitAction, NextHopMode, Outbound, PeerId, PeerInfo, PrefixLimit, Rib, RibConfig};
+pub use rib::{
+    Installed, LimitAction, NextHopMode, Outbound, PeerId, PeerInfo, PrefixLimit, Rib, RibConfig,
+};

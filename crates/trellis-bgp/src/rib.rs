@@ -6,6 +6,9 @@
 //! as stale until End-of-RIB.
 //! Next hops not on a connected network resolve recursively through the host's other routes
 //! ([`Rib::set_igp_routes`], RFC 4271 §5.1.3), as BIRD's `gateway recursive` does.
+//! A full table is held compactly: a prefix is a packed key and one pointer to the path its
+//! UPDATE shared with the rest ([`paths`], [`prefix_map`]), and its kernel route is an index
+//! into the few distinct next hops, read in place through [`Rib::installed`].
 //! Pure: the shell feeds updates and sends what [`Rib::flush`] returns.
 
 use std::cmp::{Ordering, Reverse};
@@ -21,6 +24,11 @@ use crate::nlri::afi_of;
 #[cfg(test)]
 use crate::nlri::AFI_IPV4;
 use crate::policy::{self, Rule};
+
+mod paths;
+mod prefix_map;
+use paths::{NextHops, NhId, Path, PathInfo, Paths, Source, NOT_INSTALLED};
+use prefix_map::{PrefixMap, PrefixSet};
 
 /// A peer's handle in the RIB.
 pub type PeerId = u32;
@@ -102,20 +110,6 @@ pub enum NextHopMode {
     Keep,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
-    Local,
-    Peer(PeerId),
-}
-
-#[derive(Debug, Clone)]
-struct Path {
-    source: Source,
-    attrs: Arc<PathAttrs>,
-    next_hop: IpAddr,
-    stale: bool,
-}
-
 /// Index of each (attributes, next hop) group in an [`Outbound`] being built.
 type Groups = HashMap<(usize, IpAddr), usize>;
 
@@ -158,14 +152,16 @@ pub struct ImportReport {
 pub struct Rib {
     config: Option<RibConfig>,
     peers: HashMap<PeerId, PeerInfo>,
-    paths: HashMap<IpNet, Vec<Path>>,
+    /// Per prefix: its paths and the next hop of its kernel route, if it has one (the best path
+    /// learned from a peer, by its immediate next hop: what the kernel should route).
+    paths: PrefixMap<Paths>,
+    next_hops: NextHops,
+    /// Prefixes with a kernel route.
+    installed: usize,
     rejected: HashMap<PeerId, HashSet<IpNet>>,
     accepted: HashMap<PeerId, usize>,
     adj_out: HashMap<PeerId, HashMap<IpNet, (Arc<PathAttrs>, IpAddr)>>,
-    /// Best paths learned from peers: what the kernel should route (prefix → immediate next
-    /// hop).
-    installed: HashMap<IpNet, IpAddr>,
-    dirty: HashSet<IpNet>,
+    dirty: PrefixSet,
     /// Per peer not ready to be sent more (its transport is behind): the prefixes changed since
     /// it was last sent anything. Sending waits, and many changes to one prefix become one
     /// UPDATE — a slow peer costs at most one entry per prefix, whatever the churn.
@@ -193,12 +189,12 @@ impl Rib {
     /// Changes identity (e.g. becoming a route reflector); every prefix is re-exported.
     pub fn set_config(&mut self, config: RibConfig) {
         self.config = Some(config);
-        self.dirty.extend(self.paths.keys().copied());
+        self.dirty.extend(self.paths.keys());
     }
 
     /// Routes for the kernel: best paths from peers, by their immediate next hops.
-    pub fn installed(&self) -> &HashMap<IpNet, IpAddr> {
-        &self.installed
+    pub fn installed(&self) -> Installed<'_> {
+        Installed { rib: self }
     }
 
     /// Sets the host's routes (destination → gateway, not BGP's own) through which next hops
@@ -220,7 +216,7 @@ impl Rib {
             .paths
             .iter()
             .filter(|(_, ps)| ps.iter().any(recursive))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         self.dirty.extend(affected);
     }
@@ -273,23 +269,26 @@ impl Rib {
 
     /// Number of prefixes with at least one path.
     pub fn len(&self) -> usize {
-        self.paths.len()
+        self.paths
+            .values()
+            .filter(|ps| ps.iter().next().is_some())
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
+        self.len() == 0
     }
 
     /// Originates (or changes) a local route.
     pub fn originate(&mut self, prefix: IpNet, attrs: Arc<PathAttrs>, next_hop: IpAddr) {
         self.put(
             prefix,
-            Path {
+            Path::new(PathInfo {
                 source: Source::Local,
                 attrs,
                 next_hop,
                 stale: false,
-            },
+            }),
         );
     }
 
@@ -303,33 +302,32 @@ impl Rib {
         self.paths
             .iter()
             .filter(|(_, ps)| ps.iter().any(|p| p.source == Source::Local))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect()
     }
 
     fn put(&mut self, prefix: IpNet, path: Path) {
-        let ps = self.paths.entry(prefix).or_default();
-        match ps.iter_mut().find(|p| p.source == path.source) {
-            Some(p) => *p = path,
-            None => ps.push(path),
+        match self.paths.get_mut(&prefix) {
+            Some(ps) => ps.put(path),
+            None => {
+                self.paths.insert(prefix, Paths::new(path));
+            }
         }
-        self.dirty.insert(prefix);
+        self.dirty.add(prefix);
     }
 
     fn remove(&mut self, prefix: IpNet, source: Source) -> bool {
         let Some(ps) = self.paths.get_mut(&prefix) else {
             return false;
         };
-        let before = ps.len();
-        ps.retain(|p| p.source != source);
-        let removed = ps.len() != before;
-        if ps.is_empty() {
+        let removed = ps.retain(|p| p.source != source);
+        if ps.is_dead() {
             self.paths.remove(&prefix);
         }
-        if removed {
-            self.dirty.insert(prefix);
+        if removed > 0 {
+            self.dirty.add(prefix);
         }
-        removed
+        removed > 0
     }
 
     /// A session came up: the peer gets the whole table at the next [`flush`](Rib::flush).
@@ -337,7 +335,7 @@ impl Rib {
         self.peers.insert(id, info);
         self.adj_out.insert(id, HashMap::new());
         self.resend.remove(&id);
-        self.dirty.extend(self.paths.keys().copied());
+        self.dirty.extend(self.paths.keys());
     }
 
     /// New filters for an established peer: what it is sent is decided again at the next
@@ -350,7 +348,7 @@ impl Rib {
         let import_changed = peer.import != import;
         if peer.export != export {
             peer.export = export;
-            self.dirty.extend(self.paths.keys().copied());
+            self.dirty.extend(self.paths.keys());
         }
         peer.import = import;
         import_changed
@@ -365,11 +363,10 @@ impl Rib {
         self.rejected.remove(&id);
         self.pending.remove(&id);
         self.resend.remove(&id);
+        let mut stale = HashMap::new();
         for (prefix, ps) in self.paths.iter_mut() {
-            if retain.contains(&afi_of(prefix)) {
-                for p in ps.iter_mut().filter(|p| p.source == Source::Peer(id)) {
-                    p.stale = true;
-                }
+            if retain.contains(&afi_of(&prefix)) {
+                ps.mark_stale(|p| p.source == Source::Peer(id), &mut stale);
             }
         }
         self.drop_paths(id, |prefix, _| !retain.contains(&afi_of(prefix)));
@@ -390,13 +387,12 @@ impl Rib {
         let src = Source::Peer(id);
         let mut gone = 0;
         self.paths.retain(|prefix, ps| {
-            let before = ps.len();
-            ps.retain(|p| !(p.source == src && which(prefix, p)));
-            if ps.len() != before {
+            let removed = ps.retain(|p| !(p.source == src && which(&prefix, p)));
+            if removed > 0 {
                 gone += 1;
-                self.dirty.insert(*prefix);
+                self.dirty.add(prefix);
             }
-            !ps.is_empty()
+            !ps.is_dead()
         });
         if let Some(a) = self.accepted.get_mut(&id) {
             *a = a.saturating_sub(gone);
@@ -440,16 +436,26 @@ impl Rib {
         }
         let reason = self.loop_check(&attrs, ibgp, peer.allow_local_as);
         let attrs = Arc::new(attrs);
-        let mp_nh = u.mp_reach.as_ref().and_then(|m| m.next_hop_addr());
-        let v4_nh = u.attrs.next_hop.map(IpAddr::V4);
-        let with_nh = u.nlri.iter().map(|p| (*p, v4_nh));
+        // One shared path per next hop: every prefix of the UPDATE points at it.
+        let path_via = |nh: Option<IpAddr>| {
+            nh.map(|next_hop| {
+                Path::new(PathInfo {
+                    source: Source::Peer(id),
+                    attrs: attrs.clone(),
+                    next_hop,
+                    stale: false,
+                })
+            })
+        };
+        let v4_path = path_via(u.attrs.next_hop.map(IpAddr::V4));
+        let mp_path = path_via(u.mp_reach.as_ref().and_then(|m| m.next_hop_addr()));
+        let with_nh = u.nlri.iter().map(|p| (*p, &v4_path));
         let with_mp = u
             .mp_reach
             .iter()
             .flat_map(|m| m.nlri.iter())
-            .map(|p| (*p, mp_nh));
-        let announced: Vec<(IpNet, Option<IpAddr>)> = with_nh.chain(with_mp).collect();
-        for (p, nh) in announced {
+            .map(|p| (*p, &mp_path));
+        for (p, path) in with_nh.chain(with_mp) {
             if let Some(l) = peer.max_prefixes {
                 if self.held(id) >= l.limit && !self.holds(id, &p) {
                     report.over_limit += 1;
@@ -459,9 +465,9 @@ impl Rib {
                     }
                 }
             }
-            let why = reason.or(match nh {
+            let why = reason.or(match path {
                 None => Some("no next hop"),
-                Some(nh) if nh == peer.local_address => Some("next hop is this node"),
+                Some(x) if x.next_hop == peer.local_address => Some("next hop is this node"),
                 _ if !policy::accepts(&peer.import, &p, true) => Some("rejected by a BGPFilter"),
                 _ => None,
             });
@@ -484,15 +490,7 @@ impl Rib {
             if fresh {
                 *self.accepted.entry(id).or_default() += 1;
             }
-            self.put(
-                p,
-                Path {
-                    source: Source::Peer(id),
-                    attrs: attrs.clone(),
-                    next_hop: nh.expect("checked"),
-                    stale: false,
-                },
-            );
+            self.put(p, path.clone().expect("checked"));
             report.accepted += 1;
         }
         report
@@ -626,6 +624,27 @@ impl Rib {
         Some((a, nh))
     }
 
+    /// Records `prefix`'s kernel route (its immediate next hop, or none); whether it changed. A
+    /// prefix left with neither paths nor a kernel route goes.
+    fn install(&mut self, prefix: IpNet, want: Option<IpAddr>) -> bool {
+        let Some(ps) = self.paths.get_mut(&prefix) else {
+            return false; // no paths, so nothing wanted, and nothing was installed
+        };
+        let old: NhId = ps.installed();
+        if self.next_hops.get(old).copied() == want {
+            return false;
+        }
+        let new = want.map_or(NOT_INSTALLED, |nh| self.next_hops.acquire(nh));
+        self.next_hops.release(old);
+        ps.set_installed(new);
+        self.installed += usize::from(new != NOT_INSTALLED);
+        self.installed -= usize::from(old != NOT_INSTALLED);
+        if ps.is_dead() {
+            self.paths.remove(&prefix);
+        }
+        true
+    }
+
     /// Runs the decision process for every changed prefix and returns what each peer must be
     /// sent, plus whether the kernel routes changed.
     pub fn flush(&mut self) -> (Vec<(PeerId, Outbound)>, bool) {
@@ -638,15 +657,12 @@ impl Rib {
         &mut self,
         ready: impl Fn(PeerId) -> bool,
     ) -> (Vec<(PeerId, Outbound)>, bool) {
-        let dirty: HashSet<IpNet> = self.dirty.drain().collect();
+        let dirty = std::mem::take(&mut self.dirty);
         let mut kernel_changed = false;
         let (peers, waiting): (Vec<PeerId>, Vec<PeerId>) =
             self.peers.keys().copied().partition(|id| ready(*id));
         for id in waiting {
-            self.pending
-                .entry(id)
-                .or_default()
-                .extend(dirty.iter().copied());
+            self.pending.entry(id).or_default().extend(dirty.keys());
         }
         let mut catch_up: HashMap<PeerId, HashSet<IpNet>> = HashMap::new();
         let mut forced: HashMap<PeerId, HashSet<IpNet>> = HashMap::new();
@@ -658,22 +674,24 @@ impl Rib {
                 forced.insert(*id, p);
             }
         }
-        let mut prefixes: HashSet<IpNet> = dirty.clone();
-        prefixes.extend(catch_up.values().flatten().copied());
-        prefixes.extend(forced.values().flatten().copied());
+        // The changed prefixes and, not among them, those a peer is owed: each decided once
+        // (a full table is dirty at once when it arrives; no copy of the set is made).
+        let owed: HashSet<IpNet> = catch_up
+            .values()
+            .chain(forced.values())
+            .flatten()
+            .filter(|p| !dirty.contains(p))
+            .copied()
+            .collect();
         let mut outs: HashMap<PeerId, (Groups, Outbound)> = HashMap::new();
         let mut interned: HashMap<(usize, PeerId), Arc<PathAttrs>> = HashMap::new();
-        for prefix in prefixes {
+        for prefix in dirty.keys().chain(owed.iter().copied()) {
             let best = self.best(&prefix).cloned();
             let want = best.as_ref().and_then(|b| match b.source {
                 Source::Peer(_) => self.resolve(b.next_hop),
                 Source::Local => None,
             });
-            let had = match want {
-                Some(nh) => self.installed.insert(prefix, nh),
-                None => self.installed.remove(&prefix),
-            };
-            kernel_changed |= had != want;
+            kernel_changed |= self.install(prefix, want);
             for &to in &peers {
                 let force = forced.get(&to).is_some_and(|f| f.contains(&prefix));
                 if !force
@@ -727,6 +745,63 @@ impl Rib {
         let mut v: Vec<(PeerId, Outbound)> = outs.into_iter().map(|(k, (_, o))| (k, o)).collect();
         v.sort_by_key(|(k, _)| *k);
         (v, kernel_changed)
+    }
+}
+
+/// The kernel routes a [`Rib`] decided at its last flush (prefix → immediate next hop), read in
+/// place.
+#[derive(Debug, Clone, Copy)]
+pub struct Installed<'a> {
+    rib: &'a Rib,
+}
+
+impl<'a> Installed<'a> {
+    pub fn len(&self) -> usize {
+        self.rib.installed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rib.installed == 0
+    }
+
+    pub fn get(&self, prefix: &IpNet) -> Option<IpAddr> {
+        let ps = self.rib.paths.get(prefix)?;
+        self.rib.next_hops.get(ps.installed()).copied()
+    }
+
+    pub fn contains_key(&self, prefix: &IpNet) -> bool {
+        self.get(prefix).is_some()
+    }
+
+    /// In no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (IpNet, IpAddr)> + 'a {
+        let rib = self.rib;
+        rib.paths
+            .iter()
+            .filter_map(|(k, ps)| Some((k, *rib.next_hops.get(ps.installed())?)))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = IpNet> + 'a {
+        let rib = self.rib;
+        rib.paths
+            .iter()
+            .filter(|(_, ps)| ps.installed() != NOT_INSTALLED)
+            .map(|(k, _)| k)
+    }
+}
+
+impl std::ops::Index<&IpNet> for Installed<'_> {
+    type Output = IpAddr;
+    fn index(&self, prefix: &IpNet) -> &IpAddr {
+        let id = self
+            .rib
+            .paths
+            .get(prefix)
+            .map_or(NOT_INSTALLED, Paths::installed);
+        self.rib
+            .next_hops
+            .get(id)
+            .expect("no kernel route for this prefix")
     }
 }
 

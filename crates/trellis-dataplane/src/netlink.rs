@@ -742,6 +742,13 @@ impl Netlink {
     /// All IPv4 and IPv6 routes of every table (callers filter).
     pub fn routes(&mut self) -> Result<Vec<RouteSpec>> {
         let mut out = Vec::new();
+        self.each_route(|r| out.push(r))?;
+        Ok(out)
+    }
+
+    /// [`routes`](Netlink::routes) handed to `each` as they are decoded: a caller that keeps
+    /// only some never holds a large table whole.
+    pub fn each_route(&mut self, mut each: impl FnMut(RouteSpec)) -> Result<()> {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
             msg.header.address_family = family;
@@ -752,13 +759,13 @@ impl Netlink {
                 |m| {
                     if let RouteNetlinkMessage::NewRoute(r) = m {
                         if let Some(spec) = to_route(&r) {
-                            out.push(spec);
+                            each(spec);
                         }
                     }
                 },
             )?;
         }
-        Ok(out)
+        Ok(())
     }
 }
 

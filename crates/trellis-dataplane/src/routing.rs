@@ -3,10 +3,11 @@
 //! and the destinations other protocols' routes hold (which a plan never replaces).
 //! Never touches routes of other protocols.
 
+use std::borrow::Borrow;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use trellis_routing::{Fdb, Neighbour, Observed, Op, Route, RouteKind, TRELLIS_PROTO};
+use trellis_routing::{Fdb, Neighbour, Observed, Op, Route, RouteKind, BGP_METRIC, TRELLIS_PROTO};
 
 use crate::types::{RouteKind as KKind, RouteScope, RouteSpec, TABLE_MAIN};
 use crate::{DataplaneError, Netlink, Result};
@@ -111,6 +112,24 @@ pub fn observe_with(nl: &mut Netlink, routes: &[RouteSpec], vtep: Option<u32>) -
     Ok(o)
 }
 
+/// [`observe`] with Trellis's routes at [`BGP_METRIC`] (the learned ones, possibly a full
+/// table) handed to `learned` as the route dump decodes them instead of collected; also returns
+/// the [`gateway_routes`] through `oif`. One dump serves all three.
+pub fn observe_learned_apart(
+    nl: &mut Netlink,
+    vtep: Option<u32>,
+    oif: u32,
+    mut learned: impl FnMut(Route),
+) -> Result<(Observed, Vec<(IpNet, IpAddr)>)> {
+    let mut others = Vec::new();
+    nl.each_route(|r| match from_kernel(&r) {
+        Some(route) if route.metric == BGP_METRIC => learned(route),
+        _ => others.push(r),
+    })?;
+    let observed = observe_with(nl, &others, vtep)?;
+    Ok((observed, gateway_routes(&others, oif)))
+}
+
 /// The main table's routes of other protocols that leave through `oif` by a gateway
 /// (destination → gateway): what BGP next hops beyond the node's subnet resolve through.
 /// Trellis's own routes are left out, so a BGP route never resolves through another.
@@ -129,9 +148,13 @@ pub fn gateway_routes(routes: &[RouteSpec], oif: u32) -> Vec<(IpNet, IpAddr)> {
 
 /// Applies ops in order; returns the ones that failed (the rest still go through, and the next
 /// resync retries the failures).
-pub fn apply(nl: &mut Netlink, ops: &[Op]) -> Vec<(Op, DataplaneError)> {
+pub fn apply<O: Borrow<Op>>(
+    nl: &mut Netlink,
+    ops: impl IntoIterator<Item = O>,
+) -> Vec<(Op, DataplaneError)> {
     let mut failed = Vec::new();
     for op in ops {
+        let op = op.borrow();
         let r = match op {
             Op::SetFdb(e) => nl.fdb_append(e.ifindex, e.mac, e.dst).or_else(|err| {
                 if err.is_exists() {

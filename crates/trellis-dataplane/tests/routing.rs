@@ -5,7 +5,9 @@
 use trellis_dataplane::netlink::VxlanSpec;
 use trellis_dataplane::{routing, Netlink, Netns};
 use trellis_resources::Encapsulation;
-use trellis_routing::{desired, plan, LocalNode, PoolRouting, RemoteNode};
+use trellis_routing::{
+    desired, merge_ops, plan, LearnedPlanner, LocalNode, Op, PoolRouting, RemoteNode,
+};
 use trellis_testutil::TestNetns;
 
 #[test]
@@ -157,6 +159,67 @@ fn local_node(uplink: u32) -> LocalNode {
     }
 }
 
+/// Learned routes through the streamed dump ([`routing::observe_learned_apart`]): a table is
+/// applied and reads back as a no-op, a changed next hop is replaced and a withdrawn route
+/// deleted, the node's own block keeps its blackhole, and the node's gateway routes are
+/// still reported for next-hop resolution.
+#[test]
+fn learned_routes_apply_and_resync_is_a_no_op() {
+    let (ns, mut nl, uplink) = uplink_ns("routebgp");
+    ns.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "via",
+        "192.168.1.1",
+    ]);
+    let local = local_node(uplink);
+    let blocks = vec![("10.244.0.0/26".parse().unwrap(), "n1".to_string())];
+    let (want, _) = desired(&local, &[], &blocks, &[]);
+    let pass = |nl: &mut Netlink, table: &[(ipnet::IpNet, std::net::IpAddr)]| {
+        let mut learned = LearnedPlanner::new(&local, table, &want);
+        let (observed, igp) =
+            routing::observe_learned_apart(nl, None, uplink, |r| learned.observe(r)).unwrap();
+        let learned = learned.finish(&observed.foreign);
+        let ops: Vec<Op> = merge_ops(&plan(&want, &observed), &learned).collect();
+        (ops, igp)
+    };
+    let route = |dst: &str, nh: &str| (dst.parse().unwrap(), nh.parse().unwrap());
+    let table = vec![
+        route("10.8.0.0/24", "192.168.1.11"),
+        route("10.8.1.0/24", "192.168.1.11"),
+        route("10.244.0.0/26", "192.168.1.11"), // our own block: not installed
+    ];
+    let (ops, igp) = pass(&mut nl, &table);
+    assert_eq!(ops.len(), 3, "{ops:?}");
+    assert_eq!(
+        igp,
+        vec![route("198.51.100.0/24", "192.168.1.1")],
+        "gateway routes are still read"
+    );
+    assert!(routing::apply(&mut nl, &ops).is_empty());
+    let (again, _) = pass(&mut nl, &table);
+    assert!(again.is_empty(), "a resync changes something: {again:?}");
+    let changed = vec![
+        route("10.8.1.0/24", "192.168.1.12"),
+        route("10.244.0.0/26", "192.168.1.11"),
+    ];
+    let (ops, _) = pass(&mut nl, &changed);
+    assert!(routing::apply(&mut nl, &ops).is_empty());
+    let routes = ns.exec_ok(&["ip", "-4", "route", "show", "proto", "231"]);
+    assert_eq!(
+        routes.lines().map(str::trim).collect::<Vec<_>>(),
+        vec![
+            "10.8.1.0/24 via 192.168.1.12 dev upl0 metric 32",
+            "blackhole 10.244.0.0/26",
+        ],
+        "{routes}"
+    );
+    let (again, _) = pass(&mut nl, &changed);
+    assert!(again.is_empty(), "{again:?}");
+}
+
 /// A local IPv6 block's blackhole stays, and a resync changes nothing: the kernel reports an
 /// IPv6 route added without a metric at metric 1024, which used to read back as another route
 /// than the one planned — every pass replaced it and then deleted it as stale, and the removal
@@ -228,7 +291,7 @@ fn foreign_routes_to_a_block_are_never_replaced() {
     assert!(problems.is_empty(), "{problems:?}");
     for _ in 0..2 {
         let observed = routing::observe(&mut nl, None).unwrap();
-        let failed = routing::apply(&mut nl, &plan(&want, &observed));
+        let failed = routing::apply(&mut nl, plan(&want, &observed));
         assert!(failed.is_empty(), "{failed:?}");
     }
     let routes = ns.exec_ok(&["ip", "route"]);

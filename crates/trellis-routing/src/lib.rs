@@ -3,8 +3,9 @@
 //! blackhole route per local block, `BLOCK via NODE dev UPLINK` for direct pools,
 //! `BLOCK via VTEP dev vxlan.trellis onlink` plus a permanent neighbour and an FDB entry per
 //! remote VTEP for VXLAN, either by subnet for CrossSubnet — and [`plan`] diffs it against what
-//! the kernel reports into an ordered list of [`Op`]s that a netlink shell applies. Routes are
-//! marked with [`TRELLIS_PROTO`] so only Trellis's own are ever removed.
+//! the kernel reports into an ordered list of [`Op`]s that a netlink shell applies; routes
+//! learned by BGP are planned by [`LearnedPlanner`] against the speaker's table in place. Routes
+//! are marked with [`TRELLIS_PROTO`] so only Trellis's own are ever removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -12,6 +13,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use trellis_resources::Encapsulation;
+
+mod learned;
+pub use learned::{merge_ops, LearnedPlan, LearnedPlanner};
 
 /// The routing protocol number on every route Trellis installs (`proto 231`).
 pub const TRELLIS_PROTO: u8 = 231;
@@ -328,43 +332,11 @@ pub fn desired(
     (out, problems)
 }
 
-/// Adds routes learned by BGP (prefix → next hop) for destinations nothing else routes; a next
-/// hop outside the node's subnet is reported (Trellis installs directly connected next hops).
-pub fn add_bgp_routes(
-    local: &LocalNode,
-    learned: &BTreeMap<IpNet, IpAddr>,
-    out: &mut Desired,
-) -> Vec<String> {
-    let taken: BTreeSet<IpNet> = out.routes.iter().map(|r| r.dst).collect();
-    let mut problems = Vec::new();
-    for (dst, nh) in learned {
-        if taken.contains(dst) {
-            continue;
-        }
-        if !local.address.contains(nh) {
-            problems.push(format!(
-                "BGP route {dst} via {nh}: the next hop is not on this node's subnet {}",
-                local.address.trunc()
-            ));
-            continue;
-        }
-        out.routes.insert(Route {
-            dst: *dst,
-            metric: BGP_METRIC,
-            kind: RouteKind::Via {
-                gateway: *nh,
-                ifindex: local.uplink_ifindex,
-                onlink: false,
-            },
-        });
-    }
-    problems
-}
-
 /// What the kernel has of Trellis's: routes with [`TRELLIS_PROTO`], entries on the VTEP; and
 /// where the main table already routes by a route Trellis does not own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
+    /// Trellis's routes except those at [`BGP_METRIC`] (which go to a [`LearnedPlanner`]).
     pub routes: BTreeSet<Route>,
     pub neighbours: BTreeSet<Neighbour>,
     pub fdb: BTreeSet<Fdb>,

@@ -166,7 +166,7 @@ fn bgp_owns_direct_routes_and_adds_learned_ones_at_its_metric() {
     l.bgp = true;
     // With BGP on, None pools get no direct routes from the planner (BGP supplies them); the
     // other-subnet part of CrossSubnet stays VXLAN.
-    let (mut d, problems) = desired(&l, &remotes(), &blocks(), &pool(Encapsulation::None));
+    let (d, problems) = desired(&l, &remotes(), &blocks(), &pool(Encapsulation::None));
     assert_eq!(
         d.routes.len(),
         1,
@@ -186,23 +186,20 @@ fn bgp_owns_direct_routes_and_adds_learned_ones_at_its_metric() {
     );
     assert!(x.routes.iter().any(|r| r.dst == net("10.244.2.0/26")));
     assert!(!x.routes.iter().any(|r| r.dst == net("10.244.1.0/26")));
-    let learned: BTreeMap<IpNet, IpAddr> = [
-        (net("10.244.1.0/26"), ip("192.168.1.11")),
+    let learned = vec![
+        (net("10.9.0.0/16"), ip("192.168.9.1")), // next hop off-subnet: reported
         (net("10.244.0.0/26"), ip("192.168.1.11")), // our own block: the blackhole stays
-        (net("10.9.0.0/16"), ip("192.168.9.1")),    // next hop off-subnet: reported
-    ]
-    .into_iter()
-    .collect();
-    let problems = add_bgp_routes(&l, &learned, &mut d);
-    assert_eq!(problems.len(), 1);
-    assert!(problems[0].contains("10.9.0.0/16"), "{problems:?}");
-    let bgp: Vec<String> = d.routes.iter().map(|r| r.to_string()).collect();
+        (net("10.244.1.0/26"), ip("192.168.1.11")),
+    ];
+    let plan_bgp = LearnedPlanner::new(&l, &learned, &d).finish(&BTreeSet::new());
+    assert_eq!(
+        plan_bgp.off_subnet,
+        vec![(net("10.9.0.0/16"), ip("192.168.9.1"))]
+    );
+    let bgp: Vec<String> = plan_bgp.ops().map(|o| o.to_string()).collect();
     assert_eq!(
         bgp,
-        vec![
-            "blackhole 10.244.0.0/26",
-            "[metric 32] 10.244.1.0/26 via 192.168.1.11 dev #2"
-        ]
+        vec!["route replace [metric 32] 10.244.1.0/26 via 192.168.1.11 dev #2"]
     );
     // A direct route left from before BGP (metric 0) is removed once the BGP one (metric 32) is in.
     let observed = Observed {
@@ -219,7 +216,9 @@ fn bgp_owns_direct_routes_and_adds_learned_ones_at_its_metric() {
         .collect(),
         ..Default::default()
     };
-    let ops: Vec<String> = plan(&d, &observed).iter().map(|o| o.to_string()).collect();
+    let ops: Vec<String> = merge_ops(&plan(&d, &observed), &plan_bgp)
+        .map(|o| o.to_string())
+        .collect();
     assert_eq!(
         ops,
         vec![
@@ -227,6 +226,73 @@ fn bgp_owns_direct_routes_and_adds_learned_ones_at_its_metric() {
             "route replace [metric 32] 10.244.1.0/26 via 192.168.1.11 dev #2",
             "route del 10.244.1.0/26 via 192.168.1.11 dev #2",
         ]
+    );
+}
+
+fn bgp_route(dst: &str, nh: &str) -> Route {
+    Route {
+        dst: net(dst),
+        metric: BGP_METRIC,
+        kind: RouteKind::Via {
+            gateway: ip(nh),
+            ifindex: 2,
+            onlink: false,
+        },
+    }
+}
+
+/// The learned routes against what the kernel holds of them: nothing to do when equal, a
+/// changed next hop replaced in place, what is no longer learned (or now yields to a route of
+/// the node's own plan) deleted, what is missing added — unless a foreign route holds it.
+#[test]
+fn learned_routes_are_diffed_against_the_kernel_in_place() {
+    let mut l = local();
+    l.bgp = true;
+    let (d, _) = desired(&l, &remotes(), &blocks(), &pool(Encapsulation::None));
+    let table = vec![
+        (net("10.8.0.0/24"), ip("192.168.1.11")),
+        (net("10.8.1.0/24"), ip("192.168.1.12")),
+        (net("10.8.2.0/24"), ip("192.168.1.11")),
+        (net("10.8.3.0/24"), ip("192.168.1.11")),
+        (net("10.244.0.0/26"), ip("192.168.1.11")), // our own block: learned, not installed
+    ];
+    let steady = |kernel: &[Route]| {
+        let mut p = LearnedPlanner::new(&l, &table, &d);
+        for r in kernel {
+            p.observe(r.clone());
+        }
+        p
+    };
+    let all: Vec<Route> = table[..4]
+        .iter()
+        .map(|(d, n)| bgp_route(&d.to_string(), &n.to_string()))
+        .collect();
+    let resync = steady(&all).finish(&BTreeSet::new());
+    assert!(
+        resync.is_empty() && resync.off_subnet.is_empty() && resync.conflicts.is_empty(),
+        "a resync of an installed table is a no-op: {resync:?}"
+    );
+    let kernel = vec![
+        bgp_route("10.8.1.0/24", "192.168.1.11"), // next hop changed
+        bgp_route("10.8.2.0/24", "192.168.1.11"), // as wanted
+        bgp_route("10.244.0.0/26", "192.168.1.11"), // our block's blackhole wins
+        bgp_route("10.7.0.0/24", "192.168.1.11"), // withdrawn
+    ];
+    let foreign: BTreeSet<(IpNet, u32)> = [(net("10.8.3.0/24"), BGP_METRIC)].into();
+    let plan = steady(&kernel).finish(&foreign);
+    let ops: Vec<String> = plan.ops().map(|o| o.to_string()).collect();
+    assert_eq!(
+        ops,
+        vec![
+            "route replace [metric 32] 10.8.1.0/24 via 192.168.1.12 dev #2",
+            "route replace [metric 32] 10.8.0.0/24 via 192.168.1.11 dev #2",
+            "route del [metric 32] 10.244.0.0/26 via 192.168.1.11 dev #2",
+            "route del [metric 32] 10.7.0.0/24 via 192.168.1.11 dev #2",
+        ]
+    );
+    assert_eq!(
+        plan.conflicts,
+        vec![bgp_route("10.8.3.0/24", "192.168.1.11")]
     );
 }
 

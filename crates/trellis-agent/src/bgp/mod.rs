@@ -1,7 +1,8 @@
 //! The agent's BGP speaker: [`config`] decides (pure) what to run from the datastore's
 //! BGPConfiguration, BGPPeer and Node objects; [`speaker`] runs the sessions around the pure
 //! core in `trellis-bgp`; [`net`] owns the sockets. Learned routes reach the kernel through the
-//! dataplane loop, which reads [`Shared::routes`]. This module's task computes the speaker's
+//! dataplane loop, which asks the speaker for them ([`Shared::learned_routes`]) when a pass
+//! starts. This module's task computes the speaker's
 //! configuration from the agent's view of the cluster ([`crate::view`]) whenever an input of
 //! it changed, and publishes the node's BGPStatus. Does I/O.
 
@@ -9,20 +10,23 @@ pub mod config;
 pub mod net;
 pub mod speaker;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use trellis_cluster::objects;
 use trellis_cluster::view::ClusterView;
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{BgpStatusSpec, Metadata, Object, Resource};
 
-use crate::Agent;
+use crate::{Agent, AgentError};
+
+/// How long a dataplane pass waits for the speaker's routes (it answers between two batches of
+/// messages, well within a second even while a full table arrives).
+const TABLE_WAIT: Duration = Duration::from_secs(30);
 
 /// `--bgp`: on when the datastore has BGP objects (auto), always, or never.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +61,12 @@ impl std::str::FromStr for Mode {
 
 /// What the speaker shares with the rest of the agent.
 pub struct Shared {
-    /// Best routes learned from peers (prefix → next hop), for the kernel.
-    pub routes: watch::Sender<Arc<BTreeMap<IpNet, IpAddr>>>,
+    /// Requests for the learned routes, answered by the speaker from its RIB: a table is built
+    /// only for a pass that reads it, never while an older one is still read (a full table
+    /// is 3.5 MB a copy; built at every change it also cost time while a table arrives).
+    table_requests: mpsc::Sender<TableRequest>,
+    /// The receiving end, until the speaker takes it.
+    pub(crate) table_receiver: Mutex<Option<mpsc::Receiver<TableRequest>>>,
     /// The speaker runs: BGP owns routes to directly reachable nodes.
     pub active: AtomicBool,
     /// Every peer has sent its table (or the start-up grace passed): stale kernel routes may go.
@@ -71,10 +79,19 @@ pub struct Shared {
     pub kick: Notify,
 }
 
+/// Best routes learned from peers (prefix → next hop), for the kernel: sorted by prefix, one
+/// per prefix (what [`trellis_routing::LearnedPlanner`] reads).
+pub type LearnedRoutes = Arc<Vec<(IpNet, IpAddr)>>;
+
+/// A request for the [`LearnedRoutes`], with where to answer.
+pub(crate) type TableRequest = oneshot::Sender<LearnedRoutes>;
+
 impl Default for Shared {
     fn default() -> Self {
+        let (table_requests, rx) = mpsc::channel(4);
         Shared {
-            routes: watch::channel(Arc::new(BTreeMap::new())).0,
+            table_requests,
+            table_receiver: Mutex::new(Some(rx)),
             active: AtomicBool::new(false),
             converged: AtomicBool::new(false),
             status: watch::channel(None).0,
@@ -85,10 +102,30 @@ impl Default for Shared {
 }
 
 impl Shared {
-    /// New learned routes for the dataplane loop (whether BGP runs at all is [`run`]'s call).
-    pub(crate) fn publish(&self, routes: BTreeMap<IpNet, IpAddr>) {
-        self.routes.send_replace(Arc::new(routes));
+    /// The learned routes changed: the dataplane loop runs a pass, which asks for them.
+    pub(crate) fn routes_changed(&self) {
         self.kick.notify_one();
+    }
+
+    /// The speaker's learned routes now (for a pass while BGP is active). Empty if the speaker
+    /// runs no configuration, or is gone (its routes go with it); an error if it does not
+    /// answer in time (the pass is retried and the kernel keeps what it has meanwhile).
+    pub async fn learned_routes(&self) -> Result<LearnedRoutes, AgentError> {
+        let (tx, rx) = oneshot::channel();
+        let ask = async {
+            self.table_requests.send(tx).await.ok()?;
+            rx.await.ok()
+        };
+        match tokio::time::timeout(TABLE_WAIT, ask).await {
+            Ok(Some(routes)) => Ok(routes),
+            Ok(None) => {
+                tracing::warn!("the BGP speaker is gone; its routes are removed");
+                Ok(LearnedRoutes::default())
+            }
+            Err(_) => Err(AgentError::Dataplane(format!(
+                "the BGP speaker did not hand over its routes within {TABLE_WAIT:?}"
+            ))),
+        }
     }
 
     /// The host's gateway routes as the dataplane loop last read them; the speaker hears only
@@ -253,6 +290,24 @@ async fn publish_status(agent: Arc<Agent>) {
 mod tests {
     use super::*;
     use crate::dataplane::tests::{block, node};
+
+    /// A pass gets the learned routes from whoever holds the receiving end (the speaker), and
+    /// an empty table, not a wait, once the speaker is gone.
+    #[tokio::test]
+    async fn learned_routes_come_from_the_speaker_and_go_with_it() {
+        let shared = Shared::default();
+        let mut rx = shared.table_receiver.lock().unwrap().take().unwrap();
+        let table = vec![("10.8.0.0/24".parse().unwrap(), "192.0.2.1".parse().unwrap())];
+        let answer = table.clone();
+        let speaker = tokio::spawn(async move {
+            let reply = rx.recv().await.unwrap();
+            reply.send(Arc::new(answer)).unwrap();
+            rx // gone after one answer
+        });
+        assert_eq!(*shared.learned_routes().await.unwrap(), table);
+        drop(speaker.await.unwrap());
+        assert!(shared.learned_routes().await.unwrap().is_empty());
+    }
 
     /// The speaker's inputs ignore heartbeats and pod addresses, so neither recomputes its
     /// configuration; a node's labels (peer selectors) and block ownership do count.

@@ -167,8 +167,19 @@ impl Speaker {
         let mut last_status: Option<BgpStatusSpec> = None;
         let mut last_status_write = Instant::now() - Duration::from_secs(60);
         let mut igp = shared.igp.subscribe();
+        let taken = shared.table_receiver.lock().ok().and_then(|mut r| r.take());
+        let Some(mut table_requests) = taken else {
+            tracing::error!("a second BGP speaker for one agent; not started");
+            return;
+        };
         loop {
             tokio::select! {
+                Some(reply) = table_requests.recv() => {
+                    let routes = sp.as_ref().map_or_else(Vec::new, |s| s.learned_routes());
+                    // A pass that stopped waiting needs no answer.
+                    let _ = reply.send(Arc::new(routes));
+                    continue;
+                }
                 changed = config.changed() => {
                     if changed.is_err() {
                         return;
@@ -184,7 +195,7 @@ impl Speaker {
                         (Some(s), None) => {
                             s.shutdown();
                             sp = None;
-                            shared.publish(BTreeMap::new());
+                            shared.routes_changed();
                         }
                         (None, None) => {}
                     }
@@ -267,15 +278,6 @@ impl Speaker {
         let host = self.shared.igp.borrow().clone();
         self.rib
             .set_igp_routes(host.iter().copied().chain(self.cfg.peer_routes()));
-    }
-
-    /// Hands the kernel what the RIB installs plus the peers' `reachableBy` routes (which win
-    /// over a learned route to the same /32: the session must not ride on its own routes).
-    fn publish_routes(&self) {
-        let mut routes: BTreeMap<IpNet, IpAddr> =
-            self.rib.installed().iter().map(|(k, v)| (*k, *v)).collect();
-        routes.extend(self.cfg.peer_routes());
-        self.shared.publish(routes);
     }
 
     fn session_config(&self, p: &PeerConfig) -> SessionConfig {

@@ -308,7 +308,7 @@ fn graceful_restart_keeps_only_the_retained_families() {
     r.flush();
     assert_eq!(
         r.installed().keys().collect::<Vec<_>>(),
-        vec![&p("10.7.0.0/24")]
+        vec![p("10.7.0.0/24")]
     );
     assert_eq!(r.counters(2).accepted, 1);
     // Back, then the IPv4 family's stale paths go by themselves (End-of-RIB, or F bit clear).
@@ -348,7 +348,7 @@ fn graceful_restart_keeps_stale_paths_until_swept() {
     r.flush();
     assert_eq!(
         r.installed().keys().collect::<Vec<_>>(),
-        vec![&p("10.7.0.0/24")]
+        vec![p("10.7.0.0/24")]
     );
     assert_eq!(r.counters(2).accepted, 1);
 }
@@ -365,6 +365,31 @@ fn a_hundred_thousand_prefixes_in_one_rib() {
     assert_eq!(r.apply_update(2, &u).accepted, 100_000);
     r.flush();
     assert_eq!(r.installed().len(), 100_000);
+}
+
+/// The prefixes of one UPDATE point at one shared path (a full table is a few hundred
+/// UPDATEs, so a prefix costs its key and a pointer), and stay shared when a graceful restart
+/// marks them stale.
+#[test]
+fn an_updates_prefixes_share_one_path_even_when_stale() {
+    let mut r = rib(false);
+    r.peer_up(2, peer(65002, 2, false));
+    let mut u = announce("10.0.0.0/24", vec![65002], "192.0.2.2");
+    u.nlri = (0..1000u32)
+        .map(|i| IpNet::new(Ipv4Addr::from(0x6400_0000 + (i << 8)).into(), 24).unwrap())
+        .collect();
+    assert_eq!(r.apply_update(2, &u).accepted, 1000);
+    let shared = |r: &Rib| -> HashSet<*const PathInfo> {
+        r.paths
+            .values()
+            .flat_map(|ps| ps.iter())
+            .map(|p| &**p as *const PathInfo)
+            .collect()
+    };
+    assert_eq!(shared(&r).len(), 1);
+    r.peer_down(2, &[AFI_IPV4]);
+    assert_eq!(shared(&r).len(), 1);
+    assert!(r.paths.values().flat_map(|ps| ps.iter()).all(|p| p.stale));
 }
 
 #[test]

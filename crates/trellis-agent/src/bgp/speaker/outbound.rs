@@ -1,6 +1,7 @@
-//! What the speaker sends: the RIB's UPDATEs to every peer that keeps up — a peer whose socket
-//! has [`HIGH_WATER`] bytes unsent waits while the RIB coalesces its changes — and the progress
-//! reports that keep a connection's send hold timer (RFC 9687) from expiring. Does I/O (queues
+//! What the speaker sends and hands out: the RIB's UPDATEs to every peer that keeps up — a
+//! peer whose socket has [`HIGH_WATER`] bytes unsent waits while the RIB coalesces its changes
+//! — the progress reports that keep a connection's send hold timer (RFC 9687) from expiring,
+//! and the learned routes for the kernel, built when the dataplane loop asks. Does I/O (queues
 //! bytes for the sockets).
 
 use super::*;
@@ -77,5 +78,27 @@ impl Speaker {
         if kernel_changed {
             self.publish_routes();
         }
+    }
+
+    /// Tells the dataplane loop the routes for the kernel changed.
+    pub(super) fn publish_routes(&self) {
+        self.shared.routes_changed();
+    }
+
+    /// What the kernel should route: what the RIB installs plus the peers' `reachableBy` routes
+    /// (which win over a learned route to the same /32: the session must not ride on its own
+    /// routes); sorted by prefix, one route per prefix.
+    pub(super) fn learned_routes(&self) -> Vec<(IpNet, IpAddr)> {
+        let peer_routes: BTreeMap<IpNet, IpAddr> = self.cfg.peer_routes().collect();
+        let installed = self.rib.installed();
+        let mut routes = Vec::with_capacity(installed.len() + peer_routes.len());
+        routes.extend(
+            installed
+                .iter()
+                .filter(|(k, _)| !peer_routes.contains_key(k)),
+        );
+        routes.extend(peer_routes);
+        routes.sort_unstable_by_key(|(k, _)| *k);
+        routes
     }
 }
