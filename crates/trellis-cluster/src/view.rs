@@ -8,7 +8,7 @@
 //! that does not decode drops the object (the store holds no valid version of it any more) and
 //! is reported with its key; it never stops the view.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use trellis_resources::{
     BgpConfigurationSpec, BgpFilterSpec, BgpPeerSpec, IpPoolSpec, IpamBlockSpec, Kind, NodeSpec,
@@ -32,6 +32,11 @@ pub struct ClusterView {
     /// The newest revision anything in the view came from (listings and events): an own write
     /// older than it may already be superseded, so it waits for the watch.
     newest: i64,
+    /// The store revision the view is complete up to (every change at or before it is in): the
+    /// listings', then the watch's progress ([`ClusterView::reached`]).
+    complete: i64,
+    /// Own transactions applied ahead of the watch, past `complete`.
+    own: BTreeSet<i64>,
 }
 
 /// What one event did to the view.
@@ -95,6 +100,8 @@ impl ClusterView {
             objects: BTreeMap::new(),
             generation: BTreeMap::new(),
             newest: 0,
+            complete: 0,
+            own: BTreeSet::new(),
         }
     }
 
@@ -144,10 +151,37 @@ impl ClusterView {
         self.objects.insert(kind, fresh);
         self.listed_at.insert(kind, listing.revision);
         self.newest = self.newest.max(listing.revision);
+        if self.loaded() {
+            // Each listing is complete as of its own revision; the view as of the oldest.
+            let oldest = self.listed_at.values().min().copied().unwrap_or(0);
+            self.reached(oldest);
+        }
         if changed {
             *self.generation.entry(kind).or_default() += 1;
         }
         (changed, errors)
+    }
+
+    /// Every change at or before `revision` is in the view (the watch's progress): moves the
+    /// point own writes must follow on from (never back).
+    pub fn reached(&mut self, revision: i64) {
+        self.complete = self.complete.max(revision);
+        let complete = self.complete;
+        self.own.retain(|r| *r > complete);
+    }
+
+    /// Whether a transaction at `revision` is the store's next change after what the view
+    /// holds: every revision between the view's complete point and it was an own write
+    /// already applied. Revisions are consecutive (each writing transaction takes the next one,
+    /// on etcd and SQLite alike), so any other revision in between is someone else's change the
+    /// view has not seen — a release of the address this write hands out again, a policy
+    /// written just before the pod — and applying this write ahead of it would show a state
+    /// the store never passed through.
+    fn follows_on(&self, revision: i64) -> bool {
+        let gap = revision - self.complete - 1;
+        gap >= 0
+            && usize::try_from(gap).is_ok_and(|g| g <= self.own.len())
+            && (self.complete + 1..revision).all(|r| self.own.contains(&r))
     }
 
     /// Applies one watch event.
@@ -205,13 +239,16 @@ impl ClusterView {
 
     /// Applies the writes of a transaction this process committed at `revision`, ahead of their
     /// watch events, so its own loops see them without waiting for the watch (read your
-    /// writes). Only when nothing newer is in the view yet: then no later change to these keys
-    /// can have been applied, and their events, when they come, change nothing. Returns what
-    /// each write did (nothing at all when the view is already past `revision`).
+    /// writes). Only when the transaction follows on from what the view holds
+    /// ([`ClusterView::follows_on`]: no change of anyone else's is missing before it) and
+    /// nothing newer is in the view yet: then the view shows a state the store passed through,
+    /// and the writes' events, when they come, change nothing. Returns what each write did
+    /// (nothing at all when the write must wait for the watch).
     pub fn apply_own(&mut self, revision: i64, writes: &[TxnOp]) -> Vec<Applied> {
-        if revision <= self.newest {
+        if revision <= self.newest || !self.follows_on(revision) {
             return Vec::new();
         }
+        self.own.insert(revision);
         writes
             .iter()
             .map(|w| {
@@ -325,28 +362,22 @@ mod tests {
     fn own_writes_are_seen_before_their_events_and_their_events_change_nothing() {
         let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
         let b = node("b", "192.0.2.2/24", 1);
-        let applied = v.apply_own(8, &[TxnOp::Put(b.key(), encode(&b))]);
+        let applied = v.apply_own(6, &[TxnOp::Put(b.key(), encode(&b))]);
         assert_eq!(applied[0].changed, Some(Kind::Node));
         assert_eq!(names(&v), ["a", "b"]);
-        // Earlier events of other keys still come in; the write's own event is a no-op.
+        // The next own write follows on from it.
+        let c = node("c", "192.0.2.3/24", 1);
+        assert_eq!(
+            v.apply_own(7, &[TxnOp::Put(c.key(), encode(&c))])[0].changed,
+            Some(Kind::Node)
+        );
+        // The writes' own events are no-ops; later events of other keys come in.
+        assert!(v.apply(&put(&b, 6)).changed.is_none());
+        assert!(v.apply(&put(&c, 7)).changed.is_none());
         assert!(v
-            .apply(&put(&pool("p", "10.1.0.0/16"), 7))
+            .apply(&put(&pool("p", "10.1.0.0/16"), 8))
             .changed
             .is_some());
-        assert!(v.apply(&put(&b, 8)).changed.is_none());
-        // An older version of the key arriving late does not roll it back.
-        let b_old = node("b", "192.0.2.9/24", 1);
-        assert!(v.apply(&put(&b_old, 6)).changed.is_none());
-        let addr = |v: &ClusterView| {
-            v.nodes()
-                .find(|n| n.metadata.name == "b")
-                .unwrap()
-                .spec
-                .addresses[0]
-                .address
-                .clone()
-        };
-        assert_eq!(addr(&v), "192.0.2.2/24");
         // A delete after it applies.
         let del = WatchEvent {
             kind: WatchEventKind::Delete,
@@ -355,7 +386,33 @@ mod tests {
             revision: 9,
         };
         assert_eq!(v.apply(&del).changed, Some(Kind::Node));
+        assert_eq!(names(&v), ["a", "c"]);
+    }
+
+    /// Someone else's change at 6 is not in the view yet (the watch lags): an own write at 7
+    /// waits for the watch, or the view would show 7 without 6 — a state the store never held
+    /// (a released address on its old endpoint and its new one; a pod without the policy
+    /// written just before it).
+    #[test]
+    fn own_writes_after_an_unseen_change_wait_for_the_watch() {
+        let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
+        let b = node("b", "192.0.2.2/24", 1);
+        assert!(v
+            .apply_own(7, &[TxnOp::Put(b.key(), encode(&b))])
+            .is_empty());
         assert_eq!(names(&v), ["a"]);
+        // Once the watch says the view is complete up to 6, the next own write goes in.
+        v.reached(6);
+        let c = node("c", "192.0.2.3/24", 1);
+        assert!(v
+            .apply_own(8, &[TxnOp::Put(c.key(), encode(&c))])
+            .is_empty());
+        v.reached(7);
+        assert_eq!(
+            v.apply_own(8, &[TxnOp::Put(c.key(), encode(&c))])[0].changed,
+            Some(Kind::Node)
+        );
+        assert_eq!(names(&v), ["a", "c"]);
     }
 
     #[test]
