@@ -8,7 +8,7 @@
 //! that does not decode drops the object (the store holds no valid version of it any more) and
 //! is reported with its key; it never stops the view.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use trellis_resources::{
     BgpConfigurationSpec, BgpFilterSpec, BgpPeerSpec, IpPoolSpec, IpamBlockSpec, Kind, NodeSpec,
@@ -35,8 +35,9 @@ pub struct ClusterView {
     /// The store revision the view is complete up to (every change at or before it is in): the
     /// listings', then the watch's progress ([`ClusterView::reached`]).
     complete: i64,
-    /// Own transactions applied ahead of the watch, past `complete`.
-    own: BTreeSet<i64>,
+    /// Own transactions applied ahead of the watch, past `complete`, with their writes (a
+    /// relist older than one of them has it put back).
+    own: BTreeMap<i64, Vec<TxnOp>>,
 }
 
 /// What one event did to the view.
@@ -101,7 +102,7 @@ impl ClusterView {
             generation: BTreeMap::new(),
             newest: 0,
             complete: 0,
-            own: BTreeSet::new(),
+            own: BTreeMap::new(),
         }
     }
 
@@ -137,6 +138,7 @@ impl ClusterView {
                 Err(e) => errors.push(e),
             }
         }
+        self.overlay_own(kind, listing.revision, &mut fresh);
         let old = self.objects.get(&kind);
         let changed = match old {
             None => !fresh.is_empty() || !self.listed_at.contains_key(&kind),
@@ -167,7 +169,35 @@ impl ClusterView {
     pub fn reached(&mut self, revision: i64) {
         self.complete = self.complete.max(revision);
         let complete = self.complete;
-        self.own.retain(|r| *r > complete);
+        self.own.retain(|r, _| *r > complete);
+    }
+
+    /// Puts the own writes newer than a listing of `kind` back over it: the listing was taken
+    /// before they committed (a relist lists before it takes the view's lock), and since each
+    /// followed on from the view ([`ClusterView::follows_on`]) nobody else wrote in between.
+    fn overlay_own(&self, kind: Kind, listed: i64, fresh: &mut BTreeMap<String, Stored>) {
+        let prefix = kind.prefix();
+        for (revision, writes) in self.own.range(listed + 1..) {
+            for w in writes {
+                match w {
+                    TxnOp::Put(key, value) if key.starts_with(&prefix) => {
+                        let kv = KeyValue {
+                            key: key.clone(),
+                            value: value.clone(),
+                            create_revision: 0,
+                            mod_revision: *revision,
+                        };
+                        if let Ok(s) = decode_as(kind, &kv) {
+                            fresh.insert(key.clone(), s);
+                        }
+                    }
+                    TxnOp::Delete(key) if key.starts_with(&prefix) => {
+                        fresh.remove(key);
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Whether a transaction at `revision` is the store's next change after what the view
@@ -181,7 +211,7 @@ impl ClusterView {
         let gap = revision - self.complete - 1;
         gap >= 0
             && usize::try_from(gap).is_ok_and(|g| g <= self.own.len())
-            && (self.complete + 1..revision).all(|r| self.own.contains(&r))
+            && (self.complete + 1..revision).all(|r| self.own.contains_key(&r))
     }
 
     /// Applies one watch event.
@@ -248,7 +278,7 @@ impl ClusterView {
         if revision <= self.newest || !self.follows_on(revision) {
             return Vec::new();
         }
-        self.own.insert(revision);
+        self.own.insert(revision, writes.to_vec());
         writes
             .iter()
             .map(|w| {
@@ -413,6 +443,41 @@ mod tests {
             Some(Kind::Node)
         );
         assert_eq!(names(&v), ["a", "c"]);
+    }
+
+    /// A relist lists (outside the agent's lock) before an own write commits and installs the
+    /// listings after the write went into the view: the write must stay (the listing is older
+    /// than it), not vanish until the watch brings it again — a new pod's endpoint confirmed
+    /// programmed would be unprogrammed meanwhile, its block withdrawn from the routes.
+    #[test]
+    fn a_relist_older_than_an_own_write_keeps_it() {
+        let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
+        let b = node("b", "192.0.2.2/24", 1);
+        let a = node("a", "192.0.2.1/24", 1);
+        assert!(!v
+            .apply_own(
+                6,
+                &[TxnOp::Put(b.key(), encode(&b)), TxnOp::Delete(a.key())]
+            )
+            .is_empty());
+        assert_eq!(names(&v), ["b"]);
+        let listing = Listing {
+            items: vec![kv(&a, 3)],
+            revision: 5,
+        };
+        v.load(Kind::Node, &listing);
+        assert_eq!(
+            names(&v),
+            ["b"],
+            "the own write at 6 is newer than the listing at 5"
+        );
+        // A listing that has the write (or anything newer) replaces it as usual.
+        let listing = Listing {
+            items: vec![kv(&a, 7)],
+            revision: 7,
+        };
+        v.load(Kind::Node, &listing);
+        assert_eq!(names(&v), ["a"]);
     }
 
     #[test]
