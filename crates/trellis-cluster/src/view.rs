@@ -138,6 +138,11 @@ impl ClusterView {
                 Err(e) => errors.push(e),
             }
         }
+        if listing.revision < self.complete {
+            // Older than what the view already had complete: the store went back (restored
+            // from a backup, replaced). Its own writes are not this store's.
+            self.own.clear();
+        }
         self.overlay_own(kind, listing.revision, &mut fresh);
         let old = self.objects.get(&kind);
         let changed = match old {
@@ -477,6 +482,27 @@ mod tests {
             revision: 7,
         };
         v.load(Kind::Node, &listing);
+        assert_eq!(names(&v), ["a"]);
+    }
+
+    /// A store that went back (restored from a backup) lists older than the view was
+    /// complete: own writes of the store before are not put back over its listings.
+    #[test]
+    fn a_relist_of_a_store_that_went_back_drops_own_writes() {
+        let mut v = loaded(vec![], 5);
+        v.reached(9);
+        let b = node("b", "192.0.2.2/24", 1);
+        assert!(!v
+            .apply_own(10, &[TxnOp::Put(b.key(), encode(&b))])
+            .is_empty());
+        let a = node("a", "192.0.2.1/24", 1);
+        v.load(
+            Kind::Node,
+            &Listing {
+                items: vec![kv(&a, 2)],
+                revision: 3,
+            },
+        );
         assert_eq!(names(&v), ["a"]);
     }
 
