@@ -290,6 +290,8 @@ fn apply_burst(
             next = watch.try_next();
         }
         if let (Some(p), None) = (progress, &end) {
+            // The view's own copy gates the allocator's writes (`ClusterView::apply_own`).
+            view.reached(p);
             shared.reached(p);
         }
     }

@@ -32,6 +32,12 @@ pub struct ClusterView {
     /// The newest revision anything in the view came from (listings and events): an own write
     /// older than it may already be superseded, so it waits for the watch.
     newest: i64,
+    /// The store revision the view is complete up to (every change at or before it is in): the
+    /// listings', then the watch's progress ([`ClusterView::reached`]).
+    complete: i64,
+    /// Own transactions applied ahead of the watch, past `complete`, with their writes (a
+    /// relist older than one of them has it put back).
+    own: BTreeMap<i64, Vec<TxnOp>>,
 }
 
 /// What one event did to the view.
@@ -95,6 +101,8 @@ impl ClusterView {
             objects: BTreeMap::new(),
             generation: BTreeMap::new(),
             newest: 0,
+            complete: 0,
+            own: BTreeMap::new(),
         }
     }
 
@@ -130,6 +138,12 @@ impl ClusterView {
                 Err(e) => errors.push(e),
             }
         }
+        if listing.revision < self.complete {
+            // Older than what the view already had complete: the store went back (restored
+            // from a backup, replaced). Its own writes are not this store's.
+            self.own.clear();
+        }
+        self.overlay_own(kind, listing.revision, &mut fresh);
         let old = self.objects.get(&kind);
         let changed = match old {
             None => !fresh.is_empty() || !self.listed_at.contains_key(&kind),
@@ -144,10 +158,65 @@ impl ClusterView {
         self.objects.insert(kind, fresh);
         self.listed_at.insert(kind, listing.revision);
         self.newest = self.newest.max(listing.revision);
+        if self.loaded() {
+            // Each listing is complete as of its own revision; the view as of the oldest.
+            let oldest = self.listed_at.values().min().copied().unwrap_or(0);
+            self.reached(oldest);
+        }
         if changed {
             *self.generation.entry(kind).or_default() += 1;
         }
         (changed, errors)
+    }
+
+    /// Every change at or before `revision` is in the view (the watch's progress): moves the
+    /// point own writes must follow on from (never back).
+    pub fn reached(&mut self, revision: i64) {
+        self.complete = self.complete.max(revision);
+        let complete = self.complete;
+        self.own.retain(|r, _| *r > complete);
+    }
+
+    /// Puts the own writes newer than a listing of `kind` back over it: the listing was taken
+    /// before they committed (a relist lists before it takes the view's lock), and since each
+    /// followed on from the view ([`ClusterView::follows_on`]) nobody else wrote in between.
+    fn overlay_own(&self, kind: Kind, listed: i64, fresh: &mut BTreeMap<String, Stored>) {
+        let prefix = kind.prefix();
+        for (revision, writes) in self.own.range(listed + 1..) {
+            for w in writes {
+                match w {
+                    TxnOp::Put(key, value) if key.starts_with(&prefix) => {
+                        let kv = KeyValue {
+                            key: key.clone(),
+                            value: value.clone(),
+                            create_revision: 0,
+                            mod_revision: *revision,
+                        };
+                        if let Ok(s) = decode_as(kind, &kv) {
+                            fresh.insert(key.clone(), s);
+                        }
+                    }
+                    TxnOp::Delete(key) if key.starts_with(&prefix) => {
+                        fresh.remove(key);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Whether a transaction at `revision` is the store's next change after what the view
+    /// holds: every revision between the view's complete point and it was an own write
+    /// already applied. Revisions are consecutive (each writing transaction takes the next one,
+    /// on etcd and SQLite alike), so any other revision in between is someone else's change the
+    /// view has not seen — a release of the address this write hands out again, a policy
+    /// written just before the pod — and applying this write ahead of it would show a state
+    /// the store never passed through.
+    fn follows_on(&self, revision: i64) -> bool {
+        let gap = revision - self.complete - 1;
+        gap >= 0
+            && usize::try_from(gap).is_ok_and(|g| g <= self.own.len())
+            && (self.complete + 1..revision).all(|r| self.own.contains_key(&r))
     }
 
     /// Applies one watch event.
@@ -205,13 +274,16 @@ impl ClusterView {
 
     /// Applies the writes of a transaction this process committed at `revision`, ahead of their
     /// watch events, so its own loops see them without waiting for the watch (read your
-    /// writes). Only when nothing newer is in the view yet: then no later change to these keys
-    /// can have been applied, and their events, when they come, change nothing. Returns what
-    /// each write did (nothing at all when the view is already past `revision`).
+    /// writes). Only when the transaction follows on from what the view holds
+    /// ([`ClusterView::follows_on`]: no change of anyone else's is missing before it) and
+    /// nothing newer is in the view yet: then the view shows a state the store passed through,
+    /// and the writes' events, when they come, change nothing. Returns what each write did
+    /// (nothing at all when the write must wait for the watch).
     pub fn apply_own(&mut self, revision: i64, writes: &[TxnOp]) -> Vec<Applied> {
-        if revision <= self.newest {
+        if revision <= self.newest || !self.follows_on(revision) {
             return Vec::new();
         }
+        self.own.insert(revision, writes.to_vec());
         writes
             .iter()
             .map(|w| {
@@ -325,28 +397,22 @@ mod tests {
     fn own_writes_are_seen_before_their_events_and_their_events_change_nothing() {
         let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
         let b = node("b", "192.0.2.2/24", 1);
-        let applied = v.apply_own(8, &[TxnOp::Put(b.key(), encode(&b))]);
+        let applied = v.apply_own(6, &[TxnOp::Put(b.key(), encode(&b))]);
         assert_eq!(applied[0].changed, Some(Kind::Node));
         assert_eq!(names(&v), ["a", "b"]);
-        // Earlier events of other keys still come in; the write's own event is a no-op.
+        // The next own write follows on from it.
+        let c = node("c", "192.0.2.3/24", 1);
+        assert_eq!(
+            v.apply_own(7, &[TxnOp::Put(c.key(), encode(&c))])[0].changed,
+            Some(Kind::Node)
+        );
+        // The writes' own events are no-ops; later events of other keys come in.
+        assert!(v.apply(&put(&b, 6)).changed.is_none());
+        assert!(v.apply(&put(&c, 7)).changed.is_none());
         assert!(v
-            .apply(&put(&pool("p", "10.1.0.0/16"), 7))
+            .apply(&put(&pool("p", "10.1.0.0/16"), 8))
             .changed
             .is_some());
-        assert!(v.apply(&put(&b, 8)).changed.is_none());
-        // An older version of the key arriving late does not roll it back.
-        let b_old = node("b", "192.0.2.9/24", 1);
-        assert!(v.apply(&put(&b_old, 6)).changed.is_none());
-        let addr = |v: &ClusterView| {
-            v.nodes()
-                .find(|n| n.metadata.name == "b")
-                .unwrap()
-                .spec
-                .addresses[0]
-                .address
-                .clone()
-        };
-        assert_eq!(addr(&v), "192.0.2.2/24");
         // A delete after it applies.
         let del = WatchEvent {
             kind: WatchEventKind::Delete,
@@ -355,6 +421,88 @@ mod tests {
             revision: 9,
         };
         assert_eq!(v.apply(&del).changed, Some(Kind::Node));
+        assert_eq!(names(&v), ["a", "c"]);
+    }
+
+    /// Someone else's change at 6 is not in the view yet (the watch lags): an own write at 7
+    /// waits for the watch, or the view would show 7 without 6 — a state the store never held
+    /// (a released address on its old endpoint and its new one; a pod without the policy
+    /// written just before it).
+    #[test]
+    fn own_writes_after_an_unseen_change_wait_for_the_watch() {
+        let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
+        let b = node("b", "192.0.2.2/24", 1);
+        assert!(v
+            .apply_own(7, &[TxnOp::Put(b.key(), encode(&b))])
+            .is_empty());
+        assert_eq!(names(&v), ["a"]);
+        // Once the watch says the view is complete up to 6, the next own write goes in.
+        v.reached(6);
+        let c = node("c", "192.0.2.3/24", 1);
+        assert!(v
+            .apply_own(8, &[TxnOp::Put(c.key(), encode(&c))])
+            .is_empty());
+        v.reached(7);
+        assert_eq!(
+            v.apply_own(8, &[TxnOp::Put(c.key(), encode(&c))])[0].changed,
+            Some(Kind::Node)
+        );
+        assert_eq!(names(&v), ["a", "c"]);
+    }
+
+    /// A relist lists (outside the agent's lock) before an own write commits and installs the
+    /// listings after the write went into the view: the write must stay (the listing is older
+    /// than it), not vanish until the watch brings it again — a new pod's endpoint confirmed
+    /// programmed would be unprogrammed meanwhile, its block withdrawn from the routes.
+    #[test]
+    fn a_relist_older_than_an_own_write_keeps_it() {
+        let mut v = loaded(vec![kv(&node("a", "192.0.2.1/24", 1), 3)], 5);
+        let b = node("b", "192.0.2.2/24", 1);
+        let a = node("a", "192.0.2.1/24", 1);
+        assert!(!v
+            .apply_own(
+                6,
+                &[TxnOp::Put(b.key(), encode(&b)), TxnOp::Delete(a.key())]
+            )
+            .is_empty());
+        assert_eq!(names(&v), ["b"]);
+        let listing = Listing {
+            items: vec![kv(&a, 3)],
+            revision: 5,
+        };
+        v.load(Kind::Node, &listing);
+        assert_eq!(
+            names(&v),
+            ["b"],
+            "the own write at 6 is newer than the listing at 5"
+        );
+        // A listing that has the write (or anything newer) replaces it as usual.
+        let listing = Listing {
+            items: vec![kv(&a, 7)],
+            revision: 7,
+        };
+        v.load(Kind::Node, &listing);
+        assert_eq!(names(&v), ["a"]);
+    }
+
+    /// A store that went back (restored from a backup) lists older than the view was
+    /// complete: own writes of the store before are not put back over its listings.
+    #[test]
+    fn a_relist_of_a_store_that_went_back_drops_own_writes() {
+        let mut v = loaded(vec![], 5);
+        v.reached(9);
+        let b = node("b", "192.0.2.2/24", 1);
+        assert!(!v
+            .apply_own(10, &[TxnOp::Put(b.key(), encode(&b))])
+            .is_empty());
+        let a = node("a", "192.0.2.1/24", 1);
+        v.load(
+            Kind::Node,
+            &Listing {
+                items: vec![kv(&a, 2)],
+                revision: 3,
+            },
+        );
         assert_eq!(names(&v), ["a"]);
     }
 

@@ -114,6 +114,43 @@ fn incremental_batches_keep_the_kernel_equal_to_compile() {
     assert!(fast >= 5, "only {fast} batches took the netlink path");
 }
 
+/// The agent's batches (`handle_all`: a pass's changes as one transaction) in the kernel, from
+/// the rich model and from an empty one: after each batch of random changes the kernel took
+/// the ops (over netlink when element-only, as the agent sends them) and its table is exactly
+/// `compile(model)`.
+#[test]
+fn batches_of_changes_keep_the_kernel_equal_to_compile() {
+    let env = |k: &str, d: u64| std::env::var(k).map_or(d, |s| s.parse().unwrap());
+    for (tag, model) in [
+        ("polbat", common::rich_model()),
+        ("polbae", Model::default()),
+    ] {
+        let node = Node::new(tag);
+        let mut engine = PolicyEngine::with_model(common::NODE, model);
+        node.apply(&engine.full().to_nft_json()).unwrap();
+        let mut r = common::random::Rng::new(env("POL_SEED", 7));
+        for step in 0..env("POL_BATCHES", 40) {
+            let n = 1 + r.next() % 12;
+            let changes: Vec<Change> = (0..n)
+                .map(|_| common::random::random_change(r.next()))
+                .collect();
+            let ops = engine.handle_all(changes.clone());
+            let refused = if ops.is_empty() {
+                None
+            } else if let Some(keys) = ops.element_keys(&engine.full().sets) {
+                node.apply_keys(&keys).err()
+            } else {
+                node.apply(&ops.to_nft_json()).err()
+            };
+            if let Some(e) = refused {
+                panic!("{tag} batch {step}: {changes:?}: the kernel refused {ops:#?}: {e}");
+            }
+            let want = compile::compile(engine.model(), common::NODE);
+            node.assert_table(&want, &format!("{tag} batch {step} ({changes:?})"));
+        }
+    }
+}
+
 /// Changes that touch every kind of object, with set elements merging and splitting.
 fn scripted_changes(m: &Model) -> Vec<Change> {
     let mut out = Vec::new();
@@ -243,4 +280,37 @@ fn drift_is_detected_and_repaired() {
         drift::differs(node.listing().as_ref(), want),
         "a missing table is drift"
     );
+}
+
+/// nft hides `meta nfproto ipv4` before `meta l4proto icmp` and `meta nfproto ipv6` before
+/// `meta l4proto ipv6-icmp` when it lists a rule (the protocol implies the family), though the
+/// kernel keeps both. A policy rule `protocol: ICMPv6` (or ICMP) without an ICMP type, in a
+/// family variant, compiles to exactly that: the table nft took must not read as drifted, or
+/// the agent replaces it whole on every resync (counters reset, a warning each time).
+#[test]
+fn an_icmp_protocol_rule_of_one_family_lists_back_as_compiled() {
+    use trellis_policy::compile::ruleset::{Chain, Expr, Op, Rule, Stmt, Verdict};
+    let node = Node::new("policmp");
+    let mut rs = compile::compile(&Model::default(), common::NODE);
+    let m = |key, n| Stmt::Match {
+        left: Expr::Meta(key),
+        op: Op::Eq,
+        right: Expr::Num(n),
+    };
+    let rules = [(2, 1), (10, 58), (2, 6)]
+        .into_iter()
+        .map(|(f, p)| Rule {
+            stmts: vec![
+                m("nfproto", f),
+                m("l4proto", p),
+                Stmt::Counter,
+                Stmt::Verdict(Verdict::Drop),
+            ],
+            comment: Some(format!("probe/{f}/{p}")),
+        })
+        .collect();
+    rs.chains
+        .insert("probe".into(), Chain { base: false, rules });
+    node.apply(&rs.to_nft_json()).unwrap();
+    node.assert_table(&rs, "after loading rules of one family and ICMP");
 }

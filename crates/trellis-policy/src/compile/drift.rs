@@ -1,7 +1,8 @@
 //! Drift detection (pure): compares the kernel's listing of the table with the expected
 //! [`Ruleset`]. The listing must be numeric JSON (`nft -j -n list table inet trellis_policy`,
 //! `trellis_dataplane::nft::list_table_numeric`): the compiler emits exactly that form, so the
-//! comparison only drops what the kernel adds (handles, counter values, the table's own entry)
+//! comparison only drops what the kernel adds (handles, counter values, the table's own entry),
+//! hides what nft hides when listing (a family implied by `meta l4proto icmp`/`ipv6-icmp`)
 //! and sorts set elements. [`rule_counters`] reads the per-rule counters from the same listing. Anything else in the table — a rule deleted or added by hand, a
 //! chain, set element or object that should not be there — is a difference.
 
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::nft_json::{chain_fields, map_fields, rule_fields, set_fields};
-use super::ruleset::Ruleset;
+use super::ruleset::{Expr, Op, Rule, Ruleset, Stmt};
 
 /// Whether the kernel's table (`None`: it does not exist) differs from `expected`.
 pub fn differs(listing: Option<&Value>, expected: &Ruleset) -> bool {
@@ -107,7 +108,10 @@ impl Normal {
         }
         for (name, c) in &rs.chains {
             n.object("chain", chain_fields(name, c));
-            let rules = c.rules.iter().map(|r| without_chain(rule_fields(name, r)));
+            let rules = c
+                .rules
+                .iter()
+                .map(|r| without_chain(rule_fields(name, &as_listed(r))));
             n.rules.insert(name.clone(), rules.collect());
         }
         n
@@ -155,6 +159,41 @@ impl Normal {
         let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
         self.objects.insert(format!("{kind} {name}"), body);
     }
+}
+
+/// A rule as nft lists it: `meta nfproto ipv4` before `meta l4proto icmp` and `meta nfproto
+/// ipv6` before `meta l4proto ipv6-icmp` are hidden (the protocol implies the family; nft's
+/// `meta_may_dependency_kill`), though the kernel keeps and enforces them — so the compiler
+/// emits them (an ICMPv6 rule must not match an IPv4 packet of protocol 58) and the
+/// comparison drops them.
+fn as_listed(r: &Rule) -> std::borrow::Cow<'_, Rule> {
+    let num = |s: &Stmt, key: &str| match s {
+        Stmt::Match {
+            left: Expr::Meta(k),
+            op: Op::Eq,
+            right: Expr::Num(n),
+        } if *k == key => Some(*n),
+        _ => None,
+    };
+    let implied = |w: &[Stmt]| {
+        matches!(
+            (num(&w[0], "nfproto"), num(&w[1], "l4proto")),
+            (Some(2), Some(1)) | (Some(10), Some(58))
+        )
+    };
+    if !r.stmts.windows(2).any(implied) {
+        return std::borrow::Cow::Borrowed(r);
+    }
+    let mut out = r.clone();
+    let mut i = 0;
+    while i + 1 < out.stmts.len() {
+        if implied(&out.stmts[i..i + 2]) {
+            out.stmts.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn without_chain(mut rule: Value) -> Value {
