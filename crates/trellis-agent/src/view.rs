@@ -167,9 +167,22 @@ impl trellis_cluster::ipam::CommitObserver for SharedView {
         let mut changed = Touched::default();
         {
             let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
-            for a in view.apply_own(revision, writes) {
+            for (w, a) in writes.iter().zip(view.apply_own(revision, writes)) {
                 if let Some(k) = a.changed {
                     changed.add(k);
+                }
+                // As for a watch event: a key held as invalid is valid again once written
+                // (the event that follows is skipped as already seen).
+                if let Some(kind) = a.kind {
+                    let key = match w {
+                        trellis_store::TxnOp::Put(k, _) | trellis_store::TxnOp::Delete(k) => k,
+                    };
+                    let bad = a.error.as_ref().map(|e| Invalid {
+                        key: key.clone(),
+                        revision,
+                        reason: e.to_string(),
+                    });
+                    invalid::observe_key(kind, key, bad.as_ref());
                 }
             }
         }
