@@ -314,3 +314,31 @@ fn an_icmp_protocol_rule_of_one_family_lists_back_as_compiled() {
     node.apply(&rs.to_nft_json()).unwrap();
     node.assert_table(&rs, "after loading rules of one family and ICMP");
 }
+
+/// A rule with numeric ports on both sides and a named port in `notPorts` (a named-port
+/// lookup between the two numeric matches as the rule reads) lists back as compiled: nft merges
+/// `sport` and `dport` equality matches across such a lookup, so the compiler puts numeric port
+/// matches first — otherwise the table reads as drifted and is replaced on every resync.
+#[test]
+fn numeric_ports_on_both_sides_with_a_named_not_port_list_back_as_compiled() {
+    let node = Node::new("polports");
+    let mut m = common::rich_model();
+    let mut p = common::policy(PolicyKind::Global, None, "ports", "default", "all()");
+    let mut r = common::rule(Action::Deny);
+    r.protocol = Some(Protocol::Udp);
+    r.source.ports = common::ports(&[(80, 80)]);
+    r.destination.ports = common::ports(&[(80, 80)]);
+    r.destination.not_ports = vec![PortMatch::Named("http".into())];
+    p.ingress = Some(vec![r]);
+    common::add_policy(&mut m, p);
+    let rs = compile::compile(&m, common::NODE);
+    let text = rs.to_string();
+    assert!(
+        text.lines().any(|l| l.contains("udp sport 80")
+            && l.contains("udp dport 80")
+            && l.contains("udp dport != @np_")),
+        "the case under test is compiled:\n{text}"
+    );
+    node.apply(&rs.to_nft_json()).unwrap();
+    node.assert_table(&rs, "after loading a rule with ports on both sides");
+}

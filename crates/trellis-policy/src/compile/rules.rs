@@ -472,8 +472,17 @@ fn compile_variant(
                 stmts.extend(prelude.iter().cloned());
                 stmts.extend(src.addr.iter().cloned());
                 stmts.extend(dst.addr.iter().cloned());
-                stmts.extend(sp.iter().cloned());
-                stmts.extend(dp.iter().cloned());
+                // Numeric port matches of both sides before any named-port lookup: nft
+                // merges `sport` and `dport` equality matches across a lookup between them
+                // and lists them together, so any other order would read back as drift.
+                let (sp_plain, sp_lookups): (Vec<&Stmt>, Vec<&Stmt>) =
+                    sp.iter().partition(|s| !is_lookup(s));
+                let (dp_plain, dp_lookups): (Vec<&Stmt>, Vec<&Stmt>) =
+                    dp.iter().partition(|s| !is_lookup(s));
+                stmts.extend(sp_plain.into_iter().cloned());
+                stmts.extend(dp_plain.into_iter().cloned());
+                stmts.extend(sp_lookups.into_iter().cloned());
+                stmts.extend(dp_lookups.into_iter().cloned());
                 stmts.extend(icmp_base.iter().cloned());
                 stmts.extend(ia.iter().cloned());
                 avoid_ne_merges(&mut stmts);
@@ -485,6 +494,17 @@ fn compile_variant(
             }
         }
     }
+}
+
+/// Whether a statement is a named-port lookup (`ADDR . l4proto . PORT @set`).
+fn is_lookup(s: &Stmt) -> bool {
+    matches!(
+        s,
+        Stmt::Match {
+            left: Expr::Concat(_),
+            ..
+        }
+    )
 }
 
 /// Whether a statement reads an IP or ICMP header field (nft then adds the family dependency
