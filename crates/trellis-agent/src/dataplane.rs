@@ -602,6 +602,7 @@ async fn ensure_vtep(
                     && i.local == Some(local)
                     && l.mac == Some(mac)
                     && l.mtu == mtu
+                    && !i.udp_csum
             }
             _ => false,
         };

@@ -38,7 +38,12 @@ fn vxlan_plan_applies_and_resync_is_a_no_op() {
         .run(|| ethtool::set_tx_checksum("vxlan.trellis", false))
         .unwrap()
         .unwrap();
-    assert_eq!(nl.vxlan_info("vxlan.trellis").unwrap().unwrap().vni, 4096);
+    let info = nl.vxlan_info("vxlan.trellis").unwrap().unwrap();
+    assert_eq!(info.vni, 4096);
+    assert!(!info.udp_csum, "VTEPs carry no outer UDP checksum");
+    assert!(ns
+        .exec_ok(&["ip", "-d", "link", "show", "vxlan.trellis"])
+        .contains(" noudpcsum "));
 
     let local = LocalNode {
         name: "n1".into(),
