@@ -14,6 +14,11 @@
 //! (`ChecksumOffloadBroken`, `featureDetectOverride`) and Flannel turn the offload off for the
 //! older kernels only.
 //!
+//! The fix covers a zero outer checksum only, so Trellis creates its VTEP without one
+//! (`noudpcsum`, as Calico and Flannel do; the kernel's default is an outer checksum): with
+//! one, the same NAT leaves it stale and the receiver drops the packet even on 6.18
+//! (`crates/trellis-cli/tests/vxlan_offload.rs` shows both).
+//!
 //! Distribution kernels that carry the fix under an older number (Ubuntu's `5.4.0-NN`, RHEL's
 //! `4.18.0-NNN`) are treated as broken, as Calico does: `on` is the override for them. A release
 //! string that does not parse counts as broken too (the safe side).
