@@ -21,8 +21,9 @@ use crate::types::{
 };
 use crate::{prefix_end, Datastore, Result, StoreError, Watch};
 
-/// How often a watch looks for new log entries.
-const POLL: Duration = Duration::from_millis(50);
+/// How often a watch looks for new log entries, unless [`SqliteStore::with_poll`] says otherwise
+/// (`cargo bench -p trellis --bench rest` measures the interval against latency and CPU).
+pub const POLL: Duration = Duration::from_millis(50);
 
 /// Most log entries one poll reads: a watcher far behind (a slow reader, or a watch from an
 /// old revision) catches up in batches of this size rather than reading everything retained
@@ -82,6 +83,8 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// `None`: the log is only compacted by explicit [`Datastore::compact`] calls.
     retention: Option<Retention>,
+    /// How often watches poll the change log.
+    poll: Duration,
 }
 
 fn sql_err(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -200,7 +203,13 @@ impl SqliteStore {
             path: path.to_string(),
             conn: Arc::new(Mutex::new(conn)),
             retention,
+            poll: POLL,
         })
+    }
+
+    /// The same store with watches that poll the change log every `poll` (default [`POLL`]).
+    pub fn with_poll(self, poll: Duration) -> SqliteStore {
+        SqliteStore { poll, ..self }
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -459,6 +468,7 @@ impl Datastore for SqliteStore {
         let prefixes = prefixes.to_vec();
         let progress = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let reached = progress.clone();
+        let poll = self.poll;
         tokio::spawn(async move {
             let mut next = from;
             loop {
@@ -507,7 +517,7 @@ impl Datastore for SqliteStore {
                 if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep(poll).await;
             }
         });
         Ok(Watch::with_progress(rx, progress))
