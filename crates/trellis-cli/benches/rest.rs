@@ -15,7 +15,7 @@
 //! `cargo bench -p trellis --bench rest` (WINDOW=20 for a quick look).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -228,6 +228,14 @@ impl SqliteStore {
     }
 }
 
+/// `PRAGMA data_version` of a watch's own connection, which changes whenever another connection
+/// (of this or any process) commits; `None` if it cannot be read (then the watch just polls).
+/// Runs on the caller's thread: in WAL mode it only looks at the shared-memory index.
+fn data_version(conn: &Mutex<Connection>) -> Option<i64> {
+    let c = conn.lock().unwrap_or_else(|e| e.into_inner());
+    c.query_row("PRAGMA data_version", [], |r| r.get(0)).ok()
+}
+
 fn row_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
     Ok(KeyValue {
         key: r.get(0)?,
@@ -471,7 +479,20 @@ impl Datastore for SqliteStore {
         let poll = self.poll;
         tokio::spawn(async move {
             let mut next = from;
+            // The file's data_version read before the last poll, when that poll found nothing
+            // (and so had read everything): while the version stays, no connection committed,
+            // and a poll would find nothing again. Checking costs one pragma on this thread; a
+            // poll costs a read transaction on a blocking thread (most of an idle agent's CPU).
+            let mut quiet_at: Option<i64> = None;
             loop {
+                let version = data_version(&conn);
+                if version.is_some() && version == quiet_at {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(poll).await;
+                    continue;
+                }
                 let (c, p) = (conn.clone(), prefixes.clone());
                 let polled = tokio::task::spawn_blocking(move || {
                     let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
@@ -506,6 +527,7 @@ impl Datastore for SqliteStore {
                         return;
                     }
                 };
+                quiet_at = if batch.is_empty() { version } else { None };
                 for ev in batch {
                     if tx.send(Ok(ev)).await.is_err() {
                         return; // the watcher went away
@@ -544,6 +566,32 @@ impl Datastore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Quiet polls are skipped while no connection commits (see `data_version`); a write from
+    /// another connection — another handle, as another process would — or from the watching
+    /// handle itself still arrives, each within a few polls.
+    #[tokio::test]
+    async fn writes_after_quiet_polls_are_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let path = path.to_str().unwrap();
+        let poll = Duration::from_millis(10);
+        let watching = SqliteStore::open(path).await.unwrap().with_poll(poll);
+        let other = SqliteStore::open(path).await.unwrap();
+        let mut w = watching.watch("/w/", 1).await.unwrap();
+        for (n, store) in [&other, &watching, &other].into_iter().enumerate() {
+            // Several quiet polls first.
+            tokio::time::sleep(poll * 5).await;
+            let op = TxnOp::Put(format!("/w/{n}"), b"x".to_vec());
+            store.txn(vec![], vec![op]).await.unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .unwrap_or_else(|_| panic!("write {n} never arrived"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(ev.key, format!("/w/{n}"));
+        }
+    }
 
     /// A watcher whose prefixes saw no change still moves past everything the store had, so it
     /// neither rescans other keys' entries on every poll nor falls behind a compaction.
