@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use trellis_cluster::ipam::Request;
 use trellis_cluster::view::ClusterView;
 use trellis_dataplane::netlink::VxlanSpec;
-use trellis_dataplane::{nft, routing, sysctl, Netlink};
+use trellis_dataplane::{ethtool, nft, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{Encapsulation, IpPoolSpec};
 use trellis_routing::{
@@ -42,6 +42,8 @@ pub struct VxlanConfig {
     pub port: u16,
     /// Explicit MTU for the VTEP (and pods); otherwise the uplink's minus 50.
     pub mtu: Option<u32>,
+    /// Transmit checksum offload on the VTEP (see [`crate::offload`]).
+    pub checksum_offload: crate::offload::ChecksumOffload,
 }
 
 /// A stable, locally administered unicast MAC for this node's VTEP (same after a restart).
@@ -603,6 +605,7 @@ async fn ensure_vtep(
     };
     let mac = vtep_mac(&agent.config.node);
     let (local, cfg) = (agent.address.addr(), agent.vxlan);
+    let tx_checksum = agent.vxlan_offload.enabled;
     let IpAddr::V4(local) = local else {
         return Err(AgentError::Dataplane(
             "VXLAN needs an IPv4 node address".into(),
@@ -621,6 +624,7 @@ async fn ensure_vtep(
                     && i.local == Some(local)
                     && l.mac == Some(mac)
                     && l.mtu == mtu
+                    && !i.udp_csum
             }
             _ => false,
         };
@@ -647,7 +651,7 @@ async fn ensure_vtep(
         if !vtep.up {
             nl.set_up(vtep.index).map_err(|e| e.to_string())?;
         }
-        routing::disable_tx_checksum(VTEP).map_err(|e| e.to_string())?;
+        set_offload(tx_checksum)?;
         let want = IpNet::new(IpAddr::V4(tunnel), 32).expect("/32");
         if !nl
             .addresses(Some(vtep.index))
@@ -671,6 +675,20 @@ async fn ensure_vtep(
         .await?;
     }
     Ok((ifindex, tunnel))
+}
+
+/// Puts the VTEP's transmit checksum offload the way the agent decided at start (see
+/// [`crate::offload`]), whatever a previous agent or an operator left; only a change is written.
+fn set_offload(on: bool) -> Result<(), String> {
+    let now = ethtool::tx_checksum(VTEP).map_err(|e| e.to_string())?;
+    if now != on {
+        ethtool::set_tx_checksum(VTEP, on).map_err(|e| e.to_string())?;
+        tracing::info!(
+            "{VTEP}: tx checksum offload turned {}",
+            if on { "on" } else { "off" }
+        );
+    }
+    Ok(())
 }
 
 /// One family's natOutgoing table: `family` is `ip` or `ip6`.

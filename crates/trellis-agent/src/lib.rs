@@ -6,6 +6,7 @@ pub mod autodetect;
 pub mod bgp;
 pub mod dataplane;
 pub mod metrics;
+pub mod offload;
 pub mod policy;
 mod server;
 pub mod view;
@@ -72,6 +73,8 @@ pub struct Agent {
     pub ipam: NodeIpam,
     pub address: IpNet,
     pub vxlan: dataplane::VxlanConfig,
+    /// Whether the VTEP keeps transmit checksum offload, decided once at start.
+    pub vxlan_offload: offload::Decision,
     /// MTU handed to new pods; 0 until the first dataplane pass has measured the uplink.
     pub pod_mtu: std::sync::atomic::AtomicU32,
     /// The BGP speaker's routes and state.
@@ -251,6 +254,7 @@ pub async fn run(
     register_node(&*store, &config.node, address, &config.labels).await?;
     tracing::info!(node = %config.node, %address, datastore = %store.describe(), "node registered");
     let vxlan = config.vxlan;
+    let vxlan_offload = vxlan_offload(vxlan.checksum_offload);
     let pod_mtu = std::sync::atomic::AtomicU32::new(0);
     // The loops start from a complete view; from here on one watch keeps it current, and the
     // allocator's own writes go in as they commit.
@@ -269,6 +273,7 @@ pub async fn run(
         ipam,
         address,
         vxlan,
+        vxlan_offload,
         pod_mtu,
         bgp: Arc::new(bgp_shared),
         view: cluster,
@@ -310,6 +315,23 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
+}
+
+/// Decides the VTEP's transmit checksum offload from `setting` and the running kernel, and
+/// logs which applies and why (the kernel release is read once: it cannot change under us).
+fn vxlan_offload(setting: offload::ChecksumOffload) -> offload::Decision {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the kernel release");
+        String::new()
+    });
+    let d = offload::decide(setting, &release);
+    tracing::info!(
+        %setting,
+        reason = %d.reason,
+        "VXLAN tx checksum offload {}",
+        if d.enabled { "on" } else { "off" }
+    );
+    d
 }
 
 /// Whether the view shows a block of `node` that has been empty for `grace` at `now`: only then

@@ -404,6 +404,7 @@ mod tests {
             vni: 4096,
             port: 4789,
             mtu: None,
+            checksum_offload: Default::default(),
         };
         Agent {
             config: AgentConfig {
@@ -423,6 +424,7 @@ mod tests {
             store,
             address,
             vxlan,
+            vxlan_offload: crate::offload::decide(Default::default(), "6.1"),
             pod_mtu: AtomicU32::new(0),
             bgp: Arc::new(bgp::Shared::default()),
             view: crate::view::SharedView::new(),

@@ -49,6 +49,10 @@ pub struct AgentArgs {
     /// Seconds between dataplane resyncs (drift repair).
     #[arg(long, default_value_t = 2)]
     pub resync: u64,
+    /// VXLAN transmit checksum offload on the VTEP: auto (on unless the kernel predates the fix
+    /// of the VXLAN/NAT checksum bug, 5.7 and the stable releases that carry it), on, off.
+    #[arg(long, env = "TRELLIS_VXLAN_CHECKSUM_OFFLOAD", default_value = "auto")]
+    pub vxlan_checksum_offload: String,
     /// BGP speaker: auto (on when the datastore has a BGPConfiguration or BGPPeer), on, off.
     #[arg(long, env = "TRELLIS_BGP", default_value = "auto")]
     pub bgp: String,
@@ -536,6 +540,7 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
             vni: a.vxlan_vni,
             port: a.vxlan_port,
             mtu: a.mtu,
+            checksum_offload: a.vxlan_checksum_offload.parse()?,
         },
         resync: Duration::from_secs(a.resync.max(1)),
         bgp: a.bgp.parse().map_err(|e: String| anyhow::anyhow!(e))?,

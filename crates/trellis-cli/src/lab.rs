@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use trellis_lab::check::{matrix, member_order};
+use trellis_lab::check::{matrix, member_order, Matrix};
 use trellis_lab::probe::{probe, ProbeSpec};
 use trellis_lab::traffic::{connect, report_line, serve, Target, MAX_TARGETS};
 use trellis_lab::{check, down, exec_cmd, pick, topology, up, validate, State};
@@ -95,15 +95,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
         LabCommand::Check { lab } => {
             let state = State::load(&pick(lab)?)?;
             let outcomes = check(&state);
-            let m = matrix(&outcomes, &member_order(&state));
-            let rows: Vec<Vec<String>> = m
-                .rows
-                .into_iter()
-                .map(|(from, cells)| std::iter::once(from).chain(cells).collect())
-                .collect();
-            let mut header = vec!["FROM \\ TO"];
-            header.extend(m.columns.iter().map(String::as_str));
-            print!("{}", render(&header, &rows));
+            print!("{}", check_table(matrix(&outcomes, &member_order(&state))));
             for o in outcomes.iter().filter(|o| !o.note.is_empty()) {
                 println!("{} -> {}: {}", o.from, o.to, o.note);
             }
@@ -198,6 +190,19 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
     }
 }
 
+/// The `lab check` matrix as text: a row per source, a column per target, both in the
+/// matrix's order.
+fn check_table(m: Matrix) -> String {
+    let rows: Vec<Vec<String>> = m
+        .rows
+        .into_iter()
+        .map(|(from, cells)| std::iter::once(from).chain(cells).collect())
+        .collect();
+    let mut header = vec!["FROM \\ TO"];
+    header.extend(m.columns.iter().map(String::as_str));
+    render(&header, &rows)
+}
+
 fn protocol_of(p: &str) -> Result<ProbeProtocol> {
     Ok(match p {
         "tcp" => ProbeProtocol::Tcp,
@@ -259,4 +264,43 @@ fn run_connect(
         println!("{}", report_line(t, r));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_lab::check::Outcome;
+
+    /// Issue 13.5: every pod to every other pod, as `check` tries them — the first pod has no
+    /// cell of its own in the first row, and its column used to come last. The printed header
+    /// lists the columns in the order of the rows, and each cell sits under its column.
+    #[test]
+    fn the_check_table_lists_columns_in_row_order() {
+        let order: Vec<String> = ["web-1", "web-2", "api-1"].map(String::from).to_vec();
+        let mut outcomes = Vec::new();
+        for a in &order {
+            for b in order.iter().filter(|b| *b != a) {
+                outcomes.push(Outcome {
+                    from: a.clone(),
+                    to: b.clone(),
+                    want: true,
+                    got: !(a == "api-1" && b == "web-2"),
+                    note: String::new(),
+                });
+            }
+        }
+        let text = check_table(matrix(&outcomes, &order));
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0],
+            ["FROM", "\\", "TO", "web-1", "web-2", "api-1"],
+            "{text}"
+        );
+        assert_eq!(lines[1], ["web-1", "-", "ok", "ok"], "{text}");
+        assert_eq!(lines[2], ["web-2", "ok", "-", "ok"], "{text}");
+        assert_eq!(lines[3], ["api-1", "ok", "FAIL", "-"], "{text}");
+    }
 }

@@ -10,7 +10,7 @@ use common::bin;
 fn bad_agent_flags_name_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     let ds = format!("sqlite:{}", dir.path().join("t.db").display());
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--bgp", "maybe"], "--bgp"),
         (&["--vxlan-vni", "0"], "--vxlan-vni"),
         (&["--mtu", "100"], "--mtu"),
@@ -18,6 +18,10 @@ fn bad_agent_flags_name_the_flag() {
         (&["--metrics-listen", "not-an-address"], "--metrics-listen"),
         (&["--label", "novalue"], "--label"),
         (&["--ip", "interface=("], "--ip"),
+        (
+            &["--vxlan-checksum-offload", "maybe"],
+            "--vxlan-checksum-offload",
+        ),
     ];
     for (flags, name) in cases {
         let out = Command::new(bin("trellis"))

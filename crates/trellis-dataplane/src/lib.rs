@@ -6,10 +6,12 @@
 //! - [`sysctl`]: `/proc/sys` reads and writes (per the calling thread's namespace).
 //! - [`events`]: kernel change notifications (link, neighbour, route groups).
 //! - [`features`]: side-effect-free probes of what the kernel supports (link kinds).
+//! - [`ethtool`]: device offload settings (the VTEP's transmit checksum offload).
 //! - [`nft`]: nftables batches through `nft -j -f -`, one atomic transaction per call.
 //! - [`nft_elements`]: set element changes straight over netlink, one transaction per call
 //!   (the fast path that skips `nft`'s cache fetch).
 
+pub mod ethtool;
 pub mod events;
 pub mod features;
 pub mod netlink;

@@ -70,6 +70,9 @@ pub struct VxlanInfo {
     pub port: u16,
     pub local: Option<Ipv4Addr>,
     pub uplink: Option<u32>,
+    /// Whether the outer UDP header carries a checksum (`udpcsum`; Trellis creates VTEPs
+    /// without).
+    pub udp_csum: bool,
 }
 
 /// A neighbour or FDB entry: its address (the VXLAN destination for FDB), MAC and permanence.
@@ -494,6 +497,12 @@ impl Netlink {
             InfoVxlan::Port(spec.port),
             InfoVxlan::Learning(false),
             InfoVxlan::Link(spec.uplink),
+            // No outer UDP checksum (`noudpcsum`; the kernel's default is on), as Calico's and
+            // Flannel's VTEPs: with one, NAT of the outer header (kube-proxy's masquerade of
+            // encapsulated node→service traffic) leaves it stale while the inner segment's
+            // checksum is offloaded, and the receiver drops the packet — still on 6.18; the
+            // 5.7 fix of the VXLAN/NAT bug covers only a zero checksum.
+            InfoVxlan::UDPCsum(false),
         ];
         data.push(InfoVxlan::Local(spec.local));
         let mut msg = LinkMessage::default();
@@ -539,12 +548,14 @@ impl Netlink {
                 for i in infos {
                     if let LinkInfo::Data(InfoData::Vxlan(v)) = i {
                         let (mut vni, mut port, mut local, mut link) = (0, 0, None, None);
+                        let mut udp_csum = false;
                         for x in v {
                             match x {
                                 InfoVxlan::Id(id) => vni = *id,
                                 InfoVxlan::Port(p) => port = *p,
                                 InfoVxlan::Local(ip) => local = Some(*ip),
                                 InfoVxlan::Link(l) => link = Some(*l),
+                                InfoVxlan::UDPCsum(on) => udp_csum = *on,
                                 _ => {}
                             }
                         }
@@ -553,6 +564,7 @@ impl Netlink {
                             port,
                             local,
                             uplink: link,
+                            udp_csum,
                         }));
                     }
                 }

@@ -176,60 +176,6 @@ pub fn apply<O: Borrow<Op>>(
     failed
 }
 
-/// Turns off transmit checksum offload on a device (`ethtool -K DEV tx off`): on VXLAN devices
-/// the offload corrupts checksums of encapsulated packets on some paths (the "63-second delay"
-/// seen with kube-proxy NodePorts), so Calico and Flannel both disable it.
-pub fn disable_tx_checksum(name: &str) -> Result<()> {
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    #[repr(C)]
-    struct Ifreq {
-        name: [u8; 16],
-        data: *mut EthtoolValue,
-        _pad: [u8; 16],
-    }
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
-    let mut req = Ifreq {
-        name: [0; 16],
-        data: &mut value,
-        _pad: [0; 16],
-    };
-    let bytes = name.as_bytes();
-    if bytes.len() >= 16 {
-        return Err(DataplaneError::Decode {
-            op: "ethtool".into(),
-            reason: format!("interface name {name:?} too long"),
-        });
-    }
-    req.name[..bytes.len()].copy_from_slice(bytes);
-    // SAFETY: a plain ioctl on a fresh socket with properly laid out, live buffers.
-    let rc = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            -1
-        } else {
-            let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req as *mut Ifreq);
-            libc::close(fd);
-            rc
-        }
-    };
-    if rc < 0 {
-        return Err(DataplaneError::Netlink {
-            op: format!("ethtool -K {name} tx off"),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

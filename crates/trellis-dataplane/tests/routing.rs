@@ -3,7 +3,7 @@
 //! left alone, and removal in the planned order.
 
 use trellis_dataplane::netlink::VxlanSpec;
-use trellis_dataplane::{routing, Netlink, Netns};
+use trellis_dataplane::{ethtool, routing, Netlink, Netns};
 use trellis_resources::Encapsulation;
 use trellis_routing::{
     desired, merge_ops, plan, LearnedPlanner, LocalNode, Op, PoolRouting, RemoteNode,
@@ -37,10 +37,15 @@ fn vxlan_plan_applies_and_resync_is_a_no_op() {
     let vtep = nl.link("vxlan.trellis").unwrap().unwrap();
     nl.set_up(vtep.index).unwrap();
     handle
-        .run(|| routing::disable_tx_checksum("vxlan.trellis"))
+        .run(|| ethtool::set_tx_checksum("vxlan.trellis", false))
         .unwrap()
         .unwrap();
-    assert_eq!(nl.vxlan_info("vxlan.trellis").unwrap().unwrap().vni, 4096);
+    let info = nl.vxlan_info("vxlan.trellis").unwrap().unwrap();
+    assert_eq!(info.vni, 4096);
+    assert!(!info.udp_csum, "VTEPs carry no outer UDP checksum");
+    assert!(ns
+        .exec_ok(&["ip", "-d", "link", "show", "vxlan.trellis"])
+        .contains(" noudpcsum "));
 
     let local = LocalNode {
         name: "n1".into(),
@@ -314,4 +319,47 @@ fn foreign_routes_to_a_block_are_never_replaced() {
         .map(|r| r.dst.to_string())
         .collect();
     assert_eq!(conflicts, ["10.244.1.0/26"]);
+}
+
+/// Transmit checksum offload on a VXLAN device: on by default, turned off and back on, and
+/// read back both through the ioctl and by `ethtool -k` — with segmentation offload following
+/// it (that is the throughput at stake).
+#[test]
+fn vtep_tx_checksum_offload_turns_off_and_back_on() {
+    let ns = TestNetns::new("csum");
+    ns.exec_ok(&[
+        "ip", "link", "add", "vx0", "type", "vxlan", "id", "4096", "dstport", "4789",
+    ]);
+    let handle = Netns::open(ns.path()).unwrap();
+    let get = || handle.run(|| ethtool::tx_checksum("vx0")).unwrap().unwrap();
+    let set = |on| {
+        handle
+            .run(|| ethtool::set_tx_checksum("vx0", on))
+            .unwrap()
+            .unwrap()
+    };
+    let shown = |feature: &str| {
+        let out = ns.exec_ok(&["ethtool", "-k", "vx0"]);
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{feature}: ")))
+            .map(|v| v.starts_with("on"))
+            .unwrap_or_else(|| panic!("no {feature} in {out}"))
+    };
+    assert!(get(), "a new VXLAN device has tx checksum offload");
+    set(false);
+    assert!(!get());
+    assert!(!shown("tx-checksumming"));
+    assert!(!shown("tx-tcp-segmentation"), "TSO goes with it");
+    set(true);
+    assert!(get());
+    assert!(shown("tx-checksumming"));
+    assert!(shown("tx-tcp-segmentation"), "TSO comes back with it");
+    let missing = handle
+        .run(|| ethtool::set_tx_checksum("nosuchdev0", true))
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        missing.to_string().contains("ethtool -K nosuchdev0 tx on") && missing.is_not_found(),
+        "{missing}"
+    );
 }

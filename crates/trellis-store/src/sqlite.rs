@@ -21,8 +21,9 @@ use crate::types::{
 };
 use crate::{prefix_end, Datastore, Result, StoreError, Watch};
 
-/// How often a watch looks for new log entries.
-const POLL: Duration = Duration::from_millis(50);
+/// How often a watch looks for new log entries, unless [`SqliteStore::with_poll`] says otherwise
+/// (`cargo bench -p trellis --bench rest` measures the interval against latency and CPU).
+pub const POLL: Duration = Duration::from_millis(50);
 
 /// Most log entries one poll reads: a watcher far behind (a slow reader, or a watch from an
 /// old revision) catches up in batches of this size rather than reading everything retained
@@ -82,6 +83,8 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// `None`: the log is only compacted by explicit [`Datastore::compact`] calls.
     retention: Option<Retention>,
+    /// How often watches poll the change log.
+    poll: Duration,
 }
 
 fn sql_err(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -200,7 +203,13 @@ impl SqliteStore {
             path: path.to_string(),
             conn: Arc::new(Mutex::new(conn)),
             retention,
+            poll: POLL,
         })
+    }
+
+    /// The same store with watches that poll the change log every `poll` (default [`POLL`]).
+    pub fn with_poll(self, poll: Duration) -> SqliteStore {
+        SqliteStore { poll, ..self }
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -217,6 +226,14 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
+}
+
+/// `PRAGMA data_version` of a watch's own connection, which changes whenever another connection
+/// (of this or any process) commits; `None` if it cannot be read (then the watch just polls).
+/// Runs on the caller's thread: in WAL mode it only looks at the shared-memory index.
+fn data_version(conn: &Mutex<Connection>) -> Option<i64> {
+    let c = conn.lock().unwrap_or_else(|e| e.into_inner());
+    c.query_row("PRAGMA data_version", [], |r| r.get(0)).ok()
 }
 
 fn row_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
@@ -459,9 +476,23 @@ impl Datastore for SqliteStore {
         let prefixes = prefixes.to_vec();
         let progress = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let reached = progress.clone();
+        let poll = self.poll;
         tokio::spawn(async move {
             let mut next = from;
+            // The file's data_version read before the last poll, when that poll found nothing
+            // (and so had read everything): while the version stays, no connection committed,
+            // and a poll would find nothing again. Checking costs one pragma on this thread; a
+            // poll costs a read transaction on a blocking thread (most of an idle agent's CPU).
+            let mut quiet_at: Option<i64> = None;
             loop {
+                let version = data_version(&conn);
+                if version.is_some() && version == quiet_at {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(poll).await;
+                    continue;
+                }
                 let (c, p) = (conn.clone(), prefixes.clone());
                 let polled = tokio::task::spawn_blocking(move || {
                     let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
@@ -496,6 +527,7 @@ impl Datastore for SqliteStore {
                         return;
                     }
                 };
+                quiet_at = if batch.is_empty() { version } else { None };
                 for ev in batch {
                     if tx.send(Ok(ev)).await.is_err() {
                         return; // the watcher went away
@@ -507,7 +539,7 @@ impl Datastore for SqliteStore {
                 if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep(poll).await;
             }
         });
         Ok(Watch::with_progress(rx, progress))
@@ -534,6 +566,32 @@ impl Datastore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Quiet polls are skipped while no connection commits (see `data_version`); a write from
+    /// another connection — another handle, as another process would — or from the watching
+    /// handle itself still arrives, each within a few polls.
+    #[tokio::test]
+    async fn writes_after_quiet_polls_are_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let path = path.to_str().unwrap();
+        let poll = Duration::from_millis(10);
+        let watching = SqliteStore::open(path).await.unwrap().with_poll(poll);
+        let other = SqliteStore::open(path).await.unwrap();
+        let mut w = watching.watch("/w/", 1).await.unwrap();
+        for (n, store) in [&other, &watching, &other].into_iter().enumerate() {
+            // Several quiet polls first.
+            tokio::time::sleep(poll * 5).await;
+            let op = TxnOp::Put(format!("/w/{n}"), b"x".to_vec());
+            store.txn(vec![], vec![op]).await.unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .unwrap_or_else(|_| panic!("write {n} never arrived"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(ev.key, format!("/w/{n}"));
+        }
+    }
 
     /// A watcher whose prefixes saw no change still moves past everything the store had, so it
     /// neither rescans other keys' entries on every poll nor falls behind a compaction.
