@@ -76,9 +76,18 @@ fn adds(c: &Cluster, tag: &str) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>)
     let mut pods = Vec::new();
     for k in 0..PODS {
         let (before, n0, p0) = ready_wait(c);
+        // The pod's namespace exists before ADD, as a runtime makes it first.
+        let name = format!("{tag}{k}");
+        let pod = trellis_testutil::TestNetns::new(&name);
         let t = Instant::now();
-        pods.push(c.add_pod(0, &format!("{tag}{k}")));
+        let out = c.spawn_add(0, &name, &pod).wait_with_output().unwrap();
         add.push(t.elapsed());
+        assert!(
+            out.status.success(),
+            "ADD {name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        pods.push(pod);
         let (after, n1, p1) = ready_wait(c);
         assert_eq!(n1, n0 + 1, "one endpointReady per ADD");
         wait.push(Duration::from_secs_f64(after - before));
