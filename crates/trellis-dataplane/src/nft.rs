@@ -115,6 +115,14 @@ impl Default for WarmApply {
 const APPLY_ARGS: [&str; 3] = ["-j", "-f", "-"];
 
 impl WarmApply {
+    /// A runner of `program` (an `nft` binary) instead of `TRELLIS_NFT` or `nft`.
+    pub fn with_program(program: &str) -> WarmApply {
+        WarmApply {
+            program: program.to_string(),
+            next: std::sync::Mutex::new(None),
+        }
+    }
+
     pub fn apply(&self, doc: &Value) -> Result<()> {
         let input = doc.to_string();
         let ready = self.take_ready();
