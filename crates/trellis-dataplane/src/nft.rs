@@ -52,19 +52,38 @@ fn spawn(program: &str, args: &[&str]) -> Result<Child> {
 
 /// Feeds a started child its input and collects its output, killing it at `deadline`.
 fn finish(
-    mut child: Child,
+    child: Child,
     program: &str,
     args: &[&str],
     input: &[u8],
     deadline: Duration,
 ) -> Result<Output> {
+    let (written, output) = feed(child, program, args, input, deadline)?;
+    if let Err(e) = written {
+        if output.status.success() {
+            return Err(nft_err(format!("writing to {program}: {e}")));
+        }
+    }
+    Ok(output)
+}
+
+/// [`finish`], also returning how writing the input went (a child that exited before taking
+/// its input fails the write with `BrokenPipe`).
+fn feed(
+    mut child: Child,
+    program: &str,
+    args: &[&str],
+    input: &[u8],
+    deadline: Duration,
+) -> Result<(std::io::Result<()>, Output)> {
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let stdin = child.stdin.take();
     let input = input.to_vec();
     let (tx, rx) = mpsc::channel();
     // Writing and waiting happen on a helper thread: both can block on a stuck child.
     let waiter = std::thread::spawn(move || {
-        let written = stdin.map(|mut s| s.write_all(&input)); // dropped here: EOF for the child
+        // Dropped here: EOF for the child.
+        let written = stdin.map_or(Ok(()), |mut s| s.write_all(&input));
         let _ = tx.send((written, child.wait_with_output()));
     });
     let (written, output) = match rx.recv_timeout(deadline) {
@@ -83,32 +102,48 @@ fn finish(
     };
     let _ = waiter.join();
     let output = output.map_err(|e| nft_err(format!("waiting for {program}: {e}")))?;
-    if let Some(Err(e)) = written {
-        if output.status.success() {
-            return Err(nft_err(format!("writing to {program}: {e}")));
-        }
-    }
-    Ok(output)
+    Ok((written, output))
 }
 
 /// Applies nft JSON documents like [`apply_document`], with the next `nft -j -f -` started
 /// ahead of need and waiting on its input: starting nft (exec, its libraries, its context) is
 /// most of what a small batch costs — 2.7–5.6 ms against 1.3–1.5 ms for a started one on a small
-/// table here — and a new pod's ADD waits for its batch. The started process runs in the
-/// namespace of the thread that called the previous [`WarmApply::apply`]; one that has died
-/// is replaced by a fresh start. Dropping the runner kills the waiting process (were the
-/// caller to die instead, the process reads an empty input, fails to parse it and exits).
+/// table here — and a new pod's ADD waits for its batch. A started process is used only by a
+/// caller in the network namespace it was started in (another caller's gets a fresh start);
+/// one that has died is replaced by a fresh start. Dropping the runner kills the waiting
+/// process (were the caller to die instead, the process reads an empty input, fails to parse
+/// it and exits).
 pub struct WarmApply {
     program: String,
-    next: std::sync::Mutex<Option<Child>>,
+    next: std::sync::Mutex<Option<Warm>>,
+}
+
+/// A started `nft` and the network namespace it runs in.
+struct Warm {
+    child: Child,
+    netns: NsId,
+}
+
+/// A network namespace's identity (device and inode of its nsfs file).
+type NsId = (u64, u64);
+
+/// The calling thread's network namespace; `None` when it cannot be read (then nothing is
+/// started ahead of need).
+fn thread_netns() -> Option<NsId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// Kills and reaps a started process that will not be used.
+fn discard(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Default for WarmApply {
     fn default() -> Self {
-        WarmApply {
-            program: nft_binary(),
-            next: std::sync::Mutex::new(None),
-        }
+        WarmApply::with_program(&nft_binary())
     }
 }
 
@@ -125,24 +160,35 @@ impl WarmApply {
 
     pub fn apply(&self, doc: &Value) -> Result<()> {
         let input = doc.to_string();
-        let ready = self.take_ready();
+        let here = thread_netns();
+        let ready = here.and_then(|ns| self.take_ready(ns));
         let warm = ready.is_some();
         let child = match ready {
             Some(c) => c,
             None => spawn(&self.program, &APPLY_ARGS)?,
         };
-        // The next one starts while this one works.
-        *self.lock() = spawn(&self.program, &APPLY_ARGS).ok();
-        let mut out = finish(
+        // The next one starts while this one works (a process it replaces is reaped).
+        let next = here.and_then(|netns| {
+            let child = spawn(&self.program, &APPLY_ARGS).ok()?;
+            Some(Warm { child, netns })
+        });
+        let replaced = std::mem::replace(&mut *self.lock(), next);
+        if let Some(old) = replaced {
+            discard(old.child);
+        }
+        let (written, mut out) = feed(
             child,
             &self.program,
             &APPLY_ARGS,
             input.as_bytes(),
             DEADLINE,
         )?;
-        if warm && out.status.code().is_none() {
-            // Killed by a signal while it waited (before reading a byte it can have done
-            // nothing): run the batch on a fresh start.
+        let unread = matches!(&written, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe);
+        if warm && unread && out.status.code().is_none() {
+            // Killed by a signal before it took its input (it reads all of it before acting),
+            // so it did nothing: run the batch on a fresh start. One killed after taking it may
+            // have committed it, and a replay is not idempotent (`add rule` appends another
+            // copy): that is an error, and the caller replaces what it holds.
             let child = spawn(&self.program, &APPLY_ARGS)?;
             out = finish(
                 child,
@@ -151,10 +197,15 @@ impl WarmApply {
                 input.as_bytes(),
                 DEADLINE,
             )?;
+        } else if let Err(e) = written {
+            if out.status.success() {
+                return Err(nft_err(format!("writing to {}: {e}", self.program)));
+            }
         }
         if !out.status.success() {
             return Err(nft_err(format!(
-                "nft rejected the batch: {}",
+                "nft rejected the batch ({}): {}",
+                out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
@@ -163,31 +214,30 @@ impl WarmApply {
 
     /// The pid of the process started ahead of need, if one waits.
     pub fn waiting_pid(&self) -> Option<u32> {
-        self.lock().as_ref().map(Child::id)
+        self.lock().as_ref().map(|w| w.child.id())
     }
 
-    /// The waiting process, if it is still alive.
-    fn take_ready(&self) -> Option<Child> {
-        let mut c = self.lock().take()?;
-        match c.try_wait() {
-            Ok(None) => Some(c),
+    /// The waiting process, if it is still alive and runs in namespace `here`.
+    fn take_ready(&self, here: NsId) -> Option<Child> {
+        let mut w = self.lock().take()?;
+        match w.child.try_wait() {
+            Ok(None) if w.netns == here => Some(w.child),
             _ => {
-                let _ = c.wait();
+                discard(w.child);
                 None
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Warm>> {
         self.next.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for WarmApply {
     fn drop(&mut self) {
-        if let Some(mut c) = self.lock().take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(w) = self.lock().take() {
+            discard(w.child);
         }
     }
 }

@@ -52,13 +52,58 @@ fn a_warm_nft_killed_after_committing_is_not_replayed() {
 fn a_batch_applies_in_the_callers_namespace() {
     let a = TestNetns::new("nftwna");
     let b = TestNetns::new("nftwnb");
-    let (ha, hb) = (Netns::open(a.path()).unwrap(), Netns::open(b.path()).unwrap());
+    let (ha, hb) = (
+        Netns::open(a.path()).unwrap(),
+        Netns::open(b.path()).unwrap(),
+    );
     let warm = nft::WarmApply::default();
-    let table = |name: &str| doc(serde_json::json!([{"add": {"table": {"family": "ip", "name": name}}}]));
+    let table =
+        |name: &str| doc(serde_json::json!([{"add": {"table": {"family": "ip", "name": name}}}]));
     ha.run(|| warm.apply(&table("ina"))).unwrap().unwrap();
     hb.run(|| warm.apply(&table("inb"))).unwrap().unwrap();
     let la = a.exec_ok(&["nft", "list", "tables"]);
     let lb = b.exec_ok(&["nft", "list", "tables"]);
     assert!(lb.contains("table ip inb"), "b lacks its table: {lb}");
     assert!(!la.contains("table ip inb"), "b's batch went to a: {la}");
+}
+
+/// A waiting nft killed before it took its input (here it closes its stdin, says so and is
+/// killed a moment later) did nothing: the batch runs on a fresh start and succeeds, once.
+#[test]
+fn a_warm_nft_killed_before_taking_its_input_is_replaced() {
+    let ns = TestNetns::new("nftwbf");
+    let handle = Netns::open(ns.path()).unwrap();
+    let dir = temp_dir("nftwbf");
+    let d = dir.path().display();
+    let wrapper = dir.path().join("nft");
+    // The second start (the first one started ahead of need) never reads; the others are nft.
+    write_executable(
+        &wrapper,
+        &format!(
+            "#!/bin/sh\nif mkdir {d}/1 2>/dev/null; then exec nft \"$@\"; fi\n\
+             if mkdir {d}/2 2>/dev/null; then exec 0<&-; touch {d}/closed; sleep 1; kill -KILL $$; fi\n\
+             exec nft \"$@\"\n"
+        ),
+    );
+    let warm = nft::WarmApply::with_program(wrapper.to_str().unwrap());
+    let setup = doc(serde_json::json!([
+        {"add": {"table": {"family": "inet", "name": "t"}}},
+        {"add": {"chain": {"family": "inet", "name": "c", "table": "t"}}},
+    ]));
+    handle.run(|| warm.apply(&setup)).unwrap().unwrap();
+    // Until the waiting one has closed its input, at most 10 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !dir.path().join("closed").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting nft did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let rule = doc(serde_json::json!([
+        {"add": {"rule": {"family": "inet", "table": "t", "chain": "c",
+            "expr": [{"counter": null}], "comment": "replaced"}}},
+    ]));
+    handle.run(|| warm.apply(&rule)).unwrap().unwrap();
+    assert_eq!(copies(&ns, "replaced"), 1);
 }
