@@ -342,3 +342,52 @@ fn numeric_ports_on_both_sides_with_a_named_not_port_list_back_as_compiled() {
     node.apply(&rs.to_nft_json()).unwrap();
     node.assert_table(&rs, "after loading a rule with ports on both sides");
 }
+
+/// `sport != X` and `dport != Y` in one rule, with named-port lookups beside them (which the
+/// compiler now puts after both numeric matches): nft 1.0.6 merges `!=` compares of adjacent
+/// header fields wherever they stand in the rule (it sorts them by offset, skipping lookups) into
+/// one wide `!=` that matches when either port differs; `avoid_ne_merges` must keep that from
+/// the kernel. Read in the kernel's bytecode, since the listing splits a merged compare again.
+#[test]
+fn ne_port_pairs_around_named_lookups_never_reach_the_kernel_as_one_wide_compare() {
+    let node = Node::new("polneq");
+    let mut m = common::rich_model();
+    let mut p = common::policy(PolicyKind::Global, None, "neq", "default", "all()");
+    // Source: `sport != 80`; destination: `dport != 81` and a named `notPort` lookup.
+    let mut a = common::rule(Action::Deny);
+    a.protocol = Some(Protocol::Udp);
+    a.source.not_ports = common::ports(&[(80, 80)]);
+    a.destination.not_ports = common::ports(&[(81, 81)]);
+    a.destination
+        .not_ports
+        .push(PortMatch::Named("http".into()));
+    // Source ports numeric and named (one alternative reads `sport != 80` and a lookup),
+    // destination `dport != 81`.
+    let mut b = common::rule(Action::Deny);
+    b.protocol = Some(Protocol::Udp);
+    b.source.ports = common::ports(&[(80, 80)]);
+    b.source.ports.push(PortMatch::Named("http".into()));
+    b.destination.not_ports = common::ports(&[(81, 81)]);
+    p.ingress = Some(vec![a, b]);
+    common::add_policy(&mut m, p);
+    let rs = compile::compile(&m, common::NODE);
+    let text = rs.to_string();
+    let cases = text
+        .lines()
+        .filter(|l| l.contains("udp sport != 80") && l.contains("@np_"))
+        .count();
+    assert!(cases >= 2, "the cases under test are compiled:\n{text}");
+    node.apply(&rs.to_nft_json()).unwrap();
+    node.assert_table(&rs, "after loading `!=` port pairs beside lookups");
+    let code = node
+        ._guard
+        .exec_ok(&["nft", "--debug=netlink", "list", "table", "inet", TABLE]);
+    let lines: Vec<&str> = code.lines().map(str::trim).collect();
+    for w in lines.windows(2) {
+        let wide_ports = w[0].starts_with("[ payload load 4b @ transport header + 0 ");
+        assert!(
+            !(wide_ports && w[1].starts_with("[ cmp neq ")),
+            "a wide `!=` over both ports reached the kernel:\n{code}"
+        );
+    }
+}
