@@ -76,21 +76,27 @@ fn a_warm_nft_killed_before_taking_its_input_is_replaced() {
     let dir = temp_dir("nftwbf");
     let d = dir.path().display();
     let wrapper = dir.path().join("nft");
-    // The second start (the first one started ahead of need) never reads; the others are nft.
+    // Once armed, the first start never reads; every other start is nft. (Armed only after
+    // the setup batch: which of two starts made close together runs first is up to the
+    // scheduler.)
     write_executable(
         &wrapper,
         &format!(
-            "#!/bin/sh\nif mkdir {d}/1 2>/dev/null; then exec nft \"$@\"; fi\n\
-             if mkdir {d}/2 2>/dev/null; then exec 0<&-; touch {d}/closed; sleep 1; kill -KILL $$; fi\n\
+            "#!/bin/sh\nif [ -e {d}/arm ] && mkdir {d}/2 2>/dev/null; then exec 0<&-; touch {d}/closed; sleep 1; kill -KILL $$; fi\n\
              exec nft \"$@\"\n"
         ),
     );
     let warm = nft::WarmApply::with_program(wrapper.to_str().unwrap());
     let setup = doc(serde_json::json!([
         {"add": {"table": {"family": "inet", "name": "t"}}},
-        {"add": {"chain": {"family": "inet", "name": "c", "table": "t"}}},
     ]));
     handle.run(|| warm.apply(&setup)).unwrap().unwrap();
+    std::fs::write(dir.path().join("arm"), b"").unwrap();
+    // Taken by the nft waiting since the setup batch; the start ahead of need is the armed one.
+    let chain = doc(serde_json::json!([
+        {"add": {"chain": {"family": "inet", "name": "c", "table": "t"}}},
+    ]));
+    handle.run(|| warm.apply(&chain)).unwrap().unwrap();
     // Until the waiting one has closed its input, at most 10 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !dir.path().join("closed").exists() {
