@@ -517,10 +517,8 @@ impl Datastore for SqliteStore {
             // poll costs a read transaction on a blocking thread (most of an idle agent's CPU).
             let mut quiet_at: Option<i64> = None;
             loop {
-                // Marked seen before the version is read: a commit after this wakes the next
-                // wait, and one before it is in the version (never both missed).
-                commits.borrow_and_update();
                 let version = data_version(&conn);
+                commits.borrow_and_update();
                 if version.is_some() && version == quiet_at {
                     if tx.is_closed() {
                         return;
@@ -629,7 +627,7 @@ mod tests {
     }
 
     /// A write through the watching handle reaches its watch at once, not at the next poll
-    /// (here an hour away).
+    /// (here an hour away); one from another handle waits for the poll.
     #[tokio::test]
     async fn own_writes_wake_the_watch_at_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -648,6 +646,15 @@ mod tests {
                 .unwrap();
             assert_eq!(ev.key, format!("/o/{n}"));
         }
+        let other = SqliteStore::open(path).await.unwrap();
+        let op = TxnOp::Put("/o/other".into(), b"x".to_vec());
+        other.txn(vec![], vec![op]).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), w.next())
+                .await
+                .is_err(),
+            "another handle's write waits for the poll"
+        );
     }
 
     /// A watcher whose prefixes saw no change still moves past everything the store had, so it
