@@ -75,7 +75,12 @@ const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmet
 spec: {podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {matchLabels: {role: web}}}]}]}\n";
 
 /// The test's world: a namespace, a store, a view and an applier.
+/// The invalid-records tracker is per process and every listing resets its kinds, so the
+/// tests of this binary (each lists its own store) run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 struct World {
+    _serial: std::sync::MutexGuard<'static, ()>,
     _dir: tempfile::TempDir,
     _ns: TestNetns,
     store: Arc<dyn Datastore>,
@@ -101,6 +106,7 @@ impl World {
             elements: ElementPath::default(),
         });
         World {
+            _serial: ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()),
             _dir: dir,
             _ns: ns,
             store,
