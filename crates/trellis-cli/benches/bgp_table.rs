@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use trellis_testutil::{temp_dir, veth_between, TestNetns};
+use trellis_testutil::{proc_status_kb, temp_dir, veth_between, TestNetns};
 
 struct Kill(Child);
 
@@ -69,14 +69,9 @@ fn wait_count(ns: &TestNetns, proto: &str, n: usize, t0: Instant) -> Duration {
     }
 }
 
-/// A memory figure of a process from `/proc/PID/status` (`VmRSS:` now, `VmHWM:` its peak).
-fn status_mb(pid: u32, field: &str) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|k| k.parse::<f64>().ok())
-        .map_or(0.0, |k| k / 1024.0)
+/// A memory figure of a process in MB (see [`proc_status_kb`]).
+fn mb(pid: u32, field: &str) -> f64 {
+    proc_status_kb(pid, field) as f64 / 1024.0
 }
 
 fn met(yes: bool) -> &'static str {
@@ -159,19 +154,19 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let rss_idle = status_mb(agent.0.id(), "VmRSS:");
+    let rss_idle = mb(agent.0.id(), "VmRSS");
     let t0 = Instant::now();
     birdc(&src, dir.path(), "src", &["enable", "dut"]);
     let trellis_time = wait_count(&dut, "231", n, t0);
-    let rss_full = status_mb(agent.0.id(), "VmRSS:");
+    let rss_full = mb(agent.0.id(), "VmRSS");
     std::thread::sleep(Duration::from_secs(5));
-    let rss_settled = status_mb(agent.0.id(), "VmRSS:");
+    let rss_settled = mb(agent.0.id(), "VmRSS");
     let t0 = Instant::now();
     birdc(&src, dir.path(), "src", &["enable", "refr"]);
     let bird_time = wait_count(&refr, "bird", n, t0);
-    let bird_rss = status_mb(refd.0.id(), "VmRSS:");
-    let bird_peak = status_mb(refd.0.id(), "VmHWM:");
-    let agent_peak = status_mb(agent.0.id(), "VmHWM:");
+    let bird_rss = mb(refd.0.id(), "VmRSS");
+    let bird_peak = mb(refd.0.id(), "VmHWM");
+    let agent_peak = mb(agent.0.id(), "VmHWM");
     println!(
         "{n} prefixes from BIRD into the kernel: Trellis {:.2} s, BIRD {:.2} s (ratio {:.2}, target <= 1.0: {})",
         trellis_time.as_secs_f64(),

@@ -27,7 +27,9 @@ use trellis_resources::{
     IpamBlockSpec, Metadata, NodeAddress, NodeSpec, NodeStatus, Object, Resource,
 };
 use trellis_store::{Datastore, TxnOp};
-use trellis_testutil::{temp_dir, veth_between, EtcdServer, TestNetns};
+use trellis_testutil::{
+    proc_cpu_secs, proc_status_kb, temp_dir, veth_between, EtcdServer, TestNetns,
+};
 
 const NODES: usize = 100;
 const ETCD_IP: &str = "192.0.2.1";
@@ -94,25 +96,6 @@ fn etcd_costs(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>, minutes: f64
         sent_bytes: d("etcd_network_client_grpc_sent_bytes_total"),
         ..Costs::default()
     }
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn block_cidr(i: usize) -> ipnet::IpNet {
@@ -248,13 +231,13 @@ fn measure(
     }
     std::thread::sleep(Duration::from_secs(5));
     let pid = agent.0.id();
-    let (m0, c0) = (etcd_metrics(&etcd.endpoint), cpu_secs(pid));
+    let (m0, c0) = (etcd_metrics(&etcd.endpoint), proc_cpu_secs(pid).0);
     std::thread::sleep(window);
-    let (m1, c1) = (etcd_metrics(&etcd.endpoint), cpu_secs(pid));
+    let (m1, c1) = (etcd_metrics(&etcd.endpoint), proc_cpu_secs(pid).0);
     let minutes = window.as_secs_f64() / 60.0;
     let mut costs = etcd_costs(&m0, &m1, minutes);
     costs.cpu_secs = (c1 - c0) / minutes;
-    costs.rss_kb = rss_kb(pid);
+    costs.rss_kb = proc_status_kb(pid, "VmRSS");
     drop(agent);
     costs
 }

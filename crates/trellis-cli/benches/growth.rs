@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use trellis_resources::{BgpStatusSpec, Metadata, NodeAddress, NodeStatus, Object, Resource};
 use trellis_store::Datastore;
-use trellis_testutil::{temp_dir, veth_between, EtcdServer, TestNetns};
+use trellis_testutil::{proc_status_kb, temp_dir, veth_between, EtcdServer, TestNetns};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -102,15 +102,6 @@ fn etcd_size(e: &EtcdServer) -> (f64, f64) {
         get("etcd_mvcc_db_total_size_in_bytes"),
         get("etcd_mvcc_db_total_size_in_use_in_bytes"),
     )
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 struct Agent(Child);
@@ -246,7 +237,7 @@ fn main() {
             plain,
             comp,
             comp_use,
-            rss_kb(agent.0.id()) as f64 * 1024.0,
+            proc_status_kb(agent.0.id(), "VmRSS") as f64 * 1024.0,
         ];
         for (s, v) in series.iter_mut().zip(values) {
             s.push((sim_h, v));

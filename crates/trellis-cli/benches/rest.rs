@@ -21,36 +21,15 @@ use std::time::{Duration, Instant};
 
 use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Datastore, TxnOp};
-use trellis_testutil::{spawn_with_input, temp_dir, veth_between, TestNetns};
+use trellis_testutil::{
+    proc_cpu_secs, proc_status_kb, spawn_with_input, temp_dir, veth_between, TestNetns,
+};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// (own utime + stime, utime + stime of waited-for children), in seconds.
-fn cpu_secs(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<f64> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ((f[11] + f[12]) / hz, (f[13] + f[14]) / hz)
-}
-
-/// A field of /proc/PID/status in MB (VmRSS, VmHWM).
-fn status_mb(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 struct Agent(Child);
@@ -130,14 +109,14 @@ fn add_pod(node: &TestNetns, dir: &Path, i: usize) -> TestNetns {
 /// The agent's cost over `window`: (own CPU s, children's CPU s, RSS MB, peak RSS MB).
 fn at_rest(agent: &Agent, window: Duration) -> (f64, f64, f64, f64) {
     let pid = agent.0.id();
-    let before = cpu_secs(pid);
+    let before = proc_cpu_secs(pid);
     std::thread::sleep(window);
-    let after = cpu_secs(pid);
+    let after = proc_cpu_secs(pid);
     (
         after.0 - before.0,
         after.1 - before.1,
-        status_mb(pid, "VmRSS"),
-        status_mb(pid, "VmHWM"),
+        proc_status_kb(pid, "VmRSS") as f64 / 1024.0,
+        proc_status_kb(pid, "VmHWM") as f64 / 1024.0,
     )
 }
 
@@ -232,7 +211,7 @@ fn agent_part(window: Duration, pods: usize) {
 
 /// This process's CPU time (user + system), in seconds.
 fn self_cpu() -> f64 {
-    cpu_secs(std::process::id()).0
+    proc_cpu_secs(std::process::id()).0
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {

@@ -424,3 +424,27 @@ pub fn timed_in_netns(netns: &Path, cmd: &mut Command, input: &[u8]) -> (Duratio
     let out = child.wait_with_output().unwrap();
     (start.elapsed(), out)
 }
+
+/// CPU time of a process from `/proc/PID/stat`, in seconds: (its own utime + stime, utime +
+/// stime of its waited-for children). For benchmarks.
+pub fn proc_cpu_secs(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<f64> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ((f[11] + f[12]) / hz, (f[13] + f[14]) / hz)
+}
+
+/// A memory figure of a process from `/proc/PID/status` in kB (`VmRSS` now, `VmHWM` its
+/// peak); 0 when the process or the field is gone. For benchmarks.
+pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
