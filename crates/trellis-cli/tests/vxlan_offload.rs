@@ -136,9 +136,11 @@ fn offload_on_by_default_and_nated_vxlan_traffic_is_not_delayed() {
     let (p1, ip1) = c.add_pod(1, "vxckp1");
     let n0 = &c.nodes[0].ns;
     let n1 = &c.nodes[1].ns;
+    // The agent recreates the old VTEP (delete, then add), so the device may briefly not exist.
     wait_for("node1's FDB entry on node0", || {
-        n0.exec_ok(&["bridge", "fdb", "show", "dev", VTEP])
-            .contains("dst 192.0.2.11 self permanent")
+        let out = n0.exec(&["bridge", "fdb", "show", "dev", VTEP]);
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("dst 192.0.2.11 self permanent")
     });
     assert!(
         c.agent_log_all(0).contains("recreating vxlan.trellis"),
