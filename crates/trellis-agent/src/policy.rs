@@ -318,25 +318,6 @@ impl Applier {
         }
         (self.engine.handle_all(changes), reports)
     }
-
-    /// Every key currently left out of the model, for the invalid-records tracker again (a
-    /// relist clears what the tracker knew).
-    pub fn bad(&self) -> Vec<(Delta, Option<String>)> {
-        self.sync
-            .bad()
-            .iter()
-            .filter_map(|(key, e)| {
-                let (kind, revision) = self.seen.get(key).copied()?;
-                let d = Delta {
-                    kind,
-                    key: key.clone(),
-                    revision,
-                    object: None,
-                };
-                Some((d, Some(e.to_string())))
-            })
-            .collect()
-    }
 }
 
 /// The policy kind a key belongs to.
@@ -347,23 +328,17 @@ fn kind_of(key: &str) -> Option<Kind> {
 }
 
 /// Records what the translation left out (and what it takes back) in the invalid-records
-/// tracker: logged once per key and revision, counted in `trellis_datastore_invalid_records`.
-fn report(reports: Vec<(Delta, Option<String>)>, view: &ClusterView) {
+/// tracker's policy layer: logged once per key and revision, counted in
+/// `trellis_datastore_invalid_records`. The view's own observations (decodes or not) never clear
+/// these, whatever order the watch, relists and policy passes run in.
+fn report(reports: Vec<(Delta, Option<String>)>) {
     for (d, why) in reports {
-        match why {
-            Some(reason) => {
-                let i = Invalid {
-                    key: d.key.clone(),
-                    revision: d.revision,
-                    reason: format!("policy: {reason}"),
-                };
-                invalid::observe_key(d.kind, &d.key, Some(&i));
-            }
-            // Only a record that is still there and decodes is valid again; one that went
-            // away was reported by the view (deleted, or undecodable).
-            None if view.get(&d.key).is_some() => invalid::observe_key(d.kind, &d.key, None),
-            None => {}
-        }
+        let i = why.map(|reason| Invalid {
+            key: d.key.clone(),
+            revision: d.revision,
+            reason: format!("policy: {reason}"),
+        });
+        invalid::observe_translation(d.kind, &d.key, i.as_ref());
     }
 }
 
@@ -386,7 +361,6 @@ struct Loop {
     applier: Applier,
     /// The kernel's table is not known to be the engine's (startup, a refused batch).
     need_full: bool,
-    lists: u64,
 }
 
 impl Loop {
@@ -399,13 +373,8 @@ impl Loop {
             let v = self.view.read();
             let deltas = self.applier.deltas(&v);
             let newest = deltas.iter().map(|d| d.revision).max().unwrap_or(0);
-            let (ops, mut reports) = self.applier.feed(deltas);
-            let lists = self.view.lists.load(Ordering::Relaxed);
-            if lists != self.lists {
-                self.lists = lists;
-                reports.extend(self.applier.bad());
-            }
-            report(reports, &v);
+            let (ops, reports) = self.applier.feed(deltas);
+            report(reports);
             (ops, newest)
         };
         let applied = if self.need_full {
@@ -511,7 +480,6 @@ pub async fn run(
     let mut changes = view.subscribe_policy();
     let mut revisions = view.subscribe_revision();
     let mut l = Loop {
-        lists: view.lists.load(Ordering::Relaxed),
         view,
         status,
         kernel,

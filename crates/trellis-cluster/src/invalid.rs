@@ -1,8 +1,12 @@
 //! Records in the datastore that do not decode (garbage, a kind stored under another kind's
 //! key, values an older or newer version wrote that fail validation). Listings skip them so one
 //! bad record never stops an agent; this module remembers which keys are currently bad, so each
-//! is logged once per revision (not on every pass) and counted for metrics. The [`Tracker`] is
-//! pure; [`observe_listing`] and [`observe_key`] update one process-wide tracker and log.
+//! is logged once per revision (not on every pass) and counted for metrics. A record that decodes
+//! can still be unusable to a later layer (a policy in a tier that does not exist): such a layer
+//! reports it under its own [`Layer`], which the decoder's observations never clear — a listing
+//! or an event saying "decodes" says nothing about whether the policy compiler could use it. The
+//! [`Tracker`] is pure; [`observe_listing`], [`observe_key`] and [`observe_translation`] update
+//! one process-wide tracker and log.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -26,15 +30,25 @@ pub enum Change {
     Cleared(Kind, String),
 }
 
-/// The currently invalid records, by key.
+/// Which layer found a record unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Layer {
+    /// The record does not decode into its kind (listings and watch events).
+    Decode,
+    /// The record decodes, but the policy translation leaves it out.
+    Policy,
+}
+
+/// The currently invalid records, by layer and key.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    bad: BTreeMap<String, (Kind, Invalid)>,
+    bad: BTreeMap<(Layer, String), (Kind, Invalid)>,
 }
 
 impl Tracker {
-    /// A full listing of `kind` found exactly `invalid` bad: keys of that kind not in it are
-    /// cleared. Returns what changed (a key seen again at the same revision is no change).
+    /// A full listing of `kind` found exactly `invalid` undecodable: keys of that kind not in it
+    /// are cleared from the decode layer (other layers' reports stay). Returns what changed (a
+    /// key seen again at the same revision is no change).
     pub fn listing(&mut self, kind: Kind, invalid: &[Invalid]) -> Vec<Change> {
         // A set, so that a listing of many bad records (all of an older version's endpoints,
         // say) costs O(n log n), not a comparison of every pair.
@@ -43,42 +57,57 @@ impl Tracker {
         let mut changes: Vec<Change> = self
             .bad
             .iter()
-            .filter(|(k, (kd, _))| *kd == kind && !listed.contains(k.as_str()))
-            .map(|(k, _)| Change::Cleared(kind, k.clone()))
+            .filter(|((layer, k), (kd, _))| {
+                *layer == Layer::Decode && *kd == kind && !listed.contains(k.as_str())
+            })
+            .map(|((_, k), _)| Change::Cleared(kind, k.clone()))
             .collect();
         for c in &changes {
             if let Change::Cleared(_, k) = c {
-                self.bad.remove(k);
+                self.bad.remove(&(Layer::Decode, k.clone()));
             }
         }
         for i in invalid {
-            changes.extend(self.set(kind, &i.key, Some(i)));
+            changes.extend(self.set(Layer::Decode, kind, &i.key, Some(i)));
         }
         changes
     }
 
-    /// One key was read (`Some` when it is invalid) or deleted/valid (`None`).
-    pub fn set(&mut self, kind: Kind, key: &str, invalid: Option<&Invalid>) -> Option<Change> {
+    /// `layer` found one key unusable (`Some`), or usable or deleted (`None`).
+    pub fn set(
+        &mut self,
+        layer: Layer,
+        kind: Kind,
+        key: &str,
+        invalid: Option<&Invalid>,
+    ) -> Option<Change> {
+        let id = (layer, key.to_string());
         match invalid {
             Some(i) => {
                 let seen = self
                     .bad
-                    .get(key)
+                    .get(&id)
                     .is_some_and(|(_, old)| old.revision == i.revision);
-                self.bad.insert(key.to_string(), (kind, i.clone()));
+                self.bad.insert(id, (kind, i.clone()));
                 (!seen).then(|| Change::Invalid(kind, i.clone()))
             }
             None => self
                 .bad
-                .remove(key)
+                .remove(&id)
                 .map(|_| Change::Cleared(kind, key.to_string())),
         }
     }
 
-    /// Currently invalid records per kind (kinds with none are left out).
+    /// Currently invalid records per kind (kinds with none are left out); a key more than one
+    /// layer reports counts once.
     pub fn counts(&self) -> BTreeMap<Kind, usize> {
+        let keys: std::collections::BTreeSet<(&Kind, &str)> = self
+            .bad
+            .iter()
+            .map(|((_, key), (kind, _))| (kind, key.as_str()))
+            .collect();
         let mut out = BTreeMap::new();
-        for (kind, _) in self.bad.values() {
+        for (kind, _) in keys {
             *out.entry(*kind).or_default() += 1;
         }
         out
@@ -117,7 +146,14 @@ pub fn observe_listing(kind: Kind, invalid: &[Invalid]) {
 /// Records one key read from a watch event or a get: `Some` when it did not decode, `None` when
 /// it decoded or was deleted.
 pub fn observe_key(kind: Kind, key: &str, invalid: Option<&Invalid>) {
-    let change = tracker().set(kind, key, invalid);
+    let change = tracker().set(Layer::Decode, kind, key, invalid);
+    log(change.into_iter().collect());
+}
+
+/// Records what the policy translation made of one decoded key: `Some` when it left the record
+/// out, `None` when it took it (back) or the record is gone.
+pub fn observe_translation(kind: Kind, key: &str, invalid: Option<&Invalid>) {
+    let change = tracker().set(Layer::Policy, kind, key, invalid);
     log(change.into_iter().collect());
 }
 
@@ -159,7 +195,29 @@ mod tests {
             vec![Change::Cleared(Kind::IpPool, a.key.clone())]
         );
         assert!(t.counts().is_empty());
-        assert!(t.set(Kind::Node, "/trellis/v1/nodes/n", None).is_none());
+        assert!(t
+            .set(Layer::Decode, Kind::Node, "/trellis/v1/nodes/n", None)
+            .is_none());
+    }
+
+    /// A policy the translation left out stays reported while the decoder keeps seeing it decode
+    /// (events, relists); only the policy layer takes it back.
+    #[test]
+    fn a_later_layer_s_report_survives_the_decoder_s() {
+        let mut t = Tracker::default();
+        let key = "/trellis/v1/globalnetworkpolicies/orphan";
+        let orphan = bad(key, 7);
+        let gnp = Kind::GlobalNetworkPolicy;
+        assert!(t.set(Layer::Policy, gnp, key, Some(&orphan)).is_some());
+        assert!(t.set(Layer::Decode, gnp, key, None).is_none());
+        assert!(t.listing(gnp, &[]).is_empty());
+        assert_eq!(t.counts().get(&gnp), Some(&1));
+        // Undecodable as well: still one record.
+        assert!(t.set(Layer::Decode, gnp, key, Some(&bad(key, 8))).is_some());
+        assert_eq!(t.counts().get(&gnp), Some(&1));
+        assert!(t.listing(gnp, &[]).len() == 1);
+        assert!(t.set(Layer::Policy, gnp, key, None).is_some());
+        assert!(t.counts().is_empty());
     }
 
     /// An agent lists every kind on every pass: 100 000 invalid records (an older version's
