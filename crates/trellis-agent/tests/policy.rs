@@ -254,7 +254,8 @@ async fn the_kernel_follows_the_datastore_change_by_change() {
     while trellis_cluster::invalid::counts().get(&Kind::GlobalNetworkPolicy) != Some(&1) {
         assert!(
             Instant::now() < deadline,
-            "the orphan policy was not reported"
+            "the orphan policy was not reported: invalid records {:?}",
+            trellis_cluster::invalid::counts()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

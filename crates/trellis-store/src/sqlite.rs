@@ -85,6 +85,11 @@ pub struct SqliteStore {
     retention: Option<Retention>,
     /// How often watches poll the change log.
     poll: Duration,
+    /// Counts this handle's commits: its own watches poll at once instead of at the next tick,
+    /// so what a process writes reaches its own watchers without the poll's delay (the agent's
+    /// view sees the endpoint its allocator just wrote). Other processes' writes wait for the
+    /// poll.
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn sql_err(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -204,12 +209,92 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             retention,
             poll: POLL,
+            commits: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
     /// The same store with watches that poll the change log every `poll` (default [`POLL`]).
     pub fn with_poll(self, poll: Duration) -> SqliteStore {
         SqliteStore { poll, ..self }
+    }
+
+    /// One transaction: preconditions checked and writes made under SQLite's write lock.
+    async fn txn_inner(
+        &self,
+        preconditions: Vec<Precondition>,
+        ops: Vec<TxnOp>,
+    ) -> Result<TxnOutcome> {
+        let retention = self.retention;
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for p in &preconditions {
+                let key = match p {
+                    Precondition::NoneNewer { prefix, revision } => {
+                        let (clause, end) = range_clause(prefix);
+                        let newer: bool = tx.query_row(
+                            &format!("SELECT EXISTS(SELECT 1 FROM kv WHERE {clause} AND mod_rev > ?3)"),
+                            params![prefix, end, revision],
+                            |r| r.get(0),
+                        )?;
+                        if newer {
+                            return Ok(TxnOutcome::Conflict);
+                        }
+                        continue;
+                    }
+                    Precondition::Absent(k)
+                    | Precondition::ModRevision(k, _)
+                    | Precondition::Exists(k) => k,
+                };
+                let have: Option<i64> = tx
+                    .query_row("SELECT mod_rev FROM kv WHERE key = ?1", [key], |r| r.get(0))
+                    .optional()?;
+                let holds = match p {
+                    Precondition::Absent(_) => have.is_none(),
+                    Precondition::ModRevision(_, want) => have == Some(*want),
+                    Precondition::Exists(_) => have.is_some(),
+                    Precondition::NoneNewer { .. } => unreachable!("checked above"),
+                };
+                if !holds {
+                    return Ok(TxnOutcome::Conflict);
+                }
+            }
+            let current = meta(&tx, "revision")?;
+            let revision = current + 1;
+            let now = now_ms();
+            let mut changed = false;
+            for op in &ops {
+                match op {
+                    TxnOp::Put(k, v) => {
+                        tx.execute(
+                            "INSERT INTO kv(key, value, create_rev, mod_rev) VALUES (?1, ?2, ?3, ?3)
+                             ON CONFLICT(key) DO UPDATE SET value = excluded.value, mod_rev = excluded.mod_rev",
+                            params![k, v, revision],
+                        )?;
+                        changed = true;
+                        tx.execute("INSERT INTO log(rev, key, value, deleted, ts) VALUES (?1, ?2, ?3, 0, ?4)", params![revision, k, v, now])?;
+                    }
+                    TxnOp::Delete(k) => {
+                        if tx.execute("DELETE FROM kv WHERE key = ?1", [k])? > 0 {
+                            changed = true;
+                            tx.execute("INSERT INTO log(rev, key, value, deleted, ts) VALUES (?1, ?2, NULL, 1, ?3)", params![revision, k, now])?;
+                        }
+                    }
+                }
+            }
+            if !changed {
+                // Like etcd: a transaction that changes nothing takes no revision.
+                return Ok(TxnOutcome::Committed { revision: current });
+            }
+            tx.execute("UPDATE meta SET value = ?1 WHERE name = 'revision'", [revision])?;
+            if let Some(r) = &retention {
+                if revision % COMPACT_EVERY == 0 {
+                    auto_compact(&tx, revision, now, r)?;
+                }
+            }
+            tx.commit()?;
+            Ok(TxnOutcome::Committed { revision })
+        })
+        .await
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -225,6 +310,19 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+/// Until the next poll is due or this handle commits (whichever comes first).
+async fn wait(poll: Duration, commits: &mut tokio::sync::watch::Receiver<u64>) {
+    tokio::select! {
+        _ = tokio::time::sleep(poll) => {}
+        r = commits.changed() => {
+            if r.is_err() {
+                // The handle is gone: only the poll is left.
+                tokio::time::sleep(poll).await;
+            }
+        }
     }
 }
 
@@ -384,83 +482,16 @@ impl Datastore for SqliteStore {
     }
 
     async fn txn(&self, preconditions: Vec<Precondition>, ops: Vec<TxnOp>) -> Result<TxnOutcome> {
-        let retention = self.retention;
-        self.with(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for p in &preconditions {
-                let key = match p {
-                    Precondition::NoneNewer { prefix, revision } => {
-                        let (clause, end) = range_clause(prefix);
-                        let newer: bool = tx.query_row(
-                            &format!("SELECT EXISTS(SELECT 1 FROM kv WHERE {clause} AND mod_rev > ?3)"),
-                            params![prefix, end, revision],
-                            |r| r.get(0),
-                        )?;
-                        if newer {
-                            return Ok(TxnOutcome::Conflict);
-                        }
-                        continue;
-                    }
-                    Precondition::Absent(k)
-                    | Precondition::ModRevision(k, _)
-                    | Precondition::Exists(k) => k,
-                };
-                let have: Option<i64> = tx
-                    .query_row("SELECT mod_rev FROM kv WHERE key = ?1", [key], |r| r.get(0))
-                    .optional()?;
-                let holds = match p {
-                    Precondition::Absent(_) => have.is_none(),
-                    Precondition::ModRevision(_, want) => have == Some(*want),
-                    Precondition::Exists(_) => have.is_some(),
-                    Precondition::NoneNewer { .. } => unreachable!("checked above"),
-                };
-                if !holds {
-                    return Ok(TxnOutcome::Conflict);
-                }
-            }
-            let current = meta(&tx, "revision")?;
-            let revision = current + 1;
-            let now = now_ms();
-            let mut changed = false;
-            for op in &ops {
-                match op {
-                    TxnOp::Put(k, v) => {
-                        tx.execute(
-                            "INSERT INTO kv(key, value, create_rev, mod_rev) VALUES (?1, ?2, ?3, ?3)
-                             ON CONFLICT(key) DO UPDATE SET value = excluded.value, mod_rev = excluded.mod_rev",
-                            params![k, v, revision],
-                        )?;
-                        changed = true;
-                        tx.execute("INSERT INTO log(rev, key, value, deleted, ts) VALUES (?1, ?2, ?3, 0, ?4)", params![revision, k, v, now])?;
-                    }
-                    TxnOp::Delete(k) => {
-                        if tx.execute("DELETE FROM kv WHERE key = ?1", [k])? > 0 {
-                            changed = true;
-                            tx.execute("INSERT INTO log(rev, key, value, deleted, ts) VALUES (?1, ?2, NULL, 1, ?3)", params![revision, k, now])?;
-                        }
-                    }
-                }
-            }
-            if !changed {
-                // Like etcd: a transaction that changes nothing takes no revision.
-                return Ok(TxnOutcome::Committed { revision: current });
-            }
-            tx.execute("UPDATE meta SET value = ?1 WHERE name = 'revision'", [revision])?;
-            if let Some(r) = &retention {
-                if revision % COMPACT_EVERY == 0 {
-                    auto_compact(&tx, revision, now, r)?;
-                }
-            }
-            tx.commit()?;
-            Ok(TxnOutcome::Committed { revision })
-        })
-        .await
+        let outcome = self.txn_inner(preconditions, ops).await?;
+        if let TxnOutcome::Committed { .. } = outcome {
+            self.commits.send_modify(|n| *n += 1);
+        }
+        Ok(outcome)
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<Watch> {
         self.watch_prefixes(&[prefix.to_string()], from).await
     }
-
     async fn watch_prefixes(&self, prefixes: &[String], from: i64) -> Result<Watch> {
         // A connection of its own, so polling never waits behind this handle's writers; one
         // poll covers every prefix.
@@ -477,6 +508,7 @@ impl Datastore for SqliteStore {
         let progress = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let reached = progress.clone();
         let poll = self.poll;
+        let mut commits = self.commits.subscribe();
         tokio::spawn(async move {
             let mut next = from;
             // The file's data_version read before the last poll, when that poll found nothing
@@ -486,11 +518,12 @@ impl Datastore for SqliteStore {
             let mut quiet_at: Option<i64> = None;
             loop {
                 let version = data_version(&conn);
+                commits.borrow_and_update();
                 if version.is_some() && version == quiet_at {
                     if tx.is_closed() {
                         return;
                     }
-                    tokio::time::sleep(poll).await;
+                    wait(poll, &mut commits).await;
                     continue;
                 }
                 let (c, p) = (conn.clone(), prefixes.clone());
@@ -539,7 +572,7 @@ impl Datastore for SqliteStore {
                 if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(poll).await;
+                wait(poll, &mut commits).await;
             }
         });
         Ok(Watch::with_progress(rx, progress))
@@ -591,6 +624,37 @@ mod tests {
                 .unwrap();
             assert_eq!(ev.key, format!("/w/{n}"));
         }
+    }
+
+    /// A write through the watching handle reaches its watch at once, not at the next poll
+    /// (here an hour away); one from another handle waits for the poll.
+    #[tokio::test]
+    async fn own_writes_wake_the_watch_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let path = path.to_str().unwrap();
+        let hour = Duration::from_secs(3600);
+        let s = SqliteStore::open(path).await.unwrap().with_poll(hour);
+        let mut w = s.watch("/o/", 1).await.unwrap();
+        for n in 0..3 {
+            let op = TxnOp::Put(format!("/o/{n}"), b"x".to_vec());
+            s.txn(vec![], vec![op]).await.unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+                .await
+                .unwrap_or_else(|_| panic!("own write {n} did not wake the watch"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(ev.key, format!("/o/{n}"));
+        }
+        let other = SqliteStore::open(path).await.unwrap();
+        let op = TxnOp::Put("/o/other".into(), b"x".to_vec());
+        other.txn(vec![], vec![op]).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), w.next())
+                .await
+                .is_err(),
+            "another handle's write waits for the poll"
+        );
     }
 
     /// A watcher whose prefixes saw no change still moves past everything the store had, so it
