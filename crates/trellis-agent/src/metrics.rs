@@ -192,12 +192,12 @@ fn register_policy(reg: &mut Registry, p: &crate::policy::Status) {
     }
     reg.register(
         "policy_rule_packets",
-        "Packets a policy rule matched (read from nft at each resync)",
+        "Packets a policy rule matched (read from nft at least every 10th resync)",
         packets,
     );
     reg.register(
         "policy_rule_bytes",
-        "Bytes a policy rule matched (read from nft at each resync)",
+        "Bytes a policy rule matched (read from nft at least every 10th resync)",
         bytes,
     );
 }

@@ -15,7 +15,9 @@
 //!   tick until the kernel takes it.
 //! - Every resync tick: the kernel's table is compared with the expected one
 //!   (`compile::drift`) and replaced whole on any difference (a rule deleted by hand comes
-//!   back); the same listing feeds the per-rule counters.
+//!   back); the same listing feeds the per-rule counters. A tick that finds the namespace's
+//!   nf_tables generation where it was when the table last matched skips the listing (nothing
+//!   was committed since), except that the counters are read every tenth tick.
 //! - An unreachable datastore changes nothing here: the view keeps its last state, and so
 //!   does the table.
 //!
@@ -67,6 +69,9 @@ pub trait Kernel: Send + Sync {
     fn apply_elements(&self, keys: &[SetKeys]) -> Result<(), PolicyError>;
     /// `None` when the table does not exist.
     fn list(&self) -> Result<Option<Value>, PolicyError>;
+    /// The namespace's nf_tables generation, which moves on every committed change of any
+    /// table: while it stands still, a table the resync verified is still as verified.
+    fn generation(&self) -> Result<u32, PolicyError>;
 }
 
 /// Element-only batches over one netlink socket, opened on first use in the calling thread's
@@ -92,6 +97,20 @@ impl ElementPath {
         let sock = sock.as_mut().expect("opened above");
         Ok(sock.apply(NFPROTO_INET, TABLE, &changes)?)
     }
+
+    /// The namespace's nf_tables generation over the same socket (see
+    /// [`ElementSocket::generation`]); a socket that failed is dropped and opened afresh next time.
+    pub fn generation(&self) -> Result<u32, PolicyError> {
+        let mut sock = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if sock.is_none() {
+            *sock = Some(ElementSocket::open()?);
+        }
+        let read = sock.as_mut().expect("opened above").generation();
+        if read.is_err() {
+            *sock = None;
+        }
+        Ok(read?)
+    }
 }
 
 /// `nft` and the element path in the agent's own network namespace.
@@ -113,6 +132,10 @@ impl Kernel for Nft {
 
     fn list(&self) -> Result<Option<Value>, PolicyError> {
         Ok(trellis_dataplane::nft::list_table_numeric(FAMILY, TABLE)?)
+    }
+
+    fn generation(&self) -> Result<u32, PolicyError> {
+        self.elements.generation()
     }
 }
 
@@ -361,7 +384,16 @@ struct Loop {
     applier: Applier,
     /// The kernel's table is not known to be the engine's (startup, a refused batch).
     need_full: bool,
+    /// The nf_tables generation at which a listing last matched the engine's table, and how
+    /// many resyncs ago the rules' counters were read (see [`Loop::resync`]).
+    verified: Option<u32>,
+    resyncs_since_listing: u32,
 }
+
+/// A resync that finds the nf_tables generation unchanged since the table was verified skips the
+/// listing (and its drift diff), but reads the counters at least every this many resyncs (every
+/// 20 s at the default 2 s resync).
+const COUNTERS_EVERY_RESYNCS: u32 = 10;
 
 impl Loop {
     /// One pass: the view's changes into the engine, and into the kernel.
@@ -377,6 +409,9 @@ impl Loop {
             report(reports);
             (ops, newest)
         };
+        if self.need_full || !ops.is_empty() {
+            self.verified = None; // the table changes: the next resync lists it again
+        }
         let applied = if self.need_full {
             self.replace().await
         } else if ops.is_empty() {
@@ -433,8 +468,26 @@ impl Loop {
     /// reads the per-rule counters from the same listing.
     async fn resync(&mut self) {
         if self.need_full {
+            self.verified = None;
             return self.pass().await;
         }
+        // Read before the listing: a change after it moves the generation past this one.
+        let generation = match kernel_call(&self.kernel, |k| k.generation()).await {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the nf_tables generation failed; listing");
+                None
+            }
+        };
+        self.resyncs_since_listing += 1;
+        if generation.is_some()
+            && generation == self.verified
+            && self.resyncs_since_listing < COUNTERS_EVERY_RESYNCS
+        {
+            return; // nothing in nf_tables changed since the table matched
+        }
+        self.resyncs_since_listing = 0;
+        self.verified = None;
         let listing = match kernel_call(&self.kernel, |k| k.list()).await {
             Ok(l) => l,
             Err(e) => {
@@ -451,6 +504,7 @@ impl Loop {
         }
         let diff = drift::differences(listing.as_ref(), self.applier.engine().full());
         if diff.is_empty() {
+            self.verified = generation;
             return;
         }
         tracing::warn!(differences = ?diff.iter().take(5).collect::<Vec<_>>(), total = diff.len(), "the policy table drifted; replacing it whole");
@@ -485,6 +539,8 @@ pub async fn run(
         kernel,
         applier: Applier::new(&node),
         need_full: true,
+        verified: None,
+        resyncs_since_listing: 0,
     };
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

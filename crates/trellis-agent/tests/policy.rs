@@ -6,7 +6,7 @@
 //! restarted applier adopts the table with a single replacing transaction, and that a record
 //! that does not translate is reported without stopping anything. Needs root.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,9 @@ struct InNetns {
     /// Every batch, as nft JSON or (element-only, sent over netlink) `{"elements": [...]}`.
     batches: Mutex<Vec<Value>>,
     elements: ElementPath,
+    /// Listings and generation reads asked for (by the applier or the test).
+    lists: AtomicUsize,
+    generations: AtomicUsize,
 }
 
 impl Kernel for InNetns {
@@ -53,10 +56,16 @@ impl Kernel for InNetns {
     }
 
     fn list(&self) -> Result<Option<Value>, PolicyError> {
+        self.lists.fetch_add(1, Ordering::Relaxed);
         Ok(self
             .ns
             .run(|| nft::list_table_numeric("inet", "trellis_policy"))
             .unwrap()?)
+    }
+
+    fn generation(&self) -> Result<u32, PolicyError> {
+        self.generations.fetch_add(1, Ordering::Relaxed);
+        self.ns.run(|| self.elements.generation()).unwrap()
     }
 }
 
@@ -104,6 +113,8 @@ impl World {
             ns: Netns::open(ns.path()).unwrap(),
             batches: Mutex::new(Vec::new()),
             elements: ElementPath::default(),
+            lists: AtomicUsize::new(0),
+            generations: AtomicUsize::new(0),
         });
         World {
             _serial: ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()),
@@ -309,6 +320,44 @@ async fn a_rule_deleted_by_hand_comes_back() {
         assert!(Instant::now() < deadline, "the rule did not come back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// At rest the resync reads the nf_tables generation and lists the table only when it moved (or
+/// for the counters, every tenth tick): a change anywhere in nf_tables — even another table's —
+/// makes the next tick list and compare again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_table_is_not_listed_at_rest() {
+    trellis_testutil::require_root();
+    let mut w = World::new("polrest").await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
+    w.start().await;
+    w.converged("startup").await;
+    let k = w.kernel.clone();
+    let ticks = |n: usize| {
+        let k = k.clone();
+        async move {
+            let from = k.generations.load(Ordering::Relaxed);
+            let deadline = Instant::now() + LIMIT;
+            while k.generations.load(Ordering::Relaxed) < from + n {
+                assert!(Instant::now() < deadline, "the resync stopped ticking");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    ticks(2).await; // the first tick after the last change lists, and verifies
+    let lists = w.kernel.lists.load(Ordering::Relaxed);
+    ticks(5).await;
+    let at_rest = w.kernel.lists.load(Ordering::Relaxed) - lists;
+    assert!(at_rest <= 1, "{at_rest} listings in 5 quiet resyncs");
+    // Another table's change moves the generation: the next tick lists again.
+    w._ns.exec_ok(&["nft", "add", "table", "ip", "itest_other"]);
+    let lists = w.kernel.lists.load(Ordering::Relaxed);
+    ticks(2).await;
+    assert!(
+        w.kernel.lists.load(Ordering::Relaxed) > lists,
+        "a moved generation was not listed"
+    );
 }
 
 /// A restarted applier finds the previous one's table (with a stray rule) and replaces it in

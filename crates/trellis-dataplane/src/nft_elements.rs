@@ -23,6 +23,9 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -213,6 +216,96 @@ impl ElementSocket {
     }
 }
 
+impl ElementSocket {
+    /// The namespace's nf_tables ruleset generation: the kernel bumps it on every committed
+    /// transaction, of any table (`nf_tables_commit`, `nft_net->base_seq`), so an unchanged
+    /// generation means no table changed — a reader can skip listing one it has verified.
+    pub fn generation(&mut self) -> Result<u32> {
+        const OP: &str = "nf_tables ruleset generation";
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let req = message(
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+            NLM_F_REQUEST,
+            seq,
+            0,
+            0,
+            &[],
+        );
+        self.sock
+            .send_to(&req, &SocketAddr::new(0, 0), 0)
+            .map_err(|e| nl_err(OP, e))?;
+        let mut buf = vec![0u8; 8 * 1024];
+        // Bounded: answers to earlier requests that timed out are skipped, at most a few.
+        for _ in 0..64 {
+            let n = self
+                .sock
+                .recv(&mut &mut buf[..], 0)
+                .map_err(|e| nl_err(OP, e))?;
+            let decode = |reason| DataplaneError::Decode {
+                op: OP.into(),
+                reason,
+            };
+            match generation_reply(&buf[..n], seq).map_err(decode)? {
+                Some(Ok(id)) => return Ok(id),
+                Some(Err(code)) => {
+                    return Err(nl_err(OP, std::io::Error::from_raw_os_error(-code)))
+                }
+                None => continue,
+            }
+        }
+        Err(DataplaneError::Decode {
+            op: OP.into(),
+            reason: "no answer with the request's sequence number".into(),
+        })
+    }
+}
+
+/// The answer to the `NFT_MSG_GETGEN` with sequence number `seq` in one datagram (pure):
+/// `Some(Ok(id))`, `Some(Err(code))` for an error reply, `None` when the datagram holds no
+/// answer to it.
+fn generation_reply(
+    buf: &[u8],
+    seq: u32,
+) -> std::result::Result<Option<std::result::Result<u32, i32>>, String> {
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+        let len = word(at) as usize;
+        let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+        if len < 16 || at + len > buf.len() {
+            return Err(format!(
+                "a reply of {len} bytes at offset {at} of {}",
+                buf.len()
+            ));
+        }
+        if word(at + 8) == seq {
+            if kind == NLMSG_ERROR && len >= 20 {
+                return Ok(Some(Err(word(at + 16) as i32)));
+            }
+            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+                // Attributes follow the 4-byte nfgenmsg.
+                let mut a = at + 20;
+                while a + 4 <= at + len {
+                    let alen = u16::from_ne_bytes(buf[a..a + 2].try_into().expect("2")) as usize;
+                    let akind = u16::from_ne_bytes(buf[a + 2..a + 4].try_into().expect("2"));
+                    if alen < 4 || a + alen > at + len {
+                        return Err(format!("an attribute of {alen} bytes at offset {a}"));
+                    }
+                    if akind & 0x3fff == NFTA_GEN_ID && alen == 8 {
+                        let id = u32::from_be_bytes(buf[a + 4..a + 8].try_into().expect("4"));
+                        return Ok(Some(Ok(id)));
+                    }
+                    a += alen.next_multiple_of(4);
+                }
+                return Err("a generation reply without NFTA_GEN_ID".into());
+            }
+        }
+        at += len.next_multiple_of(4);
+    }
+    Ok(None)
+}
+
 /// The `(sequence number, error code)` of each NLMSG_ERROR in one datagram (pure).
 fn replies(buf: &[u8]) -> std::result::Result<Vec<(u32, i32)>, String> {
     let mut out = Vec::new();
@@ -260,6 +353,25 @@ fn set_recv_timeout(sock: &Socket) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NEWGEN answer as the kernel lays it out (`nf_tables_fill_gen_info`): nfgenmsg, then
+    /// NFTA_GEN_ID (big-endian), PROC_PID, PROC_NAME; other sequence numbers are not it.
+    #[test]
+    fn a_generation_reply_is_read_by_its_sequence_number() {
+        let mut attrs = Vec::new();
+        put_attr(&mut attrs, NFTA_GEN_ID, &0x0102_0304u32.to_be_bytes());
+        put_attr(&mut attrs, 2, &42u32.to_be_bytes());
+        put_attr(&mut attrs, 3, &cstr("nft"));
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN;
+        let mut buf = message(kind, 0, 6, 0, 0, &attrs);
+        buf.extend(message(kind, 0, 7, 0, 0, &attrs));
+        assert_eq!(generation_reply(&buf, 7), Ok(Some(Ok(0x0102_0304))));
+        assert_eq!(generation_reply(&buf, 9), Ok(None));
+        let mut err = message(NLMSG_ERROR, 0, 9, 0, 0, &[]);
+        err[16..20].copy_from_slice(&(-1i32).to_ne_bytes());
+        assert_eq!(generation_reply(&err, 9), Ok(Some(Err(-1))));
+        assert!(generation_reply(&buf[..30], 7).is_err());
+    }
 
     /// The layout nf_tables parses: begin, one NEWSETELEM with table, set and a nested list of
     /// keys, end; empty changes are left out.
