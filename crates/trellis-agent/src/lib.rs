@@ -95,6 +95,7 @@ pub fn limit_malloc_arenas() {
     // SAFETY: mallopt only changes allocator tuning; called before the runtime starts.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

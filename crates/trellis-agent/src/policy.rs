@@ -503,6 +503,10 @@ impl Loop {
                 .unwrap_or_else(|e| e.into_inner()) = drift::rule_counters(l);
         }
         let diff = drift::differences(listing.as_ref(), self.applier.engine().full());
+        drop(listing);
+        // The listing is the agent's largest transient at rest (the whole table as JSON, many
+        // small allocations): hand the pages it spread over the heap back.
+        crate::release_free_memory();
         if diff.is_empty() {
             self.verified = generation;
             return;
