@@ -84,6 +84,16 @@ fn readiness_follows_the_datastore() {
     let (code, status) = node_status(&c);
     assert_eq!(code, 0, "{status}");
     assert!(status.starts_with("node node0\n") && status.ends_with("\nready\n"), "{status}");
+    let out = std::process::Command::new(bin("trellis"))
+        .args(["node", "status", "-o", "json", "--socket"])
+        .arg(&c.nodes[0].socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["node"], "node0");
+    assert_eq!(v["report"]["ready"], true, "{v}");
+    assert_eq!(v["report"]["checks"][1]["name"], "datastore", "{v}");
 
     c.stop_etcd();
     let body = wait_readyz(&c, addr, 503, "not ready: datastore", "not ready on etcd's stop");
@@ -92,6 +102,7 @@ fn readiness_follows_the_datastore() {
     let (code, live) = get(&c, addr, "/healthz");
     assert_eq!(code, 200, "{live}");
     let (code, status) = node_status(&c);
+    eprintln!("{status}");
     assert_eq!(code, 1, "{status}");
     assert!(status.contains("FAIL datastore"), "{status}");
 
@@ -119,6 +130,15 @@ fn readiness_needs_configured_bgp_sessions_established() {
 
     c.cli_ok(&["delete", "bgppeer", "nobody"], None);
     wait_readyz(&c, addr, 200, "\nready\n", "ready once the peer is gone");
+}
+
+/// The socket answers whether or not the agent serves HTTP.
+#[test]
+fn node_status_needs_no_metrics_listener() {
+    let c = Cluster::new("hlsock", false, 1);
+    wait_for("node status to report ready", 60, || node_status(&c).0 == 0);
+    let (_, status) = node_status(&c);
+    assert!(status.ends_with("\nready\n"), "{status}");
 }
 
 #[test]

@@ -191,6 +191,32 @@ fn a_template_and_conflist_name_are_written_verbatim_and_bad_ones_refused() {
     );
     assert!(out.contains("20-net2.conflist: content differs"), "{out}");
 
+    // Other directory layouts (k3s, OpenShift).
+    let other = Host::new();
+    ok(
+        &other.root,
+        &[
+            "--source-dir",
+            s,
+            "--cni-bin-dir",
+            "/var/lib/cni/bin",
+            "--cni-net-dir",
+            "/var/lib/cni/net.d",
+        ],
+    );
+    let names: Vec<_> = snapshot(&other.root)
+        .into_iter()
+        .map(|(p, _)| p.strip_prefix(&other.root).unwrap().to_path_buf())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            Path::new("var/lib/cni/bin/trellis-cni"),
+            Path::new("var/lib/cni/bin/trellis-ipam"),
+            Path::new("var/lib/cni/net.d/10-trellis.conflist"),
+        ]
+    );
+
     // Bad flags: a clear error naming the flag, and nothing on the host changes.
     let before = snapshot(&h.root);
     let bad_template = src.path().join("bad.conflist");
