@@ -64,7 +64,10 @@ pub struct Inputs {
 }
 
 fn ago(now: Instant, then: Instant) -> String {
-    format!("{:.1}s ago", now.saturating_duration_since(then).as_secs_f64())
+    format!(
+        "{:.1}s ago",
+        now.saturating_duration_since(then).as_secs_f64()
+    )
 }
 
 fn check(name: &str, liveness: bool, ok: bool, detail: String) -> HealthCheck {
@@ -137,9 +140,13 @@ fn datastore(inputs: &Inputs, now: Instant) -> HealthCheck {
 fn dataplane(inputs: &Inputs, now: Instant) -> HealthCheck {
     let (mut ok, mut detail) = match &inputs.pass {
         None => (false, "no pass has run yet".to_string()),
-        Some(PassSeen { at, outcome: Err(e) }) => {
-            (false, format!("the last pass failed {}: {e}", ago(now, *at)))
-        }
+        Some(PassSeen {
+            at,
+            outcome: Err(e),
+        }) => (
+            false,
+            format!("the last pass failed {}: {e}", ago(now, *at)),
+        ),
         Some(PassSeen {
             at,
             outcome: Ok(failures),
@@ -166,7 +173,10 @@ fn dataplane(inputs: &Inputs, now: Instant) -> HealthCheck {
 fn bgp(inputs: &Inputs) -> HealthCheck {
     let (ok, detail) = match &inputs.bgp {
         None => (true, "speaker off".to_string()),
-        Some(None) => (false, "the speaker has not reported its sessions yet".to_string()),
+        Some(None) => (
+            false,
+            "the speaker has not reported its sessions yet".to_string(),
+        ),
         Some(Some(peers)) => {
             let down: Vec<String> = peers
                 .iter()
@@ -307,7 +317,10 @@ mod tests {
         let names: Vec<_> = r.checks.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["loop/dataplane", "datastore", "dataplane", "bgp"]);
         assert!(r.text(false).ends_with("\nready\n"), "{}", r.text(false));
-        assert_eq!(r.text(true), format!("ok   loop/dataplane: last turn 1.0s ago\nlive\n"));
+        assert_eq!(
+            r.text(true),
+            format!("ok   loop/dataplane: last turn 1.0s ago\nlive\n")
+        );
     }
 
     #[test]
@@ -327,7 +340,11 @@ mod tests {
         let r = readiness(&i, now);
         assert!(!r.live && !r.ready, "{r:?}");
         assert_eq!(failing(&r), ["loop/dataplane"]);
-        assert!(r.text(true).ends_with("not live: loop/dataplane\n"), "{}", r.text(true));
+        assert!(
+            r.text(true).ends_with("not live: loop/dataplane\n"),
+            "{}",
+            r.text(true)
+        );
     }
 
     #[test]
@@ -336,7 +353,10 @@ mod tests {
         let now = t0 + 10 * S;
         let mut i = healthy(t0);
         i.datastore_error = Some((now - 2 * S, "old".into()));
-        assert!(readiness(&i, now).ready, "an error before the last success is over");
+        assert!(
+            readiness(&i, now).ready,
+            "an error before the last success is over"
+        );
         i.datastore_error = Some((now - S, "connection refused".into()));
         let r = readiness(&i, now);
         assert!(r.live && !r.ready);

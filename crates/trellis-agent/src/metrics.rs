@@ -327,26 +327,26 @@ async fn serve_on(agent: Arc<Agent>, listener: TcpListener) -> std::io::Result<(
         .route("/healthz", get(move || health(live.clone(), true)))
         .route("/readyz", get(move || health(ready.clone(), false)))
         .route(
-        "/metrics",
-        get(move || {
-            let agent = agent.clone();
-            async move {
-                let status = agent.bgp.status.borrow().clone();
-                (
-                    [(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render(
-                        status.as_ref(),
-                        agent.pod_mtu.load(Ordering::Relaxed),
-                        &trellis_cluster::invalid::counts(),
-                        &agent.policy,
-                    ),
-                )
-            }
-        }),
-    );
+            "/metrics",
+            get(move || {
+                let agent = agent.clone();
+                async move {
+                    let status = agent.bgp.status.borrow().clone();
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        render(
+                            status.as_ref(),
+                            agent.pod_mtu.load(Ordering::Relaxed),
+                            &trellis_cluster::invalid::counts(),
+                            &agent.policy,
+                        ),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app).await
 }
 

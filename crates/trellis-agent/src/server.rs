@@ -435,7 +435,11 @@ mod tests {
             view: crate::view::SharedView::new(),
             dataplane_passes: std::sync::atomic::AtomicU64::new(0),
             policy: Default::default(),
-            health: crate::health::Tracker::new(&[], Duration::from_secs(10), std::time::Instant::now()),
+            health: crate::health::Tracker::new(
+                &[],
+                Duration::from_secs(10),
+                std::time::Instant::now(),
+            ),
         }
     }
 

@@ -52,10 +52,9 @@ fn node_status(c: &Cluster) -> (i32, String) {
 
 /// Waits until `/readyz` answers `code` with a body containing `needle`; returns the body.
 fn wait_readyz(c: &Cluster, addr: &str, code: u16, needle: &str, what: &str) -> String {
-    let mut last = (0, String::new());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        last = get(c, addr, "/readyz");
+        let last = get(c, addr, "/readyz");
         if last.0 == code && last.1.contains(needle) {
             return last.1;
         }
@@ -75,15 +74,25 @@ fn readiness_follows_the_datastore() {
     let addr = "192.0.2.10:9095";
     let mut c = Cluster::new_with("hlds", true, 1, &["--metrics-listen", addr]);
     let body = wait_readyz(&c, addr, 200, "\nready\n", "the agent to be ready");
-    for check in ["ok   datastore:", "ok   dataplane:", "ok   bgp: speaker off"] {
+    for check in [
+        "ok   datastore:",
+        "ok   dataplane:",
+        "ok   bgp: speaker off",
+    ] {
         assert!(body.contains(check), "{check}: {body}");
     }
     let (code, live) = get(&c, addr, "/healthz");
     assert_eq!(code, 200, "{live}");
-    assert!(live.starts_with("ok   loop/dataplane:") && live.ends_with("live\n"), "{live}");
+    assert!(
+        live.starts_with("ok   loop/dataplane:") && live.ends_with("live\n"),
+        "{live}"
+    );
     let (code, status) = node_status(&c);
     assert_eq!(code, 0, "{status}");
-    assert!(status.starts_with("node node0\n") && status.ends_with("\nready\n"), "{status}");
+    assert!(
+        status.starts_with("node node0\n") && status.ends_with("\nready\n"),
+        "{status}"
+    );
     let out = std::process::Command::new(bin("trellis"))
         .args(["node", "status", "-o", "json", "--socket"])
         .arg(&c.nodes[0].socket)
@@ -96,7 +105,13 @@ fn readiness_follows_the_datastore() {
     assert_eq!(v["report"]["checks"][1]["name"], "datastore", "{v}");
 
     c.stop_etcd();
-    let body = wait_readyz(&c, addr, 503, "not ready: datastore", "not ready on etcd's stop");
+    let body = wait_readyz(
+        &c,
+        addr,
+        503,
+        "not ready: datastore",
+        "not ready on etcd's stop",
+    );
     assert!(body.contains("FAIL datastore: unreachable"), "{body}");
     // The agent is alive: a store outage is no reason to restart it.
     let (code, live) = get(&c, addr, "/healthz");
@@ -115,15 +130,32 @@ fn readiness_follows_the_datastore() {
 #[test]
 fn readiness_needs_configured_bgp_sessions_established() {
     let addr = "192.0.2.10:9096";
-    let c = Cluster::new_with("hlbgp", false, 1, &["--bgp", "on", "--metrics-listen", addr]);
+    let c = Cluster::new_with(
+        "hlbgp",
+        false,
+        1,
+        &["--bgp", "on", "--metrics-listen", addr],
+    );
     let body = wait_readyz(&c, addr, 200, "\nready\n", "the agent to be ready");
-    assert!(body.contains("ok   bgp: 0 session(s) Established"), "{body}");
+    assert!(
+        body.contains("ok   bgp: 0 session(s) Established"),
+        "{body}"
+    );
 
     // A peer nothing answers for (on the node's subnet, no host there).
     let peer = "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: nobody}\nspec: {peerIP: 192.0.2.99, asNumber: 65099}\n";
     c.cli_ok(&["apply", "-f", "-"], Some(peer));
-    let body = wait_readyz(&c, addr, 503, "not ready: bgp", "not ready with a peer down");
-    assert!(body.contains("FAIL bgp: not Established: 192.0.2.99"), "{body}");
+    let body = wait_readyz(
+        &c,
+        addr,
+        503,
+        "not ready: bgp",
+        "not ready with a peer down",
+    );
+    assert!(
+        body.contains("FAIL bgp: not Established: 192.0.2.99"),
+        "{body}"
+    );
     let (code, status) = node_status(&c);
     assert_eq!(code, 1, "{status}");
     assert!(status.contains("not ready: bgp"), "{status}");

@@ -39,7 +39,12 @@ fn ok(host: &Path, extra: &[&str]) -> String {
 
 fn failing(host: &Path, extra: &[&str]) -> String {
     let o = install(host, extra);
-    assert_eq!(o.status.code(), Some(1), "install-cni {extra:?}: {}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "install-cni {extra:?}: {}",
+        text(&o)
+    );
     text(&o)
 }
 
@@ -182,12 +187,21 @@ fn a_template_and_conflist_name_are_written_verbatim_and_bad_ones_refused() {
             "20-net2.conflist",
         ],
     );
-    assert_eq!(std::fs::read(h.net("20-net2.conflist")).unwrap(), body.as_bytes());
+    assert_eq!(
+        std::fs::read(h.net("20-net2.conflist")).unwrap(),
+        body.as_bytes()
+    );
     assert_eq!(std::fs::read(h.bin("trellis-cni")).unwrap(), b"plugin v1");
     // The built-in template is a different conflist: check says so.
     let out = failing(
         &h.root,
-        &["--check", "--source-dir", s, "--conflist-name", "20-net2.conflist"],
+        &[
+            "--check",
+            "--source-dir",
+            s,
+            "--conflist-name",
+            "20-net2.conflist",
+        ],
     );
     assert!(out.contains("20-net2.conflist: content differs"), "{out}");
 
@@ -224,17 +238,34 @@ fn a_template_and_conflist_name_are_written_verbatim_and_bad_ones_refused() {
     let empty = tempfile::tempdir().unwrap();
     let cases: [(Vec<&str>, &str); 6] = [
         (
-            vec!["--source-dir", s, "--template", bad_template.to_str().unwrap()],
+            vec![
+                "--source-dir",
+                s,
+                "--template",
+                bad_template.to_str().unwrap(),
+            ],
             "--template",
         ),
-        (vec!["--source-dir", s, "--template", "/nonexistent/t"], "--template"),
+        (
+            vec!["--source-dir", s, "--template", "/nonexistent/t"],
+            "--template",
+        ),
         (
             vec!["--source-dir", empty.path().to_str().unwrap()],
             "--source-dir",
         ),
-        (vec!["--source-dir", s, "--conflist-name", "../x.conflist"], "--conflist-name"),
-        (vec!["--source-dir", s, "--cni-bin-dir", "opt/cni/bin"], "--cni-bin-dir"),
-        (vec!["--source-dir", s, "--cni-net-dir", "/etc/../x"], "--cni-net-dir"),
+        (
+            vec!["--source-dir", s, "--conflist-name", "../x.conflist"],
+            "--conflist-name",
+        ),
+        (
+            vec!["--source-dir", s, "--cni-bin-dir", "opt/cni/bin"],
+            "--cni-bin-dir",
+        ),
+        (
+            vec!["--source-dir", s, "--cni-net-dir", "/etc/../x"],
+            "--cni-net-dir",
+        ),
     ];
     for (args, flag) in cases {
         let out = failing(&h.root, &args);

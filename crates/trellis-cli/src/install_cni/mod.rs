@@ -165,7 +165,10 @@ fn read_plugin(a: &InstallCniArgs) -> Result<Vec<u8>> {
         None => {
             let exe = std::env::current_exe().context("finding this executable's directory")?;
             let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-            (dir, "the default source (this executable's directory; --source-dir)")
+            (
+                dir,
+                "the default source (this executable's directory; --source-dir)",
+            )
         }
     };
     let path = dir.join(plan::PLUGIN);
@@ -294,7 +297,9 @@ fn apply(ops: &[Op], uninstall: bool) -> Result<ExitCode> {
     let mut errors = Vec::new();
     for op in ops {
         let done = match op {
-            Op::Write { dir, name, want, .. } => write_atomic(dir, name, want),
+            Op::Write {
+                dir, name, want, ..
+            } => write_atomic(dir, name, want),
             Op::Remove { path, .. } => remove(path),
         };
         match done {

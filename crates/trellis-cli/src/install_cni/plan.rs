@@ -24,9 +24,14 @@ pub const TEMP_MARK: &str = ".trellis-install-";
 /// What one managed path should hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Want {
-    File { bytes: Vec<u8>, mode: u32 },
+    File {
+        bytes: Vec<u8>,
+        mode: u32,
+    },
     /// A symbolic link with this (relative) target.
-    Link { target: String },
+    Link {
+        target: String,
+    },
 }
 
 /// A managed path: `dir` (absolute, under the host root) and file `name`.
@@ -47,10 +52,17 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
     Absent,
-    File { sha256: [u8; 32], mode: u32 },
-    Link { target: String },
+    File {
+        sha256: [u8; 32],
+        mode: u32,
+    },
+    Link {
+        target: String,
+    },
     /// A directory, FIFO, socket or device.
-    Other { kind: String },
+    Other {
+        kind: String,
+    },
 }
 
 /// What was found: one [`Seen`] per entry (same order), and our leftover temporary files.
@@ -101,7 +113,13 @@ pub fn differs(want: &Want, seen: &Seen) -> Option<String> {
     match (want, seen) {
         (_, Seen::Absent) => Some("missing".into()),
         (_, Seen::Other { kind }) => Some(format!("a {kind} is in the way")),
-        (Want::File { bytes, mode }, Seen::File { sha256: got, mode: m }) => {
+        (
+            Want::File { bytes, mode },
+            Seen::File {
+                sha256: got,
+                mode: m,
+            },
+        ) => {
             let digest = sha256(bytes);
             if digest != *got {
                 Some(format!(
@@ -304,13 +322,7 @@ mod tests {
                 },
                 "mode 0644, want 0755",
             ),
-            (
-                0,
-                Seen::Link {
-                    target: "x".into(),
-                },
-                "a symbolic link to x",
-            ),
+            (0, Seen::Link { target: "x".into() }, "a symbolic link to x"),
             (
                 1,
                 Seen::Link {
@@ -406,8 +418,14 @@ mod tests {
 
     #[test]
     fn temporary_names_are_recognised_exactly() {
-        assert!(is_temp_of(".trellis-cni.trellis-install-12-0", "trellis-cni"));
-        assert!(!is_temp_of(".trellis-cni.trellis-install-12-0", "trellis-ipam"));
+        assert!(is_temp_of(
+            ".trellis-cni.trellis-install-12-0",
+            "trellis-cni"
+        ));
+        assert!(!is_temp_of(
+            ".trellis-cni.trellis-install-12-0",
+            "trellis-ipam"
+        ));
         assert!(!is_temp_of("trellis-cni.trellis-install-1", "trellis-cni"));
         assert!(!is_temp_of(".trellis-cni", "trellis-cni"));
         assert!(!is_temp_of(".trellis-cni.bak", "trellis-cni"));
