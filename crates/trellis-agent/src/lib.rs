@@ -90,7 +90,7 @@ pub struct Agent {
     pub health: health::Tracker,
 }
 
-/// The loops whose turns make the agent live (see [`health`]).
+/// The loop whose turns make the agent live (see [`health`]).
 pub const LIVENESS_LOOP: &str = "dataplane";
 
 impl Agent {

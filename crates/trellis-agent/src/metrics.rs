@@ -323,30 +323,30 @@ async fn serve_on(agent: Arc<Agent>, listener: TcpListener) -> std::io::Result<(
         places: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
     };
     let (live, ready) = (agent.clone(), agent.clone());
-    let app = axum::Router::new()
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let agent = agent.clone();
+            async move {
+                let status = agent.bgp.status.borrow().clone();
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(
+                        status.as_ref(),
+                        agent.pod_mtu.load(Ordering::Relaxed),
+                        &trellis_cluster::invalid::counts(),
+                        &agent.policy,
+                    ),
+                )
+            }
+        }),
+    );
+    let app = app
         .route("/healthz", get(move || health(live.clone(), true)))
-        .route("/readyz", get(move || health(ready.clone(), false)))
-        .route(
-            "/metrics",
-            get(move || {
-                let agent = agent.clone();
-                async move {
-                    let status = agent.bgp.status.borrow().clone();
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        render(
-                            status.as_ref(),
-                            agent.pod_mtu.load(Ordering::Relaxed),
-                            &trellis_cluster::invalid::counts(),
-                            &agent.policy,
-                        ),
-                    )
-                }
-            }),
-        );
+        .route("/readyz", get(move || health(ready.clone(), false)));
     axum::serve(listener, app).await
 }
 
