@@ -51,6 +51,12 @@ pub fn run(cmd: &NodeCommand) -> Result<ExitCode> {
         .with_context(|| format!("reading the agent's answer on {}", socket.display()))?;
     let done = match serde_json::from_str::<Reply>(&answer) {
         Ok(Reply::Ok(done)) => done,
+        // An agent older than the health request cannot decode it (code 6, unknown variant).
+        Ok(Reply::Error(e)) if e.code == 6 && e.msg.contains("unknown variant") => bail!(
+            "the agent at {} does not know the health request (it is older than this command): {}",
+            socket.display(),
+            e.msg
+        ),
         Ok(Reply::Error(e)) => bail!("the agent answered error {}: {}", e.code, e.msg),
         Err(e) => bail!(
             "the agent at {} gave no health report ({e}); is it older than this command?",
