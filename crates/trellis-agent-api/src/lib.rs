@@ -61,6 +61,9 @@ pub enum Request {
     },
     /// Whether the agent can serve ADDs.
     Status {},
+    /// The agent's liveness and readiness checks (what `/healthz` and `/readyz` serve), for
+    /// `trellis node status`. Touches no datastore: answered from what the agent last saw.
+    Health {},
     /// The routed-mode veth exists: reply once the endpoint's policy is in the kernel (at once
     /// when the agent does not enforce policy), or with code 11 after
     /// [`ENDPOINT_READY_DEADLINE`]. Until then the `trl*` interface is closed by the policy
@@ -100,6 +103,63 @@ pub struct Ok {
     /// MTU for the pod's interface (uplink minus encapsulation overhead, or the configured one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// The answer to [`Request::Health`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
+}
+
+/// The agent's health: each check with its verdict. `live` is whether every liveness check
+/// passes (`/healthz`); `ready` whether every check passes (`/readyz`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthReport {
+    pub live: bool,
+    pub ready: bool,
+    pub checks: Vec<HealthCheck>,
+}
+
+/// One check of a [`HealthReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `loop/dataplane`, `datastore`, `dataplane`, `bgp`.
+    pub name: String,
+    /// A liveness check (it also counts for readiness).
+    pub liveness: bool,
+    pub ok: bool,
+    /// What was seen, in a sentence.
+    pub detail: String,
+}
+
+impl HealthReport {
+    /// The failing checks' names.
+    pub fn failing(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+
+    /// Plain text, one line per check (`ok   NAME: detail` or `FAIL NAME: detail`), then
+    /// `ready`, or `not ready: NAMES`; `liveness_only` keeps the liveness checks only and
+    /// ends with `live` / `not live: NAMES` (what `/healthz` serves).
+    pub fn text(&self, liveness_only: bool) -> String {
+        let mut out = String::new();
+        let checks = self.checks.iter().filter(|c| c.liveness || !liveness_only);
+        for c in checks.clone() {
+            let verdict = if c.ok { "ok  " } else { "FAIL" };
+            out.push_str(&format!("{verdict} {}: {}\n", c.name, c.detail));
+        }
+        let failing: Vec<&str> = checks.filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+        let word = if liveness_only { "live" } else { "ready" };
+        if failing.is_empty() {
+            out.push_str(&format!("{word}\n"));
+        } else {
+            out.push_str(&format!("not {word}: {}\n", failing.join(", ")));
+        }
+        out
+    }
 }
 
 /// The reply to any request.

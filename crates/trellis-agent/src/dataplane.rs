@@ -74,6 +74,9 @@ pub struct PassReport {
     /// Routes Trellis wants in the kernel (the table size the pass handled).
     pub routes: usize,
     pub problems: Vec<String>,
+    /// The kernel changes among `problems` that failed (route, neighbour, FDB, sysctl, NAT):
+    /// the pass did not converge. The rest stem from cluster state no retry here can clear.
+    pub failures: Vec<String>,
     /// The VTEP's ifindex, when a pool needs one (its neighbour changes wake the loop).
     pub vtep: Option<u32>,
 }
@@ -197,6 +200,9 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
     let mut nat_applied: Option<String> = None;
     let mut changes = agent.view.subscribe();
     loop {
+        agent
+            .health
+            .beat(crate::LIVENESS_LOOP, std::time::Instant::now());
         let inputs = {
             let view = agent.view.read();
             view.loaded()
@@ -204,7 +210,15 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
         };
         if let Some(inputs) = &inputs {
             tracing::debug!("dataplane pass");
-            match pass(&agent, inputs, &mut nat_applied).await {
+            let result = pass(&agent, inputs, &mut nat_applied).await;
+            agent.health.pass(
+                std::time::Instant::now(),
+                match &result {
+                    Ok(r) => Ok(r.failures.clone()),
+                    Err(e) => Err(e.to_string()),
+                },
+            );
+            match result {
                 Ok(r) => {
                     vtep_index.store(r.vtep.unwrap_or(0), Ordering::Relaxed);
                     let passes = agent.dataplane_passes.fetch_add(1, Ordering::Relaxed) + 1;
@@ -286,6 +300,8 @@ struct KernelPass {
     ops: usize,
     routes: usize,
     problems: Vec<String>,
+    /// The kernel changes that failed (also in `problems`).
+    failures: Vec<String>,
     pod_mtu: u32,
     /// The node's gateway routes, for BGP next-hop resolution.
     igp: Vec<(IpNet, IpAddr)>,
@@ -335,21 +351,30 @@ pub async fn pass(
         .map_err(|e| AgentError::Autodetect(e.to_string()))?
         .map_err(AgentError::Dataplane)?;
     problems.extend(k.problems);
+    let mut failures = k.failures;
     agent.bgp.set_igp(k.igp);
     agent
         .pod_mtu
         .store(k.pod_mtu, std::sync::atomic::Ordering::Relaxed);
     if nat_changed {
-        match tokio::task::spawn_blocking(move || apply_nat(&nat)).await {
-            Ok(Ok(())) => *nat_applied = Some(nat_text),
-            Ok(Err(e)) => problems.push(format!("natOutgoing: {e}")),
-            Err(e) => problems.push(format!("natOutgoing: {e}")),
+        let failed = match tokio::task::spawn_blocking(move || apply_nat(&nat)).await {
+            Ok(Ok(())) => {
+                *nat_applied = Some(nat_text);
+                None
+            }
+            Ok(Err(e)) => Some(format!("natOutgoing: {e}")),
+            Err(e) => Some(format!("natOutgoing: {e}")),
+        };
+        if let Some(f) = failed {
+            problems.push(f.clone());
+            failures.push(f);
         }
     }
     Ok(PassReport {
         ops: k.ops,
         routes: k.routes,
         problems,
+        failures,
         vtep: vtep.map(|v| v.0),
     })
 }
@@ -436,14 +461,16 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
             tracing::debug!(%op, "dataplane");
         });
     let failed = routing::apply(&mut nl, ops);
-    msgs.extend(failed.iter().map(|(op, e)| format!("{op}: {e}")));
+    let mut failures: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
     if let Err(e) = sysctl::ensure("net/ipv4/ip_forward", "1") {
-        msgs.push(format!("enabling IPv4 forwarding: {e}"));
+        failures.push(format!("enabling IPv4 forwarding: {e}"));
     }
+    msgs.extend(failures.iter().cloned());
     Ok(KernelPass {
         ops: count,
         routes: want.routes.len() + table.len(),
         problems: msgs,
+        failures,
         pod_mtu,
         igp,
     })

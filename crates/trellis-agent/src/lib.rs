@@ -5,6 +5,7 @@
 pub mod autodetect;
 pub mod bgp;
 pub mod dataplane;
+pub mod health;
 pub mod metrics;
 pub mod offload;
 pub mod policy;
@@ -85,6 +86,37 @@ pub struct Agent {
     pub dataplane_passes: std::sync::atomic::AtomicU64,
     /// The policy applier's state (enforcement, synced revision, programmed interfaces).
     pub policy: Arc<policy::Status>,
+    /// What the loops last saw, for `/healthz`, `/readyz` and `trellis node status`.
+    pub health: health::Tracker,
+}
+
+/// The loop whose turns make the agent live (see [`health`]).
+pub const LIVENESS_LOOP: &str = "dataplane";
+
+impl Agent {
+    /// The health checks as of now.
+    pub fn health_report(&self) -> trellis_agent_api::HealthReport {
+        let bgp = self
+            .bgp
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| {
+                self.bgp.status.borrow().as_ref().map(|s| {
+                    s.peers
+                        .iter()
+                        .map(|p| (p.address.clone(), p.kind.clone(), p.state.clone()))
+                        .collect()
+                })
+            });
+        let enforced = self
+            .policy
+            .enforced
+            .load(std::sync::atomic::Ordering::Acquire);
+        health::readiness(
+            &self.health.inputs(enforced, bgp),
+            std::time::Instant::now(),
+        )
+    }
 }
 
 /// Limits malloc to two arenas: the agent's many short-lived blocking threads otherwise each get
@@ -268,6 +300,11 @@ pub async fn run(
         bgp::starts_active(&cluster.read(), config.bgp),
         std::sync::atomic::Ordering::Relaxed,
     );
+    let health = health::Tracker::new(
+        &[(LIVENESS_LOOP, config.resync)],
+        config.heartbeat,
+        std::time::Instant::now(),
+    );
     let agent = Arc::new(Agent {
         config,
         store,
@@ -280,7 +317,12 @@ pub async fn run(
         view: cluster,
         dataplane_passes: std::sync::atomic::AtomicU64::new(0),
         policy: Arc::new(policy::Status::default()),
+        health,
     });
+    // Registration just wrote the Node.
+    agent
+        .health
+        .datastore::<AgentError>(std::time::Instant::now(), Ok(()));
     let listener = server::bind(&agent.config.socket)?;
     tracing::info!(socket = %agent.config.socket.display(), "serving the CNI plugin");
     let follower = tokio::spawn(view::follow(agent.store.clone(), agent.view.clone()));
@@ -358,16 +400,17 @@ async fn housekeeping(agent: Arc<Agent>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = register_node(
+        let beat = register_node(
             &*agent.store,
             &agent.config.node,
             agent.address,
             &agent.config.labels,
         )
-        .await
-        {
+        .await;
+        if let Err(e) = &beat {
             tracing::warn!(error = %e, "heartbeat failed");
         }
+        agent.health.datastore(std::time::Instant::now(), beat);
         let due = release_due(
             &agent.view.read(),
             &agent.config.node,

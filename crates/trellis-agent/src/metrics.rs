@@ -1,6 +1,7 @@
 //! The agent's Prometheus endpoint (`--metrics-listen`): per-peer BGP session state, prefix
 //! counts and message counters, from the speaker's latest status; the pod MTU; and the stored
-//! records the agent skips because they do not decode. Does I/O (an HTTP listener).
+//! records the agent skips because they do not decode. The same listener serves `/healthz` and
+//! `/readyz` (see [`crate::health`]). Does I/O (an HTTP listener).
 //!
 //! The listener is usually reachable from pods, so its clients are bounded: at most
 //! [`MAX_CONNECTIONS`] are open at once (the rest wait in the kernel's accept queue, holding
@@ -321,6 +322,7 @@ async fn serve_on(agent: Arc<Agent>, listener: TcpListener) -> std::io::Result<(
         inner: listener,
         places: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
     };
+    let (live, ready) = (agent.clone(), agent.clone());
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
@@ -342,7 +344,31 @@ async fn serve_on(agent: Arc<Agent>, listener: TcpListener) -> std::io::Result<(
             }
         }),
     );
+    let app = app
+        .route("/healthz", get(move || health(live.clone(), true)))
+        .route("/readyz", get(move || health(ready.clone(), false)));
     axum::serve(listener, app).await
+}
+
+/// `/healthz` (`liveness_only`) or `/readyz`: 200 when every check passes, else 503; the body
+/// lists the checks ([`trellis_agent_api::HealthReport::text`]), naming the failing ones.
+async fn health(agent: Arc<Agent>, liveness_only: bool) -> impl axum::response::IntoResponse {
+    let report = agent.health_report();
+    let ok = if liveness_only {
+        report.live
+    } else {
+        report.ready
+    };
+    let code = if ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [("content-type", "text/plain; charset=utf-8")],
+        report.text(liveness_only),
+    )
 }
 
 #[cfg(test)]

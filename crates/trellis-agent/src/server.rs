@@ -316,6 +316,11 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             }),
             Err(e) => failed(e),
         },
+        Request::Health {} => Reply::Ok(Done {
+            node: Some(agent.config.node.clone()),
+            health: Some(agent.health_report()),
+            ..Default::default()
+        }),
         Request::Status {} => match trellis_cluster::ipam::load_settings(&*agent.store).await {
             Ok(s) if s.pools.iter().any(|p| !p.spec.disabled) => Reply::Ok(Done {
                 node: Some(agent.config.node.clone()),
@@ -430,6 +435,11 @@ mod tests {
             view: crate::view::SharedView::new(),
             dataplane_passes: std::sync::atomic::AtomicU64::new(0),
             policy: Default::default(),
+            health: crate::health::Tracker::new(
+                &[],
+                Duration::from_secs(10),
+                std::time::Instant::now(),
+            ),
         }
     }
 

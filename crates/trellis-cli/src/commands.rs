@@ -312,6 +312,7 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
             }
         },
         Command::Agent(_) | Command::Lab { .. } => unreachable!(),
+        Command::InstallCni(_) | Command::Node { .. } => unreachable!("run without a datastore"),
     }
 }
 

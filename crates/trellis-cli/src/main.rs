@@ -2,8 +2,10 @@
 //! datastore, and calls the library crates; all output formatting lives in [`table`].
 
 mod commands;
+mod install_cni;
 mod kernel;
 mod lab;
+mod node;
 mod policy;
 mod policy_table;
 mod table;
@@ -100,6 +102,14 @@ pub enum Command {
     },
     /// Run the node agent.
     Agent(commands::AgentArgs),
+    /// This node's agent: `status` prints its health checks (exit 1 when not ready).
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
+    },
+    /// Install the CNI plugin and a conflist on the host mounted at --host-root (an init
+    /// container's job); --check reports what is out of date, --uninstall removes them.
+    InstallCni(install_cni::InstallCniArgs),
     /// A cluster built from network namespaces on this machine.
     Lab {
         #[command(subcommand)]
@@ -272,6 +282,18 @@ fn main() -> std::process::ExitCode {
         if let Some(code) = lab::run_traffic(command) {
             return code;
         }
+    }
+    // Node-local commands: no datastore.
+    let local = match &cli.command {
+        Command::InstallCni(a) => Some(install_cni::run(a)),
+        Command::Node { command } => Some(node::run(command)),
+        _ => None,
+    };
+    if let Some(r) = local {
+        return r.unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        });
     }
     // Which datastore; for an etcd lab, the command runs again inside its control namespace.
     let datastore = match target::resolve(&cli, &matches) {

@@ -1,0 +1,191 @@
+//! The agent's `/healthz` and `/readyz` (on its metrics listener) and `trellis node status`
+//! (over its socket), with a real agent: ready once started; not ready, naming the datastore,
+//! while etcd is stopped, and ready again once it is back; not ready, naming BGP, while a
+//! configured peer never comes up.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{bin, Cluster};
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `GET path` on node 0's metrics listener `addr`: (status, body).
+fn get(c: &Cluster, addr: &str, path: &str) -> (u16, String) {
+    let out = c.nodes[0].ns.exec(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{addr}{path}"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// `trellis node status` against node 0's socket: (exit code, output).
+fn node_status(c: &Cluster) -> (i32, String) {
+    let out = std::process::Command::new(bin("trellis"))
+        .args(["node", "status", "--socket"])
+        .arg(&c.nodes[0].socket)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Waits until `/readyz` answers `code` with a body containing `needle`; returns the body.
+fn wait_readyz(c: &Cluster, addr: &str, code: u16, needle: &str, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = get(c, addr, "/readyz");
+        if last.0 == code && last.1.contains(needle) {
+            return last.1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: last answer {} {}\nagent log:\n{}",
+            last.0,
+            last.1,
+            c.agent_log(0)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn readiness_follows_the_datastore() {
+    let addr = "192.0.2.10:9095";
+    let mut c = Cluster::new_with("hlds", true, 1, &["--metrics-listen", addr]);
+    let body = wait_readyz(&c, addr, 200, "\nready\n", "the agent to be ready");
+    for check in [
+        "ok   datastore:",
+        "ok   dataplane:",
+        "ok   bgp: speaker off",
+    ] {
+        assert!(body.contains(check), "{check}: {body}");
+    }
+    let (code, live) = get(&c, addr, "/healthz");
+    assert_eq!(code, 200, "{live}");
+    assert!(
+        live.starts_with("ok   loop/dataplane:") && live.ends_with("live\n"),
+        "{live}"
+    );
+    let (code, status) = node_status(&c);
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.starts_with("node node0\n") && status.ends_with("\nready\n"),
+        "{status}"
+    );
+    let out = std::process::Command::new(bin("trellis"))
+        .args(["node", "status", "-o", "json", "--socket"])
+        .arg(&c.nodes[0].socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["node"], "node0");
+    assert_eq!(v["report"]["ready"], true, "{v}");
+    assert_eq!(v["report"]["checks"][1]["name"], "datastore", "{v}");
+
+    c.stop_etcd();
+    let body = wait_readyz(
+        &c,
+        addr,
+        503,
+        "not ready: datastore",
+        "not ready on etcd's stop",
+    );
+    assert!(body.contains("FAIL datastore: unreachable"), "{body}");
+    // The agent is alive: a store outage is no reason to restart it.
+    let (code, live) = get(&c, addr, "/healthz");
+    assert_eq!(code, 200, "{live}");
+    let (code, status) = node_status(&c);
+    eprintln!("{status}");
+    assert_eq!(code, 1, "{status}");
+    assert!(status.contains("FAIL datastore"), "{status}");
+
+    c.restart_etcd();
+    wait_readyz(&c, addr, 200, "\nready\n", "ready again once etcd is back");
+    let (code, status) = node_status(&c);
+    assert_eq!(code, 0, "{status}");
+}
+
+#[test]
+fn readiness_needs_configured_bgp_sessions_established() {
+    let addr = "192.0.2.10:9096";
+    let c = Cluster::new_with(
+        "hlbgp",
+        false,
+        1,
+        &["--bgp", "on", "--metrics-listen", addr],
+    );
+    let body = wait_readyz(&c, addr, 200, "\nready\n", "the agent to be ready");
+    assert!(
+        body.contains("ok   bgp: 0 session(s) Established"),
+        "{body}"
+    );
+
+    // A peer nothing answers for (on the node's subnet, no host there).
+    let peer = "apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: nobody}\nspec: {peerIP: 192.0.2.99, asNumber: 65099}\n";
+    c.cli_ok(&["apply", "-f", "-"], Some(peer));
+    let body = wait_readyz(
+        &c,
+        addr,
+        503,
+        "not ready: bgp",
+        "not ready with a peer down",
+    );
+    assert!(
+        body.contains("FAIL bgp: not Established: 192.0.2.99"),
+        "{body}"
+    );
+    let (code, status) = node_status(&c);
+    assert_eq!(code, 1, "{status}");
+    assert!(status.contains("not ready: bgp"), "{status}");
+
+    c.cli_ok(&["delete", "bgppeer", "nobody"], None);
+    wait_readyz(&c, addr, 200, "\nready\n", "ready once the peer is gone");
+}
+
+/// The socket answers whether or not the agent serves HTTP.
+#[test]
+fn node_status_needs_no_metrics_listener() {
+    let c = Cluster::new("hlsock", false, 1);
+    wait_for("node status to report ready", 60, || node_status(&c).0 == 0);
+    let (_, status) = node_status(&c);
+    assert!(status.ends_with("\nready\n"), "{status}");
+}
+
+#[test]
+fn node_status_without_an_agent_is_an_error_naming_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let out = std::process::Command::new(bin("trellis"))
+        .args(["node", "status", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot reach the agent") && err.contains("none.sock"),
+        "{err}"
+    );
+}
