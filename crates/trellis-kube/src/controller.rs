@@ -1,0 +1,450 @@
+//! The sync shell (I/O): kube-runtime watchers keep a cache per kind (replaced whole at the end
+//! of every list, so a relist after 410 Gone drops what vanished meanwhile); a datastore watch
+//! says when stored records change (a WorkloadEndpoint created by a CNI ADD after its pod was
+//! seen, say); and while this process leads, each changed kind is planned against a fresh
+//! listing of the store ([`crate::plan`]) and the ops are committed one guarded transaction
+//! each. A kind is planned only once its first list is complete, so a controller that is still
+//! listing deletes nothing. Everything is level-based: a periodic resync, a resumed watch, a
+//! relist and a restarted controller all converge without writing anything already stored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use trellis_resources::{key_for, Kind, Resource};
+use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
+
+use crate::lease::{Leadership, LeaseConfig};
+use crate::plan::{plan_endpoints, plan_owned, Desired, Op, PodDesired};
+use crate::translate::{self, TranslateError};
+use crate::{KubeError, Result};
+
+/// Controller settings.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub lease: LeaseConfig,
+    /// Every kind is planned again this often, even without events.
+    pub resync: Duration,
+}
+
+/// A Kubernetes client from a kubeconfig file, or inferred (in-cluster service account, then
+/// `KUBECONFIG` / `~/.kube/config`) when none is given.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let bad = |reason: String| KubeError::Kubeconfig {
+                path: path.display().to_string(),
+                reason,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| bad(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubeError::Kubeconfig {
+                path: "(inferred)".into(),
+                reason: e.to_string(),
+            })?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// What the controller plans as one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    Namespaces,
+    ServiceAccounts,
+    NetworkPolicies,
+    Pods,
+}
+
+impl Target {
+    pub const ALL: [Target; 4] = [
+        Target::Namespaces,
+        Target::ServiceAccounts,
+        Target::NetworkPolicies,
+        Target::Pods,
+    ];
+
+    /// The stored kind the target's plan reads and writes.
+    pub fn kind(self) -> Kind {
+        match self {
+            Target::Namespaces => Kind::Namespace,
+            Target::ServiceAccounts => Kind::ServiceAccount,
+            Target::NetworkPolicies => Kind::KubernetesNetworkPolicy,
+            Target::Pods => Kind::WorkloadEndpoint,
+        }
+    }
+}
+
+/// One change from a watcher, already translated.
+#[derive(Debug)]
+enum Change {
+    Init,
+    Apply(String, Entry),
+    Delete(String),
+    InitDone,
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Mirror(Desired),
+    Pod(PodDesired),
+}
+
+#[derive(Debug)]
+enum Input {
+    Kube(Target, Change),
+    /// Stored records of this kind changed.
+    Stored(Kind),
+    /// The store watch was re-established: anything may have changed.
+    StoredAll,
+}
+
+/// A kind's objects as Kubernetes lists and watches them.
+#[derive(Debug, Default)]
+struct Cache {
+    /// Set once the first list completed.
+    ready: bool,
+    items: BTreeMap<String, Entry>,
+    /// A list in progress (replaces `items` when done).
+    building: Option<BTreeMap<String, Entry>>,
+}
+
+impl Cache {
+    fn handle(&mut self, change: Change) {
+        match change {
+            Change::Init => self.building = Some(BTreeMap::new()),
+            Change::Apply(k, e) => {
+                match &mut self.building {
+                    Some(b) => b.insert(k, e),
+                    None => self.items.insert(k, e),
+                };
+            }
+            Change::Delete(k) => {
+                self.items.remove(&k);
+            }
+            Change::InitDone => {
+                self.items = self.building.take().unwrap_or_default();
+                self.ready = true;
+            }
+        }
+    }
+}
+
+/// Runs the controller: the election, the watchers and the sync loop, until an error of the
+/// datastore ends it (watch errors are retried with backoff).
+pub async fn run(client: Client, store: Arc<dyn Datastore>, cfg: ControllerConfig) -> Result<()> {
+    let leadership = Arc::new(Leadership::default());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.lease.namespace);
+    let election = tokio::spawn(crate::lease::run(
+        leases,
+        cfg.lease.clone(),
+        leadership.clone(),
+    ));
+    let result = sync(client, store, &cfg, leadership.clone()).await;
+    leadership.resign();
+    election.abort();
+    result
+}
+
+/// The sync loop (see the module docs); writes only while `leadership` says so.
+pub async fn sync(
+    client: Client,
+    store: Arc<dyn Datastore>,
+    cfg: &ControllerConfig,
+    leadership: Arc<Leadership>,
+) -> Result<()> {
+    let (tx, mut rx) = mpsc::channel::<Input>(1024);
+    let mut tasks = vec![
+        spawn_watch::<Namespace>(Api::all(client.clone()), Target::Namespaces, tx.clone()),
+        spawn_watch::<ServiceAccount>(
+            Api::all(client.clone()),
+            Target::ServiceAccounts,
+            tx.clone(),
+        ),
+        spawn_watch::<NetworkPolicy>(
+            Api::all(client.clone()),
+            Target::NetworkPolicies,
+            tx.clone(),
+        ),
+        spawn_watch::<Pod>(Api::all(client.clone()), Target::Pods, tx.clone()),
+    ];
+    tasks.push(tokio::spawn(watch_store(store.clone(), tx)));
+    let _abort = AbortOnDrop(tasks);
+    let mut caches: BTreeMap<Target, Cache> =
+        Target::ALL.iter().map(|t| (*t, Cache::default())).collect();
+    let mut dirty: BTreeSet<Target> = Target::ALL.into_iter().collect();
+    let mut resync = tokio::time::interval(cfg.resync);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let mut was_leader = false;
+    loop {
+        tokio::select! {
+            input = rx.recv() => match input {
+                Some(i) => note(i, &mut caches, &mut dirty),
+                None => return Ok(()),
+            },
+            _ = resync.tick() => dirty.extend(Target::ALL),
+            _ = poll.tick() => {}
+        }
+        while let Ok(i) = rx.try_recv() {
+            note(i, &mut caches, &mut dirty);
+        }
+        let leader = leadership.is_leader();
+        if leader && !was_leader {
+            // What the previous leader wrote (or did not) is unknown: plan everything.
+            dirty.extend(Target::ALL);
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        for t in dirty.clone() {
+            if !caches[&t].ready {
+                continue;
+            }
+            match reconcile(&*store, t, &caches[&t], &leadership).await {
+                Ok(true) => {
+                    dirty.remove(&t);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(target_kind = ?t, error = %e, "sync failed; retrying"),
+            }
+        }
+    }
+}
+
+fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet<Target>) {
+    match input {
+        Input::Kube(t, change) => {
+            caches
+                .get_mut(&t)
+                .expect("a cache per target")
+                .handle(change);
+            dirty.insert(t);
+        }
+        Input::Stored(kind) => dirty.extend(Target::ALL.into_iter().filter(|t| t.kind() == kind)),
+        Input::StoredAll => dirty.extend(Target::ALL),
+    }
+}
+
+/// Plans `t` against a fresh listing and commits the ops; `Ok(true)` when all committed
+/// (a conflict or lost leadership leaves the target dirty for the next pass).
+async fn reconcile(
+    store: &dyn Datastore,
+    t: Target,
+    cache: &Cache,
+    leadership: &Leadership,
+) -> Result<bool> {
+    let listing = store.list(&t.kind().prefix()).await?;
+    let ops = match t {
+        Target::Pods => {
+            let pods: BTreeMap<(String, String), PodDesired> = cache
+                .items
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Pod(p) => {
+                        let (ns, name) = k.split_once('/')?;
+                        Some(((ns.to_string(), name.to_string()), p.clone()))
+                    }
+                    Entry::Mirror(_) => None,
+                })
+                .collect();
+            plan_endpoints(&pods, &listing.items)
+        }
+        _ => {
+            let desired: BTreeMap<String, Desired> = cache
+                .items
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Mirror(d) => Some((k.clone(), d.clone())),
+                    Entry::Pod(_) => None,
+                })
+                .collect();
+            plan_owned(&desired, &listing.items)
+        }
+    };
+    let mut complete = true;
+    for op in ops {
+        // Checked before every write: a leader whose lease lapsed stops at once.
+        if !leadership.is_leader() {
+            return Ok(false);
+        }
+        let (pre, txn_op) = match &op {
+            Op::Put {
+                key,
+                value,
+                precondition,
+            } => (precondition.clone(), TxnOp::Put(key.clone(), value.clone())),
+            Op::Delete { key, revision } => (
+                Precondition::ModRevision(key.clone(), *revision),
+                TxnOp::Delete(key.clone()),
+            ),
+        };
+        match store.txn(vec![pre], vec![txn_op]).await? {
+            TxnOutcome::Committed { revision } => {
+                tracing::info!(key = op.key(), revision, write = %if matches!(op, Op::Delete { .. }) { "delete" } else { "put" }, "synced from Kubernetes");
+            }
+            TxnOutcome::Conflict => complete = false,
+        }
+    }
+    Ok(complete)
+}
+
+/// Translates a watched object into its cache key and entry; a bad one is reported.
+trait Watched: kube::Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static {
+    fn entry(&self) -> (String, Entry);
+}
+
+fn report(e: &TranslateError) {
+    tracing::warn!(kind = e.kind, object = %e.object, field = %e.field, reason = %e.reason, "skipping a Kubernetes object that does not translate");
+}
+
+fn mirror(
+    kind: Kind,
+    meta: &kube::api::ObjectMeta,
+    r: std::result::Result<Resource, TranslateError>,
+) -> (String, Entry) {
+    let key = key_for(
+        kind,
+        meta.namespace.as_deref(),
+        meta.name.as_deref().unwrap_or_default(),
+    );
+    match r {
+        Ok(r) => (key, Entry::Mirror(Desired::Object(r))),
+        Err(e) => {
+            report(&e);
+            (key, Entry::Mirror(Desired::Invalid))
+        }
+    }
+}
+
+impl Watched for Namespace {
+    fn entry(&self) -> (String, Entry) {
+        mirror(Kind::Namespace, &self.metadata, translate::namespace(self))
+    }
+}
+
+impl Watched for ServiceAccount {
+    fn entry(&self) -> (String, Entry) {
+        mirror(
+            Kind::ServiceAccount,
+            &self.metadata,
+            translate::service_account(self),
+        )
+    }
+}
+
+impl Watched for NetworkPolicy {
+    fn entry(&self) -> (String, Entry) {
+        mirror(
+            Kind::KubernetesNetworkPolicy,
+            &self.metadata,
+            translate::network_policy(self),
+        )
+    }
+}
+
+impl Watched for Pod {
+    fn entry(&self) -> (String, Entry) {
+        let ns = self
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let key = format!("{ns}/{}", self.metadata.name.clone().unwrap_or_default());
+        match translate::pod(self) {
+            Ok(p) => (key, Entry::Pod(PodDesired::Pod(p))),
+            Err(e) => {
+                report(&e);
+                (key, Entry::Pod(PodDesired::Invalid))
+            }
+        }
+    }
+}
+
+fn spawn_watch<K: Watched>(
+    api: Api<K>,
+    t: Target,
+    tx: mpsc::Sender<Input>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = stream.next().await {
+            let change = match ev {
+                Ok(Event::Init) => Change::Init,
+                Ok(Event::InitApply(o) | Event::Apply(o)) => {
+                    let (k, e) = o.entry();
+                    Change::Apply(k, e)
+                }
+                Ok(Event::Delete(o)) => Change::Delete(o.entry().0),
+                Ok(Event::InitDone) => Change::InitDone,
+                Err(e) => {
+                    tracing::warn!(target_kind = ?t, error = %e, "Kubernetes watch failed; listing or resuming again");
+                    continue;
+                }
+            };
+            if tx.send(Input::Kube(t, change)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Follows the stored kinds the plans read; re-established (and everything marked changed)
+/// when the watch ends or falls behind a compaction.
+async fn watch_store(store: Arc<dyn Datastore>, tx: mpsc::Sender<Input>) {
+    let prefixes: Vec<String> = Target::ALL.iter().map(|t| t.kind().prefix()).collect();
+    loop {
+        let watch = match store.revision().await {
+            Ok(rev) => store.watch_prefixes(&prefixes, rev + 1).await,
+            Err(e) => Err(e),
+        };
+        match watch {
+            Ok(mut w) => {
+                if tx.send(Input::StoredAll).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(ev)) = w.next().await {
+                    let kind = Target::ALL
+                        .iter()
+                        .map(|t| t.kind())
+                        .find(|k| ev.key.starts_with(&k.prefix()));
+                    if let Some(k) = kind {
+                        if tx.send(Input::Stored(k)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tracing::info!(store = %store.describe(), "datastore watch ended; watching again");
+            }
+            Err(e) => tracing::warn!(error = %e, "datastore watch failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Kubernetes sync: `trellis kube-controller` mirrors Kubernetes objects into the Trellis
+//! datastore, as Calico's etcd-mode kube-controllers do.
+//!
+//! - [`translate`] (pure): Kubernetes objects → Trellis's stored form.
+//! - [`plan`] (pure): desired (from Kubernetes) against observed (the store) → guarded writes.
+//! - [`lease`] (pure core + shell): leader election with a `coordination.k8s.io/v1` Lease.
+//! - [`controller`] (I/O): kube-runtime watchers, the store watch, the apply loop.
+//!
+//! Not done here yet: Nodes (Trellis's Node is written by each node's agent; `spec.podCIDR`
+//! needs a Flannel-style IPAM mode), and storing the pod IPAM annotations (they are parsed and
+//! validated, but there is no per-pod record for the agent to read yet).
+
+pub mod controller;
+pub mod lease;
+pub mod plan;
+pub mod translate;
+
+/// Errors of the Kubernetes sync.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("kubeconfig {path}: {reason}")]
+    Kubeconfig { path: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] trellis_store::StoreError),
+    #[error(transparent)]
+    Cluster(#[from] trellis_cluster::ClusterError),
+    #[error(transparent)]
+    Translate(#[from] translate::TranslateError),
+}
+
+pub type Result<T, E = KubeError> = std::result::Result<T, E>;
