@@ -150,14 +150,15 @@ impl Cache {
 pub async fn run(client: Client, store: Arc<dyn Datastore>, cfg: ControllerConfig) -> Result<()> {
     let leadership = Arc::new(Leadership::default());
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.lease.namespace);
-    let election = tokio::spawn(crate::lease::run(
+    // Ends with this future, also when it is dropped (a killed controller stops renewing).
+    let election = AbortOnDrop(vec![tokio::spawn(crate::lease::run(
         leases,
         cfg.lease.clone(),
         leadership.clone(),
-    ));
+    ))]);
     let result = sync(client, store, &cfg, leadership.clone()).await;
     leadership.resign();
-    election.abort();
+    drop(election);
     result
 }
 

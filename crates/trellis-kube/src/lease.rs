@@ -213,7 +213,9 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig, elector: &mut Elector) -> 
             return Outcome::Failed;
         }
     };
-    let result = match elector.decide(Instant::now(), Timestamp::now(), current.as_ref()) {
+    let action = elector.decide(Instant::now(), Timestamp::now(), current.as_ref());
+    tracing::debug!(identity = %cfg.identity, ?action, "lease decision");
+    let result = match action {
         Action::Wait => return Outcome::Written,
         Action::Create(l) => api.create(&PostParams::default(), &l).await,
         Action::Replace(l) => api.replace(&cfg.name, &PostParams::default(), &l).await,
