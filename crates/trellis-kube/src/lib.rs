@@ -5,11 +5,13 @@
 //! - [`plan`] (pure): desired (from Kubernetes) against observed (the store) → guarded writes.
 //! - [`lease`] (pure core + shell): leader election with a `coordination.k8s.io/v1` Lease.
 //! - [`controller`] (I/O): kube-runtime watchers, the store watch, the apply loop.
+//! - [`cli`]: `trellis kube-controller`'s flags and entry point.
 //!
 //! Not done here yet: Nodes (Trellis's Node is written by each node's agent; `spec.podCIDR`
 //! needs a Flannel-style IPAM mode), and storing the pod IPAM annotations (they are parsed and
 //! validated, but there is no per-pod record for the agent to read yet).
 
+pub mod cli;
 pub mod controller;
 pub mod lease;
 pub mod plan;
@@ -28,6 +30,8 @@ pub enum KubeError {
     Cluster(#[from] trellis_cluster::ClusterError),
     #[error(transparent)]
     Translate(#[from] translate::TranslateError),
+    #[error("{field}: {reason}")]
+    Config { field: String, reason: String },
 }
 
 pub type Result<T, E = KubeError> = std::result::Result<T, E>;
