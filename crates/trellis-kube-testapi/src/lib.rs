@@ -76,6 +76,8 @@ pub struct State {
     log: Vec<LogEntry>,
     /// Resumes from a version below this get 410.
     compacted: u64,
+    /// Resources whose create/replace requests are answered 500 (a failing API server).
+    refused: Vec<String>,
     /// Bumped to end every open watch.
     watch_gen: u64,
 }
@@ -263,6 +265,15 @@ impl TestApiServer {
         f(&mut st);
         drop(st);
         self.shared.notify();
+    }
+
+    /// Answers every create and replace of `r` with 500 (`refuse`), or serves them again.
+    pub fn refuse_writes(&self, r: ResourceType, refuse: bool) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.refused.retain(|x| *x != resource_id(r));
+        if refuse {
+            st.refused.push(resource_id(r));
+        }
     }
 
     /// Forgets the history: a resume from any version before now gets 410.
@@ -486,6 +497,9 @@ fn write(shared: &Shared, t: &Target, body: &[u8], name: Option<String>) -> Resp
     }
     let ns = t.namespace.clone().unwrap_or_default();
     let mut st = shared.state.lock().expect("state");
+    if st.refused.contains(&resource_id(t.resource)) {
+        return status(500, "InternalError", "writes refused by the test".into());
+    }
     let current = st.get(t.resource, &ns, &obj_name);
     match (&name, &current) {
         (None, Some(_)) => {

@@ -148,7 +148,16 @@ impl Cache {
 /// Runs the controller: the election, the watchers and the sync loop, until an error of the
 /// datastore ends it (watch errors are retried with backoff).
 pub async fn run(client: Client, store: Arc<dyn Datastore>, cfg: ControllerConfig) -> Result<()> {
-    let leadership = Arc::new(Leadership::default());
+    run_with(client, store, cfg, Arc::new(Leadership::default())).await
+}
+
+/// [`run`], publishing whether it leads into `leadership` (which callers may watch).
+pub async fn run_with(
+    client: Client,
+    store: Arc<dyn Datastore>,
+    cfg: ControllerConfig,
+    leadership: Arc<Leadership>,
+) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.lease.namespace);
     // Ends with this future, also when it is dropped (a killed controller stops renewing).
     let election = AbortOnDrop(vec![tokio::spawn(crate::lease::run(
@@ -447,5 +456,70 @@ impl Drop for AbortOnDrop {
         for t in &self.0 {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn nothing_is_written_without_leadership() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = format!("sqlite:{}", dir.path().join("t.db").display());
+        let store = trellis_store::open(&spec).await.unwrap();
+        let ns = trellis_resources::parse_documents(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let mut cache = Cache::default();
+        cache.handle(Change::Init);
+        cache.handle(Change::Apply(
+            ns.key(),
+            Entry::Mirror(Desired::Object(ns.clone())),
+        ));
+        cache.handle(Change::InitDone);
+        let follower = Leadership::default();
+        assert!(!reconcile(&*store, Target::Namespaces, &cache, &follower)
+            .await
+            .unwrap());
+        assert!(store
+            .list(&Kind::Namespace.prefix())
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+        let leader = Leadership::default();
+        leader.set(Some(std::time::Instant::now() + Duration::from_secs(60)));
+        assert!(reconcile(&*store, Target::Namespaces, &cache, &leader)
+            .await
+            .unwrap());
+        assert_eq!(
+            store
+                .list(&Kind::Namespace.prefix())
+                .await
+                .unwrap()
+                .items
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_and_forgets_what_vanished() {
+        let mut cache = Cache::default();
+        let e = Entry::Mirror(Desired::Invalid);
+        cache.handle(Change::Init);
+        cache.handle(Change::Apply("a".into(), e.clone()));
+        cache.handle(Change::Apply("b".into(), e.clone()));
+        cache.handle(Change::InitDone);
+        assert!(cache.ready);
+        cache.handle(Change::Init);
+        cache.handle(Change::Apply("a".into(), e.clone()));
+        // Until the list is done, the old contents stand.
+        assert_eq!(cache.items.len(), 2);
+        cache.handle(Change::InitDone);
+        assert_eq!(cache.items.keys().collect::<Vec<_>>(), ["a"]);
     }
 }

@@ -174,7 +174,7 @@ impl Leadership {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    fn set(&self, until: Option<Instant>) {
+    pub(crate) fn set(&self, until: Option<Instant>) {
         *self.until.lock().expect("leadership lock") = until;
     }
 

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use trellis_cluster::objects;
 use trellis_kube::controller::{self, ControllerConfig};
-use trellis_kube::lease::LeaseConfig;
-use trellis_kube_testapi::{TestApiServer, LEASES, NAMESPACES, NETWORK_POLICIES, PODS};
+use trellis_kube::lease::{Leadership, LeaseConfig};
+use trellis_kube_testapi::{
+    TestApiServer, LEASES, NAMESPACES, NETWORK_POLICIES, PODS, SERVICE_ACCOUNTS,
+};
 use trellis_resources::{key_for, parse_documents, Kind, Resource};
 use trellis_store::{Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch};
 
@@ -82,6 +84,7 @@ async fn env() -> Env {
 struct Running {
     task: tokio::task::JoinHandle<()>,
     writes: Arc<Counting>,
+    leadership: Arc<Leadership>,
 }
 
 impl Drop for Running {
@@ -111,12 +114,15 @@ impl Env {
             resync: Duration::from_secs(60),
         };
         let store: Arc<dyn Datastore> = counting.clone();
+        let leadership = Arc::new(Leadership::default());
+        let l = leadership.clone();
         let task = tokio::spawn(async move {
-            controller::run(client, store, cfg).await.unwrap();
+            controller::run_with(client, store, cfg, l).await.unwrap();
         });
         Running {
             task,
             writes: counting,
+            leadership,
         }
     }
 
@@ -220,6 +226,10 @@ async fn namespaces_pods_and_policies_arrive_change_and_go() {
     e.api
         .put(PODS, pod("shop", "web-1", "n1", json!({"app": "web"})));
     e.api.put(NETWORK_POLICIES, policy("shop", "allow-http"));
+    e.api.put(
+        SERVICE_ACCOUNTS,
+        json!({"metadata": {"name": "web", "namespace": "shop", "labels": {"role": "front"}}}),
+    );
     // web-1's endpoint exists before the controller; web-2's appears after its pod was seen.
     endpoint(&*e.store, "shop", "web-1", "n1", "c1").await;
     let _c = e.controller("a").await;
@@ -518,4 +528,46 @@ async fn only_the_leader_writes_and_the_other_takes_over_when_it_dies() {
         killed.elapsed()
     );
     let _ = key_for(Kind::Namespace, None, "shop");
+}
+
+async fn wait_leading(r: &Running, want: bool) {
+    let start = Instant::now();
+    while r.leadership.is_leader() != want {
+        assert!(start.elapsed() < DEADLINE, "leadership never became {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_stops_leading_and_leads_again_once_it_can() {
+    let e = env().await;
+    e.api
+        .put(NAMESPACES, namespace("shop", json!({"team": "a"})));
+    let a = e.controller("a").await;
+    wait_leading(&a, true).await;
+    e.wait_for("namespace", Kind::Namespace, None, "shop", |r| {
+        label(r, "team").as_deref() == Some("a")
+    })
+    .await;
+    let refused = Instant::now();
+    e.api.refuse_writes(LEASES, true);
+    wait_leading(&a, false).await;
+    // Not before the renew deadline (1.4 s) of the last successful renewal (≤ 0.2 s before).
+    assert!(
+        refused.elapsed() >= Duration::from_millis(1100),
+        "lost after {:?}",
+        refused.elapsed()
+    );
+    e.api.refuse_writes(LEASES, false);
+    wait_leading(&a, true).await;
+    e.api
+        .put(NAMESPACES, namespace("shop", json!({"team": "b"})));
+    e.wait_for(
+        "a change after leading again",
+        Kind::Namespace,
+        None,
+        "shop",
+        |r| label(r, "team").as_deref() == Some("b"),
+    )
+    .await;
 }
