@@ -337,7 +337,7 @@ fn parse_path(path: &str) -> Option<Target> {
     };
     let (namespace, plural, name) = match rest {
         ["namespaces", ns, plural, name] => (Some(ns.to_string()), *plural, Some(name.to_string())),
-        ["namespaces", ns, plural] if *plural != "" => (Some(ns.to_string()), *plural, None),
+        ["namespaces", ns, plural] if !plural.is_empty() => (Some(ns.to_string()), *plural, None),
         [plural, name] => (None, *plural, Some(name.to_string())),
         [plural] => (None, *plural, None),
         _ => return None,

@@ -334,7 +334,7 @@ fn mirror(
         meta.name.as_deref().unwrap_or_default(),
     );
     match r {
-        Ok(r) => (key, Entry::Mirror(Desired::Object(r))),
+        Ok(r) => (key, Entry::Mirror(Desired::Object(Box::new(r)))),
         Err(e) => {
             report(&e);
             (key, Entry::Mirror(Desired::Invalid))
@@ -377,7 +377,7 @@ impl Watched for Pod {
             .unwrap_or_else(|| "default".into());
         let key = format!("{ns}/{}", self.metadata.name.clone().unwrap_or_default());
         match translate::pod(self) {
-            Ok(p) => (key, Entry::Pod(PodDesired::Pod(p))),
+            Ok(p) => (key, Entry::Pod(PodDesired::Pod(Box::new(p)))),
             Err(e) => {
                 report(&e);
                 (key, Entry::Pod(PodDesired::Invalid))
@@ -477,7 +477,7 @@ mod tests {
         cache.handle(Change::Init);
         cache.handle(Change::Apply(
             ns.key(),
-            Entry::Mirror(Desired::Object(ns.clone())),
+            Entry::Mirror(Desired::Object(Box::new(ns.clone()))),
         ));
         cache.handle(Change::InitDone);
         let follower = Leadership::default();

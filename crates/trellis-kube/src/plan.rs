@@ -45,7 +45,7 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Desired {
     /// The object as it must be stored.
-    Object(Resource),
+    Object(Box<Resource>),
     /// The object exists in Kubernetes but does not translate (reported elsewhere): what is
     /// stored stays as it is — neither replaced nor deleted.
     Invalid,
@@ -93,7 +93,7 @@ pub fn plan_owned(desired: &BTreeMap<String, Desired>, observed: &[KeyValue]) ->
 /// What Kubernetes says of one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodDesired {
-    Pod(PodInfo),
+    Pod(Box<PodInfo>),
     /// The pod does not translate: its endpoints keep what they have.
     Invalid,
 }
@@ -173,11 +173,11 @@ mod tests {
         let desired: BTreeMap<String, Desired> = [
             (
                 ns("a", "x", true).key(),
-                Desired::Object(ns("a", "x", true)),
+                Desired::Object(Box::new(ns("a", "x", true))),
             ),
             (
                 ns("b", "y", true).key(),
-                Desired::Object(ns("b", "y", true)),
+                Desired::Object(Box::new(ns("b", "y", true))),
             ),
             (ns("bad", "x", true).key(), Desired::Invalid),
         ]
@@ -215,7 +215,7 @@ mod tests {
     #[test]
     fn what_is_already_stored_plans_nothing() {
         let r = ns("a", "x", true);
-        let desired = [(r.key(), Desired::Object(r.clone()))].into();
+        let desired = [(r.key(), Desired::Object(Box::new(r.clone())))].into();
         assert!(plan_owned(&desired, &[kv(&r, 3)]).is_empty());
     }
 
@@ -253,7 +253,7 @@ mod tests {
         let other_ns = wep("y", "a", "n1", "c3");
         let pods = [(
             ("x".to_string(), "a".to_string()),
-            PodDesired::Pod(info(Some("n1"))),
+            PodDesired::Pod(Box::new(info(Some("n1")))),
         )]
         .into();
         let observed = [
