@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -26,7 +26,7 @@ use trellis_resources::{key_for, Kind, Resource};
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
 use crate::lease::{Leadership, LeaseConfig};
-use crate::plan::{plan_endpoints, plan_owned, Desired, Op, PodDesired};
+use crate::plan::{plan_endpoints, plan_nodes, plan_owned, Desired, NodeDesired, Op, PodDesired};
 use crate::translate::{self, TranslateError};
 use crate::{KubeError, Result};
 
@@ -69,14 +69,16 @@ pub enum Target {
     ServiceAccounts,
     NetworkPolicies,
     Pods,
+    Nodes,
 }
 
 impl Target {
-    pub const ALL: [Target; 4] = [
+    pub const ALL: [Target; 5] = [
         Target::Namespaces,
         Target::ServiceAccounts,
         Target::NetworkPolicies,
         Target::Pods,
+        Target::Nodes,
     ];
 
     /// The stored kind the target's plan reads and writes.
@@ -86,6 +88,7 @@ impl Target {
             Target::ServiceAccounts => Kind::ServiceAccount,
             Target::NetworkPolicies => Kind::KubernetesNetworkPolicy,
             Target::Pods => Kind::WorkloadEndpoint,
+            Target::Nodes => Kind::Node,
         }
     }
 }
@@ -103,6 +106,7 @@ enum Change {
 enum Entry {
     Mirror(Desired),
     Pod(PodDesired),
+    Node(NodeDesired),
 }
 
 #[derive(Debug)]
@@ -192,6 +196,7 @@ pub async fn sync(
             tx.clone(),
         ),
         spawn_watch::<Pod>(Api::all(client.clone()), Target::Pods, tx.clone()),
+        spawn_watch::<Node>(Api::all(client.clone()), Target::Nodes, tx.clone()),
     ];
     tasks.push(tokio::spawn(watch_store(store.clone(), tx)));
     let _abort = AbortOnDrop(tasks);
@@ -270,10 +275,21 @@ async fn reconcile(
                         let (ns, name) = k.split_once('/')?;
                         Some(((ns.to_string(), name.to_string()), p.clone()))
                     }
-                    Entry::Mirror(_) => None,
+                    _ => None,
                 })
                 .collect();
             plan_endpoints(&pods, &listing.items)
+        }
+        Target::Nodes => {
+            let nodes: BTreeMap<String, NodeDesired> = cache
+                .items
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Node(n) => Some((k.clone(), n.clone())),
+                    _ => None,
+                })
+                .collect();
+            plan_nodes(&nodes, &listing.items)
         }
         _ => {
             let desired: BTreeMap<String, Desired> = cache
@@ -281,7 +297,7 @@ async fn reconcile(
                 .iter()
                 .filter_map(|(k, e)| match e {
                     Entry::Mirror(d) => Some((k.clone(), d.clone())),
-                    Entry::Pod(_) => None,
+                    _ => None,
                 })
                 .collect();
             plan_owned(&desired, &listing.items)
@@ -368,6 +384,19 @@ impl Watched for NetworkPolicy {
     }
 }
 
+impl Watched for Node {
+    fn entry(&self) -> (String, Entry) {
+        let key = self.metadata.name.clone().unwrap_or_default();
+        match translate::node(self) {
+            Ok(n) => (key, Entry::Node(NodeDesired::Node(Box::new(n)))),
+            Err(e) => {
+                report(&e);
+                (key, Entry::Node(NodeDesired::Invalid))
+            }
+        }
+    }
+}
+
 impl Watched for Pod {
     fn entry(&self) -> (String, Entry) {
         let ns = self
@@ -430,11 +459,23 @@ async fn watch_store(store: Arc<dyn Datastore>, tx: mpsc::Sender<Input>) {
                 if tx.send(Input::StoredAll).await.is_err() {
                     return;
                 }
+                // Every agent rewrites its Node at each heartbeat: only a Node not seen before
+                // (an agent that registered) needs a plan; a change of its labels by anyone
+                // else is put right at the next resync.
+                let mut nodes_seen = std::collections::HashSet::new();
                 while let Some(Ok(ev)) = w.next().await {
                     let kind = Target::ALL
                         .iter()
                         .map(|t| t.kind())
                         .find(|k| ev.key.starts_with(&k.prefix()));
+                    let kind = match kind {
+                        Some(Kind::Node) if ev.kind == trellis_store::WatchEventKind::Delete => {
+                            nodes_seen.remove(&ev.key);
+                            None
+                        }
+                        Some(Kind::Node) if !nodes_seen.insert(ev.key.clone()) => None,
+                        k => k,
+                    };
                     if let Some(k) = kind {
                         if tx.send(Input::Stored(k)).await.is_err() {
                             return;

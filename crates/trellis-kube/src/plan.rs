@@ -18,7 +18,7 @@ use trellis_cluster::objects::{decode, encode};
 use trellis_resources::Resource;
 use trellis_store::{KeyValue, Precondition};
 
-use crate::translate::{owned, PodInfo};
+use crate::translate::{owned, NodeInfo, PodInfo, KUBE_LABELS};
 
 /// One guarded write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +126,60 @@ pub fn plan_endpoints(
         w.spec.service_account_name = info.service_account.clone();
         w.spec.ports = info.ports.clone();
         let value = encode(&Resource::WorkloadEndpoint(w));
+        if value != kv.value {
+            ops.push(Op::Put {
+                key: kv.key.clone(),
+                value,
+                precondition: Precondition::ModRevision(kv.key.clone(), kv.mod_revision),
+            });
+        }
+    }
+    ops
+}
+
+/// What Kubernetes says of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeDesired {
+    Node(Box<NodeInfo>),
+    /// The node does not translate: its Trellis Node keeps what it has.
+    Invalid,
+}
+
+/// Plans the nodes: each Trellis Node (registered by its agent) whose Kubernetes Node is known
+/// gets the Kubernetes labels; the keys synced last time are recorded in [`KUBE_LABELS`], so a
+/// label removed in Kubernetes is removed and the agent's own `--label`s are kept. Trellis
+/// Nodes are never created or deleted here (their agents register them; deleting a node and its
+/// addresses is IPAM garbage collection's job).
+pub fn plan_nodes(nodes: &BTreeMap<String, NodeDesired>, observed: &[KeyValue]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for kv in observed {
+        let Ok(stored) = decode(kv) else { continue };
+        let Resource::Node(mut n) = stored.resource else {
+            continue;
+        };
+        let Some(NodeDesired::Node(info)) = nodes.get(&n.metadata.name) else {
+            continue;
+        };
+        let previous: Vec<String> = n
+            .metadata
+            .annotations
+            .get(KUBE_LABELS)
+            .map(|s| {
+                s.split(',')
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for k in previous {
+            n.metadata.labels.remove(&k);
+        }
+        n.metadata.labels.extend(info.labels.clone());
+        let keys: Vec<&str> = info.labels.keys().map(String::as_str).collect();
+        n.metadata
+            .annotations
+            .insert(KUBE_LABELS.into(), keys.join(","));
+        let value = encode(&Resource::Node(n));
         if value != kv.value {
             ops.push(Op::Put {
                 key: kv.key.clone(),
@@ -303,5 +357,56 @@ mod tests {
         // An invalid pod leaves its endpoints as they are.
         let invalid = [(("x".to_string(), "a".to_string()), PodDesired::Invalid)].into();
         assert!(plan_endpoints(&invalid, &observed).is_empty());
+    }
+
+    fn trellis_node(labels: &str, synced: Option<&str>) -> Resource {
+        let ann = synced
+            .map(|k| format!(", annotations: {{\"{KUBE_LABELS}\": \"{k}\"}}"))
+            .unwrap_or_default();
+        parse_documents(&format!(
+            "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {{name: n1, labels: {{{labels}}}{ann}}}\nspec: {{addresses: [{{address: 192.0.2.1/24}}]}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    #[test]
+    fn node_labels_follow_kubernetes_and_keep_the_agents_own() {
+        let info = NodeInfo {
+            name: "n1".into(),
+            labels: [("zone".to_string(), "b".to_string())].into(),
+            pod_cidrs: vec![],
+            addresses: vec![],
+        };
+        let nodes = [("n1".to_string(), NodeDesired::Node(Box::new(info)))].into();
+        // `rack` came from the agent's --label; `old` from Kubernetes, which dropped it.
+        let stored = trellis_node("rack: r1, old: x, zone: a", Some("old,zone"));
+        let ops = plan_nodes(&nodes, &[kv(&stored, 3)]);
+        let [Op::Put {
+            value,
+            precondition,
+            ..
+        }] = ops.as_slice()
+        else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(precondition, &Precondition::ModRevision(stored.key(), 3));
+        let got = decode(&KeyValue {
+            key: stored.key(),
+            value: value.clone(),
+            create_revision: 3,
+            mod_revision: 3,
+        })
+        .unwrap();
+        let want = trellis_node("rack: r1, zone: b", Some("zone"));
+        assert_eq!(got.resource, want);
+        assert!(
+            plan_nodes(&nodes, &[kv(&want, 4)]).is_empty(),
+            "in sync: nothing to write"
+        );
+        assert!(
+            plan_nodes(&BTreeMap::new(), &[kv(&stored, 3)]).is_empty(),
+            "unknown node: left alone"
+        );
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ObjectMeta;
 use serde_json::{json, Value};
@@ -336,6 +336,79 @@ pub fn ip_addrs(value: &str) -> Result<Vec<IpAddr>, String> {
     }
     Ok(out)
 }
+
+/// What Kubernetes says of a node that Trellis keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Synced onto the Trellis Node the node's agent registered (pool and BGP peer
+    /// `nodeSelector`s read them).
+    pub labels: BTreeMap<String, String>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`), validated; not stored yet (a Flannel-style IPAM mode
+    /// would make each node's block its podCIDR).
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// `status.addresses`, validated; not stored: the agent detects and publishes the address
+    /// it routes with, as calico-node does.
+    pub addresses: Vec<(String, IpAddr)>,
+}
+
+/// A Node's labels, podCIDRs and addresses, validated.
+pub fn node(n: &Node) -> Result<NodeInfo, TranslateError> {
+    let meta = &n.metadata;
+    required_name("Node", meta)?;
+    let bad = |field: String, reason: String| error("Node", meta, field, reason);
+    let labels = meta.labels.clone().unwrap_or_default();
+    trellis_resources::labels::check("metadata.labels", &labels)
+        .map_err(|e| bad(e.field, e.reason))?;
+    let spec = n.spec.clone().unwrap_or_default();
+    let cidrs: Vec<(String, String)> = match &spec.pod_cidrs {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c.clone()))
+            .collect(),
+        _ => spec
+            .pod_cidr
+            .iter()
+            .map(|c| ("spec.podCIDR".to_string(), c.clone()))
+            .collect(),
+    };
+    let mut pod_cidrs = Vec::new();
+    for (field, c) in cidrs {
+        let net: ipnet::IpNet = c
+            .parse()
+            .map_err(|_| bad(field.clone(), format!("{c:?} is not a CIDR")))?;
+        if net.trunc() != net {
+            return Err(bad(field, format!("{c:?} has host bits set")));
+        }
+        pod_cidrs.push(net);
+    }
+    let mut addresses = Vec::new();
+    let status = n.status.clone().unwrap_or_default();
+    for (i, a) in status.addresses.iter().flatten().enumerate() {
+        // Hostname entries name the host, not an address.
+        if a.type_ == "Hostname" {
+            continue;
+        }
+        let ip: IpAddr = a.address.parse().map_err(|_| {
+            bad(
+                format!("status.addresses[{i}].address"),
+                format!("{:?} is not an IP address", a.address),
+            )
+        })?;
+        addresses.push((a.type_.clone(), ip));
+    }
+    Ok(NodeInfo {
+        name: meta.name.clone().unwrap_or_default(),
+        labels,
+        pod_cidrs,
+        addresses,
+    })
+}
+
+/// The annotation on a Trellis Node listing the label keys synced from Kubernetes (so a label
+/// removed in Kubernetes is removed, and labels the agent set with `--label` are kept).
+pub const KUBE_LABELS: &str = "trellis.dev/kube-labels";
 
 /// Whether a stored object was written by the controller.
 pub fn owned(r: &Resource) -> bool {

@@ -11,7 +11,7 @@ use trellis_cluster::objects;
 use trellis_kube::controller::{self, ControllerConfig};
 use trellis_kube::lease::{Leadership, LeaseConfig};
 use trellis_kube_testapi::{
-    TestApiServer, LEASES, NAMESPACES, NETWORK_POLICIES, PODS, SERVICE_ACCOUNTS,
+    TestApiServer, LEASES, NAMESPACES, NETWORK_POLICIES, NODES, PODS, SERVICE_ACCOUNTS,
 };
 use trellis_resources::{key_for, parse_documents, Kind, Resource};
 use trellis_store::{Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch};
@@ -266,7 +266,17 @@ async fn namespaces_pods_and_policies_arrive_change_and_go() {
         PODS,
         pod("shop", "web-2", "n1", json!({"app": "web", "v": "2"})),
     );
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Its first endpoint getting the labels shows the controller knows the pod; a second one
+    // (a new sandbox) appears only after that.
+    endpoint(&*e.store, "shop", "web-2", "n1", "c21").await;
+    e.wait_for(
+        "web-2's first endpoint",
+        Kind::WorkloadEndpoint,
+        Some("shop"),
+        "n1.c21.eth0",
+        |r| label(r, "v").as_deref() == Some("2"),
+    )
+    .await;
     endpoint(&*e.store, "shop", "web-2", "n1", "c22").await;
     e.wait_for(
         "a late endpoint gets its pod's labels",
@@ -570,4 +580,51 @@ async fn a_leader_that_cannot_renew_stops_leading_and_leads_again_once_it_can() 
         |r| label(r, "team").as_deref() == Some("b"),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_labels_arrive_on_the_node_its_agent_registers() {
+    let e = env().await;
+    e.api.put(
+        NODES,
+        json!({"metadata": {"name": "n0", "labels": {"zone": "a"}}}),
+    );
+    e.api.put(
+        NODES,
+        json!({"metadata": {"name": "n1", "labels": {"zone": "a"}}}),
+    );
+    let n0 = parse_documents("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n0}\nspec: {addresses: [{address: 192.0.2.2/24}]}\n").unwrap();
+    objects::apply(&*e.store, &n0[0], false).await.unwrap();
+    let _c = e.controller("a").await;
+    // n0 labelled shows the controller's node list (which holds n1 too) is in; n1's agent
+    // registers only after that.
+    e.wait_for("n0's labels", Kind::Node, None, "n0", |r| {
+        label(r, "zone").as_deref() == Some("a")
+    })
+    .await;
+    let agent = parse_documents("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1, labels: {rack: r1}}\nspec: {addresses: [{address: 192.0.2.1/24}]}\n").unwrap();
+    objects::apply(&*e.store, &agent[0], false).await.unwrap();
+    e.wait_for("node labels", Kind::Node, None, "n1", |r| {
+        label(r, "zone").as_deref() == Some("a")
+    })
+    .await;
+    e.api.put(
+        NODES,
+        json!({"metadata": {"name": "n1", "labels": {"zone": "b"}}}),
+    );
+    e.wait_for("a node label change", Kind::Node, None, "n1", |r| {
+        label(r, "zone").as_deref() == Some("b")
+    })
+    .await;
+    e.api
+        .put(NODES, json!({"metadata": {"name": "n1", "labels": {}}}));
+    e.wait_for("a removed node label", Kind::Node, None, "n1", |r| {
+        label(r, "zone").is_none()
+    })
+    .await;
+    assert_eq!(
+        label(e.stored(Kind::Node, None, "n1").await.as_ref(), "rack").as_deref(),
+        Some("r1"),
+        "the agent's own label stays"
+    );
 }

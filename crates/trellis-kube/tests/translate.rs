@@ -1,6 +1,6 @@
 //! The translations on objects as Kubernetes 1.33 prints them (tests/fixtures/).
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use trellis_kube::translate::{self, CONTROLLER, MANAGED_BY};
 use trellis_resources::policy::RuleProtocol;
@@ -147,4 +147,31 @@ fn bad_objects_are_refused_naming_the_field() {
     )));
     assert_eq!(e.kind, "NetworkPolicy");
     assert!(e.field.contains("ipBlock.cidr"), "{e}");
+}
+
+#[test]
+fn a_node_gives_labels_pod_cidrs_and_addresses() {
+    let n = translate::node(&fixture::<Node>("k8s-1.33-node.json")).unwrap();
+    assert_eq!(n.name, "node-2");
+    assert_eq!(n.labels["topology.kubernetes.io/zone"], "zone-b");
+    let cidrs: Vec<String> = n.pod_cidrs.iter().map(|c| c.to_string()).collect();
+    assert_eq!(cidrs, ["10.244.2.0/24", "fd00:10:244:2::/64"]);
+    let addrs: Vec<String> = n
+        .addresses
+        .iter()
+        .map(|(t, a)| format!("{t} {a}"))
+        .collect();
+    assert_eq!(
+        addrs,
+        ["InternalIP 192.168.50.11", "InternalIP fd00:50::11"]
+    );
+}
+
+#[test]
+fn a_bad_node_is_refused_naming_the_field() {
+    let e = err_of(translate::node(&fixture("bad-k8s-1.33-node-podcidr.json")));
+    assert_eq!((e.kind, e.field.as_str()), ("Node", "spec.podCIDRs[1]"));
+    assert!(e.reason.contains("host bits"), "{e}");
+    let e = err_of(translate::node(&fixture("bad-k8s-1.33-node-address.json")));
+    assert_eq!(e.field, "status.addresses[0].address");
 }
