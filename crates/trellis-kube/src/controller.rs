@@ -109,11 +109,28 @@ enum Entry {
     Node(NodeDesired),
 }
 
+/// A unit of planning: a whole target, or the pods of one namespace (a pod event or an
+/// endpoint change re-plans only its namespace: one listing of that namespace's endpoints).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Work {
+    All(Target),
+    PodNamespace(String),
+}
+
+impl Work {
+    fn target(&self) -> Target {
+        match self {
+            Work::All(t) => *t,
+            Work::PodNamespace(_) => Target::Pods,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Input {
     Kube(Target, Change),
-    /// Stored records of this kind changed.
-    Stored(Kind),
+    /// A stored record of this kind changed (its key).
+    Stored(Kind, String),
     /// The store watch was re-established: anything may have changed.
     StoredAll,
 }
@@ -202,7 +219,8 @@ pub async fn sync(
     let _abort = AbortOnDrop(tasks);
     let mut caches: BTreeMap<Target, Cache> =
         Target::ALL.iter().map(|t| (*t, Cache::default())).collect();
-    let mut dirty: BTreeSet<Target> = Target::ALL.into_iter().collect();
+    let all = || Target::ALL.into_iter().map(Work::All);
+    let mut dirty: BTreeSet<Work> = all().collect();
     let mut resync = tokio::time::interval(cfg.resync);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut was_leader = false;
@@ -212,7 +230,7 @@ pub async fn sync(
                 Some(i) => note(i, &mut caches, &mut dirty),
                 None => return Ok(()),
             },
-            _ = resync.tick() => dirty.extend(Target::ALL),
+            _ = resync.tick() => dirty.extend(all()),
             _ = poll.tick() => {}
         }
         while let Ok(i) = rx.try_recv() {
@@ -221,55 +239,88 @@ pub async fn sync(
         let leader = leadership.is_leader();
         if leader && !was_leader {
             // What the previous leader wrote (or did not) is unknown: plan everything.
-            dirty.extend(Target::ALL);
+            dirty.extend(all());
         }
         was_leader = leader;
         if !leader {
             continue;
         }
-        for t in dirty.clone() {
-            if !caches[&t].ready {
+        if dirty.contains(&Work::All(Target::Pods)) {
+            dirty.retain(|w| !matches!(w, Work::PodNamespace(_)));
+        }
+        for w in dirty.clone() {
+            let cache = &caches[&w.target()];
+            if !cache.ready {
                 continue;
             }
-            match reconcile(&*store, t, &caches[&t], &leadership).await {
+            match reconcile(&*store, &w, cache, &leadership).await {
                 Ok(true) => {
-                    dirty.remove(&t);
+                    dirty.remove(&w);
                 }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(target_kind = ?t, error = %e, "sync failed; retrying"),
+                Err(e) => tracing::warn!(work = ?w, error = %e, "sync failed; retrying"),
             }
         }
     }
 }
 
-fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet<Target>) {
+fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet<Work>) {
     match input {
         Input::Kube(t, change) => {
+            let work = match (&change, t) {
+                (Change::Apply(k, _) | Change::Delete(k), Target::Pods) => k
+                    .split_once('/')
+                    .map(|(ns, _)| Work::PodNamespace(ns.to_string()))
+                    .unwrap_or(Work::All(t)),
+                _ => Work::All(t),
+            };
             caches
                 .get_mut(&t)
                 .expect("a cache per target")
                 .handle(change);
-            dirty.insert(t);
+            dirty.insert(work);
         }
-        Input::Stored(kind) => dirty.extend(Target::ALL.into_iter().filter(|t| t.kind() == kind)),
-        Input::StoredAll => dirty.extend(Target::ALL),
+        Input::Stored(Kind::WorkloadEndpoint, key) => {
+            let ns = key
+                .strip_prefix(&Kind::WorkloadEndpoint.prefix())
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(ns, _)| ns.to_string());
+            dirty.insert(ns.map_or(Work::All(Target::Pods), Work::PodNamespace));
+        }
+        Input::Stored(kind, _) => dirty.extend(
+            Target::ALL
+                .into_iter()
+                .filter(|t| t.kind() == kind)
+                .map(Work::All),
+        ),
+        Input::StoredAll => dirty.extend(Target::ALL.into_iter().map(Work::All)),
     }
 }
 
-/// Plans `t` against a fresh listing and commits the ops; `Ok(true)` when all committed
-/// (a conflict or lost leadership leaves the target dirty for the next pass).
+/// Plans `w` against a fresh listing and commits the ops; `Ok(true)` when all committed
+/// (a conflict or lost leadership leaves the work dirty for the next pass).
 async fn reconcile(
     store: &dyn Datastore,
-    t: Target,
+    w: &Work,
     cache: &Cache,
     leadership: &Leadership,
 ) -> Result<bool> {
-    let listing = store.list(&t.kind().prefix()).await?;
+    let t = w.target();
+    let (prefix, pods_of) = match w {
+        Work::All(t) => (t.kind().prefix(), String::new()),
+        Work::PodNamespace(ns) => (
+            format!("{}{ns}/", Kind::WorkloadEndpoint.prefix()),
+            format!("{ns}/"),
+        ),
+    };
+    let listing = store.list(&prefix).await?;
     let ops = match t {
         Target::Pods => {
+            // Cache keys are `namespace/name`: one namespace's pods are one range.
             let pods: BTreeMap<(String, String), PodDesired> = cache
                 .items
-                .iter()
+                .range(pods_of.clone()..)
+                .take_while(|(k, _)| k.starts_with(&pods_of))
                 .filter_map(|(k, e)| match e {
                     Entry::Pod(p) => {
                         let (ns, name) = k.split_once('/')?;
@@ -477,7 +528,7 @@ async fn watch_store(store: Arc<dyn Datastore>, tx: mpsc::Sender<Input>) {
                         k => k,
                     };
                     if let Some(k) = kind {
-                        if tx.send(Input::Stored(k)).await.is_err() {
+                        if tx.send(Input::Stored(k, ev.key)).await.is_err() {
                             return;
                         }
                     }
@@ -522,9 +573,11 @@ mod tests {
         ));
         cache.handle(Change::InitDone);
         let follower = Leadership::default();
-        assert!(!reconcile(&*store, Target::Namespaces, &cache, &follower)
-            .await
-            .unwrap());
+        assert!(
+            !reconcile(&*store, &Work::All(Target::Namespaces), &cache, &follower)
+                .await
+                .unwrap()
+        );
         assert!(store
             .list(&Kind::Namespace.prefix())
             .await
@@ -533,9 +586,11 @@ mod tests {
             .is_empty());
         let leader = Leadership::default();
         leader.set(Some(std::time::Instant::now() + Duration::from_secs(60)));
-        assert!(reconcile(&*store, Target::Namespaces, &cache, &leader)
-            .await
-            .unwrap());
+        assert!(
+            reconcile(&*store, &Work::All(Target::Namespaces), &cache, &leader)
+                .await
+                .unwrap()
+        );
         assert_eq!(
             store
                 .list(&Kind::Namespace.prefix())

@@ -22,6 +22,8 @@ const DEADLINE: Duration = Duration::from_secs(20);
 struct Counting {
     inner: Arc<dyn Datastore>,
     writes: AtomicU64,
+    /// The prefixes listed, in order.
+    lists: std::sync::Mutex<Vec<String>>,
 }
 
 #[async_trait::async_trait]
@@ -30,6 +32,7 @@ impl Datastore for Counting {
         self.inner.get(key).await
     }
     async fn list(&self, prefix: &str) -> trellis_store::Result<Listing> {
+        self.lists.lock().unwrap().push(prefix.to_string());
         self.inner.list(prefix).await
     }
     async fn txn(
@@ -101,6 +104,7 @@ impl Env {
         let counting = Arc::new(Counting {
             inner: self.store.clone(),
             writes: AtomicU64::new(0),
+            lists: Default::default(),
         });
         let cfg = ControllerConfig {
             lease: LeaseConfig {
@@ -627,4 +631,41 @@ async fn node_labels_arrive_on_the_node_its_agent_registers() {
         Some("r1"),
         "the agent's own label stays"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_change_lists_only_its_namespaces_endpoints() {
+    let e = env().await;
+    for ns in ["shop", "other"] {
+        e.api
+            .put(PODS, pod(ns, "web-1", "n1", json!({"app": "web"})));
+        endpoint(&*e.store, ns, "web-1", "n1", &format!("c-{ns}")).await;
+    }
+    let c = e.controller("a").await;
+    for ns in ["shop", "other"] {
+        let name = format!("n1.c-{ns}.eth0");
+        e.wait_for("pod labels", Kind::WorkloadEndpoint, Some(ns), &name, |r| {
+            label(r, "app").as_deref() == Some("web")
+        })
+        .await;
+    }
+    c.writes.lists.lock().unwrap().clear();
+    e.api
+        .put(PODS, pod("shop", "web-1", "n1", json!({"app": "api"})));
+    e.wait_for(
+        "a label change",
+        Kind::WorkloadEndpoint,
+        Some("shop"),
+        "n1.c-shop.eth0",
+        |r| label(r, "app").as_deref() == Some("api"),
+    )
+    .await;
+    let lists = c.writes.lists.lock().unwrap().clone();
+    let all = Kind::WorkloadEndpoint.prefix();
+    assert!(lists.contains(&format!("{all}shop/")), "{lists:?}");
+    assert!(
+        !lists.contains(&all),
+        "no listing of every endpoint: {lists:?}"
+    );
+    // (`other/` may still be listed once: the echo of the controller's own earlier write.)
 }
