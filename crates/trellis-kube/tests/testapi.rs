@@ -64,11 +64,8 @@ async fn a_resume_from_a_compacted_version_gets_410_expired_and_watches_carry_bo
         WatchEvent::Added(n) => assert_eq!(n.metadata.name.as_deref(), Some("b")),
         other => panic!("{other:?}"),
     }
-    let bookmark = loop {
-        match w.next().await.unwrap().unwrap() {
-            WatchEvent::Bookmark(b) => break b,
-            other => panic!("{other:?}"),
-        }
+    let WatchEvent::Bookmark(bookmark) = w.next().await.unwrap().unwrap() else {
+        panic!("expected a bookmark")
     };
     assert_eq!(bookmark.metadata.resource_version, (rv + 1).to_string());
     api.compact();
