@@ -126,3 +126,23 @@ fn bad_flags_are_refused_naming_the_flag() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--renew-deadline"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_gives_its_lease_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = format!("sqlite:{}", dir.path().join("t.db").display());
+    let api = TestApiServer::start().await;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let mut a = controller(&datastore, &kubeconfig, "a");
+    wait_holder(&api, "a").await;
+    let sent = Command::new("kill")
+        .args(["-TERM", &a.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = a.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // Released before it exited: no successor has to wait for the lease to expire.
+    assert_eq!(holder(&api), None);
+}

@@ -107,7 +107,25 @@ pub async fn run(datastore: &str, args: KubeControllerArgs) -> Result<()> {
     let store = trellis_store::open(datastore).await?;
     let client = controller::client(args.kubeconfig.as_deref()).await?;
     tracing::info!(identity = %cfg.lease.identity, store = %store.describe(), "kube-controller starting");
-    controller::run(client, store, cfg).await
+    let leadership = std::sync::Arc::new(crate::lease::Leadership::default());
+    controller::run_with(client, store, cfg, leadership, terminated()).await
+}
+
+/// SIGTERM (what Kubernetes sends a pod it stops) or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 #[cfg(test)]

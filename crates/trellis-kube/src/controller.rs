@@ -169,26 +169,36 @@ impl Cache {
 /// Runs the controller: the election, the watchers and the sync loop, until an error of the
 /// datastore ends it (watch errors are retried with backoff).
 pub async fn run(client: Client, store: Arc<dyn Datastore>, cfg: ControllerConfig) -> Result<()> {
-    run_with(client, store, cfg, Arc::new(Leadership::default())).await
+    let leadership = Arc::new(Leadership::default());
+    run_with(client, store, cfg, leadership, std::future::pending()).await
 }
 
-/// [`run`], publishing whether it leads into `leadership` (which callers may watch).
+/// [`run`], publishing whether it leads into `leadership` (which callers may watch), until
+/// `shutdown` completes: then it stops writing, stops renewing and gives the Lease up.
 pub async fn run_with(
     client: Client,
     store: Arc<dyn Datastore>,
     cfg: ControllerConfig,
     leadership: Arc<Leadership>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.lease.namespace);
     // Ends with this future, also when it is dropped (a killed controller stops renewing).
     let election = AbortOnDrop(vec![tokio::spawn(crate::lease::run(
-        leases,
+        leases.clone(),
         cfg.lease.clone(),
         leadership.clone(),
     ))]);
-    let result = sync(client, store, &cfg, leadership.clone()).await;
+    let result = tokio::select! {
+        r = sync(client, store, &cfg, leadership.clone()) => r,
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    };
     leadership.resign();
     drop(election);
+    crate::lease::release(&leases, &cfg.lease).await;
     result
 }
 

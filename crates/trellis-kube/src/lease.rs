@@ -189,8 +189,11 @@ pub async fn run(api: Api<Lease>, cfg: LeaseConfig, leadership: Arc<Leadership>)
     let mut elector = Elector::new(cfg.clone());
     let mut was_leader = false;
     loop {
+        // A renewal counts from before it was sent: the others' clocks start when they see
+        // it, which is no earlier, so we stop writing before any of them may take over.
+        let started = Instant::now();
         let outcome = attempt(&api, &cfg, &mut elector).await;
-        elector.outcome(Instant::now(), outcome);
+        elector.outcome(started, outcome);
         leadership.set(elector.leading_until());
         let leading = leadership.is_leader();
         if leading != was_leader {
@@ -202,6 +205,39 @@ pub async fn run(api: Api<Lease>, cfg: LeaseConfig, leadership: Arc<Leadership>)
             was_leader = leading;
         }
         tokio::time::sleep(cfg.retry_period).await;
+    }
+}
+
+/// Gives the Lease up if we hold it (holder cleared), so a successor need not wait for it to
+/// expire (client-go's `ReleaseOnCancel`). Call only after this process stopped writing.
+pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let lease = match api.get_opt(&cfg.name).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(lease = %cfg.name, error = %e, "reading the lease to release it failed");
+            return;
+        }
+    };
+    let mut spec = lease.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    let released = Lease {
+        metadata: lease.metadata.clone(),
+        spec: Some(spec),
+    };
+    match api
+        .replace(&cfg.name, &PostParams::default(), &released)
+        .await
+    {
+        Ok(_) => tracing::info!(lease = %cfg.name, identity = %cfg.identity, "released the lease"),
+        Err(e) => {
+            tracing::warn!(lease = %cfg.name, error = %e, "releasing the lease failed; it expires by itself")
+        }
     }
 }
 

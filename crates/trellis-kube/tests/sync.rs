@@ -121,7 +121,9 @@ impl Env {
         let leadership = Arc::new(Leadership::default());
         let l = leadership.clone();
         let task = tokio::spawn(async move {
-            controller::run_with(client, store, cfg, l).await.unwrap();
+            controller::run_with(client, store, cfg, l, std::future::pending())
+                .await
+                .unwrap();
         });
         Running {
             task,
