@@ -7,9 +7,10 @@
 //! - [`controller`] (I/O): kube-runtime watchers, the store watch, the apply loop.
 //! - [`cli`]: `trellis kube-controller`'s flags and entry point.
 //!
-//! Not done here yet: Nodes (Trellis's Node is written by each node's agent; `spec.podCIDR`
-//! needs a Flannel-style IPAM mode), and storing the pod IPAM annotations (they are parsed and
-//! validated, but there is no per-pod record for the agent to read yet).
+//! Not done here yet: Nodes' `spec.podCIDR`s and addresses are validated but not stored (a
+//! Flannel-style IPAM mode would use the podCIDRs; the agent publishes the address it routes
+//! with), and neither are the pods' Calico IPAM annotations (parsed and validated; there is no
+//! per-pod record for the agent to read yet), nor ClusterNetworkPolicies.
 
 pub mod cli;
 pub mod controller;

@@ -6,7 +6,9 @@
 //! - `networking.k8s.io/v1` NetworkPolicy → the same stored form `trellis apply` gives it (the
 //!   object goes through Trellis's own parser, so defaulting and validation are the CLI's);
 //! - Pod → [`PodInfo`]: what the pod's WorkloadEndpoints must carry (labels, service account,
-//!   named container ports), plus its Calico IPAM annotations parsed and validated.
+//!   named container ports), plus its Calico IPAM annotations parsed and validated;
+//! - Node → [`NodeInfo`]: its labels (synced onto the Trellis Node its agent registered), and
+//!   its podCIDRs and addresses, validated.
 //!
 //! Every object the controller stores carries [`MANAGED_BY`] = [`CONTROLLER`], so a relist
 //! deletes only what the controller wrote. Errors name the Kubernetes field.
