@@ -67,20 +67,37 @@ struct Env {
     api: TestApiServer,
     dir: tempfile::TempDir,
     store: Arc<dyn Datastore>,
+    _etcd: Option<trellis_testutil::EtcdServer>,
 }
 
 async fn env() -> Env {
+    env_on(None).await
+}
+
+/// The same, with the datastore in a fresh etcd.
+async fn env_etcd() -> Env {
+    env_on(Some(trellis_testutil::EtcdServer::start())).await
+}
+
+async fn env_on(etcd: Option<trellis_testutil::EtcdServer>) -> Env {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let api = TestApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = trellis_store::open(&format!("sqlite:{}", dir.path().join("t.db").display()))
-        .await
-        .unwrap();
+    let spec = match &etcd {
+        Some(e) => format!("etcd:{}", e.endpoint),
+        None => format!("sqlite:{}", dir.path().join("t.db").display()),
+    };
+    let store = trellis_store::open(&spec).await.unwrap();
     std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).unwrap();
-    Env { api, dir, store }
+    Env {
+        api,
+        dir,
+        store,
+        _etcd: etcd,
+    }
 }
 
 /// A running controller; aborted (killed) when dropped.
@@ -358,7 +375,15 @@ async fn a_dropped_watch_resumes_without_relisting_or_losing_a_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_410_a_relist_deletes_what_vanished_but_never_what_the_cli_applied() {
-    let e = env().await;
+    relist_after_410(env().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_410_a_relist_deletes_what_vanished_but_never_what_the_cli_applied_on_etcd() {
+    relist_after_410(env_etcd().await).await;
+}
+
+async fn relist_after_410(e: Env) {
     e.api.put(NAMESPACES, namespace("keep", json!({})));
     e.api.put(NAMESPACES, namespace("gone", json!({})));
     e.api.put(NETWORK_POLICIES, policy("keep", "p-gone"));
@@ -426,7 +451,15 @@ async fn after_410_a_relist_deletes_what_vanished_but_never_what_the_cli_applied
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_controller_neither_loses_nor_repeats_a_write() {
-    let e = env().await;
+    restart(env().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_neither_loses_nor_repeats_a_write_on_etcd() {
+    restart(env_etcd().await).await;
+}
+
+async fn restart(e: Env) {
     e.api
         .put(NAMESPACES, namespace("shop", json!({"team": "a"})));
     e.api
