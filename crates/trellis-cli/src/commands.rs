@@ -311,7 +311,7 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
                 crate::policy::show_cmd(store, &pod, &output).await
             }
         },
-        Command::Agent(_) | Command::Lab { .. } => unreachable!(),
+        Command::Agent(_) | Command::Lab { .. } | Command::KubeController(_) => unreachable!(),
         Command::InstallCni(_) | Command::Node { .. } => unreachable!("run without a datastore"),
     }
 }

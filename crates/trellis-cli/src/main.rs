@@ -110,6 +110,9 @@ pub enum Command {
     /// Install the CNI plugin and a conflist on the host mounted at --host-root (an init
     /// container's job); --check reports what is out of date, --uninstall removes them.
     InstallCni(install_cni::InstallCniArgs),
+    /// Mirror Kubernetes namespaces, pods, service accounts and network policies into the
+    /// datastore (one per cluster, leader-elected with a Lease).
+    KubeController(trellis_kube::cli::KubeControllerArgs),
     /// A cluster built from network namespaces on this machine.
     Lab {
         #[command(subcommand)]
@@ -308,6 +311,15 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Command::KubeController(args) = &cli.command {
+        return match rt.block_on(trellis_kube::cli::run(&datastore, args.clone())) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(commands::run(cli, datastore)) {
         Ok(code) => code,
         Err(e) => {

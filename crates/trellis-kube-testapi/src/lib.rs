@@ -1,0 +1,632 @@
+//! **A TEST DOUBLE, never shipped**: a small in-memory Kubernetes API server on loopback for
+//! the kube-controller's tests (no real API server can be installed on these machines). Used
+//! only as a dev-dependency.
+//!
+//! It implements what the controller relies on, as the real API server behaves:
+//! - list (`GET /api/v1/pods`, `/apis/networking.k8s.io/v1/networkpolicies`, namespaced paths
+//!   too) with the list's `resourceVersion`, and `labelSelector` equality terms (`k=v,k2=v2`);
+//! - `?watch=1` streams from a `resourceVersion` (ADDED / MODIFIED / DELETED events, BOOKMARK
+//!   events every 200 ms when `allowWatchBookmarks` is set); a resume from a compacted version
+//!   gets an `ERROR` event carrying a `Status` with code 410, reason `Expired` (what the API
+//!   server's watch cache sends);
+//! - get / create (POST) / replace (PUT, 409 `Conflict` on a stale `resourceVersion`) / delete
+//!   of single objects, used for Leases; `Status` errors (404 `NotFound`, 409
+//!   `AlreadyExists`/`Conflict`, 400 `BadRequest`).
+//!
+//! Test hooks: [`TestApiServer::put`], [`TestApiServer::delete`], [`TestApiServer::gap`]
+//! (changes made while every watch is dropped and history compacted, so the next resume gets
+//! 410 and the client must list again), [`TestApiServer::compact`],
+//! [`TestApiServer::drop_watches`], and counters of requests.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State as AxState;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::Response;
+use serde_json::{json, Value};
+
+/// (group/version, plural) — e.g. `("v1", "pods")`, `("coordination.k8s.io/v1", "leases")`.
+pub type ResourceType = (&'static str, &'static str);
+
+pub const NAMESPACES: ResourceType = ("v1", "namespaces");
+pub const PODS: ResourceType = ("v1", "pods");
+pub const SERVICE_ACCOUNTS: ResourceType = ("v1", "serviceaccounts");
+pub const NODES: ResourceType = ("v1", "nodes");
+pub const NETWORK_POLICIES: ResourceType = ("networking.k8s.io/v1", "networkpolicies");
+pub const LEASES: ResourceType = ("coordination.k8s.io/v1", "leases");
+
+const KNOWN: [(ResourceType, &str, bool); 6] = [
+    (NAMESPACES, "Namespace", false),
+    (PODS, "Pod", true),
+    (SERVICE_ACCOUNTS, "ServiceAccount", true),
+    (NODES, "Node", false),
+    (NETWORK_POLICIES, "NetworkPolicy", true),
+    (LEASES, "Lease", true),
+];
+
+fn kind_of(gv: &str, plural: &str) -> Option<(ResourceType, &'static str, bool)> {
+    KNOWN
+        .iter()
+        .copied()
+        .find(|((g, p), _, _)| *g == gv && *p == plural)
+}
+
+type Key = (String, String, String); // (gv/plural, namespace or "", name)
+
+#[derive(Debug, Clone)]
+struct LogEntry {
+    rv: u64,
+    resource: String,
+    namespace: String,
+    event: &'static str,
+    object: Value,
+}
+
+/// The server's data: objects, the event history and the watch generation.
+#[derive(Debug, Default)]
+pub struct State {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    log: Vec<LogEntry>,
+    /// Resumes from a version below this get 410.
+    compacted: u64,
+    /// Resources whose create/replace requests are answered 500 (a failing API server).
+    refused: Vec<String>,
+    /// Bumped to end every open watch.
+    watch_gen: u64,
+}
+
+fn resource_id(r: ResourceType) -> String {
+    format!("{}/{}", r.0, r.1)
+}
+
+impl State {
+    /// Creates or replaces an object (its `metadata.name`/`namespace` say where); returns its
+    /// new resourceVersion.
+    pub fn put(&mut self, r: ResourceType, mut object: Value) -> u64 {
+        let (_, kind, namespaced) = kind_of(r.0, r.1).expect("a known resource");
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_string();
+        let ns = if namespaced {
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string()
+        } else {
+            String::new()
+        };
+        self.rv += 1;
+        object["apiVersion"] = json!(r.0);
+        object["kind"] = json!(kind);
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        if namespaced {
+            object["metadata"]["namespace"] = json!(ns);
+        }
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{}", self.rv));
+        }
+        let key = (resource_id(r), ns.clone(), name);
+        let event = if self.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.objects.insert(key, object.clone());
+        self.log.push(LogEntry {
+            rv: self.rv,
+            resource: resource_id(r),
+            namespace: ns,
+            event,
+            object,
+        });
+        self.rv
+    }
+
+    /// Deletes an object; whether it existed.
+    pub fn delete(&mut self, r: ResourceType, namespace: &str, name: &str) -> bool {
+        let key = (resource_id(r), namespace.to_string(), name.to_string());
+        let Some(mut object) = self.objects.remove(&key) else {
+            return false;
+        };
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.log.push(LogEntry {
+            rv: self.rv,
+            resource: key.0,
+            namespace: key.1,
+            event: "DELETED",
+            object,
+        });
+        true
+    }
+
+    /// One object.
+    pub fn get(&self, r: ResourceType, namespace: &str, name: &str) -> Option<Value> {
+        self.objects
+            .get(&(resource_id(r), namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: tokio::sync::watch::Sender<u64>,
+    requests: AtomicU64,
+    watches: AtomicU64,
+    lists: AtomicU64,
+}
+
+impl Shared {
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// The running test API server (stopped when dropped).
+pub struct TestApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestApiServer {
+    /// Starts on a free loopback port (inside a tokio runtime).
+    pub async fn start() -> TestApiServer {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: tokio::sync::watch::channel(0).0,
+            requests: AtomicU64::new(0),
+            watches: AtomicU64::new(0),
+            lists: AtomicU64::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TestApiServer { addr, shared, task }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig file's text pointing at this server (no credentials).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\nusers:\n- name: test\n  user: {{}}\n",
+            self.url()
+        )
+    }
+
+    /// Creates or replaces an object.
+    pub fn put(&self, r: ResourceType, object: Value) -> u64 {
+        let rv = self.shared.state.lock().expect("state").put(r, object);
+        self.shared.notify();
+        rv
+    }
+
+    /// Deletes an object; whether it existed.
+    pub fn delete(&self, r: ResourceType, namespace: &str, name: &str) -> bool {
+        let done = self
+            .shared
+            .state
+            .lock()
+            .expect("state")
+            .delete(r, namespace, name);
+        self.shared.notify();
+        done
+    }
+
+    pub fn get(&self, r: ResourceType, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .state
+            .lock()
+            .expect("state")
+            .get(r, namespace, name)
+    }
+
+    /// Changes made in a gap: every open watch is ended before any of them is sent and the
+    /// history up to them compacted, so clients see them only by listing again (after 410).
+    pub fn gap(&self, f: impl FnOnce(&mut State)) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.watch_gen += 1;
+        f(&mut st);
+        st.compacted = st.rv;
+        drop(st);
+        self.shared.notify();
+    }
+
+    /// Changes made while every open watch is ended (history kept): clients see them only by
+    /// resuming from their last version.
+    pub fn while_dropped(&self, f: impl FnOnce(&mut State)) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.watch_gen += 1;
+        f(&mut st);
+        drop(st);
+        self.shared.notify();
+    }
+
+    /// Answers every create and replace of `r` with 500 (`refuse`), or serves them again.
+    pub fn refuse_writes(&self, r: ResourceType, refuse: bool) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.refused.retain(|x| *x != resource_id(r));
+        if refuse {
+            st.refused.push(resource_id(r));
+        }
+    }
+
+    /// Forgets the history: a resume from any version before now gets 410.
+    pub fn compact(&self) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.compacted = st.rv;
+    }
+
+    /// Ends every open watch (clients resume from their last version).
+    pub fn drop_watches(&self) {
+        self.shared.state.lock().expect("state").watch_gen += 1;
+        self.shared.notify();
+    }
+
+    /// Requests served, and watches opened, so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn watches(&self) -> u64 {
+        self.shared.watches.load(Ordering::Relaxed)
+    }
+
+    /// Collection reads (lists) served so far.
+    pub fn lists(&self) -> u64 {
+        self.shared.lists.load(Ordering::Relaxed)
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    });
+    json_response(code, &body)
+}
+
+fn json_response(code: u16, v: &Value) -> Response {
+    Response::builder()
+        .status(StatusCode::from_u16(code).expect("status"))
+        .header("content-type", "application/json")
+        .body(Body::from(v.to_string()))
+        .expect("response")
+}
+
+/// A parsed request path.
+struct Target {
+    resource: ResourceType,
+    kind: &'static str,
+    namespaced: bool,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, rest): (String, &[&str]) = match segs.as_slice() {
+        ["api", v, rest @ ..] => (v.to_string(), rest),
+        ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
+        _ => return None,
+    };
+    let (namespace, plural, name) = match rest {
+        ["namespaces", ns, plural, name] => (Some(ns.to_string()), *plural, Some(name.to_string())),
+        ["namespaces", ns, plural] if !plural.is_empty() => (Some(ns.to_string()), *plural, None),
+        [plural, name] => (None, *plural, Some(name.to_string())),
+        [plural] => (None, *plural, None),
+        _ => return None,
+    };
+    let (resource, kind, namespaced) = kind_of(&gv, plural)?;
+    Some(Target {
+        resource,
+        kind,
+        namespaced,
+        namespace,
+        name,
+    })
+}
+
+fn query(uri: &Uri) -> BTreeMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `k=v,k2=v2` (equality terms only; what these tests use).
+fn selector_matches(selector: &str, object: &Value) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (k, v) = term
+            .split_once("==")
+            .or_else(|| term.split_once('='))
+            .unwrap_or((term, ""));
+        object["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+async fn handle(
+    AxState(shared): AxState<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    let Some(t) = parse_path(uri.path()) else {
+        return status(
+            404,
+            "NotFound",
+            format!(
+                "the server could not find the requested resource {}",
+                uri.path()
+            ),
+        );
+    };
+    let q = query(&uri);
+    let ns = t.namespace.clone().unwrap_or_default();
+    match (&method, &t.name) {
+        (&Method::GET, None)
+            if matches!(q.get("watch").map(String::as_str), Some("1" | "true")) =>
+        {
+            watch(shared, t, q)
+        }
+        (&Method::GET, None) => list(&shared, &t, &q),
+        (&Method::GET, Some(name)) => match shared
+            .state
+            .lock()
+            .expect("state")
+            .get(t.resource, &ns, name)
+        {
+            Some(o) => json_response(200, &o),
+            None => status(
+                404,
+                "NotFound",
+                format!("{} {name:?} not found", t.resource.1),
+            ),
+        },
+        (&Method::POST, None) => write(&shared, &t, &body, None),
+        (&Method::PUT, Some(name)) => write(&shared, &t, &body, Some(name.clone())),
+        (&Method::DELETE, Some(name)) => {
+            let existed = shared
+                .state
+                .lock()
+                .expect("state")
+                .delete(t.resource, &ns, name);
+            shared.notify();
+            if existed {
+                status(200, "", "deleted".into())
+            } else {
+                status(
+                    404,
+                    "NotFound",
+                    format!("{} {name:?} not found", t.resource.1),
+                )
+            }
+        }
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported here"),
+        ),
+    }
+}
+
+fn list(shared: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
+    shared.lists.fetch_add(1, Ordering::Relaxed);
+    let st = shared.state.lock().expect("state");
+    let id = resource_id(t.resource);
+    let selector = q.get("labelSelector").cloned().unwrap_or_default();
+    let items: Vec<Value> = st
+        .objects
+        .iter()
+        .filter(|((r, ns, _), _)| *r == id && t.namespace.as_ref().is_none_or(|n| n == ns))
+        .filter(|(_, o)| selector_matches(&selector, o))
+        .map(|(_, o)| o.clone())
+        .collect();
+    json_response(
+        200,
+        &json!({
+            "apiVersion": t.resource.0, "kind": format!("{}List", t.kind),
+            "metadata": {"resourceVersion": st.rv.to_string()},
+            "items": items,
+        }),
+    )
+}
+
+fn write(shared: &Shared, t: &Target, body: &[u8], name: Option<String>) -> Response {
+    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "the body is not JSON".into());
+    };
+    if t.namespaced {
+        object["metadata"]["namespace"] = json!(t.namespace.clone().unwrap_or_default());
+    }
+    let Some(obj_name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+        return status(400, "BadRequest", "metadata.name is required".into());
+    };
+    if name.as_ref().is_some_and(|n| *n != obj_name) {
+        return status(
+            400,
+            "BadRequest",
+            "the name in the body does not match the URL".into(),
+        );
+    }
+    let ns = t.namespace.clone().unwrap_or_default();
+    let mut st = shared.state.lock().expect("state");
+    if st.refused.contains(&resource_id(t.resource)) {
+        return status(500, "InternalError", "writes refused by the test".into());
+    }
+    let current = st.get(t.resource, &ns, &obj_name);
+    match (&name, &current) {
+        (None, Some(_)) => {
+            return status(
+                409,
+                "AlreadyExists",
+                format!("{} {obj_name:?} already exists", t.resource.1),
+            )
+        }
+        (Some(_), None) => {
+            return status(
+                404,
+                "NotFound",
+                format!("{} {obj_name:?} not found", t.resource.1),
+            )
+        }
+        (Some(_), Some(cur)) => {
+            let given = object["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            let stored = cur["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            if !given.is_empty() && given != stored {
+                return status(
+                    409,
+                    "Conflict",
+                    format!("Operation cannot be fulfilled on {} {obj_name:?}: the object has been modified; please apply your changes to the latest version and try again", t.resource.1),
+                );
+            }
+            object["metadata"]["uid"] = cur["metadata"]["uid"].clone();
+        }
+        (None, None) => {}
+    }
+    st.put(t.resource, object);
+    let stored = st.get(t.resource, &ns, &obj_name).expect("just written");
+    drop(st);
+    shared.notify();
+    json_response(if name.is_none() { 201 } else { 200 }, &stored)
+}
+
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
+}
+
+fn watch(shared: Arc<Shared>, t: Target, q: BTreeMap<String, String>) -> Response {
+    shared.watches.fetch_add(1, Ordering::Relaxed);
+    let from: Option<u64> = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0);
+    let bookmarks = q
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true" || v == "1");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let mut changed = shared.changed.subscribe();
+    tokio::spawn(async move {
+        let id = resource_id(t.resource);
+        let matches = |r: &str, ns: &str| r == id && t.namespace.as_deref().is_none_or(|n| n == ns);
+        let (gen, mut sent_up_to, first) = {
+            let st = shared.state.lock().expect("state");
+            match from {
+                Some(rv) if rv < st.compacted => {
+                    let gone = json!({
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": format!("too old resource version: {rv} ({})", st.compacted),
+                        "reason": "Expired", "code": 410,
+                    });
+                    (st.watch_gen, rv, vec![event_line("ERROR", &gone)])
+                }
+                Some(rv) => (st.watch_gen, rv, Vec::new()),
+                // No version: the current state as ADDED events, then changes.
+                None => {
+                    let lines = st
+                        .objects
+                        .iter()
+                        .filter(|((r, ns, _), _)| matches(r, ns))
+                        .map(|(_, o)| event_line("ADDED", o))
+                        .collect();
+                    (st.watch_gen, st.rv, lines)
+                }
+            }
+        };
+        let expired = from.is_some_and(|rv| rv < shared.state.lock().expect("state").compacted);
+        for l in first {
+            if tx.send(l).await.is_err() {
+                return;
+            }
+        }
+        if expired {
+            return;
+        }
+        loop {
+            let lines: Vec<Bytes> = {
+                let st = shared.state.lock().expect("state");
+                if st.watch_gen != gen {
+                    return;
+                }
+                let new: Vec<Bytes> = st
+                    .log
+                    .iter()
+                    .filter(|e| e.rv > sent_up_to && matches(&e.resource, &e.namespace))
+                    .map(|e| event_line(e.event, &e.object))
+                    .collect();
+                sent_up_to = st.rv;
+                new
+            };
+            for l in lines {
+                if tx.send(l).await.is_err() {
+                    return;
+                }
+            }
+            let tick = tokio::time::timeout(Duration::from_millis(200), changed.changed()).await;
+            if tick.is_err() && bookmarks {
+                let bm = json!({"kind": t.kind, "apiVersion": t.resource.0,
+                                "metadata": {"resourceVersion": sent_up_to.to_string()}});
+                if tx.send(event_line("BOOKMARK", &bm)).await.is_err() {
+                    return;
+                }
+            }
+            if matches!(tick, Ok(Err(_))) {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .expect("response")
+}

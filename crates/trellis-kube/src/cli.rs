@@ -1,0 +1,160 @@
+//! `trellis kube-controller` flags, validated into a [`ControllerConfig`], and the command
+//! (I/O: opens the datastore and the Kubernetes client, runs until killed).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::controller::{self, ControllerConfig};
+use crate::lease::LeaseConfig;
+use crate::{KubeError, Result};
+
+/// `trellis kube-controller` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KubeControllerArgs {
+    /// kubeconfig file; without it, the in-cluster service account (or KUBECONFIG).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "trellis-kube-controller")]
+    pub lease_name: String,
+    /// This candidate's identity (default: hostname and process ID).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Seconds a Lease not renewed stays its holder's.
+    #[arg(long, default_value_t = 15.0)]
+    pub lease_duration: f64,
+    /// Seconds a leader goes without renewing before it stops writing (< --lease-duration).
+    #[arg(long, default_value_t = 10.0)]
+    pub renew_deadline: f64,
+    /// Seconds between election attempts (< --renew-deadline).
+    #[arg(long, default_value_t = 2.0)]
+    pub retry_period: f64,
+    /// Seconds between full resyncs of every kind.
+    #[arg(long, default_value_t = 300.0)]
+    pub resync: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration> {
+    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+        return Err(KubeError::Config {
+            field: flag.into(),
+            reason: format!("{v} is not a number of seconds in (0, 86400]"),
+        });
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl KubeControllerArgs {
+    /// The validated configuration.
+    pub fn config(&self) -> Result<ControllerConfig> {
+        let lease_duration = seconds("--lease-duration", self.lease_duration)?;
+        let renew_deadline = seconds("--renew-deadline", self.renew_deadline)?;
+        let retry_period = seconds("--retry-period", self.retry_period)?;
+        if lease_duration.as_secs() < 1 {
+            return Err(KubeError::Config {
+                field: "--lease-duration".into(),
+                reason: "must be at least 1 (the Lease holds whole seconds)".into(),
+            });
+        }
+        if renew_deadline >= lease_duration {
+            return Err(KubeError::Config {
+                field: "--renew-deadline".into(),
+                reason: "must be shorter than --lease-duration (a leader must stop writing before another may take over)".into(),
+            });
+        }
+        if retry_period >= renew_deadline {
+            return Err(KubeError::Config {
+                field: "--retry-period".into(),
+                reason: "must be shorter than --renew-deadline".into(),
+            });
+        }
+        let identity = match &self.identity {
+            Some(i) if !i.is_empty() => i.clone(),
+            Some(_) => {
+                return Err(KubeError::Config {
+                    field: "--identity".into(),
+                    reason: "must not be empty".into(),
+                })
+            }
+            None => format!("{}-{}", hostname(), std::process::id()),
+        };
+        Ok(ControllerConfig {
+            lease: LeaseConfig {
+                namespace: self.lease_namespace.clone(),
+                name: self.lease_name.clone(),
+                identity,
+                lease_duration,
+                renew_deadline,
+                retry_period,
+            },
+            resync: seconds("--resync", self.resync)?,
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "trellis".into())
+}
+
+/// Runs the controller against the datastore `spec`.
+pub async fn run(datastore: &str, args: KubeControllerArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let store = trellis_store::open(datastore).await?;
+    let client = controller::client(args.kubeconfig.as_deref()).await?;
+    tracing::info!(identity = %cfg.lease.identity, store = %store.describe(), "kube-controller starting");
+    let leadership = std::sync::Arc::new(crate::lease::Leadership::default());
+    controller::run_with(client, store, cfg, leadership, terminated()).await
+}
+
+/// SIGTERM (what Kubernetes sends a pod it stops) or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: KubeControllerArgs,
+    }
+
+    fn config(argv: &[&str]) -> Result<ControllerConfig> {
+        Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied()))
+            .unwrap()
+            .args
+            .config()
+    }
+
+    #[test]
+    fn flags_are_validated_naming_the_flag() {
+        let c = config(&["--identity", "a"]).unwrap();
+        assert_eq!(c.lease.lease_duration, Duration::from_secs(15));
+        let e = config(&["--renew-deadline", "20"]).unwrap_err().to_string();
+        assert!(e.contains("--renew-deadline"), "{e}");
+        let e = config(&["--retry-period", "NaN"]).unwrap_err().to_string();
+        assert!(e.contains("--retry-period"), "{e}");
+        let e = config(&["--identity", ""]).unwrap_err().to_string();
+        assert!(e.contains("--identity"), "{e}");
+    }
+}

@@ -1,0 +1,631 @@
+//! The sync shell (I/O): kube-runtime watchers keep a cache per kind (replaced whole at the end
+//! of every list, so a relist after 410 Gone drops what vanished meanwhile); a datastore watch
+//! says when stored records change (a WorkloadEndpoint created by a CNI ADD after its pod was
+//! seen, say); and while this process leads, each changed kind is planned against a fresh
+//! listing of the store ([`crate::plan`]) and the ops are committed one guarded transaction
+//! each. A kind is planned only once its first list is complete, so a controller that is still
+//! listing deletes nothing. Everything is level-based: a periodic resync, a resumed watch, a
+//! relist and a restarted controller all converge without writing anything already stored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use trellis_resources::{key_for, Kind, Resource};
+use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
+
+use crate::lease::{Leadership, LeaseConfig};
+use crate::plan::{plan_endpoints, plan_nodes, plan_owned, Desired, NodeDesired, Op, PodDesired};
+use crate::translate::{self, TranslateError};
+use crate::{KubeError, Result};
+
+/// Controller settings.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub lease: LeaseConfig,
+    /// Every kind is planned again this often, even without events.
+    pub resync: Duration,
+}
+
+/// A Kubernetes client from a kubeconfig file, or inferred (in-cluster service account, then
+/// `KUBECONFIG` / `~/.kube/config`) when none is given.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let bad = |reason: String| KubeError::Kubeconfig {
+                path: path.display().to_string(),
+                reason,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| bad(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubeError::Kubeconfig {
+                path: "(inferred)".into(),
+                reason: e.to_string(),
+            })?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// What the controller plans as one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    Namespaces,
+    ServiceAccounts,
+    NetworkPolicies,
+    Pods,
+    Nodes,
+}
+
+impl Target {
+    pub const ALL: [Target; 5] = [
+        Target::Namespaces,
+        Target::ServiceAccounts,
+        Target::NetworkPolicies,
+        Target::Pods,
+        Target::Nodes,
+    ];
+
+    /// The stored kind the target's plan reads and writes.
+    pub fn kind(self) -> Kind {
+        match self {
+            Target::Namespaces => Kind::Namespace,
+            Target::ServiceAccounts => Kind::ServiceAccount,
+            Target::NetworkPolicies => Kind::KubernetesNetworkPolicy,
+            Target::Pods => Kind::WorkloadEndpoint,
+            Target::Nodes => Kind::Node,
+        }
+    }
+}
+
+/// One change from a watcher, already translated.
+#[derive(Debug)]
+enum Change {
+    Init,
+    Apply(String, Entry),
+    Delete(String),
+    InitDone,
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Mirror(Desired),
+    Pod(PodDesired),
+    Node(NodeDesired),
+}
+
+/// A unit of planning: a whole target, or the pods of one namespace (a pod event or an
+/// endpoint change re-plans only its namespace: one listing of that namespace's endpoints).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Work {
+    All(Target),
+    PodNamespace(String),
+}
+
+impl Work {
+    fn target(&self) -> Target {
+        match self {
+            Work::All(t) => *t,
+            Work::PodNamespace(_) => Target::Pods,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Input {
+    Kube(Target, Change),
+    /// A stored record of this kind changed (its key).
+    Stored(Kind, String),
+    /// The store watch was re-established: anything may have changed.
+    StoredAll,
+}
+
+/// A kind's objects as Kubernetes lists and watches them.
+#[derive(Debug, Default)]
+struct Cache {
+    /// Set once the first list completed.
+    ready: bool,
+    items: BTreeMap<String, Entry>,
+    /// A list in progress (replaces `items` when done).
+    building: Option<BTreeMap<String, Entry>>,
+}
+
+impl Cache {
+    fn handle(&mut self, change: Change) {
+        match change {
+            Change::Init => self.building = Some(BTreeMap::new()),
+            Change::Apply(k, e) => {
+                match &mut self.building {
+                    Some(b) => b.insert(k, e),
+                    None => self.items.insert(k, e),
+                };
+            }
+            Change::Delete(k) => {
+                self.items.remove(&k);
+            }
+            Change::InitDone => {
+                self.items = self.building.take().unwrap_or_default();
+                self.ready = true;
+            }
+        }
+    }
+}
+
+/// Runs the controller: the election, the watchers and the sync loop, until an error of the
+/// datastore ends it (watch errors are retried with backoff).
+pub async fn run(client: Client, store: Arc<dyn Datastore>, cfg: ControllerConfig) -> Result<()> {
+    let leadership = Arc::new(Leadership::default());
+    run_with(client, store, cfg, leadership, std::future::pending()).await
+}
+
+/// [`run`], publishing whether it leads into `leadership` (which callers may watch), until
+/// `shutdown` completes: then it stops writing, stops renewing and gives the Lease up.
+pub async fn run_with(
+    client: Client,
+    store: Arc<dyn Datastore>,
+    cfg: ControllerConfig,
+    leadership: Arc<Leadership>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.lease.namespace);
+    // Ends with this future, also when it is dropped (a killed controller stops renewing).
+    let election = AbortOnDrop(vec![tokio::spawn(crate::lease::run(
+        leases.clone(),
+        cfg.lease.clone(),
+        leadership.clone(),
+    ))]);
+    let result = tokio::select! {
+        r = sync(client, store, &cfg, leadership.clone()) => r,
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    };
+    leadership.resign();
+    drop(election);
+    crate::lease::release(&leases, &cfg.lease).await;
+    result
+}
+
+/// The sync loop (see the module docs); writes only while `leadership` says so.
+pub async fn sync(
+    client: Client,
+    store: Arc<dyn Datastore>,
+    cfg: &ControllerConfig,
+    leadership: Arc<Leadership>,
+) -> Result<()> {
+    let (tx, mut rx) = mpsc::channel::<Input>(1024);
+    let mut tasks = vec![
+        spawn_watch::<Namespace>(Api::all(client.clone()), Target::Namespaces, tx.clone()),
+        spawn_watch::<ServiceAccount>(
+            Api::all(client.clone()),
+            Target::ServiceAccounts,
+            tx.clone(),
+        ),
+        spawn_watch::<NetworkPolicy>(
+            Api::all(client.clone()),
+            Target::NetworkPolicies,
+            tx.clone(),
+        ),
+        spawn_watch::<Pod>(Api::all(client.clone()), Target::Pods, tx.clone()),
+        spawn_watch::<Node>(Api::all(client.clone()), Target::Nodes, tx.clone()),
+    ];
+    tasks.push(tokio::spawn(watch_store(store.clone(), tx)));
+    let _abort = AbortOnDrop(tasks);
+    let mut caches: BTreeMap<Target, Cache> =
+        Target::ALL.iter().map(|t| (*t, Cache::default())).collect();
+    let all = || Target::ALL.into_iter().map(Work::All);
+    let mut dirty: BTreeSet<Work> = all().collect();
+    let mut resync = tokio::time::interval(cfg.resync);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let mut was_leader = false;
+    loop {
+        tokio::select! {
+            input = rx.recv() => match input {
+                Some(i) => note(i, &mut caches, &mut dirty),
+                None => return Ok(()),
+            },
+            _ = resync.tick() => dirty.extend(all()),
+            _ = poll.tick() => {}
+        }
+        while let Ok(i) = rx.try_recv() {
+            note(i, &mut caches, &mut dirty);
+        }
+        let leader = leadership.is_leader();
+        if leader && !was_leader {
+            // What the previous leader wrote (or did not) is unknown: plan everything.
+            dirty.extend(all());
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        if dirty.contains(&Work::All(Target::Pods)) {
+            dirty.retain(|w| !matches!(w, Work::PodNamespace(_)));
+        }
+        for w in dirty.clone() {
+            let cache = &caches[&w.target()];
+            if !cache.ready {
+                continue;
+            }
+            match reconcile(&*store, &w, cache, &leadership).await {
+                Ok(true) => {
+                    dirty.remove(&w);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(work = ?w, error = %e, "sync failed; retrying"),
+            }
+        }
+    }
+}
+
+fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet<Work>) {
+    match input {
+        Input::Kube(t, change) => {
+            let work = match (&change, t) {
+                (Change::Apply(k, _) | Change::Delete(k), Target::Pods) => k
+                    .split_once('/')
+                    .map(|(ns, _)| Work::PodNamespace(ns.to_string()))
+                    .unwrap_or(Work::All(t)),
+                _ => Work::All(t),
+            };
+            caches
+                .get_mut(&t)
+                .expect("a cache per target")
+                .handle(change);
+            dirty.insert(work);
+        }
+        Input::Stored(Kind::WorkloadEndpoint, key) => {
+            let ns = key
+                .strip_prefix(&Kind::WorkloadEndpoint.prefix())
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(ns, _)| ns.to_string());
+            dirty.insert(ns.map_or(Work::All(Target::Pods), Work::PodNamespace));
+        }
+        Input::Stored(kind, _) => dirty.extend(
+            Target::ALL
+                .into_iter()
+                .filter(|t| t.kind() == kind)
+                .map(Work::All),
+        ),
+        Input::StoredAll => dirty.extend(Target::ALL.into_iter().map(Work::All)),
+    }
+}
+
+/// Plans `w` against a fresh listing and commits the ops; `Ok(true)` when all committed
+/// (a conflict or lost leadership leaves the work dirty for the next pass).
+async fn reconcile(
+    store: &dyn Datastore,
+    w: &Work,
+    cache: &Cache,
+    leadership: &Leadership,
+) -> Result<bool> {
+    let t = w.target();
+    let (prefix, pods_of) = match w {
+        Work::All(t) => (t.kind().prefix(), String::new()),
+        Work::PodNamespace(ns) => (
+            format!("{}{ns}/", Kind::WorkloadEndpoint.prefix()),
+            format!("{ns}/"),
+        ),
+    };
+    let listing = store.list(&prefix).await?;
+    let ops = match t {
+        Target::Pods => {
+            // Cache keys are `namespace/name`: one namespace's pods are one range.
+            let pods: BTreeMap<(String, String), PodDesired> = cache
+                .items
+                .range(pods_of.clone()..)
+                .take_while(|(k, _)| k.starts_with(&pods_of))
+                .filter_map(|(k, e)| match e {
+                    Entry::Pod(p) => {
+                        let (ns, name) = k.split_once('/')?;
+                        Some(((ns.to_string(), name.to_string()), p.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            plan_endpoints(&pods, &listing.items)
+        }
+        Target::Nodes => {
+            let nodes: BTreeMap<String, NodeDesired> = cache
+                .items
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Node(n) => Some((k.clone(), n.clone())),
+                    _ => None,
+                })
+                .collect();
+            plan_nodes(&nodes, &listing.items)
+        }
+        _ => {
+            let desired: BTreeMap<String, Desired> = cache
+                .items
+                .iter()
+                .filter_map(|(k, e)| match e {
+                    Entry::Mirror(d) => Some((k.clone(), d.clone())),
+                    _ => None,
+                })
+                .collect();
+            plan_owned(&desired, &listing.items)
+        }
+    };
+    let mut complete = true;
+    for op in ops {
+        // Checked before every write: a leader whose lease lapsed stops at once.
+        if !leadership.is_leader() {
+            return Ok(false);
+        }
+        let (pre, txn_op) = match &op {
+            Op::Put {
+                key,
+                value,
+                precondition,
+            } => (precondition.clone(), TxnOp::Put(key.clone(), value.clone())),
+            Op::Delete { key, revision } => (
+                Precondition::ModRevision(key.clone(), *revision),
+                TxnOp::Delete(key.clone()),
+            ),
+        };
+        match store.txn(vec![pre], vec![txn_op]).await? {
+            TxnOutcome::Committed { revision } => {
+                tracing::info!(key = op.key(), revision, write = %if matches!(op, Op::Delete { .. }) { "delete" } else { "put" }, "synced from Kubernetes");
+            }
+            TxnOutcome::Conflict => complete = false,
+        }
+    }
+    Ok(complete)
+}
+
+/// Translates a watched object into its cache key and entry; a bad one is reported.
+trait Watched: kube::Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static {
+    fn entry(&self) -> (String, Entry);
+}
+
+fn report(e: &TranslateError) {
+    tracing::warn!(kind = e.kind, object = %e.object, field = %e.field, reason = %e.reason, "skipping a Kubernetes object that does not translate");
+}
+
+fn mirror(
+    kind: Kind,
+    meta: &kube::api::ObjectMeta,
+    r: std::result::Result<Resource, TranslateError>,
+) -> (String, Entry) {
+    let key = key_for(
+        kind,
+        meta.namespace.as_deref(),
+        meta.name.as_deref().unwrap_or_default(),
+    );
+    match r {
+        Ok(r) => (key, Entry::Mirror(Desired::Object(Box::new(r)))),
+        Err(e) => {
+            report(&e);
+            (key, Entry::Mirror(Desired::Invalid))
+        }
+    }
+}
+
+impl Watched for Namespace {
+    fn entry(&self) -> (String, Entry) {
+        mirror(Kind::Namespace, &self.metadata, translate::namespace(self))
+    }
+}
+
+impl Watched for ServiceAccount {
+    fn entry(&self) -> (String, Entry) {
+        mirror(
+            Kind::ServiceAccount,
+            &self.metadata,
+            translate::service_account(self),
+        )
+    }
+}
+
+impl Watched for NetworkPolicy {
+    fn entry(&self) -> (String, Entry) {
+        mirror(
+            Kind::KubernetesNetworkPolicy,
+            &self.metadata,
+            translate::network_policy(self),
+        )
+    }
+}
+
+impl Watched for Node {
+    fn entry(&self) -> (String, Entry) {
+        let key = self.metadata.name.clone().unwrap_or_default();
+        match translate::node(self) {
+            Ok(n) => (key, Entry::Node(NodeDesired::Node(Box::new(n)))),
+            Err(e) => {
+                report(&e);
+                (key, Entry::Node(NodeDesired::Invalid))
+            }
+        }
+    }
+}
+
+impl Watched for Pod {
+    fn entry(&self) -> (String, Entry) {
+        let ns = self
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let key = format!("{ns}/{}", self.metadata.name.clone().unwrap_or_default());
+        match translate::pod(self) {
+            Ok(p) => (key, Entry::Pod(PodDesired::Pod(Box::new(p)))),
+            Err(e) => {
+                report(&e);
+                (key, Entry::Pod(PodDesired::Invalid))
+            }
+        }
+    }
+}
+
+fn spawn_watch<K: Watched>(
+    api: Api<K>,
+    t: Target,
+    tx: mpsc::Sender<Input>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = stream.next().await {
+            let change = match ev {
+                Ok(Event::Init) => Change::Init,
+                Ok(Event::InitApply(o) | Event::Apply(o)) => {
+                    let (k, e) = o.entry();
+                    Change::Apply(k, e)
+                }
+                Ok(Event::Delete(o)) => Change::Delete(o.entry().0),
+                Ok(Event::InitDone) => Change::InitDone,
+                Err(e) => {
+                    tracing::warn!(target_kind = ?t, error = %e, "Kubernetes watch failed; listing or resuming again");
+                    continue;
+                }
+            };
+            if tx.send(Input::Kube(t, change)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Follows the stored kinds the plans read; re-established (and everything marked changed)
+/// when the watch ends or falls behind a compaction.
+async fn watch_store(store: Arc<dyn Datastore>, tx: mpsc::Sender<Input>) {
+    let prefixes: Vec<String> = Target::ALL.iter().map(|t| t.kind().prefix()).collect();
+    loop {
+        let watch = match store.revision().await {
+            Ok(rev) => store.watch_prefixes(&prefixes, rev + 1).await,
+            Err(e) => Err(e),
+        };
+        match watch {
+            Ok(mut w) => {
+                if tx.send(Input::StoredAll).await.is_err() {
+                    return;
+                }
+                // Every agent rewrites its Node at each heartbeat: only a Node not seen before
+                // (an agent that registered) needs a plan; a change of its labels by anyone
+                // else is put right at the next resync.
+                let mut nodes_seen = std::collections::HashSet::new();
+                while let Some(Ok(ev)) = w.next().await {
+                    let kind = Target::ALL
+                        .iter()
+                        .map(|t| t.kind())
+                        .find(|k| ev.key.starts_with(&k.prefix()));
+                    let kind = match kind {
+                        Some(Kind::Node) if ev.kind == trellis_store::WatchEventKind::Delete => {
+                            nodes_seen.remove(&ev.key);
+                            None
+                        }
+                        Some(Kind::Node) if !nodes_seen.insert(ev.key.clone()) => None,
+                        k => k,
+                    };
+                    if let Some(k) = kind {
+                        if tx.send(Input::Stored(k, ev.key)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tracing::info!(store = %store.describe(), "datastore watch ended; watching again");
+            }
+            Err(e) => tracing::warn!(error = %e, "datastore watch failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn nothing_is_written_without_leadership() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = format!("sqlite:{}", dir.path().join("t.db").display());
+        let store = trellis_store::open(&spec).await.unwrap();
+        let ns = trellis_resources::parse_documents(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let mut cache = Cache::default();
+        cache.handle(Change::Init);
+        cache.handle(Change::Apply(
+            ns.key(),
+            Entry::Mirror(Desired::Object(Box::new(ns.clone()))),
+        ));
+        cache.handle(Change::InitDone);
+        let follower = Leadership::default();
+        assert!(
+            !reconcile(&*store, &Work::All(Target::Namespaces), &cache, &follower)
+                .await
+                .unwrap()
+        );
+        assert!(store
+            .list(&Kind::Namespace.prefix())
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+        let leader = Leadership::default();
+        leader.set(Some(std::time::Instant::now() + Duration::from_secs(60)));
+        assert!(
+            reconcile(&*store, &Work::All(Target::Namespaces), &cache, &leader)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store
+                .list(&Kind::Namespace.prefix())
+                .await
+                .unwrap()
+                .items
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_and_forgets_what_vanished() {
+        let mut cache = Cache::default();
+        let e = Entry::Mirror(Desired::Invalid);
+        cache.handle(Change::Init);
+        cache.handle(Change::Apply("a".into(), e.clone()));
+        cache.handle(Change::Apply("b".into(), e.clone()));
+        cache.handle(Change::InitDone);
+        assert!(cache.ready);
+        cache.handle(Change::Init);
+        cache.handle(Change::Apply("a".into(), e.clone()));
+        // Until the list is done, the old contents stand.
+        assert_eq!(cache.items.len(), 2);
+        cache.handle(Change::InitDone);
+        assert_eq!(cache.items.keys().collect::<Vec<_>>(), ["a"]);
+    }
+}

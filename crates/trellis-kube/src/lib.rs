@@ -1,0 +1,38 @@
+//! Kubernetes sync: `trellis kube-controller` mirrors Kubernetes objects into the Trellis
+//! datastore, as Calico's etcd-mode kube-controllers do.
+//!
+//! - [`translate`] (pure): Kubernetes objects → Trellis's stored form.
+//! - [`plan`] (pure): desired (from Kubernetes) against observed (the store) → guarded writes.
+//! - [`lease`] (pure core + shell): leader election with a `coordination.k8s.io/v1` Lease.
+//! - [`controller`] (I/O): kube-runtime watchers, the store watch, the apply loop.
+//! - [`cli`]: `trellis kube-controller`'s flags and entry point.
+//!
+//! Not done here yet: Nodes' `spec.podCIDR`s and addresses are validated but not stored (a
+//! Flannel-style IPAM mode would use the podCIDRs; the agent publishes the address it routes
+//! with), and neither are the pods' Calico IPAM annotations (parsed and validated; there is no
+//! per-pod record for the agent to read yet), nor ClusterNetworkPolicies.
+
+pub mod cli;
+pub mod controller;
+pub mod lease;
+pub mod plan;
+pub mod translate;
+
+/// Errors of the Kubernetes sync.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("kubeconfig {path}: {reason}")]
+    Kubeconfig { path: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] trellis_store::StoreError),
+    #[error(transparent)]
+    Cluster(#[from] trellis_cluster::ClusterError),
+    #[error(transparent)]
+    Translate(#[from] translate::TranslateError),
+    #[error("{field}: {reason}")]
+    Config { field: String, reason: String },
+}
+
+pub type Result<T, E = KubeError> = std::result::Result<T, E>;

@@ -1,0 +1,412 @@
+//! Reconcilers (pure): what Kubernetes says against what the store holds → plain-data writes,
+//! each guarded by the revision of the record it was decided from.
+//!
+//! - [`plan_owned`] for the kinds the controller mirrors whole (Namespaces, ServiceAccounts,
+//!   NetworkPolicies): create or replace what differs, delete what vanished from Kubernetes —
+//!   but only records the controller wrote ([`crate::translate::owned`]); an object an
+//!   operator applied with the CLI is never deleted.
+//! - [`plan_endpoints`] for pods: a pod's WorkloadEndpoints (written by the CNI ADD, found by
+//!   namespace, `spec.pod` and node) get the pod's labels, service account and named ports;
+//!   nothing else of the endpoint changes, and endpoints are never created or deleted here.
+//!
+//! Both are level-based: the same inputs give the same ops, and an input already reflected in
+//! the store gives none, so a resync, a relist or a restarted controller writes nothing twice.
+
+use std::collections::BTreeMap;
+
+use trellis_cluster::objects::{decode, encode};
+use trellis_resources::Resource;
+use trellis_store::{KeyValue, Precondition};
+
+use crate::translate::{owned, NodeInfo, PodInfo, KUBE_LABELS};
+
+/// One guarded write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Write `value` at `key` if `precondition` holds (`Absent` or the revision read).
+    Put {
+        key: String,
+        value: Vec<u8>,
+        precondition: Precondition,
+    },
+    /// Delete `key` if it still has revision `revision`.
+    Delete { key: String, revision: i64 },
+}
+
+impl Op {
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// What Kubernetes says of one key of a mirrored kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Desired {
+    /// The object as it must be stored.
+    Object(Box<Resource>),
+    /// The object exists in Kubernetes but does not translate (reported elsewhere): what is
+    /// stored stays as it is — neither replaced nor deleted.
+    Invalid,
+}
+
+/// Plans one mirrored kind: `desired` by datastore key (the whole kind, as listed and watched
+/// from Kubernetes), `observed` the store's records of that kind.
+pub fn plan_owned(desired: &BTreeMap<String, Desired>, observed: &[KeyValue]) -> Vec<Op> {
+    let stored: BTreeMap<&str, &KeyValue> =
+        observed.iter().map(|kv| (kv.key.as_str(), kv)).collect();
+    let mut ops = Vec::new();
+    for (key, d) in desired {
+        let Desired::Object(r) = d else { continue };
+        let value = encode(r);
+        match stored.get(key.as_str()) {
+            None => ops.push(Op::Put {
+                key: key.clone(),
+                value,
+                precondition: Precondition::Absent(key.clone()),
+            }),
+            Some(kv) if kv.value == value => {}
+            Some(kv) => ops.push(Op::Put {
+                key: key.clone(),
+                value,
+                precondition: Precondition::ModRevision(key.clone(), kv.mod_revision),
+            }),
+        }
+    }
+    for kv in observed {
+        if desired.contains_key(&kv.key) {
+            continue;
+        }
+        // Undecodable records and objects someone else wrote are not ours to delete.
+        let ours = decode(kv).is_ok_and(|s| owned(&s.resource));
+        if ours {
+            ops.push(Op::Delete {
+                key: kv.key.clone(),
+                revision: kv.mod_revision,
+            });
+        }
+    }
+    ops
+}
+
+/// What Kubernetes says of one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodDesired {
+    Pod(Box<PodInfo>),
+    /// The pod does not translate: its endpoints keep what they have.
+    Invalid,
+}
+
+/// Plans the pods' endpoints: `pods` by (namespace, name), `observed` the stored
+/// WorkloadEndpoints. An endpoint whose pod is unknown (not yet listed, or gone) is left alone:
+/// the CNI DEL or GC removes it; one that appears later is planned when it is observed.
+pub fn plan_endpoints(
+    pods: &BTreeMap<(String, String), PodDesired>,
+    observed: &[KeyValue],
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for kv in observed {
+        let Ok(stored) = decode(kv) else { continue };
+        let Resource::WorkloadEndpoint(mut w) = stored.resource else {
+            continue;
+        };
+        let (Some(ns), Some(pod)) = (w.metadata.namespace.clone(), w.spec.pod.clone()) else {
+            continue;
+        };
+        let Some(PodDesired::Pod(info)) = pods.get(&(ns, pod)) else {
+            continue;
+        };
+        // A pod of this name on another node is a later pod (a StatefulSet's, say): this
+        // endpoint is a leftover of an earlier one, not this pod's.
+        if info.node.as_ref().is_some_and(|n| *n != w.spec.node) {
+            continue;
+        }
+        w.metadata.labels = info.labels.clone();
+        w.spec.service_account_name = info.service_account.clone();
+        w.spec.ports = info.ports.clone();
+        let value = encode(&Resource::WorkloadEndpoint(w));
+        if value != kv.value {
+            ops.push(Op::Put {
+                key: kv.key.clone(),
+                value,
+                precondition: Precondition::ModRevision(kv.key.clone(), kv.mod_revision),
+            });
+        }
+    }
+    ops
+}
+
+/// What Kubernetes says of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeDesired {
+    Node(Box<NodeInfo>),
+    /// The node does not translate: its Trellis Node keeps what it has.
+    Invalid,
+}
+
+/// Plans the nodes: each Trellis Node (registered by its agent) whose Kubernetes Node is known
+/// gets the Kubernetes labels; the keys synced last time are recorded in [`KUBE_LABELS`], so a
+/// label removed in Kubernetes is removed and the agent's own `--label`s are kept. Trellis
+/// Nodes are never created or deleted here (their agents register them; deleting a node and its
+/// addresses is IPAM garbage collection's job).
+pub fn plan_nodes(nodes: &BTreeMap<String, NodeDesired>, observed: &[KeyValue]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for kv in observed {
+        let Ok(stored) = decode(kv) else { continue };
+        let Resource::Node(mut n) = stored.resource else {
+            continue;
+        };
+        let Some(NodeDesired::Node(info)) = nodes.get(&n.metadata.name) else {
+            continue;
+        };
+        let previous: Vec<String> = n
+            .metadata
+            .annotations
+            .get(KUBE_LABELS)
+            .map(|s| {
+                s.split(',')
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for k in previous {
+            n.metadata.labels.remove(&k);
+        }
+        n.metadata.labels.extend(info.labels.clone());
+        let keys: Vec<&str> = info.labels.keys().map(String::as_str).collect();
+        n.metadata
+            .annotations
+            .insert(KUBE_LABELS.into(), keys.join(","));
+        let value = encode(&Resource::Node(n));
+        if value != kv.value {
+            ops.push(Op::Put {
+                key: kv.key.clone(),
+                value,
+                precondition: Precondition::ModRevision(kv.key.clone(), kv.mod_revision),
+            });
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_resources::parse_documents;
+
+    fn kv(r: &Resource, rev: i64) -> KeyValue {
+        KeyValue {
+            key: r.key(),
+            value: encode(r),
+            create_revision: rev,
+            mod_revision: rev,
+        }
+    }
+
+    fn ns(name: &str, team: &str, ours: bool) -> Resource {
+        let ann = if ours {
+            format!(
+                "annotations: {{\"{}\": {}}}",
+                crate::translate::MANAGED_BY,
+                crate::translate::CONTROLLER
+            )
+        } else {
+            String::new()
+        };
+        parse_documents(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{team: {team}}}, {ann}}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    #[test]
+    fn owned_kinds_are_created_replaced_and_deleted_only_when_ours() {
+        let desired: BTreeMap<String, Desired> = [
+            (
+                ns("a", "x", true).key(),
+                Desired::Object(Box::new(ns("a", "x", true))),
+            ),
+            (
+                ns("b", "y", true).key(),
+                Desired::Object(Box::new(ns("b", "y", true))),
+            ),
+            (ns("bad", "x", true).key(), Desired::Invalid),
+        ]
+        .into();
+        let observed = vec![
+            kv(&ns("b", "old", true), 5),
+            kv(&ns("gone", "x", true), 6),
+            kv(&ns("cli", "x", false), 7),
+            kv(&ns("bad", "x", true), 8),
+        ];
+        let ops = plan_owned(&desired, &observed);
+        let a = ns("a", "x", true).key();
+        let b = ns("b", "y", true).key();
+        assert_eq!(
+            ops,
+            vec![
+                Op::Put {
+                    key: a.clone(),
+                    value: encode(&ns("a", "x", true)),
+                    precondition: Precondition::Absent(a)
+                },
+                Op::Put {
+                    key: b.clone(),
+                    value: encode(&ns("b", "y", true)),
+                    precondition: Precondition::ModRevision(b, 5)
+                },
+                Op::Delete {
+                    key: ns("gone", "x", true).key(),
+                    revision: 6
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn what_is_already_stored_plans_nothing() {
+        let r = ns("a", "x", true);
+        let desired = [(r.key(), Desired::Object(Box::new(r.clone())))].into();
+        assert!(plan_owned(&desired, &[kv(&r, 3)]).is_empty());
+    }
+
+    fn wep(ns: &str, pod: &str, node: &str, container: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {{name: {node}.{container}.eth0, namespace: {ns}, labels: {{stale: \"1\"}}}}\nspec: {{node: {node}, pod: {pod}, containerID: {container}, endpoint: eth0, ipNetworks: [10.0.0.1/32]}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    fn info(node: Option<&str>) -> PodInfo {
+        PodInfo {
+            namespace: "x".into(),
+            name: "a".into(),
+            node: node.map(str::to_string),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            service_account: Some("sa".into()),
+            ports: vec![trellis_resources::EndpointPort {
+                name: "http".into(),
+                protocol: trellis_resources::policy::RuleProtocol::Tcp,
+                port: 80,
+                host_port: None,
+                host_ip: None,
+            }],
+            ipam: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_pods_endpoints_on_its_node_get_its_labels_service_account_and_ports() {
+        let mine = wep("x", "a", "n1", "c1");
+        let elsewhere = wep("x", "a", "n2", "c0");
+        let other_pod = wep("x", "b", "n1", "c2");
+        let other_ns = wep("y", "a", "n1", "c3");
+        let pods = [(
+            ("x".to_string(), "a".to_string()),
+            PodDesired::Pod(Box::new(info(Some("n1")))),
+        )]
+        .into();
+        let observed = [
+            kv(&mine, 4),
+            kv(&elsewhere, 5),
+            kv(&other_pod, 6),
+            kv(&other_ns, 7),
+        ];
+        let ops = plan_endpoints(&pods, &observed);
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        let Op::Put {
+            key,
+            value,
+            precondition,
+        } = &ops[0]
+        else {
+            panic!()
+        };
+        assert_eq!(key, &mine.key());
+        assert_eq!(precondition, &Precondition::ModRevision(mine.key(), 4));
+        let stored = decode(&KeyValue {
+            key: key.clone(),
+            value: value.clone(),
+            create_revision: 4,
+            mod_revision: 4,
+        })
+        .unwrap();
+        let Resource::WorkloadEndpoint(w) = stored.resource else {
+            panic!()
+        };
+        assert_eq!(w.metadata.labels, info(None).labels);
+        assert_eq!(w.spec.service_account_name.as_deref(), Some("sa"));
+        assert_eq!(w.spec.ports, info(None).ports);
+        assert_eq!(
+            w.spec.container_id.as_deref(),
+            Some("c1"),
+            "the rest is kept"
+        );
+        // Applied, the same pod plans nothing more.
+        let again = [KeyValue {
+            key: key.clone(),
+            value: value.clone(),
+            create_revision: 4,
+            mod_revision: 9,
+        }];
+        assert!(plan_endpoints(&pods, &again).is_empty());
+        // An invalid pod leaves its endpoints as they are.
+        let invalid = [(("x".to_string(), "a".to_string()), PodDesired::Invalid)].into();
+        assert!(plan_endpoints(&invalid, &observed).is_empty());
+    }
+
+    fn trellis_node(labels: &str, synced: Option<&str>) -> Resource {
+        let ann = synced
+            .map(|k| format!(", annotations: {{\"{KUBE_LABELS}\": \"{k}\"}}"))
+            .unwrap_or_default();
+        parse_documents(&format!(
+            "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {{name: n1, labels: {{{labels}}}{ann}}}\nspec: {{addresses: [{{address: 192.0.2.1/24}}]}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    #[test]
+    fn node_labels_follow_kubernetes_and_keep_the_agents_own() {
+        let info = NodeInfo {
+            name: "n1".into(),
+            labels: [("zone".to_string(), "b".to_string())].into(),
+            pod_cidrs: vec![],
+            addresses: vec![],
+        };
+        let nodes = [("n1".to_string(), NodeDesired::Node(Box::new(info)))].into();
+        // `rack` came from the agent's --label; `old` from Kubernetes, which dropped it.
+        let stored = trellis_node("rack: r1, old: x, zone: a", Some("old,zone"));
+        let ops = plan_nodes(&nodes, &[kv(&stored, 3)]);
+        let [Op::Put {
+            value,
+            precondition,
+            ..
+        }] = ops.as_slice()
+        else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(precondition, &Precondition::ModRevision(stored.key(), 3));
+        let got = decode(&KeyValue {
+            key: stored.key(),
+            value: value.clone(),
+            create_revision: 3,
+            mod_revision: 3,
+        })
+        .unwrap();
+        let want = trellis_node("rack: r1, zone: b", Some("zone"));
+        assert_eq!(got.resource, want);
+        assert!(
+            plan_nodes(&nodes, &[kv(&want, 4)]).is_empty(),
+            "in sync: nothing to write"
+        );
+        assert!(
+            plan_nodes(&BTreeMap::new(), &[kv(&stored, 3)]).is_empty(),
+            "unknown node: left alone"
+        );
+    }
+}

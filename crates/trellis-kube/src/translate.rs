@@ -1,0 +1,418 @@
+//! Kubernetes objects → Trellis's stored form (pure, no I/O).
+//!
+//! - Namespace → `v1` Namespace (labels, and Calico's `cni.projectcalico.org/ipv4pools` /
+//!   `ipv6pools` annotations, validated, kept as annotations);
+//! - ServiceAccount → `v1` ServiceAccount (labels, for `serviceAccountSelector`);
+//! - `networking.k8s.io/v1` NetworkPolicy → the same stored form `trellis apply` gives it (the
+//!   object goes through Trellis's own parser, so defaulting and validation are the CLI's);
+//! - Pod → [`PodInfo`]: what the pod's WorkloadEndpoints must carry (labels, service account,
+//!   named container ports), plus its Calico IPAM annotations parsed and validated;
+//! - Node → [`NodeInfo`]: its labels (synced onto the Trellis Node its agent registered), and
+//!   its podCIDRs and addresses, validated.
+//!
+//! Every object the controller stores carries [`MANAGED_BY`] = [`CONTROLLER`], so a relist
+//! deletes only what the controller wrote. Errors name the Kubernetes field.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::ObjectMeta;
+use serde_json::{json, Value};
+use trellis_resources::policy::RuleProtocol;
+use trellis_resources::{EndpointPort, Kind, Resource, ResourceError};
+
+/// The annotation that marks an object the controller wrote.
+pub const MANAGED_BY: &str = "trellis.dev/managed-by";
+/// Its value.
+pub const CONTROLLER: &str = "kube-controller";
+/// Calico's namespace and pod annotations: pools to allocate from (JSON lists of pool names or
+/// CIDRs), and a pod's fixed addresses (a JSON list of addresses).
+pub const IPV4_POOLS: &str = "cni.projectcalico.org/ipv4pools";
+pub const IPV6_POOLS: &str = "cni.projectcalico.org/ipv6pools";
+pub const IP_ADDRS: &str = "cni.projectcalico.org/ipAddrs";
+
+/// An object that could not be translated: which one, which field, why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {object}: {field}: {reason}")]
+pub struct TranslateError {
+    /// `Namespace`, `Pod`, ...
+    pub kind: &'static str,
+    /// `name` or `namespace/name`.
+    pub object: String,
+    /// The Kubernetes field (`metadata.labels`, `spec.containers[0].ports[1].name`).
+    pub field: String,
+    pub reason: String,
+}
+
+fn object_name(meta: &ObjectMeta) -> String {
+    let name = meta.name.clone().unwrap_or_default();
+    match &meta.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name,
+    }
+}
+
+fn error(
+    kind: &'static str,
+    meta: &ObjectMeta,
+    field: impl Into<String>,
+    reason: impl Into<String>,
+) -> TranslateError {
+    TranslateError {
+        kind,
+        object: object_name(meta),
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A resource error from Trellis's parser, as a translation error of this object.
+fn from_resource(kind: &'static str, meta: &ObjectMeta, e: ResourceError) -> TranslateError {
+    error(kind, meta, e.field, e.reason)
+}
+
+/// The metadata Trellis keeps: name, namespace, labels, uid and the given annotations, plus
+/// the ownership mark.
+fn stored_metadata(meta: &ObjectMeta, annotations: BTreeMap<String, String>) -> Value {
+    let mut annotations = annotations;
+    annotations.insert(MANAGED_BY.into(), CONTROLLER.into());
+    let mut m = json!({
+        "name": meta.name.clone().unwrap_or_default(),
+        "labels": meta.labels.clone().unwrap_or_default(),
+        "annotations": annotations,
+    });
+    if let Some(ns) = &meta.namespace {
+        m["namespace"] = json!(ns);
+    }
+    if let Some(uid) = &meta.uid {
+        m["uid"] = json!(uid);
+    }
+    m
+}
+
+fn required_name(kind: &'static str, meta: &ObjectMeta) -> Result<(), TranslateError> {
+    match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => Ok(()),
+        _ => Err(error(kind, meta, "metadata.name", "is required")),
+    }
+}
+
+/// A Namespace as stored: its labels and its validated pool annotations.
+pub fn namespace(ns: &Namespace) -> Result<Resource, TranslateError> {
+    let meta = &ns.metadata;
+    required_name("Namespace", meta)?;
+    let mut kept = BTreeMap::new();
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    for (key, v4) in [(IPV4_POOLS, true), (IPV6_POOLS, false)] {
+        if let Some(value) = annotations.get(key) {
+            pools(value, v4).map_err(|reason| {
+                error(
+                    "Namespace",
+                    meta,
+                    format!("metadata.annotations.{key}"),
+                    reason,
+                )
+            })?;
+            kept.insert(key.to_string(), value.clone());
+        }
+    }
+    let doc = json!({
+        "apiVersion": Kind::Namespace.api_version(),
+        "kind": "Namespace",
+        "metadata": stored_metadata(meta, kept),
+    });
+    Resource::from_value(&doc).map_err(|e| from_resource("Namespace", meta, e))
+}
+
+/// A ServiceAccount as stored: its labels.
+pub fn service_account(sa: &ServiceAccount) -> Result<Resource, TranslateError> {
+    let meta = &sa.metadata;
+    required_name("ServiceAccount", meta)?;
+    let doc = json!({
+        "apiVersion": Kind::ServiceAccount.api_version(),
+        "kind": "ServiceAccount",
+        "metadata": stored_metadata(meta, BTreeMap::new()),
+    });
+    Resource::from_value(&doc).map_err(|e| from_resource("ServiceAccount", meta, e))
+}
+
+/// A NetworkPolicy as stored: the spec unchanged, through Trellis's parser (the API server's
+/// defaulting, Trellis's validation).
+pub fn network_policy(np: &NetworkPolicy) -> Result<Resource, TranslateError> {
+    let meta = &np.metadata;
+    required_name("NetworkPolicy", meta)?;
+    let spec = serde_json::to_value(np.spec.clone().unwrap_or_default()).map_err(|e| {
+        error(
+            "NetworkPolicy",
+            meta,
+            "spec",
+            format!("does not serialise: {e}"),
+        )
+    })?;
+    let doc = json!({
+        "apiVersion": Kind::KubernetesNetworkPolicy.api_version(),
+        "kind": "NetworkPolicy",
+        "metadata": stored_metadata(meta, BTreeMap::new()),
+        "spec": spec,
+    });
+    Resource::from_value(&doc).map_err(|e| from_resource("NetworkPolicy", meta, e))
+}
+
+/// What a pod's WorkloadEndpoints carry, from the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.nodeName` once scheduled: only endpoints on that node are the pod's.
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: Option<String>,
+    /// Named container ports (unnamed ones are not referred to by policy).
+    pub ports: Vec<EndpointPort>,
+    /// Calico's IPAM annotations, validated (not stored yet: see the crate docs).
+    pub ipam: PodIpam,
+}
+
+/// A pod's Calico IPAM annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodIpam {
+    pub ip_addrs: Vec<IpAddr>,
+    pub ipv4_pools: Vec<String>,
+    pub ipv6_pools: Vec<String>,
+}
+
+/// A pod's labels, service account, named ports and IPAM annotations, validated.
+pub fn pod(p: &Pod) -> Result<PodInfo, TranslateError> {
+    let meta = &p.metadata;
+    let bad = |field: String, reason: String| error("Pod", meta, field, reason);
+    required_name("Pod", meta)?;
+    let labels = meta.labels.clone().unwrap_or_default();
+    trellis_resources::labels::check("metadata.labels", &labels)
+        .map_err(|e| bad(e.field, e.reason))?;
+    let spec = p.spec.clone().unwrap_or_default();
+    let service_account = spec.service_account_name.clone().filter(|s| !s.is_empty());
+    if let Some(sa) = &service_account {
+        // The rule Trellis's endpoint validation applies (a DNS subdomain).
+        let ok = sa.len() <= 253
+            && sa.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !ok {
+            return Err(bad(
+                "spec.serviceAccountName".into(),
+                format!("{sa:?} is not a DNS subdomain"),
+            ));
+        }
+    }
+    let mut ports = Vec::new();
+    let containers = spec.containers.iter().map(|c| ("containers", c));
+    let inits = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| ("initContainers", c));
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (list, c) in containers.chain(inits) {
+        let i = index.entry(list).or_default();
+        for (j, port) in c.ports.iter().flatten().enumerate() {
+            let field = format!("spec.{list}[{i}].ports[{j}]");
+            if let Some(p) = container_port(port, &field).map_err(|(f, r)| bad(f, r))? {
+                ports.push(p);
+            }
+        }
+        *i += 1;
+    }
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let annotation = |key: &str| annotations.get(key).map(String::as_str);
+    let at = |key: &str| format!("metadata.annotations.{key}");
+    let mut ipam = PodIpam::default();
+    if let Some(v) = annotation(IP_ADDRS) {
+        ipam.ip_addrs = ip_addrs(v).map_err(|r| bad(at(IP_ADDRS), r))?;
+    }
+    if let Some(v) = annotation(IPV4_POOLS) {
+        ipam.ipv4_pools = pools(v, true).map_err(|r| bad(at(IPV4_POOLS), r))?;
+    }
+    if let Some(v) = annotation(IPV6_POOLS) {
+        ipam.ipv6_pools = pools(v, false).map_err(|r| bad(at(IPV6_POOLS), r))?;
+    }
+    Ok(PodInfo {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+        node: spec.node_name.clone().filter(|n| !n.is_empty()),
+        labels,
+        service_account,
+        ports,
+        ipam,
+    })
+}
+
+/// One container port: `Some` when named, checked like the API server does.
+fn container_port(
+    p: &k8s_openapi::api::core::v1::ContainerPort,
+    field: &str,
+) -> Result<Option<EndpointPort>, (String, String)> {
+    if !(1..=65535).contains(&p.container_port) {
+        return Err((
+            format!("{field}.containerPort"),
+            format!("{} is not a port (1-65535)", p.container_port),
+        ));
+    }
+    let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => RuleProtocol::Tcp,
+        "UDP" => RuleProtocol::Udp,
+        "SCTP" => RuleProtocol::Sctp,
+        other => {
+            return Err((
+                format!("{field}.protocol"),
+                format!("{other:?} is not TCP, UDP or SCTP"),
+            ))
+        }
+    };
+    let Some(name) = p.name.as_deref().filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    trellis_resources::k8s::valid_port_name(name).map_err(|r| (format!("{field}.name"), r))?;
+    Ok(Some(EndpointPort {
+        name: name.to_string(),
+        protocol,
+        // In range: checked above.
+        port: p.container_port as u16,
+        host_port: None,
+        host_ip: None,
+    }))
+}
+
+/// A JSON list of strings (Calico's annotation format).
+fn string_list(value: &str) -> Result<Vec<String>, String> {
+    serde_json::from_str::<Vec<String>>(value)
+        .map_err(|e| format!("{value:?} is not a JSON list of strings: {e}"))
+}
+
+/// `ipv4pools` / `ipv6pools`: pool names or CIDRs of the family.
+pub fn pools(value: &str, v4: bool) -> Result<Vec<String>, String> {
+    let list = string_list(value)?;
+    for (i, p) in list.iter().enumerate() {
+        if let Ok(net) = p.parse::<ipnet::IpNet>() {
+            let family_ok = matches!(net, ipnet::IpNet::V4(_)) == v4;
+            if !family_ok {
+                return Err(format!(
+                    "[{i}] {p:?} is not an IPv{} CIDR",
+                    if v4 { 4 } else { 6 }
+                ));
+            }
+            if net.trunc() != net {
+                return Err(format!("[{i}] {p:?} has host bits set"));
+            }
+            continue;
+        }
+        let name_ok = !p.is_empty()
+            && p.len() <= 253
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !name_ok {
+            return Err(format!("[{i}] {p:?} is neither a CIDR nor a pool name"));
+        }
+    }
+    Ok(list)
+}
+
+/// `ipAddrs`: addresses, at most one per family (as Calico's CNI plugin requires).
+pub fn ip_addrs(value: &str) -> Result<Vec<IpAddr>, String> {
+    let list = string_list(value)?;
+    let mut out: Vec<IpAddr> = Vec::new();
+    for (i, a) in list.iter().enumerate() {
+        let ip: IpAddr = a
+            .parse()
+            .map_err(|_| format!("[{i}] {a:?} is not an IP address"))?;
+        if out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+            return Err(format!("[{i}] {a:?}: at most one address per IP family"));
+        }
+        out.push(ip);
+    }
+    Ok(out)
+}
+
+/// What Kubernetes says of a node that Trellis keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Synced onto the Trellis Node the node's agent registered (pool and BGP peer
+    /// `nodeSelector`s read them).
+    pub labels: BTreeMap<String, String>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`), validated; not stored yet (a Flannel-style IPAM mode
+    /// would make each node's block its podCIDR).
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// `status.addresses`, validated; not stored: the agent detects and publishes the address
+    /// it routes with, as calico-node does.
+    pub addresses: Vec<(String, IpAddr)>,
+}
+
+/// A Node's labels, podCIDRs and addresses, validated.
+pub fn node(n: &Node) -> Result<NodeInfo, TranslateError> {
+    let meta = &n.metadata;
+    required_name("Node", meta)?;
+    let bad = |field: String, reason: String| error("Node", meta, field, reason);
+    let labels = meta.labels.clone().unwrap_or_default();
+    trellis_resources::labels::check("metadata.labels", &labels)
+        .map_err(|e| bad(e.field, e.reason))?;
+    let spec = n.spec.clone().unwrap_or_default();
+    let cidrs: Vec<(String, String)> = match &spec.pod_cidrs {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c.clone()))
+            .collect(),
+        _ => spec
+            .pod_cidr
+            .iter()
+            .map(|c| ("spec.podCIDR".to_string(), c.clone()))
+            .collect(),
+    };
+    let mut pod_cidrs = Vec::new();
+    for (field, c) in cidrs {
+        let net: ipnet::IpNet = c
+            .parse()
+            .map_err(|_| bad(field.clone(), format!("{c:?} is not a CIDR")))?;
+        if net.trunc() != net {
+            return Err(bad(field, format!("{c:?} has host bits set")));
+        }
+        pod_cidrs.push(net);
+    }
+    let mut addresses = Vec::new();
+    let status = n.status.clone().unwrap_or_default();
+    for (i, a) in status.addresses.iter().flatten().enumerate() {
+        // Hostname entries name the host, not an address.
+        if a.type_ == "Hostname" {
+            continue;
+        }
+        let ip: IpAddr = a.address.parse().map_err(|_| {
+            bad(
+                format!("status.addresses[{i}].address"),
+                format!("{:?} is not an IP address", a.address),
+            )
+        })?;
+        addresses.push((a.type_.clone(), ip));
+    }
+    Ok(NodeInfo {
+        name: meta.name.clone().unwrap_or_default(),
+        labels,
+        pod_cidrs,
+        addresses,
+    })
+}
+
+/// The annotation on a Trellis Node listing the label keys synced from Kubernetes (so a label
+/// removed in Kubernetes is removed, and labels the agent set with `--label` are kept).
+pub const KUBE_LABELS: &str = "trellis.dev/kube-labels";
+
+/// Whether a stored object was written by the controller.
+pub fn owned(r: &Resource) -> bool {
+    r.metadata().annotations.get(MANAGED_BY).map(String::as_str) == Some(CONTROLLER)
+}

@@ -1,0 +1,177 @@
+//! The translations on objects as Kubernetes 1.33 prints them (tests/fixtures/).
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use trellis_kube::translate::{self, CONTROLLER, MANAGED_BY};
+use trellis_resources::policy::RuleProtocol;
+use trellis_resources::{parse_documents, Resource};
+
+fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_namespace_keeps_its_labels_and_pool_annotation_and_is_marked_as_ours() {
+    let r = translate::namespace(&fixture::<Namespace>("k8s-1.33-namespace.json")).unwrap();
+    let Resource::Namespace(ns) = &r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(ns.metadata.name, "payments");
+    assert_eq!(ns.metadata.labels["team"], "payments");
+    assert_eq!(
+        ns.metadata.labels["kubernetes.io/metadata.name"],
+        "payments"
+    );
+    assert_eq!(
+        ns.metadata.annotations[translate::IPV4_POOLS],
+        "[\"default-ipv4-ippool\",\"10.250.0.0/16\"]"
+    );
+    assert_eq!(ns.metadata.annotations[MANAGED_BY], CONTROLLER);
+    // Other annotations (kubectl's last-applied copy) are not Trellis's business.
+    assert_eq!(ns.metadata.annotations.len(), 2);
+    assert_eq!(
+        ns.metadata.uid.as_deref(),
+        Some("0f3a2e0c-6a83-4b3e-9b7d-2f5f0d8b1c11")
+    );
+    assert!(translate::owned(&r));
+}
+
+#[test]
+fn a_service_account_keeps_its_labels() {
+    let r = translate::service_account(&fixture::<ServiceAccount>("k8s-1.33-serviceaccount.json"))
+        .unwrap();
+    let Resource::ServiceAccount(sa) = &r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(sa.metadata.namespace.as_deref(), Some("payments"));
+    assert_eq!(sa.metadata.labels["role"], "frontend");
+    assert_eq!(r.key(), "/trellis/v1/serviceaccounts/payments/checkout");
+}
+
+#[test]
+fn a_network_policy_is_stored_as_the_cli_stores_the_same_yaml() {
+    let np: NetworkPolicy = fixture("k8s-1.33-networkpolicy.json");
+    let r = translate::network_policy(&np).unwrap();
+    // The same spec through `trellis apply`'s parser.
+    let spec = serde_json::to_value(np.spec.unwrap()).unwrap();
+    let doc = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "checkout-ingress", "namespace": "payments",
+                     "uid": "1d4b0c9e-77aa-4f4c-8f63-0b2f5c9a6d10",
+                     "annotations": {MANAGED_BY: CONTROLLER}},
+        "spec": spec,
+    });
+    let cli = parse_documents(&doc.to_string()).unwrap().remove(0);
+    assert_eq!(r, cli);
+    let Resource::KubernetesNetworkPolicy(p) = &r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(p.spec.ingress[0].ports.len(), 2);
+    assert_eq!(
+        p.spec.ingress[0].from[1].ip_block.as_ref().unwrap().except,
+        ["192.168.50.0/24"]
+    );
+    assert_eq!(
+        r.key(),
+        "/trellis/v1/kubernetesnetworkpolicies/payments/checkout-ingress"
+    );
+}
+
+#[test]
+fn a_pod_gives_labels_service_account_named_ports_and_ipam_annotations() {
+    let p = translate::pod(&fixture::<Pod>("k8s-1.33-pod.json")).unwrap();
+    assert_eq!(
+        (p.namespace.as_str(), p.name.as_str()),
+        ("payments", "checkout-6d8f9c7b5d-x2k9q")
+    );
+    assert_eq!(p.node.as_deref(), Some("node-2"));
+    assert_eq!(p.labels["app"], "checkout");
+    assert_eq!(p.service_account.as_deref(), Some("checkout"));
+    let ports: Vec<(&str, RuleProtocol, u16)> = p
+        .ports
+        .iter()
+        .map(|p| (p.name.as_str(), p.protocol, p.port))
+        .collect();
+    // The unnamed port 7000 is not recorded; the sidecar's (an init container) is.
+    assert_eq!(
+        ports,
+        [
+            ("http", RuleProtocol::Tcp, 8080),
+            ("metrics", RuleProtocol::Tcp, 9090),
+            ("dns-udp", RuleProtocol::Udp, 5353),
+            ("envoy-out", RuleProtocol::Tcp, 15001)
+        ]
+    );
+    assert_eq!(p.ipam.ip_addrs.len(), 2);
+    assert_eq!(p.ipam.ipv4_pools, ["10.250.0.0/16"]);
+}
+
+fn err_of<T: std::fmt::Debug>(
+    r: Result<T, translate::TranslateError>,
+) -> translate::TranslateError {
+    r.expect_err("must be refused")
+}
+
+#[test]
+fn bad_objects_are_refused_naming_the_field() {
+    let e = err_of(translate::namespace(&fixture(
+        "bad-k8s-1.33-namespace-label.json",
+    )));
+    assert_eq!(
+        (e.kind, e.object.as_str(), e.field.as_str()),
+        ("Namespace", "payments", "metadata.labels")
+    );
+    let e = err_of(translate::namespace(&fixture(
+        "bad-k8s-1.33-namespace-ipv4pools.json",
+    )));
+    assert_eq!(
+        e.field,
+        "metadata.annotations.cni.projectcalico.org/ipv4pools"
+    );
+    assert!(e.reason.contains("host bits"), "{e}");
+    let e = err_of(translate::pod(&fixture("bad-k8s-1.33-pod-port.json")));
+    assert_eq!(e.field, "spec.containers[0].ports[1].containerPort");
+    assert!(e.reason.contains("70000"), "{e}");
+    let e = err_of(translate::pod(&fixture("bad-k8s-1.33-pod-port-name.json")));
+    assert_eq!(e.field, "spec.containers[0].ports[0].name");
+    assert_eq!(e.object, "payments/checkout-6d8f9c7b5d-x2k9q");
+    let e = err_of(translate::pod(&fixture("bad-k8s-1.33-pod-ipaddrs.json")));
+    assert_eq!(
+        e.field,
+        "metadata.annotations.cni.projectcalico.org/ipAddrs"
+    );
+    assert!(e.reason.contains("one address per IP family"), "{e}");
+    let e = err_of(translate::network_policy(&fixture(
+        "bad-k8s-1.33-networkpolicy-cidr.json",
+    )));
+    assert_eq!(e.kind, "NetworkPolicy");
+    assert!(e.field.contains("ipBlock.cidr"), "{e}");
+}
+
+#[test]
+fn a_node_gives_labels_pod_cidrs_and_addresses() {
+    let n = translate::node(&fixture::<Node>("k8s-1.33-node.json")).unwrap();
+    assert_eq!(n.name, "node-2");
+    assert_eq!(n.labels["topology.kubernetes.io/zone"], "zone-b");
+    let cidrs: Vec<String> = n.pod_cidrs.iter().map(|c| c.to_string()).collect();
+    assert_eq!(cidrs, ["10.244.2.0/24", "fd00:10:244:2::/64"]);
+    let addrs: Vec<String> = n
+        .addresses
+        .iter()
+        .map(|(t, a)| format!("{t} {a}"))
+        .collect();
+    assert_eq!(
+        addrs,
+        ["InternalIP 192.168.50.11", "InternalIP fd00:50::11"]
+    );
+}
+
+#[test]
+fn a_bad_node_is_refused_naming_the_field() {
+    let e = err_of(translate::node(&fixture("bad-k8s-1.33-node-podcidr.json")));
+    assert_eq!((e.kind, e.field.as_str()), ("Node", "spec.podCIDRs[1]"));
+    assert!(e.reason.contains("host bits"), "{e}");
+    let e = err_of(translate::node(&fixture("bad-k8s-1.33-node-address.json")));
+    assert_eq!(e.field, "status.addresses[0].address");
+}
