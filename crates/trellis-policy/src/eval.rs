@@ -629,10 +629,10 @@ enum Entity<'m> {
 }
 
 impl Entity<'_> {
-    fn namespace(&self) -> Option<&str> {
+    fn in_scope(&self, model: &Model, scope: &NamespaceScope) -> bool {
         match self {
-            Entity::Endpoint(e) => Some(&e.namespace),
-            Entity::Set(s) => s.namespace.as_deref(),
+            Entity::Endpoint(e) => in_scope(model, scope, Some(&e.namespace)),
+            Entity::Set(s) => model.set_in_scope(scope, s),
         }
     }
     fn labels(&self, model: &Model) -> Labels {
@@ -709,7 +709,7 @@ fn entity_matches(
     if positive {
         let sel = m.selector.as_ref().unwrap_or(&Selector::All);
         selected.retain(|e| {
-            in_scope(model, scope, e.namespace())
+            e.in_scope(model, scope)
                 && sel.matches(&e.labels(model))
                 && m.service_accounts
                     .as_ref()
@@ -779,7 +779,7 @@ fn positive_reason(
     }
     let in_scope: Vec<&Entity> = ents
         .iter()
-        .filter(|e| in_scope(model, scope, e.namespace()))
+        .filter(|e| e.in_scope(model, scope))
         .collect();
     if in_scope.is_empty() {
         return format!(
@@ -805,6 +805,7 @@ fn scope_text(s: &NamespaceScope) -> String {
         NamespaceScope::Matching(Selector::Global) => "global() (only global network sets)".into(),
         NamespaceScope::Matching(sel) => format!("the namespaces matching {sel}"),
         NamespaceScope::Any => "every namespace".into(),
+        NamespaceScope::Nodes => "the nodes".into(),
     }
 }
 

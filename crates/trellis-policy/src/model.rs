@@ -11,6 +11,13 @@
 //! direction, and that lists no profile, is allowed. Kubernetes NetworkPolicies live in the
 //! `default` tier at order 1000, as in Calico. Traffic between a pod and its own node is always
 //! allowed (kubelet probes).
+//!
+//! ClusterNetworkPolicies (sig-network's policy API) live in two built-in tiers around all of
+//! those: [`ADMIN_TIER`] before every other tier and [`BASELINE_TIER`] after every other tier
+//! (whatever their orders), so the order is Admin → Calico/Trellis tiers and Kubernetes
+//! NetworkPolicy → Baseline → profiles → allow. Both end in Pass: an Admin policy that does not
+//! decide hands the flow to the NetworkPolicy tiers (its Pass rules do so at once), a Baseline
+//! one to the profiles (none: allowed). Within them, policies by priority, then name.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -24,6 +31,10 @@ pub type Labels = BTreeMap<String, String>;
 
 /// The tier Kubernetes NetworkPolicies and tier-less Calico policies belong to.
 pub const DEFAULT_TIER: &str = "default";
+/// The built-in tier of ClusterNetworkPolicies with `tier: Admin` (evaluated first).
+pub const ADMIN_TIER: &str = "admin";
+/// The built-in tier of ClusterNetworkPolicies with `tier: Baseline` (evaluated last).
+pub const BASELINE_TIER: &str = "baseline";
 /// Calico's order for the `default` tier (tiers without an order sort after it).
 pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
 /// The order Kubernetes NetworkPolicies get in the `default` tier (as in Calico).
@@ -122,6 +133,9 @@ pub enum NamespaceScope {
     Matching(#[serde(with = "selector_text")] Selector),
     /// Every namespace, and global objects (a global policy's selectors).
     Any,
+    /// Nodes (a ClusterNetworkPolicy's `nodes` peer): only the node sets
+    /// ([`NetworkSet::node`]), which no other scope covers.
+    Nodes,
 }
 
 /// Service accounts a rule matches (Calico's `serviceAccounts`: names and/or a selector over
@@ -196,6 +210,8 @@ pub enum PolicyKind {
     Namespaced,
     /// GlobalNetworkPolicy.
     Global,
+    /// sig-network's ClusterNetworkPolicy (tier [`ADMIN_TIER`] or [`BASELINE_TIER`]).
+    Cluster,
 }
 
 /// A policy's identity: kind, namespace (for namespaced kinds) and name.
@@ -212,6 +228,7 @@ impl std::fmt::Display for PolicyId {
             PolicyKind::Kubernetes => "knp",
             PolicyKind::Namespaced => "np",
             PolicyKind::Global => "gnp",
+            PolicyKind::Cluster => "cnp",
         };
         match &self.namespace {
             Some(ns) => write!(f, "{kind}/{ns}/{}", self.name),
@@ -277,6 +294,10 @@ pub struct NetworkSet {
     pub name: String,
     pub labels: Labels,
     pub nets: Vec<IpNet>,
+    /// A Node's addresses (name `node/NAME`, the Node's labels): matched only by a
+    /// [`NamespaceScope::Nodes`] selection, never by Calico selectors.
+    #[serde(default)]
+    pub node: bool,
 }
 
 /// A named port an endpoint declares (Kubernetes container ports, Calico's WEP `ports`).
@@ -343,8 +364,12 @@ pub struct Model {
 }
 
 impl Model {
-    /// A tier by name; `default` exists even when no Tier object does.
+    /// A tier by name; `default`, `admin` and `baseline` exist even when no Tier object does
+    /// (the last two are built in: a Tier object cannot take their names).
     pub fn tier(&self, name: &str) -> Option<Tier> {
+        if let Some(t) = builtin_cluster_tier(name) {
+            return Some(t);
+        }
         self.tiers.get(name).cloned().or_else(|| {
             (name == DEFAULT_TIER).then(|| Tier {
                 name: DEFAULT_TIER.into(),
@@ -360,7 +385,7 @@ impl Model {
         names.sort();
         names.dedup();
         let mut tiers: Vec<Tier> = names.into_iter().filter_map(|n| self.tier(n)).collect();
-        tiers.sort_by_key(|t| order_key(t.order, &t.name));
+        tiers.sort_by_key(tier_key);
         tiers
     }
 
@@ -414,6 +439,7 @@ impl std::fmt::Display for Selection {
             NamespaceScope::Only(ns) => write!(f, "ns={ns:?}")?,
             NamespaceScope::Matching(s) => write!(f, "nssel={:?}", s.to_string())?,
             NamespaceScope::Any => write!(f, "any")?,
+            NamespaceScope::Nodes => write!(f, "nodes")?,
         }
         write!(f, " sel={:?}", self.selector.to_string())?;
         if let Some(sa) = &self.service_accounts {
@@ -438,7 +464,7 @@ impl Selection {
     /// Whether the selection covers a network set (never with a service-account match).
     pub fn matches_network_set(&self, model: &Model, set: &NetworkSet) -> bool {
         self.service_accounts.is_none()
-            && model.scope_covers(&self.scope, set.namespace.as_deref())
+            && model.set_in_scope(&self.scope, set)
             && self.selector.matches(&set.effective_labels())
     }
 }
@@ -512,12 +538,23 @@ impl Model {
     /// `namespaceSelector: global()` covers only global objects.
     pub fn scope_covers(&self, scope: &NamespaceScope, ns: Option<&str>) -> bool {
         match (scope, ns) {
+            (NamespaceScope::Nodes, _) => false,
             (NamespaceScope::Any, _) => true,
             (NamespaceScope::Only(only), Some(ns)) => only == ns,
             (NamespaceScope::Only(_), None) => false,
             (NamespaceScope::Matching(Selector::Global), ns) => ns.is_none(),
             (NamespaceScope::Matching(_), None) => false,
             (NamespaceScope::Matching(sel), Some(ns)) => sel.matches(&self.namespace_labels(ns)),
+        }
+    }
+
+    /// Whether `scope` covers a network set: node sets only [`NamespaceScope::Nodes`], other
+    /// sets as [`Model::scope_covers`] says for their namespace.
+    pub fn set_in_scope(&self, scope: &NamespaceScope, set: &NetworkSet) -> bool {
+        if set.node {
+            *scope == NamespaceScope::Nodes
+        } else {
+            self.scope_covers(scope, set.namespace.as_deref())
         }
     }
 
@@ -565,8 +602,29 @@ impl Model {
     }
 }
 
+/// The ClusterNetworkPolicy tiers: built in, no order (their place is fixed by
+/// [`tier_key`]), and Pass when no rule decided.
+pub fn builtin_cluster_tier(name: &str) -> Option<Tier> {
+    (name == ADMIN_TIER || name == BASELINE_TIER).then(|| Tier {
+        name: name.into(),
+        order: None,
+        default_action: TierDefault::Pass,
+    })
+}
+
+/// Sort key of tiers in evaluation order: the Admin tier first, every Calico/Trellis tier by
+/// (order, name), the Baseline tier last.
+pub fn tier_key(t: &Tier) -> (u8, (u8, OrderedF64, String)) {
+    let band = match t.name.as_str() {
+        ADMIN_TIER => 0,
+        BASELINE_TIER => 2,
+        _ => 1,
+    };
+    (band, order_key(t.order, &t.name))
+}
+
 /// Sort key for (order, name): `None` orders sort after every number.
-pub(crate) fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
+pub fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
     match order {
         Some(o) => (0, OrderedF64(o), name.to_string()),
         None => (1, OrderedF64(0.0), name.to_string()),
@@ -575,7 +633,7 @@ pub(crate) fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, Stri
 
 /// A total order on the finite orders validation lets through.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct OrderedF64(f64);
+pub struct OrderedF64(f64);
 
 impl Eq for OrderedF64 {}
 

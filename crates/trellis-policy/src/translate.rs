@@ -12,6 +12,8 @@
 //! policy of a given type selects is isolated for that direction (the `default` tier's default
 //! is Deny).
 //!
+//! ClusterNetworkPolicy (and the Nodes its `nodes` peers match) is in [`cluster`].
+//!
 //! Calico's kinds map field for field. Every namespace an object mentions gets an entry with
 //! at least Kubernetes' implicit `kubernetes.io/metadata.name` label. Objects that cannot be
 //! translated (a policy in a tier that does not exist) are left out and reported.
@@ -155,6 +157,8 @@ pub fn item(r: &Resource) -> Result<Option<Item>> {
                 NamespaceScope::Any,
             )?)
         }
+        Resource::ClusterNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(o)?),
+        Resource::Node(o) => Item::NetworkSet(cluster::node_set(o)),
         _ => return Ok(None),
     };
     Ok(Some(item))
@@ -170,7 +174,7 @@ pub fn object_name(r: &Resource) -> String {
 }
 
 /// The kinds the model is built from: every stored object `translate` and `item` read.
-pub const INPUT_KINDS: [trellis_resources::Kind; 10] = [
+pub const INPUT_KINDS: [trellis_resources::Kind; 12] = [
     trellis_resources::Kind::Tier,
     trellis_resources::Kind::KubernetesNetworkPolicy,
     trellis_resources::Kind::NetworkPolicy,
@@ -181,6 +185,8 @@ pub const INPUT_KINDS: [trellis_resources::Kind; 10] = [
     trellis_resources::Kind::Namespace,
     trellis_resources::Kind::ServiceAccount,
     trellis_resources::Kind::WorkloadEndpoint,
+    trellis_resources::Kind::ClusterNetworkPolicy,
+    trellis_resources::Kind::Node,
 ];
 
 /// Builds the model from every stored object that concerns policy (others are ignored).
@@ -236,10 +242,20 @@ pub fn translate(resources: &[Resource]) -> Translation {
 /// Adds a policy whose tier exists (the `default` tier always does).
 fn add(m: &mut Model, p: Result<Policy>) -> Result<()> {
     let p = p?;
-    if m.tier(&p.tier).is_none() {
-        return Err(TranslateError::MissingTier { tier: p.tier });
-    }
+    check_tier(m, &p)?;
     m.policies.insert(p.id.clone(), p);
+    Ok(())
+}
+
+/// A policy's tier exists, and the ClusterNetworkPolicy tiers hold only ClusterNetworkPolicies
+/// (a Calico policy naming `admin` written around the validating edge is left out).
+pub fn check_tier(m: &Model, p: &Policy) -> Result<()> {
+    let cluster_tier = builtin_cluster_tier(&p.tier).is_some();
+    if m.tier(&p.tier).is_none() || cluster_tier != (p.id.kind == PolicyKind::Cluster) {
+        return Err(TranslateError::MissingTier {
+            tier: p.tier.clone(),
+        });
+    }
     Ok(())
 }
 
@@ -417,6 +433,7 @@ fn network_set(
         name: o.metadata.name.clone(),
         labels: o.metadata.labels.clone(),
         nets: nets(&o.spec.nets)?,
+        node: false,
     })
 }
 
@@ -613,5 +630,8 @@ fn kubernetes_policy(o: &Object<KubernetesNetworkPolicySpec>) -> Result<Policy> 
     })
 }
 
+mod cluster;
 #[cfg(test)]
 mod tests;
+
+pub use cluster::{node_addresses, node_set_name};

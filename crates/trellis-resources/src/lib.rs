@@ -3,6 +3,7 @@
 //! canonical JSON under stable datastore keys. Pure: no I/O.
 
 pub mod addr;
+pub mod cnp;
 pub mod k8s;
 pub mod kinds;
 pub mod labels;
@@ -66,10 +67,12 @@ pub enum Kind {
     Namespace,
     /// `v1` ServiceAccount.
     ServiceAccount,
+    /// `policy.networking.k8s.io/v1beta1` (or `v1alpha2`) ClusterNetworkPolicy.
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 22] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -91,6 +94,7 @@ impl Kind {
         Kind::Profile,
         Kind::Namespace,
         Kind::ServiceAccount,
+        Kind::ClusterNetworkPolicy,
     ];
 
     /// The `kind:` field.
@@ -116,6 +120,7 @@ impl Kind {
             Kind::Profile => "Profile",
             Kind::Namespace => "Namespace",
             Kind::ServiceAccount => "ServiceAccount",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 
@@ -124,6 +129,7 @@ impl Kind {
         match self {
             Kind::KubernetesNetworkPolicy => NETWORKING_API_VERSION,
             Kind::Namespace | Kind::ServiceAccount => CORE_API_VERSION,
+            Kind::ClusterNetworkPolicy => cnp::CNP_API_VERSION,
             _ => API_VERSION,
         }
     }
@@ -132,8 +138,18 @@ impl Kind {
     pub fn is_kubernetes(self) -> bool {
         matches!(
             self,
-            Kind::KubernetesNetworkPolicy | Kind::Namespace | Kind::ServiceAccount
+            Kind::KubernetesNetworkPolicy
+                | Kind::Namespace
+                | Kind::ServiceAccount
+                | Kind::ClusterNetworkPolicy
         )
+    }
+
+    /// Whether a document of this kind may be written with `api_version`: Kubernetes' kinds
+    /// with their own version (ClusterNetworkPolicy also with `v1alpha2`, the same schema).
+    fn accepts_kubernetes_version(self, api_version: &str) -> bool {
+        api_version == self.api_version()
+            || (self == Kind::ClusterNetworkPolicy && api_version == cnp::CNP_API_VERSION_ALPHA2)
     }
 
     /// The kind a document's `apiVersion` and `kind` name, if Trellis knows it.
@@ -146,7 +162,7 @@ impl Kind {
             ));
         }
         let accepts = |k: Kind| match k {
-            k if k.is_kubernetes() => api_version == k.api_version(),
+            k if k.is_kubernetes() => k.accepts_kubernetes_version(api_version),
             k => {
                 api_version == API_VERSION
                     || (api_version == CALICO_API_VERSION && k.in_calico_v3())
@@ -199,6 +215,7 @@ impl Kind {
             Kind::Profile => "profiles",
             Kind::Namespace => "namespaces",
             Kind::ServiceAccount => "serviceaccounts",
+            Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
         }
     }
 
@@ -239,6 +256,7 @@ impl Kind {
         let l = s.to_ascii_lowercase();
         let aliases = [
             ("blockaffinity", Kind::BlockAffinity),
+            ("cnp", Kind::ClusterNetworkPolicy),
             ("bgpstatus", Kind::BgpStatus),
             ("globalnetworkpolicy", Kind::GlobalNetworkPolicy),
             ("gnp", Kind::GlobalNetworkPolicy),
@@ -309,6 +327,7 @@ pub enum Resource {
     Profile(Object<ProfileSpec>),
     Namespace(Object<NamespaceSpec>),
     ServiceAccount(Object<ServiceAccountSpec>),
+    ClusterNetworkPolicy(Object<cnp::ClusterNetworkPolicySpec>),
 }
 
 /// A document that is not a valid resource: which one, and which field is wrong.
@@ -380,6 +399,7 @@ macro_rules! each {
             Resource::Profile($o) => $e,
             Resource::Namespace($o) => $e,
             Resource::ServiceAccount($o) => $e,
+            Resource::ClusterNetworkPolicy($o) => $e,
         }
     };
 }
@@ -408,6 +428,7 @@ impl Resource {
             Resource::Profile(_) => Kind::Profile,
             Resource::Namespace(_) => Kind::Namespace,
             Resource::ServiceAccount(_) => Kind::ServiceAccount,
+            Resource::ClusterNetworkPolicy(_) => Kind::ClusterNetworkPolicy,
         }
     }
 
@@ -573,6 +594,7 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::Profile => Resource::Profile(typed(body)?),
         Kind::Namespace => Resource::Namespace(typed(body)?),
         Kind::ServiceAccount => Resource::ServiceAccount(typed(body)?),
+        Kind::ClusterNetworkPolicy => Resource::ClusterNetworkPolicy(typed(body)?),
     })
 }
 
