@@ -1,5 +1,5 @@
-//! `get` tables of the policy kinds (Calico's, Kubernetes' NetworkPolicy, Namespace,
-//! ServiceAccount).
+//! `get` tables of the policy kinds (Calico's, Kubernetes' NetworkPolicy and
+//! ClusterNetworkPolicy, Namespace, ServiceAccount).
 
 use std::collections::BTreeMap;
 
@@ -90,6 +90,32 @@ pub fn rows(kind: Kind, items: &[Resource]) -> Option<(Vec<&'static str>, Vec<Ve
                     or_all(&p.spec.namespace_selector),
                     types(&p.spec.types),
                 ]),
+                _ => None,
+            }),
+        ),
+        Kind::ClusterNetworkPolicy => (
+            vec!["NAME", "TIER", "PRIORITY", "SUBJECT", "INGRESS", "EGRESS"],
+            map(&|r| match r {
+                Resource::ClusterNetworkPolicy(p) => {
+                    let s = &p.spec;
+                    let subject = match (&s.subject.namespaces, &s.subject.pods) {
+                        (Some(n), _) => format!("namespaces {}", n.to_selector()),
+                        (None, Some(pods)) => format!(
+                            "pods {} in namespaces {}",
+                            pods.pod_selector.to_selector(),
+                            pods.namespace_selector.to_selector()
+                        ),
+                        (None, None) => "-".into(),
+                    };
+                    Some(vec![
+                        p.metadata.name.clone(),
+                        format!("{:?}", s.tier),
+                        s.priority.to_string(),
+                        subject,
+                        s.ingress.len().to_string(),
+                        s.egress.len().to_string(),
+                    ])
+                }
                 _ => None,
             }),
         ),
