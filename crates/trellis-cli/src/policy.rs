@@ -15,7 +15,7 @@ use trellis_store::Datastore;
 use crate::trace;
 
 /// The kinds the model is built from.
-const POLICY_KINDS: [Kind; 12] = trellis_policy::translate::INPUT_KINDS;
+const POLICY_KINDS: [Kind; 14] = trellis_policy::translate::INPUT_KINDS;
 
 /// The model, and every node's addresses (to tell host traffic apart). Records that do not
 /// decode, and objects the model leaves out, are reported on stderr.

@@ -125,7 +125,7 @@ fn tier_line(name: &str, o: Option<f64>, d: TierDefault) -> String {
 /// A policy's place in its tier: a ClusterNetworkPolicy's priority, another's order.
 fn policy_order(id: &PolicyId, o: Option<f64>) -> String {
     match id.kind {
-        PolicyKind::Cluster => format!("priority {}", order(o)),
+        k if k.is_cluster() => format!("priority {}", order(o)),
         _ => format!("order {}", order(o)),
     }
 }

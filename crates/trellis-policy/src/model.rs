@@ -212,6 +212,20 @@ pub enum PolicyKind {
     Global,
     /// sig-network's ClusterNetworkPolicy (tier [`ADMIN_TIER`] or [`BASELINE_TIER`]).
     Cluster,
+    /// Its `v1alpha1` predecessors: AdminNetworkPolicy (tier [`ADMIN_TIER`]) and
+    /// BaselineAdminNetworkPolicy (tier [`BASELINE_TIER`]).
+    AdminV1alpha1,
+    BaselineV1alpha1,
+}
+
+impl PolicyKind {
+    /// Whether policies of this kind live in the ClusterNetworkPolicy tiers (and only they do).
+    pub fn is_cluster(self) -> bool {
+        matches!(
+            self,
+            PolicyKind::Cluster | PolicyKind::AdminV1alpha1 | PolicyKind::BaselineV1alpha1
+        )
+    }
 }
 
 /// A policy's identity: kind, namespace (for namespaced kinds) and name.
@@ -229,6 +243,8 @@ impl std::fmt::Display for PolicyId {
             PolicyKind::Namespaced => "np",
             PolicyKind::Global => "gnp",
             PolicyKind::Cluster => "cnp",
+            PolicyKind::AdminV1alpha1 => "anp",
+            PolicyKind::BaselineV1alpha1 => "banp",
         };
         match &self.namespace {
             Some(ns) => write!(f, "{kind}/{ns}/{}", self.name),

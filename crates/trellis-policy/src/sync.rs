@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use trellis_resources::Resource;
 
 use crate::compile::Change;
-use crate::model::{builtin_cluster_tier, Policy, PolicyId, PolicyKind, DEFAULT_TIER};
+use crate::model::{builtin_cluster_tier, Policy, PolicyId, DEFAULT_TIER};
 use crate::translate::{item, Item, TranslateError};
 
 /// What an object is in the model (one per key).
@@ -129,7 +129,7 @@ impl ModelSync {
     /// Whether a policy's tier lets it into the model: ClusterNetworkPolicies their built-in
     /// tier, every other policy an existing Calico tier (as `translate::check_tier`).
     fn admits(&self, p: &Policy) -> bool {
-        if p.id.kind == PolicyKind::Cluster {
+        if p.id.kind.is_cluster() {
             builtin_cluster_tier(&p.tier).is_some()
         } else {
             self.tier_exists(&p.tier)

@@ -12,7 +12,9 @@
 //! policy of a given type selects is isolated for that direction (the `default` tier's default
 //! is Deny).
 //!
-//! ClusterNetworkPolicy (and the Nodes its `nodes` peers match) is in [`cluster`].
+//! ClusterNetworkPolicy, its v1alpha1 predecessors AdminNetworkPolicy and
+//! BaselineAdminNetworkPolicy (mapped onto it), and the Nodes its `nodes` peers match are in
+//! [`cluster`].
 //!
 //! Calico's kinds map field for field. Every namespace an object mentions gets an entry with
 //! at least Kubernetes' implicit `kubernetes.io/metadata.name` label. Objects that cannot be
@@ -157,7 +159,21 @@ pub fn item(r: &Resource) -> Result<Option<Item>> {
                 NamespaceScope::Any,
             )?)
         }
-        Resource::ClusterNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(o)?),
+        Resource::ClusterNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(
+            PolicyKind::Cluster,
+            &o.metadata.name,
+            &o.spec,
+        )?),
+        Resource::AdminNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(
+            PolicyKind::AdminV1alpha1,
+            &o.metadata.name,
+            &o.spec.to_cluster(),
+        )?),
+        Resource::BaselineAdminNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(
+            PolicyKind::BaselineV1alpha1,
+            &o.metadata.name,
+            &o.spec.to_cluster(),
+        )?),
         Resource::Node(o) => Item::NetworkSet(cluster::node_set(o)),
         _ => return Ok(None),
     };
@@ -174,7 +190,7 @@ pub fn object_name(r: &Resource) -> String {
 }
 
 /// The kinds the model is built from: every stored object `translate` and `item` read.
-pub const INPUT_KINDS: [trellis_resources::Kind; 12] = [
+pub const INPUT_KINDS: [trellis_resources::Kind; 14] = [
     trellis_resources::Kind::Tier,
     trellis_resources::Kind::KubernetesNetworkPolicy,
     trellis_resources::Kind::NetworkPolicy,
@@ -186,6 +202,8 @@ pub const INPUT_KINDS: [trellis_resources::Kind; 12] = [
     trellis_resources::Kind::ServiceAccount,
     trellis_resources::Kind::WorkloadEndpoint,
     trellis_resources::Kind::ClusterNetworkPolicy,
+    trellis_resources::Kind::AdminNetworkPolicy,
+    trellis_resources::Kind::BaselineAdminNetworkPolicy,
     trellis_resources::Kind::Node,
 ];
 
@@ -251,7 +269,7 @@ fn add(m: &mut Model, p: Result<Policy>) -> Result<()> {
 /// (a Calico policy naming `admin` written around the validating edge is left out).
 pub fn check_tier(m: &Model, p: &Policy) -> Result<()> {
     let cluster_tier = builtin_cluster_tier(&p.tier).is_some();
-    if m.tier(&p.tier).is_none() || cluster_tier != (p.id.kind == PolicyKind::Cluster) {
+    if m.tier(&p.tier).is_none() || cluster_tier != p.id.kind.is_cluster() {
         return Err(TranslateError::MissingTier {
             tier: p.tier.clone(),
         });

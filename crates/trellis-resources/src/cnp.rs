@@ -29,6 +29,24 @@ pub const MAX_PROTOCOLS: usize = 25;
 pub const MAX_NETWORKS: usize = 25;
 pub const MAX_RULE_NAME: usize = 100;
 
+/// The count limits of a policy API version (v1alpha1's are larger: see `anp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Rules per direction.
+    pub rules: usize,
+    /// Peers per rule.
+    pub peers: usize,
+    /// Protocol (port) matches per rule.
+    pub protocols: usize,
+}
+
+/// ClusterNetworkPolicy's.
+pub const LIMITS: Limits = Limits {
+    rules: MAX_RULES,
+    peers: MAX_PEERS,
+    protocols: MAX_PROTOCOLS,
+};
+
 /// Which tier a ClusterNetworkPolicy is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CnpTier {
@@ -262,6 +280,7 @@ fn protocol(f: &str, p: &CnpProtocol) -> Result {
 
 fn rule_common(
     f: &str,
+    limits: Limits,
     tier: CnpTier,
     name: &Option<String>,
     action: CnpAction,
@@ -286,8 +305,8 @@ fn rule_common(
     if n == 0 {
         return Err(err(format!("{f}.{peers_name}"), "needs at least one peer"));
     }
-    at_most(&format!("{f}.{peers_name}"), n, MAX_PEERS)?;
-    at_most(&format!("{f}.protocols"), protocols.len(), MAX_PROTOCOLS)?;
+    at_most(&format!("{f}.{peers_name}"), n, limits.peers)?;
+    at_most(&format!("{f}.protocols"), protocols.len(), limits.protocols)?;
     for (i, p) in protocols.iter().enumerate() {
         protocol(&format!("{f}.protocols[{i}]"), p)?;
     }
@@ -335,6 +354,11 @@ fn egress_peer(f: &str, p: &CnpEgressPeer, named_ports: bool) -> Result {
 
 /// Checks what upstream's CRD and its CEL rules check, naming the field.
 pub fn cluster_network_policy(o: &Object<ClusterNetworkPolicySpec>) -> Result {
+    validate_with(o, LIMITS)
+}
+
+/// [`cluster_network_policy`] with an API version's count limits.
+pub fn validate_with(o: &Object<ClusterNetworkPolicySpec>, limits: Limits) -> Result {
     crate::policy_validate::subdomain_name(&o.metadata.name)?;
     if o.metadata.namespace.is_some() {
         return Err(err(
@@ -351,12 +375,12 @@ pub fn cluster_network_policy(o: &Object<ClusterNetworkPolicySpec>) -> Result {
         ));
     }
     subject("spec.subject", &s.subject)?;
-    at_most("spec.ingress", s.ingress.len(), MAX_RULES)?;
-    at_most("spec.egress", s.egress.len(), MAX_RULES)?;
+    at_most("spec.ingress", s.ingress.len(), limits.rules)?;
+    at_most("spec.egress", s.egress.len(), limits.rules)?;
     for (i, r) in s.ingress.iter().enumerate() {
         let f = format!("spec.ingress[{i}]");
         let peers = ("from", r.from.len());
-        rule_common(&f, s.tier, &r.name, r.action, peers, &r.protocols)?;
+        rule_common(&f, limits, s.tier, &r.name, r.action, peers, &r.protocols)?;
         for (j, p) in r.from.iter().enumerate() {
             let f = format!("{f}.from[{j}]");
             match (&p.namespaces, &p.pods) {
@@ -370,7 +394,7 @@ pub fn cluster_network_policy(o: &Object<ClusterNetworkPolicySpec>) -> Result {
     for (i, r) in s.egress.iter().enumerate() {
         let f = format!("spec.egress[{i}]");
         let peers = ("to", r.to.len());
-        rule_common(&f, s.tier, &r.name, r.action, peers, &r.protocols)?;
+        rule_common(&f, limits, s.tier, &r.name, r.action, peers, &r.protocols)?;
         let named = r
             .protocols
             .iter()

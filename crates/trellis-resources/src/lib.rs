@@ -3,6 +3,7 @@
 //! canonical JSON under stable datastore keys. Pure: no I/O.
 
 pub mod addr;
+pub mod anp;
 pub mod cnp;
 pub mod k8s;
 pub mod kinds;
@@ -69,10 +70,14 @@ pub enum Kind {
     ServiceAccount,
     /// `policy.networking.k8s.io/v1beta1` (or `v1alpha2`) ClusterNetworkPolicy.
     ClusterNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1` AdminNetworkPolicy.
+    AdminNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1` BaselineAdminNetworkPolicy.
+    BaselineAdminNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 24] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -95,6 +100,8 @@ impl Kind {
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::ClusterNetworkPolicy,
+        Kind::AdminNetworkPolicy,
+        Kind::BaselineAdminNetworkPolicy,
     ];
 
     /// The `kind:` field.
@@ -121,6 +128,8 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::ServiceAccount => "ServiceAccount",
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
         }
     }
 
@@ -130,6 +139,7 @@ impl Kind {
             Kind::KubernetesNetworkPolicy => NETWORKING_API_VERSION,
             Kind::Namespace | Kind::ServiceAccount => CORE_API_VERSION,
             Kind::ClusterNetworkPolicy => cnp::CNP_API_VERSION,
+            Kind::AdminNetworkPolicy | Kind::BaselineAdminNetworkPolicy => anp::ANP_API_VERSION,
             _ => API_VERSION,
         }
     }
@@ -142,6 +152,8 @@ impl Kind {
                 | Kind::Namespace
                 | Kind::ServiceAccount
                 | Kind::ClusterNetworkPolicy
+                | Kind::AdminNetworkPolicy
+                | Kind::BaselineAdminNetworkPolicy
         )
     }
 
@@ -216,6 +228,8 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::ServiceAccount => "serviceaccounts",
             Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
+            Kind::AdminNetworkPolicy => "adminnetworkpolicies",
+            Kind::BaselineAdminNetworkPolicy => "baselineadminnetworkpolicies",
         }
     }
 
@@ -256,6 +270,8 @@ impl Kind {
         let l = s.to_ascii_lowercase();
         let aliases = [
             ("blockaffinity", Kind::BlockAffinity),
+            ("anp", Kind::AdminNetworkPolicy),
+            ("banp", Kind::BaselineAdminNetworkPolicy),
             ("cnp", Kind::ClusterNetworkPolicy),
             ("bgpstatus", Kind::BgpStatus),
             ("globalnetworkpolicy", Kind::GlobalNetworkPolicy),
@@ -328,6 +344,8 @@ pub enum Resource {
     Namespace(Object<NamespaceSpec>),
     ServiceAccount(Object<ServiceAccountSpec>),
     ClusterNetworkPolicy(Object<cnp::ClusterNetworkPolicySpec>),
+    AdminNetworkPolicy(Object<anp::AdminNetworkPolicySpec>),
+    BaselineAdminNetworkPolicy(Object<anp::BaselineAdminNetworkPolicySpec>),
 }
 
 /// A document that is not a valid resource: which one, and which field is wrong.
@@ -400,6 +418,8 @@ macro_rules! each {
             Resource::Namespace($o) => $e,
             Resource::ServiceAccount($o) => $e,
             Resource::ClusterNetworkPolicy($o) => $e,
+            Resource::AdminNetworkPolicy($o) => $e,
+            Resource::BaselineAdminNetworkPolicy($o) => $e,
         }
     };
 }
@@ -429,6 +449,8 @@ impl Resource {
             Resource::Namespace(_) => Kind::Namespace,
             Resource::ServiceAccount(_) => Kind::ServiceAccount,
             Resource::ClusterNetworkPolicy(_) => Kind::ClusterNetworkPolicy,
+            Resource::AdminNetworkPolicy(_) => Kind::AdminNetworkPolicy,
+            Resource::BaselineAdminNetworkPolicy(_) => Kind::BaselineAdminNetworkPolicy,
         }
     }
 
@@ -595,6 +617,8 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::Namespace => Resource::Namespace(typed(body)?),
         Kind::ServiceAccount => Resource::ServiceAccount(typed(body)?),
         Kind::ClusterNetworkPolicy => Resource::ClusterNetworkPolicy(typed(body)?),
+        Kind::AdminNetworkPolicy => Resource::AdminNetworkPolicy(typed(body)?),
+        Kind::BaselineAdminNetworkPolicy => Resource::BaselineAdminNetworkPolicy(typed(body)?),
     })
 }
 

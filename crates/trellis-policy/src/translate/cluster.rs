@@ -201,9 +201,13 @@ fn expand(
     out
 }
 
-/// A ClusterNetworkPolicy as a model policy.
-pub(super) fn cluster_policy(o: &Object<ClusterNetworkPolicySpec>) -> Result<Policy> {
-    let s = &o.spec;
+/// A ClusterNetworkPolicy (or a v1alpha1 policy mapped onto one: `kind` says which) as a
+/// model policy.
+pub(super) fn cluster_policy(
+    kind: PolicyKind,
+    name: &str,
+    s: &ClusterNetworkPolicySpec,
+) -> Result<Policy> {
     let (selector, namespaces) = match (&s.subject.namespaces, &s.subject.pods) {
         (Some(n), _) => (Selector::All, n.to_selector()),
         (None, Some(p)) => (p.pod_selector.to_selector(), p.namespace_selector.to_selector()),
@@ -222,9 +226,9 @@ pub(super) fn cluster_policy(o: &Object<ClusterNetworkPolicySpec>) -> Result<Pol
     }
     Ok(Policy {
         id: PolicyId {
-            kind: PolicyKind::Cluster,
+            kind,
             namespace: None,
-            name: o.metadata.name.clone(),
+            name: name.to_string(),
         },
         tier: match s.tier {
             CnpTier::Admin => ADMIN_TIER,

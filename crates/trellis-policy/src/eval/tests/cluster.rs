@@ -245,3 +245,41 @@ fn policy_show_orders_admin_calico_baseline() {
         .collect();
     assert_eq!(tiers, [ADMIN_TIER, "default", "last", BASELINE_TIER]);
 }
+
+#[test]
+fn v1alpha1_admin_and_baseline_policies_share_the_tiers() {
+    let anp = |name: &str, priority: u32, action: &str| {
+        format!("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  priority: {priority}\n{SUBJECT_X}  ingress:\n  - action: {action}\n    from: [{{namespaces: {{matchLabels: {{team: blue}}}}}}]\n    ports: [{{portNumber: {{port: 80}}}}]\n---\n")
+    };
+    let banp = format!("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {{name: default}}\nspec:\n{SUBJECT_X}  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n---\n");
+    let accept = cnp("allow-y", "Admin", 10, &format!("{SUBJECT_X}{}", from_y("Accept")));
+    // An AdminNetworkPolicy at priority 5 comes before the ClusterNetworkPolicy at 10.
+    let m = model(&format!("{}{accept}", anp("deny-y", 5, "Deny")));
+    table(
+        &m,
+        &[("y/c -> x/a tcp/80", false), ("y/c -> x/a tcp/81", true)],
+    );
+    let t = evaluate(&m, &flow("y/c -> x/a tcp/80"));
+    assert!(matches!(
+        &t.ingress.verdict,
+        Verdict::Rule { rule, .. } if rule.policy.kind == PolicyKind::AdminV1alpha1
+    ));
+    // After it (priority 20), the Accept decides.
+    table(
+        &model(&format!("{}{accept}", anp("deny-y", 20, "Deny"))),
+        &[("y/c -> x/a tcp/80", true)],
+    );
+    // Pass, then the BaselineAdminNetworkPolicy denies.
+    let m = model(&format!("{}{banp}", anp("pass-y", 1, "Pass")));
+    table(
+        &m,
+        &[("y/c -> x/a tcp/80", false), ("x/b -> x/a tcp/80", false)],
+    );
+    let t = evaluate(&m, &flow("y/c -> x/a tcp/80"));
+    assert_eq!(t.ingress.tiers[1].tier, BASELINE_TIER);
+    // A NetworkPolicy isolating x keeps the Baseline out.
+    table(
+        &model(&format!("{banp}{}", knp_allow_all_ingress("x"))),
+        &[("y/c -> x/a tcp/80", true)],
+    );
+}
