@@ -2,7 +2,7 @@
 
 use trellis_policy::eval::{DirectionTrace, PassedBy, PeerView, Trace, Verdict};
 use trellis_policy::model::{
-    Action, Direction, PolicyId, PolicyKind, Protocol, Tier, TierDefault, ADMIN_TIER, BASELINE_TIER,
+    Action, Direction, PolicyId, Protocol, Tier, TierDefault, ADMIN_TIER, BASELINE_TIER,
 };
 
 fn order(o: Option<f64>) -> String {

@@ -90,7 +90,10 @@ fn cluster_network_policy_cli() {
             .any(|l| l.starts_with("deny-y-80") && l.contains("Admin") && l.contains("10")),
         "{out}"
     );
-    let out = c.cli_ok(&["get", "clusternetworkpolicies", "default", "-o", "yaml"], None);
+    let out = c.cli_ok(
+        &["get", "clusternetworkpolicies", "default", "-o", "yaml"],
+        None,
+    );
     assert!(
         out.contains("apiVersion: policy.networking.k8s.io/v1beta1"),
         "{out}"
@@ -100,9 +103,15 @@ fn cluster_network_policy_cli() {
     let out = c.cli(&["policy", "trace", "y/c", "x/a", "--port", "80"], None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("tier admin (ClusterNetworkPolicy Admin tier"), "{t}");
+    assert!(
+        t.contains("tier admin (ClusterNetworkPolicy Admin tier"),
+        "{t}"
+    );
     assert!(t.contains("policy cnp/deny-y-80 (priority 10)"), "{t}");
-    assert!(t.contains("denied by ingress rule 1 (Deny) of cnp/deny-y-80"), "{t}");
+    assert!(
+        t.contains("denied by ingress rule 1 (Deny) of cnp/deny-y-80"),
+        "{t}"
+    );
     // Pass: on to the NetworkPolicy, which allows.
     let out = c.cli(&["policy", "trace", "y/c", "x/a", "--port", "81"], None);
     assert!(out.status.success(), "{}", text(&out));
@@ -111,19 +120,38 @@ fn cluster_network_policy_cli() {
         t.contains("passed to the next tier by rule 0 of cnp/deny-y-80"),
         "{t}"
     );
-    assert!(t.contains("allowed by ingress rule 0 (Allow) of knp/x/allow-all"), "{t}");
+    assert!(
+        t.contains("allowed by ingress rule 0 (Allow) of knp/x/allow-all"),
+        "{t}"
+    );
     // The Baseline tier decides egress to the network no NetworkPolicy isolates for.
-    let out = c.cli(&["policy", "trace", "x/a", "198.51.100.9", "--port", "443"], None);
+    let out = c.cli(
+        &["policy", "trace", "x/a", "198.51.100.9", "--port", "443"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("tier baseline (ClusterNetworkPolicy Baseline tier"), "{t}");
-    assert!(t.contains("denied by egress rule 0 (Deny) of cnp/default"), "{t}");
+    assert!(
+        t.contains("tier baseline (ClusterNetworkPolicy Baseline tier"),
+        "{t}"
+    );
+    assert!(
+        t.contains("denied by egress rule 0 (Deny) of cnp/default"),
+        "{t}"
+    );
     // show: admin, then the NetworkPolicy's tier; egress: baseline.
     let out = c.cli_ok(&["policy", "show", "x/a"], None);
-    let admin = out.find("1. cnp/deny-y-80 (priority 10)").unwrap_or_else(|| panic!("{out}"));
-    let knp = out.find("2. knp/x/allow-all").unwrap_or_else(|| panic!("{out}"));
+    let admin = out
+        .find("1. cnp/deny-y-80 (priority 10)")
+        .unwrap_or_else(|| panic!("{out}"));
+    let knp = out
+        .find("2. knp/x/allow-all")
+        .unwrap_or_else(|| panic!("{out}"));
     assert!(admin < knp, "{out}");
-    assert!(out.contains("tier baseline") && out.contains("cnp/default (priority 0)"), "{out}");
+    assert!(
+        out.contains("tier baseline") && out.contains("cnp/default (priority 0)"),
+        "{out}"
+    );
 
     // Bad input: the field named, nothing stored.
     let before = c.cli_ok(&["get", "cnp", "-o", "json"], None);
@@ -153,7 +181,11 @@ fn cluster_network_policy_cli() {
         assert_eq!(c.cli_ok(&["get", "cnp", "-o", "json"], None), before);
     }
     let many: String = "  - action: Deny\n    to: [{networks: [10.0.0.0/8]}]\n".repeat(26);
-    let bad = POLICIES.replacen("  egress:\n  - action: Deny\n    to: [{networks: [198.51.100.0/24]}]\n", &format!("  egress:\n{many}"), 1);
+    let bad = POLICIES.replacen(
+        "  egress:\n  - action: Deny\n    to: [{networks: [198.51.100.0/24]}]\n",
+        &format!("  egress:\n{many}"),
+        1,
+    );
     let out = c.cli(&["apply", "-f", "-"], Some(&bad));
     assert!(
         text(&out).contains("spec.egress: has 26 entries; at most 25"),
@@ -165,7 +197,11 @@ fn cluster_network_policy_cli() {
     // delete -f: gone, and the trace no longer names them.
     c.cli_ok(&["delete", "-f", "-"], Some(POLICIES));
     let out = c.cli(&["get", "cnp"], None);
-    assert!(text(&out).contains("No clusternetworkpolicies found"), "{}", text(&out));
+    assert!(
+        text(&out).contains("No clusternetworkpolicies found"),
+        "{}",
+        text(&out)
+    );
     let out = c.cli(&["policy", "trace", "y/c", "x/a", "--port", "80"], None);
     assert!(out.status.success(), "{}", text(&out));
 }

@@ -730,17 +730,38 @@ fn admin_policy_example_enforces_its_policies() {
     std::fs::remove_file(&file).unwrap();
     assert!(ok, "{out}");
     let want = admin_policy_table();
-    for args in [&["--port", "80"][..], &["--port", "81", "--protocol", "udp"][..]] {
+    for args in [
+        &["--port", "80"][..],
+        &["--port", "81", "--protocol", "udp"][..],
+    ] {
         let (ok, out) = probe_until(name, args, &want, 30);
         assert!(ok, "probe {args:?}:\n{out}");
     }
     for (src, dst, tier, verdict) in [
-        ("z/a", "x/a", "tier admin", "denied by ingress rule 0 (Deny) of cnp/no-z-to-x"),
-        ("x/a", "y/a", "tier admin", "allowed by ingress rule 0 (Allow) of knp/y/a-from-x"),
-        ("x/a", "z/a", "tier baseline", "denied by ingress rule 0 (Deny) of cnp/default"),
+        (
+            "z/a",
+            "x/a",
+            "tier admin",
+            "denied by ingress rule 0 (Deny) of cnp/no-z-to-x",
+        ),
+        (
+            "x/a",
+            "y/a",
+            "tier admin",
+            "allowed by ingress rule 0 (Allow) of knp/y/a-from-x",
+        ),
+        (
+            "x/a",
+            "z/a",
+            "tier baseline",
+            "denied by ingress rule 0 (Deny) of cnp/default",
+        ),
     ] {
         let (_, out) = trellis(&["--lab", name, "policy", "trace", src, dst, "--port", "80"]);
-        assert!(out.contains(tier) && out.contains(verdict), "{src} -> {dst}:\n{out}");
+        assert!(
+            out.contains(tier) && out.contains(verdict),
+            "{src} -> {dst}:\n{out}"
+        );
     }
     let (ok, out) = trellis(&["lab", "down", name]);
     assert!(ok, "{out}");

@@ -71,7 +71,10 @@ fn union(suites: &[(&str, Suite)]) -> ConformanceModel {
                 None => m.pods.push(p.clone()),
             }
         }
-        assert_eq!(s.model.ports, m.ports, "{file}: one lab serves one set of ports");
+        assert_eq!(
+            s.model.ports, m.ports,
+            "{file}: one lab serves one set of ports"
+        );
         assert_eq!(s.model.protocols, m.protocols, "{file}: and of protocols");
     }
     m

@@ -777,10 +777,7 @@ fn positive_reason(
     if ents.is_empty() {
         return "the address belongs to no endpoint or network set".into();
     }
-    let in_scope: Vec<&Entity> = ents
-        .iter()
-        .filter(|e| e.in_scope(model, scope))
-        .collect();
+    let in_scope: Vec<&Entity> = ents.iter().filter(|e| e.in_scope(model, scope)).collect();
     if in_scope.is_empty() {
         return format!(
             "{} is outside {}",

@@ -61,10 +61,12 @@ fn objects(m: &ConformanceModel, w: &World, addrs: &Addresses) -> Vec<Value> {
         if let Some(sa) = &state.service_account {
             spec["serviceAccountName"] = json!(sa);
         }
-        docs.push(json!({"apiVersion": "trellis.dev/v1", "kind": "WorkloadEndpoint",
+        docs.push(
+            json!({"apiVersion": "trellis.dev/v1", "kind": "WorkloadEndpoint",
             "metadata": {"name": format!("{}-{}", pod.namespace, pod.name),
                          "namespace": pod.namespace, "labels": state.labels},
-            "spec": spec}));
+            "spec": spec}),
+        );
     }
     docs.extend(w.documents().cloned());
     docs

@@ -299,7 +299,8 @@ spec:
     }
     let relabel = |yaml: &str| trellis_resources::parse_documents(yaml).unwrap().remove(0);
     // Namespace y leaves team=blue: y/c's address leaves the peer's set.
-    let y = relabel("apiVersion: v1\nkind: Namespace\nmetadata: {name: y, labels: {team: green}}\n");
+    let y =
+        relabel("apiVersion: v1\nkind: Namespace\nmetadata: {name: y, labels: {team: green}}\n");
     let changes = sync.update(&y.key(), Some(&y)).changes;
     let mut ops = Vec::new();
     for c in changes {

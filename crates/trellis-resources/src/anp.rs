@@ -260,9 +260,10 @@ fn ports(ingress: &[AnpIngressRule], egress: &[AnpEgressRule]) -> Result {
 /// Renames the mapped form's field names back to v1alpha1's in an error.
 fn v1alpha1_fields(mut e: ResourceError) -> ResourceError {
     e.field = e.field.replace(".protocols", ".ports");
-    e.reason = e
-        .reason
-        .replace("Pass is only valid in the Admin tier", "Pass is only valid in AdminNetworkPolicy");
+    e.reason = e.reason.replace(
+        "Pass is only valid in the Admin tier",
+        "Pass is only valid in AdminNetworkPolicy",
+    );
     e
 }
 

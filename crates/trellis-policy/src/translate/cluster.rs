@@ -39,7 +39,12 @@ pub fn node_addresses(spec: &NodeSpec) -> Vec<std::net::IpAddr> {
         .filter_map(|a| a.address.split('/').next()?.parse().ok())
         .collect();
     if let Some(b) = &spec.bgp {
-        addrs.extend(b.ipv4_address.iter().chain(&b.ipv6_address).map(|n| n.addr()));
+        addrs.extend(
+            b.ipv4_address
+                .iter()
+                .chain(&b.ipv6_address)
+                .map(|n| n.addr()),
+        );
     }
     addrs.extend(spec.ipv4_vxlan_tunnel_addr);
     addrs.sort();
@@ -210,7 +215,10 @@ pub(super) fn cluster_policy(
 ) -> Result<Policy> {
     let (selector, namespaces) = match (&s.subject.namespaces, &s.subject.pods) {
         (Some(n), _) => (Selector::All, n.to_selector()),
-        (None, Some(p)) => (p.pod_selector.to_selector(), p.namespace_selector.to_selector()),
+        (None, Some(p)) => (
+            p.pod_selector.to_selector(),
+            p.namespace_selector.to_selector(),
+        ),
         // Refused at the edge; a record without a subject selects nothing.
         (None, None) => (Selector::Not(Box::new(Selector::All)), Selector::All),
     };

@@ -202,7 +202,8 @@ fn random_policy(r: &mut Rng) -> Policy {
     p.order = *r.pick(&[None, Some(1.0), Some(10.0), Some(1000.0)]);
     if kind == PolicyKind::Cluster {
         p.order = Some(*r.pick(&[0.0, 10.0, 1000.0]));
-        p.namespaces = NamespaceScope::Matching(sel(*r.pick(&["team == 'web'", "all()"])));
+        let subject: &&str = r.pick(&["team == 'web'", "all()"]);
+        p.namespaces = NamespaceScope::Matching(sel(subject));
     }
     if kind == PolicyKind::Global && r.one_in(3) {
         p.namespaces = NamespaceScope::Matching(sel("team == 'web'"));

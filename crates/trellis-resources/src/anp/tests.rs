@@ -47,7 +47,10 @@ fn admin_network_policy_maps_onto_the_admin_tier() {
     let r = one(ANP).unwrap();
     assert_eq!(r.kind(), Kind::AdminNetworkPolicy);
     assert_eq!(r.key(), "/trellis/v1/adminnetworkpolicies/sensitive");
-    assert_eq!(r.to_value()["apiVersion"], "policy.networking.k8s.io/v1alpha1");
+    assert_eq!(
+        r.to_value()["apiVersion"],
+        "policy.networking.k8s.io/v1alpha1"
+    );
     assert_eq!(Resource::from_value(&r.to_value()).unwrap(), r);
     let Resource::AdminNetworkPolicy(o) = r else {
         unreachable!()
@@ -57,7 +60,10 @@ fn admin_network_policy_maps_onto_the_admin_tier() {
     assert_eq!(c.ingress[0].action, CnpAction::Pass);
     let p = &c.ingress[0].protocols;
     // portNumber defaults to TCP; portRange keeps its protocol; namedPort as is.
-    assert_eq!(p[0].tcp.unwrap().destination_port.unwrap().number, Some(9090));
+    assert_eq!(
+        p[0].tcp.unwrap().destination_port.unwrap().number,
+        Some(9090)
+    );
     let r = p[1].udp.unwrap().destination_port.unwrap().range.unwrap();
     assert_eq!((r.start, r.end), (50, 60));
     assert_eq!(p[2].destination_named_port.as_deref(), Some("web"));
@@ -94,7 +100,10 @@ fn v1alpha1_bad_input_names_the_field() {
         "out of range",
     );
     refused(
-        &ANP.replace("- namedPort: web", "- namedPort: web\n      portNumber: {port: 1}"),
+        &ANP.replace(
+            "- namedPort: web",
+            "- namedPort: web\n      portNumber: {port: 1}",
+        ),
         "spec.ingress[0].ports[2]",
         "exactly one of portNumber, namedPort and portRange",
     );
@@ -104,16 +113,21 @@ fn v1alpha1_bad_input_names_the_field() {
         "less than end",
     );
     refused(
-        &ANP.replace("to: [{networks: [198.51.100.0/24]}]", "to: [{domainNames: [example.com]}]"),
+        &ANP.replace(
+            "to: [{networks: [198.51.100.0/24]}]",
+            "to: [{domainNames: [example.com]}]",
+        ),
         "spec.egress[0].to[0].domainNames",
         "not supported",
     );
     // v1alpha1 allows 100 rules (ClusterNetworkPolicy 25).
     let rule = "  - action: Deny\n    to: [{networks: [10.0.0.0/8]}]\n";
-    let many = |n: usize| ANP.replace(
-        "  egress:\n  - action: Deny\n    to: [{networks: [198.51.100.0/24]}]\n",
-        &format!("  egress:\n{}", rule.repeat(n)),
-    );
+    let many = |n: usize| {
+        ANP.replace(
+            "  egress:\n  - action: Deny\n    to: [{networks: [198.51.100.0/24]}]\n",
+            &format!("  egress:\n{}", rule.repeat(n)),
+        )
+    };
     assert!(one(&many(100)).is_ok());
     refused(&many(101), "spec.egress", "has 101 entries; at most 100");
 }

@@ -113,7 +113,11 @@ fn pass_is_admin_only() {
         "action: \"Pass\"",
         1,
     );
-    refused(&text, "spec.egress[0].action", "only valid in the Admin tier");
+    refused(
+        &text,
+        "spec.egress[0].action",
+        "only valid in the Admin tier",
+    );
     // Baseline with Accept/Deny is fine.
     assert!(one(&edited("tier: Admin", "tier: Baseline")).is_ok());
 }
@@ -181,7 +185,10 @@ fn peers_and_protocols_need_one_field() {
     );
     assert!(one(&empty).is_ok());
     refused(
-        &edited("      - tcp:", "      - sctp:\n          destinationPort: {number: 9}\n        tcp:"),
+        &edited(
+            "      - tcp:",
+            "      - sctp:\n          destinationPort: {number: 9}\n        tcp:",
+        ),
         "spec.egress[1].protocols[0]",
         "exactly one of tcp, udp, sctp",
     );
@@ -196,7 +203,10 @@ fn peers_and_protocols_need_one_field() {
         "less than end",
     );
     refused(
-        &edited("number: 80", "number: 80\n            range: {start: 1, end: 2}"),
+        &edited(
+            "number: 80",
+            "number: 80\n            range: {start: 1, end: 2}",
+        ),
         "spec.egress[1].protocols[0].tcp.destinationPort",
         "exactly one of number and range",
     );
@@ -213,7 +223,10 @@ fn networks_are_cidrs_and_named_ports_need_pods() {
         "spec.egress[0].to[0].networks[0]",
         "not a CIDR",
     );
-    let named = format!("{}    protocols:\n    - destinationNamedPort: web\n", nets("\"10.0.0.0/8\""));
+    let named = format!(
+        "{}    protocols:\n    - destinationNamedPort: web\n",
+        nets("\"10.0.0.0/8\"")
+    );
     refused(&named, "spec.egress[0].to[0]", "destinationNamedPort");
 }
 

@@ -24,7 +24,12 @@ fn from_y(action: &str) -> String {
 
 #[test]
 fn admin_deny_cannot_be_overridden_by_networkpolicy_or_a_calico_tier() {
-    let admin = cnp("deny-y", "Admin", 10, &format!("{SUBJECT_X}{}", from_y("Deny")));
+    let admin = cnp(
+        "deny-y",
+        "Admin",
+        10,
+        &format!("{SUBJECT_X}{}", from_y("Deny")),
+    );
     // A Calico tier ordered before everything, allowing all.
     let calico = tier("first", "order: 0,", "Deny")
         + &gnp(
@@ -52,7 +57,12 @@ fn admin_deny_cannot_be_overridden_by_networkpolicy_or_a_calico_tier() {
 
 #[test]
 fn admin_accept_beats_an_isolating_networkpolicy() {
-    let admin = cnp("allow-y", "Admin", 10, &format!("{SUBJECT_X}{}", from_y("Accept")));
+    let admin = cnp(
+        "allow-y",
+        "Admin",
+        10,
+        &format!("{SUBJECT_X}{}", from_y("Accept")),
+    );
     let m = model(&format!("{admin}{}", knp_deny_ingress("x")));
     table(
         &m,
@@ -67,8 +77,18 @@ fn pass_skips_the_admin_tier_to_networkpolicy_then_baseline() {
         "Admin",
         5,
         &format!("{SUBJECT_X}{}", from_y("Pass")),
-    ) + &cnp("deny-y", "Admin", 10, &format!("{SUBJECT_X}{}", from_y("Deny")));
-    let baseline_deny = cnp("default", "Baseline", 1, &format!("{SUBJECT_X}{}", from_y("Deny")));
+    ) + &cnp(
+        "deny-y",
+        "Admin",
+        10,
+        &format!("{SUBJECT_X}{}", from_y("Deny")),
+    );
+    let baseline_deny = cnp(
+        "default",
+        "Baseline",
+        1,
+        &format!("{SUBJECT_X}{}", from_y("Deny")),
+    );
     // Pass, no NetworkPolicy: the Baseline decides (deny); the later Admin deny is skipped.
     let m = model(&format!("{admin}{baseline_deny}"));
     table(&m, &[("y/c -> x/a tcp/80", false)]);
@@ -77,7 +97,10 @@ fn pass_skips_the_admin_tier_to_networkpolicy_then_baseline() {
     assert_eq!(tiers, [ADMIN_TIER, BASELINE_TIER]);
     assert_eq!(t.ingress.tiers[0].policies.len(), 1, "deny-y was skipped");
     // Pass, a NetworkPolicy allows: allowed, the Baseline never consulted.
-    let m = model(&format!("{admin}{baseline_deny}{}", knp_allow_all_ingress("x")));
+    let m = model(&format!(
+        "{admin}{baseline_deny}{}",
+        knp_allow_all_ingress("x")
+    ));
     table(&m, &[("y/c -> x/a tcp/80", true)]);
     // Pass, a NetworkPolicy isolates: denied by the default tier.
     let m = model(&format!("{admin}{}", knp_deny_ingress("x")));
@@ -89,7 +112,12 @@ fn pass_skips_the_admin_tier_to_networkpolicy_then_baseline() {
 
 #[test]
 fn baseline_only_for_pods_no_networkpolicy_isolates() {
-    let base = cnp("default", "Baseline", 1, &format!("{SUBJECT_X}{}", from_y("Deny")));
+    let base = cnp(
+        "default",
+        "Baseline",
+        1,
+        &format!("{SUBJECT_X}{}", from_y("Deny")),
+    );
     let m = model(&base);
     table(
         &m,
@@ -100,7 +128,8 @@ fn baseline_only_for_pods_no_networkpolicy_isolates() {
     let t = evaluate(&model(&base), &flow("y/c -> x/a tcp/80"));
     assert_eq!(t.ingress.tiers[0].tier, BASELINE_TIER);
     // Baseline Accept over nothing else: allowed, and it ends evaluation before profiles.
-    let subject_d = "  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: d}}}}\n";
+    let subject_d =
+        "  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: d}}}}\n";
     let accept = cnp(
         "default",
         "Baseline",
@@ -114,8 +143,16 @@ fn baseline_only_for_pods_no_networkpolicy_isolates() {
 
 #[test]
 fn priority_lower_first_then_name() {
-    let deny = |name: &str, p: u32| cnp(name, "Admin", p, &format!("{SUBJECT_X}{}", from_y("Deny")));
-    let allow = |name: &str, p: u32| cnp(name, "Admin", p, &format!("{SUBJECT_X}{}", from_y("Accept")));
+    let deny =
+        |name: &str, p: u32| cnp(name, "Admin", p, &format!("{SUBJECT_X}{}", from_y("Deny")));
+    let allow = |name: &str, p: u32| {
+        cnp(
+            name,
+            "Admin",
+            p,
+            &format!("{SUBJECT_X}{}", from_y("Accept")),
+        )
+    };
     table(
         &model(&(deny("d", 50) + &allow("a", 40))),
         &[("y/c -> x/a tcp/80", true)],
@@ -209,7 +246,12 @@ fn a_peer_with_no_known_field_fails_closed() {
         1,
         &format!("{SUBJECT_X}  ingress:\n  - action: Accept\n    from: [{{}}]\n"),
     );
-    let base = cnp("default", "Baseline", 1, &format!("{SUBJECT_X}{}", from_y("Deny")));
+    let base = cnp(
+        "default",
+        "Baseline",
+        1,
+        &format!("{SUBJECT_X}{}", from_y("Deny")),
+    );
     table(
         &model(&format!("{accept}{base}")),
         &[("y/c -> x/a tcp/80", false), ("x/b -> x/a tcp/80", true)],
@@ -233,10 +275,24 @@ fn a_peer_with_no_known_field_fails_closed() {
 fn policy_show_orders_admin_calico_baseline() {
     let m = model(&format!(
         "{}{}{}{}",
-        cnp("late", "Baseline", 0, &format!("{SUBJECT_X}{}", from_y("Deny"))),
+        cnp(
+            "late",
+            "Baseline",
+            0,
+            &format!("{SUBJECT_X}{}", from_y("Deny"))
+        ),
         knp_allow_all_ingress("x"),
-        tier("last", "", "Pass") + &gnp("g", "  tier: last\n  selector: all()\n  ingress: [{action: Pass}]\n"),
-        cnp("early", "Admin", 1000, &format!("{SUBJECT_X}{}", from_y("Pass"))),
+        tier("last", "", "Pass")
+            + &gnp(
+                "g",
+                "  tier: last\n  selector: all()\n  ingress: [{action: Pass}]\n"
+            ),
+        cnp(
+            "early",
+            "Admin",
+            1000,
+            &format!("{SUBJECT_X}{}", from_y("Pass"))
+        ),
     ));
     let ep = &m.endpoints[&("x".to_string(), "a".to_string())];
     let tiers: Vec<String> = applying(&m, ep, Direction::Ingress)
@@ -252,7 +308,12 @@ fn v1alpha1_admin_and_baseline_policies_share_the_tiers() {
         format!("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  priority: {priority}\n{SUBJECT_X}  ingress:\n  - action: {action}\n    from: [{{namespaces: {{matchLabels: {{team: blue}}}}}}]\n    ports: [{{portNumber: {{port: 80}}}}]\n---\n")
     };
     let banp = format!("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {{name: default}}\nspec:\n{SUBJECT_X}  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n---\n");
-    let accept = cnp("allow-y", "Admin", 10, &format!("{SUBJECT_X}{}", from_y("Accept")));
+    let accept = cnp(
+        "allow-y",
+        "Admin",
+        10,
+        &format!("{SUBJECT_X}{}", from_y("Accept")),
+    );
     // An AdminNetworkPolicy at priority 5 comes before the ClusterNetworkPolicy at 10.
     let m = model(&format!("{}{accept}", anp("deny-y", 5, "Deny")));
     table(
