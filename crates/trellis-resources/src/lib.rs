@@ -187,6 +187,9 @@ impl Kind {
         for k in &candidates {
             if k.is_kubernetes() {
                 versions.push(k.api_version());
+                if *k == Kind::ClusterNetworkPolicy {
+                    versions.push(cnp::CNP_API_VERSION_ALPHA2);
+                }
             } else {
                 versions.push(API_VERSION);
                 if k.in_calico_v3() {

@@ -74,6 +74,11 @@ fn upstream_example_parses_and_is_stored_as_v1beta1() {
 fn other_api_versions_are_refused() {
     let e = one(&EGRESS_TCP.replace("v1alpha2", "v3")).unwrap_err();
     assert_eq!(e.field, "apiVersion", "{e}");
+    assert!(
+        e.reason
+            .contains("policy.networking.k8s.io/v1beta1 or policy.networking.k8s.io/v1alpha2"),
+        "{e}"
+    );
 }
 
 #[test]
