@@ -194,6 +194,72 @@ fn cluster_network_policy_cli() {
     );
     assert_eq!(c.cli_ok(&["get", "cnp", "-o", "json"], None), before);
 
+    // The v1alpha1 kinds: an AdminNetworkPolicy before the ClusterNetworkPolicy (priority 5 <
+    // 10) and the BaselineAdminNetworkPolicy, listed and traced under their own names.
+    let v1alpha1 = r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: allow-y-80}
+spec:
+  priority: 5
+  subject: {namespaces: {matchLabels: {team: red}}}
+  ingress:
+  - action: Allow
+    from: [{namespaces: {matchLabels: {team: blue}}}]
+    ports: [{portNumber: {port: 80}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default}
+spec:
+  subject: {namespaces: {}}
+  egress:
+  - action: Deny
+    to: [{networks: [203.0.113.0/24]}]
+"#;
+    c.cli_ok(&["apply", "-f", "-"], Some(v1alpha1));
+    let out = c.cli_ok(&["get", "anp"], None);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("allow-y-80") && l.contains("Admin") && l.contains(" 5 ")),
+        "{out}"
+    );
+    let out = c.cli_ok(&["get", "banp"], None);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("default") && l.contains("Baseline")),
+        "{out}"
+    );
+    let out = c.cli(&["policy", "trace", "y/c", "x/a", "--port", "80"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("policy anp/allow-y-80 (priority 5)"), "{t}");
+    assert!(
+        t.contains("allowed by ingress rule 0 (Allow) of anp/allow-y-80"),
+        "{t}"
+    );
+    let out = c.cli(
+        &["policy", "trace", "x/a", "203.0.113.9", "--port", "443"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("denied by egress rule 0 (Deny) of banp/default"),
+        "{}",
+        text(&out)
+    );
+    let out = c.cli(
+        &["apply", "-f", "-"],
+        Some(&v1alpha1.replace("name: default", "name: other")),
+    );
+    assert!(
+        text(&out)
+            .contains("metadata.name: \"other\": the BaselineAdminNetworkPolicy is a singleton"),
+        "{}",
+        text(&out)
+    );
+    c.cli_ok(&["delete", "-f", "-"], Some(v1alpha1));
+
     // delete -f: gone, and the trace no longer names them.
     c.cli_ok(&["delete", "-f", "-"], Some(POLICIES));
     let out = c.cli(&["get", "cnp"], None);
