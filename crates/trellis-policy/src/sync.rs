@@ -219,8 +219,13 @@ impl ModelSync {
             up.changes.push(Change::PolicyUpsert(p));
             self.report(key, None, up);
         } else {
+            let why = if builtin_cluster_tier(&tier).is_some() != p.id.kind.is_cluster() {
+                TranslateError::ClusterTier { tier }
+            } else {
+                TranslateError::MissingTier { tier }
+            };
             self.held.insert(key.to_string(), held(id, Some(p), false));
-            self.report(key, Some(TranslateError::MissingTier { tier }), up);
+            self.report(key, Some(why), up);
         }
     }
 

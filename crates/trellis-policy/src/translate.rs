@@ -54,6 +54,10 @@ pub struct Skipped {
 pub enum TranslateError {
     #[error("its tier {tier:?} does not exist")]
     MissingTier { tier: String },
+    /// A Calico policy naming a ClusterNetworkPolicy tier (`admin`, `baseline`), or a
+    /// ClusterNetworkPolicy outside them: written around the validating edge.
+    #[error("tier {tier:?} is for ClusterNetworkPolicies only, and they go nowhere else")]
+    ClusterTier { tier: String },
     #[error("{field} {value:?}: {source}")]
     Selector {
         field: &'static str,
@@ -269,7 +273,12 @@ fn add(m: &mut Model, p: Result<Policy>) -> Result<()> {
 /// (a Calico policy naming `admin` written around the validating edge is left out).
 pub fn check_tier(m: &Model, p: &Policy) -> Result<()> {
     let cluster_tier = builtin_cluster_tier(&p.tier).is_some();
-    if m.tier(&p.tier).is_none() || cluster_tier != p.id.kind.is_cluster() {
+    if cluster_tier != p.id.kind.is_cluster() {
+        return Err(TranslateError::ClusterTier {
+            tier: p.tier.clone(),
+        });
+    }
+    if m.tier(&p.tier).is_none() {
         return Err(TranslateError::MissingTier {
             tier: p.tier.clone(),
         });
