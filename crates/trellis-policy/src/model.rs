@@ -630,7 +630,7 @@ pub fn builtin_cluster_tier(name: &str) -> Option<Tier> {
 
 /// Sort key of tiers in evaluation order: the Admin tier first, every Calico/Trellis tier by
 /// (order, name), the Baseline tier last.
-pub fn tier_key(t: &Tier) -> (u8, (u8, OrderedF64, String)) {
+pub(crate) fn tier_key(t: &Tier) -> (u8, (u8, OrderedF64, String)) {
     let band = match t.name.as_str() {
         ADMIN_TIER => 0,
         BASELINE_TIER => 2,
@@ -640,7 +640,7 @@ pub fn tier_key(t: &Tier) -> (u8, (u8, OrderedF64, String)) {
 }
 
 /// Sort key for (order, name): `None` orders sort after every number.
-pub fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
+pub(crate) fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
     match order {
         Some(o) => (0, OrderedF64(o), name.to_string()),
         None => (1, OrderedF64(0.0), name.to_string()),
@@ -649,7 +649,7 @@ pub fn order_key(order: Option<f64>, name: &str) -> (u8, OrderedF64, String) {
 
 /// A total order on the finite orders validation lets through.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OrderedF64(f64);
+pub(crate) struct OrderedF64(f64);
 
 impl Eq for OrderedF64 {}
 
