@@ -2,7 +2,7 @@
 
 use trellis_policy::eval::{DirectionTrace, PassedBy, PeerView, Trace, Verdict};
 use trellis_policy::model::{
-    Action, Direction, PolicyId, Protocol, Tier, TierDefault, ADMIN_TIER, BASELINE_TIER,
+    Action, Direction, PolicyId, Protocol, RuleOrigin, Tier, TierDefault, ADMIN_TIER, BASELINE_TIER,
 };
 
 fn order(o: Option<f64>) -> String {
@@ -130,6 +130,32 @@ fn policy_order(id: &PolicyId, o: Option<f64>) -> String {
     }
 }
 
+/// ` (from rule 1 "deny-y")`: the written rule a model rule came from, if it is another.
+fn origin(o: Option<&RuleOrigin>) -> String {
+    match o {
+        Some(RuleOrigin {
+            index,
+            name: Some(n),
+        }) => format!(" (from rule {index} {n:?})"),
+        Some(RuleOrigin { index, name: None }) => format!(" (from rule {index})"),
+        None => String::new(),
+    }
+}
+
+/// The written rule behind the rule that decided a direction, as the trace recorded it.
+fn deciding_origin(d: &DirectionTrace) -> Option<&RuleOrigin> {
+    let Verdict::Rule { rule, .. } = &d.verdict else {
+        return None;
+    };
+    d.tiers
+        .iter()
+        .flat_map(|t| &t.policies)
+        .filter(|p| p.policy == rule.policy)
+        .flat_map(|p| &p.rules)
+        .find(|r| r.index == rule.index)
+        .and_then(|r| r.origin.as_ref())
+}
+
 fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
     out.push_str(&format!("{title}:\n"));
     for t in &d.tiers {
@@ -149,9 +175,10 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
                     Some(m) => format!("no match: {}: {}", m.field, m.reason),
                 };
                 out.push_str(&format!(
-                    "      rule {} {}: {what}\n",
+                    "      rule {} {}{}: {what}\n",
                     r.index,
-                    action(r.action)
+                    action(r.action),
+                    origin(r.origin.as_ref())
                 ));
             }
         }
@@ -190,7 +217,11 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
             ));
         }
     }
-    out.push_str(&format!("  => {}\n", verdict(&d.verdict, d.direction)));
+    out.push_str(&format!(
+        "  => {}{}\n",
+        verdict(&d.verdict, d.direction),
+        origin(deciding_origin(d))
+    ));
 }
 
 /// The whole trace, as `policy trace` prints it.

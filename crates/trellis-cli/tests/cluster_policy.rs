@@ -48,7 +48,7 @@ spec:
   - name: pass-y-81
     action: Pass
     from: [{namespaces: {matchLabels: {team: blue}}}]
-    protocols: [{tcp: {destinationPort: {number: 81}}}]
+    protocols: [{tcp: {destinationPort: {number: 81}}}, {udp: {destinationPort: {number: 81}}}]
   - name: deny-y
     action: Deny
     from: [{namespaces: {matchLabels: {team: blue}}}]
@@ -108,8 +108,13 @@ fn cluster_network_policy_cli() {
         "{t}"
     );
     assert!(t.contains("policy cnp/deny-y-80 (priority 10)"), "{t}");
+    // Model rules 0 and 1 are the Pass rule's two protocols; 2 is the written rule 1.
     assert!(
-        t.contains("denied by ingress rule 1 (Deny) of cnp/deny-y-80"),
+        t.contains("rule 1 Pass (from rule 0 \"pass-y-81\"): no match: protocol"),
+        "{t}"
+    );
+    assert!(
+        t.contains("denied by ingress rule 2 (Deny) of cnp/deny-y-80 (from rule 1 \"deny-y\")"),
         "{t}"
     );
     // Pass: on to the NetworkPolicy, which allows.

@@ -124,6 +124,10 @@ pub struct RuleTrace {
     pub action: Action,
     /// `None`: it matched.
     pub mismatch: Option<Mismatch>,
+    /// The written rule it came from, when that is not rule `index` itself (a
+    /// ClusterNetworkPolicy rule with several peers or protocols: [`Policy::origin`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<RuleOrigin>,
 }
 
 /// The first field of a rule that did not match, and why.
@@ -419,6 +423,7 @@ fn direction(model: &Model, ep: &Endpoint, d: Direction, s: &Sides) -> Direction
                     index,
                     action: r.action,
                     mismatch,
+                    origin: p.origin(d, index).cloned(),
                 });
                 if !matched {
                     continue;
@@ -506,6 +511,7 @@ fn profiles(
                 index,
                 action: r.action,
                 mismatch,
+                origin: None,
             });
             match (matched, r.action) {
                 (false, _) | (true, Action::Log) => {}

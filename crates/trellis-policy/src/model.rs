@@ -273,6 +273,21 @@ pub struct Policy {
     pub ingress: Option<Vec<Rule>>,
     /// Egress rules; `None` when the policy does not apply to egress.
     pub egress: Option<Vec<Rule>>,
+    /// For each ingress rule, the written rule it came from, when one written rule became
+    /// several (a ClusterNetworkPolicy rule is one model rule per peer × protocol); empty when
+    /// the model's rules are the written ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_origins: Vec<RuleOrigin>,
+    /// The same for egress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_origins: Vec<RuleOrigin>,
+}
+
+/// A written rule a model rule came from: its index in the object and its name, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleOrigin {
+    pub index: usize,
+    pub name: Option<String>,
 }
 
 impl Policy {
@@ -280,6 +295,14 @@ impl Policy {
         match d {
             Direction::Ingress => self.ingress.as_deref(),
             Direction::Egress => self.egress.as_deref(),
+        }
+    }
+
+    /// The written rule a model rule came from (see [`Policy::ingress_origins`]).
+    pub fn origin(&self, d: Direction, index: usize) -> Option<&RuleOrigin> {
+        match d {
+            Direction::Ingress => self.ingress_origins.get(index),
+            Direction::Egress => self.egress_origins.get(index),
         }
     }
 }
@@ -719,6 +742,8 @@ mod tests {
             service_account_selector: None,
             ingress: Some(Vec::new()),
             egress: None,
+            ingress_origins: Vec::new(),
+            egress_origins: Vec::new(),
         }
     }
 

@@ -439,6 +439,8 @@ fn calico_policy(
         } else {
             None
         },
+        ingress_origins: Vec::new(),
+        egress_origins: Vec::new(),
     })
 }
 
@@ -654,6 +656,8 @@ fn kubernetes_policy(o: &Object<KubernetesNetworkPolicySpec>) -> Result<Policy> 
             .policy_types
             .contains(&PolicyType::Egress)
             .then_some(egress),
+        ingress_origins: Vec::new(),
+        egress_origins: Vec::new(),
     })
 }
 

@@ -206,6 +206,17 @@ fn expand(
     out
 }
 
+/// `n` model rules from written rule `index` (named `name`).
+fn origins(index: usize, name: &Option<String>, n: usize) -> Vec<RuleOrigin> {
+    vec![
+        RuleOrigin {
+            index,
+            name: name.clone(),
+        };
+        n
+    ]
+}
+
 /// A ClusterNetworkPolicy (or a v1alpha1 policy mapped onto one: `kind` says which) as a
 /// model policy.
 pub(super) fn cluster_policy(
@@ -222,15 +233,19 @@ pub(super) fn cluster_policy(
         // Refused at the edge; a record without a subject selects nothing.
         (None, None) => (Selector::Not(Box::new(Selector::All)), Selector::All),
     };
-    let mut ingress = Vec::new();
-    for r in &s.ingress {
+    let (mut ingress, mut ingress_origins) = (Vec::new(), Vec::new());
+    for (index, r) in s.ingress.iter().enumerate() {
         let peers = r.from.iter().map(ingress_peer).collect();
-        ingress.extend(expand(r.action, peers, &r.protocols, true));
+        let rules = expand(r.action, peers, &r.protocols, true);
+        ingress_origins.extend(origins(index, &r.name, rules.len()));
+        ingress.extend(rules);
     }
-    let mut egress = Vec::new();
-    for r in &s.egress {
+    let (mut egress, mut egress_origins) = (Vec::new(), Vec::new());
+    for (index, r) in s.egress.iter().enumerate() {
         let peers = r.to.iter().map(egress_peer).collect::<Result<Vec<_>>>()?;
-        egress.extend(expand(r.action, peers, &r.protocols, false));
+        let rules = expand(r.action, peers, &r.protocols, false);
+        egress_origins.extend(origins(index, &r.name, rules.len()));
+        egress.extend(rules);
     }
     Ok(Policy {
         id: PolicyId {
@@ -249,5 +264,7 @@ pub(super) fn cluster_policy(
         service_account_selector: None,
         ingress: (!s.ingress.is_empty()).then_some(ingress),
         egress: (!s.egress.is_empty()).then_some(egress),
+        ingress_origins,
+        egress_origins,
     })
 }

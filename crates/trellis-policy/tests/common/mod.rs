@@ -100,6 +100,8 @@ pub fn policy(
         service_account_selector: None,
         ingress: None,
         egress: None,
+        ingress_origins: Vec::new(),
+        egress_origins: Vec::new(),
     }
 }
 

@@ -211,6 +211,15 @@ fn protocols_ports_and_ranges() {
             ("y/c -> x/b tcp/8080", true),
         ],
     );
+    // One written rule, three model rules: the trace names the written one.
+    let t = evaluate(&m, &flow("y/c -> x/a tcp/8080"));
+    let rules = &t.ingress.tiers[0].policies[0].rules;
+    assert_eq!(rules.len(), 3);
+    let origin = RuleOrigin {
+        index: 0,
+        name: None,
+    };
+    assert!(rules.iter().all(|r| r.origin.as_ref() == Some(&origin)));
 }
 
 #[test]
