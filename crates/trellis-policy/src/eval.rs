@@ -733,13 +733,14 @@ fn entity_matches(
         }
     }
     if let Some(ns) = &m.not_selector {
-        if ents.iter().any(|e| ns.matches(&e.labels(model))) {
+        // Unscoped (every namespace and global object), but never a Node's set: only a
+        // ClusterNetworkPolicy's `nodes` peer sees those.
+        let hit =
+            |e: &Entity| e.in_scope(model, &NamespaceScope::Any) && ns.matches(&e.labels(model));
+        if ents.iter().any(hit) {
             return miss(
                 &f("notSelector"),
-                format!(
-                    "{} matches {ns}",
-                    describe(&ents, |e| ns.matches(&e.labels(model)))
-                ),
+                format!("{} matches {ns}", describe(&ents, hit)),
             );
         }
     }

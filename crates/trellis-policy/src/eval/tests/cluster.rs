@@ -244,6 +244,13 @@ fn networks_and_nodes_peers() {
     );
     let m = model(&format!("{nodes}{g}"));
     table(&m, &[("x/a -> node:n9@172.16.0.9 tcp/22", false)]);
+    // Nor a notSelector: the node's labels do not exempt its address from this Allow.
+    let g = gnp(
+        "g",
+        "  selector: app == 'a'\n  egress: [{action: Allow, destination: {notSelector: zone == 'a'}}]\n",
+    );
+    let m = model(&format!("{nodes}{g}"));
+    table(&m, &[("x/a -> node:n9@172.16.0.9 tcp/22", true)]);
 }
 
 #[test]
