@@ -36,10 +36,10 @@ pub const LOOP_KINDS: [Kind; 6] = [
 ];
 
 /// What the policy applier reads (`trellis_policy::translate`'s inputs).
-pub const POLICY_KINDS: [Kind; 10] = trellis_policy::translate::INPUT_KINDS;
+pub const POLICY_KINDS: [Kind; 14] = trellis_policy::translate::INPUT_KINDS;
 
 /// Every kind the view follows.
-pub const KINDS: [Kind; 16] = [
+pub const KINDS: [Kind; 19] = [
     Kind::IpPool,
     Kind::Node,
     Kind::IpamBlock,
@@ -56,6 +56,9 @@ pub const KINDS: [Kind; 16] = [
     Kind::Namespace,
     Kind::ServiceAccount,
     Kind::WorkloadEndpoint,
+    Kind::ClusterNetworkPolicy,
+    Kind::AdminNetworkPolicy,
+    Kind::BaselineAdminNetworkPolicy,
 ];
 
 /// First wait before listing again after a failure; doubles up to [`BACKOFF_MAX`].

@@ -15,7 +15,7 @@ use trellis_store::Datastore;
 use crate::trace;
 
 /// The kinds the model is built from.
-const POLICY_KINDS: [Kind; 10] = trellis_policy::translate::INPUT_KINDS;
+const POLICY_KINDS: [Kind; 14] = trellis_policy::translate::INPUT_KINDS;
 
 /// The model, and every node's addresses (to tell host traffic apart). Records that do not
 /// decode, and objects the model leaves out, are reported on stderr.
@@ -40,21 +40,7 @@ pub async fn load(store: &dyn Datastore) -> Result<(Model, BTreeMap<String, Vec<
     }
     let mut nodes = BTreeMap::new();
     for (n, _) in objects::nodes(store).await? {
-        let mut addrs: Vec<IpAddr> = n
-            .spec
-            .addresses
-            .iter()
-            .filter_map(|a| a.address.split('/').next()?.parse().ok())
-            .collect();
-        if let Some(b) = &n.spec.bgp {
-            addrs.extend(
-                b.ipv4_address
-                    .iter()
-                    .chain(&b.ipv6_address)
-                    .map(|n| n.addr()),
-            );
-        }
-        addrs.extend(n.spec.ipv4_vxlan_tunnel_addr);
+        let addrs = trellis_policy::translate::node_addresses(&n.spec);
         nodes.insert(n.metadata.name, addrs);
     }
     Ok((t.model, nodes))

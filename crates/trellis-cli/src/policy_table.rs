@@ -1,8 +1,9 @@
-//! `get` tables of the policy kinds (Calico's, Kubernetes' NetworkPolicy, Namespace,
-//! ServiceAccount).
+//! `get` tables of the policy kinds (Calico's, Kubernetes' NetworkPolicy and
+//! ClusterNetworkPolicy, Namespace, ServiceAccount).
 
 use std::collections::BTreeMap;
 
+use trellis_resources::cnp::ClusterNetworkPolicySpec;
 use trellis_resources::policy::{PolicyType, DEFAULT_TIER, DEFAULT_TIER_ORDER};
 use trellis_resources::{Kind, Resource};
 
@@ -33,6 +34,27 @@ fn or_all(s: &Option<String>) -> String {
 
 fn ns(r: &Resource) -> String {
     r.metadata().namespace.clone().unwrap_or_default()
+}
+
+/// A ClusterNetworkPolicy's row (the v1alpha1 kinds as they map onto it).
+fn cluster_row(name: &str, s: &ClusterNetworkPolicySpec) -> Vec<String> {
+    let subject = match (&s.subject.namespaces, &s.subject.pods) {
+        (Some(n), _) => format!("namespaces {}", n.to_selector()),
+        (None, Some(pods)) => format!(
+            "pods {} in namespaces {}",
+            pods.pod_selector.to_selector(),
+            pods.namespace_selector.to_selector()
+        ),
+        (None, None) => "-".into(),
+    };
+    vec![
+        name.to_string(),
+        format!("{:?}", s.tier),
+        s.priority.to_string(),
+        subject,
+        s.ingress.len().to_string(),
+        s.egress.len().to_string(),
+    ]
 }
 
 /// Header and rows for a policy kind (`None` for other kinds). `networkpolicies` lists
@@ -90,6 +112,21 @@ pub fn rows(kind: Kind, items: &[Resource]) -> Option<(Vec<&'static str>, Vec<Ve
                     or_all(&p.spec.namespace_selector),
                     types(&p.spec.types),
                 ]),
+                _ => None,
+            }),
+        ),
+        Kind::ClusterNetworkPolicy
+        | Kind::AdminNetworkPolicy
+        | Kind::BaselineAdminNetworkPolicy => (
+            vec!["NAME", "TIER", "PRIORITY", "SUBJECT", "INGRESS", "EGRESS"],
+            map(&|r| match r {
+                Resource::ClusterNetworkPolicy(p) => Some(cluster_row(&p.metadata.name, &p.spec)),
+                Resource::AdminNetworkPolicy(p) => {
+                    Some(cluster_row(&p.metadata.name, &p.spec.to_cluster()))
+                }
+                Resource::BaselineAdminNetworkPolicy(p) => {
+                    Some(cluster_row(&p.metadata.name, &p.spec.to_cluster()))
+                }
                 _ => None,
             }),
         ),

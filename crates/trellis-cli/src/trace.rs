@@ -1,7 +1,9 @@
 //! Text of `policy trace` and `policy show`.
 
 use trellis_policy::eval::{DirectionTrace, PassedBy, PeerView, Trace, Verdict};
-use trellis_policy::model::{Action, Direction, PolicyId, Protocol, Tier, TierDefault};
+use trellis_policy::model::{
+    Action, Direction, PolicyId, Protocol, RuleOrigin, Tier, TierDefault, ADMIN_TIER, BASELINE_TIER,
+};
 
 fn order(o: Option<f64>) -> String {
     o.map(|o| o.to_string()).unwrap_or_else(|| "none".into())
@@ -103,20 +105,66 @@ fn verdict(v: &Verdict, d: Direction) -> String {
     }
 }
 
+/// A tier's heading; ClusterNetworkPolicy's built-in tiers say where they stand.
+fn tier_line(name: &str, o: Option<f64>, d: TierDefault) -> String {
+    match name {
+        ADMIN_TIER => "  tier admin (ClusterNetworkPolicy Admin tier: before every other tier; \
+                       no rule decided: on to the next tier)\n"
+            .into(),
+        BASELINE_TIER => "  tier baseline (ClusterNetworkPolicy Baseline tier: after every other \
+                          tier; no rule decided: on to profiles or allow)\n"
+            .into(),
+        _ => format!(
+            "  tier {name} (order {}, default action {})\n",
+            order(o),
+            default_action(d)
+        ),
+    }
+}
+
+/// A policy's place in its tier: a ClusterNetworkPolicy's priority, another's order.
+fn policy_order(id: &PolicyId, o: Option<f64>) -> String {
+    match id.kind {
+        k if k.is_cluster() => format!("priority {}", order(o)),
+        _ => format!("order {}", order(o)),
+    }
+}
+
+/// ` (from rule 1 "deny-y")`: the written rule a model rule came from, if it is another.
+fn origin(o: Option<&RuleOrigin>) -> String {
+    match o {
+        Some(RuleOrigin {
+            index,
+            name: Some(n),
+        }) => format!(" (from rule {index} {n:?})"),
+        Some(RuleOrigin { index, name: None }) => format!(" (from rule {index})"),
+        None => String::new(),
+    }
+}
+
+/// The written rule behind the rule that decided a direction, as the trace recorded it.
+fn deciding_origin(d: &DirectionTrace) -> Option<&RuleOrigin> {
+    let Verdict::Rule { rule, .. } = &d.verdict else {
+        return None;
+    };
+    d.tiers
+        .iter()
+        .flat_map(|t| &t.policies)
+        .filter(|p| p.policy == rule.policy)
+        .flat_map(|p| &p.rules)
+        .find(|r| r.index == rule.index)
+        .and_then(|r| r.origin.as_ref())
+}
+
 fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
     out.push_str(&format!("{title}:\n"));
     for t in &d.tiers {
-        out.push_str(&format!(
-            "  tier {} (order {}, default action {})\n",
-            t.tier,
-            order(t.order),
-            default_action(t.default_action)
-        ));
+        out.push_str(&tier_line(&t.tier, t.order, t.default_action));
         for p in &t.policies {
             out.push_str(&format!(
-                "    policy {} (order {})\n",
+                "    policy {} ({})\n",
                 p.policy,
-                order(p.order)
+                policy_order(&p.policy, p.order)
             ));
             if p.rules.is_empty() {
                 out.push_str("      no rules\n");
@@ -127,9 +175,10 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
                     Some(m) => format!("no match: {}: {}", m.field, m.reason),
                 };
                 out.push_str(&format!(
-                    "      rule {} {}: {what}\n",
+                    "      rule {} {}{}: {what}\n",
                     r.index,
-                    action(r.action)
+                    action(r.action),
+                    origin(r.origin.as_ref())
                 ));
             }
         }
@@ -168,7 +217,11 @@ fn direction(out: &mut String, title: &str, d: &DirectionTrace) {
             ));
         }
     }
-    out.push_str(&format!("  => {}\n", verdict(&d.verdict, d.direction)));
+    out.push_str(&format!(
+        "  => {}{}\n",
+        verdict(&d.verdict, d.direction),
+        origin(deciding_origin(d))
+    ));
 }
 
 /// The whole trace, as `policy trace` prints it.
@@ -213,15 +266,10 @@ pub fn applying(out: &mut String, d: &str, tiers: &[Applying]) {
     }
     let mut n = 0;
     for (t, ps) in tiers {
-        out.push_str(&format!(
-            "  tier {} (order {}, default action {})\n",
-            t.name,
-            order(t.order),
-            default_action(t.default_action)
-        ));
+        out.push_str(&tier_line(&t.name, t.order, t.default_action));
         for (id, o) in ps {
             n += 1;
-            out.push_str(&format!("    {n}. {id} (order {})\n", order(*o)));
+            out.push_str(&format!("    {n}. {id} ({})\n", policy_order(id, *o)));
         }
     }
 }

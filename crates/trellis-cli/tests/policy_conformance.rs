@@ -1,6 +1,8 @@
-//! The conformance suites (`crates/trellis-policy/conformance/`: Kubernetes' e2e cases and the
-//! Calico-model cases) replayed with real traffic in one lab: the e2e model — namespaces x, y, z
-//! with pods a, b, c each, spread over three nodes, every pod serving 80 and 81 on TCP and UDP.
+//! The conformance suites (`crates/trellis-policy/conformance/`: Kubernetes' e2e cases, the
+//! Calico-model cases and sig-network's ClusterNetworkPolicy cases) replayed with real traffic
+//! in one lab: the union of their models — namespaces x, y, z (and w, which only the
+//! ClusterNetworkPolicy cases use) with pods a, b, c each, spread over three nodes, every pod
+//! serving 80 and 81 on TCP and UDP. Each case's tables cover its own suite's pods.
 //!
 //! Always: the all-reachable baseline holds on every port, protocol and ICMP (which proves the
 //! servers, the clients and the truth tables), and the replay's pod changes (labels, profiles)
@@ -32,7 +34,7 @@ use trellis_policy::conformance::{
     World,
 };
 
-/// Labs run one at a time (each is three nodes and nine pods on a small machine).
+/// Labs run one at a time (each is three nodes and twelve pods on a small machine).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// The whole replay, both suites.
 const REPLAY_LIMIT: Duration = Duration::from_secs(30 * 60);
@@ -43,13 +45,39 @@ const PROBE_TIMEOUT_MS: &str = "1000";
 
 fn suites() -> Vec<(&'static str, Suite)> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../trellis-policy/conformance");
-    ["kubernetes.yaml", "calico.yaml"]
+    ["kubernetes.yaml", "calico.yaml", "cluster.yaml"]
         .into_iter()
         .map(|f| {
             let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
             (f, parse(&text).unwrap_or_else(|e| panic!("{f}: {e}")))
         })
         .collect()
+}
+
+/// The model the lab runs: every suite's namespaces and pods (a name in two suites must mean
+/// the same namespace or pod), ports and protocols.
+fn union(suites: &[(&str, Suite)]) -> ConformanceModel {
+    let mut m = suites[0].1.model.clone();
+    for (file, s) in &suites[1..] {
+        for n in &s.model.namespaces {
+            match m.namespaces.iter().find(|o| o.name == n.name) {
+                Some(o) => assert_eq!(o, n, "{file}: namespace {} differs", n.name),
+                None => m.namespaces.push(n.clone()),
+            }
+        }
+        for p in &s.model.pods {
+            match m.pods.iter().find(|o| o.name == p.name) {
+                Some(o) => assert_eq!(o, p, "{file}: pod {} differs", p.name),
+                None => m.pods.push(p.clone()),
+            }
+        }
+        assert_eq!(
+            s.model.ports, m.ports,
+            "{file}: one lab serves one set of ports"
+        );
+        assert_eq!(s.model.protocols, m.protocols, "{file}: and of protocols");
+    }
+    m
 }
 
 /// The lab member of a model pod.
@@ -230,9 +258,9 @@ impl Replay {
         Ok(())
     }
 
-    /// Runs one probe against its expected table.
-    fn probe(&self, p: &Probe) -> Result<(), String> {
-        let expect = p.expect.table(&self.pods).render();
+    /// Runs one probe against its expected table over `pods` (a suite's; the lab probes all).
+    fn probe(&self, p: &Probe, pods: &[PodRef]) -> Result<(), String> {
+        let expect = p.expect.table(pods).render();
         let file = std::env::temp_dir().join(format!(
             "trellis-test-{}-{}.expect",
             self.name,
@@ -364,7 +392,7 @@ fn baseline(lab: &Replay, model: &ConformanceModel, settle: Duration) {
     let deadline = Instant::now() + settle;
     for p in &probes {
         loop {
-            match lab.probe(p) {
+            match lab.probe(p, &lab.pods) {
                 Ok(()) => break,
                 Err(e) if Instant::now() > deadline => panic!("baseline: {e}"),
                 Err(_) => std::thread::sleep(Duration::from_millis(500)),
@@ -393,7 +421,7 @@ fn replay_case(
             break;
         }
         for p in &step.probes {
-            if let Err(e) = lab.probe(p) {
+            if let Err(e) = lab.probe(p, &model.pods()) {
                 failures.push(format!("{}: step {}: {e}", case.name, i + 1));
             }
         }
@@ -506,7 +534,7 @@ fn kernel_counters_of_the_deciding_rule(lab: &Replay) {
     };
     // x/a is isolated now: only x/b reaches it (the probe's table says so), and that
     // connection is the rule's.
-    let _ = lab.probe(&probe);
+    let _ = lab.probe(&probe, &lab.pods);
     let after = counted();
     assert!(
         after > before,
@@ -522,21 +550,17 @@ fn conformance_replay() {
     replay("tconf", "embedded", 1);
 }
 
-/// Every sixth case (both suites) on etcd, bounded: the same agents on the other store.
+/// Every sixth case (all suites) on etcd, bounded: the same agents on the other store.
 #[test]
 fn conformance_replay_on_etcd() {
     replay("tconfe", "etcd", 6);
 }
 
-/// Brings up lab `name` on `datastore` and replays every `every`th case of both suites.
+/// Brings up lab `name` on `datastore` and replays every `every`th case of every suite.
 fn replay(name: &'static str, datastore: &str, every: usize) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let suites = suites();
-    let model = suites[0].1.model.clone();
-    assert!(
-        suites.iter().all(|(_, s)| s.model == model),
-        "one lab replays both suites"
-    );
+    let model = union(&suites);
     let _guard = LabGuard(name.into());
     let lab = Replay::up(&model, name, datastore);
     baseline(&lab, &model, Duration::from_secs(30));

@@ -1,6 +1,7 @@
 //! Conformance cases as data (pure, no I/O): the suites in `conformance/kubernetes.yaml`
-//! (Kubernetes' e2e `network_policy.go`, transcribed) and `conformance/calico.yaml` (Calico's
-//! model), parsed and checked, their documents resolved against the pods' addresses, and their
+//! (Kubernetes' e2e `network_policy.go`, transcribed), `conformance/calico.yaml` (Calico's
+//! model) and `conformance/cluster.yaml` (sig-network's ClusterNetworkPolicy tests), parsed and
+//! checked, their documents resolved against the pods' addresses, and their
 //! expectations expanded into truth tables. The evaluator test replays every case against the
 //! model; the lab replays it with real traffic.
 //!

@@ -124,6 +124,10 @@ pub struct RuleTrace {
     pub action: Action,
     /// `None`: it matched.
     pub mismatch: Option<Mismatch>,
+    /// The written rule it came from, when that is not rule `index` itself (a
+    /// ClusterNetworkPolicy rule with several peers or protocols: [`Policy::origin`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<RuleOrigin>,
 }
 
 /// The first field of a rule that did not match, and why.
@@ -419,6 +423,7 @@ fn direction(model: &Model, ep: &Endpoint, d: Direction, s: &Sides) -> Direction
                     index,
                     action: r.action,
                     mismatch,
+                    origin: p.origin(d, index).cloned(),
                 });
                 if !matched {
                     continue;
@@ -506,6 +511,7 @@ fn profiles(
                 index,
                 action: r.action,
                 mismatch,
+                origin: None,
             });
             match (matched, r.action) {
                 (false, _) | (true, Action::Log) => {}
@@ -629,10 +635,10 @@ enum Entity<'m> {
 }
 
 impl Entity<'_> {
-    fn namespace(&self) -> Option<&str> {
+    fn in_scope(&self, model: &Model, scope: &NamespaceScope) -> bool {
         match self {
-            Entity::Endpoint(e) => Some(&e.namespace),
-            Entity::Set(s) => s.namespace.as_deref(),
+            Entity::Endpoint(e) => in_scope(model, scope, Some(&e.namespace)),
+            Entity::Set(s) => model.set_in_scope(scope, s),
         }
     }
     fn labels(&self, model: &Model) -> Labels {
@@ -709,7 +715,7 @@ fn entity_matches(
     if positive {
         let sel = m.selector.as_ref().unwrap_or(&Selector::All);
         selected.retain(|e| {
-            in_scope(model, scope, e.namespace())
+            e.in_scope(model, scope)
                 && sel.matches(&e.labels(model))
                 && m.service_accounts
                     .as_ref()
@@ -727,13 +733,14 @@ fn entity_matches(
         }
     }
     if let Some(ns) = &m.not_selector {
-        if ents.iter().any(|e| ns.matches(&e.labels(model))) {
+        // Unscoped (every namespace and global object), but never a Node's set: only a
+        // ClusterNetworkPolicy's `nodes` peer sees those.
+        let hit =
+            |e: &Entity| e.in_scope(model, &NamespaceScope::Any) && ns.matches(&e.labels(model));
+        if ents.iter().any(hit) {
             return miss(
                 &f("notSelector"),
-                format!(
-                    "{} matches {ns}",
-                    describe(&ents, |e| ns.matches(&e.labels(model)))
-                ),
+                format!("{} matches {ns}", describe(&ents, hit)),
             );
         }
     }
@@ -777,10 +784,7 @@ fn positive_reason(
     if ents.is_empty() {
         return "the address belongs to no endpoint or network set".into();
     }
-    let in_scope: Vec<&Entity> = ents
-        .iter()
-        .filter(|e| in_scope(model, scope, e.namespace()))
-        .collect();
+    let in_scope: Vec<&Entity> = ents.iter().filter(|e| e.in_scope(model, scope)).collect();
     if in_scope.is_empty() {
         return format!(
             "{} is outside {}",
@@ -805,6 +809,7 @@ fn scope_text(s: &NamespaceScope) -> String {
         NamespaceScope::Matching(Selector::Global) => "global() (only global network sets)".into(),
         NamespaceScope::Matching(sel) => format!("the namespaces matching {sel}"),
         NamespaceScope::Any => "every namespace".into(),
+        NamespaceScope::Nodes => "the nodes".into(),
     }
 }
 

@@ -11,6 +11,13 @@
 //! direction, and that lists no profile, is allowed. Kubernetes NetworkPolicies live in the
 //! `default` tier at order 1000, as in Calico. Traffic between a pod and its own node is always
 //! allowed (kubelet probes).
+//!
+//! ClusterNetworkPolicies (sig-network's policy API) live in two built-in tiers around all of
+//! those: [`ADMIN_TIER`] before every other tier and [`BASELINE_TIER`] after every other tier
+//! (whatever their orders), so the order is Admin → Calico/Trellis tiers and Kubernetes
+//! NetworkPolicy → Baseline → profiles → allow. Both end in Pass: an Admin policy that does not
+//! decide hands the flow to the NetworkPolicy tiers (its Pass rules do so at once), a Baseline
+//! one to the profiles (none: allowed). Within them, policies by priority, then name.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -24,6 +31,10 @@ pub type Labels = BTreeMap<String, String>;
 
 /// The tier Kubernetes NetworkPolicies and tier-less Calico policies belong to.
 pub const DEFAULT_TIER: &str = "default";
+/// The built-in tier of ClusterNetworkPolicies with `tier: Admin` (evaluated first).
+pub const ADMIN_TIER: &str = "admin";
+/// The built-in tier of ClusterNetworkPolicies with `tier: Baseline` (evaluated last).
+pub const BASELINE_TIER: &str = "baseline";
 /// Calico's order for the `default` tier (tiers without an order sort after it).
 pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
 /// The order Kubernetes NetworkPolicies get in the `default` tier (as in Calico).
@@ -122,6 +133,9 @@ pub enum NamespaceScope {
     Matching(#[serde(with = "selector_text")] Selector),
     /// Every namespace, and global objects (a global policy's selectors).
     Any,
+    /// Nodes (a ClusterNetworkPolicy's `nodes` peer): only the node sets
+    /// ([`NetworkSet::node`]), which no other scope covers.
+    Nodes,
 }
 
 /// Service accounts a rule matches (Calico's `serviceAccounts`: names and/or a selector over
@@ -196,6 +210,22 @@ pub enum PolicyKind {
     Namespaced,
     /// GlobalNetworkPolicy.
     Global,
+    /// sig-network's ClusterNetworkPolicy (tier [`ADMIN_TIER`] or [`BASELINE_TIER`]).
+    Cluster,
+    /// Its `v1alpha1` predecessors: AdminNetworkPolicy (tier [`ADMIN_TIER`]) and
+    /// BaselineAdminNetworkPolicy (tier [`BASELINE_TIER`]).
+    AdminV1alpha1,
+    BaselineV1alpha1,
+}
+
+impl PolicyKind {
+    /// Whether policies of this kind live in the ClusterNetworkPolicy tiers (and only they do).
+    pub fn is_cluster(self) -> bool {
+        matches!(
+            self,
+            PolicyKind::Cluster | PolicyKind::AdminV1alpha1 | PolicyKind::BaselineV1alpha1
+        )
+    }
 }
 
 /// A policy's identity: kind, namespace (for namespaced kinds) and name.
@@ -212,6 +242,9 @@ impl std::fmt::Display for PolicyId {
             PolicyKind::Kubernetes => "knp",
             PolicyKind::Namespaced => "np",
             PolicyKind::Global => "gnp",
+            PolicyKind::Cluster => "cnp",
+            PolicyKind::AdminV1alpha1 => "anp",
+            PolicyKind::BaselineV1alpha1 => "banp",
         };
         match &self.namespace {
             Some(ns) => write!(f, "{kind}/{ns}/{}", self.name),
@@ -240,6 +273,21 @@ pub struct Policy {
     pub ingress: Option<Vec<Rule>>,
     /// Egress rules; `None` when the policy does not apply to egress.
     pub egress: Option<Vec<Rule>>,
+    /// For each ingress rule, the written rule it came from, when one written rule became
+    /// several (a ClusterNetworkPolicy rule is one model rule per peer × protocol); empty when
+    /// the model's rules are the written ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_origins: Vec<RuleOrigin>,
+    /// The same for egress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_origins: Vec<RuleOrigin>,
+}
+
+/// A written rule a model rule came from: its index in the object and its name, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleOrigin {
+    pub index: usize,
+    pub name: Option<String>,
 }
 
 impl Policy {
@@ -247,6 +295,14 @@ impl Policy {
         match d {
             Direction::Ingress => self.ingress.as_deref(),
             Direction::Egress => self.egress.as_deref(),
+        }
+    }
+
+    /// The written rule a model rule came from (see [`Policy::ingress_origins`]).
+    pub fn origin(&self, d: Direction, index: usize) -> Option<&RuleOrigin> {
+        match d {
+            Direction::Ingress => self.ingress_origins.get(index),
+            Direction::Egress => self.egress_origins.get(index),
         }
     }
 }
@@ -277,6 +333,10 @@ pub struct NetworkSet {
     pub name: String,
     pub labels: Labels,
     pub nets: Vec<IpNet>,
+    /// A Node's addresses (name `node/NAME`, the Node's labels): matched only by a
+    /// [`NamespaceScope::Nodes`] selection, never by Calico selectors.
+    #[serde(default)]
+    pub node: bool,
 }
 
 /// A named port an endpoint declares (Kubernetes container ports, Calico's WEP `ports`).
@@ -343,8 +403,12 @@ pub struct Model {
 }
 
 impl Model {
-    /// A tier by name; `default` exists even when no Tier object does.
+    /// A tier by name; `default`, `admin` and `baseline` exist even when no Tier object does
+    /// (the last two are built in: a Tier object cannot take their names).
     pub fn tier(&self, name: &str) -> Option<Tier> {
+        if let Some(t) = builtin_cluster_tier(name) {
+            return Some(t);
+        }
         self.tiers.get(name).cloned().or_else(|| {
             (name == DEFAULT_TIER).then(|| Tier {
                 name: DEFAULT_TIER.into(),
@@ -360,7 +424,7 @@ impl Model {
         names.sort();
         names.dedup();
         let mut tiers: Vec<Tier> = names.into_iter().filter_map(|n| self.tier(n)).collect();
-        tiers.sort_by_key(|t| order_key(t.order, &t.name));
+        tiers.sort_by_key(tier_key);
         tiers
     }
 
@@ -414,6 +478,7 @@ impl std::fmt::Display for Selection {
             NamespaceScope::Only(ns) => write!(f, "ns={ns:?}")?,
             NamespaceScope::Matching(s) => write!(f, "nssel={:?}", s.to_string())?,
             NamespaceScope::Any => write!(f, "any")?,
+            NamespaceScope::Nodes => write!(f, "nodes")?,
         }
         write!(f, " sel={:?}", self.selector.to_string())?;
         if let Some(sa) = &self.service_accounts {
@@ -438,7 +503,7 @@ impl Selection {
     /// Whether the selection covers a network set (never with a service-account match).
     pub fn matches_network_set(&self, model: &Model, set: &NetworkSet) -> bool {
         self.service_accounts.is_none()
-            && model.scope_covers(&self.scope, set.namespace.as_deref())
+            && model.set_in_scope(&self.scope, set)
             && self.selector.matches(&set.effective_labels())
     }
 }
@@ -512,12 +577,23 @@ impl Model {
     /// `namespaceSelector: global()` covers only global objects.
     pub fn scope_covers(&self, scope: &NamespaceScope, ns: Option<&str>) -> bool {
         match (scope, ns) {
+            (NamespaceScope::Nodes, _) => false,
             (NamespaceScope::Any, _) => true,
             (NamespaceScope::Only(only), Some(ns)) => only == ns,
             (NamespaceScope::Only(_), None) => false,
             (NamespaceScope::Matching(Selector::Global), ns) => ns.is_none(),
             (NamespaceScope::Matching(_), None) => false,
             (NamespaceScope::Matching(sel), Some(ns)) => sel.matches(&self.namespace_labels(ns)),
+        }
+    }
+
+    /// Whether `scope` covers a network set: node sets only [`NamespaceScope::Nodes`], other
+    /// sets as [`Model::scope_covers`] says for their namespace.
+    pub fn set_in_scope(&self, scope: &NamespaceScope, set: &NetworkSet) -> bool {
+        if set.node {
+            *scope == NamespaceScope::Nodes
+        } else {
+            self.scope_covers(scope, set.namespace.as_deref())
         }
     }
 
@@ -563,6 +639,27 @@ impl Model {
                 .as_ref()
                 .is_none_or(|sel| sel.matches(&self.service_account_labels(ep)))
     }
+}
+
+/// The ClusterNetworkPolicy tiers: built in, no order (their place is fixed by
+/// [`tier_key`]), and Pass when no rule decided.
+pub fn builtin_cluster_tier(name: &str) -> Option<Tier> {
+    (name == ADMIN_TIER || name == BASELINE_TIER).then(|| Tier {
+        name: name.into(),
+        order: None,
+        default_action: TierDefault::Pass,
+    })
+}
+
+/// Sort key of tiers in evaluation order: the Admin tier first, every Calico/Trellis tier by
+/// (order, name), the Baseline tier last.
+pub(crate) fn tier_key(t: &Tier) -> (u8, (u8, OrderedF64, String)) {
+    let band = match t.name.as_str() {
+        ADMIN_TIER => 0,
+        BASELINE_TIER => 2,
+        _ => 1,
+    };
+    (band, order_key(t.order, &t.name))
 }
 
 /// Sort key for (order, name): `None` orders sort after every number.
@@ -645,6 +742,8 @@ mod tests {
             service_account_selector: None,
             ingress: Some(Vec::new()),
             egress: None,
+            ingress_origins: Vec::new(),
+            egress_origins: Vec::new(),
         }
     }
 

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use trellis_resources::Resource;
 
 use crate::compile::Change;
-use crate::model::{Policy, PolicyId, DEFAULT_TIER};
+use crate::model::{builtin_cluster_tier, Policy, PolicyId, DEFAULT_TIER};
 use crate::translate::{item, Item, TranslateError};
 
 /// What an object is in the model (one per key).
@@ -119,8 +119,21 @@ impl ModelSync {
         &self.bad
     }
 
+    /// Whether a Calico tier exists (the built-in ClusterNetworkPolicy tiers are none, even
+    /// when a Tier object of their name was written around the validating edge).
     fn tier_exists(&self, tier: &str) -> bool {
-        tier == DEFAULT_TIER || self.tiers.contains_key(tier)
+        builtin_cluster_tier(tier).is_none()
+            && (tier == DEFAULT_TIER || self.tiers.contains_key(tier))
+    }
+
+    /// Whether a policy's tier lets it into the model: ClusterNetworkPolicies their built-in
+    /// tier, every other policy an existing Calico tier (as `translate::check_tier`).
+    fn admits(&self, p: &Policy) -> bool {
+        if p.id.kind.is_cluster() {
+            builtin_cluster_tier(&p.tier).is_some()
+        } else {
+            self.tier_exists(&p.tier)
+        }
     }
 
     /// The object under `key` is now `new` (`None`: deleted).
@@ -142,7 +155,7 @@ impl ModelSync {
         };
         let id = Id::of(&new);
         let stays = match &new {
-            Item::Policy(p) => self.tier_exists(&p.tier).then(|| id.clone()),
+            Item::Policy(p) => self.admits(p).then(|| id.clone()),
             _ => Some(id.clone()),
         };
         self.remove_key(key, stays.as_ref(), &mut up);
@@ -200,19 +213,27 @@ impl ModelSync {
             .or_default()
             .insert(key.to_string());
         let id = Id::Policy(p.id.clone());
-        if self.tier_exists(&tier) {
+        if self.admits(&p) {
             self.held
                 .insert(key.to_string(), held(id, Some(p.clone()), true));
             up.changes.push(Change::PolicyUpsert(p));
             self.report(key, None, up);
         } else {
+            let why = if builtin_cluster_tier(&tier).is_some() != p.id.kind.is_cluster() {
+                TranslateError::ClusterTier { tier }
+            } else {
+                TranslateError::MissingTier { tier }
+            };
             self.held.insert(key.to_string(), held(id, Some(p), false));
-            self.report(key, Some(TranslateError::MissingTier { tier }), up);
+            self.report(key, Some(why), up);
         }
     }
 
     /// A tier now exists: its waiting policies come in.
     fn tier_arrived(&mut self, tier: &str, up: &mut Update) {
+        if !self.tier_exists(tier) {
+            return;
+        }
         let keys: Vec<String> = self
             .by_tier
             .get(tier)
@@ -234,6 +255,9 @@ impl ModelSync {
 
     /// A tier no longer exists: its policies go out (before the tier) and wait for it.
     fn tier_gone(&mut self, tier: &str, up: &mut Update) {
+        if builtin_cluster_tier(tier).is_some() {
+            return;
+        }
         let keys: Vec<String> = self
             .by_tier
             .get(tier)

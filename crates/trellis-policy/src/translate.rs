@@ -12,6 +12,10 @@
 //! policy of a given type selects is isolated for that direction (the `default` tier's default
 //! is Deny).
 //!
+//! ClusterNetworkPolicy, its v1alpha1 predecessors AdminNetworkPolicy and
+//! BaselineAdminNetworkPolicy (mapped onto it), and the Nodes its `nodes` peers match are in
+//! [`cluster`].
+//!
 //! Calico's kinds map field for field. Every namespace an object mentions gets an entry with
 //! at least Kubernetes' implicit `kubernetes.io/metadata.name` label. Objects that cannot be
 //! translated (a policy in a tier that does not exist) are left out and reported.
@@ -50,6 +54,10 @@ pub struct Skipped {
 pub enum TranslateError {
     #[error("its tier {tier:?} does not exist")]
     MissingTier { tier: String },
+    /// A Calico policy naming a ClusterNetworkPolicy tier (`admin`, `baseline`), or a
+    /// ClusterNetworkPolicy outside them: written around the validating edge.
+    #[error("tier {tier:?} is for ClusterNetworkPolicies only, and they go nowhere else")]
+    ClusterTier { tier: String },
     #[error("{field} {value:?}: {source}")]
     Selector {
         field: &'static str,
@@ -155,6 +163,22 @@ pub fn item(r: &Resource) -> Result<Option<Item>> {
                 NamespaceScope::Any,
             )?)
         }
+        Resource::ClusterNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(
+            PolicyKind::Cluster,
+            &o.metadata.name,
+            &o.spec,
+        )?),
+        Resource::AdminNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(
+            PolicyKind::AdminV1alpha1,
+            &o.metadata.name,
+            &o.spec.to_cluster(),
+        )?),
+        Resource::BaselineAdminNetworkPolicy(o) => Item::Policy(cluster::cluster_policy(
+            PolicyKind::BaselineV1alpha1,
+            &o.metadata.name,
+            &o.spec.to_cluster(),
+        )?),
+        Resource::Node(o) => Item::NetworkSet(cluster::node_set(o)),
         _ => return Ok(None),
     };
     Ok(Some(item))
@@ -170,7 +194,7 @@ pub fn object_name(r: &Resource) -> String {
 }
 
 /// The kinds the model is built from: every stored object `translate` and `item` read.
-pub const INPUT_KINDS: [trellis_resources::Kind; 10] = [
+pub const INPUT_KINDS: [trellis_resources::Kind; 14] = [
     trellis_resources::Kind::Tier,
     trellis_resources::Kind::KubernetesNetworkPolicy,
     trellis_resources::Kind::NetworkPolicy,
@@ -181,6 +205,10 @@ pub const INPUT_KINDS: [trellis_resources::Kind; 10] = [
     trellis_resources::Kind::Namespace,
     trellis_resources::Kind::ServiceAccount,
     trellis_resources::Kind::WorkloadEndpoint,
+    trellis_resources::Kind::ClusterNetworkPolicy,
+    trellis_resources::Kind::AdminNetworkPolicy,
+    trellis_resources::Kind::BaselineAdminNetworkPolicy,
+    trellis_resources::Kind::Node,
 ];
 
 /// Builds the model from every stored object that concerns policy (others are ignored).
@@ -236,10 +264,25 @@ pub fn translate(resources: &[Resource]) -> Translation {
 /// Adds a policy whose tier exists (the `default` tier always does).
 fn add(m: &mut Model, p: Result<Policy>) -> Result<()> {
     let p = p?;
-    if m.tier(&p.tier).is_none() {
-        return Err(TranslateError::MissingTier { tier: p.tier });
-    }
+    check_tier(m, &p)?;
     m.policies.insert(p.id.clone(), p);
+    Ok(())
+}
+
+/// A policy's tier exists, and the ClusterNetworkPolicy tiers hold only ClusterNetworkPolicies
+/// (a Calico policy naming `admin` written around the validating edge is left out).
+pub fn check_tier(m: &Model, p: &Policy) -> Result<()> {
+    let cluster_tier = builtin_cluster_tier(&p.tier).is_some();
+    if cluster_tier != p.id.kind.is_cluster() {
+        return Err(TranslateError::ClusterTier {
+            tier: p.tier.clone(),
+        });
+    }
+    if m.tier(&p.tier).is_none() {
+        return Err(TranslateError::MissingTier {
+            tier: p.tier.clone(),
+        });
+    }
     Ok(())
 }
 
@@ -396,6 +439,8 @@ fn calico_policy(
         } else {
             None
         },
+        ingress_origins: Vec::new(),
+        egress_origins: Vec::new(),
     })
 }
 
@@ -417,6 +462,7 @@ fn network_set(
         name: o.metadata.name.clone(),
         labels: o.metadata.labels.clone(),
         nets: nets(&o.spec.nets)?,
+        node: false,
     })
 }
 
@@ -610,8 +656,13 @@ fn kubernetes_policy(o: &Object<KubernetesNetworkPolicySpec>) -> Result<Policy> 
             .policy_types
             .contains(&PolicyType::Egress)
             .then_some(egress),
+        ingress_origins: Vec::new(),
+        egress_origins: Vec::new(),
     })
 }
 
+mod cluster;
 #[cfg(test)]
 mod tests;
+
+pub use cluster::{node_addresses, node_set_name};

@@ -692,6 +692,7 @@ fn a_named_port_resolves_only_against_selected_endpoints() {
         name: "office".into(),
         labels: common::labels(&[("kind", "office")]),
         nets: common::nets(&["10.0.1.0/30"]),
+        node: false,
     });
     let mut p = common::policy(PolicyKind::Global, None, "g0", DEFAULT_TIER, "all()");
     p.ingress = Some(vec![Rule {

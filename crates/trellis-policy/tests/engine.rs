@@ -239,3 +239,102 @@ fn a_batch_of_policies_fills_each_endpoint_chain_once() {
         );
     }
 }
+
+/// ClusterNetworkPolicy churn is incremental too: a namespace leaving a peer's namespace
+/// selector, or a node leaving a `nodes` peer's selector (while another still matches: the
+/// last one leaving turns the interval set into a hash set, as for NetworkSets), changes set
+/// elements only; a Node written again unchanged but for its heartbeat changes nothing.
+#[test]
+fn cluster_policy_peers_follow_namespace_and_node_labels_by_set_elements() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: red}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {team: blue}}
+---
+apiVersion: trellis.dev/v1
+kind: Node
+metadata: {name: n9, labels: {zone: a}}
+spec: {addresses: [{address: 172.16.0.9}]}
+---
+apiVersion: trellis.dev/v1
+kind: Node
+metadata: {name: n8, labels: {zone: a}}
+spec: {addresses: [{address: 172.16.0.8}]}
+---
+apiVersion: trellis.dev/v1
+kind: WorkloadEndpoint
+metadata: {name: a, namespace: x, labels: {app: a}}
+spec: {node: n1, pod: a, interfaceName: trla, ipNetworks: [10.0.0.1/32]}
+---
+apiVersion: trellis.dev/v1
+kind: WorkloadEndpoint
+metadata: {name: c, namespace: y, labels: {app: c}}
+spec: {node: n2, pod: c, interfaceName: trlc, ipNetworks: [10.0.1.3/32]}
+---
+apiVersion: policy.networking.k8s.io/v1beta1
+kind: ClusterNetworkPolicy
+metadata: {name: admin-x}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {team: red}}}
+  ingress:
+  - action: Deny
+    from: [{namespaces: {matchLabels: {team: blue}}}]
+  egress:
+  - action: Deny
+    to: [{nodes: {matchLabels: {zone: a}}}]
+"#;
+    let docs = trellis_resources::parse_documents(yaml).unwrap();
+    let mut sync = trellis_policy::sync::ModelSync::new();
+    let mut engine = PolicyEngine::new(common::NODE);
+    for d in &docs {
+        for c in sync.update(&d.key(), Some(d)).changes {
+            engine.handle(c);
+        }
+    }
+    let relabel = |yaml: &str| trellis_resources::parse_documents(yaml).unwrap().remove(0);
+    // Namespace y leaves team=blue: y/c's address leaves the peer's set.
+    let y =
+        relabel("apiVersion: v1\nkind: Namespace\nmetadata: {name: y, labels: {team: green}}\n");
+    let changes = sync.update(&y.key(), Some(&y)).changes;
+    let mut ops = Vec::new();
+    for c in changes {
+        ops.extend(engine.handle(c).ops);
+    }
+    assert!(!ops.is_empty() && ops.iter().all(is_element_op), "{ops:#?}");
+    // Node n9 leaves zone=a: its address leaves the nodes peer's set.
+    let n9 = relabel("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n9, labels: {zone: b}}\nspec: {addresses: [{address: 172.16.0.9}]}\n");
+    let mut ops = Vec::new();
+    for c in sync.update(&n9.key(), Some(&n9)).changes {
+        ops.extend(engine.handle(c).ops);
+    }
+    assert!(!ops.is_empty() && ops.iter().all(is_element_op), "{ops:#?}");
+    // The same Node again with a new heartbeat: nothing to do.
+    let mut beat = n9.clone();
+    if let trellis_resources::Resource::Node(o) = &mut beat {
+        o.status = Some(trellis_resources::NodeStatus {
+            last_heartbeat: Some(42),
+        });
+    }
+    let mut ops = Vec::new();
+    for c in sync.update(&beat.key(), Some(&beat)).changes {
+        ops.extend(engine.handle(c).ops);
+    }
+    assert!(ops.is_empty(), "{ops:#?}");
+    // And the engine holds what the compiler makes of the current objects.
+    let now: Vec<trellis_resources::Resource> = docs
+        .iter()
+        .map(|d| match d.key() {
+            k if k == y.key() => y.clone(),
+            k if k == n9.key() => beat.clone(),
+            _ => d.clone(),
+        })
+        .collect();
+    let m = trellis_policy::translate::translate(&now).model;
+    assert_eq!(engine.full(), &compile::compile(&m, common::NODE));
+}

@@ -193,6 +193,7 @@ fn scripted_changes(m: &Model) -> Vec<Change> {
         name: "partners".into(),
         labels: common::labels(&[("kind", "partner")]),
         nets: common::nets(&["10.0.0.0/8", "203.0.113.0/25"]),
+        node: false,
     }));
     out.push(Change::ServiceAccountUpsert {
         namespace: "x".into(),

@@ -3,6 +3,8 @@
 //! canonical JSON under stable datastore keys. Pure: no I/O.
 
 pub mod addr;
+pub mod anp;
+pub mod cnp;
 pub mod k8s;
 pub mod kinds;
 pub mod labels;
@@ -66,10 +68,16 @@ pub enum Kind {
     Namespace,
     /// `v1` ServiceAccount.
     ServiceAccount,
+    /// `policy.networking.k8s.io/v1beta1` (or `v1alpha2`) ClusterNetworkPolicy.
+    ClusterNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1` AdminNetworkPolicy.
+    AdminNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1` BaselineAdminNetworkPolicy.
+    BaselineAdminNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 24] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -91,6 +99,9 @@ impl Kind {
         Kind::Profile,
         Kind::Namespace,
         Kind::ServiceAccount,
+        Kind::ClusterNetworkPolicy,
+        Kind::AdminNetworkPolicy,
+        Kind::BaselineAdminNetworkPolicy,
     ];
 
     /// The `kind:` field.
@@ -116,6 +127,9 @@ impl Kind {
             Kind::Profile => "Profile",
             Kind::Namespace => "Namespace",
             Kind::ServiceAccount => "ServiceAccount",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
         }
     }
 
@@ -124,6 +138,8 @@ impl Kind {
         match self {
             Kind::KubernetesNetworkPolicy => NETWORKING_API_VERSION,
             Kind::Namespace | Kind::ServiceAccount => CORE_API_VERSION,
+            Kind::ClusterNetworkPolicy => cnp::CNP_API_VERSION,
+            Kind::AdminNetworkPolicy | Kind::BaselineAdminNetworkPolicy => anp::ANP_API_VERSION,
             _ => API_VERSION,
         }
     }
@@ -132,8 +148,20 @@ impl Kind {
     pub fn is_kubernetes(self) -> bool {
         matches!(
             self,
-            Kind::KubernetesNetworkPolicy | Kind::Namespace | Kind::ServiceAccount
+            Kind::KubernetesNetworkPolicy
+                | Kind::Namespace
+                | Kind::ServiceAccount
+                | Kind::ClusterNetworkPolicy
+                | Kind::AdminNetworkPolicy
+                | Kind::BaselineAdminNetworkPolicy
         )
+    }
+
+    /// Whether a document of this kind may be written with `api_version`: Kubernetes' kinds
+    /// with their own version (ClusterNetworkPolicy also with `v1alpha2`, the same schema).
+    fn accepts_kubernetes_version(self, api_version: &str) -> bool {
+        api_version == self.api_version()
+            || (self == Kind::ClusterNetworkPolicy && api_version == cnp::CNP_API_VERSION_ALPHA2)
     }
 
     /// The kind a document's `apiVersion` and `kind` name, if Trellis knows it.
@@ -146,7 +174,7 @@ impl Kind {
             ));
         }
         let accepts = |k: Kind| match k {
-            k if k.is_kubernetes() => api_version == k.api_version(),
+            k if k.is_kubernetes() => k.accepts_kubernetes_version(api_version),
             k => {
                 api_version == API_VERSION
                     || (api_version == CALICO_API_VERSION && k.in_calico_v3())
@@ -159,6 +187,9 @@ impl Kind {
         for k in &candidates {
             if k.is_kubernetes() {
                 versions.push(k.api_version());
+                if *k == Kind::ClusterNetworkPolicy {
+                    versions.push(cnp::CNP_API_VERSION_ALPHA2);
+                }
             } else {
                 versions.push(API_VERSION);
                 if k.in_calico_v3() {
@@ -199,6 +230,9 @@ impl Kind {
             Kind::Profile => "profiles",
             Kind::Namespace => "namespaces",
             Kind::ServiceAccount => "serviceaccounts",
+            Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
+            Kind::AdminNetworkPolicy => "adminnetworkpolicies",
+            Kind::BaselineAdminNetworkPolicy => "baselineadminnetworkpolicies",
         }
     }
 
@@ -239,6 +273,9 @@ impl Kind {
         let l = s.to_ascii_lowercase();
         let aliases = [
             ("blockaffinity", Kind::BlockAffinity),
+            ("anp", Kind::AdminNetworkPolicy),
+            ("banp", Kind::BaselineAdminNetworkPolicy),
+            ("cnp", Kind::ClusterNetworkPolicy),
             ("bgpstatus", Kind::BgpStatus),
             ("globalnetworkpolicy", Kind::GlobalNetworkPolicy),
             ("gnp", Kind::GlobalNetworkPolicy),
@@ -309,6 +346,9 @@ pub enum Resource {
     Profile(Object<ProfileSpec>),
     Namespace(Object<NamespaceSpec>),
     ServiceAccount(Object<ServiceAccountSpec>),
+    ClusterNetworkPolicy(Object<cnp::ClusterNetworkPolicySpec>),
+    AdminNetworkPolicy(Object<anp::AdminNetworkPolicySpec>),
+    BaselineAdminNetworkPolicy(Object<anp::BaselineAdminNetworkPolicySpec>),
 }
 
 /// A document that is not a valid resource: which one, and which field is wrong.
@@ -380,6 +420,9 @@ macro_rules! each {
             Resource::Profile($o) => $e,
             Resource::Namespace($o) => $e,
             Resource::ServiceAccount($o) => $e,
+            Resource::ClusterNetworkPolicy($o) => $e,
+            Resource::AdminNetworkPolicy($o) => $e,
+            Resource::BaselineAdminNetworkPolicy($o) => $e,
         }
     };
 }
@@ -408,6 +451,9 @@ impl Resource {
             Resource::Profile(_) => Kind::Profile,
             Resource::Namespace(_) => Kind::Namespace,
             Resource::ServiceAccount(_) => Kind::ServiceAccount,
+            Resource::ClusterNetworkPolicy(_) => Kind::ClusterNetworkPolicy,
+            Resource::AdminNetworkPolicy(_) => Kind::AdminNetworkPolicy,
+            Resource::BaselineAdminNetworkPolicy(_) => Kind::BaselineAdminNetworkPolicy,
         }
     }
 
@@ -573,6 +619,9 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::Profile => Resource::Profile(typed(body)?),
         Kind::Namespace => Resource::Namespace(typed(body)?),
         Kind::ServiceAccount => Resource::ServiceAccount(typed(body)?),
+        Kind::ClusterNetworkPolicy => Resource::ClusterNetworkPolicy(typed(body)?),
+        Kind::AdminNetworkPolicy => Resource::AdminNetworkPolicy(typed(body)?),
+        Kind::BaselineAdminNetworkPolicy => Resource::BaselineAdminNetworkPolicy(typed(body)?),
     })
 }
 

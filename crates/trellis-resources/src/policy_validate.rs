@@ -85,7 +85,7 @@ pub fn tier_name(field: &str, n: &str) -> Result {
     )
 }
 
-fn subdomain_name(n: &str) -> Result {
+pub(crate) fn subdomain_name(n: &str) -> Result {
     name_with(
         "metadata.name",
         n,
@@ -324,6 +324,7 @@ pub fn network_policy(o: &Object<NetworkPolicySpec>) -> Result {
     labels::check("metadata.labels", &o.metadata.labels)?;
     let s = &o.spec;
     tier_name("spec.tier", s.tier_name())?;
+    not_reserved_tier(s.tier_name())?;
     order("spec.order", s.order)?;
     endpoint_selector("spec.selector", &s.selector)?;
     endpoint_selector("spec.serviceAccountSelector", &s.service_account_selector)?;
@@ -338,6 +339,7 @@ pub fn global_network_policy(o: &Object<GlobalNetworkPolicySpec>) -> Result {
     labels::check("metadata.labels", &o.metadata.labels)?;
     let s = &o.spec;
     tier_name("spec.tier", s.tier_name())?;
+    not_reserved_tier(s.tier_name())?;
     order("spec.order", s.order)?;
     endpoint_selector("spec.selector", &s.selector)?;
     endpoint_selector("spec.namespaceSelector", &s.namespace_selector)?;
@@ -368,8 +370,33 @@ fn hints(h: &[String]) -> Result {
     Ok(())
 }
 
+/// Tier names taken by ClusterNetworkPolicy's built-in tiers (evaluated before and after every
+/// Tier; see trellis-policy's model).
+pub const RESERVED_TIERS: [&str; 2] = ["admin", "baseline"];
+
+/// A Calico policy cannot join a ClusterNetworkPolicy tier.
+fn not_reserved_tier(t: &str) -> Result {
+    if RESERVED_TIERS.contains(&t) {
+        return Err(err(
+            "spec.tier",
+            format!("{t:?} is the built-in tier of ClusterNetworkPolicies"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn tier(o: &Object<TierSpec>) -> Result {
     tier_name("metadata.name", &o.metadata.name)?;
+    if RESERVED_TIERS.contains(&o.metadata.name.as_str()) {
+        return Err(err(
+            "metadata.name",
+            format!(
+                "{:?} is the built-in tier of ClusterNetworkPolicies (tier: {}); choose another name",
+                o.metadata.name,
+                if o.metadata.name == "admin" { "Admin" } else { "Baseline" }
+            ),
+        ));
+    }
     labels::check("metadata.labels", &o.metadata.labels)?;
     order("spec.order", o.spec.order)?;
     if o.metadata.name == DEFAULT_TIER {
@@ -480,7 +507,7 @@ pub fn endpoint_policy_fields(o: &Object<WorkloadEndpointSpec>) -> Result {
     Ok(())
 }
 
-fn label_selector(f: &str, s: &LabelSelector) -> Result {
+pub(crate) fn label_selector(f: &str, s: &LabelSelector) -> Result {
     labels::check(&format!("{f}.matchLabels"), &s.match_labels)?;
     for (i, r) in s.match_expressions.iter().enumerate() {
         let f = format!("{f}.matchExpressions[{i}]");

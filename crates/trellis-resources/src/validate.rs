@@ -179,6 +179,9 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
         Resource::Profile(o) => pv::profile(o),
         Resource::Namespace(o) => pv::namespace(o),
         Resource::ServiceAccount(o) => pv::service_account(o),
+        Resource::ClusterNetworkPolicy(o) => crate::cnp::cluster_network_policy(o),
+        Resource::AdminNetworkPolicy(o) => crate::anp::admin_network_policy(o),
+        Resource::BaselineAdminNetworkPolicy(o) => crate::anp::baseline_admin_network_policy(o),
     }
 }
 

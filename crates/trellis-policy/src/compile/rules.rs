@@ -804,7 +804,7 @@ pub fn group_by_tier<'a>(
         .into_iter()
         .filter_map(|(t, ps)| model.tier(t).map(|t| (t, ps)))
         .collect();
-    out.sort_by_key(|a| order_key(a.0.order, &a.0.name));
+    out.sort_by_key(|a| crate::model::tier_key(&a.0));
     for (_, ps) in &mut out {
         ps.sort_by(|a, b| {
             order_key(a.order, &a.id.name)

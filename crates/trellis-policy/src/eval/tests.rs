@@ -704,3 +704,5 @@ fn an_endpoints_address_family_follows_the_peer() {
     let t = evaluate(&m, &flow("x/a -> fd00::9 tcp/80"));
     assert_eq!(t.source.address, Some("fd00::1".parse().unwrap()));
 }
+
+mod cluster;

@@ -183,3 +183,42 @@ fn an_object_that_does_not_translate_is_reported_and_its_old_version_removed() {
     ));
     assert_eq!(up.reports, vec![(key, None)]);
 }
+
+/// A Calico policy naming the `admin` tier (written around the edge, with a Tier object of
+/// that name too) stays out, reported; a ClusterNetworkPolicy in it comes in without a Tier.
+#[test]
+fn the_cluster_tiers_hold_only_cluster_network_policies() {
+    let docs = trellis_resources::parse_documents(
+        "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: c}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: g}\nspec: {selector: all(), ingress: [{action: Allow}]}\n",
+    )
+    .unwrap();
+    let mut gnp = docs[1].clone();
+    if let trellis_resources::Resource::GlobalNetworkPolicy(o) = &mut gnp {
+        o.spec.tier = Some("admin".into());
+    }
+    let mut tier_obj = trellis_resources::parse_documents(
+        "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: other}\n",
+    )
+    .unwrap()
+    .remove(0);
+    tier_obj.metadata_mut().name = "admin".into();
+    let mut s = ModelSync::new();
+    let up = s.update(&docs[0].key(), Some(&docs[0]));
+    assert!(matches!(up.changes.as_slice(), [Change::PolicyUpsert(p)] if p.tier == "admin"));
+    s.update(&tier_obj.key(), Some(&tier_obj));
+    let up = s.update(&gnp.key(), Some(&gnp));
+    assert!(up.changes.is_empty(), "{:?}", up.changes);
+    assert!(matches!(
+        s.bad().get(&gnp.key()),
+        Some(TranslateError::ClusterTier { tier }) if tier == "admin"
+    ));
+    // The Tier object going away does not take the ClusterNetworkPolicy out.
+    let up = s.update(&tier_obj.key(), None);
+    assert!(
+        !up.changes
+            .iter()
+            .any(|c| matches!(c, Change::PolicyRemove(_))),
+        "{:?}",
+        up.changes
+    );
+}

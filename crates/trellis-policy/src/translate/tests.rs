@@ -110,6 +110,8 @@ spec:
             },
             Some(Protocol::Tcp),
         )]),
+        ingress_origins: Vec::new(),
+        egress_origins: Vec::new(),
     };
     assert_eq!(p, &expected);
     // Its namespace has the implicit label though no Namespace object exists.

@@ -100,6 +100,8 @@ pub fn policy(
         service_account_selector: None,
         ingress: None,
         egress: None,
+        ingress_origins: Vec::new(),
+        egress_origins: Vec::new(),
     }
 }
 
@@ -186,12 +188,14 @@ pub fn rich_model() -> Model {
         name: "office".into(),
         labels: labels(&[("kind", "office")]),
         nets: nets(&["192.168.0.0/24", "192.168.0.128/25", "2001:db8::/64"]),
+        node: false,
     });
     m.network_sets.push(NetworkSet {
         namespace: None,
         name: "partners".into(),
         labels: labels(&[("kind", "partner")]),
         nets: nets(&["203.0.113.0/24", "10.0.1.0/30"]),
+        node: false,
     });
 
     // Kubernetes: default deny ingress in x; b admits a on its named port and y on 80/8000-8080.

@@ -77,6 +77,8 @@ fn scope(r: &mut Rng) -> Option<NamespaceScope> {
         1 => Some(NamespaceScope::Matching(sel("team == 'web'"))),
         2 => Some(NamespaceScope::Any),
         3 => Some(NamespaceScope::Matching(sel("global()"))),
+        // A ClusterNetworkPolicy's `nodes` peer: only node sets.
+        4 => Some(NamespaceScope::Nodes),
         _ => None,
     }
 }
@@ -188,10 +190,21 @@ fn random_policy(r: &mut Rng) -> Policy {
         (PolicyKind::Global, None, "g0"),
         (PolicyKind::Global, None, "g1"),
         (PolicyKind::Global, None, "g2"),
+        (PolicyKind::Cluster, None, "c0"),
+        (PolicyKind::Cluster, None, "c1"),
     ]);
-    let t = *r.pick(&["default", "default", "security", "late", "ghost"]);
+    let t = if kind == PolicyKind::Cluster {
+        *r.pick(&[ADMIN_TIER, BASELINE_TIER])
+    } else {
+        *r.pick(&["default", "default", "security", "late", "ghost"])
+    };
     let mut p = policy(kind, ns, name, t, &random_selector(r).to_string());
     p.order = *r.pick(&[None, Some(1.0), Some(10.0), Some(1000.0)]);
+    if kind == PolicyKind::Cluster {
+        p.order = Some(*r.pick(&[0.0, 10.0, 1000.0]));
+        let subject: &&str = r.pick(&["team == 'web'", "all()"]);
+        p.namespaces = NamespaceScope::Matching(sel(subject));
+    }
     if kind == PolicyKind::Global && r.one_in(3) {
         p.namespaces = NamespaceScope::Matching(sel("team == 'web'"));
     }
@@ -256,7 +269,8 @@ pub fn random_change(seed: u64) -> Change {
             }
         }
         14 => {
-            let (namespace, name) = *r.pick(&[(Some("x"), "office"), (None, "global")]);
+            let (namespace, name) =
+                *r.pick(&[(Some("x"), "office"), (None, "global"), (None, "node/n2")]);
             if r.one_in(3) {
                 Change::NetworkSetRemove {
                     namespace: namespace.map(str::to_string),
@@ -271,6 +285,7 @@ pub fn random_change(seed: u64) -> Change {
                     nets: (0..r.below(3))
                         .map(|_| r.pick(&NETS).parse().unwrap())
                         .collect(),
+                    node: name.starts_with("node/"),
                 })
             }
         }
