@@ -438,6 +438,73 @@ async fn a_table_its_owner_took_away_comes_back_at_the_next_resync() {
     w.converged("after the owner left").await;
 }
 
+/// A policy the translation leaves out counts as an invalid record exactly while it is left out,
+/// whatever the decoder says meanwhile: replaced by an undecodable value it is still one record
+/// (now the decoder's), deleted none; an orphan whose tier comes is taken back, and reported
+/// again when the tier goes. Counted from what earlier tests of this binary left (the tracker is
+/// per process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untranslatable_policy_is_reported_exactly_while_it_is_left_out() {
+    trellis_testutil::require_root();
+    let mut w = World::new("polreport").await;
+    w.apply(&(wep("a", NODE, "10.0.0.1", "app: db") + POLICY))
+        .await;
+    w.start().await;
+    w.converged("startup").await;
+    let gnp = || {
+        trellis_cluster::invalid::counts()
+            .get(&Kind::GlobalNetworkPolicy)
+            .copied()
+            .unwrap_or(0)
+    };
+    let base = gnp();
+    let orphan = |name: &str, tier: &str| {
+        docs(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: {name}}}\n\
+             spec: {{tier: {tier}, selector: all(), types: [Ingress]}}\n"
+        ))
+        .remove(0)
+    };
+    let put = |r: &Resource| TxnOp::Put(r.key(), objects::encode(r));
+    let one = orphan("report-one", "missing-one");
+    w.store.txn(vec![], vec![put(&one)]).await.unwrap();
+    w.converged("an orphan").await;
+    assert_eq!(gnp(), base + 1, "the orphan is reported");
+    let garbage = TxnOp::Put(one.key(), b"{not a policy".to_vec());
+    w.store.txn(vec![], vec![garbage]).await.unwrap();
+    w.converged("the orphan undecodable").await;
+    assert_eq!(gnp(), base + 1, "undecodable: one record");
+    w.store
+        .txn(vec![], vec![TxnOp::Delete(one.key())])
+        .await
+        .unwrap();
+    w.converged("the orphan deleted").await;
+    assert_eq!(gnp(), base, "deleted: nothing reported");
+
+    let two = orphan("report-two", "missing-two");
+    w.store.txn(vec![], vec![put(&two)]).await.unwrap();
+    w.converged("another orphan").await;
+    assert_eq!(gnp(), base + 1);
+    let tier = "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: missing-two}\nspec: {order: 100}\n";
+    w.apply(tier).await;
+    w.converged("its tier came").await;
+    assert_eq!(gnp(), base, "taken back when its tier came");
+    // Around the validating edge (which refuses to delete a tier in use), as a restore might.
+    let tier_key = docs(tier).remove(0).key();
+    w.store
+        .txn(vec![], vec![TxnOp::Delete(tier_key)])
+        .await
+        .unwrap();
+    w.converged("its tier went").await;
+    assert_eq!(gnp(), base + 1, "left out again when its tier went");
+    w.store
+        .txn(vec![], vec![TxnOp::Delete(two.key())])
+        .await
+        .unwrap();
+    w.converged("the second orphan deleted").await;
+    assert_eq!(gnp(), base);
+}
+
 /// A restarted applier finds the previous one's table (with a stray rule) and replaces it in
 /// one transaction: the table is never deleted on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
