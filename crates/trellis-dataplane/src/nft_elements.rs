@@ -92,7 +92,11 @@ fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8
     m
 }
 
-/// The whole batch as bytes (pure), and how many messages in it ask for an acknowledgement.
+/// The whole batch as bytes (pure), and how many change messages it holds. Only the last asks
+/// for an acknowledgement: the kernel answers every refused message anyway, and sends all its
+/// answers at the end of the batch, so one acknowledgement per message overflowed the socket's
+/// receive buffer on a batch over a few hundred sets (ENOBUFS: a batch that was applied looked
+/// refused, and the caller replaced the whole table).
 fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec<u8>, usize) {
     let mut out = message(
         NFNL_MSG_BATCH_BEGIN,
@@ -103,8 +107,8 @@ fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec
         &[],
     );
     let mut seq = seq0;
-    let mut acked = 0;
-    for c in changes.iter().filter(|c| !c.keys.is_empty()) {
+    let changes: Vec<&ElementChange> = changes.iter().filter(|c| !c.keys.is_empty()).collect();
+    for (i, c) in changes.iter().enumerate() {
         let mut attrs = Vec::new();
         put_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
         put_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(&c.set));
@@ -117,14 +121,16 @@ fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec
                 }));
             }
         }));
-        let (kind, flags) = if c.add {
+        let (kind, mut flags) = if c.add {
             // `add element`: an element already present is no error (no NLM_F_EXCL).
-            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE)
         } else {
-            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+            (NFT_MSG_DELSETELEM, NLM_F_REQUEST)
         };
+        if i + 1 == changes.len() {
+            flags |= NLM_F_ACK;
+        }
         seq += 1;
-        acked += 1;
         out.extend(message(
             (NFNL_SUBSYS_NFTABLES << 8) | kind,
             flags,
@@ -143,7 +149,7 @@ fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec
         NFNL_SUBSYS_NFTABLES,
         &[],
     ));
-    (out, acked)
+    (out, changes.len())
 }
 
 fn nl_err(op: &str, source: std::io::Error) -> DataplaneError {
@@ -187,14 +193,17 @@ impl ElementSocket {
         self.sock
             .send_to(&batch, &SocketAddr::new(0, 0), 0)
             .map_err(|e| nl_err(OP, e))?;
-        // One NLMSG_ERROR per acknowledged message (sequence numbers first+1 ..= first+count):
-        // error 0 is an ack. On a refusal the kernel aborts the whole batch and still answers
-        // every message; all are read, so none is left to be taken for a later batch's answer.
-        let wanted = first.wrapping_add(1)..=first.wrapping_add(count as u32);
-        let mut pending = count;
+        // The messages have sequence numbers first+1 ..= first+count. The kernel answers each
+        // refused one (NLMSG_ERROR with its code) and the last, which asks for it (error 0: an
+        // ack), in order, after the whole batch: reading up to the last's answer reads them all,
+        // so none is left to be taken for a later batch's answer. On a refusal the kernel aborts
+        // the whole batch.
+        let last = first.wrapping_add(count as u32);
+        let wanted = first.wrapping_add(1)..=last;
+        let mut answered = false;
         let mut refusal = None;
         let mut buf = vec![0u8; 64 * 1024];
-        while pending > 0 {
+        while !answered {
             let n = self
                 .sock
                 .recv(&mut &mut buf[..], 0)
@@ -206,7 +215,7 @@ impl ElementSocket {
                 if !wanted.contains(&seq) {
                     continue; // an answer to an earlier batch that timed out
                 }
-                pending -= 1;
+                answered |= seq == last;
                 if code != 0 && refusal.is_none() {
                     refusal = Some(std::io::Error::from_raw_os_error(-code));
                 }
@@ -430,8 +439,8 @@ mod tests {
                 keys: vec![],
             },
         ];
-        let (b, acked) = encode(NFPROTO_INET, "tb", &changes, 7);
-        assert_eq!(acked, 1);
+        let (b, count) = encode(NFPROTO_INET, "tb", &changes, 7);
+        assert_eq!(count, 1);
         // begin (20) + message + end (20)
         let begin_len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
         assert_eq!(begin_len, 20);
@@ -447,6 +456,11 @@ mod tests {
             (10 << 8) | 12
         );
         assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 8, "seq");
+        assert_eq!(
+            u16::from_ne_bytes(m[6..8].try_into().unwrap()),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            "the last message (here the only one) asks for the acknowledgement"
+        );
         assert_eq!(m[16], NFPROTO_INET);
         // table "tb\0" padded to 4, set "s\0" padded, list → elem → key → value (4 bytes)
         let attrs = &m[20..len];
