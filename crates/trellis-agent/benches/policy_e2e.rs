@@ -47,6 +47,9 @@ impl Kernel for InNetns {
             .run(|| nft::list_table_numeric("inet", "trellis_policy"))
             .unwrap()?)
     }
+    fn generation(&self) -> Result<Option<u32>, PolicyError> {
+        self.0.run(|| self.1.generation()).unwrap()
+    }
 }
 
 fn wep(n: usize, j: usize, app: usize) -> String {

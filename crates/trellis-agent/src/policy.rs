@@ -16,8 +16,9 @@
 //! - Every resync tick: the kernel's table is compared with the expected one
 //!   (`compile::drift`) and replaced whole on any difference (a rule deleted by hand comes
 //!   back); the same listing feeds the per-rule counters. A tick that finds the namespace's
-//!   nf_tables generation where it was when the table last matched skips the listing (nothing
-//!   was committed since), except that the counters are read every tenth tick.
+//!   nf_tables generation where it was when the table last matched, and the table still there
+//!   (an owned table goes without a commit), skips the listing (nothing was committed since),
+//!   except that the counters are read every tenth tick.
 //! - An unreachable datastore changes nothing here: the view keeps its last state, and so
 //!   does the table.
 //!
@@ -70,8 +71,10 @@ pub trait Kernel: Send + Sync {
     /// `None` when the table does not exist.
     fn list(&self) -> Result<Option<Value>, PolicyError>;
     /// The namespace's nf_tables generation, which moves on every committed change of any
-    /// table: while it stands still, a table the resync verified is still as verified.
-    fn generation(&self) -> Result<u32, PolicyError>;
+    /// table, while the table exists (`None`: it does not). A table can leave without a commit
+    /// (one created with `flags owner` goes with its creator's socket), so a table the resync
+    /// verified is still as verified while the generation stands still AND it is still there.
+    fn generation(&self) -> Result<Option<u32>, PolicyError>;
 }
 
 /// Element-only batches over one netlink socket, opened on first use in the calling thread's
@@ -98,14 +101,19 @@ impl ElementPath {
         Ok(sock.apply(NFPROTO_INET, TABLE, &changes)?)
     }
 
-    /// The namespace's nf_tables generation over the same socket (see
-    /// [`ElementSocket::generation`]); a socket that failed is dropped and opened afresh next time.
-    pub fn generation(&self) -> Result<u32, PolicyError> {
+    /// The namespace's nf_tables generation while the policy table exists (`None`: it does not)
+    /// over the same socket (see [`ElementSocket::generation`] and
+    /// [`ElementSocket::table_exists`]); a socket that failed is dropped and opened afresh next
+    /// time.
+    pub fn generation(&self) -> Result<Option<u32>, PolicyError> {
         let mut sock = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if sock.is_none() {
             *sock = Some(ElementSocket::open()?);
         }
-        let read = sock.as_mut().expect("opened above").generation();
+        let s = sock.as_mut().expect("opened above");
+        let read = s
+            .generation()
+            .and_then(|g| Ok(s.table_exists(NFPROTO_INET, TABLE)?.then_some(g)));
         if read.is_err() {
             *sock = None;
         }
@@ -134,7 +142,7 @@ impl Kernel for Nft {
         Ok(trellis_dataplane::nft::list_table_numeric(FAMILY, TABLE)?)
     }
 
-    fn generation(&self) -> Result<u32, PolicyError> {
+    fn generation(&self) -> Result<Option<u32>, PolicyError> {
         self.elements.generation()
     }
 }
@@ -472,8 +480,9 @@ impl Loop {
             return self.pass().await;
         }
         // Read before the listing: a change after it moves the generation past this one.
+        // `None` (the table is gone) always lists.
         let generation = match kernel_call(&self.kernel, |k| k.generation()).await {
-            Ok(g) => Some(g),
+            Ok(g) => g,
             Err(e) => {
                 tracing::debug!(error = %e, "reading the nf_tables generation failed; listing");
                 None

@@ -21,6 +21,9 @@ pub const NFPROTO_INET: u8 = 1;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFTA_TABLE_NAME: u16 = 1;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_NEWGEN: u16 = 15;
@@ -89,7 +92,11 @@ fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8
     m
 }
 
-/// The whole batch as bytes (pure), and how many messages in it ask for an acknowledgement.
+/// The whole batch as bytes (pure), and how many change messages it holds. Only the last asks
+/// for an acknowledgement: the kernel answers every refused message anyway, and sends all its
+/// answers at the end of the batch, so one acknowledgement per message overflowed the socket's
+/// receive buffer on a batch over a few hundred sets (ENOBUFS: a batch that was applied looked
+/// refused, and the caller replaced the whole table).
 fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec<u8>, usize) {
     let mut out = message(
         NFNL_MSG_BATCH_BEGIN,
@@ -100,8 +107,8 @@ fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec
         &[],
     );
     let mut seq = seq0;
-    let mut acked = 0;
-    for c in changes.iter().filter(|c| !c.keys.is_empty()) {
+    let changes: Vec<&ElementChange> = changes.iter().filter(|c| !c.keys.is_empty()).collect();
+    for (i, c) in changes.iter().enumerate() {
         let mut attrs = Vec::new();
         put_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
         put_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(&c.set));
@@ -114,14 +121,16 @@ fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec
                 }));
             }
         }));
-        let (kind, flags) = if c.add {
+        let (kind, mut flags) = if c.add {
             // `add element`: an element already present is no error (no NLM_F_EXCL).
-            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE)
         } else {
-            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+            (NFT_MSG_DELSETELEM, NLM_F_REQUEST)
         };
+        if i + 1 == changes.len() {
+            flags |= NLM_F_ACK;
+        }
         seq += 1;
-        acked += 1;
         out.extend(message(
             (NFNL_SUBSYS_NFTABLES << 8) | kind,
             flags,
@@ -140,7 +149,7 @@ fn encode(family: u8, table: &str, changes: &[ElementChange], seq0: u32) -> (Vec
         NFNL_SUBSYS_NFTABLES,
         &[],
     ));
-    (out, acked)
+    (out, changes.len())
 }
 
 fn nl_err(op: &str, source: std::io::Error) -> DataplaneError {
@@ -184,14 +193,17 @@ impl ElementSocket {
         self.sock
             .send_to(&batch, &SocketAddr::new(0, 0), 0)
             .map_err(|e| nl_err(OP, e))?;
-        // One NLMSG_ERROR per acknowledged message (sequence numbers first+1 ..= first+count):
-        // error 0 is an ack. On a refusal the kernel aborts the whole batch and still answers
-        // every message; all are read, so none is left to be taken for a later batch's answer.
-        let wanted = first.wrapping_add(1)..=first.wrapping_add(count as u32);
-        let mut pending = count;
+        // The messages have sequence numbers first+1 ..= first+count. The kernel answers each
+        // refused one (NLMSG_ERROR with its code) and the last, which asks for it (error 0: an
+        // ack), in order, after the whole batch: reading up to the last's answer reads them all,
+        // so none is left to be taken for a later batch's answer. On a refusal the kernel aborts
+        // the whole batch.
+        let last = first.wrapping_add(count as u32);
+        let wanted = first.wrapping_add(1)..=last;
+        let mut answered = false;
         let mut refusal = None;
         let mut buf = vec![0u8; 64 * 1024];
-        while pending > 0 {
+        while !answered {
             let n = self
                 .sock
                 .recv(&mut &mut buf[..], 0)
@@ -203,7 +215,7 @@ impl ElementSocket {
                 if !wanted.contains(&seq) {
                     continue; // an answer to an earlier batch that timed out
                 }
-                pending -= 1;
+                answered |= seq == last;
                 if code != 0 && refusal.is_none() {
                     refusal = Some(std::io::Error::from_raw_os_error(-code));
                 }
@@ -219,60 +231,88 @@ impl ElementSocket {
 impl ElementSocket {
     /// The namespace's nf_tables ruleset generation: the kernel bumps it on every committed
     /// transaction, of any table (`nf_tables_commit`, `nft_net->base_seq`), so an unchanged
-    /// generation means no table changed — a reader can skip listing one it has verified.
+    /// generation means no transaction changed a table — though a table can still go without
+    /// one (see [`ElementSocket::table_exists`]).
     pub fn generation(&mut self) -> Result<u32> {
         const OP: &str = "nf_tables ruleset generation";
+        match self.ask(OP, NFT_MSG_GETGEN, NFT_MSG_NEWGEN, 0, &[])? {
+            Ok(attrs) => generation_id(&attrs).map_err(|reason| DataplaneError::Decode {
+                op: OP.into(),
+                reason,
+            }),
+            Err(code) => Err(nl_err(OP, std::io::Error::from_raw_os_error(-code))),
+        }
+    }
+
+    /// Whether `table` of `family` exists. A table created with `flags owner` leaves nf_tables
+    /// when its creator's socket closes, with no transaction and so no new generation
+    /// (`nft_rcv_nl_event`): a reader that skips listing while the generation stands still
+    /// must still check that the table is there.
+    pub fn table_exists(&mut self, family: u8, table: &str) -> Result<bool> {
+        const OP: &str = "nf_tables table lookup";
+        let mut attrs = Vec::new();
+        put_attr(&mut attrs, NFTA_TABLE_NAME, &cstr(table));
+        match self.ask(OP, NFT_MSG_GETTABLE, NFT_MSG_NEWTABLE, family, &attrs)? {
+            Ok(_) => Ok(true),
+            Err(code) if code == -libc::ENOENT => Ok(false),
+            Err(code) => Err(nl_err(OP, std::io::Error::from_raw_os_error(-code))),
+        }
+    }
+
+    /// Sends one nf_tables get request (`get`, not a dump) and returns its answer of type
+    /// `answer`: the attributes after the nfgenmsg, or the kernel's (negative) error code.
+    fn ask(
+        &mut self,
+        op: &str,
+        get: u16,
+        answer: u16,
+        family: u8,
+        attrs: &[u8],
+    ) -> Result<std::result::Result<Vec<u8>, i32>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let req = message(
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
-            NLM_F_REQUEST,
-            seq,
-            0,
-            0,
-            &[],
-        );
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | get;
+        let req = message(kind, NLM_F_REQUEST, seq, family, 0, attrs);
         self.sock
             .send_to(&req, &SocketAddr::new(0, 0), 0)
-            .map_err(|e| nl_err(OP, e))?;
+            .map_err(|e| nl_err(op, e))?;
         let mut buf = vec![0u8; 8 * 1024];
+        let answer = (NFNL_SUBSYS_NFTABLES << 8) | answer;
         // Bounded: answers to earlier requests that timed out are skipped, at most a few.
         for _ in 0..64 {
             let n = self
                 .sock
                 .recv(&mut &mut buf[..], 0)
-                .map_err(|e| nl_err(OP, e))?;
-            let decode = |reason| DataplaneError::Decode {
-                op: OP.into(),
-                reason,
-            };
-            match generation_reply(&buf[..n], seq).map_err(decode)? {
-                Some(Ok(id)) => return Ok(id),
-                Some(Err(code)) => {
-                    return Err(nl_err(OP, std::io::Error::from_raw_os_error(-code)))
-                }
-                None => continue,
+                .map_err(|e| nl_err(op, e))?;
+            let found =
+                answer_in(&buf[..n], seq, answer).map_err(|reason| DataplaneError::Decode {
+                    op: op.into(),
+                    reason,
+                })?;
+            if let Some(a) = found {
+                return Ok(a);
             }
         }
         Err(DataplaneError::Decode {
-            op: OP.into(),
+            op: op.into(),
             reason: "no answer with the request's sequence number".into(),
         })
     }
 }
 
-/// The answer to the `NFT_MSG_GETGEN` with sequence number `seq` in one datagram (pure):
-/// `Some(Ok(id))`, `Some(Err(code))` for an error reply, `None` when the datagram holds no
-/// answer to it.
-fn generation_reply(
+/// The answer of type `kind` to the request with sequence number `seq` in one datagram (pure):
+/// `Some(Ok(attributes after the nfgenmsg))`, `Some(Err(code))` for an error reply, `None` when
+/// the datagram holds no answer to it.
+fn answer_in(
     buf: &[u8],
     seq: u32,
-) -> std::result::Result<Option<std::result::Result<u32, i32>>, String> {
+    kind: u16,
+) -> std::result::Result<Option<std::result::Result<Vec<u8>, i32>>, String> {
     let mut at = 0;
     while at + 16 <= buf.len() {
         let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
         let len = word(at) as usize;
-        let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+        let found = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
         if len < 16 || at + len > buf.len() {
             return Err(format!(
                 "a reply of {len} bytes at offset {at} of {}",
@@ -280,30 +320,35 @@ fn generation_reply(
             ));
         }
         if word(at + 8) == seq {
-            if kind == NLMSG_ERROR && len >= 20 {
+            if found == NLMSG_ERROR && len >= 20 {
                 return Ok(Some(Err(word(at + 16) as i32)));
             }
-            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-                // Attributes follow the 4-byte nfgenmsg.
-                let mut a = at + 20;
-                while a + 4 <= at + len {
-                    let alen = u16::from_ne_bytes(buf[a..a + 2].try_into().expect("2")) as usize;
-                    let akind = u16::from_ne_bytes(buf[a + 2..a + 4].try_into().expect("2"));
-                    if alen < 4 || a + alen > at + len {
-                        return Err(format!("an attribute of {alen} bytes at offset {a}"));
-                    }
-                    if akind & 0x3fff == NFTA_GEN_ID && alen == 8 {
-                        let id = u32::from_be_bytes(buf[a + 4..a + 8].try_into().expect("4"));
-                        return Ok(Some(Ok(id)));
-                    }
-                    a += alen.next_multiple_of(4);
-                }
-                return Err("a generation reply without NFTA_GEN_ID".into());
+            if found == kind && len >= 20 {
+                return Ok(Some(Ok(buf[at + 20..at + len].to_vec())));
             }
         }
         at += len.next_multiple_of(4);
     }
     Ok(None)
+}
+
+/// NFTA_GEN_ID (big-endian) among a NEWGEN answer's attributes (pure).
+fn generation_id(attrs: &[u8]) -> std::result::Result<u32, String> {
+    let mut a = 0;
+    while a + 4 <= attrs.len() {
+        let alen = u16::from_ne_bytes(attrs[a..a + 2].try_into().expect("2")) as usize;
+        let akind = u16::from_ne_bytes(attrs[a + 2..a + 4].try_into().expect("2"));
+        if alen < 4 || a + alen > attrs.len() {
+            return Err(format!("an attribute of {alen} bytes at offset {a}"));
+        }
+        if akind & 0x3fff == NFTA_GEN_ID && alen == 8 {
+            return Ok(u32::from_be_bytes(
+                attrs[a + 4..a + 8].try_into().expect("4"),
+            ));
+        }
+        a += alen.next_multiple_of(4);
+    }
+    Err("a generation reply without NFTA_GEN_ID".into())
 }
 
 /// The `(sequence number, error code)` of each NLMSG_ERROR in one datagram (pure).
@@ -355,7 +400,8 @@ mod tests {
     use super::*;
 
     /// A NEWGEN answer as the kernel lays it out (`nf_tables_fill_gen_info`): nfgenmsg, then
-    /// NFTA_GEN_ID (big-endian), PROC_PID, PROC_NAME; other sequence numbers are not it.
+    /// NFTA_GEN_ID (big-endian), PROC_PID, PROC_NAME; other sequence numbers and other message
+    /// types are not it.
     #[test]
     fn a_generation_reply_is_read_by_its_sequence_number() {
         let mut attrs = Vec::new();
@@ -365,12 +411,16 @@ mod tests {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN;
         let mut buf = message(kind, 0, 6, 0, 0, &attrs);
         buf.extend(message(kind, 0, 7, 0, 0, &attrs));
-        assert_eq!(generation_reply(&buf, 7), Ok(Some(Ok(0x0102_0304))));
-        assert_eq!(generation_reply(&buf, 9), Ok(None));
+        let read = answer_in(&buf, 7, kind).unwrap().unwrap().unwrap();
+        assert_eq!(generation_id(&read), Ok(0x0102_0304));
+        assert_eq!(answer_in(&buf, 9, kind), Ok(None));
+        let table = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE;
+        assert_eq!(answer_in(&buf, 7, table), Ok(None), "another type");
         let mut err = message(NLMSG_ERROR, 0, 9, 0, 0, &[]);
         err[16..20].copy_from_slice(&(-1i32).to_ne_bytes());
-        assert_eq!(generation_reply(&err, 9), Ok(Some(Err(-1))));
-        assert!(generation_reply(&buf[..30], 7).is_err());
+        assert_eq!(answer_in(&err, 9, kind), Ok(Some(Err(-1))));
+        assert!(answer_in(&buf[..30], 7, kind).is_err());
+        assert!(generation_id(&attrs[8..]).is_err(), "no NFTA_GEN_ID");
     }
 
     /// The layout nf_tables parses: begin, one NEWSETELEM with table, set and a nested list of
@@ -389,8 +439,8 @@ mod tests {
                 keys: vec![],
             },
         ];
-        let (b, acked) = encode(NFPROTO_INET, "tb", &changes, 7);
-        assert_eq!(acked, 1);
+        let (b, count) = encode(NFPROTO_INET, "tb", &changes, 7);
+        assert_eq!(count, 1);
         // begin (20) + message + end (20)
         let begin_len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
         assert_eq!(begin_len, 20);
@@ -406,6 +456,11 @@ mod tests {
             (10 << 8) | 12
         );
         assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 8, "seq");
+        assert_eq!(
+            u16::from_ne_bytes(m[6..8].try_into().unwrap()),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            "the last message (here the only one) asks for the acknowledgement"
+        );
         assert_eq!(m[16], NFPROTO_INET);
         // table "tb\0" padded to 4, set "s\0" padded, list → elem → key → value (4 bytes)
         let attrs = &m[20..len];

@@ -79,3 +79,42 @@ fn elements_change_in_one_transaction_and_a_refused_batch_changes_nothing() {
     .unwrap();
     assert!(listed(&ns).contains("10.0.0.5"));
 }
+
+/// One batch may touch many sets (a label change moves a pod in and out of every selector set
+/// it matches): the kernel answers each message with an acknowledgement, all at the end of the
+/// batch, and all of them must reach the socket for the batch to count as applied.
+#[test]
+fn a_batch_over_many_sets_is_applied_and_acknowledged() {
+    const SETS: usize = 2000;
+    let ns = TestNetns::new("nftelmany");
+    let mut table = String::from("table inet many {\n");
+    for i in 0..SETS {
+        table.push_str(&format!("  set s{i} {{ type ipv4_addr; }}\n"));
+    }
+    table.push_str("}\n");
+    let path = std::env::temp_dir().join(format!("trellis-nftelmany-{}.nft", std::process::id()));
+    std::fs::write(&path, table).unwrap();
+    ns.exec_ok(&["nft", "-f", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).unwrap();
+    let mut sock = Netns::open(ns.path())
+        .unwrap()
+        .run(ElementSocket::open)
+        .unwrap()
+        .unwrap();
+    let changes: Vec<ElementChange> = (0..SETS)
+        .map(|i| change(true, &format!("s{i}"), vec![vec![10, 0, 0, 1]]))
+        .collect();
+    sock.apply(NFPROTO_INET, "many", &changes)
+        .expect("a batch over every set");
+    let last = ns.exec_ok(&[
+        "nft",
+        "list",
+        "set",
+        "inet",
+        "many",
+        &format!("s{}", SETS - 1),
+    ]);
+    assert!(last.contains("10.0.0.1"), "{last}");
+    assert!(sock.table_exists(NFPROTO_INET, "many").unwrap());
+    assert!(!sock.table_exists(NFPROTO_INET, "absent").unwrap());
+}
