@@ -517,8 +517,11 @@ impl Datastore for SqliteStore {
             // poll costs a read transaction on a blocking thread (most of an idle agent's CPU).
             let mut quiet_at: Option<i64> = None;
             loop {
-                let version = data_version(&conn);
+                // Marked seen before the version is read: a commit after this line either shows
+                // in the version or wakes the wait below (read the other way round, a commit
+                // between the two would have its wake consumed and wait for the poll).
                 commits.borrow_and_update();
+                let version = data_version(&conn);
                 if version.is_some() && version == quiet_at {
                     if tx.is_closed() {
                         return;
