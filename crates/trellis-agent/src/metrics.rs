@@ -193,12 +193,12 @@ fn register_policy(reg: &mut Registry, p: &crate::policy::Status) {
     }
     reg.register(
         "policy_rule_packets",
-        "Packets a policy rule matched (read from nft at least every 10th resync)",
+        "Packets a policy rule matched (read from nft at least every 10th resync and after any nftables change)",
         packets,
     );
     reg.register(
         "policy_rule_bytes",
-        "Bytes a policy rule matched (read from nft at least every 10th resync)",
+        "Bytes a policy rule matched (read from nft at least every 10th resync and after any nftables change)",
         bytes,
     );
 }
