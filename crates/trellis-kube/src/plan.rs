@@ -5,7 +5,8 @@
 //!   NetworkPolicies): create or replace what differs, delete what vanished from Kubernetes —
 //!   but only records the controller wrote ([`crate::translate::owned`]); an object an
 //!   operator applied with the CLI is never deleted.
-//! - [`plan_endpoints`] for pods: a pod's WorkloadEndpoints (written by the CNI ADD, found by
+//! - [`plan_pods`] for pods: each pod's record (kind `Pod`, mirrored like the kinds above),
+//!   which the agent reads at the pod's CNI ADD, and [`plan_endpoints`]: a pod's WorkloadEndpoints (written by the CNI ADD, found by
 //!   namespace, `spec.pod` and node) get the pod's labels, service account and named ports;
 //!   nothing else of the endpoint changes, and endpoints are never created or deleted here.
 //!
@@ -15,7 +16,8 @@
 use std::collections::BTreeMap;
 
 use trellis_cluster::objects::{decode, encode};
-use trellis_resources::Resource;
+use trellis_resources::pod::stamp_endpoint;
+use trellis_resources::{key_for, Kind, Resource};
 use trellis_store::{KeyValue, Precondition};
 
 use crate::translate::{owned, NodeInfo, PodInfo, KUBE_LABELS};
@@ -122,9 +124,7 @@ pub fn plan_endpoints(
         if info.node.as_ref().is_some_and(|n| *n != w.spec.node) {
             continue;
         }
-        w.metadata.labels = info.labels.clone();
-        w.spec.service_account_name = info.service_account.clone();
-        w.spec.ports = info.ports.clone();
+        stamp_endpoint(&info.record(), &mut w.metadata.labels, &mut w.spec);
         let value = encode(&Resource::WorkloadEndpoint(w));
         if value != kv.value {
             ops.push(Op::Put {
@@ -134,6 +134,34 @@ pub fn plan_endpoints(
             });
         }
     }
+    ops
+}
+
+/// The pods' records (kind `Pod`) as they must be stored, by datastore key: mirrored like the
+/// other owned kinds by [`plan_owned`].
+pub fn desired_records(pods: &BTreeMap<(String, String), PodDesired>) -> BTreeMap<String, Desired> {
+    pods.iter()
+        .map(|((ns, name), p)| {
+            let key = key_for(Kind::Pod, Some(ns), name);
+            let d = match p {
+                PodDesired::Pod(info) => Desired::Object(Box::new(Resource::Pod(info.record()))),
+                PodDesired::Invalid => Desired::Invalid,
+            };
+            (key, d)
+        })
+        .collect()
+}
+
+/// Plans pods: their records first (created as soon as the pod is listed, so the agent finds
+/// it at the pod's CNI ADD), then their endpoints. `records` and `endpoints` are the store's
+/// listings of the same scope as `pods` (the whole cluster or one namespace).
+pub fn plan_pods(
+    pods: &BTreeMap<(String, String), PodDesired>,
+    records: &[KeyValue],
+    endpoints: &[KeyValue],
+) -> Vec<Op> {
+    let mut ops = plan_owned(&desired_records(pods), records);
+    ops.extend(plan_endpoints(pods, endpoints));
     ops
 }
 
@@ -296,6 +324,7 @@ mod tests {
                 host_ip: None,
             }],
             ipam: Default::default(),
+            uid: Some("u1".into()),
         }
     }
 

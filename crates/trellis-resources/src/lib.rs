@@ -7,6 +7,7 @@ pub mod k8s;
 pub mod kinds;
 pub mod labels;
 pub mod policy;
+pub mod pod;
 pub mod policy_validate;
 pub mod selector;
 pub mod validate;
@@ -66,10 +67,12 @@ pub enum Kind {
     Namespace,
     /// `v1` ServiceAccount.
     ServiceAccount,
+    /// Trellis's record of a Kubernetes pod (see [`pod`]).
+    Pod,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 22] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -91,6 +94,7 @@ impl Kind {
         Kind::Profile,
         Kind::Namespace,
         Kind::ServiceAccount,
+        Kind::Pod,
     ];
 
     /// The `kind:` field.
@@ -116,6 +120,7 @@ impl Kind {
             Kind::Profile => "Profile",
             Kind::Namespace => "Namespace",
             Kind::ServiceAccount => "ServiceAccount",
+            Kind::Pod => "Pod",
         }
     }
 
@@ -199,6 +204,7 @@ impl Kind {
             Kind::Profile => "profiles",
             Kind::Namespace => "namespaces",
             Kind::ServiceAccount => "serviceaccounts",
+            Kind::Pod => "pods",
         }
     }
 
@@ -210,6 +216,7 @@ impl Kind {
                 | Kind::NetworkPolicy
                 | Kind::NetworkSet
                 | Kind::ServiceAccount
+                | Kind::Pod
         )
     }
 
@@ -309,6 +316,7 @@ pub enum Resource {
     Profile(Object<ProfileSpec>),
     Namespace(Object<NamespaceSpec>),
     ServiceAccount(Object<ServiceAccountSpec>),
+    Pod(Object<pod::PodSpec>),
 }
 
 /// A document that is not a valid resource: which one, and which field is wrong.
@@ -380,6 +388,7 @@ macro_rules! each {
             Resource::Profile($o) => $e,
             Resource::Namespace($o) => $e,
             Resource::ServiceAccount($o) => $e,
+            Resource::Pod($o) => $e,
         }
     };
 }
@@ -408,6 +417,7 @@ impl Resource {
             Resource::Profile(_) => Kind::Profile,
             Resource::Namespace(_) => Kind::Namespace,
             Resource::ServiceAccount(_) => Kind::ServiceAccount,
+            Resource::Pod(_) => Kind::Pod,
         }
     }
 
@@ -573,6 +583,7 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::Profile => Resource::Profile(typed(body)?),
         Kind::Namespace => Resource::Namespace(typed(body)?),
         Kind::ServiceAccount => Resource::ServiceAccount(typed(body)?),
+        Kind::Pod => Resource::Pod(typed(body)?),
     })
 }
 

@@ -17,7 +17,7 @@ fn err(field: &str, reason: impl Into<String>) -> ResourceError {
 
 /// Names: 1–253 characters of letters, digits, `.`, `_`, `-`, starting with a letter or digit;
 /// lower case for the kinds Kubernetes names must be (DNS subdomains).
-fn name(n: &str, lowercase: bool) -> Result<(), ResourceError> {
+pub(crate) fn name(n: &str, lowercase: bool) -> Result<(), ResourceError> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
     if n.is_empty() || n.len() > 253 {
         return Err(err(
@@ -179,6 +179,10 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
         Resource::Profile(o) => pv::profile(o),
         Resource::Namespace(o) => pv::namespace(o),
         Resource::ServiceAccount(o) => pv::service_account(o),
+        Resource::Pod(o) => {
+            name(&o.metadata.name, true)?;
+            crate::pod::validate(o)
+        }
     }
 }
 
