@@ -388,6 +388,58 @@ mod tests {
         assert!(plan_endpoints(&invalid, &observed).is_empty());
     }
 
+    /// A pod's record is created (guarded by its absence) before anything touches its
+    /// endpoints, replaced when the pod changes, deleted when the pod is gone — only records the
+    /// controller wrote; an invalid pod keeps what is stored.
+    #[test]
+    fn pod_records_are_mirrored_before_endpoints() {
+        let pods: BTreeMap<(String, String), PodDesired> = [
+            (
+                ("x".to_string(), "a".to_string()),
+                PodDesired::Pod(Box::new(info(Some("n1")))),
+            ),
+            (("x".to_string(), "bad".to_string()), PodDesired::Invalid),
+        ]
+        .into();
+        let record = Resource::Pod(info(Some("n1")).record());
+        assert_eq!(record.key(), "/trellis/v1/pods/x/a");
+        assert!(owned(&record));
+        let mine = wep("x", "a", "n1", "c1");
+        let ops = plan_pods(&pods, &[], &[kv(&mine, 4)]);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert_eq!(
+            ops[0],
+            Op::Put {
+                key: record.key(),
+                value: encode(&record),
+                precondition: Precondition::Absent(record.key()),
+            }
+        );
+        assert_eq!(ops[1].key(), mine.key());
+        // Stored already: nothing; a stored record of a pod gone is deleted if ours.
+        let mut gone = info(Some("n1"));
+        gone.name = "gone".into();
+        let gone = Resource::Pod(gone.record());
+        let mut theirs = info(Some("n1"));
+        theirs.name = "cli".into();
+        let mut theirs = theirs.record();
+        theirs.metadata.annotations.clear();
+        let theirs = Resource::Pod(theirs);
+        let bad = {
+            let mut b = info(None);
+            b.name = "bad".into();
+            Resource::Pod(b.record())
+        };
+        let observed = [kv(&record, 5), kv(&gone, 6), kv(&theirs, 7), kv(&bad, 8)];
+        assert_eq!(
+            plan_pods(&pods, &observed, &[]),
+            vec![Op::Delete {
+                key: gone.key(),
+                revision: 6
+            }]
+        );
+    }
+
     fn trellis_node(labels: &str, synced: Option<&str>) -> Resource {
         let ann = synced
             .map(|k| format!(", annotations: {{\"{KUBE_LABELS}\": \"{k}\"}}"))
