@@ -125,14 +125,22 @@ fn a_pod_isolated_by_label_is_never_reachable_after_its_add() {
     let web = TestNetns::new("kpaweb");
     let _web_srv = serve(&web, "web", c.dir.path());
     let out = c.spawn_add(0, "kpaweb", &web).wait_with_output().unwrap();
-    assert!(out.status.success(), "ADD web: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "ADD web: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let web_ip = ip_of(&out).unwrap().to_string();
     assert_eq!(reach(&client, &web_ip, "web"), "web\tok", "the probe works");
 
     let db = TestNetns::new("kpadb");
     let _db_srv = serve(&db, "db", c.dir.path());
     let out = c.spawn_add(0, "kpadb", &db).wait_with_output().unwrap();
-    assert!(out.status.success(), "ADD db: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "ADD db: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let db_ip = ip_of(&out).unwrap().to_string();
     for i in 0..5 {
         assert_eq!(
@@ -142,7 +150,11 @@ fn a_pod_isolated_by_label_is_never_reachable_after_its_add() {
         );
     }
     let labels = labels_at_birth(&rt, &c.spec, "kpadb");
-    assert_eq!(labels.get("app").map(String::as_str), Some("db"), "{labels:?}");
+    assert_eq!(
+        labels.get("app").map(String::as_str),
+        Some("db"),
+        "{labels:?}"
+    );
 }
 
 /// The labels of pod `name`'s endpoint now, if it has one.
@@ -167,7 +179,10 @@ fn kubernetes_mode_waits_for_the_pods_record() {
     let out = c.spawn_add(0, "kpbnone", &none).wait_with_output().unwrap();
     let waited = started.elapsed();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "ADD without a record succeeded: {text}");
+    assert!(
+        !out.status.success(),
+        "ADD without a record succeeded: {text}"
+    );
     let err: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(err["code"], 11, "{text}");
     let msg = err["msg"].as_str().unwrap();
@@ -184,7 +199,11 @@ fn kubernetes_mode_waits_for_the_pods_record() {
         .lines()
         .any(|l| l.contains("waiting for the pod's record") && l.contains("default/kpblate"))
     {
-        assert!(start.elapsed() < DEADLINE, "ADD is not waiting: {}", c.agent_log(0));
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ADD is not waiting: {}",
+            c.agent_log(0)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     c.cli_ok(
@@ -192,9 +211,10 @@ fn kubernetes_mode_waits_for_the_pods_record() {
         Some("apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: kpblate, namespace: default, labels: {app: late}}\nspec: {nodeName: node0}\n"),
     );
     let out = add.wait_with_output().unwrap();
-    assert!(out.status.success(), "ADD: {}", String::from_utf8_lossy(&out.stdout));
-    assert_eq!(
-        endpoint_labels(&c, "kpblate"),
-        Some(json!({"app": "late"}))
+    assert!(
+        out.status.success(),
+        "ADD: {}",
+        String::from_utf8_lossy(&out.stdout)
     );
+    assert_eq!(endpoint_labels(&c, "kpblate"), Some(json!({"app": "late"})));
 }

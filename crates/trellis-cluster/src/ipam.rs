@@ -876,11 +876,11 @@ impl NodeIpam {
         // catches a record the view has not seen yet).
         let stored = match seen {
             Some(s) => Some(Ok(s)),
-            None if fresh || self.pods.is_none() || self.require_pods => {
-                self.store.get(&key).await?.map(|kv| {
-                    objects::decode(&kv).map_err(|e| (kv.mod_revision, e))
-                })
-            }
+            None if fresh || self.pods.is_none() || self.require_pods => self
+                .store
+                .get(&key)
+                .await?
+                .map(|kv| objects::decode(&kv).map_err(|e| (kv.mod_revision, e))),
             None => None,
         };
         let (record, guard) = match stored {

@@ -129,14 +129,20 @@ async fn kubernetes_mode_creates_no_endpoint_without_the_pods_record() {
     let ipam = NodeIpam::new(store.clone(), "n1", Default::default())
         .with_pod_records(Arc::new(Blind), true);
     let r = req("n1", 1);
-    let e = ipam.allocate(&r).await.expect_err("allocated without a record");
+    let e = ipam
+        .allocate(&r)
+        .await
+        .expect_err("allocated without a record");
     assert!(
         matches!(&e, ClusterError::PodNotSynced { namespace, pod, .. } if namespace == "default" && pod == "p1"),
         "{e}"
     );
     assert!(e.to_string().contains("default/p1"), "{e}");
     assert!(store.get(&endpoint_key(&r)).await.unwrap().is_none());
-    assert!(ipam.held(&r).await.unwrap().is_none(), "an address was kept");
+    assert!(
+        ipam.held(&r).await.unwrap().is_none(),
+        "an address was kept"
+    );
     // The reader has not seen the record, the store has: it is read there.
     apply(&*store, &pod_yaml("p1", "n1", "db")).await;
     ipam.allocate(&r).await.unwrap();

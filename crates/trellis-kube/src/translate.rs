@@ -21,8 +21,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ObjectMeta;
 use serde_json::{json, Value};
-use trellis_resources::policy::RuleProtocol;
 use trellis_resources::pod::PodSpec;
+use trellis_resources::policy::RuleProtocol;
 use trellis_resources::{EndpointPort, Kind, Metadata, Object, Resource, ResourceError};
 
 /// The annotation that marks an object the controller wrote.

@@ -730,17 +730,26 @@ async fn a_pods_record_is_stored_before_its_endpoint_exists() {
     assert_eq!(rec.spec.service_account_name.as_deref(), Some("web"));
     assert_eq!(rec.spec.ports[0].name, "http");
     assert_eq!(rec.spec.ipv4_pools, ["db-pool"]);
-    assert_eq!(rec.spec.ip_addrs, ["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        rec.spec.ip_addrs,
+        ["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert!(trellis_kube::translate::owned(&Resource::Pod(rec)));
-    e.api
-        .put(PODS, pod("shop", "db-0", "n1", json!({"app": "db", "v": "2"})));
+    e.api.put(
+        PODS,
+        pod("shop", "db-0", "n1", json!({"app": "db", "v": "2"})),
+    );
     e.wait_for("a label change", Kind::Pod, Some("shop"), "db-0", |r| {
         label(r, "v").as_deref() == Some("2")
     })
     .await;
     assert!(e.api.delete(PODS, "shop", "db-0"));
-    e.wait_for("the record's deletion", Kind::Pod, Some("shop"), "db-0", |r| {
-        r.is_none()
-    })
+    e.wait_for(
+        "the record's deletion",
+        Kind::Pod,
+        Some("shop"),
+        "db-0",
+        |r| r.is_none(),
+    )
     .await;
 }

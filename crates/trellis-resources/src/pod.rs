@@ -162,7 +162,9 @@ mod tests {
             let e = parse(spec).expect_err(spec);
             assert!(e.to_string().contains(field), "{spec}: {e}");
         }
-        let no_ns = parse_documents("apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n");
+        let no_ns = parse_documents(
+            "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
+        );
         // Namespaced kinds default to `default`, as the API server does.
         assert_eq!(no_ns.unwrap()[0].key(), "/trellis/v1/pods/default/a");
     }
