@@ -231,6 +231,25 @@ fn endpoint_namespace(req: &Request) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
+/// What the allocation asks for once the pod's record is read: the pod's Calico IPAM
+/// annotations (`ipv4pools` / `ipv6pools` over the CNI configuration's pools, as Calico
+/// does; `ipAddrs` when the runtime asked for no address itself). The record's guard covers
+/// them like its labels.
+pub fn with_pod_ipam(req: &Request, pod: Option<&Object<PodSpec>>) -> Request {
+    let mut asked = req.clone();
+    let Some(p) = pod else { return asked };
+    if !p.spec.ipv4_pools.is_empty() {
+        asked.ipv4_pools.clone_from(&p.spec.ipv4_pools);
+    }
+    if !p.spec.ipv6_pools.is_empty() {
+        asked.ipv6_pools.clone_from(&p.spec.ipv6_pools);
+    }
+    if asked.requested_ips.is_empty() {
+        asked.requested_ips.clone_from(&p.spec.ip_addrs);
+    }
+    asked
+}
+
 /// The agent's allocator for one node.
 pub struct NodeIpam {
     store: Arc<dyn Datastore>,
@@ -430,7 +449,8 @@ impl NodeIpam {
             let settings = self.settings(&mut st, fresh).await?;
             let affine = self.affine(&mut st, fresh).await?;
             let pod = self.read_pod(req, fresh).await?;
-            let mut plans = match self.plan(req, &settings, &affine).await {
+            let asked = with_pod_ipam(req, pod.record.as_ref());
+            let mut plans = match self.plan(&asked, &settings, &affine).await {
                 Ok(p) => p,
                 Err(e) if !fresh => {
                     tracing::debug!(error = %e, "allocation failed on cached state; retrying fresh");

@@ -157,3 +157,32 @@ async fn kubernetes_mode_creates_no_endpoint_without_the_pods_record() {
     plain.allocate(&r3).await.unwrap();
     assert!(store.get(&endpoint_key(&r3)).await.unwrap().is_some());
 }
+
+/// The pod's IPAM annotations, carried by its record: `ipv4pools` picks the pool, `ipAddrs` the
+/// address.
+#[tokio::test]
+async fn the_pods_ipam_annotations_choose_pool_and_address() {
+    let (store, _b) = setup().await;
+    apply(&*store, &pool_yaml("other", "10.84.0.0/16", 26)).await;
+    apply(
+        &*store,
+        "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: p1, namespace: default}\nspec: {nodeName: n1, ipv4Pools: [other]}\n",
+    )
+    .await;
+    apply(
+        &*store,
+        "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: p2, namespace: default}\nspec: {nodeName: n1, ipAddrs: [10.83.7.9]}\n",
+    )
+    .await;
+    let ipam = NodeIpam::new(store.clone(), "n1", Default::default());
+    let got = ipam.allocate(&req("n1", 1)).await.unwrap();
+    assert!(
+        "10.84.0.0/16"
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(&got[0].0),
+        "{got:?}"
+    );
+    let got = ipam.allocate(&req("n1", 2)).await.unwrap();
+    assert_eq!(got[0].0, "10.83.7.9".parse::<std::net::IpAddr>().unwrap());
+}
