@@ -46,7 +46,13 @@ pub struct AgentConfig {
     pub bgp: bgp::Mode,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Kubernetes mode (`--kubernetes`): an ADD naming a pod is served only from the pod's
+    /// record (waiting for it up to [`POD_RECORD_DEADLINE`]), never with an unlabelled endpoint.
+    pub kubernetes: bool,
 }
+
+/// How long an ADD in Kubernetes mode waits for its pod's record to reach the agent's view.
+pub const POD_RECORD_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Agent failures.
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +300,8 @@ pub async fn run(
     let cluster = view::SharedView::new();
     view::load(&*store, &cluster).await?;
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone())
-        .with_observer(cluster.clone());
+        .with_observer(cluster.clone())
+        .with_pod_records(cluster.clone(), config.kubernetes);
     let bgp_shared = bgp::Shared::default();
     bgp_shared.active.store(
         bgp::starts_active(&cluster.read(), config.bgp),

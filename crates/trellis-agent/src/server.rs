@@ -209,7 +209,8 @@ fn code_of(e: &ClusterError) -> u32 {
     match e {
         ClusterError::Store(_)
         | ClusterError::Contention { .. }
-        | ClusterError::NodeNotRegistered { .. } => 11,
+        | ClusterError::NodeNotRegistered { .. }
+        | ClusterError::PodNotSynced { .. } => 11,
         ClusterError::Ipam(ClusterIpamError::Exhausted { .. } | ClusterIpamError::InUse { .. })
         | ClusterError::HandleTaken { .. }
         | ClusterError::EndpointTaken { .. } => 100,
@@ -245,6 +246,12 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             ipv4_pools,
             ipv6_pools,
         } => {
+            if let (true, Some(name)) = (agent.config.kubernetes, &pod) {
+                let ns = namespace.as_deref().filter(|n| !n.is_empty());
+                if let Err(reply) = wait_pod_record(agent, ns.unwrap_or("default"), name).await {
+                    return reply;
+                }
+            }
             let r = IpamRequest {
                 namespace,
                 pod,
@@ -338,6 +345,48 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
     }
 }
 
+/// Kubernetes mode: waits until the agent's view holds the record of the pod an ADD names, for
+/// this node — woken by the view's changes of pods' records, for at most
+/// [`crate::POD_RECORD_DEADLINE`] — and otherwise answers code 11 naming the pod (the kubelet
+/// retries the ADD). The kube-controller writes the record when the pod appears in the API
+/// server, normally long before its sandbox exists.
+async fn wait_pod_record(agent: &Agent, namespace: &str, pod: &str) -> Result<(), Reply> {
+    let key = trellis_resources::key_for(trellis_resources::Kind::Pod, Some(namespace), pod);
+    let node = agent.config.node.as_str();
+    let deadline = tokio::time::Instant::now() + crate::POD_RECORD_DEADLINE;
+    // Subscribed before the first look: a record arriving in between still wakes the wait.
+    let mut changes = agent.view.subscribe_pods();
+    let mut waiting = false;
+    loop {
+        changes.borrow_and_update();
+        let found = match agent.view.read().get(&key).map(|s| &s.resource) {
+            Some(trellis_resources::Resource::Pod(p)) => p.spec.may_run_on(node),
+            _ => false,
+        };
+        if found {
+            if waiting {
+                tracing::info!(pod = %format!("{namespace}/{pod}"), "the pod's record arrived");
+            }
+            return Ok(());
+        }
+        if !waiting {
+            tracing::info!(pod = %format!("{namespace}/{pod}"), "waiting for the pod's record");
+            waiting = true;
+        }
+        if !matches!(
+            tokio::time::timeout_at(deadline, changes.changed()).await,
+            Ok(Ok(()))
+        ) {
+            let secs = crate::POD_RECORD_DEADLINE.as_secs();
+            tracing::warn!(pod = %format!("{namespace}/{pod}"), "no record of the pod within {secs}s");
+            return Err(error_reply(
+                11,
+                format!("pod {namespace}/{pod} has no record for node {node} in the datastore after {secs}s (trellis kube-controller writes it when the pod appears in the API server; is it running?); not creating its endpoint without the pod's labels"),
+            ));
+        }
+    }
+}
+
 /// Answers once the endpoint's policy is in the kernel (never before the applier's first table is);
 /// code 11 when it is not within [`ENDPOINT_READY_DEADLINE`].
 async fn endpoint_ready(agent: &Agent, attachment: &Attachment, host_interface: &str) -> Reply {
@@ -424,6 +473,7 @@ mod tests {
                 resync: Duration::from_secs(2),
                 bgp: bgp::Mode::Off,
                 metrics: None,
+                kubernetes: false,
             },
             ipam: NodeIpam::new(store.clone(), "n1", BTreeMap::new()),
             store,

@@ -38,8 +38,8 @@ pub const LOOP_KINDS: [Kind; 6] = [
 /// What the policy applier reads (`trellis_policy::translate`'s inputs).
 pub const POLICY_KINDS: [Kind; 14] = trellis_policy::translate::INPUT_KINDS;
 
-/// Every kind the view follows.
-pub const KINDS: [Kind; 19] = [
+/// Every kind the view follows (pods' records for the allocator: see [`SharedView::subscribe_pods`]).
+pub const KINDS: [Kind; 20] = [
     Kind::IpPool,
     Kind::Node,
     Kind::IpamBlock,
@@ -59,6 +59,7 @@ pub const KINDS: [Kind; 19] = [
     Kind::ClusterNetworkPolicy,
     Kind::AdminNetworkPolicy,
     Kind::BaselineAdminNetworkPolicy,
+    Kind::Pod,
 ];
 
 /// First wait before listing again after a failure; doubles up to [`BACKOFF_MAX`].
@@ -77,6 +78,8 @@ pub struct SharedView {
     /// Counts visible changes of [`POLICY_KINDS`]; the policy applier waits on it (a pod's
     /// label change wakes no route loop).
     policy_changes: watch::Sender<u64>,
+    /// Counts visible changes of pods' records; an ADD waiting for its pod's record waits on it.
+    pod_changes: watch::Sender<u64>,
     /// The store revision the view is complete up to (every change at or before it is in):
     /// the listings' revision, then the watch's progress. Written under the view's lock.
     revision: watch::Sender<i64>,
@@ -97,6 +100,7 @@ impl SharedView {
             view: RwLock::new(ClusterView::new(&KINDS)),
             changes: watch::channel(0).0,
             policy_changes: watch::channel(0).0,
+            pod_changes: watch::channel(0).0,
             revision: watch::channel(0).0,
             policy_changed_at: Mutex::new(None),
             lists: AtomicU64::new(0),
@@ -120,6 +124,11 @@ impl SharedView {
         self.policy_changes.subscribe()
     }
 
+    /// Wakes on every visible change of a pod's record ([`Kind::Pod`]).
+    pub fn subscribe_pods(&self) -> watch::Receiver<u64> {
+        self.pod_changes.subscribe()
+    }
+
     /// Wakes when [`SharedView::revision`] moves.
     pub fn subscribe_revision(&self) -> watch::Receiver<i64> {
         self.revision.subscribe()
@@ -141,6 +150,9 @@ impl SharedView {
                 .unwrap_or_else(|e| e.into_inner())
                 .get_or_insert_with(Instant::now);
             self.policy_changes.send_modify(|n| *n += 1);
+        }
+        if kinds.pods {
+            self.pod_changes.send_modify(|n| *n += 1);
         }
     }
 
@@ -198,12 +210,22 @@ impl trellis_cluster::ipam::CommitObserver for SharedView {
 struct Touched {
     loops: bool,
     policy: bool,
+    pods: bool,
 }
 
 impl Touched {
     fn add(&mut self, kind: Kind) {
         self.loops |= LOOP_KINDS.contains(&kind);
         self.policy |= POLICY_KINDS.contains(&kind);
+        self.pods |= kind == Kind::Pod;
+    }
+}
+
+/// The allocator reads a pod's record from the view first (a miss or a conflict reads the
+/// store), so an ADD costs no extra datastore read.
+impl trellis_cluster::ipam::PodRecords for SharedView {
+    fn pod_record(&self, key: &str) -> Option<trellis_cluster::objects::Stored> {
+        self.read().get(key).cloned()
     }
 }
 

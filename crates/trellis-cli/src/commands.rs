@@ -59,6 +59,11 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9091).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The cluster is Kubernetes, synced by `trellis kube-controller`: an ADD naming a pod
+    /// (K8S_POD_NAME) waits up to 10 s for the pod's record and fails without it, so no pod's
+    /// endpoint is created without its labels.
+    #[arg(long, env = "TRELLIS_KUBERNETES")]
+    pub kubernetes: bool,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -546,6 +551,7 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
         resync: Duration::from_secs(a.resync.max(1)),
         bgp: a.bgp.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         metrics: a.metrics_listen,
+        kubernetes: a.kubernetes,
     };
     if !(1..=16_777_215).contains(&a.vxlan_vni) {
         bail!("--vxlan-vni {} is outside 1..16777215", a.vxlan_vni);

@@ -8,60 +8,11 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, ip_of, Cluster};
+use common::{ip_of, reach, serve, Cluster, PORT};
 use serde_json::Value;
 use trellis_testutil::TestNetns;
-
-const PORT: &str = "8080";
-
-/// A pod's server (the lab's), bound before the pod has an address.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(pod: &TestNetns, name: &str, dir: &std::path::Path) -> Server {
-    let ready = dir.join(format!("{name}.ready"));
-    let child = pod
-        .command(bin("trellis").to_str().unwrap())
-        .args(["lab", "serve", "--name", name, "--tcp", PORT, "--ready"])
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "{name}'s server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    server
-}
-
-/// One TCP try from `from` to `ip` (500 ms): the report line (`NAME\tok`, `NAME\tblocked`, ...).
-fn reach(from: &TestNetns, ip: &str, name: &str) -> String {
-    let out = from.exec_ok(&[
-        bin("trellis").to_str().unwrap(),
-        "lab",
-        "connect",
-        "--protocol",
-        "tcp",
-        "--port",
-        PORT,
-        "--timeout-ms",
-        "500",
-        &format!("{ip}={name}"),
-    ]);
-    out.trim().to_string()
-}
 
 /// The address of pod `name`'s WorkloadEndpoint, if it has one.
 fn endpoint_ip(c: &Cluster, name: &str) -> Option<String> {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use trellis_ipam::cluster::{self as alloc, ClusterIpamError, Pool};
+use trellis_resources::pod::{stamp_endpoint, PodSpec};
 use trellis_resources::validate::parse_cidr_or_ip;
 use trellis_resources::{
     key_for, AffinityState, BlockAffinitySpec, IpamBlockSpec, IpamConfigurationSpec,
@@ -230,6 +231,25 @@ fn endpoint_namespace(req: &Request) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
+/// What the allocation asks for once the pod's record is read: the pod's Calico IPAM
+/// annotations (`ipv4pools` / `ipv6pools` over the CNI configuration's pools, as Calico
+/// does; `ipAddrs` when the runtime asked for no address itself). The record's guard covers
+/// them like its labels.
+pub fn with_pod_ipam(req: &Request, pod: Option<&Object<PodSpec>>) -> Request {
+    let mut asked = req.clone();
+    let Some(p) = pod else { return asked };
+    if !p.spec.ipv4_pools.is_empty() {
+        asked.ipv4_pools.clone_from(&p.spec.ipv4_pools);
+    }
+    if !p.spec.ipv6_pools.is_empty() {
+        asked.ipv6_pools.clone_from(&p.spec.ipv6_pools);
+    }
+    if asked.requested_ips.is_empty() {
+        asked.requested_ips.clone_from(&p.spec.ip_addrs);
+    }
+    asked
+}
+
 /// The agent's allocator for one node.
 pub struct NodeIpam {
     store: Arc<dyn Datastore>,
@@ -238,6 +258,24 @@ pub struct NodeIpam {
     clock: Arc<dyn Clock>,
     state: tokio::sync::Mutex<State>,
     observer: Option<Arc<dyn CommitObserver>>,
+    pods: Option<Arc<dyn PodRecords>>,
+    /// Kubernetes mode: an endpoint of a named pod is created only from the pod's record.
+    require_pods: bool,
+}
+
+/// Where the allocator looks up pods' records first (the agent's view, kept current by its
+/// watch) before reading the store.
+pub trait PodRecords: Send + Sync {
+    /// The record stored at `key`, with its revision, as the reader last saw it.
+    fn pod_record(&self, key: &str) -> Option<objects::Stored>;
+}
+
+/// What an allocation read of its pod's record: the record (when it is this node's pod) and
+/// the guard its commit carries (the record's revision, or its absence).
+#[derive(Default)]
+struct PodRead {
+    record: Option<Object<PodSpec>>,
+    guard: Option<Precondition>,
 }
 
 /// Told of each allocation transaction as it commits, with its writes: the agent applies
@@ -332,7 +370,18 @@ impl NodeIpam {
             clock: Arc::new(SystemClock),
             state: tokio::sync::Mutex::new(State::default()),
             observer: None,
+            pods: None,
+            require_pods: false,
         }
+    }
+
+    /// The same allocator reading pods' records from `pods` first; with `required`
+    /// (Kubernetes mode) an attachment naming a pod that has no record for this node is refused
+    /// ([`ClusterError::PodNotSynced`]) instead of getting an endpoint without the pod's labels.
+    pub fn with_pod_records(mut self, pods: Arc<dyn PodRecords>, required: bool) -> NodeIpam {
+        self.pods = Some(pods);
+        self.require_pods = required;
+        self
     }
 
     /// The same allocator telling `observer` of each allocation it commits.
@@ -388,7 +437,7 @@ impl NodeIpam {
         if !req.no_endpoint {
             // The endpoint is built from the request (namespace, pod: the runtime's free text):
             // what would not decode when read back is refused before anything is stored.
-            self.endpoint(req, &Plans::default()).validate()?;
+            self.endpoint(req, &Plans::default(), None).validate()?;
         }
         let mut st = self.state.lock().await;
         if let Some(held) = self.held_or_taken(req).await? {
@@ -399,7 +448,9 @@ impl NodeIpam {
         for _ in 0..MAX_ATTEMPTS {
             let settings = self.settings(&mut st, fresh).await?;
             let affine = self.affine(&mut st, fresh).await?;
-            let mut plans = match self.plan(req, &settings, &affine).await {
+            let pod = self.read_pod(req, fresh).await?;
+            let asked = with_pod_ipam(req, pod.record.as_ref());
+            let mut plans = match self.plan(&asked, &settings, &affine).await {
                 Ok(p) => p,
                 Err(e) if !fresh => {
                     tracing::debug!(error = %e, "allocation failed on cached state; retrying fresh");
@@ -411,7 +462,10 @@ impl NodeIpam {
             for g in self.endpoint_guards(req, fresh).await? {
                 plans.guard(g);
             }
-            let committed = match self.commit(req, &plans).await {
+            if let Some(g) = &pod.guard {
+                plans.guard(g.clone());
+            }
+            let committed = match self.commit(req, &plans, pod.record.as_ref()).await {
                 Ok(c) => c,
                 // A slow or briefly unavailable store: try again with fresh state, like a conflict
                 // (the held/node checks below tell whether the write landed after all).
@@ -736,7 +790,12 @@ impl NodeIpam {
 
     /// One transaction: blocks (guarded, each written once), affinities for new blocks, the
     /// handle, the endpoint — on condition that the handle is new and the node registered.
-    async fn commit(&self, req: &Request, plans: &Plans) -> Result<Option<i64>> {
+    async fn commit(
+        &self,
+        req: &Request,
+        plans: &Plans,
+        pod: Option<&Object<PodSpec>>,
+    ) -> Result<Option<i64>> {
         let handle = req.handle();
         let mut pre = vec![
             Precondition::Absent(handle_key(&handle)),
@@ -765,7 +824,7 @@ impl NodeIpam {
         for (_, cidr) in &plans.ips {
             *counts.entry(cidr.to_string()).or_default() += 1;
         }
-        let wep = (!req.no_endpoint).then(|| self.endpoint(req, plans));
+        let wep = (!req.no_endpoint).then(|| self.endpoint(req, plans, pod));
         let h = IpamHandleSpec {
             handle_id: handle.clone(),
             block: counts,
@@ -790,7 +849,9 @@ impl NodeIpam {
         }
     }
 
-    fn endpoint(&self, req: &Request, plans: &Plans) -> Resource {
+    /// The attachment's endpoint; with its pod's record, born with the pod's labels, service
+    /// account and named ports (so a policy selecting the pod applies from the start).
+    fn endpoint(&self, req: &Request, plans: &Plans, pod: Option<&Object<PodSpec>>) -> Resource {
         let mut o = obj(
             endpoint_name(&self.node, req),
             WorkloadEndpointSpec {
@@ -811,7 +872,61 @@ impl NodeIpam {
         o.metadata
             .annotations
             .insert(NETWORK_ANNOTATION.into(), req.network.clone());
+        if let Some(p) = pod {
+            stamp_endpoint(p, &mut o.metadata.labels, &mut o.spec);
+        }
         Resource::WorkloadEndpoint(o)
+    }
+
+    /// Reads the record of the pod `req` names (from the reader given, or after a conflict from
+    /// the store) and decides whether it is this attachment's pod: a record scheduled on
+    /// another node is an earlier pod of that name. Whatever was read is guarded: the record's
+    /// revision, or its absence — a record written meanwhile makes the commit decide again.
+    async fn read_pod(&self, req: &Request, fresh: bool) -> Result<PodRead> {
+        let Some(pod) = req.pod.as_deref().filter(|_| !req.no_endpoint) else {
+            return Ok(PodRead::default());
+        };
+        let namespace = endpoint_namespace(req);
+        let key = key_for(Kind::Pod, Some(&namespace), pod);
+        let seen = match (&self.pods, fresh) {
+            (Some(view), false) => view.pod_record(&key),
+            _ => None,
+        };
+        // A miss in the view is final only outside Kubernetes mode (the Absent guard then
+        // catches a record the view has not seen yet).
+        let stored = match seen {
+            Some(s) => Some(Ok(s)),
+            None if fresh || self.pods.is_none() || self.require_pods => self
+                .store
+                .get(&key)
+                .await?
+                .map(|kv| objects::decode(&kv).map_err(|e| (kv.mod_revision, e))),
+            None => None,
+        };
+        let (record, guard) = match stored {
+            None => (None, Precondition::Absent(key)),
+            Some(Ok(s)) => match s.resource {
+                Resource::Pod(p) if p.spec.may_run_on(&self.node) => {
+                    (Some(p), Precondition::ModRevision(key, s.revision))
+                }
+                _ => (None, Precondition::ModRevision(key, s.revision)),
+            },
+            Some(Err((revision, e))) => {
+                tracing::warn!(error = %e, "skipping an invalid stored record");
+                (None, Precondition::ModRevision(key, revision))
+            }
+        };
+        if record.is_none() && self.require_pods {
+            return Err(ClusterError::PodNotSynced {
+                namespace,
+                pod: pod.to_string(),
+                node: self.node.clone(),
+            });
+        }
+        Ok(PodRead {
+            record,
+            guard: Some(guard),
+        })
     }
 
     /// Releases an attachment's addresses (idempotent) and forgets cached copies.

@@ -58,6 +58,15 @@ pub enum ClusterError {
     /// attachment of that container and interface (another network): nothing is allocated.
     #[error("workload endpoint {endpoint} already belongs to handle {handle} (the same container and interface in another network); release that one first")]
     EndpointTaken { endpoint: String, handle: String },
+    /// Kubernetes mode: the pod the ADD names has no record for this node in the datastore yet
+    /// (the kube-controller writes it when the pod appears in the API server), so its endpoint
+    /// would be created without the pod's labels.
+    #[error("pod {namespace}/{pod} has no record for node {node} in the datastore yet (written by trellis kube-controller); not creating its endpoint without the pod's labels")]
+    PodNotSynced {
+        namespace: String,
+        pod: String,
+        node: String,
+    },
 }
 
 pub type Result<T, E = ClusterError> = std::result::Result<T, E>;

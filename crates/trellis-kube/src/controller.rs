@@ -26,7 +26,7 @@ use trellis_resources::{key_for, Kind, Resource};
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
 use crate::lease::{Leadership, LeaseConfig};
-use crate::plan::{plan_endpoints, plan_nodes, plan_owned, Desired, NodeDesired, Op, PodDesired};
+use crate::plan::{plan_nodes, plan_owned, plan_pods, Desired, NodeDesired, Op, PodDesired};
 use crate::translate::{self, TranslateError};
 use crate::{KubeError, Result};
 
@@ -81,14 +81,15 @@ impl Target {
         Target::Nodes,
     ];
 
-    /// The stored kind the target's plan reads and writes.
-    pub fn kind(self) -> Kind {
+    /// The stored kinds the target's plan reads and writes (the first is the one it lists
+    /// whole for plans of every kind but pods).
+    pub fn kinds(self) -> &'static [Kind] {
         match self {
-            Target::Namespaces => Kind::Namespace,
-            Target::ServiceAccounts => Kind::ServiceAccount,
-            Target::NetworkPolicies => Kind::KubernetesNetworkPolicy,
-            Target::Pods => Kind::WorkloadEndpoint,
-            Target::Nodes => Kind::Node,
+            Target::Namespaces => &[Kind::Namespace],
+            Target::ServiceAccounts => &[Kind::ServiceAccount],
+            Target::NetworkPolicies => &[Kind::KubernetesNetworkPolicy],
+            Target::Pods => &[Kind::Pod, Kind::WorkloadEndpoint],
+            Target::Nodes => &[Kind::Node],
         }
     }
 }
@@ -290,9 +291,9 @@ fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet
                 .handle(change);
             dirty.insert(work);
         }
-        Input::Stored(Kind::WorkloadEndpoint, key) => {
+        Input::Stored(kind @ (Kind::WorkloadEndpoint | Kind::Pod), key) => {
             let ns = key
-                .strip_prefix(&Kind::WorkloadEndpoint.prefix())
+                .strip_prefix(&kind.prefix())
                 .and_then(|rest| rest.split_once('/'))
                 .map(|(ns, _)| ns.to_string());
             dirty.insert(ns.map_or(Work::All(Target::Pods), Work::PodNamespace));
@@ -300,7 +301,7 @@ fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet
         Input::Stored(kind, _) => dirty.extend(
             Target::ALL
                 .into_iter()
-                .filter(|t| t.kind() == kind)
+                .filter(|t| t.kinds().contains(&kind))
                 .map(Work::All),
         ),
         Input::StoredAll => dirty.extend(Target::ALL.into_iter().map(Work::All)),
@@ -316,14 +317,13 @@ async fn reconcile(
     leadership: &Leadership,
 ) -> Result<bool> {
     let t = w.target();
-    let (prefix, pods_of) = match w {
-        Work::All(t) => (t.kind().prefix(), String::new()),
-        Work::PodNamespace(ns) => (
-            format!("{}{ns}/", Kind::WorkloadEndpoint.prefix()),
-            format!("{ns}/"),
-        ),
+    let (scope, pods_of) = match w {
+        Work::All(_) => (String::new(), String::new()),
+        Work::PodNamespace(ns) => (format!("{ns}/"), format!("{ns}/")),
     };
-    let listing = store.list(&prefix).await?;
+    let listing = store
+        .list(&format!("{}{scope}", t.kinds()[0].prefix()))
+        .await?;
     let ops = match t {
         Target::Pods => {
             // Cache keys are `namespace/name`: one namespace's pods are one range.
@@ -339,7 +339,10 @@ async fn reconcile(
                     _ => None,
                 })
                 .collect();
-            plan_endpoints(&pods, &listing.items)
+            let endpoints = store
+                .list(&format!("{}{scope}", Kind::WorkloadEndpoint.prefix()))
+                .await?;
+            plan_pods(&pods, &listing.items, &endpoints.items)
         }
         Target::Nodes => {
             let nodes: BTreeMap<String, NodeDesired> = cache
@@ -509,7 +512,11 @@ fn spawn_watch<K: Watched>(
 /// Follows the stored kinds the plans read; re-established (and everything marked changed)
 /// when the watch ends or falls behind a compaction.
 async fn watch_store(store: Arc<dyn Datastore>, tx: mpsc::Sender<Input>) {
-    let prefixes: Vec<String> = Target::ALL.iter().map(|t| t.kind().prefix()).collect();
+    let kinds: Vec<Kind> = Target::ALL
+        .iter()
+        .flat_map(|t| t.kinds().iter().copied())
+        .collect();
+    let prefixes: Vec<String> = kinds.iter().map(|k| k.prefix()).collect();
     loop {
         let watch = match store.revision().await {
             Ok(rev) => store.watch_prefixes(&prefixes, rev + 1).await,
@@ -525,9 +532,9 @@ async fn watch_store(store: Arc<dyn Datastore>, tx: mpsc::Sender<Input>) {
                 // else is put right at the next resync.
                 let mut nodes_seen = std::collections::HashSet::new();
                 while let Some(Ok(ev)) = w.next().await {
-                    let kind = Target::ALL
+                    let kind = kinds
                         .iter()
-                        .map(|t| t.kind())
+                        .copied()
                         .find(|k| ev.key.starts_with(&k.prefix()));
                     let kind = match kind {
                         Some(Kind::Node) if ev.kind == trellis_store::WatchEventKind::Delete => {

@@ -7,10 +7,14 @@
 //! - [`controller`] (I/O): kube-runtime watchers, the store watch, the apply loop.
 //! - [`cli`]: `trellis kube-controller`'s flags and entry point.
 //!
+//! Each pod is stored as a record (kind `Pod`: labels, node, service account, named ports and
+//! its Calico IPAM annotations) as soon as it is listed, so the agent's CNI ADD creates the
+//! pod's endpoint with its labels already on it.
+//!
 //! Not done here yet: Nodes' `spec.podCIDR`s and addresses are validated but not stored (a
 //! Flannel-style IPAM mode would use the podCIDRs; the agent publishes the address it routes
-//! with), and neither are the pods' Calico IPAM annotations (parsed and validated; there is no
-//! per-pod record for the agent to read yet), nor ClusterNetworkPolicies.
+//! with); the allocator honours a pod's own `ipv4pools`/`ipv6pools`/`ipAddrs` (from its record)
+//! but not yet a namespace's pool annotations; ClusterNetworkPolicies are not synced.
 
 pub mod cli;
 pub mod controller;

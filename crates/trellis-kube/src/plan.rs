@@ -5,7 +5,8 @@
 //!   NetworkPolicies): create or replace what differs, delete what vanished from Kubernetes —
 //!   but only records the controller wrote ([`crate::translate::owned`]); an object an
 //!   operator applied with the CLI is never deleted.
-//! - [`plan_endpoints`] for pods: a pod's WorkloadEndpoints (written by the CNI ADD, found by
+//! - [`plan_pods`] for pods: each pod's record (kind `Pod`, mirrored like the kinds above),
+//!   which the agent reads at the pod's CNI ADD, and [`plan_endpoints`]: a pod's WorkloadEndpoints (written by the CNI ADD, found by
 //!   namespace, `spec.pod` and node) get the pod's labels, service account and named ports;
 //!   nothing else of the endpoint changes, and endpoints are never created or deleted here.
 //!
@@ -15,7 +16,8 @@
 use std::collections::BTreeMap;
 
 use trellis_cluster::objects::{decode, encode};
-use trellis_resources::Resource;
+use trellis_resources::pod::stamp_endpoint;
+use trellis_resources::{key_for, Kind, Resource};
 use trellis_store::{KeyValue, Precondition};
 
 use crate::translate::{owned, NodeInfo, PodInfo, KUBE_LABELS};
@@ -122,9 +124,7 @@ pub fn plan_endpoints(
         if info.node.as_ref().is_some_and(|n| *n != w.spec.node) {
             continue;
         }
-        w.metadata.labels = info.labels.clone();
-        w.spec.service_account_name = info.service_account.clone();
-        w.spec.ports = info.ports.clone();
+        stamp_endpoint(&info.record(), &mut w.metadata.labels, &mut w.spec);
         let value = encode(&Resource::WorkloadEndpoint(w));
         if value != kv.value {
             ops.push(Op::Put {
@@ -134,6 +134,34 @@ pub fn plan_endpoints(
             });
         }
     }
+    ops
+}
+
+/// The pods' records (kind `Pod`) as they must be stored, by datastore key: mirrored like the
+/// other owned kinds by [`plan_owned`].
+pub fn desired_records(pods: &BTreeMap<(String, String), PodDesired>) -> BTreeMap<String, Desired> {
+    pods.iter()
+        .map(|((ns, name), p)| {
+            let key = key_for(Kind::Pod, Some(ns), name);
+            let d = match p {
+                PodDesired::Pod(info) => Desired::Object(Box::new(Resource::Pod(info.record()))),
+                PodDesired::Invalid => Desired::Invalid,
+            };
+            (key, d)
+        })
+        .collect()
+}
+
+/// Plans pods: their records first (created as soon as the pod is listed, so the agent finds
+/// it at the pod's CNI ADD), then their endpoints. `records` and `endpoints` are the store's
+/// listings of the same scope as `pods` (the whole cluster or one namespace).
+pub fn plan_pods(
+    pods: &BTreeMap<(String, String), PodDesired>,
+    records: &[KeyValue],
+    endpoints: &[KeyValue],
+) -> Vec<Op> {
+    let mut ops = plan_owned(&desired_records(pods), records);
+    ops.extend(plan_endpoints(pods, endpoints));
     ops
 }
 
@@ -296,6 +324,7 @@ mod tests {
                 host_ip: None,
             }],
             ipam: Default::default(),
+            uid: Some("u1".into()),
         }
     }
 
@@ -357,6 +386,58 @@ mod tests {
         // An invalid pod leaves its endpoints as they are.
         let invalid = [(("x".to_string(), "a".to_string()), PodDesired::Invalid)].into();
         assert!(plan_endpoints(&invalid, &observed).is_empty());
+    }
+
+    /// A pod's record is created (guarded by its absence) before anything touches its
+    /// endpoints, replaced when the pod changes, deleted when the pod is gone — only records the
+    /// controller wrote; an invalid pod keeps what is stored.
+    #[test]
+    fn pod_records_are_mirrored_before_endpoints() {
+        let pods: BTreeMap<(String, String), PodDesired> = [
+            (
+                ("x".to_string(), "a".to_string()),
+                PodDesired::Pod(Box::new(info(Some("n1")))),
+            ),
+            (("x".to_string(), "bad".to_string()), PodDesired::Invalid),
+        ]
+        .into();
+        let record = Resource::Pod(info(Some("n1")).record());
+        assert_eq!(record.key(), "/trellis/v1/pods/x/a");
+        assert!(owned(&record));
+        let mine = wep("x", "a", "n1", "c1");
+        let ops = plan_pods(&pods, &[], &[kv(&mine, 4)]);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert_eq!(
+            ops[0],
+            Op::Put {
+                key: record.key(),
+                value: encode(&record),
+                precondition: Precondition::Absent(record.key()),
+            }
+        );
+        assert_eq!(ops[1].key(), mine.key());
+        // Stored already: nothing; a stored record of a pod gone is deleted if ours.
+        let mut gone = info(Some("n1"));
+        gone.name = "gone".into();
+        let gone = Resource::Pod(gone.record());
+        let mut theirs = info(Some("n1"));
+        theirs.name = "cli".into();
+        let mut theirs = theirs.record();
+        theirs.metadata.annotations.clear();
+        let theirs = Resource::Pod(theirs);
+        let bad = {
+            let mut b = info(None);
+            b.name = "bad".into();
+            Resource::Pod(b.record())
+        };
+        let observed = [kv(&record, 5), kv(&gone, 6), kv(&theirs, 7), kv(&bad, 8)];
+        assert_eq!(
+            plan_pods(&pods, &observed, &[]),
+            vec![Op::Delete {
+                key: gone.key(),
+                revision: 6
+            }]
+        );
     }
 
     fn trellis_node(labels: &str, synced: Option<&str>) -> Resource {

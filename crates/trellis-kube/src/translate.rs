@@ -6,7 +6,8 @@
 //! - `networking.k8s.io/v1` NetworkPolicy → the same stored form `trellis apply` gives it (the
 //!   object goes through Trellis's own parser, so defaulting and validation are the CLI's);
 //! - Pod → [`PodInfo`]: what the pod's WorkloadEndpoints must carry (labels, service account,
-//!   named container ports), plus its Calico IPAM annotations parsed and validated;
+//!   named container ports), plus its Calico IPAM annotations parsed and validated; stored as
+//!   the pod's record ([`PodInfo::record`], kind `Pod`), which the agent reads at ADD;
 //! - Node → [`NodeInfo`]: its labels (synced onto the Trellis Node its agent registered), and
 //!   its podCIDRs and addresses, validated.
 //!
@@ -20,8 +21,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ObjectMeta;
 use serde_json::{json, Value};
+use trellis_resources::pod::PodSpec;
 use trellis_resources::policy::RuleProtocol;
-use trellis_resources::{EndpointPort, Kind, Resource, ResourceError};
+use trellis_resources::{EndpointPort, Kind, Metadata, Object, Resource, ResourceError};
 
 /// The annotation that marks an object the controller wrote.
 pub const MANAGED_BY: &str = "trellis.dev/managed-by";
@@ -171,8 +173,37 @@ pub struct PodInfo {
     pub service_account: Option<String>,
     /// Named container ports (unnamed ones are not referred to by policy).
     pub ports: Vec<EndpointPort>,
-    /// Calico's IPAM annotations, validated (not stored yet: see the crate docs).
+    /// Calico's IPAM annotations, validated.
     pub ipam: PodIpam,
+    /// `metadata.uid`.
+    pub uid: Option<String>,
+}
+
+impl PodInfo {
+    /// The pod's record as stored (`/trellis/v1/pods/NS/NAME`), marked as the controller's:
+    /// what the agent copies onto the pod's endpoint at ADD.
+    pub fn record(&self) -> Object<PodSpec> {
+        let annotations = [(MANAGED_BY.to_string(), CONTROLLER.to_string())].into();
+        Object {
+            metadata: Metadata {
+                name: self.name.clone(),
+                namespace: Some(self.namespace.clone()),
+                labels: self.labels.clone(),
+                annotations,
+                uid: self.uid.clone(),
+                ..Default::default()
+            },
+            spec: PodSpec {
+                node_name: self.node.clone(),
+                service_account_name: self.service_account.clone(),
+                ports: self.ports.clone(),
+                ip_addrs: self.ipam.ip_addrs.clone(),
+                ipv4_pools: self.ipam.ipv4_pools.clone(),
+                ipv6_pools: self.ipam.ipv6_pools.clone(),
+            },
+            status: None,
+        }
+    }
 }
 
 /// A pod's Calico IPAM annotations.
@@ -250,6 +281,7 @@ pub fn pod(p: &Pod) -> Result<PodInfo, TranslateError> {
         service_account,
         ports,
         ipam,
+        uid: meta.uid.clone().filter(|u| !u.is_empty()),
     })
 }
 
@@ -298,28 +330,7 @@ fn string_list(value: &str) -> Result<Vec<String>, String> {
 /// `ipv4pools` / `ipv6pools`: pool names or CIDRs of the family.
 pub fn pools(value: &str, v4: bool) -> Result<Vec<String>, String> {
     let list = string_list(value)?;
-    for (i, p) in list.iter().enumerate() {
-        if let Ok(net) = p.parse::<ipnet::IpNet>() {
-            let family_ok = matches!(net, ipnet::IpNet::V4(_)) == v4;
-            if !family_ok {
-                return Err(format!(
-                    "[{i}] {p:?} is not an IPv{} CIDR",
-                    if v4 { 4 } else { 6 }
-                ));
-            }
-            if net.trunc() != net {
-                return Err(format!("[{i}] {p:?} has host bits set"));
-            }
-            continue;
-        }
-        let name_ok = !p.is_empty()
-            && p.len() <= 253
-            && p.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !name_ok {
-            return Err(format!("[{i}] {p:?} is neither a CIDR nor a pool name"));
-        }
-    }
+    trellis_resources::pod::check_pools(&list, v4)?;
     Ok(list)
 }
 
@@ -331,11 +342,9 @@ pub fn ip_addrs(value: &str) -> Result<Vec<IpAddr>, String> {
         let ip: IpAddr = a
             .parse()
             .map_err(|_| format!("[{i}] {a:?} is not an IP address"))?;
-        if out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
-            return Err(format!("[{i}] {a:?}: at most one address per IP family"));
-        }
         out.push(ip);
     }
+    trellis_resources::pod::check_ip_addrs(&out)?;
     Ok(out)
 }
 

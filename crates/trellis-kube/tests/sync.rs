@@ -508,12 +508,13 @@ async fn restart(e: Env) {
         label(r, "team").as_deref() == Some("b")
     })
     .await;
+    // The pod's change: its record and its endpoint; the namespace's: the namespace.
     assert_eq!(
         second.writes.writes.load(Ordering::SeqCst),
-        2,
-        "exactly the two changes were written"
+        3,
+        "exactly the three writes of the two changes"
     );
-    assert_eq!(e.store.revision().await.unwrap(), before + 2);
+    assert_eq!(e.store.revision().await.unwrap(), before + 3);
     assert_eq!(
         wep_labels(
             e.stored(Kind::WorkloadEndpoint, Some("shop"), "n1.c1.eth0")
@@ -703,4 +704,52 @@ async fn a_pod_change_lists_only_its_namespaces_endpoints() {
         "no listing of every endpoint: {lists:?}"
     );
     // (`other/` may still be listed once: the echo of the controller's own earlier write.)
+}
+
+/// A pod's record is stored as soon as the pod is listed — before any CNI ADD made its
+/// endpoint — with its labels, node, service account, named ports and IPAM annotations; it
+/// follows the pod's changes and goes with the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_record_is_stored_before_its_endpoint_exists() {
+    let e = env().await;
+    let mut p = pod("shop", "db-0", "n1", json!({"app": "db"}));
+    p["metadata"]["annotations"] = json!({
+        "cni.projectcalico.org/ipv4pools": "[\"db-pool\"]",
+        "cni.projectcalico.org/ipAddrs": "[\"10.0.0.7\"]"
+    });
+    e.api.put(PODS, p);
+    let _c = e.controller("a").await;
+    e.wait_for("the pod's record", Kind::Pod, Some("shop"), "db-0", |r| {
+        label(r, "app").as_deref() == Some("db")
+    })
+    .await;
+    let Some(Resource::Pod(rec)) = e.stored(Kind::Pod, Some("shop"), "db-0").await else {
+        panic!()
+    };
+    assert_eq!(rec.spec.node_name.as_deref(), Some("n1"));
+    assert_eq!(rec.spec.service_account_name.as_deref(), Some("web"));
+    assert_eq!(rec.spec.ports[0].name, "http");
+    assert_eq!(rec.spec.ipv4_pools, ["db-pool"]);
+    assert_eq!(
+        rec.spec.ip_addrs,
+        ["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert!(trellis_kube::translate::owned(&Resource::Pod(rec)));
+    e.api.put(
+        PODS,
+        pod("shop", "db-0", "n1", json!({"app": "db", "v": "2"})),
+    );
+    e.wait_for("a label change", Kind::Pod, Some("shop"), "db-0", |r| {
+        label(r, "v").as_deref() == Some("2")
+    })
+    .await;
+    assert!(e.api.delete(PODS, "shop", "db-0"));
+    e.wait_for(
+        "the record's deletion",
+        Kind::Pod,
+        Some("shop"),
+        "db-0",
+        |r| r.is_none(),
+    )
+    .await;
 }

@@ -8,6 +8,7 @@ pub mod cnp;
 pub mod k8s;
 pub mod kinds;
 pub mod labels;
+pub mod pod;
 pub mod policy;
 pub mod policy_validate;
 pub mod selector;
@@ -74,10 +75,12 @@ pub enum Kind {
     AdminNetworkPolicy,
     /// `policy.networking.k8s.io/v1alpha1` BaselineAdminNetworkPolicy.
     BaselineAdminNetworkPolicy,
+    /// Trellis's record of a Kubernetes pod (see [`pod`]).
+    Pod,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 24] = [
+    pub const ALL: [Kind; 25] = [
         Kind::IpPool,
         Kind::Node,
         Kind::IpamBlock,
@@ -102,6 +105,7 @@ impl Kind {
         Kind::ClusterNetworkPolicy,
         Kind::AdminNetworkPolicy,
         Kind::BaselineAdminNetworkPolicy,
+        Kind::Pod,
     ];
 
     /// The `kind:` field.
@@ -130,6 +134,7 @@ impl Kind {
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
             Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+            Kind::Pod => "Pod",
         }
     }
 
@@ -233,6 +238,7 @@ impl Kind {
             Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
             Kind::AdminNetworkPolicy => "adminnetworkpolicies",
             Kind::BaselineAdminNetworkPolicy => "baselineadminnetworkpolicies",
+            Kind::Pod => "pods",
         }
     }
 
@@ -244,6 +250,7 @@ impl Kind {
                 | Kind::NetworkPolicy
                 | Kind::NetworkSet
                 | Kind::ServiceAccount
+                | Kind::Pod
         )
     }
 
@@ -349,6 +356,7 @@ pub enum Resource {
     ClusterNetworkPolicy(Object<cnp::ClusterNetworkPolicySpec>),
     AdminNetworkPolicy(Object<anp::AdminNetworkPolicySpec>),
     BaselineAdminNetworkPolicy(Object<anp::BaselineAdminNetworkPolicySpec>),
+    Pod(Object<pod::PodSpec>),
 }
 
 /// A document that is not a valid resource: which one, and which field is wrong.
@@ -423,6 +431,7 @@ macro_rules! each {
             Resource::ClusterNetworkPolicy($o) => $e,
             Resource::AdminNetworkPolicy($o) => $e,
             Resource::BaselineAdminNetworkPolicy($o) => $e,
+            Resource::Pod($o) => $e,
         }
     };
 }
@@ -454,6 +463,7 @@ impl Resource {
             Resource::ClusterNetworkPolicy(_) => Kind::ClusterNetworkPolicy,
             Resource::AdminNetworkPolicy(_) => Kind::AdminNetworkPolicy,
             Resource::BaselineAdminNetworkPolicy(_) => Kind::BaselineAdminNetworkPolicy,
+            Resource::Pod(_) => Kind::Pod,
         }
     }
 
@@ -622,6 +632,7 @@ fn parse_body(kind: Kind, body: &Value) -> Result<Resource, ResourceError> {
         Kind::ClusterNetworkPolicy => Resource::ClusterNetworkPolicy(typed(body)?),
         Kind::AdminNetworkPolicy => Resource::AdminNetworkPolicy(typed(body)?),
         Kind::BaselineAdminNetworkPolicy => Resource::BaselineAdminNetworkPolicy(typed(body)?),
+        Kind::Pod => Resource::Pod(typed(body)?),
     })
 }
 

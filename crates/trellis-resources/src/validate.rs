@@ -17,7 +17,7 @@ fn err(field: &str, reason: impl Into<String>) -> ResourceError {
 
 /// Names: 1–253 characters of letters, digits, `.`, `_`, `-`, starting with a letter or digit;
 /// lower case for the kinds Kubernetes names must be (DNS subdomains).
-fn name(n: &str, lowercase: bool) -> Result<(), ResourceError> {
+pub(crate) fn name(n: &str, lowercase: bool) -> Result<(), ResourceError> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
     if n.is_empty() || n.len() > 253 {
         return Err(err(
@@ -182,6 +182,10 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
         Resource::ClusterNetworkPolicy(o) => crate::cnp::cluster_network_policy(o),
         Resource::AdminNetworkPolicy(o) => crate::anp::admin_network_policy(o),
         Resource::BaselineAdminNetworkPolicy(o) => crate::anp::baseline_admin_network_policy(o),
+        Resource::Pod(o) => {
+            name(&o.metadata.name, true)?;
+            crate::pod::validate(o)
+        }
     }
 }
 

@@ -377,3 +377,52 @@ pub fn trellis(args: &[&str]) -> (bool, String) {
         ),
     )
 }
+
+/// The port [`serve`] listens on and [`reach`] tries.
+pub const PORT: &str = "8080";
+
+/// A pod's server (the lab's, TCP [`PORT`]), bound before the pod has an address.
+pub struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn serve(pod: &TestNetns, name: &str, dir: &std::path::Path) -> Server {
+    let ready = dir.join(format!("{name}.ready"));
+    let child = pod
+        .command(bin("trellis").to_str().unwrap())
+        .args(["lab", "serve", "--name", name, "--tcp", PORT, "--ready"])
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "{name}'s server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// One TCP try from `from` to `ip` (500 ms): the report line (`NAME\tok`, `NAME\tblocked`, ...).
+pub fn reach(from: &TestNetns, ip: &str, name: &str) -> String {
+    let out = from.exec_ok(&[
+        bin("trellis").to_str().unwrap(),
+        "lab",
+        "connect",
+        "--protocol",
+        "tcp",
+        "--port",
+        PORT,
+        "--timeout-ms",
+        "500",
+        &format!("{ip}={name}"),
+    ]);
+    out.trim().to_string()
+}

@@ -1,0 +1,188 @@
+//! A pod's record (kind `Pod`, written by the kube-controller) and the allocator: the endpoint
+//! an ADD creates is born with the pod's labels, service account and named ports — in the
+//! revision that creates it, read back from the store's history — the commit is guarded by the
+//! record's revision (a stale copy of the record is never what the endpoint carries), a record
+//! of the same name on another node is not this pod's, and in Kubernetes mode an ADD without
+//! a record creates nothing.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{apply, node_yaml, pool_yaml, req};
+use trellis_cluster::ipam::{NodeIpam, PodRecords};
+use trellis_cluster::objects::{self, decode, Stored};
+use trellis_cluster::ClusterError;
+use trellis_resources::{key_for, Kind, Resource};
+use trellis_store::{Datastore, KeyValue};
+
+fn pod_yaml(name: &str, node: &str, app: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\nspec: {{nodeName: {node}, serviceAccountName: db, ports: [{{name: pg, protocol: TCP, port: 5432}}]}}\n"
+    )
+}
+
+/// The first value the store ever held at `key` (its creating revision), from its history.
+async fn first_value(store: &dyn Datastore, key: &str) -> Resource {
+    let mut w = store.watch(key, 1).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("the key's history")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.key, key);
+    decode(&KeyValue {
+        key: ev.key.clone(),
+        value: ev.value,
+        create_revision: ev.revision,
+        mod_revision: ev.revision,
+    })
+    .unwrap()
+    .resource
+}
+
+async fn setup() -> (Arc<dyn Datastore>, common::Backing) {
+    let (store, backing) = common::sqlite().await;
+    apply(&*store, &pool_yaml("pool", "10.83.0.0/16", 26)).await;
+    apply(&*store, &node_yaml("n1")).await;
+    (store, backing)
+}
+
+fn endpoint_key(r: &trellis_cluster::ipam::Request) -> String {
+    key_for(
+        Kind::WorkloadEndpoint,
+        Some("default"),
+        &trellis_cluster::ipam::endpoint_name("n1", r),
+    )
+}
+
+#[tokio::test]
+async fn the_endpoint_is_born_with_its_pods_labels() {
+    let (store, _b) = setup().await;
+    let r = req("n1", 1);
+    apply(&*store, &pod_yaml("p1", "n1", "db")).await;
+    let ipam = NodeIpam::new(store.clone(), "n1", Default::default());
+    ipam.allocate(&r).await.unwrap();
+    let Resource::WorkloadEndpoint(w) = first_value(&*store, &endpoint_key(&r)).await else {
+        panic!("not an endpoint")
+    };
+    assert_eq!(w.metadata.labels.get("app").map(String::as_str), Some("db"));
+    assert_eq!(w.spec.service_account_name.as_deref(), Some("db"));
+    assert_eq!(w.spec.ports[0].name, "pg");
+
+    // A record of that name on another node is an earlier pod's: not copied.
+    let r2 = req("n1", 2);
+    apply(&*store, &pod_yaml("p2", "n9", "db")).await;
+    ipam.allocate(&r2).await.unwrap();
+    let Resource::WorkloadEndpoint(w) = first_value(&*store, &endpoint_key(&r2)).await else {
+        panic!("not an endpoint")
+    };
+    assert!(w.metadata.labels.is_empty(), "{:?}", w.metadata.labels);
+}
+
+/// A reader whose copy of the record is stale (the agent's view lagging behind an update).
+struct Stale(Stored);
+
+impl PodRecords for Stale {
+    fn pod_record(&self, _key: &str) -> Option<Stored> {
+        Some(self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_stale_copy_of_the_record_is_never_what_the_endpoint_carries() {
+    let (store, _b) = setup().await;
+    apply(&*store, &pod_yaml("p1", "n1", "web")).await;
+    let old = objects::get(&*store, Kind::Pod, Some("default"), "p1")
+        .await
+        .unwrap()
+        .unwrap();
+    // The pod's labels changed after the reader's copy.
+    apply(&*store, &pod_yaml("p1", "n1", "db")).await;
+    let ipam = NodeIpam::new(store.clone(), "n1", Default::default())
+        .with_pod_records(Arc::new(Stale(old)), false);
+    let r = req("n1", 1);
+    ipam.allocate(&r).await.unwrap();
+    let Resource::WorkloadEndpoint(w) = first_value(&*store, &endpoint_key(&r)).await else {
+        panic!("not an endpoint")
+    };
+    assert_eq!(
+        w.metadata.labels.get("app").map(String::as_str),
+        Some("db"),
+        "the commit took the stale record's labels"
+    );
+}
+
+/// Nothing seen by the reader (the agent's view has not heard of the record yet).
+struct Blind;
+
+impl PodRecords for Blind {
+    fn pod_record(&self, _key: &str) -> Option<Stored> {
+        None
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_mode_creates_no_endpoint_without_the_pods_record() {
+    let (store, _b) = setup().await;
+    let ipam = NodeIpam::new(store.clone(), "n1", Default::default())
+        .with_pod_records(Arc::new(Blind), true);
+    let r = req("n1", 1);
+    let e = ipam
+        .allocate(&r)
+        .await
+        .expect_err("allocated without a record");
+    assert!(
+        matches!(&e, ClusterError::PodNotSynced { namespace, pod, .. } if namespace == "default" && pod == "p1"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("default/p1"), "{e}");
+    assert!(store.get(&endpoint_key(&r)).await.unwrap().is_none());
+    assert!(
+        ipam.held(&r).await.unwrap().is_none(),
+        "an address was kept"
+    );
+    // The reader has not seen the record, the store has: it is read there.
+    apply(&*store, &pod_yaml("p1", "n1", "db")).await;
+    ipam.allocate(&r).await.unwrap();
+    let Resource::WorkloadEndpoint(w) = first_value(&*store, &endpoint_key(&r)).await else {
+        panic!("not an endpoint")
+    };
+    assert_eq!(w.metadata.labels.get("app").map(String::as_str), Some("db"));
+    // Outside Kubernetes mode an attachment without a record gets today's endpoint.
+    let plain = NodeIpam::new(store.clone(), "n1", Default::default())
+        .with_pod_records(Arc::new(Blind), false);
+    let r3 = req("n1", 3);
+    plain.allocate(&r3).await.unwrap();
+    assert!(store.get(&endpoint_key(&r3)).await.unwrap().is_some());
+}
+
+/// The pod's IPAM annotations, carried by its record: `ipv4pools` picks the pool, `ipAddrs` the
+/// address.
+#[tokio::test]
+async fn the_pods_ipam_annotations_choose_pool_and_address() {
+    let (store, _b) = setup().await;
+    apply(&*store, &pool_yaml("other", "10.84.0.0/16", 26)).await;
+    apply(
+        &*store,
+        "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: p1, namespace: default}\nspec: {nodeName: n1, ipv4Pools: [other]}\n",
+    )
+    .await;
+    apply(
+        &*store,
+        "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: p2, namespace: default}\nspec: {nodeName: n1, ipAddrs: [10.83.7.9]}\n",
+    )
+    .await;
+    let ipam = NodeIpam::new(store.clone(), "n1", Default::default());
+    let got = ipam.allocate(&req("n1", 1)).await.unwrap();
+    assert!(
+        "10.84.0.0/16"
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(&got[0].0),
+        "{got:?}"
+    );
+    let got = ipam.allocate(&req("n1", 2)).await.unwrap();
+    assert_eq!(got[0].0, "10.83.7.9".parse::<std::net::IpAddr>().unwrap());
+}

@@ -1,0 +1,171 @@
+//! The `Pod` kind: Trellis's record of a Kubernetes pod, written by `trellis kube-controller`
+//! as soon as the pod exists in the API server (before the kubelet runs the CNI ADD), read by
+//! the agent at ADD so the pod's WorkloadEndpoint is born with its labels, service account
+//! and named ports — a policy selecting the pod by label applies from the first packet. It
+//! also carries the pod's Calico IPAM annotations (`cni.projectcalico.org/ipAddrs`,
+//! `ipv4pools`, `ipv6pools`), validated. Pure: data, validation and the copy onto an endpoint.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EndpointPort, Object, ResourceError, WorkloadEndpointSpec};
+
+/// What Trellis keeps of a pod (labels and uid are in its metadata).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    /// `spec.nodeName`, once the pod is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Named container ports (what rules' named ports resolve against).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EndpointPort>,
+    /// `cni.projectcalico.org/ipAddrs`: fixed addresses, at most one per family.
+    #[serde(default, rename = "ipAddrs", skip_serializing_if = "Vec::is_empty")]
+    pub ip_addrs: Vec<IpAddr>,
+    /// `cni.projectcalico.org/ipv4pools`: pool names or IPv4 CIDRs.
+    #[serde(default, rename = "ipv4Pools", skip_serializing_if = "Vec::is_empty")]
+    pub ipv4_pools: Vec<String>,
+    /// `cni.projectcalico.org/ipv6pools`: pool names or IPv6 CIDRs.
+    #[serde(default, rename = "ipv6Pools", skip_serializing_if = "Vec::is_empty")]
+    pub ipv6_pools: Vec<String>,
+}
+
+impl PodSpec {
+    /// Whether this record can be the pod a CNI ADD on `node` is for: a record scheduled on
+    /// another node is an earlier pod of the same name (a StatefulSet's), not this one.
+    pub fn may_run_on(&self, node: &str) -> bool {
+        self.node_name.as_deref().is_none_or(|n| n == node)
+    }
+}
+
+/// Gives a workload endpoint its pod's labels, service account and named ports (nothing else
+/// of the endpoint changes). The agent does it when it creates the endpoint at ADD, and the
+/// kube-controller whenever the pod changes afterwards.
+pub fn stamp_endpoint(
+    pod: &Object<PodSpec>,
+    labels: &mut std::collections::BTreeMap<String, String>,
+    endpoint: &mut WorkloadEndpointSpec,
+) {
+    labels.clone_from(&pod.metadata.labels);
+    endpoint
+        .service_account_name
+        .clone_from(&pod.spec.service_account_name);
+    endpoint.ports.clone_from(&pod.spec.ports);
+}
+
+/// Checks a pool list (`ipv4Pools` / `ipv6Pools`): each entry a pool name or a CIDR of the
+/// family without host bits. `Err` names the entry by index.
+pub fn check_pools(list: &[String], v4: bool) -> Result<(), String> {
+    for (i, p) in list.iter().enumerate() {
+        if let Ok(net) = p.parse::<ipnet::IpNet>() {
+            if matches!(net, ipnet::IpNet::V4(_)) != v4 {
+                return Err(format!(
+                    "[{i}] {p:?} is not an IPv{} CIDR",
+                    if v4 { 4 } else { 6 }
+                ));
+            }
+            if net.trunc() != net {
+                return Err(format!("[{i}] {p:?} has host bits set"));
+            }
+            continue;
+        }
+        let name_ok = !p.is_empty()
+            && p.len() <= 253
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !name_ok {
+            return Err(format!("[{i}] {p:?} is neither a CIDR nor a pool name"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks fixed addresses (`ipAddrs`): at most one per family, as Calico's plugin requires.
+pub fn check_ip_addrs(list: &[IpAddr]) -> Result<(), String> {
+    for (i, ip) in list.iter().enumerate() {
+        if list[..i].iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+            return Err(format!("[{i}] {ip}: at most one address per IP family"));
+        }
+    }
+    Ok(())
+}
+
+/// The kind's semantic rules (the names, labels and ports are checked like an endpoint's).
+pub(crate) fn validate(o: &Object<PodSpec>) -> Result<(), ResourceError> {
+    let err = |f: &str, r: String| ResourceError::field(f, r);
+    if o.metadata.namespace.is_none() {
+        return Err(err("metadata.namespace", "is required for Pod".into()));
+    }
+    crate::labels::check("metadata.labels", &o.metadata.labels)?;
+    if let Some(n) = &o.spec.node_name {
+        crate::validate::name(n, false).map_err(|e| err("spec.nodeName", e.reason))?;
+    }
+    check_pools(&o.spec.ipv4_pools, true).map_err(|r| err("spec.ipv4Pools", r))?;
+    check_pools(&o.spec.ipv6_pools, false).map_err(|r| err("spec.ipv6Pools", r))?;
+    check_ip_addrs(&o.spec.ip_addrs).map_err(|r| err("spec.ipAddrs", r))?;
+    // The same service account and port rules as the endpoint the record is copied onto.
+    let mut endpoint = Object {
+        metadata: o.metadata.clone(),
+        spec: WorkloadEndpointSpec::default(),
+        status: None,
+    };
+    stamp_endpoint(o, &mut endpoint.metadata.labels, &mut endpoint.spec);
+    crate::policy_validate::endpoint_policy_fields(&endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{parse_documents, Resource};
+
+    fn parse(spec: &str) -> Result<Resource, ResourceError> {
+        parse_documents(&format!(
+            "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {{name: db-0, namespace: shop, labels: {{app: db}}, uid: u1}}\nspec: {spec}\n"
+        ))
+        .map(|mut v| v.remove(0))
+    }
+
+    #[test]
+    fn a_pod_record_round_trips_under_its_own_prefix() {
+        let r = parse("{nodeName: n1, serviceAccountName: db, ports: [{name: pg, protocol: TCP, port: 5432}], ipAddrs: [10.0.0.5], ipv4Pools: [p1, 10.1.0.0/16]}").unwrap();
+        assert_eq!(r.key(), "/trellis/v1/pods/shop/db-0");
+        let again = Resource::from_value(&r.to_value()).unwrap();
+        assert_eq!(again, r);
+        let Resource::Pod(p) = r else { panic!() };
+        assert!(p.spec.may_run_on("n1") && !p.spec.may_run_on("n2"));
+        let mut labels = Default::default();
+        let mut w = WorkloadEndpointSpec {
+            node: "n1".into(),
+            container_id: Some("c".into()),
+            ..Default::default()
+        };
+        stamp_endpoint(&p, &mut labels, &mut w);
+        assert_eq!(labels, p.metadata.labels);
+        assert_eq!(w.service_account_name.as_deref(), Some("db"));
+        assert_eq!(w.ports, p.spec.ports);
+        assert_eq!(w.container_id.as_deref(), Some("c"), "the rest is kept");
+    }
+
+    #[test]
+    fn bad_records_are_refused_naming_the_field() {
+        for (spec, field) in [
+            ("{ipv4Pools: [fd00::/64]}", "spec.ipv4Pools"),
+            ("{ipv6Pools: [Bad_Name]}", "spec.ipv6Pools"),
+            ("{ipAddrs: [10.0.0.1, 10.0.0.2]}", "spec.ipAddrs"),
+            ("{nodeName: \"a b\"}", "spec.nodeName"),
+            ("{bogus: 1}", "bogus"),
+        ] {
+            let e = parse(spec).expect_err(spec);
+            assert!(e.to_string().contains(field), "{spec}: {e}");
+        }
+        let no_ns = parse_documents(
+            "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
+        );
+        // Namespaced kinds default to `default`, as the API server does.
+        assert_eq!(no_ns.unwrap()[0].key(), "/trellis/v1/pods/default/a");
+    }
+}
