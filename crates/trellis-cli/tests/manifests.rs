@@ -1,0 +1,787 @@
+//! `manifests/trellis.yaml`, checked against the code it deploys: every document deserialises
+//! into its k8s-openapi type with no field left over (an unknown kind or a misspelt field
+//! fails); the DaemonSet's invariants (hostNetwork, the host paths each container mounts,
+//! probes on the agent's metrics listener, tolerations, priority class, exactly the listed
+//! capabilities, the install-cni init container); every container's flags and environment go
+//! through the real `trellis` parser; the ConfigMap's IPPool is applied by running the init
+//! container's own command; and the kube-controller's RBAC equals what the real controller,
+//! run with the Deployment's flags against the in-tree test API server (a test double), asks
+//! for — a missing grant and an unused one both fail. Each check also runs against a mutated
+//! manifest and must name the fault. Run under the integration-test flock (BRIEF).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use trellis_kube_testapi::{
+    Request, TestApiServer, LEASES, NAMESPACES, NETWORK_POLICIES, NODES, PODS, SERVICE_ACCOUNTS,
+};
+use trellis_resources::{parse_documents, Kind, Resource};
+
+const MANIFEST: &str = include_str!("../../../manifests/trellis.yaml");
+const DEADLINE: Duration = Duration::from_secs(30);
+const NS: &str = "kube-system";
+const AGENT_SA: &str = "trellis-node";
+const CONTROLLER_SA: &str = "trellis-kube-controller";
+/// Capabilities the agent's container adds (see the manifest's comments for why each).
+const AGENT_CAPS: [&str; 2] = ["NET_ADMIN", "NET_BIND_SERVICE"];
+/// Where the CNI plugin looks for the agent when the conflist names no `agentSocket` (the
+/// conflist `trellis install-cni` writes by default names none).
+const PLUGIN_SOCKET: &str = "/run/trellis/agent.sock";
+
+/// One document of the manifest, as its k8s-openapi type.
+#[derive(Debug, Clone)]
+enum Object {
+    ConfigMap(ConfigMap),
+    ServiceAccount(ServiceAccount),
+    ClusterRole(ClusterRole),
+    ClusterRoleBinding(ClusterRoleBinding),
+    Role(Role),
+    RoleBinding(RoleBinding),
+    DaemonSet(DaemonSet),
+    Deployment(Deployment),
+}
+
+/// `T` from `v`, refusing anything `T` would drop (k8s-openapi ignores unknown fields, so a
+/// misspelt field would otherwise vanish silently): the typed value must serialise back to
+/// exactly the document.
+fn typed<T: DeserializeOwned + Serialize>(doc: usize, v: &Value) -> Result<T, String> {
+    let t: T = serde_json::from_value(v.clone()).map_err(|e| format!("document {doc}: {e}"))?;
+    let back = serde_json::to_value(&t).expect("serialises");
+    if back != *v {
+        return Err(format!(
+            "document {doc}: fields the type does not have (or of the wrong form): {}",
+            diff(v, &back, "")
+        ));
+    }
+    Ok(t)
+}
+
+/// The first path at which `a` and `b` differ.
+fn diff(a: &Value, b: &Value, at: &str) -> String {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys()) {
+                if x.get(k) != y.get(k) {
+                    return diff(
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                        &format!("{at}.{k}"),
+                    );
+                }
+            }
+            at.to_string()
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                if p != q {
+                    return diff(p, q, &format!("{at}[{i}]"));
+                }
+            }
+            at.to_string()
+        }
+        _ => format!("{at} ({a} in the file)"),
+    }
+}
+
+fn parse(text: &str) -> Result<Vec<Object>, String> {
+    let mut out = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        let v = Value::deserialize(de).map_err(|e| format!("document {doc}: {e}"))?;
+        if v.is_null() {
+            continue;
+        }
+        let av = v["apiVersion"].as_str().unwrap_or_default();
+        let kind = v["kind"].as_str().unwrap_or_default();
+        out.push(match (av, kind) {
+            ("v1", "ConfigMap") => Object::ConfigMap(typed(doc, &v)?),
+            ("v1", "ServiceAccount") => Object::ServiceAccount(typed(doc, &v)?),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => Object::ClusterRole(typed(doc, &v)?),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                Object::ClusterRoleBinding(typed(doc, &v)?)
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => Object::Role(typed(doc, &v)?),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => Object::RoleBinding(typed(doc, &v)?),
+            ("apps/v1", "DaemonSet") => Object::DaemonSet(typed(doc, &v)?),
+            ("apps/v1", "Deployment") => Object::Deployment(typed(doc, &v)?),
+            _ => return Err(format!("document {doc}: unexpected kind {av}/{kind}")),
+        });
+    }
+    Ok(out)
+}
+
+/// The manifest's objects, looked up by what the checks need.
+struct Manifest(Vec<Object>);
+
+impl Manifest {
+    fn new(text: &str) -> Manifest {
+        Manifest(parse(text).expect("the manifest parses"))
+    }
+
+    fn daemonset(&self) -> &DaemonSet {
+        let mut it = self.0.iter().filter_map(|o| match o {
+            Object::DaemonSet(d) => Some(d),
+            _ => None,
+        });
+        let d = it.next().expect("a DaemonSet");
+        assert!(it.next().is_none(), "one DaemonSet");
+        d
+    }
+
+    fn deployment(&self) -> &Deployment {
+        let mut it = self.0.iter().filter_map(|o| match o {
+            Object::Deployment(d) => Some(d),
+            _ => None,
+        });
+        let d = it.next().expect("a Deployment");
+        assert!(it.next().is_none(), "one Deployment");
+        d
+    }
+
+    fn config(&self, name: &str) -> BTreeMap<String, String> {
+        self.0
+            .iter()
+            .find_map(|o| match o {
+                Object::ConfigMap(c) if c.metadata.name.as_deref() == Some(name) => {
+                    Some(c.data.clone().unwrap_or_default())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("ConfigMap {name}"))
+    }
+}
+
+fn pod_spec_ds(d: &DaemonSet) -> &PodSpec {
+    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("DaemonSet pod spec")
+}
+
+fn pod_spec_deploy(d: &Deployment) -> &PodSpec {
+    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("Deployment pod spec")
+}
+
+/// The value of `--flag=V` or `--flag V` in `args`.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let eq = format!("{name}=");
+    args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix(&eq)
+            .or_else(|| (a == name).then(|| args.get(i + 1).map(String::as_str)).flatten())
+    })
+}
+
+fn args(c: &Container) -> Vec<String> {
+    c.args.clone().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The DaemonSet.
+
+fn check_daemonset(m: &Manifest) -> Vec<String> {
+    let mut p = Vec::new();
+    let d = m.daemonset();
+    let spec = pod_spec_ds(d);
+    if spec.host_network != Some(true) {
+        p.push("hostNetwork is not true".into());
+    }
+    if spec.host_pid == Some(true) {
+        p.push("hostPID is set (the agent enters no other process's namespaces)".into());
+    }
+    if spec.priority_class_name.as_deref() != Some("system-node-critical") {
+        p.push("priorityClassName is not system-node-critical".into());
+    }
+    let tolerates_all = spec.tolerations.iter().flatten().any(|t| {
+        t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()
+    });
+    if !tolerates_all {
+        p.push("no toleration {operator: Exists} (every taint)".into());
+    }
+    let strategy = d.spec.as_ref().and_then(|s| s.update_strategy.as_ref());
+    if strategy.and_then(|s| s.type_.as_deref()) != Some("RollingUpdate") {
+        p.push("updateStrategy is not RollingUpdate".into());
+    }
+    if spec.service_account_name.as_deref() != Some(AGENT_SA) {
+        p.push(format!("serviceAccountName is not {AGENT_SA}"));
+    }
+    if spec.automount_service_account_token != Some(false) {
+        p.push("the node pods mount a service account token (the agent needs none)".into());
+    }
+    p.extend(check_volumes(spec));
+    let [agent] = spec.containers.as_slice() else {
+        p.push("the DaemonSet must run exactly one container, the agent".into());
+        return p;
+    };
+    p.extend(check_agent(agent));
+    match spec.init_containers.as_deref() {
+        Some([init]) => p.extend(check_install_cni(init)),
+        _ => p.push("the DaemonSet must have exactly one init container, install-cni".into()),
+    }
+    p
+}
+
+/// Each mount names a volume, each volume is mounted, and the host paths are exactly these:
+/// (volume, host path, container, mount path).
+const HOST_PATHS: [(&str, &str, &str, &str); 3] = [
+    ("trellis-run", "/run/trellis", "trellis-agent", "/run/trellis"),
+    ("cni-bin-dir", "/opt/cni/bin", "install-cni", "/host/opt/cni/bin"),
+    ("cni-net-dir", "/etc/cni/net.d", "install-cni", "/host/etc/cni/net.d"),
+];
+
+fn check_volumes(spec: &PodSpec) -> Vec<String> {
+    let mut p = Vec::new();
+    let volumes: BTreeMap<&str, Option<&str>> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| (v.name.as_str(), v.host_path.as_ref().map(|h| h.path.as_str())))
+        .collect();
+    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    let mut mounts = BTreeSet::new();
+    for c in containers {
+        for vm in c.volume_mounts.iter().flatten() {
+            if !volumes.contains_key(vm.name.as_str()) {
+                p.push(format!("{}: mounts {}, which is no volume", c.name, vm.name));
+            }
+            mounts.insert((vm.name.clone(), c.name.clone(), vm.mount_path.clone()));
+        }
+    }
+    let want: BTreeSet<(String, String, String)> = HOST_PATHS
+        .iter()
+        .map(|(v, _, c, at)| (v.to_string(), c.to_string(), at.to_string()))
+        .collect();
+    if mounts != want {
+        p.push(format!("mounts {mounts:?}, want {want:?}"));
+    }
+    let host: BTreeMap<&str, Option<&str>> =
+        HOST_PATHS.iter().map(|(v, h, _, _)| (*v, Some(*h))).collect();
+    if volumes != host {
+        p.push(format!("volumes (name → hostPath) {volumes:?}, want {host:?}"));
+    }
+    p
+}
+
+fn capabilities(c: &Container) -> (Vec<String>, Vec<String>) {
+    let caps = c.security_context.as_ref().and_then(|s| s.capabilities.clone()).unwrap_or_default();
+    (caps.add.unwrap_or_default(), caps.drop.unwrap_or_default())
+}
+
+fn check_security(c: &Container, add: &[&str]) -> Vec<String> {
+    let mut p = Vec::new();
+    let sc = c.security_context.clone().unwrap_or_default();
+    if sc.privileged == Some(true) {
+        p.push(format!("{} is privileged", c.name));
+    }
+    if sc.allow_privilege_escalation != Some(false) {
+        p.push(format!("{}: allowPrivilegeEscalation is not false", c.name));
+    }
+    let (added, dropped) = capabilities(c);
+    if dropped != ["ALL"] {
+        p.push(format!("{}: capabilities.drop is {dropped:?}, want [ALL]", c.name));
+    }
+    let added: BTreeSet<&str> = added.iter().map(String::as_str).collect();
+    if added != add.iter().copied().collect() {
+        p.push(format!("{}: capabilities.add is {added:?}, want {add:?}", c.name));
+    }
+    p
+}
+
+fn check_agent(c: &Container) -> Vec<String> {
+    let mut p = check_security(c, &AGENT_CAPS);
+    let a = args(c);
+    if a.first().map(String::as_str) != Some("agent") {
+        p.push(format!("the agent container runs {a:?}, not `trellis agent`"));
+    }
+    if flag(&a, "--socket").unwrap_or(PLUGIN_SOCKET) != PLUGIN_SOCKET {
+        p.push(format!("--socket is not {PLUGIN_SOCKET}, where the installed conflist's plugin looks"));
+    }
+    if flag(&a, "--node") != Some("$(NODE_NAME)") || field_ref(c, "NODE_NAME") != Some("spec.nodeName") {
+        p.push("--node is not $(NODE_NAME) from spec.nodeName".into());
+    }
+    let Some(listen) = flag(&a, "--metrics-listen").and_then(|l| l.parse::<std::net::SocketAddr>().ok()) else {
+        p.push("no --metrics-listen ADDR:PORT (the probes need /healthz and /readyz)".into());
+        return p;
+    };
+    for (what, probe, path) in [
+        ("livenessProbe", &c.liveness_probe, "/healthz"),
+        ("readinessProbe", &c.readiness_probe, "/readyz"),
+    ] {
+        let Some(get) = probe.as_ref().and_then(|p| p.http_get.as_ref()) else {
+            p.push(format!("no {what}.httpGet"));
+            continue;
+        };
+        if get.path.as_deref() != Some(path) {
+            p.push(format!("{what} path {:?}, want {path}", get.path));
+        }
+        let port = match &get.port {
+            IntOrString::Int(n) => Some(*n),
+            IntOrString::String(name) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port),
+        };
+        if port != Some(i32::from(listen.port())) {
+            p.push(format!("{what} port {port:?}, the agent listens on {listen}"));
+        }
+        // A loopback listener is reached only through the probe's host (the kubelet is on
+        // the same host: hostNetwork); an unspecified one on the pod (= node) address.
+        let host_ok = match get.host.as_deref() {
+            Some(h) => h.parse::<std::net::IpAddr>().ok() == Some(listen.ip()),
+            None => listen.ip().is_unspecified(),
+        };
+        if !host_ok {
+            p.push(format!("{what} host {:?} does not reach {listen}", get.host));
+        }
+    }
+    if !c.volume_mounts.iter().flatten().any(|m| Path::new(PLUGIN_SOCKET).parent() == Some(Path::new(&m.mount_path))) {
+        p.push(format!("the agent does not mount the socket's directory of {PLUGIN_SOCKET}"));
+    }
+    p
+}
+
+fn check_install_cni(c: &Container) -> Vec<String> {
+    let mut p = check_security(c, &[]);
+    let a = args(c);
+    if a.first().map(String::as_str) != Some("install-cni") {
+        p.push(format!("the init container runs {a:?}, not `trellis install-cni`"));
+    }
+    let root = flag(&a, "--host-root").unwrap_or("/host");
+    for (dir, default) in [("--cni-bin-dir", "/opt/cni/bin"), ("--cni-net-dir", "/etc/cni/net.d")] {
+        let under = format!("{root}{}", flag(&a, dir).unwrap_or(default));
+        if !c.volume_mounts.iter().flatten().any(|m| m.mount_path == under) {
+            p.push(format!("install-cni writes {under}, which is not mounted"));
+        }
+    }
+    p
+}
+
+fn field_ref<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env.iter().flatten().find(|e| e.name == name).and_then(|e| {
+        e.value_from.as_ref()?.field_ref.as_ref().map(|f| f.field_path.as_str())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags and environment, through the real parser.
+
+/// The container's environment as the kubelet would set it (ConfigMap keys resolved, field
+/// references given sample values).
+fn environment(m: &Manifest, c: &Container) -> Result<BTreeMap<String, String>, String> {
+    let mut env = BTreeMap::new();
+    for e in c.env.iter().flatten() {
+        let v = match (&e.value, &e.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => match (&from.config_map_key_ref, &from.field_ref) {
+                (Some(r), _) => m
+                    .config(&r.name)
+                    .get(&r.key)
+                    .cloned()
+                    .ok_or_else(|| format!("{}: env {} names ConfigMap key {}/{}, which is missing", c.name, e.name, r.name, r.key))?,
+                (None, Some(f)) => format!("sample-{}", f.field_path.replace('.', "-")),
+                _ => return Err(format!("{}: env {} has an unsupported source", c.name, e.name)),
+            },
+            (None, None) => String::new(),
+        };
+        env.insert(e.name.clone(), v);
+    }
+    Ok(env)
+}
+
+/// `$(VAR)` expanded as the kubelet does; a reference to no variable of the container fails.
+fn expand(arg: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find("$(") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find(')').ok_or_else(|| format!("unclosed $( in {arg}"))? + i;
+        let name = &rest[i + 2..end];
+        out.push_str(env.get(name).ok_or_else(|| format!("{arg}: $({name}) is no env variable of the container"))?);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The container's command line and environment through the real `trellis` parser: its
+/// arguments followed by `--help`, which clap reaches only after every argument before it
+/// parsed (an unknown flag or a bad value exits 2); and every env variable is one the
+/// subcommand reads (its help's `[env: NAME=]`) or TRELLIS_LOG.
+fn check_cli(m: &Manifest, c: &Container) -> Vec<String> {
+    let mut p = Vec::new();
+    if c.command.as_deref() != Some(&["/usr/local/bin/trellis".to_string()][..]) {
+        p.push(format!("{}: command {:?}, want [/usr/local/bin/trellis] (the Containerfile's)", c.name, c.command));
+    }
+    let env = match environment(m, c) {
+        Ok(e) => e,
+        Err(e) => return vec![e],
+    };
+    let argv: Vec<String> = match args(c).iter().map(|a| expand(a, &env)).collect() {
+        Ok(a) => a,
+        Err(e) => return vec![format!("{}: {e}", c.name)],
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(&argv)
+        .arg("--help")
+        .env_clear()
+        .envs(&env)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        p.push(format!("{}: `trellis {}` does not parse: {}", c.name, argv.join(" "), String::from_utf8_lossy(&out.stderr)));
+        return p;
+    }
+    let help = String::from_utf8_lossy(&out.stdout);
+    let referenced: BTreeSet<&str> = args(c).iter().flat_map(|a| a.split("$(").skip(1)).filter_map(|s| s.split(')').next()).collect();
+    for name in env.keys() {
+        let read = help.contains(&format!("[env: {name}=")) || name == "TRELLIS_LOG";
+        if !read && !referenced.contains(name.as_str()) {
+            p.push(format!("{}: env {name} is read by nothing (not in `trellis {} --help`)", c.name, argv[0]));
+        }
+    }
+    p
+}
+
+fn check_all_cli(m: &Manifest) -> Vec<String> {
+    let ds = pod_spec_ds(m.daemonset());
+    let dep = pod_spec_deploy(m.deployment());
+    let all = ds.containers.iter().chain(ds.init_containers.iter().flatten()).chain(&dep.containers).chain(dep.init_containers.iter().flatten());
+    all.flat_map(|c| check_cli(m, c)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// RBAC.
+
+/// One granted permission: (verb, group, resource, resourceName or "", namespace or "" for
+/// cluster-wide).
+type Grant = (String, String, String, String, String);
+
+fn bound_to(subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>, sa: &str) -> bool {
+    subjects.iter().flatten().any(|s| {
+        s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(NS)
+    })
+}
+
+fn expand_rules(rules: &[PolicyRule], namespace: &str, out: &mut BTreeSet<Grant>) {
+    for r in rules {
+        let names = r.resource_names.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| vec![String::new()]);
+        for v in &r.verbs {
+            for g in r.api_groups.iter().flatten() {
+                for res in r.resources.iter().flatten() {
+                    for n in &names {
+                        out.insert((v.clone(), g.clone(), res.clone(), n.clone(), namespace.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything `sa` is granted, expanded to single permissions.
+fn grants(m: &Manifest, sa: &str) -> BTreeSet<Grant> {
+    let cluster_roles: BTreeMap<String, Vec<PolicyRule>> = m.0.iter().filter_map(|o| match o {
+        Object::ClusterRole(r) => Some((r.metadata.name.clone()?, r.rules.clone().unwrap_or_default())),
+        _ => None,
+    }).collect();
+    let roles: BTreeMap<(String, String), Vec<PolicyRule>> = m.0.iter().filter_map(|o| match o {
+        Object::Role(r) => Some(((r.metadata.namespace.clone()?, r.metadata.name.clone()?), r.rules.clone().unwrap_or_default())),
+        _ => None,
+    }).collect();
+    let mut out = BTreeSet::new();
+    for o in &m.0 {
+        match o {
+            Object::ClusterRoleBinding(b) if bound_to(&b.subjects, sa) => {
+                let rules = cluster_roles.get(&b.role_ref.name).cloned().unwrap_or_default();
+                expand_rules(&rules, "", &mut out);
+            }
+            Object::RoleBinding(b) if bound_to(&b.subjects, sa) => {
+                let ns = b.metadata.namespace.clone().unwrap_or_default();
+                let rules = match b.role_ref.kind.as_str() {
+                    "ClusterRole" => cluster_roles.get(&b.role_ref.name).cloned(),
+                    _ => roles.get(&(ns.clone(), b.role_ref.name.clone())).cloned(),
+                };
+                expand_rules(&rules.unwrap_or_default(), &ns, &mut out);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether `g` authorises `r`, as RBAC decides.
+fn authorises(g: &Grant, r: &Request) -> bool {
+    let (verb, group, resource, name, ns) = g;
+    let any = |x: &str, y: &str| x == "*" || x == y;
+    any(verb, &r.verb)
+        && any(group, &r.group)
+        && any(resource, &r.resource)
+        && (name.is_empty() || r.name.as_deref() == Some(name.as_str()))
+        && (ns.is_empty() || r.namespace.as_deref() == Some(ns.as_str()))
+}
+
+/// Requests no grant authorises, and grants no request used.
+fn check_rbac(m: &Manifest, seen: &[Request]) -> Vec<String> {
+    let g = grants(m, CONTROLLER_SA);
+    let mut p = Vec::new();
+    let distinct: BTreeSet<&Request> = seen.iter().collect();
+    for r in &distinct {
+        if !g.iter().any(|g| authorises(g, r)) {
+            p.push(format!("not granted: {} {:?}/{} (namespace {:?}, name {:?})", r.verb, r.group, r.resource, r.namespace, r.name));
+        }
+    }
+    for grant in &g {
+        if grant.0 == "*" || grant.1 == "*" || grant.2 == "*" {
+            p.push(format!("a wildcard grant {grant:?}"));
+        } else if !distinct.iter().any(|r| authorises(grant, r)) {
+            p.push(format!("granted but never used: {grant:?}"));
+        }
+    }
+    if !grants(m, AGENT_SA).is_empty() {
+        p.push(format!("{AGENT_SA} is bound to a role (the agent makes no API calls)"));
+    }
+    let agent_bound = m.0.iter().any(|o| match o {
+        Object::ClusterRoleBinding(b) => bound_to(&b.subjects, AGENT_SA),
+        Object::RoleBinding(b) => bound_to(&b.subjects, AGENT_SA),
+        _ => false,
+    });
+    if agent_bound {
+        p.push(format!("a binding names {AGENT_SA}"));
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Deployment: its init container applies the pool, its controller is run for real.
+
+fn container<'a>(spec: &'a PodSpec, name: &str) -> &'a Container {
+    spec.containers.iter().chain(spec.init_containers.iter().flatten()).find(|c| c.name == name).unwrap_or_else(|| panic!("container {name}"))
+}
+
+/// The container's argv and environment for running here: `$(VAR)`s expanded, the datastore
+/// replaced by `datastore` and each ConfigMap volume's files written under `dir` (its mount
+/// path's files there, the arguments rewritten to match).
+fn runnable(m: &Manifest, spec: &PodSpec, c: &Container, datastore: &str, dir: &Path) -> (Vec<String>, BTreeMap<String, String>) {
+    let mut env = environment(m, c).unwrap();
+    env.insert("TRELLIS_DATASTORE".into(), datastore.into());
+    let mut argv: Vec<String> = args(c).iter().map(|a| expand(a, &env).unwrap()).collect();
+    for vm in c.volume_mounts.iter().flatten() {
+        let vol = spec.volumes.iter().flatten().find(|v| v.name == vm.name).expect("mounted volume");
+        let Some(cm) = &vol.config_map else { continue };
+        let data = m.config(&cm.name);
+        let local = dir.join(&vm.name);
+        std::fs::create_dir_all(&local).unwrap();
+        for item in cm.items.iter().flatten() {
+            std::fs::write(local.join(&item.path), &data[&item.key]).unwrap();
+        }
+        for a in &mut argv {
+            if let Some(rest) = a.strip_prefix(&vm.mount_path) {
+                *a = format!("{}{rest}", local.display());
+            }
+        }
+    }
+    (argv, env)
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn label(store: &dyn trellis_store::Datastore, kind: Kind, ns: Option<&str>, name: &str, key: &str) -> Option<String> {
+    let r = trellis_cluster::objects::get(store, kind, ns, name).await.ok()??;
+    match r.resource {
+        Resource::WorkloadEndpoint(w) => w.metadata.labels.get(key).cloned(),
+        other => other.metadata().labels.get(key).cloned(),
+    }
+}
+
+/// A child killed and reaped when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the Deployment's init container (the pool lands in the store) and then its
+/// controller, with the Deployment's own flags, against a test API server through a whole
+/// life: every kind listed, synced and watched (a change after the first sync arrives), the
+/// Lease created and renewed, SIGTERM and the Lease given up. Returns what it requested.
+async fn run_controller(m: &Manifest) -> Vec<Request> {
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = format!("sqlite:{}", dir.path().join("t.db").display());
+    let store = trellis_store::open(&datastore).await.unwrap();
+    let spec = pod_spec_deploy(m.deployment());
+
+    // The init container: `trellis apply -f` of the ConfigMap's pool.
+    let init = container(spec, "apply-ippool");
+    let (argv, env) = runnable(m, spec, init, &datastore, dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis")).args(&argv).env_clear().envs(&env).output().unwrap();
+    assert!(out.status.success(), "apply-ippool: {}", String::from_utf8_lossy(&out.stderr));
+    let pools = parse_documents(&m.config("trellis-config")["ippool.yaml"]).unwrap();
+    for pool in &pools {
+        let stored = trellis_cluster::objects::get(&*store, pool.kind(), None, &pool.metadata().name).await.unwrap();
+        assert_eq!(stored.map(|s| s.resource).as_ref(), Some(pool), "the pool as applied");
+    }
+
+    let api = TestApiServer::start().await;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    api.put(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"v": "1"}}}));
+    api.put(SERVICE_ACCOUNTS, json!({"metadata": {"name": "web", "namespace": "shop", "labels": {"v": "1"}}}));
+    api.put(NETWORK_POLICIES, json!({"metadata": {"name": "np", "namespace": "shop", "labels": {"v": "1"}}, "spec": {"podSelector": {}}}));
+    api.put(NODES, json!({"metadata": {"name": "n1", "labels": {"v": "1"}}}));
+    api.put(PODS, json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "1"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}}));
+    let node = "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec: {addresses: [{address: 192.0.2.2/24}]}\n";
+    let wep = "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {name: n1.c1.eth0, namespace: shop}\nspec: {node: n1, pod: web-1, containerID: c1, endpoint: eth0, orchestrator: trellis, ipNetworks: [10.244.0.1/32]}\n";
+    for doc in [node, wep] {
+        trellis_cluster::objects::apply(&*store, &parse_documents(doc).unwrap()[0], false).await.unwrap();
+    }
+
+    let c = container(spec, "trellis-kube-controller");
+    let (argv, mut env) = runnable(m, spec, c, &datastore, dir.path());
+    env.insert("KUBECONFIG".into(), kubeconfig.display().to_string());
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_trellis")).args(&argv).env_clear().envs(&env).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap(),
+    );
+    let s = &*store;
+    let kinds = [
+        (Kind::Namespace, None, "shop"),
+        (Kind::ServiceAccount, Some("shop"), "web"),
+        (Kind::KubernetesNetworkPolicy, Some("shop"), "np"),
+        (Kind::Node, None, "n1"),
+        (Kind::WorkloadEndpoint, Some("shop"), "n1.c1.eth0"),
+    ];
+    for v in ["1", "2"] {
+        if v == "2" {
+            // Changes after the first sync arrive only through the watches.
+            api.put(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"v": "2"}}}));
+            api.put(SERVICE_ACCOUNTS, json!({"metadata": {"name": "web", "namespace": "shop", "labels": {"v": "2"}}}));
+            api.put(NETWORK_POLICIES, json!({"metadata": {"name": "np", "namespace": "shop", "labels": {"v": "2"}}, "spec": {"podSelector": {}}}));
+            api.put(NODES, json!({"metadata": {"name": "n1", "labels": {"v": "2"}}}));
+            api.put(PODS, json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "2"}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}}));
+        }
+        for (kind, ns, name) in kinds {
+            wait_until(&format!("{kind:?} {name} label v={v}"), || async move {
+                label(s, kind, ns, name, "v").await.as_deref() == Some(v)
+            })
+            .await;
+        }
+    }
+    // A renewal: the Lease's renewTime moves on.
+    let renew = || api.get(LEASES, NS, "trellis-kube-controller").map(|l| l["spec"]["renewTime"].clone());
+    let first = renew();
+    wait_until("a lease renewal", || {
+        let now = renew();
+        let first = first.clone();
+        async move { now.is_some() && now != first }
+    })
+    .await;
+    // SIGTERM: the controller gives the Lease up and exits.
+    // SAFETY: signalling our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < DEADLINE, "the controller did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let holder = api.get(LEASES, NS, "trellis-kube-controller").map(|l| l["spec"]["holderIdentity"].clone());
+    assert_eq!(holder, Some(Value::Null), "the lease was given up");
+    api.seen()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn every_document_is_a_known_kind_with_only_its_fields() {
+    let objects = parse(MANIFEST).unwrap();
+    assert_eq!(objects.len(), 9, "{objects:#?}");
+    let bad_kind = MANIFEST.replacen("kind: ConfigMap", "kind: Secret", 1);
+    assert!(parse(&bad_kind).unwrap_err().contains("unexpected kind v1/Secret"));
+    let typo = MANIFEST.replacen("hostNetwork: true", "hostNetwrok: true", 1);
+    let e = parse(&typo).unwrap_err();
+    assert!(e.contains("hostNetwrok"), "{e}");
+}
+
+/// Each check on the manifest as it is (no problem), and on a mutation of it (the fault named).
+fn holds(check: impl Fn(&Manifest) -> Vec<String>, mutations: &[(&str, &str, &str)]) {
+    let problems = check(&Manifest::new(MANIFEST));
+    assert!(problems.is_empty(), "{problems:#?}");
+    for (from, to, needle) in mutations {
+        assert!(MANIFEST.contains(from), "mutation source {from:?} not in the manifest");
+        let problems = check(&Manifest::new(&MANIFEST.replacen(from, to, 1)));
+        assert!(problems.iter().any(|p| p.contains(needle)), "mutation {from:?} → {to:?}: want a problem naming {needle:?}, got {problems:#?}");
+    }
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_on_the_host_network_with_only_what_it_needs() {
+    holds(check_daemonset, &[
+        ("hostNetwork: true", "hostNetwork: false", "hostNetwork"),
+        ("      serviceAccountName: trellis-node\n", "      serviceAccountName: trellis-node\n      hostPID: true\n", "hostPID"),
+        ("priorityClassName: system-node-critical", "priorityClassName: system-cluster-critical", "priorityClassName"),
+        ("        - operator: Exists\n", "        - operator: Exists\n          key: x\n", "toleration"),
+        ("    type: RollingUpdate\n    rollingUpdate:\n      maxUnavailable: 1\n", "    type: OnDelete\n", "updateStrategy"),
+        ("                - NET_BIND_SERVICE\n", "                - NET_BIND_SERVICE\n                - SYS_ADMIN\n", "capabilities.add"),
+        ("                - NET_ADMIN\n", "", "capabilities.add"),
+        ("            privileged: false\n            allowPrivilegeEscalation: false\n            # The agent", "            privileged: true\n            allowPrivilegeEscalation: false\n            # The agent", "privileged"),
+        ("              path: /healthz", "              path: /livez", "livenessProbe path"),
+        ("              path: /readyz", "              path: /healthz", "readinessProbe path"),
+        ("            - --metrics-listen=127.0.0.1:9091", "            - --metrics-listen=127.0.0.1:9092", "port"),
+        ("              host: 127.0.0.1\n              path: /readyz", "              path: /readyz", "readinessProbe host"),
+        ("            - name: trellis-run\n              mountPath: /run/trellis", "            - name: trellis-runs\n              mountPath: /run/trellis", "which is no volume"),
+        ("            path: /etc/cni/net.d", "            path: /etc/cni/net.d.x", "hostPath"),
+        ("              mountPath: /host/opt/cni/bin", "              mountPath: /host/opt/cni/bin2", "not mounted"),
+        ("          args: [install-cni, --host-root=/host]", "          args: [install-cni, --host-root=/hostfs]", "not mounted"),
+        ("      automountServiceAccountToken: false\n      priorityClassName: system-node-critical", "      priorityClassName: system-node-critical", "token"),
+        ("            - --node=$(NODE_NAME)", "            - --node=$(HOSTNAME)", "--node"),
+        ("            - --socket=/run/trellis/agent.sock", "            - --socket=/var/run/trellis.sock", "--socket"),
+    ]);
+}
+
+#[test]
+fn every_container_command_line_parses_with_the_real_cli() {
+    holds(check_all_cli, &[
+        ("            - --metrics-listen=127.0.0.1:9091", "            - --metrics-listen=localhost", "does not parse"),
+        ("            - --lease-duration=15", "            - --lease-durration=15", "does not parse"),
+        ("          args: [install-cni, --host-root=/host]", "          args: [install-cni, --hostroot=/host]", "does not parse"),
+        ("            - name: TRELLIS_BGP\n", "            - name: TRELLIS_BGPX\n", "read by nothing"),
+        ("                  key: ip_autodetection_method", "                  key: ip_autodetect", "missing"),
+        ("            - --identity=$(POD_NAME)", "            - --identity=$(POD)", "no env variable"),
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_rbac_is_exactly_what_it_requests() {
+    let seen = run_controller(&Manifest::new(MANIFEST)).await;
+    let check = |m: &Manifest| check_rbac(m, &seen);
+    holds(check, &[
+        ("    verbs: [list, watch]\n  - apiGroups: [networking.k8s.io]", "    verbs: [list]\n  - apiGroups: [networking.k8s.io]", "not granted: watch \"\"/pods"),
+        ("    resources: [networkpolicies]\n    verbs: [list, watch]", "    resources: [networkpolicies]\n    verbs: [list, watch, delete]", "granted but never used"),
+        ("    resources: [namespaces, pods, serviceaccounts, nodes]", "    resources: [namespaces, pods, serviceaccounts, nodes, secrets]", "granted but never used"),
+        ("    resources: [namespaces, pods, serviceaccounts, nodes]", "    resources: [\"*\"]", "wildcard"),
+        ("    verbs: [get, update]", "    verbs: [get]", "not granted: update"),
+        ("    resourceNames: [trellis-kube-controller]\n", "    resourceNames: [other]\n", "not granted: get"),
+        ("kind: RoleBinding\nmetadata:\n  name: trellis-kube-controller\n  namespace: kube-system", "kind: RoleBinding\nmetadata:\n  name: trellis-kube-controller\n  namespace: default", "not granted: create"),
+        ("subjects:\n  - kind: ServiceAccount\n    name: trellis-kube-controller\n    namespace: kube-system\n---\n# Leader", "subjects:\n  - kind: ServiceAccount\n    name: trellis-node\n    namespace: kube-system\n---\n# Leader", "trellis-node is bound"),
+    ]);
+}
