@@ -161,11 +161,11 @@ impl Manifest {
 }
 
 fn pod_spec_ds(d: &DaemonSet) -> &PodSpec {
-    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("DaemonSet pod spec")
+    d.spec.template.spec.as_ref().expect("DaemonSet pod spec")
 }
 
 fn pod_spec_deploy(d: &Deployment) -> &PodSpec {
-    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("Deployment pod spec")
+    d.spec.template.spec.as_ref().expect("Deployment pod spec")
 }
 
 /// The value of `--flag=V` or `--flag V` in `args`.
@@ -203,7 +203,7 @@ fn check_daemonset(m: &Manifest) -> Vec<String> {
     if !tolerates_all {
         p.push("no toleration {operator: Exists} (every taint)".into());
     }
-    let strategy = d.spec.as_ref().and_then(|s| s.update_strategy.as_ref());
+    let strategy = d.spec.update_strategy.as_ref();
     if strategy.and_then(|s| s.type_.as_deref()) != Some("RollingUpdate") {
         p.push("updateStrategy is not RollingUpdate".into());
     }
@@ -439,7 +439,8 @@ fn check_cli(m: &Manifest, c: &Container) -> Vec<String> {
         return p;
     }
     let help = String::from_utf8_lossy(&out.stdout);
-    let referenced: BTreeSet<&str> = args(c).iter().flat_map(|a| a.split("$(").skip(1)).filter_map(|s| s.split(')').next()).collect();
+    let all_args = args(c);
+    let referenced: BTreeSet<&str> = all_args.iter().flat_map(|a| a.split("$(").skip(1)).filter_map(|s| s.split(')').next()).collect();
     for name in env.keys() {
         let read = help.contains(&format!("[env: {name}=")) || name == "TRELLIS_LOG";
         if !read && !referenced.contains(name.as_str()) {
@@ -553,6 +554,25 @@ fn check_rbac(m: &Manifest, seen: &[Request]) -> Vec<String> {
     });
     if agent_bound {
         p.push(format!("a binding names {AGENT_SA}"));
+    }
+    for (sa, automount) in [(AGENT_SA, Some(false)), (CONTROLLER_SA, None)] {
+        let found = m.0.iter().find_map(|o| match o {
+            Object::ServiceAccount(s)
+                if s.metadata.name.as_deref() == Some(sa)
+                    && s.metadata.namespace.as_deref() == Some(NS) =>
+            {
+                Some(s)
+            }
+            _ => None,
+        });
+        match found {
+            None => p.push(format!("no ServiceAccount {NS}/{sa}")),
+            Some(s) if s.automount_service_account_token != automount => p.push(format!(
+                "ServiceAccount {sa}: automountServiceAccountToken {:?}, want {automount:?}",
+                s.automount_service_account_token
+            )),
+            Some(_) => {}
+        }
     }
     p
 }
@@ -782,6 +802,7 @@ async fn the_controllers_rbac_is_exactly_what_it_requests() {
         ("    verbs: [get, update]", "    verbs: [get]", "not granted: update"),
         ("    resourceNames: [trellis-kube-controller]\n", "    resourceNames: [other]\n", "not granted: get"),
         ("kind: RoleBinding\nmetadata:\n  name: trellis-kube-controller\n  namespace: kube-system", "kind: RoleBinding\nmetadata:\n  name: trellis-kube-controller\n  namespace: default", "not granted: create"),
+        ("# this ServiceAccount is bound to no Role or ClusterRole, and its pods mount no token.\nautomountServiceAccountToken: false\n", "", "automountServiceAccountToken"),
         ("subjects:\n  - kind: ServiceAccount\n    name: trellis-kube-controller\n    namespace: kube-system\n---\n# Leader", "subjects:\n  - kind: ServiceAccount\n    name: trellis-node\n    namespace: kube-system\n---\n# Leader", "trellis-node is bound"),
     ]);
 }
