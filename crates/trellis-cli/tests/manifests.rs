@@ -172,8 +172,11 @@ fn pod_spec_deploy(d: &Deployment) -> &PodSpec {
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     let eq = format!("{name}=");
     args.iter().enumerate().find_map(|(i, a)| {
-        a.strip_prefix(&eq)
-            .or_else(|| (a == name).then(|| args.get(i + 1).map(String::as_str)).flatten())
+        a.strip_prefix(&eq).or_else(|| {
+            (a == name)
+                .then(|| args.get(i + 1).map(String::as_str))
+                .flatten()
+        })
     })
 }
 
@@ -197,9 +200,10 @@ fn check_daemonset(m: &Manifest) -> Vec<String> {
     if spec.priority_class_name.as_deref() != Some("system-node-critical") {
         p.push("priorityClassName is not system-node-critical".into());
     }
-    let tolerates_all = spec.tolerations.iter().flatten().any(|t| {
-        t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()
-    });
+    let tolerates_all =
+        spec.tolerations.iter().flatten().any(|t| {
+            t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()
+        });
     if !tolerates_all {
         p.push("no toleration {operator: Exists} (every taint)".into());
     }
@@ -229,9 +233,24 @@ fn check_daemonset(m: &Manifest) -> Vec<String> {
 /// Each mount names a volume, each volume is mounted, and the host paths are exactly these:
 /// (volume, host path, container, mount path).
 const HOST_PATHS: [(&str, &str, &str, &str); 3] = [
-    ("trellis-run", "/run/trellis", "trellis-agent", "/run/trellis"),
-    ("cni-bin-dir", "/opt/cni/bin", "install-cni", "/host/opt/cni/bin"),
-    ("cni-net-dir", "/etc/cni/net.d", "install-cni", "/host/etc/cni/net.d"),
+    (
+        "trellis-run",
+        "/run/trellis",
+        "trellis-agent",
+        "/run/trellis",
+    ),
+    (
+        "cni-bin-dir",
+        "/opt/cni/bin",
+        "install-cni",
+        "/host/opt/cni/bin",
+    ),
+    (
+        "cni-net-dir",
+        "/etc/cni/net.d",
+        "install-cni",
+        "/host/etc/cni/net.d",
+    ),
 ];
 
 fn check_volumes(spec: &PodSpec) -> Vec<String> {
@@ -240,14 +259,25 @@ fn check_volumes(spec: &PodSpec) -> Vec<String> {
         .volumes
         .iter()
         .flatten()
-        .map(|v| (v.name.as_str(), v.host_path.as_ref().map(|h| h.path.as_str())))
+        .map(|v| {
+            (
+                v.name.as_str(),
+                v.host_path.as_ref().map(|h| h.path.as_str()),
+            )
+        })
         .collect();
-    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
     let mut mounts = BTreeSet::new();
     for c in containers {
         for vm in c.volume_mounts.iter().flatten() {
             if !volumes.contains_key(vm.name.as_str()) {
-                p.push(format!("{}: mounts {}, which is no volume", c.name, vm.name));
+                p.push(format!(
+                    "{}: mounts {}, which is no volume",
+                    c.name, vm.name
+                ));
             }
             mounts.insert((vm.name.clone(), c.name.clone(), vm.mount_path.clone()));
         }
@@ -259,16 +289,24 @@ fn check_volumes(spec: &PodSpec) -> Vec<String> {
     if mounts != want {
         p.push(format!("mounts {mounts:?}, want {want:?}"));
     }
-    let host: BTreeMap<&str, Option<&str>> =
-        HOST_PATHS.iter().map(|(v, h, _, _)| (*v, Some(*h))).collect();
+    let host: BTreeMap<&str, Option<&str>> = HOST_PATHS
+        .iter()
+        .map(|(v, h, _, _)| (*v, Some(*h)))
+        .collect();
     if volumes != host {
-        p.push(format!("volumes (name → hostPath) {volumes:?}, want {host:?}"));
+        p.push(format!(
+            "volumes (name → hostPath) {volumes:?}, want {host:?}"
+        ));
     }
     p
 }
 
 fn capabilities(c: &Container) -> (Vec<String>, Vec<String>) {
-    let caps = c.security_context.as_ref().and_then(|s| s.capabilities.clone()).unwrap_or_default();
+    let caps = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone())
+        .unwrap_or_default();
     (caps.add.unwrap_or_default(), caps.drop.unwrap_or_default())
 }
 
@@ -283,11 +321,17 @@ fn check_security(c: &Container, add: &[&str]) -> Vec<String> {
     }
     let (added, dropped) = capabilities(c);
     if dropped != ["ALL"] {
-        p.push(format!("{}: capabilities.drop is {dropped:?}, want [ALL]", c.name));
+        p.push(format!(
+            "{}: capabilities.drop is {dropped:?}, want [ALL]",
+            c.name
+        ));
     }
     let added: BTreeSet<&str> = added.iter().map(String::as_str).collect();
     if added != add.iter().copied().collect() {
-        p.push(format!("{}: capabilities.add is {added:?}, want {add:?}", c.name));
+        p.push(format!(
+            "{}: capabilities.add is {added:?}, want {add:?}",
+            c.name
+        ));
     }
     p
 }
@@ -296,15 +340,23 @@ fn check_agent(c: &Container) -> Vec<String> {
     let mut p = check_security(c, &AGENT_CAPS);
     let a = args(c);
     if a.first().map(String::as_str) != Some("agent") {
-        p.push(format!("the agent container runs {a:?}, not `trellis agent`"));
+        p.push(format!(
+            "the agent container runs {a:?}, not `trellis agent`"
+        ));
     }
     if flag(&a, "--socket").unwrap_or(PLUGIN_SOCKET) != PLUGIN_SOCKET {
-        p.push(format!("--socket is not {PLUGIN_SOCKET}, where the installed conflist's plugin looks"));
+        p.push(format!(
+            "--socket is not {PLUGIN_SOCKET}, where the installed conflist's plugin looks"
+        ));
     }
-    if flag(&a, "--node") != Some("$(NODE_NAME)") || field_ref(c, "NODE_NAME") != Some("spec.nodeName") {
+    if flag(&a, "--node") != Some("$(NODE_NAME)")
+        || field_ref(c, "NODE_NAME") != Some("spec.nodeName")
+    {
         p.push("--node is not $(NODE_NAME) from spec.nodeName".into());
     }
-    let Some(listen) = flag(&a, "--metrics-listen").and_then(|l| l.parse::<std::net::SocketAddr>().ok()) else {
+    let Some(listen) =
+        flag(&a, "--metrics-listen").and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+    else {
         p.push("no --metrics-listen ADDR:PORT (the probes need /healthz and /readyz)".into());
         return p;
     };
@@ -329,7 +381,9 @@ fn check_agent(c: &Container) -> Vec<String> {
                 .map(|p| p.container_port),
         };
         if port != Some(i32::from(listen.port())) {
-            p.push(format!("{what} port {port:?}, the agent listens on {listen}"));
+            p.push(format!(
+                "{what} port {port:?}, the agent listens on {listen}"
+            ));
         }
         // A loopback listener is reached only through the probe's host (the kubelet is on
         // the same host: hostNetwork); an unspecified one on the pod (= node) address.
@@ -338,11 +392,21 @@ fn check_agent(c: &Container) -> Vec<String> {
             None => listen.ip().is_unspecified(),
         };
         if !host_ok {
-            p.push(format!("{what} host {:?} does not reach {listen}", get.host));
+            p.push(format!(
+                "{what} host {:?} does not reach {listen}",
+                get.host
+            ));
         }
     }
-    if !c.volume_mounts.iter().flatten().any(|m| Path::new(PLUGIN_SOCKET).parent() == Some(Path::new(&m.mount_path))) {
-        p.push(format!("the agent does not mount the socket's directory of {PLUGIN_SOCKET}"));
+    if !c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| Path::new(PLUGIN_SOCKET).parent() == Some(Path::new(&m.mount_path)))
+    {
+        p.push(format!(
+            "the agent does not mount the socket's directory of {PLUGIN_SOCKET}"
+        ));
     }
     p
 }
@@ -351,12 +415,22 @@ fn check_install_cni(c: &Container) -> Vec<String> {
     let mut p = check_security(c, &[]);
     let a = args(c);
     if a.first().map(String::as_str) != Some("install-cni") {
-        p.push(format!("the init container runs {a:?}, not `trellis install-cni`"));
+        p.push(format!(
+            "the init container runs {a:?}, not `trellis install-cni`"
+        ));
     }
     let root = flag(&a, "--host-root").unwrap_or("/host");
-    for (dir, default) in [("--cni-bin-dir", "/opt/cni/bin"), ("--cni-net-dir", "/etc/cni/net.d")] {
+    for (dir, default) in [
+        ("--cni-bin-dir", "/opt/cni/bin"),
+        ("--cni-net-dir", "/etc/cni/net.d"),
+    ] {
         let under = format!("{root}{}", flag(&a, dir).unwrap_or(default));
-        if !c.volume_mounts.iter().flatten().any(|m| m.mount_path == under) {
+        if !c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == under)
+        {
             p.push(format!("install-cni writes {under}, which is not mounted"));
         }
     }
@@ -364,9 +438,17 @@ fn check_install_cni(c: &Container) -> Vec<String> {
 }
 
 fn field_ref<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
-    c.env.iter().flatten().find(|e| e.name == name).and_then(|e| {
-        e.value_from.as_ref()?.field_ref.as_ref().map(|f| f.field_path.as_str())
-    })
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| {
+            e.value_from
+                .as_ref()?
+                .field_ref
+                .as_ref()
+                .map(|f| f.field_path.as_str())
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,13 +462,19 @@ fn environment(m: &Manifest, c: &Container) -> Result<BTreeMap<String, String>, 
         let v = match (&e.value, &e.value_from) {
             (Some(v), _) => v.clone(),
             (None, Some(from)) => match (&from.config_map_key_ref, &from.field_ref) {
-                (Some(r), _) => m
-                    .config(&r.name)
-                    .get(&r.key)
-                    .cloned()
-                    .ok_or_else(|| format!("{}: env {} names ConfigMap key {}/{}, which is missing", c.name, e.name, r.name, r.key))?,
+                (Some(r), _) => m.config(&r.name).get(&r.key).cloned().ok_or_else(|| {
+                    format!(
+                        "{}: env {} names ConfigMap key {}/{}, which is missing",
+                        c.name, e.name, r.name, r.key
+                    )
+                })?,
                 (None, Some(f)) => format!("sample-{}", f.field_path.replace('.', "-")),
-                _ => return Err(format!("{}: env {} has an unsupported source", c.name, e.name)),
+                _ => {
+                    return Err(format!(
+                        "{}: env {} has an unsupported source",
+                        c.name, e.name
+                    ))
+                }
             },
             (None, None) => String::new(),
         };
@@ -401,9 +489,15 @@ fn expand(arg: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
     let mut rest = arg;
     while let Some(i) = rest.find("$(") {
         out.push_str(&rest[..i]);
-        let end = rest[i..].find(')').ok_or_else(|| format!("unclosed $( in {arg}"))? + i;
+        let end = rest[i..]
+            .find(')')
+            .ok_or_else(|| format!("unclosed $( in {arg}"))?
+            + i;
         let name = &rest[i + 2..end];
-        out.push_str(env.get(name).ok_or_else(|| format!("{arg}: $({name}) is no env variable of the container"))?);
+        out.push_str(
+            env.get(name)
+                .ok_or_else(|| format!("{arg}: $({name}) is no env variable of the container"))?,
+        );
         rest = &rest[end + 1..];
     }
     out.push_str(rest);
@@ -417,7 +511,10 @@ fn expand(arg: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
 fn check_cli(m: &Manifest, c: &Container) -> Vec<String> {
     let mut p = Vec::new();
     if c.command.as_deref() != Some(&["/usr/local/bin/trellis".to_string()][..]) {
-        p.push(format!("{}: command {:?}, want [/usr/local/bin/trellis] (the Containerfile's)", c.name, c.command));
+        p.push(format!(
+            "{}: command {:?}, want [/usr/local/bin/trellis] (the Containerfile's)",
+            c.name, c.command
+        ));
     }
     let env = match environment(m, c) {
         Ok(e) => e,
@@ -435,16 +532,28 @@ fn check_cli(m: &Manifest, c: &Container) -> Vec<String> {
         .output()
         .unwrap();
     if !out.status.success() {
-        p.push(format!("{}: `trellis {}` does not parse: {}", c.name, argv.join(" "), String::from_utf8_lossy(&out.stderr)));
+        p.push(format!(
+            "{}: `trellis {}` does not parse: {}",
+            c.name,
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
         return p;
     }
     let help = String::from_utf8_lossy(&out.stdout);
     let all_args = args(c);
-    let referenced: BTreeSet<&str> = all_args.iter().flat_map(|a| a.split("$(").skip(1)).filter_map(|s| s.split(')').next()).collect();
+    let referenced: BTreeSet<&str> = all_args
+        .iter()
+        .flat_map(|a| a.split("$(").skip(1))
+        .filter_map(|s| s.split(')').next())
+        .collect();
     for name in env.keys() {
         let read = help.contains(&format!("[env: {name}=")) || name == "TRELLIS_LOG";
         if !read && !referenced.contains(name.as_str()) {
-            p.push(format!("{}: env {name} is read by nothing (not in `trellis {} --help`)", c.name, argv[0]));
+            p.push(format!(
+                "{}: env {name} is read by nothing (not in `trellis {} --help`)",
+                c.name, argv[0]
+            ));
         }
     }
     p
@@ -453,7 +562,12 @@ fn check_cli(m: &Manifest, c: &Container) -> Vec<String> {
 fn check_all_cli(m: &Manifest) -> Vec<String> {
     let ds = pod_spec_ds(m.daemonset());
     let dep = pod_spec_deploy(m.deployment());
-    let all = ds.containers.iter().chain(ds.init_containers.iter().flatten()).chain(&dep.containers).chain(dep.init_containers.iter().flatten());
+    let all = ds
+        .containers
+        .iter()
+        .chain(ds.init_containers.iter().flatten())
+        .chain(&dep.containers)
+        .chain(dep.init_containers.iter().flatten());
     all.flat_map(|c| check_cli(m, c)).collect()
 }
 
@@ -465,19 +579,30 @@ fn check_all_cli(m: &Manifest) -> Vec<String> {
 type Grant = (String, String, String, String, String);
 
 fn bound_to(subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>, sa: &str) -> bool {
-    subjects.iter().flatten().any(|s| {
-        s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(NS)
-    })
+    subjects
+        .iter()
+        .flatten()
+        .any(|s| s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(NS))
 }
 
 fn expand_rules(rules: &[PolicyRule], namespace: &str, out: &mut BTreeSet<Grant>) {
     for r in rules {
-        let names = r.resource_names.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| vec![String::new()]);
+        let names = r
+            .resource_names
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| vec![String::new()]);
         for v in &r.verbs {
             for g in r.api_groups.iter().flatten() {
                 for res in r.resources.iter().flatten() {
                     for n in &names {
-                        out.insert((v.clone(), g.clone(), res.clone(), n.clone(), namespace.to_string()));
+                        out.insert((
+                            v.clone(),
+                            g.clone(),
+                            res.clone(),
+                            n.clone(),
+                            namespace.to_string(),
+                        ));
                     }
                 }
             }
@@ -487,19 +612,34 @@ fn expand_rules(rules: &[PolicyRule], namespace: &str, out: &mut BTreeSet<Grant>
 
 /// Everything `sa` is granted, expanded to single permissions.
 fn grants(m: &Manifest, sa: &str) -> BTreeSet<Grant> {
-    let cluster_roles: BTreeMap<String, Vec<PolicyRule>> = m.0.iter().filter_map(|o| match o {
-        Object::ClusterRole(r) => Some((r.metadata.name.clone()?, r.rules.clone().unwrap_or_default())),
-        _ => None,
-    }).collect();
-    let roles: BTreeMap<(String, String), Vec<PolicyRule>> = m.0.iter().filter_map(|o| match o {
-        Object::Role(r) => Some(((r.metadata.namespace.clone()?, r.metadata.name.clone()?), r.rules.clone().unwrap_or_default())),
-        _ => None,
-    }).collect();
+    let cluster_roles: BTreeMap<String, Vec<PolicyRule>> =
+        m.0.iter()
+            .filter_map(|o| match o {
+                Object::ClusterRole(r) => Some((
+                    r.metadata.name.clone()?,
+                    r.rules.clone().unwrap_or_default(),
+                )),
+                _ => None,
+            })
+            .collect();
+    let roles: BTreeMap<(String, String), Vec<PolicyRule>> =
+        m.0.iter()
+            .filter_map(|o| match o {
+                Object::Role(r) => Some((
+                    (r.metadata.namespace.clone()?, r.metadata.name.clone()?),
+                    r.rules.clone().unwrap_or_default(),
+                )),
+                _ => None,
+            })
+            .collect();
     let mut out = BTreeSet::new();
     for o in &m.0 {
         match o {
             Object::ClusterRoleBinding(b) if bound_to(&b.subjects, sa) => {
-                let rules = cluster_roles.get(&b.role_ref.name).cloned().unwrap_or_default();
+                let rules = cluster_roles
+                    .get(&b.role_ref.name)
+                    .cloned()
+                    .unwrap_or_default();
                 expand_rules(&rules, "", &mut out);
             }
             Object::RoleBinding(b) if bound_to(&b.subjects, sa) => {
@@ -534,7 +674,10 @@ fn check_rbac(m: &Manifest, seen: &[Request]) -> Vec<String> {
     let distinct: BTreeSet<&Request> = seen.iter().collect();
     for r in &distinct {
         if !g.iter().any(|g| authorises(g, r)) {
-            p.push(format!("not granted: {} {:?}/{} (namespace {:?}, name {:?})", r.verb, r.group, r.resource, r.namespace, r.name));
+            p.push(format!(
+                "not granted: {} {:?}/{} (namespace {:?}, name {:?})",
+                r.verb, r.group, r.resource, r.namespace, r.name
+            ));
         }
     }
     for grant in &g {
@@ -545,7 +688,9 @@ fn check_rbac(m: &Manifest, seen: &[Request]) -> Vec<String> {
         }
     }
     if !grants(m, AGENT_SA).is_empty() {
-        p.push(format!("{AGENT_SA} is bound to a role (the agent makes no API calls)"));
+        p.push(format!(
+            "{AGENT_SA} is bound to a role (the agent makes no API calls)"
+        ));
     }
     let agent_bound = m.0.iter().any(|o| match o {
         Object::ClusterRoleBinding(b) => bound_to(&b.subjects, AGENT_SA),
@@ -581,18 +726,33 @@ fn check_rbac(m: &Manifest, seen: &[Request]) -> Vec<String> {
 // The Deployment: its init container applies the pool, its controller is run for real.
 
 fn container<'a>(spec: &'a PodSpec, name: &str) -> &'a Container {
-    spec.containers.iter().chain(spec.init_containers.iter().flatten()).find(|c| c.name == name).unwrap_or_else(|| panic!("container {name}"))
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("container {name}"))
 }
 
 /// The container's argv and environment for running here: `$(VAR)`s expanded, the datastore
 /// replaced by `datastore` and each ConfigMap volume's files written under `dir` (its mount
 /// path's files there, the arguments rewritten to match).
-fn runnable(m: &Manifest, spec: &PodSpec, c: &Container, datastore: &str, dir: &Path) -> (Vec<String>, BTreeMap<String, String>) {
+fn runnable(
+    m: &Manifest,
+    spec: &PodSpec,
+    c: &Container,
+    datastore: &str,
+    dir: &Path,
+) -> (Vec<String>, BTreeMap<String, String>) {
     let mut env = environment(m, c).unwrap();
     env.insert("TRELLIS_DATASTORE".into(), datastore.into());
     let mut argv: Vec<String> = args(c).iter().map(|a| expand(a, &env).unwrap()).collect();
     for vm in c.volume_mounts.iter().flatten() {
-        let vol = spec.volumes.iter().flatten().find(|v| v.name == vm.name).expect("mounted volume");
+        let vol = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == vm.name)
+            .expect("mounted volume");
         let Some(cm) = &vol.config_map else { continue };
         let data = m.config(&cm.name);
         let local = dir.join(&vm.name);
@@ -617,8 +777,16 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: im
     }
 }
 
-async fn label(store: &dyn trellis_store::Datastore, kind: Kind, ns: Option<&str>, name: &str, key: &str) -> Option<String> {
-    let r = trellis_cluster::objects::get(store, kind, ns, name).await.ok()??;
+async fn label(
+    store: &dyn trellis_store::Datastore,
+    kind: Kind,
+    ns: Option<&str>,
+    name: &str,
+    key: &str,
+) -> Option<String> {
+    let r = trellis_cluster::objects::get(store, kind, ns, name)
+        .await
+        .ok()??;
     match r.resource {
         Resource::WorkloadEndpoint(w) => w.metadata.labels.get(key).cloned(),
         other => other.metadata().labels.get(key).cloned(),
@@ -648,34 +816,71 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
     // The init container: `trellis apply -f` of the ConfigMap's pool.
     let init = container(spec, "apply-ippool");
     let (argv, env) = runnable(m, spec, init, &datastore, dir.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_trellis")).args(&argv).env_clear().envs(&env).output().unwrap();
-    assert!(out.status.success(), "apply-ippool: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(&argv)
+        .env_clear()
+        .envs(&env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply-ippool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pools = parse_documents(&m.config("trellis-config")["ippool.yaml"]).unwrap();
     for pool in &pools {
-        let stored = trellis_cluster::objects::get(&*store, pool.kind(), None, &pool.metadata().name).await.unwrap();
-        assert_eq!(stored.map(|s| s.resource).as_ref(), Some(pool), "the pool as applied");
+        let stored =
+            trellis_cluster::objects::get(&*store, pool.kind(), None, &pool.metadata().name)
+                .await
+                .unwrap();
+        assert_eq!(
+            stored.map(|s| s.resource).as_ref(),
+            Some(pool),
+            "the pool as applied"
+        );
     }
 
     let api = TestApiServer::start().await;
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    api.put(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"v": "1"}}}));
-    api.put(SERVICE_ACCOUNTS, json!({"metadata": {"name": "web", "namespace": "shop", "labels": {"v": "1"}}}));
+    api.put(
+        NAMESPACES,
+        json!({"metadata": {"name": "shop", "labels": {"v": "1"}}}),
+    );
+    api.put(
+        SERVICE_ACCOUNTS,
+        json!({"metadata": {"name": "web", "namespace": "shop", "labels": {"v": "1"}}}),
+    );
     api.put(NETWORK_POLICIES, json!({"metadata": {"name": "np", "namespace": "shop", "labels": {"v": "1"}}, "spec": {"podSelector": {}}}));
-    api.put(NODES, json!({"metadata": {"name": "n1", "labels": {"v": "1"}}}));
-    api.put(PODS, json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "1"}},
-        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}}));
+    api.put(
+        NODES,
+        json!({"metadata": {"name": "n1", "labels": {"v": "1"}}}),
+    );
+    api.put(
+        PODS,
+        json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "1"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}}),
+    );
     let node = "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec: {addresses: [{address: 192.0.2.2/24}]}\n";
     let wep = "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {name: n1.c1.eth0, namespace: shop}\nspec: {node: n1, pod: web-1, containerID: c1, endpoint: eth0, orchestrator: trellis, ipNetworks: [10.244.0.1/32]}\n";
     for doc in [node, wep] {
-        trellis_cluster::objects::apply(&*store, &parse_documents(doc).unwrap()[0], false).await.unwrap();
+        trellis_cluster::objects::apply(&*store, &parse_documents(doc).unwrap()[0], false)
+            .await
+            .unwrap();
     }
 
     let c = container(spec, "trellis-kube-controller");
     let (argv, mut env) = runnable(m, spec, c, &datastore, dir.path());
     env.insert("KUBECONFIG".into(), kubeconfig.display().to_string());
     let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_trellis")).args(&argv).env_clear().envs(&env).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap(),
+        Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(&argv)
+            .env_clear()
+            .envs(&env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
     );
     let s = &*store;
     let kinds = [
@@ -688,12 +893,24 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
     for v in ["1", "2"] {
         if v == "2" {
             // Changes after the first sync arrive only through the watches.
-            api.put(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"v": "2"}}}));
-            api.put(SERVICE_ACCOUNTS, json!({"metadata": {"name": "web", "namespace": "shop", "labels": {"v": "2"}}}));
+            api.put(
+                NAMESPACES,
+                json!({"metadata": {"name": "shop", "labels": {"v": "2"}}}),
+            );
+            api.put(
+                SERVICE_ACCOUNTS,
+                json!({"metadata": {"name": "web", "namespace": "shop", "labels": {"v": "2"}}}),
+            );
             api.put(NETWORK_POLICIES, json!({"metadata": {"name": "np", "namespace": "shop", "labels": {"v": "2"}}, "spec": {"podSelector": {}}}));
-            api.put(NODES, json!({"metadata": {"name": "n1", "labels": {"v": "2"}}}));
-            api.put(PODS, json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "2"}},
-                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}}));
+            api.put(
+                NODES,
+                json!({"metadata": {"name": "n1", "labels": {"v": "2"}}}),
+            );
+            api.put(
+                PODS,
+                json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "2"}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}}),
+            );
         }
         for (kind, ns, name) in kinds {
             wait_until(&format!("{kind:?} {name} label v={v}"), || async move {
@@ -703,7 +920,10 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
         }
     }
     // A renewal: the Lease's renewTime moves on.
-    let renew = || api.get(LEASES, NS, "trellis-kube-controller").map(|l| l["spec"]["renewTime"].clone());
+    let renew = || {
+        api.get(LEASES, NS, "trellis-kube-controller")
+            .map(|l| l["spec"]["renewTime"].clone())
+    };
     let first = renew();
     wait_until("a lease renewal", || {
         let now = renew();
@@ -719,11 +939,16 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
         if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < DEADLINE, "the controller did not stop on SIGTERM");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the controller did not stop on SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
-    let holder = api.get(LEASES, NS, "trellis-kube-controller").map(|l| l["spec"]["holderIdentity"].clone());
+    let holder = api
+        .get(LEASES, NS, "trellis-kube-controller")
+        .map(|l| l["spec"]["holderIdentity"].clone());
     assert_eq!(holder, Some(Value::Null), "the lease was given up");
     api.seen()
 }
@@ -736,7 +961,9 @@ fn every_document_is_a_known_kind_with_only_its_fields() {
     let objects = parse(MANIFEST).unwrap();
     assert_eq!(objects.len(), 9, "{objects:#?}");
     let bad_kind = MANIFEST.replacen("kind: ConfigMap", "kind: Secret", 1);
-    assert!(parse(&bad_kind).unwrap_err().contains("unexpected kind v1/Secret"));
+    assert!(parse(&bad_kind)
+        .unwrap_err()
+        .contains("unexpected kind v1/Secret"));
     let typo = MANIFEST.replacen("hostNetwork: true", "hostNetwrok: true", 1);
     let e = parse(&typo).unwrap_err();
     assert!(e.contains("hostNetwrok"), "{e}");
@@ -747,9 +974,15 @@ fn holds(check: impl Fn(&Manifest) -> Vec<String>, mutations: &[(&str, &str, &st
     let problems = check(&Manifest::new(MANIFEST));
     assert!(problems.is_empty(), "{problems:#?}");
     for (from, to, needle) in mutations {
-        assert!(MANIFEST.contains(from), "mutation source {from:?} not in the manifest");
+        assert!(
+            MANIFEST.contains(from),
+            "mutation source {from:?} not in the manifest"
+        );
         let problems = check(&Manifest::new(&MANIFEST.replacen(from, to, 1)));
-        assert!(problems.iter().any(|p| p.contains(needle)), "mutation {from:?} → {to:?}: want a problem naming {needle:?}, got {problems:#?}");
+        assert!(
+            problems.iter().any(|p| p.contains(needle)),
+            "mutation {from:?} → {to:?}: want a problem naming {needle:?}, got {problems:#?}"
+        );
     }
 }
 
@@ -780,14 +1013,41 @@ fn the_daemonset_runs_the_agent_on_the_host_network_with_only_what_it_needs() {
 
 #[test]
 fn every_container_command_line_parses_with_the_real_cli() {
-    holds(check_all_cli, &[
-        ("            - --metrics-listen=127.0.0.1:9091", "            - --metrics-listen=localhost", "does not parse"),
-        ("            - --lease-duration=15", "            - --lease-durration=15", "does not parse"),
-        ("          args: [install-cni, --host-root=/host]", "          args: [install-cni, --hostroot=/host]", "does not parse"),
-        ("            - name: TRELLIS_BGP\n", "            - name: TRELLIS_BGPX\n", "read by nothing"),
-        ("                  key: ip_autodetection_method", "                  key: ip_autodetect", "missing"),
-        ("            - --identity=$(POD_NAME)", "            - --identity=$(POD)", "no env variable"),
-    ]);
+    holds(
+        check_all_cli,
+        &[
+            (
+                "            - --metrics-listen=127.0.0.1:9091",
+                "            - --metrics-listen=localhost",
+                "does not parse",
+            ),
+            (
+                "            - --lease-duration=15",
+                "            - --lease-durration=15",
+                "does not parse",
+            ),
+            (
+                "          args: [install-cni, --host-root=/host]",
+                "          args: [install-cni, --hostroot=/host]",
+                "does not parse",
+            ),
+            (
+                "            - name: TRELLIS_BGP\n",
+                "            - name: TRELLIS_BGPX\n",
+                "read by nothing",
+            ),
+            (
+                "                  key: ip_autodetection_method",
+                "                  key: ip_autodetect",
+                "missing",
+            ),
+            (
+                "            - --identity=$(POD_NAME)",
+                "            - --identity=$(POD)",
+                "no env variable",
+            ),
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -717,16 +717,40 @@ mod tests {
             Some((s("list"), s(""), s("pods"), None))
         );
         assert_eq!(
-            attrs(Method::GET, "/apis/networking.k8s.io/v1/networkpolicies?watch=true&resourceVersion=3"),
-            Some((s("watch"), s("networking.k8s.io"), s("networkpolicies"), None))
+            attrs(
+                Method::GET,
+                "/apis/networking.k8s.io/v1/networkpolicies?watch=true&resourceVersion=3"
+            ),
+            Some((
+                s("watch"),
+                s("networking.k8s.io"),
+                s("networkpolicies"),
+                None
+            ))
         );
         assert_eq!(
-            attrs(Method::GET, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/l"),
-            Some((s("get"), s("coordination.k8s.io"), s("leases"), Some(s("kube-system"))))
+            attrs(
+                Method::GET,
+                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/l"
+            ),
+            Some((
+                s("get"),
+                s("coordination.k8s.io"),
+                s("leases"),
+                Some(s("kube-system"))
+            ))
         );
         assert_eq!(
-            attrs(Method::POST, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"),
-            Some((s("create"), s("coordination.k8s.io"), s("leases"), Some(s("kube-system"))))
+            attrs(
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
+            ),
+            Some((
+                s("create"),
+                s("coordination.k8s.io"),
+                s("leases"),
+                Some(s("kube-system"))
+            ))
         );
         assert_eq!(
             attrs(Method::PUT, "/api/v1/namespaces/a/pods/p/status"),
