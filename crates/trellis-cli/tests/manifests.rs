@@ -468,7 +468,9 @@ fn environment(m: &Manifest, c: &Container) -> Result<BTreeMap<String, String>, 
                         c.name, e.name, r.name, r.key
                     )
                 })?,
-                (None, Some(f)) => format!("sample-{}", f.field_path.replace('.', "-")),
+                (None, Some(f)) => {
+                    format!("sample-{}", f.field_path.replace('.', "-").to_lowercase())
+                }
                 _ => {
                     return Err(format!(
                         "{}: env {} has an unsupported source",
@@ -1065,4 +1067,115 @@ async fn the_controllers_rbac_is_exactly_what_it_requests() {
         ("# this ServiceAccount is bound to no Role or ClusterRole, and its pods mount no token.\nautomountServiceAccountToken: false\n", "", "automountServiceAccountToken"),
         ("subjects:\n  - kind: ServiceAccount\n    name: trellis-kube-controller\n    namespace: kube-system\n---\n# Leader", "subjects:\n  - kind: ServiceAccount\n    name: trellis-node\n    namespace: kube-system\n---\n# Leader", "trellis-node is bound"),
     ]);
+}
+
+/// The agent with only the capabilities the manifest gives it (`setpriv` bounds the set, as a
+/// container runtime does, and sets no_new_privs as `allowPrivilegeEscalation: false` does),
+/// its flags and environment from the manifest (BGP on, so it binds port 179), in a network
+/// namespace of its own: `/readyz` on the manifest's metrics address answers 200.
+#[test]
+fn the_agent_gets_ready_with_only_the_manifests_capabilities() {
+    let m = Manifest::new(MANIFEST);
+    let agent = &pod_spec_ds(m.daemonset()).containers[0];
+    let (added, _) = capabilities(agent);
+    let dir = trellis_testutil::temp_dir("kcap");
+    let datastore = format!("sqlite:{}", dir.path().join("t.db").display());
+    let pool = &m.config("trellis-config")["ippool.yaml"];
+    let mut apply = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    apply.args(["--datastore", &datastore, "apply", "-f", "-"]);
+    let out = trellis_testutil::spawn_with_input(&mut apply, pool)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ns = trellis_testutil::TestNetns::new("kcap");
+    ns.exec_ok(&[
+        "ip", "link", "add", "upl0", "type", "veth", "peer", "name", "upl1",
+    ]);
+    ns.exec_ok(&["ip", "addr", "add", "192.0.2.10/24", "dev", "upl0"]);
+    ns.exec_ok(&["ip", "link", "set", "upl0", "up"]);
+    ns.exec_ok(&["ip", "link", "set", "upl1", "up"]);
+    let mut env = environment(&m, agent).unwrap();
+    env.insert("TRELLIS_DATASTORE".into(), datastore.clone());
+    env.insert("TRELLIS_BGP".into(), "on".into());
+    let socket = dir.path().join("agent.sock");
+    let argv: Vec<String> = args(agent)
+        .iter()
+        .map(|a| expand(a, &env).unwrap())
+        .map(|a| match a.starts_with("--socket=") {
+            true => format!("--socket={}", socket.display()),
+            false => a,
+        })
+        .collect();
+    let listen = flag(&argv, "--metrics-listen").unwrap().to_string();
+    let bounding: Vec<String> = added
+        .iter()
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut agent_process = Child(
+        ns.command("setpriv")
+            .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
+            .args(["--inh-caps=-all", "--no-new-privs", "--"])
+            .arg(env!("CARGO_BIN_EXE_trellis"))
+            .args(&argv)
+            .env_clear()
+            .envs(&env)
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    loop {
+        let out = ns.exec(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{listen}/readyz"),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.ends_with("\n200") && text.contains("bgp") {
+            break;
+        }
+        let exited = agent_process.0.try_wait().unwrap();
+        assert!(
+            exited.is_none() && start.elapsed() < Duration::from_secs(60),
+            "not ready with capabilities {added:?}: {text}\nagent log:\n{}",
+            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The process really ran with that set and nothing else.
+    // nsenter and setpriv exec what they run: the child is the agent itself.
+    let pid = agent_process.0.id();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, Path::new(env!("CARGO_BIN_EXE_trellis")));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // Bit numbers from linux/capability.h.
+    let bit = |c: &str| match c {
+        "NET_BIND_SERVICE" => 10,
+        "NET_ADMIN" => 12,
+        other => panic!("no bit number here for {other}"),
+    };
+    let want = added.iter().fold(0u64, |w, c| w | (1 << bit(c)));
+    assert_eq!(
+        u64::from_str_radix(&eff, 16).unwrap(),
+        want,
+        "CapEff of the agent"
+    );
 }
