@@ -16,7 +16,9 @@
 //! Test hooks: [`TestApiServer::put`], [`TestApiServer::delete`], [`TestApiServer::gap`]
 //! (changes made while every watch is dropped and history compacted, so the next resume gets
 //! 410 and the client must list again), [`TestApiServer::compact`],
-//! [`TestApiServer::drop_watches`], and counters of requests.
+//! [`TestApiServer::drop_watches`], counters of requests, and [`TestApiServer::seen`]: every
+//! request as RBAC authorises it (verb, API group, resource, namespace, name), also those for
+//! resources this server does not serve.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -156,8 +158,66 @@ impl State {
     }
 }
 
+/// One request as the API server's authoriser sees it (RBAC's request attributes).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Request {
+    /// get, list, watch, create, update, patch, delete or deletecollection.
+    pub verb: String,
+    /// The API group (`""` for the core group).
+    pub group: String,
+    /// The resource (plural), with `/subresource` when there is one.
+    pub resource: String,
+    /// The namespace of a namespaced path (`None`: cluster-wide).
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+/// RBAC's attributes of a request (`None` for paths outside `/api` and `/apis`).
+fn authz_attributes(method: &Method, uri: &Uri) -> Option<Request> {
+    let segs: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let (group, rest) = match segs.as_slice() {
+        ["api", _v, rest @ ..] => ("", rest),
+        ["apis", g, _v, rest @ ..] => (*g, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (resource, name) = match rest {
+        [r] => (r.to_string(), None),
+        [r, n] => (r.to_string(), Some(n.to_string())),
+        [r, n, sub] => (format!("{r}/{sub}"), Some(n.to_string())),
+        _ => return None,
+    };
+    let watch = matches!(
+        query(uri).get("watch").map(String::as_str),
+        Some("1" | "true")
+    );
+    let verb = match (method.as_str(), name.is_some()) {
+        ("GET", false) if watch => "watch",
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", false) => "deletecollection",
+        ("DELETE", true) => "delete",
+        _ => return None,
+    };
+    Some(Request {
+        verb: verb.into(),
+        group: group.into(),
+        resource,
+        namespace,
+        name,
+    })
+}
+
 struct Shared {
     state: Mutex<State>,
+    /// Every request's RBAC attributes, in arrival order.
+    seen: Mutex<Vec<Request>>,
     changed: tokio::sync::watch::Sender<u64>,
     requests: AtomicU64,
     watches: AtomicU64,
@@ -188,6 +248,7 @@ impl TestApiServer {
     pub async fn start() -> TestApiServer {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
+            seen: Mutex::new(Vec::new()),
             changed: tokio::sync::watch::channel(0).0,
             requests: AtomicU64::new(0),
             watches: AtomicU64::new(0),
@@ -297,6 +358,11 @@ impl TestApiServer {
         self.shared.watches.load(Ordering::Relaxed)
     }
 
+    /// Every request so far as RBAC authorises it, in arrival order.
+    pub fn seen(&self) -> Vec<Request> {
+        self.shared.seen.lock().expect("seen").clone()
+    }
+
     /// Collection reads (lists) served so far.
     pub fn lists(&self) -> u64 {
         self.shared.lists.load(Ordering::Relaxed)
@@ -397,6 +463,9 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = authz_attributes(&method, &uri) {
+        shared.seen.lock().expect("seen").push(r);
+    }
     let Some(t) = parse_path(uri.path()) else {
         return status(
             404,
@@ -629,4 +698,69 @@ fn watch(shared: Arc<Shared>, t: Target, q: BTreeMap<String, String>) -> Respons
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
         .expect("response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(method: Method, uri: &str) -> Option<(String, String, String, Option<String>)> {
+        authz_attributes(&method, &uri.parse().unwrap())
+            .map(|r| (r.verb, r.group, r.resource, r.namespace))
+    }
+
+    #[test]
+    fn requests_are_recorded_as_rbac_sees_them() {
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            attrs(Method::GET, "/api/v1/pods?limit=500"),
+            Some((s("list"), s(""), s("pods"), None))
+        );
+        assert_eq!(
+            attrs(
+                Method::GET,
+                "/apis/networking.k8s.io/v1/networkpolicies?watch=true&resourceVersion=3"
+            ),
+            Some((
+                s("watch"),
+                s("networking.k8s.io"),
+                s("networkpolicies"),
+                None
+            ))
+        );
+        assert_eq!(
+            attrs(
+                Method::GET,
+                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/l"
+            ),
+            Some((
+                s("get"),
+                s("coordination.k8s.io"),
+                s("leases"),
+                Some(s("kube-system"))
+            ))
+        );
+        assert_eq!(
+            attrs(
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
+            ),
+            Some((
+                s("create"),
+                s("coordination.k8s.io"),
+                s("leases"),
+                Some(s("kube-system"))
+            ))
+        );
+        assert_eq!(
+            attrs(Method::PUT, "/api/v1/namespaces/a/pods/p/status"),
+            Some((s("update"), s(""), s("pods/status"), Some(s("a"))))
+        );
+        // A Namespace object itself is cluster-scoped.
+        assert_eq!(
+            attrs(Method::GET, "/api/v1/namespaces/a"),
+            Some((s("get"), s(""), s("namespaces"), None))
+        );
+        assert_eq!(attrs(Method::GET, "/version"), None);
+    }
 }
