@@ -473,6 +473,7 @@ fn the_daemonset_runs_the_agent_on_the_host_network_with_only_what_it_needs() {
         ("      automountServiceAccountToken: false\n      priorityClassName: system-node-critical", "      priorityClassName: system-node-critical", "token"),
         ("            - --node=$(NODE_NAME)", "            - --node=$(HOSTNAME)", "--node"),
         ("            - --socket=/run/trellis/agent.sock", "            - --socket=/var/run/trellis.sock", "--socket"),
+        ("            - --kubernetes\n", "", "--kubernetes"),
     ]);
 }
 

@@ -173,6 +173,9 @@ pub(super) fn check_agent(c: &Container) -> Vec<String> {
             "--socket is not {PLUGIN_SOCKET}, where the installed conflist's plugin looks"
         ));
     }
+    if !a.iter().any(|x| x == "--kubernetes") {
+        p.push("no --kubernetes (an ADD would create an endpoint without the pod's labels)".into());
+    }
     if flag(&a, "--node") != Some("$(NODE_NAME)")
         || field_ref(c, "NODE_NAME") != Some("spec.nodeName")
     {
