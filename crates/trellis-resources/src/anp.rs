@@ -257,9 +257,21 @@ fn ports(ingress: &[AnpIngressRule], egress: &[AnpEgressRule]) -> Result {
     Ok(())
 }
 
-/// Renames the mapped form's field names back to v1alpha1's in an error.
+/// Renames the mapped form's field names back to v1alpha1's in an error (see [`port`] for
+/// the mapping: `portNumber.port` is `<proto>.destinationPort.number`, `portRange` is
+/// `<proto>.destinationPort.range`, `namedPort` is `destinationNamedPort`).
 fn v1alpha1_fields(mut e: ResourceError) -> ResourceError {
     e.field = e.field.replace(".protocols", ".ports");
+    for proto in ["tcp", "udp", "sctp"] {
+        e.field = e
+            .field
+            .replace(
+                &format!(".{proto}.destinationPort.number"),
+                ".portNumber.port",
+            )
+            .replace(&format!(".{proto}.destinationPort.range"), ".portRange");
+    }
+    e.field = e.field.replace(".destinationNamedPort", ".namedPort");
     e.reason = e.reason.replace(
         "Pass is only valid in the Admin tier",
         "Pass is only valid in AdminNetworkPolicy",
