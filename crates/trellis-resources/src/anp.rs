@@ -78,7 +78,11 @@ pub struct AnpIngressRule {
     pub name: Option<String>,
     pub action: AnpAction,
     pub from: Vec<CnpIngressPeer>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "cnp::non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub ports: Vec<AnpPort>,
 }
 
@@ -89,7 +93,11 @@ pub struct AnpEgressRule {
     pub name: Option<String>,
     pub action: AnpAction,
     pub to: Vec<CnpEgressPeer>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "cnp::non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub ports: Vec<AnpPort>,
 }
 
