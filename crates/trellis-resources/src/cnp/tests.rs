@@ -260,7 +260,11 @@ fn empty_optional_lists_are_refused() {
         "empty",
     );
     let to = "    - namespaces:\n        matchLabels:\n          kubernetes.io/metadata.name: network-policy-conformance-slytherin\n";
-    refused(&edited(to, "    - networks: []\n"), "spec.egress[1].to[0].networks", "empty");
+    refused(
+        &edited(to, "    - networks: []\n"),
+        "spec.egress[1].to[0].networks",
+        "empty",
+    );
     refused(
         &edited(to, "    - domainNames: []\n"),
         "spec.egress[1].to[0].domainNames",

@@ -410,7 +410,10 @@ fn a_network_set_labelled_like_a_pod_is_not_a_pod_peer() {
     let m = model(&format!("{spoof}{admin}"));
     table(
         &m,
-        &[("x/a -> y/c tcp/80", true), ("x/a -> 8.8.8.8 tcp/80", false)],
+        &[
+            ("x/a -> y/c tcp/80", true),
+            ("x/a -> 8.8.8.8 tcp/80", false),
+        ],
     );
     let pods = cnp(
         "only-y-pods",
@@ -421,7 +424,10 @@ fn a_network_set_labelled_like_a_pod_is_not_a_pod_peer() {
     let m = model(&format!("{spoof}{pods}"));
     table(
         &m,
-        &[("x/a -> y/c tcp/80", true), ("x/a -> 8.8.8.8 tcp/80", false)],
+        &[
+            ("x/a -> y/c tcp/80", true),
+            ("x/a -> 8.8.8.8 tcp/80", false),
+        ],
     );
 }
 
