@@ -377,9 +377,10 @@ impl Endpoint {
         let mut l = self.labels.clone();
         l.insert(LABEL_NAMESPACE.into(), self.namespace.clone());
         l.insert(LABEL_ORCHESTRATOR.into(), "k8s".into());
-        if let Some(sa) = &self.service_account {
-            l.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone());
-        }
+        match &self.service_account {
+            Some(sa) => l.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone()),
+            None => l.remove(LABEL_SERVICE_ACCOUNT),
+        };
         for p in self.profiles.iter().filter_map(|p| profiles.get(p)) {
             for (k, v) in &p.labels_to_apply {
                 l.entry(k.clone()).or_insert_with(|| v.clone());
