@@ -346,13 +346,10 @@ struct Side<'m> {
     port: Option<u16>,
 }
 
-/// The labels a NetworkSet shows selectors: its own and, when namespaced, its namespace.
+/// The labels a NetworkSet shows selectors ([`NetworkSet::effective_labels`], which the
+/// compiler reads too).
 pub fn network_set_labels(s: &NetworkSet) -> Labels {
-    let mut l = s.labels.clone();
-    if let Some(ns) = &s.namespace {
-        l.insert(LABEL_NAMESPACE.into(), ns.clone());
-    }
-    l
+    s.effective_labels()
 }
 
 /// Labels of a namespace as namespace selectors see them ([`Model::namespace_labels`]).

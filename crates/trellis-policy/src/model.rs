@@ -368,15 +368,19 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// The labels selectors see: its own, then the implicit ones (namespace, orchestrator,
-    /// service account), then — for keys it does not have — those its profiles apply.
+    /// service account), then — for keys it does not have — those its profiles apply. The
+    /// implicit ones replace labels of the same keys the endpoint carries, as Calico sets them
+    /// over a pod's own labels: a pod labelling itself `projectcalico.org/orchestrator` must
+    /// not leave every pod selector (Kubernetes NetworkPolicy, ClusterNetworkPolicy subjects
+    /// and peers).
     pub fn effective_labels(&self, profiles: &BTreeMap<String, Profile>) -> Labels {
         let mut l = self.labels.clone();
         l.insert(LABEL_NAMESPACE.into(), self.namespace.clone());
-        l.entry(LABEL_ORCHESTRATOR.into())
-            .or_insert_with(|| "k8s".into());
-        if let Some(sa) = &self.service_account {
-            l.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone());
-        }
+        l.insert(LABEL_ORCHESTRATOR.into(), "k8s".into());
+        match &self.service_account {
+            Some(sa) => l.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone()),
+            None => l.remove(LABEL_SERVICE_ACCOUNT),
+        };
         for p in self.profiles.iter().filter_map(|p| profiles.get(p)) {
             for (k, v) in &p.labels_to_apply {
                 l.entry(k.clone()).or_insert_with(|| v.clone());
@@ -551,9 +555,12 @@ impl Policy {
 }
 
 impl NetworkSet {
-    /// Its labels plus, for a namespaced set, the implicit namespace label.
+    /// Its labels plus, for a namespaced set, the implicit namespace label; never
+    /// `projectcalico.org/orchestrator`, which marks pods (pod selectors of Kubernetes
+    /// NetworkPolicy and ClusterNetworkPolicy require it: a set carrying it would pass for pods).
     pub fn effective_labels(&self) -> Labels {
         let mut l = self.labels.clone();
+        l.remove(LABEL_ORCHESTRATOR);
         if let Some(ns) = &self.namespace {
             l.insert(LABEL_NAMESPACE.into(), ns.clone());
         }

@@ -338,3 +338,157 @@ spec:
     let m = trellis_policy::translate::translate(&now).model;
     assert_eq!(engine.full(), &compile::compile(&m, common::NODE));
 }
+
+/// ClusterNetworkPolicy churn through the datastore's path (`sync::ModelSync` → engine) ends
+/// where translating and compiling the current objects from scratch does, step by step: a
+/// Calico Tier named `admin` (written around the validating edge) arriving and leaving after a
+/// CNP exists, an AdminNetworkPolicy with the CNP's name, the CNP's priority and tier moving,
+/// a namespace its subject selects deleted, a node's address changing and the node deleted
+/// (hostile review).
+#[test]
+fn cluster_policy_churn_through_sync_equals_compiling_from_scratch() {
+    let base = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: red}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {team: blue}}
+---
+apiVersion: trellis.dev/v1
+kind: Node
+metadata: {name: n2, labels: {zone: a}}
+spec: {addresses: [{address: 172.16.0.9}]}
+---
+apiVersion: trellis.dev/v1
+kind: WorkloadEndpoint
+metadata: {name: a, namespace: x, labels: {app: a}}
+spec: {node: n1, pod: a, interfaceName: trla, ipNetworks: [10.0.0.1/32]}
+---
+apiVersion: trellis.dev/v1
+kind: WorkloadEndpoint
+metadata: {name: b, namespace: y, labels: {app: b}}
+spec: {node: n1, pod: b, interfaceName: trlb, ipNetworks: [10.0.0.2/32]}
+---
+apiVersion: policy.networking.k8s.io/v1beta1
+kind: ClusterNetworkPolicy
+metadata: {name: p}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {team: red}}}
+  ingress:
+  - action: Pass
+    from: [{namespaces: {matchLabels: {team: blue}}}]
+  egress:
+  - action: Deny
+    to: [{nodes: {matchLabels: {zone: a}}}]
+"#;
+    let parse = |y: &str| trellis_resources::parse_documents(y).unwrap();
+    let mut objects = std::collections::BTreeMap::new();
+    let mut sync = trellis_policy::sync::ModelSync::new();
+    let mut engine = PolicyEngine::new(common::NODE);
+    let mut applied = engine.full().clone();
+    let mut step =
+        |sync: &mut trellis_policy::sync::ModelSync,
+         objects: &mut std::collections::BTreeMap<String, trellis_resources::Resource>,
+         key: String,
+         new: Option<trellis_resources::Resource>,
+         what: &str| {
+            match &new {
+                Some(r) => objects.insert(key.clone(), r.clone()),
+                None => objects.remove(&key),
+            };
+            let ops = engine.handle_all(sync.update(&key, new.as_ref()).changes);
+            applied
+                .apply(&ops)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let all: Vec<_> = objects.values().cloned().collect();
+            let want = compile::compile(
+                &trellis_policy::translate::translate(&all).model,
+                common::NODE,
+            );
+            assert!(
+                engine.full() == &want,
+                "{what}: the engine differs from compile"
+            );
+            assert!(
+                applied == want,
+                "{what}: the ops did not reach compile's table"
+            );
+        };
+    for r in parse(base) {
+        step(&mut sync, &mut objects, r.key(), Some(r), "initial");
+    }
+    // A Tier named `admin`, written around the edge (validation refuses the name).
+    let mut tier = parse("apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: adminx}\nspec: {order: 0, defaultAction: Deny}\n").remove(0);
+    if let trellis_resources::Resource::Tier(o) = &mut tier {
+        o.metadata.name = "admin".into();
+    }
+    step(
+        &mut sync,
+        &mut objects,
+        tier.key(),
+        Some(tier.clone()),
+        "tier admin arrives",
+    );
+    let anp = parse("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: p}\nspec:\n  priority: 1\n  subject: {namespaces: {}}\n  ingress:\n  - action: Deny\n    from: [{namespaces: {matchLabels: {team: red}}}]\n").remove(0);
+    step(
+        &mut sync,
+        &mut objects,
+        anp.key(),
+        Some(anp.clone()),
+        "anp with the cnp's name",
+    );
+    let cnp_key = "/trellis/v1/clusternetworkpolicies/p".to_string();
+    let moved = base
+        .split("---")
+        .last()
+        .unwrap()
+        .replace("priority: 5", "priority: 0");
+    step(
+        &mut sync,
+        &mut objects,
+        cnp_key.clone(),
+        Some(parse(&moved).remove(0)),
+        "cnp priority 5 -> 0",
+    );
+    let baseline = moved
+        .replace("tier: Admin", "tier: Baseline")
+        .replace("action: Pass", "action: Deny");
+    step(
+        &mut sync,
+        &mut objects,
+        cnp_key.clone(),
+        Some(parse(&baseline).remove(0)),
+        "cnp admin -> baseline",
+    );
+    step(
+        &mut sync,
+        &mut objects,
+        tier.key(),
+        None,
+        "tier admin leaves",
+    );
+    let x = parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: red}}\n")
+        .remove(0);
+    step(
+        &mut sync,
+        &mut objects,
+        x.key(),
+        None,
+        "namespace x (the subject) deleted",
+    );
+    let n2 = parse("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n2, labels: {zone: a}}\nspec: {addresses: [{address: 172.16.0.10}, {address: 'fd00::10'}]}\n").remove(0);
+    step(
+        &mut sync,
+        &mut objects,
+        n2.key(),
+        Some(n2.clone()),
+        "node address change",
+    );
+    step(&mut sync, &mut objects, n2.key(), None, "node deleted");
+    step(&mut sync, &mut objects, anp.key(), None, "anp deleted");
+    step(&mut sync, &mut objects, cnp_key, None, "cnp deleted");
+}

@@ -78,7 +78,11 @@ pub struct AnpIngressRule {
     pub name: Option<String>,
     pub action: AnpAction,
     pub from: Vec<CnpIngressPeer>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "cnp::non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub ports: Vec<AnpPort>,
 }
 
@@ -89,7 +93,11 @@ pub struct AnpEgressRule {
     pub name: Option<String>,
     pub action: AnpAction,
     pub to: Vec<CnpEgressPeer>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "cnp::non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub ports: Vec<AnpPort>,
 }
 
@@ -257,9 +265,21 @@ fn ports(ingress: &[AnpIngressRule], egress: &[AnpEgressRule]) -> Result {
     Ok(())
 }
 
-/// Renames the mapped form's field names back to v1alpha1's in an error.
+/// Renames the mapped form's field names back to v1alpha1's in an error (see [`port`] for
+/// the mapping: `portNumber.port` is `<proto>.destinationPort.number`, `portRange` is
+/// `<proto>.destinationPort.range`, `namedPort` is `destinationNamedPort`).
 fn v1alpha1_fields(mut e: ResourceError) -> ResourceError {
     e.field = e.field.replace(".protocols", ".ports");
+    for proto in ["tcp", "udp", "sctp"] {
+        e.field = e
+            .field
+            .replace(
+                &format!(".{proto}.destinationPort.number"),
+                ".portNumber.port",
+            )
+            .replace(&format!(".{proto}.destinationPort.range"), ".portRange");
+    }
+    e.field = e.field.replace(".destinationNamedPort", ".namedPort");
     e.reason = e.reason.replace(
         "Pass is only valid in the Admin tier",
         "Pass is only valid in AdminNetworkPolicy",

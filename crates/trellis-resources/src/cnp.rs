@@ -8,7 +8,7 @@
 //! set is accepted and fails closed as the API asks of an implementation that meets a peer type
 //! it does not know (the CRD refuses `{}`, but a translator from a newer API stores one).
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::k8s::{valid_port_name, LabelSelector};
 use crate::policy_validate::{label_selector, parse_net};
@@ -105,10 +105,18 @@ pub struct CnpEgressPeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<LabelSelector>,
     /// CIDRs (an address alone is its /32 or /128).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub networks: Vec<String>,
     /// Parsed so that it can be refused with a reason: Trellis has no DNS view.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub domain_names: Vec<String>,
 }
 
@@ -159,7 +167,11 @@ pub struct CnpIngressRule {
     pub name: Option<String>,
     pub action: CnpAction,
     pub from: Vec<CnpIngressPeer>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub protocols: Vec<CnpProtocol>,
 }
 
@@ -170,7 +182,11 @@ pub struct CnpEgressRule {
     pub name: Option<String>,
     pub action: CnpAction,
     pub to: Vec<CnpEgressPeer>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub protocols: Vec<CnpProtocol>,
 }
 
@@ -203,6 +219,23 @@ impl CnpEgressPeer {
         .filter(|b| *b)
         .count()
     }
+}
+
+/// Upstream's `MinItems=1` on an optional list: absent is fine, `[]` is refused (stored, it
+/// would read as absent: a peer with no field, which fails closed, or a rule matching every
+/// port). `serde_path_to_error` names the field.
+pub(crate) fn non_empty<'de, D, T>(de: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let v = Vec::<T>::deserialize(de)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom(
+            "must not be empty: give at least one entry or leave the field out",
+        ));
+    }
+    Ok(v)
 }
 
 type Result<T = (), E = ResourceError> = std::result::Result<T, E>;

@@ -554,6 +554,25 @@ fn service_accounts() {
     }
 }
 
+/// A pod without a service account that labels itself `projectcalico.org/serviceaccount`
+/// does not pass for that account's pods in selectors (Calico derives the label from the pod's
+/// service account, never from its labels). Hostile review.
+#[test]
+fn a_pods_own_service_account_label_is_not_its_service_account() {
+    let rogue = "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {name: s, namespace: x, labels: {projectcalico.org/serviceaccount: api}}\nspec: {node: n1, pod: s, ipNetworks: [10.0.0.7/32]}\n---\n";
+    let m = model(&format!(
+        "{rogue}{}",
+        gnp(
+            "p",
+            "  selector: app == 'c'\n  ingress:\n  - {action: Allow, source: {selector: \"projectcalico.org/serviceaccount == 'api'\"}}\n",
+        )
+    ));
+    table(
+        &m,
+        &[("x/a -> y/c tcp/80", true), ("x/s -> y/c tcp/80", false)],
+    );
+}
+
 #[test]
 fn tiers_order_then_name_none_last_and_pass() {
     // security (order 10) passes web traffic to the next tier and denies the rest; platform

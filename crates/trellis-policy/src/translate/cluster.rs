@@ -12,9 +12,9 @@
 //! addresses of the matching Nodes (node sets, [`NetworkSet::node`]). A direction with no rules
 //! is not affected (`None`).
 //!
-//! A peer with no field set fails closed, as the API says: in an Accept rule it matches
-//! nothing (no model rule); in a Deny or Pass rule the rule becomes "Deny all" (a Deny with no
-//! peer and no protocol match).
+//! A peer with no field set fails closed, as the API says, for its whole rule: an Accept rule
+//! with one matches nothing (no model rule); a Deny or Pass rule with one becomes "Deny all"
+//! (one Deny with no peer and no protocol match), whatever its other peers.
 
 use trellis_resources::cnp::{
     ClusterNetworkPolicySpec, CnpAction, CnpEgressPeer, CnpIngressPeer, CnpPort, CnpProtocol,
@@ -182,15 +182,16 @@ fn expand(
     } else {
         protocols.iter().map(protocol_match).collect()
     };
-    let mut out = Vec::new();
-    for peer in peers {
-        let Some(far) = peer else {
-            // Fail closed: Accept matches nothing; Deny and Pass deny everything.
-            if a != CnpAction::Accept {
-                out.push(blank(Action::Deny));
-            }
-            continue;
+    // Fail closed (the API: "treat the rule as matching no traffic" for Accept, "as a 'Deny
+    // all' rule" for Deny and Pass): the whole rule, whatever its other peers and their order.
+    if peers.iter().any(Option::is_none) {
+        return match a {
+            CnpAction::Accept => Vec::new(),
+            CnpAction::Deny | CnpAction::Pass => vec![blank(Action::Deny)],
         };
+    }
+    let mut out = Vec::new();
+    for far in peers.into_iter().flatten() {
         for (proto, ports) in &protos {
             let mut r = blank(action(a));
             r.protocol = *proto;

@@ -107,10 +107,26 @@ fn v1alpha1_bad_input_names_the_field() {
         "spec.ingress[0].ports[2]",
         "exactly one of portNumber, namedPort and portRange",
     );
+    // v1alpha1's own field names, not the mapped ClusterNetworkPolicy's.
     refused(
         &ANP.replace("start: 50", "start: 70"),
-        "spec.ingress[0].ports[1].udp.destinationPort.range",
+        "spec.ingress[0].ports[1].portRange",
         "less than end",
+    );
+    refused(
+        &ANP.replace("start: 50", "start: 0"),
+        "spec.ingress[0].ports[1].portRange.start",
+        "not a port number",
+    );
+    refused(
+        &ANP.replace("{port: 9090}", "{port: 0}"),
+        "spec.ingress[0].ports[0].portNumber.port",
+        "not a port number",
+    );
+    refused(
+        &ANP.replace("namedPort: web", "namedPort: Not_A_Name"),
+        "spec.ingress[0].ports[2].namedPort",
+        "",
     );
     refused(
         &ANP.replace(

@@ -244,3 +244,32 @@ fn rule_names_are_bounded() {
         "longer than 100",
     );
 }
+
+/// Upstream's `MinItems=1` on the optional lists: `[]` is refused, not read as "absent" (an
+/// empty `protocols` would match every port, an empty `networks` would be a peer with no field,
+/// which fails closed). Hostile review.
+#[test]
+fn empty_optional_lists_are_refused() {
+    let f = "spec.egress[1].protocols";
+    refused(
+        &edited(
+            "    protocols:\n      - tcp:\n          destinationPort:\n            number: 80\n      - udp:\n          destinationPort:\n            range: {start: 53, end: 60}\n",
+            "    protocols: []\n",
+        ),
+        f,
+        "empty",
+    );
+    let to = "    - namespaces:\n        matchLabels:\n          kubernetes.io/metadata.name: network-policy-conformance-slytherin\n";
+    refused(
+        &edited(to, "    - networks: []\n"),
+        "spec.egress[1].to[0].networks",
+        "empty",
+    );
+    refused(
+        &edited(to, "    - domainNames: []\n"),
+        "spec.egress[1].to[0].domainNames",
+        "empty",
+    );
+    let anp = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: a}\nspec:\n  priority: 1\n  subject: {namespaces: {}}\n  ingress:\n  - action: Deny\n    from: [{namespaces: {}}]\n    ports: []\n";
+    refused(anp, "spec.ingress[0].ports", "empty");
+}

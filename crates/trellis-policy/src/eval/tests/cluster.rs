@@ -360,3 +360,109 @@ fn v1alpha1_admin_and_baseline_policies_share_the_tiers() {
         &[("y/c -> x/a tcp/80", true)],
     );
 }
+
+// ---- hostile review (revcnp) -----------------------------------------------------------------
+
+/// A pod in namespace x that labels itself `projectcalico.org/orchestrator` (any pod may carry
+/// any label; the kube-controller copies them verbatim) is still a pod of x: an Admin Deny whose
+/// subject is every pod of x applies to it, and a `namespaces` peer still covers it. Calico sets
+/// that label on every pod's endpoint over the pod's own labels.
+#[test]
+fn a_pods_own_orchestrator_label_does_not_take_it_out_of_a_subject_or_peer() {
+    let rogue = "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {name: r, namespace: x, labels: {app: r, projectcalico.org/orchestrator: none}}\nspec: {node: n1, pod: r, ipNetworks: [10.0.0.9/32]}\n---\n";
+    let admin = cnp(
+        "deny-y",
+        "Admin",
+        10,
+        &format!("{SUBJECT_X}{}", from_y("Deny")),
+    );
+    let m = model(&format!("{rogue}{admin}"));
+    table(
+        &m,
+        &[("y/c -> x/a tcp/80", false), ("y/c -> x/r tcp/80", false)],
+    );
+    // As a peer: an Admin Deny of egress to namespace x covers the rogue pod too.
+    let egress = cnp(
+        "no-x",
+        "Admin",
+        10,
+        "  subject: {namespaces: {matchLabels: {team: blue}}}\n  egress:\n  - action: Deny\n    to: [{namespaces: {matchLabels: {team: red}}}]\n",
+    );
+    let m = model(&format!("{rogue}{egress}"));
+    table(
+        &m,
+        &[("y/c -> x/a tcp/80", false), ("y/c -> x/r tcp/80", false)],
+    );
+}
+
+/// `namespaces` and `pods` peers are pods only: a NetworkSet in a selected namespace that
+/// carries `projectcalico.org/orchestrator: k8s` (nothing refuses the label) must not turn an
+/// Admin Accept for "pods of y" into an Accept for the set's addresses.
+#[test]
+fn a_network_set_labelled_like_a_pod_is_not_a_pod_peer() {
+    let spoof = "apiVersion: projectcalico.org/v3\nkind: NetworkSet\nmetadata: {name: spoof, namespace: y, labels: {projectcalico.org/orchestrator: k8s}}\nspec: {nets: [8.8.8.0/24]}\n---\n";
+    let admin = cnp(
+        "only-y",
+        "Admin",
+        10,
+        &format!("{SUBJECT_X}  egress:\n  - action: Accept\n    to: [{{namespaces: {{matchLabels: {{team: blue}}}}}}]\n  - action: Deny\n    to: [{{networks: [0.0.0.0/0]}}]\n"),
+    );
+    let m = model(&format!("{spoof}{admin}"));
+    table(
+        &m,
+        &[
+            ("x/a -> y/c tcp/80", true),
+            ("x/a -> 8.8.8.8 tcp/80", false),
+        ],
+    );
+    let pods = cnp(
+        "only-y-pods",
+        "Admin",
+        10,
+        &format!("{SUBJECT_X}  egress:\n  - action: Accept\n    to: [{{pods: {{namespaceSelector: {{matchLabels: {{team: blue}}}}, podSelector: {{}}}}}}]\n  - action: Deny\n    to: [{{networks: [0.0.0.0/0]}}]\n"),
+    );
+    let m = model(&format!("{spoof}{pods}"));
+    table(
+        &m,
+        &[
+            ("x/a -> y/c tcp/80", true),
+            ("x/a -> 8.8.8.8 tcp/80", false),
+        ],
+    );
+}
+
+/// The API: "For Deny and Pass rules, fail closed means: treat the rule as a 'Deny all' rule";
+/// "For Accept rules ... treat the rule as matching no traffic". The whole rule, whatever the
+/// other peers and the order they are written in.
+#[test]
+fn a_fail_closed_peer_decides_the_whole_rule() {
+    for peers in [
+        "[{namespaces: {matchLabels: {team: blue}}}, {}]",
+        "[{}, {namespaces: {matchLabels: {team: blue}}}]",
+    ] {
+        // Pass with an unknown peer: Deny all, also for the traffic the known peer matches.
+        let pass = cnp(
+            "p",
+            "Admin",
+            1,
+            &format!("{SUBJECT_X}  ingress:\n  - action: Pass\n    from: {peers}\n"),
+        );
+        let m = model(&format!("{pass}{}", knp_allow_all_ingress("x")));
+        table(
+            &m,
+            &[("y/c -> x/a tcp/80", false), ("x/b -> x/a tcp/80", false)],
+        );
+        // Accept with an unknown peer matches nothing: the next rule (Deny from y) decides.
+        let accept = cnp(
+            "a",
+            "Admin",
+            1,
+            &format!("{SUBJECT_X}  ingress:\n  - action: Accept\n    from: {peers}\n  - action: Deny\n    from: [{{namespaces: {{matchLabels: {{team: blue}}}}}}]\n"),
+        );
+        let m = model(&accept);
+        table(
+            &m,
+            &[("y/c -> x/a tcp/80", false), ("x/b -> x/a tcp/80", true)],
+        );
+    }
+}
