@@ -4,7 +4,7 @@
 //! - [`plan_owned`] for the kinds the controller mirrors whole (Namespaces, ServiceAccounts,
 //!   NetworkPolicies): create or replace what differs, delete what vanished from Kubernetes —
 //!   but only records the controller wrote ([`crate::translate::owned`]); an object an
-//!   operator applied with the CLI is never deleted.
+//!   operator applied with the CLI is never replaced or deleted.
 //! - [`plan_endpoints`] for pods: a pod's WorkloadEndpoints (written by the CNI ADD, found by
 //!   namespace, `spec.pod` and node) get the pod's labels, service account and named ports;
 //!   nothing else of the endpoint changes, and endpoints are never created or deleted here.
@@ -67,6 +67,10 @@ pub fn plan_owned(desired: &BTreeMap<String, Desired>, observed: &[KeyValue]) ->
                 precondition: Precondition::Absent(key.clone()),
             }),
             Some(kv) if kv.value == value => {}
+            // A record of this key that someone else wrote (an operator's `trellis apply`) or
+            // that does not decode is not ours to replace: replacing it would also mark it
+            // ours, and the Kubernetes object's deletion would then delete it.
+            Some(kv) if !decode(kv).is_ok_and(|s| owned(&s.resource)) => {}
             Some(kv) => ops.push(Op::Put {
                 key: key.clone(),
                 value,
@@ -118,8 +122,9 @@ pub fn plan_endpoints(
             continue;
         };
         // A pod of this name on another node is a later pod (a StatefulSet's, say): this
-        // endpoint is a leftover of an earlier one, not this pod's.
-        if info.node.as_ref().is_some_and(|n| *n != w.spec.node) {
+        // endpoint is a leftover of an earlier one, not this pod's. A pod not scheduled yet
+        // has no endpoint at all, so every endpoint of its name is an earlier pod's.
+        if info.node.as_deref() != Some(w.spec.node.as_str()) {
             continue;
         }
         w.metadata.labels = info.labels.clone();
@@ -273,6 +278,17 @@ mod tests {
         assert!(plan_owned(&desired, &[kv(&r, 3)]).is_empty());
     }
 
+    #[test]
+    fn an_object_an_operator_applied_is_never_overwritten() {
+        // The operator `trellis apply`d Namespace "a" (no ownership mark); Kubernetes has a
+        // Namespace "a" too. Replacing it would also mark it ours, so deleting the Kubernetes
+        // one later would delete the operator's object.
+        let r = ns("a", "k8s", true);
+        let desired = [(r.key(), Desired::Object(Box::new(r.clone())))].into();
+        let ops = plan_owned(&desired, &[kv(&ns("a", "operator", false), 3)]);
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
     fn wep(ns: &str, pod: &str, node: &str, container: &str) -> Resource {
         parse_documents(&format!(
             "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {{name: {node}.{container}.eth0, namespace: {ns}, labels: {{stale: \"1\"}}}}\nspec: {{node: {node}, pod: {pod}, containerID: {container}, endpoint: eth0, ipNetworks: [10.0.0.1/32]}}\n"
@@ -357,6 +373,20 @@ mod tests {
         // An invalid pod leaves its endpoints as they are.
         let invalid = [(("x".to_string(), "a".to_string()), PodDesired::Invalid)].into();
         assert!(plan_endpoints(&invalid, &observed).is_empty());
+    }
+
+    #[test]
+    fn an_unscheduled_pods_labels_land_on_no_endpoint() {
+        // "a" was deleted and recreated (a StatefulSet's pod); the new one is not scheduled
+        // yet, so it has no endpoint: the old pod's leftover endpoint must not get its labels.
+        let leftover = wep("x", "a", "n1", "c1");
+        let pods = [(
+            ("x".to_string(), "a".to_string()),
+            PodDesired::Pod(Box::new(info(None))),
+        )]
+        .into();
+        let ops = plan_endpoints(&pods, &[kv(&leftover, 4)]);
+        assert!(ops.is_empty(), "{ops:?}");
     }
 
     fn trellis_node(labels: &str, synced: Option<&str>) -> Resource {
