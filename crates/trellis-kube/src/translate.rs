@@ -388,8 +388,9 @@ pub fn node(n: &Node) -> Result<NodeInfo, TranslateError> {
     let mut addresses = Vec::new();
     let status = n.status.clone().unwrap_or_default();
     for (i, a) in status.addresses.iter().flatten().enumerate() {
-        // Hostname entries name the host, not an address.
-        if a.type_ == "Hostname" {
+        // Hostname, InternalDNS and ExternalDNS entries (the AWS cloud provider sets all
+        // three) are names, not addresses.
+        if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
             continue;
         }
         let ip: IpAddr = a.address.parse().map_err(|_| {

@@ -175,3 +175,20 @@ fn a_bad_node_is_refused_naming_the_field() {
     let e = err_of(translate::node(&fixture("bad-k8s-1.33-node-address.json")));
     assert_eq!(e.field, "status.addresses[0].address");
 }
+
+#[test]
+fn a_node_with_dns_addresses_still_gives_its_labels() {
+    // The AWS cloud provider (EKS, kOps) lists InternalDNS and ExternalDNS names among a
+    // Node's addresses; they are names, not addresses, like Hostname.
+    let n = translate::node(&fixture::<Node>("k8s-1.33-node-aws.json")).unwrap();
+    assert_eq!(n.labels["topology.kubernetes.io/zone"], "zone-b");
+    let addrs: Vec<String> = n
+        .addresses
+        .iter()
+        .map(|(t, a)| format!("{t} {a}"))
+        .collect();
+    assert_eq!(
+        addrs,
+        ["InternalIP 192.168.50.11", "ExternalIP 203.0.113.11"]
+    );
+}
