@@ -152,7 +152,8 @@ pub enum NodeDesired {
 
 /// Plans the nodes: each Trellis Node (registered by its agent) whose Kubernetes Node is known
 /// gets the Kubernetes labels; the keys synced last time are recorded in [`KUBE_LABELS`], so a
-/// label removed in Kubernetes is removed and the agent's own `--label`s are kept. Trellis
+/// label removed in Kubernetes is removed and the agent's own `--label`s are kept (a key the
+/// agent set is neither overwritten nor removed, whatever Kubernetes says of it). Trellis
 /// Nodes are never created or deleted here (their agents register them; deleting a node and its
 /// addresses is IPAM garbage collection's job).
 pub fn plan_nodes(nodes: &BTreeMap<String, NodeDesired>, observed: &[KeyValue]) -> Vec<Op> {
@@ -179,8 +180,16 @@ pub fn plan_nodes(nodes: &BTreeMap<String, NodeDesired>, observed: &[KeyValue]) 
         for k in previous {
             n.metadata.labels.remove(&k);
         }
-        n.metadata.labels.extend(info.labels.clone());
-        let keys: Vec<&str> = info.labels.keys().map(String::as_str).collect();
+        // What is left was set by someone else (the agent's `--label`): theirs, kept as is.
+        let synced: BTreeMap<&String, &String> = info
+            .labels
+            .iter()
+            .filter(|(k, _)| !n.metadata.labels.contains_key(*k))
+            .collect();
+        let keys: Vec<&str> = synced.keys().map(|k| k.as_str()).collect();
+        n.metadata
+            .labels
+            .extend(synced.iter().map(|(k, v)| ((*k).clone(), (*v).clone())));
         n.metadata
             .annotations
             .insert(KUBE_LABELS.into(), keys.join(","));
@@ -398,6 +407,54 @@ mod tests {
         ))
         .unwrap()
         .remove(0)
+    }
+
+    #[test]
+    fn a_label_key_the_agent_set_is_neither_overwritten_nor_removed() {
+        // The agent was started with `--label zone=agent`; Kubernetes says zone=k8s.
+        let info = |labels: &[(&str, &str)]| NodeInfo {
+            name: "n1".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            pod_cidrs: vec![],
+            addresses: vec![],
+        };
+        let nodes = |i: NodeInfo| -> BTreeMap<String, NodeDesired> {
+            [("n1".to_string(), NodeDesired::Node(Box::new(i)))].into()
+        };
+        let agent = trellis_node("zone: agent", None);
+        let ops = plan_nodes(
+            &nodes(info(&[("zone", "k8s"), ("os", "linux")])),
+            &[kv(&agent, 3)],
+        );
+        let [Op::Put { value, .. }] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        let got = decode(&KeyValue {
+            key: agent.key(),
+            value: value.clone(),
+            create_revision: 3,
+            mod_revision: 3,
+        })
+        .unwrap()
+        .resource;
+        assert_eq!(got, trellis_node("zone: agent, os: linux", Some("os")));
+        // Kubernetes drops the label: the agent's stays.
+        let ops = plan_nodes(&nodes(info(&[])), &[kv(&got, 4)]);
+        let [Op::Put { value, .. }] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        let got = decode(&KeyValue {
+            key: agent.key(),
+            value: value.clone(),
+            create_revision: 3,
+            mod_revision: 4,
+        })
+        .unwrap()
+        .resource;
+        assert_eq!(got, trellis_node("zone: agent", Some("")));
     }
 
     #[test]
