@@ -445,7 +445,17 @@ async fn reconcile(
             ),
         };
         let fenced = Precondition::ModRevision(FENCE_KEY.into(), fence);
-        match store.txn(vec![pre, fenced], vec![txn_op]).await? {
+        // A write that fails (a record too large for the store, say) is reported and retried
+        // at the next pass; it does not hold up the writes after it.
+        let outcome = match store.txn(vec![pre, fenced], vec![txn_op]).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(key = op.key(), error = %e, "writing a synced record failed; retrying");
+                complete = false;
+                continue;
+            }
+        };
+        match outcome {
             TxnOutcome::Committed { revision } => {
                 tracing::info!(key = op.key(), revision, write = %if matches!(op, Op::Delete { .. }) { "delete" } else { "put" }, "synced from Kubernetes");
             }

@@ -29,6 +29,8 @@ struct Counting {
     /// Transactions waiting at the gate, and transactions finished (committed or not).
     waiting: AtomicU64,
     finished: AtomicU64,
+    /// A key whose every write fails as too large for the store (etcd's request limit).
+    too_large: std::sync::Mutex<Option<String>>,
 }
 
 #[async_trait::async_trait]
@@ -48,6 +50,18 @@ impl Datastore for Counting {
         let fence = ops
             .iter()
             .any(|op| matches!(op, TxnOp::Put(k, _) if k == controller::FENCE_KEY));
+        let refused = self.too_large.lock().unwrap().clone();
+        if ops
+            .iter()
+            .any(|op| matches!(op, TxnOp::Put(k, _) if Some(k) == refused.as_ref()))
+        {
+            return Err(trellis_store::StoreError::TxnTooLarge {
+                endpoint: "test".into(),
+                conditions: pre.len(),
+                writes: ops.len(),
+                reason: "request is too large".into(),
+            });
+        }
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let open = self.gate.read().await;
         self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -139,6 +153,7 @@ impl Env {
             gate: Default::default(),
             waiting: AtomicU64::new(0),
             finished: AtomicU64::new(0),
+            too_large: Default::default(),
         });
         let cfg = ControllerConfig {
             lease: LeaseConfig {
@@ -603,6 +618,32 @@ async fn wait_leading(r: &Running, want: bool) {
         assert!(start.elapsed() < DEADLINE, "leadership never became {want}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_store_refuses_does_not_stop_the_others() {
+    let e = env().await;
+    e.api.put(NAMESPACES, namespace("shop", json!({})));
+    let c = e.controller("a").await;
+    // Too large for the store: every write of it fails, and keeps failing.
+    *c.writes.too_large.lock().unwrap() = Some(key_for(
+        Kind::KubernetesNetworkPolicy,
+        Some("shop"),
+        "a-huge",
+    ));
+    wait_leading(&c, true).await;
+    e.wait_for("namespace", Kind::Namespace, None, "shop", |r| r.is_some())
+        .await;
+    e.api.put(NETWORK_POLICIES, policy("shop", "a-huge"));
+    e.api.put(NETWORK_POLICIES, policy("shop", "b-fine"));
+    e.wait_for(
+        "the policy after the refused one",
+        Kind::KubernetesNetworkPolicy,
+        Some("shop"),
+        "b-fine",
+        |r| r.is_some(),
+    )
+    .await;
 }
 
 /// Waits until `f` holds, with the deadline.
