@@ -541,7 +541,12 @@ impl Watched for Pod {
             .unwrap_or_else(|| "default".into());
         let key = format!("{ns}/{}", self.metadata.name.clone().unwrap_or_default());
         match translate::pod(self) {
-            Ok(p) => (key, Entry::Pod(PodDesired::Pod(Box::new(p)))),
+            Ok(p) => {
+                if let Err(e) = &p.ipam {
+                    report(e);
+                }
+                (key, Entry::Pod(PodDesired::Pod(Box::new(p))))
+            }
             Err(e) => {
                 report(&e);
                 (key, Entry::Pod(PodDesired::Invalid))

@@ -320,7 +320,7 @@ mod tests {
                 host_port: None,
                 host_ip: None,
             }],
-            ipam: Default::default(),
+            ipam: Ok(Default::default()),
         }
     }
 

@@ -171,8 +171,10 @@ pub struct PodInfo {
     pub service_account: Option<String>,
     /// Named container ports (unnamed ones are not referred to by policy).
     pub ports: Vec<EndpointPort>,
-    /// Calico's IPAM annotations, validated (not stored yet: see the crate docs).
-    pub ipam: PodIpam,
+    /// Calico's IPAM annotations, validated (not stored yet: see the crate docs). A bad one
+    /// is reported but does not make the pod untranslatable: the API server does not check
+    /// them, and a pod left without its labels would escape the policies selecting it.
+    pub ipam: Result<PodIpam, TranslateError>,
 }
 
 /// A pod's Calico IPAM annotations.
@@ -232,16 +234,19 @@ pub fn pod(p: &Pod) -> Result<PodInfo, TranslateError> {
     let annotations = meta.annotations.clone().unwrap_or_default();
     let annotation = |key: &str| annotations.get(key).map(String::as_str);
     let at = |key: &str| format!("metadata.annotations.{key}");
-    let mut ipam = PodIpam::default();
-    if let Some(v) = annotation(IP_ADDRS) {
-        ipam.ip_addrs = ip_addrs(v).map_err(|r| bad(at(IP_ADDRS), r))?;
-    }
-    if let Some(v) = annotation(IPV4_POOLS) {
-        ipam.ipv4_pools = pools(v, true).map_err(|r| bad(at(IPV4_POOLS), r))?;
-    }
-    if let Some(v) = annotation(IPV6_POOLS) {
-        ipam.ipv6_pools = pools(v, false).map_err(|r| bad(at(IPV6_POOLS), r))?;
-    }
+    let ipam = (|| {
+        let mut ipam = PodIpam::default();
+        if let Some(v) = annotation(IP_ADDRS) {
+            ipam.ip_addrs = ip_addrs(v).map_err(|r| bad(at(IP_ADDRS), r))?;
+        }
+        if let Some(v) = annotation(IPV4_POOLS) {
+            ipam.ipv4_pools = pools(v, true).map_err(|r| bad(at(IPV4_POOLS), r))?;
+        }
+        if let Some(v) = annotation(IPV6_POOLS) {
+            ipam.ipv6_pools = pools(v, false).map_err(|r| bad(at(IPV6_POOLS), r))?;
+        }
+        Ok(ipam)
+    })();
     Ok(PodInfo {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name: meta.name.clone().unwrap_or_default(),
