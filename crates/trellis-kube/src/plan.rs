@@ -70,7 +70,9 @@ pub fn plan_owned(desired: &BTreeMap<String, Desired>, observed: &[KeyValue]) ->
             // A record of this key that someone else wrote (an operator's `trellis apply`) or
             // that does not decode is not ours to replace: replacing it would also mark it
             // ours, and the Kubernetes object's deletion would then delete it.
-            Some(kv) if !decode(kv).is_ok_and(|s| owned(&s.resource)) => {}
+            Some(kv) if !decode(kv).is_ok_and(|s| owned(&s.resource)) => {
+                tracing::warn!(%key, "not synced from Kubernetes: a record of this key that the controller did not write (an operator's `trellis apply`) is left as it is");
+            }
             Some(kv) => ops.push(Op::Put {
                 key: key.clone(),
                 value,
