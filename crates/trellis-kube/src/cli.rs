@@ -59,7 +59,8 @@ impl KubeControllerArgs {
                 reason: "must be at least 1 (the Lease holds whole seconds)".into(),
             });
         }
-        if renew_deadline >= lease_duration {
+        // The Lease carries whole seconds: the others take over after the truncated duration.
+        if renew_deadline >= Duration::from_secs(lease_duration.as_secs()) {
             return Err(KubeError::Config {
                 field: "--renew-deadline".into(),
                 reason: "must be shorter than --lease-duration (a leader must stop writing before another may take over)".into(),
@@ -151,6 +152,11 @@ mod tests {
         let c = config(&["--identity", "a"]).unwrap();
         assert_eq!(c.lease.lease_duration, Duration::from_secs(15));
         let e = config(&["--renew-deadline", "20"]).unwrap_err().to_string();
+        assert!(e.contains("--renew-deadline"), "{e}");
+        // 15.5 s is stored in the Lease as 15: a leader writing until 15.2 s would overlap.
+        let e = config(&["--lease-duration", "15.5", "--renew-deadline", "15.2"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--renew-deadline"), "{e}");
         let e = config(&["--retry-period", "NaN"]).unwrap_err().to_string();
         assert!(e.contains("--retry-period"), "{e}");

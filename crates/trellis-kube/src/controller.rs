@@ -6,6 +6,12 @@
 //! each. A kind is planned only once its first list is complete, so a controller that is still
 //! listing deletes nothing. Everything is level-based: a periodic resync, a resumed watch, a
 //! relist and a restarted controller all converge without writing anything already stored.
+//!
+//! Writes are fenced: a leader first writes [`FENCE_KEY`] and every write it makes carries that
+//! record's revision as a precondition, so once a successor has written the fence, a write the
+//! deposed leader still had in flight (a paused process, a slow store) fails instead of landing
+//! under the successor — the check of the Lease's deadline before each write cannot cover a
+//! write already sent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -29,6 +35,10 @@ use crate::lease::{Leadership, LeaseConfig};
 use crate::plan::{plan_nodes, plan_owned, plan_pods, Desired, NodeDesired, Op, PodDesired};
 use crate::translate::{self, TranslateError};
 use crate::{KubeError, Result};
+
+/// The fence record (outside the resource tree: no agent or listing reads it). Holds the
+/// identity of the leader that wrote it last; its revision is what that leader's writes require.
+pub const FENCE_KEY: &str = "/trellis/kube-controller/fence";
 
 /// Controller settings.
 #[derive(Debug, Clone)]
@@ -235,6 +245,8 @@ pub async fn sync(
     let mut resync = tokio::time::interval(cfg.resync);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut was_leader = false;
+    // The revision of the fence record this leader wrote (see the module docs).
+    let mut fence: Option<i64> = None;
     loop {
         tokio::select! {
             input = rx.recv() => match input {
@@ -254,17 +266,30 @@ pub async fn sync(
         }
         was_leader = leader;
         if !leader {
+            fence = None;
             continue;
         }
         if dirty.contains(&Work::All(Target::Pods)) {
             dirty.retain(|w| !matches!(w, Work::PodNamespace(_)));
         }
+        if !dirty.iter().any(|w| caches[&w.target()].ready) {
+            continue;
+        }
+        fence = match ensure_fence(&*store, &cfg.lease.identity, fence, &leadership).await {
+            Ok(Some(rev)) => Some(rev),
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the fence record failed; retrying");
+                continue;
+            }
+        };
+        let Some(rev) = fence else { continue };
         for w in dirty.clone() {
             let cache = &caches[&w.target()];
             if !cache.ready {
                 continue;
             }
-            match reconcile(&*store, &w, cache, &leadership).await {
+            match reconcile(&*store, &w, cache, &leadership, rev).await {
                 Ok(true) => {
                     dirty.remove(&w);
                 }
@@ -308,13 +333,51 @@ fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet
     }
 }
 
-/// Plans `w` against a fresh listing and commits the ops; `Ok(true)` when all committed
-/// (a conflict or lost leadership leaves the work dirty for the next pass).
+/// Makes sure the fence record is this leader's: `current` (the revision it wrote) when the
+/// record still has it, else writes it again (guarded by what was read) while still leading.
+/// `None`: not leading, or another candidate wrote it meanwhile (retried at the next pass).
+async fn ensure_fence(
+    store: &dyn Datastore,
+    identity: &str,
+    current: Option<i64>,
+    leadership: &Leadership,
+) -> Result<Option<i64>> {
+    let kv = store.get(FENCE_KEY).await?;
+    if let (Some(kv), Some(rev)) = (&kv, current) {
+        if kv.mod_revision == rev {
+            return Ok(Some(rev));
+        }
+    }
+    if !leadership.is_leader() {
+        return Ok(None);
+    }
+    let pre = match &kv {
+        Some(kv) => Precondition::ModRevision(FENCE_KEY.into(), kv.mod_revision),
+        None => Precondition::Absent(FENCE_KEY.into()),
+    };
+    let value = serde_json::to_vec(&serde_json::json!({ "holder": identity }))
+        .expect("a JSON object serialises");
+    match store
+        .txn(vec![pre], vec![TxnOp::Put(FENCE_KEY.into(), value)])
+        .await?
+    {
+        TxnOutcome::Committed { revision } => {
+            tracing::info!(revision, "fenced out earlier leaders' writes");
+            Ok(Some(revision))
+        }
+        TxnOutcome::Conflict => Ok(None),
+    }
+}
+
+/// Plans `w` against a fresh listing and commits the ops, each also requiring the fence record
+/// at revision `fence`; `Ok(true)` when all committed (a conflict or lost leadership leaves the
+/// work dirty for the next pass).
 async fn reconcile(
     store: &dyn Datastore,
     w: &Work,
     cache: &Cache,
     leadership: &Leadership,
+    fence: i64,
 ) -> Result<bool> {
     let t = w.target();
     let (scope, pods_of) = match w {
@@ -384,7 +447,18 @@ async fn reconcile(
                 TxnOp::Delete(key.clone()),
             ),
         };
-        match store.txn(vec![pre], vec![txn_op]).await? {
+        let fenced = Precondition::ModRevision(FENCE_KEY.into(), fence);
+        // A write that fails (a record too large for the store, say) is reported and retried
+        // at the next pass; it does not hold up the writes after it.
+        let outcome = match store.txn(vec![pre, fenced], vec![txn_op]).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(key = op.key(), error = %e, "writing a synced record failed; retrying");
+                complete = false;
+                continue;
+            }
+        };
+        match outcome {
             TxnOutcome::Committed { revision } => {
                 tracing::info!(key = op.key(), revision, write = %if matches!(op, Op::Delete { .. }) { "delete" } else { "put" }, "synced from Kubernetes");
             }
@@ -470,7 +544,12 @@ impl Watched for Pod {
             .unwrap_or_else(|| "default".into());
         let key = format!("{ns}/{}", self.metadata.name.clone().unwrap_or_default());
         match translate::pod(self) {
-            Ok(p) => (key, Entry::Pod(PodDesired::Pod(Box::new(p)))),
+            Ok(p) => {
+                if let Err(e) = &p.ipam {
+                    report(e);
+                }
+                (key, Entry::Pod(PodDesired::Pod(Box::new(p))))
+            }
             Err(e) => {
                 report(&e);
                 (key, Entry::Pod(PodDesired::Invalid))
@@ -590,11 +669,19 @@ mod tests {
         ));
         cache.handle(Change::InitDone);
         let follower = Leadership::default();
-        assert!(
-            !reconcile(&*store, &Work::All(Target::Namespaces), &cache, &follower)
-                .await
-                .unwrap()
+        assert_eq!(
+            ensure_fence(&*store, "a", None, &follower).await.unwrap(),
+            None
         );
+        assert!(!reconcile(
+            &*store,
+            &Work::All(Target::Namespaces),
+            &cache,
+            &follower,
+            0
+        )
+        .await
+        .unwrap());
         assert!(store
             .list(&Kind::Namespace.prefix())
             .await
@@ -603,11 +690,19 @@ mod tests {
             .is_empty());
         let leader = Leadership::default();
         leader.set(Some(std::time::Instant::now() + Duration::from_secs(60)));
-        assert!(
-            reconcile(&*store, &Work::All(Target::Namespaces), &cache, &leader)
-                .await
-                .unwrap()
-        );
+        let fence = ensure_fence(&*store, "a", None, &leader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reconcile(
+            &*store,
+            &Work::All(Target::Namespaces),
+            &cache,
+            &leader,
+            fence
+        )
+        .await
+        .unwrap());
         assert_eq!(
             store
                 .list(&Kind::Namespace.prefix())

@@ -4,7 +4,7 @@
 //! - [`plan_owned`] for the kinds the controller mirrors whole (Namespaces, ServiceAccounts,
 //!   NetworkPolicies): create or replace what differs, delete what vanished from Kubernetes —
 //!   but only records the controller wrote ([`crate::translate::owned`]); an object an
-//!   operator applied with the CLI is never deleted.
+//!   operator applied with the CLI is never replaced or deleted.
 //! - [`plan_pods`] for pods: each pod's record (kind `Pod`, mirrored like the kinds above),
 //!   which the agent reads at the pod's CNI ADD, and [`plan_endpoints`]: a pod's WorkloadEndpoints (written by the CNI ADD, found by
 //!   namespace, `spec.pod` and node) get the pod's labels, service account and named ports;
@@ -69,6 +69,12 @@ pub fn plan_owned(desired: &BTreeMap<String, Desired>, observed: &[KeyValue]) ->
                 precondition: Precondition::Absent(key.clone()),
             }),
             Some(kv) if kv.value == value => {}
+            // A record of this key that someone else wrote (an operator's `trellis apply`) or
+            // that does not decode is not ours to replace: replacing it would also mark it
+            // ours, and the Kubernetes object's deletion would then delete it.
+            Some(kv) if !decode(kv).is_ok_and(|s| owned(&s.resource)) => {
+                tracing::warn!(%key, "not synced from Kubernetes: a record of this key that the controller did not write (an operator's `trellis apply`) is left as it is");
+            }
             Some(kv) => ops.push(Op::Put {
                 key: key.clone(),
                 value,
@@ -120,8 +126,9 @@ pub fn plan_endpoints(
             continue;
         };
         // A pod of this name on another node is a later pod (a StatefulSet's, say): this
-        // endpoint is a leftover of an earlier one, not this pod's.
-        if info.node.as_ref().is_some_and(|n| *n != w.spec.node) {
+        // endpoint is a leftover of an earlier one, not this pod's. A pod not scheduled yet
+        // has no endpoint at all, so every endpoint of its name is an earlier pod's.
+        if info.node.as_deref() != Some(w.spec.node.as_str()) {
             continue;
         }
         stamp_endpoint(&info.record(), &mut w.metadata.labels, &mut w.spec);
@@ -175,7 +182,8 @@ pub enum NodeDesired {
 
 /// Plans the nodes: each Trellis Node (registered by its agent) whose Kubernetes Node is known
 /// gets the Kubernetes labels; the keys synced last time are recorded in [`KUBE_LABELS`], so a
-/// label removed in Kubernetes is removed and the agent's own `--label`s are kept. Trellis
+/// label removed in Kubernetes is removed and the agent's own `--label`s are kept (a key the
+/// agent set is neither overwritten nor removed, whatever Kubernetes says of it). Trellis
 /// Nodes are never created or deleted here (their agents register them; deleting a node and its
 /// addresses is IPAM garbage collection's job).
 pub fn plan_nodes(nodes: &BTreeMap<String, NodeDesired>, observed: &[KeyValue]) -> Vec<Op> {
@@ -202,8 +210,16 @@ pub fn plan_nodes(nodes: &BTreeMap<String, NodeDesired>, observed: &[KeyValue]) 
         for k in previous {
             n.metadata.labels.remove(&k);
         }
-        n.metadata.labels.extend(info.labels.clone());
-        let keys: Vec<&str> = info.labels.keys().map(String::as_str).collect();
+        // What is left was set by someone else (the agent's `--label`): theirs, kept as is.
+        let synced: BTreeMap<&String, &String> = info
+            .labels
+            .iter()
+            .filter(|(k, _)| !n.metadata.labels.contains_key(*k))
+            .collect();
+        let keys: Vec<&str> = synced.keys().map(|k| k.as_str()).collect();
+        n.metadata
+            .labels
+            .extend(synced.iter().map(|(k, v)| ((*k).clone(), (*v).clone())));
         n.metadata
             .annotations
             .insert(KUBE_LABELS.into(), keys.join(","));
@@ -301,6 +317,17 @@ mod tests {
         assert!(plan_owned(&desired, &[kv(&r, 3)]).is_empty());
     }
 
+    #[test]
+    fn an_object_an_operator_applied_is_never_overwritten() {
+        // The operator `trellis apply`d Namespace "a" (no ownership mark); Kubernetes has a
+        // Namespace "a" too. Replacing it would also mark it ours, so deleting the Kubernetes
+        // one later would delete the operator's object.
+        let r = ns("a", "k8s", true);
+        let desired = [(r.key(), Desired::Object(Box::new(r.clone())))].into();
+        let ops = plan_owned(&desired, &[kv(&ns("a", "operator", false), 3)]);
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
     fn wep(ns: &str, pod: &str, node: &str, container: &str) -> Resource {
         parse_documents(&format!(
             "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {{name: {node}.{container}.eth0, namespace: {ns}, labels: {{stale: \"1\"}}}}\nspec: {{node: {node}, pod: {pod}, containerID: {container}, endpoint: eth0, ipNetworks: [10.0.0.1/32]}}\n"
@@ -323,7 +350,7 @@ mod tests {
                 host_port: None,
                 host_ip: None,
             }],
-            ipam: Default::default(),
+            ipam: Ok(Default::default()),
             uid: Some("u1".into()),
         }
     }
@@ -440,6 +467,20 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_unscheduled_pods_labels_land_on_no_endpoint() {
+        // "a" was deleted and recreated (a StatefulSet's pod); the new one is not scheduled
+        // yet, so it has no endpoint: the old pod's leftover endpoint must not get its labels.
+        let leftover = wep("x", "a", "n1", "c1");
+        let pods = [(
+            ("x".to_string(), "a".to_string()),
+            PodDesired::Pod(Box::new(info(None))),
+        )]
+        .into();
+        let ops = plan_endpoints(&pods, &[kv(&leftover, 4)]);
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
     fn trellis_node(labels: &str, synced: Option<&str>) -> Resource {
         let ann = synced
             .map(|k| format!(", annotations: {{\"{KUBE_LABELS}\": \"{k}\"}}"))
@@ -449,6 +490,54 @@ mod tests {
         ))
         .unwrap()
         .remove(0)
+    }
+
+    #[test]
+    fn a_label_key_the_agent_set_is_neither_overwritten_nor_removed() {
+        // The agent was started with `--label zone=agent`; Kubernetes says zone=k8s.
+        let info = |labels: &[(&str, &str)]| NodeInfo {
+            name: "n1".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            pod_cidrs: vec![],
+            addresses: vec![],
+        };
+        let nodes = |i: NodeInfo| -> BTreeMap<String, NodeDesired> {
+            [("n1".to_string(), NodeDesired::Node(Box::new(i)))].into()
+        };
+        let agent = trellis_node("zone: agent", None);
+        let ops = plan_nodes(
+            &nodes(info(&[("zone", "k8s"), ("os", "linux")])),
+            &[kv(&agent, 3)],
+        );
+        let [Op::Put { value, .. }] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        let got = decode(&KeyValue {
+            key: agent.key(),
+            value: value.clone(),
+            create_revision: 3,
+            mod_revision: 3,
+        })
+        .unwrap()
+        .resource;
+        assert_eq!(got, trellis_node("zone: agent, os: linux", Some("os")));
+        // Kubernetes drops the label: the agent's stays.
+        let ops = plan_nodes(&nodes(info(&[])), &[kv(&got, 4)]);
+        let [Op::Put { value, .. }] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        let got = decode(&KeyValue {
+            key: agent.key(),
+            value: value.clone(),
+            create_revision: 3,
+            mod_revision: 4,
+        })
+        .unwrap()
+        .resource;
+        assert_eq!(got, trellis_node("zone: agent", Some("")));
     }
 
     #[test]

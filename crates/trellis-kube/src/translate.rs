@@ -173,8 +173,10 @@ pub struct PodInfo {
     pub service_account: Option<String>,
     /// Named container ports (unnamed ones are not referred to by policy).
     pub ports: Vec<EndpointPort>,
-    /// Calico's IPAM annotations, validated.
-    pub ipam: PodIpam,
+    /// Calico's IPAM annotations, validated. A bad one is reported but does not make the pod
+    /// untranslatable: the API server does not check them, and a pod left without its labels
+    /// would escape the policies selecting it. Its record then carries no IPAM annotations.
+    pub ipam: Result<PodIpam, TranslateError>,
     /// `metadata.uid`.
     pub uid: Option<String>,
 }
@@ -184,6 +186,7 @@ impl PodInfo {
     /// what the agent copies onto the pod's endpoint at ADD.
     pub fn record(&self) -> Object<PodSpec> {
         let annotations = [(MANAGED_BY.to_string(), CONTROLLER.to_string())].into();
+        let ipam = self.ipam.as_ref().cloned().unwrap_or_default();
         Object {
             metadata: Metadata {
                 name: self.name.clone(),
@@ -197,9 +200,9 @@ impl PodInfo {
                 node_name: self.node.clone(),
                 service_account_name: self.service_account.clone(),
                 ports: self.ports.clone(),
-                ip_addrs: self.ipam.ip_addrs.clone(),
-                ipv4_pools: self.ipam.ipv4_pools.clone(),
-                ipv6_pools: self.ipam.ipv6_pools.clone(),
+                ip_addrs: ipam.ip_addrs,
+                ipv4_pools: ipam.ipv4_pools,
+                ipv6_pools: ipam.ipv6_pools,
             },
             status: None,
         }
@@ -263,16 +266,19 @@ pub fn pod(p: &Pod) -> Result<PodInfo, TranslateError> {
     let annotations = meta.annotations.clone().unwrap_or_default();
     let annotation = |key: &str| annotations.get(key).map(String::as_str);
     let at = |key: &str| format!("metadata.annotations.{key}");
-    let mut ipam = PodIpam::default();
-    if let Some(v) = annotation(IP_ADDRS) {
-        ipam.ip_addrs = ip_addrs(v).map_err(|r| bad(at(IP_ADDRS), r))?;
-    }
-    if let Some(v) = annotation(IPV4_POOLS) {
-        ipam.ipv4_pools = pools(v, true).map_err(|r| bad(at(IPV4_POOLS), r))?;
-    }
-    if let Some(v) = annotation(IPV6_POOLS) {
-        ipam.ipv6_pools = pools(v, false).map_err(|r| bad(at(IPV6_POOLS), r))?;
-    }
+    let ipam = (|| {
+        let mut ipam = PodIpam::default();
+        if let Some(v) = annotation(IP_ADDRS) {
+            ipam.ip_addrs = ip_addrs(v).map_err(|r| bad(at(IP_ADDRS), r))?;
+        }
+        if let Some(v) = annotation(IPV4_POOLS) {
+            ipam.ipv4_pools = pools(v, true).map_err(|r| bad(at(IPV4_POOLS), r))?;
+        }
+        if let Some(v) = annotation(IPV6_POOLS) {
+            ipam.ipv6_pools = pools(v, false).map_err(|r| bad(at(IPV6_POOLS), r))?;
+        }
+        Ok(ipam)
+    })();
     Ok(PodInfo {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name: meta.name.clone().unwrap_or_default(),
@@ -397,8 +403,9 @@ pub fn node(n: &Node) -> Result<NodeInfo, TranslateError> {
     let mut addresses = Vec::new();
     let status = n.status.clone().unwrap_or_default();
     for (i, a) in status.addresses.iter().flatten().enumerate() {
-        // Hostname entries name the host, not an address.
-        if a.type_ == "Hostname" {
+        // Hostname, InternalDNS and ExternalDNS entries (the AWS cloud provider sets all
+        // three) are names, not addresses.
+        if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
             continue;
         }
         let ip: IpAddr = a.address.parse().map_err(|_| {

@@ -24,6 +24,13 @@ struct Counting {
     writes: AtomicU64,
     /// The prefixes listed, in order.
     lists: std::sync::Mutex<Vec<String>>,
+    /// Held (written) by a test to stall this controller's transactions: a write in flight.
+    gate: tokio::sync::RwLock<()>,
+    /// Transactions waiting at the gate, and transactions finished (committed or not).
+    waiting: AtomicU64,
+    finished: AtomicU64,
+    /// A key whose every write fails as too large for the store (etcd's request limit).
+    too_large: std::sync::Mutex<Option<String>>,
 }
 
 #[async_trait::async_trait]
@@ -40,11 +47,32 @@ impl Datastore for Counting {
         pre: Vec<Precondition>,
         ops: Vec<TxnOp>,
     ) -> trellis_store::Result<TxnOutcome> {
-        let out = self.inner.txn(pre, ops).await?;
-        if matches!(out, TxnOutcome::Committed { .. }) {
+        let fence = ops
+            .iter()
+            .any(|op| matches!(op, TxnOp::Put(k, _) if k == controller::FENCE_KEY));
+        let refused = self.too_large.lock().unwrap().clone();
+        if ops
+            .iter()
+            .any(|op| matches!(op, TxnOp::Put(k, _) if Some(k) == refused.as_ref()))
+        {
+            return Err(trellis_store::StoreError::TxnTooLarge {
+                endpoint: "test".into(),
+                conditions: pre.len(),
+                writes: ops.len(),
+                reason: "request is too large".into(),
+            });
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let open = self.gate.read().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let out = self.inner.txn(pre, ops).await;
+        drop(open);
+        // The fence record a new leader writes once is not a write of synced data.
+        if matches!(out, Ok(TxnOutcome::Committed { .. })) && !fence {
             self.writes.fetch_add(1, Ordering::SeqCst);
         }
-        Ok(out)
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        out
     }
     async fn watch(&self, prefix: &str, from: i64) -> trellis_store::Result<Watch> {
         self.inner.watch(prefix, from).await
@@ -122,6 +150,10 @@ impl Env {
             inner: self.store.clone(),
             writes: AtomicU64::new(0),
             lists: Default::default(),
+            gate: Default::default(),
+            waiting: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            too_large: Default::default(),
         });
         let cfg = ControllerConfig {
             lease: LeaseConfig {
@@ -514,7 +546,8 @@ async fn restart(e: Env) {
         3,
         "exactly the three writes of the two changes"
     );
-    assert_eq!(e.store.revision().await.unwrap(), before + 3);
+    // The three writes, and the fence record the new leader wrote before them.
+    assert_eq!(e.store.revision().await.unwrap(), before + 4);
     assert_eq!(
         wep_labels(
             e.stored(Kind::WorkloadEndpoint, Some("shop"), "n1.c1.eth0")
@@ -586,6 +619,95 @@ async fn wait_leading(r: &Running, want: bool) {
         assert!(start.elapsed() < DEADLINE, "leadership never became {want}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_store_refuses_does_not_stop_the_others() {
+    let e = env().await;
+    e.api.put(NAMESPACES, namespace("shop", json!({})));
+    let c = e.controller("a").await;
+    // Too large for the store: every write of it fails, and keeps failing.
+    *c.writes.too_large.lock().unwrap() = Some(key_for(
+        Kind::KubernetesNetworkPolicy,
+        Some("shop"),
+        "a-huge",
+    ));
+    wait_leading(&c, true).await;
+    e.wait_for("namespace", Kind::Namespace, None, "shop", |r| r.is_some())
+        .await;
+    e.api.put(NETWORK_POLICIES, policy("shop", "a-huge"));
+    e.api.put(NETWORK_POLICIES, policy("shop", "b-fine"));
+    e.wait_for(
+        "the policy after the refused one",
+        Kind::KubernetesNetworkPolicy,
+        Some("shop"),
+        "b-fine",
+        |r| r.is_some(),
+    )
+    .await;
+}
+
+/// Waits until `f` holds, with the deadline.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_flight_when_leadership_is_lost_does_not_land_under_the_next_leader() {
+    let e = env().await;
+    e.api.put(NAMESPACES, namespace("seed", json!({})));
+    let a = e.controller("a").await;
+    wait_leading(&a, true).await;
+    e.wait_for("seed", Kind::Namespace, None, "seed", |r| r.is_some())
+        .await;
+    // a decides to create "x" and its write stalls (a paused process, a slow store).
+    let stall = a.writes.gate.write().await;
+    e.api.put(NAMESPACES, namespace("x", json!({})));
+    until("a's write of x in flight", || {
+        a.writes.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Meanwhile "x" goes away in Kubernetes and b takes the Lease over.
+    e.api.while_dropped(|st| {
+        assert!(st.delete(NAMESPACES, "", "x"));
+    });
+    let mut lease = e
+        .api
+        .get(LEASES, "kube-system", "trellis-kube-controller")
+        .unwrap();
+    let transitions = lease["spec"]["leaseTransitions"].as_i64().unwrap_or(0);
+    lease["spec"]["holderIdentity"] = json!("b");
+    lease["spec"]["leaseTransitions"] = json!(transitions + 1);
+    e.api.put(LEASES, lease);
+    let b = e.controller("b").await;
+    wait_leading(&b, true).await;
+    wait_leading(&a, false).await;
+    e.api.put(NAMESPACES, namespace("after", json!({})));
+    e.wait_for(
+        "b leading and synced",
+        Kind::Namespace,
+        None,
+        "after",
+        |r| r.is_some(),
+    )
+    .await;
+    let committed = a.writes.writes.load(Ordering::SeqCst);
+    let finished = a.writes.finished.load(Ordering::SeqCst);
+    drop(stall);
+    until("a's stalled write finished", || {
+        a.writes.finished.load(Ordering::SeqCst) > finished
+    })
+    .await;
+    assert_eq!(
+        a.writes.writes.load(Ordering::SeqCst),
+        committed,
+        "the deposed leader's write landed while b led"
+    );
+    assert!(e.stored(Kind::Namespace, None, "x").await.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

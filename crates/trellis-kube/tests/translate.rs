@@ -103,8 +103,8 @@ fn a_pod_gives_labels_service_account_named_ports_and_ipam_annotations() {
             ("envoy-out", RuleProtocol::Tcp, 15001)
         ]
     );
-    assert_eq!(p.ipam.ip_addrs.len(), 2);
-    assert_eq!(p.ipam.ipv4_pools, ["10.250.0.0/16"]);
+    assert_eq!(p.ipam.as_ref().unwrap().ip_addrs.len(), 2);
+    assert_eq!(p.ipam.as_ref().unwrap().ipv4_pools, ["10.250.0.0/16"]);
 }
 
 fn err_of<T: std::fmt::Debug>(
@@ -136,12 +136,6 @@ fn bad_objects_are_refused_naming_the_field() {
     let e = err_of(translate::pod(&fixture("bad-k8s-1.33-pod-port-name.json")));
     assert_eq!(e.field, "spec.containers[0].ports[0].name");
     assert_eq!(e.object, "payments/checkout-6d8f9c7b5d-x2k9q");
-    let e = err_of(translate::pod(&fixture("bad-k8s-1.33-pod-ipaddrs.json")));
-    assert_eq!(
-        e.field,
-        "metadata.annotations.cni.projectcalico.org/ipAddrs"
-    );
-    assert!(e.reason.contains("one address per IP family"), "{e}");
     let e = err_of(translate::network_policy(&fixture(
         "bad-k8s-1.33-networkpolicy-cidr.json",
     )));
@@ -174,4 +168,36 @@ fn a_bad_node_is_refused_naming_the_field() {
     assert!(e.reason.contains("host bits"), "{e}");
     let e = err_of(translate::node(&fixture("bad-k8s-1.33-node-address.json")));
     assert_eq!(e.field, "status.addresses[0].address");
+}
+
+#[test]
+fn a_node_with_dns_addresses_still_gives_its_labels() {
+    // The AWS cloud provider (EKS, kOps) lists InternalDNS and ExternalDNS names among a
+    // Node's addresses; they are names, not addresses, like Hostname.
+    let n = translate::node(&fixture::<Node>("k8s-1.33-node-aws.json")).unwrap();
+    assert_eq!(n.labels["topology.kubernetes.io/zone"], "zone-b");
+    let addrs: Vec<String> = n
+        .addresses
+        .iter()
+        .map(|(t, a)| format!("{t} {a}"))
+        .collect();
+    assert_eq!(
+        addrs,
+        ["InternalIP 192.168.50.11", "ExternalIP 203.0.113.11"]
+    );
+}
+
+#[test]
+fn a_bad_ipam_annotation_does_not_keep_a_pods_labels_from_its_endpoints() {
+    // The API server does not check Calico's annotations, and nothing uses them yet: a pod
+    // left unlabelled is selected by no NetworkPolicy, so a policy isolating it would not.
+    let p = translate::pod(&fixture("bad-k8s-1.33-pod-ipaddrs.json"))
+        .expect("labels, service account and ports still translate");
+    assert!(!p.labels.is_empty());
+    let e = p.ipam.expect_err("the annotation is refused");
+    assert_eq!(
+        e.field,
+        "metadata.annotations.cni.projectcalico.org/ipAddrs"
+    );
+    assert!(e.reason.contains("one address per IP family"), "{e}");
 }
