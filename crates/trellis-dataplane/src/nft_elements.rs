@@ -300,6 +300,37 @@ impl ElementSocket {
     }
 }
 
+/// One netlink message of a datagram: its type, sequence number and the bytes after its
+/// 16-byte header.
+type Message<'a> = (u16, u32, &'a [u8]);
+
+/// The netlink messages in one datagram (pure); an error when a length runs past it.
+fn messages(buf: &[u8]) -> std::result::Result<Vec<Message<'_>>, String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+        let len = word(at) as usize;
+        let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+        if len < 16 || at + len > buf.len() {
+            return Err(format!(
+                "a reply of {len} bytes at offset {at} of {}",
+                buf.len()
+            ));
+        }
+        out.push((kind, word(at + 8), &buf[at + 16..at + len]));
+        at += len.next_multiple_of(4);
+    }
+    Ok(out)
+}
+
+/// The error code of an NLMSG_ERROR's body (0: an acknowledgement).
+fn error_code(body: &[u8]) -> Option<i32> {
+    Some(i32::from_ne_bytes(
+        body.get(..4)?.try_into().expect("4 bytes"),
+    ))
+}
+
 /// The answer of type `kind` to the request with sequence number `seq` in one datagram (pure):
 /// `Some(Ok(attributes after the nfgenmsg))`, `Some(Err(code))` for an error reply, `None` when
 /// the datagram holds no answer to it.
@@ -308,26 +339,18 @@ fn answer_in(
     seq: u32,
     kind: u16,
 ) -> std::result::Result<Option<std::result::Result<Vec<u8>, i32>>, String> {
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
-        let len = word(at) as usize;
-        let found = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-        if len < 16 || at + len > buf.len() {
-            return Err(format!(
-                "a reply of {len} bytes at offset {at} of {}",
-                buf.len()
-            ));
+    for (found, s, body) in messages(buf)? {
+        if s != seq {
+            continue;
         }
-        if word(at + 8) == seq {
-            if found == NLMSG_ERROR && len >= 20 {
-                return Ok(Some(Err(word(at + 16) as i32)));
-            }
-            if found == kind && len >= 20 {
-                return Ok(Some(Ok(buf[at + 20..at + len].to_vec())));
+        if found == NLMSG_ERROR {
+            if let Some(code) = error_code(body) {
+                return Ok(Some(Err(code)));
             }
         }
-        at += len.next_multiple_of(4);
+        if found == kind && body.len() >= 4 {
+            return Ok(Some(Ok(body[4..].to_vec())));
+        }
     }
     Ok(None)
 }
@@ -353,24 +376,11 @@ fn generation_id(attrs: &[u8]) -> std::result::Result<u32, String> {
 
 /// The `(sequence number, error code)` of each NLMSG_ERROR in one datagram (pure).
 fn replies(buf: &[u8]) -> std::result::Result<Vec<(u32, i32)>, String> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
-        let len = word(at) as usize;
-        let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-        if len < 16 || at + len > buf.len() {
-            return Err(format!(
-                "a reply of {len} bytes at offset {at} of {}",
-                buf.len()
-            ));
-        }
-        if kind == NLMSG_ERROR && len >= 20 {
-            out.push((word(at + 8), word(at + 16) as i32));
-        }
-        at += len.next_multiple_of(4);
-    }
-    Ok(out)
+    Ok(messages(buf)?
+        .into_iter()
+        .filter(|(kind, _, _)| *kind == NLMSG_ERROR)
+        .filter_map(|(_, seq, body)| Some((seq, error_code(body)?)))
+        .collect())
 }
 
 fn set_recv_timeout(sock: &Socket) -> std::io::Result<()> {
