@@ -114,6 +114,15 @@ pub fn listen(at: SocketAddr) -> std::io::Result<TcpListener> {
             min_ttl: None,
         },
     )?;
+    // Keep each connection's SYN (its IP header) so an accepted connection can be checked
+    // against its peer's GTSM minimum: the listener is shared by every peer, so it cannot
+    // carry one peer's IP_MINTTL, and the handshake completes before the peer is known.
+    setsockopt(
+        &s,
+        libc::IPPROTO_TCP,
+        libc::TCP_SAVE_SYN,
+        &(1 as libc::c_int),
+    )?;
     s.bind(at)?;
     s.listen(64)
 }
@@ -149,10 +158,60 @@ pub async fn connect(o: &ConnectOptions) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Sets the TTL policy on an accepted connection.
+/// Sets the TTL policy on an accepted connection. With a GTSM minimum the connection is
+/// refused (an error of kind `PermissionDenied`) unless the SYN that opened it arrived with at
+/// least that TTL (RFC 5082 §3: the check covers every packet of the session, and the
+/// handshake happened before the peer's `IP_MINTTL` could be set). Without this a peer
+/// sending TTL 1 gets a connection that stays in OpenSent for the whole open hold time while
+/// every segment it sends is dropped — and the speaker's own attempts wait behind it.
 pub fn accepted(stream: &TcpStream, ttl: TtlPolicy) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    set_ttl(stream, ttl)
+    set_ttl(stream, ttl)?;
+    let Some(min) = ttl.min_ttl else {
+        return Ok(());
+    };
+    let syn = saved_syn(stream)?;
+    match syn_ttl(&syn) {
+        Some(t) if t >= min => Ok(()),
+        got => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            match got {
+                Some(t) => format!("GTSM: the connection's SYN arrived with TTL {t}, below {min}"),
+                None => "GTSM: the connection's SYN could not be read (TCP_SAVED_SYN)".to_string(),
+            },
+        )),
+    }
+}
+
+/// The headers of the SYN that opened an accepted connection (`TCP_SAVED_SYN`, kept because
+/// the listener set `TCP_SAVE_SYN`; readable once).
+fn saved_syn(stream: &TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 512];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `buf` and stores the length used.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SAVED_SYN,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// The TTL (IPv4) or hop limit (IPv6) of a saved SYN's IP header; `None` when it is not one.
+fn syn_ttl(headers: &[u8]) -> Option<u8> {
+    match headers.first()? >> 4 {
+        4 if headers.len() >= 20 => Some(headers[8]),
+        6 if headers.len() >= 40 => Some(headers[7]),
+        _ => None,
+    }
 }
 
 /// What a reader reports.

@@ -560,8 +560,16 @@ impl Speaker {
             tracing::debug!(%from, "BGP connection from an unconfigured address refused");
             return;
         };
-        if let Err(e) = net::accepted(&stream, self.cfg.ttl_policy(&p.cfg)) {
-            tracing::warn!(peer = %from, error = %e, "setting the TTL on an accepted BGP connection");
+        match net::accepted(&stream, self.cfg.ttl_policy(&p.cfg)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                // Dropping the stream closes it; the session's own attempts go on.
+                tracing::debug!(peer = %from, error = %e, "BGP connection refused");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(peer = %from, error = %e, "setting the TTL on an accepted BGP connection");
+            }
         }
         if p.main.fsm.refuses_connections(Instant::now()) {
             tracing::debug!(peer = %from, "BGP connection refused: the session is held idle after a reset");

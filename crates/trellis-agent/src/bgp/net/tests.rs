@@ -124,3 +124,45 @@ async fn a_dropped_connection_to_a_peer_that_does_not_read_is_given_up() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Connects to `at` from a socket sending TTL `ttl` (loopback does not decrement it) and
+/// returns the listener's side.
+async fn accepted_with_ttl(l: &TcpListener, ttl: u32) -> (TcpStream, TcpStream) {
+    let s = TcpSocket::new_v4().unwrap();
+    setsockopt(&s, libc::IPPROTO_IP, libc::IP_TTL, &(ttl as libc::c_int)).unwrap();
+    let at = l.local_addr().unwrap();
+    let (ours, theirs) = tokio::join!(s.connect(at), l.accept());
+    (theirs.unwrap().0, ours.unwrap())
+}
+
+#[tokio::test]
+async fn a_gtsm_peer_s_connection_is_refused_unless_its_syn_had_ttl_255() {
+    let l = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let gtsm = TtlPolicy {
+        ttl: Some(255),
+        min_ttl: Some(255),
+    };
+    let (low, _c1) = accepted_with_ttl(&l, 1).await;
+    let e = accepted(&low, gtsm).expect_err("a SYN with TTL 1 must not pass GTSM");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("TTL 1"), "{e}");
+    let (high, _c2) = accepted_with_ttl(&l, 255).await;
+    accepted(&high, gtsm).expect("a SYN with TTL 255 passes");
+    // Without GTSM any TTL is taken (a directly connected eBGP peer sends 1).
+    let (plain, _c3) = accepted_with_ttl(&l, 1).await;
+    accepted(&plain, TtlPolicy::default()).expect("no minimum, no check");
+}
+
+#[test]
+fn the_ttl_is_read_from_either_family_s_header() {
+    let mut v4 = vec![0u8; 40];
+    v4[0] = 0x45;
+    v4[8] = 7;
+    assert_eq!(syn_ttl(&v4), Some(7));
+    let mut v6 = vec![0u8; 60];
+    v6[0] = 0x60;
+    v6[7] = 255;
+    assert_eq!(syn_ttl(&v6), Some(255));
+    assert_eq!(syn_ttl(&[]), None);
+    assert_eq!(syn_ttl(&[0x45, 0, 0]), None);
+}
