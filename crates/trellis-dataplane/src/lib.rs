@@ -16,6 +16,8 @@ pub mod events;
 pub mod features;
 pub mod netlink;
 pub mod netns;
+pub mod nflog;
+mod nfnl;
 pub mod nft;
 pub mod nft_elements;
 pub mod routing;

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
+use crate::nfnl::{
+    attributes, cstr, error_code, message, messages, nested, put_attr, set_recv_timeout,
+    NLMSG_ERROR,
+};
 use crate::{DataplaneError, Result};
 
 /// `NFPROTO_INET`: the family of `table inet …`.
@@ -35,11 +39,9 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_DATA_VALUE: u16 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 0x2;
 
 /// How long the kernel may take to answer the batch.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,44 +54,6 @@ pub struct ElementChange {
     pub add: bool,
     pub set: String,
     pub keys: Vec<Vec<u8>>,
-}
-
-fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-fn nested(kind: u16, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut inner = Vec::new();
-    fill(&mut inner);
-    let mut buf = Vec::with_capacity(inner.len() + 4);
-    put_attr(&mut buf, kind | NLA_F_NESTED, &inner);
-    buf
-}
-
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-/// One netlink message: header, `nfgenmsg` (family, version 0, resource id), attributes.
-fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.push(family);
-    m.push(0);
-    m.extend_from_slice(&res_id.to_be_bytes());
-    m.extend_from_slice(attrs);
-    m
 }
 
 /// The whole batch as bytes (pure), and how many change messages it holds. Only the last asks
@@ -174,7 +138,7 @@ impl ElementSocket {
         const OP: &str = "open an nf_tables netlink socket";
         let mut sock = Socket::new(NETLINK_NETFILTER).map_err(|e| nl_err(OP, e))?;
         sock.bind_auto().map_err(|e| nl_err(OP, e))?;
-        set_recv_timeout(&sock).map_err(|e| nl_err(OP, e))?;
+        set_recv_timeout(&sock, REPLY_TIMEOUT).map_err(|e| nl_err(OP, e))?;
         Ok(ElementSocket { sock, seq: 0 })
     }
 
@@ -300,37 +264,6 @@ impl ElementSocket {
     }
 }
 
-/// One netlink message of a datagram: its type, sequence number and the bytes after its
-/// 16-byte header.
-type Message<'a> = (u16, u32, &'a [u8]);
-
-/// The netlink messages in one datagram (pure); an error when a length runs past it.
-fn messages(buf: &[u8]) -> std::result::Result<Vec<Message<'_>>, String> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
-        let len = word(at) as usize;
-        let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-        if len < 16 || at + len > buf.len() {
-            return Err(format!(
-                "a reply of {len} bytes at offset {at} of {}",
-                buf.len()
-            ));
-        }
-        out.push((kind, word(at + 8), &buf[at + 16..at + len]));
-        at += len.next_multiple_of(4);
-    }
-    Ok(out)
-}
-
-/// The error code of an NLMSG_ERROR's body (0: an acknowledgement).
-fn error_code(body: &[u8]) -> Option<i32> {
-    Some(i32::from_ne_bytes(
-        body.get(..4)?.try_into().expect("4 bytes"),
-    ))
-}
-
 /// The answer of type `kind` to the request with sequence number `seq` in one datagram (pure):
 /// `Some(Ok(attributes after the nfgenmsg))`, `Some(Err(code))` for an error reply, `None` when
 /// the datagram holds no answer to it.
@@ -357,21 +290,11 @@ fn answer_in(
 
 /// NFTA_GEN_ID (big-endian) among a NEWGEN answer's attributes (pure).
 fn generation_id(attrs: &[u8]) -> std::result::Result<u32, String> {
-    let mut a = 0;
-    while a + 4 <= attrs.len() {
-        let alen = u16::from_ne_bytes(attrs[a..a + 2].try_into().expect("2")) as usize;
-        let akind = u16::from_ne_bytes(attrs[a + 2..a + 4].try_into().expect("2"));
-        if alen < 4 || a + alen > attrs.len() {
-            return Err(format!("an attribute of {alen} bytes at offset {a}"));
-        }
-        if akind & 0x3fff == NFTA_GEN_ID && alen == 8 {
-            return Ok(u32::from_be_bytes(
-                attrs[a + 4..a + 8].try_into().expect("4"),
-            ));
-        }
-        a += alen.next_multiple_of(4);
-    }
-    Err("a generation reply without NFTA_GEN_ID".into())
+    attributes(attrs)?
+        .into_iter()
+        .find(|(kind, payload)| *kind == NFTA_GEN_ID && payload.len() == 4)
+        .map(|(_, p)| u32::from_be_bytes(p.try_into().expect("4")))
+        .ok_or_else(|| "a generation reply without NFTA_GEN_ID".into())
 }
 
 /// The `(sequence number, error code)` of each NLMSG_ERROR in one datagram (pure).
@@ -381,28 +304,6 @@ fn replies(buf: &[u8]) -> std::result::Result<Vec<(u32, i32)>, String> {
         .filter(|(kind, _, _)| *kind == NLMSG_ERROR)
         .filter_map(|(_, seq, body)| Some((seq, error_code(body)?)))
         .collect())
-}
-
-fn set_recv_timeout(sock: &Socket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let tv = libc::timeval {
-        tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY: a valid socket descriptor and a timeval of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
