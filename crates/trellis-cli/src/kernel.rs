@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use trellis_policy::compile::drift::{rule_counters, RuleCounter};
-use trellis_policy::compile::names::{profile_rule_label, rule_label};
 use trellis_policy::eval::{DirectionTrace, PeerView, Trace, Verdict};
 use trellis_policy::model::Direction;
 
@@ -27,18 +26,10 @@ pub struct KernelRule {
     pub bytes: Option<u64>,
 }
 
-/// The rule that decided a direction, with the node enforcing it; `None` when no rule decided
-/// (a tier default, no policy, ...: nothing in the kernel counts those by rule).
+/// The rule that decided a direction (its label), with the node enforcing it; `None` when no
+/// rule of an endpoint's chains decided (not an endpoint, its own node).
 fn deciding(d: &DirectionTrace, side: &PeerView) -> Option<(String, String)> {
-    let node = side.node.clone()?;
-    let label = match &d.verdict {
-        Verdict::Rule { rule, .. } => rule_label(rule),
-        Verdict::ProfileRule { profile, index, .. } => {
-            profile_rule_label(profile, d.direction, *index)
-        }
-        _ => return None,
-    };
-    Some((node, label))
+    Some((side.node.clone()?, d.deciding_label()?))
 }
 
 /// The counters of `node`'s table, by rule label.
@@ -86,6 +77,15 @@ pub fn read(trace: &Trace, lab: Option<&str>) -> Result<Vec<KernelRule>> {
             continue;
         };
         let c = counters(lab, &node)?.get(&rule).copied();
+        // A default (a tier's Deny, the endpoint's last rule) is a labelled, counted rule only
+        // while flow logs are on.
+        let default = !matches!(
+            d.verdict,
+            Verdict::Rule { .. } | Verdict::ProfileRule { .. }
+        );
+        if c.is_none() && default {
+            continue;
+        }
         out.push(KernelRule {
             direction: match dir {
                 Direction::Egress => "egress",
@@ -105,7 +105,7 @@ pub fn render(rules: &[KernelRule]) -> String {
     let mut s = String::from("\nkernel counters:\n");
     if rules.is_empty() {
         s.push_str(
-            "  no rule decided (a default decided, or no policy applies): nothing to count\n",
+            "  no counted rule decided (a default, with flow logs off, or no policy applies)\n",
         );
     }
     for r in rules {

@@ -32,8 +32,9 @@ const NLM_F_ACK: u16 = 0x4;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Bytes of each packet copied: an IPv6 header with a few extension headers and the ports.
-pub const SNAPLEN: u32 = 128;
+/// Bytes of each packet the socket takes at most (the instance's copy range; a rule's own
+/// `snaplen` can only lower it): an IPv6 header with a few extension headers and the ports.
+const COPY_RANGE: u32 = 128;
 /// How many copies the kernel gathers before sending (or [`FLUSH`] passes).
 const QUEUE_THRESHOLD: u32 = 64;
 /// The kernel's flush timeout for a partly filled batch (it counts hundredths of a second).
@@ -81,7 +82,7 @@ fn nl_err(op: &str, source: std::io::Error) -> DataplaneError {
 }
 
 impl NflogSocket {
-    /// Binds `group`, copying [`SNAPLEN`] bytes of each packet; reads wait at most `poll`.
+    /// Binds `group`, copying at most 128 bytes of each packet; reads wait at most `poll`.
     pub fn open(group: u16, poll: Duration) -> Result<NflogSocket> {
         let op = format!("bind NFLOG group {group}");
         let mut sock = Socket::new(NETLINK_NETFILTER).map_err(|e| nl_err(&op, e))?;
@@ -102,7 +103,7 @@ impl NflogSocket {
     /// Binds the group and sets copy mode, batching and buffer size, each acknowledged.
     fn configure(&mut self, op: &str) -> Result<()> {
         let be32 = |v: u32| v.to_be_bytes().to_vec();
-        let mut mode = be32(SNAPLEN);
+        let mut mode = be32(COPY_RANGE);
         mode.extend([NFULNL_COPY_PACKET, 0]);
         let steps: [(u16, Vec<u8>); 5] = [
             (NFULA_CFG_CMD, vec![NFULNL_CFG_CMD_BIND]),

@@ -175,6 +175,29 @@ pub enum Verdict {
     ProfileDefault,
 }
 
+impl DirectionTrace {
+    /// The label of the kernel rule that decides this direction — the one whose counter counts
+    /// it and whose flow-log copy names it (`compile::names`); `None` where no rule of an
+    /// endpoint's chains decides (not an endpoint, its own node, itself).
+    pub fn deciding_label(&self) -> Option<String> {
+        use crate::compile::names;
+        let d = self.direction;
+        Some(match &self.verdict {
+            Verdict::Rule { rule, .. } => names::rule_label(rule),
+            Verdict::ProfileRule { profile, index, .. } => {
+                names::profile_rule_label(profile, d, *index)
+            }
+            Verdict::TierDefault { tier } => names::tier_default_label(tier, d),
+            Verdict::NoPolicy | Verdict::EndOfTiers => names::endpoint_default_label(false, d),
+            Verdict::ProfileDefault => names::endpoint_default_label(true, d),
+            Verdict::NotAnEndpoint
+            | Verdict::UnknownEndpoint
+            | Verdict::OwnNode
+            | Verdict::SameEndpoint => return None,
+        })
+    }
+}
+
 impl Verdict {
     pub fn allows(&self) -> bool {
         match self {

@@ -26,6 +26,15 @@ const UPLINK: &str = "eth0";
 const ICMP_CHECKSUM: u64 = 0xbeef;
 /// ct state new.
 const CT_NEW: u64 = 8;
+/// How the interpreter's trace marks a flow-log copy.
+const FLOW_LOG: &str = "flowlog ";
+/// The compiled table's settings: flow logs on (they must change no verdict).
+fn cfg() -> compile::CompileConfig {
+    compile::CompileConfig {
+        flow_log_group: Some(3),
+        ..Default::default()
+    }
+}
 
 /// A packet as the forward hook of one node sees it.
 #[derive(Debug, Clone)]
@@ -196,6 +205,7 @@ fn forward(rs: &Ruleset, p: &Packet) -> (bool, Vec<String>) {
                 }
                 Stmt::Counter => {}
                 Stmt::Log(prefix) => trace.push(format!("log {prefix}")),
+                Stmt::FlowLog { label, .. } => trace.push(format!("{FLOW_LOG}{label}")),
                 Stmt::MarkAnd(m) => mark &= m,
                 Stmt::MarkOr(m) => mark |= m,
                 Stmt::Vmap { key: k, map } => {
@@ -397,8 +407,10 @@ fn shapes(v4: bool) -> Vec<Shape> {
 
 /// The first flow on which the compiled rulesets and the evaluator disagree.
 fn first_divergence(m: &Model) -> Option<String> {
-    let rulesets: BTreeMap<&str, Ruleset> =
-        NODES.iter().map(|n| (*n, compile::compile(m, n))).collect();
+    let rulesets: BTreeMap<&str, Ruleset> = NODES
+        .iter()
+        .map(|n| (*n, compile::compile_with(m, n, &cfg())))
+        .collect();
     let places = places(m);
     for (sa, sp) in &places {
         for (da, dp) in &places {
@@ -454,8 +466,14 @@ fn first_divergence(m: &Model) -> Option<String> {
                 };
                 let mut kernel = true;
                 let mut why = Vec::new();
+                let mut logged = Vec::new();
                 for (node, iif, oif) in &hops {
                     let (ok, t) = forward(&rulesets[node], &packet(iif, oif));
+                    logged.extend(
+                        t.iter()
+                            .filter_map(|s| s.strip_prefix(FLOW_LOG))
+                            .map(String::from),
+                    );
                     why.push(format!("{node} {iif}->{oif}: {ok} {t:?}"));
                     kernel &= ok;
                     if !ok {
@@ -479,6 +497,18 @@ fn first_divergence(m: &Model) -> Option<String> {
                         "{sa} ({sp:?}) -> {da} ({dp:?}) {proto:?} dport {dport:?} sport {sport:?} icmp {icmp:?}:\n\
                          evaluator allowed={} egress {:#?}\ningress {:#?}\nkernel allowed={kernel}: {why:#?}",
                         trace.allowed, trace.egress, trace.ingress
+                    ));
+                }
+                // The flow log names what the evaluator says decided, per direction.
+                let mut want: Vec<String> = trace.egress.deciding_label().into_iter().collect();
+                if trace.egress.verdict.allows() {
+                    want.extend(trace.ingress.deciding_label());
+                }
+                if logged != want {
+                    return Some(format!(
+                        "{sa} ({sp:?}) -> {da} ({dp:?}) {proto:?} dport {dport:?}: flow log {logged:?}, \
+                         the evaluator's deciding rules {want:?}\negress {:#?}\ningress {:#?}\nkernel: {why:#?}",
+                        trace.egress, trace.ingress
                     ));
                 }
             }

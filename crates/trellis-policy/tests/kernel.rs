@@ -392,3 +392,32 @@ fn ne_port_pairs_around_named_lookups_never_reach_the_kernel_as_one_wide_compare
         );
     }
 }
+
+/// With flow logs on, every deciding rule (Allow, Deny, tier defaults, the endpoint's default)
+/// carries the flow-log copy under its label, the kernel takes the table and lists it back as
+/// compiled, and the engine's incremental path builds the same table as the batch compiler.
+#[test]
+fn flow_log_rules_load_and_list_back_as_compiled() {
+    let node = Node::new("polflow");
+    let cfg = compile::CompileConfig {
+        flow_log_group: Some(11),
+        ..Default::default()
+    };
+    let rs = compile::compile_with(&common::rich_model(), common::NODE, &cfg);
+    let text = rs.to_string();
+    assert!(
+        text.contains("group 11 snaplen 128"),
+        "no flow-log statement in:\n{text}"
+    );
+    for label in ["/in/default", "/out/default"] {
+        assert!(text.contains(label), "no default rule labelled *{label}");
+    }
+    node.apply(&rs.to_nft_json()).unwrap();
+    node.assert_table(&rs, "after the full load with flow logs");
+    let mut engine = PolicyEngine::with_config(common::NODE, cfg);
+    engine.load(common::rich_model());
+    assert_eq!(engine.full(), &rs, "the engine and the compiler agree");
+    // Flow logs off: no copy anywhere.
+    let off = compile::compile(&common::rich_model(), common::NODE).to_string();
+    assert!(!off.contains(" group "), "{off}");
+}

@@ -86,13 +86,22 @@ pub struct CompileConfig {
     pub allow_mark: u32,
     /// The packet-mark bit a Pass (or a tier's Pass default) sets.
     pub pass_mark: u32,
+    /// The NFLOG group that the deciding rules (Allow, Deny, tier and endpoint defaults) copy
+    /// each packet they decide to, for the agent's flow log; `None`: flow logs off. Only the
+    /// first packet of a connection reaches those rules (established traffic is accepted
+    /// first), so this costs one copy per new connection.
+    pub flow_log_group: Option<u16>,
 }
+
+/// Bytes of a packet the flow log copies (headers and ports).
+pub const FLOW_LOG_SNAPLEN: u32 = 128;
 
 impl Default for CompileConfig {
     fn default() -> Self {
         CompileConfig {
             allow_mark: 0x0001_0000,
             pass_mark: 0x0002_0000,
+            flow_log_group: None,
         }
     }
 }

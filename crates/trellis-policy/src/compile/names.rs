@@ -69,6 +69,18 @@ pub fn profile_rule_label(profile: &str, d: Direction, index: usize) -> String {
     bounded(format!("pro/{profile}/{}/{index}", dir_tag(d)))
 }
 
+/// The label of a tier's default Deny (`tier/NAME/in/default`).
+pub fn tier_default_label(tier: &str, d: Direction) -> String {
+    bounded(format!("tier/{tier}/{}/default", dir_tag(d)))
+}
+
+/// The label of an endpoint's last rule: `profiles/in/default` (it lists profiles and none
+/// allowed: dropped), `none/in/default` (no policy decided and it lists no profile: allowed).
+pub fn endpoint_default_label(lists_profiles: bool, d: Direction) -> String {
+    let what = if lists_profiles { "profiles" } else { "none" };
+    format!("{what}/{}/default", dir_tag(d))
+}
+
 /// Keeps a label within [`MAX_LABEL`] bytes: a readable prefix and a hash of the whole.
 fn bounded(label: String) -> String {
     if label.len() <= MAX_LABEL {

@@ -12,6 +12,7 @@ use super::ruleset::{
     Chain, Element, Expr, NftOp, Op, Ops, Rule, Ruleset, Set, SetKind, Stmt, Verdict, VerdictMap,
     FAMILY, TABLE,
 };
+use super::FLOW_LOG_SNAPLEN;
 
 fn addr_value(first: &IpAddr, last: &IpAddr) -> Value {
     if first == last {
@@ -76,6 +77,9 @@ fn stmt_value(s: &Stmt) -> Value {
         }
         Stmt::Counter => json!({ "counter": null }),
         Stmt::Log(p) => json!({"log": {"prefix": p}}),
+        Stmt::FlowLog { group, label } => {
+            json!({"log": {"prefix": label, "group": group, "snaplen": FLOW_LOG_SNAPLEN}})
+        }
         Stmt::MarkAnd(m) => mark_value("&", *m),
         Stmt::MarkOr(m) => mark_value("|", *m),
         Stmt::Vmap { key, map } => {

@@ -593,11 +593,41 @@ fn l4proto(op: Op, n: u8) -> Stmt {
 }
 
 fn action(a: Action, label: &str, cfg: &CompileConfig) -> Vec<Stmt> {
-    match a {
+    let mut out = Vec::new();
+    if matches!(a, Action::Allow | Action::Deny) {
+        out.extend(flow_log(label, cfg));
+    }
+    out.extend(match a {
         Action::Allow => vec![Stmt::MarkOr(cfg.allow_mark), Stmt::Verdict(Verdict::Return)],
         Action::Deny => vec![Stmt::Verdict(Verdict::Drop)],
         Action::Pass => vec![Stmt::MarkOr(cfg.pass_mark), Stmt::Verdict(Verdict::Return)],
         Action::Log => vec![Stmt::Log(format!("trellis {label} "))],
+    });
+    out
+}
+
+/// The flow-log copy of a deciding rule, when flow logs are on.
+fn flow_log(label: &str, cfg: &CompileConfig) -> Option<Stmt> {
+    cfg.flow_log_group.map(|group| Stmt::FlowLog {
+        group,
+        label: label.to_string(),
+    })
+}
+
+/// A rule ending in `verdict` that decided for a default (a tier's, or the endpoint's when no
+/// policy or profile allowed): with flow logs on it is labelled, counted and copied to the
+/// flow log like a policy rule; otherwise just the verdict.
+fn default_rule(label: String, verdict: Vec<Stmt>, cfg: &CompileConfig) -> NftRule {
+    match flow_log(&label, cfg) {
+        None => NftRule::new(verdict),
+        Some(log) => {
+            let mut stmts = vec![Stmt::Counter, log];
+            stmts.extend(verdict);
+            NftRule {
+                stmts,
+                comment: Some(label),
+            }
+        }
     }
 }
 
@@ -848,7 +878,11 @@ pub fn endpoint_chains(
             ]));
         }
         rules.push(match tier.default_action {
-            crate::model::TierDefault::Deny => rule(vec![Stmt::Verdict(Verdict::Drop)]),
+            crate::model::TierDefault::Deny => default_rule(
+                names::tier_default_label(&tier.name, d),
+                vec![Stmt::Verdict(Verdict::Drop)],
+                cfg,
+            ),
             crate::model::TierDefault::Pass => rule(vec![
                 Stmt::MarkOr(cfg.pass_mark),
                 Stmt::Verdict(Verdict::Return),
@@ -868,11 +902,15 @@ pub fn endpoint_chains(
             Stmt::Verdict(allowed()),
         ]));
     }
-    main.push(rule(vec![Stmt::Verdict(if lists_profiles {
-        Verdict::Drop
-    } else {
-        allowed()
-    })]));
+    main.push(default_rule(
+        names::endpoint_default_label(lists_profiles, d),
+        vec![Stmt::Verdict(if lists_profiles {
+            Verdict::Drop
+        } else {
+            allowed()
+        })],
+        cfg,
+    ));
     chains.push((
         names::endpoint_chain(id, d),
         Chain {

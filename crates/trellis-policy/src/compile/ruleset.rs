@@ -152,6 +152,12 @@ pub enum Stmt {
     Counter,
     /// `log prefix "PREFIX"`.
     Log(String),
+    /// `log prefix "LABEL" group GROUP snaplen SNAPLEN`: a copy of the packet's headers to the
+    /// agent's flow log, named by the deciding rule's label.
+    FlowLog {
+        group: u16,
+        label: String,
+    },
     /// `meta mark set meta mark & MASK`.
     MarkAnd(u32),
     /// `meta mark set meta mark | BITS`.

@@ -5,6 +5,7 @@ use std::fmt::{self, Display, Formatter, Write};
 
 use super::intervals::prefix_len;
 use super::ruleset::{Element, Expr, Op, Rule, Ruleset, SetKind, Stmt, Verdict, FAMILY, TABLE};
+use super::FLOW_LOG_SNAPLEN;
 
 fn addr(first: &std::net::IpAddr, last: &std::net::IpAddr) -> String {
     if first == last {
@@ -54,6 +55,9 @@ fn stmt(s: &Stmt) -> String {
         },
         Stmt::Counter => "counter".into(),
         Stmt::Log(p) => format!("log prefix {p:?}"),
+        Stmt::FlowLog { group, label } => {
+            format!("log prefix {label:?} group {group} snaplen {FLOW_LOG_SNAPLEN}")
+        }
         Stmt::MarkAnd(m) => format!("meta mark set meta mark & {m:#010x}"),
         Stmt::MarkOr(m) => format!("meta mark set meta mark | {m:#010x}"),
         Stmt::Vmap { key, map } => format!("{} vmap @{map}", expr(key)),
