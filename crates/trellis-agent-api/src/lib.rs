@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod flows;
+
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/trellis/agent.sock";
 
@@ -75,6 +77,11 @@ pub enum Request {
         #[serde(rename = "hostInterface")]
         host_interface: String,
     },
+    /// The flow log's records (`trellis flows`). Answered from memory.
+    Flows {
+        #[serde(flatten)]
+        query: flows::FlowQuery,
+    },
 }
 
 /// How long the agent waits for an endpoint's policy before answering `EndpointReady` with an
@@ -106,6 +113,9 @@ pub struct Ok {
     /// The answer to [`Request::Health`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthReport>,
+    /// The answer to [`Request::Flows`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<flows::Flows>,
 }
 
 /// The agent's health: each check with its verdict. `live` is whether every liveness check

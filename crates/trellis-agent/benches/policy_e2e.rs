@@ -150,7 +150,10 @@ async fn run(label: &str, store: Arc<dyn Datastore>, ns: &TestNetns) {
         shared.clone(),
         status.clone(),
         kernel.clone(),
-        Duration::from_secs(3600),
+        policy::Settings {
+            resync: Duration::from_secs(3600),
+            flow_log_group: None,
+        },
     ));
     programmed(&status, last).await;
     println!(

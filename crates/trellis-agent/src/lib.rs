@@ -5,6 +5,7 @@
 pub mod autodetect;
 pub mod bgp;
 pub mod dataplane;
+pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod offload;
@@ -49,6 +50,9 @@ pub struct AgentConfig {
     /// Kubernetes mode (`--kubernetes`): an ADD naming a pod is served only from the pod's
     /// record (waiting for it up to [`POD_RECORD_DEADLINE`]), never with an unlabelled endpoint.
     pub kubernetes: bool,
+    /// Flow logs (`--flow-logs`): the deciding policy rules copy each new connection's first
+    /// packet to this NFLOG group, and the agent aggregates them (`trellis flows`).
+    pub flow_logs: Option<flows::FlowSettings>,
 }
 
 /// How long an ADD in Kubernetes mode waits for its pod's record to reach the agent's view.
@@ -94,6 +98,8 @@ pub struct Agent {
     pub policy: Arc<policy::Status>,
     /// What the loops last saw, for `/healthz`, `/readyz` and `trellis node status`.
     pub health: health::Tracker,
+    /// The flow log, when flow logs are on.
+    pub flows: Option<Arc<std::sync::Mutex<flows::FlowLog>>>,
 }
 
 /// The loop whose turns make the agent live (see [`health`]).
@@ -312,6 +318,13 @@ pub async fn run(
         config.heartbeat,
         std::time::Instant::now(),
     );
+    let flows = config.flow_logs.as_ref().map(|s| {
+        Arc::new(std::sync::Mutex::new(flows::FlowLog::new(
+            &config.node,
+            s.clone(),
+            flows::now_ms(),
+        )))
+    });
     let agent = Arc::new(Agent {
         config,
         store,
@@ -325,6 +338,7 @@ pub async fn run(
         dataplane_passes: std::sync::atomic::AtomicU64::new(0),
         policy: Arc::new(policy::Status::default()),
         health,
+        flows,
     });
     // Registration just wrote the Node.
     agent
@@ -336,12 +350,24 @@ pub async fn run(
     let housekeeping = tokio::spawn(housekeeping(agent.clone()));
     let dataplane = tokio::spawn(dataplane::run(agent.clone(), agent.config.resync));
     let bgp = tokio::spawn(bgp::run(agent.clone(), agent.config.bgp));
+    let flow_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let (Some(s), Some(log)) = (&agent.config.flow_logs, &agent.flows) {
+        start_flow_log(
+            s.clone(),
+            log.clone(),
+            agent.view.clone(),
+            flow_stop.clone(),
+        )?;
+    }
     let policy = tokio::spawn(policy::run(
         agent.config.node.clone(),
         agent.view.clone(),
         agent.policy.clone(),
         Arc::new(policy::Nft::default()),
-        agent.config.resync,
+        policy::Settings {
+            resync: agent.config.resync,
+            flow_log_group: agent.config.flow_logs.as_ref().map(|s| s.group),
+        },
     ));
     let metrics = agent.config.metrics.map(|addr| {
         let a = agent.clone();
@@ -360,11 +386,41 @@ pub async fn run(
     dataplane.abort();
     bgp.abort();
     policy.abort();
+    flow_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(m) = metrics {
         m.abort();
     }
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
+}
+
+/// Binds the flow log's NFLOG group (failing the start when it cannot: another process holds
+/// the group, or the kernel has no nfnetlink_log) and reads it on a thread of its own.
+fn start_flow_log(
+    settings: flows::FlowSettings,
+    log: Arc<std::sync::Mutex<flows::FlowLog>>,
+    view: Arc<view::SharedView>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), AgentError> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("flow-log".into())
+        .spawn(move || {
+            let r = flows::run(&settings, log, view, stop, || {
+                let _ = bound_tx.send(Ok(()));
+            });
+            if let Err(e) = r {
+                let _ = bound_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| AgentError::Dataplane(format!("starting the flow-log thread: {e}")))?;
+    match bound_rx.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(AgentError::Dataplane(format!(
+            "flow logs: {e} (is another process reading this NFLOG group? --flow-log-group picks another)"
+        ))),
+        Err(_) => Err(AgentError::Dataplane("the flow-log thread ended".into())),
+    }
 }
 
 /// Decides the VTEP's transmit checksum offload from `setting` and the running kernel, and

@@ -40,9 +40,13 @@ pub fn render(
     pod_mtu: u32,
     invalid: &BTreeMap<Kind, usize>,
     policy: &crate::policy::Status,
+    flows: Option<&crate::flows::FlowLog>,
 ) -> String {
     let mut reg = Registry::with_prefix("trellis");
     register_policy(&mut reg, policy);
+    if let Some(f) = flows {
+        register_flows(&mut reg, f);
+    }
     let mtu = Gauge::<i64>::default();
     mtu.set(pod_mtu as i64);
     reg.register("pod_mtu", "MTU handed to new pods (0 until measured)", mtu);
@@ -203,17 +207,38 @@ fn register_policy(reg: &mut Registry, p: &crate::policy::Status) {
     );
 }
 
+/// The flow log's counters: denied packets per deciding policy (every packet a Deny rule or a
+/// default Deny copied — new connections and their retries), and copies it could not record.
+fn register_flows(reg: &mut Registry, f: &crate::flows::FlowLog) {
+    let denied = Family::<Labels, Counter>::default();
+    for (policy, n) in f.denied() {
+        denied
+            .get_or_create(&vec![("policy".into(), policy.clone())])
+            .inc_by(*n);
+    }
+    reg.register(
+        "flow_denied_packets",
+        "Packets denied, by the deciding policy (flow logs on)",
+        denied,
+    );
+    let lost = Counter::<u64>::default();
+    lost.inc_by(f.lost());
+    reg.register(
+        "flow_log_lost",
+        "Flow-log packet copies not recorded (kernel queue overrun, malformed, over the per-interval bound)",
+        lost,
+    );
+}
+
 /// `policy`, `direction` and `rule` of a rule label (`knp/NS/NAME/in/0`).
 fn rule_labels(label: &str) -> Labels {
-    let mut parts = label.rsplitn(3, '/');
-    let (rule, dir, policy) = (parts.next(), parts.next(), parts.next());
-    match (policy, dir, rule) {
-        (Some(p), Some(d), Some(r)) => vec![
+    match trellis_policy::compile::names::split_label(label) {
+        Some((p, d, r)) => vec![
             ("policy".into(), p.into()),
             ("direction".into(), d.into()),
             ("rule".into(), r.into()),
         ],
-        _ => vec![("policy".into(), label.into())],
+        None => vec![("policy".into(), label.into())],
     }
 }
 
@@ -339,6 +364,11 @@ async fn serve_on(agent: Arc<Agent>, listener: TcpListener) -> std::io::Result<(
                         agent.pod_mtu.load(Ordering::Relaxed),
                         &trellis_cluster::invalid::counts(),
                         &agent.policy,
+                        agent
+                            .flows
+                            .as_ref()
+                            .map(|f| f.lock().unwrap_or_else(|e| e.into_inner()))
+                            .as_deref(),
                     ),
                 )
             }
@@ -404,7 +434,7 @@ mod tests {
                 bytes: 180,
             },
         );
-        let text = render(Some(&s), 1450, &invalid, &policy);
+        let text = render(Some(&s), 1450, &invalid, &policy, None);
         for line in [
             "trellis_policy_enforced 1",
             "trellis_policy_synced_revision 42",

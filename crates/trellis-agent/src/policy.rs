@@ -40,7 +40,7 @@ use trellis_dataplane::nft_elements::{ElementChange, ElementSocket, NFPROTO_INET
 use trellis_policy::compile::drift::{self, RuleCounter};
 use trellis_policy::compile::elements::SetKeys;
 use trellis_policy::compile::ruleset::FROM_ENDPOINT;
-use trellis_policy::compile::{Ops, PolicyEngine, Ruleset};
+use trellis_policy::compile::{CompileConfig, Ops, PolicyEngine, Ruleset};
 use trellis_policy::sync::ModelSync;
 use trellis_resources::{Kind, Resource};
 
@@ -257,9 +257,13 @@ pub struct Applier {
 
 impl Applier {
     pub fn new(node: &str) -> Applier {
+        Applier::with_config(node, CompileConfig::default())
+    }
+
+    pub fn with_config(node: &str, cfg: CompileConfig) -> Applier {
         Applier {
             sync: ModelSync::new(),
-            engine: PolicyEngine::new(node),
+            engine: PolicyEngine::with_config(node, cfg),
             seen: HashMap::new(),
             generations: BTreeMap::new(),
         }
@@ -534,12 +538,21 @@ impl Loop {
 }
 
 /// Runs the applier until the agent stops: programs the whole table, then follows the view.
+/// The applier's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Between resyncs (drift repair, counters).
+    pub resync: Duration,
+    /// Flow logs' NFLOG group, when on.
+    pub flow_log_group: Option<u16>,
+}
+
 pub async fn run(
     node: String,
     view: Arc<SharedView>,
     status: Arc<Status>,
     kernel: Arc<dyn Kernel>,
-    resync: Duration,
+    settings: Settings,
 ) {
     tracing::info!(
         "policy is enforced on routed-mode pod interfaces (trl*); bridge-mode pods are not policed"
@@ -550,12 +563,18 @@ pub async fn run(
         view,
         status,
         kernel,
-        applier: Applier::new(&node),
+        applier: Applier::with_config(
+            &node,
+            CompileConfig {
+                flow_log_group: settings.flow_log_group,
+                ..CompileConfig::default()
+            },
+        ),
         need_full: true,
         verified: None,
         resyncs_since_listing: 0,
     };
-    let mut tick = tokio::time::interval(resync);
+    let mut tick = tokio::time::interval(settings.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     l.pass().await;

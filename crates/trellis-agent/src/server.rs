@@ -323,6 +323,17 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             }),
             Err(e) => failed(e),
         },
+        Request::Flows { query } => Reply::Ok(Done {
+            node: Some(agent.config.node.clone()),
+            flows: Some(match &agent.flows {
+                Some(log) => log
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .query(&query, crate::flows::now_ms()),
+                None => Default::default(),
+            }),
+            ..Default::default()
+        }),
         Request::Health {} => Reply::Ok(Done {
             node: Some(agent.config.node.clone()),
             health: Some(agent.health_report()),
@@ -474,6 +485,7 @@ mod tests {
                 bgp: bgp::Mode::Off,
                 metrics: None,
                 kubernetes: false,
+                flow_logs: None,
             },
             ipam: NodeIpam::new(store.clone(), "n1", BTreeMap::new()),
             store,
@@ -490,6 +502,7 @@ mod tests {
                 Duration::from_secs(10),
                 std::time::Instant::now(),
             ),
+            flows: None,
         }
     }
 

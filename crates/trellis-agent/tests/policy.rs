@@ -143,7 +143,10 @@ impl World {
             self.view.clone(),
             self.status.clone(),
             self.kernel.clone(),
-            Duration::from_millis(200),
+            policy::Settings {
+                resync: Duration::from_millis(200),
+                flow_log_group: None,
+            },
         )));
     }
 

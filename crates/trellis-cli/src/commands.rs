@@ -64,6 +64,17 @@ pub struct AgentArgs {
     /// endpoint is created without its labels.
     #[arg(long, env = "TRELLIS_KUBERNETES")]
     pub kubernetes: bool,
+    /// Flow logs: the deciding policy rules copy each new connection's first packet (headers
+    /// only) to an NFLOG group; the agent aggregates them per interval for `trellis flows` and
+    /// counts denied packets per policy (metric trellis_flow_denied_packets).
+    #[arg(long, env = "TRELLIS_FLOW_LOGS")]
+    pub flow_logs: bool,
+    /// The NFLOG group of the flow logs (one reader per group in a network namespace).
+    #[arg(long, default_value_t = 20)]
+    pub flow_log_group: u16,
+    /// Seconds per flow-log aggregation interval (1..=3600).
+    #[arg(long, default_value_t = 5)]
+    pub flow_log_interval: u64,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -317,7 +328,9 @@ pub async fn run(cli: Cli, datastore: String) -> Result<ExitCode> {
             }
         },
         Command::Agent(_) | Command::Lab { .. } | Command::KubeController(_) => unreachable!(),
-        Command::InstallCni(_) | Command::Node { .. } => unreachable!("run without a datastore"),
+        Command::InstallCni(_) | Command::Node { .. } | Command::Flows(_) => {
+            unreachable!("run without a datastore")
+        }
     }
 }
 
@@ -552,7 +565,18 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
         bgp: a.bgp.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         metrics: a.metrics_listen,
         kubernetes: a.kubernetes,
+        flow_logs: a.flow_logs.then(|| trellis_agent::flows::FlowSettings {
+            group: a.flow_log_group,
+            interval: Duration::from_secs(a.flow_log_interval),
+            ..Default::default()
+        }),
     };
+    if !(1..=3600).contains(&a.flow_log_interval) {
+        bail!(
+            "--flow-log-interval {} is outside 1..=3600 seconds",
+            a.flow_log_interval
+        );
+    }
     if !(1..=16_777_215).contains(&a.vxlan_vni) {
         bail!("--vxlan-vni {} is outside 1..16777215", a.vxlan_vni);
     }

@@ -1,7 +1,9 @@
 //! `trellis`: the operator's command and the node agent. Thin: parses flags, opens the
 //! datastore, and calls the library crates; all output formatting lives in [`table`].
 
+mod agent_client;
 mod commands;
+mod flows;
 mod install_cni;
 mod kernel;
 mod lab;
@@ -102,6 +104,9 @@ pub enum Command {
     },
     /// Run the node agent.
     Agent(commands::AgentArgs),
+    /// Flow logs: each connection's source, destination, port, verdict and the policy rule that
+    /// decided (agents run with --flow-logs). This node's agent, or a lab's (--lab).
+    Flows(flows::FlowsArgs),
     /// This node's agent: `status` prints its health checks (exit 1 when not ready).
     Node {
         #[command(subcommand)]
@@ -290,6 +295,7 @@ fn main() -> std::process::ExitCode {
     let local = match &cli.command {
         Command::InstallCni(a) => Some(install_cni::run(a)),
         Command::Node { command } => Some(node::run(command)),
+        Command::Flows(a) => Some(flows::run(a)),
         _ => None,
     };
     if let Some(r) = local {

@@ -672,13 +672,18 @@ fn probe_refuses_bad_input() {
     );
 }
 
-/// The example with its policies: the agents enforce them, and `lab probe` shows the README's
-/// table (x isolated except x/a from y on the named port, the c pods kept out of y).
+/// The example with its policies, with flow logs on: the agents enforce them, `lab probe`
+/// shows the README's table (x isolated except x/a from y on the named port, the c pods kept
+/// out of y), and `trellis flows` shows the probes' connections with the policy rule that
+/// decided each, on the node that decided.
 #[test]
 fn policy_example_enforces_its_policies() {
     let name = "tpolicyp";
     let _guard = LabGuard(name.into());
     let file = policy_example(name, true);
+    let mut t = trellis_lab::topology::decode(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    t.flow_logs = true;
+    std::fs::write(&file, serde_norway::to_string(&t).unwrap()).unwrap();
     let (ok, out) = trellis(&["lab", "up", "-f", file.to_str().unwrap()]);
     std::fs::remove_file(&file).unwrap();
     assert!(ok, "{out}");
@@ -695,9 +700,121 @@ z/c         .     .     .     .     .     .     ok    ok    -
 ";
     let (ok, out) = probe_until(name, &["--port", "80"], want, 30);
     assert!(ok, "{out}");
+    // (source, destination, node that decided, verdict, policy, direction, rule)
+    let expected = [
+        (
+            "x/c",
+            "y/a",
+            "node2",
+            "denied",
+            "gnp/no-c-to-y",
+            "ingress",
+            "0",
+        ),
+        (
+            "z/a",
+            "x/b",
+            "node2",
+            "denied",
+            "tier/default",
+            "ingress",
+            "default",
+        ),
+        (
+            "y/b",
+            "x/a",
+            "node1",
+            "allowed",
+            "knp/x/a-from-y",
+            "ingress",
+            "0",
+        ),
+        (
+            "x/a",
+            "y/b",
+            "node3",
+            "allowed",
+            "gnp/no-c-to-y",
+            "ingress",
+            "1",
+        ),
+    ];
+    let flows = wait_for_flows(name, &expected, 30);
+    // Every denied record is a pair the table shows as denied, and names a Deny.
+    for r in flows.iter().filter(|r| r["verdict"] == "denied") {
+        let policy = r["policy"].as_str().unwrap();
+        assert!(
+            policy == "gnp/no-c-to-y" || policy == "tier/default",
+            "a denial by {policy}: {r}"
+        );
+    }
+    let (ok, out) = trellis(&[
+        "flows",
+        "--lab",
+        name,
+        "--verdict",
+        "denied",
+        "--namespace",
+        "y",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("x/c") && out.contains("gnp/no-c-to-y ingress 0") && !out.contains("allowed"),
+        "{out}"
+    );
     let (ok, out) = trellis(&["lab", "down", name]);
     assert!(ok, "{out}");
     assert_nothing_left(name);
+}
+
+/// `trellis flows --lab LAB -o json` until it holds a record for each of `expected` (source,
+/// destination, node, verdict, policy, direction, rule; port 80 TCP), or `secs` pass; its
+/// records.
+fn wait_for_flows(
+    lab: &str,
+    expected: &[(&str, &str, &str, &str, &str, &str, &str)],
+    secs: u64,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (ok, out) = trellis(&["flows", "--lab", lab, "-o", "json"]);
+        assert!(ok, "{out}");
+        let records: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let peer = |v: &serde_json::Value| {
+            format!(
+                "{}/{}",
+                v["namespace"].as_str().unwrap_or("?"),
+                v["name"].as_str().unwrap_or("?")
+            )
+        };
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(src, dst, node, verdict, policy, dir, rule)| {
+                !records.iter().any(|r| {
+                    peer(&r["source"]) == *src
+                        && peer(&r["destination"]) == *dst
+                        && r["node"] == *node
+                        && r["verdict"] == *verdict
+                        && r["policy"] == *policy
+                        && r["direction"] == *dir
+                        && r["rule"] == *rule
+                        && r["port"] == 80
+                        && r["protocol"] == 6
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flow records missing: {missing:?}\nrecords:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// The truth table `examples/lab/admin-policy.yaml` shows in its header comment.

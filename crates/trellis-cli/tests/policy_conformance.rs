@@ -157,6 +157,7 @@ fn topology(m: &ConformanceModel, lab: &str, datastore: &str) -> Topology {
             })
             .collect(),
         policies: None,
+        flow_logs: false,
     }
 }
 

@@ -461,6 +461,9 @@ impl Planner<'_> {
                 argv.push("--label".into());
                 argv.push(format!("{k}={v}"));
             }
+            if t.flow_logs {
+                argv.push("--flow-logs".into());
+            }
             self.steps.push(Step::Spawn {
                 member: n.name.clone(),
                 ns,

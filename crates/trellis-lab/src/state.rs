@@ -17,6 +17,11 @@ pub fn lab_dir(name: &str) -> PathBuf {
     Path::new(LAB_ROOT).join(name)
 }
 
+/// The socket of a lab node's agent.
+pub fn agent_socket(lab: &str, node: &str) -> PathBuf {
+    lab_dir(lab).join(format!("{node}.sock"))
+}
+
 /// What a lab made, recorded as it goes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct State {

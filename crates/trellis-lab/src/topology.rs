@@ -43,6 +43,9 @@ pub struct Topology {
     /// Policy documents (YAML) applied once every pod is up and serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policies: Option<String>,
+    /// The agents keep flow logs (`trellis agent --flow-logs`; `trellis flows --lab NAME`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flow_logs: bool,
 }
 
 /// A Kubernetes namespace of the lab.

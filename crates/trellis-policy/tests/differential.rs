@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use proptest::prelude::*;
+use trellis_policy::compile::names;
 use trellis_policy::compile::{self, Element, Expr, Op, Ruleset, SetKind, Stmt, Verdict};
 use trellis_policy::eval::{self, Flow, Peer};
 use trellis_policy::model::*;
@@ -205,7 +206,14 @@ fn forward(rs: &Ruleset, p: &Packet) -> (bool, Vec<String>) {
                 }
                 Stmt::Counter => {}
                 Stmt::Log(prefix) => trace.push(format!("log {prefix}")),
-                Stmt::FlowLog { label, .. } => trace.push(format!("{FLOW_LOG}{label}")),
+                Stmt::FlowLog { prefix, .. } => {
+                    // The copy's verdict must be the one the rule then gives.
+                    let (allowed, label) = names::parse_flow_log_prefix(prefix).expect("ours");
+                    trace.push(format!(
+                        "{FLOW_LOG}{label} {}",
+                        if allowed { "allowed" } else { "denied" }
+                    ));
+                }
                 Stmt::MarkAnd(m) => mark &= m,
                 Stmt::MarkOr(m) => mark |= m,
                 Stmt::Vmap { key: k, map } => {
@@ -500,9 +508,20 @@ fn first_divergence(m: &Model) -> Option<String> {
                     ));
                 }
                 // The flow log names what the evaluator says decided, per direction.
-                let mut want: Vec<String> = trace.egress.deciding_label().into_iter().collect();
+                let verdict = |v: &eval::Verdict| if v.allows() { "allowed" } else { "denied" };
+                let mut want: Vec<String> = trace
+                    .egress
+                    .deciding_label()
+                    .map(|l| format!("{l} {}", verdict(&trace.egress.verdict)))
+                    .into_iter()
+                    .collect();
                 if trace.egress.verdict.allows() {
-                    want.extend(trace.ingress.deciding_label());
+                    want.extend(
+                        trace
+                            .ingress
+                            .deciding_label()
+                            .map(|l| format!("{l} {}", verdict(&trace.ingress.verdict))),
+                    );
                 }
                 if logged != want {
                     return Some(format!(

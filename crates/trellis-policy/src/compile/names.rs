@@ -81,6 +81,30 @@ pub fn endpoint_default_label(lists_profiles: bool, d: Direction) -> String {
     format!("{what}/{}/default", dir_tag(d))
 }
 
+/// The parts of a rule label: `(policy, direction tag, rule)` — `knp/NS/NAME/in/0` gives
+/// `("knp/NS/NAME", "in", "0")`, `tier/default/out/default` gives `("tier/default", "out",
+/// "default")`; `None` for what no Trellis label looks like.
+pub fn split_label(label: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = label.rsplitn(3, '/');
+    let (rule, dir, policy) = (parts.next()?, parts.next()?, parts.next()?);
+    matches!(dir, "in" | "out").then_some((policy, dir, rule))
+}
+
+/// A flow-log copy's prefix: the verdict, a space, the deciding rule's label (`allow
+/// knp/x/a/in/0`, `deny tier/default/in/default`); within nft's 127 bytes since labels are.
+pub fn flow_log_prefix(allowed: bool, label: &str) -> String {
+    format!("{} {label}", if allowed { "allow" } else { "deny" })
+}
+
+/// Whether a flow-log prefix says allowed, and its label (`None`: not one of Trellis's).
+pub fn parse_flow_log_prefix(prefix: &str) -> Option<(bool, &str)> {
+    match prefix.split_once(' ')? {
+        ("allow", label) => Some((true, label)),
+        ("deny", label) => Some((false, label)),
+        _ => None,
+    }
+}
+
 /// Keeps a label within [`MAX_LABEL`] bytes: a readable prefix and a hash of the whole.
 fn bounded(label: String) -> String {
     if label.len() <= MAX_LABEL {

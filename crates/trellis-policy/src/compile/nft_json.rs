@@ -77,8 +77,8 @@ fn stmt_value(s: &Stmt) -> Value {
         }
         Stmt::Counter => json!({ "counter": null }),
         Stmt::Log(p) => json!({"log": {"prefix": p}}),
-        Stmt::FlowLog { group, label } => {
-            json!({"log": {"prefix": label, "group": group, "snaplen": FLOW_LOG_SNAPLEN}})
+        Stmt::FlowLog { group, prefix } => {
+            json!({"log": {"prefix": prefix, "group": group, "snaplen": FLOW_LOG_SNAPLEN}})
         }
         Stmt::MarkAnd(m) => mark_value("&", *m),
         Stmt::MarkOr(m) => mark_value("|", *m),

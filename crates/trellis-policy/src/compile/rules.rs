@@ -595,7 +595,7 @@ fn l4proto(op: Op, n: u8) -> Stmt {
 fn action(a: Action, label: &str, cfg: &CompileConfig) -> Vec<Stmt> {
     let mut out = Vec::new();
     if matches!(a, Action::Allow | Action::Deny) {
-        out.extend(flow_log(label, cfg));
+        out.extend(flow_log(a == Action::Allow, label, cfg));
     }
     out.extend(match a {
         Action::Allow => vec![Stmt::MarkOr(cfg.allow_mark), Stmt::Verdict(Verdict::Return)],
@@ -607,10 +607,10 @@ fn action(a: Action, label: &str, cfg: &CompileConfig) -> Vec<Stmt> {
 }
 
 /// The flow-log copy of a deciding rule, when flow logs are on.
-fn flow_log(label: &str, cfg: &CompileConfig) -> Option<Stmt> {
+fn flow_log(allowed: bool, label: &str, cfg: &CompileConfig) -> Option<Stmt> {
     cfg.flow_log_group.map(|group| Stmt::FlowLog {
         group,
-        label: label.to_string(),
+        prefix: names::flow_log_prefix(allowed, label),
     })
 }
 
@@ -618,7 +618,8 @@ fn flow_log(label: &str, cfg: &CompileConfig) -> Option<Stmt> {
 /// policy or profile allowed): with flow logs on it is labelled, counted and copied to the
 /// flow log like a policy rule; otherwise just the verdict.
 fn default_rule(label: String, verdict: Vec<Stmt>, cfg: &CompileConfig) -> NftRule {
-    match flow_log(&label, cfg) {
+    let allowed = !verdict.contains(&Stmt::Verdict(Verdict::Drop));
+    match flow_log(allowed, &label, cfg) {
         None => NftRule::new(verdict),
         Some(log) => {
             let mut stmts = vec![Stmt::Counter, log];

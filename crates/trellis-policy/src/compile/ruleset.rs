@@ -152,11 +152,12 @@ pub enum Stmt {
     Counter,
     /// `log prefix "PREFIX"`.
     Log(String),
-    /// `log prefix "LABEL" group GROUP snaplen SNAPLEN`: a copy of the packet's headers to the
-    /// agent's flow log, named by the deciding rule's label.
+    /// `log prefix "PREFIX" group GROUP snaplen SNAPLEN`: a copy of the packet's headers to
+    /// the agent's flow log; the prefix names the verdict and the deciding rule's label
+    /// (`names::flow_log_prefix`).
     FlowLog {
         group: u16,
-        label: String,
+        prefix: String,
     },
     /// `meta mark set meta mark & MASK`.
     MarkAnd(u32),

@@ -55,8 +55,8 @@ fn stmt(s: &Stmt) -> String {
         },
         Stmt::Counter => "counter".into(),
         Stmt::Log(p) => format!("log prefix {p:?}"),
-        Stmt::FlowLog { group, label } => {
-            format!("log prefix {label:?} group {group} snaplen {FLOW_LOG_SNAPLEN}")
+        Stmt::FlowLog { group, prefix } => {
+            format!("log prefix {prefix:?} group {group} snaplen {FLOW_LOG_SNAPLEN}")
         }
         Stmt::MarkAnd(m) => format!("meta mark set meta mark & {m:#010x}"),
         Stmt::MarkOr(m) => format!("meta mark set meta mark | {m:#010x}"),
