@@ -18,7 +18,10 @@ DUR=${DUR:-5}
 RUNS=${RUNS:-5}
 work=$(mktemp -d)
 cleanup() {
-  for k in 0 1; do $T lab down "bflow$k" >/dev/null 2>&1 || true; done
+  for k in 0 1; do
+    ip netns pids "tl-bflow$k-b" 2>/dev/null | xargs -r kill 2>/dev/null || true
+    $T lab down "bflow$k" >/dev/null 2>&1 || true
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -40,19 +43,24 @@ throughput() { # lab
   in_pod "$lab" a timeout 30 iperf3 -c "$bip" -t "$DUR" -J | gbps
 }
 
-# Short connections: a server in b accepting and closing on port 7000, a client in a that
-# connects and closes in a loop for DUR seconds (bounded: at most 1 000 000 connections).
-connections() { # lab
-  local lab=$1 bip
-  bip=$(pod_ip "$lab" b)
-  in_pod "$lab" b timeout $((DUR + 20)) python3 -c '
+# Short connections: a server in b (started once per lab) accepting and closing on port 7000,
+# and a client in a that connects and closes in a loop for DUR seconds (bounded: at most
+# 1 000 000 connections).
+start_accept_server() { # lab
+  local lab=$1
+  in_pod "$lab" b python3 -c '
 import socket
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 7000)); s.listen(1024)
 while True:
-    c, _ = s.accept(); c.close()' &
-  local server=$!
-  for _ in $(seq 50); do in_pod "$lab" b ss -ltn | grep -q ':7000' && break; sleep 0.1; done
+    c, _ = s.accept(); c.close()' </dev/null >/dev/null 2>&1 &
+  for _ in $(seq 50); do in_pod "$lab" b ss -ltn | grep -q ':7000' && return; sleep 0.1; done
+  echo "the accept server in $lab did not start"; exit 1
+}
+
+connections() { # lab
+  local lab=$1 bip
+  bip=$(pod_ip "$lab" b)
   in_pod "$lab" a python3 -c '
 import socket, sys, time
 ip, dur = sys.argv[1], float(sys.argv[2])
@@ -61,7 +69,6 @@ while time.time() < end and n < 1000000:
     c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     c.connect((ip, 7000)); c.close(); n += 1
 print("%.0f" % (n / dur))' "$bip" "$DUR"
-  kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true
 }
 
 agent_rss_mb() { # lab node
@@ -106,6 +113,7 @@ policies: |
 Y
   $T lab up -f "$work/lab$k.yaml" >/dev/null
   $T lab check "bflow$k" >/dev/null
+  start_accept_server "bflow$k"
 done
 
 : > "$work/tp0"; : > "$work/tp1"; : > "$work/cps0"; : > "$work/cps1"

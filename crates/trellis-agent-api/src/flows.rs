@@ -79,7 +79,7 @@ pub struct FlowRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FlowQuery {
-    /// Only closed records with a larger `seq` (`--follow` passes the last `next`).
+    /// Only closed records with a larger `seq` (the previous page's `next`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,7 +87,7 @@ pub struct FlowQuery {
     /// Either side is a pod of this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Also the interval still being aggregated (not with `after`).
+    /// Also the interval still being aggregated (with the last page).
     #[serde(default)]
     pub open: bool,
 }
@@ -97,8 +97,11 @@ pub struct FlowQuery {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Flows {
     pub records: Vec<FlowRecord>,
-    /// The largest `seq` the agent has closed (pass it as `after` next time).
+    /// Where the next page starts: pass it as `after`.
     pub next: u64,
+    /// Whether more closed records follow (ask again with `after: next`).
+    #[serde(default)]
+    pub more: bool,
     /// Whether flow logs are on at this agent.
     pub enabled: bool,
     /// Packet copies the agent could not record: lost in the kernel's queue, malformed, or

@@ -43,7 +43,7 @@ impl Default for FlowSettings {
     }
 }
 
-/// Records one reply carries at most (the newest); `--follow` pages through the rest.
+/// Records one reply carries at most; the client pages through the rest.
 pub const MAX_REPLY_RECORDS: usize = 5_000;
 
 /// One interval's aggregate of a flow.
@@ -134,24 +134,38 @@ impl FlowLog {
         self.start = if now_ms >= end + len { now_ms } else { end };
     }
 
-    /// The records a query selects (the newest [`MAX_REPLY_RECORDS`]).
+    /// The records a query selects, oldest first, at most [`MAX_REPLY_RECORDS`]: `next` is
+    /// where the next page starts (the last record considered), and the interval still open
+    /// comes (when asked for) only with the last page.
     pub fn query(&self, q: &FlowQuery, now_ms: u64) -> Flows {
         let selected = |k: &FlowKey| {
             q.verdict.is_none_or(|v| v == k.verdict)
                 && q.namespace.as_deref().is_none_or(|ns| {
-                    [&k.source, &k.destination]
-                        .iter()
-                        .any(|p| matches!(p, FlowPeer::Pod { namespace, .. } if namespace == ns))
+                    [&k.source, &k.destination].iter().any(
+                        |p| matches!(p, FlowPeer::Pod { namespace, .. } if namespace == ns),
+                    )
                 })
         };
-        let mut records: Vec<FlowRecord> = self
-            .closed
-            .iter()
-            .filter(|r| q.after.is_none_or(|a| r.seq.is_some_and(|s| s > a)))
-            .filter(|r| selected(&r.key))
-            .cloned()
-            .collect();
-        if q.open && q.after.is_none() {
+        let after = q.after.unwrap_or(0);
+        let mut records = Vec::new();
+        let mut next = self.next_seq;
+        let mut scanned = after;
+        for r in self.closed.iter() {
+            let seq = r.seq.unwrap_or(0);
+            if seq <= after {
+                continue;
+            }
+            if selected(&r.key) {
+                if records.len() == MAX_REPLY_RECORDS {
+                    next = scanned;
+                    break;
+                }
+                records.push(r.clone());
+            }
+            scanned = seq;
+        }
+        let last_page = next == self.next_seq;
+        if q.open && last_page {
             let mut open: Vec<FlowRecord> = self
                 .open
                 .iter()
@@ -168,12 +182,10 @@ impl FlowLog {
             open.sort_by(|a, b| a.key.cmp(&b.key));
             records.extend(open);
         }
-        if records.len() > MAX_REPLY_RECORDS {
-            records.drain(..records.len() - MAX_REPLY_RECORDS);
-        }
         Flows {
             records,
-            next: self.next_seq,
+            next,
+            more: !last_page,
             enabled: true,
             lost: self.lost,
         }

@@ -434,8 +434,24 @@ mod tests {
                 bytes: 180,
             },
         );
-        let text = render(Some(&s), 1450, &invalid, &policy, None);
+        let mut flows = crate::flows::FlowLog::new("n1", Default::default(), 0);
+        let denied = trellis_dataplane::nflog::LoggedPacket {
+            prefix: "deny gnp/quarantine/in/0".into(),
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            protocol: 6,
+            src_port: Some(1),
+            dst_port: Some(80),
+            icmp: None,
+        };
+        let resolve = |ip| trellis_agent_api::flows::FlowPeer::External { address: ip };
+        flows.observe(1, &denied, &resolve);
+        flows.observe(2, &denied, &resolve);
+        flows.lose(3);
+        let text = render(Some(&s), 1450, &invalid, &policy, Some(&flows));
         for line in [
+            "trellis_flow_denied_packets_total{policy=\"gnp/quarantine\"} 2",
+            "trellis_flow_log_lost_total 3",
             "trellis_policy_enforced 1",
             "trellis_policy_synced_revision 42",
             "trellis_policy_drift_repairs_total 1",

@@ -69,27 +69,29 @@ pub fn run(a: &FlowsArgs) -> Result<ExitCode> {
     loop {
         let mut records = Vec::new();
         for (node, socket) in &agents {
-            let query = FlowQuery {
-                after: after.get(socket).copied(),
-                verdict,
-                namespace: a.namespace.clone(),
-                // A one-off look includes what is still being aggregated.
-                open: !a.follow,
-            };
-            let done = crate::agent_client::ask(socket, &Request::Flows { query }, "flows")?;
-            let Some(flows) = done.flows else {
-                bail!("the agent's answer holds no flows");
-            };
-            if !flows.enabled && first {
-                let who = if node.is_empty() {
-                    "this node's agent"
-                } else {
-                    node
+            // Page by page: each reply carries a bounded number of records.
+            loop {
+                let query = FlowQuery {
+                    after: after.get(socket).copied(),
+                    verdict,
+                    namespace: a.namespace.clone(),
+                    // A one-off look includes what is still being aggregated.
+                    open: !a.follow,
                 };
-                eprintln!("flow logs are off at {who} (trellis agent --flow-logs)");
+                let done = crate::agent_client::ask(socket, &Request::Flows { query }, "flows")?;
+                let Some(flows) = done.flows else {
+                    bail!("the agent's answer holds no flows");
+                };
+                if !flows.enabled && first {
+                    let who = if node.is_empty() { "this node's agent" } else { node };
+                    eprintln!("flow logs are off at {who} (trellis agent --flow-logs)");
+                }
+                after.insert(socket.clone(), flows.next);
+                records.extend(flows.records);
+                if !flows.more {
+                    break;
+                }
             }
-            after.insert(socket.clone(), flows.next);
-            records.extend(flows.records);
         }
         records.sort_by(|x, y| (x.end, &x.node).cmp(&(y.end, &y.node)));
         print(&records, &a.output, first)?;

@@ -10,7 +10,7 @@ use common::bin;
 fn bad_agent_flags_name_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     let ds = format!("sqlite:{}", dir.path().join("t.db").display());
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--bgp", "maybe"], "--bgp"),
         (&["--vxlan-vni", "0"], "--vxlan-vni"),
         (&["--mtu", "100"], "--mtu"),
@@ -22,6 +22,8 @@ fn bad_agent_flags_name_the_flag() {
             &["--vxlan-checksum-offload", "maybe"],
             "--vxlan-checksum-offload",
         ),
+        (&["--flow-logs", "--flow-log-interval", "0"], "--flow-log-interval"),
+        (&["--flow-logs", "--flow-log-group", "70000"], "--flow-log-group"),
     ];
     for (flags, name) in cases {
         let out = Command::new(bin("trellis"))

@@ -135,6 +135,7 @@ fn memory_is_bounded_and_what_does_not_fit_is_counted() {
     log.tick(15_000);
     let all = log.query(&FlowQuery::default(), 15_000);
     assert_eq!(all.records.len(), 25, "only the newest 25 records are kept");
+    assert!(!all.more);
     assert_eq!(all.records.last().unwrap().seq, Some(30));
     assert_eq!(all.records.first().unwrap().seq, Some(6));
 }
@@ -163,4 +164,51 @@ fn quiet_time_is_skipped_not_recorded_as_empty_intervals() {
         (r.records[1].start, r.records[1].end),
         (3_600_000, 3_605_000)
     );
+}
+
+#[test]
+fn a_large_log_is_read_page_by_page_without_gaps_or_repeats() {
+    let mut log = FlowLog::new("n1", settings(20_000, 20_000), 0);
+    for i in 0..12_000u32 {
+        let verdict = if i % 3 == 0 { "deny" } else { "allow" };
+        let p = packet(
+            &format!("{verdict} knp/y/p/in/0"),
+            "10.0.0.1",
+            &format!("10.1.{}.{}", i / 250, i % 250),
+            80,
+        );
+        log.observe(1, &p, &resolve);
+    }
+    log.tick(5_000);
+    log.observe(5_001, &packet("deny knp/y/p/in/0", "10.0.0.1", "10.0.0.2", 81), &resolve);
+    for verdict in [None, Some(FlowVerdict::Denied)] {
+        let mut after = None;
+        let mut seen = Vec::new();
+        let mut open = 0;
+        for page in 0.. {
+            assert!(page < 10, "paging does not end");
+            let r = log.query(
+                &FlowQuery {
+                    after,
+                    verdict,
+                    open: true,
+                    ..Default::default()
+                },
+                5_002,
+            );
+            assert!(r.records.len() <= MAX_REPLY_RECORDS);
+            open += r.records.iter().filter(|r| r.seq.is_none()).count();
+            seen.extend(r.records.iter().filter_map(|r| r.seq));
+            after = Some(r.next);
+            if !r.more {
+                break;
+            }
+        }
+        let want = if verdict.is_some() { 4_000 } else { 12_000 };
+        let mut unique = seen.clone();
+        unique.dedup();
+        assert_eq!((seen.len(), unique.len()), (want, want), "{verdict:?}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order");
+        assert_eq!(open, 1, "the open interval comes once, with the last page");
+    }
 }
