@@ -241,11 +241,17 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             attachment,
             namespace,
             pod,
+            pod_uid,
             host_interface,
             ips,
             ipv4_pools,
             ipv6_pools,
         } => {
+            if let Some(uid) = &pod_uid {
+                if let Err(reason) = trellis_cluster::ipam::check_pod_uid(uid) {
+                    return error_reply(7, format!("K8S_POD_UID {uid:?}: {reason}"));
+                }
+            }
             if let (true, Some(name)) = (agent.config.kubernetes, &pod) {
                 let ns = namespace.as_deref().filter(|n| !n.is_empty());
                 if let Err(reply) = wait_pod_record(agent, ns.unwrap_or("default"), name).await {
@@ -255,6 +261,7 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             let r = IpamRequest {
                 namespace,
                 pod,
+                pod_uid,
                 host_interface,
                 requested_ips: ips,
                 ipv4_pools,
@@ -510,6 +517,7 @@ mod tests {
             },
             namespace: None,
             pod: None,
+            pod_uid: None,
             host_interface: None,
             ips: vec![],
             ipv4_pools: vec![],

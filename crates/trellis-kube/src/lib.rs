@@ -18,6 +18,8 @@
 
 pub mod cli;
 pub mod controller;
+pub mod gc;
+pub mod gc_plan;
 pub mod lease;
 pub mod plan;
 pub mod translate;
