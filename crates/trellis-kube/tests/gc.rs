@@ -572,10 +572,12 @@ async fn racing_del_and_add(etcd: bool) {
     };
     assert_eq!(e.add("n1", &new).await, ip);
     drop(closed);
-    until("GC's release refused", || async {
-        c.stats.conflicts.load(Ordering::SeqCst) >= 1
+    until("GC's release to finish", || async {
+        c.stats.conflicts.load(Ordering::SeqCst) + released(&c) >= 1
     })
     .await;
+    assert_eq!(e.held(&new).await, vec![ip], "the new pod lost its address");
+    assert_eq!(c.stats.conflicts.load(Ordering::SeqCst), 1);
     e.synced_pod("a", "web-0", Some("uid-2")).await;
     for _ in 0..3 {
         e.step(&c, STEP).await;
