@@ -32,6 +32,24 @@ use crate::lease::Leadership;
 use crate::translate::KUBE_LABELS;
 use crate::Result;
 
+/// The record where the leader reports what GC has seen gone and since when (outside the
+/// resource tree, like the fence): `trellis ipam check` prints it beside each leak. Written
+/// only when the set of candidates changes; a report, never read back by GC.
+pub const GC_STATUS_KEY: &str = "/trellis/kube-controller/ipam-gc";
+
+/// The content of [`GC_STATUS_KEY`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GcStatus {
+    /// When it was written (seconds since the epoch).
+    pub updated: u64,
+    /// The grace period, in seconds.
+    pub grace: u64,
+    /// Each candidate (an endpoint's key, or `node/NAME`) and when it was first seen gone
+    /// (seconds since the epoch) by the controller that wrote this.
+    pub seen_gone_since: BTreeMap<String, u64>,
+}
+
 /// Counters of the GC (what a metrics endpoint would export; tests wait on them).
 #[derive(Debug, Default)]
 pub struct GcStats {
@@ -163,6 +181,28 @@ impl Pass<'_> {
                     GcStats::add(&stats.spared, d.nodes.len() as u64);
                 }
             }
+        }
+        if let Some(c) = state.changed_candidates(now) {
+            self.publish(c).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes [`GC_STATUS_KEY`] (fenced, like every write of this leader).
+    async fn publish(&self, candidates: BTreeMap<String, std::time::Duration>) -> Result<()> {
+        let now = self.hooks.clock.now_secs();
+        let status = GcStatus {
+            updated: now,
+            grace: self.cfg.grace.as_secs(),
+            seen_gone_since: candidates
+                .into_iter()
+                .map(|(k, d)| (k, now.saturating_sub(d.as_secs())))
+                .collect(),
+        };
+        let value = serde_json::to_vec(&status).expect("a plain struct serialises");
+        let put = vec![TxnOp::Put(GC_STATUS_KEY.into(), value)];
+        if let TxnOutcome::Conflict = self.store.txn(vec![self.fenced()], put).await? {
+            tracing::debug!("IPAM GC status not written: fenced out");
         }
         Ok(())
     }
@@ -348,4 +388,81 @@ impl Pass<'_> {
         );
         Ok(())
     }
+}
+
+/// An address `trellis ipam check` reports as leaked in Kubernetes mode.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodLeak {
+    pub namespace: String,
+    pub pod: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    pub node: String,
+    pub endpoint: String,
+    pub handle: String,
+    pub addresses: Vec<String>,
+    /// How long the leading kube-controller's GC has seen the pod gone (`None`: not yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_gone_secs: Option<u64>,
+    /// Its grace period, when it reported one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_secs: Option<u64>,
+}
+
+/// Addresses of pods that have no Pod record (the kube-controller's mirror of the API server),
+/// judged as GC judges them ([`crate::gc_plan::pod_leaks`]), with how long GC has seen each
+/// gone. `None` outside Kubernetes mode (no Pod record and no kube-controller ever led).
+/// Reads only. The Pod records are read after the IPAM records, so an endpoint's record (which
+/// the agent writes only once its pod's record exists) is never reported for a live pod.
+pub async fn pod_leaks(store: &dyn Datastore, now: u64) -> Result<Option<Vec<PodLeak>>> {
+    let snap = Snapshot::read(store).await?;
+    let records = objects::list(store, Kind::Pod).await?;
+    if records.is_empty() && store.get(FENCE_KEY).await?.is_none() {
+        return Ok(None);
+    }
+    let pods: BTreeMap<String, Identity> = records
+        .into_iter()
+        .filter_map(|s| match s.resource {
+            Resource::Pod(p) => Some((
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.clone().unwrap_or_default(),
+                    p.metadata.name
+                ),
+                Identity {
+                    uid: p.metadata.uid.clone(),
+                    node: p.spec.node_name.clone(),
+                },
+            )),
+            _ => None,
+        })
+        .collect();
+    let status: Option<GcStatus> = match store.get(GC_STATUS_KEY).await? {
+        Some(kv) => serde_json::from_slice(&kv.value)
+            .map_err(|e| tracing::warn!(key = GC_STATUS_KEY, error = %e, "IPAM GC status does not decode; ignored"))
+            .ok(),
+        None => None,
+    };
+    Ok(Some(
+        crate::gc_plan::pod_leaks(&snap, &pods)
+            .into_iter()
+            .map(|a| {
+                let since = status
+                    .as_ref()
+                    .and_then(|s| s.seen_gone_since.get(&a.endpoint));
+                PodLeak {
+                    seen_gone_secs: since.map(|t| now.saturating_sub(*t)),
+                    grace_secs: status.as_ref().map(|s| s.grace),
+                    namespace: a.namespace,
+                    pod: a.pod,
+                    uid: a.uid,
+                    node: a.node,
+                    endpoint: a.endpoint,
+                    handle: a.handle,
+                    addresses: a.ips.iter().map(|n| n.addr().to_string()).collect(),
+                }
+            })
+            .collect(),
+    ))
 }

@@ -192,6 +192,8 @@ pub struct DueNode {
 /// A candidate not released yet, for reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
+    /// The endpoint's datastore key, or `node/NAME`.
+    pub key: String,
     pub what: String,
     pub absent_for: Duration,
     pub observations: u32,
@@ -286,9 +288,33 @@ fn due(a: &Absence, now: Instant, grace: Duration) -> bool {
 pub struct GcState {
     pods: Tracker,
     nodes: Tracker,
+    /// The candidates last reported by [`GcState::changed_candidates`].
+    reported: Option<BTreeSet<String>>,
 }
 
 impl GcState {
+    /// Every candidate (endpoint keys and `node/NAME`) with how long it has been seen gone,
+    /// when the set differs from the one this returned last (`None`: unchanged).
+    pub fn changed_candidates(&mut self, now: Instant) -> Option<BTreeMap<String, Duration>> {
+        let all: BTreeMap<String, Duration> =
+            self.pods
+                .absent
+                .iter()
+                .map(|(k, a)| (k.clone(), now.saturating_duration_since(a.since)))
+                .chain(
+                    self.nodes.absent.iter().map(|(k, a)| {
+                        (format!("node/{k}"), now.saturating_duration_since(a.since))
+                    }),
+                )
+                .collect();
+        let keys: BTreeSet<String> = all.keys().cloned().collect();
+        if self.reported.as_ref() == Some(&keys) {
+            return None;
+        }
+        self.reported = Some(keys);
+        Some(all)
+    }
+
     /// Forgets every pod candidate (a re-check that could not be trusted).
     pub fn forget_pods(&mut self) {
         self.pods.absent.clear();
@@ -341,6 +367,7 @@ impl GcState {
                         });
                     } else {
                         d.pending.push(Pending {
+                            key: a.endpoint.clone(),
                             what: format!("pod {what}"),
                             absent_for,
                             observations: abs.observations,
@@ -373,6 +400,7 @@ impl GcState {
                         });
                     } else {
                         d.pending.push(Pending {
+                            key: format!("node/{node}"),
                             what: format!("node {node}"),
                             absent_for,
                             observations: abs.observations,
@@ -430,6 +458,15 @@ pub fn fresh_list_ok(before: usize, fresh: usize, max_shrink: f64) -> Result<(),
         ));
     }
     Ok(())
+}
+
+/// `trellis ipam check` in Kubernetes mode: the attachments whose pod is not among `pods` (the
+/// mirrored Pod records, by `namespace/name`) — by the same rule GC applies ([`protects`]).
+pub fn pod_leaks(snap: &Snapshot, pods: &BTreeMap<String, Identity>) -> Vec<Attachment> {
+    attachments(snap)
+        .into_iter()
+        .filter(|a| !protects(pods.get(&a.pod_key()), a))
+        .collect()
 }
 
 /// The re-check of a due pod address just before release: still gone from a fresh list
