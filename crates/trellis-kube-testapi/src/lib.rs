@@ -519,12 +519,7 @@ async fn handle(
             watch(shared, t, q)
         }
         (&Method::GET, None) => list(&shared, &t, &q),
-        (&Method::GET, Some(name)) => match {
-            let st = shared.state.lock().expect("state");
-            let key = (resource_id(t.resource), ns.clone(), name.clone());
-            st.get(t.resource, &ns, name)
-                .filter(|_| !st.hidden(&key, true))
-        } {
+        (&Method::GET, Some(name)) => match get_visible(&shared, &t, &ns, name) {
             Some(o) => json_response(200, &o),
             None => status(
                 404,
@@ -557,6 +552,14 @@ async fn handle(
             format!("{method} is not supported here"),
         ),
     }
+}
+
+/// One object as a GET sees it (`None` also when a test hides it from GETs).
+fn get_visible(shared: &Shared, t: &Target, ns: &str, name: &str) -> Option<Value> {
+    let st = shared.state.lock().expect("state");
+    let key = (resource_id(t.resource), ns.to_string(), name.to_string());
+    st.get(t.resource, ns, name)
+        .filter(|_| !st.hidden(&key, true))
 }
 
 fn list(shared: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
