@@ -533,6 +533,47 @@ mod tests {
         );
     }
 
+    /// The pod UID the runtime passes (K8S_POD_UID) lands on the endpoint, where IPAM GC reads
+    /// it; one that cannot be a UID is refused naming the variable, and nothing is allocated.
+    #[tokio::test]
+    async fn the_pod_uid_is_recorded_on_the_endpoint_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path()).await;
+        let add = |cid: &str, uid: &str| Request::Allocate {
+            attachment: Attachment {
+                network: "k8s".into(),
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+            },
+            namespace: Some("a".into()),
+            pod: Some("p".into()),
+            pod_uid: Some(uid.into()),
+            host_interface: None,
+            ips: vec![],
+            ipv4_pools: vec![],
+            ipv6_pools: vec![],
+        };
+        let Reply::Error(e) = handle(&agent, add("bad", "a b;c")).await else {
+            panic!("a bad UID was taken");
+        };
+        assert!(e.code == 7 && e.msg.contains("K8S_POD_UID"), "{e:?}");
+        let Reply::Ok(_) = handle(&agent, add("good", "0f1e-22")).await else {
+            panic!("allocate failed");
+        };
+        let eps = trellis_cluster::objects::endpoints(&*agent.store)
+            .await
+            .unwrap();
+        assert_eq!(eps.len(), 1, "{eps:?}");
+        assert_eq!(
+            eps[0]
+                .0
+                .metadata
+                .annotations
+                .get(trellis_cluster::ipam::POD_UID_ANNOTATION),
+            Some(&"0f1e-22".to_string())
+        );
+    }
+
     /// A client that keeps asking (here an empty line, answered with an error, every second —
     /// well inside the per-request deadline) does not keep its place: with every place held
     /// by such clients, a waiting ADD is served once their connections' deadline passes, not
