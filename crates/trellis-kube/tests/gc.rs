@@ -18,7 +18,7 @@ use trellis_kube::controller::{self, ControllerConfig};
 use trellis_kube::gc::{GcHooks, GcStats};
 use trellis_kube::gc_plan::GcConfig;
 use trellis_kube::lease::{Leadership, LeaseConfig};
-use trellis_kube_testapi::{TestApiServer, NODES, PODS};
+use trellis_kube_testapi::{TestApiServer, NAMESPACES, NODES, PODS};
 use trellis_resources::{key_for, parse_documents, Kind, Resource};
 use trellis_store::{Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch};
 
@@ -278,6 +278,14 @@ impl Env {
     }
 }
 
+/// Ends every watch and compacts the history past a change (a namespace created meanwhile), so
+/// every watcher's resume gets 410 Gone and it lists again.
+fn relist(api: &TestApiServer) {
+    api.gap(|st| {
+        st.put(NAMESPACES, json!({"metadata": {"name": "gap"}}));
+    });
+}
+
 async fn passes(c: &Running, n: u64) {
     let p = c.stats.passes.load(Ordering::SeqCst);
     until("GC passes", || async {
@@ -399,7 +407,7 @@ async fn an_api_server_listing_no_pods_releases_nothing() {
     e.step(&c, 0).await;
     // Lists answer nothing (GETs still answer); the watch is cut so the controller lists again.
     e.api.hide(PODS, None, false);
-    e.api.gap(|_| {});
+    relist(&e.api);
     e.synced_pod("a", "p3", None).await;
     for _ in 0..8 {
         e.step(&c, STEP).await;
@@ -418,7 +426,7 @@ async fn an_api_server_listing_no_pods_releases_nothing() {
     assert_eq!(released(&c), 0);
     // The API server answers properly again: nothing was lost.
     e.api.unhide(PODS);
-    e.api.gap(|_| {});
+    relist(&e.api);
     e.synced_pod("a", "p3", Some("uid-3")).await;
     for _ in 0..4 {
         e.step(&c, STEP).await;
@@ -443,7 +451,7 @@ async fn a_pod_left_out_of_lists_is_saved_by_the_get() {
         e.add("n1", r).await;
     }
     e.api.hide(PODS, Some("a/p0"), false);
-    e.api.gap(|_| {});
+    relist(&e.api);
     e.synced_pod("a", "p0", None).await;
     for _ in 0..6 {
         e.step(&c, STEP).await;
