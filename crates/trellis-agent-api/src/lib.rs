@@ -32,6 +32,12 @@ pub enum Request {
         namespace: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pod: Option<String>,
+        /// The pod's `metadata.uid` (CNI_ARGS `K8S_POD_UID`, which containerd and CRI-O pass):
+        /// recorded on the endpoint so IPAM GC tells a pod recreated under the same name from
+        /// the one that held the address. Sent only when known, so an older agent (which
+        /// rejects unknown fields) still serves runtimes that do not pass it.
+        #[serde(default, skip_serializing_if = "Option::is_none", rename = "podUID")]
+        pod_uid: Option<String>,
         #[serde(
             default,
             skip_serializing_if = "Option::is_none",
@@ -194,6 +200,7 @@ mod tests {
             },
             namespace: Some("default".into()),
             pod: None,
+            pod_uid: None,
             host_interface: None,
             ips: vec!["10.0.0.1".parse().unwrap()],
             ipv4_pools: vec![],

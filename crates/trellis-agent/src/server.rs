@@ -241,11 +241,17 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             attachment,
             namespace,
             pod,
+            pod_uid,
             host_interface,
             ips,
             ipv4_pools,
             ipv6_pools,
         } => {
+            if let Some(uid) = &pod_uid {
+                if let Err(reason) = trellis_cluster::ipam::check_pod_uid(uid) {
+                    return error_reply(7, format!("K8S_POD_UID {uid:?}: {reason}"));
+                }
+            }
             if let (true, Some(name)) = (agent.config.kubernetes, &pod) {
                 let ns = namespace.as_deref().filter(|n| !n.is_empty());
                 if let Err(reply) = wait_pod_record(agent, ns.unwrap_or("default"), name).await {
@@ -255,6 +261,7 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             let r = IpamRequest {
                 namespace,
                 pod,
+                pod_uid,
                 host_interface,
                 requested_ips: ips,
                 ipv4_pools,
@@ -523,6 +530,7 @@ mod tests {
             },
             namespace: None,
             pod: None,
+            pod_uid: None,
             host_interface: None,
             ips: vec![],
             ipv4_pools: vec![],
@@ -535,6 +543,47 @@ mod tests {
         assert_eq!(
             agent.pod_mtu.load(Ordering::Relaxed),
             lo_mtu - VXLAN_OVERHEAD
+        );
+    }
+
+    /// The pod UID the runtime passes (K8S_POD_UID) lands on the endpoint, where IPAM GC reads
+    /// it; one that cannot be a UID is refused naming the variable, and nothing is allocated.
+    #[tokio::test]
+    async fn the_pod_uid_is_recorded_on_the_endpoint_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path()).await;
+        let add = |cid: &str, uid: &str| Request::Allocate {
+            attachment: Attachment {
+                network: "k8s".into(),
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+            },
+            namespace: Some("a".into()),
+            pod: Some("p".into()),
+            pod_uid: Some(uid.into()),
+            host_interface: None,
+            ips: vec![],
+            ipv4_pools: vec![],
+            ipv6_pools: vec![],
+        };
+        let Reply::Error(e) = handle(&agent, add("bad", "a b;c")).await else {
+            panic!("a bad UID was taken");
+        };
+        assert!(e.code == 7 && e.msg.contains("K8S_POD_UID"), "{e:?}");
+        let Reply::Ok(_) = handle(&agent, add("good", "0f1e-22")).await else {
+            panic!("allocate failed");
+        };
+        let eps = trellis_cluster::objects::endpoints(&*agent.store)
+            .await
+            .unwrap();
+        assert_eq!(eps.len(), 1, "{eps:?}");
+        assert_eq!(
+            eps[0]
+                .0
+                .metadata
+                .annotations
+                .get(trellis_cluster::ipam::POD_UID_ANNOTATION),
+            Some(&"0f1e-22".to_string())
         );
     }
 

@@ -451,6 +451,28 @@ async fn label(
     Ok(ExitCode::SUCCESS)
 }
 
+/// One line of `ipam check` for an address whose pod is gone.
+fn pod_leak_line(l: &trellis_kube::gc::PodLeak) -> String {
+    let age = |s: u64| format!("{}m{:02}s", s / 60, s % 60);
+    let gc = match (l.seen_gone_secs, l.grace_secs) {
+        (Some(s), Some(g)) => format!(
+            "kube-controller GC has seen it gone for {}, releases it after {}",
+            age(s),
+            age(g)
+        ),
+        _ => "kube-controller GC has not seen it gone yet".to_string(),
+    };
+    format!(
+        "leaked address {} of pod {}/{} (uid {}, node {}, handle {}): no such pod in Kubernetes; {gc}",
+        l.addresses.join(","),
+        l.namespace,
+        l.pod,
+        l.uid.as_deref().unwrap_or("unknown"),
+        l.node,
+        l.handle
+    )
+}
+
 async fn ipam_cmd(store: &dyn trellis_store::Datastore, command: IpamCommand) -> Result<ExitCode> {
     match command {
         IpamCommand::Show => {
@@ -458,17 +480,34 @@ async fn ipam_cmd(store: &dyn trellis_store::Datastore, command: IpamCommand) ->
             print!("{}", table::ipam_show(&pools, &stray));
             Ok(ExitCode::SUCCESS)
         }
-        IpamCommand::Check => {
+        IpamCommand::Check { output } => {
             let problems = report::check(store).await?;
-            if problems.is_empty() {
+            let leaks = trellis_kube::gc::pod_leaks(store, trellis_cluster::now_secs()).await?;
+            let n = problems.len() + leaks.as_ref().map_or(0, Vec::len);
+            if output == "json" {
+                let doc = serde_json::json!({
+                    "consistent": n == 0,
+                    "problems": problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "kubernetes": leaks.is_some(),
+                    "podLeaks": leaks.unwrap_or_default(),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else if n == 0 {
                 println!("IPAM is consistent: no leaks, duplicates or orphans");
-                return Ok(ExitCode::SUCCESS);
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                for l in leaks.iter().flatten() {
+                    println!("{}", pod_leak_line(l));
+                }
+                println!("{n} problem(s) found");
             }
-            for p in &problems {
-                println!("{p}");
-            }
-            println!("{} problem(s) found", problems.len());
-            Ok(ExitCode::FAILURE)
+            Ok(if n == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         IpamCommand::Release { ip, handle } => {
             if let Some(h) = handle {

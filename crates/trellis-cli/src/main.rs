@@ -249,8 +249,13 @@ pub enum BgpCommand {
 pub enum IpamCommand {
     /// Usage per pool and block.
     Show,
-    /// Cross-check blocks, handles, affinities and endpoints; exits 1 when anything is wrong.
-    Check,
+    /// Cross-check blocks, handles, affinities and endpoints, and in Kubernetes mode report
+    /// addresses whose pod no longer exists (with how long kube-controller GC has seen it
+    /// gone); exits 1 when anything is wrong.
+    Check {
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
     /// Release one address or everything a handle holds.
     Release {
         #[arg(long, conflicts_with = "handle", required_unless_present = "handle")]

@@ -146,3 +146,104 @@ async fn a_leader_stopped_with_sigterm_gives_its_lease_up() {
     // Released before it exited: no successor has to wait for the lease to expire.
     assert_eq!(holder(&api), None);
 }
+
+/// `trellis ipam check` in Kubernetes mode: an address whose pod has no Pod record is a leak,
+/// printed with how long kube-controller GC has seen it gone (text and JSON); the address of a
+/// live pod is not. Without Kubernetes data, nothing of the kind is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipam_check_reports_addresses_of_pods_that_are_gone() {
+    use trellis_cluster::ipam::{NodeIpam, Request};
+    use trellis_resources::pod::PodSpec;
+    use trellis_resources::{Metadata, Object};
+    let dir = tempfile::tempdir().unwrap();
+    let datastore = format!("sqlite:{}", dir.path().join("t.db").display());
+    let store = trellis_store::open(&datastore).await.unwrap();
+    let pool = "apiVersion: trellis.dev/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.71.0.0/24, blockSize: 28}\n---\napiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec: {}\n";
+    for r in trellis_resources::parse_documents(pool).unwrap() {
+        trellis_cluster::objects::apply(&*store, &r, false)
+            .await
+            .unwrap();
+    }
+    let req = |pod: &str| Request {
+        network: "k8s".into(),
+        container_id: format!("c-{pod}"),
+        ifname: "eth0".into(),
+        namespace: Some("a".into()),
+        pod: Some(pod.into()),
+        pod_uid: Some(format!("uid-{pod}")),
+        ..Default::default()
+    };
+    let ipam = NodeIpam::new(store.clone(), "n1", Default::default());
+    let gone_ip = ipam.allocate(&req("gone")).await.unwrap()[0].0;
+    ipam.allocate(&req("live")).await.unwrap();
+    let check = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args(["--datastore", &datastore, "ipam", "check"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // No Kubernetes data: the plugin was used without the controller; nothing to judge by.
+    let out = check(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let live = Object {
+        metadata: Metadata {
+            name: "live".into(),
+            namespace: Some("a".into()),
+            uid: Some("uid-live".into()),
+            ..Default::default()
+        },
+        spec: PodSpec {
+            node_name: Some("n1".into()),
+            ..Default::default()
+        },
+        status: None,
+    };
+    trellis_cluster::objects::apply(&*store, &Resource::Pod(live), false)
+        .await
+        .unwrap();
+    let out = check(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("leaked address {gone_ip} of pod a/gone"))
+            && text.contains("has not seen it gone yet")
+            && !text.contains("pod a/live"),
+        "{text}"
+    );
+    // What the leading controller's GC reports: seen gone 200 s ago, grace 300 s.
+    let endpoint = trellis_resources::key_for(Kind::WorkloadEndpoint, Some("a"), "n1.c-gone.eth0");
+    let now = trellis_cluster::now_secs();
+    let status = trellis_kube::gc::GcStatus {
+        updated: now,
+        grace: 300,
+        seen_gone_since: [(endpoint, now - 200)].into(),
+    };
+    store
+        .txn(
+            vec![],
+            vec![trellis_store::TxnOp::Put(
+                trellis_kube::gc::GC_STATUS_KEY.into(),
+                serde_json::to_vec(&status).unwrap(),
+            )],
+        )
+        .await
+        .unwrap();
+    let out = check(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("seen it gone for 3m2"), "{text}");
+    let out = check(&["-o", "json"]);
+    assert!(!out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let leaks = doc["podLeaks"].as_array().unwrap();
+    assert_eq!(leaks.len(), 1, "{doc}");
+    assert_eq!(leaks[0]["pod"], "gone");
+    assert_eq!(leaks[0]["uid"], "uid-gone");
+    assert_eq!(leaks[0]["addresses"][0], gone_ip.to_string());
+    assert!(leaks[0]["seenGoneSecs"].as_u64().unwrap() >= 200, "{doc}");
+    assert_eq!(doc["consistent"], false);
+}

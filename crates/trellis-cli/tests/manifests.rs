@@ -328,15 +328,34 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
     );
     let node = "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec: {addresses: [{address: 192.0.2.2/24}]}\n";
     let wep = "apiVersion: trellis.dev/v1\nkind: WorkloadEndpoint\nmetadata: {name: n1.c1.eth0, namespace: shop}\nspec: {node: n1, pod: web-1, containerID: c1, endpoint: eth0, orchestrator: trellis, ipNetworks: [10.244.0.1/32]}\n";
-    for doc in [node, wep] {
+    // IPAM GC's work (its re-check GETs are part of what the controller requests): an address
+    // of a pod the API server does not have, and a node synced from Kubernetes once that it no
+    // longer has.
+    let gone_node = "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: n9, annotations: {trellis.dev/kube-labels: ''}}\nspec: {}\n";
+    for doc in [node, wep, gone_node] {
         trellis_cluster::objects::apply(&*store, &parse_documents(doc).unwrap()[0], false)
             .await
             .unwrap();
     }
+    let gone = trellis_cluster::ipam::Request {
+        network: "k8s".into(),
+        container_id: "gone".into(),
+        ifname: "eth0".into(),
+        namespace: Some("shop".into()),
+        pod: Some("gone".into()),
+        pod_uid: Some("uid-gone".into()),
+        ..Default::default()
+    };
+    trellis_cluster::ipam::NodeIpam::new(store.clone(), "n1", BTreeMap::new())
+        .allocate(&gone)
+        .await
+        .unwrap();
 
     let c = container(spec, "trellis-kube-controller");
-    let (argv, mut env) = runnable(m, spec, c, &datastore, dir.path());
+    let (mut argv, mut env) = runnable(m, spec, c, &datastore, dir.path());
     env.insert("KUBECONFIG".into(), kubeconfig.display().to_string());
+    // GC in seconds rather than minutes.
+    argv.extend(["--ipam-gc-grace=1", "--ipam-gc-interval=0.2"].map(String::from));
     let mut child = Child(
         Command::new(env!("CARGO_BIN_EXE_trellis"))
             .args(&argv)
@@ -384,6 +403,20 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
             .await;
         }
     }
+    wait_until(
+        "IPAM GC released the gone pod's address and node n9",
+        || async move {
+            let ep = trellis_cluster::objects::get(
+                s,
+                Kind::WorkloadEndpoint,
+                Some("shop"),
+                "n1.gone.eth0",
+            );
+            let n9 = trellis_cluster::objects::get(s, Kind::Node, None, "n9");
+            ep.await.unwrap().is_none() && n9.await.unwrap().is_none()
+        },
+    )
+    .await;
     // A renewal: the Lease's renewTime moves on.
     let renew = || {
         api.get(LEASES, NS, "trellis-kube-controller")

@@ -39,6 +39,22 @@ pub const HANDLE_ANNOTATION: &str = "trellis.dev/handle";
 /// Workload endpoint annotation naming the attachment's network (with the endpoint's container
 /// ID and interface, the attachment's identity).
 pub const NETWORK_ANNOTATION: &str = "trellis.dev/network";
+/// Workload endpoint annotation holding its pod's `metadata.uid` (from `K8S_POD_UID`): IPAM GC
+/// keeps the address only while a pod of that UID exists, so a pod recreated under the same
+/// name does not protect the old pod's address.
+pub const POD_UID_ANNOTATION: &str = "trellis.dev/pod-uid";
+
+/// Whether `uid` can be a Kubernetes `metadata.uid` (the API server's are RFC 4122 UUIDs; any
+/// short run of letters, digits and dashes is taken): `Err` says why not.
+pub fn check_pod_uid(uid: &str) -> std::result::Result<(), String> {
+    if uid.is_empty() || uid.len() > 128 {
+        return Err(format!("{} characters (1-128 expected)", uid.len()));
+    }
+    if !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err("only letters, digits and '-' are allowed".into());
+    }
+    Ok(())
+}
 
 /// How long pool/reservation/config settings are cached by the agent.
 const SETTINGS_TTL: Duration = Duration::from_secs(2);
@@ -52,6 +68,9 @@ pub struct Request {
     pub ifname: String,
     pub namespace: Option<String>,
     pub pod: Option<String>,
+    /// The pod's `metadata.uid` when the runtime passed it (`K8S_POD_UID`), recorded on the
+    /// endpoint ([`POD_UID_ANNOTATION`]); checked by [`check_pod_uid`] at the edge.
+    pub pod_uid: Option<String>,
     /// Host-side interface (recorded on the workload endpoint).
     pub host_interface: Option<String>,
     /// Fixed addresses (`IP=` / `ips`).
@@ -872,6 +891,11 @@ impl NodeIpam {
         o.metadata
             .annotations
             .insert(NETWORK_ANNOTATION.into(), req.network.clone());
+        if let Some(uid) = req.pod_uid.as_ref().filter(|u| !u.is_empty()) {
+            o.metadata
+                .annotations
+                .insert(POD_UID_ANNOTATION.into(), uid.clone());
+        }
         if let Some(p) = pod {
             stamp_endpoint(p, &mut o.metadata.labels, &mut o.spec);
         }

@@ -18,6 +18,7 @@ use crate::ipam::{
     NETWORK_ANNOTATION,
 };
 use crate::objects;
+use crate::snapshot::Read;
 use crate::{ClusterError, Result};
 
 const MAX_ATTEMPTS: u32 = 50;
@@ -464,6 +465,31 @@ pub async fn release_unlisted(
         }
     }
     Ok(released)
+}
+
+/// Releases the attachment of a workload endpoint as a decision read it (from a
+/// [`crate::snapshot::Snapshot`]): the endpoint `ep` and the handle record `h` that names it
+/// back, in one transaction guarded by both revisions as read and by `extra` (the
+/// kube-controller's fence) — an ADD, DEL or GC that changed either since the decision makes it
+/// change nothing ([`Attempt::Conflict`]: decide again from a fresh read). The blocks are read
+/// now and guarded by the revisions read.
+pub async fn release_decided(
+    store: &dyn Datastore,
+    ep: &Read<WorkloadEndpointSpec>,
+    h: &Read<IpamHandleSpec>,
+    extra: &[Precondition],
+    now: u64,
+) -> Result<Attempt> {
+    if h.object.spec.endpoint.as_deref() != Some(ep.key.as_str()) {
+        return Ok(Attempt::NotHeld);
+    }
+    let mut pre = vec![
+        Precondition::ModRevision(h.key.clone(), h.rev),
+        Precondition::ModRevision(ep.key.clone(), ep.rev),
+    ];
+    pre.extend_from_slice(extra);
+    let name = &h.object.metadata.name;
+    release_read_handle(store, name, &h.object.spec, pre, now, None).await
 }
 
 /// The transaction deleting an empty block and its affinity, guarded by what the decision read:

@@ -13,7 +13,10 @@
 //!   of single objects, used for Leases; `Status` errors (404 `NotFound`, 409
 //!   `AlreadyExists`/`Conflict`, 400 `BadRequest`).
 //!
-//! Test hooks: [`TestApiServer::put`], [`TestApiServer::delete`], [`TestApiServer::gap`]
+//! Test hooks: [`TestApiServer::put`], [`TestApiServer::delete`],
+//! [`TestApiServer::hide`] (lists — and optionally GETs — leave objects out: an API server
+//! briefly answering an empty or partial list),
+//! [`TestApiServer::gap`]
 //! (changes made while every watch is dropped and history compacted, so the next resume gets
 //! 410 and the client must list again), [`TestApiServer::compact`],
 //! [`TestApiServer::drop_watches`], counters of requests, and [`TestApiServer::seen`]: every
@@ -80,6 +83,10 @@ pub struct State {
     compacted: u64,
     /// Resources whose create/replace requests are answered 500 (a failing API server).
     refused: Vec<String>,
+    /// Objects that lists (and watches started without a version) leave out — an API server,
+    /// or a cache in front of it, briefly answering an empty or partial list: (resource, the
+    /// object's `namespace/name` or name — `None` for all —, also hidden from GETs).
+    hidden: Vec<(String, Option<String>, bool)>,
     /// Bumped to end every open watch.
     watch_gen: u64,
 }
@@ -148,6 +155,18 @@ impl State {
             object,
         });
         true
+    }
+
+    /// Whether a list (`get` false) or GET (`get` true) hides the object at `key`.
+    fn hidden(&self, key: &Key, get: bool) -> bool {
+        let named = if key.1.is_empty() {
+            key.2.clone()
+        } else {
+            format!("{}/{}", key.1, key.2)
+        };
+        self.hidden.iter().any(|(r, n, gets)| {
+            *r == key.0 && n.as_ref().is_none_or(|n| *n == named) && (!get || *gets)
+        })
     }
 
     /// One object.
@@ -337,6 +356,21 @@ impl TestApiServer {
         }
     }
 
+    /// Lists of `r` leave out the object `name` (`namespace/name` when namespaced; `None`:
+    /// every object), and with `gets` GETs answer 404 for it too — until [`Self::unhide`].
+    /// Watches already open are not affected; a client sees the lie when it lists again.
+    pub fn hide(&self, r: ResourceType, name: Option<&str>, gets: bool) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.hidden
+            .push((resource_id(r), name.map(str::to_string), gets));
+    }
+
+    /// Lists and GETs of `r` answer truthfully again.
+    pub fn unhide(&self, r: ResourceType) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.hidden.retain(|(x, _, _)| *x != resource_id(r));
+    }
+
     /// Forgets the history: a resume from any version before now gets 410.
     pub fn compact(&self) {
         let mut st = self.shared.state.lock().expect("state");
@@ -485,12 +519,7 @@ async fn handle(
             watch(shared, t, q)
         }
         (&Method::GET, None) => list(&shared, &t, &q),
-        (&Method::GET, Some(name)) => match shared
-            .state
-            .lock()
-            .expect("state")
-            .get(t.resource, &ns, name)
-        {
+        (&Method::GET, Some(name)) => match get_visible(&shared, &t, &ns, name) {
             Some(o) => json_response(200, &o),
             None => status(
                 404,
@@ -525,6 +554,14 @@ async fn handle(
     }
 }
 
+/// One object as a GET sees it (`None` also when a test hides it from GETs).
+fn get_visible(shared: &Shared, t: &Target, ns: &str, name: &str) -> Option<Value> {
+    let st = shared.state.lock().expect("state");
+    let key = (resource_id(t.resource), ns.to_string(), name.to_string());
+    st.get(t.resource, ns, name)
+        .filter(|_| !st.hidden(&key, true))
+}
+
 fn list(shared: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
     shared.lists.fetch_add(1, Ordering::Relaxed);
     let st = shared.state.lock().expect("state");
@@ -533,6 +570,7 @@ fn list(shared: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
     let items: Vec<Value> = st
         .objects
         .iter()
+        .filter(|(k, _)| !st.hidden(k, false))
         .filter(|((r, ns, _), _)| *r == id && t.namespace.as_ref().is_none_or(|n| n == ns))
         .filter(|(_, o)| selector_matches(&selector, o))
         .map(|(_, o)| o.clone())
@@ -641,6 +679,7 @@ fn watch(shared: Arc<Shared>, t: Target, q: BTreeMap<String, String>) -> Respons
                     let lines = st
                         .objects
                         .iter()
+                        .filter(|(k, _)| !st.hidden(k, false))
                         .filter(|((r, ns, _), _)| matches(r, ns))
                         .map(|(_, o)| event_line("ADDED", o))
                         .collect();

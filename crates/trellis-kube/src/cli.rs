@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::controller::{self, ControllerConfig};
+use crate::gc::GcHooks;
+use crate::gc_plan::GcConfig;
 use crate::lease::LeaseConfig;
 use crate::{KubeError, Result};
 
@@ -35,6 +37,20 @@ pub struct KubeControllerArgs {
     /// Seconds between full resyncs of every kind.
     #[arg(long, default_value_t = 300.0)]
     pub resync: f64,
+    /// Seconds a pod (or node) must have been seen gone from the API server before IPAM GC
+    /// releases its addresses (also needs two observations and a re-check).
+    #[arg(long, default_value_t = 300.0)]
+    pub ipam_gc_grace: f64,
+    /// Seconds between IPAM GC passes.
+    #[arg(long, default_value_t = 60.0)]
+    pub ipam_gc_interval: f64,
+    /// IPAM GC trusts no list of pods or nodes that shrank by more than this fraction (0-1)
+    /// since the previous pass (the API server briefly answering an empty or partial list).
+    #[arg(long, default_value_t = 0.5)]
+    pub ipam_gc_max_shrink: f64,
+    /// Turns IPAM garbage collection off.
+    #[arg(long)]
+    pub no_ipam_gc: bool,
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration> {
@@ -45,6 +61,16 @@ fn seconds(flag: &str, v: f64) -> Result<Duration> {
         });
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+fn fraction(flag: &str, v: f64) -> Result<f64> {
+    if !(0.0..=1.0).contains(&v) {
+        return Err(KubeError::Config {
+            field: flag.into(),
+            reason: format!("{v} is not a fraction in [0, 1]"),
+        });
+    }
+    Ok(v)
 }
 
 impl KubeControllerArgs {
@@ -92,6 +118,13 @@ impl KubeControllerArgs {
                 retry_period,
             },
             resync: seconds("--resync", self.resync)?,
+            gc: GcConfig {
+                grace: seconds("--ipam-gc-grace", self.ipam_gc_grace)?,
+                interval: seconds("--ipam-gc-interval", self.ipam_gc_interval)?,
+                max_shrink: fraction("--ipam-gc-max-shrink", self.ipam_gc_max_shrink)?,
+                enabled: !self.no_ipam_gc,
+            },
+            gc_hooks: GcHooks::default(),
         })
     }
 }
@@ -162,5 +195,16 @@ mod tests {
         assert!(e.contains("--retry-period"), "{e}");
         let e = config(&["--identity", ""]).unwrap_err().to_string();
         assert!(e.contains("--identity"), "{e}");
+        assert_eq!(c.gc.grace, Duration::from_secs(300));
+        assert_eq!(c.gc.interval, Duration::from_secs(60));
+        for bad in [
+            ["--ipam-gc-grace", "100000"],
+            ["--ipam-gc-interval", "0"],
+            ["--ipam-gc-max-shrink", "1.5"],
+        ] {
+            let e = config(&bad).unwrap_err().to_string();
+            assert!(e.contains(bad[0]), "{e}");
+        }
+        assert!(!config(&["--no-ipam-gc"]).unwrap().gc.enabled);
     }
 }

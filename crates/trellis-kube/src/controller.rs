@@ -31,6 +31,8 @@ use tokio::sync::mpsc;
 use trellis_resources::{key_for, Kind, Resource};
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
+use crate::gc::{node_identity, pod_identity, GcHooks, Pass};
+use crate::gc_plan::{GcConfig, GcState, Identity, Trust, View};
 use crate::lease::{Leadership, LeaseConfig};
 use crate::plan::{plan_nodes, plan_owned, plan_pods, Desired, NodeDesired, Op, PodDesired};
 use crate::translate::{self, TranslateError};
@@ -46,6 +48,10 @@ pub struct ControllerConfig {
     pub lease: LeaseConfig,
     /// Every kind is planned again this often, even without events.
     pub resync: Duration,
+    /// IPAM garbage collection ([`crate::gc`]).
+    pub gc: GcConfig,
+    /// Its clock and counters.
+    pub gc_hooks: GcHooks,
 }
 
 /// A Kubernetes client from a kubeconfig file, or inferred (in-cluster service account, then
@@ -108,9 +114,12 @@ impl Target {
 #[derive(Debug)]
 enum Change {
     Init,
-    Apply(String, Entry),
+    /// An object (its cache key, its translation, what GC needs of it).
+    Apply(String, Entry, Identity),
     Delete(String),
     InitDone,
+    /// The watch failed (it resumes or lists again): what GC counted from it is forgotten.
+    Error,
 }
 
 #[derive(Debug, Clone)]
@@ -152,27 +161,49 @@ struct Cache {
     /// Set once the first list completed.
     ready: bool,
     items: BTreeMap<String, Entry>,
-    /// A list in progress (replaces `items` when done).
-    building: Option<BTreeMap<String, Entry>>,
+    /// What GC needs of each object (also of those that do not translate), by the same key.
+    ids: BTreeMap<String, Identity>,
+    /// A list in progress (replaces `items` and `ids` when done).
+    building: Option<(BTreeMap<String, Entry>, BTreeMap<String, Identity>)>,
+    /// Bumped by every relist and watch error (see [`Trust`]).
+    epoch: u64,
 }
 
 impl Cache {
     fn handle(&mut self, change: Change) {
         match change {
-            Change::Init => self.building = Some(BTreeMap::new()),
-            Change::Apply(k, e) => {
-                match &mut self.building {
-                    Some(b) => b.insert(k, e),
-                    None => self.items.insert(k, e),
+            Change::Init => {
+                self.epoch += 1;
+                self.building = Some(Default::default());
+            }
+            Change::Apply(k, e, id) => {
+                let (items, ids) = match &mut self.building {
+                    Some((b, i)) => (b, i),
+                    None => (&mut self.items, &mut self.ids),
                 };
+                ids.insert(k.clone(), id);
+                items.insert(k, e);
             }
             Change::Delete(k) => {
                 self.items.remove(&k);
+                self.ids.remove(&k);
             }
             Change::InitDone => {
-                self.items = self.building.take().unwrap_or_default();
+                (self.items, self.ids) = self.building.take().unwrap_or_default();
                 self.ready = true;
             }
+            Change::Error => self.epoch += 1,
+        }
+    }
+
+    /// Whether GC may believe this cache now.
+    fn trust(&self) -> Trust {
+        if !self.ready {
+            Trust::Untrusted("the first list is not complete".into())
+        } else if self.building.is_some() {
+            Trust::Untrusted("listing again (after 410 Gone or a watch error)".into())
+        } else {
+            Trust::Complete { epoch: self.epoch }
         }
     }
 }
@@ -247,6 +278,11 @@ pub async fn sync(
     let mut was_leader = false;
     // The revision of the fence record this leader wrote (see the module docs).
     let mut fence: Option<i64> = None;
+    let mut gc_tick = tokio::time::interval(cfg.gc.interval);
+    gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gc_due = false;
+    // In memory only: a restarted controller or a new leader counts again from nothing.
+    let mut gc_state = GcState::default();
     loop {
         tokio::select! {
             input = rx.recv() => match input {
@@ -254,6 +290,7 @@ pub async fn sync(
                 None => return Ok(()),
             },
             _ = resync.tick() => dirty.extend(all()),
+            _ = gc_tick.tick() => gc_due = cfg.gc.enabled,
             _ = poll.tick() => {}
         }
         while let Ok(i) = rx.try_recv() {
@@ -267,12 +304,13 @@ pub async fn sync(
         was_leader = leader;
         if !leader {
             fence = None;
+            gc_state = GcState::default();
             continue;
         }
         if dirty.contains(&Work::All(Target::Pods)) {
             dirty.retain(|w| !matches!(w, Work::PodNamespace(_)));
         }
-        if !dirty.iter().any(|w| caches[&w.target()].ready) {
+        if !gc_due && !dirty.iter().any(|w| caches[&w.target()].ready) {
             continue;
         }
         fence = match ensure_fence(&*store, &cfg.lease.identity, fence, &leadership).await {
@@ -297,6 +335,27 @@ pub async fn sync(
                 Err(e) => tracing::warn!(work = ?w, error = %e, "sync failed; retrying"),
             }
         }
+        if std::mem::take(&mut gc_due) {
+            let (pods, nodes) = (&caches[&Target::Pods], &caches[&Target::Nodes]);
+            let (pods_trust, nodes_trust) = (pods.trust(), nodes.trust());
+            let view = View {
+                pods: &pods.ids,
+                pods_trust: &pods_trust,
+                nodes: &nodes.ids,
+                nodes_trust: &nodes_trust,
+            };
+            let pass = Pass {
+                client: &client,
+                store: &*store,
+                cfg: &cfg.gc,
+                hooks: &cfg.gc_hooks,
+                leadership: &leadership,
+                fence: rev,
+            };
+            if let Err(e) = pass.run(&mut gc_state, view).await {
+                tracing::warn!(error = %e, "IPAM GC pass failed; retrying at the next");
+            }
+        }
     }
 }
 
@@ -304,7 +363,7 @@ fn note(input: Input, caches: &mut BTreeMap<Target, Cache>, dirty: &mut BTreeSet
     match input {
         Input::Kube(t, change) => {
             let work = match (&change, t) {
-                (Change::Apply(k, _) | Change::Delete(k), Target::Pods) => k
+                (Change::Apply(k, _, _) | Change::Delete(k), Target::Pods) => k
                     .split_once('/')
                     .map(|(ns, _)| Work::PodNamespace(ns.to_string()))
                     .unwrap_or(Work::All(t)),
@@ -471,6 +530,10 @@ async fn reconcile(
 /// Translates a watched object into its cache key and entry; a bad one is reported.
 trait Watched: kube::Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static {
     fn entry(&self) -> (String, Entry);
+    /// What IPAM GC needs of the object (pods and nodes).
+    fn identity(&self) -> Identity {
+        Identity::default()
+    }
 }
 
 fn report(e: &TranslateError) {
@@ -523,6 +586,9 @@ impl Watched for NetworkPolicy {
 }
 
 impl Watched for Node {
+    fn identity(&self) -> Identity {
+        node_identity(self)
+    }
     fn entry(&self) -> (String, Entry) {
         let key = self.metadata.name.clone().unwrap_or_default();
         match translate::node(self) {
@@ -536,6 +602,9 @@ impl Watched for Node {
 }
 
 impl Watched for Pod {
+    fn identity(&self) -> Identity {
+        pod_identity(self)
+    }
     fn entry(&self) -> (String, Entry) {
         let ns = self
             .metadata
@@ -572,13 +641,13 @@ fn spawn_watch<K: Watched>(
                 Ok(Event::Init) => Change::Init,
                 Ok(Event::InitApply(o) | Event::Apply(o)) => {
                     let (k, e) = o.entry();
-                    Change::Apply(k, e)
+                    Change::Apply(k, e, o.identity())
                 }
                 Ok(Event::Delete(o)) => Change::Delete(o.entry().0),
                 Ok(Event::InitDone) => Change::InitDone,
                 Err(e) => {
                     tracing::warn!(target_kind = ?t, error = %e, "Kubernetes watch failed; listing or resuming again");
-                    continue;
+                    Change::Error
                 }
             };
             if tx.send(Input::Kube(t, change)).await.is_err() {
@@ -666,6 +735,7 @@ mod tests {
         cache.handle(Change::Apply(
             ns.key(),
             Entry::Mirror(Desired::Object(Box::new(ns.clone()))),
+            Identity::default(),
         ));
         cache.handle(Change::InitDone);
         let follower = Leadership::default();
@@ -719,12 +789,12 @@ mod tests {
         let mut cache = Cache::default();
         let e = Entry::Mirror(Desired::Invalid);
         cache.handle(Change::Init);
-        cache.handle(Change::Apply("a".into(), e.clone()));
-        cache.handle(Change::Apply("b".into(), e.clone()));
+        cache.handle(Change::Apply("a".into(), e.clone(), Identity::default()));
+        cache.handle(Change::Apply("b".into(), e.clone(), Identity::default()));
         cache.handle(Change::InitDone);
         assert!(cache.ready);
         cache.handle(Change::Init);
-        cache.handle(Change::Apply("a".into(), e.clone()));
+        cache.handle(Change::Apply("a".into(), e.clone(), Identity::default()));
         // Until the list is done, the old contents stand.
         assert_eq!(cache.items.len(), 2);
         cache.handle(Change::InitDone);

@@ -5,6 +5,9 @@
 //! - [`plan`] (pure): desired (from Kubernetes) against observed (the store) → guarded writes.
 //! - [`lease`] (pure core + shell): leader election with a `coordination.k8s.io/v1` Lease.
 //! - [`controller`] (I/O): kube-runtime watchers, the store watch, the apply loop.
+//! - [`gc_plan`] (pure) and [`gc`] (I/O): IPAM garbage collection of addresses of pods and of
+//!   nodes gone from the API server (grace period, two observations, a re-check by list and
+//!   GET, guarded releases; never from an untrustworthy view).
 //! - [`cli`]: `trellis kube-controller`'s flags and entry point.
 //!
 //! Each pod is stored as a record (kind `Pod`: labels, node, service account, named ports and
@@ -18,6 +21,8 @@
 
 pub mod cli;
 pub mod controller;
+pub mod gc;
+pub mod gc_plan;
 pub mod lease;
 pub mod plan;
 pub mod translate;

@@ -165,6 +165,12 @@ impl Env {
                 retry_period: Duration::from_millis(200),
             },
             resync: Duration::from_secs(60),
+            // IPAM GC has its own tests (tests/gc.rs); its listings would blur the counts here.
+            gc: trellis_kube::gc_plan::GcConfig {
+                enabled: false,
+                ..Default::default()
+            },
+            gc_hooks: Default::default(),
         };
         let store: Arc<dyn Datastore> = counting.clone();
         let leadership = Arc::new(Leadership::default());
