@@ -49,6 +49,9 @@ pub struct AgentConfig {
     /// Kubernetes mode (`--kubernetes`): an ADD naming a pod is served only from the pod's
     /// record (waiting for it up to [`POD_RECORD_DEADLINE`]), never with an unlabelled endpoint.
     pub kubernetes: bool,
+    /// Calico annotations honoured beyond plain IPAM (`--allow-ip-addrs-no-ipam`,
+    /// `--allow-floating-ips`).
+    pub features: trellis_cluster::annotations::Features,
 }
 
 /// How long an ADD in Kubernetes mode waits for its pod's record to reach the agent's view.
@@ -301,7 +304,8 @@ pub async fn run(
     view::load(&*store, &cluster).await?;
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone())
         .with_observer(cluster.clone())
-        .with_pod_records(cluster.clone(), config.kubernetes);
+        .with_pod_records(cluster.clone(), config.kubernetes)
+        .with_features(config.features);
     let bgp_shared = bgp::Shared::default();
     bgp_shared.active.store(
         bgp::starts_active(&cluster.read(), config.bgp),

@@ -64,6 +64,16 @@ pub struct AgentArgs {
     /// endpoint is created without its labels.
     #[arg(long, env = "TRELLIS_KUBERNETES")]
     pub kubernetes: bool,
+    /// Honour pods' `cni.projectcalico.org/ipAddrsNoIpam` (Calico's `feature_control:
+    /// {ip_addrs_no_ipam: true}`): the pod gets those addresses without IPAM. Without it such
+    /// an ADD fails naming the annotation.
+    #[arg(long, env = "TRELLIS_ALLOW_IP_ADDRS_NO_IPAM")]
+    pub allow_ip_addrs_no_ipam: bool,
+    /// Honour pods' `cni.projectcalico.org/floatingIPs` (Calico's `feature_control:
+    /// {floating_ips: true}`): DNAT to the pod, routed to this node. Without it such an ADD
+    /// fails naming the annotation.
+    #[arg(long, env = "TRELLIS_ALLOW_FLOATING_IPS")]
+    pub allow_floating_ips: bool,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -552,6 +562,10 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
         bgp: a.bgp.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         metrics: a.metrics_listen,
         kubernetes: a.kubernetes,
+        features: trellis_cluster::annotations::Features {
+            ip_addrs_no_ipam: a.allow_ip_addrs_no_ipam,
+            floating_ips: a.allow_floating_ips,
+        },
     };
     if !(1..=16_777_215).contains(&a.vxlan_vni) {
         bail!("--vxlan-vni {} is outside 1..16777215", a.vxlan_vni);
