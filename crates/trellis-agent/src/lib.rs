@@ -7,6 +7,7 @@ pub mod bgp;
 pub mod dataplane;
 pub mod health;
 pub mod metrics;
+pub mod nat;
 pub mod offload;
 pub mod policy;
 mod server;
