@@ -67,7 +67,9 @@ fn nat_family(family: &str, pools: &[&IpPoolSpec], floating: &Floating) -> Vec<V
         let elems = |cidrs: Vec<IpNet>| -> Vec<Value> {
             IpNet::aggregate(&cidrs)
                 .iter()
-                .map(|c| json!({"prefix": {"addr": c.network().to_string(), "len": c.prefix_len()}}))
+                .map(
+                    |c| json!({"prefix": {"addr": c.network().to_string(), "len": c.prefix_len()}}),
+                )
                 .collect()
         };
         let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": family, "table": NAT_TABLE, "name": name, "type": addr_type, "flags": ["interval"], "elem": elems}}});
@@ -162,7 +164,10 @@ mod tests {
     use super::*;
 
     fn commands(r: &[Value]) -> String {
-        r.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
+        r.iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     #[test]
@@ -184,7 +189,10 @@ mod tests {
                 .lines()
                 .find(|l| l.contains(&format!("\"chain\":\"{chain}\"")) && l.contains("dnat"))
                 .unwrap_or_else(|| panic!("no DNAT in {chain}: {text}"));
-            assert!(rule.contains("203.0.113.9") && rule.contains("10.1.0.5"), "{rule}");
+            assert!(
+                rule.contains("203.0.113.9") && rule.contains("10.1.0.5"),
+                "{rule}"
+            );
         }
         let all = text.lines().find(|l| l.contains("\"all_pools\"")).unwrap();
         assert!(all.contains("203.0.113.9"), "{all}");

@@ -94,7 +94,11 @@ fn namespace_pools_floating_ips_and_no_ipam_addresses_from_kubernetes() {
         "kfip",
         false,
         2,
-        &["--kubernetes", "--allow-floating-ips", "--allow-ip-addrs-no-ipam"],
+        &[
+            "--kubernetes",
+            "--allow-floating-ips",
+            "--allow-ip-addrs-no-ipam",
+        ],
     );
     c.cli_ok(&["apply", "-f", "-"], Some(pools()));
     let kubeconfig = c.dir.path().join("kubeconfig");
@@ -107,7 +111,11 @@ fn namespace_pools_floating_ips_and_no_ipam_addresses_from_kubernetes() {
     api.put(PODS, pod("kfipsrv", "node0", fip));
     api.put(
         PODS,
-        pod("kfipown", "node0", json!({"cni.projectcalico.org/ipv4pools": "[\"pool\"]"})),
+        pod(
+            "kfipown",
+            "node0",
+            json!({"cni.projectcalico.org/ipv4pools": "[\"pool\"]"}),
+        ),
     );
     let raw = json!({"cni.projectcalico.org/ipAddrsNoIpam": format!("[\"{NO_IPAM}\"]")});
     api.put(PODS, pod("kfipraw", "node0", raw));
@@ -135,7 +143,10 @@ fn namespace_pools_floating_ips_and_no_ipam_addresses_from_kubernetes() {
     assert!(inside("10.71.0.0/16", srv_ip), "namespace pool b: {srv_ip}");
     let own = TestNetns::new("kfipown");
     let own_ip = add(&c, 0, "kfipown", &own);
-    assert!(inside("10.70.0.0/16", own_ip), "the pod's own pool: {own_ip}");
+    assert!(
+        inside("10.70.0.0/16", own_ip),
+        "the pod's own pool: {own_ip}"
+    );
     let raw = TestNetns::new("kfipraw");
     let _raw = serve(&raw, "raw", c.dir.path());
     assert_eq!(add(&c, 0, "kfipraw", &raw).to_string(), NO_IPAM);
@@ -158,7 +169,11 @@ fn namespace_pools_floating_ips_and_no_ipam_addresses_from_kubernetes() {
     c.nodes[0]
         .ns
         .exec_ok(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
-    assert_eq!(reach(&c.nodes[0].ns, FLOATING, "fip"), "fip\tok", "from node0's host");
+    assert_eq!(
+        reach(&c.nodes[0].ns, FLOATING, "fip"),
+        "fip\tok",
+        "from node0's host"
+    );
     let table = nat_table(&c.nodes[0].ns);
     assert!(table.contains(&format!("dnat to {srv_ip}")), "{table}");
     // The address given without IPAM, across nodes.
@@ -166,18 +181,27 @@ fn namespace_pools_floating_ips_and_no_ipam_addresses_from_kubernetes() {
         reach(&cli, NO_IPAM, "raw") == "raw\tok"
     });
     let blocks = c.cli_ok(&["get", "ipamblocks", "-o", "json"], None);
-    assert!(!blocks.contains("10.70.200."), "allocated in IPAM: {blocks}");
+    assert!(
+        !blocks.contains("10.70.200."),
+        "allocated in IPAM: {blocks}"
+    );
     drop(controller);
 
     // DEL of the floating pod: its DNAT and the other node's route go.
-    let del = c.spawn_ipam(0, "DEL", "kfipsrv").wait_with_output().unwrap();
-    assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stdout));
-    wait_for("the DNAT to go", || !nat_table(&c.nodes[0].ns).contains(FLOATING));
+    let del = c
+        .spawn_ipam(0, "DEL", "kfipsrv")
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stdout)
+    );
+    wait_for("the DNAT to go", || {
+        !nat_table(&c.nodes[0].ns).contains(FLOATING)
+    });
     wait_for("node1's route to go", || {
-        !c.nodes[1]
-            .ns
-            .exec_ok(&["ip", "route"])
-            .contains(FLOATING)
+        !c.nodes[1].ns.exec_ok(&["ip", "route"]).contains(FLOATING)
     });
     assert_ne!(reach(&cli, FLOATING, "fip"), "fip\tok");
 }
@@ -189,7 +213,12 @@ fn agents_without_the_flags_refuse_the_annotations() {
     c.cli_ok(&["apply", "-f", "-"], Some(pools()));
     for (name, field, value, flag) in [
         ("kfofffip", "floatingIPs", FLOATING, "--allow-floating-ips"),
-        ("kfoffraw", "ipAddrsNoIpam", NO_IPAM, "--allow-ip-addrs-no-ipam"),
+        (
+            "kfoffraw",
+            "ipAddrsNoIpam",
+            NO_IPAM,
+            "--allow-ip-addrs-no-ipam",
+        ),
     ] {
         c.cli_ok(
             &["apply", "-f", "-"],
@@ -211,6 +240,9 @@ fn agents_without_the_flags_refuse_the_annotations() {
         let eps = c.cli_ok(&["get", "workloadendpoints", "-A", "-o", "json"], None);
         assert!(!eps.contains(name), "an endpoint was left: {eps}");
         let handles = c.cli_ok(&["get", "ipamhandles", "-o", "json"], None);
-        assert!(!handles.contains(name), "something was allocated: {handles}");
+        assert!(
+            !handles.contains(name),
+            "something was allocated: {handles}"
+        );
     }
 }

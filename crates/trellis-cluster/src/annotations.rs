@@ -41,11 +41,19 @@ impl Source {
     /// The error of this annotation for `reason`.
     pub fn error(&self, reason: impl Into<String>) -> ClusterError {
         ClusterError::Annotation {
-            object: self.object.clone(),
-            annotation: self.annotation.to_string(),
-            value: self.value.clone(),
+            annotation: Box::new(self.clone()),
             reason: reason.into(),
         }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: annotation {}={}",
+            self.object, self.annotation, self.value
+        )
     }
 }
 
@@ -176,13 +184,11 @@ pub fn asked(
     Ok(out)
 }
 
-fn disabled(source: &Source, feature: &str, flag: &str) -> ClusterError {
+fn disabled(source: &Source, feature: &'static str, flag: &'static str) -> ClusterError {
     ClusterError::FeatureDisabled {
-        object: source.object.clone(),
-        annotation: source.annotation.to_string(),
-        value: source.value.clone(),
-        feature: feature.to_string(),
-        flag: flag.to_string(),
+        annotation: Box::new(source.clone()),
+        feature,
+        flag,
     }
 }
 

@@ -27,6 +27,7 @@ use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
 use crate::annotations::{self, Asked, Features};
 use crate::objects::{self, encode};
+use crate::records::{self, RecordRead};
 use crate::release::{
     delete_block_txn, find_handle, lookup_handle, release_attachment, HandleLookup,
 };
@@ -252,22 +253,6 @@ pub struct NodeIpam {
 pub trait PodRecords: Send + Sync {
     /// The record stored at `key`, with its revision, as the reader last saw it.
     fn pod_record(&self, key: &str) -> Option<objects::Stored>;
-}
-
-/// What an allocation read of its pod's (or namespace's) record: the record (when it is this
-/// node's pod) and the guard its commit carries (the record's revision, or its absence).
-struct RecordRead<S> {
-    record: Option<Object<S>>,
-    guard: Option<Precondition>,
-}
-
-impl<S> Default for RecordRead<S> {
-    fn default() -> Self {
-        RecordRead {
-            record: None,
-            guard: None,
-        }
-    }
 }
 
 type PodRead = RecordRead<PodSpec>;
@@ -956,33 +941,14 @@ impl NodeIpam {
         };
         let namespace = endpoint_namespace(req);
         let key = key_for(Kind::Pod, Some(&namespace), pod);
-        let seen = match (&self.pods, fresh) {
-            (Some(view), false) => view.pod_record(&key),
-            _ => None,
-        };
         // A miss in the view is final only outside Kubernetes mode (the Absent guard then
         // catches a record the view has not seen yet).
-        let stored = match seen {
-            Some(s) => Some(Ok(s)),
-            None if fresh || self.pods.is_none() || self.require_pods => self
-                .store
-                .get(&key)
-                .await?
-                .map(|kv| objects::decode(&kv).map_err(|e| (kv.mod_revision, e))),
-            None => None,
-        };
-        let (record, guard) = match stored {
-            None => (None, Precondition::Absent(key)),
-            Some(Ok(s)) => match s.resource {
-                Resource::Pod(p) if p.spec.may_run_on(&self.node) => {
-                    (Some(p), Precondition::ModRevision(key, s.revision))
-                }
-                _ => (None, Precondition::ModRevision(key, s.revision)),
-            },
-            Some(Err((revision, e))) => {
-                tracing::warn!(error = %e, "skipping an invalid stored record");
-                (None, Precondition::ModRevision(key, revision))
-            }
+        let view = self.pods.as_deref();
+        let (found, guard) =
+            records::read(&*self.store, view, key, fresh, self.require_pods).await?;
+        let record = match found {
+            Some(Resource::Pod(p)) if p.spec.may_run_on(&self.node) => Some(p),
+            _ => None,
         };
         if record.is_none() && self.require_pods {
             return Err(ClusterError::PodNotSynced {
@@ -1013,34 +979,14 @@ impl NodeIpam {
             return Ok(RecordRead::default());
         };
         let key = key_for(Kind::Namespace, None, ns);
-        let seen = match (&self.pods, fresh) {
-            (Some(view), false) => view.pod_record(&key).map(Ok),
-            _ => None,
-        };
-        let stored = match seen {
-            Some(s) => Some(s),
-            // The view's miss is guarded by the Absent below; the store is read only without a
-            // view or after a conflict.
-            None if fresh || self.pods.is_none() => self
-                .store
-                .get(&key)
-                .await?
-                .map(|kv| objects::decode(&kv).map_err(|e| (kv.mod_revision, e))),
-            None => None,
-        };
-        let (record, guard) = match stored {
-            None => (None, Precondition::Absent(key)),
-            Some(Ok(s)) => match s.resource {
-                Resource::Namespace(n) => (Some(n), Precondition::ModRevision(key, s.revision)),
-                _ => (None, Precondition::ModRevision(key, s.revision)),
-            },
-            Some(Err((revision, e))) => {
-                tracing::warn!(error = %e, "skipping an invalid stored record");
-                (None, Precondition::ModRevision(key, revision))
-            }
-        };
+        // The view's miss is guarded by the Absent it gives.
+        let view = self.pods.as_deref();
+        let (found, guard) = records::read(&*self.store, view, key, fresh, false).await?;
         Ok(RecordRead {
-            record,
+            record: match found {
+                Some(Resource::Namespace(n)) => Some(n),
+                _ => None,
+            },
             guard: Some(guard),
         })
     }

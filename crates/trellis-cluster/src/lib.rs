@@ -23,6 +23,7 @@ pub mod invalid;
 pub mod ipam;
 pub mod label;
 pub mod objects;
+mod records;
 pub mod release;
 pub mod report;
 pub mod snapshot;
@@ -72,26 +73,23 @@ pub enum ClusterError {
     },
     /// A Calico IPAM annotation (of the pod's or its namespace's record) that cannot be
     /// honoured: nothing is allocated.
-    #[error("{object}: annotation {annotation}={value}: {reason}")]
+    #[error("{annotation}: {reason}")]
     Annotation {
-        /// `pod NS/NAME` or `namespace NS`.
-        object: String,
-        annotation: String,
-        value: String,
+        annotation: Box<crate::annotations::Source>,
         reason: String,
     },
     /// The pod's record says its IPAM annotations were refused by the kube-controller.
     #[error("{pod}: {reason}; nothing allocated (fix the annotation)")]
     PodIpamRefused { pod: String, reason: String },
     /// An annotation asks for a feature this agent does not enable: nothing is allocated.
-    #[error("{object}: annotation {annotation}={value} needs {feature}, which this agent does not enable (start it with {flag})")]
+    #[error(
+        "{annotation} needs {feature}, which this agent does not enable (start it with {flag})"
+    )]
     FeatureDisabled {
-        object: String,
-        annotation: String,
-        value: String,
+        annotation: Box<crate::annotations::Source>,
         /// Calico's `feature_control` name.
-        feature: String,
-        flag: String,
+        feature: &'static str,
+        flag: &'static str,
     },
 }
 

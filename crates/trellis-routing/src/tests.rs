@@ -414,6 +414,13 @@ fn host_routes_follow_their_pods_pool() {
             block: net("203.0.113.11/32")
         }]
     );
-    let (d, _) = desired_with(&local(), &remotes(), &[], &pool(Encapsulation::Vxlan), &hosts);
-    assert!(render(&d).contains(&"route replace 203.0.113.9/32 via 10.244.1.0 dev #9 onlink".to_string()));
+    let (d, _) = desired_with(
+        &local(),
+        &remotes(),
+        &[],
+        &pool(Encapsulation::Vxlan),
+        &hosts,
+    );
+    assert!(render(&d)
+        .contains(&"route replace 203.0.113.9/32 via 10.244.1.0 dev #9 onlink".to_string()));
 }
