@@ -200,7 +200,7 @@ impl ViewInputs {
 /// addresses (given without IPAM) that are in a pool but in no block — and this node's
 /// floating mappings. Looked up per prefix length of the blocks, not per block: this is read
 /// on every endpoint change.
-fn host_routes(
+pub(crate) fn host_routes(
     view: &ClusterView,
     node: &str,
     blocks: &[(IpNet, String)],
