@@ -230,6 +230,9 @@ async fn no_ipam(etcd: bool) {
         w.spec.ip_networks,
         vec!["192.0.2.7/32".parse::<IpNet>().unwrap()]
     );
+    // `ipam check` sees a consistent attachment (a handle holding no block, with its endpoint).
+    let problems = trellis_cluster::report::check(&*store).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
 
     // An ordinary pod next to it allocates as usual; the DEL of the fixed one frees nothing.
     apply(&*store, &pod_yaml("default", "plain", "")).await;
