@@ -1,9 +1,10 @@
-//! The agent's dataplane loop: from the agent's view of the cluster (nodes, blocks, pools; see
-//! [`crate::view`]) to the kernel, every few seconds — so drift (a route deleted by hand) is
+//! The agent's dataplane loop: from the agent's view of the cluster (nodes, blocks, pools, and
+//! endpoints' floating addresses; see [`crate::view`]) to the kernel, every few seconds — so drift (a route deleted by hand) is
 //! repaired, from the last view even while the datastore is unreachable — and again when the
 //! view changes what a pass reads. Pure decisions come from [`trellis_routing`]; this module does the I/O: the VTEP
 //! (`vxlan.trellis`, its tunnel address from IPAM, published on the Node), routes, neighbours,
-//! FDB entries, and natOutgoing in Trellis's own nftables tables (`ip trellis`, `ip6 trellis`).
+//! FDB entries, and natOutgoing and floating-address DNAT in Trellis's own nftables tables
+//! (`ip trellis`, `ip6 trellis`; built by [`crate::nat`]).
 //! A restart converges to the same state without removing anything first, so routes do not flap.
 
 use std::collections::BTreeSet;
