@@ -1,9 +1,10 @@
-//! The agent's dataplane loop: from the agent's view of the cluster (nodes, blocks, pools; see
-//! [`crate::view`]) to the kernel, every few seconds — so drift (a route deleted by hand) is
+//! The agent's dataplane loop: from the agent's view of the cluster (nodes, blocks, pools, and
+//! endpoints' floating addresses; see [`crate::view`]) to the kernel, every few seconds — so drift (a route deleted by hand) is
 //! repaired, from the last view even while the datastore is unreachable — and again when the
 //! view changes what a pass reads. Pure decisions come from [`trellis_routing`]; this module does the I/O: the VTEP
 //! (`vxlan.trellis`, its tunnel address from IPAM, published on the Node), routes, neighbours,
-//! FDB entries, and natOutgoing in Trellis's own nftables tables (`ip trellis`, `ip6 trellis`).
+//! FDB entries, and natOutgoing and floating-address DNAT in Trellis's own nftables tables
+//! (`ip trellis`, `ip6 trellis`; built by [`crate::nat`]).
 //! A restart converges to the same state without removing anything first, so routes do not flap.
 
 use std::collections::BTreeSet;
@@ -13,17 +14,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use trellis_cluster::ipam::Request;
 use trellis_cluster::view::ClusterView;
 use trellis_dataplane::netlink::VxlanSpec;
-use trellis_dataplane::{ethtool, nft, routing, sysctl, Netlink};
+use trellis_dataplane::{ethtool, routing, sysctl, Netlink};
 use trellis_ipam::cluster as alloc;
 use trellis_resources::{Encapsulation, IpPoolSpec};
 use trellis_routing::{
-    desired, foreign_conflicts, merge_ops, plan, LearnedPlanner, LocalNode, Op, PoolRouting,
-    RemoteNode,
+    desired_with, foreign_conflicts, merge_ops, plan, HostRoute, LearnedPlanner, LocalNode, Op,
+    PoolRouting, RemoteNode,
 };
 
 use crate::{update_node, Agent, AgentError};
@@ -114,6 +115,11 @@ pub struct ViewInputs {
     tunnel: Option<Ipv4Addr>,
     /// The VTEP address and MAC this node's Node object publishes.
     published: (Option<IpAddr>, Option<String>),
+    /// Pods' addresses outside their node's blocks (floating addresses; addresses given
+    /// without IPAM inside a pool), routed to their nodes.
+    hosts: Vec<HostRoute>,
+    /// This node's floating addresses and their pods'.
+    floating: crate::nat::Floating,
 }
 
 /// The IPAM request for this node's VTEP address.
@@ -156,7 +162,7 @@ impl ViewInputs {
                 })
             })
             .collect();
-        let blocks = view
+        let blocks: Vec<(IpNet, String)> = view
             .blocks()
             .filter_map(|b| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
             .collect();
@@ -178,14 +184,66 @@ impl ViewInputs {
                 )
             })
             .unwrap_or_default();
+        let (hosts, floating) = host_routes(view, node, &blocks);
         ViewInputs {
             pools,
             remotes,
             blocks,
             tunnel,
             published,
+            hosts,
+            floating,
         }
     }
+}
+
+/// The pods' addresses that no block routes — each endpoint's floating addresses, and its
+/// addresses (given without IPAM) that are in a pool but in no block — and this node's
+/// floating mappings. Looked up per prefix length of the blocks, not per block: this is read
+/// on every endpoint change.
+pub(crate) fn host_routes(
+    view: &ClusterView,
+    node: &str,
+    blocks: &[(IpNet, String)],
+) -> (Vec<HostRoute>, crate::nat::Floating) {
+    let cidrs: BTreeSet<IpNet> = blocks.iter().map(|(c, _)| *c).collect();
+    let lengths: BTreeSet<u8> = cidrs.iter().map(|c| c.prefix_len()).collect();
+    let in_block = |ip: IpAddr| {
+        lengths.iter().any(|l| {
+            IpNet::new(ip, *l)
+                .map(|n| cidrs.contains(&n.trunc()))
+                .unwrap_or(false)
+        })
+    };
+    let pools: Vec<IpNet> = view.pools().map(|p| p.spec.cidr).collect();
+    let mut hosts = Vec::new();
+    let mut floating = crate::nat::Floating::default();
+    for w in view.endpoints() {
+        for n in &w.spec.ip_nats {
+            hosts.push(HostRoute {
+                dst: IpNet::from(n.external_ip),
+                node: w.spec.node.clone(),
+                via: n.internal_ip,
+            });
+            floating.reachable.push(IpNet::from(n.external_ip));
+            if w.spec.node == node {
+                floating.dnat.push(n.clone());
+            }
+        }
+        for a in w.spec.ip_networks.iter().map(|n| n.addr()) {
+            if !in_block(a) && pools.iter().any(|p| p.contains(&a)) {
+                hosts.push(HostRoute {
+                    dst: IpNet::from(a),
+                    node: w.spec.node.clone(),
+                    via: a,
+                });
+            }
+        }
+    }
+    hosts.sort();
+    floating.dnat.sort();
+    floating.reachable.sort();
+    (hosts, floating)
 }
 
 /// Runs passes forever: every `every` (the kernel may have drifted), soon after any kernel
@@ -199,6 +257,8 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
     let mut last_problems = BTreeSet::new();
     let mut nat_applied: Option<String> = None;
     let mut changes = agent.view.subscribe();
+    // Endpoints' floating addresses are read too; their changes come with the policy kinds'.
+    let mut endpoint_changes = agent.view.subscribe_policy();
     loop {
         agent
             .health
@@ -245,7 +305,14 @@ pub async fn run(agent: Arc<Agent>, every: Duration) {
                 Err(e) => tracing::warn!(error = %e, "dataplane pass failed; retrying"),
             }
         }
-        wait_for_work(&agent, every, &kernel, &mut changes, inputs.as_ref()).await;
+        wait_for_work(
+            &agent,
+            every,
+            &kernel,
+            [&mut changes, &mut endpoint_changes],
+            inputs.as_ref(),
+        )
+        .await;
     }
 }
 
@@ -255,9 +322,10 @@ async fn wait_for_work(
     agent: &Agent,
     every: Duration,
     kernel: &tokio::sync::Notify,
-    changes: &mut tokio::sync::watch::Receiver<u64>,
+    changes: [&mut tokio::sync::watch::Receiver<u64>; 2],
     last: Option<&ViewInputs>,
 ) {
+    let [changes, endpoint_changes] = changes;
     let tick = tokio::time::sleep(every);
     tokio::pin!(tick);
     loop {
@@ -269,10 +337,16 @@ async fn wait_for_work(
                 return;
             }
             _ = agent.bgp.kick.notified() => return,
-            Ok(()) = changes.changed() => {
+            Ok(()) = async {
+                tokio::select! {
+                    r = changes.changed() => r,
+                    r = endpoint_changes.changed() => r,
+                }
+            } => {
                 // Let a burst of changes settle into one pass.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 changes.borrow_and_update();
+                endpoint_changes.borrow_and_update();
                 let view = agent.view.read();
                 if !view.loaded() {
                     continue;
@@ -324,7 +398,7 @@ pub async fn pass(
     };
     let remotes = inputs.remotes.clone();
     let blocks = inputs.blocks.clone();
-    let nat = nat_ruleset(&pools);
+    let nat = nat_ruleset_with(&pools, &inputs.floating);
     let nat_text = Value::from(nat.clone()).to_string();
     let nat_changed = nat_applied.as_deref() != Some(nat_text.as_str());
     let bgp_active = agent.bgp.active.load(Ordering::Relaxed);
@@ -336,6 +410,7 @@ pub async fn pass(
         vtep: vtep.map(|v| v.0),
         remotes,
         blocks,
+        hosts: inputs.hosts.clone(),
         routing: pool_routing(&pools),
         bgp_active,
         bgp_converged: agent.bgp.converged.load(Ordering::Relaxed),
@@ -388,6 +463,7 @@ struct KernelInput {
     vtep: Option<u32>,
     remotes: Vec<RemoteNode>,
     blocks: Vec<(IpNet, String)>,
+    hosts: Vec<HostRoute>,
     routing: Vec<PoolRouting>,
     bgp_active: bool,
     bgp_converged: bool,
@@ -405,6 +481,7 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
         vtep,
         remotes,
         blocks,
+        hosts,
         routing,
         bgp_active,
         bgp_converged,
@@ -420,7 +497,7 @@ fn kernel_pass(input: KernelInput) -> Result<KernelPass, String> {
         vtep_ifindex: vtep,
         bgp: bgp_active,
     };
-    let (want, problems) = desired(&local, &remotes, &blocks, &routing);
+    let (want, problems) = desired_with(&local, &remotes, &blocks, &routing, &hosts);
     let mut msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
     // The learned routes are planned against the speaker's table in place and the kernel's as
     // its dump is read: neither is copied (a full table is 100 000 routes and more). Without
@@ -718,73 +795,7 @@ fn set_offload(on: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// One family's natOutgoing table: `family` is `ip` or `ip6`.
-fn nat_family(family: &str, pools: &[&IpPoolSpec]) -> Vec<Value> {
-    let table = json!({"family": family, "name": NAT_TABLE});
-    // Adding before deleting makes the delete succeed whether or not the table exists, so the
-    // batch replaces (or removes) the table whole, whatever state it finds.
-    let mut cmds = vec![
-        json!({"add": {"table": table}}),
-        json!({"delete": {"table": table}}),
-    ];
-    let masq: Vec<&&IpPoolSpec> = pools
-        .iter()
-        .filter(|p| p.nat_outgoing && !p.disabled)
-        .collect();
-    if masq.is_empty() {
-        return cmds;
-    }
-    let addr_type = if family == "ip" {
-        "ipv4_addr"
-    } else {
-        "ipv6_addr"
-    };
-    // An interval set refuses overlapping elements ("conflicting intervals"), which would fail
-    // the whole batch: one stored pool overlapping another (written by an older version or
-    // directly) turned natOutgoing off for every pool. The CIDRs are merged first.
-    let elems = |cidrs: Vec<IpNet>| -> Vec<Value> {
-        IpNet::aggregate(&cidrs)
-            .iter()
-            .map(|c| json!({"prefix": {"addr": c.network().to_string(), "len": c.prefix_len()}}))
-            .collect()
-    };
-    let set = |name: &str, elems: Vec<Value>| json!({"add": {"set": {"family": family, "table": NAT_TABLE, "name": name, "type": addr_type, "flags": ["interval"], "elem": elems}}});
-    cmds.extend([
-        json!({"add": {"table": table}}),
-        set("all_pools", elems(pools.iter().map(|p| p.cidr).collect())),
-        set("masq_pools", elems(masq.iter().map(|p| p.cidr).collect())),
-        json!({"add": {"chain": {"family": family, "table": NAT_TABLE, "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
-        json!({"add": {"rule": {"family": family, "table": NAT_TABLE, "chain": "postrouting", "comment": "trellis natOutgoing",
-            "expr": [
-                {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "saddr"}}, "right": "@masq_pools"}},
-                {"match": {"op": "!=", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": "@all_pools"}},
-                {"masquerade": null}
-            ]}}}),
-    ]);
-    cmds
-}
-
-/// The natOutgoing tables, `ip trellis` and `ip6 trellis`: traffic from a natOutgoing pool to
-/// anywhere outside every pool of its family is masqueraded; pod-to-pod traffic (any pool to
-/// any pool) never is. A family with no natOutgoing pool has no table. One batch for both, so
-/// the change is atomic.
-pub fn nat_ruleset(pools: &[(String, IpPoolSpec)]) -> Vec<Value> {
-    let of = |v4: bool| -> Vec<&IpPoolSpec> {
-        pools
-            .iter()
-            .map(|(_, p)| p)
-            .filter(|p| p.cidr.addr().is_ipv4() == v4)
-            .collect()
-    };
-    let mut cmds = nat_family("ip", &of(true));
-    cmds.extend(nat_family("ip6", &of(false)));
-    cmds
-}
-
-/// Applies the natOutgoing ruleset in one atomic nft batch (in the calling thread's namespace).
-pub fn apply_nat(ruleset: &[Value]) -> Result<(), String> {
-    nft::apply(ruleset.to_vec()).map_err(|e| e.to_string())
-}
+pub use crate::nat::{apply_nat, nat_ruleset, nat_ruleset_with};
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod flows;
 pub mod health;
 pub mod metrics;
+pub mod nat;
 pub mod offload;
 pub mod policy;
 mod server;
@@ -53,6 +54,9 @@ pub struct AgentConfig {
     /// Flow logs (`--flow-logs`): the deciding policy rules copy each new connection's first
     /// packet to this NFLOG group, and the agent aggregates them (`trellis flows`).
     pub flow_logs: Option<flows::FlowSettings>,
+    /// Calico annotations honoured beyond plain IPAM (`--allow-ip-addrs-no-ipam`,
+    /// `--allow-floating-ips`).
+    pub features: trellis_cluster::annotations::Features,
 }
 
 /// How long an ADD in Kubernetes mode waits for its pod's record to reach the agent's view.
@@ -307,7 +311,8 @@ pub async fn run(
     view::load(&*store, &cluster).await?;
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone())
         .with_observer(cluster.clone())
-        .with_pod_records(cluster.clone(), config.kubernetes);
+        .with_pod_records(cluster.clone(), config.kubernetes)
+        .with_features(config.features);
     let bgp_shared = bgp::Shared::default();
     bgp_shared.active.store(
         bgp::starts_active(&cluster.read(), config.bgp),

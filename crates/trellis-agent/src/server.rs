@@ -214,7 +214,11 @@ fn code_of(e: &ClusterError) -> u32 {
         ClusterError::Ipam(ClusterIpamError::Exhausted { .. } | ClusterIpamError::InUse { .. })
         | ClusterError::HandleTaken { .. }
         | ClusterError::EndpointTaken { .. } => 100,
-        ClusterError::Ipam(_) | ClusterError::Invalid(_) => 7,
+        ClusterError::Ipam(_)
+        | ClusterError::Invalid(_)
+        | ClusterError::Annotation { .. }
+        | ClusterError::PodIpamRefused { .. }
+        | ClusterError::FeatureDisabled { .. } => 7,
         _ => 999,
     }
 }
@@ -493,6 +497,7 @@ mod tests {
                 metrics: None,
                 kubernetes: false,
                 flow_logs: None,
+                features: Default::default(),
             },
             ipam: NodeIpam::new(store.clone(), "n1", BTreeMap::new()),
             store,

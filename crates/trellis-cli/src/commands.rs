@@ -75,6 +75,16 @@ pub struct AgentArgs {
     /// Seconds per flow-log aggregation interval (1..=3600).
     #[arg(long, default_value_t = 5)]
     pub flow_log_interval: u64,
+    /// Honour pods' `cni.projectcalico.org/ipAddrsNoIpam` (Calico's `feature_control:
+    /// {ip_addrs_no_ipam: true}`): the pod gets those addresses without IPAM. Without it such
+    /// an ADD fails naming the annotation.
+    #[arg(long, env = "TRELLIS_ALLOW_IP_ADDRS_NO_IPAM")]
+    pub allow_ip_addrs_no_ipam: bool,
+    /// Honour pods' `cni.projectcalico.org/floatingIPs` (Calico's `feature_control:
+    /// {floating_ips: true}`): DNAT to the pod, routed to this node. Without it such an ADD
+    /// fails naming the annotation.
+    #[arg(long, env = "TRELLIS_ALLOW_FLOATING_IPS")]
+    pub allow_floating_ips: bool,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -609,6 +619,10 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
             interval: Duration::from_secs(a.flow_log_interval),
             ..Default::default()
         }),
+        features: trellis_cluster::annotations::Features {
+            ip_addrs_no_ipam: a.allow_ip_addrs_no_ipam,
+            floating_ips: a.allow_floating_ips,
+        },
     };
     if !(1..=3600).contains(&a.flow_log_interval) {
         bail!(

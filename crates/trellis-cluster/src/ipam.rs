@@ -20,12 +20,14 @@ use trellis_ipam::cluster::{self as alloc, ClusterIpamError, Pool};
 use trellis_resources::pod::{stamp_endpoint, PodSpec};
 use trellis_resources::validate::parse_cidr_or_ip;
 use trellis_resources::{
-    key_for, AffinityState, BlockAffinitySpec, IpamBlockSpec, IpamConfigurationSpec,
-    IpamHandleSpec, Kind, Metadata, Object, Resource, WorkloadEndpointSpec,
+    key_for, AffinityState, BlockAffinitySpec, IpNat, IpamBlockSpec, IpamConfigurationSpec,
+    IpamHandleSpec, Kind, Metadata, NamespaceSpec, Object, Resource, WorkloadEndpointSpec,
 };
 use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 
+use crate::annotations::{self, Asked, Features};
 use crate::objects::{self, encode};
+use crate::records::{self, RecordRead};
 use crate::release::{
     delete_block_txn, find_handle, lookup_handle, release_attachment, HandleLookup,
 };
@@ -250,25 +252,6 @@ fn endpoint_namespace(req: &Request) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-/// What the allocation asks for once the pod's record is read: the pod's Calico IPAM
-/// annotations (`ipv4pools` / `ipv6pools` over the CNI configuration's pools, as Calico
-/// does; `ipAddrs` when the runtime asked for no address itself). The record's guard covers
-/// them like its labels.
-pub fn with_pod_ipam(req: &Request, pod: Option<&Object<PodSpec>>) -> Request {
-    let mut asked = req.clone();
-    let Some(p) = pod else { return asked };
-    if !p.spec.ipv4_pools.is_empty() {
-        asked.ipv4_pools.clone_from(&p.spec.ipv4_pools);
-    }
-    if !p.spec.ipv6_pools.is_empty() {
-        asked.ipv6_pools.clone_from(&p.spec.ipv6_pools);
-    }
-    if asked.requested_ips.is_empty() {
-        asked.requested_ips.clone_from(&p.spec.ip_addrs);
-    }
-    asked
-}
-
 /// The agent's allocator for one node.
 pub struct NodeIpam {
     store: Arc<dyn Datastore>,
@@ -280,22 +263,18 @@ pub struct NodeIpam {
     pods: Option<Arc<dyn PodRecords>>,
     /// Kubernetes mode: an endpoint of a named pod is created only from the pod's record.
     require_pods: bool,
+    /// `ipAddrsNoIpam` / `floatingIPs` honoured.
+    features: Features,
 }
 
-/// Where the allocator looks up pods' records first (the agent's view, kept current by its
-/// watch) before reading the store.
+/// Where the allocator looks up pods' and namespaces' records first (the agent's view, kept
+/// current by its watch) before reading the store.
 pub trait PodRecords: Send + Sync {
     /// The record stored at `key`, with its revision, as the reader last saw it.
     fn pod_record(&self, key: &str) -> Option<objects::Stored>;
 }
 
-/// What an allocation read of its pod's record: the record (when it is this node's pod) and
-/// the guard its commit carries (the record's revision, or its absence).
-#[derive(Default)]
-struct PodRead {
-    record: Option<Object<PodSpec>>,
-    guard: Option<Precondition>,
-}
+type PodRead = RecordRead<PodSpec>;
 
 /// Told of each allocation transaction as it commits, with its writes: the agent applies
 /// them to its view at once, so its policy applier programs a new pod without waiting for the
@@ -332,6 +311,19 @@ struct Plans {
 }
 
 impl Plans {
+    /// `ipAddrsNoIpam`: the addresses as given, in no block — nothing is allocated, so the
+    /// commit writes only the handle (holding no block, so a release frees nothing) and the
+    /// endpoint.
+    fn without_ipam(ips: &[IpAddr]) -> Plans {
+        Plans {
+            ips: ips
+                .iter()
+                .map(|ip| (*ip, annotations::host_net(*ip)))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     /// The state to allocate from in block `cidr`: planned if planned, else `read`.
     fn base(&self, cidr: &IpNet, read: &IpamBlockSpec) -> IpamBlockSpec {
         self.blocks
@@ -391,7 +383,14 @@ impl NodeIpam {
             observer: None,
             pods: None,
             require_pods: false,
+            features: Features::default(),
         }
+    }
+
+    /// The same allocator honouring the annotations `features` enables.
+    pub fn with_features(mut self, features: Features) -> NodeIpam {
+        self.features = features;
+        self
     }
 
     /// The same allocator reading pods' records from `pods` first; with `required`
@@ -456,7 +455,8 @@ impl NodeIpam {
         if !req.no_endpoint {
             // The endpoint is built from the request (namespace, pod: the runtime's free text):
             // what would not decode when read back is refused before anything is stored.
-            self.endpoint(req, &Plans::default(), None).validate()?;
+            self.endpoint(req, &Plans::default(), None, Vec::new())
+                .validate()?;
         }
         let mut st = self.state.lock().await;
         if let Some(held) = self.held_or_taken(req).await? {
@@ -468,8 +468,22 @@ impl NodeIpam {
             let settings = self.settings(&mut st, fresh).await?;
             let affine = self.affine(&mut st, fresh).await?;
             let pod = self.read_pod(req, fresh).await?;
-            let asked = with_pod_ipam(req, pod.record.as_ref());
-            let mut plans = match self.plan(&asked, &settings, &affine).await {
+            let namespace = self.read_namespace(req, fresh).await?;
+            let planned = async {
+                let asked = annotations::asked(
+                    req,
+                    pod.record.as_ref(),
+                    namespace.record.as_ref(),
+                    self.features,
+                )?;
+                let plans = match asked.no_ipam.is_empty() {
+                    true => self.plan(&asked, &settings, &affine).await?,
+                    false => Plans::without_ipam(&asked.no_ipam),
+                };
+                let nats = annotations::ip_nats(&asked, &plans.ips)?;
+                Ok::<_, ClusterError>((plans, nats))
+            };
+            let (mut plans, nats) = match planned.await {
                 Ok(p) => p,
                 Err(e) if !fresh => {
                     tracing::debug!(error = %e, "allocation failed on cached state; retrying fresh");
@@ -481,10 +495,10 @@ impl NodeIpam {
             for g in self.endpoint_guards(req, fresh).await? {
                 plans.guard(g);
             }
-            if let Some(g) = &pod.guard {
+            for g in [&pod.guard, &namespace.guard].into_iter().flatten() {
                 plans.guard(g.clone());
             }
-            let committed = match self.commit(req, &plans, pod.record.as_ref()).await {
+            let committed = match self.commit(req, &plans, pod.record.as_ref(), nats).await {
                 Ok(c) => c,
                 // A slow or briefly unavailable store: try again with fresh state, like a conflict
                 // (the held/node checks below tell whether the write landed after all).
@@ -524,22 +538,39 @@ impl NodeIpam {
     /// The addresses `req`'s attachment holds, if it has a handle (today's or legacy).
     pub async fn held(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
         match find_handle(&*self.store, req).await? {
-            Some(found) => held_by_read_handle(&*self.store, &found.id, &found.handle)
-                .await
-                .map(Some),
+            Some(found) => self.held_by(&found.id, &found.handle).await.map(Some),
             None => Ok(None),
         }
+    }
+
+    /// What handle `id` holds: its blocks' addresses; for a handle holding no block (an
+    /// attachment given its addresses without IPAM, `ipAddrsNoIpam`), its endpoint's.
+    async fn held_by(&self, id: &str, h: &IpamHandleSpec) -> Result<Vec<(IpAddr, IpNet)>> {
+        if !h.block.is_empty() {
+            return held_by_read_handle(&*self.store, id, h).await;
+        }
+        let Some(key) = &h.endpoint else {
+            return Ok(Vec::new());
+        };
+        let Some(kv) = self.store.get(key).await? else {
+            return Ok(Vec::new());
+        };
+        Ok(match objects::decode(&kv)?.resource {
+            Resource::WorkloadEndpoint(w) => w
+                .spec
+                .ip_networks
+                .iter()
+                .map(|n| (n.addr(), annotations::host_net(n.addr())))
+                .collect(),
+            _ => Vec::new(),
+        })
     }
 
     /// Like [`NodeIpam::held`], but an error when the attachment's handle name is held by
     /// something else: its commit could never succeed, and it must not adopt that record.
     async fn held_or_taken(&self, req: &Request) -> Result<Option<Vec<(IpAddr, IpNet)>>> {
         match lookup_handle(&*self.store, req).await? {
-            HandleLookup::Ours(found) => {
-                held_by_read_handle(&*self.store, &found.id, &found.handle)
-                    .await
-                    .map(Some)
-            }
+            HandleLookup::Ours(found) => self.held_by(&found.id, &found.handle).await.map(Some),
             HandleLookup::Absent => Ok(None),
             HandleLookup::Taken { handle, holder } => {
                 Err(ClusterError::HandleTaken { handle, holder })
@@ -603,10 +634,11 @@ impl NodeIpam {
 
     async fn plan(
         &self,
-        req: &Request,
+        asked: &Asked,
         s: &Settings,
         affine: &BTreeMap<IpNet, (IpamBlockSpec, i64)>,
     ) -> Result<Plans> {
+        let req = &asked.req;
         let handle = req.handle();
         let secondary: BTreeMap<String, String> = [
             ("node".to_string(), self.node.clone()),
@@ -656,7 +688,11 @@ impl NodeIpam {
                         tracing::debug!(error = %e, "no IPv6 pool for this node");
                         continue;
                     }
-                    Err(e) => return Err(e.into()),
+                    // A pool named by an annotation: the error names the annotation.
+                    Err(e) => match &asked.pools_from[usize::from(!v4)] {
+                        Some(source) => return Err(source.error(e.to_string())),
+                        None => return Err(e.into()),
+                    },
                 };
             self.plan_family(&mut plans, &pools, &handle, &secondary, s, affine)
                 .await?;
@@ -814,6 +850,7 @@ impl NodeIpam {
         req: &Request,
         plans: &Plans,
         pod: Option<&Object<PodSpec>>,
+        nats: Vec<IpNat>,
     ) -> Result<Option<i64>> {
         let handle = req.handle();
         let mut pre = vec![
@@ -840,10 +877,19 @@ impl NodeIpam {
                 ));
             }
         }
-        for (_, cidr) in &plans.ips {
+        // Addresses given without IPAM are in no block: the handle records none of them.
+        for (_, cidr) in plans
+            .ips
+            .iter()
+            .filter(|(_, c)| plans.blocks.contains_key(c))
+        {
             *counts.entry(cidr.to_string()).or_default() += 1;
         }
-        let wep = (!req.no_endpoint).then(|| self.endpoint(req, plans, pod));
+        let wep = (!req.no_endpoint).then(|| self.endpoint(req, plans, pod, nats));
+        if let Some(w) = &wep {
+            // Floating addresses come from outside: checked before anything is written.
+            w.validate()?;
+        }
         let h = IpamHandleSpec {
             handle_id: handle.clone(),
             block: counts,
@@ -870,7 +916,13 @@ impl NodeIpam {
 
     /// The attachment's endpoint; with its pod's record, born with the pod's labels, service
     /// account and named ports (so a policy selecting the pod applies from the start).
-    fn endpoint(&self, req: &Request, plans: &Plans, pod: Option<&Object<PodSpec>>) -> Resource {
+    fn endpoint(
+        &self,
+        req: &Request,
+        plans: &Plans,
+        pod: Option<&Object<PodSpec>>,
+        ip_nats: Vec<IpNat>,
+    ) -> Resource {
         let mut o = obj(
             endpoint_name(&self.node, req),
             WorkloadEndpointSpec {
@@ -881,6 +933,7 @@ impl NodeIpam {
                 endpoint: Some(req.ifname.clone()),
                 interface_name: req.host_interface.clone(),
                 ip_networks: plans.ips.iter().map(|(ip, _)| IpNet::from(*ip)).collect(),
+                ip_nats,
                 ..Default::default()
             },
         );
@@ -912,33 +965,14 @@ impl NodeIpam {
         };
         let namespace = endpoint_namespace(req);
         let key = key_for(Kind::Pod, Some(&namespace), pod);
-        let seen = match (&self.pods, fresh) {
-            (Some(view), false) => view.pod_record(&key),
-            _ => None,
-        };
         // A miss in the view is final only outside Kubernetes mode (the Absent guard then
         // catches a record the view has not seen yet).
-        let stored = match seen {
-            Some(s) => Some(Ok(s)),
-            None if fresh || self.pods.is_none() || self.require_pods => self
-                .store
-                .get(&key)
-                .await?
-                .map(|kv| objects::decode(&kv).map_err(|e| (kv.mod_revision, e))),
-            None => None,
-        };
-        let (record, guard) = match stored {
-            None => (None, Precondition::Absent(key)),
-            Some(Ok(s)) => match s.resource {
-                Resource::Pod(p) if p.spec.may_run_on(&self.node) => {
-                    (Some(p), Precondition::ModRevision(key, s.revision))
-                }
-                _ => (None, Precondition::ModRevision(key, s.revision)),
-            },
-            Some(Err((revision, e))) => {
-                tracing::warn!(error = %e, "skipping an invalid stored record");
-                (None, Precondition::ModRevision(key, revision))
-            }
+        let view = self.pods.as_deref();
+        let (found, guard) =
+            records::read(&*self.store, view, key, fresh, self.require_pods).await?;
+        let record = match found {
+            Some(Resource::Pod(p)) if p.spec.may_run_on(&self.node) => Some(p),
+            _ => None,
         };
         if record.is_none() && self.require_pods {
             return Err(ClusterError::PodNotSynced {
@@ -949,6 +983,34 @@ impl NodeIpam {
         }
         Ok(PodRead {
             record,
+            guard: Some(guard),
+        })
+    }
+
+    /// Reads the record of the namespace `req` names (as [`NodeIpam::read_pod`] does: from
+    /// the reader, or after a conflict from the store), for its pool annotations; guarded like
+    /// the pod's. A request naming no namespace reads none.
+    async fn read_namespace(
+        &self,
+        req: &Request,
+        fresh: bool,
+    ) -> Result<RecordRead<NamespaceSpec>> {
+        let Some(ns) = req
+            .namespace
+            .as_deref()
+            .filter(|n| !n.is_empty() && !req.no_endpoint)
+        else {
+            return Ok(RecordRead::default());
+        };
+        let key = key_for(Kind::Namespace, None, ns);
+        // The view's miss is guarded by the Absent it gives.
+        let view = self.pods.as_deref();
+        let (found, guard) = records::read(&*self.store, view, key, fresh, false).await?;
+        Ok(RecordRead {
+            record: match found {
+                Some(Resource::Namespace(n)) => Some(n),
+                _ => None,
+            },
             guard: Some(guard),
         })
     }

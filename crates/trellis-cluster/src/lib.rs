@@ -2,6 +2,8 @@
 //!
 //! - [`objects`]: typed reads and compare-and-swap writes of resources, with stored content
 //!   validated on the way in (a bad record is reported by key, never trusted; listings skip it).
+//! - [`annotations`]: what an allocation asks for once its pod's and namespace's records are
+//!   read (Calico's IPAM annotations and their precedence; pure).
 //! - [`label`]: `trellis label` — kubectl-style label edits of a pod's endpoints or a
 //!   namespace, one guarded transaction.
 //! - [`invalid`]: which stored records are currently undecodable (logged once, counted).
@@ -15,11 +17,13 @@
 //!
 //! Time comes from a [`Clock`], so tests move it instead of sleeping.
 
+pub mod annotations;
 pub mod gc;
 pub mod invalid;
 pub mod ipam;
 pub mod label;
 pub mod objects;
+mod records;
 pub mod release;
 pub mod report;
 pub mod snapshot;
@@ -66,6 +70,26 @@ pub enum ClusterError {
         namespace: String,
         pod: String,
         node: String,
+    },
+    /// A Calico IPAM annotation (of the pod's or its namespace's record) that cannot be
+    /// honoured: nothing is allocated.
+    #[error("{annotation}: {reason}")]
+    Annotation {
+        annotation: Box<crate::annotations::Source>,
+        reason: String,
+    },
+    /// The pod's record says its IPAM annotations were refused by the kube-controller.
+    #[error("{pod}: {reason}; nothing allocated (fix the annotation)")]
+    PodIpamRefused { pod: String, reason: String },
+    /// An annotation asks for a feature this agent does not enable: nothing is allocated.
+    #[error(
+        "{annotation} needs {feature}, which this agent does not enable (start it with {flag})"
+    )]
+    FeatureDisabled {
+        annotation: Box<crate::annotations::Source>,
+        /// Calico's `feature_control` name.
+        feature: &'static str,
+        flag: &'static str,
     },
 }
 

@@ -318,6 +318,11 @@ impl ClusterView {
     typed!(bgp_configurations, BgpConfiguration, BgpConfigurationSpec);
     typed!(bgp_peers, BgpPeer, BgpPeerSpec);
     typed!(bgp_filters, BgpFilter, BgpFilterSpec);
+    typed!(
+        endpoints,
+        WorkloadEndpoint,
+        trellis_resources::WorkloadEndpointSpec
+    );
 }
 
 #[cfg(test)]

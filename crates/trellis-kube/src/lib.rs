@@ -16,8 +16,8 @@
 //!
 //! Not done here yet: Nodes' `spec.podCIDR`s and addresses are validated but not stored (a
 //! Flannel-style IPAM mode would use the podCIDRs; the agent publishes the address it routes
-//! with); the allocator honours a pod's own `ipv4pools`/`ipv6pools`/`ipAddrs` (from its record)
-//! but not yet a namespace's pool annotations; ClusterNetworkPolicies are not synced.
+//! with); ClusterNetworkPolicies are not synced. The allocator honours the pod's IPAM
+//! annotations (from its record) and its namespace's pools (`trellis_cluster::annotations`).
 
 pub mod cli;
 pub mod controller;

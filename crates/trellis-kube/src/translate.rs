@@ -29,11 +29,10 @@ use trellis_resources::{EndpointPort, Kind, Metadata, Object, Resource, Resource
 pub const MANAGED_BY: &str = "trellis.dev/managed-by";
 /// Its value.
 pub const CONTROLLER: &str = "kube-controller";
-/// Calico's namespace and pod annotations: pools to allocate from (JSON lists of pool names or
-/// CIDRs), and a pod's fixed addresses (a JSON list of addresses).
-pub const IPV4_POOLS: &str = "cni.projectcalico.org/ipv4pools";
-pub const IPV6_POOLS: &str = "cni.projectcalico.org/ipv6pools";
-pub const IP_ADDRS: &str = "cni.projectcalico.org/ipAddrs";
+/// Calico's namespace and pod IPAM annotations (defined beside the pod record).
+pub use trellis_resources::pod::{
+    FLOATING_IPS, IPV4_POOLS, IPV6_POOLS, IP_ADDRS, IP_ADDRS_NO_IPAM,
+};
 
 /// An object that could not be translated: which one, which field, why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,7 +174,8 @@ pub struct PodInfo {
     pub ports: Vec<EndpointPort>,
     /// Calico's IPAM annotations, validated. A bad one is reported but does not make the pod
     /// untranslatable: the API server does not check them, and a pod left without its labels
-    /// would escape the policies selecting it. Its record then carries no IPAM annotations.
+    /// would escape the policies selecting it. Its record then carries no IPAM annotations,
+    /// only the reason (`ipamError`), and its ADD fails with it.
     pub ipam: Result<PodIpam, TranslateError>,
     /// `metadata.uid`.
     pub uid: Option<String>,
@@ -187,6 +187,11 @@ impl PodInfo {
     pub fn record(&self) -> Object<PodSpec> {
         let annotations = [(MANAGED_BY.to_string(), CONTROLLER.to_string())].into();
         let ipam = self.ipam.as_ref().cloned().unwrap_or_default();
+        let ipam_error = self
+            .ipam
+            .as_ref()
+            .err()
+            .map(|e| format!("{}: {}", e.field, e.reason));
         Object {
             metadata: Metadata {
                 name: self.name.clone(),
@@ -203,6 +208,9 @@ impl PodInfo {
                 ip_addrs: ipam.ip_addrs,
                 ipv4_pools: ipam.ipv4_pools,
                 ipv6_pools: ipam.ipv6_pools,
+                ip_addrs_no_ipam: ipam.ip_addrs_no_ipam,
+                floating_ips: ipam.floating_ips,
+                ipam_error,
             },
             status: None,
         }
@@ -215,6 +223,8 @@ pub struct PodIpam {
     pub ip_addrs: Vec<IpAddr>,
     pub ipv4_pools: Vec<String>,
     pub ipv6_pools: Vec<String>,
+    pub ip_addrs_no_ipam: Vec<IpAddr>,
+    pub floating_ips: Vec<IpAddr>,
 }
 
 /// A pod's labels, service account, named ports and IPAM annotations, validated.
@@ -277,6 +287,17 @@ pub fn pod(p: &Pod) -> Result<PodInfo, TranslateError> {
         if let Some(v) = annotation(IPV6_POOLS) {
             ipam.ipv6_pools = pools(v, false).map_err(|r| bad(at(IPV6_POOLS), r))?;
         }
+        if let Some(v) = annotation(IP_ADDRS_NO_IPAM) {
+            ipam.ip_addrs_no_ipam = ip_addrs(v).map_err(|r| bad(at(IP_ADDRS_NO_IPAM), r))?;
+            if !ipam.ip_addrs.is_empty() {
+                // As Calico's plugin: the two say opposite things about IPAM.
+                let r = format!("{v:?}: cannot be used together with {IP_ADDRS}");
+                return Err(bad(at(IP_ADDRS_NO_IPAM), r));
+            }
+        }
+        if let Some(v) = annotation(FLOATING_IPS) {
+            ipam.floating_ips = ip_addrs(v).map_err(|r| bad(at(FLOATING_IPS), r))?;
+        }
         Ok(ipam)
     })();
     Ok(PodInfo {
@@ -327,32 +348,11 @@ fn container_port(
     }))
 }
 
-/// A JSON list of strings (Calico's annotation format).
-fn string_list(value: &str) -> Result<Vec<String>, String> {
-    serde_json::from_str::<Vec<String>>(value)
-        .map_err(|e| format!("{value:?} is not a JSON list of strings: {e}"))
-}
-
 /// `ipv4pools` / `ipv6pools`: pool names or CIDRs of the family.
-pub fn pools(value: &str, v4: bool) -> Result<Vec<String>, String> {
-    let list = string_list(value)?;
-    trellis_resources::pod::check_pools(&list, v4)?;
-    Ok(list)
-}
+pub use trellis_resources::pod::parse_pools as pools;
 
-/// `ipAddrs`: addresses, at most one per family (as Calico's CNI plugin requires).
-pub fn ip_addrs(value: &str) -> Result<Vec<IpAddr>, String> {
-    let list = string_list(value)?;
-    let mut out: Vec<IpAddr> = Vec::new();
-    for (i, a) in list.iter().enumerate() {
-        let ip: IpAddr = a
-            .parse()
-            .map_err(|_| format!("[{i}] {a:?} is not an IP address"))?;
-        out.push(ip);
-    }
-    trellis_resources::pod::check_ip_addrs(&out)?;
-    Ok(out)
-}
+/// `ipAddrs` / `ipAddrsNoIpam` / `floatingIPs`: addresses, at most one per family.
+pub use trellis_resources::pod::parse_ip_addrs as ip_addrs;
 
 /// What Kubernetes says of a node that Trellis keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -201,3 +201,52 @@ fn a_bad_ipam_annotation_does_not_keep_a_pods_labels_from_its_endpoints() {
     );
     assert!(e.reason.contains("one address per IP family"), "{e}");
 }
+
+/// The pod fixture with `annotations` instead of its Calico ones.
+fn pod_annotated(annotations: &[(&str, &str)]) -> Pod {
+    let mut p: Pod = fixture("k8s-1.33-pod.json");
+    let a = p.metadata.annotations.get_or_insert_with(Default::default);
+    a.retain(|k, _| !k.starts_with("cni.projectcalico.org/"));
+    for (k, v) in annotations {
+        a.insert(k.to_string(), v.to_string());
+    }
+    p
+}
+
+#[test]
+fn no_ipam_and_floating_annotations_are_carried_and_checked() {
+    let p = translate::pod(&pod_annotated(&[
+        (translate::IP_ADDRS_NO_IPAM, "[\"192.0.2.7\"]"),
+        (translate::FLOATING_IPS, "[\"203.0.113.9\"]"),
+    ]))
+    .unwrap();
+    let rec = p.record();
+    assert_eq!(rec.spec.ip_addrs_no_ipam[0].to_string(), "192.0.2.7");
+    assert_eq!(rec.spec.floating_ips[0].to_string(), "203.0.113.9");
+    assert_eq!(rec.spec.ipam_error, None);
+
+    // Both ipAddrs and ipAddrsNoIpam (as Calico: refused), and a bad floating address: the
+    // record keeps the labels and carries the reason, which the ADD then fails with.
+    for (annotations, field) in [
+        (
+            vec![
+                (translate::IP_ADDRS, "[\"10.0.0.1\"]"),
+                (translate::IP_ADDRS_NO_IPAM, "[\"10.0.0.2\"]"),
+            ],
+            translate::IP_ADDRS_NO_IPAM,
+        ),
+        (
+            vec![(translate::FLOATING_IPS, "[\"x\"]")],
+            translate::FLOATING_IPS,
+        ),
+    ] {
+        let p = translate::pod(&pod_annotated(&annotations)).unwrap();
+        let e = p.ipam.clone().expect_err(field);
+        assert_eq!(e.field, format!("metadata.annotations.{field}"));
+        let rec = p.record();
+        assert!(!rec.metadata.labels.is_empty());
+        let reason = rec.spec.ipam_error.expect("the reason is recorded");
+        assert!(reason.contains(field), "{reason}");
+        assert!(rec.spec.ip_addrs.is_empty() && rec.spec.ip_addrs_no_ipam.is_empty());
+    }
+}

@@ -264,6 +264,22 @@ pub struct WorkloadEndpointSpec {
     /// The pod's named ports, which rules' named ports resolve against.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<EndpointPort>,
+    /// Floating addresses NATed to the endpoint's own (Calico's `ipNATs`): the node DNATs
+    /// `externalIP` to `internalIP`, and every node routes `externalIP` to this one.
+    #[serde(default, rename = "ipNATs", skip_serializing_if = "Vec::is_empty")]
+    pub ip_nats: Vec<IpNat>,
+}
+
+/// One floating address of an endpoint (Calico's WorkloadEndpoint `ipNATs` entry).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpNat {
+    /// One of the endpoint's own addresses.
+    #[serde(rename = "internalIP")]
+    pub internal_ip: std::net::IpAddr,
+    /// The address clients use, NATed to `internalIP`.
+    #[serde(rename = "externalIP")]
+    pub external_ip: std::net::IpAddr,
 }
 
 /// A named port a workload declares (Calico's WorkloadEndpoint `ports`).

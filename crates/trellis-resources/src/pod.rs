@@ -3,7 +3,10 @@
 //! the agent at ADD so the pod's WorkloadEndpoint is born with its labels, service account
 //! and named ports — a policy selecting the pod by label applies from the first packet. It
 //! also carries the pod's Calico IPAM annotations (`cni.projectcalico.org/ipAddrs`,
-//! `ipv4pools`, `ipv6pools`), validated. Pure: data, validation and the copy onto an endpoint.
+//! `ipAddrsNoIpam`, `ipv4pools`, `ipv6pools`, `floatingIPs`), validated, or the reason they
+//! were refused. The annotations' names and parsers live here, where both the kube-controller
+//! (pods) and the allocator (namespaces' records) find them. Pure: data, validation and the copy
+//! onto an endpoint.
 
 use std::net::IpAddr;
 
@@ -32,6 +35,59 @@ pub struct PodSpec {
     /// `cni.projectcalico.org/ipv6pools`: pool names or IPv6 CIDRs.
     #[serde(default, rename = "ipv6Pools", skip_serializing_if = "Vec::is_empty")]
     pub ipv6_pools: Vec<String>,
+    /// `cni.projectcalico.org/ipAddrsNoIpam`: addresses given to the pod without IPAM, at most
+    /// one per family (honoured only by an agent that enables it).
+    #[serde(
+        default,
+        rename = "ipAddrsNoIpam",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ip_addrs_no_ipam: Vec<IpAddr>,
+    /// `cni.projectcalico.org/floatingIPs`: addresses NATed to the pod's address of the same
+    /// family, at most one per family (honoured only by an agent that enables it).
+    #[serde(default, rename = "floatingIPs", skip_serializing_if = "Vec::is_empty")]
+    pub floating_ips: Vec<IpAddr>,
+    /// Why the pod's IPAM annotations were refused (the annotation, its value, the reason):
+    /// its ADD fails with this instead of allocating as if the pod had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam_error: Option<String>,
+}
+
+/// Calico's namespace and pod annotations: pools to allocate from (JSON lists of pool names or
+/// CIDRs), a pod's fixed addresses, its addresses without IPAM and its floating addresses (JSON
+/// lists of addresses).
+pub const IPV4_POOLS: &str = "cni.projectcalico.org/ipv4pools";
+pub const IPV6_POOLS: &str = "cni.projectcalico.org/ipv6pools";
+pub const IP_ADDRS: &str = "cni.projectcalico.org/ipAddrs";
+pub const IP_ADDRS_NO_IPAM: &str = "cni.projectcalico.org/ipAddrsNoIpam";
+pub const FLOATING_IPS: &str = "cni.projectcalico.org/floatingIPs";
+
+/// A JSON list of strings (Calico's annotation format).
+fn string_list(value: &str) -> Result<Vec<String>, String> {
+    serde_json::from_str::<Vec<String>>(value)
+        .map_err(|e| format!("{value:?} is not a JSON list of strings: {e}"))
+}
+
+/// Parses `ipv4pools` / `ipv6pools`: pool names or CIDRs of the family.
+pub fn parse_pools(value: &str, v4: bool) -> Result<Vec<String>, String> {
+    let list = string_list(value)?;
+    check_pools(&list, v4)?;
+    Ok(list)
+}
+
+/// Parses `ipAddrs` / `ipAddrsNoIpam` / `floatingIPs`: addresses, at most one per family (as
+/// Calico's CNI plugin requires).
+pub fn parse_ip_addrs(value: &str) -> Result<Vec<IpAddr>, String> {
+    let list = string_list(value)?;
+    let mut out: Vec<IpAddr> = Vec::new();
+    for (i, a) in list.iter().enumerate() {
+        let ip: IpAddr = a
+            .parse()
+            .map_err(|_| format!("[{i}] {a:?} is not an IP address"))?;
+        out.push(ip);
+    }
+    check_ip_addrs(&out)?;
+    Ok(out)
 }
 
 impl PodSpec {
@@ -107,6 +163,14 @@ pub(crate) fn validate(o: &Object<PodSpec>) -> Result<(), ResourceError> {
     check_pools(&o.spec.ipv4_pools, true).map_err(|r| err("spec.ipv4Pools", r))?;
     check_pools(&o.spec.ipv6_pools, false).map_err(|r| err("spec.ipv6Pools", r))?;
     check_ip_addrs(&o.spec.ip_addrs).map_err(|r| err("spec.ipAddrs", r))?;
+    check_ip_addrs(&o.spec.ip_addrs_no_ipam).map_err(|r| err("spec.ipAddrsNoIpam", r))?;
+    check_ip_addrs(&o.spec.floating_ips).map_err(|r| err("spec.floatingIPs", r))?;
+    if !o.spec.ip_addrs.is_empty() && !o.spec.ip_addrs_no_ipam.is_empty() {
+        return Err(err(
+            "spec.ipAddrsNoIpam",
+            "cannot be given together with ipAddrs".into(),
+        ));
+    }
     // The same service account and port rules as the endpoint the record is copied onto.
     let mut endpoint = Object {
         metadata: o.metadata.clone(),
@@ -157,6 +221,11 @@ mod tests {
             ("{ipv6Pools: [Bad_Name]}", "spec.ipv6Pools"),
             ("{ipAddrs: [10.0.0.1, 10.0.0.2]}", "spec.ipAddrs"),
             ("{nodeName: \"a b\"}", "spec.nodeName"),
+            ("{floatingIPs: [1.1.1.1, 2.2.2.2]}", "spec.floatingIPs"),
+            (
+                "{ipAddrs: [10.0.0.1], ipAddrsNoIpam: [10.0.0.2]}",
+                "spec.ipAddrsNoIpam",
+            ),
             ("{bogus: 1}", "bogus"),
         ] {
             let e = parse(spec).expect_err(spec);

@@ -164,6 +164,7 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
                 }
             }
             name(&o.spec.node, false).map_err(|e| err("spec.node", e.reason))?;
+            ip_nats(&o.spec)?;
             crate::policy_validate::endpoint_policy_fields(o)
         }
         Resource::BgpConfiguration(o) => bgp_configuration(o),
@@ -190,6 +191,36 @@ pub(crate) fn resource(r: &Resource) -> Result<(), ResourceError> {
 }
 
 /// An AS number Trellis can use: not 0 and not AS_TRANS (23456, RFC 6793).
+/// An endpoint's floating addresses: each maps one of the endpoint's own addresses to an
+/// external one of the same family, and no external address twice (one DNAT per address).
+fn ip_nats(w: &WorkloadEndpointSpec) -> Result<(), ResourceError> {
+    for (i, n) in w.ip_nats.iter().enumerate() {
+        let f = format!("spec.ipNATs[{i}]");
+        if !w.ip_networks.iter().any(|net| net.addr() == n.internal_ip) {
+            return Err(err(
+                &format!("{f}.internalIP"),
+                format!("{} is not one of the endpoint's ipNetworks", n.internal_ip),
+            ));
+        }
+        if n.internal_ip.is_ipv4() != n.external_ip.is_ipv4() {
+            return Err(err(
+                &format!("{f}.externalIP"),
+                format!("{} is not of {}'s family", n.external_ip, n.internal_ip),
+            ));
+        }
+        if w.ip_nats[..i]
+            .iter()
+            .any(|o| o.external_ip == n.external_ip)
+        {
+            return Err(err(
+                &format!("{f}.externalIP"),
+                format!("{} is given twice", n.external_ip),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn asn(field: &str, a: u32) -> Result<(), ResourceError> {
     if a == 0 || a == 23456 {
         return Err(err(field, format!("{a} is not a usable AS number")));

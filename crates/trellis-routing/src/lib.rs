@@ -273,6 +273,16 @@ fn direct(
     Ok(())
 }
 
+/// A pod address outside its node's blocks that every other node routes to that node like a
+/// block: a floating address (`ipNATs`), or an address given without IPAM. `via` is the pod's
+/// own address, whose pool says how the node is reached.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostRoute {
+    pub dst: IpNet,
+    pub node: String,
+    pub via: IpAddr,
+}
+
 /// What the kernel should hold, and the blocks that could not be routed.
 pub fn desired(
     local: &LocalNode,
@@ -280,11 +290,28 @@ pub fn desired(
     blocks: &[(IpNet, String)],
     pools: &[PoolRouting],
 ) -> (Desired, Vec<Problem>) {
+    desired_with(local, remotes, blocks, pools, &[])
+}
+
+/// [`desired`], with `hosts` routed to their nodes too (this node's own are reached by the
+/// pod's host route or its DNAT, and get no route here).
+pub fn desired_with(
+    local: &LocalNode,
+    remotes: &[RemoteNode],
+    blocks: &[(IpNet, String)],
+    pools: &[PoolRouting],
+    hosts: &[HostRoute],
+) -> (Desired, Vec<Problem>) {
     let mut out = Desired::default();
     let mut problems = Vec::new();
     let by_name: BTreeMap<&str, &RemoteNode> =
         remotes.iter().map(|r| (r.name.as_str(), r)).collect();
     let claims = VtepClaims::of(remotes);
+    let ctx = Context {
+        local,
+        by_name: &by_name,
+        claims: &claims,
+    };
     for (block, node) in blocks {
         let block = *block;
         if *node == local.name {
@@ -295,17 +322,43 @@ pub fn desired(
             });
             continue;
         }
-        let Some(pool) = pools.iter().find(|p| p.cidr.contains(&block.network())) else {
-            problems.push(Problem::NoPool { block });
-            continue;
-        };
-        let Some(remote) = by_name.get(node.as_str()) else {
-            problems.push(Problem::UnknownNode {
-                block,
-                node: node.clone(),
-            });
-            continue;
-        };
+        let pool = pools.iter().find(|p| p.cidr.contains(&block.network()));
+        if let Err(p) = ctx.route(block, pool, node, &mut out) {
+            problems.push(p);
+        }
+    }
+    for h in hosts.iter().filter(|h| h.node != local.name) {
+        let pool = pools.iter().find(|p| p.cidr.contains(&h.via));
+        if let Err(p) = ctx.route(h.dst, pool, &h.node, &mut out) {
+            problems.push(p);
+        }
+    }
+    (out, problems)
+}
+
+/// What routing one destination to a remote node reads.
+struct Context<'a> {
+    local: &'a LocalNode,
+    by_name: &'a BTreeMap<&'a str, &'a RemoteNode>,
+    claims: &'a VtepClaims<'a>,
+}
+
+impl Context<'_> {
+    /// Routes `dst` to `node` as `pool`'s encapsulation says.
+    fn route(
+        &self,
+        dst: IpNet,
+        pool: Option<&PoolRouting>,
+        node: &str,
+        out: &mut Desired,
+    ) -> Result<(), Problem> {
+        let local = self.local;
+        let block = dst;
+        let pool = pool.ok_or(Problem::NoPool { block })?;
+        let remote = self.by_name.get(node).ok_or_else(|| Problem::UnknownNode {
+            block,
+            node: node.to_string(),
+        })?;
         let same_subnet = local.address.contains(&remote.address);
         let bgp_owns = local.bgp
             && match pool.encapsulation {
@@ -313,23 +366,17 @@ pub fn desired(
                 Encapsulation::VxlanCrossSubnet => same_subnet,
                 _ => false,
             };
-        let r = match pool.encapsulation {
+        match pool.encapsulation {
             _ if bgp_owns => Ok(()),
-            Encapsulation::None => direct(local, block, remote, &mut out),
-            Encapsulation::Vxlan => vxlan(local, block, remote, &claims, &mut out),
-            Encapsulation::VxlanCrossSubnet if same_subnet => {
-                direct(local, block, remote, &mut out)
-            }
-            Encapsulation::VxlanCrossSubnet => vxlan(local, block, remote, &claims, &mut out),
+            Encapsulation::None => direct(local, block, remote, out),
+            Encapsulation::Vxlan => vxlan(local, block, remote, self.claims, out),
+            Encapsulation::VxlanCrossSubnet if same_subnet => direct(local, block, remote, out),
+            Encapsulation::VxlanCrossSubnet => vxlan(local, block, remote, self.claims, out),
             Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => {
                 Err(Problem::IpipUnsupported { block })
             }
-        };
-        if let Err(p) = r {
-            problems.push(p);
         }
     }
-    (out, problems)
 }
 
 /// What the kernel has of Trellis's: routes with [`TRELLIS_PROTO`], entries on the VTEP; and

@@ -374,3 +374,53 @@ fn a_vtep_published_twice_is_used_once_and_converges() {
         "{problems:?}"
     );
 }
+
+/// A floating address (or one given without IPAM) of a pod on another node is routed to that
+/// node as its pod's pool says; this node's own get no route (DNAT or the pod's host route
+/// reaches them), and one whose pod is in no pool is reported.
+#[test]
+fn host_routes_follow_their_pods_pool() {
+    let hosts = vec![
+        HostRoute {
+            dst: net("203.0.113.9/32"),
+            node: "n2".into(),
+            via: ip("10.244.1.5"),
+        },
+        HostRoute {
+            dst: net("203.0.113.10/32"),
+            node: "n1".into(),
+            via: ip("10.244.0.5"),
+        },
+        HostRoute {
+            dst: net("203.0.113.11/32"),
+            node: "n3".into(),
+            via: ip("172.16.0.1"),
+        },
+    ];
+    let (d, problems) = desired_with(
+        &local(),
+        &remotes(),
+        &[],
+        &pool(Encapsulation::VxlanCrossSubnet),
+        &hosts,
+    );
+    assert_eq!(
+        render(&d),
+        vec!["route replace 203.0.113.9/32 via 192.168.1.11 dev #2"]
+    );
+    assert_eq!(
+        problems,
+        vec![Problem::NoPool {
+            block: net("203.0.113.11/32")
+        }]
+    );
+    let (d, _) = desired_with(
+        &local(),
+        &remotes(),
+        &[],
+        &pool(Encapsulation::Vxlan),
+        &hosts,
+    );
+    assert!(render(&d)
+        .contains(&"route replace 203.0.113.9/32 via 10.244.1.0 dev #9 onlink".to_string()));
+}

@@ -207,6 +207,9 @@ pub struct Inputs<'a> {
     pub filters: &'a [Object<BgpFilterSpec>],
     /// (block, affine node).
     pub blocks: &'a [(IpNet, String)],
+    /// Pods' addresses outside their node's blocks (floating addresses, addresses given
+    /// without IPAM): this node's are exported as /32s (/128s).
+    pub hosts: &'a [trellis_routing::HostRoute],
 }
 
 /// A node as BGP sees it.
@@ -423,17 +426,24 @@ fn rule(r: &BgpFilterRule, ipv6: bool) -> Rule {
     }
 }
 
-/// This node's blocks (unless their pool has disableBGPExport) and the service ranges, each
-/// with the communities its prefixAdvertisements give it.
+/// This node's blocks and its pods' addresses outside them (unless their pool has
+/// disableBGPExport) and the service ranges, each with the communities its
+/// prefixAdvertisements give it.
 fn exports(i: &Inputs, cfg: &BgpConfigurationSpec) -> BTreeMap<IpNet, Vec<u32>> {
     let mut out = BTreeMap::new();
+    let exported = |a: IpAddr| {
+        let pool = i.pools.iter().find(|p| p.cidr.contains(&a));
+        pool.is_some_and(|p| !p.disable_bgp_export)
+    };
     for (block, node) in i.blocks {
-        if node != i.node {
-            continue;
-        }
-        let pool = i.pools.iter().find(|p| p.cidr.contains(&block.network()));
-        if pool.is_some_and(|p| !p.disable_bgp_export) {
+        if node == i.node && exported(block.network()) {
             out.insert(*block, Vec::new());
+        }
+    }
+    for h in i.hosts {
+        // A floating address is exported as its pod's address is: by the pod's pool.
+        if h.node == i.node && exported(h.via) {
+            out.insert(h.dst, Vec::new());
         }
     }
     let services = cfg

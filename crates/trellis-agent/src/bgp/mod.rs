@@ -154,11 +154,20 @@ struct Inputs {
     pools: Vec<trellis_resources::IpPoolSpec>,
     blocks: Vec<(IpNet, String)>,
     filters: Vec<Object<trellis_resources::BgpFilterSpec>>,
+    /// Pods' addresses outside their node's blocks (see [`crate::dataplane::host_routes`]).
+    hosts: Vec<trellis_routing::HostRoute>,
 }
 
 impl Inputs {
     fn read(view: &ClusterView) -> Inputs {
+        let blocks: Vec<(IpNet, String)> = view
+            .blocks()
+            .filter_map(|b| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
+            .collect();
+        // Every node's (the node is not known here); exports keeps this node's.
+        let hosts = crate::dataplane::host_routes(view, "", &blocks).0;
         Inputs {
+            hosts,
             configs: view.bgp_configurations().cloned().collect(),
             peers: view.bgp_peers().cloned().collect(),
             nodes: view
@@ -169,10 +178,7 @@ impl Inputs {
                 })
                 .collect(),
             pools: view.pools().map(|p| p.spec.clone()).collect(),
-            blocks: view
-                .blocks()
-                .filter_map(|b| alloc::block_node(&b.spec).map(|n| (b.spec.cidr, n.to_string())))
-                .collect(),
+            blocks,
             filters: view.bgp_filters().cloned().collect(),
         }
     }
@@ -196,6 +202,7 @@ fn desired(node: &str, i: &Inputs, mode: Mode) -> Result<Option<config::SpeakerC
         pools: &i.pools,
         blocks: &i.blocks,
         filters: &i.filters,
+        hosts: &i.hosts,
     })
     .map(Some)
 }
@@ -217,6 +224,8 @@ pub async fn run(agent: Arc<Agent>, mode: Mode) {
     tokio::spawn(speaker::Speaker::run(agent.bgp.clone(), cfg_rx));
     tokio::spawn(publish_status(agent.clone()));
     let mut changes = agent.view.subscribe();
+    // Endpoints' floating addresses are exported too; their changes come with policy's kinds.
+    let mut endpoint_changes = agent.view.subscribe_policy();
     let mut last_inputs: Option<Inputs> = None;
     let mut last_problem = None;
     loop {
@@ -254,12 +263,17 @@ pub async fn run(agent: Arc<Agent>, mode: Mode) {
             }
             last_inputs = Some(inputs);
         }
-        if changes.changed().await.is_err() {
+        let changed = tokio::select! {
+            r = changes.changed() => r,
+            r = endpoint_changes.changed() => r,
+        };
+        if changed.is_err() {
             return; // the agent is stopping
         }
         // Let a burst of changes settle into one computation.
         tokio::time::sleep(Duration::from_millis(50)).await;
         changes.borrow_and_update();
+        endpoint_changes.borrow_and_update();
     }
 }
 

@@ -68,6 +68,23 @@ fn compute_for(node: &str, extra: &str) -> SpeakerConfig {
         pools: &o.pools,
         blocks: &blocks,
         filters: &o.filters,
+        hosts: &[
+            trellis_routing::HostRoute {
+                dst: "203.0.113.9/32".parse().unwrap(),
+                node: "n1".into(),
+                via: "10.10.1.5".parse().unwrap(),
+            },
+            trellis_routing::HostRoute {
+                dst: "203.0.113.10/32".parse().unwrap(),
+                node: "n1".into(),
+                via: "10.20.1.5".parse().unwrap(),
+            },
+            trellis_routing::HostRoute {
+                dst: "203.0.113.11/32".parse().unwrap(),
+                node: "n2".into(),
+                via: "10.10.2.5".parse().unwrap(),
+            },
+        ],
     })
     .unwrap()
 }
@@ -90,9 +107,11 @@ fn default_is_a_full_mesh_exporting_own_blocks() {
         .values()
         .all(|p| p.kind == PeerKind::Mesh && !p.rr_client));
     // The disableBGPExport pool's block and other nodes' blocks are not exported.
+    // Its own block and its pod's floating address (not the one of a pod in a
+    // disableBGPExport pool, nor another node's).
     assert_eq!(
         c.exports.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
-        vec!["10.10.1.0/26"]
+        vec!["10.10.1.0/26", "203.0.113.9/32"]
     );
     // The reflector sees the mesh nodes as its clients.
     let rr = compute_for("rr", "");
