@@ -54,10 +54,12 @@ pub struct KubeControllerArgs {
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration> {
-    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+    // At least a millisecond: a smaller value is zero as a timer period (which tokio's
+    // interval refuses with a panic).
+    if !(0.001..=86_400.0).contains(&v) {
         return Err(KubeError::Config {
             field: flag.into(),
-            reason: format!("{v} is not a number of seconds in (0, 86400]"),
+            reason: format!("{v} is not a number of seconds in [0.001, 86400]"),
         });
     }
     Ok(Duration::from_secs_f64(v))
@@ -201,6 +203,10 @@ mod tests {
             ["--ipam-gc-grace", "100000"],
             ["--ipam-gc-interval", "0"],
             ["--ipam-gc-max-shrink", "1.5"],
+            ["--ipam-gc-max-shrink", "NaN"],
+            // Positive, but zero once a Duration: the timers refuse (panic on) a zero period.
+            ["--ipam-gc-interval", "1e-10"],
+            ["--resync", "1e-12"],
         ] {
             let e = config(&bad).unwrap_err().to_string();
             assert!(e.contains(bad[0]), "{e}");

@@ -26,7 +26,7 @@ use trellis_store::{Datastore, Precondition, TxnOp, TxnOutcome};
 use crate::controller::FENCE_KEY;
 use crate::gc_plan::{
     confirm_node, confirm_pod, fresh_list_ok, DueNode, DuePod, GcConfig, GcState, Identity,
-    StoredNode, View,
+    StoredNode, View, MIRROR_ANNOTATION,
 };
 use crate::lease::Leadership;
 use crate::translate::KUBE_LABELS;
@@ -109,7 +109,16 @@ pub fn pod_identity(p: &Pod) -> Identity {
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty()),
+        mirror_of: mirror_of(p.metadata.annotations.as_ref()),
     }
+}
+
+/// The static pod's UID a mirror pod names ([`MIRROR_ANNOTATION`]).
+fn mirror_of(annotations: Option<&BTreeMap<String, String>>) -> Option<String> {
+    annotations?
+        .get(MIRROR_ANNOTATION)
+        .filter(|u| !u.is_empty())
+        .cloned()
 }
 
 /// What the API server says of a node.
@@ -117,6 +126,7 @@ pub fn node_identity(n: &Node) -> Identity {
     Identity {
         uid: n.metadata.uid.clone().filter(|u| !u.is_empty()),
         node: None,
+        mirror_of: None,
     }
 }
 
@@ -151,14 +161,24 @@ impl Pass<'_> {
             tracing::warn!(reason = %why, "IPAM GC: not trusting the Kubernetes view this pass");
             GcStats::add(&stats.refused, 1);
         }
+        for why in &d.bad {
+            tracing::warn!(record = %why, "IPAM GC: bad record");
+        }
         for p in &d.pending {
             tracing::debug!(candidate = %p.what, absent_secs = p.absent_for.as_secs(), observations = p.observations, "IPAM GC: seen gone, not released yet");
         }
+        // One fresh list of pods serves both re-checks: a due pod's, and a due node's (no pod
+        // may be bound to it).
+        let fresh_pods = if d.pods.is_empty() && d.nodes.is_empty() {
+            Ok(BTreeMap::new())
+        } else {
+            self.fresh_pods(view.pods.len()).await
+        };
         if !d.pods.is_empty() {
-            match self.fresh_pods(view.pods.len()).await {
+            match &fresh_pods {
                 Ok(fresh) => {
                     for due in &d.pods {
-                        self.release_pod(&snap, &fresh, due).await?;
+                        self.release_pod(&snap, fresh, due).await?;
                     }
                 }
                 Err(why) => {
@@ -169,10 +189,14 @@ impl Pass<'_> {
             }
         }
         if !d.nodes.is_empty() {
-            match self.fresh_nodes(view.nodes.len()).await {
-                Ok(fresh) => {
+            let fresh = match fresh_pods {
+                Ok(pods) => self.fresh_nodes(view.nodes.len()).await.map(|n| (n, pods)),
+                Err(why) => Err(why),
+            };
+            match fresh {
+                Ok((fresh, pods)) => {
                     for due in &d.nodes {
-                        self.release_node(&fresh, due).await?;
+                        self.release_node(&fresh, &pods, due).await?;
                     }
                 }
                 Err(why) => {
@@ -338,10 +362,16 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Re-checks a due node (fresh list, GET) and releases it: its Trellis Node deleted (guarded
-    /// by the revision read and the fence), then its addresses, blocks, affinities and tunnel
-    /// address as `trellis delete node` does — each on condition the node is still absent.
-    async fn release_node(&self, fresh: &BTreeMap<String, Identity>, due: &DueNode) -> Result<()> {
+    /// Re-checks a due node (fresh list, GET, no pod of the fresh pod list `pods` bound to it)
+    /// and releases it: its Trellis Node deleted (guarded by the revision read and the fence),
+    /// then its addresses, blocks, affinities and tunnel address as `trellis delete node` does
+    /// — each on condition the node is still absent.
+    async fn release_node(
+        &self,
+        fresh: &BTreeMap<String, Identity>,
+        pods: &BTreeMap<String, Identity>,
+        due: &DueNode,
+    ) -> Result<()> {
         let stats = &self.hooks.stats;
         let api: Api<Node> = Api::all(self.client.clone());
         let got = match api.get_opt(&due.node).await {
@@ -352,8 +382,8 @@ impl Pass<'_> {
                 return Ok(());
             }
         };
-        if !confirm_node(&due.node, fresh, got.as_ref()) {
-            tracing::info!(node = %due.node, "IPAM GC: the re-check found the node; not released");
+        if !confirm_node(&due.node, fresh, got.as_ref(), pods) {
+            tracing::info!(node = %due.node, "IPAM GC: the re-check found the node, or a pod bound to it; not released");
             GcStats::add(&stats.spared, 1);
             return Ok(());
         }
@@ -433,6 +463,7 @@ pub async fn pod_leaks(store: &dyn Datastore, now: u64) -> Result<Option<Vec<Pod
                 Identity {
                     uid: p.metadata.uid.clone(),
                     node: p.spec.node_name.clone(),
+                    mirror_of: mirror_of(Some(&p.metadata.annotations)),
                 },
             )),
             _ => None,

@@ -21,16 +21,21 @@
 //! commits a transaction guarded by the revisions the decision read.
 //!
 //! "A pod exists" ([`protects`]) means: same namespace and name, and the same UID when the
-//! endpoint records one (`K8S_POD_UID`); without a UID, the same node (a pod never moves, so a
-//! pod of that name elsewhere, or not scheduled yet, is a later pod). A pod recreated under the
-//! same name therefore does not protect the old pod's address, and its own endpoint (its UID)
-//! is protected by it.
+//! endpoint records one (`K8S_POD_UID`) — for a static pod, the kubelet's UID its mirror pod
+//! names in `kubernetes.io/config.mirror`; without a UID (or with an annotation that is no UID),
+//! the same node (a pod never moves, so a pod of that name elsewhere, or not scheduled yet, is a
+//! later pod). A pod recreated under the same name therefore does not protect the old pod's
+//! address, and its own endpoint (its UID) is protected by it.
+//!
+//! A node gone from Kubernetes is released only once no pod is bound to it any more (in a
+//! trusted view, and in the fresh list of the re-check): the node's addresses are its pods'
+//! until the API server has no such pod.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use trellis_cluster::ipam::{HANDLE_ANNOTATION, POD_UID_ANNOTATION};
+use trellis_cluster::ipam::{check_pod_uid, HANDLE_ANNOTATION, POD_UID_ANNOTATION};
 use trellis_cluster::snapshot::Snapshot;
 use trellis_ipam::cluster as alloc;
 
@@ -65,7 +70,14 @@ pub struct Identity {
     pub uid: Option<String>,
     /// `spec.nodeName` of a pod (`None` until scheduled; always `None` for a node).
     pub node: Option<String>,
+    /// Of a mirror pod: the UID the kubelet runs its static pod under — what the runtime passes
+    /// as `K8S_POD_UID` — from [`MIRROR_ANNOTATION`] (the mirror's own `metadata.uid` differs).
+    pub mirror_of: Option<String>,
 }
+
+/// The annotation the kubelet puts on a static pod's mirror pod: the static pod's UID (a hash
+/// of its manifest), which is what the runtime passes as `K8S_POD_UID`.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// Whether the controller's list of one kind can be believed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,8 +116,11 @@ pub struct Attachment {
     pub endpoint: String,
     pub namespace: String,
     pub pod: String,
-    /// The pod UID the ADD recorded, if the runtime passed one.
+    /// The pod UID the ADD recorded, if the runtime passed one (and it is one: see `bad_uid`).
     pub uid: Option<String>,
+    /// A pod UID annotation that is no UID (written by hand or another writer): ignored, so the
+    /// attachment is judged as one without a UID, and reported.
+    pub bad_uid: Option<String>,
     pub node: String,
     pub handle: String,
     pub ips: Vec<IpNet>,
@@ -123,7 +138,8 @@ impl Attachment {
 pub fn protects(pod: Option<&Identity>, a: &Attachment) -> bool {
     let Some(pod) = pod else { return false };
     match (a.uid.as_deref(), pod.uid.as_deref()) {
-        (Some(ours), Some(theirs)) => ours == theirs,
+        // A static pod's endpoint has the kubelet's UID, its mirror pod another.
+        (Some(ours), Some(theirs)) => ours == theirs || pod.mirror_of.as_deref() == Some(ours),
         // No UID to compare: a pod never moves, so only a pod of that name on the endpoint's
         // node can be the one that got the address (one not scheduled yet is a later pod).
         _ => pod.node.as_deref() == Some(a.node.as_str()),
@@ -149,11 +165,17 @@ pub fn attachments(snap: &Snapshot) -> Vec<Attachment> {
         if h.object.spec.endpoint.as_deref() != Some(key.as_str()) {
             continue;
         }
+        let (uid, bad_uid) = match o.metadata.annotations.get(POD_UID_ANNOTATION) {
+            Some(u) if check_pod_uid(u).is_ok() => (Some(u.clone()), None),
+            Some(u) => (None, Some(u.clone())),
+            None => (None, None),
+        };
         out.push(Attachment {
             endpoint: key.clone(),
             namespace: namespace.clone(),
             pod: pod.clone(),
-            uid: o.metadata.annotations.get(POD_UID_ANNOTATION).cloned(),
+            uid,
+            bad_uid,
             node: o.spec.node.clone(),
             handle: handle.clone(),
             ips: o.spec.ip_networks.clone(),
@@ -208,6 +230,8 @@ pub struct Decision {
     pub pending: Vec<Pending>,
     /// Why a kind was not observed this pass (logged by the shell).
     pub refused: Vec<String>,
+    /// Bad records judged conservatively (logged by the shell).
+    pub bad: Vec<String>,
 }
 
 /// One kind's candidates and the list size at the last pass that observed it.
@@ -337,14 +361,22 @@ impl GcState {
     ) -> Decision {
         let mut d = Decision::default();
         let min_gap = cfg.interval / 2;
-        match self
-            .pods
-            .admit("pods", view.pods_trust, view.pods.len(), cfg.max_shrink)
-        {
+        let pods_admitted =
+            self.pods
+                .admit("pods", view.pods_trust, view.pods.len(), cfg.max_shrink);
+        let pods_trusted = pods_admitted.is_ok();
+        match pods_admitted {
             Err(why) => d.refused.push(why),
             Ok(()) => {
                 let mut seen = BTreeSet::new();
                 for a in attachments(snap) {
+                    if let Some(bad) = &a.bad_uid {
+                        d.bad.push(format!(
+                            "endpoint {}: {POD_UID_ANNOTATION} {:?} is no pod UID; judged by name and node",
+                            a.endpoint,
+                            bad.chars().take(64).collect::<String>()
+                        ));
+                    }
                     // Only nodes Kubernetes knows: a deleted node is the node rule's, and a
                     // node Kubernetes never had runs workloads this controller cannot judge.
                     if !view.nodes.contains_key(&a.node)
@@ -385,6 +417,7 @@ impl GcState {
             Err(why) => d.refused.push(why),
             Ok(()) => {
                 let mut seen = BTreeSet::new();
+                let bound = bound_pods(view.pods);
                 for (node, record) in node_candidates(snap, stored_nodes) {
                     if view.nodes.contains_key(&node) {
                         continue;
@@ -392,7 +425,14 @@ impl GcState {
                     let abs = self.nodes.seen_gone(&node, &node, now, min_gap).clone();
                     seen.insert(node.clone());
                     let absent_for = now.saturating_duration_since(abs.since);
-                    if due(&abs, now, cfg.grace) {
+                    // Its pods' addresses are theirs while a pod is bound to it, and a view of
+                    // pods that is not trusted cannot say none is.
+                    let held = match bound.get(node.as_str()) {
+                        Some(n) => Some(format!("{n} pod(s) still bound to it")),
+                        None if !pods_trusted => Some("the pod view is not trusted".into()),
+                        None => None,
+                    };
+                    if let (true, None) = (due(&abs, now, cfg.grace), &held) {
                         d.nodes.push(DueNode {
                             node,
                             record,
@@ -401,7 +441,10 @@ impl GcState {
                     } else {
                         d.pending.push(Pending {
                             key: format!("node/{node}"),
-                            what: format!("node {node}"),
+                            what: match held {
+                                Some(why) => format!("node {node} ({why})"),
+                                None => format!("node {node}"),
+                            },
                             absent_for,
                             observations: abs.observations,
                         });
@@ -412,6 +455,15 @@ impl GcState {
         }
         d
     }
+}
+
+/// How many pods `pods` binds to each node (`spec.nodeName`).
+fn bound_pods(pods: &BTreeMap<String, Identity>) -> BTreeMap<&str, usize> {
+    let mut out: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in pods.values().filter_map(|p| p.node.as_deref()) {
+        *out.entry(n).or_default() += 1;
+    }
+    out
 }
 
 /// Nodes this GC may release when Kubernetes has no such node: Trellis Nodes once synced from
@@ -480,13 +532,17 @@ pub fn confirm_pod(
     !protects(fresh.get(&a.pod_key()), a) && !protects(got, a)
 }
 
-/// The re-check of a due node: absent from a fresh list and from a direct GET.
+/// The re-check of a due node: absent from a fresh list and from a direct GET, and no pod of
+/// a fresh list of pods (`pods`, by `namespace/name`) bound to it.
 pub fn confirm_node(
     node: &str,
     fresh: &BTreeMap<String, Identity>,
     got: Option<&Identity>,
+    pods: &BTreeMap<String, Identity>,
 ) -> bool {
-    !fresh.contains_key(node) && got.is_none()
+    !fresh.contains_key(node)
+        && got.is_none()
+        && !pods.values().any(|p| p.node.as_deref() == Some(node))
 }
 
 #[cfg(test)]

@@ -352,6 +352,7 @@ mod tests {
             }],
             ipam: Ok(Default::default()),
             uid: Some("u1".into()),
+            mirror_of: None,
         }
     }
 

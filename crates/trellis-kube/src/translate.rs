@@ -179,13 +179,20 @@ pub struct PodInfo {
     pub ipam: Result<PodIpam, TranslateError>,
     /// `metadata.uid`.
     pub uid: Option<String>,
+    /// Of a static pod's mirror pod: the kubelet's UID of the static pod (what the runtime
+    /// passes as `K8S_POD_UID`), kept on the record for `trellis ipam check`.
+    pub mirror_of: Option<String>,
 }
 
 impl PodInfo {
     /// The pod's record as stored (`/trellis/v1/pods/NS/NAME`), marked as the controller's:
     /// what the agent copies onto the pod's endpoint at ADD.
     pub fn record(&self) -> Object<PodSpec> {
-        let annotations = [(MANAGED_BY.to_string(), CONTROLLER.to_string())].into();
+        let mut annotations: BTreeMap<String, String> =
+            [(MANAGED_BY.to_string(), CONTROLLER.to_string())].into();
+        if let Some(m) = &self.mirror_of {
+            annotations.insert(crate::gc_plan::MIRROR_ANNOTATION.into(), m.clone());
+        }
         let ipam = self.ipam.as_ref().cloned().unwrap_or_default();
         let ipam_error = self
             .ipam
@@ -309,6 +316,9 @@ pub fn pod(p: &Pod) -> Result<PodInfo, TranslateError> {
         ports,
         ipam,
         uid: meta.uid.clone().filter(|u| !u.is_empty()),
+        mirror_of: annotation(crate::gc_plan::MIRROR_ANNOTATION)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string),
     })
 }
 

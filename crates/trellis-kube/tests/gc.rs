@@ -520,6 +520,10 @@ async fn a_node_deleted_and_added_again_before_grace_keeps_everything() {
     .await;
     e.step(&c, STEP).await;
     e.api.delete(NODES, "", "n2");
+    // Its pod goes too (the pod GC controller removes pods bound to a deleted node): while one
+    // is bound to it, the node is not released at all.
+    e.api.delete(PODS, "a", "on-n2");
+    e.synced_pod("a", "on-n2", None).await;
     until("n2 seen gone again", || async {
         c.stats.pending.load(Ordering::SeqCst) == 1
             || c.stats.released_nodes.load(Ordering::SeqCst) > 0
@@ -626,4 +630,119 @@ async fn an_endpoint_without_uid_is_judged_by_name_and_node() {
         e.step(&c, STEP).await;
     }
     until("released", || async { !e.endpoint_exists("n1", &r).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_pod_keeps_its_address_though_its_mirror_pod_has_another_uid() {
+    // The kubelet runs a static pod under a UID it hashes from the manifest — what the runtime
+    // passes as K8S_POD_UID — while the API server holds a mirror pod with a UID of its own,
+    // naming the kubelet's in `kubernetes.io/config.mirror`.
+    let e = env(false).await;
+    let hash = "6576683a93d91d8e2119df2c2755f2f1";
+    let mirror = |uid: &str, hash: &str| {
+        let mut p = pod("a", "web-n1", uid, "n1");
+        p["metadata"]["annotations"] = json!({
+            "kubernetes.io/config.mirror": hash,
+            "kubernetes.io/config.hash": hash,
+            "kubernetes.io/config.source": "file",
+        });
+        p
+    };
+    e.api
+        .put(PODS, mirror("5c582d4d-bb18-402b-8790-53bf48cb9396", hash));
+    let c = e.controller("a").await;
+    e.synced_pod("a", "web-n1", Some("5c582d4d-bb18-402b-8790-53bf48cb9396"))
+        .await;
+    let r = add_req("a", "web-n1", Some(hash), "s1");
+    let ip = e.add("n1", &r).await;
+    // `trellis ipam check` judges it the same way: no leak.
+    let leaks = trellis_kube::gc::pod_leaks(&*e.store, e.clock.now_secs())
+        .await
+        .unwrap();
+    assert_eq!(leaks, Some(vec![]), "a live static pod reported as a leak");
+    for _ in 0..6 {
+        e.step(&c, STEP).await;
+    }
+    assert_eq!(
+        e.held(&r).await,
+        vec![ip],
+        "a live static pod's address released"
+    );
+    assert!(e.endpoint_exists("n1", &r).await);
+    assert_eq!(released(&c), 0);
+    // The manifest changes: the kubelet runs the pod under a new hash and replaces the mirror.
+    // The old sandbox's address (its DEL lost) is no longer anyone's.
+    let hash2 = "9aac5b5c8815def09a2ef9e37b89da55";
+    e.api.delete(PODS, "a", "web-n1");
+    e.api
+        .put(PODS, mirror("1fa419d8-454b-29b5-4d32-95c64c05e200", hash2));
+    e.synced_pod("a", "web-n1", Some("1fa419d8-454b-29b5-4d32-95c64c05e200"))
+        .await;
+    let r2 = add_req("a", "web-n1", Some(hash2), "s2");
+    let ip2 = e.add("n1", &r2).await;
+    for _ in 0..4 {
+        e.step(&c, STEP).await;
+    }
+    until("the old static pod's address released", || async {
+        !e.endpoint_exists("n1", &r).await
+    })
+    .await;
+    assert_eq!(e.held(&r2).await, vec![ip2]);
+    assert_eq!(released(&c), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_while_its_pods_still_exist_keeps_their_addresses() {
+    // A Node object deleted (kubectl delete node, a cloud controller's mistake) while pods bound
+    // to it still exist in the API server (the pod GC controller has not removed them, or is
+    // down): the node's addresses are those pods' until the pods are gone.
+    let e = env(false).await;
+    objects::apply(
+        &*e.store,
+        &parse_documents(&node_yaml("n2")).unwrap()[0],
+        false,
+    )
+    .await
+    .unwrap();
+    e.api
+        .put(NODES, json!({"metadata": {"name": "n2", "uid": "node-n2"}}));
+    e.api.put(PODS, pod("a", "on-n2", "uid-2", "n2"));
+    let c = e.controller("a").await;
+    until("n2 synced from Kubernetes", || async {
+        matches!(
+            objects::get(&*e.store, Kind::Node, None, "n2").await.unwrap().map(|s| s.resource),
+            Some(Resource::Node(n)) if n.metadata.annotations.contains_key(trellis_kube::translate::KUBE_LABELS)
+        )
+    })
+    .await;
+    e.synced_pod("a", "on-n2", Some("uid-2")).await;
+    let on_n2 = add_req("a", "on-n2", Some("uid-2"), "x2");
+    let ip = e.add("n2", &on_n2).await;
+    e.api.delete(NODES, "", "n2");
+    until("n2 seen gone", || async {
+        c.stats.pending.load(Ordering::SeqCst) >= 1
+            || c.stats.released_nodes.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    for _ in 0..6 {
+        e.step(&c, STEP).await;
+    }
+    assert_eq!(
+        e.held(&on_n2).await,
+        vec![ip],
+        "the address of a pod that still exists released with its node"
+    );
+    assert!(e.endpoint_exists("n2", &on_n2).await);
+    assert_eq!(c.stats.released_nodes.load(Ordering::SeqCst), 0);
+    // The pod goes too: then the node and its addresses go.
+    e.api.delete(PODS, "a", "on-n2");
+    e.synced_pod("a", "on-n2", None).await;
+    for _ in 0..3 {
+        e.step(&c, STEP).await;
+    }
+    until("n2 released", || async {
+        c.stats.released_nodes.load(Ordering::SeqCst) == 1 && e.held(&on_n2).await.is_empty()
+    })
+    .await;
+    assert!(report::check(&*e.store).await.unwrap().is_empty());
 }
