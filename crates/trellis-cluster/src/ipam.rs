@@ -263,10 +263,11 @@ pub struct NodeIpam {
     require_pods: bool,
 }
 
-/// Where the allocator looks up pods' records first (the agent's view, kept current by its
-/// watch) before reading the store.
+/// Where the allocator looks up pods' records — and its node's own record, whose labels
+/// pools' `nodeSelector`s match — first (the agent's view, kept current by its watch) before
+/// reading the store.
 pub trait PodRecords: Send + Sync {
-    /// The record stored at `key`, with its revision, as the reader last saw it.
+    /// The record stored at `key` (any kind), with its revision, as the reader last saw it.
     fn pod_record(&self, key: &str) -> Option<objects::Stored>;
 }
 
@@ -450,7 +451,8 @@ impl NodeIpam {
             let affine = self.affine(&mut st, fresh).await?;
             let pod = self.read_pod(req, fresh).await?;
             let asked = with_pod_ipam(req, pod.record.as_ref());
-            let mut plans = match self.plan(&asked, &settings, &affine).await {
+            let (labels, node_guard) = self.node_labels(&settings, fresh).await?;
+            let mut plans = match self.plan(&asked, &settings, &affine, &labels).await {
                 Ok(p) => p,
                 Err(e) if !fresh => {
                     tracing::debug!(error = %e, "allocation failed on cached state; retrying fresh");
@@ -464,6 +466,9 @@ impl NodeIpam {
             }
             if let Some(g) = &pod.guard {
                 plans.guard(g.clone());
+            }
+            if let Some(g) = node_guard {
+                plans.guard(g);
             }
             let committed = match self.commit(req, &plans, pod.record.as_ref()).await {
                 Ok(c) => c,
@@ -582,11 +587,50 @@ impl NodeIpam {
         Ok(pre)
     }
 
+    /// The labels pools' `nodeSelector`s are matched against: the node's stored labels (the
+    /// ones the kube-controller mirrors from the Kubernetes Node, as Calico matches them),
+    /// with this agent's `--label`s over them (as registration writes them). When a pool has
+    /// a selector the decision read the record, so its revision is returned as a guard; a
+    /// node without a readable record gets the agent's labels (the commit requires the
+    /// node to exist anyway).
+    async fn node_labels(
+        &self,
+        s: &Settings,
+        fresh: bool,
+    ) -> Result<(BTreeMap<String, String>, Option<Precondition>)> {
+        if s.pools.iter().all(|p| p.spec.node_selector.is_none()) {
+            return Ok((self.labels.clone(), None));
+        }
+        let key = node_key(&self.node);
+        let seen = match (&self.pods, fresh) {
+            (Some(view), false) => view.pod_record(&key),
+            _ => None,
+        };
+        let stored = match seen {
+            Some(s) => Some((s.revision, Ok(s.resource))),
+            None => self
+                .store
+                .get(&key)
+                .await?
+                .map(|kv| (kv.mod_revision, objects::decode(&kv).map(|s| s.resource))),
+        };
+        let Some((revision, decoded)) = stored else {
+            return Ok((self.labels.clone(), None));
+        };
+        let mut labels = match decoded {
+            Ok(Resource::Node(n)) => n.metadata.labels,
+            _ => BTreeMap::new(),
+        };
+        labels.extend(self.labels.clone());
+        Ok((labels, Some(Precondition::ModRevision(key, revision))))
+    }
+
     async fn plan(
         &self,
         req: &Request,
         s: &Settings,
         affine: &BTreeMap<IpNet, (IpamBlockSpec, i64)>,
+        node_labels: &BTreeMap<String, String>,
     ) -> Result<Plans> {
         let handle = req.handle();
         let secondary: BTreeMap<String, String> = [
@@ -631,7 +675,7 @@ impl NodeIpam {
         for v4 in families {
             let requested = if v4 { &req.ipv4_pools } else { &req.ipv6_pools };
             let pools =
-                match alloc::eligible_pools(&s.pools, &self.node, &self.labels, requested, v4) {
+                match alloc::eligible_pools(&s.pools, &self.node, node_labels, requested, v4) {
                     Ok(p) => p,
                     Err(e) if requested.is_empty() && !v4 => {
                         tracing::debug!(error = %e, "no IPv6 pool for this node");
