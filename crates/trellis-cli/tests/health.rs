@@ -1,7 +1,7 @@
 //! The agent's `/healthz` and `/readyz` (on its metrics listener) and `trellis node status`
 //! (over its socket), with a real agent: ready once started; not ready, naming the datastore,
 //! while etcd is stopped, and ready again once it is back; not ready, naming BGP, while a
-//! configured peer never comes up.
+//! configured peer never comes up or the speaker cannot bind its port.
 
 mod common;
 
@@ -162,6 +162,59 @@ fn readiness_needs_configured_bgp_sessions_established() {
 
     c.cli_ok(&["delete", "bgppeer", "nobody"], None);
     wait_readyz(&c, addr, 200, "\nready\n", "ready once the peer is gone");
+}
+
+/// A TCP listener on `addr` in network namespace `ns` (bound on a thread that entered it;
+/// the socket stays in that namespace).
+fn listen_in(ns: &std::path::Path, addr: &str) -> std::net::TcpListener {
+    use std::os::fd::AsRawFd;
+    let (ns, addr) = (ns.to_path_buf(), addr.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        // SAFETY: setns on this thread only; the descriptor is valid for the call.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        std::net::TcpListener::bind(&addr).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A speaker that is on but cannot bind its port (something else holds it) is not ready —
+/// also with no session configured, where nothing else would show it — and is ready again
+/// once it could bind.
+#[test]
+fn readiness_needs_the_bgp_listener() {
+    let addr = "192.0.2.10:9097";
+    let c = Cluster::new_with(
+        "hlbind",
+        false,
+        1,
+        &["--bgp", "on", "--metrics-listen", addr],
+    );
+    wait_readyz(&c, addr, 200, "\nready\n", "the agent to be ready");
+    let holder = listen_in(c.nodes[0].ns.path(), "0.0.0.0:1790");
+    let moved = "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {listenPort: 1790}\n";
+    c.cli_ok(&["apply", "-f", "-"], Some(moved));
+    let body = wait_readyz(
+        &c,
+        addr,
+        503,
+        "not ready: bgp",
+        "not ready while the BGP port is taken",
+    );
+    assert!(
+        body.contains("FAIL bgp: cannot listen on 0.0.0.0:1790"),
+        "{body}"
+    );
+    let (code, status) = node_status(&c);
+    assert_eq!(code, 1, "{status}");
+    assert!(status.contains("FAIL bgp: cannot listen"), "{status}");
+    drop(holder);
+    let body = wait_readyz(&c, addr, 200, "\nready\n", "ready once the port is free");
+    assert!(
+        body.contains("ok   bgp: 0 session(s) Established"),
+        "{body}"
+    );
 }
 
 /// The socket answers whether or not the agent serves HTTP.

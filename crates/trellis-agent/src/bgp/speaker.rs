@@ -438,6 +438,7 @@ impl Speaker {
         if let Some(t) = self.accept_task.take() {
             t.abort();
         }
+        self.shared.set_listen_error(None);
     }
 
     fn ensure_listener(&mut self) {
@@ -471,6 +472,7 @@ impl Speaker {
                 self.listener_at = Some(at);
                 self.listen_failed_at = None;
                 self.md5_keys.clear();
+                self.shared.set_listen_error(None);
                 tracing::info!(%at, "BGP listening");
             }
             Err(e) => {
@@ -478,6 +480,8 @@ impl Speaker {
                 // socket for a moment.
                 tracing::warn!(%at, error = %e, "cannot listen for BGP; will retry");
                 self.listen_failed_at = Some(Instant::now());
+                self.shared
+                    .set_listen_error(Some(format!("cannot listen on {at}: {e}")));
             }
         }
     }
