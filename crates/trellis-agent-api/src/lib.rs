@@ -30,6 +30,10 @@ pub enum Request {
         namespace: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pod: Option<String>,
+        /// The pod's `metadata.uid` (CNI_ARGS `K8S_POD_UID`, set by the runtime): a record of
+        /// an earlier pod of the same name (another UID) is not this pod's.
+        #[serde(default, skip_serializing_if = "Option::is_none", rename = "podUID")]
+        pod_uid: Option<String>,
         #[serde(
             default,
             skip_serializing_if = "Option::is_none",
@@ -184,6 +188,7 @@ mod tests {
             },
             namespace: Some("default".into()),
             pod: None,
+            pod_uid: Some("u1".into()),
             host_interface: None,
             ips: vec!["10.0.0.1".parse().unwrap()],
             ipv4_pools: vec![],
@@ -191,7 +196,9 @@ mod tests {
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(
-            line.contains("\"op\":\"allocate\"") && line.contains("containerID"),
+            line.contains("\"op\":\"allocate\"")
+                && line.contains("containerID")
+                && line.contains("\"podUID\":\"u1\""),
             "{line}"
         );
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);

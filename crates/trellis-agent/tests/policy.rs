@@ -609,6 +609,7 @@ async fn an_own_allocation_is_programmed_without_the_watch() {
         ifname: "eth0".into(),
         namespace: Some("x".into()),
         pod: Some("p".into()),
+        pod_uid: None,
         host_interface: Some("trlown0".into()),
         requested_ips: vec![],
         ipv4_pools: vec![],

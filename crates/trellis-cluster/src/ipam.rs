@@ -52,6 +52,9 @@ pub struct Request {
     pub ifname: String,
     pub namespace: Option<String>,
     pub pod: Option<String>,
+    /// The pod's UID as the runtime gave it (`K8S_POD_UID`): a pod record of another UID is an
+    /// earlier pod of the same name, never this one's.
+    pub pod_uid: Option<String>,
     /// Host-side interface (recorded on the workload endpoint).
     pub host_interface: Option<String>,
     /// Fixed addresses (`IP=` / `ips`).
@@ -950,7 +953,7 @@ impl NodeIpam {
         let (record, guard) = match stored {
             None => (None, Precondition::Absent(key)),
             Some(Ok(s)) => match s.resource {
-                Resource::Pod(p) if p.spec.may_run_on(&self.node) => {
+                Resource::Pod(p) if p.is_for(&self.node, req.pod_uid.as_deref()) => {
                     (Some(p), Precondition::ModRevision(key, s.revision))
                 }
                 _ => (None, Precondition::ModRevision(key, s.revision)),

@@ -283,3 +283,56 @@ async fn a_stale_copy_of_the_nodes_labels_never_chooses_the_pool() {
         "allocated from the stale labels' pool: {got:?}"
     );
 }
+
+fn pod_with_uid(uid: &str, app: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {{name: p1, namespace: default, uid: {uid}, labels: {{app: {app}}}}}\nspec: {{nodeName: n1}}\n"
+    )
+}
+
+/// A pod deleted and created again under its name on the same node (a StatefulSet's) has a new
+/// UID; while the record is still the old pod's, its labels are not the new pod's: in
+/// Kubernetes mode the ADD waits (error 11) rather than give the new pod the old one's labels,
+/// outside it the endpoint gets none. A runtime that gives no UID, or a record without one,
+/// matches by name as before.
+#[tokio::test]
+async fn a_record_of_an_earlier_pod_with_the_same_name_is_not_the_new_pods() {
+    let (store, _b) = setup().await;
+    apply(&*store, &pod_with_uid("uid-old", "open")).await;
+    let with_uid = |i: usize, uid: Option<&str>| trellis_cluster::ipam::Request {
+        pod: Some("p1".into()),
+        pod_uid: uid.map(str::to_string),
+        ..req("n1", i)
+    };
+    let kube = NodeIpam::new(store.clone(), "n1", Default::default())
+        .with_pod_records(Arc::new(Blind), true);
+    let e = kube
+        .allocate(&with_uid(1, Some("uid-new")))
+        .await
+        .expect_err("the old pod's record was taken for the new pod");
+    assert!(matches!(e, ClusterError::PodNotSynced { .. }), "{e}");
+
+    let plain = NodeIpam::new(store.clone(), "n1", Default::default());
+    let r = with_uid(2, Some("uid-new"));
+    plain.allocate(&r).await.unwrap();
+    let Resource::WorkloadEndpoint(w) = first_value(&*store, &endpoint_key(&r)).await else {
+        panic!("not an endpoint")
+    };
+    assert!(w.metadata.labels.is_empty(), "{:?}", w.metadata.labels);
+
+    // The new pod's record arrives: its labels are the endpoint's.
+    apply(&*store, &pod_with_uid("uid-new", "locked")).await;
+    let r = with_uid(3, Some("uid-new"));
+    kube.allocate(&r).await.unwrap();
+    let Resource::WorkloadEndpoint(w) = first_value(&*store, &endpoint_key(&r)).await else {
+        panic!("not an endpoint")
+    };
+    assert_eq!(w.metadata.labels["app"], "locked");
+    // No UID from the runtime: matched by name.
+    let r = with_uid(4, None);
+    kube.allocate(&r).await.unwrap();
+    let Resource::WorkloadEndpoint(w) = first_value(&*store, &endpoint_key(&r)).await else {
+        panic!("not an endpoint")
+    };
+    assert_eq!(w.metadata.labels["app"], "locked");
+}

@@ -42,6 +42,21 @@ impl PodSpec {
     }
 }
 
+impl Object<PodSpec> {
+    /// Whether this record is the pod a CNI ADD on `node` is for: not scheduled on another
+    /// node ([`PodSpec::may_run_on`]), and — when both the runtime (`K8S_POD_UID`) and the
+    /// record name the pod's UID — of the same UID. A pod deleted and created again under
+    /// its name (a StatefulSet's) has a new UID; until the kube-controller has written the new
+    /// pod's record, the old one's labels and ports are not the new pod's.
+    pub fn is_for(&self, node: &str, uid: Option<&str>) -> bool {
+        let same_pod = match (uid, self.metadata.uid.as_deref()) {
+            (Some(asked), Some(recorded)) => asked == recorded,
+            _ => true,
+        };
+        same_pod && self.spec.may_run_on(node)
+    }
+}
+
 /// Gives a workload endpoint its pod's labels, service account and named ports (nothing else
 /// of the endpoint changes). The agent does it when it creates the endpoint at ADD, and the
 /// kube-controller whenever the pod changes afterwards.
