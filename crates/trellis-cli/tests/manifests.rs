@@ -477,6 +477,20 @@ fn the_daemonset_runs_the_agent_on_the_host_network_with_only_what_it_needs() {
     ]);
 }
 
+/// The kube-controller runs on the host network: on the pod network its pod could get no
+/// address before it ran (a deadlock at install, found by review).
+#[test]
+fn the_kube_controller_does_not_need_the_pod_network_it_sets_up() {
+    holds(
+        check_controller_deployment,
+        &[(
+            "    spec:\n      serviceAccountName: trellis-kube-controller\n      hostNetwork: true\n",
+            "    spec:\n      serviceAccountName: trellis-kube-controller\n",
+            "hostNetwork",
+        )],
+    );
+}
+
 #[test]
 fn every_container_command_line_parses_with_the_real_cli() {
     holds(
