@@ -7,6 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use std::process::Command;
+
 use common::{bin, Cluster};
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -217,7 +219,99 @@ fn readiness_needs_the_bgp_listener() {
     );
 }
 
-/// The socket answers whether or not the agent serves HTTP.
+/// Connects to `addr` from network namespace `ns` and waits up to 20 s for the other end to
+/// close the connection (what the speaker does to a connection from an address that is no
+/// peer of its): whether it did.
+fn closed_by_speaker(ns: &std::path::Path, addr: &str) -> bool {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let (ns, addr) = (ns.to_path_buf(), addr.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        // SAFETY: setns on this thread only; the descriptor is valid for the call.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => panic!("the speaker sent something to an unknown address"),
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// The agent's soft limit on open files, set with `prlimit` (`None`: read it).
+fn nofile(pid: u32, set: Option<&str>) -> String {
+    let pid = pid.to_string();
+    let out = match set {
+        Some(soft) => Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={soft}:")])
+            .output(),
+        None => Command::new("prlimit")
+            .args([
+                "--pid",
+                &pid,
+                "--nofile",
+                "--raw",
+                "--noheadings",
+                "-o",
+                "SOFT",
+            ])
+            .output(),
+    }
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A speaker whose accept fails for want of file descriptors (EMFILE) keeps its listener and
+/// accepts again once it has them: before, the accept task ended at the first error, leaving
+/// the speaker bound but deaf for good.
+#[test]
+fn the_bgp_listener_survives_running_out_of_descriptors() {
+    let addr = "192.0.2.10:9098";
+    let c = Cluster::new_with("hlfd", false, 1, &["--bgp", "on", "--metrics-listen", addr]);
+    wait_readyz(&c, addr, 200, "\nready\n", "the agent to be ready");
+    let ns = c.nodes[0].ns.path();
+    assert!(closed_by_speaker(ns, "192.0.2.10:179"), "no accept at all");
+    let pid = c.nodes[0].agent.as_ref().unwrap().id();
+    let soft = nofile(pid, None);
+    nofile(pid, Some("1"));
+    // A connection the speaker cannot take: its accept fails with EMFILE.
+    let waiting = {
+        let ns = ns.to_path_buf();
+        std::thread::spawn(move || closed_by_speaker(&ns, "192.0.2.10:179"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.agent_log(0).contains("accepting a BGP connection failed") {
+        if Instant::now() >= deadline {
+            nofile(pid, Some(&soft));
+            panic!(
+                "no failed accept reported (the accept loop ended?):\n{}",
+                c.agent_log(0)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nofile(pid, Some(&soft));
+    assert!(
+        waiting.join().unwrap(),
+        "the waiting connection was never taken once descriptors were back"
+    );
+    assert!(
+        closed_by_speaker(ns, "192.0.2.10:179"),
+        "a new connection was never taken"
+    );
+}
+
+/// The socket answers whether or not the agent serves HTTP./// The socket answers whether or not the agent serves HTTP.
 #[test]
 fn node_status_needs_no_metrics_listener() {
     let c = Cluster::new("hlsock", false, 1);
