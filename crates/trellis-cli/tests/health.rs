@@ -129,6 +129,54 @@ fn readiness_follows_the_datastore() {
     assert_eq!(code, 0, "{status}");
 }
 
+/// A datastore that hangs (etcd frozen: connections open, no answer) rather than refusing:
+/// every probe still answers within its own timeout (the answers come from memory), readiness
+/// turns to not ready naming the datastore once the heartbeat write is overdue, liveness
+/// stays, and readiness comes back once etcd answers again.
+#[test]
+fn probes_answer_while_the_datastore_hangs() {
+    let addr = "192.0.2.10:9099";
+    let c = Cluster::new_with("hlslow", true, 1, &["--metrics-listen", addr]);
+    wait_readyz(&c, addr, 200, "\nready\n", "the agent to be ready");
+    c.pause_etcd();
+    let resume = Resume(&c);
+    // Each probe is answered within curl's 5 s (an unanswered one reads as code 0).
+    let body = wait_readyz(
+        &c,
+        addr,
+        503,
+        "not ready: datastore",
+        "not ready while etcd hangs",
+    );
+    // Overdue heartbeat, or the client's own request timeout, whichever comes first.
+    assert!(body.contains("FAIL datastore: "), "{body}");
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (code, live) = get(&c, addr, "/healthz");
+        assert_eq!(code, 200, "{live}");
+        let (code, ready) = get(&c, addr, "/readyz");
+        assert_eq!(code, 503, "{ready}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let (code, status) = node_status(&c);
+    assert_eq!(code, 1, "{status}");
+    drop(resume);
+    wait_readyz(&c, addr, 200, "\nready\n", "ready once etcd answers again");
+}
+
+/// Resumes a paused etcd when dropped (also on a failed assertion).
+struct Resume<'a>(&'a Cluster);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.0.resume_etcd();
+    }
+}
+
 #[test]
 fn readiness_needs_configured_bgp_sessions_established() {
     let addr = "192.0.2.10:9096";

@@ -198,6 +198,17 @@ impl Cluster {
         self._etcd.as_mut().expect("an etcd cluster").stop();
     }
 
+    /// Freezes etcd (SIGSTOP, connections left open: requests hang), until
+    /// [`Cluster::resume_etcd`] (etcd clusters only).
+    pub fn pause_etcd(&self) {
+        self._etcd.as_ref().expect("an etcd cluster").pause();
+    }
+
+    /// Lets a paused etcd run again.
+    pub fn resume_etcd(&self) {
+        self._etcd.as_ref().expect("an etcd cluster").resume();
+    }
+
     /// Kills etcd and starts it again on the same address and data (etcd clusters only).
     pub fn restart_etcd(&mut self) {
         self._etcd.as_mut().expect("an etcd cluster").restart();
