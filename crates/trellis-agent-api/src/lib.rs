@@ -34,7 +34,8 @@ pub enum Request {
         pod: Option<String>,
         /// The pod's `metadata.uid` (CNI_ARGS `K8S_POD_UID`, which containerd and CRI-O pass):
         /// recorded on the endpoint so IPAM GC tells a pod recreated under the same name from
-        /// the one that held the address. Sent only when known, so an older agent (which
+        /// the one that held the address, and a record of an earlier pod of the same name
+        /// (another UID) is not this pod's. Sent only when known, so an older agent (which
         /// rejects unknown fields) still serves runtimes that do not pass it.
         #[serde(default, skip_serializing_if = "Option::is_none", rename = "podUID")]
         pod_uid: Option<String>,
@@ -200,7 +201,7 @@ mod tests {
             },
             namespace: Some("default".into()),
             pod: None,
-            pod_uid: None,
+            pod_uid: Some("u1".into()),
             host_interface: None,
             ips: vec!["10.0.0.1".parse().unwrap()],
             ipv4_pools: vec![],
@@ -208,7 +209,9 @@ mod tests {
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(
-            line.contains("\"op\":\"allocate\"") && line.contains("containerID"),
+            line.contains("\"op\":\"allocate\"")
+                && line.contains("containerID")
+                && line.contains("\"podUID\":\"u1\""),
             "{line}"
         );
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);

@@ -15,8 +15,10 @@
 //!   route, neighbour, FDB, sysctl or NAT operation pending), and the policy table is in the
 //!   kernel. Problems that stem from cluster state (a block of an unknown node, an IPIP pool)
 //!   are logged by the pass but do not count: no retry on this node can clear them.
-//! - **bgp**: when the speaker runs, every session it is configured for is Established, as
-//!   calico-node's `-bird-ready` requires; with the speaker off the check passes.
+//! - **bgp**: when the speaker runs, it listens (a speaker that cannot bind its port never gets
+//!   a session a peer opens, however few sessions are configured now) and every session it is
+//!   configured for is Established, as calico-node's `-bird-ready` requires; with the speaker
+//!   off the check passes.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -61,6 +63,8 @@ pub struct Inputs {
     /// `None`: the speaker is off. `Some(None)`: on, no status reported yet. Else each
     /// session's peer address, type and state.
     pub bgp: Option<Option<Vec<(String, String, String)>>>,
+    /// Why the running speaker cannot listen (its address and error), if it cannot.
+    pub bgp_listen_error: Option<String>,
 }
 
 fn ago(now: Instant, then: Instant) -> String {
@@ -171,13 +175,22 @@ fn dataplane(inputs: &Inputs, now: Instant) -> HealthCheck {
 }
 
 fn bgp(inputs: &Inputs) -> HealthCheck {
-    let (ok, detail) = match &inputs.bgp {
-        None => (true, "speaker off".to_string()),
-        Some(None) => (
+    let (ok, detail) = match (&inputs.bgp, &inputs.bgp_listen_error) {
+        (None, _) => (true, "speaker off".to_string()),
+        (Some(_), Some(e)) => (false, e.clone()),
+        (Some(b), None) => sessions(b.as_ref()),
+    };
+    check("bgp", false, ok, detail)
+}
+
+/// The sessions' part of the bgp check (`None`: not reported yet).
+fn sessions(peers: Option<&Vec<(String, String, String)>>) -> (bool, String) {
+    match peers {
+        None => (
             false,
             "the speaker has not reported its sessions yet".to_string(),
         ),
-        Some(Some(peers)) => {
+        Some(peers) => {
             let down: Vec<String> = peers
                 .iter()
                 .filter(|(_, _, state)| state != "Established")
@@ -189,8 +202,7 @@ fn bgp(inputs: &Inputs) -> HealthCheck {
                 (false, format!("not Established: {}", down.join(", ")))
             }
         }
-    };
-    check("bgp", false, ok, detail)
+    }
 }
 
 /// What the loops record for [`readiness`].
@@ -263,6 +275,7 @@ impl Tracker {
         &self,
         policy_enforced: bool,
         bgp: Option<Option<Vec<(String, String, String)>>>,
+        bgp_listen_error: Option<String>,
     ) -> Inputs {
         self.with(|r| Inputs {
             loops: r.loops.clone(),
@@ -272,6 +285,7 @@ impl Tracker {
             pass: r.pass.clone(),
             policy_enforced,
             bgp,
+            bgp_listen_error,
         })
     }
 }
@@ -302,6 +316,7 @@ mod tests {
             }),
             policy_enforced: true,
             bgp: None,
+            bgp_listen_error: None,
         }
     }
 
@@ -429,6 +444,30 @@ mod tests {
         assert!(readiness(&i, now).ready);
     }
 
+    /// A speaker that cannot bind its port is not ready, with sessions Established or none
+    /// configured; with the speaker off a leftover error does not count.
+    #[test]
+    fn bgp_needs_the_listener_when_the_speaker_runs() {
+        let t0 = Instant::now();
+        let now = t0 + 10 * S;
+        let mut i = healthy(t0);
+        let error = "cannot listen on 0.0.0.0:179: Address in use (os error 98)";
+        i.bgp_listen_error = Some(error.into());
+        assert!(readiness(&i, now).ready, "speaker off");
+        for sessions in [
+            vec![],
+            vec![("192.0.2.1".into(), "global".into(), "Established".into())],
+        ] {
+            i.bgp = Some(Some(sessions));
+            let r = readiness(&i, now);
+            assert!(r.live && !r.ready, "{r:?}");
+            assert_eq!(failing(&r), ["bgp"]);
+            assert_eq!(r.checks[3].detail, error);
+        }
+        i.bgp_listen_error = None;
+        assert!(readiness(&i, now).ready);
+    }
+
     #[test]
     fn the_tracker_records_what_the_loops_report() {
         let t0 = Instant::now();
@@ -438,7 +477,7 @@ mod tests {
         t.datastore::<String>(t0 + S, Ok(()));
         t.datastore(t0 + 2 * S, Err("refused"));
         t.pass(t0 + S, Ok(vec![]));
-        let i = t.inputs(true, None);
+        let i = t.inputs(true, None, None);
         assert_eq!(i.loops.len(), 1);
         assert_eq!(i.loops["dataplane"].last, t0 + S);
         assert_eq!(i.datastore_ok, Some(t0 + S));

@@ -129,7 +129,7 @@ impl Agent {
             .enforced
             .load(std::sync::atomic::Ordering::Acquire);
         health::readiness(
-            &self.health.inputs(enforced, bgp),
+            &self.health.inputs(enforced, bgp, self.bgp.listen_error()),
             std::time::Instant::now(),
         )
     }

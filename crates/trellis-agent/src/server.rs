@@ -258,7 +258,9 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
             }
             if let (true, Some(name)) = (agent.config.kubernetes, &pod) {
                 let ns = namespace.as_deref().filter(|n| !n.is_empty());
-                if let Err(reply) = wait_pod_record(agent, ns.unwrap_or("default"), name).await {
+                let uid = pod_uid.as_deref();
+                if let Err(reply) = wait_pod_record(agent, ns.unwrap_or("default"), name, uid).await
+                {
                     return reply;
                 }
             }
@@ -372,7 +374,12 @@ async fn handle(agent: &Agent, req: Request) -> Reply {
 /// [`crate::POD_RECORD_DEADLINE`] — and otherwise answers code 11 naming the pod (the kubelet
 /// retries the ADD). The kube-controller writes the record when the pod appears in the API
 /// server, normally long before its sandbox exists.
-async fn wait_pod_record(agent: &Agent, namespace: &str, pod: &str) -> Result<(), Reply> {
+async fn wait_pod_record(
+    agent: &Agent,
+    namespace: &str,
+    pod: &str,
+    uid: Option<&str>,
+) -> Result<(), Reply> {
     let key = trellis_resources::key_for(trellis_resources::Kind::Pod, Some(namespace), pod);
     let node = agent.config.node.as_str();
     let deadline = tokio::time::Instant::now() + crate::POD_RECORD_DEADLINE;
@@ -382,7 +389,7 @@ async fn wait_pod_record(agent: &Agent, namespace: &str, pod: &str) -> Result<()
     loop {
         changes.borrow_and_update();
         let found = match agent.view.read().get(&key).map(|s| &s.resource) {
-            Some(trellis_resources::Resource::Pod(p)) => p.spec.may_run_on(node),
+            Some(trellis_resources::Resource::Pod(p)) => p.is_for(node, uid),
             _ => false,
         };
         if found {

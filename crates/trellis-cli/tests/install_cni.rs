@@ -1,6 +1,8 @@
 //! `trellis install-cni` against a temporary host root: install, check, repair, foreign files
-//! left alone, uninstall (twice), flag validation, and that a reader of the installed binary
-//! never sees it half-written while installs replace it.
+//! left alone, uninstall (twice), flag validation, symbolic links on the host resolved within
+//! the host root, that a reader of the installed binary never sees it half-written while
+//! installs replace it, and that an install killed mid-copy leaves nothing a kubelet would
+//! use half-written.
 
 mod common;
 
@@ -164,6 +166,78 @@ fn install_check_repair_and_uninstall() {
     let out = ok(&h.root, &["--uninstall"]);
     assert!(out.contains("nothing to remove"), "{out}");
     assert_eq!(left.len(), snapshot(&h.root).len());
+}
+
+/// The host's CNI directories are symbolic links — the bin directory to an absolute path
+/// (`/opt/cni/bin -> /usr/libexec/cni` on some distributions), the net directory by a relative
+/// path with more `..` than there are levels: both are resolved as the host resolves them,
+/// within the host root, and nothing is written outside it (in the container, an absolute
+/// link followed as is leads into the container's own files).
+#[test]
+fn symbolic_links_on_the_host_are_resolved_within_the_host_root() {
+    let h = Host::new();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("libexec-cni");
+    let rel = target.strip_prefix("/").unwrap();
+    // The targets exist outside too (as the container's own directories might).
+    std::fs::create_dir_all(target.join("net")).unwrap();
+    std::fs::create_dir_all(h.root.join("opt/cni")).unwrap();
+    std::fs::create_dir_all(h.root.join("etc/cni")).unwrap();
+    std::os::unix::fs::symlink(&target, h.root.join("opt/cni/bin")).unwrap();
+    let up = "../".repeat(64);
+    std::os::unix::fs::symlink(
+        format!("{up}{}", rel.join("net").display()),
+        h.root.join("etc/cni/net.d"),
+    )
+    .unwrap();
+    // The host's view of those paths, under the host root.
+    let bin_dir = h.root.join(rel);
+    let net_dir = h.root.join(rel).join("net");
+
+    let out = ok(&h.root, &[]);
+    assert_eq!(out.matches("wrote").count(), 3, "{out}");
+    let escaped: Vec<PathBuf> = snapshot(outside.path())
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        escaped.is_empty(),
+        "written outside the host root: {escaped:?}"
+    );
+    assert_eq!(
+        std::fs::read(bin_dir.join("trellis-cni")).unwrap(),
+        std::fs::read(bin("trellis-cni")).unwrap()
+    );
+    assert!(net_dir.join("10-trellis.conflist").is_file(), "{out}");
+    // What the kubelet sees through the links is what was installed.
+    assert!(ok(&h.root, &["--check"]).contains("up to date"));
+    let out = ok(&h.root, &["--uninstall"]);
+    assert_eq!(out.matches("removed").count(), 3, "{out}");
+    assert!(!bin_dir.join("trellis-cni").exists());
+    // The links themselves are the host's: left as they were.
+    assert_eq!(
+        std::fs::read_link(h.root.join("opt/cni/bin")).unwrap(),
+        target
+    );
+
+    // A link loop is an error naming the flag, not a hang.
+    let h = Host::new();
+    std::fs::create_dir_all(h.root.join("opt/cni")).unwrap();
+    std::os::unix::fs::symlink("/opt/cni/bin", h.root.join("opt/cni/bin")).unwrap();
+    let out = failing(&h.root, &[]);
+    assert!(
+        out.contains("--cni-bin-dir") && out.contains("symbolic links"),
+        "{out}"
+    );
+    // A file where a directory should be.
+    let h = Host::new();
+    std::fs::create_dir_all(h.root.join("opt/cni")).unwrap();
+    std::fs::write(h.root.join("opt/cni/bin"), b"").unwrap();
+    let out = failing(&h.root, &[]);
+    assert!(
+        out.contains("--cni-bin-dir") && out.contains("is not a directory"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -334,4 +408,81 @@ fn a_reader_never_sees_a_partial_binary() {
         seen[0] > 0 && seen[1] > 0,
         "the reader did not see both versions ({seen:?}): it tested nothing"
     );
+}
+
+/// An install killed (SIGKILL) while it copies the binary — the kill lands while its temporary
+/// file is still there, so before the rename — leaves no `trellis-cni`, no link and no conflist
+/// (the conflist comes last, so a kubelet never reads one naming a missing binary) and no file
+/// a kubelet would load (`.conflist`); `--check` reports the leftover, and the next install
+/// removes it and installs whole.
+#[test]
+fn an_install_killed_mid_copy_leaves_nothing_half_written() {
+    let src = tempfile::tempdir().unwrap();
+    // Big enough that copying it takes a while (sparse: cheap to make, slow to copy).
+    let f = std::fs::File::create(src.path().join("trellis-cni")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let src_arg = src.path().to_str().unwrap();
+    let mut landed = None;
+    for attempt in 0..10 {
+        let h = Host::new();
+        let mut child = std::process::Command::new(bin("trellis"))
+            .arg("install-cni")
+            .arg("--host-root")
+            .arg(&h.root)
+            .args(["--source-dir", src_arg])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let bin_dir = h.root.join("opt/cni/bin");
+        let temp_of = |d: &Path| -> Option<PathBuf> {
+            std::fs::read_dir(d).ok()?.find_map(|e| {
+                let p = e.ok()?.path();
+                let n = p.file_name()?.to_str()?.to_string();
+                n.starts_with(".trellis-cni.trellis-install-").then_some(p)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while temp_of(&bin_dir).is_none()
+            && child.try_wait().unwrap().is_none()
+            && Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Where did the kill land? Only a temporary file still there proves "mid-copy".
+        match temp_of(&bin_dir) {
+            Some(t) if !h.bin("trellis-cni").exists() => {
+                landed = Some((h, t));
+                break;
+            }
+            _ => eprintln!("attempt {attempt}: the kill landed after the copy; again"),
+        }
+    }
+    let (h, temp) = landed.expect("no kill landed mid-copy in 10 attempts");
+    assert!(std::fs::metadata(&temp).unwrap().len() < 64 << 20);
+    assert!(!h.bin("trellis-cni").exists());
+    assert!(std::fs::symlink_metadata(h.bin("trellis-ipam")).is_err());
+    let net: Vec<_> = std::fs::read_dir(h.root.join("etc/cni/net.d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(net.is_empty(), "{net:?}");
+
+    let out = failing(&h.root, &["--check", "--source-dir", src_arg]);
+    assert!(
+        out.contains("temporary file left by an interrupted install"),
+        "{out}"
+    );
+    let out = ok(&h.root, &["--source-dir", src_arg]);
+    assert!(out.contains("removed"), "{out}");
+    assert!(!temp.exists());
+    assert_eq!(
+        std::fs::metadata(h.bin("trellis-cni")).unwrap().len(),
+        64 << 20
+    );
+    assert!(h.net("10-trellis.conflist").is_file());
+    assert!(ok(&h.root, &["--check", "--source-dir", src_arg]).contains("up to date"));
 }

@@ -4,7 +4,8 @@
 //! so a NetworkPolicy isolating the pod by label holds from the moment ADD returns — checked
 //! with packets, and in the store's history of the endpoint. Agents run with `--kubernetes`:
 //! an ADD whose pod has no record waits for it and fails naming the pod, and succeeds with the
-//! pod's labels when the record arrives during the wait. Run under the integration-test flock
+//! pod's labels when the record arrives during the wait — also when the record there is an
+//! earlier pod's of the same name (another UID). Run under the integration-test flock
 //! (fixed namespace tags).
 
 mod common;
@@ -217,4 +218,40 @@ fn kubernetes_mode_waits_for_the_pods_record() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(endpoint_labels(&c, "kpblate"), Some(json!({"app": "late"})));
+}
+
+/// A pod created again under its name on the same node (a new UID, CNI_ARGS `K8S_POD_UID`)
+/// while the record is still the earlier pod's: ADD waits for the new pod's record instead of
+/// giving the new pod the earlier one's labels, and its endpoint is born with the new labels.
+#[test]
+fn an_earlier_pods_record_is_not_taken_for_a_pod_of_the_same_name() {
+    trellis_testutil::require_root();
+    let c = Cluster::new_with("kpu", false, 1, &["--kubernetes"]);
+    let record = |uid: &str, app: &str| {
+        format!("apiVersion: trellis.dev/v1\nkind: Pod\nmetadata: {{name: kpure, namespace: default, uid: {uid}, labels: {{app: {app}}}}}\nspec: {{nodeName: node0}}\n")
+    };
+    c.cli_ok(&["apply", "-f", "-"], Some(&record("uid-old", "old")));
+    let pod = TestNetns::new("kpure");
+    let add = c.spawn_add_uid(0, "kpure", &pod, "uid-new");
+    let start = Instant::now();
+    while !c
+        .agent_log_all(0)
+        .lines()
+        .any(|l| l.contains("waiting for the pod's record") && l.contains("default/kpure"))
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ADD is not waiting for the new pod's record: {}",
+            c.agent_log(0)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.cli_ok(&["apply", "-f", "-"], Some(&record("uid-new", "new")));
+    let out = add.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ADD: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(endpoint_labels(&c, "kpure"), Some(json!({"app": "new"})));
 }

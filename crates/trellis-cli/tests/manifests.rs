@@ -510,6 +510,88 @@ fn the_daemonset_runs_the_agent_on_the_host_network_with_only_what_it_needs() {
     ]);
 }
 
+/// The kube-controller runs on the host network: on the pod network its pod could get no
+/// address before it ran (a deadlock at install, found by review).
+#[test]
+fn the_kube_controller_does_not_need_the_pod_network_it_sets_up() {
+    holds(
+        check_controller_deployment,
+        &[(
+            "    spec:\n      serviceAccountName: trellis-kube-controller\n      hostNetwork: true\n",
+            "    spec:\n      serviceAccountName: trellis-kube-controller\n",
+            "hostNetwork",
+        )],
+    );
+}
+
+const CONTAINERFILE: &str = include_str!("../../../manifests/Containerfile");
+
+/// The image's build script as one line per `RUN` (continuations joined).
+fn run_lines(containerfile: &str) -> Vec<String> {
+    let joined = containerfile.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("RUN "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The problems with how the image builds the plugin install-cni copies onto hosts: it must be
+/// linked statically (the hosts' C library may be older than the image's: a bookworm build
+/// needs glibc 2.34, RHEL 8 has 2.28), and the static build must be the one installed. The
+/// static build itself (`RUSTFLAGS=-Ctarget-feature=+crt-static cargo build -p trellis-cni
+/// --target x86_64-unknown-linux-gnu`) was checked by hand to link (no NSS use) and give a
+/// static-pie executable.
+fn check_plugin_build(containerfile: &str) -> Vec<String> {
+    let lines = run_lines(containerfile);
+    let Some(build) = lines.iter().find(|l| l.contains("-p trellis-cni")) else {
+        return vec!["no RUN line builds trellis-cni".into()];
+    };
+    let mut p = Vec::new();
+    let step = build
+        .split("&&")
+        .find(|s| s.contains("-p trellis-cni"))
+        .unwrap_or_default();
+    if !step.contains("+crt-static") || !step.contains("--target") {
+        p.push(format!(
+            "trellis-cni is not built statically (RUSTFLAGS with +crt-static and an explicit --target): {step:?}"
+        ));
+    }
+    if !build.contains("\"target/$target/release/trellis-cni\"") {
+        p.push(
+            "the trellis-cni installed is not the static build's (target/$target/release)".into(),
+        );
+    }
+    p
+}
+
+/// The plugin copied to hosts is a static executable (found by review: a dynamic one built on
+/// bookworm fails to start on hosts with an older glibc, and with it every pod).
+#[test]
+fn the_image_builds_a_static_plugin_for_the_hosts() {
+    let problems = check_plugin_build(CONTAINERFILE);
+    assert!(problems.is_empty(), "{problems:#?}");
+    for (from, to, needle) in [
+        (
+            "RUSTFLAGS=\"-C target-feature=+crt-static\" \\\n    ",
+            "",
+            "not built statically",
+        ),
+        (
+            "\"target/$target/release/trellis-cni\"",
+            "target/release/trellis-cni",
+            "not the static build",
+        ),
+    ] {
+        assert!(CONTAINERFILE.contains(from), "{from:?}");
+        let problems = check_plugin_build(&CONTAINERFILE.replacen(from, to, 1));
+        assert!(
+            problems.iter().any(|p| p.contains(needle)),
+            "{from:?} → {to:?}: {problems:#?}"
+        );
+    }
+}
+
 #[test]
 fn every_container_command_line_parses_with_the_real_cli() {
     holds(

@@ -71,7 +71,8 @@ pub struct Request {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     /// The pod's `metadata.uid` when the runtime passed it (`K8S_POD_UID`), recorded on the
-    /// endpoint ([`POD_UID_ANNOTATION`]); checked by [`check_pod_uid`] at the edge.
+    /// endpoint ([`POD_UID_ANNOTATION`]; checked by [`check_pod_uid`] at the edge): a pod
+    /// record of another UID is an earlier pod of the same name, never this one's.
     pub pod_uid: Option<String>,
     /// Host-side interface (recorded on the workload endpoint).
     pub host_interface: Option<String>,
@@ -267,10 +268,11 @@ pub struct NodeIpam {
     features: Features,
 }
 
-/// Where the allocator looks up pods' and namespaces' records first (the agent's view, kept
-/// current by its watch) before reading the store.
+/// Where the allocator looks up pods' and namespaces' records — and its node's own record,
+/// whose labels pools' `nodeSelector`s match — first (the agent's view, kept current by its
+/// watch) before reading the store.
 pub trait PodRecords: Send + Sync {
-    /// The record stored at `key`, with its revision, as the reader last saw it.
+    /// The record stored at `key` (any kind), with its revision, as the reader last saw it.
     fn pod_record(&self, key: &str) -> Option<objects::Stored>;
 }
 
@@ -469,6 +471,7 @@ impl NodeIpam {
             let affine = self.affine(&mut st, fresh).await?;
             let pod = self.read_pod(req, fresh).await?;
             let namespace = self.read_namespace(req, fresh).await?;
+            let (labels, node_guard) = self.node_labels(&settings, fresh).await?;
             let planned = async {
                 let asked = annotations::asked(
                     req,
@@ -477,7 +480,7 @@ impl NodeIpam {
                     self.features,
                 )?;
                 let plans = match asked.no_ipam.is_empty() {
-                    true => self.plan(&asked, &settings, &affine).await?,
+                    true => self.plan(&asked, &settings, &affine, &labels).await?,
                     false => Plans::without_ipam(&asked.no_ipam),
                 };
                 let nats = annotations::ip_nats(&asked, &plans.ips)?;
@@ -497,6 +500,9 @@ impl NodeIpam {
             }
             for g in [&pod.guard, &namespace.guard].into_iter().flatten() {
                 plans.guard(g.clone());
+            }
+            if let Some(g) = node_guard {
+                plans.guard(g);
             }
             let committed = match self.commit(req, &plans, pod.record.as_ref(), nats).await {
                 Ok(c) => c,
@@ -632,11 +638,50 @@ impl NodeIpam {
         Ok(pre)
     }
 
+    /// The labels pools' `nodeSelector`s are matched against: the node's stored labels (the
+    /// ones the kube-controller mirrors from the Kubernetes Node, as Calico matches them),
+    /// with this agent's `--label`s over them (as registration writes them). When a pool has
+    /// a selector the decision read the record, so its revision is returned as a guard; a
+    /// node without a readable record gets the agent's labels (the commit requires the
+    /// node to exist anyway).
+    async fn node_labels(
+        &self,
+        s: &Settings,
+        fresh: bool,
+    ) -> Result<(BTreeMap<String, String>, Option<Precondition>)> {
+        if s.pools.iter().all(|p| p.spec.node_selector.is_none()) {
+            return Ok((self.labels.clone(), None));
+        }
+        let key = node_key(&self.node);
+        let seen = match (&self.pods, fresh) {
+            (Some(view), false) => view.pod_record(&key),
+            _ => None,
+        };
+        let stored = match seen {
+            Some(s) => Some((s.revision, Ok(s.resource))),
+            None => self
+                .store
+                .get(&key)
+                .await?
+                .map(|kv| (kv.mod_revision, objects::decode(&kv).map(|s| s.resource))),
+        };
+        let Some((revision, decoded)) = stored else {
+            return Ok((self.labels.clone(), None));
+        };
+        let mut labels = match decoded {
+            Ok(Resource::Node(n)) => n.metadata.labels,
+            _ => BTreeMap::new(),
+        };
+        labels.extend(self.labels.clone());
+        Ok((labels, Some(Precondition::ModRevision(key, revision))))
+    }
+
     async fn plan(
         &self,
         asked: &Asked,
         s: &Settings,
         affine: &BTreeMap<IpNet, (IpamBlockSpec, i64)>,
+        node_labels: &BTreeMap<String, String>,
     ) -> Result<Plans> {
         let req = &asked.req;
         let handle = req.handle();
@@ -682,7 +727,7 @@ impl NodeIpam {
         for v4 in families {
             let requested = if v4 { &req.ipv4_pools } else { &req.ipv6_pools };
             let pools =
-                match alloc::eligible_pools(&s.pools, &self.node, &self.labels, requested, v4) {
+                match alloc::eligible_pools(&s.pools, &self.node, node_labels, requested, v4) {
                     Ok(p) => p,
                     Err(e) if requested.is_empty() && !v4 => {
                         tracing::debug!(error = %e, "no IPv6 pool for this node");
@@ -971,7 +1016,7 @@ impl NodeIpam {
         let (found, guard) =
             records::read(&*self.store, view, key, fresh, self.require_pods).await?;
         let record = match found {
-            Some(Resource::Pod(p)) if p.spec.may_run_on(&self.node) => Some(p),
+            Some(Resource::Pod(p)) if p.is_for(&self.node, req.pod_uid.as_deref()) => Some(p),
             _ => None,
         };
         if record.is_none() && self.require_pods {

@@ -226,7 +226,7 @@ fn agent_add(cfg: &AgentIpamConfig, env: &CniEnv, req: &AddRequest) -> Result<Al
             attachment: attachment(&req.network, env),
             namespace: env.args.k8s_pod_namespace.clone(),
             pod: env.args.k8s_pod_name.clone(),
-            pod_uid: env.args.k8s_pod_uid.clone(),
+            pod_uid: env.args.k8s_pod_uid.clone().filter(|u| !u.is_empty()),
             host_interface: req.host_interface.clone(),
             ips: req.requested.ips.clone(),
             ipv4_pools: pick(&req.ipv4_pools, &env.args.ipv4_pools, &cfg.ipv4_pools),

@@ -561,6 +561,9 @@ fn mirror(
 
 impl Watched for Namespace {
     fn entry(&self) -> (String, Entry) {
+        for e in translate::namespace_annotation_errors(self) {
+            report(&e);
+        }
         mirror(Kind::Namespace, &self.metadata, translate::namespace(self))
     }
 }

@@ -75,9 +75,7 @@ pub struct Identity {
     pub mirror_of: Option<String>,
 }
 
-/// The annotation the kubelet puts on a static pod's mirror pod: the static pod's UID (a hash
-/// of its manifest), which is what the runtime passes as `K8S_POD_UID`.
-pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+pub use trellis_resources::pod::MIRROR_ANNOTATION;
 
 /// Whether the controller's list of one kind can be believed.
 #[derive(Debug, Clone, PartialEq, Eq)]

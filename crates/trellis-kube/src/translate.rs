@@ -100,31 +100,42 @@ fn required_name(kind: &'static str, meta: &ObjectMeta) -> Result<(), TranslateE
     }
 }
 
-/// A Namespace as stored: its labels and its validated pool annotations.
+/// A Namespace as stored: its labels and its valid pool annotations. A bad pool annotation
+/// (the API server does not check it) is left out — [`namespace_annotation_errors`] names it
+/// for the log — but never keeps the namespace's labels from syncing: without them the
+/// namespace's pods fall outside every policy that selects their namespace by label.
 pub fn namespace(ns: &Namespace) -> Result<Resource, TranslateError> {
     let meta = &ns.metadata;
     required_name("Namespace", meta)?;
-    let mut kept = BTreeMap::new();
     let annotations = meta.annotations.clone().unwrap_or_default();
-    for (key, v4) in [(IPV4_POOLS, true), (IPV6_POOLS, false)] {
-        if let Some(value) = annotations.get(key) {
-            pools(value, v4).map_err(|reason| {
-                error(
-                    "Namespace",
-                    meta,
-                    format!("metadata.annotations.{key}"),
-                    reason,
-                )
-            })?;
-            kept.insert(key.to_string(), value.clone());
-        }
-    }
+    let kept = [(IPV4_POOLS, true), (IPV6_POOLS, false)]
+        .into_iter()
+        .filter_map(|(key, v4)| {
+            let value = annotations.get(key)?;
+            pools(value, v4).ok()?;
+            Some((key.to_string(), value.clone()))
+        })
+        .collect();
     let doc = json!({
         "apiVersion": Kind::Namespace.api_version(),
         "kind": "Namespace",
         "metadata": stored_metadata(meta, kept),
     });
     Resource::from_value(&doc).map_err(|e| from_resource("Namespace", meta, e))
+}
+
+/// The namespace's pool annotations that do not check, each naming its field.
+pub fn namespace_annotation_errors(ns: &Namespace) -> Vec<TranslateError> {
+    let meta = &ns.metadata;
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    [(IPV4_POOLS, true), (IPV6_POOLS, false)]
+        .into_iter()
+        .filter_map(|(key, v4)| {
+            let reason = pools(annotations.get(key)?, v4).err()?;
+            let field = format!("metadata.annotations.{key}");
+            Some(error("Namespace", meta, field, reason))
+        })
+        .collect()
 }
 
 /// A ServiceAccount as stored: its labels.

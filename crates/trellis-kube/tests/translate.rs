@@ -122,14 +122,28 @@ fn bad_objects_are_refused_naming_the_field() {
         (e.kind, e.object.as_str(), e.field.as_str()),
         ("Namespace", "payments", "metadata.labels")
     );
-    let e = err_of(translate::namespace(&fixture(
-        "bad-k8s-1.33-namespace-ipv4pools.json",
-    )));
+    // A bad pool annotation is named, but the namespace's labels still sync (policies select
+    // its pods by them); the bad annotation is not stored.
+    let bad_pools: Namespace = fixture("bad-k8s-1.33-namespace-ipv4pools.json");
+    let [e] = translate::namespace_annotation_errors(&bad_pools)
+        .try_into()
+        .expect("one bad annotation");
     assert_eq!(
         e.field,
         "metadata.annotations.cni.projectcalico.org/ipv4pools"
     );
     assert!(e.reason.contains("host bits"), "{e}");
+    let Resource::Namespace(ns) = translate::namespace(&bad_pools).unwrap() else {
+        panic!("not a Namespace")
+    };
+    assert_eq!(ns.metadata.labels["team"], "payments");
+    assert!(
+        !ns.metadata.annotations.contains_key(translate::IPV4_POOLS),
+        "{:?}",
+        ns.metadata.annotations
+    );
+    let good: Namespace = fixture("k8s-1.33-namespace.json");
+    assert!(translate::namespace_annotation_errors(&good).is_empty());
     let e = err_of(translate::pod(&fixture("bad-k8s-1.33-pod-port.json")));
     assert_eq!(e.field, "spec.containers[0].ports[1].containerPort");
     assert!(e.reason.contains("70000"), "{e}");

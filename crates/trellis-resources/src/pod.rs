@@ -98,6 +98,28 @@ impl PodSpec {
     }
 }
 
+/// The annotation of a static pod's mirror pod naming the static pod's UID — the one the kubelet
+/// passes to CNI as `K8S_POD_UID` (the mirror pod's own `metadata.uid` differs).
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+impl Object<PodSpec> {
+    /// Whether this record is the pod a CNI ADD on `node` is for: not scheduled on another
+    /// node ([`PodSpec::may_run_on`]), and — when both the runtime (`K8S_POD_UID`) and the
+    /// record name the pod's UID — of the same UID. A pod deleted and created again under
+    /// its name (a StatefulSet's) has a new UID; until the kube-controller has written the new
+    /// pod's record, the old one's labels and ports are not the new pod's.
+    pub fn is_for(&self, node: &str, uid: Option<&str>) -> bool {
+        let mirrored = self.metadata.annotations.get(MIRROR_ANNOTATION);
+        let same_pod = match (uid, self.metadata.uid.as_deref()) {
+            (Some(asked), Some(recorded)) => {
+                asked == recorded || mirrored.is_some_and(|m| m == asked)
+            }
+            _ => true,
+        };
+        same_pod && self.spec.may_run_on(node)
+    }
+}
+
 /// Gives a workload endpoint its pod's labels, service account and named ports (nothing else
 /// of the endpoint changes). The agent does it when it creates the endpoint at ADD, and the
 /// kube-controller whenever the pod changes afterwards.
@@ -212,6 +234,22 @@ mod tests {
         assert_eq!(w.service_account_name.as_deref(), Some("db"));
         assert_eq!(w.ports, p.spec.ports);
         assert_eq!(w.container_id.as_deref(), Some("c"), "the rest is kept");
+    }
+
+    #[test]
+    fn a_record_is_the_pod_of_its_uid_or_of_the_static_pod_it_mirrors() {
+        let Resource::Pod(mut p) = parse("{nodeName: n1}").unwrap() else {
+            panic!()
+        };
+        assert!(p.is_for("n1", Some("u1")) && p.is_for("n1", None));
+        assert!(!p.is_for("n1", Some("u2")), "an earlier pod of the same name");
+        assert!(!p.is_for("n2", Some("u1")), "scheduled elsewhere");
+        // A mirror pod: the kubelet passes the static pod's UID, which the mirror names.
+        p.metadata
+            .annotations
+            .insert(MIRROR_ANNOTATION.into(), "static-hash".into());
+        assert!(p.is_for("n1", Some("static-hash")));
+        assert!(!p.is_for("n1", Some("other-hash")));
     }
 
     #[test]

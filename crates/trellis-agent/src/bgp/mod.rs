@@ -72,6 +72,10 @@ pub struct Shared {
     /// Every peer has sent its table (or the start-up grace passed): stale kernel routes may go.
     pub converged: AtomicBool,
     pub status: watch::Sender<Option<BgpStatusSpec>>,
+    /// Why the speaker cannot listen (address and error) while it cannot; `None` while it
+    /// listens or does not run. Readiness fails on it: a peer that connects to this node
+    /// (every Trellis peer with a higher router ID, any passive peer) never gets a session.
+    pub listen_error: Mutex<Option<String>>,
     /// The node's routes of other protocols through its uplink (destination → gateway), which
     /// next hops beyond its subnet resolve through; kept current by the dataplane loop.
     pub igp: watch::Sender<Arc<Vec<(IpNet, IpAddr)>>>,
@@ -95,6 +99,7 @@ impl Default for Shared {
             active: AtomicBool::new(false),
             converged: AtomicBool::new(false),
             status: watch::channel(None).0,
+            listen_error: Mutex::new(None),
             igp: watch::channel(Arc::new(Vec::new())).0,
             kick: Notify::new(),
         }
@@ -102,6 +107,19 @@ impl Default for Shared {
 }
 
 impl Shared {
+    /// Records whether the speaker listens (`None`) or why it cannot.
+    pub(crate) fn set_listen_error(&self, error: Option<String>) {
+        *self.listen_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Why the speaker cannot listen, if it cannot.
+    pub fn listen_error(&self) -> Option<String> {
+        self.listen_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The learned routes changed: the dataplane loop runs a pass, which asks for them.
     pub(crate) fn routes_changed(&self) {
         self.kick.notify_one();

@@ -38,6 +38,8 @@ const HOLD_TIME: u16 = 90;
 const TICK: Duration = Duration::from_millis(250);
 /// How often a failed listen is retried.
 const LISTEN_RETRY: Duration = Duration::from_secs(3);
+/// How long the listener waits after a failed accept (out of descriptors) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long a restarting agent keeps the routes it finds before its peers have sent theirs.
 const STARTUP_GRACE: Duration = Duration::from_secs(30);
 /// Decoded messages waiting for the speaker, from all connections together; a reader whose
@@ -438,6 +440,7 @@ impl Speaker {
         if let Some(t) = self.accept_task.take() {
             t.abort();
         }
+        self.shared.set_listen_error(None);
     }
 
     fn ensure_listener(&mut self) {
@@ -461,9 +464,25 @@ impl Speaker {
                 let acc = l.clone();
                 self.accept_task = Some(tokio::spawn(async move {
                     // While the speaker is behind, connections wait in the kernel's backlog.
-                    while let Ok((s, a)) = acc.accept().await {
-                        if events.send(Event::Accepted(s, a)).await.is_err() {
-                            return;
+                    let mut failing = false;
+                    loop {
+                        match acc.accept().await {
+                            Ok((s, a)) => {
+                                failing = false;
+                                if events.send(Event::Accepted(s, a)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            // Out of descriptors (EMFILE/ENFILE) or memory: the listener is
+                            // fine, so accept again after a pause. Ending here left the speaker
+                            // bound but deaf for good, peers' connections piling up unanswered.
+                            Err(e) => {
+                                if !failing {
+                                    tracing::warn!(error = %e, "accepting a BGP connection failed; retrying");
+                                }
+                                failing = true;
+                                tokio::time::sleep(ACCEPT_RETRY).await;
+                            }
                         }
                     }
                 }));
@@ -471,6 +490,7 @@ impl Speaker {
                 self.listener_at = Some(at);
                 self.listen_failed_at = None;
                 self.md5_keys.clear();
+                self.shared.set_listen_error(None);
                 tracing::info!(%at, "BGP listening");
             }
             Err(e) => {
@@ -478,6 +498,8 @@ impl Speaker {
                 // socket for a moment.
                 tracing::warn!(%at, error = %e, "cannot listen for BGP; will retry");
                 self.listen_failed_at = Some(Instant::now());
+                self.shared
+                    .set_listen_error(Some(format!("cannot listen on {at}: {e}")));
             }
         }
     }

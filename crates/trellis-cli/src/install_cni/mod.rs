@@ -129,17 +129,87 @@ fn directories(a: &InstallCniArgs) -> Result<(PathBuf, PathBuf)> {
                 dir.display()
             );
         }
-        let path = a.host_root.join(dir.strip_prefix("/").unwrap_or(dir));
-        if !a.uninstall && !a.check {
-            fs::create_dir_all(&path)
-                .with_context(|| format!("{flag}: creating {}", path.display()))?;
-        }
-        Ok(path)
+        in_root(&a.host_root, dir, !a.uninstall && !a.check).with_context(|| flag.to_string())
     };
     Ok((
         under("--cni-bin-dir", &a.cni_bin_dir)?,
         under("--cni-net-dir", &a.cni_net_dir)?,
     ))
+}
+
+/// How many symbolic links one path may pass through (Linux's limit).
+const MAX_LINKS: u32 = 40;
+
+/// Where `dir` (absolute, without `.` or `..`) is on the host whose root is `root`, as the
+/// host resolves it: a symbolic link on the way is followed within `root` — an absolute
+/// target starts again at `root`, `..` stops at it (openat2's RESOLVE_IN_ROOT) — so a link
+/// such as the host's `/opt/cni/bin -> /usr/libexec/cni` leads where the kubelet looks and never
+/// out of the host root into the container's own files. With `create`, missing directories
+/// are made (0755); without, the first missing one ends the walk (nothing exists below it).
+pub fn in_root(root: &Path, dir: &Path, create: bool) -> Result<PathBuf> {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    let mut at: Vec<OsString> = Vec::new();
+    let mut todo: VecDeque<OsString> = normal(dir).collect();
+    let mut links = 0;
+    while let Some(name) = todo.pop_front() {
+        if name == ".." {
+            at.pop();
+            continue;
+        }
+        let here: PathBuf = root
+            .iter()
+            .chain(at.iter().map(|c| c.as_os_str()))
+            .collect();
+        let path = here.join(&name);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_LINKS {
+                    bail!(
+                        "{}: more than {MAX_LINKS} symbolic links on the way",
+                        dir.display()
+                    );
+                }
+                let target = fs::read_link(&path)
+                    .with_context(|| format!("reading the link {}", path.display()))?;
+                if target.is_absolute() {
+                    at.clear();
+                }
+                for c in normal(&target).collect::<Vec<_>>().into_iter().rev() {
+                    todo.push_front(c);
+                }
+            }
+            Ok(m) if m.is_dir() => at.push(name),
+            Ok(_) => bail!("{}: {} is not a directory", dir.display(), path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                match fs::create_dir(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(e).with_context(|| format!("creating {}", path.display()))
+                    }
+                    // Made now (or meanwhile by someone else): look at it again.
+                    _ => todo.push_front(name),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(path.join(todo.iter().collect::<PathBuf>()));
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    Ok(root
+        .iter()
+        .chain(at.iter().map(|c| c.as_os_str()))
+        .collect())
+}
+
+/// A path's names and `..`s, without its root and `.`s.
+fn normal(p: &Path) -> impl Iterator<Item = std::ffi::OsString> + '_ {
+    p.components().filter_map(|c| match c {
+        Component::Normal(n) => Some(n.to_os_string()),
+        Component::ParentDir => Some("..".into()),
+        _ => None,
+    })
 }
 
 /// A conflist file name: `[A-Za-z0-9._-]`, not starting with `.`, ending `.conflist`.

@@ -198,6 +198,17 @@ impl Cluster {
         self._etcd.as_mut().expect("an etcd cluster").stop();
     }
 
+    /// Freezes etcd (SIGSTOP, connections left open: requests hang), until
+    /// [`Cluster::resume_etcd`] (etcd clusters only).
+    pub fn pause_etcd(&self) {
+        self._etcd.as_ref().expect("an etcd cluster").pause();
+    }
+
+    /// Lets a paused etcd run again.
+    pub fn resume_etcd(&self) {
+        self._etcd.as_ref().expect("an etcd cluster").resume();
+    }
+
     /// Kills etcd and starts it again on the same address and data (etcd clusters only).
     pub fn restart_etcd(&mut self) {
         self._etcd.as_mut().expect("an etcd cluster").restart();
@@ -249,7 +260,7 @@ impl Cluster {
         if !link.exists() {
             let _ = std::os::unix::fs::symlink(bin("trellis-cni"), &link);
         }
-        self.spawn_plugin(&link, i, cmd, cid, self.nodes[i].ns.path())
+        self.spawn_plugin(&link, i, cmd, cid, self.nodes[i].ns.path(), None)
     }
 
     /// Runs `program` (the plugin under one of its names) inside node `i`'s namespace with the
@@ -261,6 +272,7 @@ impl Cluster {
         cmd: &str,
         cid: &str,
         netns: &std::path::Path,
+        uid: Option<&str>,
     ) -> Child {
         let n = &self.nodes[i];
         let conf = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "trellis-cni",
@@ -274,7 +286,10 @@ impl Cluster {
             .env("CNI_PATH", self.dir.path())
             .env(
                 "CNI_ARGS",
-                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"),
+                format!(
+                    "K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}{}",
+                    uid.map(|u| format!(";K8S_POD_UID={u}")).unwrap_or_default()
+                ),
             )
             .stderr(Stdio::null());
         spawn_with_input(&mut plugin, &conf.to_string())
@@ -284,7 +299,7 @@ impl Cluster {
     /// namespace and address.
     pub fn add_pod(&self, i: usize, name: &str) -> (TestNetns, std::net::IpAddr) {
         let pod = TestNetns::new(name);
-        let child = self.spawn_plugin(&bin("trellis-cni"), i, "ADD", name, pod.path());
+        let child = self.spawn_plugin(&bin("trellis-cni"), i, "ADD", name, pod.path(), None);
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -298,7 +313,12 @@ impl Cluster {
     /// Starts ADD for a pod whose namespace the caller made (servers may already listen
     /// there), stdout piped.
     pub fn spawn_add(&self, i: usize, name: &str, pod: &TestNetns) -> Child {
-        self.spawn_plugin(&bin("trellis-cni"), i, "ADD", name, pod.path())
+        self.spawn_plugin(&bin("trellis-cni"), i, "ADD", name, pod.path(), None)
+    }
+
+    /// [`Cluster::spawn_add`] for the pod with UID `uid` (CNI_ARGS `K8S_POD_UID`).
+    pub fn spawn_add_uid(&self, i: usize, name: &str, pod: &TestNetns, uid: &str) -> Child {
+        self.spawn_plugin(&bin("trellis-cni"), i, "ADD", name, pod.path(), Some(uid))
     }
 
     /// Block CIDR → affine node, from `trellis get ipamblocks -o json`.

@@ -54,6 +54,37 @@ pub(super) fn check_daemonset(m: &Manifest) -> Vec<String> {
     p
 }
 
+// ---------------------------------------------------------------------------------------------
+// The kube-controller's Deployment.
+
+/// The controller must not wait for the pod network it sets up: on the pod network its pod
+/// needs an address from Trellis first, but its init container applies the IPPool that every
+/// first ADD needs, and in Kubernetes mode the agent gives a pod its address only once the
+/// pod's record is stored — which this controller writes. So it runs on the host network, as
+/// the agent does.
+pub(super) fn check_controller_deployment(m: &Manifest) -> Vec<String> {
+    let mut p = Vec::new();
+    let spec = pod_spec_deploy(m.deployment());
+    if spec.host_network != Some(true) {
+        p.push("the kube-controller's hostNetwork is not true: its pod would need an address from the network it sets up (a pool its init container creates, an agent waiting for the pod record it writes)".into());
+    }
+    if spec.host_pid == Some(true) {
+        p.push("the kube-controller's hostPID is set".into());
+    }
+    let no_ports = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .all(|c| c.ports.as_ref().is_none_or(|ps| ps.is_empty()));
+    if !no_ports {
+        p.push(
+            "the kube-controller declares ports (on the host network they would be the node's)"
+                .into(),
+        );
+    }
+    p
+}
+
 /// Each mount names a volume, each volume is mounted, and the host paths are exactly these:
 /// (volume, host path, container, mount path).
 pub(super) const HOST_PATHS: [(&str, &str, &str, &str); 3] = [
