@@ -5,6 +5,7 @@
 //! - [`plan`] (pure): desired (from Kubernetes) against observed (the store) → guarded writes.
 //! - [`lease`] (pure core + shell): leader election with a `coordination.k8s.io/v1` Lease.
 //! - [`controller`] (I/O): kube-runtime watchers, the store watch, the apply loop.
+//! - [`cnp`] (I/O): which ClusterNetworkPolicy version the API server serves, and its watch.
 //! - [`cli`]: `trellis kube-controller`'s flags and entry point.
 //!
 //! Each pod is stored as a record (kind `Pod`: labels, node, service account, named ports and
@@ -14,9 +15,10 @@
 //! Not done here yet: Nodes' `spec.podCIDR`s and addresses are validated but not stored (a
 //! Flannel-style IPAM mode would use the podCIDRs; the agent publishes the address it routes
 //! with); the allocator honours a pod's own `ipv4pools`/`ipv6pools`/`ipAddrs` (from its record)
-//! but not yet a namespace's pool annotations; ClusterNetworkPolicies are not synced.
+//! but not yet a namespace's pool annotations.
 
 pub mod cli;
+pub mod cnp;
 pub mod controller;
 pub mod lease;
 pub mod plan;
