@@ -50,10 +50,8 @@ pub const SERVICE_ACCOUNTS: ResourceType = ("v1", "serviceaccounts");
 pub const NODES: ResourceType = ("v1", "nodes");
 pub const NETWORK_POLICIES: ResourceType = ("networking.k8s.io/v1", "networkpolicies");
 pub const LEASES: ResourceType = ("coordination.k8s.io/v1", "leases");
-pub const CLUSTER_NETWORK_POLICIES: ResourceType = (
-    "policy.networking.k8s.io/v1beta1",
-    "clusternetworkpolicies",
-);
+pub const CLUSTER_NETWORK_POLICIES: ResourceType =
+    ("policy.networking.k8s.io/v1beta1", "clusternetworkpolicies");
 pub const CLUSTER_NETWORK_POLICIES_V1ALPHA2: ResourceType = (
     "policy.networking.k8s.io/v1alpha2",
     "clusternetworkpolicies",
@@ -67,7 +65,11 @@ const KNOWN: [(ResourceType, &str, bool); 8] = [
     (NETWORK_POLICIES, "NetworkPolicy", true),
     (LEASES, "Lease", true),
     (CLUSTER_NETWORK_POLICIES, "ClusterNetworkPolicy", false),
-    (CLUSTER_NETWORK_POLICIES_V1ALPHA2, "ClusterNetworkPolicy", false),
+    (
+        CLUSTER_NETWORK_POLICIES_V1ALPHA2,
+        "ClusterNetworkPolicy",
+        false,
+    ),
 ];
 
 fn kind_of(gv: &str, plural: &str) -> Option<(ResourceType, &'static str, bool)> {

@@ -65,10 +65,7 @@ pub(crate) fn entry(api_version: &str, o: &DynamicObject) -> (String, Entry) {
 }
 
 /// Finds the served version (asking again until there is one), then follows it.
-pub(crate) fn spawn_watch(
-    client: Client,
-    tx: mpsc::Sender<Input>,
-) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn_watch(client: Client, tx: mpsc::Sender<Input>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let version = loop {
             if let Some(v) = served_version(&client).await {
@@ -83,8 +80,7 @@ pub(crate) fn spawn_watch(
         };
         tracing::info!(api_version = version, "syncing ClusterNetworkPolicies");
         let (group, v) = version.split_once('/').expect("a group version");
-        let ar =
-            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, v, KIND), PLURAL);
+        let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, v, KIND), PLURAL);
         let api: Api<DynamicObject> = Api::all_with(client, &ar);
         watch_kind(api, Target::ClusterNetworkPolicies, tx, move |o| {
             entry(version, o)

@@ -11,8 +11,8 @@ use trellis_cluster::objects;
 use trellis_kube::controller::{self, ControllerConfig};
 use trellis_kube::lease::{Leadership, LeaseConfig};
 use trellis_kube_testapi::{
-    TestApiServer, CLUSTER_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES_V1ALPHA2, LEASES,
-    NAMESPACES, NETWORK_POLICIES, NODES, PODS, SERVICE_ACCOUNTS,
+    TestApiServer, CLUSTER_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES_V1ALPHA2, LEASES, NAMESPACES,
+    NETWORK_POLICIES, NODES, PODS, SERVICE_ACCOUNTS,
 };
 use trellis_resources::{key_for, parse_documents, Kind, Resource};
 use trellis_store::{Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch};
@@ -905,7 +905,9 @@ async fn cluster_network_policies_arrive_change_and_go() {
         "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: operator}\nspec: {tier: Baseline, priority: 7, subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n",
     )
     .unwrap();
-    objects::apply(&*e.store, &operator[0], false).await.unwrap();
+    objects::apply(&*e.store, &operator[0], false)
+        .await
+        .unwrap();
     e.api.put(CLUSTER_NETWORK_POLICIES, cnp("operator", 1));
     e.api.put(CLUSTER_NETWORK_POLICIES, cnp("a", 10));
     e.api.put(CLUSTER_NETWORK_POLICIES, cnp("gone", 11));
@@ -923,7 +925,8 @@ async fn cluster_network_policies_arrive_change_and_go() {
     want["apiVersion"] = json!("policy.networking.k8s.io/v1beta1");
     want["kind"] = json!("ClusterNetworkPolicy");
     want["metadata"]["annotations"] = json!({"trellis.dev/managed-by": "kube-controller"});
-    want["metadata"]["uid"] = e.api.get(CLUSTER_NETWORK_POLICIES, "", "a").unwrap()["metadata"]["uid"].clone();
+    want["metadata"]["uid"] =
+        e.api.get(CLUSTER_NETWORK_POLICIES, "", "a").unwrap()["metadata"]["uid"].clone();
     assert_eq!(
         stored,
         Resource::from_value(&want).unwrap(),
@@ -974,15 +977,26 @@ async fn cluster_network_policies_of_the_version_the_cluster_serves() {
     e.api.put(CLUSTER_NETWORK_POLICIES_V1ALPHA2, cnp("old", 3));
     e.api.put(NAMESPACES, namespace("shop", json!({})));
     let _c = e.controller("a").await;
-    e.wait_for("namespaces without any CNP served", Kind::Namespace, None, "shop", |r| {
-        r.is_some()
-    })
+    e.wait_for(
+        "namespaces without any CNP served",
+        Kind::Namespace,
+        None,
+        "shop",
+        |r| r.is_some(),
+    )
     .await;
-    assert!(e.stored(Kind::ClusterNetworkPolicy, None, "old").await.is_none());
+    assert!(e
+        .stored(Kind::ClusterNetworkPolicy, None, "old")
+        .await
+        .is_none());
     e.api.unserve(CLUSTER_NETWORK_POLICIES_V1ALPHA2, false);
     // Asked again after DISCOVERY_RETRY.
     let start = Instant::now();
-    while e.stored(Kind::ClusterNetworkPolicy, None, "old").await.is_none() {
+    while e
+        .stored(Kind::ClusterNetworkPolicy, None, "old")
+        .await
+        .is_none()
+    {
         assert!(
             start.elapsed() < DEADLINE + trellis_kube::cnp::DISCOVERY_RETRY,
             "the v1alpha2 policy was never synced"
@@ -990,7 +1004,11 @@ async fn cluster_network_policies_of_the_version_the_cluster_serves() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        cnp_priority(e.stored(Kind::ClusterNetworkPolicy, None, "old").await.as_ref()),
+        cnp_priority(
+            e.stored(Kind::ClusterNetworkPolicy, None, "old")
+                .await
+                .as_ref()
+        ),
         Some(3)
     );
     assert!(

@@ -302,7 +302,11 @@ impl<'a> Applier<'a> {
 
     /// Creates or replaces `objects` in the Kubernetes API; each one created is recorded at
     /// once (for `down` to delete).
-    fn kube_objects(&mut self, kubeconfig: &str, objects: &[serde_json::Value]) -> Result<(), Failure> {
+    fn kube_objects(
+        &mut self,
+        kubeconfig: &str,
+        objects: &[serde_json::Value],
+    ) -> Result<(), Failure> {
         if self.kube.is_none() {
             self.kube = Some(crate::kube::Session::open(kubeconfig)?);
         }

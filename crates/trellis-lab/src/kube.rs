@@ -78,14 +78,19 @@ impl Session {
             .build()
             .map_err(|e| failed("start a runtime", e))?;
         let client = rt
-            .block_on(trellis_kube::controller::client(Some(Path::new(kubeconfig))))
+            .block_on(trellis_kube::controller::client(Some(Path::new(
+                kubeconfig,
+            ))))
             .map_err(|e| failed(format!("connect with {kubeconfig}"), e))?;
         Ok(Session { rt, client })
     }
 
     /// The API of `r`'s kind where `r` lives.
     async fn api(&self, r: &KubeRef) -> Result<Api<DynamicObject>, kube::Error> {
-        let (group, version) = r.api_version.rsplit_once('/').unwrap_or(("", &r.api_version));
+        let (group, version) = r
+            .api_version
+            .rsplit_once('/')
+            .unwrap_or(("", &r.api_version));
         let gvk = GroupVersionKind::gvk(group, version, &r.kind);
         let (ar, caps) = pinned_kind(&self.client, &gvk).await?;
         Ok(match caps.scope {

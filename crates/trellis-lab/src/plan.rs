@@ -303,7 +303,7 @@ pub fn plan(lab: &Lab, observed: &Observed) -> Result<Vec<Step>, LabError> {
     Ok(p.steps)
 }
 
-mod kubernetes;
+pub mod kubernetes;
 
 struct Planner<'a> {
     lab: &'a Lab,
@@ -333,7 +333,10 @@ impl Planner<'_> {
     }
 
     fn kube(&mut self, member: &str, objects: Vec<Value>) {
-        let kubeconfig = self.kubeconfig().expect("on the Kubernetes path").to_string();
+        let kubeconfig = self
+            .kubeconfig()
+            .expect("on the Kubernetes path")
+            .to_string();
         self.steps.push(Step::Kube {
             member: member.into(),
             kubeconfig,
@@ -691,7 +694,8 @@ impl Planner<'_> {
                 socket: self.path(&format!("{}.sock", p.node)),
                 cni_path: self.dir.clone(),
             });
-            let written = !p.labels.is_empty() || !p.ports.is_empty() || p.service_account.is_some();
+            let written =
+                !p.labels.is_empty() || !p.ports.is_empty() || p.service_account.is_some();
             if written && self.kubeconfig().is_none() {
                 self.steps.push(Step::Endpoint {
                     member: p.name.clone(),

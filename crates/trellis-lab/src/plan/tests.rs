@@ -118,7 +118,12 @@ fn the_kubernetes_path_writes_api_objects_and_runs_the_controller() {
     let steps = plan(&lab, &Observed::default()).unwrap();
     let ops: Vec<String> = steps
         .iter()
-        .filter(|s| !matches!(s, Step::Namespace { .. } | Step::Link { .. } | Step::Bridge { .. }))
+        .filter(|s| {
+            !matches!(
+                s,
+                Step::Namespace { .. } | Step::Link { .. } | Step::Bridge { .. }
+            )
+        })
         .map(|s| format!("{} {}", s.member(), s.describe()))
         .collect();
     assert_eq!(
@@ -143,9 +148,9 @@ fn the_kubernetes_path_writes_api_objects_and_runs_the_controller() {
         steps
             .iter()
             .find_map(|s| match s {
-                Step::Spawn { argv, what: w, ns, .. } if w == what => {
-                    Some((argv.join(" "), ns.clone()))
-                }
+                Step::Spawn {
+                    argv, what: w, ns, ..
+                } if w == what => Some((argv.join(" "), ns.clone())),
                 _ => None,
             })
             .unwrap()
@@ -162,7 +167,9 @@ fn the_kubernetes_path_writes_api_objects_and_runs_the_controller() {
     let pod = steps
         .iter()
         .find_map(|s| match s {
-            Step::Kube { member, objects, .. } if member == "x-a" => Some(objects[0].clone()),
+            Step::Kube {
+                member, objects, ..
+            } if member == "x-a" => Some(objects[0].clone()),
             _ => None,
         })
         .unwrap();
@@ -185,6 +192,8 @@ fn the_kubernetes_path_needs_an_absolute_kubeconfig_and_the_embedded_store() {
             .unwrap_err()
             .to_string()
     };
-    assert!(err("kubernetes: {kubeconfig: k.conf}\n").starts_with("kubernetes.kubeconfig \"k.conf\": must be an absolute path"));
-    assert!(err("datastore: etcd\nkubernetes: {kubeconfig: /k.conf}\n").starts_with("kubernetes: needs the embedded datastore"));
+    assert!(err("kubernetes: {kubeconfig: k.conf}\n")
+        .starts_with("kubernetes.kubeconfig \"k.conf\": must be an absolute path"));
+    assert!(err("datastore: etcd\nkubernetes: {kubeconfig: /k.conf}\n")
+        .starts_with("kubernetes: needs the embedded datastore"));
 }
