@@ -477,7 +477,7 @@ trait Watched: kube::Resource + Clone + Debug + DeserializeOwned + Send + Sync +
     fn entry(&self) -> (String, Entry);
 }
 
-pub(crate) fn report(e: &TranslateError) {
+fn report(e: &TranslateError) {
     tracing::warn!(kind = e.kind, object = %e.object, field = %e.field, reason = %e.reason, "skipping a Kubernetes object that does not translate");
 }
 
