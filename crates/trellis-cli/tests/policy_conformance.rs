@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use common::{bin, trellis, LabGuard};
 use serde_json::Value;
-use trellis_kube_testapi::{TestApiServer, CLUSTER_NETWORK_POLICIES};
+use trellis_kube_testapi::{TestApiServer, CLUSTER_NETWORK_POLICIES, NAMESPACES, NODES, PODS};
 use trellis_lab::endpoint::{update, EndpointChange};
 use trellis_lab::kube::{KubeRef, Session};
 use trellis_lab::plan::kubernetes::kubernetes_kind;
@@ -191,7 +191,7 @@ fn topology(
 struct Kube {
     /// Runs the test API server (dropped last: the server stops with it).
     _rt: tokio::runtime::Runtime,
-    _api: TestApiServer,
+    api: TestApiServer,
     _dir: tempfile::TempDir,
     session: Session,
 }
@@ -212,7 +212,7 @@ impl Kube {
         let session = Session::open(&kubeconfig).unwrap();
         let k = Kube {
             _rt: rt,
-            _api: api,
+            api,
             _dir: dir,
             session,
         };
@@ -815,4 +815,15 @@ fn replay(name: &'static str, datastore: &str, every: usize, kubernetes: bool) {
     kernel_counters_of_the_deciding_rule(&lab);
     let (ok, out) = trellis(&["lab", "down", name]);
     assert!(ok, "{out}");
+    if let Some(k) = &lab.kube {
+        // `down` deleted the API objects the lab created.
+        for p in &lab.pods {
+            assert!(
+                k.api.get(PODS, &p.namespace, &p.name).is_none(),
+                "pod {p} left"
+            );
+        }
+        assert!(k.api.get(NAMESPACES, "", "x").is_none(), "namespace x left");
+        assert!(k.api.get(NODES, "", "node1").is_none(), "node node1 left");
+    }
 }
