@@ -220,6 +220,24 @@ impl Kube {
     }
 }
 
+/// A change in words (for errors).
+fn what(c: &Change) -> String {
+    let named = |d: &Value| {
+        let m = &d["metadata"];
+        match m["namespace"].as_str() {
+            Some(ns) => format!("{} {ns}/{}", d["kind"], m["name"]),
+            None => format!("{} {}", d["kind"], m["name"]),
+        }
+    };
+    match c {
+        Change::Apply(d) => format!("apply {}", named(d)),
+        Change::Delete(d) => format!("delete {}", named(d)),
+        Change::NamespaceLabels { name, labels } => format!("namespace {name} labels {labels:?}"),
+        Change::PodLabels { pod, labels } => format!("pod {pod} labels {labels:?}"),
+        Change::PodProfiles { pod, profiles } => format!("pod {pod} profiles {profiles:?}"),
+    }
+}
+
 /// Whether a change goes to the API server on the Kubernetes path.
 fn through_kubernetes(c: &Change) -> bool {
     match c {
@@ -514,7 +532,8 @@ impl Replay {
                     while !self.mirrored(&*store, c).await {
                         if Instant::now() > deadline {
                             return Err(format!(
-                                "the kube-controller did not mirror {c:?} within {} s",
+                                "the kube-controller did not mirror {} within {} s",
+                                what(c),
                                 SYNC_LIMIT.as_secs()
                             ));
                         }
