@@ -21,7 +21,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use trellis_kube_testapi::{
-    Request, TestApiServer, LEASES, NAMESPACES, NETWORK_POLICIES, NODES, PODS, SERVICE_ACCOUNTS,
+    Request, TestApiServer, CLUSTER_NETWORK_POLICIES, LEASES, NAMESPACES, NETWORK_POLICIES, NODES,
+    PODS, SERVICE_ACCOUNTS,
 };
 use trellis_resources::{parse_documents, Kind, Resource};
 
@@ -272,6 +273,13 @@ impl Drop for Child {
 /// controller, with the Deployment's own flags, against a test API server through a whole
 /// life: every kind listed, synced and watched (a change after the first sync arrives), the
 /// Lease created and renewed, SIGTERM and the Lease given up. Returns what it requested.
+/// A ClusterNetworkPolicy labelled `v`.
+fn cnp(v: &str) -> Value {
+    json!({"metadata": {"name": "cnp", "labels": {"v": v}},
+           "spec": {"tier": "Baseline", "priority": 1, "subject": {"namespaces": {}},
+                    "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}})
+}
+
 async fn run_controller(m: &Manifest) -> Vec<Request> {
     let dir = tempfile::tempdir().unwrap();
     let datastore = format!("sqlite:{}", dir.path().join("t.db").display());
@@ -321,6 +329,7 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
         NODES,
         json!({"metadata": {"name": "n1", "labels": {"v": "1"}}}),
     );
+    api.put(CLUSTER_NETWORK_POLICIES, cnp("1"));
     api.put(
         PODS,
         json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "1"}},
@@ -373,6 +382,7 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
         (Kind::KubernetesNetworkPolicy, Some("shop"), "np"),
         (Kind::Node, None, "n1"),
         (Kind::WorkloadEndpoint, Some("shop"), "n1.c1.eth0"),
+        (Kind::ClusterNetworkPolicy, None, "cnp"),
     ];
     for v in ["1", "2"] {
         if v == "2" {
@@ -390,6 +400,7 @@ async fn run_controller(m: &Manifest) -> Vec<Request> {
                 NODES,
                 json!({"metadata": {"name": "n1", "labels": {"v": "2"}}}),
             );
+            api.put(CLUSTER_NETWORK_POLICIES, cnp("2"));
             api.put(
                 PODS,
                 json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"v": "2"}},
@@ -638,6 +649,7 @@ async fn the_controllers_rbac_is_exactly_what_it_requests() {
     holds(check, &[
         ("    verbs: [list, watch]\n  - apiGroups: [networking.k8s.io]", "    verbs: [list]\n  - apiGroups: [networking.k8s.io]", "not granted: watch \"\"/pods"),
         ("    resources: [networkpolicies]\n    verbs: [list, watch]", "    resources: [networkpolicies]\n    verbs: [list, watch, delete]", "granted but never used"),
+        ("    resources: [clusternetworkpolicies]\n    verbs: [list, watch]", "    resources: [clusternetworkpolicies]\n    verbs: [list]", "not granted: watch \"policy.networking.k8s.io\"/clusternetworkpolicies"),
         ("    resources: [namespaces, pods, serviceaccounts, nodes]", "    resources: [namespaces, pods, serviceaccounts, nodes, secrets]", "granted but never used"),
         ("    resources: [namespaces, pods, serviceaccounts, nodes]", "    resources: [\"*\"]", "wildcard"),
         ("    verbs: [get, update]", "    verbs: [get]", "not granted: update"),

@@ -10,8 +10,15 @@
 //!   gets an `ERROR` event carrying a `Status` with code 410, reason `Expired` (what the API
 //!   server's watch cache sends);
 //! - get / create (POST) / replace (PUT, 409 `Conflict` on a stale `resourceVersion`) / delete
-//!   of single objects, used for Leases; `Status` errors (404 `NotFound`, 409
-//!   `AlreadyExists`/`Conflict`, 400 `BadRequest`).
+//!   of single objects (the controller's Leases; the lab's Namespaces, Nodes, Pods and
+//!   policies when it runs on the Kubernetes path); `Status` errors (404 `NotFound`, 409
+//!   `AlreadyExists`/`Conflict`, 400 `BadRequest`);
+//! - discovery of a group version's resources (`GET /api/v1`, `GET /apis/GROUP/VERSION`: an
+//!   `APIResourceList`), 404 for a group version it does not serve;
+//! - ClusterNetworkPolicies (`policy.networking.k8s.io`) in `v1beta1` and `v1alpha2`, each
+//!   version its own collection (a real CRD converts between served versions; the tests use
+//!   one at a time), either of which [`TestApiServer::unserve`] takes away as if the CRD did
+//!   not serve it.
 //!
 //! Test hooks: [`TestApiServer::put`], [`TestApiServer::delete`],
 //! [`TestApiServer::hide`] (lists — and optionally GETs — leave objects out: an API server
@@ -19,7 +26,8 @@
 //! [`TestApiServer::gap`]
 //! (changes made while every watch is dropped and history compacted, so the next resume gets
 //! 410 and the client must list again), [`TestApiServer::compact`],
-//! [`TestApiServer::drop_watches`], counters of requests, and [`TestApiServer::seen`]: every
+//! [`TestApiServer::drop_watches`], [`TestApiServer::unserve`], counters of requests, and
+//! [`TestApiServer::seen`]: every
 //! request as RBAC authorises it (verb, API group, resource, namespace, name), also those for
 //! resources this server does not serve.
 
@@ -45,14 +53,26 @@ pub const SERVICE_ACCOUNTS: ResourceType = ("v1", "serviceaccounts");
 pub const NODES: ResourceType = ("v1", "nodes");
 pub const NETWORK_POLICIES: ResourceType = ("networking.k8s.io/v1", "networkpolicies");
 pub const LEASES: ResourceType = ("coordination.k8s.io/v1", "leases");
+pub const CLUSTER_NETWORK_POLICIES: ResourceType =
+    ("policy.networking.k8s.io/v1beta1", "clusternetworkpolicies");
+pub const CLUSTER_NETWORK_POLICIES_V1ALPHA2: ResourceType = (
+    "policy.networking.k8s.io/v1alpha2",
+    "clusternetworkpolicies",
+);
 
-const KNOWN: [(ResourceType, &str, bool); 6] = [
+const KNOWN: [(ResourceType, &str, bool); 8] = [
     (NAMESPACES, "Namespace", false),
     (PODS, "Pod", true),
     (SERVICE_ACCOUNTS, "ServiceAccount", true),
     (NODES, "Node", false),
     (NETWORK_POLICIES, "NetworkPolicy", true),
     (LEASES, "Lease", true),
+    (CLUSTER_NETWORK_POLICIES, "ClusterNetworkPolicy", false),
+    (
+        CLUSTER_NETWORK_POLICIES_V1ALPHA2,
+        "ClusterNetworkPolicy",
+        false,
+    ),
 ];
 
 fn kind_of(gv: &str, plural: &str) -> Option<(ResourceType, &'static str, bool)> {
@@ -89,6 +109,8 @@ pub struct State {
     hidden: Vec<(String, Option<String>, bool)>,
     /// Bumped to end every open watch.
     watch_gen: u64,
+    /// Resources answered 404 and left out of discovery (a CRD version not served).
+    unserved: Vec<String>,
 }
 
 fn resource_id(r: ResourceType) -> String {
@@ -371,6 +393,18 @@ impl TestApiServer {
         st.hidden.retain(|(x, _, _)| *x != resource_id(r));
     }
 
+    /// Stops serving `r` (404 to every request, absent from discovery), as a cluster without
+    /// that CRD version; `serve` again with `false`.
+    pub fn unserve(&self, r: ResourceType, unserved: bool) {
+        let mut st = self.shared.state.lock().expect("state");
+        st.unserved.retain(|x| *x != resource_id(r));
+        if unserved {
+            st.unserved.push(resource_id(r));
+        }
+        drop(st);
+        self.drop_watches();
+    }
+
     /// Forgets the history: a resume from any version before now gets 410.
     pub fn compact(&self) {
         let mut st = self.shared.state.lock().expect("state");
@@ -500,7 +534,16 @@ async fn handle(
     if let Some(r) = authz_attributes(&method, &uri) {
         shared.seen.lock().expect("seen").push(r);
     }
-    let Some(t) = parse_path(uri.path()) else {
+    if method == Method::GET {
+        if let Some(gv) = discovery_path(uri.path()) {
+            return discovery(&shared, &gv);
+        }
+    }
+    let unserved = |t: &Target| {
+        let st = shared.state.lock().expect("state");
+        st.unserved.contains(&resource_id(t.resource))
+    };
+    let Some(t) = parse_path(uri.path()).filter(|t| !unserved(t)) else {
         return status(
             404,
             "NotFound",
@@ -560,6 +603,41 @@ fn get_visible(shared: &Shared, t: &Target, ns: &str, name: &str) -> Option<Valu
     let key = (resource_id(t.resource), ns.to_string(), name.to_string());
     st.get(t.resource, ns, name)
         .filter(|_| !st.hidden(&key, true))
+}
+
+/// The group version a discovery path names (`/api/v1` → `v1`, `/apis/g/v` → `g/v`).
+fn discovery_path(path: &str) -> Option<String> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["api", v] => Some(v.to_string()),
+        ["apis", g, v] => Some(format!("{g}/{v}")),
+        _ => None,
+    }
+}
+
+/// An `APIResourceList` of the served resources of group version `gv` (404 when none).
+fn discovery(shared: &Shared, gv: &str) -> Response {
+    let st = shared.state.lock().expect("state");
+    let resources: Vec<Value> = KNOWN
+        .iter()
+        .filter(|(r, _, _)| r.0 == gv && !st.unserved.contains(&resource_id(*r)))
+        .map(|((_, plural), kind, namespaced)| {
+            json!({"name": plural, "singularName": kind.to_lowercase(), "namespaced": namespaced,
+                   "kind": kind, "verbs": ["create", "delete", "get", "list", "update", "watch"]})
+        })
+        .collect();
+    if resources.is_empty() {
+        return status(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource (group version {gv})"),
+        );
+    }
+    json_response(
+        200,
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                "resources": resources}),
+    )
 }
 
 fn list(shared: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {

@@ -86,15 +86,17 @@ pub enum Target {
     NetworkPolicies,
     Pods,
     Nodes,
+    ClusterNetworkPolicies,
 }
 
 impl Target {
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Namespaces,
         Target::ServiceAccounts,
         Target::NetworkPolicies,
         Target::Pods,
         Target::Nodes,
+        Target::ClusterNetworkPolicies,
     ];
 
     /// The stored kinds the target's plan reads and writes (the first is the one it lists
@@ -106,13 +108,14 @@ impl Target {
             Target::NetworkPolicies => &[Kind::KubernetesNetworkPolicy],
             Target::Pods => &[Kind::Pod, Kind::WorkloadEndpoint],
             Target::Nodes => &[Kind::Node],
+            Target::ClusterNetworkPolicies => &[Kind::ClusterNetworkPolicy],
         }
     }
 }
 
 /// One change from a watcher, already translated.
 #[derive(Debug)]
-enum Change {
+pub(crate) enum Change {
     Init,
     /// An object (its cache key, its translation, what GC needs of it).
     Apply(String, Entry, Identity),
@@ -123,7 +126,7 @@ enum Change {
 }
 
 #[derive(Debug, Clone)]
-enum Entry {
+pub(crate) enum Entry {
     Mirror(Desired),
     Pod(PodDesired),
     Node(NodeDesired),
@@ -147,7 +150,7 @@ impl Work {
 }
 
 #[derive(Debug)]
-enum Input {
+pub(crate) enum Input {
     Kube(Target, Change),
     /// A stored record of this kind changed (its key).
     Stored(Kind, String),
@@ -266,6 +269,7 @@ pub async fn sync(
         ),
         spawn_watch::<Pod>(Api::all(client.clone()), Target::Pods, tx.clone()),
         spawn_watch::<Node>(Api::all(client.clone()), Target::Nodes, tx.clone()),
+        crate::cnp::spawn_watch(client.clone(), tx.clone()),
     ];
     tasks.push(tokio::spawn(watch_store(store.clone(), tx)));
     let _abort = AbortOnDrop(tasks);
@@ -540,7 +544,7 @@ fn report(e: &TranslateError) {
     tracing::warn!(kind = e.kind, object = %e.object, field = %e.field, reason = %e.reason, "skipping a Kubernetes object that does not translate");
 }
 
-fn mirror(
+pub(crate) fn mirror(
     kind: Kind,
     meta: &kube::api::ObjectMeta,
     r: std::result::Result<Resource, TranslateError>,
@@ -635,29 +639,44 @@ fn spawn_watch<K: Watched>(
     t: Target,
     tx: mpsc::Sender<Input>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut stream = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        while let Some(ev) = stream.next().await {
-            let change = match ev {
-                Ok(Event::Init) => Change::Init,
-                Ok(Event::InitApply(o) | Event::Apply(o)) => {
-                    let (k, e) = o.entry();
-                    Change::Apply(k, e, o.identity())
-                }
-                Ok(Event::Delete(o)) => Change::Delete(o.entry().0),
-                Ok(Event::InitDone) => Change::InitDone,
-                Err(e) => {
-                    tracing::warn!(target_kind = ?t, error = %e, "Kubernetes watch failed; listing or resuming again");
-                    Change::Error
-                }
-            };
-            if tx.send(Input::Kube(t, change)).await.is_err() {
-                return;
+    tokio::spawn(watch_kind(api, t, tx, |o: &K| {
+        let (k, e) = o.entry();
+        (k, e, o.identity())
+    }))
+}
+
+/// Follows one kind, translating each object with `entry` (its key, what to mirror, and what
+/// IPAM GC needs of it), until the receiver is gone.
+pub(crate) async fn watch_kind<K>(
+    api: Api<K>,
+    t: Target,
+    tx: mpsc::Sender<Input>,
+    entry: impl Fn(&K) -> (String, Entry, Identity),
+) where
+    K: kube::Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+{
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        let change = match ev {
+            Ok(Event::Init) => Change::Init,
+            Ok(Event::InitApply(o) | Event::Apply(o)) => {
+                let (k, e, id) = entry(&o);
+                Change::Apply(k, e, id)
             }
+            Ok(Event::Delete(o)) => Change::Delete(entry(&o).0),
+            Ok(Event::InitDone) => Change::InitDone,
+            Err(e) => {
+                tracing::warn!(target_kind = ?t, error = %e, "Kubernetes watch failed; listing or resuming again");
+                // IPAM GC distrusts the cache until its next complete list.
+                Change::Error
+            }
+        };
+        if tx.send(Input::Kube(t, change)).await.is_err() {
+            return;
         }
-    })
+    }
 }
 
 /// Follows the stored kinds the plans read; re-established (and everything marked changed)

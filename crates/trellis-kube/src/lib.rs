@@ -8,6 +8,7 @@
 //! - [`gc_plan`] (pure) and [`gc`] (I/O): IPAM garbage collection of addresses of pods and of
 //!   nodes gone from the API server (grace period, two observations, a re-check by list and
 //!   GET, guarded releases; never from an untrustworthy view).
+//! - [`cnp`] (I/O): which ClusterNetworkPolicy version the API server serves, and its watch.
 //! - [`cli`]: `trellis kube-controller`'s flags and entry point.
 //!
 //! Each pod is stored as a record (kind `Pod`: labels, node, service account, named ports and
@@ -16,10 +17,11 @@
 //!
 //! Not done here yet: Nodes' `spec.podCIDR`s and addresses are validated but not stored (a
 //! Flannel-style IPAM mode would use the podCIDRs; the agent publishes the address it routes
-//! with); ClusterNetworkPolicies are not synced. The allocator honours the pod's IPAM
-//! annotations (from its record) and its namespace's pools (`trellis_cluster::annotations`).
+//! with). The allocator honours the pod's IPAM annotations (from its record) and its
+//! namespace's pools (`trellis_cluster::annotations`).
 
 pub mod cli;
+pub mod cnp;
 pub mod controller;
 pub mod gc;
 pub mod gc_plan;

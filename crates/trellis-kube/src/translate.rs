@@ -5,6 +5,9 @@
 //! - ServiceAccount → `v1` ServiceAccount (labels, for `serviceAccountSelector`);
 //! - `networking.k8s.io/v1` NetworkPolicy → the same stored form `trellis apply` gives it (the
 //!   object goes through Trellis's own parser, so defaulting and validation are the CLI's);
+//! - `policy.networking.k8s.io` ClusterNetworkPolicy (`v1beta1` or `v1alpha2`; there are no
+//!   k8s-openapi types for it, so it arrives as a [`DynamicObject`]) → the same stored form
+//!   `trellis apply` gives it, through Trellis's own parser like NetworkPolicies;
 //! - Pod → [`PodInfo`]: what the pod's WorkloadEndpoints must carry (labels, service account,
 //!   named container ports), plus its Calico IPAM annotations parsed and validated; stored as
 //!   the pod's record ([`PodInfo::record`], kind `Pod`), which the agent reads at ADD;
@@ -19,7 +22,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::ObjectMeta;
+use kube::api::{DynamicObject, ObjectMeta};
 use serde_json::{json, Value};
 use trellis_resources::pod::PodSpec;
 use trellis_resources::policy::RuleProtocol;
@@ -170,6 +173,41 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<Resource, TranslateError> {
         "spec": spec,
     });
     Resource::from_value(&doc).map_err(|e| from_resource("NetworkPolicy", meta, e))
+}
+
+/// A ClusterNetworkPolicy (`policy.networking.k8s.io/v1beta1` or `v1alpha2`, the same schema)
+/// as stored: the spec unchanged through Trellis's parser, under the version Trellis stores
+/// (`v1beta1`), exactly as `trellis apply` stores the same document.
+pub fn cluster_network_policy(o: &DynamicObject) -> Result<Resource, TranslateError> {
+    const KIND: &str = "ClusterNetworkPolicy";
+    let meta = &o.metadata;
+    required_name(KIND, meta)?;
+    let api_version = o
+        .types
+        .as_ref()
+        .map(|t| t.api_version.as_str())
+        .unwrap_or_default();
+    if ![
+        trellis_resources::cnp::CNP_API_VERSION,
+        trellis_resources::cnp::CNP_API_VERSION_ALPHA2,
+    ]
+    .contains(&api_version)
+    {
+        return Err(error(
+            KIND,
+            meta,
+            "apiVersion",
+            format!("{api_version:?} is not a ClusterNetworkPolicy version Trellis reads"),
+        ));
+    }
+    let spec = o.data.get("spec").cloned().unwrap_or(Value::Null);
+    let doc = json!({
+        "apiVersion": api_version,
+        "kind": KIND,
+        "metadata": stored_metadata(meta, BTreeMap::new()),
+        "spec": spec,
+    });
+    Resource::from_value(&doc).map_err(|e| from_resource(KIND, meta, e))
 }
 
 /// What a pod's WorkloadEndpoints carry, from the pod.

@@ -11,7 +11,8 @@ use trellis_cluster::objects;
 use trellis_kube::controller::{self, ControllerConfig};
 use trellis_kube::lease::{Leadership, LeaseConfig};
 use trellis_kube_testapi::{
-    TestApiServer, LEASES, NAMESPACES, NETWORK_POLICIES, NODES, PODS, SERVICE_ACCOUNTS,
+    TestApiServer, CLUSTER_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES_V1ALPHA2, LEASES, NAMESPACES,
+    NETWORK_POLICIES, NODES, PODS, SERVICE_ACCOUNTS,
 };
 use trellis_resources::{key_for, parse_documents, Kind, Resource};
 use trellis_store::{Datastore, KeyValue, Listing, Precondition, TxnOp, TxnOutcome, Watch};
@@ -880,4 +881,147 @@ async fn a_pods_record_is_stored_before_its_endpoint_exists() {
         |r| r.is_none(),
     )
     .await;
+}
+
+/// A ClusterNetworkPolicy as the API server holds it (no apiVersion: the server sets it).
+fn cnp(name: &str, priority: i64) -> Value {
+    json!({
+        "metadata": {"name": name, "labels": {"owner": "platform"}},
+        "spec": {"tier": "Admin", "priority": priority,
+                 "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                 "ingress": [{"name": "deny-sandbox", "action": "Deny",
+                              "from": [{"namespaces": {"matchLabels": {"env": "sandbox"}}}]}]}
+    })
+}
+
+fn cnp_priority(r: Option<&Resource>) -> Option<i64> {
+    match r {
+        Some(Resource::ClusterNetworkPolicy(p)) => Some(p.spec.priority),
+        _ => None,
+    }
+}
+
+/// ClusterNetworkPolicies arrive, change and go; a bad one is skipped without holding up the
+/// others; ones deleted and added while the watch was gone (410) are seen by relisting; an
+/// operator's `trellis apply`d one of the same name is never replaced nor deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_network_policies_arrive_change_and_go() {
+    let e = env().await;
+    let operator = parse_documents(
+        "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: operator}\nspec: {tier: Baseline, priority: 7, subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n",
+    )
+    .unwrap();
+    objects::apply(&*e.store, &operator[0], false)
+        .await
+        .unwrap();
+    e.api.put(CLUSTER_NETWORK_POLICIES, cnp("operator", 1));
+    e.api.put(CLUSTER_NETWORK_POLICIES, cnp("a", 10));
+    e.api.put(CLUSTER_NETWORK_POLICIES, cnp("gone", 11));
+    let mut bad = cnp("bad", 1001);
+    bad["spec"]["priority"] = json!(1001);
+    e.api.put(CLUSTER_NETWORK_POLICIES, bad);
+    let _c = e.controller("a").await;
+    let cnp_kind = Kind::ClusterNetworkPolicy;
+    e.wait_for("a", cnp_kind, None, "a", |r| cnp_priority(r) == Some(10))
+        .await;
+    let Some(stored) = e.stored(cnp_kind, None, "a").await else {
+        panic!()
+    };
+    let mut want = cnp("a", 10);
+    want["apiVersion"] = json!("policy.networking.k8s.io/v1beta1");
+    want["kind"] = json!("ClusterNetworkPolicy");
+    want["metadata"]["annotations"] = json!({"trellis.dev/managed-by": "kube-controller"});
+    want["metadata"]["uid"] =
+        e.api.get(CLUSTER_NETWORK_POLICIES, "", "a").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(
+        stored,
+        Resource::from_value(&want).unwrap(),
+        "stored as `trellis apply` stores the same document, marked as the controller's"
+    );
+    e.api.put(CLUSTER_NETWORK_POLICIES, cnp("a", 20));
+    e.wait_for("a's change", cnp_kind, None, "a", |r| {
+        cnp_priority(r) == Some(20)
+    })
+    .await;
+    assert!(e.api.delete(CLUSTER_NETWORK_POLICIES, "", "a"));
+    e.wait_for("a's deletion", cnp_kind, None, "a", |r| r.is_none())
+        .await;
+    assert!(e.stored(cnp_kind, None, "bad").await.is_none(), "skipped");
+    // Deleted and added in a gap whose history is compacted: seen only by listing again.
+    let lists = e.api.lists();
+    e.api.gap(|st| {
+        assert!(st.delete(CLUSTER_NETWORK_POLICIES, "", "gone"));
+        st.put(CLUSTER_NETWORK_POLICIES, cnp("new", 12));
+    });
+    e.wait_for("the one added in the gap", cnp_kind, None, "new", |r| {
+        cnp_priority(r) == Some(12)
+    })
+    .await;
+    e.wait_for("the one deleted in the gap", cnp_kind, None, "gone", |r| {
+        r.is_none()
+    })
+    .await;
+    assert!(e.api.lists() > lists, "listed again after 410");
+    assert!(e.api.delete(CLUSTER_NETWORK_POLICIES, "", "operator"));
+    e.api.put(CLUSTER_NETWORK_POLICIES, cnp("after", 13));
+    e.wait_for("a later one", cnp_kind, None, "after", |r| r.is_some())
+        .await;
+    assert_eq!(
+        e.stored(cnp_kind, None, "operator").await.as_ref(),
+        Some(&operator[0]),
+        "the operator's policy is neither replaced nor deleted"
+    );
+}
+
+/// A cluster whose CRD serves only `v1alpha2`: the controller finds it by discovery and
+/// syncs that version; one serving neither syncs the other kinds meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_network_policies_of_the_version_the_cluster_serves() {
+    let e = env().await;
+    e.api.unserve(CLUSTER_NETWORK_POLICIES, true);
+    e.api.unserve(CLUSTER_NETWORK_POLICIES_V1ALPHA2, true);
+    e.api.put(CLUSTER_NETWORK_POLICIES_V1ALPHA2, cnp("old", 3));
+    e.api.put(NAMESPACES, namespace("shop", json!({})));
+    let _c = e.controller("a").await;
+    e.wait_for(
+        "namespaces without any CNP served",
+        Kind::Namespace,
+        None,
+        "shop",
+        |r| r.is_some(),
+    )
+    .await;
+    assert!(e
+        .stored(Kind::ClusterNetworkPolicy, None, "old")
+        .await
+        .is_none());
+    e.api.unserve(CLUSTER_NETWORK_POLICIES_V1ALPHA2, false);
+    // Asked again after DISCOVERY_RETRY.
+    let start = Instant::now();
+    while e
+        .stored(Kind::ClusterNetworkPolicy, None, "old")
+        .await
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < DEADLINE + trellis_kube::cnp::DISCOVERY_RETRY,
+            "the v1alpha2 policy was never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cnp_priority(
+            e.stored(Kind::ClusterNetworkPolicy, None, "old")
+                .await
+                .as_ref()
+        ),
+        Some(3)
+    );
+    assert!(
+        e.api
+            .seen()
+            .iter()
+            .any(|r| r.verb == "watch" && r.resource == "clusternetworkpolicies"),
+        "watched"
+    );
 }

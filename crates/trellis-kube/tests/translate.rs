@@ -264,3 +264,75 @@ fn no_ipam_and_floating_annotations_are_carried_and_checked() {
         assert!(rec.spec.ip_addrs.is_empty() && rec.spec.ip_addrs_no_ipam.is_empty());
     }
 }
+
+/// A ClusterNetworkPolicy as `trellis apply` stores the same document: the spec through
+/// Trellis's parser, the version Trellis stores, the Kubernetes labels and uid, the ownership
+/// mark and nothing else of the server's (status, managedFields, kubectl's annotation).
+fn cnp_as_the_cli_stores_it(file: &str, uid: &str) {
+    let o: kube::api::DynamicObject = fixture(file);
+    let r = translate::cluster_network_policy(&o).unwrap();
+    let doc = serde_json::json!({
+        "apiVersion": o.types.as_ref().unwrap().api_version, "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": o.metadata.name, "labels": {"owner": "platform"}, "uid": uid,
+                     "annotations": {MANAGED_BY: CONTROLLER}},
+        "spec": o.data["spec"],
+    });
+    let cli = parse_documents(&doc.to_string()).unwrap().remove(0);
+    assert_eq!(r, cli);
+    assert!(translate::owned(&r));
+    assert_eq!(
+        r.to_value()["apiVersion"],
+        "policy.networking.k8s.io/v1beta1",
+        "stored under the version Trellis stores"
+    );
+    assert!(r.to_value().get("status").is_none());
+    assert_eq!(r.metadata().annotations.len(), 1, "{:?}", r.metadata());
+    assert_eq!(
+        r.key(),
+        format!(
+            "/trellis/v1/clusternetworkpolicies/{}",
+            o.metadata.name.unwrap()
+        )
+    );
+}
+
+#[test]
+fn a_cluster_network_policy_is_stored_as_the_cli_stores_the_same_yaml() {
+    cnp_as_the_cli_stores_it(
+        "k8s-1.33-clusternetworkpolicy-v1alpha2.json",
+        "7c1e9a52-3f0b-4d7e-9e4a-5b2d8c6f1a90",
+    );
+    cnp_as_the_cli_stores_it(
+        "k8s-1.33-clusternetworkpolicy-v1beta1.json",
+        "2b8f4c61-0d3e-4a9b-8c7f-6e1d2a3b4c5d",
+    );
+    let o: kube::api::DynamicObject = fixture("k8s-1.33-clusternetworkpolicy-v1alpha2.json");
+    let Resource::ClusterNetworkPolicy(p) = translate::cluster_network_policy(&o).unwrap() else {
+        panic!()
+    };
+    assert_eq!(p.spec.ingress.len(), 2);
+    assert_eq!(p.spec.egress.len(), 2);
+}
+
+#[test]
+fn a_bad_cluster_network_policy_is_refused_naming_the_field() {
+    let e = err_of(translate::cluster_network_policy(&fixture(
+        "bad-k8s-1.33-clusternetworkpolicy-priority.json",
+    )));
+    assert_eq!(
+        (e.kind, e.object.as_str()),
+        ("ClusterNetworkPolicy", "platform-guardrails")
+    );
+    assert!(e.field.contains("priority"), "{e}");
+    assert!(e.reason.contains("1001"), "{e}");
+    // A version Trellis does not read (or none) is refused, not guessed.
+    let mut o: kube::api::DynamicObject = fixture("k8s-1.33-clusternetworkpolicy-v1beta1.json");
+    o.types.as_mut().unwrap().api_version = "policy.networking.k8s.io/v2".into();
+    let e = err_of(translate::cluster_network_policy(&o));
+    assert_eq!(e.field, "apiVersion");
+    o.types = None;
+    assert_eq!(
+        err_of(translate::cluster_network_policy(&o)).field,
+        "apiVersion"
+    );
+}

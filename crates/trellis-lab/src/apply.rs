@@ -165,6 +165,8 @@ pub struct Applier<'a> {
     progress: &'a mut dyn FnMut(&str),
     /// What was started, to notice one that exits while the lab waits for it.
     children: Vec<(String, String, Child)>,
+    /// The Kubernetes API client (on the Kubernetes path), opened at the first write.
+    kube: Option<crate::kube::Session>,
 }
 
 impl<'a> Applier<'a> {
@@ -174,6 +176,7 @@ impl<'a> Applier<'a> {
             programs,
             progress,
             children: Vec::new(),
+            kube: None,
         }
     }
 
@@ -249,7 +252,7 @@ impl<'a> Applier<'a> {
                 what,
                 argv,
                 log,
-            } => self.spawn(member, ns, what, argv, log.as_deref())?,
+            } => self.spawn(member, ns.as_deref(), what, argv, log.as_deref())?,
             Step::WaitEtcd {
                 member,
                 ns,
@@ -287,6 +290,31 @@ impl<'a> Applier<'a> {
             Step::Policies { yaml } => {
                 self.apply_resources(yaml)?;
                 (self.progress)("  policies applied");
+            }
+            Step::Kube {
+                kubeconfig,
+                objects,
+                ..
+            } => self.kube_objects(kubeconfig, objects)?,
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces `objects` in the Kubernetes API; each one created is recorded at
+    /// once (for `down` to delete).
+    fn kube_objects(
+        &mut self,
+        kubeconfig: &str,
+        objects: &[serde_json::Value],
+    ) -> Result<(), Failure> {
+        if self.kube.is_none() {
+            self.kube = Some(crate::kube::Session::open(kubeconfig)?);
+        }
+        let session = self.kube.as_ref().expect("just opened");
+        for o in objects {
+            if let Some(created) = session.put(o)? {
+                self.state.kube_objects.push(created);
+                self.state.save()?;
             }
         }
         Ok(())
@@ -358,7 +386,7 @@ impl<'a> Applier<'a> {
     fn spawn(
         &mut self,
         member: &str,
-        ns: &str,
+        ns: Option<&str>,
         what: &str,
         argv: &[String],
         log: Option<&str>,
@@ -370,8 +398,11 @@ impl<'a> Applier<'a> {
             }
             None => (Stdio::null(), Stdio::null()),
         };
-        let child = self
-            .in_ns(ns, self.programs.get(&argv[0]))
+        let mut cmd = match ns {
+            Some(ns) => self.in_ns(ns, self.programs.get(&argv[0])),
+            None => Command::new(self.programs.get(&argv[0])),
+        };
+        let child = cmd
             .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(out)

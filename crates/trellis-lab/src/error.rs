@@ -38,6 +38,9 @@ pub enum LabError {
         error: Box<LabError>,
         leftovers: Vec<LabError>,
     },
+    /// A request to the Kubernetes API server (on the Kubernetes path) failed.
+    #[error("Kubernetes API: {what}: {detail}")]
+    Kube { what: String, detail: String },
     /// Teardown could not undo something.
     #[error("{what}: {detail}")]
     Teardown { what: String, detail: String },

@@ -14,6 +14,7 @@ pub mod check;
 pub mod daemons;
 pub mod endpoint;
 mod error;
+pub mod kube;
 pub mod plan;
 pub mod probe;
 pub mod process;

@@ -1,14 +1,18 @@
 //! The build plan: a validated topology (and what already exists under the lab's name) in, the
 //! ordered list of plain-data steps that build it out — namespaces, bridges, veths with their
 //! addresses, routes, files, processes, the resources to apply, pods through CNI, what the lab
-//! writes on their WorkloadEndpoints, their servers, and the policies. Pure; the steps are
-//! golden-tested, and [`crate::apply`] carries them out.
+//! writes on their WorkloadEndpoints, their servers, and the policies. On the Kubernetes path
+//! ([`crate::topology::LabKubernetes`]) the kube-controller runs beside the agents, and the
+//! namespaces, nodes, pods and Kubernetes-kind documents become API objects ([`kubernetes`])
+//! instead. Pure; the steps are golden-tested, and [`crate::apply`] carries them out.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
 use serde::Serialize;
+use serde_json::Value;
+use trellis_resources::Resource;
 
 use crate::daemons;
 use crate::resources::daemon_config;
@@ -80,10 +84,12 @@ pub enum Step {
         path: String,
         user: String,
     },
-    /// A long-running process in `member`'s namespace, stderr (and stdout) to `log`.
+    /// A long-running process in `member`'s namespace (`None`: on the host), stderr (and
+    /// stdout) to `log`.
     Spawn {
         member: String,
-        ns: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ns: Option<String>,
         what: String,
         argv: Vec<String>,
         log: Option<String>,
@@ -137,6 +143,12 @@ pub enum Step {
     },
     /// `trellis apply` of the policy documents, once every pod serves.
     Policies { yaml: String },
+    /// Creates (or replaces) these objects in the Kubernetes API, in order.
+    Kube {
+        member: String,
+        kubeconfig: String,
+        objects: Vec<Value>,
+    },
 }
 
 impl Step {
@@ -154,7 +166,8 @@ impl Step {
             | Step::WaitAgent { member, .. }
             | Step::Pod { member, .. }
             | Step::Endpoint { member, .. }
-            | Step::WaitServer { member, .. } => member,
+            | Step::WaitServer { member, .. }
+            | Step::Kube { member, .. } => member,
             Step::Bridge { .. } => "fabric",
             Step::Datastore { .. }
             | Step::Apply { .. }
@@ -192,6 +205,17 @@ impl Step {
             }
             Step::WaitServer { .. } => "wait for its server".into(),
             Step::Policies { .. } => "apply the policies".into(),
+            Step::Kube { objects, .. } => {
+                let names: Vec<String> = objects
+                    .iter()
+                    .map(|o| {
+                        crate::kube::KubeRef::of(o)
+                            .map(|r| r.to_string())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                format!("write {} to the Kubernetes API", names.join(", "))
+            }
         }
     }
 }
@@ -259,19 +283,27 @@ pub fn plan(lab: &Lab, observed: &Observed) -> Result<Vec<Step>, LabError> {
     p.fabric();
     p.router();
     p.datastore();
+    let (kube, resources) = p.split(lab.resources());
     p.steps.push(Step::Apply {
-        yaml: trellis_resources::to_yaml(lab.resources()),
+        yaml: trellis_resources::to_yaml(&resources),
     });
+    p.kube_controller(kube);
     p.nodes();
     p.externals();
     p.pods();
-    if !lab.policies().is_empty() {
+    let (kube, policies) = p.split(lab.policies());
+    if !kube.is_empty() {
+        p.kube("lab", kube);
+    }
+    if !policies.is_empty() {
         p.steps.push(Step::Policies {
-            yaml: trellis_resources::to_yaml(lab.policies()),
+            yaml: trellis_resources::to_yaml(&policies),
         });
     }
     Ok(p.steps)
 }
+
+pub mod kubernetes;
 
 struct Planner<'a> {
     lab: &'a Lab,
@@ -282,6 +314,68 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
+    fn kubeconfig(&self) -> Option<&str> {
+        let k = self.lab.topology().kubernetes.as_ref()?;
+        Some(&k.kubeconfig)
+    }
+
+    /// Documents for the API server (on the Kubernetes path: the Kubernetes kinds), and the
+    /// rest, for `trellis apply`.
+    fn split(&self, docs: &[Resource]) -> (Vec<Value>, Vec<Resource>) {
+        let k8s = self.kubeconfig().is_some();
+        let (kube, rest): (Vec<&Resource>, Vec<&Resource>) = docs
+            .iter()
+            .partition(|r| k8s && kubernetes::kubernetes_kind(r.kind()));
+        (
+            kube.into_iter().map(kubernetes::object).collect(),
+            rest.into_iter().cloned().collect(),
+        )
+    }
+
+    fn kube(&mut self, member: &str, objects: Vec<Value>) {
+        let kubeconfig = self
+            .kubeconfig()
+            .expect("on the Kubernetes path")
+            .to_string();
+        self.steps.push(Step::Kube {
+            member: member.into(),
+            kubeconfig,
+            objects,
+        });
+    }
+
+    /// On the Kubernetes path: the cluster's objects and `documents` (the Kubernetes kinds of
+    /// the lab's resources) written to the API server, and the kube-controller started on the
+    /// host (where the API server is reachable), with a Lease of the lab's own.
+    fn kube_controller(&mut self, documents: Vec<Value>) {
+        let Some(kubeconfig) = self.kubeconfig().map(str::to_string) else {
+            return;
+        };
+        let t = self.lab.topology();
+        let mut objects = kubernetes::cluster_objects(t);
+        objects.extend(documents);
+        self.kube("lab", objects);
+        let argv = [
+            "trellis",
+            "--datastore",
+            &self.datastore_spec(),
+            "kube-controller",
+            "--kubeconfig",
+            &kubeconfig,
+            "--lease-name",
+            &format!("trellis-lab-{}", t.name),
+            "--identity",
+            &format!("lab-{}", t.name),
+        ];
+        self.steps.push(Step::Spawn {
+            member: "kube-controller".into(),
+            ns: None,
+            what: "kube-controller".into(),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            log: Some(self.path("kube-controller.log")),
+        });
+    }
+
     fn ns(&self, member: &str) -> String {
         ns_name(&self.lab.topology().name, member)
     }
@@ -407,7 +501,7 @@ impl Planner<'_> {
         ];
         self.steps.push(Step::Spawn {
             member: "control".into(),
-            ns: ns.clone(),
+            ns: Some(ns.clone()),
             what: "etcd".into(),
             argv: argv.iter().map(|a| a.to_string()).collect(),
             log: Some(self.path("etcd.log")),
@@ -464,9 +558,14 @@ impl Planner<'_> {
             if t.flow_logs {
                 argv.push("--flow-logs".into());
             }
+            if self.kubeconfig().is_some() {
+                // An ADD naming a pod waits for the pod's record (its labels) from the
+                // kube-controller: no pod starts unlabelled, outside its policies.
+                argv.push("--kubernetes".into());
+            }
             self.steps.push(Step::Spawn {
                 member: n.name.clone(),
-                ns,
+                ns: Some(ns),
                 what: "agent".into(),
                 argv,
                 log: Some(self.path(&format!("{}.log", n.name))),
@@ -552,7 +651,7 @@ impl Planner<'_> {
             };
             self.steps.push(Step::Spawn {
                 member: member.into(),
-                ns: ns.clone(),
+                ns: Some(ns.clone()),
                 what: format!("{} (AS {})", b.daemon, b.as_number),
                 argv,
                 log: Some(self.path(&log)),
@@ -561,7 +660,7 @@ impl Planner<'_> {
         if b.daemon == "gobgp" {
             self.steps.push(Step::Spawn {
                 member: member.into(),
-                ns,
+                ns: Some(ns),
                 what: "gobgpd's FIB sync".into(),
                 argv: vec![
                     "python3".into(),
@@ -582,6 +681,11 @@ impl Planner<'_> {
         self.steps.push(Step::Plugin { link });
         for p in &t.pods {
             let ns = self.namespace(&p.name, Role::Pod);
+            if self.kubeconfig().is_some() {
+                // The Pod first, as a cluster schedules it before the runtime's ADD; its
+                // labels, account and ports reach the endpoint through the kube-controller.
+                self.kube(&p.name, vec![kubernetes::pod(p)]);
+            }
             self.steps.push(Step::Pod {
                 member: p.name.clone(),
                 node: p.node.clone(),
@@ -593,7 +697,9 @@ impl Planner<'_> {
                 socket: self.path(&format!("{}.sock", p.node)),
                 cni_path: self.dir.clone(),
             });
-            if !p.labels.is_empty() || !p.ports.is_empty() || p.service_account.is_some() {
+            let written =
+                !p.labels.is_empty() || !p.ports.is_empty() || p.service_account.is_some();
+            if written && self.kubeconfig().is_none() {
                 self.steps.push(Step::Endpoint {
                     member: p.name.clone(),
                     namespace: p.namespace.clone(),
@@ -636,7 +742,7 @@ impl Planner<'_> {
         ]);
         self.steps.push(Step::Spawn {
             member: p.name.clone(),
-            ns,
+            ns: Some(ns),
             what: "server".into(),
             argv,
             log: Some(self.path(&format!("{}.server.log", p.name))),

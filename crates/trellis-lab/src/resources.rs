@@ -141,7 +141,13 @@ pub fn namespace_resource(ns: &LabNamespace) -> Option<Resource> {
 /// The resources the topology asks for (not yet validated).
 fn generated(t: &Topology, addrs: &Addrs) -> Result<Vec<Made>, LabError> {
     let mut out = Vec::new();
-    for (i, n) in t.namespaces.iter().enumerate() {
+    // On the Kubernetes path the namespaces are API objects, mirrored by the kube-controller.
+    let namespaces = if t.kubernetes.is_some() {
+        &[][..]
+    } else {
+        &t.namespaces[..]
+    };
+    for (i, n) in namespaces.iter().enumerate() {
         if let Some(resource) = namespace_resource(n) {
             out.push(Made {
                 origin: format!("namespaces[{i}]"),

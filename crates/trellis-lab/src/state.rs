@@ -36,6 +36,9 @@ pub struct State {
     pub pod_nodes: BTreeMap<String, String>,
     pub external_ips: BTreeMap<String, String>,
     pub topology: Option<Topology>,
+    /// The Kubernetes API objects the lab created (on the Kubernetes path), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kube_objects: Vec<crate::kube::KubeRef>,
 }
 
 /// A process the lab started, and what tells it apart from a later process that reuses its PID.

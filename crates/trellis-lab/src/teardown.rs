@@ -1,6 +1,7 @@
-//! `lab down` and the rollback of a failed `up` (I/O): kills the lab's processes — only those
-//! still its own (recorded start time, or running in one of its namespaces) — deletes its
-//! namespaces and its directory. Idempotent; every failure is collected, none stops the rest.
+//! `lab down` and the rollback of a failed `up` (I/O): deletes the Kubernetes API objects it
+//! created (on the Kubernetes path), kills the lab's processes — only those still its own
+//! (recorded start time, or running in one of its namespaces) — deletes its namespaces and its
+//! directory. Idempotent; every failure is collected, none stops the rest.
 
 use std::process::Command;
 use std::time::Duration;
@@ -80,6 +81,13 @@ pub fn down(name: &str) -> Teardown {
             None
         }
     };
+    // The lab's Kubernetes objects first: its pods' endpoints go with its agents below.
+    if let Some(s) = &state {
+        if let Some(k) = s.topology.as_ref().and_then(|t| t.kubernetes.as_ref()) {
+            td.errors
+                .extend(crate::kube::delete_created(&k.kubeconfig, &s.kube_objects));
+        }
+    }
     let mut all = existing_namespaces(name).unwrap_or_else(|e| {
         td.errors.push(e);
         Vec::new()

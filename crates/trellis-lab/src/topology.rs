@@ -46,6 +46,24 @@ pub struct Topology {
     /// The agents keep flow logs (`trellis agent --flow-logs`; `trellis flows --lab NAME`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flow_logs: bool,
+    /// Run the lab on the Kubernetes path, against the API server this names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<LabKubernetes>,
+}
+
+/// The Kubernetes path: the lab runs `trellis kube-controller` (on the host, against the
+/// API server) beside its agents, which run with `--kubernetes`; it creates its Namespaces,
+/// Nodes, ServiceAccounts and Pods (labels, `nodeName`, named ports) as API objects before
+/// each pod's CNI ADD, and sends the Kubernetes kinds among its resources and policies
+/// (NetworkPolicies, ClusterNetworkPolicies, ServiceAccounts, Namespaces) to the API server
+/// too, so everything Kubernetes owns arrives in the datastore through the controller. The
+/// objects it created are deleted again by `lab down`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabKubernetes {
+    /// An absolute path to the kubeconfig of the API server (its URL and credentials), read
+    /// by the lab and by the kube-controller it runs.
+    pub kubeconfig: String,
 }
 
 /// A Kubernetes namespace of the lab.

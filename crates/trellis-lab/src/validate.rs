@@ -143,6 +143,24 @@ fn header(t: &Topology) -> Result<(), LabError> {
             "must be embedded or etcd",
         ));
     }
+    if let Some(k) = &t.kubernetes {
+        if !k.kubeconfig.starts_with('/') {
+            return Err(bad(
+                "kubernetes.kubeconfig",
+                format!("{:?}", k.kubeconfig),
+                "must be an absolute path",
+            ));
+        }
+        // The kube-controller runs on the host (where the API server is reachable); an etcd
+        // lab's etcd listens only inside the lab's control namespace.
+        if t.datastore != "embedded" {
+            return Err(bad(
+                "kubernetes",
+                "",
+                "needs the embedded datastore (the kube-controller runs on the host, which does not reach an etcd lab's control namespace)",
+            ));
+        }
+    }
     Ok(())
 }
 
