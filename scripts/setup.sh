@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(iproute2 nftables podman runc busybox-static containernetworking-plugins
           iputils-ping util-linux ca-certificates gcc pkg-config
           etcd-server etcd-client protobuf-compiler libprotobuf-dev
-          python3 iperf3 ethtool bird2 gobgpd frr)
+          python3 iperf3 ethtool bird2 gobgpd frr conntrack)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -141,9 +141,9 @@ impl FlowLog {
         let selected = |k: &FlowKey| {
             q.verdict.is_none_or(|v| v == k.verdict)
                 && q.namespace.as_deref().is_none_or(|ns| {
-                    [&k.source, &k.destination].iter().any(
-                        |p| matches!(p, FlowPeer::Pod { namespace, .. } if namespace == ns),
-                    )
+                    [&k.source, &k.destination]
+                        .iter()
+                        .any(|p| matches!(p, FlowPeer::Pod { namespace, .. } if namespace == ns))
                 })
         };
         let after = q.after.unwrap_or(0);

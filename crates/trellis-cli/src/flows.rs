@@ -83,7 +83,11 @@ pub fn run(a: &FlowsArgs) -> Result<ExitCode> {
                     bail!("the agent's answer holds no flows");
                 };
                 if !flows.enabled && first {
-                    let who = if node.is_empty() { "this node's agent" } else { node };
+                    let who = if node.is_empty() {
+                        "this node's agent"
+                    } else {
+                        node
+                    };
                     eprintln!("flow logs are off at {who} (trellis agent --flow-logs)");
                 }
                 after.insert(socket.clone(), flows.next);

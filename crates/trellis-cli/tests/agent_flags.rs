@@ -22,8 +22,14 @@ fn bad_agent_flags_name_the_flag() {
             &["--vxlan-checksum-offload", "maybe"],
             "--vxlan-checksum-offload",
         ),
-        (&["--flow-logs", "--flow-log-interval", "0"], "--flow-log-interval"),
-        (&["--flow-logs", "--flow-log-group", "70000"], "--flow-log-group"),
+        (
+            &["--flow-logs", "--flow-log-interval", "0"],
+            "--flow-log-interval",
+        ),
+        (
+            &["--flow-logs", "--flow-log-group", "70000"],
+            "--flow-log-group",
+        ),
     ];
     for (flags, name) in cases {
         let out = Command::new(bin("trellis"))

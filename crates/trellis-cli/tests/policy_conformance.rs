@@ -450,6 +450,31 @@ impl Replay {
         }
     }
 
+    /// Forgets every connection the nodes' conntrack tables hold (`conntrack -F` in each node's
+    /// namespace, which the lab made). The cases' tables are about new connections: a UDP
+    /// probe whose random source port repeats an earlier allowed probe's within conntrack's
+    /// 30 s would otherwise pass as established traffic after a policy now denies it (what
+    /// existing connections do when policy changes is the implementation's choice, as in
+    /// Kubernetes; Trellis, like Calico, keeps them).
+    fn forget_connections(&self) -> Result<(), String> {
+        for node in self.state.node_ips.keys() {
+            let ns = &self.state.namespaces[node];
+            let out = Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{ns}"))
+                .args(["conntrack", "-F"])
+                .output()
+                .map_err(|e| format!("conntrack -F on {node}: {e}"))?;
+            // conntrack 1.4 reports the flush on stderr and exits 0.
+            if !out.status.success() {
+                return Err(format!(
+                    "conntrack -F on {node}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one probe against its expected table over `pods` (a suite's; the lab probes all).
     fn probe(&self, p: &Probe, pods: &[PodRef]) -> Result<(), String> {
         let expect = p.expect.table(pods).render();
@@ -626,7 +651,8 @@ fn replay_case(
         let done = world
             .step(step, &lab.addrs)
             .map_err(|e| e.to_string())
-            .and_then(|changes| lab.apply(&changes).and_then(|()| lab.synced(&changes)));
+            .and_then(|changes| lab.apply(&changes).and_then(|()| lab.synced(&changes)))
+            .and_then(|()| lab.forget_connections());
         if let Err(e) = done {
             failures.push(format!("{}: step {}: {e}", case.name, i + 1));
             break;

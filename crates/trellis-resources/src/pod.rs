@@ -242,7 +242,10 @@ mod tests {
             panic!()
         };
         assert!(p.is_for("n1", Some("u1")) && p.is_for("n1", None));
-        assert!(!p.is_for("n1", Some("u2")), "an earlier pod of the same name");
+        assert!(
+            !p.is_for("n1", Some("u2")),
+            "an earlier pod of the same name"
+        );
         assert!(!p.is_for("n2", Some("u1")), "scheduled elsewhere");
         // A mirror pod: the kubelet passes the static pod's UID, which the mirror names.
         p.metadata

@@ -180,7 +180,11 @@ fn a_large_log_is_read_page_by_page_without_gaps_or_repeats() {
         log.observe(1, &p, &resolve);
     }
     log.tick(5_000);
-    log.observe(5_001, &packet("deny knp/y/p/in/0", "10.0.0.1", "10.0.0.2", 81), &resolve);
+    log.observe(
+        5_001,
+        &packet("deny knp/y/p/in/0", "10.0.0.1", "10.0.0.2", 81),
+        &resolve,
+    );
     for verdict in [None, Some(FlowVerdict::Denied)] {
         let mut after = None;
         let mut seen = Vec::new();
