@@ -57,6 +57,9 @@ pub struct AgentConfig {
     /// Calico annotations honoured beyond plain IPAM (`--allow-ip-addrs-no-ipam`,
     /// `--allow-floating-ips`).
     pub features: trellis_cluster::annotations::Features,
+    /// `--use-pod-cidr`: the node's blocks are exactly its Kubernetes podCIDRs
+    /// ([`NodeIpam::with_pod_cidr_blocks`]).
+    pub use_pod_cidr: bool,
 }
 
 /// How long an ADD in Kubernetes mode waits for its pod's record to reach the agent's view.
@@ -312,7 +315,8 @@ pub async fn run(
     let ipam = NodeIpam::new(store.clone(), &config.node, config.labels.clone())
         .with_observer(cluster.clone())
         .with_pod_records(cluster.clone(), config.kubernetes)
-        .with_features(config.features);
+        .with_features(config.features)
+        .with_pod_cidr_blocks(config.use_pod_cidr);
     let bgp_shared = bgp::Shared::default();
     bgp_shared.active.store(
         bgp::starts_active(&cluster.read(), config.bgp),

@@ -505,6 +505,7 @@ mod tests {
                 kubernetes: false,
                 flow_logs: None,
                 features: Default::default(),
+                use_pod_cidr: false,
             },
             ipam: NodeIpam::new(store.clone(), "n1", BTreeMap::new()),
             store,

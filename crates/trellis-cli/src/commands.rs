@@ -85,6 +85,11 @@ pub struct AgentArgs {
     /// fails naming the annotation.
     #[arg(long, env = "TRELLIS_ALLOW_FLOATING_IPS")]
     pub allow_floating_ips: bool,
+    /// Flannel-style IPAM (Calico's `USE_POD_CIDR`): each of this node's Kubernetes
+    /// `spec.podCIDRs` (mirrored by `trellis kube-controller`) is its only block of that family;
+    /// no other block is claimed or borrowed, and an ADD fails while the node has no podCIDR.
+    #[arg(long, env = "USE_POD_CIDR")]
+    pub use_pod_cidr: bool,
 }
 
 const fn trellis_agent_api_socket() -> &'static str {
@@ -623,6 +628,7 @@ async fn agent(datastore: &str, a: AgentArgs) -> Result<ExitCode> {
             ip_addrs_no_ipam: a.allow_ip_addrs_no_ipam,
             floating_ips: a.allow_floating_ips,
         },
+        use_pod_cidr: a.use_pod_cidr,
     };
     if !(1..=3600).contains(&a.flow_log_interval) {
         bail!(

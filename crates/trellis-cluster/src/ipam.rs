@@ -1,7 +1,9 @@
 //! Cluster IPAM over the datastore (I/O). Every write is one compare-and-swap transaction that
 //! moves block, handle (and workload endpoint) together, retried on conflict; there is no global
 //! lock. [`NodeIpam`] is the agent's allocator: it keeps its node's own (affine) blocks and the
-//! pool settings in memory, so an ADD normally costs one transaction. Releases live in
+//! pool settings in memory, so an ADD normally costs one transaction. With
+//! [`NodeIpam::with_pod_cidr_blocks`] (`--use-pod-cidr`) each of the node's podCIDRs is its only
+//! block of that family ([`alloc::pod_cidr_pool`] checks it). Releases live in
 //! [`crate::release`]; GC in [`crate::gc`].
 //!
 //! Names: an attachment (network, container ID, interface) has the handle
@@ -266,6 +268,16 @@ pub struct NodeIpam {
     require_pods: bool,
     /// `ipAddrsNoIpam` / `floatingIPs` honoured.
     features: Features,
+    /// `--use-pod-cidr`: each of the node's podCIDRs is its only block of that family.
+    use_pod_cidr: bool,
+}
+
+/// What an allocation read of its node's record: labels for pools' `nodeSelector`s, the
+/// podCIDRs (`--use-pod-cidr`) and the record's revision as a guard when either was read.
+struct NodeRead {
+    labels: BTreeMap<String, String>,
+    guard: Option<Precondition>,
+    pod_cidrs: Vec<IpNet>,
 }
 
 /// Where the allocator looks up pods' and namespaces' records — and its node's own record,
@@ -386,7 +398,16 @@ impl NodeIpam {
             pods: None,
             require_pods: false,
             features: Features::default(),
+            use_pod_cidr: false,
         }
+    }
+
+    /// The same allocator in Flannel-style podCIDR mode (`--use-pod-cidr`, Calico's
+    /// `USE_POD_CIDR`): each of the node's `spec.podCIDRs` is its only block of that family,
+    /// created affine to it when absent; no other block is claimed or borrowed.
+    pub fn with_pod_cidr_blocks(mut self, on: bool) -> NodeIpam {
+        self.use_pod_cidr = on;
+        self
     }
 
     /// The same allocator honouring the annotations `features` enables.
@@ -471,7 +492,8 @@ impl NodeIpam {
             let affine = self.affine(&mut st, fresh).await?;
             let pod = self.read_pod(req, fresh).await?;
             let namespace = self.read_namespace(req, fresh).await?;
-            let (labels, node_guard) = self.node_labels(&settings, fresh).await?;
+            let node = self.node_labels(&settings, fresh).await?;
+            let node_guard = node.guard.clone();
             let planned = async {
                 let asked = annotations::asked(
                     req,
@@ -480,7 +502,7 @@ impl NodeIpam {
                     self.features,
                 )?;
                 let plans = match asked.no_ipam.is_empty() {
-                    true => self.plan(&asked, &settings, &affine, &labels).await?,
+                    true => self.plan(&asked, &settings, &affine, &node).await?,
                     false => Plans::without_ipam(&asked.no_ipam),
                 };
                 let nats = annotations::ip_nats(&asked, &plans.ips)?;
@@ -644,13 +666,14 @@ impl NodeIpam {
     /// a selector the decision read the record, so its revision is returned as a guard; a
     /// node without a readable record gets the agent's labels (the commit requires the
     /// node to exist anyway).
-    async fn node_labels(
-        &self,
-        s: &Settings,
-        fresh: bool,
-    ) -> Result<(BTreeMap<String, String>, Option<Precondition>)> {
-        if s.pools.iter().all(|p| p.spec.node_selector.is_none()) {
-            return Ok((self.labels.clone(), None));
+    async fn node_labels(&self, s: &Settings, fresh: bool) -> Result<NodeRead> {
+        let unread = NodeRead {
+            labels: self.labels.clone(),
+            guard: None,
+            pod_cidrs: Vec::new(),
+        };
+        if !self.use_pod_cidr && s.pools.iter().all(|p| p.spec.node_selector.is_none()) {
+            return Ok(unread);
         }
         let key = node_key(&self.node);
         let seen = match (&self.pods, fresh) {
@@ -666,14 +689,18 @@ impl NodeIpam {
                 .map(|kv| (kv.mod_revision, objects::decode(&kv).map(|s| s.resource))),
         };
         let Some((revision, decoded)) = stored else {
-            return Ok((self.labels.clone(), None));
+            return Ok(unread);
         };
-        let mut labels = match decoded {
-            Ok(Resource::Node(n)) => n.metadata.labels,
-            _ => BTreeMap::new(),
+        let (mut labels, pod_cidrs) = match decoded {
+            Ok(Resource::Node(n)) => (n.metadata.labels, n.spec.pod_cidrs),
+            _ => (BTreeMap::new(), Vec::new()),
         };
         labels.extend(self.labels.clone());
-        Ok((labels, Some(Precondition::ModRevision(key, revision))))
+        Ok(NodeRead {
+            labels,
+            guard: Some(Precondition::ModRevision(key, revision)),
+            pod_cidrs,
+        })
     }
 
     async fn plan(
@@ -681,7 +708,7 @@ impl NodeIpam {
         asked: &Asked,
         s: &Settings,
         affine: &BTreeMap<IpNet, (IpamBlockSpec, i64)>,
-        node_labels: &BTreeMap<String, String>,
+        node: &NodeRead,
     ) -> Result<Plans> {
         let req = &asked.req;
         let handle = req.handle();
@@ -708,12 +735,21 @@ impl NodeIpam {
             }
             return Ok(plans);
         }
+        if self.use_pod_cidr && node.pod_cidrs.is_empty() {
+            return Err(ClusterIpamError::NoPodCidr {
+                node: self.node.clone(),
+            }
+            .into());
+        }
+        // In podCIDR mode the families are the podCIDRs' (each must lie in a pool).
         let families: Vec<bool> = [true, false]
             .into_iter()
-            .filter(|v4| {
-                s.pools
+            .filter(|v4| match self.use_pod_cidr {
+                true => node.pod_cidrs.iter().any(|c| c.addr().is_ipv4() == *v4),
+                false => s
+                    .pools
                     .iter()
-                    .any(|p| p.spec.cidr.addr().is_ipv4() == *v4 && !p.spec.disabled)
+                    .any(|p| p.spec.cidr.addr().is_ipv4() == *v4 && !p.spec.disabled),
             })
             .collect();
         if families.is_empty() {
@@ -727,9 +763,9 @@ impl NodeIpam {
         for v4 in families {
             let requested = if v4 { &req.ipv4_pools } else { &req.ipv6_pools };
             let pools =
-                match alloc::eligible_pools(&s.pools, &self.node, node_labels, requested, v4) {
+                match alloc::eligible_pools(&s.pools, &self.node, &node.labels, requested, v4) {
                     Ok(p) => p,
-                    Err(e) if requested.is_empty() && !v4 => {
+                    Err(e) if requested.is_empty() && !v4 && !self.use_pod_cidr => {
                         tracing::debug!(error = %e, "no IPv6 pool for this node");
                         continue;
                     }
@@ -739,10 +775,79 @@ impl NodeIpam {
                         None => return Err(e.into()),
                     },
                 };
-            self.plan_family(&mut plans, &pools, &handle, &secondary, s, affine)
-                .await?;
+            let pod_cidr = node.pod_cidrs.iter().find(|c| c.addr().is_ipv4() == v4);
+            match pod_cidr.filter(|_| self.use_pod_cidr) {
+                Some(c) => {
+                    self.plan_pod_cidr(&mut plans, *c, &pools, &handle, &secondary, s, affine)
+                        .await?
+                }
+                None => {
+                    self.plan_family(&mut plans, &pools, &handle, &secondary, s, affine)
+                        .await?
+                }
+            }
         }
         Ok(plans)
+    }
+
+    /// `--use-pod-cidr`: an address in the node's podCIDR `cidr`, the block being created
+    /// (affine to the node, guarded by its absence and the pool) when absent. Nothing else is
+    /// claimed or borrowed, so a full podCIDR fails the allocation.
+    #[allow(clippy::too_many_arguments)]
+    async fn plan_pod_cidr(
+        &self,
+        plans: &mut Plans,
+        cidr: IpNet,
+        pools: &[&Pool],
+        handle: &str,
+        secondary: &BTreeMap<String, String>,
+        s: &Settings,
+        affine: &BTreeMap<IpNet, (IpamBlockSpec, i64)>,
+    ) -> Result<()> {
+        let (read, guard, new_affinity) = match affine.get(&cidr) {
+            // Its own block: checked against the others when it was created.
+            Some((spec, rev)) => (
+                spec.clone(),
+                Precondition::ModRevision(block_key(&cidr), *rev),
+                false,
+            ),
+            None => {
+                let (all, claimed) = claimed_blocks(&*self.store).await?;
+                let owners: Vec<(IpNet, Option<&str>)> = claimed
+                    .iter()
+                    .map(|c| {
+                        let b = all.iter().find(|(b, _)| b.spec.cidr == *c);
+                        (*c, b.and_then(|(b, _)| alloc::block_node(&b.spec)))
+                    })
+                    .collect();
+                let pool = alloc::pod_cidr_pool(&self.node, &cidr, pools, &owners)?;
+                match all.iter().find(|(b, _)| b.spec.cidr == cidr) {
+                    // Affine to this node (else refused above) but not in the cached view.
+                    Some((b, rev)) => (
+                        b.spec.clone(),
+                        Precondition::ModRevision(block_key(&cidr), *rev),
+                        false,
+                    ),
+                    None => {
+                        plans.guard(pool_guard(s, &pool.name)?);
+                        (
+                            alloc::new_block(cidr, &self.node),
+                            Precondition::Absent(block_key(&cidr)),
+                            true,
+                        )
+                    }
+                }
+            }
+        };
+        let mut b = plans.base(&cidr, &read);
+        let ip = alloc::allocate_in_block(&mut b, handle, secondary, &s.reservations).ok_or_else(
+            || ClusterIpamError::PodCidrExhausted {
+                node: self.node.clone(),
+                pod_cidr: cidr,
+            },
+        )?;
+        plans.add(ip, b, guard, new_affinity);
+        Ok(())
     }
 
     async fn plan_family(

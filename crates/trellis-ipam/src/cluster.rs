@@ -43,6 +43,25 @@ pub enum ClusterIpamError {
     },
     #[error("ips (CNI_ARGS IP, runtimeConfig.ips, args.cni.ips): {} IPv{family} addresses requested ({}); at most one address per family is allowed", ips.len(), ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     TooManyRequested { family: u8, ips: Vec<IpAddr> },
+    #[error("node {node} has no podCIDR yet (--use-pod-cidr makes the Kubernetes Node's spec.podCIDRs, mirrored by the kube-controller, the node's blocks)")]
+    NoPodCidr { node: String },
+    #[error("podCIDR {pod_cidr} of node {node} cannot be a block: /{} is outside /{}-/{}", pod_cidr.prefix_len(), trellis_resources::validate::block_prefix_range(pod_cidr.addr().is_ipv4()).start(), trellis_resources::validate::block_prefix_range(pod_cidr.addr().is_ipv4()).end())]
+    PodCidrNotBlock { node: String, pod_cidr: IpNet },
+    #[error("podCIDR {pod_cidr} of node {node} is not inside any enabled IPPool serving it ({pools})")]
+    PodCidrOutsidePools {
+        node: String,
+        pod_cidr: IpNet,
+        pools: String,
+    },
+    #[error("podCIDR {pod_cidr} of node {node} overlaps block {block} ({})", owner.as_deref().map_or("affine to no node".to_string(), |o| format!("affine to node {o}")))]
+    PodCidrOverlaps {
+        node: String,
+        pod_cidr: IpNet,
+        block: IpNet,
+        owner: Option<String>,
+    },
+    #[error("no free address in podCIDR {pod_cidr} of node {node} (--use-pod-cidr: no other block is claimed or borrowed)")]
+    PodCidrExhausted { node: String, pod_cidr: IpNet },
     #[error("address {ip}: its block {block} would overlap block {existing}, which is of another size (left by a pool with another blockSize); release that block's addresses first")]
     BlockOverlaps {
         ip: IpAddr,
@@ -264,6 +283,51 @@ pub fn next_unclaimed_block(
             && !other_sizes.iter().any(|c| overlaps(c, b))
             && !reserved.iter().any(|r| r.contains(b))
     })
+}
+
+/// `--use-pod-cidr`: the pool that node `node`'s podCIDR `pod_cidr` (its block) lies in, among
+/// the `pools` eligible for it, given the `claimed` block CIDRs and the node each is affine to.
+/// Refused: a podCIDR that cannot be a block (prefix outside the `blockSize` range), one outside
+/// every pool, or one overlapping a block other than its own (same CIDR, affine to `node`).
+pub fn pod_cidr_pool<'a>(
+    node: &str,
+    pod_cidr: &IpNet,
+    pools: &[&'a Pool],
+    claimed: &[(IpNet, Option<&str>)],
+) -> Result<&'a Pool, ClusterIpamError> {
+    if !trellis_resources::validate::block_prefix_range(pod_cidr.addr().is_ipv4())
+        .contains(&pod_cidr.prefix_len())
+    {
+        return Err(ClusterIpamError::PodCidrNotBlock {
+            node: node.into(),
+            pod_cidr: *pod_cidr,
+        });
+    }
+    let pool = pools
+        .iter()
+        .find(|p| !p.spec.disabled && p.spec.cidr.contains(pod_cidr))
+        .ok_or_else(|| ClusterIpamError::PodCidrOutsidePools {
+            node: node.into(),
+            pod_cidr: *pod_cidr,
+            pools: pools
+                .iter()
+                .map(|p| format!("{} {}", p.name, p.spec.cidr))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let own = |c: &IpNet, owner: Option<&str>| c == pod_cidr && owner == Some(node);
+    if let Some((block, owner)) = claimed
+        .iter()
+        .find(|(c, owner)| overlaps(c, pod_cidr) && !own(c, *owner))
+    {
+        return Err(ClusterIpamError::PodCidrOverlaps {
+            node: node.into(),
+            pod_cidr: *pod_cidr,
+            block: *block,
+            owner: owner.map(str::to_string),
+        });
+    }
+    Ok(pool)
 }
 
 /// The block to allocate the requested `ip` of `pool` in: the claimed block holding it, whatever
@@ -525,6 +589,47 @@ mod tests {
             block_for_ip(&p26, ip("10.0.0.70"), &small),
             Err(ClusterIpamError::BlockOverlaps { .. })
         ));
+    }
+
+    #[test]
+    fn a_pod_cidr_must_be_a_free_block_inside_an_enabled_pool() {
+        let p = pool("p", "10.244.0.0/16", None);
+        let mut off = pool("off", "10.9.0.0/16", None);
+        off.spec.disabled = true;
+        let pools = [&off, &p];
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let mine = net("10.244.1.0/24");
+        assert_eq!(pod_cidr_pool("n1", &mine, &pools, &[]), Ok(&p));
+        // Its own block (affine to it) is no overlap; another node's is, as is an unaffine one.
+        assert_eq!(
+            pod_cidr_pool("n1", &mine, &pools, &[(mine, Some("n1"))]),
+            Ok(&p)
+        );
+        for (block, owner) in [
+            (mine, Some("n2")),
+            (net("10.244.1.64/26"), Some("n2")),
+            (net("10.244.0.0/20"), None),
+        ] {
+            assert_eq!(
+                pod_cidr_pool("n1", &mine, &pools, &[(block, owner)]),
+                Err(ClusterIpamError::PodCidrOverlaps {
+                    node: "n1".into(),
+                    pod_cidr: mine,
+                    block,
+                    owner: owner.map(str::to_string),
+                })
+            );
+        }
+        for outside in ["10.245.0.0/24", "10.9.1.0/24"] {
+            let e = pod_cidr_pool("n1", &net(outside), &pools, &[]).unwrap_err();
+            assert!(
+                matches!(e, ClusterIpamError::PodCidrOutsidePools { .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains(outside), "{e}");
+        }
+        let e = pod_cidr_pool("n1", &net("10.244.0.0/16"), &pools, &[]).unwrap_err();
+        assert!(matches!(e, ClusterIpamError::PodCidrNotBlock { .. }), "{e}");
     }
 
     #[test]

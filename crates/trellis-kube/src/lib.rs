@@ -15,9 +15,9 @@
 //! its Calico IPAM annotations) as soon as it is listed, so the agent's CNI ADD creates the
 //! pod's endpoint with its labels already on it.
 //!
-//! Not done here yet: Nodes' `spec.podCIDR`s and addresses are validated but not stored (a
-//! Flannel-style IPAM mode would use the podCIDRs; the agent publishes the address it routes
-//! with). The allocator honours the pod's IPAM annotations (from its record) and its
+//! Nodes' `spec.podCIDRs` are stored on their Trellis Nodes (the agent's `--use-pod-cidr` makes
+//! each the node's block); their addresses are validated but not stored (the agent publishes
+//! the address it routes with). The allocator honours the pod's IPAM annotations (from its record) and its
 //! namespace's pools (`trellis_cluster::annotations`).
 
 pub mod cli;

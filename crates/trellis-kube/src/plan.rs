@@ -223,6 +223,9 @@ pub fn plan_nodes(nodes: &BTreeMap<String, NodeDesired>, observed: &[KeyValue]) 
         n.metadata
             .annotations
             .insert(KUBE_LABELS.into(), keys.join(","));
+        // Kubernetes owns the node's podCIDRs (set once by its node IPAM controller): the
+        // agent's `--use-pod-cidr` makes each this node's block.
+        n.spec.pod_cidrs = info.pod_cidrs.clone();
         let value = encode(&Resource::Node(n));
         if value != kv.value {
             ops.push(Op::Put {
@@ -546,7 +549,7 @@ mod tests {
         let info = NodeInfo {
             name: "n1".into(),
             labels: [("zone".to_string(), "b".to_string())].into(),
-            pod_cidrs: vec![],
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
             addresses: vec![],
         };
         let nodes = [("n1".to_string(), NodeDesired::Node(Box::new(info)))].into();
@@ -569,7 +572,10 @@ mod tests {
             mod_revision: 3,
         })
         .unwrap();
-        let want = trellis_node("rack: r1, zone: b", Some("zone"));
+        let mut want = trellis_node("rack: r1, zone: b", Some("zone"));
+        if let Resource::Node(n) = &mut want {
+            n.spec.pod_cidrs = vec!["10.244.1.0/24".parse().unwrap()];
+        }
         assert_eq!(got.resource, want);
         assert!(
             plan_nodes(&nodes, &[kv(&want, 4)]).is_empty(),

@@ -420,8 +420,8 @@ pub struct NodeInfo {
     /// Synced onto the Trellis Node the node's agent registered (pool and BGP peer
     /// `nodeSelector`s read them).
     pub labels: BTreeMap<String, String>,
-    /// `spec.podCIDRs` (or `spec.podCIDR`), validated; not stored yet (a Flannel-style IPAM mode
-    /// would make each node's block its podCIDR).
+    /// `spec.podCIDRs` (or `spec.podCIDR`), validated (at most one per family); stored on the
+    /// Trellis Node (`spec.podCIDRs`), where the agent's `--use-pod-cidr` makes each its block.
     pub pod_cidrs: Vec<ipnet::IpNet>,
     /// `status.addresses`, validated; not stored: the agent detects and publishes the address
     /// it routes with, as calico-node does.
@@ -456,6 +456,12 @@ pub fn node(n: &Node) -> Result<NodeInfo, TranslateError> {
             .map_err(|_| bad(field.clone(), format!("{c:?} is not a CIDR")))?;
         if net.trunc() != net {
             return Err(bad(field, format!("{c:?} has host bits set")));
+        }
+        if pod_cidrs
+            .iter()
+            .any(|p: &ipnet::IpNet| p.addr().is_ipv4() == net.addr().is_ipv4())
+        {
+            return Err(bad(field, format!("{c:?}: a second podCIDR of one family")));
         }
         pod_cidrs.push(net);
     }

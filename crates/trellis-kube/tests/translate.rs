@@ -336,3 +336,38 @@ fn a_bad_cluster_network_policy_is_refused_naming_the_field() {
         "apiVersion"
     );
 }
+
+#[test]
+fn a_nodes_pod_cidrs_are_stored_on_its_trellis_node() {
+    use trellis_cluster::objects::{decode, encode};
+    use trellis_kube::plan::{plan_nodes, NodeDesired, Op};
+    // The fixture's IPv4 podCIDR alone (an IPv6 /64 is no block: see the IPAM mode's docs).
+    let mut k: Node = fixture("k8s-1.33-node.json");
+    k.spec.as_mut().unwrap().pod_cidrs = Some(vec!["10.244.2.0/24".into()]);
+    let info = translate::node(&k).unwrap();
+    let registered = &parse_documents(
+        "apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {name: node-2}\nspec: {addresses: [{address: 192.168.50.11/24}]}\n",
+    )
+    .unwrap()[0];
+    let kv = trellis_store::KeyValue {
+        key: registered.key(),
+        value: encode(registered),
+        create_revision: 2,
+        mod_revision: 2,
+    };
+    let nodes = [("node-2".to_string(), NodeDesired::Node(Box::new(info)))].into();
+    let ops = plan_nodes(&nodes, &[kv.clone()]);
+    let [Op::Put { value, .. }] = ops.as_slice() else {
+        panic!("{ops:?}")
+    };
+    let stored = decode(&trellis_store::KeyValue {
+        value: value.clone(),
+        ..kv
+    })
+    .unwrap();
+    let Resource::Node(n) = stored.resource else {
+        panic!("{stored:?}")
+    };
+    let cidrs: Vec<String> = n.spec.pod_cidrs.iter().map(|c| c.to_string()).collect();
+    assert_eq!(cidrs, ["10.244.2.0/24"]);
+}

@@ -147,6 +147,11 @@ pub struct NodeSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub vxlan_tunnel_mac_addr: Option<String>,
+    /// The Kubernetes Node's `spec.podCIDRs` (mirrored by the kube-controller; at most one per
+    /// family): with the agent's `--use-pod-cidr` each is this node's only block of its family.
+    /// An agent built before this field refuses a Node record carrying it.
+    #[serde(default, rename = "podCIDRs", skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

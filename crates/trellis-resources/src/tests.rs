@@ -530,3 +530,21 @@ fn hostile_selectors_are_refused_at_the_edge() {
     let e = parse_documents("apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: p}\nspec: {peerSelector: 'a contains', nodeSelector: all()}\n").unwrap_err();
     assert_eq!(e.field, "spec.peerSelector", "{e}");
 }
+
+#[test]
+fn node_pod_cidrs_are_masked_and_one_per_family() {
+    let node = |cidrs: &str| {
+        format!("apiVersion: trellis.dev/v1\nkind: Node\nmetadata: {{name: n}}\nspec: {{podCIDRs: [{cidrs}]}}\n")
+    };
+    let ok = parse_documents(&node("'10.244.1.0/24', 'fd00:10:244:1::/120'")).unwrap();
+    let Resource::Node(n) = &ok[0] else {
+        panic!("{ok:?}")
+    };
+    assert_eq!(n.spec.pod_cidrs.len(), 2);
+    let round = parse_documents(&to_yaml(&ok)).unwrap();
+    assert_eq!(round, ok, "podCIDRs round-trip");
+    let e = parse_documents(&node("'10.244.1.1/24'")).unwrap_err();
+    assert_eq!(e.field, "spec.podCIDRs[0]", "{e}");
+    let e = parse_documents(&node("'10.244.1.0/24', '10.244.2.0/24'")).unwrap_err();
+    assert_eq!(e.field, "spec.podCIDRs[1]", "{e}");
+}

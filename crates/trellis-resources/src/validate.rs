@@ -612,6 +612,18 @@ fn node(o: &Object<NodeSpec>) -> Result<(), ResourceError> {
             return Err(err("spec.bgp.asNumber", "0 is not a valid AS number"));
         }
     }
+    for (i, c) in o.spec.pod_cidrs.iter().enumerate() {
+        let field = format!("spec.podCIDRs[{i}]");
+        if c.trunc() != *c {
+            return Err(err(&field, format!("{c} has host bits set")));
+        }
+        if o.spec.pod_cidrs[..i]
+            .iter()
+            .any(|p| p.addr().is_ipv4() == c.addr().is_ipv4())
+        {
+            return Err(err(&field, format!("{c}: a second podCIDR of one family")));
+        }
+    }
     if let Some(mac) = &o.spec.vxlan_tunnel_mac_addr {
         let parts: Vec<&str> = mac.split(':').collect();
         if parts.len() != 6
