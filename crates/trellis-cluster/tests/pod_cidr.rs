@@ -53,7 +53,10 @@ async fn pod_cidr_blocks(s: Arc<dyn Datastore>) {
             assert_eq!(got.len(), 1, "{got:?}");
             let (ip, block) = got[0];
             assert_eq!(block, cidr, "{node}: {ip} reported in block {block}");
-            assert!(cidr.contains(&ip), "{node}: {ip} outside its podCIDR {cidr}");
+            assert!(
+                cidr.contains(&ip),
+                "{node}: {ip} outside its podCIDR {cidr}"
+            );
         }
     }
     let want: BTreeMap<IpNet, Option<String>> = [

@@ -47,7 +47,9 @@ pub enum ClusterIpamError {
     NoPodCidr { node: String },
     #[error("podCIDR {pod_cidr} of node {node} cannot be a block: /{} is outside /{}-/{}", pod_cidr.prefix_len(), trellis_resources::validate::block_prefix_range(pod_cidr.addr().is_ipv4()).start(), trellis_resources::validate::block_prefix_range(pod_cidr.addr().is_ipv4()).end())]
     PodCidrNotBlock { node: String, pod_cidr: IpNet },
-    #[error("podCIDR {pod_cidr} of node {node} is not inside any enabled IPPool serving it ({pools})")]
+    #[error(
+        "podCIDR {pod_cidr} of node {node} is not inside any enabled IPPool serving it ({pools})"
+    )]
     PodCidrOutsidePools {
         node: String,
         pod_cidr: IpNet,
