@@ -356,7 +356,7 @@ fn a_nodes_pod_cidrs_are_stored_on_its_trellis_node() {
         mod_revision: 2,
     };
     let nodes = [("node-2".to_string(), NodeDesired::Node(Box::new(info)))].into();
-    let ops = plan_nodes(&nodes, &[kv.clone()]);
+    let ops = plan_nodes(&nodes, std::slice::from_ref(&kv));
     let [Op::Put { value, .. }] = ops.as_slice() else {
         panic!("{ops:?}")
     };
