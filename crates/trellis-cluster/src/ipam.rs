@@ -506,6 +506,13 @@ impl NodeIpam {
                     false => Plans::without_ipam(&asked.no_ipam),
                 };
                 let nats = annotations::ip_nats(&asked, &plans.ips)?;
+                let mut plans = plans;
+                if !asked.no_ipam.is_empty() || asked.floating.is_some() {
+                    let (_, claimed) = claimed_blocks(&*self.store).await?;
+                    for g in annotations::outside_ipam(&asked, &claimed, &settings.pools)? {
+                        plans.guard(g);
+                    }
+                }
                 Ok::<_, ClusterError>((plans, nats))
             };
             let (mut plans, nats) = match planned.await {

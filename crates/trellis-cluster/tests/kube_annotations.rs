@@ -337,3 +337,62 @@ async fn a_refused_annotation_fails_the_add() {
     );
     nothing_stored(&*store, &r).await;
 }
+
+/// Hostile review: an address given without IPAM, or a floating address, that IPAM has handed
+/// to another pod (or may hand out: inside a claimed block) is refused naming the annotation,
+/// with nothing written — else two live attachments hold one address, and the floating
+/// address's host route (a /32, more specific than the block's) takes the other pod's traffic
+/// on every node.
+async fn an_ipam_address_is_not_taken_without_ipam(etcd: bool) {
+    let (store, _b) = setup(etcd).await;
+    apply(&*store, &pod_yaml("default", "plain", "")).await;
+    let on = NodeIpam::new(store.clone(), "n1", Default::default()).with_features(Features {
+        ip_addrs_no_ipam: true,
+        floating_ips: true,
+    });
+    let victim = on.allocate(&req("default", "plain")).await.unwrap()[0].0;
+    let free = match victim {
+        IpAddr::V4(v) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v) + 1)),
+        IpAddr::V6(_) => unreachable!(),
+    };
+    for (pod, annotation, ip) in [
+        ("squat", "ipAddrsNoIpam", victim),
+        ("hijack", "floatingIPs", victim),
+        ("squatfree", "ipAddrsNoIpam", free),
+        ("hijackfree", "floatingIPs", free),
+    ] {
+        apply(
+            &*store,
+            &pod_yaml("default", pod, &format!(", {annotation}: [\"{ip}\"]")),
+        )
+        .await;
+        let r = req("default", pod);
+        let before = allocated(&*store).await;
+        let e = on.allocate(&r).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("cni.projectcalico.org/{annotation}"))
+                && msg.contains(&ip.to_string()),
+            "{pod}: {msg}"
+        );
+        nothing_stored(&*store, &r).await;
+        assert_eq!(allocated(&*store).await, before, "{pod}");
+    }
+    // Outside every block both are still given.
+    apply(
+        &*store,
+        &pod_yaml("default", "ok", ", floatingIPs: [203.0.113.9]"),
+    )
+    .await;
+    on.allocate(&req("default", "ok")).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_ipam_address_is_not_taken_without_ipam_sqlite() {
+    an_ipam_address_is_not_taken_without_ipam(false).await;
+}
+
+#[tokio::test]
+async fn an_ipam_address_is_not_taken_without_ipam_etcd() {
+    an_ipam_address_is_not_taken_without_ipam(true).await;
+}
