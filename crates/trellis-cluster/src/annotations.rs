@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use trellis_ipam::cluster::Pool;
 use trellis_resources::pod::{self, PodSpec};
-use trellis_resources::{IpNat, NamespaceSpec, Object};
+use trellis_resources::{IpNat, NamespaceSpec, NodeSpec, Object, WorkloadEndpointSpec};
 use trellis_store::Precondition;
 
 use crate::ipam::Request;
@@ -264,6 +264,59 @@ pub fn outside_ipam(
         }
     }
     Ok(guards)
+}
+
+/// Who else holds an address taken outside IPAM (`ipAddrsNoIpam`, `floatingIPs`): a node
+/// (any of its addresses: its /32 route to the pod's node, on every other node, would take the
+/// node's traffic), or another endpoint (`others`: its addresses and floating addresses).
+/// Refused naming the annotation.
+pub fn not_held_elsewhere(
+    asked: &Asked,
+    nodes: &[Object<NodeSpec>],
+    others: &[Object<WorkloadEndpointSpec>],
+) -> Result<(), ClusterError> {
+    let given = asked
+        .no_ipam_from
+        .iter()
+        .flat_map(|s| asked.no_ipam.iter().map(move |ip| (ip, s)));
+    let floating = asked
+        .floating
+        .iter()
+        .flat_map(|(ips, s)| ips.iter().map(move |ip| (ip, s)));
+    for (ip, source) in given.chain(floating) {
+        if let Some(n) = nodes.iter().find(|n| node_addresses(&n.spec).contains(ip)) {
+            return Err(source.error(format!("{ip} is node {}'s address", n.metadata.name)));
+        }
+        let held = |w: &&Object<WorkloadEndpointSpec>| {
+            w.spec.ip_networks.iter().any(|n| n.addr() == *ip)
+                || w.spec.ip_nats.iter().any(|n| n.external_ip == *ip)
+        };
+        if let Some(w) = others.iter().find(held) {
+            return Err(source.error(format!(
+                "{ip} is held by workload endpoint {}/{}",
+                w.metadata.namespace.as_deref().unwrap_or("default"),
+                w.metadata.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every address a node is known by.
+fn node_addresses(n: &NodeSpec) -> Vec<IpAddr> {
+    let listed = n.addresses.iter().filter_map(|a| {
+        a.address
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| a.address.parse::<IpNet>().ok().map(|n| n.addr()))
+    });
+    let bgp = n
+        .bgp
+        .iter()
+        .flat_map(|b| [b.ipv4_address, b.ipv6_address])
+        .flatten()
+        .map(|n| n.addr());
+    listed.chain(bgp).chain(n.ipv4_vxlan_tunnel_addr).collect()
 }
 
 /// The host prefix of `ip` (/32 or /128): how an address given without IPAM is reported.

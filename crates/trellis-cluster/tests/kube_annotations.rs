@@ -396,3 +396,58 @@ async fn an_ipam_address_is_not_taken_without_ipam_sqlite() {
 async fn an_ipam_address_is_not_taken_without_ipam_etcd() {
     an_ipam_address_is_not_taken_without_ipam(true).await;
 }
+
+/// Hostile review: an address given without IPAM, or a floating address, that is another
+/// node's address (its /32 route to the pod's node, on every other node, took the node's
+/// traffic — the VXLAN underlay's too), or that another pod already holds without IPAM or as
+/// its floating address, is refused naming the annotation, with nothing written.
+#[tokio::test]
+async fn a_node_or_pod_address_is_not_taken_without_ipam() {
+    let (store, _b) = setup(false).await;
+    apply(
+        &*store,
+        "apiVersion: trellis.dev/v1\nkind: Node\nmetadata:\n  name: n2\nspec:\n  addresses: [{address: 198.51.100.2}]\n  bgp: {ipv4Address: 198.51.100.12/24}\n  ipv4VXLANTunnelAddr: 10.83.9.1\n",
+    )
+    .await;
+    let on = NodeIpam::new(store.clone(), "n1", Default::default()).with_features(Features {
+        ip_addrs_no_ipam: true,
+        floating_ips: true,
+    });
+    apply(
+        &*store,
+        &pod_yaml("default", "first", ", ipAddrsNoIpam: [192.0.2.7]"),
+    )
+    .await;
+    on.allocate(&req("default", "first")).await.unwrap();
+    apply(
+        &*store,
+        &pod_yaml("default", "fip", ", floatingIPs: [203.0.113.9]"),
+    )
+    .await;
+    on.allocate(&req("default", "fip")).await.unwrap();
+    for (pod, annotation, ip) in [
+        ("node", "floatingIPs", "198.51.100.2"),
+        ("bgp", "ipAddrsNoIpam", "198.51.100.12"),
+        ("tunnel", "floatingIPs", "10.83.9.1"),
+        ("twice", "ipAddrsNoIpam", "192.0.2.7"),
+        ("float", "floatingIPs", "192.0.2.7"),
+        ("fipagain", "floatingIPs", "203.0.113.9"),
+        ("fipsquat", "ipAddrsNoIpam", "203.0.113.9"),
+    ] {
+        apply(
+            &*store,
+            &pod_yaml("default", pod, &format!(", {annotation}: [\"{ip}\"]")),
+        )
+        .await;
+        let r = req("default", pod);
+        let before = allocated(&*store).await;
+        let e = on.allocate(&r).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("cni.projectcalico.org/{annotation}")) && msg.contains(ip),
+            "{pod}: {msg}"
+        );
+        nothing_stored(&*store, &r).await;
+        assert_eq!(allocated(&*store).await, before, "{pod}");
+    }
+}
