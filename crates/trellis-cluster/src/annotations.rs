@@ -4,11 +4,14 @@
 //! address; `ipAddrsNoIpam` and `floatingIPs` only where the agent enables them (Calico's
 //! `feature_control`). Every refusal names the object, the annotation and its value. Pure.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use trellis_ipam::cluster::Pool;
 use trellis_resources::pod::{self, PodSpec};
-use trellis_resources::{IpNat, NamespaceSpec, Object};
+use trellis_resources::{IpNat, NamespaceSpec, NodeSpec, Object, WorkloadEndpointSpec};
+use trellis_store::Precondition;
 
 use crate::ipam::Request;
 use crate::ClusterError;
@@ -66,6 +69,8 @@ pub struct Asked {
     pub pools_from: [Option<Source>; 2],
     /// `ipAddrsNoIpam`: the pod's addresses, given without any allocation.
     pub no_ipam: Vec<IpAddr>,
+    /// The `ipAddrsNoIpam` annotation, when given.
+    pub no_ipam_from: Option<Source>,
     /// `floatingIPs`, with the annotation (its pod's address of each family is the internal
     /// address).
     pub floating: Option<(Vec<IpAddr>, Source)>,
@@ -169,6 +174,7 @@ pub fn asked(
             )));
         }
         out.no_ipam.clone_from(&p.spec.ip_addrs_no_ipam);
+        out.no_ipam_from = Some(source);
     }
     if !p.spec.floating_ips.is_empty() {
         let source = Source {
@@ -220,6 +226,97 @@ pub fn ip_nats(asked: &Asked, ips: &[(IpAddr, IpNet)]) -> Result<Vec<IpNat>, Clu
             })
         })
         .collect()
+}
+
+/// What an address taken outside IPAM (`ipAddrsNoIpam`, `floatingIPs`) requires so that no
+/// other live attachment holds it: it lies in no block any node has claimed (`claimed`: IPAM
+/// has handed it out, or may — refused naming the annotation), and, at commit, none is claimed
+/// over it since (for each pool containing it, the block of the pool's size is absent). Without
+/// this a pod takes another's address, and a floating address's /32 host route — more specific
+/// than the block's — draws the other pod's traffic on every node.
+pub fn outside_ipam(
+    asked: &Asked,
+    claimed: &HashSet<IpNet>,
+    pools: &[Pool],
+) -> Result<Vec<Precondition>, ClusterError> {
+    let given = asked
+        .no_ipam_from
+        .iter()
+        .flat_map(|s| asked.no_ipam.iter().map(move |ip| (ip, s)));
+    let floating = asked
+        .floating
+        .iter()
+        .flat_map(|(ips, s)| ips.iter().map(move |ip| (ip, s)));
+    let mut guards = Vec::new();
+    for (ip, source) in given.chain(floating) {
+        if let Some(block) = claimed.iter().find(|b| b.contains(ip)) {
+            return Err(source.error(format!(
+                "{ip} is inside IPAM block {block}: IPAM hands its addresses to other pods"
+            )));
+        }
+        for p in pools.iter().filter(|p| p.spec.cidr.contains(ip)) {
+            if let Ok(block) = IpNet::new(*ip, p.spec.block_prefix()) {
+                let g = Precondition::Absent(crate::ipam::block_key(&block.trunc()));
+                if !guards.contains(&g) {
+                    guards.push(g);
+                }
+            }
+        }
+    }
+    Ok(guards)
+}
+
+/// Who else holds an address taken outside IPAM (`ipAddrsNoIpam`, `floatingIPs`): a node
+/// (any of its addresses: its /32 route to the pod's node, on every other node, would take the
+/// node's traffic), or another endpoint (`others`: its addresses and floating addresses).
+/// Refused naming the annotation.
+pub fn not_held_elsewhere(
+    asked: &Asked,
+    nodes: &[Object<NodeSpec>],
+    others: &[Object<WorkloadEndpointSpec>],
+) -> Result<(), ClusterError> {
+    let given = asked
+        .no_ipam_from
+        .iter()
+        .flat_map(|s| asked.no_ipam.iter().map(move |ip| (ip, s)));
+    let floating = asked
+        .floating
+        .iter()
+        .flat_map(|(ips, s)| ips.iter().map(move |ip| (ip, s)));
+    for (ip, source) in given.chain(floating) {
+        if let Some(n) = nodes.iter().find(|n| node_addresses(&n.spec).contains(ip)) {
+            return Err(source.error(format!("{ip} is node {}'s address", n.metadata.name)));
+        }
+        let held = |w: &&Object<WorkloadEndpointSpec>| {
+            w.spec.ip_networks.iter().any(|n| n.addr() == *ip)
+                || w.spec.ip_nats.iter().any(|n| n.external_ip == *ip)
+        };
+        if let Some(w) = others.iter().find(held) {
+            return Err(source.error(format!(
+                "{ip} is held by workload endpoint {}/{}",
+                w.metadata.namespace.as_deref().unwrap_or("default"),
+                w.metadata.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every address a node is known by.
+fn node_addresses(n: &NodeSpec) -> Vec<IpAddr> {
+    let listed = n.addresses.iter().filter_map(|a| {
+        a.address
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| a.address.parse::<IpNet>().ok().map(|n| n.addr()))
+    });
+    let bgp = n
+        .bgp
+        .iter()
+        .flat_map(|b| [b.ipv4_address, b.ipv6_address])
+        .flatten()
+        .map(|n| n.addr());
+    listed.chain(bgp).chain(n.ipv4_vxlan_tunnel_addr).collect()
 }
 
 /// The host prefix of `ip` (/32 or /128): how an address given without IPAM is reported.

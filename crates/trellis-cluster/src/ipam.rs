@@ -506,6 +506,14 @@ impl NodeIpam {
                     false => Plans::without_ipam(&asked.no_ipam),
                 };
                 let nats = annotations::ip_nats(&asked, &plans.ips)?;
+                let mut plans = plans;
+                if !asked.no_ipam.is_empty() || asked.floating.is_some() {
+                    let (_, claimed) = claimed_blocks(&*self.store).await?;
+                    for g in annotations::outside_ipam(&asked, &claimed, &settings.pools)? {
+                        plans.guard(g);
+                    }
+                    self.not_held_elsewhere(&asked).await?;
+                }
                 Ok::<_, ClusterError>((plans, nats))
             };
             let (mut plans, nats) = match planned.await {
@@ -561,6 +569,30 @@ impl NodeIpam {
             what: format!("allocation for {}", req.handle()),
             attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// [`annotations::not_held_elsewhere`] against every node and every endpoint but the
+    /// attachment's own (read here: only a pod asking for addresses outside IPAM pays for it).
+    async fn not_held_elsewhere(&self, asked: &Asked) -> Result<()> {
+        let nodes: Vec<_> = objects::nodes(&*self.store)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let own = endpoint_name(&self.node, &asked.req);
+        let own_ns = endpoint_namespace(&asked.req);
+        let others: Vec<_> = objects::list(&*self.store, Kind::WorkloadEndpoint)
+            .await?
+            .into_iter()
+            .filter_map(|st| match st.resource {
+                Resource::WorkloadEndpoint(w) => Some(w),
+                _ => None,
+            })
+            .filter(|w| {
+                !(w.metadata.name == own && w.metadata.namespace.as_deref() == Some(&own_ns))
+            })
+            .collect();
+        annotations::not_held_elsewhere(asked, &nodes, &others)
     }
 
     /// The addresses `req`'s attachment holds, if it has a handle (today's or legacy).

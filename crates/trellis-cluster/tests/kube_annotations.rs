@@ -337,3 +337,117 @@ async fn a_refused_annotation_fails_the_add() {
     );
     nothing_stored(&*store, &r).await;
 }
+
+/// Hostile review: an address given without IPAM, or a floating address, that IPAM has handed
+/// to another pod (or may hand out: inside a claimed block) is refused naming the annotation,
+/// with nothing written — else two live attachments hold one address, and the floating
+/// address's host route (a /32, more specific than the block's) takes the other pod's traffic
+/// on every node.
+async fn an_ipam_address_is_not_taken_without_ipam(etcd: bool) {
+    let (store, _b) = setup(etcd).await;
+    apply(&*store, &pod_yaml("default", "plain", "")).await;
+    let on = NodeIpam::new(store.clone(), "n1", Default::default()).with_features(Features {
+        ip_addrs_no_ipam: true,
+        floating_ips: true,
+    });
+    let victim = on.allocate(&req("default", "plain")).await.unwrap()[0].0;
+    let free = match victim {
+        IpAddr::V4(v) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v) + 1)),
+        IpAddr::V6(_) => unreachable!(),
+    };
+    for (pod, annotation, ip) in [
+        ("squat", "ipAddrsNoIpam", victim),
+        ("hijack", "floatingIPs", victim),
+        ("squatfree", "ipAddrsNoIpam", free),
+        ("hijackfree", "floatingIPs", free),
+    ] {
+        apply(
+            &*store,
+            &pod_yaml("default", pod, &format!(", {annotation}: [\"{ip}\"]")),
+        )
+        .await;
+        let r = req("default", pod);
+        let before = allocated(&*store).await;
+        let e = on.allocate(&r).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("cni.projectcalico.org/{annotation}"))
+                && msg.contains(&ip.to_string()),
+            "{pod}: {msg}"
+        );
+        nothing_stored(&*store, &r).await;
+        assert_eq!(allocated(&*store).await, before, "{pod}");
+    }
+    // Outside every block both are still given.
+    apply(
+        &*store,
+        &pod_yaml("default", "ok", ", floatingIPs: [203.0.113.9]"),
+    )
+    .await;
+    on.allocate(&req("default", "ok")).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_ipam_address_is_not_taken_without_ipam_sqlite() {
+    an_ipam_address_is_not_taken_without_ipam(false).await;
+}
+
+#[tokio::test]
+async fn an_ipam_address_is_not_taken_without_ipam_etcd() {
+    an_ipam_address_is_not_taken_without_ipam(true).await;
+}
+
+/// Hostile review: an address given without IPAM, or a floating address, that is another
+/// node's address (its /32 route to the pod's node, on every other node, took the node's
+/// traffic — the VXLAN underlay's too), or that another pod already holds without IPAM or as
+/// its floating address, is refused naming the annotation, with nothing written.
+#[tokio::test]
+async fn a_node_or_pod_address_is_not_taken_without_ipam() {
+    let (store, _b) = setup(false).await;
+    apply(
+        &*store,
+        "apiVersion: trellis.dev/v1\nkind: Node\nmetadata:\n  name: n2\nspec:\n  addresses: [{address: 198.51.100.2}]\n  bgp: {ipv4Address: 198.51.100.12/24}\n  ipv4VXLANTunnelAddr: 10.83.9.1\n",
+    )
+    .await;
+    let on = NodeIpam::new(store.clone(), "n1", Default::default()).with_features(Features {
+        ip_addrs_no_ipam: true,
+        floating_ips: true,
+    });
+    apply(
+        &*store,
+        &pod_yaml("default", "first", ", ipAddrsNoIpam: [192.0.2.7]"),
+    )
+    .await;
+    on.allocate(&req("default", "first")).await.unwrap();
+    apply(
+        &*store,
+        &pod_yaml("default", "fip", ", floatingIPs: [203.0.113.9]"),
+    )
+    .await;
+    on.allocate(&req("default", "fip")).await.unwrap();
+    for (pod, annotation, ip) in [
+        ("node", "floatingIPs", "198.51.100.2"),
+        ("bgp", "ipAddrsNoIpam", "198.51.100.12"),
+        ("tunnel", "floatingIPs", "10.83.9.1"),
+        ("twice", "ipAddrsNoIpam", "192.0.2.7"),
+        ("float", "floatingIPs", "192.0.2.7"),
+        ("fipagain", "floatingIPs", "203.0.113.9"),
+        ("fipsquat", "ipAddrsNoIpam", "203.0.113.9"),
+    ] {
+        apply(
+            &*store,
+            &pod_yaml("default", pod, &format!(", {annotation}: [\"{ip}\"]")),
+        )
+        .await;
+        let r = req("default", pod);
+        let before = allocated(&*store).await;
+        let e = on.allocate(&r).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("cni.projectcalico.org/{annotation}")) && msg.contains(ip),
+            "{pod}: {msg}"
+        );
+        nothing_stored(&*store, &r).await;
+        assert_eq!(allocated(&*store).await, before, "{pod}");
+    }
+}

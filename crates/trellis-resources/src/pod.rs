@@ -165,11 +165,36 @@ pub fn check_pools(list: &[String], v4: bool) -> Result<(), String> {
 /// Checks fixed addresses (`ipAddrs`): at most one per family, as Calico's plugin requires.
 pub fn check_ip_addrs(list: &[IpAddr]) -> Result<(), String> {
     for (i, ip) in list.iter().enumerate() {
+        // A pod's address (or floating address: DNATed in prerouting and output, routed to its
+        // node from every other) must be one a pod can hold: 127.0.0.1 would take the node's
+        // own loopback services, 169.254.169.254 a cloud's metadata service, 0.0.0.0 or a
+        // multicast group every node's.
+        if let Some(what) = not_unicast(ip) {
+            return Err(format!("[{i}] {ip} is {what}, not a pod's unicast address"));
+        }
         if list[..i].iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
             return Err(format!("[{i}] {ip}: at most one address per IP family"));
         }
     }
     Ok(())
+}
+
+/// Why `ip` can be no pod's address, if it cannot.
+fn not_unicast(ip: &IpAddr) -> Option<&'static str> {
+    let link_local = match ip {
+        IpAddr::V4(v) => v.is_link_local(),
+        IpAddr::V6(v) => v.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    let broadcast = matches!(ip, IpAddr::V4(v) if v.is_broadcast());
+    [
+        (ip.is_unspecified(), "unspecified"),
+        (ip.is_loopback(), "a loopback address"),
+        (ip.is_multicast(), "a multicast address"),
+        (broadcast, "the broadcast address"),
+        (link_local, "link-local"),
+    ]
+    .into_iter()
+    .find_map(|(bad, what)| bad.then_some(what))
 }
 
 /// The kind's semantic rules (the names, labels and ports are checked like an endpoint's).
@@ -263,6 +288,13 @@ mod tests {
             ("{ipAddrs: [10.0.0.1, 10.0.0.2]}", "spec.ipAddrs"),
             ("{nodeName: \"a b\"}", "spec.nodeName"),
             ("{floatingIPs: [1.1.1.1, 2.2.2.2]}", "spec.floatingIPs"),
+            ("{floatingIPs: [127.0.0.1]}", "spec.floatingIPs"),
+            ("{floatingIPs: [169.254.169.254]}", "spec.floatingIPs"),
+            ("{floatingIPs: [\"::1\"]}", "spec.floatingIPs"),
+            ("{floatingIPs: [\"fe80::1\"]}", "spec.floatingIPs"),
+            ("{floatingIPs: [0.0.0.0]}", "spec.floatingIPs"),
+            ("{ipAddrsNoIpam: [224.0.0.1]}", "spec.ipAddrsNoIpam"),
+            ("{ipAddrsNoIpam: [255.255.255.255]}", "spec.ipAddrsNoIpam"),
             (
                 "{ipAddrs: [10.0.0.1], ipAddrsNoIpam: [10.0.0.2]}",
                 "spec.ipAddrsNoIpam",
